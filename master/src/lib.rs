@@ -1,0 +1,7 @@
+//! # agora-master
+//!
+//! The master: a sans-IO [`core`] state machine with a pluggable [`allocator`], and the QUIC
+//! [`server`] that moves bytes between peers and the core.
+
+pub mod allocator;
+pub mod core;

@@ -1,0 +1,200 @@
+//! Connecting to the master: the QUIC handshake, the protocol [`Hello`], and an operator client
+//! for the CLI's read and kill commands.
+
+use std::net::SocketAddr;
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::AsyncRead;
+
+use crate::config::{ClientConfig, ConfigError};
+use crate::frame::{FrameError, FrameReader, FrameWriter};
+use crate::proto::*;
+use crate::tls::{TlsError, TlsFiles, MASTER_SERVER_NAME};
+
+/// Anything that can go wrong talking to the master.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot resolve master address `{addr}`: {err}")]
+    Resolve { addr: String, err: std::io::Error },
+    #[error("cannot open a QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("cannot connect to the master at {addr}: {err}")]
+    Connect { addr: SocketAddr, err: quinn::ConnectError },
+    #[error("connection to the master failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream to the master failed: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the master refused: {}", .0.message)]
+    Refused(WireError),
+    #[error("the master closed the connection")]
+    Closed,
+    #[error("unexpected reply from the master: {0}")]
+    Unexpected(String),
+}
+
+impl From<quinn::WriteError> for ClientError {
+    fn from(e: quinn::WriteError) -> Self {
+        ClientError::Stream(e.to_string())
+    }
+}
+
+/// Resolves `host:port`.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|err| ClientError::Resolve { addr: addr.to_string(), err })?;
+    it.next().ok_or_else(|| ClientError::Resolve {
+        addr: addr.to_string(),
+        err: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+    })
+}
+
+/// An open, handshaken connection to the master with its control stream.
+pub struct Session {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub writer: FrameWriter<SendStream>,
+    pub reader: FrameReader<RecvStream>,
+    pub master_id: String,
+}
+
+impl Session {
+    /// Connects to `addr` with `files` and says hello as `role`.
+    pub async fn connect(addr: &str, files: &TlsFiles, role: Role) -> Result<Session, ClientError> {
+        let peer = resolve(addr).await?;
+        let endpoint = crate::transport::client_endpoint(files, peer).map_err(|e| {
+            match e.downcast::<TlsError>() {
+                Ok(t) => ClientError::Tls(t),
+                Err(e) => ClientError::Endpoint(e),
+            }
+        })?;
+        let conn = endpoint
+            .connect(peer, MASTER_SERVER_NAME)
+            .map_err(|err| ClientError::Connect { addr: peer, err })?
+            .await?;
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        writer.send(&Hello { version: PROTOCOL_VERSION, role }).await?;
+        match reader.recv::<HelloReply>().await? {
+            Some(HelloReply::Welcome { master_id, .. }) => {
+                Ok(Session { endpoint, conn, writer, reader, master_id })
+            }
+            Some(HelloReply::Refused(e)) => Err(ClientError::Refused(e)),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    /// Opens a task's output stream (stdout or stderr) through the master.
+    pub async fn open_output(
+        &self,
+        task_id: &TaskId,
+        stream: OutputStream,
+        offset: u64,
+        follow: bool,
+    ) -> Result<impl AsyncRead + Unpin + Send + 'static, ClientError> {
+        open_output(&self.conn, task_id, stream, offset, follow).await
+    }
+}
+
+/// Opens a task's output stream on any connection to the master.
+pub async fn open_output(
+    conn: &quinn::Connection,
+    task_id: &TaskId,
+    stream: OutputStream,
+    offset: u64,
+    follow: bool,
+) -> Result<impl AsyncRead + Unpin + Send + 'static, ClientError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    w.send(&OutputRequest { task_id: task_id.clone(), framework_id: None, stream, offset, follow })
+        .await?;
+    let mut send = w.into_inner();
+    let _ = send.finish();
+    let mut r = FrameReader::new(recv);
+    match r.recv::<OutputReply>().await? {
+        Some(OutputReply::Streaming) => {}
+        Some(OutputReply::Error(e)) => return Err(ClientError::Refused(e)),
+        None => return Err(ClientError::Closed),
+    }
+    let (recv, buffered) = r.into_parts();
+    Ok(std::io::Cursor::new(buffered.freeze()).chain_async(recv))
+}
+
+trait ChainAsync: AsyncRead + Sized {
+    fn chain_async<B: AsyncRead>(self, next: B) -> tokio::io::Chain<Self, B>;
+}
+
+impl<A: AsyncRead> ChainAsync for A {
+    fn chain_async<B: AsyncRead>(self, next: B) -> tokio::io::Chain<Self, B> {
+        tokio::io::AsyncReadExt::chain(self, next)
+    }
+}
+
+/// The operator's view of the cluster: list agents, frameworks and tasks; kill; read output.
+pub struct OperatorClient {
+    session: Session,
+}
+
+impl OperatorClient {
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let files = cfg.identity(Role::Operator)?;
+        Ok(Self { session: Session::connect(&cfg.master, &files, Role::Operator).await? })
+    }
+
+    async fn call(&mut self, call: OperatorCall) -> Result<OperatorReply, ClientError> {
+        self.session.writer.send(&call).await?;
+        match self.session.reader.recv::<OperatorReply>().await? {
+            Some(OperatorReply::Error(e)) => Err(ClientError::Refused(e)),
+            Some(r) => Ok(r),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    pub async fn agents(&mut self) -> Result<Vec<AgentView>, ClientError> {
+        match self.call(OperatorCall::GetAgents).await? {
+            OperatorReply::Agents(a) => Ok(a),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn frameworks(&mut self) -> Result<Vec<FrameworkView>, ClientError> {
+        match self.call(OperatorCall::GetFrameworks).await? {
+            OperatorReply::Frameworks(f) => Ok(f),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn tasks(&mut self) -> Result<Vec<TaskView>, ClientError> {
+        match self.call(OperatorCall::GetTasks).await? {
+            OperatorReply::Tasks(t) => Ok(t),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn kill(&mut self, task_id: &TaskId) -> Result<(), ClientError> {
+        match self.call(OperatorCall::KillTask { task_id: task_id.clone() }).await? {
+            OperatorReply::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn output(
+        &self,
+        task_id: &TaskId,
+        stream: OutputStream,
+        follow: bool,
+    ) -> Result<impl AsyncRead + Unpin + Send + 'static, ClientError> {
+        self.session.open_output(task_id, stream, 0, follow).await
+    }
+
+    pub fn close(&self) {
+        self.session.conn.close(0u32.into(), b"bye");
+    }
+}

@@ -1,0 +1,20 @@
+//! # agora-sdk
+//!
+//! Everything a program needs to talk to an Agora cluster: the wire protocol ([`proto`]) and its
+//! framing ([`frame`]), resources and attributes, the TLS/QUIC transport, client configuration,
+//! and the [`scheduler`] API for writing frameworks.
+
+pub mod attributes;
+pub mod client;
+pub mod config;
+pub mod frame;
+pub mod proto;
+pub mod resources;
+pub mod scheduler;
+pub mod tls;
+pub mod transport;
+pub mod units;
+
+pub use attributes::{AttrValue, Attributes};
+pub use proto::*;
+pub use resources::Resources;

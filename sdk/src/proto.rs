@@ -1,0 +1,535 @@
+//! The wire protocol: one serde enum per direction, postcard-encoded in length-delimited frames
+//! (see [`crate::frame`]). Every connection opens with [`Hello`] / [`HelloReply`] on its first
+//! bidirectional stream (the control stream). Bulk data (task output) uses streams of its own.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::attributes::Attributes;
+use crate::resources::Resources;
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN protocol name of Agora's QUIC connections.
+pub const ALPN: &[u8] = b"agora/1";
+
+macro_rules! id_type {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn new(s: impl Into<String>) -> Self {
+                Self(s.into())
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_string())
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Assigned by the master at first registration; kept by the agent in its work dir.
+    AgentId
+);
+id_type!(
+    /// Assigned by the master at first subscription; a framework re-subscribes with it to fail over.
+    FrameworkId
+);
+id_type!(
+    /// Assigned by the master, one per offer.
+    OfferId
+);
+id_type!(
+    /// Chosen by the framework; unique within the framework.
+    TaskId
+);
+
+/// What a peer is, as named by its client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Master,
+    Agent,
+    Framework,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Agent => "agent",
+            Role::Framework => "framework",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "master" => Ok(Role::Master),
+            "agent" => Ok(Role::Agent),
+            "framework" => Ok(Role::Framework),
+            "operator" => Ok(Role::Operator),
+            other => Err(format!("unknown role `{other}` (master, agent, framework, operator)")),
+        }
+    }
+}
+
+/// Error classes carried on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    VersionMismatch,
+    Unauthorized,
+    Malformed,
+    TooLarge,
+    Unexpected,
+    NotFound,
+    Invalid,
+    Internal,
+}
+
+/// An error reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// First frame on every connection's control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Must match the role in the client certificate.
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome { version: u32, master_id: String },
+    Refused(WireError),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks
+
+/// Mesos task states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    Staging,
+    Starting,
+    Running,
+    Killing,
+    Finished,
+    Failed,
+    Killed,
+    Error,
+    Lost,
+    Dropped,
+    Unreachable,
+    Gone,
+    Unknown,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 13] = [
+        TaskState::Staging,
+        TaskState::Starting,
+        TaskState::Running,
+        TaskState::Killing,
+        TaskState::Finished,
+        TaskState::Failed,
+        TaskState::Killed,
+        TaskState::Error,
+        TaskState::Lost,
+        TaskState::Dropped,
+        TaskState::Unreachable,
+        TaskState::Gone,
+        TaskState::Unknown,
+    ];
+
+    /// A terminal state is final: no update follows it (UNREACHABLE is not terminal: the agent
+    /// may come back).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Finished
+                | TaskState::Failed
+                | TaskState::Killed
+                | TaskState::Error
+                | TaskState::Lost
+                | TaskState::Dropped
+                | TaskState::Gone
+        )
+    }
+
+    /// Whether a task in `self` may move to `next`. Terminal states only move to themselves
+    /// (a retried update); UNREACHABLE and UNKNOWN may resolve to anything.
+    pub fn can_transition_to(self, next: TaskState) -> bool {
+        use TaskState::*;
+        if self == next {
+            return true;
+        }
+        match self {
+            s if s.is_terminal() => false,
+            Staging => true,
+            Starting => !matches!(next, Staging),
+            Running => !matches!(next, Staging | Starting),
+            Killing => !matches!(next, Staging | Starting | Running),
+            Unreachable | Unknown => true,
+            _ => false,
+        }
+    }
+
+    /// Mesos's spelling, `TASK_RUNNING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Staging => "TASK_STAGING",
+            TaskState::Starting => "TASK_STARTING",
+            TaskState::Running => "TASK_RUNNING",
+            TaskState::Killing => "TASK_KILLING",
+            TaskState::Finished => "TASK_FINISHED",
+            TaskState::Failed => "TASK_FAILED",
+            TaskState::Killed => "TASK_KILLED",
+            TaskState::Error => "TASK_ERROR",
+            TaskState::Lost => "TASK_LOST",
+            TaskState::Dropped => "TASK_DROPPED",
+            TaskState::Unreachable => "TASK_UNREACHABLE",
+            TaskState::Gone => "TASK_GONE",
+            TaskState::Unknown => "TASK_UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A native command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandInfo {
+    /// With `shell`, `argv[0]` is a script run by `/bin/sh -c`; otherwise the program and args.
+    pub argv: Vec<String>,
+    pub shell: bool,
+    /// The only environment the task gets besides a minimal PATH/HOME/sandbox set.
+    pub env: Vec<(String, String)>,
+}
+
+/// How a task runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// A native process under the built-in command executor.
+    Command(CommandInfo),
+}
+
+/// A task a framework launches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub task_id: TaskId,
+    pub name: String,
+    pub resources: Resources,
+    pub kind: TaskKind,
+    /// Time between SIGTERM and SIGKILL when the task is killed (default 3 s).
+    pub kill_grace: Option<Duration>,
+}
+
+/// Who produced a status update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateSource {
+    Master,
+    Agent,
+    Executor,
+}
+
+/// Resource usage of a task, as far as it is known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_time: Option<Duration>,
+    pub peak_mem: Option<u64>,
+    pub fuel: Option<u64>,
+}
+
+/// A task status update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task_id: TaskId,
+    pub framework_id: FrameworkId,
+    pub agent_id: Option<AgentId>,
+    pub state: TaskState,
+    /// Set on updates that must be acknowledged (agent-generated). Reconciliation answers and
+    /// master-generated updates carry none.
+    pub uuid: Option<Uuid>,
+    pub source: UpdateSource,
+    /// Short machine-friendly reason, e.g. `command exited`, `killed by signal`,
+    /// `invalid launch`, `agent unreachable`.
+    pub reason: String,
+    /// Human detail.
+    pub message: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub usage: Option<Usage>,
+    /// Unix time in milliseconds.
+    pub timestamp_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent <-> master
+
+/// A task the agent reports when it (re-)registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub framework_id: FrameworkId,
+    pub task: TaskInfo,
+    pub state: TaskState,
+}
+
+/// Agent → master.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message after the handshake. `agent_id` is `Some` when re-registering.
+    Register {
+        agent_id: Option<AgentId>,
+        hostname: String,
+        resources: Resources,
+        attributes: Attributes,
+        /// Tasks the agent still runs (re-registration).
+        tasks: Vec<TaskReport>,
+    },
+    Heartbeat,
+    StatusUpdate(TaskStatus),
+}
+
+/// Master → agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MasterToAgent {
+    Registered { agent_id: AgentId, heartbeat_interval: Duration },
+    RunTask { framework_id: FrameworkId, task: TaskInfo },
+    KillTask { framework_id: FrameworkId, task_id: TaskId },
+    /// The framework acknowledged this update; stop retrying it.
+    StatusAck { framework_id: FrameworkId, task_id: TaskId, uuid: Uuid },
+    HeartbeatAck,
+    /// The framework is gone for good: kill all its tasks.
+    ShutdownFramework { framework_id: FrameworkId },
+    Error(WireError),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framework <-> master
+
+/// What a framework tells the master about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameworkInfo {
+    /// `Some` to re-subscribe (fail over) as an existing framework.
+    pub id: Option<FrameworkId>,
+    pub name: String,
+    pub role: String,
+    /// How long the master keeps the framework's tasks after it disconnects.
+    pub failover_timeout: Duration,
+    pub hostname: String,
+}
+
+/// A resource offer: free resources on one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub id: OfferId,
+    pub framework_id: FrameworkId,
+    pub agent_id: AgentId,
+    pub hostname: String,
+    pub resources: Resources,
+    pub attributes: Attributes,
+}
+
+/// Operations inside an ACCEPT.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    Launch { tasks: Vec<TaskInfo> },
+}
+
+/// Framework → master.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SchedulerCall {
+    /// First message after the handshake.
+    Subscribe(FrameworkInfo),
+    /// Use offers (all on one agent). Unused resources go back to the allocator; with
+    /// `refuse_seconds` they are not re-offered to this framework for that long.
+    Accept { offer_ids: Vec<OfferId>, operations: Vec<Operation>, refuse_seconds: Option<f64> },
+    /// Refuse offers; they are not re-offered to this framework for `refuse_seconds` (default 5).
+    Decline { offer_ids: Vec<OfferId>, refuse_seconds: Option<f64> },
+    /// Clear all filters and resume offers.
+    Revive,
+    /// Stop offers until REVIVE.
+    Suppress,
+    Kill { task_id: TaskId },
+    Acknowledge { agent_id: AgentId, task_id: TaskId, uuid: Uuid },
+    /// Ask for the latest state of these tasks; an empty list asks for all (implicit).
+    Reconcile { task_ids: Vec<TaskId> },
+    /// Leave for good: kill all tasks, forget the framework.
+    Teardown,
+    Heartbeat,
+}
+
+/// Master → framework.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchedulerEvent {
+    Subscribed { framework_id: FrameworkId, heartbeat_interval: Duration },
+    Offers(Vec<Offer>),
+    Rescind { offer_id: OfferId },
+    Update(TaskStatus),
+    /// A call could not be carried out (the connection stays open unless the error is fatal).
+    Error(WireError),
+    Heartbeat,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator (CLI) <-> master
+
+/// An agent as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: AgentId,
+    pub hostname: String,
+    pub resources: Resources,
+    pub used: Resources,
+    pub attributes: Attributes,
+    /// `active`, `disconnected` or `unreachable`.
+    pub status: String,
+    pub tasks: u64,
+}
+
+/// A framework as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameworkView {
+    pub id: FrameworkId,
+    pub name: String,
+    pub role: String,
+    pub principal: String,
+    /// `active`, `disconnected` (within its failover timeout) or `suppressed`.
+    pub status: String,
+    pub used: Resources,
+    pub tasks: u64,
+}
+
+/// A task as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub name: String,
+    pub framework_id: FrameworkId,
+    pub agent_id: AgentId,
+    pub state: TaskState,
+    pub resources: Resources,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+    pub message: String,
+    pub usage: Option<Usage>,
+}
+
+/// Operator → master, on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorCall {
+    GetAgents,
+    GetFrameworks,
+    GetTasks,
+    KillTask { task_id: TaskId },
+}
+
+/// Master → operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorReply {
+    Agents(Vec<AgentView>),
+    Frameworks(Vec<FrameworkView>),
+    Tasks(Vec<TaskView>),
+    Ok,
+    Error(WireError),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output streams
+
+/// Which output file of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Opens a bulk stream for a task's output. Sent as one frame on a new bidirectional stream
+/// (client → master, and master → agent); the answer is one [`OutputReply`] frame followed by
+/// the raw bytes until the stream finishes. With `follow`, the stream stays open until the
+/// task is terminal and every byte was sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRequest {
+    pub task_id: TaskId,
+    /// Filled in by the master when it forwards the request to the agent.
+    pub framework_id: Option<FrameworkId>,
+    pub stream: OutputStream,
+    pub offset: u64,
+    pub follow: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputReply {
+    Streaming,
+    Error(WireError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_states_do_not_move() {
+        assert!(TaskState::Staging.can_transition_to(TaskState::Running));
+        assert!(TaskState::Running.can_transition_to(TaskState::Finished));
+        assert!(!TaskState::Finished.can_transition_to(TaskState::Running));
+        assert!(!TaskState::Running.can_transition_to(TaskState::Staging));
+        assert!(TaskState::Unreachable.can_transition_to(TaskState::Running));
+        for s in TaskState::ALL {
+            assert!(s.can_transition_to(s));
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Human-friendly sizes (`64MiB`, `1GiB`, `512`) and durations (`500ms`, `30s`, `5m`).
+
+use std::time::Duration;
+
+/// A size or duration that could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UnitError {
+    #[error("invalid size `{0}`: expected a number of bytes with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB), e.g. `64MiB`")]
+    Size(String),
+    #[error("invalid duration `{0}`: expected a number with a unit (ms, s, m, h), e.g. `500ms`, `30s`, `5m`")]
+    Duration(String),
+}
+
+fn split_number(s: &str) -> (&str, &str) {
+    let idx = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    (&s[..idx], s[idx..].trim())
+}
+
+/// Parses a size in bytes. Fractions are allowed with a unit (`1.5GiB`).
+pub fn parse_size(input: &str) -> Result<u64, UnitError> {
+    let s = input.trim();
+    let err = || UnitError::Size(input.to_string());
+    let (num, unit) = split_number(s);
+    if num.is_empty() {
+        return Err(err());
+    }
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return Err(err()),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(err);
+    }
+    let f: f64 = num.parse().map_err(|_| err())?;
+    let v = f * mult as f64;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(v.round() as u64)
+}
+
+/// Formats bytes with a binary unit, exact where possible (`8GiB`, `1536MiB`, `1000`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (m, u) in UNITS {
+        if bytes >= m && bytes % m == 0 {
+            return format!("{}{}", bytes / m, u);
+        }
+    }
+    for (m, u) in UNITS {
+        if bytes >= m {
+            return format!("{:.1}{}", bytes as f64 / m as f64, u);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Parses a duration: `500ms`, `30s`, `5m`, `2h`, `1.5s`; a bare number is seconds.
+pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
+    let s = input.trim();
+    let err = || UnitError::Duration(input.to_string());
+    let (num, unit) = split_number(s);
+    if num.is_empty() {
+        return Err(err());
+    }
+    let f: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "ns" => f / 1e9,
+        "us" | "µs" => f / 1e6,
+        "ms" => f / 1e3,
+        "" | "s" => f,
+        "m" | "min" => f * 60.0,
+        "h" => f * 3600.0,
+        "d" => f * 86400.0,
+        _ => return Err(err()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2gb"), Ok(2_000_000_000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+        assert_eq!(format_size(8 << 30), "8GiB");
+        assert_eq!(format_size(1536 << 20), "1536MiB");
+        assert_eq!(format_size(100), "100B");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}
