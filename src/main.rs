@@ -1,1 +1,44 @@
-fn main() {}
+//! `agora`: one binary for the whole cluster — master, agent, developer cluster, and the
+//! client commands. Each subcommand lives in `src/commands/<name>.rs`.
+//!
+//! Exit codes: 0 success; 1 an error (printed as one line on stderr); 2 bad usage;
+//! `agora run` passes the task's exit code through (128+N for signal N) and exits 125 when
+//! the task never ran.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cluster;
+mod commands;
+mod output;
+
+/// Agora: a resource-offer cluster manager.
+#[derive(Parser)]
+#[command(name = "agora", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format for diagnostics on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = commands::LogFormat::Text)]
+    log_format: commands::LogFormat,
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging(&cli.command, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agora: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cli.command.execute()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agora: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -5,3 +5,5 @@
 
 pub mod allocator;
 pub mod core;
+pub mod metrics;
+mod state;

@@ -1,0 +1,545 @@
+//! The agent core: the one owner of the agent's state (tasks, unacknowledged updates, recently
+//! finished sandboxes). It reacts to master messages, supervisor events and output lookups, and
+//! leaves the messages to send in an outbox; the link (see [`crate::link`]) moves them. Keeping
+//! I/O out of here makes it testable with real processes but without QUIC.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agora_sdk::proto::{
+    unix_millis, AgentId, AgentMessage, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport,
+    TaskState, TaskStatus, UpdateSource, Usage,
+};
+use agora_sdk::{Attributes, Resources};
+use uuid::Uuid;
+
+use crate::output::OutputTarget;
+use crate::sandbox::Layout;
+use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
+use crate::updates::{AckOutcome, UpdateManager};
+
+/// How many finished tasks' sandboxes stay reachable for `agora logs`.
+pub const FINISHED_KEPT: usize = 1000;
+
+/// What the agent tells the master about itself at registration.
+#[derive(Clone, Debug)]
+pub struct AgentInfo {
+    /// The node's host name.
+    pub hostname: String,
+    /// What the agent offers.
+    pub resources: Resources,
+    /// The node's attributes.
+    pub attributes: Attributes,
+}
+
+#[derive(Debug)]
+struct TaskEntry {
+    task: TaskInfo,
+    run_dir: PathBuf,
+    state: TaskState,
+    handle: TaskHandle,
+    /// The supervisor is done (the process ended or never started).
+    ended: bool,
+}
+
+/// Recently finished tasks' sandboxes, oldest evicted first.
+#[derive(Debug, Default)]
+struct FinishedTasks {
+    order: VecDeque<TaskKey>,
+    dirs: HashMap<TaskKey, PathBuf>,
+}
+
+impl FinishedTasks {
+    fn insert(&mut self, key: TaskKey, run_dir: PathBuf) {
+        if self.dirs.insert(key.clone(), run_dir).is_some() {
+            self.order.retain(|k| k != &key);
+        }
+        self.order.push_back(key);
+        while self.order.len() > FINISHED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.dirs.remove(&old);
+            }
+        }
+    }
+
+    fn find(&self, fw: Option<&FrameworkId>, task: &TaskId) -> Option<&PathBuf> {
+        match fw {
+            Some(fw) => self
+                .dirs
+                .get(&TaskKey { framework_id: fw.clone(), task_id: task.clone() }),
+            None => self.order.iter().rev().find(|k| &k.task_id == task).and_then(|k| self.dirs.get(k)),
+        }
+    }
+}
+
+/// The agent's state.
+#[derive(Debug)]
+pub struct Core {
+    info: AgentInfo,
+    layout: Layout,
+    default_grace: Duration,
+    agent_id: Option<AgentId>,
+    tasks: HashMap<TaskKey, TaskEntry>,
+    updates: UpdateManager,
+    finished: FinishedTasks,
+    events: EventSender,
+    outbox: Vec<AgentMessage>,
+    connected: bool,
+}
+
+impl Core {
+    /// A core with no tasks. Supervisors report to `events`.
+    pub fn new(
+        info: AgentInfo,
+        layout: Layout,
+        agent_id: Option<AgentId>,
+        default_grace: Duration,
+        updates: UpdateManager,
+        events: EventSender,
+    ) -> Self {
+        Self {
+            info,
+            layout,
+            default_grace,
+            agent_id,
+            tasks: HashMap::new(),
+            updates,
+            finished: FinishedTasks::default(),
+            events,
+            outbox: Vec::new(),
+            connected: false,
+        }
+    }
+
+    /// The id the master gave this agent, if any yet.
+    pub fn agent_id(&self) -> Option<&AgentId> {
+        self.agent_id.as_ref()
+    }
+
+    /// Takes the messages to send to the master.
+    pub fn take_outbox(&mut self) -> Vec<AgentMessage> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// A new connection to the master: queues `Register` then every unacknowledged update.
+    pub fn connected(&mut self, now: Instant) {
+        self.connected = true;
+        let mut tasks: Vec<TaskReport> = self
+            .tasks
+            .iter()
+            .map(|(key, e)| TaskReport {
+                framework_id: key.framework_id.clone(),
+                task: e.task.clone(),
+                state: e.state,
+            })
+            .collect();
+        tasks.sort_by(|a, b| (&a.framework_id, &a.task.task_id).cmp(&(&b.framework_id, &b.task.task_id)));
+        self.outbox.push(AgentMessage::Register {
+            agent_id: self.agent_id.clone(),
+            hostname: self.info.hostname.clone(),
+            resources: self.info.resources.clone(),
+            attributes: self.info.attributes.clone(),
+            tasks,
+        });
+        for status in self.updates.resend_all(now) {
+            self.outbox.push(AgentMessage::StatusUpdate(status));
+        }
+    }
+
+    /// The connection is gone: updates wait for the next one.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+        self.outbox.clear();
+    }
+
+    /// The master (re)assigned our id. The caller persists it.
+    pub fn registered(&mut self, agent_id: AgentId) {
+        if let Some(old) = &self.agent_id {
+            if old != &agent_id {
+                tracing::warn!(old = %old, new = %agent_id, "the master gave this agent a new id");
+            }
+        }
+        self.agent_id = Some(agent_id);
+    }
+
+    /// Launches a task, or answers TASK_ERROR when it cannot be launched.
+    pub fn run_task(&mut self, framework_id: FrameworkId, task: TaskInfo, now: Instant) {
+        let key = TaskKey { framework_id: framework_id.clone(), task_id: task.task_id.clone() };
+        if self.tasks.contains_key(&key) {
+            tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id,
+                "refusing a task whose id is already in use on this agent");
+            // Not through the update stream of the task already running under this id: its
+            // acknowledgements would get mixed up. A one-off update without uuid (no ack).
+            let msg = format!("task {} is already running on this agent", key.task_id);
+            let mut status = self.status(&key, TaskState::Error, "duplicate task id", msg, None);
+            status.uuid = None;
+            self.send(AgentMessage::StatusUpdate(status));
+            return;
+        }
+        if let Err(msg) = tasks::validate(&task) {
+            self.send_error(key, "invalid task", msg, now);
+            return;
+        }
+        let executor_dir = match self.layout.executor_dir(&framework_id, &task.task_id) {
+            Ok(d) => d,
+            Err(e) => {
+                self.send_error(key, "invalid task", e.to_string(), now);
+                return;
+            }
+        };
+        let run_dir = Layout::run_dir(&executor_dir, Uuid::new_v4());
+        let spec = LaunchSpec {
+            framework_id,
+            task: task.clone(),
+            executor_dir,
+            run_dir: run_dir.clone(),
+            kill_grace: task.kill_grace.unwrap_or(self.default_grace),
+        };
+        tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
+            "launching task");
+        let handle = tasks::launch(spec, self.events.clone());
+        metrics::counter!("agora_agent_tasks_launched_total").increment(1);
+        self.tasks.insert(
+            key,
+            TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false },
+        );
+        self.update_gauges();
+    }
+
+    /// Kills a task; an unknown task gets TASK_LOST (as Mesos does).
+    pub fn kill_task(&mut self, framework_id: FrameworkId, task_id: TaskId, now: Instant) {
+        let key = TaskKey { framework_id, task_id };
+        match self.tasks.get(&key) {
+            Some(e) if e.ended || e.state.is_terminal() => {
+                tracing::debug!(task_id = %key.task_id, "kill of a task that already ended");
+            }
+            Some(e) => {
+                tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, "killing task");
+                e.handle.kill();
+            }
+            None => {
+                tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,
+                    "kill of an unknown task");
+                let msg = format!("task {} is not known to this agent", key.task_id);
+                let status = self.status(&key, TaskState::Lost, "unknown task", msg, None);
+                self.push_update(key, status, now);
+            }
+        }
+    }
+
+    /// Kills every task of a framework.
+    pub fn shutdown_framework(&mut self, framework_id: &FrameworkId) {
+        for (key, e) in &self.tasks {
+            if &key.framework_id == framework_id && !e.ended {
+                tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,
+                    "killing task of a framework being shut down");
+                e.handle.kill();
+            }
+        }
+    }
+
+    /// Kills every task (agent shutdown).
+    pub fn kill_all(&mut self) {
+        for e in self.tasks.values().filter(|e| !e.ended) {
+            e.handle.kill();
+        }
+    }
+
+    /// Number of tasks whose process has not ended yet.
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.values().filter(|e| !e.ended).count()
+    }
+
+    /// A supervisor's event becomes a status update.
+    pub fn task_event(&mut self, key: TaskKey, event: TaskEvent, now: Instant) {
+        let Some(entry) = self.tasks.get_mut(&key) else {
+            tracing::warn!(task_id = %key.task_id, "event for a task the agent forgot: {event:?}");
+            return;
+        };
+        let status = match event {
+            TaskEvent::Running { pid } => {
+                entry.state = TaskState::Running;
+                let msg = format!("process {pid} started");
+                self.status(&key, TaskState::Running, "task started", msg, None)
+            }
+            TaskEvent::Killing => {
+                entry.state = TaskState::Killing;
+                self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None)
+            }
+            TaskEvent::Terminated(t) => {
+                entry.state = t.state;
+                entry.ended = true;
+                let run_dir = entry.run_dir.clone();
+                self.finished.insert(key.clone(), run_dir);
+                self.update_gauges();
+                let Termination { state, reason, message, exit_code, signal, usage } = t;
+                let mut s = self.status(&key, state, &reason, message, usage);
+                s.exit_code = exit_code;
+                s.signal = signal;
+                s
+            }
+        };
+        self.push_update(key, status, now);
+    }
+
+    /// The master forwarded a framework's acknowledgement.
+    pub fn ack(&mut self, framework_id: FrameworkId, task_id: TaskId, uuid: Uuid, now: Instant) {
+        let key = TaskKey { framework_id, task_id };
+        match self.updates.ack(&key, uuid, now) {
+            AckOutcome::Acked { next, .. } => {
+                if let Some(next) = next {
+                    self.send(AgentMessage::StatusUpdate(next));
+                }
+                self.forget_if_done(&key);
+            }
+            AckOutcome::Ignored => {
+                tracing::debug!(task_id = %key.task_id, %uuid, "ignoring a stale acknowledgement");
+            }
+        }
+    }
+
+    /// Retries updates whose time has come (only while connected).
+    pub fn poll_updates(&mut self, now: Instant) {
+        if !self.connected {
+            return;
+        }
+        let due = self.updates.due(now);
+        if !due.is_empty() {
+            metrics::counter!("agora_agent_status_update_retries_total").increment(due.len() as u64);
+        }
+        for status in due {
+            tracing::debug!(task_id = %status.task_id, state = %status.state, "resending status update");
+            self.send(AgentMessage::StatusUpdate(status));
+        }
+    }
+
+    /// When [`Self::poll_updates`] has work next.
+    pub fn next_update_deadline(&self) -> Option<Instant> {
+        if self.connected {
+            self.updates.next_deadline()
+        } else {
+            None
+        }
+    }
+
+    /// Where the output asked for is, if the task is known (running or recently finished).
+    pub fn lookup_output(&self, req: &OutputRequest) -> Option<OutputTarget> {
+        let live = match &req.framework_id {
+            Some(fw) => self
+                .tasks
+                .get(&TaskKey { framework_id: fw.clone(), task_id: req.task_id.clone() }),
+            None => self.tasks.iter().find(|(k, _)| k.task_id == req.task_id).map(|(_, e)| e),
+        };
+        if let Some(e) = live {
+            return Some(OutputTarget { path: e.run_dir.clone(), done: e.handle.done.clone() });
+        }
+        self.finished
+            .find(req.framework_id.as_ref(), &req.task_id)
+            .map(|dir| OutputTarget::finished(dir.clone()))
+    }
+
+    /// The sandbox of a task this agent knows.
+    pub fn sandbox(&self, key: &TaskKey) -> Option<&Path> {
+        self.tasks.get(key).map(|e| e.run_dir.as_path()).or_else(|| self.finished.dirs.get(key).map(PathBuf::as_path))
+    }
+
+    fn send_error(&mut self, key: TaskKey, reason: &str, message: String, now: Instant) {
+        tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "{message}");
+        let status = self.status(&key, TaskState::Error, reason, message, None);
+        self.push_update(key, status, now);
+    }
+
+    fn status(
+        &self,
+        key: &TaskKey,
+        state: TaskState,
+        reason: &str,
+        message: String,
+        usage: Option<Usage>,
+    ) -> TaskStatus {
+        TaskStatus {
+            task_id: key.task_id.clone(),
+            framework_id: key.framework_id.clone(),
+            agent_id: self.agent_id.clone(),
+            state,
+            uuid: Some(Uuid::new_v4()),
+            source: UpdateSource::Agent,
+            reason: reason.to_string(),
+            message,
+            exit_code: None,
+            signal: None,
+            usage,
+            timestamp_ms: unix_millis(),
+        }
+    }
+
+    fn push_update(&mut self, key: TaskKey, status: TaskStatus, now: Instant) {
+        tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id,
+            state = %status.state, uuid = ?status.uuid, "status update");
+        if let Some(head) = self.updates.push(key, status, now) {
+            self.send(AgentMessage::StatusUpdate(head));
+        }
+    }
+
+    fn send(&mut self, msg: AgentMessage) {
+        if self.connected {
+            self.outbox.push(msg);
+        }
+    }
+
+    /// A task whose terminal update was acknowledged is forgotten (its sandbox stays listed
+    /// among the finished ones).
+    fn forget_if_done(&mut self, key: &TaskKey) {
+        let done = self.tasks.get(key).is_some_and(|e| e.ended && e.state.is_terminal());
+        if done && !self.updates.has_pending(key) {
+            self.tasks.remove(key);
+            tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id, "task record removed");
+        }
+    }
+
+    fn update_gauges(&self) {
+        metrics::gauge!("agora_agent_tasks_running").set(self.live_tasks() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::tests::command_task;
+    use tokio::sync::mpsc;
+
+    struct Harness {
+        core: Core,
+        rx: mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let info = AgentInfo {
+            hostname: "node".into(),
+            resources: Resources::cpus(2000),
+            attributes: Attributes::default(),
+        };
+        let core = Core::new(
+            info,
+            Layout::new(dir.path()),
+            Some(AgentId::new("a1")),
+            Duration::from_secs(3),
+            UpdateManager::new(Duration::from_millis(50), Duration::from_millis(200)),
+            tx,
+        );
+        Harness { core, rx, _dir: dir }
+    }
+
+    fn statuses(core: &mut Core) -> Vec<TaskStatus> {
+        core.take_outbox()
+            .into_iter()
+            .filter_map(|m| match m {
+                AgentMessage::StatusUpdate(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Feeds supervisor events into the core until `n` updates went out.
+    async fn collect(h: &mut Harness, n: usize) -> Vec<TaskStatus> {
+        let mut out = statuses(&mut h.core);
+        while out.len() < n {
+            let (k, ev) = tokio::time::timeout(Duration::from_secs(10), h.rx.recv())
+                .await
+                .expect("event in time")
+                .expect("event");
+            h.core.task_event(k, ev, Instant::now());
+            out.extend(statuses(&mut h.core));
+        }
+        out
+    }
+
+    fn ack(h: &mut Harness, s: &TaskStatus) {
+        h.core.ack(s.framework_id.clone(), s.task_id.clone(), s.uuid.unwrap_or_default(), Instant::now());
+    }
+
+    #[tokio::test]
+    async fn updates_flow_in_order_and_records_are_forgotten_after_the_terminal_ack() {
+        let mut h = harness();
+        let now = Instant::now();
+        h.core.connected(now);
+        assert!(matches!(h.core.take_outbox().as_slice(), [AgentMessage::Register { tasks, .. }] if tasks.is_empty()));
+        let fw = FrameworkId::new("fw");
+        h.core.run_task(fw.clone(), command_task("t", "echo hi; exit 3"), now);
+        // Only RUNNING goes out until it is acknowledged.
+        let running = collect(&mut h, 1).await;
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].state, TaskState::Running);
+        assert_eq!(running[0].agent_id, Some(AgentId::new("a1")));
+        let t = tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
+        h.core.task_event(t.0, t.1, Instant::now());
+        assert!(statuses(&mut h.core).is_empty(), "FINISHED must wait for RUNNING's ack");
+        // Re-registration reports the task with its latest state.
+        h.core.connected(Instant::now());
+        let out = h.core.take_outbox();
+        match out.as_slice() {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+                assert_eq!(tasks.len(), 1);
+                assert_eq!(tasks[0].state, TaskState::Failed);
+                assert_eq!(s.uuid, running[0].uuid);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        ack(&mut h, &running[0]);
+        let failed = statuses(&mut h.core);
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].state, failed[0].exit_code), (TaskState::Failed, Some(3)));
+        // Retried while unacknowledged.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        h.core.poll_updates(Instant::now());
+        assert_eq!(statuses(&mut h.core).first().map(|s| s.uuid), Some(failed[0].uuid));
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("t") };
+        assert!(h.core.tasks.contains_key(&key));
+        ack(&mut h, &failed[0]);
+        assert!(!h.core.tasks.contains_key(&key));
+        // Output stays reachable after the record is gone.
+        let req = OutputRequest {
+            task_id: TaskId::new("t"),
+            framework_id: None,
+            stream: agora_sdk::proto::OutputStream::Stdout,
+            offset: 0,
+            follow: false,
+        };
+        let target = h.core.lookup_output(&req).expect("finished task known");
+        assert_eq!(std::fs::read_to_string(target.path.join("stdout")).ok().as_deref(), Some("hi\n"));
+    }
+
+    #[tokio::test]
+    async fn kill_unknown_duplicate_and_framework_shutdown() {
+        let mut h = harness();
+        let now = Instant::now();
+        h.core.connected(now);
+        h.core.take_outbox();
+        let fw = FrameworkId::new("fw");
+        h.core.kill_task(fw.clone(), TaskId::new("ghost"), now);
+        let lost = statuses(&mut h.core);
+        assert_eq!((lost[0].state, lost[0].reason.as_str()), (TaskState::Lost, "unknown task"));
+
+        h.core.run_task(fw.clone(), command_task("s", "sleep 30"), now);
+        h.core.run_task(fw.clone(), command_task("s", "sleep 30"), now);
+        let dup = statuses(&mut h.core);
+        assert_eq!((dup[0].state, dup[0].reason.as_str()), (TaskState::Error, "duplicate task id"));
+        assert_eq!(dup[0].uuid, None, "not part of the running task's update stream");
+
+        let running = collect(&mut h, 1).await;
+        assert_eq!(running[0].state, TaskState::Running);
+        ack(&mut h, &running[0]);
+        h.core.shutdown_framework(&fw);
+        let killing = collect(&mut h, 1).await;
+        assert_eq!(killing[0].state, TaskState::Killing);
+        ack(&mut h, &killing[0]);
+        let killed = collect(&mut h, 1).await;
+        assert_eq!((killed[0].state, killed[0].reason.as_str()), (TaskState::Killed, "killed"));
+        assert_eq!(killed[0].signal, Some(libc::SIGTERM));
+        assert_eq!(h.core.live_tasks(), 0);
+    }
+}

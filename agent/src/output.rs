@@ -1,0 +1,213 @@
+//! Task output streams: the master opens a bidirectional stream per request, sends one
+//! [`OutputRequest`] frame, and gets one [`OutputReply`] frame followed by the raw bytes of the
+//! task's `stdout` or `stderr` file from the requested offset. With `follow` the stream stays
+//! open until the task's process has ended and every byte was sent.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agora_sdk::frame::{FrameReader, FrameWriter};
+use agora_sdk::proto::{ErrorCode, OutputReply, OutputRequest, OutputStream, WireError};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How often a followed file is polled for new bytes while its task runs.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(25);
+/// How long the master has to send its request after opening a stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CHUNK: usize = 64 * 1024;
+
+/// Where a task's output is and whether it is complete.
+#[derive(Clone, Debug)]
+pub struct OutputTarget {
+    /// The output file.
+    pub path: PathBuf,
+    /// `true` once the task's process has ended (nothing more will be written).
+    pub done: watch::Receiver<bool>,
+}
+
+impl OutputTarget {
+    /// A target whose task is over.
+    pub fn finished(path: PathBuf) -> Self {
+        Self { path, done: watch::channel(true).1 }
+    }
+}
+
+/// A request to the agent core: where is this output?
+#[derive(Debug)]
+pub struct OutputLookup {
+    /// The request as received.
+    pub request: OutputRequest,
+    /// Where to send the answer (`None`: unknown task).
+    pub reply: oneshot::Sender<Option<OutputTarget>>,
+}
+
+/// Copies `target`'s file from `offset` to `out`. Without `follow` it stops at end of file;
+/// with it, it keeps polling until the task is done and the file is drained. A file that does
+/// not exist yet counts as empty. Returns the number of bytes written.
+pub async fn copy_output<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    mut target: OutputTarget,
+    offset: u64,
+    follow: bool,
+) -> io::Result<u64> {
+    let mut file: Option<tokio::fs::File> = None;
+    let mut pos = offset;
+    let mut buf = vec![0u8; CHUNK];
+    let mut writer_gone = false;
+    loop {
+        // Sample "done" before reading: if it was already set, this read sees every byte.
+        let finished = writer_gone || *target.done.borrow_and_update();
+        if file.is_none() {
+            match tokio::fs::File::open(&target.path).await {
+                Ok(mut f) => {
+                    f.seek(io::SeekFrom::Start(pos)).await?;
+                    file = Some(f);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(f) = file.as_mut() {
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n]).await?;
+                pos += n as u64;
+            }
+            out.flush().await?;
+        }
+        if !follow || finished {
+            return Ok(pos - offset);
+        }
+        tokio::select! {
+            changed = target.done.changed() => writer_gone = changed.is_err(),
+            () = tokio::time::sleep(FOLLOW_POLL) => {}
+        }
+    }
+}
+
+/// Serves one output stream opened by the master: reads the request, asks the agent core
+/// (through `lookups`) where the output is, replies, and streams. Errors end only this stream.
+pub async fn serve(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    lookups: mpsc::Sender<OutputLookup>,
+) {
+    let mut reader = FrameReader::new(recv);
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<OutputRequest>()).await
+    {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "malformed output request");
+            let reply = OutputReply::Error(WireError::new(ErrorCode::Malformed, e.to_string()));
+            let _ = reply_and_finish(send, &reply).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("output stream opened without a request");
+            let _ = send.reset(0u32.into());
+            return;
+        }
+    };
+    drop(reader);
+    let (tx, rx) = oneshot::channel();
+    let target = match lookups.send(OutputLookup { request: request.clone(), reply: tx }).await {
+        Ok(()) => rx.await.ok().flatten(),
+        Err(_) => None,
+    };
+    let file = match request.stream {
+        OutputStream::Stdout => "stdout",
+        OutputStream::Stderr => "stderr",
+    };
+    let Some(mut target) = target else {
+        let msg = format!("task {} is unknown on this agent", request.task_id);
+        tracing::debug!(task_id = %request.task_id, "output request for an unknown task");
+        let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg)))
+            .await;
+        return;
+    };
+    target.path = target.path.join(file);
+    let mut writer = FrameWriter::new(send);
+    if writer.send(&OutputReply::Streaming).await.is_err() {
+        return;
+    }
+    let mut send = writer.into_inner();
+    // The reader going away ends the stream even while we wait for new output.
+    let stopped = send.stopped();
+    let copied = tokio::select! {
+        r = copy_output(&mut send, target, request.offset, request.follow) => r,
+        _ = stopped => Err(io::Error::new(io::ErrorKind::BrokenPipe, "reader stopped the stream")),
+    };
+    match copied {
+        Ok(n) => {
+            tracing::debug!(task_id = %request.task_id, file, bytes = n, "output stream complete");
+            let _ = send.finish();
+        }
+        Err(e) => {
+            tracing::debug!(task_id = %request.task_id, file, error = %e, "output stream ended early");
+            let _ = send.reset(0u32.into());
+        }
+    }
+}
+
+async fn reply_and_finish(send: quinn::SendStream, reply: &OutputReply) -> io::Result<()> {
+    let mut writer = FrameWriter::new(send);
+    writer.send(reply).await.map_err(io::Error::other)?;
+    let mut send = writer.into_inner();
+    send.finish().map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[tokio::test]
+    async fn reads_from_offset_without_follow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stdout");
+        std::fs::write(&path, b"hello world").expect("write");
+        let mut out = Vec::new();
+        let n = copy_output(&mut out, OutputTarget::finished(path.clone()), 6, false)
+            .await
+            .expect("copy");
+        assert_eq!((n, out.as_slice()), (5, &b"world"[..]));
+        // A missing file is empty.
+        let mut out = Vec::new();
+        let n = copy_output(&mut out, OutputTarget::finished(dir.path().join("nope")), 0, false)
+            .await
+            .expect("copy");
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn follow_waits_for_the_end_of_the_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stdout");
+        let (done_tx, done) = watch::channel(false);
+        let target = OutputTarget { path: path.clone(), done };
+        let copier = tokio::spawn(async move {
+            let mut out = Vec::new();
+            copy_output(&mut out, target, 0, true).await.map(|_| out)
+        });
+        // The file appears late and grows while followed.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(b"one\n").expect("write");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(!copier.is_finished());
+        f.write_all(b"two\n").expect("write");
+        done_tx.send_replace(true);
+        let out = tokio::time::timeout(Duration::from_secs(5), copier)
+            .await
+            .expect("finishes once done")
+            .expect("join")
+            .expect("copy");
+        assert_eq!(out, b"one\ntwo\n");
+    }
+}

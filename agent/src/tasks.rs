@@ -1,0 +1,544 @@
+//! The command executor: runs one task as a native process in its sandbox and supervises it.
+//!
+//! [`launch`] starts a supervisor (a tokio task) that creates the sandbox, spawns the process in
+//! its own process group with stdout/stderr going straight to files (so the process does not
+//! depend on the agent staying alive), checkpoints `task.json`, and reports [`TaskEvent`]s in
+//! order: `Running`, possibly `Killing`, then exactly one `Terminated`. Nothing here talks to the
+//! master; the agent core turns events into status updates.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use agora_sdk::proto::{
+    unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{signal_name, ChildProcess, ExitInfo};
+use crate::sandbox::{write_atomic, Layout, TaskCheckpoint};
+
+/// `PATH` every task starts with.
+pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Identifies a task on this agent: task ids are unique within a framework.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskKey {
+    /// The owning framework.
+    pub framework_id: FrameworkId,
+    /// The task.
+    pub task_id: TaskId,
+}
+
+/// Everything a supervisor needs to run one task.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// Owner of the task.
+    pub framework_id: FrameworkId,
+    /// The task.
+    pub task: TaskInfo,
+    /// `WORK/frameworks/<fw>/executors/<task>` (holds `task.json`).
+    pub executor_dir: PathBuf,
+    /// The sandbox of this run (created by the supervisor).
+    pub run_dir: PathBuf,
+    /// SIGTERM → SIGKILL delay when killed.
+    pub kill_grace: Duration,
+}
+
+impl LaunchSpec {
+    /// The key of the task.
+    pub fn key(&self) -> TaskKey {
+        TaskKey { framework_id: self.framework_id.clone(), task_id: self.task.task_id.clone() }
+    }
+}
+
+/// What a supervisor reports, in this order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskEvent {
+    /// The process was spawned.
+    Running {
+        /// Its pid (and process-group id).
+        pid: u32,
+    },
+    /// A kill was requested and SIGTERM sent to the process group.
+    Killing,
+    /// The task is over; its process group has been cleaned up.
+    Terminated(Termination),
+}
+
+/// The final word on a task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Termination {
+    /// FINISHED, FAILED or KILLED.
+    pub state: TaskState,
+    /// Machine-friendly reason: `command exited`, `killed by signal`, `killed`, `failed to start`.
+    pub reason: String,
+    /// Human detail.
+    pub message: String,
+    /// Exit code, if the process exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal, if one killed the process.
+    pub signal: Option<i32>,
+    /// Resource usage, if the process ran.
+    pub usage: Option<Usage>,
+}
+
+impl Termination {
+    fn failed_to_start(message: String) -> Self {
+        Self {
+            state: TaskState::Failed,
+            reason: "failed to start".into(),
+            message,
+            exit_code: None,
+            signal: None,
+            usage: None,
+        }
+    }
+
+    fn from_exit(exit: ExitInfo, killed: bool) -> Self {
+        let detail = match (exit.code, exit.signal) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(s)) => format!("killed by {}", signal_name(s)),
+            (None, None) => "ended in an unknown way".to_string(),
+        };
+        let (state, reason, message) = if killed {
+            (TaskState::Killed, "killed", format!("killed on request; the command {detail}"))
+        } else {
+            match (exit.code, exit.signal) {
+                (Some(0), _) => (TaskState::Finished, "command exited", format!("command {detail}")),
+                (Some(_), _) => (TaskState::Failed, "command exited", format!("command {detail}")),
+                (None, _) => (TaskState::Failed, "killed by signal", format!("command {detail}")),
+            }
+        };
+        Self {
+            state,
+            reason: reason.into(),
+            message,
+            exit_code: exit.code,
+            signal: exit.signal,
+            usage: Some(exit.usage),
+        }
+    }
+}
+
+/// The agent's handle on a running supervisor.
+#[derive(Debug)]
+pub struct TaskHandle {
+    kill: CancellationToken,
+    /// Turns `true` once the task's process has ended (its output files are complete).
+    pub done: watch::Receiver<bool>,
+}
+
+impl TaskHandle {
+    /// Asks the supervisor to kill the task (SIGTERM to the group, SIGKILL after the grace
+    /// period). Idempotent.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    /// Whether a kill was requested.
+    pub fn kill_requested(&self) -> bool {
+        self.kill.is_cancelled()
+    }
+}
+
+/// Sink for supervisor events (the agent core's queue).
+pub type EventSender = mpsc::UnboundedSender<(TaskKey, TaskEvent)>;
+
+/// Starts supervising `spec` on the current tokio runtime. Events go to `events`.
+pub fn launch(spec: LaunchSpec, events: EventSender) -> TaskHandle {
+    let kill = CancellationToken::new();
+    let (done_tx, done) = watch::channel(false);
+    let token = kill.clone();
+    tokio::spawn(async move {
+        let key = spec.key();
+        let emit = |ev: TaskEvent| {
+            // The core outlives supervisors except at shutdown, when nobody listens anyway.
+            let _ = events.send((key.clone(), ev));
+        };
+        let end = supervise(&spec, &token, &emit).await;
+        tracing::info!(
+            task_id = %spec.task.task_id, framework_id = %spec.framework_id,
+            state = %end.state, exit_code = ?end.exit_code, signal = ?end.signal,
+            "task ended: {}", end.message
+        );
+        checkpoint(&spec, None, end.state).await;
+        done_tx.send_replace(true);
+        emit(TaskEvent::Terminated(end));
+    });
+    TaskHandle { kill, done }
+}
+
+async fn supervise(
+    spec: &LaunchSpec,
+    kill: &CancellationToken,
+    emit: &impl Fn(TaskEvent),
+) -> Termination {
+    let prepared = {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || prepare_and_spawn(&spec)).await
+    };
+    let mut child = match prepared {
+        Ok(Ok(child)) => child,
+        Ok(Err(message)) => return Termination::failed_to_start(message),
+        Err(e) => return Termination::failed_to_start(format!("launcher failed: {e}")),
+    };
+    let pid = child.pid();
+    tracing::info!(task_id = %spec.task.task_id, framework_id = %spec.framework_id, pid,
+        sandbox = %spec.run_dir.display(), "task started");
+    checkpoint(spec, Some(pid), TaskState::Running).await;
+    emit(TaskEvent::Running { pid });
+
+    let exited = child.exited();
+    tokio::pin!(exited);
+    let mut killed = false;
+    let wait = tokio::select! {
+        r = &mut exited => r,
+        () = kill.cancelled() => {
+            killed = true;
+            emit(TaskEvent::Killing);
+            checkpoint(spec, Some(pid), TaskState::Killing).await;
+            signal(&child, libc::SIGTERM, spec);
+            tokio::select! {
+                r = &mut exited => r,
+                () = tokio::time::sleep(spec.kill_grace) => {
+                    signal(&child, libc::SIGKILL, spec);
+                    exited.await
+                }
+            }
+        }
+    };
+    if let Err(e) = wait {
+        tracing::error!(task_id = %spec.task.task_id, pid, error = %e, "cannot wait for the task's exit; reaping");
+    }
+    // Like a container being destroyed: nothing of the task's process group outlives it.
+    signal(&child, libc::SIGKILL, spec);
+    let reaped = tokio::task::spawn_blocking(move || child.reap()).await;
+    match reaped {
+        Ok(Ok(exit)) => Termination::from_exit(exit, killed),
+        Ok(Err(e)) => Termination {
+            state: if killed { TaskState::Killed } else { TaskState::Failed },
+            reason: if killed { "killed" } else { "unknown exit" }.into(),
+            message: format!("cannot reap process {pid}: {e}"),
+            exit_code: None,
+            signal: None,
+            usage: None,
+        },
+        Err(e) => Termination {
+            state: TaskState::Failed,
+            reason: "unknown exit".into(),
+            message: format!("reaper failed: {e}"),
+            exit_code: None,
+            signal: None,
+            usage: None,
+        },
+    }
+}
+
+fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
+    if let Err(e) = child.signal_group(sig) {
+        tracing::warn!(task_id = %spec.task.task_id, pid = child.pid(), signal = %signal_name(sig),
+            error = %e, "cannot signal the task's process group");
+    }
+}
+
+/// Creates the sandbox and spawns the process (blocking: run on the blocking pool). The error
+/// is the message of a `failed to start` update.
+fn prepare_and_spawn(spec: &LaunchSpec) -> Result<ChildProcess, String> {
+    let TaskKind::Command(cmd) = &spec.task.kind;
+    let dir = &spec.run_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create sandbox {}: {e}", dir.display()))?;
+    let open = |name: &str| {
+        let path = dir.join(name);
+        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+    };
+    let (stdout, stderr) = (open("stdout")?, open("stderr")?);
+    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id)?;
+    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    let child = command.spawn().map_err(|e| {
+        let program = cmd.argv.first().map(String::as_str).unwrap_or("");
+        if cmd.shell {
+            format!("cannot run /bin/sh: {e}")
+        } else {
+            format!("cannot run `{program}`: {e}")
+        }
+    })?;
+    ChildProcess::adopt(child).map_err(|e| e.to_string())
+}
+
+/// The process to run for `cmd`: own process group, sandbox as working directory, a clean
+/// environment. No `pre_exec`, so std keeps its `posix_spawn` fast path.
+fn build_command(
+    cmd: &CommandInfo,
+    sandbox: &Path,
+    fw: &FrameworkId,
+    task: &TaskId,
+) -> Result<Command, String> {
+    let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
+    let mut command = if cmd.shell {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(first);
+        c
+    } else {
+        let mut c = Command::new(first);
+        c.args(rest);
+        c
+    };
+    command.process_group(0).current_dir(sandbox).env_clear();
+    command.env("PATH", TASK_PATH).env("HOME", sandbox);
+    for (k, v) in &cmd.env {
+        command.env(k, v);
+    }
+    command
+        .env("AGORA_SANDBOX", sandbox)
+        .env("AGORA_TASK_ID", task.as_str())
+        .env("AGORA_FRAMEWORK_ID", fw.as_str());
+    Ok(command)
+}
+
+/// Checks a command before launching it; the error is the message of a TASK_ERROR.
+pub fn validate(task: &TaskInfo) -> Result<(), String> {
+    let TaskKind::Command(cmd) = &task.kind;
+    let Some(first) = cmd.argv.first() else {
+        return Err("the command is empty".into());
+    };
+    if first.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    if let Some(a) = cmd.argv.iter().find(|a| a.contains('\0')) {
+        return Err(format!("argument {a:?} contains a NUL byte"));
+    }
+    for (k, v) in &cmd.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("invalid environment variable name {k:?}"));
+        }
+        if v.contains('\0') {
+            return Err(format!("environment variable {k} contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+async fn checkpoint(spec: &LaunchSpec, pid: Option<u32>, state: TaskState) {
+    let record = TaskCheckpoint {
+        framework_id: spec.framework_id.clone(),
+        task: spec.task.clone(),
+        run_dir: spec.run_dir.clone(),
+        pid,
+        state,
+        updated_ms: unix_millis(),
+    };
+    let path = Layout::task_checkpoint(&spec.executor_dir);
+    let result = match serde_json::to_vec_pretty(&record) {
+        Ok(data) => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || write_atomic(&p, &data))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    if let Err(e) = result {
+        tracing::warn!(task_id = %spec.task.task_id, path = %path.display(), error = %e,
+            "cannot write the task checkpoint");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use agora_sdk::Resources;
+    use std::time::Instant;
+
+    pub(crate) fn command_task(id: &str, script: &str) -> TaskInfo {
+        TaskInfo {
+            task_id: TaskId::new(id),
+            name: id.into(),
+            resources: Resources::cpus(100),
+            kind: TaskKind::Command(CommandInfo {
+                argv: vec![script.into()],
+                shell: true,
+                env: vec![("GREETING".into(), "hello".into())],
+            }),
+            kill_grace: None,
+        }
+    }
+
+    struct Run {
+        spec: LaunchSpec,
+        handle: TaskHandle,
+        rx: mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn start(task: TaskInfo, grace: Duration) -> Run {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(dir.path());
+        let fw = FrameworkId::new("fw-1");
+        let executor_dir = layout.executor_dir(&fw, &task.task_id).expect("ids");
+        let run_dir = Layout::run_dir(&executor_dir, uuid::Uuid::new_v4());
+        let spec =
+            LaunchSpec { framework_id: fw, task, executor_dir, run_dir, kill_grace: grace };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = launch(spec.clone(), tx);
+        Run { spec, handle, rx, _dir: dir }
+    }
+
+    async fn next(run: &mut Run) -> TaskEvent {
+        let (key, ev) = tokio::time::timeout(Duration::from_secs(10), run.rx.recv())
+            .await
+            .expect("event in time")
+            .expect("event");
+        assert_eq!(key, run.spec.key());
+        ev
+    }
+
+    async fn terminated(run: &mut Run) -> Termination {
+        match next(run).await {
+            TaskEvent::Terminated(t) => t,
+            other => panic!("expected Terminated, got {other:?}"),
+        }
+    }
+
+    fn read(run: &Run, name: &str) -> String {
+        std::fs::read_to_string(run.spec.run_dir.join(name)).expect("output file")
+    }
+
+    #[tokio::test]
+    async fn failing_command_reports_exit_code_and_output() {
+        let mut run = start(command_task("t1", "echo hi; echo err >&2; exit 3"), Duration::from_secs(3));
+        assert!(matches!(next(&mut run).await, TaskEvent::Running { .. }));
+        let t = terminated(&mut run).await;
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.reason, "command exited");
+        assert_eq!(t.exit_code, Some(3));
+        assert_eq!(t.signal, None);
+        assert!(t.usage.and_then(|u| u.cpu_time).is_some());
+        assert_eq!(read(&run, "stdout"), "hi\n");
+        assert_eq!(read(&run, "stderr"), "err\n");
+        assert!(*run.handle.done.borrow());
+        let cp: TaskCheckpoint = serde_json::from_slice(
+            &std::fs::read(Layout::task_checkpoint(&run.spec.executor_dir)).expect("task.json"),
+        )
+        .expect("json");
+        assert_eq!(cp.state, TaskState::Failed);
+        assert_eq!(cp.task.task_id, TaskId::new("t1"));
+    }
+
+    #[tokio::test]
+    async fn environment_and_working_directory() {
+        let script = "echo \"$GREETING $AGORA_TASK_ID $AGORA_FRAMEWORK_ID\"; \
+                      [ \"$(pwd -P)\" = \"$(cd \"$AGORA_SANDBOX\" && pwd -P)\" ] && [ \"$HOME\" = \"$AGORA_SANDBOX\" ] && echo $PATH";
+        let mut run = start(command_task("env", script), Duration::from_secs(3));
+        assert!(matches!(next(&mut run).await, TaskEvent::Running { .. }));
+        let t = terminated(&mut run).await;
+        assert_eq!((t.state, t.exit_code), (TaskState::Finished, Some(0)));
+        assert_eq!(read(&run, "stdout"), format!("hello env fw-1\n{TASK_PATH}\n"));
+    }
+
+    #[tokio::test]
+    async fn missing_program_fails_to_start() {
+        let mut task = command_task("nope", "");
+        task.kind = TaskKind::Command(CommandInfo {
+            argv: vec!["/definitely/not/a/program".into(), "x".into()],
+            shell: false,
+            env: vec![],
+        });
+        let mut run = start(task, Duration::from_secs(3));
+        let t = terminated(&mut run).await;
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.reason, "failed to start");
+        assert!(t.message.contains("/definitely/not/a/program"), "{}", t.message);
+    }
+
+    #[tokio::test]
+    async fn kill_terminates_the_whole_process_group() {
+        let grace = Duration::from_secs(2);
+        let mut run = start(command_task("k", "sleep 30 & echo $! > bg.pid; sleep 30"), grace);
+        let TaskEvent::Running { pid } = next(&mut run).await else { panic!("not running") };
+        // Wait until the background sleep is there.
+        let bg_file = run.spec.run_dir.join("bg.pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let bg: i32 = loop {
+            if let Some(p) = std::fs::read_to_string(&bg_file).ok().and_then(|s| s.trim().parse().ok()) {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "background pid never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let started = Instant::now();
+        run.handle.kill();
+        run.handle.kill();
+        assert_eq!(next(&mut run).await, TaskEvent::Killing);
+        let t = terminated(&mut run).await;
+        assert!(started.elapsed() < grace + Duration::from_secs(1));
+        assert_eq!(t.state, TaskState::Killed);
+        assert_eq!(t.reason, "killed");
+        assert_eq!(t.signal, Some(libc::SIGTERM));
+        // Nothing of the group is left (the background sleep was reparented, so poll briefly).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            // SAFETY: signal 0 only checks for existence.
+            let alive = unsafe { libc::kill(bg, 0) } == 0 && !is_zombie(bg);
+            // SAFETY: as above.
+            let group = unsafe { libc::killpg(pid as i32, 0) } == 0;
+            if !alive && !group {
+                break;
+            }
+            assert!(Instant::now() < deadline, "process group {pid} survived the kill");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignoring_task_is_killed_after_grace() {
+        let grace = Duration::from_millis(300);
+        let mut run = start(command_task("stubborn", "trap '' TERM; echo ready; while :; do sleep 0.05; done"), grace);
+        assert!(matches!(next(&mut run).await, TaskEvent::Running { .. }));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read(&run, "stdout").is_empty() {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = Instant::now();
+        run.handle.kill();
+        assert_eq!(next(&mut run).await, TaskEvent::Killing);
+        let t = terminated(&mut run).await;
+        assert!(started.elapsed() >= grace);
+        assert!(started.elapsed() < grace + Duration::from_secs(2));
+        assert_eq!((t.state, t.signal), (TaskState::Killed, Some(libc::SIGKILL)));
+    }
+
+    #[tokio::test]
+    async fn signal_death_is_reported() {
+        let mut run = start(command_task("sig", "kill -9 $$"), Duration::from_secs(3));
+        assert!(matches!(next(&mut run).await, TaskEvent::Running { .. }));
+        let t = terminated(&mut run).await;
+        assert_eq!(t.state, TaskState::Failed);
+        assert_eq!(t.reason, "killed by signal");
+        assert_eq!((t.exit_code, t.signal), (None, Some(libc::SIGKILL)));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate(&command_task("ok", "true")).is_ok());
+        assert!(validate(&command_task("empty", "")).is_err());
+        let mut t = command_task("env", "true");
+        t.kind = TaskKind::Command(CommandInfo {
+            argv: vec!["true".into()],
+            shell: false,
+            env: vec![("A=B".into(), "x".into())],
+        });
+        assert!(validate(&t).is_err());
+    }
+
+    fn is_zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    }
+}

@@ -1,0 +1,235 @@
+//! The status-update manager: at-least-once, in-order delivery of task status updates.
+//!
+//! Like Mesos's, it keeps one stream per task. Only the head of a stream is in flight: it is
+//! (re)sent with exponential backoff until the master forwards the framework's acknowledgement
+//! for exactly that update (matched by uuid); then the next one goes out. So a framework never
+//! sees a task's updates out of order, even across retries and reconnections.
+//!
+//! This module is sans-IO: time is passed in and updates to send are returned.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use agora_sdk::proto::TaskStatus;
+use uuid::Uuid;
+
+use crate::tasks::TaskKey;
+
+/// First retry delay of an unacknowledged update.
+pub const RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// Largest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Stream {
+    pending: VecDeque<TaskStatus>,
+    /// When the head is due to be (re)sent.
+    next_send: Instant,
+    /// The delay after the next send.
+    backoff: Duration,
+}
+
+/// What an acknowledgement did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The head was acknowledged. `next` is the following update, to send now.
+    Acked {
+        /// The new head of the stream, if any.
+        next: Option<TaskStatus>,
+        /// The acknowledged update was terminal.
+        terminal: bool,
+    },
+    /// No pending head update has this uuid (a duplicate or stale ack).
+    Ignored,
+}
+
+/// Per-task streams of unacknowledged updates.
+#[derive(Debug)]
+pub struct UpdateManager {
+    streams: BTreeMap<TaskKey, Stream>,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for UpdateManager {
+    fn default() -> Self {
+        Self::new(RETRY_INITIAL, RETRY_MAX)
+    }
+}
+
+impl UpdateManager {
+    /// A manager retrying after `initial`, doubling up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { streams: BTreeMap::new(), initial, max }
+    }
+
+    /// Queues an update. Returns it when it is now the head of its stream and must be sent
+    /// right away; otherwise it waits for the acknowledgement of the ones before it.
+    pub fn push(&mut self, key: TaskKey, status: TaskStatus, now: Instant) -> Option<TaskStatus> {
+        let initial = self.initial;
+        let stream = self.streams.entry(key).or_insert_with(|| Stream {
+            pending: VecDeque::new(),
+            next_send: now,
+            backoff: initial,
+        });
+        stream.pending.push_back(status);
+        if stream.pending.len() == 1 {
+            stream.next_send = now + initial;
+            stream.backoff = (initial * 2).min(self.max);
+            stream.pending.front().cloned()
+        } else {
+            None
+        }
+    }
+
+    /// Handles an acknowledgement for the update `uuid` of task `key`.
+    pub fn ack(&mut self, key: &TaskKey, uuid: Uuid, now: Instant) -> AckOutcome {
+        let Some(stream) = self.streams.get_mut(key) else {
+            return AckOutcome::Ignored;
+        };
+        if stream.pending.front().and_then(|s| s.uuid) != Some(uuid) {
+            return AckOutcome::Ignored;
+        }
+        let acked = stream.pending.pop_front();
+        let terminal = acked.is_some_and(|s| s.state.is_terminal());
+        let next = stream.pending.front().cloned();
+        if next.is_some() {
+            stream.next_send = now + self.initial;
+            stream.backoff = (self.initial * 2).min(self.max);
+        } else {
+            self.streams.remove(key);
+        }
+        AckOutcome::Acked { next, terminal }
+    }
+
+    /// Heads whose retry time has come; each is rescheduled with a doubled delay.
+    pub fn due(&mut self, now: Instant) -> Vec<TaskStatus> {
+        let mut out = Vec::new();
+        for stream in self.streams.values_mut() {
+            if stream.next_send <= now {
+                if let Some(head) = stream.pending.front() {
+                    out.push(head.clone());
+                }
+                stream.next_send = now + stream.backoff;
+                stream.backoff = (stream.backoff * 2).min(self.max);
+            }
+        }
+        out
+    }
+
+    /// Every stream's head, for a fresh connection; backoffs start over.
+    pub fn resend_all(&mut self, now: Instant) -> Vec<TaskStatus> {
+        let mut out = Vec::new();
+        for stream in self.streams.values_mut() {
+            if let Some(head) = stream.pending.front() {
+                out.push(head.clone());
+            }
+            stream.next_send = now + self.initial;
+            stream.backoff = (self.initial * 2).min(self.max);
+        }
+        out
+    }
+
+    /// The earliest retry time, if anything is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.streams.values().map(|s| s.next_send).min()
+    }
+
+    /// Whether task `key` has unacknowledged updates.
+    pub fn has_pending(&self, key: &TaskKey) -> bool {
+        self.streams.contains_key(key)
+    }
+
+    /// Number of unacknowledged updates over all tasks.
+    pub fn pending_count(&self) -> usize {
+        self.streams.values().map(|s| s.pending.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_sdk::proto::{FrameworkId, TaskId, TaskState, UpdateSource};
+
+    fn key(t: &str) -> TaskKey {
+        TaskKey { framework_id: FrameworkId::new("fw"), task_id: TaskId::new(t) }
+    }
+
+    fn status(t: &str, state: TaskState) -> TaskStatus {
+        TaskStatus {
+            task_id: TaskId::new(t),
+            framework_id: FrameworkId::new("fw"),
+            agent_id: None,
+            state,
+            uuid: Some(Uuid::new_v4()),
+            source: UpdateSource::Agent,
+            reason: String::new(),
+            message: String::new(),
+            exit_code: None,
+            signal: None,
+            usage: None,
+            timestamp_ms: 0,
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn resends_with_backoff_until_acked_and_keeps_order() {
+        let t0 = Instant::now();
+        let mut m = UpdateManager::new(ms(500), ms(2000));
+        let running = status("a", TaskState::Running);
+        let finished = status("a", TaskState::Finished);
+        assert_eq!(m.push(key("a"), running.clone(), t0), Some(running.clone()));
+        // Queued behind RUNNING: not sent yet.
+        assert_eq!(m.push(key("a"), finished.clone(), t0), None);
+        assert_eq!(m.next_deadline(), Some(t0 + ms(500)));
+        assert!(m.due(t0 + ms(499)).is_empty());
+        // Retries at +500, then +1000 later, +2000 (capped), +2000.
+        let mut sends = vec![];
+        let mut t = t0;
+        for _ in 0..4 {
+            t = m.next_deadline().expect("pending");
+            let d = m.due(t);
+            assert_eq!(d, vec![running.clone()]);
+            sends.push(t - t0);
+        }
+        assert_eq!(sends, vec![ms(500), ms(1500), ms(3500), ms(5500)]);
+        // A stale or foreign ack does nothing.
+        assert_eq!(m.ack(&key("a"), Uuid::new_v4(), t), AckOutcome::Ignored);
+        assert_eq!(m.ack(&key("b"), running.uuid.unwrap_or_default(), t), AckOutcome::Ignored);
+        // Acking the head releases the next one.
+        let out = m.ack(&key("a"), running.uuid.unwrap_or_default(), t);
+        assert_eq!(out, AckOutcome::Acked { next: Some(finished.clone()), terminal: false });
+        // A duplicate ack of RUNNING is ignored.
+        assert_eq!(m.ack(&key("a"), running.uuid.unwrap_or_default(), t), AckOutcome::Ignored);
+        assert_eq!(m.next_deadline(), Some(t + ms(500)));
+        assert_eq!(m.due(t + ms(500)), vec![finished.clone()]);
+        let out = m.ack(&key("a"), finished.uuid.unwrap_or_default(), t);
+        assert_eq!(out, AckOutcome::Acked { next: None, terminal: true });
+        assert!(!m.has_pending(&key("a")));
+        assert_eq!(m.next_deadline(), None);
+    }
+
+    #[test]
+    fn resend_all_sends_heads_and_resets_backoff() {
+        let t0 = Instant::now();
+        let mut m = UpdateManager::new(ms(100), ms(1000));
+        let a1 = status("a", TaskState::Running);
+        let a2 = status("a", TaskState::Failed);
+        let b1 = status("b", TaskState::Lost);
+        m.push(key("a"), a1.clone(), t0);
+        m.push(key("a"), a2, t0);
+        m.push(key("b"), b1.clone(), t0);
+        for _ in 0..5 {
+            let t = m.next_deadline().expect("pending");
+            m.due(t);
+        }
+        let t = t0 + ms(10_000);
+        assert_eq!(m.resend_all(t), vec![a1, b1]);
+        assert_eq!(m.next_deadline(), Some(t + ms(100)));
+        assert_eq!(m.pending_count(), 3);
+    }
+}

@@ -1,0 +1,221 @@
+//! Launch latency and throughput of native tasks through a real cluster (QUIC + mTLS on
+//! loopback, one master, one agent, all in this process), beside a baseline of spawning the
+//! same program directly in the same run.
+//!
+//! ```text
+//! cargo run --release --example bench_launch -- [--latency-tasks 300] [--throughput-tasks 1000]
+//! ```
+//! Figures go to BENCHMARKS.md by hand, with the machine.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agora_master::core::MasterConfig;
+use agora_master::server::{self, ServerConfig};
+use agora_sdk::proto::*;
+use agora_sdk::scheduler::{run, Driver, DriverConfig, Scheduler};
+use agora_sdk::tls::TlsFiles;
+use agora_sdk::{Attributes, Resources};
+use tokio_util::sync::CancellationToken;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn true_task(i: usize, prefix: &str) -> TaskInfo {
+    TaskInfo {
+        task_id: TaskId(format!("{prefix}-{i}")),
+        name: "true".into(),
+        resources: Resources { cpus: 10, mem: 1 << 20, ..Default::default() },
+        kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+        kill_grace: None,
+    }
+}
+
+/// Latency mode: one task at a time; throughput mode: everything the offers fit.
+struct Bench {
+    prefix: &'static str,
+    total: usize,
+    next: usize,
+    one_at_a_time: bool,
+    in_flight: usize,
+    held: Vec<Offer>,
+    sent: HashMap<TaskId, Instant>,
+    to_running: Vec<Duration>,
+    to_finished: Vec<Duration>,
+    done: usize,
+    started: Option<Instant>,
+    elapsed: Duration,
+}
+
+impl Bench {
+    /// Launches on held offers while the mode allows.
+    fn pump(&mut self, driver: &Driver) {
+        while self.next < self.total && (!self.one_at_a_time || self.in_flight == 0) {
+            let Some(offer) = self.held.pop() else { return };
+            let mut left = offer.resources.clone();
+            let mut batch = Vec::new();
+            while self.next < self.total && !(self.one_at_a_time && !batch.is_empty()) {
+                let t = true_task(self.next, self.prefix);
+                match left.checked_sub(&t.resources) {
+                    Some(rest) => left = rest,
+                    None => break,
+                }
+                self.next += 1;
+                self.sent.insert(t.task_id.clone(), Instant::now());
+                batch.push(t);
+            }
+            if batch.is_empty() {
+                driver.decline(vec![offer.id], Some(0.0));
+            } else {
+                self.in_flight += batch.len();
+                driver.launch(vec![offer.id], batch);
+            }
+        }
+    }
+}
+
+impl Scheduler for Bench {
+    async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
+        self.started.get_or_insert_with(Instant::now);
+        self.held.extend(offers);
+        self.pump(driver);
+    }
+
+    async fn status_update(&mut self, driver: &Driver, st: &TaskStatus) {
+        let Some(sent) = self.sent.get(&st.task_id).copied() else { return };
+        match st.state {
+            TaskState::Running => self.to_running.push(sent.elapsed()),
+            s if s.is_terminal() => {
+                self.to_finished.push(sent.elapsed());
+                self.in_flight -= 1;
+                self.done += 1;
+                self.pump(driver);
+                if s != TaskState::Finished {
+                    eprintln!("task {} ended {s}: {} {}", st.task_id, st.reason, st.message);
+                }
+                if self.done == self.total {
+                    self.elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
+                    driver.acknowledge(st);
+                    driver.stop(true);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn report(name: &str, b: &mut Bench) {
+    b.to_running.sort();
+    b.to_finished.sort();
+    println!(
+        "{name:<28} n={:<5} accept→RUNNING p50 {} p99 {} | accept→FINISHED p50 {} p99 {} | {:.0} tasks/s",
+        b.total,
+        ms(pct(&b.to_running, 0.5)),
+        ms(pct(&b.to_running, 0.99)),
+        ms(pct(&b.to_finished, 0.5)),
+        ms(pct(&b.to_finished, 0.99)),
+        b.total as f64 / b.elapsed.as_secs_f64().max(1e-9)
+    );
+}
+
+fn bench(prefix: &'static str, total: usize, one_at_a_time: bool) -> Bench {
+    Bench {
+        prefix,
+        total,
+        next: 0,
+        one_at_a_time,
+        in_flight: 0,
+        held: Vec::new(),
+        sent: HashMap::new(),
+        to_running: Vec::new(),
+        to_finished: Vec::new(),
+        done: 0,
+        started: None,
+        elapsed: Duration::ZERO,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut lat_n, mut thr_n) = (300usize, 1000usize);
+    while let Some(a) = args.next() {
+        let v = args.next().and_then(|v| v.parse().ok());
+        match (a.as_str(), v) {
+            ("--latency-tasks", Some(v)) => lat_n = v,
+            ("--throughput-tasks", Some(v)) => thr_n = v,
+            _ => anyhow::bail!("usage: bench_launch [--latency-tasks N] [--throughput-tasks N]"),
+        }
+    }
+
+    // Baseline: spawn and reap `true` directly (std uses posix_spawn).
+    let mut base = Vec::with_capacity(thr_n);
+    let t0 = Instant::now();
+    for _ in 0..thr_n {
+        let s = Instant::now();
+        std::process::Command::new("true").status()?;
+        base.push(s.elapsed());
+    }
+    let base_total = t0.elapsed();
+    base.sort();
+    println!(
+        "{:<28} n={:<5} spawn+wait p50 {} p99 {} | {:.0} spawns/s (sequential)",
+        "baseline posix_spawn(true)",
+        thr_n,
+        ms(pct(&base, 0.5)),
+        ms(pct(&base, 0.99)),
+        thr_n as f64 / base_total.as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir()?;
+    let tls = dir.path().join("tls");
+    agora_sdk::tls::init(&tls, "bench", false)?;
+    let shutdown = CancellationToken::new();
+    let master = server::spawn(
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            tls: TlsFiles::in_dir(&tls, "master"),
+            core: MasterConfig { allocation_batch: Duration::from_micros(200), ..MasterConfig::default() },
+            allocator: "drf".into(),
+        },
+        shutdown.clone(),
+    )?;
+    let agent = agora_agent::AgentConfig {
+        master: master.addr.to_string(),
+        tls: TlsFiles::in_dir(&tls, "agent"),
+        work_dir: dir.path().join("agent"),
+        resources: Some(Resources::parse("cpus:64;mem:64GiB")?),
+        attributes: Attributes::default(),
+        hostname: "bench-agent".into(),
+        kill_grace: Duration::from_secs(1),
+        kill_tasks_on_shutdown: true,
+    };
+    let token = shutdown.clone();
+    let agent_task = tokio::spawn(agora_agent::run(agent, token));
+    while master.agents().await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut lat = bench("lat", lat_n, true);
+    run(DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-latency"), &mut lat)
+        .await?;
+    report("agora, one task at a time", &mut lat);
+
+    let mut thr = bench("thr", thr_n, false);
+    run(DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-throughput"), &mut thr)
+        .await?;
+    report("agora, all at once", &mut thr);
+
+    shutdown.cancel();
+    let _ = agent_task.await;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! An embedded cluster: a master and N agents in this process, on loopback. Used by
+//! `agora dev` and `agora demo`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agora_master::core::MasterConfig;
+use agora_master::server::{self, MasterHandle, ServerConfig};
+use agora_sdk::config::ClientConfig;
+use agora_sdk::tls::TlsFiles;
+use agora_sdk::{Attributes, Resources};
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct ClusterSpec {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub agents: usize,
+    pub resources: Option<Resources>,
+    pub attributes: Vec<Attributes>,
+    pub allocator: String,
+    pub core: MasterConfig,
+}
+
+pub struct Cluster {
+    pub master: MasterHandle,
+    pub client: ClientConfig,
+    pub client_path: PathBuf,
+    pub shutdown: CancellationToken,
+    agents: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Starts the cluster and returns once every agent has registered.
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<Cluster> {
+        let dir = &spec.dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let tls_dir = dir.join("tls");
+        if !tls_dir.join("ca.pem").exists() {
+            agora_sdk::tls::init(&tls_dir, "default", false)?;
+        }
+        let shutdown = CancellationToken::new();
+        let master = server::spawn(
+            ServerConfig {
+                listen: spec.listen,
+                tls: TlsFiles::in_dir(&tls_dir, "master"),
+                core: spec.core.clone(),
+                allocator: spec.allocator.clone(),
+            },
+            shutdown.clone(),
+        )?;
+        let each = match &spec.resources {
+            Some(r) => r.clone(),
+            None => split(&agora_agent::detect_resources(), spec.agents),
+        };
+        let mut agents = Vec::new();
+        for i in 0..spec.agents {
+            let config = agora_agent::AgentConfig {
+                master: master.addr.to_string(),
+                tls: TlsFiles::in_dir(&tls_dir, "agent"),
+                work_dir: dir.join(format!("agent-{i}")),
+                resources: Some(each.clone()),
+                attributes: spec.attributes.get(i).cloned().unwrap_or_default(),
+                hostname: format!("agent-{i}"),
+                kill_grace: Duration::from_secs(3),
+                kill_tasks_on_shutdown: true,
+            };
+            let token = shutdown.clone();
+            agents.push(tokio::spawn(async move {
+                if let Err(e) = agora_agent::run(config, token).await {
+                    tracing::error!(error = %e, "agent {i} stopped");
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = master.agents().await.iter().filter(|a| a.status == "active").count();
+            if up >= spec.agents {
+                break;
+            }
+            if Instant::now() > deadline {
+                shutdown.cancel();
+                anyhow::bail!("only {up} of {} agents registered within 30 s", spec.agents);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let client = ClientConfig::from_tls_dir(&master.addr.to_string(), &tls_dir);
+        let client_path = dir.join("client.toml");
+        write_client(&client, &client_path)?;
+        Ok(Cluster { master, client, client_path, shutdown, agents })
+    }
+
+    /// Stops agents (killing their tasks) and the master.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for a in self.agents {
+            let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+        }
+    }
+}
+
+/// Writes client.toml atomically, so that a waiting script never reads half a file.
+fn write_client(cfg: &ClientConfig, path: &Path) -> anyhow::Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    cfg.save(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Divides detected resources between `n` agents on one machine.
+fn split(total: &Resources, n: usize) -> Resources {
+    let n = n.max(1) as u64;
+    Resources {
+        cpus: (total.cpus / n).max(100),
+        mem: total.mem / n,
+        disk: total.disk / n,
+        ports: total.ports.clone(),
+        scalars: total.scalars.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
+    }
+}

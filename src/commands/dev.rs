@@ -1,0 +1,71 @@
+//! `agora dev`: a master and N agents in this process, on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agora_sdk::units::parse_duration;
+use agora_sdk::Resources;
+use clap::Args;
+
+use super::master::{core_config, MasterCommandCore};
+use crate::cluster::{Cluster, ClusterSpec};
+
+#[derive(Args)]
+pub struct DevCommand {
+    /// Directory for certificates, agent work dirs and client.toml.
+    #[arg(long, default_value = ".agora-dev")]
+    dir: PathBuf,
+    /// Number of agents.
+    #[arg(long, default_value_t = 1)]
+    agents: usize,
+    /// Resources of each agent (default: this machine's, divided between the agents).
+    #[arg(long, value_parser = Resources::parse)]
+    resources: Option<Resources>,
+    /// QUIC address of the master (loopback; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:5050")]
+    listen: SocketAddr,
+    /// Allocation module.
+    #[arg(long, default_value = "drf")]
+    allocator: String,
+    /// Full allocation cycle interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    allocation_interval: Duration,
+}
+
+impl DevCommand {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        if self.agents == 0 || self.agents > 64 {
+            anyhow::bail!("--agents must be between 1 and 64 (got {})", self.agents);
+        }
+        if !self.listen.ip().is_loopback() {
+            anyhow::bail!("agora dev listens on loopback only (got {}); use `agora master` for a real cluster", self.listen);
+        }
+        let core = core_config(&MasterCommandCore {
+            allocation_interval: self.allocation_interval,
+            agent_heartbeat: Duration::from_secs(2),
+            agent_timeout: Duration::from_secs(10),
+        });
+        let cluster = Cluster::start(ClusterSpec {
+            dir: self.dir,
+            listen: self.listen,
+            agents: self.agents,
+            resources: self.resources,
+            attributes: Vec::new(),
+            allocator: self.allocator,
+            core,
+        })
+        .await?;
+        println!(
+            "Agora dev cluster ready: master {} with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora run -- echo hello\n  agora tasks\nPress Ctrl-C to stop.",
+            cluster.master.addr,
+            self.agents,
+            cluster.client_path.display()
+        );
+        super::shutdown_signal().await;
+        eprintln!("stopping: killing tasks and shutting down agents and master");
+        cluster.stop().await;
+        Ok(ExitCode::SUCCESS)
+    }
+}

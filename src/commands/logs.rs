@@ -1,0 +1,35 @@
+//! `agora logs TASK [--stderr] [-f]`.
+
+use std::process::ExitCode;
+
+use agora_sdk::client::OperatorClient;
+use agora_sdk::proto::{OutputStream, TaskId};
+use clap::Args;
+
+use super::ClusterArgs;
+
+#[derive(Args)]
+pub struct LogsCommand {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Task id.
+    task: String,
+    /// Print stderr instead of stdout.
+    #[arg(long)]
+    stderr: bool,
+    /// Keep printing output as the task writes it, until it ends.
+    #[arg(short = 'f', long)]
+    follow: bool,
+}
+
+impl LogsCommand {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        let cfg = self.cluster.resolve()?;
+        let client = OperatorClient::connect(&cfg).await?;
+        let which = if self.stderr { OutputStream::Stderr } else { OutputStream::Stdout };
+        let mut r = client.output(&TaskId(self.task.clone()), which, self.follow).await?;
+        tokio::io::copy(&mut r, &mut tokio::io::stdout()).await?;
+        client.close();
+        Ok(ExitCode::SUCCESS)
+    }
+}

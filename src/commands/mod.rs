@@ -1,0 +1,122 @@
+//! One module per subcommand, each a clap `Args` struct with an `execute`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+pub mod agent;
+pub mod demo;
+pub mod dev;
+pub mod kill;
+pub mod list;
+pub mod logs;
+pub mod master;
+pub mod run;
+pub mod tls;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Start a single-process cluster and run a showcase of Agora.
+    Demo(demo::DemoCommand),
+    /// Run a master and N agents in one process, for development.
+    Dev(dev::DevCommand),
+    /// Run a master.
+    Master(master::MasterCommand),
+    /// Run an agent on this node.
+    Agent(agent::AgentCommand),
+    /// Run a task (or --count N tasks) on the cluster and stream its output.
+    Run(run::RunCommand),
+    /// List agents.
+    Agents(list::ListArgs),
+    /// List frameworks.
+    Frameworks(list::ListArgs),
+    /// List tasks.
+    Tasks(list::ListArgs),
+    /// Print a task's stdout (or stderr).
+    Logs(logs::LogsCommand),
+    /// Kill a task.
+    Kill(kill::KillCommand),
+    /// Make the cluster's certificates.
+    Tls(tls::TlsCommand),
+}
+
+impl Command {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Demo(c) => c.execute().await,
+            Command::Dev(c) => c.execute().await,
+            Command::Master(c) => c.execute().await,
+            Command::Agent(c) => c.execute().await,
+            Command::Run(c) => c.execute().await,
+            Command::Agents(c) => c.execute(list::What::Agents).await,
+            Command::Frameworks(c) => c.execute(list::What::Frameworks).await,
+            Command::Tasks(c) => c.execute(list::What::Tasks).await,
+            Command::Logs(c) => c.execute().await,
+            Command::Kill(c) => c.execute().await,
+            Command::Tls(c) => c.execute(),
+        }
+    }
+
+    fn is_server(&self) -> bool {
+        matches!(self, Command::Dev(_) | Command::Master(_) | Command::Agent(_))
+    }
+}
+
+/// Servers log at info, clients (whose stdout/stderr belong to the user) only warnings.
+pub fn init_logging(cmd: &Command, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cmd.is_server() { "info,quinn=warn,rustls=warn" } else { "warn,quinn=error" };
+    let filter = EnvFilter::try_from_env("AGORA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// How client commands find the cluster.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClusterArgs {
+    /// client.toml naming the master and certificates (also AGORA_CONFIG).
+    #[arg(long, env = "AGORA_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Master address, with --tls-dir instead of a config file.
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Directory made by `agora tls init`.
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
+}
+
+impl ClusterArgs {
+    pub fn resolve(&self) -> anyhow::Result<agora_sdk::config::ClientConfig> {
+        Ok(agora_sdk::config::ClientConfig::resolve(
+            self.config.as_deref(),
+            self.master.as_deref(),
+            self.tls_dir.as_deref(),
+        )?)
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,155 @@
+//! Tables and JSON for the list commands.
+
+use agora_sdk::proto::{AgentView, FrameworkView, TaskView};
+use agora_sdk::units::format_size;
+use serde_json::{json, Value};
+
+pub fn agent_json(a: &AgentView) -> Value {
+    json!({
+        "id": a.id.as_str(),
+        "hostname": a.hostname,
+        "resources": a.resources.to_string(),
+        "used": a.used.to_string(),
+        "attributes": a.attributes.to_string(),
+        "status": a.status,
+        "tasks": a.tasks,
+    })
+}
+
+pub fn framework_json(f: &FrameworkView) -> Value {
+    json!({
+        "id": f.id.as_str(),
+        "name": f.name,
+        "role": f.role,
+        "principal": f.principal,
+        "status": f.status,
+        "used": f.used.to_string(),
+        "tasks": f.tasks,
+    })
+}
+
+pub fn task_json(t: &TaskView) -> Value {
+    let usage = t.usage.as_ref().map(|u| {
+        json!({
+            "cpu_time_secs": u.cpu_time.map(|d| d.as_secs_f64()),
+            "peak_mem_bytes": u.peak_mem,
+            "fuel": u.fuel,
+        })
+    });
+    json!({
+        "id": t.id.as_str(),
+        "name": t.name,
+        "framework_id": t.framework_id.as_str(),
+        "agent_id": t.agent_id.as_str(),
+        "state": t.state.as_str(),
+        "resources": t.resources.to_string(),
+        "exit_code": t.exit_code,
+        "signal": t.signal,
+        "reason": t.reason,
+        "message": t.message,
+        "usage": usage,
+    })
+}
+
+/// Renders rows as an aligned table with a header.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(&c);
+            } else {
+                out.push_str(&format!("{:w$}  ", c, w = widths[i]));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.iter().map(|s| s.to_string()).collect(), &mut out);
+    for r in rows {
+        line(r, &mut out);
+    }
+    out
+}
+
+pub fn agents_table(agents: &[AgentView]) -> String {
+    table(
+        &["ID", "HOSTNAME", "STATUS", "TASKS", "RESOURCES", "USED", "ATTRIBUTES"],
+        agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.to_string(),
+                    a.hostname.clone(),
+                    a.status.clone(),
+                    a.tasks.to_string(),
+                    a.resources.to_string(),
+                    a.used.to_string(),
+                    a.attributes.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn frameworks_table(fws: &[FrameworkView]) -> String {
+    table(
+        &["ID", "NAME", "ROLE", "PRINCIPAL", "STATUS", "TASKS", "USED"],
+        fws.iter()
+            .map(|f| {
+                vec![
+                    f.id.to_string(),
+                    f.name.clone(),
+                    f.role.clone(),
+                    f.principal.clone(),
+                    f.status.clone(),
+                    f.tasks.to_string(),
+                    f.used.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn tasks_table(tasks: &[TaskView]) -> String {
+    table(
+        &["ID", "NAME", "STATE", "EXIT", "AGENT", "FRAMEWORK", "RESOURCES", "CPU", "PEAK MEM", "REASON"],
+        tasks
+            .iter()
+            .map(|t| {
+                let exit = match (t.exit_code, t.signal) {
+                    (_, Some(s)) => format!("sig {s}"),
+                    (Some(c), _) => c.to_string(),
+                    _ => "-".into(),
+                };
+                let (cpu, mem) = match &t.usage {
+                    Some(u) => (
+                        u.cpu_time.map(|d| format!("{:.2}s", d.as_secs_f64())).unwrap_or_else(|| "-".into()),
+                        u.peak_mem.map(format_size).unwrap_or_else(|| "-".into()),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                vec![
+                    t.id.to_string(),
+                    t.name.clone(),
+                    t.state.to_string(),
+                    exit,
+                    t.agent_id.to_string(),
+                    t.framework_id.to_string(),
+                    t.resources.to_string(),
+                    cpu,
+                    mem,
+                    t.reason.clone(),
+                ]
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,184 @@
+//! End-to-end tests of the built `agora` binary: `agora dev` in the background, the client
+//! commands against it, exactly as a user types them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+
+struct Dev {
+    child: Child,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dev {
+    fn start(resources: &str) -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(AGORA)
+            .args(["dev", "--listen", "127.0.0.1:0", "--agents", "1", "--allocation-interval", "200ms"])
+            .arg("--resources")
+            .arg(resources)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agora dev");
+        let config = dir.path().join("client.toml");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !config.exists() {
+            assert!(Instant::now() < deadline, "agora dev did not write client.toml");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Dev { child, config, _dir: dir }
+    }
+
+    fn agora(&self, args: &[&str]) -> Output {
+        Command::new(AGORA)
+            .args(args)
+            .env("AGORA_CONFIG", &self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agora")
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "agora dev did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn tasks_json(dev: &Dev) -> Vec<serde_json::Value> {
+    let out = dev.agora(&["tasks", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json array")
+}
+
+#[test]
+fn run_streams_output_and_passes_the_exit_code() {
+    let dev = Dev::start("cpus:2;mem:1GiB");
+    let out = dev.agora(&["run", "--", "sh", "-c", "echo hello; exit 3"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Byte for byte, both streams, and success.
+    let out = dev.agora(&["run", "--", "sh", "-c", "printf 'a\\0b'; printf 'e' >&2"]);
+    assert_eq!(out.stdout, b"a\0b");
+    assert_eq!(out.stderr, b"e");
+    assert_eq!(out.status.code(), Some(0));
+
+    // A signal becomes 128+N.
+    let out = dev.agora(&["run", "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137));
+
+    // A task that never ran: non-zero and one line of reason.
+    let out = dev.agora(&["run", "--", "/nonexistent/program"]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("TASK_FAILED") || err.contains("TASK_ERROR"), "{err}");
+
+    // Too big for the cluster: rejected with a reason, not left waiting.
+    // (-o json lists every task seen so far with the contract's fields.)
+    let tasks = tasks_json(&dev);
+    let hello = tasks.iter().find(|t| t["exit_code"] == 3).expect("the exit-3 task");
+    for key in ["id", "name", "framework_id", "agent_id", "state", "exit_code", "reason"] {
+        assert!(hello.get(key).is_some(), "missing {key} in {hello}");
+    }
+    assert_eq!(hello["state"], "TASK_FAILED");
+
+    // Logs after the fact.
+    let id = hello["id"].as_str().expect("id");
+    let out = dev.agora(&["logs", id]);
+    assert_eq!(out.stdout, b"hello\n");
+
+    let st = dev.stop();
+    assert!(st.success(), "agora dev exited with {st}");
+}
+
+#[test]
+fn count_kill_and_listing() {
+    let dev = Dev::start("cpus:2;mem:1GiB");
+    let out = dev.agora(&["run", "--count", "20", "--cpus", "0.1", "--mem", "16MiB", "--", "true"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("20 tasks") && summary.contains("20 TASK_FINISHED"), "{summary}");
+
+    // A long task, killed from another shell.
+    let runner = Command::new(AGORA)
+        .args(["run", "--name", "napper", "--", "sleep", "60"])
+        .env("AGORA_CONFIG", &dev.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let running = tasks_json(&dev)
+            .into_iter()
+            .find(|t| t["name"] == "napper" && t["state"] == "TASK_RUNNING");
+        if let Some(t) = running {
+            break t["id"].as_str().expect("id").to_string();
+        }
+        assert!(Instant::now() < deadline, "napper never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = dev.agora(&["kill", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = runner.wait_with_output().expect("wait run");
+    assert_eq!(status.status.code(), Some(128 + 15), "{}", String::from_utf8_lossy(&status.stderr));
+
+    let agents = dev.agora(&["agents", "-o", "json"]);
+    let agents: Vec<serde_json::Value> = serde_json::from_slice(&agents.stdout).expect("json");
+    assert_eq!(agents.len(), 1);
+    for key in ["id", "hostname", "resources", "attributes"] {
+        assert!(agents[0].get(key).is_some(), "missing {key}");
+    }
+    let fws = dev.agora(&["frameworks", "-o", "json"]);
+    let fws: Vec<serde_json::Value> = serde_json::from_slice(&fws.stdout).expect("json");
+    for key in ["id", "name", "role", "principal"] {
+        assert!(fws.iter().all(|f| f.get(key).is_some()), "missing {key}");
+    }
+    let table = dev.agora(&["tasks"]);
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("ID"), "table header");
+    dev.stop();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let run = |args: &[&str], cfg: Option<&Path>| {
+        let mut c = Command::new(AGORA);
+        c.args(args).env_remove("AGORA_CONFIG");
+        if let Some(p) = cfg {
+            c.env("AGORA_CONFIG", p);
+        }
+        c.output().expect("run")
+    };
+    let out = run(&["run", "--cpus", "lots", "--", "true"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cpus"));
+    let out = run(&["run", "--mem", "12XB", "--", "true"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["tasks"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AGORA_CONFIG"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("client.toml");
+    std::fs::write(&bad, "master = [").expect("write");
+    let out = run(&["tasks"], Some(&bad));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("client.toml"));
+    let out = run(&["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent", "--resources", "cpus:x"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cpus:x"));
+}

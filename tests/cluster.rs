@@ -1,0 +1,234 @@
+//! Cluster tests over real QUIC sockets on loopback with real processes: the offer loop end to
+//! end, kills, filters, agent loss, framework failover, and refusal of bad peers.
+
+mod common;
+
+use std::time::Duration;
+
+use agora_sdk::client::{ClientError, Session};
+use agora_sdk::frame::{FrameReader, FrameWriter};
+use agora_sdk::proto::*;
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_finish_and_nonzero_exit() {
+    let cluster = TestCluster::start(1, "cpus:2;mem:1GiB").await;
+    let mut fw = ProbeFramework::start(cluster.framework("t1")).await;
+    let offer = fw.offer().await;
+    assert_eq!(offer.resources.cpus, 2000);
+    fw.driver().launch(
+        vec![offer.id],
+        vec![
+            sh_task("ok", "echo hello", "cpus:0.5;mem:64MiB"),
+            sh_task("bad", "echo oops >&2; exit 3", "cpus:0.5;mem:64MiB"),
+        ],
+    );
+    fw.update_for("ok", TaskState::Running).await;
+    let ok = fw.update_for("ok", TaskState::Finished).await;
+    assert_eq!(ok.exit_code, Some(0));
+    assert!(ok.uuid.is_some(), "agent updates carry a uuid");
+    let bad = fw.until(|s| match s {
+        Seen::Update(u) if u.task_id.as_str() == "bad" && u.state.is_terminal() => Some(u.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(bad.state, TaskState::Failed);
+    assert_eq!(bad.exit_code, Some(3));
+    // Output is readable through the master after the task ended.
+    let conn = fw.driver().connection().expect("connected");
+    let mut out = agora_sdk::client::open_output(&conn, &TaskId("bad".into()), OutputStream::Stderr, 0, false)
+        .await
+        .expect("output");
+    let mut buf = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut out, &mut buf).await.expect("read");
+    assert_eq!(buf, b"oops\n");
+    // Resources came back: the whole agent is offered again.
+    let again = fw.until(|s| match s {
+        Seen::Offers(o) => o.iter().find(|o| o.resources.cpus == 2000).cloned(),
+        _ => None,
+    })
+    .await;
+    assert_eq!(again.resources.mem, 1 << 30);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_launch_is_task_error() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let mut fw = ProbeFramework::start(cluster.framework("t2")).await;
+    let offer = fw.offer().await;
+    fw.driver().launch(vec![offer.id], vec![sh_task("huge", "true", "cpus:8;mem:64MiB")]);
+    let st = fw.until(|s| match s {
+        Seen::Update(u) if u.task_id.as_str() == "huge" => Some(u.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(st.state, TaskState::Error, "{st:?}");
+    assert!(!st.message.is_empty());
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_running_task() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let mut fw = ProbeFramework::start(cluster.framework("t3")).await;
+    let offer = fw.offer().await;
+    fw.driver().launch(vec![offer.id], vec![sh_task("sleeper", "sleep 60", "cpus:0.5;mem:32MiB")]);
+    fw.update_for("sleeper", TaskState::Running).await;
+    fw.driver().kill(TaskId("sleeper".into()));
+    let st = fw.update_for("sleeper", TaskState::Killed).await;
+    assert!(st.signal.is_some(), "{st:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decline_filter_hides_agent_from_that_framework_only() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let mut a = ProbeFramework::start(cluster.framework("a")).await;
+    let offer = a.offer().await;
+    a.driver().decline(vec![offer.id], Some(3.0));
+    let declined_at = std::time::Instant::now();
+    // The other framework gets the agent while the filter holds.
+    let mut b = ProbeFramework::start(cluster.framework("b")).await;
+    let ob = b.offer().await;
+    assert_eq!(ob.agent_id, offer.agent_id);
+    b.driver().decline(vec![ob.id], Some(60.0));
+    // `a` sees nothing of it before its filter ends, then gets it back.
+    let again = a.offer().await;
+    assert!(declined_at.elapsed() >= Duration::from_millis(2900), "re-offered after {:?}", declined_at.elapsed());
+    assert_eq!(again.agent_id, offer.agent_id);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_loss_rescinds_offers_and_makes_tasks_unreachable() {
+    let mut cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let lost = cluster.add_vanishing_agent("agent-lost", "cpus:1;mem:256MiB");
+    cluster.wait_agents(2).await;
+    let mut fw = ProbeFramework::start(cluster.framework("t5")).await;
+    // Take the vanishing agent with a task; hold agent-0's offer.
+    let mut offers = Vec::new();
+    while offers.len() < 2 {
+        if let Seen::Offers(o) = fw.next().await {
+            offers.extend(o);
+        }
+    }
+    let on_lost = offers.iter().find(|o| o.hostname == "agent-lost").expect("offer").clone();
+    let on_0 = offers.iter().find(|o| o.hostname == "agent-0").expect("offer").clone();
+    fw.driver().launch(vec![on_lost.id], vec![sh_task("far", "sleep 3", "cpus:0.5;mem:32MiB")]);
+    fw.update_for("far", TaskState::Running).await;
+    // agent-0 shuts down: its outstanding offer is rescinded.
+    let (t0, h0) = cluster.agents.remove(0);
+    t0.cancel();
+    let _ = h0.await;
+    let rescinded = fw.until(|s| match s {
+        Seen::Rescinded(id) => Some(id.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(rescinded, on_0.id);
+    // The other agent stops answering at once: past the timeout its tasks are unreachable.
+    lost.vanish();
+    let st = fw.update_for("far", TaskState::Unreachable).await;
+    assert_eq!(st.source, UpdateSource::Master);
+    let agents = cluster.master.agents().await;
+    assert!(agents.iter().any(|a| a.hostname == "agent-lost" && a.status == "unreachable"), "{agents:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framework_failover_within_and_past_timeout() {
+    let cluster = TestCluster::start(1, "cpus:2;mem:512MiB").await;
+    let mut cfg = cluster.framework("failover");
+    cfg.framework.failover_timeout = Duration::from_secs(2);
+    let mut fw = ProbeFramework::start(cfg.clone()).await;
+    let id = fw.id.clone().expect("id");
+    let offer = fw.offer().await;
+    fw.driver().launch(vec![offer.id], vec![sh_task("long", "sleep 60", "cpus:0.5;mem:32MiB")]);
+    fw.update_for("long", TaskState::Running).await;
+    // Disconnect without teardown, come back within the timeout with the same id.
+    fw.driver().stop(false);
+    let _ = fw.run.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cluster.task_state("long").await, Some(TaskState::Running));
+    cfg.framework.id = Some(id.clone());
+    let mut fw2 = ProbeFramework::start(cfg.clone()).await;
+    assert_eq!(fw2.id.as_ref(), Some(&id));
+    fw2.driver().reconcile(vec![TaskId("long".into())]);
+    let st = fw2.update_for("long", TaskState::Running).await;
+    assert_eq!(st.uuid, None, "reconciliation answers are not acknowledged");
+    // Leave again and stay away past the timeout: the task is killed.
+    fw2.driver().stop(false);
+    let _ = fw2.run.await;
+    wait_for("the orphaned task to be killed", || async {
+        cluster.task_state("long").await.map(|s| s.is_terminal()).unwrap_or(true)
+    })
+    .await;
+    // And the framework is gone: re-subscribing with its id is refused.
+    let r = agora_sdk::scheduler::run(cfg, &mut NoOp).await;
+    assert!(matches!(r, Err(ClientError::Refused(_))), "{r:?}");
+    cluster.stop().await;
+}
+
+struct NoOp;
+impl agora_sdk::scheduler::Scheduler for NoOp {
+    async fn resource_offers(&mut self, _: &agora_sdk::scheduler::Driver, _: Vec<Offer>) {}
+    async fn status_update(&mut self, _: &agora_sdk::scheduler::Driver, _: &TaskStatus) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_valid_certificate_are_refused() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let addr = cluster.master.addr.to_string();
+    // Signed by another CA.
+    let other = tempfile::tempdir().expect("tempdir");
+    let foreign = agora_sdk::tls::foreign_identity(other.path(), Role::Framework).expect("foreign");
+    let r = Session::connect(&addr, &foreign, Role::Framework).await;
+    assert!(r.is_err(), "a foreign certificate was accepted");
+    // An agent certificate cannot act as a framework, nor a framework as an agent.
+    match Session::connect(&addr, &cluster.tls("agent"), Role::Framework).await {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("agent certificate accepted as framework"),
+    }
+    assert!(Session::connect(&addr, &cluster.tls("framework"), Role::Agent).await.is_err());
+    // The cluster still serves.
+    let mut fw = ProbeFramework::start(cluster.framework("still-fine")).await;
+    fw.offer().await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frame_closes_only_its_own_connection() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let mut good = ProbeFramework::start(cluster.framework("good")).await;
+    let offer = good.offer().await;
+    // A framework that sends garbage after the handshake.
+    let s = Session::connect(&cluster.master.addr.to_string(), &cluster.tls("framework"), Role::Framework)
+        .await
+        .expect("connect");
+    let Session { conn, writer, reader, .. } = s;
+    let mut raw = writer.into_inner();
+    raw.write_all(&[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef]).await.expect("write");
+    let mut reader: FrameReader<_> = reader;
+    let reply = reader.recv::<SchedulerEvent>().await;
+    assert!(
+        matches!(reply, Ok(Some(SchedulerEvent::Error(ref e))) if e.code == ErrorCode::Malformed),
+        "{reply:?}"
+    );
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed");
+    assert!(matches!(reason, quinn::ConnectionError::ApplicationClosed(_)), "{reason:?}");
+    // An oversized frame too.
+    let s = Session::connect(&cluster.master.addr.to_string(), &cluster.tls("framework"), Role::Framework)
+        .await
+        .expect("connect");
+    let mut raw = s.writer.into_inner();
+    raw.write_all(&(64u32 << 20).to_be_bytes()).await.expect("write");
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.conn.closed()).await.expect("closed");
+    let _ = FrameWriter::new(raw);
+    // The good framework is unaffected and can still launch.
+    good.driver().launch(vec![offer.id], vec![sh_task("after", "true", "cpus:0.1;mem:16MiB")]);
+    good.update_for("after", TaskState::Finished).await;
+    cluster.stop().await;
+}

@@ -1,0 +1,267 @@
+//! A real cluster in the test process: the QUIC master and agents on loopback, real processes.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agora_master::core::MasterConfig;
+use agora_master::server::{self, MasterHandle, ServerConfig};
+use agora_sdk::proto::*;
+use agora_sdk::scheduler::{self, Driver, DriverConfig, Scheduler};
+use agora_sdk::tls::TlsFiles;
+use agora_sdk::{Attributes, Resources};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub master: MasterHandle,
+    pub shutdown: CancellationToken,
+    pub agents: Vec<(CancellationToken, JoinHandle<()>)>,
+}
+
+pub fn fast_master() -> MasterConfig {
+    MasterConfig {
+        master_id: "t".into(),
+        allocation_interval: Duration::from_millis(100),
+        agent_heartbeat_interval: Duration::from_millis(200),
+        agent_timeout: Duration::from_secs(1),
+        framework_heartbeat_interval: Duration::from_secs(1),
+        ..MasterConfig::default()
+    }
+}
+
+impl TestCluster {
+    pub async fn start(agents: usize, resources: &str) -> TestCluster {
+        Self::start_with(agents, resources, fast_master()).await
+    }
+
+    pub async fn start_with(agents: usize, resources: &str, core: MasterConfig) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        agora_sdk::tls::init(&dir.path().join("tls"), "tester", false).expect("tls init");
+        let shutdown = CancellationToken::new();
+        let master = server::spawn(
+            ServerConfig {
+                listen: ([127, 0, 0, 1], 0).into(),
+                tls: TlsFiles::in_dir(&dir.path().join("tls"), "master"),
+                core,
+                allocator: "drf".into(),
+            },
+            shutdown.clone(),
+        )
+        .expect("master");
+        let mut c = TestCluster { dir, master, shutdown, agents: Vec::new() };
+        for i in 0..agents {
+            c.add_agent(i, resources);
+        }
+        c.wait_agents(agents).await;
+        c
+    }
+
+    pub fn tls(&self, stem: &str) -> TlsFiles {
+        TlsFiles::in_dir(&self.dir.path().join("tls"), stem)
+    }
+
+    pub fn add_agent(&mut self, i: usize, resources: &str) {
+        let token = CancellationToken::new();
+        let config = agora_agent::AgentConfig {
+            master: self.master.addr.to_string(),
+            tls: self.tls("agent"),
+            work_dir: self.agent_dir(i),
+            resources: Some(Resources::parse(resources).expect("resources")),
+            attributes: Attributes::default(),
+            hostname: format!("agent-{i}"),
+            kill_grace: Duration::from_millis(500),
+            kill_tasks_on_shutdown: true,
+        };
+        let t = token.clone();
+        let h = tokio::spawn(async move {
+            let _ = agora_agent::run(config, t).await;
+        });
+        self.agents.push((token, h));
+    }
+
+    /// An agent on a runtime of its own, so that the test can make it vanish at once: no
+    /// goodbye, no heartbeats, like a machine losing power.
+    pub fn add_vanishing_agent(&self, name: &str, resources: &str) -> VanishingAgent {
+        let config = agora_agent::AgentConfig {
+            master: self.master.addr.to_string(),
+            tls: self.tls("agent"),
+            work_dir: self.dir.path().join(name),
+            resources: Some(Resources::parse(resources).expect("resources")),
+            attributes: Attributes::default(),
+            hostname: name.to_string(),
+            kill_grace: Duration::from_millis(500),
+            kill_tasks_on_shutdown: false,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.spawn(async move {
+            let _ = agora_agent::run(config, CancellationToken::new()).await;
+        });
+        VanishingAgent { rt }
+    }
+
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{i}"))
+    }
+
+    pub async fn wait_agents(&self, n: usize) {
+        wait_for("agents to register", || async {
+            self.master.agents().await.iter().filter(|a| a.status == "active").count() >= n
+        })
+        .await;
+    }
+
+    pub fn framework(&self, name: &str) -> DriverConfig {
+        let mut cfg = DriverConfig::new(self.master.addr.to_string(), self.tls("framework"), name);
+        cfg.framework.failover_timeout = Duration::from_secs(5);
+        cfg
+    }
+
+    pub async fn task_state(&self, id: &str) -> Option<TaskState> {
+        self.master.tasks().await.into_iter().find(|t| t.id.as_str() == id).map(|t| t.state)
+    }
+
+    pub async fn stop(self) {
+        for (t, h) in self.agents {
+            t.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        self.shutdown.cancel();
+    }
+}
+
+pub struct VanishingAgent {
+    rt: tokio::runtime::Runtime,
+}
+
+impl VanishingAgent {
+    pub fn vanish(self) {
+        self.rt.shutdown_background();
+    }
+}
+
+/// Polls `f` until true, failing the test after 20 s.
+pub async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a [`Probe`] scheduler saw.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    Registered(FrameworkId),
+    Offers(Vec<Offer>),
+    Rescinded(OfferId),
+    Update(TaskStatus),
+    Error(WireError),
+}
+
+/// A scheduler that reports everything to the test, which drives it through the `Driver`.
+pub struct Probe {
+    tx: mpsc::UnboundedSender<(Driver, Seen)>,
+}
+
+impl Scheduler for Probe {
+    async fn registered(&mut self, d: &Driver, id: &FrameworkId) {
+        let _ = self.tx.send((d.clone(), Seen::Registered(id.clone())));
+    }
+    async fn resource_offers(&mut self, d: &Driver, offers: Vec<Offer>) {
+        let _ = self.tx.send((d.clone(), Seen::Offers(offers)));
+    }
+    async fn offer_rescinded(&mut self, d: &Driver, id: &OfferId) {
+        let _ = self.tx.send((d.clone(), Seen::Rescinded(id.clone())));
+    }
+    async fn status_update(&mut self, d: &Driver, st: &TaskStatus) {
+        let _ = self.tx.send((d.clone(), Seen::Update(st.clone())));
+    }
+    async fn error(&mut self, d: &Driver, e: &WireError) {
+        let _ = self.tx.send((d.clone(), Seen::Error(e.clone())));
+    }
+}
+
+/// A framework under test control.
+pub struct ProbeFramework {
+    pub rx: mpsc::UnboundedReceiver<(Driver, Seen)>,
+    pub driver: Option<Driver>,
+    pub id: Option<FrameworkId>,
+    pub run: JoinHandle<Result<(), agora_sdk::client::ClientError>>,
+}
+
+impl ProbeFramework {
+    pub async fn start(cfg: DriverConfig) -> ProbeFramework {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let run = tokio::spawn(async move { scheduler::run(cfg, &mut Probe { tx }).await });
+        let mut p = ProbeFramework { rx, driver: None, id: None, run };
+        match p.next().await {
+            Seen::Registered(id) => p.id = Some(id),
+            other => panic!("expected Registered, got {other:?}"),
+        }
+        p
+    }
+
+    pub fn driver(&self) -> &Driver {
+        self.driver.as_ref().expect("driver")
+    }
+
+    pub async fn next(&mut self) -> Seen {
+        let (d, s) = tokio::time::timeout(Duration::from_secs(20), self.rx.recv())
+            .await
+            .expect("timed out waiting for a scheduler event")
+            .expect("scheduler stopped");
+        self.driver = Some(d);
+        s
+    }
+
+    /// Skips events until `f` picks one (20 s limit).
+    pub async fn until<T>(&mut self, mut f: impl FnMut(&Seen) -> Option<T>) -> T {
+        loop {
+            let s = self.next().await;
+            if let Some(t) = f(&s) {
+                return t;
+            }
+        }
+    }
+
+    pub async fn offer(&mut self) -> Offer {
+        self.until(|s| match s {
+            Seen::Offers(o) => o.first().cloned(),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn update_for(&mut self, task: &str, state: TaskState) -> TaskStatus {
+        self.until(|s| match s {
+            Seen::Update(u) if u.task_id.as_str() == task && u.state == state => Some(u.clone()),
+            Seen::Update(u) if u.task_id.as_str() == task && u.state.is_terminal() => {
+                panic!("task {task} ended {} ({}: {}) while waiting for {state}", u.state, u.reason, u.message)
+            }
+            _ => None,
+        })
+        .await
+    }
+}
+
+pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
+    TaskInfo {
+        task_id: TaskId(id.into()),
+        name: id.into(),
+        resources: Resources::parse(resources).expect("resources"),
+        kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
+        kill_grace: Some(Duration::from_millis(500)),
+    }
+}
