@@ -63,7 +63,7 @@ impl Bench {
             let Some(offer) = self.held.pop() else { return };
             let mut left = offer.resources.clone();
             let mut batch = Vec::new();
-            while self.next < self.total && !(self.one_at_a_time && !batch.is_empty()) {
+            while self.next < self.total && (!self.one_at_a_time || batch.is_empty()) {
                 let t = true_task(self.next, self.prefix);
                 match left.checked_sub(&t.resources) {
                     Some(rest) => left = rest,
@@ -206,13 +206,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut lat = bench("lat", lat_n, true);
-    run(DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-latency"), &mut lat)
-        .await?;
+    run(
+        DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-latency"),
+        &mut lat,
+    )
+    .await?;
     report("agora, one task at a time", &mut lat);
 
     let mut thr = bench("thr", thr_n, false);
-    run(DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-throughput"), &mut thr)
-        .await?;
+    run(
+        DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-throughput"),
+        &mut thr,
+    )
+    .await?;
     report("agora, all at once", &mut thr);
 
     shutdown.cancel();

@@ -124,9 +124,8 @@ fn count_kill_and_listing() {
         .expect("spawn run");
     let deadline = Instant::now() + Duration::from_secs(20);
     let id = loop {
-        let running = tasks_json(&dev)
-            .into_iter()
-            .find(|t| t["name"] == "napper" && t["state"] == "TASK_RUNNING");
+        let running =
+            tasks_json(&dev).into_iter().find(|t| t["name"] == "napper" && t["state"] == "TASK_RUNNING");
         if let Some(t) = running {
             break t["id"].as_str().expect("id").to_string();
         }
@@ -178,7 +177,10 @@ fn bad_input_gets_a_clear_error() {
     let out = run(&["tasks"], Some(&bad));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("client.toml"));
-    let out = run(&["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent", "--resources", "cpus:x"], None);
+    let out = run(
+        &["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent", "--resources", "cpus:x"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus:x"));
 }

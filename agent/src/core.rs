@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::{
-    unix_millis, AgentId, AgentMessage, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport,
-    TaskState, TaskStatus, UpdateSource, Usage,
+    unix_millis, AgentId, AgentMessage, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport, TaskState,
+    TaskStatus, UpdateSource, Usage,
 };
 use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
@@ -65,9 +65,7 @@ impl FinishedTasks {
 
     fn find(&self, fw: Option<&FrameworkId>, task: &TaskId) -> Option<&PathBuf> {
         match fw {
-            Some(fw) => self
-                .dirs
-                .get(&TaskKey { framework_id: fw.clone(), task_id: task.clone() }),
+            Some(fw) => self.dirs.get(&TaskKey { framework_id: fw.clone(), task_id: task.clone() }),
             None => self.order.iter().rev().find(|k| &k.task_id == task).and_then(|k| self.dirs.get(k)),
         }
     }
@@ -200,10 +198,7 @@ impl Core {
             "launching task");
         let handle = tasks::launch(spec, self.events.clone());
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
-        self.tasks.insert(
-            key,
-            TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false },
-        );
+        self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
         self.update_gauges();
     }
 
@@ -289,7 +284,7 @@ impl Core {
         match self.updates.ack(&key, uuid, now) {
             AckOutcome::Acked { next, .. } => {
                 if let Some(next) = next {
-                    self.send(AgentMessage::StatusUpdate(next));
+                    self.send(AgentMessage::StatusUpdate(*next));
                 }
                 self.forget_if_done(&key);
             }
@@ -326,9 +321,7 @@ impl Core {
     /// Where the output asked for is, if the task is known (running or recently finished).
     pub fn lookup_output(&self, req: &OutputRequest) -> Option<OutputTarget> {
         let live = match &req.framework_id {
-            Some(fw) => self
-                .tasks
-                .get(&TaskKey { framework_id: fw.clone(), task_id: req.task_id.clone() }),
+            Some(fw) => self.tasks.get(&TaskKey { framework_id: fw.clone(), task_id: req.task_id.clone() }),
             None => self.tasks.iter().find(|(k, _)| k.task_id == req.task_id).map(|(_, e)| e),
         };
         if let Some(e) = live {
@@ -341,7 +334,10 @@ impl Core {
 
     /// The sandbox of a task this agent knows.
     pub fn sandbox(&self, key: &TaskKey) -> Option<&Path> {
-        self.tasks.get(key).map(|e| e.run_dir.as_path()).or_else(|| self.finished.dirs.get(key).map(PathBuf::as_path))
+        self.tasks
+            .get(key)
+            .map(|e| e.run_dir.as_path())
+            .or_else(|| self.finished.dirs.get(key).map(PathBuf::as_path))
     }
 
     fn send_error(&mut self, key: TaskKey, reason: &str, message: String, now: Instant) {
@@ -467,7 +463,9 @@ mod tests {
         let mut h = harness();
         let now = Instant::now();
         h.core.connected(now);
-        assert!(matches!(h.core.take_outbox().as_slice(), [AgentMessage::Register { tasks, .. }] if tasks.is_empty()));
+        assert!(
+            matches!(h.core.take_outbox().as_slice(), [AgentMessage::Register { tasks, .. }] if tasks.is_empty())
+        );
         let fw = FrameworkId::new("fw");
         h.core.run_task(fw.clone(), command_task("t", "echo hi; exit 3"), now);
         // Only RUNNING goes out until it is acknowledged.
@@ -475,7 +473,8 @@ mod tests {
         assert_eq!(running.len(), 1);
         assert_eq!(running[0].state, TaskState::Running);
         assert_eq!(running[0].agent_id, Some(AgentId::new("a1")));
-        let t = tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
+        let t =
+            tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
         h.core.task_event(t.0, t.1, Instant::now());
         assert!(statuses(&mut h.core).is_empty(), "FINISHED must wait for RUNNING's ack");
         // Re-registration reports the task with its latest state.

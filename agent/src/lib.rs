@@ -1,1 +1,151 @@
-//! placeholder
+//! # agora-agent
+//!
+//! The Agora agent: one per node. It registers with the master over QUIC + mutual TLS, offers
+//! the node's resources, runs the tasks the master sends with the built-in command executor
+//! (native processes in their own process group and sandbox), delivers their status updates
+//! at least once and in order, and serves their output on streams the master opens.
+//!
+//! A separate crate because the agent is a real boundary: it owns processes and the node's
+//! work directory, and it is embedded both by `agora agent` and by `agora dev`.
+//!
+//! Module map:
+//! - [`link`]: the master connection loop (backoff, register, heartbeats, outbox);
+//! - [`core`]: the single owner of agent state, free of I/O;
+//! - [`tasks`] and [`process`]: launching and supervising task processes;
+//! - [`updates`]: the status-update manager (retries until acknowledged);
+//! - [`output`]: task output streams;
+//! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
+//! - [`resources`]: resource detection.
+
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agora_sdk::proto::WireError;
+use agora_sdk::tls::{TlsError, TlsFiles};
+use agora_sdk::{Attributes, Resources};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub mod core;
+pub mod link;
+pub mod output;
+pub mod process;
+pub mod resources;
+pub mod sandbox;
+pub mod tasks;
+pub mod updates;
+
+pub use resources::{detect_resources, detect_resources_in};
+
+/// Default time between SIGTERM and SIGKILL when a task is killed.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(3);
+
+/// How to run an agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `host:port` of the master.
+    pub master: String,
+    /// The agent's certificate (role `agent`), key and the cluster CA.
+    pub tls: TlsFiles,
+    /// Where sandboxes and checkpoints live.
+    pub work_dir: PathBuf,
+    /// What to offer; `None` detects it (see [`detect_resources_in`]).
+    pub resources: Option<Resources>,
+    /// The node's attributes.
+    pub attributes: Attributes,
+    /// The node's host name, as reported to the master.
+    pub hostname: String,
+    /// SIGTERM → SIGKILL delay for tasks that do not set their own.
+    pub kill_grace: Duration,
+    /// Kill every task when the agent shuts down (`agora dev`); otherwise they keep running.
+    pub kill_tasks_on_shutdown: bool,
+}
+
+/// Why an agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The work directory cannot be created or written.
+    #[error("cannot use work directory {path}: {err}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        err: std::io::Error,
+    },
+    /// The agent id file exists but cannot be read.
+    #[error("cannot read the agent id from {path}: {err}")]
+    AgentIdFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        err: std::io::Error,
+    },
+    /// A checkpoint could not be written.
+    #[error("cannot write checkpoint {path}: {err}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        err: std::io::Error,
+    },
+    /// The certificate, key or CA is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The master refused this agent for good (wrong role, version, or unauthorized).
+    #[error("the master at {master} refused this agent: {error}")]
+    Refused {
+        /// The master's address.
+        master: String,
+        /// Its reason.
+        error: WireError,
+    },
+}
+
+/// Runs an agent until `shutdown` is cancelled (then, with
+/// [`AgentConfig::kill_tasks_on_shutdown`], kills its tasks first) or a fatal error occurs.
+/// Losing the master is not fatal: the agent reconnects with backoff while tasks keep running.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let layout = sandbox::Layout::new(&config.work_dir);
+    prepare_work_dir(&layout)?;
+    // Fail now, naming the file, rather than on every reconnection.
+    agora_sdk::transport::client_config(&config.tls)?;
+    let id_file = layout.agent_id_file();
+    let agent_id = sandbox::read_agent_id(&id_file)
+        .map_err(|err| AgentError::AgentIdFile { path: id_file.clone(), err })?;
+    let resources = config.resources.clone().unwrap_or_else(|| detect_resources_in(&config.work_dir));
+    tracing::info!(
+        master = %config.master, work_dir = %config.work_dir.display(), %resources,
+        agent_id = ?agent_id.as_ref().map(|a| a.to_string()), "agent starting"
+    );
+    let info = core::AgentInfo {
+        hostname: config.hostname.clone(),
+        resources,
+        attributes: config.attributes.clone(),
+    };
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut core = core::Core::new(
+        info,
+        layout.clone(),
+        agent_id,
+        config.kill_grace,
+        updates::UpdateManager::default(),
+        events_tx,
+    );
+    let result = link::drive(&config, &layout, &mut core, &mut events, &shutdown).await;
+    match &result {
+        Ok(()) => tracing::info!(running_tasks = core.live_tasks(), "agent stopped"),
+        Err(e) => tracing::error!(error = %e, "agent failed"),
+    }
+    result
+}
+
+fn prepare_work_dir(layout: &sandbox::Layout) -> Result<(), AgentError> {
+    let werr = |err| AgentError::WorkDir { path: layout.root().to_path_buf(), err };
+    std::fs::create_dir_all(layout.frameworks_dir()).map_err(werr)?;
+    let probe = layout.root().join(".agora-write-test");
+    sandbox::write_atomic(&probe, b"ok").map_err(werr)?;
+    std::fs::remove_file(&probe).map_err(werr)?;
+    Ok(())
+}

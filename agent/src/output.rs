@@ -98,8 +98,7 @@ pub async fn serve(
     lookups: mpsc::Sender<OutputLookup>,
 ) {
     let mut reader = FrameReader::new(recv);
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<OutputRequest>()).await
-    {
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<OutputRequest>()).await {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -127,8 +126,7 @@ pub async fn serve(
     let Some(mut target) = target else {
         let msg = format!("task {} is unknown on this agent", request.task_id);
         tracing::debug!(task_id = %request.task_id, "output request for an unknown task");
-        let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg)))
-            .await;
+        let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg))).await;
         return;
     };
     target.path = target.path.join(file);
@@ -173,9 +171,7 @@ mod tests {
         let path = dir.path().join("stdout");
         std::fs::write(&path, b"hello world").expect("write");
         let mut out = Vec::new();
-        let n = copy_output(&mut out, OutputTarget::finished(path.clone()), 6, false)
-            .await
-            .expect("copy");
+        let n = copy_output(&mut out, OutputTarget::finished(path.clone()), 6, false).await.expect("copy");
         assert_eq!((n, out.as_slice()), (5, &b"world"[..]));
         // A missing file is empty.
         let mut out = Vec::new();

@@ -52,7 +52,8 @@ impl ChildProcess {
     /// Resolves when the child has exited; it stays a zombie until [`Self::reap`].
     pub async fn exited(&self) -> io::Result<()> {
         match pidfd_open(self.pid) {
-            Ok(fd) => match AsyncFd::with_interest(fd, Interest::READABLE) {
+            // SAFETY: `fd` is an open pidfd owned by the AsyncFd for its whole life.
+            Ok(fd) => match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
                 Ok(afd) => {
                     // A pidfd turns readable when the process exits and stays readable.
                     let _guard = afd.readable().await?;
@@ -64,12 +65,11 @@ impl ChildProcess {
         }
         let pid = self.pid;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("agora-wait-{pid}"))
-            .stack_size(64 * 1024)
-            .spawn(move || {
+        std::thread::Builder::new().name(format!("agora-wait-{pid}")).stack_size(64 * 1024).spawn(
+            move || {
                 let _ = tx.send(wait_exit_blocking(pid));
-            })?;
+            },
+        )?;
         rx.await.map_err(|_| io::Error::other("exit waiter thread died"))?
     }
 
@@ -119,11 +119,7 @@ impl ChildProcess {
         };
         let cpu = timeval(ru.ru_utime) + timeval(ru.ru_stime);
         let peak = u64::try_from(ru.ru_maxrss).unwrap_or(0).saturating_mul(1024);
-        Ok(ExitInfo {
-            code,
-            signal,
-            usage: Usage { cpu_time: Some(cpu), peak_mem: Some(peak), fuel: None },
-        })
+        Ok(ExitInfo { code, signal, usage: Usage { cpu_time: Some(cpu), peak_mem: Some(peak), fuel: None } })
     }
 }
 
@@ -213,14 +209,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pidfd_is_pollable_where_available() {
+        let mut c = spawn("exit 0");
+        let Ok(fd) = pidfd_open(c.pid) else {
+            return; // old kernel or seccomp: the thread fallback is used instead
+        };
+        // SAFETY: `fd` is an open pidfd owned by the AsyncFd.
+        let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.expect("register");
+        let ready = tokio::time::timeout(Duration::from_secs(10), afd.readable()).await;
+        assert!(ready.is_ok_and(|g| g.is_ok()), "pidfd never became readable");
+        assert_eq!(c.reap().expect("reap").code, Some(0));
+    }
+
+    #[tokio::test]
     async fn fallback_waiter_and_signal() {
         let mut c = spawn("sleep 30");
         c.signal_group(libc::SIGKILL).expect("kill");
         let pid = c.pid;
-        tokio::task::spawn_blocking(move || wait_exit_blocking(pid))
-            .await
-            .expect("join")
-            .expect("waitid");
+        tokio::task::spawn_blocking(move || wait_exit_blocking(pid)).await.expect("join").expect("waitid");
         let info = c.reap().expect("reap");
         assert_eq!(info.signal, Some(libc::SIGKILL));
         assert_eq!(signal_name(libc::SIGKILL), "SIGKILL");

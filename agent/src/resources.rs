@@ -40,8 +40,7 @@ fn online_cpus() -> u64 {
 
 fn total_memory() -> u64 {
     // SAFETY: sysconf has no preconditions.
-    let (pages, size) =
-        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
     u64::try_from(pages).unwrap_or(0).saturating_mul(u64::try_from(size).unwrap_or(0))
 }
 
@@ -55,7 +54,10 @@ fn free_disk(path: &Path) -> u64 {
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return 0;
     }
-    u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize))
+    // The field types differ between targets (u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    avail.saturating_mul(frsize)
 }
 
 fn usable_mem(total: u64) -> u64 {

@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use agora_sdk::proto::{
-    unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage,
-};
+use agora_sdk::proto::{unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -172,11 +170,7 @@ pub fn launch(spec: LaunchSpec, events: EventSender) -> TaskHandle {
     TaskHandle { kill, done }
 }
 
-async fn supervise(
-    spec: &LaunchSpec,
-    kill: &CancellationToken,
-    emit: &impl Fn(TaskEvent),
-) -> Termination {
+async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(TaskEvent)) -> Termination {
     let prepared = {
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || prepare_and_spawn(&spec)).await
@@ -192,25 +186,7 @@ async fn supervise(
     checkpoint(spec, Some(pid), TaskState::Running).await;
     emit(TaskEvent::Running { pid });
 
-    let exited = child.exited();
-    tokio::pin!(exited);
-    let mut killed = false;
-    let wait = tokio::select! {
-        r = &mut exited => r,
-        () = kill.cancelled() => {
-            killed = true;
-            emit(TaskEvent::Killing);
-            checkpoint(spec, Some(pid), TaskState::Killing).await;
-            signal(&child, libc::SIGTERM, spec);
-            tokio::select! {
-                r = &mut exited => r,
-                () = tokio::time::sleep(spec.kill_grace) => {
-                    signal(&child, libc::SIGKILL, spec);
-                    exited.await
-                }
-            }
-        }
-    };
+    let (wait, killed) = wait_or_kill(spec, &child, kill, emit).await;
     if let Err(e) = wait {
         tracing::error!(task_id = %spec.task.task_id, pid, error = %e, "cannot wait for the task's exit; reaping");
     }
@@ -238,6 +214,37 @@ async fn supervise(
     }
 }
 
+/// Waits for the process to exit; on a kill request, SIGTERM then (after the grace period)
+/// SIGKILL to its group. Returns the wait result and whether a kill was requested.
+async fn wait_or_kill(
+    spec: &LaunchSpec,
+    child: &ChildProcess,
+    kill: &CancellationToken,
+    emit: &impl Fn(TaskEvent),
+) -> (std::io::Result<()>, bool) {
+    let pid = child.pid();
+    let exited = child.exited();
+    tokio::pin!(exited);
+    let mut killed = false;
+    let wait = tokio::select! {
+        r = &mut exited => r,
+        () = kill.cancelled() => {
+            killed = true;
+            emit(TaskEvent::Killing);
+            checkpoint(spec, Some(pid), TaskState::Killing).await;
+            signal(child, libc::SIGTERM, spec);
+            tokio::select! {
+                r = &mut exited => r,
+                () = tokio::time::sleep(spec.kill_grace) => {
+                    signal(child, libc::SIGKILL, spec);
+                    exited.await
+                }
+            }
+        }
+    };
+    (wait, killed)
+}
+
 fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
     if let Err(e) = child.signal_group(sig) {
         tracing::warn!(task_id = %spec.task.task_id, pid = child.pid(), signal = %signal_name(sig),
@@ -250,8 +257,7 @@ fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
 fn prepare_and_spawn(spec: &LaunchSpec) -> Result<ChildProcess, String> {
     let TaskKind::Command(cmd) = &spec.task.kind;
     let dir = &spec.run_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create sandbox {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create sandbox {}: {e}", dir.display()))?;
     let open = |name: &str| {
         let path = dir.join(name);
         File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
@@ -381,8 +387,7 @@ pub(crate) mod tests {
         let fw = FrameworkId::new("fw-1");
         let executor_dir = layout.executor_dir(&fw, &task.task_id).expect("ids");
         let run_dir = Layout::run_dir(&executor_dir, uuid::Uuid::new_v4());
-        let spec =
-            LaunchSpec { framework_id: fw, task, executor_dir, run_dir, kill_grace: grace };
+        let spec = LaunchSpec { framework_id: fw, task, executor_dir, run_dir, kill_grace: grace };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = launch(spec.clone(), tx);
         Run { spec, handle, rx, _dir: dir }
@@ -497,7 +502,8 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn sigterm_ignoring_task_is_killed_after_grace() {
         let grace = Duration::from_millis(300);
-        let mut run = start(command_task("stubborn", "trap '' TERM; echo ready; while :; do sleep 0.05; done"), grace);
+        let mut run =
+            start(command_task("stubborn", "trap '' TERM; echo ready; while :; do sleep 0.05; done"), grace);
         assert!(matches!(next(&mut run).await, TaskEvent::Running { .. }));
         let deadline = Instant::now() + Duration::from_secs(5);
         while read(&run, "stdout").is_empty() {

@@ -35,7 +35,7 @@ pub enum AckOutcome {
     /// The head was acknowledged. `next` is the following update, to send now.
     Acked {
         /// The new head of the stream, if any.
-        next: Option<TaskStatus>,
+        next: Option<Box<TaskStatus>>,
         /// The acknowledged update was terminal.
         terminal: bool,
     },
@@ -92,7 +92,7 @@ impl UpdateManager {
         }
         let acked = stream.pending.pop_front();
         let terminal = acked.is_some_and(|s| s.state.is_terminal());
-        let next = stream.pending.front().cloned();
+        let next = stream.pending.front().cloned().map(Box::new);
         if next.is_some() {
             stream.next_send = now + self.initial;
             stream.backoff = (self.initial * 2).min(self.max);
@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(m.ack(&key("b"), running.uuid.unwrap_or_default(), t), AckOutcome::Ignored);
         // Acking the head releases the next one.
         let out = m.ack(&key("a"), running.uuid.unwrap_or_default(), t);
-        assert_eq!(out, AckOutcome::Acked { next: Some(finished.clone()), terminal: false });
+        assert_eq!(out, AckOutcome::Acked { next: Some(Box::new(finished.clone())), terminal: false });
         // A duplicate ack of RUNNING is ignored.
         assert_eq!(m.ack(&key("a"), running.uuid.unwrap_or_default(), t), AckOutcome::Ignored);
         assert_eq!(m.next_deadline(), Some(t + ms(500)));

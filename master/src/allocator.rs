@@ -111,9 +111,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Allocator>> {
 /// Creates a built-in allocator by name with these options.
 pub fn by_name_with(name: &str, options: &AllocatorOptions) -> Option<Box<dyn Allocator>> {
     match name {
-        DrfAllocator::NAME => {
-            Some(Box::new(DrfAllocator::with_weights(options.role_weights.clone())))
-        }
+        DrfAllocator::NAME => Some(Box::new(DrfAllocator::with_weights(options.role_weights.clone()))),
         _ => None,
     }
 }
@@ -340,11 +338,7 @@ impl Allocator for DrfAllocator {
                 .map(|(_, fw)| fw.clone());
             let Some(framework) = chosen else { continue };
             self.allocated(&framework, c.agent, &c.available);
-            out.push(Allocation {
-                framework,
-                agent: c.agent.clone(),
-                resources: c.available.clone(),
-            });
+            out.push(Allocation { framework, agent: c.agent.clone(), resources: c.available.clone() });
         }
         out
     }
@@ -367,10 +361,8 @@ mod tests {
     }
 
     fn run(a: &mut dyn Allocator, agents: &[(AgentId, Resources)]) -> Vec<(String, String)> {
-        let candidates: Vec<Candidate<'_>> = agents
-            .iter()
-            .map(|(id, r)| Candidate { agent: id, available: r.clone() })
-            .collect();
+        let candidates: Vec<Candidate<'_>> =
+            agents.iter().map(|(id, r)| Candidate { agent: id, available: r.clone() }).collect();
         a.allocate(Instant::now(), &candidates, &|_, _, _| true)
             .into_iter()
             .map(|d| (d.framework.0, d.agent.0))

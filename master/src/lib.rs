@@ -6,4 +6,5 @@
 pub mod allocator;
 pub mod core;
 pub mod metrics;
+pub mod server;
 mod state;

@@ -1,7 +1,7 @@
 //! The master's metrics (the `metrics` facade; the binary installs the Prometheus exporter).
 //! Names follow `agora_master_<name>_<unit|total>`.
 
-use metrics::{describe_counter, describe_gauge, Unit};
+use ::metrics::{describe_counter, describe_gauge, Unit};
 
 /// Offers sent to frameworks.
 pub const OFFERS_SENT: &str = "agora_master_offers_sent_total";

@@ -104,11 +104,10 @@ pub fn spawn(config: ServerConfig, shutdown: CancellationToken) -> Result<Master
     let server_cfg = server_config(&config.tls)?;
     let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
         .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
-    let addr = endpoint
-        .local_addr()
-        .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
+    let addr = endpoint.local_addr().map_err(|err| ServerError::Bind { addr: config.listen, err })?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let core = Master::with_allocator(config.core.clone(), alloc, Instant::now());
+    let mut core = Master::with_allocator(config.core.clone(), alloc, Instant::now());
+    core.set_unix_time(Instant::now(), unix_millis());
     let master_id = config.core.master_id.clone();
     info!(%addr, allocator = %config.allocator, "master listening");
     tokio::spawn(run_core(core, rx, shutdown.clone()).in_current_span());
@@ -192,10 +191,9 @@ fn apply(
             }
             Query::Locate(who, id, tx) => {
                 let r = core.locate_output(&who, &id).and_then(|loc| {
-                    conns
-                        .get(&loc.agent_conn)
-                        .map(|(q, _)| (loc, q.clone()))
-                        .ok_or_else(|| WireError::new(ErrorCode::NotFound, "the task's agent is not connected"))
+                    conns.get(&loc.agent_conn).map(|(q, _)| (loc, q.clone())).ok_or_else(|| {
+                        WireError::new(ErrorCode::NotFound, "the task's agent is not connected")
+                    })
                 });
                 let _ = tx.send(r);
             }
@@ -247,8 +245,12 @@ fn app_code(code: ErrorCode) -> quinn::VarInt {
 
 fn frame_error(e: &FrameError) -> WireError {
     match e {
-        FrameError::TooLarge { max } => WireError::new(ErrorCode::TooLarge, format!("frame larger than {max} bytes")),
-        FrameError::Malformed(err) => WireError::new(ErrorCode::Malformed, format!("malformed message: {err}")),
+        FrameError::TooLarge { max } => {
+            WireError::new(ErrorCode::TooLarge, format!("frame larger than {max} bytes"))
+        }
+        FrameError::Malformed(err) => {
+            WireError::new(ErrorCode::Malformed, format!("malformed message: {err}"))
+        }
         FrameError::Io(err) => WireError::new(ErrorCode::Internal, format!("stream error: {err}")),
     }
 }
@@ -271,7 +273,10 @@ async fn handshake(
     let verdict = match hello {
         Ok(Some(h)) if h.version != PROTOCOL_VERSION => Err(refuse(WireError::new(
             ErrorCode::VersionMismatch,
-            format!("protocol version {} is not supported (this master speaks {PROTOCOL_VERSION})", h.version),
+            format!(
+                "protocol version {} is not supported (this master speaks {PROTOCOL_VERSION})",
+                h.version
+            ),
         ))),
         Ok(Some(h)) if h.role != identity.role => Err(WireError::new(
             ErrorCode::Unauthorized,
@@ -323,8 +328,16 @@ async fn serve_connection(
     async move {
         debug!(%remote, "connected");
         match identity.role {
-            Role::Agent => serve_peer::<AgentMessage, MasterToAgent>(id, conn, identity, writer, reader, core, shutdown).await,
-            Role::Framework => serve_peer::<SchedulerCall, SchedulerEvent>(id, conn, identity, writer, reader, core, shutdown).await,
+            Role::Agent => {
+                serve_peer::<AgentMessage, MasterToAgent>(id, conn, identity, writer, reader, core, shutdown)
+                    .await
+            }
+            Role::Framework => {
+                serve_peer::<SchedulerCall, SchedulerEvent>(
+                    id, conn, identity, writer, reader, core, shutdown,
+                )
+                .await
+            }
             Role::Operator => serve_operator(conn, writer, reader, core, shutdown).await,
             Role::Master => {}
         }
@@ -388,7 +401,7 @@ impl Peer for SchedulerCall {
     }
 }
 
-async fn serve_peer<In: Peer, Out>(
+async fn serve_peer<In, Out>(
     id: ConnId,
     conn: quinn::Connection,
     identity: Identity,
@@ -516,7 +529,11 @@ async fn serve_operator(
     conn.close(0u32.into(), b"bye");
 }
 
-async fn accept_output_streams(conn: quinn::Connection, who: Requester, core: mpsc::UnboundedSender<Command>) {
+async fn accept_output_streams(
+    conn: quinn::Connection,
+    who: Requester,
+    core: mpsc::UnboundedSender<Command>,
+) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let core = core.clone();
         let who = who.clone();
@@ -565,13 +582,14 @@ async fn relay_output(
         .map_err(|e| e.to_string())?;
     let mut ar = FrameReader::new(arecv);
     let reply = ar.recv::<OutputReply>().await.map_err(|e| e.to_string())?;
-    let reply = reply.unwrap_or_else(|| OutputReply::Error(WireError::new(ErrorCode::Internal, "agent closed the stream")));
+    let reply = reply.unwrap_or_else(|| {
+        OutputReply::Error(WireError::new(ErrorCode::Internal, "agent closed the stream"))
+    });
     let streaming = matches!(reply, OutputReply::Streaming);
     w.send(&reply).await.map_err(|e| e.to_string())?;
     let mut client = w.into_inner();
     if streaming {
         let (mut agent_recv, buffered) = ar.into_parts();
-        use tokio::io::AsyncWriteExt;
         client.write_all(&buffered).await.map_err(|e| e.to_string())?;
         // A client that goes away makes the write fail; then stop the agent's side too.
         if let Err(e) = tokio::io::copy(&mut agent_recv, &mut client).await {

@@ -97,7 +97,9 @@ pub(crate) enum FrameworkLink {
     Connected(ConnId),
     /// Gone since `since`; removed at `deadline` (`None`: a failover timeout too long to
     /// represent, i.e. never).
-    Disconnected { deadline: Option<Instant> },
+    Disconnected {
+        deadline: Option<Instant>,
+    },
 }
 
 /// "Do not offer me these resources on this agent until `expires`."

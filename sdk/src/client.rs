@@ -68,12 +68,11 @@ impl Session {
     /// Connects to `addr` with `files` and says hello as `role`.
     pub async fn connect(addr: &str, files: &TlsFiles, role: Role) -> Result<Session, ClientError> {
         let peer = resolve(addr).await?;
-        let endpoint = crate::transport::client_endpoint(files, peer).map_err(|e| {
-            match e.downcast::<TlsError>() {
+        let endpoint =
+            crate::transport::client_endpoint(files, peer).map_err(|e| match e.downcast::<TlsError>() {
                 Ok(t) => ClientError::Tls(t),
                 Err(e) => ClientError::Endpoint(e),
-            }
-        })?;
+            })?;
         let conn = endpoint
             .connect(peer, MASTER_SERVER_NAME)
             .map_err(|err| ClientError::Connect { addr: peer, err })?
@@ -113,8 +112,7 @@ pub async fn open_output(
 ) -> Result<impl AsyncRead + Unpin + Send + 'static, ClientError> {
     let (send, recv) = conn.open_bi().await?;
     let mut w = FrameWriter::new(send);
-    w.send(&OutputRequest { task_id: task_id.clone(), framework_id: None, stream, offset, follow })
-        .await?;
+    w.send(&OutputRequest { task_id: task_id.clone(), framework_id: None, stream, offset, follow }).await?;
     let mut send = w.into_inner();
     let _ = send.finish();
     let mut r = FrameReader::new(recv);

@@ -60,8 +60,8 @@ impl ClientConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::Read { path: path.to_path_buf(), err })?;
-        let mut cfg: ClientConfig = toml::from_str(&text)
-            .map_err(|err| ConfigError::Parse { path: path.to_path_buf(), err })?;
+        let mut cfg: ClientConfig =
+            toml::from_str(&text).map_err(|err| ConfigError::Parse { path: path.to_path_buf(), err })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -119,10 +119,8 @@ impl ClientConfig {
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
-        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Write {
-            path: path.to_path_buf(),
-            err: std::io::Error::other(e),
-        })?;
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Write { path: path.to_path_buf(), err: std::io::Error::other(e) })?;
         std::fs::write(path, text).map_err(|err| ConfigError::Write { path: path.to_path_buf(), err })
     }
 
@@ -146,7 +144,11 @@ mod tests {
     fn relative_paths_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("client.toml");
-        std::fs::write(&path, "master = \"127.0.0.1:1\"\nca = \"ca.pem\"\n[operator]\ncert = \"o.pem\"\nkey = \"o-key.pem\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "master = \"127.0.0.1:1\"\nca = \"ca.pem\"\n[operator]\ncert = \"o.pem\"\nkey = \"o-key.pem\"\n",
+        )
+        .unwrap();
         let cfg = ClientConfig::load(&path).unwrap();
         assert_eq!(cfg.ca, dir.path().join("ca.pem"));
         assert!(cfg.identity(Role::Operator).is_ok());

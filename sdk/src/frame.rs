@@ -22,10 +22,7 @@ pub enum FrameError {
 }
 
 fn codec(max: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_type::<u32>()
-        .max_frame_length(max)
-        .new_codec()
+    LengthDelimitedCodec::builder().length_field_type::<u32>().max_frame_length(max).new_codec()
 }
 
 fn map_io(e: std::io::Error, max: usize) -> FrameError {

@@ -345,14 +345,29 @@ pub enum AgentMessage {
 /// Master → agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MasterToAgent {
-    Registered { agent_id: AgentId, heartbeat_interval: Duration },
-    RunTask { framework_id: FrameworkId, task: TaskInfo },
-    KillTask { framework_id: FrameworkId, task_id: TaskId },
+    Registered {
+        agent_id: AgentId,
+        heartbeat_interval: Duration,
+    },
+    RunTask {
+        framework_id: FrameworkId,
+        task: TaskInfo,
+    },
+    KillTask {
+        framework_id: FrameworkId,
+        task_id: TaskId,
+    },
     /// The framework acknowledged this update; stop retrying it.
-    StatusAck { framework_id: FrameworkId, task_id: TaskId, uuid: Uuid },
+    StatusAck {
+        framework_id: FrameworkId,
+        task_id: TaskId,
+        uuid: Uuid,
+    },
     HeartbeatAck,
     /// The framework is gone for good: kill all its tasks.
-    ShutdownFramework { framework_id: FrameworkId },
+    ShutdownFramework {
+        framework_id: FrameworkId,
+    },
     Error(WireError),
 }
 
@@ -395,17 +410,32 @@ pub enum SchedulerCall {
     Subscribe(FrameworkInfo),
     /// Use offers (all on one agent). Unused resources go back to the allocator; with
     /// `refuse_seconds` they are not re-offered to this framework for that long.
-    Accept { offer_ids: Vec<OfferId>, operations: Vec<Operation>, refuse_seconds: Option<f64> },
+    Accept {
+        offer_ids: Vec<OfferId>,
+        operations: Vec<Operation>,
+        refuse_seconds: Option<f64>,
+    },
     /// Refuse offers; they are not re-offered to this framework for `refuse_seconds` (default 5).
-    Decline { offer_ids: Vec<OfferId>, refuse_seconds: Option<f64> },
+    Decline {
+        offer_ids: Vec<OfferId>,
+        refuse_seconds: Option<f64>,
+    },
     /// Clear all filters and resume offers.
     Revive,
     /// Stop offers until REVIVE.
     Suppress,
-    Kill { task_id: TaskId },
-    Acknowledge { agent_id: AgentId, task_id: TaskId, uuid: Uuid },
+    Kill {
+        task_id: TaskId,
+    },
+    Acknowledge {
+        agent_id: AgentId,
+        task_id: TaskId,
+        uuid: Uuid,
+    },
     /// Ask for the latest state of these tasks; an empty list asks for all (implicit).
-    Reconcile { task_ids: Vec<TaskId> },
+    Reconcile {
+        task_ids: Vec<TaskId>,
+    },
     /// Leave for good: kill all tasks, forget the framework.
     Teardown,
     Heartbeat,
@@ -414,9 +444,14 @@ pub enum SchedulerCall {
 /// Master → framework.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchedulerEvent {
-    Subscribed { framework_id: FrameworkId, heartbeat_interval: Duration },
+    Subscribed {
+        framework_id: FrameworkId,
+        heartbeat_interval: Duration,
+    },
     Offers(Vec<Offer>),
-    Rescind { offer_id: OfferId },
+    Rescind {
+        offer_id: OfferId,
+    },
     Update(TaskStatus),
     /// A call could not be carried out (the connection stays open unless the error is fatal).
     Error(WireError),

@@ -122,9 +122,7 @@ fn normalize(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
 }
 
 fn ranges_contain(outer: &[PortRange], inner: &[PortRange]) -> bool {
-    inner
-        .iter()
-        .all(|r| outer.iter().any(|o| o.begin <= r.begin && r.end <= o.end))
+    inner.iter().all(|r| outer.iter().any(|o| o.begin <= r.begin && r.end <= o.end))
 }
 
 fn ranges_sub(outer: &[PortRange], inner: &[PortRange]) -> Vec<PortRange> {
@@ -158,20 +156,13 @@ impl Resources {
         let mut r = Resources::default();
         let mut seen = std::collections::BTreeSet::new();
         for item in text.split(';').map(str::trim).filter(|i| !i.is_empty()) {
-            let (name, value) = item
-                .split_once(':')
-                .ok_or_else(|| invalid(item, "expected `name:value`"))?;
+            let (name, value) = item.split_once(':').ok_or_else(|| invalid(item, "expected `name:value`"))?;
             let name = name.trim();
             if name.contains('(') {
-                return Err(invalid(
-                    item,
-                    "role reservations such as `cpus(role):2` are not supported yet",
-                ));
+                return Err(invalid(item, "role reservations such as `cpus(role):2` are not supported yet"));
             }
             if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
             {
                 return Err(invalid(item, "a resource name is letters, digits, `_`, `-` or `.`"));
             }
@@ -217,10 +208,7 @@ impl Resources {
             && self.mem >= other.mem
             && self.disk >= other.disk
             && ranges_contain(&self.ports, &other.ports)
-            && other
-                .scalars
-                .iter()
-                .all(|(k, v)| *v == 0 || self.scalars.get(k).is_some_and(|s| s >= v))
+            && other.scalars.iter().all(|(k, v)| *v == 0 || self.scalars.get(k).is_some_and(|s| s >= v))
     }
 
     /// `self - other`, or `None` when `other` does not fit.
@@ -322,7 +310,9 @@ impl fmt::Display for Resources {
             let r: Vec<String> = self
                 .ports
                 .iter()
-                .map(|p| if p.begin == p.end { p.begin.to_string() } else { format!("{}-{}", p.begin, p.end) })
+                .map(
+                    |p| if p.begin == p.end { p.begin.to_string() } else { format!("{}-{}", p.begin, p.end) },
+                )
                 .collect();
             parts.push(format!("ports:[{}]", r.join(",")));
         }

@@ -235,6 +235,7 @@ async fn serve<S: Scheduler>(
     info.id = driver.framework_id.clone();
     session.writer.send(&SchedulerCall::Subscribe(info)).await?;
     let mut heartbeat = Duration::from_secs(15);
+    let mut subscribed = false;
     loop {
         // A master silent for three heartbeats is gone, whatever the transport says.
         let event = tokio::select! {
@@ -267,6 +268,7 @@ async fn serve<S: Scheduler>(
             SchedulerEvent::Subscribed { framework_id, heartbeat_interval } => {
                 info!(%framework_id, "subscribed");
                 heartbeat = heartbeat_interval.max(Duration::from_millis(100));
+                subscribed = true;
                 driver.framework_id = Some(framework_id.clone());
                 driver.conn = Some(session.conn.clone());
                 scheduler.registered(driver, &framework_id).await;
@@ -280,7 +282,7 @@ async fn serve<S: Scheduler>(
                 }
             }
             SchedulerEvent::Error(e) => {
-                if driver.framework_id.is_none() {
+                if !subscribed {
                     // Refused before subscription (unknown framework id, bad principal, …).
                     return Err(ClientError::Refused(e));
                 }

@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -98,20 +98,16 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// Reads role and principal from a DER certificate (OU and CN of its subject).
 pub fn identity_of(der: &[u8]) -> Result<Identity, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
     let subject = cert.subject();
     let role = subject
         .iter_organizational_unit()
         .filter_map(|a| a.as_str().ok())
         .find_map(|s| s.parse::<Role>().ok())
         .ok_or(TlsError::NoRole)?;
-    let principal = subject
-        .iter_common_name()
-        .filter_map(|a| a.as_str().ok())
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let principal =
+        subject.iter_common_name().filter_map(|a| a.as_str().ok()).next().unwrap_or("").to_string();
     Ok(Identity { role, principal })
 }
 
@@ -200,8 +196,7 @@ pub fn issue(dir: &Path, role: Role, principal: &str, stem: &str) -> Result<Vec<
     let ca_pem = String::from_utf8_lossy(&read(&dir.join("ca.pem"))?).into_owned();
     let key_path = dir.join("ca-key.pem");
     let key_pem = String::from_utf8_lossy(&read(&key_path)?).into_owned();
-    let ca_key = KeyPair::from_pem(&key_pem)
-        .map_err(|_| TlsError::Pem { path: key_path, what: "CA key" })?;
+    let ca_key = KeyPair::from_pem(&key_pem).map_err(|_| TlsError::Pem { path: key_path, what: "CA key" })?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     issue_with(&issuer, dir, role, principal, stem)
 }

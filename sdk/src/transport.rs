@@ -33,7 +33,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // IdleTimeout from a VarInt counts milliseconds.
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32))));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32
+    ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(16));
     t
@@ -72,7 +74,8 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
 
 /// A client endpoint on an ephemeral port of the right address family for `peer`.
 pub fn client_endpoint(files: &TlsFiles, peer: SocketAddr) -> Result<quinn::Endpoint, std::io::Error> {
-    let bind: SocketAddr = if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let bind: SocketAddr =
+        if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let mut ep = quinn::Endpoint::client(bind)?;
     let cfg = client_config(files).map_err(std::io::Error::other)?;
     ep.set_default_client_config(cfg);

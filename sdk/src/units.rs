@@ -7,14 +7,14 @@ use std::time::Duration;
 pub enum UnitError {
     #[error("invalid size `{0}`: expected a number of bytes with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB), e.g. `64MiB`")]
     Size(String),
-    #[error("invalid duration `{0}`: expected a number with a unit (ms, s, m, h), e.g. `500ms`, `30s`, `5m`")]
+    #[error(
+        "invalid duration `{0}`: expected a number with a unit (ms, s, m, h), e.g. `500ms`, `30s`, `5m`"
+    )]
     Duration(String),
 }
 
 fn split_number(s: &str) -> (&str, &str) {
-    let idx = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let idx = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     (&s[..idx], s[idx..].trim())
 }
 

@@ -55,7 +55,12 @@ impl Scheduler for DemoScheduler {
                 self.say(format!("offer  {} {} → decline", offer.hostname, offer.resources));
                 driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 30.0 } else { 0.5 }));
             } else {
-                self.say(format!("offer  {} {} → launch {} task(s)", offer.hostname, offer.resources, batch.len()));
+                self.say(format!(
+                    "offer  {} {} → launch {} task(s)",
+                    offer.hostname,
+                    offer.resources,
+                    batch.len()
+                ));
                 driver.launch(vec![offer.id], batch);
             }
         }
@@ -98,7 +103,9 @@ fn shell_task(id: &str, script: &str, cpus: u64, mem_mib: u64) -> TaskInfo {
 impl DemoCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         let dir = tempfile::Builder::new().prefix("agora-demo-").tempdir()?;
-        println!("Agora demo: a master and two agents in this process, talking QUIC with mutual TLS on loopback.");
+        println!(
+            "Agora demo: a master and two agents in this process, talking QUIC with mutual TLS on loopback."
+        );
         let cluster = Cluster::start(ClusterSpec {
             dir: dir.path().to_path_buf(),
             listen: ([127, 0, 0, 1], 0).into(),
@@ -113,10 +120,19 @@ impl DemoCommand {
             println!("  agent {} ({}) offers {}  [{}]", a.id, a.hostname, a.resources, a.attributes);
         }
         println!("Two frameworks arrive: `etl` (10 short jobs) and `ml` (5 jobs: some fail, one is killed).");
-        println!("The DRF allocator offers each agent's free resources to the framework with the lowest share.\n");
+        println!(
+            "The DRF allocator offers each agent's free resources to the framework with the lowest share.\n"
+        );
         let started = Instant::now();
         let etl_tasks: VecDeque<TaskInfo> = (0..10)
-            .map(|i| shell_task(&format!("etl-{i}"), &format!("sleep 0.{}; echo rows={}", 2 + i % 3, i * 1000), 500, 256))
+            .map(|i| {
+                shell_task(
+                    &format!("etl-{i}"),
+                    &format!("sleep 0.{}; echo rows={}", 2 + i % 3, i * 1000),
+                    500,
+                    256,
+                )
+            })
             .collect();
         let ml_tasks: VecDeque<TaskInfo> = VecDeque::from(vec![
             shell_task("ml-train", "sleep 0.5; echo model trained", 1000, 512),

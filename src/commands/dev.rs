@@ -40,7 +40,10 @@ impl DevCommand {
             anyhow::bail!("--agents must be between 1 and 64 (got {})", self.agents);
         }
         if !self.listen.ip().is_loopback() {
-            anyhow::bail!("agora dev listens on loopback only (got {}); use `agora master` for a real cluster", self.listen);
+            anyhow::bail!(
+                "agora dev listens on loopback only (got {}); use `agora master` for a real cluster",
+                self.listen
+            );
         }
         let core = core_config(&MasterCommandCore {
             allocation_interval: self.allocation_interval,

@@ -22,7 +22,9 @@ pub const EXIT_NEVER_RAN: u8 = 125;
 
 fn parse_cpus(s: &str) -> Result<u64, String> {
     match parse_milli(s) {
-        Some(0) | None => Err(format!("invalid --cpus `{s}`: a positive number with at most 3 decimals, e.g. 0.5")),
+        Some(0) | None => {
+            Err(format!("invalid --cpus `{s}`: a positive number with at most 3 decimals, e.g. 0.5"))
+        }
         Some(v) => Ok(v),
     }
 }
@@ -77,17 +79,30 @@ impl RunCommand {
         let program = self.command.first().cloned().unwrap_or_default();
         let name = self.name.clone().unwrap_or_else(|| {
             let base = program.rsplit('/').next().unwrap_or("task");
-            if base.is_empty() { "task".into() } else { base.chars().take(40).collect() }
+            if base.is_empty() {
+                "task".into()
+            } else {
+                base.chars().take(40).collect()
+            }
         });
         let argv = if self.shell { vec![self.command.join(" ")] } else { self.command.clone() };
-        let resources = Resources { cpus: self.cpus, mem: self.mem, disk: self.disk.unwrap_or(0), ..Default::default() };
+        let resources =
+            Resources { cpus: self.cpus, mem: self.mem, disk: self.disk.unwrap_or(0), ..Default::default() };
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let tasks: VecDeque<TaskInfo> = (0..self.count)
             .map(|i| TaskInfo {
-                task_id: TaskId(if self.count == 1 { format!("{name}-{run_id}") } else { format!("{name}-{run_id}-{i}") }),
+                task_id: TaskId(if self.count == 1 {
+                    format!("{name}-{run_id}")
+                } else {
+                    format!("{name}-{run_id}-{i}")
+                }),
                 name: name.clone(),
                 resources: resources.clone(),
-                kind: TaskKind::Command(CommandInfo { argv: argv.clone(), shell: self.shell, env: self.env.clone() }),
+                kind: TaskKind::Command(CommandInfo {
+                    argv: argv.clone(),
+                    shell: self.shell,
+                    env: self.env.clone(),
+                }),
                 kill_grace: None,
             })
             .collect();
@@ -101,8 +116,10 @@ impl RunCommand {
         } else {
             let pb = ProgressBar::new(u64::from(self.count));
             pb.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} done  {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} done  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             Some(pb)
         };
@@ -187,8 +204,13 @@ impl RunScheduler {
                     }
                 }
                 _ => {
-                    eprintln!("agora: task {} {}: {}{}", st.task_id, st.state, st.reason,
-                        if st.message.is_empty() { String::new() } else { format!(": {}", st.message) });
+                    eprintln!(
+                        "agora: task {} {}: {}{}",
+                        st.task_id,
+                        st.state,
+                        st.reason,
+                        if st.message.is_empty() { String::new() } else { format!(": {}", st.message) }
+                    );
                     ExitCode::from(if st.state == TaskState::Killed { 137 } else { EXIT_NEVER_RAN })
                 }
             };
@@ -257,7 +279,11 @@ impl Scheduler for RunScheduler {
 
     async fn status_update(&mut self, driver: &Driver, status: &TaskStatus) {
         let prev = self.states.insert(status.task_id.clone(), status.state);
-        if self.single && status.state == TaskState::Running && prev != Some(TaskState::Running) && self.streams.is_empty() {
+        if self.single
+            && status.state == TaskState::Running
+            && prev != Some(TaskState::Running)
+            && self.streams.is_empty()
+        {
             self.running_at = Some(Instant::now());
             self.start_streams(driver, &status.task_id.clone(), true);
         }

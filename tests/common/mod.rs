@@ -39,6 +39,9 @@ impl TestCluster {
     }
 
     pub async fn start_with(agents: usize, resources: &str, core: MasterConfig) -> TestCluster {
+        if let Ok(f) = std::env::var("AGORA_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         agora_sdk::tls::init(&dir.path().join("tls"), "tester", false).expect("tls init");
         let shutdown = CancellationToken::new();
@@ -198,6 +201,8 @@ pub struct ProbeFramework {
     pub rx: mpsc::UnboundedReceiver<(Driver, Seen)>,
     pub driver: Option<Driver>,
     pub id: Option<FrameworkId>,
+    /// Every offer seen and not yet used, declined or rescinded.
+    pub held: Vec<Offer>,
     pub run: JoinHandle<Result<(), agora_sdk::client::ClientError>>,
 }
 
@@ -205,7 +210,7 @@ impl ProbeFramework {
     pub async fn start(cfg: DriverConfig) -> ProbeFramework {
         let (tx, rx) = mpsc::unbounded_channel();
         let run = tokio::spawn(async move { scheduler::run(cfg, &mut Probe { tx }).await });
-        let mut p = ProbeFramework { rx, driver: None, id: None, run };
+        let mut p = ProbeFramework { rx, driver: None, id: None, held: Vec::new(), run };
         match p.next().await {
             Seen::Registered(id) => p.id = Some(id),
             other => panic!("expected Registered, got {other:?}"),
@@ -223,7 +228,20 @@ impl ProbeFramework {
             .expect("timed out waiting for a scheduler event")
             .expect("scheduler stopped");
         self.driver = Some(d);
+        match &s {
+            Seen::Offers(o) => self.held.extend(o.iter().cloned()),
+            Seen::Rescinded(id) => self.held.retain(|o| &o.id != id),
+            _ => {}
+        }
         s
+    }
+
+    /// Declines every offer held so far.
+    pub fn decline_held(&mut self, refuse_seconds: f64) {
+        let ids: Vec<OfferId> = self.held.drain(..).map(|o| o.id).collect();
+        if !ids.is_empty() {
+            self.driver().decline(ids, Some(refuse_seconds));
+        }
     }
 
     /// Skips events until `f` picks one (20 s limit).
@@ -248,7 +266,10 @@ impl ProbeFramework {
         self.until(|s| match s {
             Seen::Update(u) if u.task_id.as_str() == task && u.state == state => Some(u.clone()),
             Seen::Update(u) if u.task_id.as_str() == task && u.state.is_terminal() => {
-                panic!("task {task} ended {} ({}: {}) while waiting for {state}", u.state, u.reason, u.message)
+                panic!(
+                    "task {task} ended {} ({}: {}) while waiting for {state}",
+                    u.state, u.reason, u.message
+                )
             }
             _ => None,
         })
