@@ -88,8 +88,12 @@ fn run_streams_output_and_passes_the_exit_code() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("TASK_FAILED") || err.contains("TASK_ERROR"), "{err}");
 
-    // Too big for the cluster: rejected with a reason, not left waiting.
-    // (-o json lists every task seen so far with the contract's fields.)
+    // Too big for the cluster: refused with a reason, not left waiting.
+    let out = dev.agora(&["run", "--cpus", "64", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent can ever fit"), "{out:?}");
+
+    // -o json lists every task seen so far with the contract's fields.
     let tasks = tasks_json(&dev);
     let hello = tasks.iter().find(|t| t["exit_code"] == 3).expect("the exit-3 task");
     for key in ["id", "name", "framework_id", "agent_id", "state", "exit_code", "reason"] {

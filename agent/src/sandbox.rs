@@ -128,14 +128,28 @@ pub struct TaskCheckpoint {
 }
 
 /// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Survives a power loss; for state that matters after a reboot (the agent id).
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_replace(path, data, true)
+}
+
+/// Like [`write_atomic`] without the fsync: survives a crash of the agent (the page cache
+/// outlives it), not of the machine, which the tasks would not survive either. Task
+/// checkpoints use this: an fsync per task state change costs more than the spawn itself.
+pub fn write_checkpoint(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_replace(path, data, false)
+}
+
+fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", Uuid::new_v4().simple()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {

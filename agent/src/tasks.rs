@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{signal_name, ChildProcess, ExitInfo};
-use crate::sandbox::{write_atomic, Layout, TaskCheckpoint};
+use crate::sandbox::{write_checkpoint, Layout, TaskCheckpoint};
 
 /// `PATH` every task starts with.
 pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -290,8 +290,8 @@ fn build_command(
         c.arg("-c").arg(first);
         c
     } else {
-        let mut c = Command::new(first);
-        c.args(rest);
+        let mut c = Command::new(resolve_program(first, &cmd.env)?);
+        c.arg0(first).args(rest);
         c
     };
     command.process_group(0).current_dir(sandbox).env_clear();
@@ -304,6 +304,27 @@ fn build_command(
         .env("AGORA_TASK_ID", task.as_str())
         .env("AGORA_FRAMEWORK_ID", fw.as_str());
     Ok(command)
+}
+
+/// Finds a bare program name on the task's PATH (its own `PATH` env, else the default), so that
+/// std spawns it by absolute path: with `PATH` in a cleared environment and a name to look up,
+/// std would leave `posix_spawn` for fork+exec, which costs tens of milliseconds from a large
+/// agent process.
+fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path::PathBuf, String> {
+    if program.contains('/') {
+        return Ok(program.into());
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(TASK_PATH);
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(program);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!("cannot run `{program}`: not found in PATH ({path})"))
 }
 
 /// Checks a command before launching it; the error is the message of a TASK_ERROR.
@@ -342,7 +363,7 @@ async fn checkpoint(spec: &LaunchSpec, pid: Option<u32>, state: TaskState) {
     let result = match serde_json::to_vec_pretty(&record) {
         Ok(data) => {
             let p = path.clone();
-            tokio::task::spawn_blocking(move || write_atomic(&p, &data))
+            tokio::task::spawn_blocking(move || write_checkpoint(&p, &data))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         }

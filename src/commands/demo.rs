@@ -138,7 +138,7 @@ impl DemoCommand {
             shell_task("ml-train", "sleep 0.5; echo model trained", 1000, 512),
             shell_task("ml-eval", "sleep 0.3; echo accuracy=0.93", 500, 256),
             shell_task("ml-bad-input", "echo 'input missing' >&2; exit 2", 250, 64),
-            shell_task("ml-oom", "echo 'pretend crash' >&2; exit 137", 250, 64),
+            shell_task("ml-crash", "echo 'segment 7 is corrupt' >&2; exit 70", 250, 64),
             shell_task("ml-forever", "sleep 60", 250, 64),
         ]);
         let mut etl = DemoScheduler {
@@ -173,6 +173,22 @@ impl DemoCommand {
         print!("{}", output::tasks_table(&tasks));
         println!();
         print!("{}", output::frameworks_table(&cluster.master.frameworks().await));
+        println!("\nTask output, streamed from the agents' sandboxes through the master (`agora logs`):");
+        if let Ok(client) = agora_sdk::client::OperatorClient::connect(&cluster.client).await {
+            for (id, which) in [
+                ("etl-3", OutputStream::Stdout),
+                ("ml-eval", OutputStream::Stdout),
+                ("ml-crash", OutputStream::Stderr),
+            ] {
+                let mut text = Vec::new();
+                if let Ok(mut r) = client.output(&TaskId(id.into()), which, false).await {
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut text).await;
+                }
+                let label = if which == OutputStream::Stderr { "stderr" } else { "stdout" };
+                println!("  {id:<9} {label}: {}", String::from_utf8_lossy(&text).trim_end());
+            }
+            client.close();
+        }
         let count = |s: TaskState| tasks.iter().filter(|t| t.state == s).count();
         println!(
             "\n{} tasks in {:.1}s: {} finished, {} failed, {} killed.",
@@ -188,7 +204,7 @@ impl DemoCommand {
             println!("Sandboxes kept in {}", kept.display());
         }
         println!(
-            "\nWhere to look next:\n  agora dev --agents 2                 a cluster to play with (writes .agora-dev/client.toml)\n  AGORA_CONFIG=.agora-dev/client.toml agora run -- echo hello\n  agora run --count 100 -- true        many tasks, with a progress bar\n  agora tasks -o json | agora logs TASK | agora kill TASK\n  cargo run --example shell_tasks      a framework written with the SDK"
+            "\nWhere to look next:\n  agora dev --agents 2                 a cluster to play with (writes .agora-dev/client.toml)\n  AGORA_CONFIG=.agora-dev/client.toml agora run -- echo hello\n  agora run --count 100 -- true        many tasks, with a progress bar\n  agora tasks -o json; agora logs TASK -f; agora kill TASK\n  cargo run --example shell_tasks -- --config .agora-dev/client.toml --count 20 'echo hi'\n                                       a framework written with the SDK (examples/shell_tasks.rs)"
         );
         if !ok {
             anyhow::bail!("the demo's frameworks did not finish cleanly: {a:?} {b:?}");

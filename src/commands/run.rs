@@ -106,6 +106,10 @@ impl RunCommand {
                 kill_grace: None,
             })
             .collect();
+        if let Some(why) = unschedulable(&cfg, &resources).await {
+            eprintln!("agora: {why}");
+            return Ok(ExitCode::from(EXIT_NEVER_RAN));
+        }
         let mut driver_cfg = DriverConfig::new(cfg.master.clone(), tls, format!("agora-run {name}"));
         driver_cfg.framework.role = self.role.clone();
         driver_cfg.framework.failover_timeout = Duration::from_secs(10);
@@ -151,6 +155,20 @@ impl RunCommand {
         }
         Ok(sched.exit_code())
     }
+}
+
+/// Says why no agent could ever run a task of this size, when the operator view is at hand
+/// (a task that cannot fit would otherwise wait for offers forever).
+async fn unschedulable(cfg: &agora_sdk::config::ClientConfig, need: &Resources) -> Option<String> {
+    let mut client = agora_sdk::client::OperatorClient::connect(cfg).await.ok()?;
+    let agents = client.agents().await.ok()?;
+    client.close();
+    let active: Vec<_> = agents.iter().filter(|a| a.status == "active").collect();
+    if active.is_empty() || active.iter().any(|a| a.resources.contains(need)) {
+        return None;
+    }
+    let largest: Vec<String> = active.iter().take(3).map(|a| format!("{} has {}", a.hostname, a.resources)).collect();
+    Some(format!("no agent can ever fit a task of {need} ({})", largest.join("; ")))
 }
 
 struct RunScheduler {
