@@ -1,55 +1,7 @@
-//! Tables and JSON for the list commands.
+//! Tables for the list commands (their JSON comes from `agora_sdk::json`).
 
 use agora_sdk::proto::{AgentView, FrameworkView, TaskView};
 use agora_sdk::units::format_size;
-use serde_json::{json, Value};
-
-pub fn agent_json(a: &AgentView) -> Value {
-    json!({
-        "id": a.id.as_str(),
-        "hostname": a.hostname,
-        "resources": a.resources.to_string(),
-        "used": a.used.to_string(),
-        "attributes": a.attributes.to_string(),
-        "status": a.status,
-        "tasks": a.tasks,
-    })
-}
-
-pub fn framework_json(f: &FrameworkView) -> Value {
-    json!({
-        "id": f.id.as_str(),
-        "name": f.name,
-        "role": f.role,
-        "principal": f.principal,
-        "status": f.status,
-        "used": f.used.to_string(),
-        "tasks": f.tasks,
-    })
-}
-
-pub fn task_json(t: &TaskView) -> Value {
-    let usage = t.usage.as_ref().map(|u| {
-        json!({
-            "cpu_time_secs": u.cpu_time.map(|d| d.as_secs_f64()),
-            "peak_mem_bytes": u.peak_mem,
-            "fuel": u.fuel,
-        })
-    });
-    json!({
-        "id": t.id.as_str(),
-        "name": t.name,
-        "framework_id": t.framework_id.as_str(),
-        "agent_id": t.agent_id.as_str(),
-        "state": t.state.as_str(),
-        "resources": t.resources.to_string(),
-        "exit_code": t.exit_code,
-        "signal": t.signal,
-        "reason": t.reason,
-        "message": t.message,
-        "usage": usage,
-    })
-}
 
 /// Renders rows as an aligned table with a header.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {

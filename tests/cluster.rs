@@ -255,3 +255,49 @@ async fn garbage_frame_closes_only_its_own_connection() {
     good.update_for("after", TaskState::Finished).await;
     cluster.stop().await;
 }
+
+/// One HTTP/1.1 GET over a plain socket; returns (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_state_and_metrics() {
+    let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let http = agora_master::http::spawn(
+        ([127, 0, 0, 1], 0).into(),
+        cluster.master.clone(),
+        cluster.shutdown.clone(),
+    )
+    .await
+    .expect("http");
+    let mut fw = ProbeFramework::start(cluster.framework("web")).await;
+    let offer = fw.offer().await;
+    fw.driver().launch(vec![offer.id], vec![sh_task("seen", "true", "cpus:0.1;mem:16MiB")]);
+    fw.update_for("seen", TaskState::Finished).await;
+    let (status, body) = http_get(http, "/api/v1/state").await;
+    assert!(status.contains("200"), "{status}");
+    // Chunked or not, the JSON object is the body's outermost braces.
+    let json = &body[body.find('{').expect("json")..=body.rfind('}').expect("json")];
+    let state: serde_json::Value = serde_json::from_str(json).expect("state json");
+    assert_eq!(state["agents"][0]["hostname"], "agent-0");
+    assert_eq!(state["frameworks"][0]["name"], "web");
+    assert!(state["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .any(|t| t["id"] == "seen" && t["state"] == "TASK_FINISHED"));
+    let (status, metrics) = http_get(http, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert!(metrics.contains("agora_master_tasks_launched_total"), "{metrics}");
+    cluster.stop().await;
+}

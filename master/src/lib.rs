@@ -5,6 +5,7 @@
 
 pub mod allocator;
 pub mod core;
+pub mod http;
 pub mod metrics;
 pub mod server;
 mod state;

@@ -8,6 +8,7 @@ pub mod attributes;
 pub mod client;
 pub mod config;
 pub mod frame;
+pub mod json;
 pub mod proto;
 pub mod resources;
 pub mod scheduler;

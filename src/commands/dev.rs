@@ -26,6 +26,9 @@ pub struct DevCommand {
     /// QUIC address of the master (loopback; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:5050")]
     listen: SocketAddr,
+    /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
+    #[arg(long)]
+    http: Option<SocketAddr>,
     /// Allocation module.
     #[arg(long, default_value = "drf")]
     allocator: String,
@@ -50,6 +53,10 @@ impl DevCommand {
             agent_heartbeat: Duration::from_secs(2),
             agent_timeout: Duration::from_secs(10),
         });
+        if self.http.is_some() {
+            // Before the master starts, so that no early metric is lost.
+            agora_master::http::prometheus();
+        }
         let cluster = Cluster::start(ClusterSpec {
             dir: self.dir,
             listen: self.listen,
@@ -60,6 +67,11 @@ impl DevCommand {
             core,
         })
         .await?;
+        if let Some(addr) = self.http {
+            let bound =
+                agora_master::http::spawn(addr, cluster.master.clone(), cluster.shutdown.clone()).await?;
+            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
+        }
         println!(
             "Agora dev cluster ready: master {} with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora run -- echo hello\n  agora tasks\nPress Ctrl-C to stop.",
             cluster.master.addr,

@@ -36,15 +36,15 @@ impl ListArgs {
         let (json, table) = match what {
             What::Agents => {
                 let v = client.agents().await?;
-                (v.iter().map(output::agent_json).collect::<Vec<_>>(), output::agents_table(&v))
+                (v.iter().map(agora_sdk::json::agent_json).collect::<Vec<_>>(), output::agents_table(&v))
             }
             What::Frameworks => {
                 let v = client.frameworks().await?;
-                (v.iter().map(output::framework_json).collect(), output::frameworks_table(&v))
+                (v.iter().map(agora_sdk::json::framework_json).collect(), output::frameworks_table(&v))
             }
             What::Tasks => {
                 let v = client.tasks().await?;
-                (v.iter().map(output::task_json).collect(), output::tasks_table(&v))
+                (v.iter().map(agora_sdk::json::task_json).collect(), output::tasks_table(&v))
             }
         };
         client.close();

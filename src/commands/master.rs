@@ -20,6 +20,9 @@ pub struct MasterCommand {
     /// Directory made by `agora tls init` (ca.pem, master.pem, master-key.pem).
     #[arg(long)]
     tls_dir: PathBuf,
+    /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
+    #[arg(long)]
+    http: Option<SocketAddr>,
     /// Allocation module.
     #[arg(long, default_value = "drf")]
     allocator: String,
@@ -58,6 +61,10 @@ impl MasterCommand {
             agent_heartbeat: self.agent_heartbeat,
             agent_timeout: self.agent_timeout,
         });
+        if self.http.is_some() {
+            // Before the master starts, so that no early metric is lost.
+            agora_master::http::prometheus();
+        }
         let shutdown = CancellationToken::new();
         let handle = server::spawn(
             ServerConfig {
@@ -69,6 +76,10 @@ impl MasterCommand {
             shutdown.clone(),
         )?;
         eprintln!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);
+        if let Some(addr) = self.http {
+            let bound = agora_master::http::spawn(addr, handle.clone(), shutdown.clone()).await?;
+            eprintln!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
+        }
         super::shutdown_signal().await;
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -167,7 +167,8 @@ async fn unschedulable(cfg: &agora_sdk::config::ClientConfig, need: &Resources) 
     if active.is_empty() || active.iter().any(|a| a.resources.contains(need)) {
         return None;
     }
-    let largest: Vec<String> = active.iter().take(3).map(|a| format!("{} has {}", a.hostname, a.resources)).collect();
+    let largest: Vec<String> =
+        active.iter().take(3).map(|a| format!("{} has {}", a.hostname, a.resources)).collect();
     Some(format!("no agent can ever fit a task of {need} ({})", largest.join("; ")))
 }
 
