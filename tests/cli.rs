@@ -181,10 +181,32 @@ fn bad_input_gets_a_clear_error() {
     let out = run(&["tasks"], Some(&bad));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("client.toml"));
+    // Nobody listening: a bounded wait and a message that says so.
+    agora_sdk_tls_init(dir.path());
+    let started = Instant::now();
+    let tls = dir.path().join("tls");
+    let out = run(
+        &["run", "--master", "127.0.0.1:1", "--tls-dir", tls.to_str().expect("utf-8"), "--", "true"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no answer from the master"), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
     let out = run(
         &["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent", "--resources", "cpus:x"],
         None,
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus:x"));
+}
+
+fn agora_sdk_tls_init(dir: &Path) {
+    let out =
+        Command::new(AGORA).args(["tls", "init", "--dir"]).arg(dir.join("tls")).output().expect("tls init");
+    assert!(out.status.success(), "{out:?}");
+    // A second init refuses to replace the CA.
+    let again =
+        Command::new(AGORA).args(["tls", "init", "--dir"]).arg(dir.join("tls")).output().expect("tls init");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }

@@ -301,3 +301,25 @@ async fn http_state_and_metrics() {
     assert!(metrics.contains("agora_master_tasks_launched_total"), "{metrics}");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_its_id() {
+    let mut cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    let before = cluster.master.agents().await;
+    assert_eq!(before.len(), 1);
+    let (token, handle) = cluster.agents.remove(0);
+    token.cancel();
+    let _ = handle.await;
+    wait_for("the agent to be seen gone", || async {
+        cluster.master.agents().await.iter().all(|a| a.status != "active")
+    })
+    .await;
+    let id_file = std::fs::read_to_string(cluster.agent_dir(0).join("agent_id")).expect("agent_id file");
+    assert_eq!(id_file.trim(), before[0].id.as_str());
+    cluster.add_agent(0, "cpus:1;mem:256MiB");
+    cluster.wait_agents(1).await;
+    let after = cluster.master.agents().await;
+    assert_eq!(after.len(), 1, "re-registered, not registered anew: {after:?}");
+    assert_eq!(after[0].id, before[0].id);
+    cluster.stop().await;
+}

@@ -24,6 +24,8 @@ pub enum ClientError {
     Endpoint(std::io::Error),
     #[error("cannot connect to the master at {addr}: {err}")]
     Connect { addr: SocketAddr, err: quinn::ConnectError },
+    #[error("no answer from the master at {addr} within {}s (is it running, and is the address right?)", .after.as_secs())]
+    Unreachable { addr: SocketAddr, after: std::time::Duration },
     #[error("connection to the master failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream to the master failed: {0}")]
@@ -43,6 +45,9 @@ impl From<quinn::WriteError> for ClientError {
         ClientError::Stream(e.to_string())
     }
 }
+
+/// How long a client waits for the QUIC handshake with the master.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Resolves `host:port`.
 pub async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
@@ -73,10 +78,13 @@ impl Session {
                 Ok(t) => ClientError::Tls(t),
                 Err(e) => ClientError::Endpoint(e),
             })?;
-        let conn = endpoint
+        let connecting = endpoint
             .connect(peer, MASTER_SERVER_NAME)
-            .map_err(|err| ClientError::Connect { addr: peer, err })?
-            .await?;
+            .map_err(|err| ClientError::Connect { addr: peer, err })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(c) => c?,
+            Err(_) => return Err(ClientError::Unreachable { addr: peer, after: CONNECT_TIMEOUT }),
+        };
         let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);

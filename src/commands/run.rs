@@ -10,7 +10,6 @@ use agora_sdk::resources::parse_milli;
 use agora_sdk::scheduler::{self, Driver, DriverConfig, Scheduler};
 use agora_sdk::units::parse_size;
 use agora_sdk::Resources;
-use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
@@ -106,7 +105,7 @@ impl RunCommand {
                 kill_grace: None,
             })
             .collect();
-        if let Some(why) = unschedulable(&cfg, &resources).await {
+        if let Some(why) = unschedulable(&cfg, &resources).await? {
             eprintln!("agora: {why}");
             return Ok(ExitCode::from(EXIT_NEVER_RAN));
         }
@@ -146,7 +145,7 @@ impl RunCommand {
                 return Ok(ExitCode::from(130));
             }
         };
-        result.context("the run's framework failed")?;
+        result?;
         for s in sched.streams.drain(..) {
             let _ = s.await;
         }
@@ -159,17 +158,23 @@ impl RunCommand {
 
 /// Says why no agent could ever run a task of this size, when the operator view is at hand
 /// (a task that cannot fit would otherwise wait for offers forever).
-async fn unschedulable(cfg: &agora_sdk::config::ClientConfig, need: &Resources) -> Option<String> {
-    let mut client = agora_sdk::client::OperatorClient::connect(cfg).await.ok()?;
-    let agents = client.agents().await.ok()?;
+async fn unschedulable(
+    cfg: &agora_sdk::config::ClientConfig,
+    need: &Resources,
+) -> Result<Option<String>, agora_sdk::client::ClientError> {
+    if cfg.operator.is_none() {
+        return Ok(None);
+    }
+    let mut client = agora_sdk::client::OperatorClient::connect(cfg).await?;
+    let agents = client.agents().await?;
     client.close();
     let active: Vec<_> = agents.iter().filter(|a| a.status == "active").collect();
     if active.is_empty() || active.iter().any(|a| a.resources.contains(need)) {
-        return None;
+        return Ok(None);
     }
     let largest: Vec<String> =
         active.iter().take(3).map(|a| format!("{} has {}", a.hostname, a.resources)).collect();
-    Some(format!("no agent can ever fit a task of {need} ({})", largest.join("; ")))
+    Ok(Some(format!("no agent can ever fit a task of {need} ({})", largest.join("; "))))
 }
 
 struct RunScheduler {
