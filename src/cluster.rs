@@ -115,8 +115,9 @@ fn split(total: &Resources, n: usize) -> Resources {
     let n = n.max(1) as u64;
     Resources {
         cpus: (total.cpus / n).max(100),
-        mem: total.mem / n,
-        disk: total.disk / n,
+        // Whole MiB, so that the text form stays exact.
+        mem: (total.mem / n) & !((1 << 20) - 1),
+        disk: (total.disk / n) & !((1 << 20) - 1),
         ports: total.ports.clone(),
         scalars: total.scalars.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
     }

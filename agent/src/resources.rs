@@ -23,8 +23,8 @@ pub fn detect_resources() -> Resources {
 pub fn detect_resources_in(work_dir: &Path) -> Resources {
     Resources {
         cpus: online_cpus().saturating_mul(1000),
-        mem: usable_mem(total_memory()),
-        disk: usable_disk(free_disk(work_dir)),
+        mem: whole_mib(usable_mem(total_memory())),
+        disk: whole_mib(usable_disk(free_disk(work_dir))),
         ..Resources::default()
     }
 }
@@ -36,6 +36,11 @@ fn online_cpus() -> u64 {
         Ok(n) if n > 0 => n,
         _ => std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
     }
+}
+
+/// Rounds down to a whole MiB, so that the text form (`mem:10856MiB`) is exact.
+fn whole_mib(bytes: u64) -> u64 {
+    bytes & !((1 << 20) - 1)
 }
 
 fn total_memory() -> u64 {
