@@ -132,4 +132,57 @@ mod tests {
         raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(r.recv::<AgentMessage>().await, Err(FrameError::TooLarge { .. })));
     }
+
+    /// Every decoder that reads bytes from the network must turn garbage into an error, never
+    /// a panic or a huge allocation: random buffers and bit-flipped valid messages.
+    #[test]
+    fn decoders_survive_garbage() {
+        use crate::proto::*;
+        fn all(buf: &[u8]) {
+            let _ = postcard::from_bytes::<Hello>(buf);
+            let _ = postcard::from_bytes::<HelloReply>(buf);
+            let _ = postcard::from_bytes::<AgentMessage>(buf);
+            let _ = postcard::from_bytes::<MasterToAgent>(buf);
+            let _ = postcard::from_bytes::<SchedulerCall>(buf);
+            let _ = postcard::from_bytes::<SchedulerEvent>(buf);
+            let _ = postcard::from_bytes::<OperatorCall>(buf);
+            let _ = postcard::from_bytes::<OperatorReply>(buf);
+            let _ = postcard::from_bytes::<OutputRequest>(buf);
+            let _ = postcard::from_bytes::<OutputReply>(buf);
+        }
+        // xorshift: deterministic, no dependency.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let task = TaskInfo {
+            task_id: TaskId("t".into()),
+            name: "n".into(),
+            resources: crate::Resources::parse("cpus:1;mem:1GiB;ports:[1-2]").unwrap(),
+            kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+            kill_grace: None,
+        };
+        let valid = [
+            postcard::to_stdvec(&SchedulerCall::Accept {
+                offer_ids: vec![OfferId("o".into())],
+                operations: vec![Operation::Launch { tasks: vec![task.clone()] }],
+                refuse_seconds: Some(1.0),
+            })
+            .unwrap(),
+            postcard::to_stdvec(&MasterToAgent::RunTask { framework_id: FrameworkId("f".into()), task }).unwrap(),
+        ];
+        for i in 0..20_000 {
+            let len = (next() % 64) as usize;
+            let buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            all(&buf);
+            let mut m = valid[i % valid.len()].clone();
+            let at = (next() as usize) % m.len();
+            m[at] ^= 1 << (next() % 8);
+            all(&m);
+            all(&m[..at]);
+        }
+    }
 }
