@@ -198,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
         hostname: "bench-agent".into(),
         kill_grace: Duration::from_secs(1),
         kill_tasks_on_shutdown: true,
+        isolation: agora_agent::cgroups::IsolationConfig::default(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

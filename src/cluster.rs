@@ -67,6 +67,8 @@ impl Cluster {
                 hostname: format!("agent-{i}"),
                 kill_grace: Duration::from_secs(3),
                 kill_tasks_on_shutdown: true,
+                // Isolated where the host allows it; otherwise one warning line.
+                isolation: agora_agent::cgroups::IsolationConfig::default(),
             };
             let token = shutdown.clone();
             agents.push(tokio::spawn(async move {
@@ -120,5 +122,6 @@ fn split(total: &Resources, n: usize) -> Resources {
         disk: (total.disk / n) & !((1 << 20) - 1),
         ports: total.ports.clone(),
         scalars: total.scalars.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
+        reserved: Default::default(),
     }
 }

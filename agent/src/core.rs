@@ -14,6 +14,7 @@ use agora_sdk::proto::{
 use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
 
+use crate::cgroups::Isolator;
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
@@ -77,6 +78,7 @@ pub struct Core {
     info: AgentInfo,
     layout: Layout,
     default_grace: Duration,
+    isolator: Isolator,
     agent_id: Option<AgentId>,
     tasks: HashMap<TaskKey, TaskEntry>,
     updates: UpdateManager,
@@ -87,12 +89,13 @@ pub struct Core {
 }
 
 impl Core {
-    /// A core with no tasks. Supervisors report to `events`.
+    /// A core with no tasks. Supervisors report to `events`; tasks get cgroups from `isolator`.
     pub fn new(
         info: AgentInfo,
         layout: Layout,
         agent_id: Option<AgentId>,
         default_grace: Duration,
+        isolator: Isolator,
         updates: UpdateManager,
         events: EventSender,
     ) -> Self {
@@ -100,6 +103,7 @@ impl Core {
             info,
             layout,
             default_grace,
+            isolator,
             agent_id,
             tasks: HashMap::new(),
             updates,
@@ -193,6 +197,7 @@ impl Core {
             executor_dir,
             run_dir: run_dir.clone(),
             kill_grace: task.kill_grace.unwrap_or(self.default_grace),
+            isolator: self.isolator.clone(),
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
@@ -424,6 +429,7 @@ mod tests {
             Layout::new(dir.path()),
             Some(AgentId::new("a1")),
             Duration::from_secs(3),
+            Isolator::none(),
             UpdateManager::new(Duration::from_millis(50), Duration::from_millis(200)),
             tx,
         );

@@ -15,7 +15,9 @@
 //! - [`updates`]: the status-update manager (retries until acknowledged);
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
-//! - [`resources`]: resource detection.
+//! - [`resources`]: resource detection;
+//! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
+//! - [`metrics`]: task resource-usage metrics.
 
 #![warn(missing_docs)]
 
@@ -28,8 +30,10 @@ use agora_sdk::{Attributes, Resources};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod cgroups;
 pub mod core;
 pub mod link;
+pub mod metrics;
 pub mod output;
 pub mod process;
 pub mod resources;
@@ -61,6 +65,9 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// Kill every task when the agent shuts down (`agora dev`); otherwise they keep running.
     pub kill_tasks_on_shutdown: bool,
+    /// Resource isolation (`--isolation`, `--cgroup-root`, `--cpu-limit`,
+    /// `--max-pids-per-task`).
+    pub isolation: cgroups::IsolationConfig,
 }
 
 /// Why an agent stopped.
@@ -90,6 +97,9 @@ pub enum AgentError {
         /// The cause.
         err: std::io::Error,
     },
+    /// Isolation was required (`--isolation cgroups`) but cannot be had.
+    #[error(transparent)]
+    Isolation(#[from] cgroups::IsolationError),
     /// The certificate, key or CA is unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -119,6 +129,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         master = %config.master, work_dir = %config.work_dir.display(), %resources,
         agent_id = ?agent_id.as_ref().map(|a| a.to_string()), "agent starting"
     );
+    let isolator = cgroups::Isolator::setup(&config.isolation, &config.work_dir)?;
     let info = core::AgentInfo {
         hostname: config.hostname.clone(),
         resources,
@@ -130,10 +141,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         layout.clone(),
         agent_id,
         config.kill_grace,
+        isolator.clone(),
         updates::UpdateManager::default(),
         events_tx,
     );
     let result = link::drive(&config, &layout, &mut core, &mut events, &shutdown).await;
+    if core.live_tasks() == 0 {
+        isolator.shutdown();
+    }
     match &result {
         Ok(()) => tracing::info!(running_tasks = core.live_tasks(), "agent stopped"),
         Err(e) => tracing::error!(error = %e, "agent failed"),

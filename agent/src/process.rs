@@ -119,7 +119,11 @@ impl ChildProcess {
         };
         let cpu = timeval(ru.ru_utime) + timeval(ru.ru_stime);
         let peak = u64::try_from(ru.ru_maxrss).unwrap_or(0).saturating_mul(1024);
-        Ok(ExitInfo { code, signal, usage: Usage { cpu_time: Some(cpu), peak_mem: Some(peak), fuel: None } })
+        Ok(ExitInfo {
+            code,
+            signal,
+            usage: Usage { cpu_time: Some(cpu), peak_mem: Some(peak), ..Usage::default() },
+        })
     }
 }
 

@@ -16,11 +16,21 @@ use agora_sdk::proto::{unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::cgroups::{self, Cgroup, CgroupStats, Isolator, Limits};
+use crate::metrics::{UsageReporter, TASK_ISOLATION_FAILURES};
 use crate::process::{signal_name, ChildProcess, ExitInfo};
 use crate::sandbox::{write_checkpoint, Layout, TaskCheckpoint};
 
 /// `PATH` every task starts with.
 pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// How often a running task's cgroup is sampled for the agent's metrics.
+pub const USAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Reason of a task ended by its cgroup's memory limit.
+pub const REASON_MEMORY_LIMIT: &str = "memory limit exceeded";
+/// Reason of a failed task that hit its cgroup's process limit.
+pub const REASON_PROCESS_LIMIT: &str = "process limit reached";
+/// Reason of a task that could not be given its cgroup (it never ran).
+pub const REASON_ISOLATION_FAILED: &str = "isolation failed";
 
 /// Identifies a task on this agent: task ids are unique within a framework.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +54,8 @@ pub struct LaunchSpec {
     pub run_dir: PathBuf,
     /// SIGTERM → SIGKILL delay when killed.
     pub kill_grace: Duration,
+    /// Gives the task its cgroup (or nothing, without isolation).
+    pub isolator: Isolator,
 }
 
 impl LaunchSpec {
@@ -72,7 +84,8 @@ pub enum TaskEvent {
 pub struct Termination {
     /// FINISHED, FAILED or KILLED.
     pub state: TaskState,
-    /// Machine-friendly reason: `command exited`, `killed by signal`, `killed`, `failed to start`.
+    /// Machine-friendly reason: `command exited`, `killed by signal`, `killed`, `failed to start`,
+    /// `memory limit exceeded`, `process limit reached`, `isolation failed`.
     pub reason: String,
     /// Human detail.
     pub message: String,
@@ -85,25 +98,43 @@ pub struct Termination {
 }
 
 impl Termination {
-    fn failed_to_start(message: String) -> Self {
+    fn failed_to_start(failure: StartFailure) -> Self {
         Self {
             state: TaskState::Failed,
-            reason: "failed to start".into(),
-            message,
+            reason: failure.reason.into(),
+            message: failure.message,
             exit_code: None,
             signal: None,
             usage: None,
         }
     }
 
-    fn from_exit(exit: ExitInfo, killed: bool) -> Self {
+    /// How the task ended, from its exit status and, with isolation, its cgroup's accounting:
+    /// an OOM kill in the group makes an unsuccessful task `memory limit exceeded`, a refused
+    /// fork `process limit reached` (the signal or exit code alone cannot tell).
+    fn from_exit(exit: ExitInfo, killed: bool, cgroup: Option<(&CgroupStats, &Limits)>) -> Self {
         let detail = match (exit.code, exit.signal) {
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => format!("killed by {}", signal_name(s)),
             (None, None) => "ended in an unknown way".to_string(),
         };
+        let success = exit.code == Some(0);
+        let oom = cgroup.is_some_and(|(s, _)| s.oom_kills.unwrap_or(0) > 0);
+        let pids_hit = cgroup.is_some_and(|(s, _)| s.pids_limit_hits.unwrap_or(0) > 0);
         let (state, reason, message) = if killed {
             (TaskState::Killed, "killed", format!("killed on request; the command {detail}"))
+        } else if oom && !success {
+            let limit =
+                cgroup.and_then(|(_, l)| l.mem_bytes).map_or_else(String::new, |b| format!(" of {b} bytes"));
+            let message = format!(
+                "the task reached its memory limit{limit} and the kernel's OOM killer ended it (command {detail})"
+            );
+            (TaskState::Failed, REASON_MEMORY_LIMIT, message)
+        } else if pids_hit && !success {
+            let limit = cgroup.and_then(|(_, l)| l.pids).map_or_else(String::new, |p| format!(" of {p}"));
+            let message =
+                format!("the task reached its process limit{limit}: forks were refused (command {detail})");
+            (TaskState::Failed, REASON_PROCESS_LIMIT, message)
         } else {
             match (exit.code, exit.signal) {
                 (Some(0), _) => (TaskState::Finished, "command exited", format!("command {detail}")),
@@ -111,14 +142,40 @@ impl Termination {
                 (None, _) => (TaskState::Failed, "killed by signal", format!("command {detail}")),
             }
         };
+        let mut usage = exit.usage;
+        if let Some((s, _)) = cgroup {
+            // The group saw every process of the task, not only the waited-for ones.
+            usage.cpu_time = s.cpu_time.or(usage.cpu_time);
+            usage.peak_mem = s.mem_peak.or(usage.peak_mem);
+            usage.throttled = s.throttled;
+            usage.mem_current = s.mem_current;
+        }
         Self {
             state,
             reason: reason.into(),
             message,
             exit_code: exit.code,
             signal: exit.signal,
-            usage: Some(exit.usage),
+            usage: Some(usage),
         }
+    }
+}
+
+/// Why a task never ran: the reason and message of its TASK_FAILED.
+#[derive(Debug)]
+struct StartFailure {
+    reason: &'static str,
+    message: String,
+}
+
+impl StartFailure {
+    fn spawn(message: String) -> Self {
+        Self { reason: "failed to start", message }
+    }
+
+    fn isolation(message: String) -> Self {
+        metrics::counter!(TASK_ISOLATION_FAILURES).increment(1);
+        Self { reason: REASON_ISOLATION_FAILED, message }
     }
 }
 
@@ -175,27 +232,73 @@ async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(T
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || prepare_and_spawn(&spec)).await
     };
-    let mut child = match prepared {
-        Ok(Ok(child)) => child,
-        Ok(Err(message)) => return Termination::failed_to_start(message),
-        Err(e) => return Termination::failed_to_start(format!("launcher failed: {e}")),
+    let (mut child, cgroup) = match prepared {
+        Ok(Ok(started)) => started,
+        Ok(Err(failure)) => return Termination::failed_to_start(failure),
+        Err(e) => return Termination::failed_to_start(StartFailure::spawn(format!("launcher failed: {e}"))),
     };
     let pid = child.pid();
     tracing::info!(task_id = %spec.task.task_id, framework_id = %spec.framework_id, pid,
-        sandbox = %spec.run_dir.display(), "task started");
+        sandbox = %spec.run_dir.display(), cgroup = cgroup.as_ref().map(Cgroup::name), "task started");
     checkpoint(spec, Some(pid), TaskState::Running).await;
     emit(TaskEvent::Running { pid });
 
-    let (wait, killed) = wait_or_kill(spec, &child, kill, emit).await;
+    let mut reporter = UsageReporter::default();
+    let (wait, killed) = {
+        let waiting = wait_or_kill(spec, &child, kill, emit);
+        tokio::pin!(waiting);
+        let start = tokio::time::Instant::now() + USAGE_SAMPLE_INTERVAL;
+        let mut samples = tokio::time::interval_at(start, USAGE_SAMPLE_INTERVAL);
+        loop {
+            tokio::select! {
+                r = &mut waiting => break r,
+                _ = samples.tick(), if cgroup.is_some() => {
+                    // A handful of small reads of in-memory cgroupfs files: no blocking thread
+                    // needed.
+                    match cgroup.as_ref().map(Cgroup::stats) {
+                        Some(Ok(s)) => reporter.sample(&s),
+                        Some(Err(e)) => tracing::debug!(task_id = %spec.task.task_id, error = %e,
+                            "cannot sample the task's cgroup"),
+                        None => {}
+                    }
+                }
+            }
+        }
+    };
     if let Err(e) = wait {
         tracing::error!(task_id = %spec.task.task_id, pid, error = %e, "cannot wait for the task's exit; reaping");
     }
     // Like a container being destroyed: nothing of the task's process group outlives it.
     signal(&child, libc::SIGKILL, spec);
-    let reaped = tokio::task::spawn_blocking(move || child.reap()).await;
+    let task_id = spec.task.task_id.clone();
+    let reaped = tokio::task::spawn_blocking(move || {
+        let exit = child.reap();
+        // Read the group's accounting before anything else happens to it, then kill whatever
+        // escaped the process group (setsid) and remove the group from every hierarchy.
+        let stats = cgroup.map(|cg| {
+            let stats = cg.stats();
+            if let Err(e) = cg.destroy() {
+                tracing::warn!(%task_id, error = %e, "cannot clean up the task's cgroup");
+            }
+            (stats, *cg.limits())
+        });
+        (exit, stats)
+    })
+    .await;
+    let reaped = reaped.map(|(exit, stats)| {
+        let stats = stats.and_then(|(s, limits)| match s {
+            Ok(s) => Some((s, limits)),
+            Err(e) => {
+                tracing::warn!(task_id = %spec.task.task_id, error = %e, "cannot read the task's cgroup accounting");
+                None
+            }
+        });
+        reporter.finish(stats.as_ref().map(|(s, _)| s));
+        (exit, stats)
+    });
     match reaped {
-        Ok(Ok(exit)) => Termination::from_exit(exit, killed),
-        Ok(Err(e)) => Termination {
+        Ok((Ok(exit), stats)) => Termination::from_exit(exit, killed, stats.as_ref().map(|(s, l)| (s, l))),
+        Ok((Err(e), _)) => Termination {
             state: if killed { TaskState::Killed } else { TaskState::Failed },
             reason: if killed { "killed" } else { "unknown exit" }.into(),
             message: format!("cannot reap process {pid}: {e}"),
@@ -252,47 +355,110 @@ fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
     }
 }
 
-/// Creates the sandbox and spawns the process (blocking: run on the blocking pool). The error
-/// is the message of a `failed to start` update.
-fn prepare_and_spawn(spec: &LaunchSpec) -> Result<ChildProcess, String> {
+/// Creates the sandbox and the task's cgroup, and spawns the process (blocking: run on the
+/// blocking pool). With a cgroup the process starts behind the gate (see [`crate::cgroups`]) and
+/// is released only once it is in its group, so no user code ever runs unconfined.
+fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>), StartFailure> {
     let TaskKind::Command(cmd) = &spec.task.kind;
     let dir = &spec.run_dir;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create sandbox {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StartFailure::spawn(format!("cannot create sandbox {}: {e}", dir.display())))?;
     let open = |name: &str| {
         let path = dir.join(name);
-        File::create(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+        File::create(&path).map_err(|e| StartFailure::spawn(format!("cannot create {}: {e}", path.display())))
     };
     let (stdout, stderr) = (open("stdout")?, open("stderr")?);
-    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id)?;
-    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-    let child = command.spawn().map_err(|e| {
+    let cgroup = if spec.isolator.is_active() {
+        let limits = spec.isolator.limits_for(&spec.task.resources);
+        let name = cgroup_name(spec);
+        spec.isolator.create(&name, limits).map_err(|e| {
+            StartFailure::isolation(format!(
+                "cannot create the task's cgroup (the task was not started): {e}"
+            ))
+        })?
+    } else {
+        None
+    };
+    let gated = cgroup.is_some();
+    let fail = |f: StartFailure| {
+        if let Some(cg) = &cgroup {
+            if let Err(e) = cg.destroy() {
+                tracing::warn!(task_id = %spec.task.task_id, error = %e, "cannot remove the task's cgroup");
+            }
+        }
+        f
+    };
+    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id, gated)
+        .map_err(|m| fail(StartFailure::spawn(m)))?;
+    command.stdin(if gated { Stdio::piped() } else { Stdio::null() }).stdout(stdout).stderr(stderr);
+    let mut child = command.spawn().map_err(|e| {
         let program = cmd.argv.first().map(String::as_str).unwrap_or("");
-        if cmd.shell {
+        fail(StartFailure::spawn(if cmd.shell || gated {
             format!("cannot run /bin/sh: {e}")
         } else {
             format!("cannot run `{program}`: {e}")
-        }
+        }))
     })?;
-    ChildProcess::adopt(child).map_err(|e| e.to_string())
+    if let Some(cg) = &cgroup {
+        if let Err(e) = cgroups::admit(&mut child, cg) {
+            // The gate closes unopened: the shell exits without running the task.
+            drop(child.stdin.take());
+            if let Ok(mut p) = ChildProcess::adopt(child) {
+                let _ = p.signal_group(libc::SIGKILL);
+                let _ = p.reap();
+            }
+            return Err(fail(StartFailure::isolation(format!("{e} (the task was not started)"))));
+        }
+    }
+    let child = ChildProcess::adopt(child).map_err(|e| fail(StartFailure::spawn(e.to_string())))?;
+    Ok((child, cgroup))
+}
+
+/// `task-<run id>`: unique per run, one path component.
+fn cgroup_name(spec: &LaunchSpec) -> String {
+    let run =
+        spec.run_dir.file_name().and_then(|n| n.to_str()).filter(|n| cgroups::fs::check_name(n).is_ok());
+    match run {
+        Some(run) => format!("task-{run}"),
+        None => format!("task-{}", uuid::Uuid::new_v4()),
+    }
 }
 
 /// The process to run for `cmd`: own process group, sandbox as working directory, a clean
-/// environment. No `pre_exec`, so std keeps its `posix_spawn` fast path.
+/// environment. No `pre_exec`, so std keeps its `posix_spawn` fast path. `gated` puts it behind
+/// the cgroup start gate (`/bin/sh` waiting on stdin, then `exec`ing the program).
 fn build_command(
     cmd: &CommandInfo,
     sandbox: &Path,
     fw: &FrameworkId,
     task: &TaskId,
+    gated: bool,
 ) -> Result<Command, String> {
     let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
-    let mut command = if cmd.shell {
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(first);
-        c
-    } else {
-        let mut c = Command::new(resolve_program(first, &cmd.env)?);
-        c.arg0(first).args(rest);
-        c
+    let mut command = match (cmd.shell, gated) {
+        (true, false) => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(first);
+            c
+        }
+        (true, true) => {
+            let mut c = cgroups::gated_command("/bin/sh");
+            c.arg("-c").arg(first);
+            c
+        }
+        (false, false) => {
+            let mut c = Command::new(resolve_program(first, &cmd.env)?);
+            c.arg0(first).args(rest);
+            c
+        }
+        (false, true) => {
+            // Behind the gate a missing program would only show as exit status 127: check now.
+            let program = resolve_program(first, &cmd.env)?;
+            check_executable(&program)?;
+            let mut c = cgroups::gated_command(program);
+            c.args(rest);
+            c
+        }
     };
     command.process_group(0).current_dir(sandbox).env_clear();
     command.env("PATH", TASK_PATH).env("HOME", sandbox);
@@ -304,6 +470,16 @@ fn build_command(
         .env("AGORA_TASK_ID", task.as_str())
         .env("AGORA_FRAMEWORK_ID", fw.as_str());
     Ok(command)
+}
+
+fn check_executable(program: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(program).map_err(|e| format!("cannot run `{}`: {e}", program.display()))?;
+    if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+        Ok(())
+    } else {
+        Err(format!("cannot run `{}`: not an executable file", program.display()))
+    }
 }
 
 /// Finds a bare program name on the task's PATH (its own `PATH` env, else the default), so that
@@ -408,7 +584,14 @@ pub(crate) mod tests {
         let fw = FrameworkId::new("fw-1");
         let executor_dir = layout.executor_dir(&fw, &task.task_id).expect("ids");
         let run_dir = Layout::run_dir(&executor_dir, uuid::Uuid::new_v4());
-        let spec = LaunchSpec { framework_id: fw, task, executor_dir, run_dir, kill_grace: grace };
+        let spec = LaunchSpec {
+            framework_id: fw,
+            task,
+            executor_dir,
+            run_dir,
+            kill_grace: grace,
+            isolator: Isolator::none(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = launch(spec.clone(), tx);
         Run { spec, handle, rx, _dir: dir }
@@ -548,6 +731,46 @@ pub(crate) mod tests {
         assert_eq!(t.state, TaskState::Failed);
         assert_eq!(t.reason, "killed by signal");
         assert_eq!((t.exit_code, t.signal), (None, Some(libc::SIGKILL)));
+    }
+
+    #[test]
+    fn cgroup_accounting_decides_the_reason() {
+        let exit = |code: Option<i32>, signal: Option<i32>| ExitInfo {
+            code,
+            signal,
+            usage: Usage { cpu_time: Some(Duration::from_millis(5)), peak_mem: Some(1), ..Usage::default() },
+        };
+        let limits = Limits { cpu_millis: 500, cpu_quota: true, mem_bytes: Some(64 << 20), pids: Some(32) };
+        let oom = CgroupStats {
+            cpu_time: Some(Duration::from_secs(2)),
+            throttled: Some(Duration::from_secs(1)),
+            mem_peak: Some(64 << 20),
+            mem_current: Some(4096),
+            oom_kills: Some(1),
+            ..CgroupStats::default()
+        };
+        let t = Termination::from_exit(exit(Some(137), None), false, Some((&oom, &limits)));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_MEMORY_LIMIT));
+        assert!(t.message.contains("67108864 bytes"), "{}", t.message);
+        let u = t.usage.expect("usage");
+        assert_eq!((u.cpu_time, u.peak_mem), (Some(Duration::from_secs(2)), Some(64 << 20)));
+        assert_eq!((u.throttled, u.mem_current), (Some(Duration::from_secs(1)), Some(4096)));
+        let t = Termination::from_exit(exit(None, Some(libc::SIGKILL)), false, Some((&oom, &limits)));
+        assert_eq!(t.reason, REASON_MEMORY_LIMIT);
+        // A child was OOM-killed but the task coped: it finished.
+        let t = Termination::from_exit(exit(Some(0), None), false, Some((&oom, &limits)));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Finished, "command exited"));
+        // A kill on request stays a kill.
+        let t = Termination::from_exit(exit(None, Some(libc::SIGTERM)), true, Some((&oom, &limits)));
+        assert_eq!(t.state, TaskState::Killed);
+        let pids = CgroupStats { pids_limit_hits: Some(3), ..CgroupStats::default() };
+        let t = Termination::from_exit(exit(Some(2), None), false, Some((&pids, &limits)));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_PROCESS_LIMIT));
+        assert!(t.message.contains("limit of 32"), "{}", t.message);
+        // Without a cgroup the signal says nothing about memory.
+        let t = Termination::from_exit(exit(None, Some(libc::SIGKILL)), false, None);
+        assert_eq!(t.reason, "killed by signal");
+        assert_eq!(t.usage.and_then(|u| u.cpu_time), Some(Duration::from_millis(5)));
     }
 
     #[test]

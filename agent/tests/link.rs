@@ -153,6 +153,7 @@ fn config(dir: &Path, master: String) -> AgentConfig {
         hostname: "node-1".into(),
         kill_grace: Duration::from_secs(3),
         kill_tasks_on_shutdown: true,
+        isolation: agora_agent::cgroups::IsolationConfig::default(),
     }
 }
 

@@ -1,7 +1,7 @@
-//! Allocation modules: the policy that decides *which framework* is offered an agent's free
-//! resources. The [`core`](crate::core) owns the mechanism (agents, offers, decline filters,
-//! tasks) and drives an [`Allocator`] through a small set of notifications; the allocator only
-//! keeps what its policy needs (here: each framework's allocation and the cluster total).
+//! Allocation modules: the policy that decides *which framework* is offered *how much* of the
+//! agents' free resources. The [`core`](crate::core) owns the mechanism (agents, offers, decline
+//! filters, tasks) and drives an [`Allocator`] through a small set of notifications; the
+//! allocator only keeps what its policy needs.
 //!
 //! Contract between the core and an allocator:
 //!
@@ -12,22 +12,30 @@
 //!   ended tasks, agents that became unreachable) is reported through [`Allocator::recover`];
 //!   resources the framework gains without an offer (tasks adopted from a re-registering agent)
 //!   through [`Allocator::allocated`].
+//! - A decision may only hold unreserved resources and resources reserved for the framework's
+//!   role, and must fit in the candidate's `available` (all decisions on one agent together).
+//!   The core drops (and recovers) decisions that break this, and crumbs smaller than
+//!   [`AllocatorOptions::min_allocatable`].
 //! - Calls about frameworks the allocator does not know (e.g. removed ones) must be ignored.
 //!
-//! Built-in allocators are listed in [`BUILTIN`] and created with [`by_name`].
+//! Allocators are created by name from a [`Registry`]: [`Registry::builtin`] is the one place
+//! that lists the built-ins (`drf`, `priority`), and [`Registry::register`] adds more (see
+//! `examples/binpack_allocator.rs`).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::time::Instant;
 
-use agora_sdk::proto::{AgentId, FrameworkId};
-use agora_sdk::resources::Resources;
+use agora_sdk::proto::{AgentId, Demand, FrameworkId};
+use agora_sdk::resources::{ResourceKinds, UNRESERVED_ROLE};
+use agora_sdk::Resources;
 
 /// An agent whose free, unoffered resources may be allocated in this cycle.
 #[derive(Clone, Debug)]
 pub struct Candidate<'a> {
     pub agent: &'a AgentId,
-    /// Free resources nobody holds (never empty).
+    /// Free resources nobody holds (never empty), with their reservation breakdown.
     pub available: Resources,
 }
 
@@ -40,10 +48,11 @@ pub struct Allocation {
 }
 
 /// Whether `framework` may be offered `resources` on `agent` right now (the core's decline
-/// filters). Allocators must skip a framework for which this returns `false`.
+/// filters and the framework's link). Allocators must skip a framework for which this returns
+/// `false`.
 pub type Eligibility<'a> = dyn Fn(&FrameworkId, &AgentId, &Resources) -> bool + 'a;
 
-/// A pluggable allocation policy (weighted DRF, strict priority, quotas, ...).
+/// A pluggable allocation policy (weighted DRF, strict priority, bin packing, ...).
 ///
 /// Only frameworks that are both *active* (connected) and not *suppressed* may receive
 /// allocations. The core calls every method from one thread; implementations must be cheap:
@@ -65,6 +74,12 @@ pub trait Allocator: Send {
     fn suppress(&mut self, framework: &FrameworkId);
     /// Offers resume.
     fn revive(&mut self, framework: &FrameworkId);
+    /// The framework's pending demand (replaces the previous one; empty: it wants nothing).
+    /// Tasks offered against it count as served until the framework states it again.
+    /// Allocators that do not size offers to demand may ignore it (the default).
+    fn set_demand(&mut self, framework: &FrameworkId, demands: &[Demand]) {
+        let _ = (framework, demands);
+    }
 
     /// An agent joined the pool with these total resources.
     fn add_agent(&mut self, agent: &AgentId, total: &Resources);
@@ -77,7 +92,8 @@ pub trait Allocator: Send {
     fn recover(&mut self, framework: &FrameworkId, agent: &AgentId, resources: &Resources);
 
     /// Decides who gets the candidates' resources. Each returned allocation is recorded as
-    /// held by its framework; an agent appears at most once.
+    /// held by its framework. An agent may appear several times (slices for several
+    /// frameworks); one framework at most once per agent.
     fn allocate(
         &mut self,
         now: Instant,
@@ -86,20 +102,213 @@ pub trait Allocator: Send {
     ) -> Vec<Allocation>;
 }
 
-/// Settings shared by the built-in allocators.
+/// Settings of the allocation policy (`--weights`, `--priorities`, `--quota`, `--quota-limit`,
+/// `--min-allocatable`). Allocators use what applies to them.
 #[derive(Clone, Debug, Default)]
 pub struct AllocatorOptions {
     /// Role weights for weighted fair sharing (a missing role weighs 1; a weight that is not
     /// a positive finite number counts as 1).
     pub role_weights: BTreeMap<String, f64>,
+    /// Role priorities for strict priority (higher first; a missing role has 0).
+    pub role_priorities: BTreeMap<String, i64>,
+    /// Guaranteed minimum per role, satisfied before fair sharing and kept free for the role
+    /// while it is not met.
+    pub quota_guarantees: BTreeMap<String, Resources>,
+    /// Maximum per role, never exceeded (only the kinds named are capped).
+    pub quota_limits: BTreeMap<String, Resources>,
+    /// Alternatives, any of which makes resources worth offering (`cpus:0.01|mem:32MiB`);
+    /// empty: anything non-empty is.
+    pub min_allocatable: Vec<Resources>,
 }
 
-/// Names of the built-in allocators, for [`by_name`].
-pub const BUILTIN: &[&str] = &[DrfAllocator::NAME];
+/// Whether `r` is worth offering under `min` (see [`AllocatorOptions::min_allocatable`]).
+pub fn is_allocatable(r: &Resources, min: &[Resources]) -> bool {
+    if r.is_empty() {
+        return false;
+    }
+    min.is_empty() || min.iter().any(|m| r.contains(m))
+}
+
+/// Reading the operator's spelling of these options.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OptionError {
+    #[error("invalid {flag} entry `{entry}`: expected ROLE=VALUE")]
+    Entry { flag: &'static str, entry: String },
+    #[error("invalid role `{role}` in {flag}")]
+    Role { flag: &'static str, role: String },
+    #[error("invalid weight `{value}` for role {role}: a positive number")]
+    Weight { role: String, value: String },
+    #[error("invalid priority `{value}` for role {role}: an integer")]
+    Priority { role: String, value: String },
+    #[error("invalid resources `{value}` for role {role} in {flag}: {why}")]
+    Resources { flag: &'static str, role: String, value: String, why: String },
+    #[error("role {role} is given twice in {flag}")]
+    Duplicate { flag: &'static str, role: String },
+    #[error("invalid --min-allocatable `{value}`: {why}")]
+    MinAllocatable { value: String, why: String },
+}
+
+fn role_pairs<'a>(flag: &'static str, text: &'a str) -> Result<Vec<(&'a str, &'a str)>, OptionError> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (role, value) =
+            entry.split_once('=').ok_or_else(|| OptionError::Entry { flag, entry: entry.to_string() })?;
+        let role = role.trim();
+        if !agora_sdk::resources::valid_role(role) {
+            return Err(OptionError::Role { flag, role: role.to_string() });
+        }
+        if out.iter().any(|(r, _)| *r == role) {
+            return Err(OptionError::Duplicate { flag, role: role.to_string() });
+        }
+        out.push((role, value.trim()));
+    }
+    Ok(out)
+}
+
+/// Parses `--weights analytics=2,web=1`.
+pub fn parse_weights(text: &str) -> Result<BTreeMap<String, f64>, OptionError> {
+    role_pairs("--weights", text)?
+        .into_iter()
+        .map(|(role, v)| match v.parse::<f64>() {
+            Ok(w) if w.is_finite() && w > 0.0 => Ok((role.to_string(), w)),
+            _ => Err(OptionError::Weight { role: role.to_string(), value: v.to_string() }),
+        })
+        .collect()
+}
+
+/// Parses `--priorities analytics=10,web=1`.
+pub fn parse_priorities(text: &str) -> Result<BTreeMap<String, i64>, OptionError> {
+    role_pairs("--priorities", text)?
+        .into_iter()
+        .map(|(role, v)| {
+            v.parse::<i64>()
+                .map(|p| (role.to_string(), p))
+                .map_err(|_| OptionError::Priority { role: role.to_string(), value: v.to_string() })
+        })
+        .collect()
+}
+
+/// Parses one `--quota` / `--quota-limit` value, `analytics=cpus:4;mem:8GiB` (one role per
+/// flag; repeat the flag for more roles).
+pub fn parse_role_resources(flag: &'static str, text: &str) -> Result<(String, Resources), OptionError> {
+    let (role, value) =
+        text.split_once('=').ok_or_else(|| OptionError::Entry { flag, entry: text.to_string() })?;
+    let role = role.trim();
+    if !agora_sdk::resources::valid_role(role) {
+        return Err(OptionError::Role { flag, role: role.to_string() });
+    }
+    let bad =
+        |why: String| OptionError::Resources { flag, role: role.to_string(), value: value.to_string(), why };
+    let r = Resources::parse(value).map_err(|e| bad(e.to_string()))?;
+    if !r.reserved.is_empty() || !r.ports.is_empty() {
+        return Err(bad("a quota names plain scalar quantities (no ports, no reservations)".into()));
+    }
+    Ok((role.to_string(), r))
+}
+
+/// Parses `--min-allocatable cpus:0.01|mem:32MiB` (alternatives separated by `|`, each a
+/// resource set that must fit).
+pub fn parse_min_allocatable(text: &str) -> Result<Vec<Resources>, OptionError> {
+    let mut out = Vec::new();
+    for alt in text.split('|').map(str::trim).filter(|a| !a.is_empty()) {
+        let r = Resources::parse(alt)
+            .map_err(|e| OptionError::MinAllocatable { value: text.to_string(), why: e.to_string() })?;
+        if !r.reserved.is_empty() || !r.ports.is_empty() || r.is_empty() {
+            return Err(OptionError::MinAllocatable {
+                value: text.to_string(),
+                why: format!("`{alt}` must name plain non-zero scalar quantities"),
+            });
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+
+/// Makes an allocator from the operator's options.
+pub type Factory = fn(&AllocatorOptions) -> Box<dyn Allocator>;
+
+/// Allocators by name. [`Registry::builtin`] is the one place that lists the built-ins;
+/// embedders and examples [`register`](Registry::register) more.
+#[derive(Clone)]
+pub struct Registry {
+    factories: BTreeMap<String, Factory>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+/// A registry that could not do what was asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("unknown allocator `{name}` (known: {known})")]
+    Unknown { name: String, known: String },
+    #[error("an allocator named `{0}` is already registered")]
+    Duplicate(String),
+    #[error("invalid allocator name `{0}`: letters, digits, `_` or `-`")]
+    InvalidName(String),
+}
+
+impl Registry {
+    /// No allocators at all.
+    pub fn empty() -> Self {
+        Registry { factories: BTreeMap::new() }
+    }
+
+    /// The built-in allocators: `drf` (hierarchical weighted DRF) and `priority` (strict
+    /// priority).
+    pub fn builtin() -> Self {
+        let mut r = Self::empty();
+        r.factories.insert(HierarchicalAllocator::DRF.into(), |o| Box::new(HierarchicalAllocator::drf(o)));
+        r.factories
+            .insert(HierarchicalAllocator::PRIORITY.into(), |o| Box::new(HierarchicalAllocator::priority(o)));
+        r
+    }
+
+    /// Adds an allocator under `name`.
+    pub fn register(&mut self, name: &str, factory: Factory) -> Result<(), RegistryError> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(RegistryError::InvalidName(name.to_string()));
+        }
+        if self.factories.contains_key(name) {
+            return Err(RegistryError::Duplicate(name.to_string()));
+        }
+        self.factories.insert(name.to_string(), factory);
+        Ok(())
+    }
+
+    /// The registered names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.factories.keys().map(String::as_str).collect()
+    }
+
+    /// Creates the allocator registered as `name`.
+    pub fn create(
+        &self,
+        name: &str,
+        options: &AllocatorOptions,
+    ) -> Result<Box<dyn Allocator>, RegistryError> {
+        match self.factories.get(name) {
+            Some(f) => Ok(f(options)),
+            None => Err(RegistryError::Unknown { name: name.to_string(), known: self.names().join(", ") }),
+        }
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
 
 /// Names of the built-in allocators.
-pub fn names() -> &'static [&'static str] {
-    BUILTIN
+pub fn names() -> Vec<&'static str> {
+    vec![HierarchicalAllocator::DRF, HierarchicalAllocator::PRIORITY]
 }
 
 /// Creates a built-in allocator by name with default options, or `None` if there is none
@@ -110,11 +319,11 @@ pub fn by_name(name: &str) -> Option<Box<dyn Allocator>> {
 
 /// Creates a built-in allocator by name with these options.
 pub fn by_name_with(name: &str, options: &AllocatorOptions) -> Option<Box<dyn Allocator>> {
-    match name {
-        DrfAllocator::NAME => Some(Box::new(DrfAllocator::with_weights(options.role_weights.clone()))),
-        _ => None,
-    }
+    Registry::builtin().create(name, options).ok()
 }
+
+// ---------------------------------------------------------------------------------------------
+// The hierarchical allocator (drf, priority)
 
 /// A totally ordered share, so frameworks can be kept in a sorted set.
 #[derive(Clone, Copy, Debug)]
@@ -137,95 +346,234 @@ impl Ord for Share {
     }
 }
 
+/// Place of a framework within its role: DRF (share, cycle of its last allocation,
+/// subscription order); priority (0, subscription order, subscription order). Plain numbers,
+/// so that keeping the order costs no allocation and no string comparison.
+type FwKey = (Share, u64, u64);
+/// Place of a role: (weighted share or minus priority, name).
+type RoleKey = (Share, String);
+
+/// How roles and frameworks are ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    /// Lowest weighted dominant share first (roles), then lowest dominant share (frameworks
+    /// within a role); ties by role name, then the framework allocated least recently (so
+    /// frameworks that decline everything take turns), then subscription order.
+    Drf,
+    /// Highest role priority first (ties by role name), then frameworks in subscription
+    /// order (first come, first served).
+    Priority,
+}
+
 #[derive(Debug)]
-struct DrfFramework {
+struct Fw {
     role: String,
+    seq: u64,
+    /// The allocation cycle in which it was last given something (0: never).
+    last_round: u64,
+    /// Scalar part of everything it holds (no ports, no breakdown).
     allocated: Resources,
     active: bool,
     suppressed: bool,
-    /// `Some(key)` exactly when the framework is in [`DrfAllocator::order`] under that key.
-    key: Option<Share>,
+    /// Pending demand not yet offered: `None` when never stated (whole agents).
+    demand: Option<Vec<(Resources, u32)>>,
+    /// `Some(key)` exactly when it is in its role's `order` under that key.
+    key: Option<FwKey>,
 }
 
-impl DrfFramework {
+impl Fw {
     fn offerable(&self) -> bool {
-        self.active && !self.suppressed
+        self.active && !self.suppressed && self.demand.as_ref().is_none_or(|d| d.iter().any(|(_, n)| *n > 0))
     }
 }
 
-/// Weighted Dominant Resource Fairness: each agent goes to the offerable framework with the
-/// lowest dominant share (allocation over cluster total, divided by its role's weight), ties
-/// broken by framework id.
-///
-/// Port ranges are left out of the shares: the same range on many agents would merge into one
-/// and distort the total. Offerable frameworks are kept in a set sorted by share, so one
-/// allocation costs O(log frameworks) when no filter is in the way.
 #[derive(Debug, Default)]
-pub struct DrfAllocator {
-    weights: BTreeMap<String, f64>,
+struct RoleState {
+    /// Sum of its frameworks' allocations (scalar part).
+    allocated: Resources,
+    /// Offerable frameworks in policy order.
+    order: BTreeSet<FwKey>,
+    /// Members, offerable or not.
+    members: usize,
+    key: Option<RoleKey>,
+}
+
+/// The built-in allocators: hierarchical (roles, then frameworks within a role) with quota
+/// guarantees and limits, reservations, demand-aware slicing and minimum allocatable
+/// resources; ordered by weighted DRF (`drf`) or strict priority (`priority`).
+///
+/// Per cycle, for every candidate agent in turn:
+/// 1. roles whose quota guarantee is not met pick first, up to the guarantee;
+/// 2. then every role in policy order, frameworks within it in policy order; the first
+///    eligible framework that can use the agent gets either the whole of what it may have
+///    (no stated demand: Mesos's behaviour) or one task of its demand, after which the order
+///    is updated and the next pick happens on what is left (DRF progressive filling);
+///
+/// never beyond a role's limit, and never eating into the headroom that unmet guarantees need.
+/// Port ranges are left out of the shares.
+#[derive(Debug)]
+pub struct HierarchicalAllocator {
+    policy: Policy,
+    options: AllocatorOptions,
     agents: HashMap<AgentId, Resources>,
     total: Resources,
-    frameworks: HashMap<FrameworkId, DrfFramework>,
-    /// Offerable frameworks by ascending weighted share.
-    order: BTreeSet<(Share, FrameworkId)>,
-    /// The total changed since the keys in `order` were computed.
+    frameworks: HashMap<FrameworkId, Fw>,
+    /// Framework id by subscription order (`Fw::seq`).
+    id_of: HashMap<u64, FrameworkId>,
+    roles: HashMap<String, RoleState>,
+    /// Roles with at least one offerable framework, in policy order.
+    role_order: BTreeSet<RoleKey>,
+    /// The total changed since the DRF keys were computed.
     stale: bool,
+    next_seq: u64,
+    /// Allocation cycles run so far.
+    round: u64,
 }
 
-/// The part of `r` that takes part in DRF shares (everything but ports).
+/// The DRF allocator (kept as the name existing code uses).
+pub type DrfAllocator = HierarchicalAllocator;
+
+/// The part of `r` that takes part in shares and quotas (no ports, no breakdown).
 fn scalar_part(r: &Resources) -> Resources {
-    Resources { ports: Vec::new(), ..r.clone() }
+    if r.ports.is_empty() && r.reserved.is_empty() {
+        return r.clone();
+    }
+    Resources { ports: Vec::new(), reserved: BTreeMap::new(), ..r.clone() }
 }
 
-impl DrfAllocator {
-    /// Its name in [`by_name`].
-    pub const NAME: &'static str = "drf";
+/// What a pick gives.
+enum Grant {
+    /// Everything the framework may have here (no stated demand).
+    Whole(Resources),
+    /// One task of demand entry `index`.
+    Slice(Resources, usize),
+}
 
-    /// Plain DRF (every role weighs 1).
+impl Default for HierarchicalAllocator {
+    fn default() -> Self {
+        Self::drf(&AllocatorOptions::default())
+    }
+}
+
+impl HierarchicalAllocator {
+    /// Name of the weighted DRF variant.
+    pub const DRF: &'static str = "drf";
+    /// Name of the strict priority variant.
+    pub const PRIORITY: &'static str = "priority";
+    /// Kept for existing callers: [`Self::DRF`].
+    pub const NAME: &'static str = Self::DRF;
+
+    fn with_policy(policy: Policy, options: &AllocatorOptions) -> Self {
+        HierarchicalAllocator {
+            policy,
+            options: options.clone(),
+            agents: HashMap::new(),
+            total: Resources::default(),
+            frameworks: HashMap::new(),
+            id_of: HashMap::new(),
+            roles: HashMap::new(),
+            role_order: BTreeSet::new(),
+            stale: false,
+            next_seq: 0,
+            round: 0,
+        }
+    }
+
+    /// Plain DRF (every role weighs 1, no quotas).
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Hierarchical weighted DRF with these options.
+    pub fn drf(options: &AllocatorOptions) -> Self {
+        Self::with_policy(Policy::Drf, options)
+    }
+
     /// Weighted DRF with these role weights.
     pub fn with_weights(weights: BTreeMap<String, f64>) -> Self {
-        DrfAllocator { weights, ..Self::default() }
+        Self::drf(&AllocatorOptions { role_weights: weights, ..AllocatorOptions::default() })
+    }
+
+    /// Strict priority with these options.
+    pub fn priority(options: &AllocatorOptions) -> Self {
+        Self::with_policy(Policy::Priority, options)
     }
 
     /// Sets one role's weight (effective from the next allocation).
     pub fn set_weight(&mut self, role: &str, weight: f64) {
-        self.weights.insert(role.to_string(), weight);
+        self.options.role_weights.insert(role.to_string(), weight);
         self.stale = true;
     }
 
-    /// The weighted dominant share of a framework, if known (for tests and observability).
+    /// The dominant share of a framework within its role, if known (for tests and
+    /// observability).
     pub fn share(&self, framework: &FrameworkId) -> Option<f64> {
-        self.frameworks.get(framework).map(|f| self.key_of(f).0)
+        self.frameworks.get(framework).map(|f| f.allocated.dominant_share(&self.total))
+    }
+
+    /// The weighted dominant share of a role (0 for an unknown role).
+    pub fn role_share(&self, role: &str) -> f64 {
+        self.roles.get(role).map_or(0.0, |r| r.allocated.dominant_share(&self.total) / self.weight(role))
     }
 
     fn weight(&self, role: &str) -> f64 {
-        match self.weights.get(role) {
+        match self.options.role_weights.get(role) {
             Some(w) if w.is_finite() && *w > 0.0 => *w,
             _ => 1.0,
         }
     }
 
-    fn key_of(&self, f: &DrfFramework) -> Share {
-        Share(f.allocated.dominant_share(&self.total) / self.weight(&f.role))
+    fn fw_key(&self, f: &Fw) -> FwKey {
+        match self.policy {
+            Policy::Drf => (Share(f.allocated.dominant_share(&self.total)), f.last_round, f.seq),
+            Policy::Priority => (Share(0.0), f.seq, f.seq),
+        }
     }
 
-    /// Puts a framework at its right place in `order` (or out of it).
+    fn role_primary(&self, role: &str, r: &RoleState) -> Share {
+        Share(match self.policy {
+            Policy::Drf => r.allocated.dominant_share(&self.total) / self.weight(role),
+            Policy::Priority => -(self.options.role_priorities.get(role).copied().unwrap_or(0) as f64),
+        })
+    }
+
+    /// Puts a framework at its right place in its role's order (or out of it), then the role.
     fn rekey(&mut self, id: &FrameworkId) {
         let Some(f) = self.frameworks.get(id) else { return };
-        let new_key = f.offerable().then(|| self.key_of(f));
-        let old_key = f.key;
-        if let Some(k) = old_key {
-            self.order.remove(&(k, id.clone()));
+        let new_key = f.offerable().then(|| self.fw_key(f));
+        if new_key != f.key {
+            let role = f.role.clone();
+            let old_key = f.key;
+            if let Some(r) = self.roles.get_mut(&role) {
+                if let Some(k) = &old_key {
+                    r.order.remove(k);
+                }
+                if let Some(k) = new_key {
+                    r.order.insert(k);
+                }
+            }
+            if let Some(f) = self.frameworks.get_mut(id) {
+                f.key = new_key;
+            }
+            self.rekey_role(&role);
         }
-        if let Some(k) = new_key {
-            self.order.insert((k, id.clone()));
+    }
+
+    fn rekey_role(&mut self, role: &str) {
+        let Some(r) = self.roles.get(role) else { return };
+        let primary = (!r.order.is_empty()).then(|| self.role_primary(role, r));
+        if primary == r.key.as_ref().map(|k| k.0) {
+            return;
         }
-        if let Some(f) = self.frameworks.get_mut(id) {
-            f.key = new_key;
+        let new_key = primary.map(|p| (p, role.to_string()));
+        if let Some(k) = &r.key {
+            self.role_order.remove(k);
+        }
+        if let Some(k) = &new_key {
+            self.role_order.insert(k.clone());
+        }
+        if let Some(r) = self.roles.get_mut(role) {
+            r.key = new_key;
         }
     }
 
@@ -234,44 +582,289 @@ impl DrfAllocator {
         for id in &ids {
             self.rekey(id);
         }
+        let roles: Vec<String> = self.roles.keys().cloned().collect();
+        for r in &roles {
+            self.rekey_role(r);
+        }
         self.stale = false;
     }
 
-    fn update(&mut self, id: &FrameworkId, change: impl FnOnce(&mut DrfFramework)) {
+    fn update(&mut self, id: &FrameworkId, change: impl FnOnce(&mut Fw)) {
         if let Some(f) = self.frameworks.get_mut(id) {
             change(f);
             self.rekey(id);
         }
     }
+
+    /// Adds (or with `negative`, removes) `r` to a framework's and its role's allocation.
+    fn account(&mut self, id: &FrameworkId, r: &Resources, negative: bool) {
+        let r = scalar_part(r);
+        let Some(f) = self.frameworks.get_mut(id) else { return };
+        let apply = |a: &Resources| if negative { a.saturating_sub(&r) } else { a.add(&r) };
+        f.allocated = apply(&f.allocated);
+        let role = f.role.clone();
+        if let Some(rs) = self.roles.get_mut(&role) {
+            rs.allocated = apply(&rs.allocated);
+        }
+        if self.policy == Policy::Drf {
+            self.rekey(id);
+            self.rekey_role(&role);
+        }
+    }
+
+    /// The quota guarantee a role still misses (named kinds only), if any.
+    fn shortfall(&self, role: &str) -> Option<Resources> {
+        let g = self.options.quota_guarantees.get(role)?;
+        let have = self.roles.get(role).map(|r| &r.allocated);
+        let missing = match have {
+            Some(h) => g.saturating_sub(h),
+            None => g.clone(),
+        };
+        (!missing.is_empty()).then_some(missing)
+    }
+
+    /// What a role may still get under its limit (named kinds only).
+    fn limit_headroom(&self, role: &str) -> Option<(Resources, ResourceKinds)> {
+        let l = self.options.quota_limits.get(role)?;
+        let have = self.roles.get(role).map(|r| r.allocated.clone()).unwrap_or_default();
+        Some((l.saturating_sub(&have), l.kinds()))
+    }
 }
 
-impl Allocator for DrfAllocator {
+/// Working state of one cycle's quota bookkeeping.
+struct QuotaCycle {
+    /// Kinds named by some guarantee.
+    kinds: ResourceKinds,
+    /// Unmet guarantees per role.
+    shortfall: BTreeMap<String, Resources>,
+    /// Sum of the unmet guarantees.
+    need: Resources,
+    /// Sum of the candidates' free resources (scalar part).
+    free: Resources,
+}
+
+impl QuotaCycle {
+    /// The most a role may take (on guarantee kinds) without eating into other roles'
+    /// unmet guarantees: its own shortfall plus the surplus of free over need.
+    fn cap(&self, role: &str) -> Resources {
+        let surplus = self.free.saturating_sub(&self.need);
+        match self.shortfall.get(role) {
+            Some(s) => surplus.add(s),
+            None => surplus,
+        }
+    }
+
+    fn take(&mut self, role: &str, given: &Resources) {
+        // `free` counts unreserved resources only; reserved ones count towards the guarantee.
+        self.free = self.free.saturating_sub(&scalar_part(&given.unreserved()));
+        let given = scalar_part(given);
+        if let Some(s) = self.shortfall.get_mut(role) {
+            let before = s.clone();
+            *s = s.saturating_sub(&given);
+            let met = before.saturating_sub(s);
+            self.need = self.need.saturating_sub(&met);
+            if s.is_empty() {
+                self.shortfall.remove(role);
+            }
+        }
+    }
+}
+
+fn union_kinds(a: &mut ResourceKinds, b: &ResourceKinds) {
+    a.cpus |= b.cpus;
+    a.mem |= b.mem;
+    a.disk |= b.disk;
+    for s in &b.scalars {
+        if !a.scalars.contains(s) {
+            a.scalars.push(s.clone());
+        }
+    }
+}
+
+impl HierarchicalAllocator {
+    /// What framework `fw` of `role` can be given out of `usable` (already restricted to
+    /// its role and caps), or `None` when it can use nothing of it.
+    fn grant_for(&self, f: &Fw, usable: &Resources) -> Option<Grant> {
+        match &f.demand {
+            None => {
+                is_allocatable(usable, &self.options.min_allocatable).then(|| Grant::Whole(usable.clone()))
+            }
+            Some(d) => d.iter().enumerate().filter(|(_, (_, n))| *n > 0).find_map(|(i, (shape, _))| {
+                usable.take_for_role(&f.role, shape).map(|slice| Grant::Slice(slice, i))
+            }),
+        }
+    }
+
+    /// Restricts `remaining` to what role `role` may get now: its reservations and the
+    /// unreserved part, capped by its limit and (when quotas are in force) by the headroom
+    /// other roles' guarantees need; in the guarantee stage, also by its own shortfall.
+    fn usable_for(
+        &self,
+        role: &str,
+        remaining: &Resources,
+        quota: Option<&QuotaCycle>,
+        guarantee_stage: bool,
+    ) -> Resources {
+        let mut usable = remaining.for_role(role);
+        if let Some((head, kinds)) = self.limit_headroom(role) {
+            usable = usable.capped_by(&head, &kinds);
+        }
+        if let Some(q) = quota {
+            if guarantee_stage {
+                // Up to the guarantee on every kind it names (a kind already met is capped at
+                // zero here and comes in the fair-share stage).
+                if let (Some(s), Some(g)) = (q.shortfall.get(role), self.options.quota_guarantees.get(role)) {
+                    usable = usable.capped_by(s, &g.kinds());
+                }
+            } else {
+                // Reservations are the role's own: only its unreserved take counts here.
+                let own = usable.reserved_for(role);
+                usable = usable.capped_by(&q.cap(role).add(&own), &q.kinds);
+            }
+        }
+        usable
+    }
+
+    /// Fills one agent: repeatedly picks the first eligible framework in policy order that can
+    /// use what is left, until nobody can.
+    fn fill_agent(
+        &mut self,
+        agent: &AgentId,
+        remaining: &mut Resources,
+        eligible: &Eligibility<'_>,
+        mut quota: Option<&mut QuotaCycle>,
+        guarantee_stage: bool,
+        out: &mut Vec<Allocation>,
+    ) {
+        // Frameworks and roles that cannot use this agent any more this cycle: what is left
+        // only shrinks, so a filter that hides it or a demand that does not fit stays so.
+        let mut skip_fw: Vec<u64> = Vec::new();
+        let mut skip_role: Vec<String> = Vec::new();
+        let first_out = out.len();
+        while is_allocatable(remaining, &self.options.min_allocatable) {
+            let mut pick: Option<(FrameworkId, u64, String, Grant)> = None;
+            'roles: for (_, role) in &self.role_order {
+                if skip_role.contains(role) {
+                    continue;
+                }
+                if guarantee_stage && quota.as_ref().is_none_or(|q| !q.shortfall.contains_key(role)) {
+                    continue;
+                }
+                let Some(rs) = self.roles.get(role) else { continue };
+                let usable = self.usable_for(role, remaining, quota.as_deref(), guarantee_stage);
+                if usable.is_empty() {
+                    skip_role.push(role.clone());
+                    continue;
+                }
+                for (_, _, seq) in &rs.order {
+                    if skip_fw.contains(seq) {
+                        continue;
+                    }
+                    let Some(id) = self.id_of.get(seq) else { continue };
+                    let Some(f) = self.frameworks.get(id) else { continue };
+                    if !eligible(id, agent, &usable) {
+                        skip_fw.push(*seq);
+                        continue;
+                    }
+                    match self.grant_for(f, &usable) {
+                        Some(g) => {
+                            pick = Some((id.clone(), *seq, role.clone(), g));
+                            break 'roles;
+                        }
+                        None => skip_fw.push(*seq),
+                    }
+                }
+                skip_role.push(role.clone());
+            }
+            let Some((id, seq, role, grant)) = pick else { break };
+            let sliced = matches!(grant, Grant::Slice(..));
+            let given = match grant {
+                Grant::Whole(r) => {
+                    // Nothing more for this framework here.
+                    skip_fw.push(seq);
+                    r
+                }
+                Grant::Slice(r, i) => {
+                    if let Some(Some(d)) = self.frameworks.get_mut(&id).map(|f| f.demand.as_mut()) {
+                        if let Some(e) = d.get_mut(i) {
+                            e.1 = e.1.saturating_sub(1);
+                        }
+                    }
+                    r
+                }
+            };
+            *remaining = remaining.saturating_sub(&given);
+            if let Some(f) = self.frameworks.get_mut(&id) {
+                f.last_round = self.round;
+            }
+            if let Some(q) = quota.as_deref_mut() {
+                q.take(&role, &given);
+            }
+            self.account(&id, &given, false);
+            if sliced || self.policy != Policy::Drf {
+                // A framework whose demand is now all offered leaves the order (DRF re-keyed
+                // it in `account` already).
+                self.rekey(&id);
+            }
+            match out[first_out..].iter_mut().find(|a| a.framework == id) {
+                Some(a) => a.resources.add_assign(&given),
+                None => out.push(Allocation { framework: id, agent: agent.clone(), resources: given }),
+            }
+        }
+    }
+}
+
+impl Allocator for HierarchicalAllocator {
     fn name(&self) -> &str {
-        Self::NAME
+        match self.policy {
+            Policy::Drf => Self::DRF,
+            Policy::Priority => Self::PRIORITY,
+        }
     }
 
     fn add_framework(&mut self, framework: &FrameworkId, role: &str) {
         if self.frameworks.contains_key(framework) {
             return;
         }
+        self.next_seq += 1;
+        self.id_of.insert(self.next_seq, framework.clone());
         self.frameworks.insert(
             framework.clone(),
-            DrfFramework {
+            Fw {
                 role: role.to_string(),
+                seq: self.next_seq,
+                last_round: 0,
                 allocated: Resources::default(),
                 active: true,
                 suppressed: false,
+                demand: None,
                 key: None,
             },
         );
+        self.roles.entry(role.to_string()).or_default().members += 1;
         self.rekey(framework);
     }
 
     fn remove_framework(&mut self, framework: &FrameworkId) {
-        if let Some(f) = self.frameworks.remove(framework) {
-            if let Some(k) = f.key {
-                self.order.remove(&(k, framework.clone()));
+        let Some(f) = self.frameworks.remove(framework) else { return };
+        self.id_of.remove(&f.seq);
+        let mut empty = false;
+        if let Some(r) = self.roles.get_mut(&f.role) {
+            if let Some(k) = &f.key {
+                r.order.remove(k);
             }
+            r.allocated = r.allocated.saturating_sub(&f.allocated);
+            r.members = r.members.saturating_sub(1);
+            empty = r.members == 0;
+        }
+        if empty {
+            if let Some(r) = self.roles.remove(&f.role) {
+                if let Some(k) = r.key {
+                    self.role_order.remove(&k);
+                }
+            }
+        } else {
+            self.rekey_role(&f.role);
         }
     }
 
@@ -291,6 +884,15 @@ impl Allocator for DrfAllocator {
         self.update(framework, |f| f.suppressed = false);
     }
 
+    fn set_demand(&mut self, framework: &FrameworkId, demands: &[Demand]) {
+        let d: Vec<(Resources, u32)> = demands
+            .iter()
+            .filter(|d| d.count > 0 && !d.resources.is_empty())
+            .map(|d| (d.resources.flatten(), d.count))
+            .collect();
+        self.update(framework, |f| f.demand = Some(d));
+    }
+
     fn add_agent(&mut self, agent: &AgentId, total: &Resources) {
         let total = scalar_part(total);
         if let Some(old) = self.agents.insert(agent.clone(), total.clone()) {
@@ -308,13 +910,11 @@ impl Allocator for DrfAllocator {
     }
 
     fn allocated(&mut self, framework: &FrameworkId, _agent: &AgentId, resources: &Resources) {
-        let r = scalar_part(resources);
-        self.update(framework, |f| f.allocated.add_assign(&r));
+        self.account(framework, resources, false);
     }
 
     fn recover(&mut self, framework: &FrameworkId, _agent: &AgentId, resources: &Resources) {
-        let r = scalar_part(resources);
-        self.update(framework, |f| f.allocated = f.allocated.saturating_sub(&r));
+        self.account(framework, resources, true);
     }
 
     fn allocate(
@@ -326,22 +926,67 @@ impl Allocator for DrfAllocator {
         if self.stale {
             self.rebuild();
         }
+        self.round += 1;
         let mut out = Vec::new();
-        for c in candidates {
-            if c.available.is_empty() {
-                continue;
+        if self.role_order.is_empty() {
+            return out;
+        }
+        let mut remaining: Vec<Resources> = candidates.iter().map(|c| c.available.clone()).collect();
+        // Quota bookkeeping only when some guarantee is unmet.
+        let mut quota = None;
+        let shortfall: BTreeMap<String, Resources> = self
+            .options
+            .quota_guarantees
+            .keys()
+            .filter_map(|role| self.shortfall(role).map(|s| (role.clone(), s)))
+            .collect();
+        if !shortfall.is_empty() {
+            let mut kinds = ResourceKinds::default();
+            let mut need = Resources::default();
+            for s in shortfall.values() {
+                union_kinds(&mut kinds, &s.kinds());
+                need.add_assign(s);
             }
-            let chosen = self
-                .order
-                .iter()
-                .find(|(_, fw)| eligible(fw, c.agent, &c.available))
-                .map(|(_, fw)| fw.clone());
-            let Some(framework) = chosen else { continue };
-            self.allocated(&framework, c.agent, &c.available);
-            out.push(Allocation { framework, agent: c.agent.clone(), resources: c.available.clone() });
+            let mut free = Resources::default();
+            for r in &remaining {
+                free.add_assign(&scalar_part(&r.unreserved()));
+            }
+            quota = Some(QuotaCycle { kinds, shortfall, need, free });
+        }
+        if let Some(q) = quota.as_mut() {
+            for (c, rem) in candidates.iter().zip(remaining.iter_mut()) {
+                if q.shortfall.is_empty() {
+                    break;
+                }
+                self.fill_agent(c.agent, rem, eligible, Some(q), true, &mut out);
+            }
+        }
+        for (c, rem) in candidates.iter().zip(remaining.iter_mut()) {
+            let q = quota.as_mut().filter(|q| !q.shortfall.is_empty());
+            self.fill_agent(c.agent, rem, eligible, q, false, &mut out);
+        }
+        // One allocation per framework and agent (the guarantee stage may have given some).
+        if quota.is_some() {
+            let mut merged: Vec<Allocation> = Vec::with_capacity(out.len());
+            let mut index: HashMap<(FrameworkId, AgentId), usize> = HashMap::new();
+            for a in out {
+                match index.get(&(a.framework.clone(), a.agent.clone())) {
+                    Some(i) => merged[*i].resources.add_assign(&a.resources),
+                    None => {
+                        index.insert((a.framework.clone(), a.agent.clone()), merged.len());
+                        merged.push(a);
+                    }
+                }
+            }
+            out = merged;
         }
         out
     }
+}
+
+/// Whether resources of `r` may go to a framework of `role` (only its own reservations).
+pub fn fits_role(r: &Resources, role: &str) -> bool {
+    r.reserved.keys().all(|k| k == role && role != UNRESERVED_ROLE)
 }
 
 #[cfg(test)]
@@ -370,22 +1015,60 @@ mod tests {
     }
 
     #[test]
-    fn registry_knows_drf() {
+    fn registry_knows_the_builtins_and_takes_more() {
         let a = by_name("drf").expect("drf exists");
         assert_eq!(a.name(), "drf");
+        assert_eq!(by_name("priority").expect("priority exists").name(), "priority");
         assert!(by_name("nope").is_none());
         assert!(by_name_with("drf", &AllocatorOptions::default()).is_some());
-        assert_eq!(names(), &["drf"]);
+        assert_eq!(names(), vec!["drf", "priority"]);
+        let mut r = Registry::builtin();
+        assert_eq!(r.names(), vec!["drf", "priority"]);
+        assert_eq!(
+            r.register("drf", |o| Box::new(HierarchicalAllocator::drf(o))),
+            Err(RegistryError::Duplicate("drf".into()))
+        );
+        assert!(r.register("bad name", |o| Box::new(HierarchicalAllocator::drf(o))).is_err());
+        r.register("fifo", |o| Box::new(HierarchicalAllocator::priority(o))).expect("register");
+        assert_eq!(
+            r.create("fifo", &AllocatorOptions::default()).map(|a| a.name().to_string()),
+            Ok("priority".into())
+        );
+        let e =
+            r.create("nope", &AllocatorOptions::default()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("nope") && e.contains("drf, fifo, priority"), "{e}");
     }
 
     #[test]
-    fn lowest_dominant_share_wins_and_ties_go_by_id() {
+    fn option_parsers_name_the_bad_value() {
+        assert_eq!(parse_weights("analytics=2,web=1").expect("ok")["analytics"], 2.0);
+        let e = parse_weights("analytics=x").unwrap_err().to_string();
+        assert_eq!(e, "invalid weight `x` for role analytics: a positive number");
+        assert!(parse_weights("analytics=0").is_err());
+        assert!(parse_weights("analytics").unwrap_err().to_string().contains("ROLE=VALUE"));
+        assert!(parse_weights("a=1,a=2").unwrap_err().to_string().contains("twice"));
+        assert_eq!(parse_priorities("a=10,b=-1").expect("ok")["b"], -1);
+        assert!(parse_priorities("a=high").unwrap_err().to_string().contains("`high` for role a"));
+        let (role, r) = parse_role_resources("--quota", "analytics=cpus:4;mem:8GiB").expect("ok");
+        assert_eq!((role.as_str(), r.cpus), ("analytics", 4000));
+        let e = parse_role_resources("--quota", "analytics=cpus:x").unwrap_err().to_string();
+        assert!(e.contains("--quota") && e.contains("analytics") && e.contains("cpus:x"), "{e}");
+        assert!(parse_role_resources("--quota-limit", "a=cpus(a):1").is_err());
+        assert_eq!(parse_min_allocatable("cpus:0.01|mem:32MiB").expect("ok").len(), 2);
+        assert!(parse_min_allocatable("cpus:0").is_err());
+        assert!(is_allocatable(&res("mem:1GiB"), &parse_min_allocatable("cpus:0.01|mem:32MiB").expect("ok")));
+        assert!(!is_allocatable(&res("mem:1GiB"), &parse_min_allocatable("cpus:0.01").expect("ok")));
+        assert!(!is_allocatable(&Resources::default(), &[]));
+    }
+
+    #[test]
+    fn lowest_dominant_share_wins_and_ties_go_by_arrival() {
         let mut a = DrfAllocator::new();
         a.add_agent(&ag("a1"), &res("cpus:10;mem:10GiB"));
         a.add_agent(&ag("a2"), &res("cpus:10;mem:10GiB"));
-        a.add_framework(&fw("f2"), "*");
         a.add_framework(&fw("f1"), "*");
-        // Equal shares: ties go to the smaller id, then the other one is lower.
+        a.add_framework(&fw("f2"), "*");
+        // Equal shares: ties go to the first subscribed, then the other one is lower.
         let got = run(&mut a, &[(ag("a1"), res("cpus:1")), (ag("a2"), res("cpus:1"))]);
         assert_eq!(got, vec![("f1".into(), "a1".into()), ("f2".into(), "a2".into())]);
         // f1 now uses more memory (dominant): f2 gets the next one.
@@ -419,6 +1102,23 @@ mod tests {
     }
 
     #[test]
+    fn roles_come_first_then_frameworks_within_them() {
+        let mut a = DrfAllocator::new();
+        a.add_agent(&ag("a1"), &res("cpus:12"));
+        // Role x has two frameworks with 2 CPUs each (role share 4/12); role y one with 3.
+        a.add_framework(&fw("x1"), "x");
+        a.add_framework(&fw("x2"), "x");
+        a.add_framework(&fw("y1"), "y");
+        a.allocated(&fw("x1"), &ag("a1"), &res("cpus:2"));
+        a.allocated(&fw("x2"), &ag("a1"), &res("cpus:2"));
+        a.allocated(&fw("y1"), &ag("a1"), &res("cpus:3"));
+        // Flat DRF would pick x1 (2 < 3); hierarchical picks role y (3 < 4).
+        let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
+        assert_eq!(got, vec![("y1".into(), "a1".into())]);
+        assert!((a.role_share("x") - 4.0 / 12.0).abs() < 1e-9);
+    }
+
+    #[test]
     fn role_weights_scale_shares() {
         let mut weights = BTreeMap::new();
         weights.insert("heavy".to_string(), 3.0);
@@ -434,6 +1134,58 @@ mod tests {
         // light 2/12, heavy 3/12/3 = 1/12, broken weighs 1: 2.5/12.
         let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
         assert_eq!(got, vec![("f-heavy".into(), "a1".into())]);
+        a.set_weight("heavy", 1.0);
+        let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
+        assert_eq!(got, vec![("f-light".into(), "a1".into())]);
+    }
+
+    #[test]
+    fn priority_serves_roles_by_priority_then_frameworks_in_arrival_order() {
+        let opts = AllocatorOptions {
+            role_priorities: [("high".to_string(), 10), ("low".to_string(), 1)].into_iter().collect(),
+            ..AllocatorOptions::default()
+        };
+        let mut a = HierarchicalAllocator::priority(&opts);
+        a.add_agent(&ag("a1"), &res("cpus:8"));
+        a.add_framework(&fw("z-low"), "low");
+        a.add_framework(&fw("h2"), "high");
+        a.add_framework(&fw("h1"), "high");
+        a.allocated(&fw("h2"), &ag("a1"), &res("cpus:6"));
+        // h2 came first within "high" and keeps its place whatever it holds.
+        let got = run(&mut a, &[(ag("a1"), res("cpus:1")), (ag("a2"), res("cpus:1"))]);
+        assert_eq!(got, vec![("h2".into(), "a1".into()), ("h2".into(), "a2".into())]);
+        a.suppress(&fw("h2"));
+        let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
+        assert_eq!(got, vec![("h1".into(), "a1".into())]);
+        a.suppress(&fw("h1"));
+        let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
+        assert_eq!(got, vec![("z-low".into(), "a1".into())]);
+    }
+
+    #[test]
+    fn demand_slices_one_agent_by_progressive_filling() {
+        let mut a = DrfAllocator::new();
+        a.add_agent(&ag("a1"), &res("cpus:9;mem:18GiB"));
+        a.add_framework(&fw("A"), "*");
+        a.add_framework(&fw("B"), "*");
+        a.set_demand(&fw("A"), &[Demand { resources: res("cpus:1;mem:4GiB"), count: 10 }]);
+        a.set_demand(&fw("B"), &[Demand { resources: res("cpus:3;mem:1GiB"), count: 10 }]);
+        let cands = [Candidate { agent: &ag("a1"), available: res("cpus:9;mem:18GiB") }];
+        let out = a.allocate(Instant::now(), &cands, &|_, _, _| true);
+        let by: BTreeMap<String, String> =
+            out.iter().map(|d| (d.framework.0.clone(), d.resources.to_string())).collect();
+        assert_eq!(by["A"], "cpus:3;mem:12GiB");
+        assert_eq!(by["B"], "cpus:6;mem:2GiB");
+        // A demand of nothing gets nothing; no demand at all gets whole agents.
+        a.set_demand(&fw("A"), &[]);
+        a.set_demand(&fw("B"), &[]);
+        a.add_framework(&fw("C"), "*");
+        let cands = [Candidate { agent: &ag("a1"), available: res("cpus:1;mem:4GiB") }];
+        let out = a.allocate(Instant::now(), &cands, &|_, _, _| true);
+        assert_eq!(
+            out,
+            vec![Allocation { framework: fw("C"), agent: ag("a1"), resources: res("cpus:1;mem:4GiB") }]
+        );
     }
 
     #[test]
@@ -453,7 +1205,8 @@ mod tests {
         a.allocated(&fw("gone"), &ag("a1"), &res("cpus:1"));
         a.remove_framework(&fw("gone"));
         a.remove_framework(&fw("f1"));
-        assert!(a.order.is_empty());
+        assert!(a.role_order.is_empty());
+        assert!(a.roles.is_empty());
         assert!(run(&mut a, &[(ag("a1"), res("cpus:1"))]).is_empty());
     }
 }

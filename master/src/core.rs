@@ -18,7 +18,9 @@ use agora_sdk::{Attributes, Resources};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::allocator::{Allocator, Candidate, DrfAllocator};
+use crate::allocator::{
+    fits_role, is_allocatable, Allocator, AllocatorOptions, Candidate, HierarchicalAllocator,
+};
 use crate::metrics;
 use crate::state::{Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Peer, Task, TaskKey};
 
@@ -42,7 +44,18 @@ pub struct MasterConfig {
     pub framework_heartbeat_interval: Duration,
     /// Filter length of a DECLINE without `refuse_seconds`.
     pub default_refuse: Duration,
+    /// An offer not answered this long is rescinded (`SchedulerEvent::Rescind`), its resources
+    /// are reallocated, and its framework is filtered from them for `default_refuse` (as if
+    /// it had declined). `None`: offers never time out.
+    pub offer_timeout: Option<Duration>,
+    /// Policy settings for the allocator (weights, priorities, quotas, minimum allocatable
+    /// resources). The core itself uses `min_allocatable`: no offer smaller goes out, whatever
+    /// the allocator decides.
+    pub allocation: AllocatorOptions,
 }
+
+/// Most entries a `Request` may carry (the rest is ignored).
+const MAX_DEMANDS: usize = 1024;
 
 impl Default for MasterConfig {
     fn default() -> Self {
@@ -54,6 +67,11 @@ impl Default for MasterConfig {
             agent_timeout: Duration::from_secs(20),
             framework_heartbeat_interval: Duration::from_secs(15),
             default_refuse: Duration::from_secs(5),
+            offer_timeout: None,
+            allocation: AllocatorOptions {
+                min_allocatable: vec![Resources::cpus(10)],
+                ..AllocatorOptions::default()
+            },
         }
     }
 }
@@ -211,6 +229,7 @@ pub struct Master {
     agent_deadlines: BTreeSet<(Instant, AgentId)>,
     failover_deadlines: BTreeSet<(Instant, FrameworkId)>,
     filter_expiries: BTreeSet<(Instant, FrameworkId, AgentId)>,
+    offer_deadlines: BTreeSet<(Instant, OfferId)>,
     next_allocation: Instant,
     batch_allocation: Option<Instant>,
     next_heartbeat: Instant,
@@ -236,9 +255,11 @@ impl std::fmt::Debug for Master {
 }
 
 impl Master {
-    /// A master with the weighted DRF allocator (every role weighs 1).
+    /// A master with the hierarchical weighted DRF allocator and the configuration's
+    /// allocation options.
     pub fn new(config: MasterConfig, now: Instant) -> Self {
-        Self::with_allocator(config, Box::new(DrfAllocator::new()), now)
+        let allocator = Box::new(HierarchicalAllocator::drf(&config.allocation));
+        Self::with_allocator(config, allocator, now)
     }
 
     /// A master with the given allocation module.
@@ -263,6 +284,7 @@ impl Master {
             agent_deadlines: BTreeSet::new(),
             failover_deadlines: BTreeSet::new(),
             filter_expiries: BTreeSet::new(),
+            offer_deadlines: BTreeSet::new(),
             batch_allocation: None,
             next_agent: 0,
             next_framework: 0,
@@ -318,6 +340,7 @@ impl Master {
             self.agent_deadlines.first().map(|(t, _)| *t),
             self.failover_deadlines.first().map(|(t, _)| *t),
             self.filter_expiries.first().map(|(t, _, _)| *t),
+            self.offer_deadlines.first().map(|(t, _)| *t),
         ];
         for c in candidates.into_iter().flatten() {
             t = t.min(c);
@@ -359,6 +382,19 @@ impl Master {
                         f.filters.remove(&agent);
                     }
                 }
+                self.request_allocation(now);
+            }
+        }
+        while let Some((t, id)) = self.offer_deadlines.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.offer_deadlines.remove(&(t, id.clone()));
+            if let Some(offer) = self.offers.get(&id).cloned() {
+                info!(offer_id = %id, framework_id = %offer.framework_id, agent_id = %offer.agent_id, "offer timed out: rescinding it");
+                self.rescind_offer(&id, true);
+                let refuse = self.config.default_refuse;
+                self.add_filter(now, &offer.framework_id, &offer.agent_id, offer.resources, refuse);
                 self.request_allocation(now);
             }
         }
@@ -579,7 +615,7 @@ impl Master {
         let Some(agent) = self.agents.get(agent_id) else { return };
         let mut used = Resources::default();
         for t in self.live_tasks(agent.tasks.iter()) {
-            used.add_assign(&t.info.resources);
+            used.add_assign(&t.allocation);
         }
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.used = used;
@@ -671,7 +707,7 @@ impl Master {
         task.latest = Some(status.clone());
         if status.state.is_terminal() && !was_terminal {
             let agent_id = task.agent_id.clone();
-            let resources = task.info.resources.clone();
+            let resources = task.allocation.clone();
             debug!(task_id = %key.1, framework_id = %key.0, agent_id = %agent_id, state = %status.state, "task ended");
             counter!(metrics::TASKS_TERMINAL, "state" => status.state.as_str()).increment(1);
             self.recompute_used(&agent_id);
@@ -928,7 +964,7 @@ impl Master {
         }
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
-            .map(|t| (t.framework_id.clone(), t.info.resources.clone()))
+            .map(|t| (t.framework_id.clone(), t.allocation.clone()))
             .collect();
         for (fw, r) in held {
             self.allocator.recover(&fw, id, &r);
@@ -948,7 +984,7 @@ impl Master {
         self.allocator.add_agent(id, &agent.total);
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
-            .map(|t| (t.framework_id.clone(), t.info.resources.clone()))
+            .map(|t| (t.framework_id.clone(), t.allocation.clone()))
             .collect();
         for (fw, r) in held {
             self.allocator.allocated(&fw, id, &r);
@@ -1016,6 +1052,9 @@ impl Master {
                 None => {
                     let completed = self.completed_index.contains_key(&key);
                     debug!(agent_id = %id, task_id = %key.1, framework_id = %key.0, state = %r.state, "adopting reported task");
+                    // A reported task holds its flat request (taken from the unreserved
+                    // part first); reservations are re-attributed as tasks come and go.
+                    let allocation = r.task.resources.flatten();
                     self.tasks.insert(
                         key.clone(),
                         Task {
@@ -1023,6 +1062,7 @@ impl Master {
                             framework_id: key.0.clone(),
                             agent_id: id.clone(),
                             state: r.state,
+                            allocation,
                             latest: None,
                             pending: Vec::new(),
                             kill_requested: completed,
@@ -1215,6 +1255,7 @@ impl Master {
                     self.allocator.suppress(&fw);
                 }
             }
+            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands),
             SchedulerCall::Kill { task_id } => self.framework_kill(now, conn, &fw, task_id),
             SchedulerCall::Acknowledge { agent_id, task_id, uuid } => {
                 self.acknowledge(&fw, agent_id, task_id, uuid)
@@ -1484,6 +1525,7 @@ impl Master {
             }
         }
         let agent_conn = self.agents.get(&agent_id).and_then(Agent::conn);
+        let role = self.frameworks.get(fw).map(|f| f.role.clone()).unwrap_or_else(|| "*".into());
         let ts = self.unix_ms(now);
         let mut in_call: HashSet<TaskId> = HashSet::new();
         for task in tasks {
@@ -1504,7 +1546,9 @@ impl Master {
                 Some(format!("task {tid} has an empty command"))
             } else if agent_conn.is_none() {
                 Some(format!("agent {agent_id} is not connected"))
-            } else if !remaining.contains(&task.resources) {
+            } else if !task.resources.reserved.is_empty() {
+                Some(format!("task {tid} names reserved resources; ask for plain quantities"))
+            } else if remaining.take_for_role(&role, &task.resources).is_none() {
                 Some(format!("task {tid} asks for {} but the offer has {} left", task.resources, remaining))
             } else {
                 None
@@ -1523,8 +1567,9 @@ impl Master {
                 self.send_framework(conn, SchedulerEvent::Update(status));
                 continue;
             }
-            let Some(left) = remaining.checked_sub(&task.resources) else { continue };
-            remaining = left;
+            // Served from the role's reservation first, then the unreserved part.
+            let Some(allocation) = remaining.take_for_role(&role, &task.resources) else { continue };
+            remaining = remaining.saturating_sub(&allocation);
             info!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, resources = %task.resources, "launching task");
             counter!(metrics::TASKS_LAUNCHED).increment(1);
             self.tasks.insert(
@@ -1534,6 +1579,7 @@ impl Master {
                     framework_id: fw.clone(),
                     agent_id: agent_id.clone(),
                     state: TaskState::Staging,
+                    allocation,
                     latest: None,
                     pending: Vec::new(),
                     kill_requested: false,
@@ -1576,6 +1622,28 @@ impl Master {
             self.allocator.recover(fw, &offer.agent_id, &offer.resources);
             self.add_filter(now, fw, &offer.agent_id, offer.resources, d);
         }
+        self.request_allocation(now);
+    }
+
+    fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
+        let bad = demands
+            .iter()
+            .position(|d| !d.resources.reserved.is_empty() || (d.count > 0 && d.resources.is_empty()));
+        if let Some(i) = bad {
+            let message = format!(
+                "demand entry {i} ({}) must be a non-empty shape of plain quantities",
+                demands[i].resources
+            );
+            warn!(framework_id = %fw, message, "invalid request");
+            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
+            return;
+        }
+        if demands.len() > MAX_DEMANDS {
+            warn!(framework_id = %fw, entries = demands.len(), "request with too many entries: keeping the first {MAX_DEMANDS}");
+            demands.truncate(MAX_DEMANDS);
+        }
+        debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");
+        self.allocator.set_demand(fw, &demands);
         self.request_allocation(now);
     }
 
@@ -1678,7 +1746,7 @@ impl Master {
                 continue;
             }
             let available = a.available();
-            if !available.is_empty() {
+            if is_allocatable(&available, &self.config.allocation.min_allocatable) {
                 candidates.push(Candidate { agent: &a.id, available });
             }
         }
@@ -1692,12 +1760,17 @@ impl Master {
 
         let mut batches: BTreeMap<FrameworkId, (ConnId, Vec<Offer>)> = BTreeMap::new();
         for d in decisions {
-            let agent_ok = self
+            let fw = self.frameworks.get(&d.framework);
+            let conn = fw.and_then(Framework::conn);
+            let role_ok = fw.is_some_and(|f| fits_role(&d.resources, &f.role));
+            let worth = is_allocatable(&d.resources, &self.config.allocation.min_allocatable);
+            // One lookup of the agent: connected, attached, and the decision fits what is
+            // still free (earlier decisions of this cycle are already counted as offered).
+            let agent = self
                 .agents
-                .get(&d.agent)
-                .is_some_and(|a| a.conn().is_some() && a.attached && a.available().contains(&d.resources));
-            let conn = self.frameworks.get(&d.framework).and_then(Framework::conn);
-            let (true, Some(conn), false) = (agent_ok, conn, d.resources.is_empty()) else {
+                .get_mut(&d.agent)
+                .filter(|a| a.conn().is_some() && a.attached && a.available().contains(&d.resources));
+            let (Some(agent), true, Some(conn), true) = (agent, role_ok, conn, worth) else {
                 warn!(framework_id = %d.framework, agent_id = %d.agent, allocator = self.allocator.name(),
                     "allocator decision not applicable: ignored");
                 self.allocator.recover(&d.framework, &d.agent, &d.resources);
@@ -1705,7 +1778,6 @@ impl Master {
             };
             self.next_offer += 1;
             let id = OfferId::new(format!("{}-O{}", self.config.master_id, self.next_offer));
-            let Some(agent) = self.agents.get_mut(&d.agent) else { continue };
             agent.offers.insert(id.clone());
             agent.offered.add_assign(&d.resources);
             let offer = Offer {
@@ -1718,6 +1790,9 @@ impl Master {
             };
             if let Some(f) = self.frameworks.get_mut(&d.framework) {
                 f.offers.insert(id.clone());
+            }
+            if let Some(t) = self.config.offer_timeout {
+                self.offer_deadlines.insert((after(now, t), id.clone()));
             }
             debug!(framework_id = %d.framework, agent_id = %d.agent, offer_id = %id, resources = %d.resources, "offer");
             self.offers.insert(

@@ -3,7 +3,7 @@
 //!
 //! One task owns the core (`run_core`); every connection has a reader task that turns frames
 //! into [`Event`]s and a writer task that drains that connection's outbox. Nothing is shared
-//! behind locks: connection tasks talk to the core through [`Command`]s.
+//! behind locks: connection tasks talk to the core through `Command`s.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,8 +34,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {err}")]
     Bind { addr: SocketAddr, err: std::io::Error },
-    #[error("unknown allocator `{0}` (known: {known})", known = allocator::names().join(", "))]
-    UnknownAllocator(String),
+    #[error(transparent)]
+    Allocator(#[from] allocator::RegistryError),
 }
 
 /// Settings of a master server.
@@ -63,7 +63,9 @@ enum Outgoing {
     Close(WireError),
 }
 
-/// Messages to the core task.
+/// Messages to the core task. Moved once through a channel, so the size spread between
+/// variants costs nothing worth a heap allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Attach { conn: ConnId, quic: quinn::Connection, outbox: mpsc::UnboundedSender<Outgoing> },
     Event(Event),
@@ -97,10 +99,20 @@ impl MasterHandle {
     }
 }
 
-/// Binds the QUIC endpoint and starts the master. Runs until `shutdown` is cancelled.
+/// Binds the QUIC endpoint and starts the master with a built-in allocator. Runs until
+/// `shutdown` is cancelled.
 pub fn spawn(config: ServerConfig, shutdown: CancellationToken) -> Result<MasterHandle, ServerError> {
-    let alloc = allocator::by_name(&config.allocator)
-        .ok_or_else(|| ServerError::UnknownAllocator(config.allocator.clone()))?;
+    spawn_with_registry(config, &allocator::Registry::builtin(), shutdown)
+}
+
+/// Like [`spawn`], choosing `config.allocator` from `registry` (built-ins plus the
+/// allocators an embedder registered).
+pub fn spawn_with_registry(
+    config: ServerConfig,
+    registry: &allocator::Registry,
+    shutdown: CancellationToken,
+) -> Result<MasterHandle, ServerError> {
+    let alloc = registry.create(&config.allocator, &config.core.allocation)?;
     let server_cfg = server_config(&config.tls)?;
     let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
         .map_err(|err| ServerError::Bind { addr: config.listen, err })?;

@@ -162,6 +162,9 @@ pub(crate) struct Task {
     pub framework_id: FrameworkId,
     pub agent_id: AgentId,
     pub state: TaskState,
+    /// What the task holds on its agent, with the reservation breakdown (its flat request
+    /// `info.resources` served from its role's reservation first).
+    pub allocation: Resources,
     /// The latest status applied (exit code, reason, usage...).
     pub latest: Option<TaskStatus>,
     /// Updates not yet acknowledged (with a uuid) or not yet delivered (without one).

@@ -172,7 +172,8 @@ mod tests {
                 refuse_seconds: Some(1.0),
             })
             .unwrap(),
-            postcard::to_stdvec(&MasterToAgent::RunTask { framework_id: FrameworkId("f".into()), task }).unwrap(),
+            postcard::to_stdvec(&MasterToAgent::RunTask { framework_id: FrameworkId("f".into()), task })
+                .unwrap(),
         ];
         for i in 0..20_000 {
             let len = (next() % 64) as usize;

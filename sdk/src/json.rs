@@ -35,6 +35,8 @@ pub fn task_json(t: &TaskView) -> Value {
             "cpu_time_secs": u.cpu_time.map(|d| d.as_secs_f64()),
             "peak_mem_bytes": u.peak_mem,
             "fuel": u.fuel,
+            "throttled_secs": u.throttled.map(|d| d.as_secs_f64()),
+            "mem_current_bytes": u.mem_current,
         })
     });
     json!({

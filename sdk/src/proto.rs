@@ -282,6 +282,10 @@ pub struct Usage {
     pub cpu_time: Option<Duration>,
     pub peak_mem: Option<u64>,
     pub fuel: Option<u64>,
+    /// Time the task was held back by its CPU quota (cgroup CFS throttling).
+    pub throttled: Option<Duration>,
+    /// Memory charged to the task's cgroup when it was last measured (bytes).
+    pub mem_current: Option<u64>,
 }
 
 /// A task status update.
@@ -403,6 +407,14 @@ pub enum Operation {
     Launch { tasks: Vec<TaskInfo> },
 }
 
+/// Part of a framework's pending demand: `count` tasks of shape `resources` (flat quantities,
+/// no reservation breakdown).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demand {
+    pub resources: Resources,
+    pub count: u32,
+}
+
 /// Framework → master.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SchedulerCall {
@@ -424,6 +436,14 @@ pub enum SchedulerCall {
     Revive,
     /// Stop offers until REVIVE.
     Suppress,
+    /// The framework's pending demand: it replaces the previous one. With a demand the
+    /// allocator sizes this framework's offers to task shapes it can use (several frameworks
+    /// may then share one agent in one cycle); an empty demand asks for nothing. A framework
+    /// that never sends one gets whole agents, as in Mesos. Tasks the master offered count as
+    /// served: state the demand again after declining or losing (rescind) an offer.
+    Request {
+        demands: Vec<Demand>,
+    },
     Kill {
         task_id: TaskId,
     },
@@ -442,6 +462,8 @@ pub enum SchedulerCall {
 }
 
 /// Master → framework.
+// Status updates are most of this stream; boxing them would add an allocation per update.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchedulerEvent {
     Subscribed {

@@ -3,6 +3,17 @@
 //! `cpus` are fixed-point millicores and custom scalars fixed-point thousandths, so arithmetic
 //! never touches floats; `mem` and `disk` are bytes; `ports` are sorted, merged ranges.
 //! Text form: `cpus:4;mem:8GiB;disk:20GiB;ports:[31000-32000];gpus:2`.
+//!
+//! **Reservations.** A quantity may be reserved for a role: `cpus(analytics):2;cpus:2` is four
+//! CPUs of which two are offered only to frameworks of role `analytics`. The plain fields
+//! (`cpus`, `mem`, ...) always hold the *totals*, reserved parts included, and
+//! [`Resources::reserved`] says how much of them each role holds. So code that ignores
+//! reservations keeps working: a framework offered `cpus(analytics):2;cpus:2` sees `cpus == 4`
+//! and may launch a task of 3 CPUs on it.
+//!
+//! Arithmetic with reservations: a set without a breakdown (a task's flat request) is served by
+//! any part, the unreserved part first; a set with a breakdown is served role by role
+//! ([`Resources::contains`] checks every part it names).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,6 +63,20 @@ pub struct Resources {
     pub ports: Vec<PortRange>,
     /// Custom scalars in thousandths (1000 = 1 unit).
     pub scalars: BTreeMap<String, u64>,
+    /// How much of the totals above is reserved for each role (never empty parts, never a
+    /// nested breakdown, never more than the totals). Empty for unreserved resources.
+    #[serde(default)]
+    pub reserved: BTreeMap<String, Resources>,
+}
+
+/// The role name that means "unreserved" (`cpus(*):2` is the same as `cpus:2`).
+pub const UNRESERVED_ROLE: &str = "*";
+
+/// Whether `role` is a valid role name for a reservation.
+pub fn valid_role(role: &str) -> bool {
+    !role.is_empty()
+        && role.len() <= 64
+        && role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '/')
 }
 
 /// Parses a decimal with up to three fractional digits into thousandths, without floats.
@@ -151,49 +176,77 @@ fn ranges_sub(outer: &[PortRange], inner: &[PortRange]) -> Vec<PortRange> {
 }
 
 impl Resources {
-    /// Parses `cpus:4;mem:8GiB;disk:20GiB;ports:[31000-32000];gpus:2`.
+    /// Parses `cpus:4;mem:8GiB;disk:20GiB;ports:[31000-32000];gpus:2`, with reservations
+    /// written `cpus(analytics):2`.
     pub fn parse(text: &str) -> Result<Self, ResourceError> {
         let mut r = Resources::default();
         let mut seen = std::collections::BTreeSet::new();
         for item in text.split(';').map(str::trim).filter(|i| !i.is_empty()) {
             let (name, value) = item.split_once(':').ok_or_else(|| invalid(item, "expected `name:value`"))?;
             let name = name.trim();
-            if name.contains('(') {
-                return Err(invalid(item, "role reservations such as `cpus(role):2` are not supported yet"));
-            }
+            let (name, role) = match name.split_once('(') {
+                None => (name, None),
+                Some((n, rest)) => {
+                    let role = rest
+                        .strip_suffix(')')
+                        .map(str::trim)
+                        .ok_or_else(|| invalid(item, "a reservation is written `cpus(role):2`"))?;
+                    if !valid_role(role) && role != UNRESERVED_ROLE {
+                        return Err(invalid(
+                            item,
+                            "a role is letters, digits, `_`, `-`, `.` or `/` (at most 64)",
+                        ));
+                    }
+                    (n.trim(), (role != UNRESERVED_ROLE).then(|| role.to_string()))
+                }
+            };
             if name.is_empty()
                 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
             {
                 return Err(invalid(item, "a resource name is letters, digits, `_`, `-` or `.`"));
             }
-            if !seen.insert(name.to_string()) {
-                return Err(ResourceError::Duplicate(name.to_string()));
+            let key = match &role {
+                Some(role) => format!("{name}({role})"),
+                None => name.to_string(),
+            };
+            if !seen.insert(key.clone()) {
+                return Err(ResourceError::Duplicate(key));
             }
+            let mut part = Resources::default();
             let value = value.trim();
             match name {
                 "cpus" => {
-                    r.cpus = parse_milli(value).ok_or_else(|| {
+                    part.cpus = parse_milli(value).ok_or_else(|| {
                         invalid(item, "cpus is a number with at most 3 decimals, e.g. `0.5`")
                     })?
                 }
-                "mem" => r.mem = parse_size(value).map_err(|e| invalid(item, e.to_string()))?,
-                "disk" => r.disk = parse_size(value).map_err(|e| invalid(item, e.to_string()))?,
-                "ports" => r.ports = parse_ranges(item, value)?,
+                "mem" => part.mem = parse_size(value).map_err(|e| invalid(item, e.to_string()))?,
+                "disk" => part.disk = parse_size(value).map_err(|e| invalid(item, e.to_string()))?,
+                "ports" => part.ports = parse_ranges(item, value)?,
                 _ => {
                     let v = parse_milli(value).ok_or_else(|| {
                         invalid(item, "a custom scalar is a number with at most 3 decimals")
                     })?;
-                    r.scalars.insert(name.to_string(), v);
+                    part.scalars.insert(name.to_string(), v);
                 }
             }
+            if name == "ports" && !ranges_sub(&part.ports, &r.ports).eq(&part.ports) {
+                return Err(invalid(item, "these ports are given twice"));
+            }
+            if let Some(role) = role {
+                part = part.reserved_as(&role);
+            }
+            r.add_assign(&part);
         }
         Ok(r)
     }
 
+    /// `millicores` unreserved CPUs.
     pub fn cpus(millicores: u64) -> Self {
         Resources { cpus: millicores, ..Default::default() }
     }
 
+    /// True when there is nothing at all.
     pub fn is_empty(&self) -> bool {
         self.cpus == 0
             && self.mem == 0
@@ -202,8 +255,13 @@ impl Resources {
             && self.scalars.values().all(|v| *v == 0)
     }
 
-    /// True when every quantity in `other` fits in `self`.
-    pub fn contains(&self, other: &Resources) -> bool {
+    /// The same quantities with no reservation breakdown.
+    pub fn flatten(&self) -> Resources {
+        Resources { reserved: BTreeMap::new(), ..self.clone() }
+    }
+
+    /// Totals only, compared kind by kind (no breakdown).
+    fn totals_contain(&self, other: &Resources) -> bool {
         self.cpus >= other.cpus
             && self.mem >= other.mem
             && self.disk >= other.disk
@@ -211,29 +269,33 @@ impl Resources {
             && other.scalars.iter().all(|(k, v)| *v == 0 || self.scalars.get(k).is_some_and(|s| s >= v))
     }
 
+    /// True when every quantity in `other` fits in `self`. A flat `other` (no breakdown) is
+    /// compared on totals; a reserved part of `other` must fit in the same role's part of
+    /// `self`, and its unreserved part in `self`'s unreserved part.
+    pub fn contains(&self, other: &Resources) -> bool {
+        if !self.totals_contain(other) {
+            return false;
+        }
+        if other.reserved.is_empty() {
+            return true;
+        }
+        other
+            .reserved
+            .iter()
+            .all(|(role, part)| self.reserved.get(role).is_some_and(|p| p.totals_contain(part)))
+            && self.unreserved().totals_contain(&other.unreserved())
+    }
+
     /// `self - other`, or `None` when `other` does not fit.
     pub fn checked_sub(&self, other: &Resources) -> Option<Resources> {
         if !self.contains(other) {
             return None;
         }
-        let mut scalars = self.scalars.clone();
-        for (k, v) in &other.scalars {
-            if let Some(s) = scalars.get_mut(k) {
-                *s -= *v;
-            }
-        }
-        scalars.retain(|_, v| *v > 0);
-        Some(Resources {
-            cpus: self.cpus - other.cpus,
-            mem: self.mem - other.mem,
-            disk: self.disk - other.disk,
-            ports: ranges_sub(&self.ports, &other.ports),
-            scalars,
-        })
+        Some(self.saturating_sub(other))
     }
 
-    /// `self - other`, clamping at zero (for bookkeeping that must never panic).
-    pub fn saturating_sub(&self, other: &Resources) -> Resources {
+    /// The totals of `self - other`, clamping at zero, without a breakdown.
+    fn totals_sub(&self, other: &Resources) -> Resources {
         let mut scalars = self.scalars.clone();
         for (k, v) in &other.scalars {
             if let Some(s) = scalars.get_mut(k) {
@@ -247,29 +309,213 @@ impl Resources {
             disk: self.disk.saturating_sub(other.disk),
             ports: ranges_sub(&self.ports, &other.ports),
             scalars,
+            reserved: BTreeMap::new(),
         }
     }
 
-    /// `self + other` (saturating; ports are merged).
-    pub fn add(&self, other: &Resources) -> Resources {
+    /// `self - other`, clamping at zero (for bookkeeping that must never panic). The reserved
+    /// parts `other` names are taken from the same roles; the rest of `other` comes from the
+    /// unreserved part first, then from the reservations.
+    pub fn saturating_sub(&self, other: &Resources) -> Resources {
+        if other.is_empty() {
+            return self.clone();
+        }
+        let mut out = self.totals_sub(other);
+        if self.reserved.is_empty() {
+            return out;
+        }
+        let mut reserved = self.reserved.clone();
+        for (role, part) in &other.reserved {
+            if let Some(p) = reserved.get_mut(role) {
+                *p = p.totals_sub(part);
+            }
+        }
+        out.reserved = reserved;
+        out.clamp_reserved();
+        out
+    }
+
+    /// Restores the invariants of the breakdown: no empty parts, and the parts never add up
+    /// to more than the totals (a flat subtraction that went past the unreserved part took
+    /// the rest from the reservations, in role order from the last).
+    fn clamp_reserved(&mut self) {
+        self.reserved.retain(|_, p| !p.is_empty());
+        if self.reserved.is_empty() {
+            return;
+        }
+        let mut sum = Resources::default();
+        for p in self.reserved.values() {
+            sum = sum.totals_add(p);
+        }
+        if self.totals_contain(&sum) {
+            return;
+        }
+        let mut excess = sum.totals_sub(self);
+        excess.ports = ranges_sub(&sum.ports, &self.ports);
+        for p in self.reserved.values_mut().rev() {
+            let take = excess.totals_min(p);
+            *p = p.totals_sub(&take);
+            excess = excess.totals_sub(&take);
+        }
+        self.reserved.retain(|_, p| !p.is_empty());
+    }
+
+    /// Kind by kind minimum of two flat sets (ports: the intersection).
+    fn totals_min(&self, other: &Resources) -> Resources {
+        let mut scalars = BTreeMap::new();
+        for (k, v) in &self.scalars {
+            let m = (*v).min(other.scalars.get(k).copied().unwrap_or(0));
+            if m > 0 {
+                scalars.insert(k.clone(), m);
+            }
+        }
+        Resources {
+            cpus: self.cpus.min(other.cpus),
+            mem: self.mem.min(other.mem),
+            disk: self.disk.min(other.disk),
+            ports: ranges_sub(&self.ports, &ranges_sub(&self.ports, &other.ports)),
+            scalars,
+            reserved: BTreeMap::new(),
+        }
+    }
+
+    fn totals_add(&self, other: &Resources) -> Resources {
         let mut scalars = self.scalars.clone();
         for (k, v) in &other.scalars {
             let e = scalars.entry(k.clone()).or_insert(0);
             *e = e.saturating_add(*v);
         }
-        let mut ports = self.ports.clone();
-        ports.extend_from_slice(&other.ports);
+        let ports = if other.ports.is_empty() {
+            self.ports.clone()
+        } else {
+            let mut ports = self.ports.clone();
+            ports.extend_from_slice(&other.ports);
+            normalize(ports)
+        };
         Resources {
             cpus: self.cpus.saturating_add(other.cpus),
             mem: self.mem.saturating_add(other.mem),
             disk: self.disk.saturating_add(other.disk),
-            ports: normalize(ports),
+            ports,
             scalars,
+            reserved: BTreeMap::new(),
         }
     }
 
+    /// `self + other` (saturating; ports are merged; reserved parts add up role by role).
+    pub fn add(&self, other: &Resources) -> Resources {
+        if other.is_empty() {
+            return self.clone();
+        }
+        let mut out = self.totals_add(other);
+        if self.reserved.is_empty() && other.reserved.is_empty() {
+            return out;
+        }
+        out.reserved = self.reserved.clone();
+        for (role, part) in &other.reserved {
+            let e = out.reserved.entry(role.clone()).or_default();
+            *e = e.totals_add(part);
+        }
+        out.clamp_reserved();
+        out
+    }
+
+    /// Adds `other` in place.
     pub fn add_assign(&mut self, other: &Resources) {
         *self = self.add(other);
+    }
+
+    /// The same quantities, all reserved for `role` (`*` means unreserved).
+    pub fn reserved_as(&self, role: &str) -> Resources {
+        let flat = self.flatten();
+        if role == UNRESERVED_ROLE || flat.is_empty() {
+            return flat;
+        }
+        let mut out = flat.clone();
+        out.reserved.insert(role.to_string(), flat);
+        out
+    }
+
+    /// The unreserved part, flat.
+    pub fn unreserved(&self) -> Resources {
+        if self.reserved.is_empty() {
+            return self.clone();
+        }
+        let mut out = self.flatten();
+        for p in self.reserved.values() {
+            out = out.totals_sub(p);
+        }
+        out
+    }
+
+    /// The part reserved for `role`, flat (the unreserved part for `*`).
+    pub fn reserved_for(&self, role: &str) -> Resources {
+        if role == UNRESERVED_ROLE {
+            return self.unreserved();
+        }
+        self.reserved.get(role).cloned().unwrap_or_default()
+    }
+
+    /// What a framework of `role` may be offered out of `self`: the unreserved part and the
+    /// part reserved for `role` (with its breakdown).
+    pub fn for_role(&self, role: &str) -> Resources {
+        if self.reserved.is_empty() || (self.reserved.len() == 1 && self.reserved.contains_key(role)) {
+            return self.clone();
+        }
+        let mut out = self.unreserved();
+        if let Some(p) = self.reserved.get(role) {
+            out = out.totals_add(p);
+            out.reserved.insert(role.to_string(), p.clone());
+        }
+        out
+    }
+
+    /// Takes the flat quantities `want` out of `self` for a framework of `role`: first from
+    /// the part reserved for `role`, then from the unreserved part. Returns the labelled slice,
+    /// or `None` when it does not fit there.
+    pub fn take_for_role(&self, role: &str, want: &Resources) -> Option<Resources> {
+        let own = self.reserved_for(role);
+        let from_reserved = if role == UNRESERVED_ROLE { Resources::default() } else { own.totals_min(want) };
+        let rest = want.flatten().totals_sub(&from_reserved);
+        if !self.unreserved().totals_contain(&rest) || !from_reserved.totals_add(&rest).totals_contain(want) {
+            return None;
+        }
+        Some(from_reserved.reserved_as(role).add(&rest))
+    }
+
+    /// Caps every kind `cap` names at `cap`'s quantity (kinds `cap` does not name are kept;
+    /// ports are never capped). Reserved parts shrink with the totals.
+    pub fn capped_by(&self, cap: &Resources, named: &ResourceKinds) -> Resources {
+        let mut out = self.clone();
+        if named.cpus {
+            out.cpus = out.cpus.min(cap.cpus);
+        }
+        if named.mem {
+            out.mem = out.mem.min(cap.mem);
+        }
+        if named.disk {
+            out.disk = out.disk.min(cap.disk);
+        }
+        for k in &named.scalars {
+            let c = cap.scalars.get(k).copied().unwrap_or(0);
+            if let Some(v) = out.scalars.get_mut(k) {
+                *v = (*v).min(c);
+            }
+        }
+        out.scalars.retain(|_, v| *v > 0);
+        // Reserved parts are kept first: what is cut goes from the unreserved part.
+        out.clamp_reserved();
+        out
+    }
+
+    /// The kinds this set names with a non-zero quantity.
+    pub fn kinds(&self) -> ResourceKinds {
+        ResourceKinds {
+            cpus: self.cpus > 0,
+            mem: self.mem > 0,
+            disk: self.disk > 0,
+            scalars: self.scalars.iter().filter(|(_, v)| **v > 0).map(|(k, _)| k.clone()).collect(),
+        }
     }
 
     /// The largest fraction of `total` this set uses over every resource kind (for DRF).
@@ -294,17 +540,21 @@ impl Resources {
     }
 }
 
-impl fmt::Display for Resources {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
+impl Resources {
+    /// The `name:value` items of a flat set, with `(role)` after each name when given.
+    fn items(&self, role: Option<&str>, parts: &mut Vec<String>) {
+        let n = |name: &str| match role {
+            Some(r) => format!("{name}({r})"),
+            None => name.to_string(),
+        };
         if self.cpus > 0 {
-            parts.push(format!("cpus:{}", format_milli(self.cpus)));
+            parts.push(format!("{}:{}", n("cpus"), format_milli(self.cpus)));
         }
         if self.mem > 0 {
-            parts.push(format!("mem:{}", format_size(self.mem)));
+            parts.push(format!("{}:{}", n("mem"), format_size(self.mem)));
         }
         if self.disk > 0 {
-            parts.push(format!("disk:{}", format_size(self.disk)));
+            parts.push(format!("{}:{}", n("disk"), format_size(self.disk)));
         }
         if !self.ports.is_empty() {
             let r: Vec<String> = self
@@ -314,10 +564,32 @@ impl fmt::Display for Resources {
                     |p| if p.begin == p.end { p.begin.to_string() } else { format!("{}-{}", p.begin, p.end) },
                 )
                 .collect();
-            parts.push(format!("ports:[{}]", r.join(",")));
+            parts.push(format!("{}:[{}]", n("ports"), r.join(",")));
         }
         for (k, v) in &self.scalars {
-            parts.push(format!("{k}:{}", format_milli(*v)));
+            if *v > 0 {
+                parts.push(format!("{}:{}", n(k), format_milli(*v)));
+            }
+        }
+    }
+}
+
+/// Which kinds a set of resources names (for quotas: a limit caps only the kinds it names).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceKinds {
+    pub cpus: bool,
+    pub mem: bool,
+    pub disk: bool,
+    pub scalars: Vec<String>,
+}
+
+impl fmt::Display for Resources {
+    /// The text form [`Resources::parse`] reads back: the unreserved part, then each role's.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        self.unreserved().items(None, &mut parts);
+        for (role, part) in &self.reserved {
+            part.items(Some(role), &mut parts);
         }
         write!(f, "{}", parts.join(";"))
     }
@@ -354,7 +626,10 @@ mod tests {
         assert!(Resources::parse("mem").is_err());
         assert!(Resources::parse("ports:[5-1]").is_err());
         assert!(Resources::parse("cpus:0.0001").is_err());
-        assert!(Resources::parse("cpus(web):2").unwrap_err().to_string().contains("reservation"));
+        assert!(Resources::parse("cpus(web:2").unwrap_err().to_string().contains("reservation"));
+        assert!(Resources::parse("cpus(a b):2").unwrap_err().to_string().contains("role"));
+        assert!(Resources::parse("cpus(web):2;cpus(web):1").is_err());
+        assert!(Resources::parse("ports:[1-10];ports(web):[5-6]").is_err());
     }
 
     #[test]
@@ -370,5 +645,52 @@ mod tests {
         assert!(!total.contains(&Resources::parse("gpus:1").unwrap()));
         let share = a.dominant_share(&total);
         assert!((share - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reservations_parse_display_and_round_trip() {
+        let r = Resources::parse("cpus(analytics):2;mem(analytics):4GiB;cpus:2;ports(web):[80-81]").unwrap();
+        assert_eq!(r.cpus, 4000, "totals include reserved parts");
+        assert_eq!(r.mem, 4 << 30);
+        assert_eq!(r.reserved_for("analytics"), Resources::parse("cpus:2;mem:4GiB").unwrap());
+        assert_eq!(r.unreserved(), Resources::parse("cpus:2").unwrap());
+        assert_eq!(r.to_string(), "cpus:2;cpus(analytics):2;mem(analytics):4GiB;ports(web):[80-81]");
+        assert_eq!(Resources::parse(&r.to_string()).unwrap(), r);
+        assert_eq!(Resources::parse("cpus(*):1").unwrap(), Resources::cpus(1000));
+        // Postcard round-trip keeps the breakdown.
+        let bytes = postcard::to_stdvec(&r).unwrap();
+        assert_eq!(postcard::from_bytes::<Resources>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn reservations_are_offered_per_role() {
+        let r = Resources::parse("cpus(analytics):2;mem(analytics):4GiB;cpus:2;mem:1GiB").unwrap();
+        let web = r.for_role("web");
+        assert_eq!(web, Resources::parse("cpus:2;mem:1GiB").unwrap());
+        let an = r.for_role("analytics");
+        assert_eq!(an, r);
+        // A flat task is served from the role's reservation first, then the unreserved part.
+        let slice = r.take_for_role("analytics", &Resources::parse("cpus:3;mem:1GiB").unwrap()).unwrap();
+        assert_eq!(slice.to_string(), "cpus:1;cpus(analytics):2;mem(analytics):1GiB");
+        assert!(r.contains(&slice));
+        let left = r.checked_sub(&slice).unwrap();
+        assert_eq!(left.to_string(), "cpus:1;mem:1GiB;mem(analytics):3GiB");
+        assert!(r.take_for_role("web", &Resources::parse("cpus:3").unwrap()).is_none());
+        // A labelled request needs the same role's part.
+        assert!(!r.contains(&Resources::parse("cpus(web):1").unwrap()));
+        assert!(!r.contains(&Resources::parse("cpus:3;cpus(analytics):1").unwrap()));
+        // Flat arithmetic (what frameworks do) sees totals: 4 CPUs fit.
+        let flat = r.checked_sub(&Resources::parse("cpus:3").unwrap()).unwrap();
+        assert_eq!(flat.cpus, 1000);
+        assert_eq!(flat.reserved_for("analytics").cpus, 1000, "taken from unreserved first");
+        assert_eq!(flat.add(&slice).cpus, 4000);
+    }
+
+    #[test]
+    fn capping_cuts_the_unreserved_part_first() {
+        let r = Resources::parse("cpus(a):1;cpus:3;mem:8GiB").unwrap();
+        let cap = Resources::parse("cpus:2").unwrap();
+        let c = r.capped_by(&cap, &cap.kinds());
+        assert_eq!(c.to_string(), "cpus:1;mem:8GiB;cpus(a):1");
     }
 }

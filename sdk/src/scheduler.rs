@@ -83,6 +83,9 @@ pub struct DriverConfig {
     pub auto_acknowledge: bool,
     /// Reconnect and fail over when the connection drops (default). Off: `run` returns an error.
     pub reconnect: bool,
+    /// A demand to state in the same flight as `Subscribe` (see [`Driver::request`]), so the
+    /// first allocation already knows it. `None`: state none (whole-agent offers).
+    pub demand: Option<Vec<Demand>>,
 }
 
 impl DriverConfig {
@@ -99,6 +102,7 @@ impl DriverConfig {
             },
             auto_acknowledge: true,
             reconnect: true,
+            demand: None,
         }
     }
 }
@@ -160,6 +164,13 @@ impl Driver {
         self.call(SchedulerCall::Suppress);
     }
 
+    /// States the framework's pending demand (`count` tasks of each shape); it replaces the
+    /// previous one, so lower it as tasks launch. Offers are then sized to what the framework
+    /// can use. The driver states the latest demand again after a failover.
+    pub fn request(&self, demands: Vec<Demand>) {
+        self.call(SchedulerCall::Request { demands });
+    }
+
     pub fn kill(&self, task_id: TaskId) {
         self.call(SchedulerCall::Kill { task_id });
     }
@@ -195,6 +206,7 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
     let mut driver = Driver { tx, framework_id: config.framework.id.clone(), conn: None };
     let mut backoff = Duration::from_millis(100);
     let mut ever_connected = false;
+    let mut demand = config.demand.clone();
     loop {
         let session = match Session::connect(&config.master, &config.tls, Role::Framework).await {
             Ok(s) => s,
@@ -210,7 +222,7 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
         };
         ever_connected = true;
         backoff = Duration::from_millis(100);
-        match serve(&config, &mut driver, &mut rx, session, scheduler).await {
+        match serve(&config, &mut driver, &mut rx, session, scheduler, &mut demand).await {
             Ok(()) => return Ok(()),
             Err(e @ ClientError::Refused(_)) => return Err(e),
             Err(e) if !config.reconnect => return Err(e),
@@ -230,10 +242,21 @@ async fn serve<S: Scheduler>(
     rx: &mut mpsc::UnboundedReceiver<Control>,
     mut session: Session,
     scheduler: &mut S,
+    demand: &mut Option<Vec<Demand>>,
 ) -> Result<(), ClientError> {
     let mut info = config.framework.clone();
     info.id = driver.framework_id.clone();
-    session.writer.send(&SchedulerCall::Subscribe(info)).await?;
+    session.writer.feed(&SchedulerCall::Subscribe(info)).await?;
+    if let Some(demands) = demand.clone() {
+        session.writer.feed(&SchedulerCall::Request { demands }).await?;
+    }
+    session.writer.flush().await?;
+    // The latest demand sent, so that a failover states it again.
+    let remember = |call: &SchedulerCall, demand: &mut Option<Vec<Demand>>| {
+        if let SchedulerCall::Request { demands } = call {
+            *demand = Some(demands.clone());
+        }
+    };
     let mut heartbeat = Duration::from_secs(15);
     let mut subscribed = false;
     loop {
@@ -246,10 +269,14 @@ async fn serve<S: Scheduler>(
             ctl = rx.recv() => {
                 match ctl {
                     Some(Control::Call(call)) => {
+                        remember(&call, demand);
                         session.writer.feed(&call).await?;
                         while let Ok(next) = rx.try_recv() {
                             match next {
-                                Control::Call(c) => session.writer.feed(&c).await?,
+                                Control::Call(c) => {
+                                    remember(&c, demand);
+                                    session.writer.feed(&c).await?
+                                }
                                 Control::Stop { teardown } => return finish(session, teardown).await,
                             }
                         }

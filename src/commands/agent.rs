@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agora_agent::cgroups::{CpuLimit, IsolationConfig, IsolationMode, DEFAULT_MAX_PIDS_PER_TASK};
 use agora_sdk::tls::TlsFiles;
 use agora_sdk::units::parse_duration;
 use agora_sdk::{Attributes, Resources};
@@ -37,6 +38,21 @@ pub struct AgentCommand {
     /// Time between SIGTERM and SIGKILL when a task is killed.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// Task isolation: "auto" uses cgroups (v1 or v2) where available and otherwise warns once
+    /// and runs tasks without limits; "cgroups" refuses to start without them; "none" disables it.
+    #[arg(long, default_value = "auto", value_name = "auto|cgroups|none")]
+    isolation: IsolationMode,
+    /// Cgroup path (as in /proc/self/cgroup, e.g. /agora) under which the agent creates its
+    /// tasks' cgroups, in every hierarchy (default: <agent's own cgroup>/agora-<id>).
+    #[arg(long, value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
+    /// "hard": a CFS quota of `cpus` on top of the CPU weight; "soft": weight only (idle CPU may
+    /// be used beyond `cpus`).
+    #[arg(long, default_value = "hard", value_name = "hard|soft")]
+    cpu_limit: CpuLimit,
+    /// Maximum number of processes and threads of one task (0: no limit).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIDS_PER_TASK)]
+    max_pids_per_task: u64,
 }
 
 impl AgentCommand {
@@ -51,6 +67,12 @@ impl AgentCommand {
             hostname: self.hostname.unwrap_or_else(agora_sdk::scheduler::hostname),
             kill_grace: self.kill_grace,
             kill_tasks_on_shutdown: false,
+            isolation: IsolationConfig {
+                mode: self.isolation,
+                cgroup_root: self.cgroup_root,
+                cpu_limit: self.cpu_limit,
+                max_pids_per_task: self.max_pids_per_task,
+            },
         };
         let token = shutdown.clone();
         let mut agent = tokio::spawn(agora_agent::run(config, token));

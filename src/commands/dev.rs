@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_sdk::units::parse_duration;
 use agora_sdk::Resources;
 use clap::Args;
 
-use super::master::{core_config, MasterCommandCore};
+use super::master::{core_config, AllocationArgs, MasterCommandCore};
 use crate::cluster::{Cluster, ClusterSpec};
 
 #[derive(Args)]
@@ -29,12 +28,8 @@ pub struct DevCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
-    /// Allocation module.
-    #[arg(long, default_value = "drf")]
-    allocator: String,
-    /// Full allocation cycle interval.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    allocation_interval: Duration,
+    #[command(flatten)]
+    allocation: AllocationArgs,
 }
 
 impl DevCommand {
@@ -49,10 +44,10 @@ impl DevCommand {
             );
         }
         let core = core_config(&MasterCommandCore {
-            allocation_interval: self.allocation_interval,
+            allocation: self.allocation.clone(),
             agent_heartbeat: Duration::from_secs(2),
             agent_timeout: Duration::from_secs(10),
-        });
+        })?;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
@@ -63,7 +58,7 @@ impl DevCommand {
             agents: self.agents,
             resources: self.resources,
             attributes: Vec::new(),
-            allocator: self.allocator,
+            allocator: self.allocation.allocator,
             core,
         })
         .await?;

@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use agora_master::allocator::{self, AllocatorOptions};
 use agora_master::core::MasterConfig;
 use agora_master::server::{self, ServerConfig};
 use agora_sdk::tls::TlsFiles;
 use agora_sdk::units::parse_duration;
+use agora_sdk::Resources;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
@@ -23,12 +27,8 @@ pub struct MasterCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
-    /// Allocation module.
-    #[arg(long, default_value = "drf")]
-    allocator: String,
-    /// Full allocation cycle interval.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    allocation_interval: Duration,
+    #[command(flatten)]
+    allocation: AllocationArgs,
     /// Heartbeat interval told to agents.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     agent_heartbeat: Duration,
@@ -37,19 +37,105 @@ pub struct MasterCommand {
     agent_timeout: Duration,
 }
 
-pub fn core_config(m: &MasterCommandCore) -> MasterConfig {
-    MasterConfig {
+/// The allocation flags shared by `master` and `dev`.
+#[derive(Args, Clone, Debug)]
+pub struct AllocationArgs {
+    /// Allocation module (built-ins: drf, priority).
+    #[arg(long, default_value = "drf")]
+    pub allocator: String,
+    /// Full allocation cycle interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub allocation_interval: Duration,
+    /// Events that free or ask for resources are batched this long before an allocation runs.
+    #[arg(long, default_value = "2ms", value_parser = parse_duration)]
+    pub allocation_batch: Duration,
+    /// Role weights for DRF, e.g. `analytics=2,web=1` (missing roles weigh 1).
+    #[arg(long, value_parser = parse_weights)]
+    pub weights: Option<BTreeMap<String, f64>>,
+    /// Role priorities for `--allocator priority`, e.g. `analytics=10,web=1` (missing: 0).
+    #[arg(long, value_parser = parse_priorities)]
+    pub priorities: Option<BTreeMap<String, i64>>,
+    /// Guaranteed resources of a role, e.g. `analytics=cpus:4;mem:8GiB` (repeatable).
+    #[arg(long = "quota", value_parser = parse_quota)]
+    pub quotas: Vec<(String, Resources)>,
+    /// Most resources a role may hold, e.g. `web=cpus:16` (repeatable).
+    #[arg(long = "quota-limit", value_parser = parse_quota_limit)]
+    pub quota_limits: Vec<(String, Resources)>,
+    /// Smallest offer worth sending: alternatives separated by `|`, e.g. `cpus:0.01|mem:32MiB`.
+    #[arg(long, default_value = "cpus:0.01", value_parser = parse_min_allocatable)]
+    pub min_allocatable: MinAllocatable,
+    /// Rescind offers not answered within this time (e.g. `30s`); default: never.
+    #[arg(long, value_parser = parse_duration)]
+    pub offer_timeout: Option<Duration>,
+}
+
+fn parse_weights(s: &str) -> Result<BTreeMap<String, f64>, String> {
+    allocator::parse_weights(s).map_err(|e| e.to_string())
+}
+
+fn parse_priorities(s: &str) -> Result<BTreeMap<String, i64>, String> {
+    allocator::parse_priorities(s).map_err(|e| e.to_string())
+}
+
+fn parse_quota(s: &str) -> Result<(String, Resources), String> {
+    allocator::parse_role_resources("--quota", s).map_err(|e| e.to_string())
+}
+
+fn parse_quota_limit(s: &str) -> Result<(String, Resources), String> {
+    allocator::parse_role_resources("--quota-limit", s).map_err(|e| e.to_string())
+}
+
+/// The alternatives of `--min-allocatable`.
+#[derive(Clone, Debug)]
+pub struct MinAllocatable(pub Vec<Resources>);
+
+fn parse_min_allocatable(s: &str) -> Result<MinAllocatable, String> {
+    allocator::parse_min_allocatable(s).map(MinAllocatable).map_err(|e| e.to_string())
+}
+
+fn role_map(flag: &str, entries: &[(String, Resources)]) -> anyhow::Result<BTreeMap<String, Resources>> {
+    let mut out = BTreeMap::new();
+    for (role, r) in entries {
+        if out.insert(role.clone(), r.clone()).is_some() {
+            anyhow::bail!("role {role} is given twice in {flag}");
+        }
+    }
+    Ok(out)
+}
+
+/// The core configuration for these tunables.
+pub fn core_config(m: &MasterCommandCore) -> anyhow::Result<MasterConfig> {
+    let a = &m.allocation;
+    let guarantees = role_map("--quota", &a.quotas)?;
+    let limits = role_map("--quota-limit", &a.quota_limits)?;
+    for (role, g) in &guarantees {
+        if let Some(l) = limits.get(role) {
+            if g.capped_by(l, &l.kinds()) != *g {
+                anyhow::bail!("--quota {role}={g} is above --quota-limit {role}={l}");
+            }
+        }
+    }
+    Ok(MasterConfig {
         master_id: format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
-        allocation_interval: m.allocation_interval,
+        allocation_interval: a.allocation_interval,
+        allocation_batch: a.allocation_batch,
         agent_heartbeat_interval: m.agent_heartbeat,
         agent_timeout: m.agent_timeout,
+        offer_timeout: a.offer_timeout,
+        allocation: AllocatorOptions {
+            role_weights: a.weights.clone().unwrap_or_default(),
+            role_priorities: a.priorities.clone().unwrap_or_default(),
+            quota_guarantees: guarantees,
+            quota_limits: limits,
+            min_allocatable: a.min_allocatable.0.clone(),
+        },
         ..MasterConfig::default()
-    }
+    })
 }
 
 /// The tunables shared by `master` and `dev`.
 pub struct MasterCommandCore {
-    pub allocation_interval: Duration,
+    pub allocation: AllocationArgs,
     pub agent_heartbeat: Duration,
     pub agent_timeout: Duration,
 }
@@ -57,10 +143,10 @@ pub struct MasterCommandCore {
 impl MasterCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         let core = core_config(&MasterCommandCore {
-            allocation_interval: self.allocation_interval,
+            allocation: self.allocation.clone(),
             agent_heartbeat: self.agent_heartbeat,
             agent_timeout: self.agent_timeout,
-        });
+        })?;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
@@ -71,7 +157,7 @@ impl MasterCommand {
                 listen: self.listen,
                 tls: TlsFiles::in_dir(&self.tls_dir, "master"),
                 core,
-                allocator: self.allocator,
+                allocator: self.allocation.allocator,
             },
             shutdown.clone(),
         )?;

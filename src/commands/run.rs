@@ -113,6 +113,8 @@ impl RunCommand {
         driver_cfg.framework.role = self.role.clone();
         driver_cfg.framework.failover_timeout = Duration::from_secs(10);
         driver_cfg.reconnect = false;
+        // State the demand with the subscription, so offers are sized to these tasks.
+        driver_cfg.demand = Some(vec![Demand { resources: resources.clone(), count: self.count }]);
         let single = self.count == 1;
         let progress = if single {
             None
@@ -127,6 +129,7 @@ impl RunCommand {
             Some(pb)
         };
         let mut sched = RunScheduler {
+            shape: resources.clone(),
             pending: tasks,
             total: self.count as usize,
             states: BTreeMap::new(),
@@ -178,6 +181,8 @@ async fn unschedulable(
 }
 
 struct RunScheduler {
+    /// Every task's resources (the demand's shape).
+    shape: Resources,
     pending: VecDeque<TaskInfo>,
     total: usize,
     states: BTreeMap<TaskId, TaskState>,
@@ -190,6 +195,14 @@ struct RunScheduler {
 }
 
 impl RunScheduler {
+    /// Tells the master how many tasks still wait for resources.
+    fn state_demand(&self, driver: &Driver) {
+        let count = u32::try_from(self.pending.len()).unwrap_or(u32::MAX);
+        let demands =
+            if count == 0 { Vec::new() } else { vec![Demand { resources: self.shape.clone(), count }] };
+        driver.request(demands);
+    }
+
     fn start_streams(&mut self, driver: &Driver, task_id: &TaskId, follow: bool) {
         let Some(conn) = driver.connection() else { return };
         for which in [OutputStream::Stdout, OutputStream::Stderr] {
@@ -275,6 +288,7 @@ impl RunScheduler {
 
 impl Scheduler for RunScheduler {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
+        let before = self.pending.len();
         for offer in offers {
             let mut left = offer.resources.clone();
             let mut batch = Vec::new();
@@ -296,8 +310,19 @@ impl Scheduler for RunScheduler {
                 driver.launch(vec![offer.id], batch);
             }
         }
+        if self.pending.len() != before {
+            // Lower the demand to what is still waiting.
+            self.state_demand(driver);
+        }
         if self.pending.is_empty() {
             driver.suppress();
+        }
+    }
+
+    async fn offer_rescinded(&mut self, driver: &Driver, _offer_id: &OfferId) {
+        // The master counted that offer against our demand: state it again.
+        if !self.pending.is_empty() {
+            self.state_demand(driver);
         }
     }
 

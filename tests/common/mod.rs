@@ -78,6 +78,7 @@ impl TestCluster {
             hostname: format!("agent-{i}"),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
+            isolation: agora_agent::cgroups::IsolationConfig::default(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -98,6 +99,7 @@ impl TestCluster {
             hostname: name.to_string(),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: false,
+            isolation: agora_agent::cgroups::IsolationConfig::default(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -165,6 +167,7 @@ where
 
 /// What a [`Probe`] scheduler saw.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // test plumbing; moved once through a channel
 pub enum Seen {
     Registered(FrameworkId),
     Offers(Vec<Offer>),

@@ -1,0 +1,294 @@
+//! cgroup v1: one hierarchy per mounted controller set (`cpu`, `cpuacct`, `memory`, `pids`, or
+//! co-mounted ones such as `cpu,cpuacct`), each with the agent's root at its own path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::fs::{self, CgroupError};
+use super::{CgroupManager, CgroupStats, CgroupVersion, Limits, CFS_PERIOD_US};
+
+/// One v1 hierarchy the agent uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V1Hierarchy {
+    /// The controllers of this hierarchy the agent uses (a subset of `cpu`, `cpuacct`,
+    /// `memory`, `pids`).
+    pub controllers: Vec<String>,
+    /// The agent's root group in this hierarchy, e.g. `/sys/fs/cgroup/memory/<own>/agora-…`.
+    pub root: PathBuf,
+}
+
+/// Task groups in every v1 hierarchy the agent uses, and only those: unlike cgroups-rs 0.5, which
+/// creates a group in every mounted hierarchy (freezer, devices, …) and deletes only the leaf,
+/// what is created here is exactly what [`CgroupManager::remove`] removes.
+#[derive(Clone, Debug)]
+pub struct V1Manager {
+    hierarchies: Vec<V1Hierarchy>,
+}
+
+impl V1Manager {
+    /// A manager over `hierarchies` (each hierarchy's root must exist to create groups).
+    pub fn new(hierarchies: Vec<V1Hierarchy>) -> Self {
+        Self { hierarchies }
+    }
+
+    /// The hierarchies.
+    pub fn hierarchies(&self) -> &[V1Hierarchy] {
+        &self.hierarchies
+    }
+
+    fn dir(&self, controller: &str, name: &str) -> Option<PathBuf> {
+        self.hierarchies
+            .iter()
+            .find(|h| h.controllers.iter().any(|c| c == controller))
+            .map(|h| h.root.join(name))
+    }
+
+    fn apply_memory(dir: &Path, limit: Option<u64>) -> Result<(), CgroupError> {
+        let value = limit.map_or_else(|| "-1".to_string(), |b| b.to_string());
+        if dir.join("memory.memsw.limit_in_bytes").exists() {
+            // memsw (memory+swap) must never be below the memory limit: when the limit grows,
+            // raise memsw first; when it shrinks, lower the memory limit first.
+            let current = fs::read_u64(dir, "memory.limit_in_bytes")?.unwrap_or(u64::MAX);
+            let growing = limit.unwrap_or(u64::MAX) > current;
+            if growing {
+                fs::write(dir, "memory.memsw.limit_in_bytes", &value)?;
+                fs::write(dir, "memory.limit_in_bytes", &value)?;
+            } else {
+                fs::write(dir, "memory.limit_in_bytes", &value)?;
+                fs::write(dir, "memory.memsw.limit_in_bytes", &value)?;
+            }
+        } else {
+            fs::write(dir, "memory.limit_in_bytes", &value)?;
+            // Without swap accounting (swapaccount=0) the best v1 offers is not swapping this
+            // group's pages at all; the kernel may refuse it (e.g. under use_hierarchy), which
+            // is not worth failing a task for.
+            if let Err(e) = fs::write(dir, "memory.swappiness", "0") {
+                tracing::debug!(error = %e, "cannot set memory.swappiness");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CgroupManager for V1Manager {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V1
+    }
+
+    fn paths(&self, name: &str) -> Vec<PathBuf> {
+        self.hierarchies.iter().map(|h| h.root.join(name)).collect()
+    }
+
+    fn create(&self, name: &str) -> Result<(), CgroupError> {
+        fs::check_name(name)?;
+        for path in self.paths(name) {
+            if let Err(e) = fs::create_dir(&path) {
+                // Leave nothing half-made behind.
+                let _ = self.remove(name);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        fs::check_name(name)?;
+        if let Some(dir) = self.dir("cpu", name) {
+            fs::write(&dir, "cpu.shares", &limits.cpu_shares().to_string())?;
+            fs::write(&dir, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string())?;
+            let quota = limits.cfs_quota_us().map_or_else(|| "-1".to_string(), |q| q.to_string());
+            fs::write(&dir, "cpu.cfs_quota_us", &quota)?;
+        }
+        if let Some(dir) = self.dir("memory", name) {
+            Self::apply_memory(&dir, limits.mem_bytes)?;
+        }
+        if let Some(dir) = self.dir("pids", name) {
+            let value = limits.pids.map_or_else(|| "max".to_string(), |p| p.to_string());
+            fs::write(&dir, "pids.max", &value)?;
+        }
+        Ok(())
+    }
+
+    fn add_process(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        fs::check_name(name)?;
+        for path in self.paths(name) {
+            fs::write(&path, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
+        fs::check_name(name)?;
+        let mut s = CgroupStats::default();
+        if let Some(dir) = self.dir("cpuacct", name) {
+            s.cpu_time = fs::read_u64(&dir, "cpuacct.usage")?.map(Duration::from_nanos);
+        }
+        if let Some(dir) = self.dir("cpu", name) {
+            s.throttled = fs::read_key(&dir, "cpu.stat", "throttled_time")?.map(Duration::from_nanos);
+        }
+        if let Some(dir) = self.dir("memory", name) {
+            s.mem_current = fs::read_u64(&dir, "memory.usage_in_bytes")?;
+            s.mem_peak = fs::read_u64(&dir, "memory.max_usage_in_bytes")?;
+            s.mem_limit_hits = fs::read_u64(&dir, "memory.failcnt")?;
+            // `oom_kill` in memory.oom_control exists since Linux 4.13.
+            s.oom_kills = fs::read_key(&dir, "memory.oom_control", "oom_kill")?;
+        }
+        if let Some(dir) = self.dir("pids", name) {
+            s.pids_current = fs::read_u64(&dir, "pids.current")?;
+            s.pids_limit_hits = fs::read_key(&dir, "pids.events", "max")?;
+        }
+        Ok(s)
+    }
+
+    fn procs(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
+        fs::check_name(name)?;
+        let mut all = Vec::new();
+        for path in self.paths(name) {
+            all.extend(fs::procs(&path)?);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        fs::check_name(name)?;
+        // Every hierarchy, even after a failure in one: report the first error.
+        let mut first = None;
+        for path in self.paths(name) {
+            if let Err(e) = fs::remove_tree(&path) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn groups(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.hierarchies.iter().flat_map(|h| fs::child_groups(&h.root)).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        self.hierarchies.iter().map(|h| h.root.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mimics the v1 files of one group in `dir`.
+    fn fake_group(dir: &Path, controllers: &[&str]) {
+        let mut files: Vec<(&str, &str)> = vec![("cgroup.procs", "")];
+        for c in controllers {
+            files.extend(match *c {
+                "cpu" => vec![
+                    ("cpu.shares", "1024\n"),
+                    ("cpu.cfs_period_us", "100000\n"),
+                    ("cpu.cfs_quota_us", "-1\n"),
+                    ("cpu.stat", "nr_periods 40\nnr_throttled 12\nthrottled_time 1500000000\n"),
+                ],
+                "cpuacct" => vec![("cpuacct.usage", "2500000000\n")],
+                "memory" => vec![
+                    ("memory.limit_in_bytes", "9223372036854771712\n"),
+                    ("memory.memsw.limit_in_bytes", "9223372036854771712\n"),
+                    ("memory.usage_in_bytes", "1048576\n"),
+                    ("memory.max_usage_in_bytes", "67108864\n"),
+                    ("memory.failcnt", "31\n"),
+                    ("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n"),
+                ],
+                "pids" => vec![("pids.max", "max\n"), ("pids.current", "3\n"), ("pids.events", "max 7\n")],
+                _ => vec![],
+            });
+        }
+        for (f, content) in files {
+            std::fs::write(dir.join(f), content).expect("write fake file");
+        }
+    }
+
+    fn read(dir: &Path, f: &str) -> String {
+        std::fs::read_to_string(dir.join(f)).expect("read").trim().to_string()
+    }
+
+    fn manager(tmp: &Path) -> V1Manager {
+        let h = |ctl: &[&str], sub: &str| V1Hierarchy {
+            controllers: ctl.iter().map(|c| c.to_string()).collect(),
+            root: tmp.join(sub).join("agora-1"),
+        };
+        // cpu and cpuacct co-mounted, memory nested deeper (as on the CI machines), pids apart.
+        V1Manager::new(vec![
+            h(&["cpu", "cpuacct"], "cpu,cpuacct"),
+            h(&["memory"], "memory/process_api/x"),
+            h(&["pids"], "pids"),
+        ])
+    }
+
+    #[test]
+    fn creates_applies_and_reads_in_every_hierarchy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let m = manager(tmp.path());
+        m.create("task-1").expect("create");
+        let paths = m.paths("task-1");
+        assert_eq!(paths.len(), 3);
+        assert!(paths.iter().all(|p| p.is_dir()));
+        fake_group(&paths[0], &["cpu", "cpuacct"]);
+        fake_group(&paths[1], &["memory"]);
+        fake_group(&paths[2], &["pids"]);
+
+        let limits = Limits { cpu_millis: 500, cpu_quota: true, mem_bytes: Some(256 << 20), pids: Some(64) };
+        m.apply("task-1", &limits).expect("apply");
+        assert_eq!(read(&paths[0], "cpu.shares"), "512");
+        assert_eq!(read(&paths[0], "cpu.cfs_period_us"), "100000");
+        assert_eq!(read(&paths[0], "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read(&paths[1], "memory.limit_in_bytes"), "268435456");
+        assert_eq!(read(&paths[1], "memory.memsw.limit_in_bytes"), "268435456");
+        assert_eq!(read(&paths[2], "pids.max"), "64");
+
+        // Resizing up (an executor gaining a task) and soft CPU.
+        let bigger = Limits { cpu_millis: 1500, cpu_quota: false, mem_bytes: Some(1 << 30), pids: None };
+        m.apply("task-1", &bigger).expect("resize");
+        assert_eq!(read(&paths[0], "cpu.shares"), "1536");
+        assert_eq!(read(&paths[0], "cpu.cfs_quota_us"), "-1");
+        assert_eq!(read(&paths[1], "memory.limit_in_bytes"), "1073741824");
+        assert_eq!(read(&paths[1], "memory.memsw.limit_in_bytes"), "1073741824");
+        assert_eq!(read(&paths[2], "pids.max"), "max");
+
+        m.add_process("task-1", 4242).expect("add");
+        assert!(paths.iter().all(|p| read(p, "cgroup.procs") == "4242"));
+        assert_eq!(m.procs("task-1").expect("procs"), vec![4242]);
+
+        let s = m.stats("task-1").expect("stats");
+        assert_eq!(s.cpu_time, Some(Duration::from_millis(2500)));
+        assert_eq!(s.throttled, Some(Duration::from_millis(1500)));
+        assert_eq!((s.mem_current, s.mem_peak), (Some(1 << 20), Some(64 << 20)));
+        assert_eq!((s.mem_limit_hits, s.oom_kills), (Some(31), Some(1)));
+        assert_eq!((s.pids_current, s.pids_limit_hits), (Some(3), Some(7)));
+        assert_eq!(m.groups(), vec!["task-1".to_string()]);
+    }
+
+    #[test]
+    fn missing_controller_file_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let m = manager(tmp.path());
+        m.create("t").expect("create");
+        let limits = Limits { cpu_millis: 100, cpu_quota: true, mem_bytes: None, pids: None };
+        let err = m.apply("t", &limits).expect_err("no cpu files").to_string();
+        assert!(err.starts_with("failed to write 102 to ") && err.contains("cpu.shares"), "{err}");
+        assert!(m.create("../escape").is_err());
+    }
+
+    #[test]
+    fn remove_cleans_every_hierarchy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let m = manager(tmp.path());
+        m.create("t").expect("create");
+        // Empty directories behave like cgroups for rmdir (control files are not real files).
+        std::fs::create_dir(m.paths("t")[1].join("nested")).expect("nested group");
+        m.remove("t").expect("remove");
+        assert!(m.paths("t").iter().all(|p| !p.exists()));
+        assert!(m.groups().is_empty());
+        m.remove("t").expect("idempotent");
+    }
+}

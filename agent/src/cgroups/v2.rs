@@ -1,0 +1,237 @@
+//! cgroup v2: one unified hierarchy; task groups are children of the agent's root, whose
+//! `cgroup.subtree_control` enables the controllers for them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::fs::{self, CgroupError};
+use super::{CgroupManager, CgroupStats, CgroupVersion, Limits, CFS_PERIOD_US};
+
+/// Task groups below one root of the unified hierarchy.
+#[derive(Clone, Debug)]
+pub struct V2Manager {
+    root: PathBuf,
+    controllers: Vec<String>,
+}
+
+impl V2Manager {
+    /// A manager for groups below `root`, whose `cgroup.subtree_control` enables `controllers`
+    /// (only `cpu`, `memory` and `pids` are used).
+    pub fn new(root: PathBuf, controllers: Vec<String>) -> Self {
+        Self { root, controllers }
+    }
+
+    fn has(&self, controller: &str) -> bool {
+        self.controllers.iter().any(|c| c == controller)
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, CgroupError> {
+        fs::check_name(name)?;
+        Ok(self.root.join(name))
+    }
+}
+
+/// `cpu.weight` (1..=10000) from v1-style shares (2..=262144), the conversion runc and the
+/// kernel documentation use: 1024 shares (one CPU) is weight 39, …
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+impl CgroupManager for V2Manager {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V2
+    }
+
+    fn paths(&self, name: &str) -> Vec<PathBuf> {
+        vec![self.root.join(name)]
+    }
+
+    fn create(&self, name: &str) -> Result<(), CgroupError> {
+        let dir = self.dir(name)?;
+        if !self.root.exists() {
+            // Swept by another agent starting next to this one: re-delegate.
+            fs::create_dir(&self.root)?;
+            let enable = self.controllers.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+            fs::write(&self.root, "cgroup.subtree_control", &enable)?;
+        }
+        fs::create_dir(&dir)
+    }
+
+    fn apply(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
+        let dir = self.dir(name)?;
+        if self.has("cpu") {
+            fs::write(&dir, "cpu.weight", &shares_to_weight(limits.cpu_shares()).to_string())?;
+            let quota = limits.cfs_quota_us().map_or_else(|| "max".to_string(), |q| q.to_string());
+            fs::write(&dir, "cpu.max", &format!("{quota} {CFS_PERIOD_US}"))?;
+        }
+        if self.has("memory") {
+            let max = limits.mem_bytes.map_or_else(|| "max".to_string(), |b| b.to_string());
+            fs::write(&dir, "memory.max", &max)?;
+            // Absent without swap accounting (CONFIG_MEMCG_SWAP off): nothing to disallow then.
+            if dir.join("memory.swap.max").exists() {
+                fs::write(&dir, "memory.swap.max", "0")?;
+            }
+            // A task is one unit: on OOM the kernel kills all of it, not one random process.
+            if dir.join("memory.oom.group").exists() {
+                fs::write(&dir, "memory.oom.group", "1")?;
+            }
+        }
+        if self.has("pids") {
+            let max = limits.pids.map_or_else(|| "max".to_string(), |p| p.to_string());
+            fs::write(&dir, "pids.max", &max)?;
+        }
+        Ok(())
+    }
+
+    fn add_process(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
+        fs::write(&self.dir(name)?, "cgroup.procs", &pid.to_string())
+    }
+
+    fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
+        let dir = self.dir(name)?;
+        // cpu.stat's usage is there without the cpu controller; throttling needs it.
+        let usage = fs::read_key(&dir, "cpu.stat", "usage_usec")?;
+        let throttled = fs::read_key(&dir, "cpu.stat", "throttled_usec")?;
+        let mut s = CgroupStats {
+            cpu_time: usage.map(Duration::from_micros),
+            throttled: throttled.map(Duration::from_micros),
+            ..CgroupStats::default()
+        };
+        if self.has("memory") {
+            s.mem_current = fs::read_u64(&dir, "memory.current")?;
+            // memory.peak exists since Linux 5.19.
+            s.mem_peak = fs::read_u64(&dir, "memory.peak")?;
+            s.mem_limit_hits = fs::read_key(&dir, "memory.events", "max")?;
+            s.oom_kills = fs::read_key(&dir, "memory.events", "oom_kill")?;
+        }
+        if self.has("pids") {
+            s.pids_current = fs::read_u64(&dir, "pids.current")?;
+            s.pids_limit_hits = fs::read_key(&dir, "pids.events", "max")?;
+        }
+        Ok(s)
+    }
+
+    fn procs(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
+        fs::procs(&self.dir(name)?)
+    }
+
+    fn kill(&self, name: &str) -> Result<(), CgroupError> {
+        let dir = self.dir(name)?;
+        // cgroup.kill (Linux 5.14) kills every process of the group atomically, forks included.
+        if dir.join("cgroup.kill").exists() {
+            return fs::write(&dir, "cgroup.kill", "1");
+        }
+        super::kill_listed(&self.procs(name)?);
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CgroupError> {
+        fs::remove_tree(&self.dir(name)?)
+    }
+
+    fn groups(&self) -> Vec<String> {
+        fs::child_groups(&self.root)
+    }
+
+    fn roots(&self) -> Vec<PathBuf> {
+        vec![self.root.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fake_group(dir: &Path) {
+        for (f, content) in [
+            ("cgroup.procs", ""),
+            ("cpu.weight", "100\n"),
+            ("cpu.max", "max 100000\n"),
+            ("cpu.stat", "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 30\nnr_throttled 9\nthrottled_usec 1200000\n"),
+            ("memory.max", "max\n"),
+            ("memory.swap.max", "max\n"),
+            ("memory.oom.group", "0\n"),
+            ("memory.current", "4096\n"),
+            ("memory.peak", "134217728\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 1\n"),
+            ("pids.max", "max\n"),
+            ("pids.current", "1\n"),
+            ("pids.events", "max 0\n"),
+        ] {
+            std::fs::write(dir.join(f), content).expect("write fake file");
+        }
+    }
+
+    fn read(dir: &Path, f: &str) -> String {
+        std::fs::read_to_string(dir.join(f)).expect("read").trim().to_string()
+    }
+
+    fn all() -> Vec<String> {
+        ["cpu", "memory", "pids"].iter().map(|c| c.to_string()).collect()
+    }
+
+    #[test]
+    fn weights_follow_runc() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(0), 1);
+    }
+
+    #[test]
+    fn applies_limits_and_reads_usage() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("agora-1");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::write(root.join("cgroup.subtree_control"), "").expect("write");
+        let m = V2Manager::new(root, all());
+        m.create("task-1").expect("create");
+        let dir = m.paths("task-1").remove(0);
+        fake_group(&dir);
+        let limits = Limits { cpu_millis: 500, cpu_quota: true, mem_bytes: Some(64 << 20), pids: Some(1024) };
+        m.apply("task-1", &limits).expect("apply");
+        assert_eq!(read(&dir, "cpu.weight"), "20");
+        assert_eq!(read(&dir, "cpu.max"), "50000 100000");
+        assert_eq!(read(&dir, "memory.max"), "67108864");
+        assert_eq!(read(&dir, "memory.swap.max"), "0");
+        assert_eq!(read(&dir, "memory.oom.group"), "1");
+        assert_eq!(read(&dir, "pids.max"), "1024");
+        let soft = Limits { cpu_millis: 2000, cpu_quota: false, mem_bytes: None, pids: None };
+        m.apply("task-1", &soft).expect("resize");
+        assert_eq!(read(&dir, "cpu.max"), "max 100000");
+        assert_eq!(read(&dir, "memory.max"), "max");
+        assert_eq!(read(&dir, "pids.max"), "max");
+
+        let s = m.stats("task-1").expect("stats");
+        assert_eq!(s.cpu_time, Some(Duration::from_millis(2500)));
+        assert_eq!(s.throttled, Some(Duration::from_millis(1200)));
+        assert_eq!((s.mem_current, s.mem_peak), (Some(4096), Some(128 << 20)));
+        assert_eq!((s.mem_limit_hits, s.oom_kills), (Some(12), Some(1)));
+        assert_eq!((s.pids_current, s.pids_limit_hits), (Some(1), Some(0)));
+
+        m.add_process("task-1", 77).expect("add");
+        assert_eq!(m.procs("task-1").expect("procs"), vec![77]);
+        // cgroup.kill is used where the kernel has it.
+        std::fs::write(dir.join("cgroup.kill"), "").expect("write");
+        m.kill("task-1").expect("kill");
+        assert_eq!(read(&dir, "cgroup.kill"), "1");
+    }
+
+    #[test]
+    fn controllers_not_enabled_are_left_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let m = V2Manager::new(tmp.path().to_path_buf(), vec!["memory".into()]);
+        m.create("t").expect("create");
+        let dir = m.paths("t").remove(0);
+        std::fs::write(dir.join("memory.max"), "max\n").expect("write");
+        let limits = Limits { cpu_millis: 500, cpu_quota: true, mem_bytes: Some(1 << 20), pids: Some(8) };
+        m.apply("t", &limits).expect("only memory.max is written");
+        assert_eq!(read(&dir, "memory.max"), "1048576");
+        assert!(!dir.join("cpu.max").exists() && !dir.join("pids.max").exists());
+        std::fs::remove_file(dir.join("memory.max")).expect("rm");
+        m.remove("t").expect("remove");
+        assert!(!dir.exists());
+    }
+}
