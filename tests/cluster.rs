@@ -307,6 +307,10 @@ async fn a_restarted_agent_keeps_its_id() {
     let mut cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
     let before = cluster.master.agents().await;
     assert_eq!(before.len(), 1);
+    // The agent writes its id when the master's answer arrives, a moment after the master
+    // counts it as registered.
+    let id_path = cluster.agent_dir(0).join("agent_id");
+    wait_for("the agent to write its id", || async { id_path.exists() }).await;
     let (token, handle) = cluster.agents.remove(0);
     token.cancel();
     let _ = handle.await;

@@ -1,4 +1,6 @@
-//! Small cgroupfs file operations with errors that name the file and the value.
+//! The few direct cgroupfs operations the agent keeps beside cgroups-rs (see the module
+//! documentation of [`super`] for which and why), and [`CgroupError`], whose messages name the
+//! file, the value and the OS error.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -94,29 +96,19 @@ pub fn read_optional(dir: &Path, file: &str) -> Result<Option<String>, CgroupErr
     }
 }
 
-/// Reads a file holding one unsigned number (`max` reads as `u64::MAX`); `None` if absent.
-pub fn read_u64(dir: &Path, file: &str) -> Result<Option<u64>, CgroupError> {
-    let Some(s) = read_optional(dir, file)? else {
-        return Ok(None);
-    };
-    let t = s.trim();
-    if t == "max" {
-        return Ok(Some(u64::MAX));
-    }
-    t.parse().map(Some).map_err(|_| CgroupError::Parse {
-        path: dir.join(file),
-        what: "a number",
-        content: s.clone(),
-    })
-}
-
-/// Reads `key` from a flat keyed file (`key value` lines: `cpu.stat`, `memory.events`,
-/// `memory.oom_control`, `pids.events`); `None` if the file or the key is absent.
+/// Reads `key` from a flat keyed file (`key value` lines: `memory.events`); `None` if the file
+/// or the key is absent.
 pub fn read_key(dir: &Path, file: &str, key: &str) -> Result<Option<u64>, CgroupError> {
     let Some(s) = read_optional(dir, file)? else {
         return Ok(None);
     };
-    flat_key(&s, key).map_err(|content| CgroupError::Parse {
+    key_in(dir, file, &s, key)
+}
+
+/// Looks `key` up in the text of the flat keyed file `dir/file` (as read by cgroups-rs: empty if
+/// absent); `None` if the key is absent.
+pub fn key_in(dir: &Path, file: &str, text: &str, key: &str) -> Result<Option<u64>, CgroupError> {
+    flat_key(text, key).map_err(|content| CgroupError::Parse {
         path: dir.join(file),
         what: "`key value` lines",
         content,
@@ -219,14 +211,13 @@ mod tests {
         assert_eq!(flat_key(text, "nope"), Ok(None));
         assert_eq!(flat_key("max x\n", "max"), Err("max x".to_string()));
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("pids.max"), "max\n").expect("write");
-        std::fs::write(dir.path().join("memory.current"), "4096\n").expect("write");
-        std::fs::write(dir.path().join("bad"), "x\n").expect("write");
-        assert_eq!(read_u64(dir.path(), "pids.max").ok(), Some(Some(u64::MAX)));
-        assert_eq!(read_u64(dir.path(), "memory.current").ok(), Some(Some(4096)));
-        assert_eq!(read_u64(dir.path(), "missing").ok(), Some(None));
-        let err = read_u64(dir.path(), "bad").expect_err("not a number").to_string();
-        assert!(err.contains("bad") && err.contains("a number"), "{err}");
+        std::fs::write(dir.path().join("memory.events"), "max 3\noom_kill 1\n").expect("write");
+        std::fs::write(dir.path().join("bad"), "max x\n").expect("write");
+        assert_eq!(read_key(dir.path(), "memory.events", "oom_kill").ok(), Some(Some(1)));
+        assert_eq!(read_key(dir.path(), "missing", "max").ok(), Some(None));
+        let err = read_key(dir.path(), "bad", "max").expect_err("not a number").to_string();
+        assert!(err.contains("bad") && err.contains("`key value` lines"), "{err}");
+        assert_eq!(key_in(dir.path(), "cpu.stat", "", "usage_usec").ok(), Some(None));
     }
 
     #[test]

@@ -24,14 +24,40 @@
 //! `exec` of `/bin/sh` (about a millisecond); the user program's `argv[0]` becomes its resolved
 //! path.
 //!
-//! # Why not cgroups-rs
-//! The workspace pins cgroups-rs 0.5, but its v2 hierarchy is hard-wired to `/sys/fs/cgroup`
-//! (no `--cgroup-root`, no temp-dir tests), its v1 `Cgroup` creates a group in every mounted
-//! hierarchy yet deletes only the leaf, some of its paths `unwrap`, its errors drop the OS error
-//! from the message, and it pulls zbus and an old nix into the agent. What the agent needs is a
-//! dozen file writes, so they are written here behind the [`CgroupManager`] trait (the seam
-//! youki uses), with one implementation per version tested against directories that mimic
-//! cgroupfs.
+//! # cgroups-rs, and what is done directly
+//! Groups are driven through cgroups-rs 0.5 (`cgroups_rs::fs`): [`hierarchy::AgentHierarchy`]
+//! is a custom `Hierarchy` that hands out only the `cpu`, `cpuacct`, `memory` and `pids`
+//! controllers the agent uses, each rooted at the agent's root in its hierarchy (cgroups-rs's
+//! own `V2` is hard-wired to `/sys/fs/cgroup`, its `V1` takes every mounted controller at its
+//! mount point). [`V1Manager`] and [`V2Manager`] (one per version, behind the
+//! [`CgroupManager`] seam) load a `Cgroup` over it per operation and use its controllers:
+//! `Controller::create`, `add_task_by_tgid`, `Cgroup::procs`, `Cgroup::delete`,
+//! `Cgroup::kill` (v2 `cgroup.kill`), `CpuController::{set_shares, set_cfs_period,
+//! set_cfs_quota, set_cfs_quota_and_period, cpu}`, `MemController::{set_limit,
+//! set_memswap_limit, set_swappiness, memory_stat}`, `CpuAcctController::cpuacct` and
+//! `PidController::{set_pid_max, get_pid_current, get_pid_events}`. The unit tests run these
+//! managers against temp directories that mimic cgroupfs.
+//!
+//! Around cgroups-rs ([`hierarchy`]):
+//! - Removal: `Cgroup::delete` deletes only the leaf it is given (and on v2 with one `rmdir`,
+//!   no retries), so every directory of the group still there afterwards is removed with
+//!   [`fs::remove_tree`]; a group is gone from every hierarchy or the removal fails.
+//! - Setters open control files with `File::create`: a file that does not exist is reported
+//!   (`ENOENT`, naming file and value) instead of created, and errors carry the OS error that
+//!   cgroups-rs keeps only as a debug-formatted cause.
+//! - Reads that cgroups-rs reports as 0 when a file is missing (`memory_stat`) are taken as
+//!   best effort; v2 `memory.peak` 0 (absent before Linux 5.19) is reported as unknown.
+//!
+//! Direct cgroupfs access ([`fs`]) remains only where cgroups-rs 0.5 has no API or would do the
+//! wrong thing: v2 `memory.events` (OOM kills and limit hits; not read by cgroups-rs at all),
+//! v2 `memory.oom.group` (no setter; its generic `attrs` ignore write errors), v2 delegation
+//! at start and re-delegation of a swept root (`cgroup.controllers`, `cgroup.subtree_control`,
+//! moving the agent into a leaf on `EBUSY`; cgroups-rs only enables controllers inside
+//! `Cgroup::create`, from `/sys/fs/cgroup`'s list, ignoring errors), creating the agent's own
+//! root directories, and listing and removing groups by directory (leftover task groups at
+//! start, roots of vanished agents, the agent's roots at shutdown: cgroups-rs cannot list a
+//! group's children). cgroups-rs `unwrap`s while parsing some files (`memory.oom_control`,
+//! `memory.numa_stat`); the kernel's own content parses.
 
 use std::fmt;
 use std::io::Write;
@@ -45,6 +71,7 @@ use agora_sdk::Resources;
 
 pub mod detect;
 pub mod fs;
+pub mod hierarchy;
 pub mod v1;
 pub mod v2;
 
@@ -220,7 +247,8 @@ pub enum CgroupVersion {
     V2,
 }
 
-/// The OS boundary: groups named by one path component below the agent's root(s).
+/// The seam between the isolator and a cgroup version: groups named by one path component below
+/// the agent's root(s). Implemented on cgroups-rs by [`V1Manager`] and [`V2Manager`].
 pub trait CgroupManager: Send + Sync + fmt::Debug {
     /// The version this manager drives.
     fn version(&self) -> CgroupVersion;

@@ -1,10 +1,18 @@
 //! cgroup v1: one hierarchy per mounted controller set (`cpu`, `cpuacct`, `memory`, `pids`, or
-//! co-mounted ones such as `cpu,cpuacct`), each with the agent's root at its own path.
+//! co-mounted ones such as `cpu,cpuacct`), each with the agent's root at its own path. Groups are
+//! driven through cgroups-rs controllers over an [`AgentHierarchy`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::cpuacct::CpuAcctController;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, MaxValue};
+
 use super::fs::{self, CgroupError};
+use super::hierarchy::{self, set, AgentHierarchy};
 use super::{CgroupManager, CgroupStats, CgroupVersion, Limits, CFS_PERIOD_US};
 
 /// One v1 hierarchy the agent uses.
@@ -17,18 +25,22 @@ pub struct V1Hierarchy {
     pub root: PathBuf,
 }
 
-/// Task groups in every v1 hierarchy the agent uses, and only those: unlike cgroups-rs 0.5, which
-/// creates a group in every mounted hierarchy (freezer, devices, …) and deletes only the leaf,
-/// what is created here is exactly what [`CgroupManager::remove`] removes.
+/// Task groups in every v1 hierarchy the agent uses, and only those: unlike cgroups-rs 0.5's own
+/// `V1` hierarchy, which creates a group in every mounted hierarchy (freezer, devices, …) and
+/// deletes only the leaf, what is created here is exactly what [`CgroupManager::remove`]
+/// removes.
 #[derive(Clone, Debug)]
 pub struct V1Manager {
     hierarchies: Vec<V1Hierarchy>,
+    rs: AgentHierarchy,
 }
 
 impl V1Manager {
     /// A manager over `hierarchies` (each hierarchy's root must exist to create groups).
     pub fn new(hierarchies: Vec<V1Hierarchy>) -> Self {
-        Self { hierarchies }
+        let rs =
+            AgentHierarchy::v1(hierarchies.iter().map(|h| (h.controllers.clone(), h.root.clone())).collect());
+        Self { hierarchies, rs }
     }
 
     /// The hierarchies.
@@ -36,37 +48,36 @@ impl V1Manager {
         &self.hierarchies
     }
 
-    fn dir(&self, controller: &str, name: &str) -> Option<PathBuf> {
-        self.hierarchies
-            .iter()
-            .find(|h| h.controllers.iter().any(|c| c == controller))
-            .map(|h| h.root.join(name))
-    }
-
-    fn apply_memory(dir: &Path, limit: Option<u64>) -> Result<(), CgroupError> {
-        let value = limit.map_or_else(|| "-1".to_string(), |b| b.to_string());
+    fn apply_memory(mem: &MemController, limit: Option<u64>) -> Result<(), CgroupError> {
+        let dir = mem.path();
+        let value = limit.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let set_limit = || set(dir, "memory.limit_in_bytes", value, || mem.set_limit(value));
+        let set_memsw = || set(dir, "memory.memsw.limit_in_bytes", value, || mem.set_memswap_limit(value));
         if dir.join("memory.memsw.limit_in_bytes").exists() {
             // memsw (memory+swap) must never be below the memory limit: when the limit grows,
             // raise memsw first; when it shrinks, lower the memory limit first.
-            let current = fs::read_u64(dir, "memory.limit_in_bytes")?.unwrap_or(u64::MAX);
-            let growing = limit.unwrap_or(u64::MAX) > current;
-            if growing {
-                fs::write(dir, "memory.memsw.limit_in_bytes", &value)?;
-                fs::write(dir, "memory.limit_in_bytes", &value)?;
+            let current = u64::try_from(mem.memory_stat().limit_in_bytes).unwrap_or(u64::MAX);
+            if limit.unwrap_or(u64::MAX) > current {
+                set_memsw()?;
+                set_limit()?;
             } else {
-                fs::write(dir, "memory.limit_in_bytes", &value)?;
-                fs::write(dir, "memory.memsw.limit_in_bytes", &value)?;
+                set_limit()?;
+                set_memsw()?;
             }
         } else {
-            fs::write(dir, "memory.limit_in_bytes", &value)?;
+            set_limit()?;
             // Without swap accounting (swapaccount=0) the best v1 offers is not swapping this
             // group's pages at all; the kernel may refuse it (e.g. under use_hierarchy), which
             // is not worth failing a task for.
-            if let Err(e) = fs::write(dir, "memory.swappiness", "0") {
+            if let Err(e) = set(dir, "memory.swappiness", 0, || mem.set_swappiness(0)) {
                 tracing::debug!(error = %e, "cannot set memory.swappiness");
             }
         }
         Ok(())
+    }
+
+    fn group(&self, name: &str) -> Result<RsCgroup, CgroupError> {
+        self.rs.group(name)
     }
 }
 
@@ -80,87 +91,66 @@ impl CgroupManager for V1Manager {
     }
 
     fn create(&self, name: &str) -> Result<(), CgroupError> {
-        fs::check_name(name)?;
-        for path in self.paths(name) {
-            if let Err(e) = fs::create_dir(&path) {
-                // Leave nothing half-made behind.
-                let _ = self.remove(name);
-                return Err(e);
-            }
-        }
-        Ok(())
+        hierarchy::create(&self.group(name)?)
     }
 
     fn apply(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
-        fs::check_name(name)?;
-        if let Some(dir) = self.dir("cpu", name) {
-            fs::write(&dir, "cpu.shares", &limits.cpu_shares().to_string())?;
-            fs::write(&dir, "cpu.cfs_period_us", &CFS_PERIOD_US.to_string())?;
-            let quota = limits.cfs_quota_us().map_or_else(|| "-1".to_string(), |q| q.to_string());
-            fs::write(&dir, "cpu.cfs_quota_us", &quota)?;
+        let cg = self.group(name)?;
+        if let Some(cpu) = cg.controller_of::<CpuController>() {
+            let dir = cpu.path();
+            let shares = limits.cpu_shares();
+            set(dir, "cpu.shares", shares, || cpu.set_shares(shares))?;
+            set(dir, "cpu.cfs_period_us", CFS_PERIOD_US, || cpu.set_cfs_period(CFS_PERIOD_US))?;
+            let quota = limits.cfs_quota_us().map_or(-1, |q| i64::try_from(q).unwrap_or(i64::MAX));
+            set(dir, "cpu.cfs_quota_us", quota, || cpu.set_cfs_quota(quota))?;
         }
-        if let Some(dir) = self.dir("memory", name) {
-            Self::apply_memory(&dir, limits.mem_bytes)?;
+        if let Some(mem) = cg.controller_of::<MemController>() {
+            Self::apply_memory(mem, limits.mem_bytes)?;
         }
-        if let Some(dir) = self.dir("pids", name) {
-            let value = limits.pids.map_or_else(|| "max".to_string(), |p| p.to_string());
-            fs::write(&dir, "pids.max", &value)?;
+        if let Some(pids) = cg.controller_of::<PidController>() {
+            let max =
+                limits.pids.map_or(MaxValue::Max, |p| MaxValue::Value(i64::try_from(p).unwrap_or(i64::MAX)));
+            set(pids.path(), "pids.max", max, || pids.set_pid_max(max))?;
         }
         Ok(())
     }
 
     fn add_process(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
-        fs::check_name(name)?;
-        for path in self.paths(name) {
-            fs::write(&path, "cgroup.procs", &pid.to_string())?;
-        }
-        Ok(())
+        hierarchy::add_process(&self.group(name)?, pid)
     }
 
     fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
-        fs::check_name(name)?;
+        let cg = self.group(name)?;
         let mut s = CgroupStats::default();
-        if let Some(dir) = self.dir("cpuacct", name) {
-            s.cpu_time = fs::read_u64(&dir, "cpuacct.usage")?.map(Duration::from_nanos);
+        if let Some(acct) = cg.controller_of::<CpuAcctController>() {
+            s.cpu_time = Some(Duration::from_nanos(acct.cpuacct().usage));
         }
-        if let Some(dir) = self.dir("cpu", name) {
-            s.throttled = fs::read_key(&dir, "cpu.stat", "throttled_time")?.map(Duration::from_nanos);
+        if let Some(cpu) = cg.controller_of::<CpuController>() {
+            s.throttled = fs::key_in(cpu.path(), "cpu.stat", &cpu.cpu().stat, "throttled_time")?
+                .map(Duration::from_nanos);
         }
-        if let Some(dir) = self.dir("memory", name) {
-            s.mem_current = fs::read_u64(&dir, "memory.usage_in_bytes")?;
-            s.mem_peak = fs::read_u64(&dir, "memory.max_usage_in_bytes")?;
-            s.mem_limit_hits = fs::read_u64(&dir, "memory.failcnt")?;
-            // `oom_kill` in memory.oom_control exists since Linux 4.13.
-            s.oom_kills = fs::read_key(&dir, "memory.oom_control", "oom_kill")?;
+        if let Some(mem) = cg.controller_of::<MemController>() {
+            let m = mem.memory_stat();
+            s.mem_current = Some(m.usage_in_bytes);
+            s.mem_peak = Some(m.max_usage_in_bytes);
+            s.mem_limit_hits = Some(m.fail_cnt);
+            // `oom_kill` in memory.oom_control exists since Linux 4.13 (0 before).
+            s.oom_kills = Some(m.oom_control.oom_kill);
         }
-        if let Some(dir) = self.dir("pids", name) {
-            s.pids_current = fs::read_u64(&dir, "pids.current")?;
-            s.pids_limit_hits = fs::read_key(&dir, "pids.events", "max")?;
+        if let Some(pids) = cg.controller_of::<PidController>() {
+            let dir = pids.path();
+            s.pids_current = hierarchy::read_optional(dir, "pids.current", pids.get_pid_current())?;
+            s.pids_limit_hits = hierarchy::read_optional(dir, "pids.events", pids.get_pid_events())?;
         }
         Ok(s)
     }
 
     fn procs(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
-        fs::check_name(name)?;
-        let mut all = Vec::new();
-        for path in self.paths(name) {
-            all.extend(fs::procs(&path)?);
-        }
-        all.sort_unstable();
-        all.dedup();
-        Ok(all)
+        Ok(hierarchy::procs(&self.group(name)?))
     }
 
     fn remove(&self, name: &str) -> Result<(), CgroupError> {
-        fs::check_name(name)?;
-        // Every hierarchy, even after a failure in one: report the first error.
-        let mut first = None;
-        for path in self.paths(name) {
-            if let Err(e) = fs::remove_tree(&path) {
-                first.get_or_insert(e);
-            }
-        }
-        first.map_or(Ok(()), Err)
+        hierarchy::remove(&self.group(name)?)
     }
 
     fn groups(&self) -> Vec<String> {
@@ -178,6 +168,7 @@ impl CgroupManager for V1Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     /// Mimics the v1 files of one group in `dir`.
     fn fake_group(dir: &Path, controllers: &[&str]) {

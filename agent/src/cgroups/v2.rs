@@ -1,10 +1,19 @@
 //! cgroup v2: one unified hierarchy; task groups are children of the agent's root, whose
-//! `cgroup.subtree_control` enables the controllers for them.
+//! `cgroup.subtree_control` enables the controllers for them. Groups are driven through
+//! cgroups-rs controllers over an [`AgentHierarchy`] rooted at the agent's root (cgroups-rs's own
+//! `V2` is hard-wired to `/sys/fs/cgroup`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::error::ErrorKind as RsErrorKind;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, MaxValue};
+
 use super::fs::{self, CgroupError};
+use super::hierarchy::{self, set, AgentHierarchy};
 use super::{CgroupManager, CgroupStats, CgroupVersion, Limits, CFS_PERIOD_US};
 
 /// Task groups below one root of the unified hierarchy.
@@ -12,22 +21,19 @@ use super::{CgroupManager, CgroupStats, CgroupVersion, Limits, CFS_PERIOD_US};
 pub struct V2Manager {
     root: PathBuf,
     controllers: Vec<String>,
+    rs: AgentHierarchy,
 }
 
 impl V2Manager {
     /// A manager for groups below `root`, whose `cgroup.subtree_control` enables `controllers`
     /// (only `cpu`, `memory` and `pids` are used).
     pub fn new(root: PathBuf, controllers: Vec<String>) -> Self {
-        Self { root, controllers }
+        let rs = AgentHierarchy::v2(root.clone(), controllers.clone());
+        Self { root, controllers, rs }
     }
 
-    fn has(&self, controller: &str) -> bool {
-        self.controllers.iter().any(|c| c == controller)
-    }
-
-    fn dir(&self, name: &str) -> Result<PathBuf, CgroupError> {
-        fs::check_name(name)?;
-        Ok(self.root.join(name))
+    fn group(&self, name: &str) -> Result<RsCgroup, CgroupError> {
+        self.rs.group(name)
     }
 }
 
@@ -48,86 +54,110 @@ impl CgroupManager for V2Manager {
     }
 
     fn create(&self, name: &str) -> Result<(), CgroupError> {
-        let dir = self.dir(name)?;
+        let cg = self.group(name)?;
         if !self.root.exists() {
-            // Swept by another agent starting next to this one: re-delegate.
+            // Swept by another agent starting next to this one: re-delegate. Direct: cgroups-rs
+            // only enables controllers inside `Cgroup::create`, from the controller list of the
+            // hard-wired `/sys/fs/cgroup`, ignoring write errors.
             fs::create_dir(&self.root)?;
             let enable = self.controllers.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
             fs::write(&self.root, "cgroup.subtree_control", &enable)?;
         }
-        fs::create_dir(&dir)
+        hierarchy::create(&cg)
     }
 
     fn apply(&self, name: &str, limits: &Limits) -> Result<(), CgroupError> {
-        let dir = self.dir(name)?;
-        if self.has("cpu") {
-            fs::write(&dir, "cpu.weight", &shares_to_weight(limits.cpu_shares()).to_string())?;
-            let quota = limits.cfs_quota_us().map_or_else(|| "max".to_string(), |q| q.to_string());
-            fs::write(&dir, "cpu.max", &format!("{quota} {CFS_PERIOD_US}"))?;
+        let cg = self.group(name)?;
+        if let Some(cpu) = cg.controller_of::<CpuController>() {
+            let dir = cpu.path();
+            let weight = shares_to_weight(limits.cpu_shares());
+            // cgroups-rs writes `cpu.weight` as given on v2 (the conversion is the caller's).
+            set(dir, "cpu.weight", weight, || cpu.set_shares(weight))?;
+            let quota = limits.cfs_quota_us().map_or(-1, |q| i64::try_from(q).unwrap_or(i64::MAX));
+            let line =
+                format!("{} {CFS_PERIOD_US}", if quota > 0 { quota.to_string() } else { "max".into() });
+            set(dir, "cpu.max", line, || cpu.set_cfs_quota_and_period(Some(quota), Some(CFS_PERIOD_US)))?;
         }
-        if self.has("memory") {
-            let max = limits.mem_bytes.map_or_else(|| "max".to_string(), |b| b.to_string());
-            fs::write(&dir, "memory.max", &max)?;
+        if let Some(mem) = cg.controller_of::<MemController>() {
+            let dir = mem.path();
+            let max = limits.mem_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+            let shown = if max < 0 { "max".to_string() } else { max.to_string() };
+            set(dir, "memory.max", shown, || mem.set_limit(max))?;
             // Absent without swap accounting (CONFIG_MEMCG_SWAP off): nothing to disallow then.
             if dir.join("memory.swap.max").exists() {
-                fs::write(&dir, "memory.swap.max", "0")?;
+                set(dir, "memory.swap.max", 0, || mem.set_memswap_limit(0))?;
             }
             // A task is one unit: on OOM the kernel kills all of it, not one random process.
+            // Direct: cgroups-rs 0.5 has no setter for it, and its generic `attrs` ignore errors.
             if dir.join("memory.oom.group").exists() {
-                fs::write(&dir, "memory.oom.group", "1")?;
+                fs::write(dir, "memory.oom.group", "1")?;
             }
         }
-        if self.has("pids") {
-            let max = limits.pids.map_or_else(|| "max".to_string(), |p| p.to_string());
-            fs::write(&dir, "pids.max", &max)?;
+        if let Some(pids) = cg.controller_of::<PidController>() {
+            let max =
+                limits.pids.map_or(MaxValue::Max, |p| MaxValue::Value(i64::try_from(p).unwrap_or(i64::MAX)));
+            set(pids.path(), "pids.max", max, || pids.set_pid_max(max))?;
         }
         Ok(())
     }
 
     fn add_process(&self, name: &str, pid: u32) -> Result<(), CgroupError> {
-        fs::write(&self.dir(name)?, "cgroup.procs", &pid.to_string())
+        hierarchy::add_process(&self.group(name)?, pid)
     }
 
     fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
-        let dir = self.dir(name)?;
-        // cpu.stat's usage is there without the cpu controller; throttling needs it.
-        let usage = fs::read_key(&dir, "cpu.stat", "usage_usec")?;
-        let throttled = fs::read_key(&dir, "cpu.stat", "throttled_usec")?;
-        let mut s = CgroupStats {
-            cpu_time: usage.map(Duration::from_micros),
-            throttled: throttled.map(Duration::from_micros),
-            ..CgroupStats::default()
-        };
-        if self.has("memory") {
-            s.mem_current = fs::read_u64(&dir, "memory.current")?;
-            // memory.peak exists since Linux 5.19.
-            s.mem_peak = fs::read_u64(&dir, "memory.peak")?;
-            s.mem_limit_hits = fs::read_key(&dir, "memory.events", "max")?;
-            s.oom_kills = fs::read_key(&dir, "memory.events", "oom_kill")?;
+        let cg = self.group(name)?;
+        let mut s = CgroupStats::default();
+        if let Some(cpu) = cg.controller_of::<CpuController>() {
+            let stat = cpu.cpu().stat;
+            s.cpu_time = fs::key_in(cpu.path(), "cpu.stat", &stat, "usage_usec")?.map(Duration::from_micros);
+            s.throttled =
+                fs::key_in(cpu.path(), "cpu.stat", &stat, "throttled_usec")?.map(Duration::from_micros);
         }
-        if self.has("pids") {
-            s.pids_current = fs::read_u64(&dir, "pids.current")?;
-            s.pids_limit_hits = fs::read_key(&dir, "pids.events", "max")?;
+        if let Some(mem) = cg.controller_of::<MemController>() {
+            let m = mem.memory_stat();
+            s.mem_current = Some(m.usage_in_bytes);
+            // memory.peak exists since Linux 5.19; cgroups-rs reads a missing one as 0, which
+            // a group that ran anything cannot have used.
+            s.mem_peak = Some(m.max_usage_in_bytes).filter(|&p| p > 0);
+            // Direct: cgroups-rs 0.5 does not read memory.events (its v2 `memory_stat` reports
+            // no OOM kills and no limit hits at all).
+            let dir = mem.path();
+            s.mem_limit_hits = fs::read_key(dir, "memory.events", "max")?;
+            s.oom_kills = fs::read_key(dir, "memory.events", "oom_kill")?;
+        }
+        if let Some(pids) = cg.controller_of::<PidController>() {
+            let dir = pids.path();
+            s.pids_current = hierarchy::read_optional(dir, "pids.current", pids.get_pid_current())?;
+            s.pids_limit_hits = hierarchy::read_optional(dir, "pids.events", pids.get_pid_events())?;
         }
         Ok(s)
     }
 
     fn procs(&self, name: &str) -> Result<Vec<u32>, CgroupError> {
-        fs::procs(&self.dir(name)?)
+        Ok(hierarchy::procs(&self.group(name)?))
     }
 
     fn kill(&self, name: &str) -> Result<(), CgroupError> {
-        let dir = self.dir(name)?;
-        // cgroup.kill (Linux 5.14) kills every process of the group atomically, forks included.
-        if dir.join("cgroup.kill").exists() {
-            return fs::write(&dir, "cgroup.kill", "1");
+        let cg = self.group(name)?;
+        // cgroup.kill (Linux 5.14) kills every process of the group atomically, forks included;
+        // cgroups-rs reports `InvalidOperation` on older kernels.
+        match cg.kill() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == &RsErrorKind::InvalidOperation => {
+                super::kill_listed(&hierarchy::procs(&cg));
+                Ok(())
+            }
+            Err(e) => Err(CgroupError::Write {
+                path: self.root.join(name).join("cgroup.kill"),
+                value: "1".into(),
+                err: hierarchy::os_error(&e),
+            }),
         }
-        super::kill_listed(&self.procs(name)?);
-        Ok(())
     }
 
     fn remove(&self, name: &str) -> Result<(), CgroupError> {
-        fs::remove_tree(&self.dir(name)?)
+        hierarchy::remove(&self.group(name)?)
     }
 
     fn groups(&self) -> Vec<String> {
