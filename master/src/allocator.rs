@@ -22,14 +22,19 @@
 //! that lists the built-ins (`drf`, `priority`), and [`Registry::register`] adds more (see
 //! `examples/binpack_allocator.rs`).
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use agora_sdk::proto::{AgentId, Demand, FrameworkId};
 use agora_sdk::resources::{ResourceKinds, UNRESERVED_ROLE};
 use agora_sdk::Resources;
+use rustc_hash::FxHashMap;
+
+use crate::quick;
 
 /// An agent whose free, unoffered resources may be allocated in this cycle.
 #[derive(Clone, Debug)]
@@ -347,11 +352,13 @@ impl Ord for Share {
 }
 
 /// Place of a framework within its role: DRF (share, cycle of its last allocation,
-/// subscription order); priority (0, subscription order, subscription order). Plain numbers,
-/// so that keeping the order costs no allocation and no string comparison.
-type FwKey = (Share, u64, u64);
-/// Place of a role: (weighted share or minus priority, name).
-type RoleKey = (Share, String);
+/// subscription order, slot); priority (0, subscription order, subscription order, slot).
+/// Plain numbers, so that keeping the order costs no allocation and no string comparison (the
+/// subscription order is unique: the slot never decides, it only names the framework).
+type FwKey = (Share, u64, u64, usize);
+/// Place of a role: (weighted share or minus priority, name, slot). Names are unique among
+/// live roles, so the slot never decides either.
+type RoleKey = (Share, Arc<str>, usize);
 
 /// How roles and frameworks are ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,7 +374,9 @@ enum Policy {
 
 #[derive(Debug)]
 struct Fw {
-    role: String,
+    id: FrameworkId,
+    /// Slot of its role in `roles`.
+    role: usize,
     seq: u64,
     /// The allocation cycle in which it was last given something (0: never).
     last_round: u64,
@@ -387,8 +396,9 @@ impl Fw {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RoleState {
+    name: Arc<str>,
     /// Sum of its frameworks' allocations (scalar part).
     allocated: Resources,
     /// Offerable frameworks in policy order.
@@ -396,6 +406,61 @@ struct RoleState {
     /// Members, offerable or not.
     members: usize,
     key: Option<RoleKey>,
+}
+
+/// Records in numbered slots (a freed slot is reused), so the hot paths index a `Vec`
+/// instead of hashing or comparing ids.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab { items: Vec::new(), free: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> usize {
+        self.len += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(value);
+                i
+            }
+            None => {
+                self.items.push(Some(value));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.items.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.len -= 1;
+        Some(v)
+    }
+
+    fn get(&self, i: usize) -> Option<&T> {
+        self.items.get(i).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.items.get_mut(i).and_then(Option::as_mut)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.items.iter().enumerate().filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
+    }
 }
 
 /// The built-in allocators: hierarchical (roles, then frameworks within a role) with quota
@@ -411,16 +476,22 @@ struct RoleState {
 ///
 /// never beyond a role's limit, and never eating into the headroom that unmet guarantees need.
 /// Port ranges are left out of the shares.
+///
+/// Frameworks and roles live in slots (ids are hashed once per notification, never in the
+/// cycle's inner loop); a grant re-keys the framework in its role's order and the role in the
+/// role order, both `BTreeSet`s of plain numbers.
 #[derive(Debug)]
 pub struct HierarchicalAllocator {
     policy: Policy,
     options: AllocatorOptions,
-    agents: HashMap<AgentId, Resources>,
+    agents: FxHashMap<AgentId, Resources>,
     total: Resources,
-    frameworks: HashMap<FrameworkId, Fw>,
-    /// Framework id by subscription order (`Fw::seq`).
-    id_of: HashMap<u64, FrameworkId>,
-    roles: HashMap<String, RoleState>,
+    frameworks: Slab<Fw>,
+    /// Slot of each framework by id.
+    framework_slots: FxHashMap<FrameworkId, usize>,
+    roles: Slab<RoleState>,
+    /// Slot of each role by name.
+    role_slots: FxHashMap<String, usize>,
     /// Roles with at least one offerable framework, in policy order.
     role_order: BTreeSet<RoleKey>,
     /// The total changed since the DRF keys were computed.
@@ -428,6 +499,19 @@ pub struct HierarchicalAllocator {
     next_seq: u64,
     /// Allocation cycles run so far.
     round: u64,
+    /// Per-agent working lists of `fill_agent`, kept between agents and cycles.
+    scratch: Scratch,
+}
+
+/// Working lists of one agent's filling (reused: no allocation per agent).
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Framework slots that cannot use this agent any more this cycle.
+    skip_fw: Vec<usize>,
+    /// Role slots that cannot use this agent any more this cycle.
+    skip_role: Vec<usize>,
+    /// (framework slot, index in `out`) of this agent's allocations so far.
+    given: Vec<(usize, usize)>,
 }
 
 /// The DRF allocator (kept as the name existing code uses).
@@ -439,6 +523,15 @@ fn scalar_part(r: &Resources) -> Resources {
         return r.clone();
     }
     Resources { ports: Vec::new(), reserved: BTreeMap::new(), ..r.clone() }
+}
+
+/// [`scalar_part`] without a copy when `r` has no ports and no breakdown (the common case).
+fn scalar_part_cow(r: &Resources) -> Cow<'_, Resources> {
+    if r.ports.is_empty() && r.reserved.is_empty() {
+        Cow::Borrowed(r)
+    } else {
+        Cow::Owned(scalar_part(r))
+    }
 }
 
 /// What a pick gives.
@@ -467,15 +560,17 @@ impl HierarchicalAllocator {
         HierarchicalAllocator {
             policy,
             options: options.clone(),
-            agents: HashMap::new(),
+            agents: FxHashMap::default(),
             total: Resources::default(),
-            frameworks: HashMap::new(),
-            id_of: HashMap::new(),
-            roles: HashMap::new(),
+            frameworks: Slab::default(),
+            framework_slots: FxHashMap::default(),
+            roles: Slab::default(),
+            role_slots: FxHashMap::default(),
             role_order: BTreeSet::new(),
             stale: false,
             next_seq: 0,
             round: 0,
+            scratch: Scratch::default(),
         }
     }
 
@@ -508,12 +603,21 @@ impl HierarchicalAllocator {
     /// The dominant share of a framework within its role, if known (for tests and
     /// observability).
     pub fn share(&self, framework: &FrameworkId) -> Option<f64> {
-        self.frameworks.get(framework).map(|f| f.allocated.dominant_share(&self.total))
+        self.fw(framework).map(|(_, f)| f.allocated.dominant_share(&self.total))
     }
 
     /// The weighted dominant share of a role (0 for an unknown role).
     pub fn role_share(&self, role: &str) -> f64 {
-        self.roles.get(role).map_or(0.0, |r| r.allocated.dominant_share(&self.total) / self.weight(role))
+        self.role(role).map_or(0.0, |r| r.allocated.dominant_share(&self.total) / self.weight(role))
+    }
+
+    fn fw(&self, id: &FrameworkId) -> Option<(usize, &Fw)> {
+        let slot = *self.framework_slots.get(id)?;
+        self.frameworks.get(slot).map(|f| (slot, f))
+    }
+
+    fn role(&self, name: &str) -> Option<&RoleState> {
+        self.role_slots.get(name).and_then(|i| self.roles.get(*i))
     }
 
     fn weight(&self, role: &str) -> f64 {
@@ -523,28 +627,37 @@ impl HierarchicalAllocator {
         }
     }
 
-    fn fw_key(&self, f: &Fw) -> FwKey {
+    fn fw_key(&self, slot: usize, f: &Fw) -> FwKey {
         match self.policy {
-            Policy::Drf => (Share(f.allocated.dominant_share(&self.total)), f.last_round, f.seq),
-            Policy::Priority => (Share(0.0), f.seq, f.seq),
+            Policy::Drf => (Share(f.allocated.dominant_share(&self.total)), f.last_round, f.seq, slot),
+            Policy::Priority => (Share(0.0), f.seq, f.seq, slot),
         }
     }
 
-    fn role_primary(&self, role: &str, r: &RoleState) -> Share {
+    fn role_primary(&self, r: &RoleState) -> Share {
         Share(match self.policy {
-            Policy::Drf => r.allocated.dominant_share(&self.total) / self.weight(role),
-            Policy::Priority => -(self.options.role_priorities.get(role).copied().unwrap_or(0) as f64),
+            Policy::Drf => {
+                let share = r.allocated.dominant_share(&self.total);
+                if self.options.role_weights.is_empty() {
+                    share
+                } else {
+                    share / self.weight(&r.name)
+                }
+            }
+            Policy::Priority => -(self.options.role_priorities.get(&*r.name).copied().unwrap_or(0) as f64),
         })
     }
 
     /// Puts a framework at its right place in its role's order (or out of it), then the role.
-    fn rekey(&mut self, id: &FrameworkId) {
-        let Some(f) = self.frameworks.get(id) else { return };
-        let new_key = f.offerable().then(|| self.fw_key(f));
-        if new_key != f.key {
-            let role = f.role.clone();
+    /// Returns whether it moved (and the role was re-keyed).
+    fn rekey(&mut self, slot: usize) -> bool {
+        let Some(f) = self.frameworks.get(slot) else { return false };
+        let new_key = f.offerable().then(|| self.fw_key(slot, f));
+        let moved = new_key != f.key;
+        if moved {
+            let role = f.role;
             let old_key = f.key;
-            if let Some(r) = self.roles.get_mut(&role) {
+            if let Some(r) = self.roles.get_mut(role) {
                 if let Some(k) = &old_key {
                     r.order.remove(k);
                 }
@@ -552,70 +665,78 @@ impl HierarchicalAllocator {
                     r.order.insert(k);
                 }
             }
-            if let Some(f) = self.frameworks.get_mut(id) {
+            if let Some(f) = self.frameworks.get_mut(slot) {
                 f.key = new_key;
             }
-            self.rekey_role(&role);
+            self.rekey_role(role);
         }
+        moved
     }
 
-    fn rekey_role(&mut self, role: &str) {
-        let Some(r) = self.roles.get(role) else { return };
-        let primary = (!r.order.is_empty()).then(|| self.role_primary(role, r));
+    fn rekey_role(&mut self, slot: usize) {
+        let Some(r) = self.roles.get(slot) else { return };
+        let primary = (!r.order.is_empty()).then(|| self.role_primary(r));
         if primary == r.key.as_ref().map(|k| k.0) {
             return;
         }
-        let new_key = primary.map(|p| (p, role.to_string()));
+        let new_key = primary.map(|p| (p, r.name.clone(), slot));
         if let Some(k) = &r.key {
             self.role_order.remove(k);
         }
         if let Some(k) = &new_key {
             self.role_order.insert(k.clone());
         }
-        if let Some(r) = self.roles.get_mut(role) {
+        if let Some(r) = self.roles.get_mut(slot) {
             r.key = new_key;
         }
     }
 
     fn rebuild(&mut self) {
-        let ids: Vec<FrameworkId> = self.frameworks.keys().cloned().collect();
-        for id in &ids {
-            self.rekey(id);
+        let slots: Vec<usize> = self.frameworks.iter().map(|(i, _)| i).collect();
+        for slot in slots {
+            self.rekey(slot);
         }
-        let roles: Vec<String> = self.roles.keys().cloned().collect();
-        for r in &roles {
+        let roles: Vec<usize> = self.roles.iter().map(|(i, _)| i).collect();
+        for r in roles {
             self.rekey_role(r);
         }
         self.stale = false;
     }
 
     fn update(&mut self, id: &FrameworkId, change: impl FnOnce(&mut Fw)) {
-        if let Some(f) = self.frameworks.get_mut(id) {
+        let Some(&slot) = self.framework_slots.get(id) else { return };
+        if let Some(f) = self.frameworks.get_mut(slot) {
             change(f);
-            self.rekey(id);
+            self.rekey(slot);
         }
     }
 
     /// Adds (or with `negative`, removes) `r` to a framework's and its role's allocation.
-    fn account(&mut self, id: &FrameworkId, r: &Resources, negative: bool) {
-        let r = scalar_part(r);
-        let Some(f) = self.frameworks.get_mut(id) else { return };
-        let apply = |a: &Resources| if negative { a.saturating_sub(&r) } else { a.add(&r) };
-        f.allocated = apply(&f.allocated);
-        let role = f.role.clone();
-        if let Some(rs) = self.roles.get_mut(&role) {
-            rs.allocated = apply(&rs.allocated);
+    fn account(&mut self, slot: usize, r: &Resources, negative: bool) {
+        let r = scalar_part_cow(r);
+        let r = r.as_ref();
+        let Some(f) = self.frameworks.get_mut(slot) else { return };
+        let apply = |a: &mut Resources| {
+            if negative {
+                quick::sub_assign(a, r);
+            } else {
+                quick::add_assign(a, r);
+            }
+        };
+        apply(&mut f.allocated);
+        let role = f.role;
+        if let Some(rs) = self.roles.get_mut(role) {
+            apply(&mut rs.allocated);
         }
-        if self.policy == Policy::Drf {
-            self.rekey(id);
-            self.rekey_role(&role);
+        if self.policy == Policy::Drf && !self.rekey(slot) {
+            self.rekey_role(role);
         }
     }
 
     /// The quota guarantee a role still misses (named kinds only), if any.
     fn shortfall(&self, role: &str) -> Option<Resources> {
         let g = self.options.quota_guarantees.get(role)?;
-        let have = self.roles.get(role).map(|r| &r.allocated);
+        let have = self.role(role).map(|r| &r.allocated);
         let missing = match have {
             Some(h) => g.saturating_sub(h),
             None => g.clone(),
@@ -626,7 +747,7 @@ impl HierarchicalAllocator {
     /// What a role may still get under its limit (named kinds only).
     fn limit_headroom(&self, role: &str) -> Option<(Resources, ResourceKinds)> {
         let l = self.options.quota_limits.get(role)?;
-        let have = self.roles.get(role).map(|r| r.allocated.clone()).unwrap_or_default();
+        let have = self.role(role).map(|r| r.allocated.clone()).unwrap_or_default();
         Some((l.saturating_sub(&have), l.kinds()))
     }
 }
@@ -682,15 +803,15 @@ fn union_kinds(a: &mut ResourceKinds, b: &ResourceKinds) {
 }
 
 impl HierarchicalAllocator {
-    /// What framework `fw` of `role` can be given out of `usable` (already restricted to
+    /// What framework `f` of `role` can be given out of `usable` (already restricted to
     /// its role and caps), or `None` when it can use nothing of it.
-    fn grant_for(&self, f: &Fw, usable: &Resources) -> Option<Grant> {
+    fn grant_for(&self, f: &Fw, role: &str, usable: &Resources) -> Option<Grant> {
         match &f.demand {
             None => {
                 is_allocatable(usable, &self.options.min_allocatable).then(|| Grant::Whole(usable.clone()))
             }
             Some(d) => d.iter().enumerate().filter(|(_, (_, n))| *n > 0).find_map(|(i, (shape, _))| {
-                usable.take_for_role(&f.role, shape).map(|slice| Grant::Slice(slice, i))
+                usable.take_for_role(role, shape).map(|slice| Grant::Slice(slice, i))
             }),
         }
     }
@@ -738,54 +859,56 @@ impl HierarchicalAllocator {
     ) {
         // Frameworks and roles that cannot use this agent any more this cycle: what is left
         // only shrinks, so a filter that hides it or a demand that does not fit stays so.
-        let mut skip_fw: Vec<u64> = Vec::new();
-        let mut skip_role: Vec<String> = Vec::new();
-        let first_out = out.len();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.skip_fw.clear();
+        scratch.skip_role.clear();
+        scratch.given.clear();
         while is_allocatable(remaining, &self.options.min_allocatable) {
-            let mut pick: Option<(FrameworkId, u64, String, Grant)> = None;
-            'roles: for (_, role) in &self.role_order {
-                if skip_role.contains(role) {
+            let mut pick: Option<(usize, usize, Grant)> = None;
+            'roles: for (_, name, ri) in &self.role_order {
+                let ri = *ri;
+                if scratch.skip_role.contains(&ri) {
                     continue;
                 }
-                if guarantee_stage && quota.as_ref().is_none_or(|q| !q.shortfall.contains_key(role)) {
+                if guarantee_stage && quota.as_ref().is_none_or(|q| !q.shortfall.contains_key(&**name)) {
                     continue;
                 }
-                let Some(rs) = self.roles.get(role) else { continue };
-                let usable = self.usable_for(role, remaining, quota.as_deref(), guarantee_stage);
+                let Some(rs) = self.roles.get(ri) else { continue };
+                let usable = self.usable_for(name, remaining, quota.as_deref(), guarantee_stage);
                 if usable.is_empty() {
-                    skip_role.push(role.clone());
+                    scratch.skip_role.push(ri);
                     continue;
                 }
-                for (_, _, seq) in &rs.order {
-                    if skip_fw.contains(seq) {
+                for (_, _, _, slot) in &rs.order {
+                    let slot = *slot;
+                    if scratch.skip_fw.contains(&slot) {
                         continue;
                     }
-                    let Some(id) = self.id_of.get(seq) else { continue };
-                    let Some(f) = self.frameworks.get(id) else { continue };
-                    if !eligible(id, agent, &usable) {
-                        skip_fw.push(*seq);
+                    let Some(f) = self.frameworks.get(slot) else { continue };
+                    if !eligible(&f.id, agent, &usable) {
+                        scratch.skip_fw.push(slot);
                         continue;
                     }
-                    match self.grant_for(f, &usable) {
+                    match self.grant_for(f, name, &usable) {
                         Some(g) => {
-                            pick = Some((id.clone(), *seq, role.clone(), g));
+                            pick = Some((slot, ri, g));
                             break 'roles;
                         }
-                        None => skip_fw.push(*seq),
+                        None => scratch.skip_fw.push(slot),
                     }
                 }
-                skip_role.push(role.clone());
+                scratch.skip_role.push(ri);
             }
-            let Some((id, seq, role, grant)) = pick else { break };
+            let Some((slot, ri, grant)) = pick else { break };
             let sliced = matches!(grant, Grant::Slice(..));
             let given = match grant {
                 Grant::Whole(r) => {
                     // Nothing more for this framework here.
-                    skip_fw.push(seq);
+                    scratch.skip_fw.push(slot);
                     r
                 }
                 Grant::Slice(r, i) => {
-                    if let Some(Some(d)) = self.frameworks.get_mut(&id).map(|f| f.demand.as_mut()) {
+                    if let Some(Some(d)) = self.frameworks.get_mut(slot).map(|f| f.demand.as_mut()) {
                         if let Some(e) = d.get_mut(i) {
                             e.1 = e.1.saturating_sub(1);
                         }
@@ -793,24 +916,31 @@ impl HierarchicalAllocator {
                     r
                 }
             };
-            *remaining = remaining.saturating_sub(&given);
-            if let Some(f) = self.frameworks.get_mut(&id) {
+            quick::sub_assign(remaining, &given);
+            if let Some(f) = self.frameworks.get_mut(slot) {
                 f.last_round = self.round;
             }
             if let Some(q) = quota.as_deref_mut() {
-                q.take(&role, &given);
+                if let Some(rs) = self.roles.get(ri) {
+                    q.take(&rs.name, &given);
+                }
             }
-            self.account(&id, &given, false);
+            self.account(slot, &given, false);
             if sliced || self.policy != Policy::Drf {
                 // A framework whose demand is now all offered leaves the order (DRF re-keyed
                 // it in `account` already).
-                self.rekey(&id);
+                self.rekey(slot);
             }
-            match out[first_out..].iter_mut().find(|a| a.framework == id) {
-                Some(a) => a.resources.add_assign(&given),
-                None => out.push(Allocation { framework: id, agent: agent.clone(), resources: given }),
+            match scratch.given.iter().find(|(s, _)| *s == slot) {
+                Some((_, i)) => out[*i].resources.add_assign(&given),
+                None => {
+                    let Some(f) = self.frameworks.get(slot) else { continue };
+                    scratch.given.push((slot, out.len()));
+                    out.push(Allocation { framework: f.id.clone(), agent: agent.clone(), resources: given });
+                }
             }
         }
+        self.scratch = scratch;
     }
 }
 
@@ -823,33 +953,47 @@ impl Allocator for HierarchicalAllocator {
     }
 
     fn add_framework(&mut self, framework: &FrameworkId, role: &str) {
-        if self.frameworks.contains_key(framework) {
+        if self.framework_slots.contains_key(framework) {
             return;
         }
         self.next_seq += 1;
-        self.id_of.insert(self.next_seq, framework.clone());
-        self.frameworks.insert(
-            framework.clone(),
-            Fw {
-                role: role.to_string(),
-                seq: self.next_seq,
-                last_round: 0,
-                allocated: Resources::default(),
-                active: true,
-                suppressed: false,
-                demand: None,
-                key: None,
-            },
-        );
-        self.roles.entry(role.to_string()).or_default().members += 1;
-        self.rekey(framework);
+        let role_slot = match self.role_slots.get(role) {
+            Some(r) => *r,
+            None => {
+                let r = self.roles.insert(RoleState {
+                    name: Arc::from(role),
+                    allocated: Resources::default(),
+                    order: BTreeSet::new(),
+                    members: 0,
+                    key: None,
+                });
+                self.role_slots.insert(role.to_string(), r);
+                r
+            }
+        };
+        if let Some(r) = self.roles.get_mut(role_slot) {
+            r.members += 1;
+        }
+        let slot = self.frameworks.insert(Fw {
+            id: framework.clone(),
+            role: role_slot,
+            seq: self.next_seq,
+            last_round: 0,
+            allocated: Resources::default(),
+            active: true,
+            suppressed: false,
+            demand: None,
+            key: None,
+        });
+        self.framework_slots.insert(framework.clone(), slot);
+        self.rekey(slot);
     }
 
     fn remove_framework(&mut self, framework: &FrameworkId) {
-        let Some(f) = self.frameworks.remove(framework) else { return };
-        self.id_of.remove(&f.seq);
+        let Some(slot) = self.framework_slots.remove(framework) else { return };
+        let Some(f) = self.frameworks.remove(slot) else { return };
         let mut empty = false;
-        if let Some(r) = self.roles.get_mut(&f.role) {
+        if let Some(r) = self.roles.get_mut(f.role) {
             if let Some(k) = &f.key {
                 r.order.remove(k);
             }
@@ -858,13 +1002,14 @@ impl Allocator for HierarchicalAllocator {
             empty = r.members == 0;
         }
         if empty {
-            if let Some(r) = self.roles.remove(&f.role) {
+            if let Some(r) = self.roles.remove(f.role) {
+                self.role_slots.remove(&*r.name);
                 if let Some(k) = r.key {
                     self.role_order.remove(&k);
                 }
             }
         } else {
-            self.rekey_role(&f.role);
+            self.rekey_role(f.role);
         }
     }
 
@@ -910,11 +1055,15 @@ impl Allocator for HierarchicalAllocator {
     }
 
     fn allocated(&mut self, framework: &FrameworkId, _agent: &AgentId, resources: &Resources) {
-        self.account(framework, resources, false);
+        if let Some(&slot) = self.framework_slots.get(framework) {
+            self.account(slot, resources, false);
+        }
     }
 
     fn recover(&mut self, framework: &FrameworkId, _agent: &AgentId, resources: &Resources) {
-        self.account(framework, resources, true);
+        if let Some(&slot) = self.framework_slots.get(framework) {
+            self.account(slot, resources, true);
+        }
     }
 
     fn allocate(
@@ -931,7 +1080,7 @@ impl Allocator for HierarchicalAllocator {
         if self.role_order.is_empty() {
             return out;
         }
-        let mut remaining: Vec<Resources> = candidates.iter().map(|c| c.available.clone()).collect();
+        out.reserve(candidates.len());
         // Quota bookkeeping only when some guarantee is unmet.
         let mut quota = None;
         let shortfall: BTreeMap<String, Resources> = self
@@ -948,12 +1097,14 @@ impl Allocator for HierarchicalAllocator {
                 need.add_assign(s);
             }
             let mut free = Resources::default();
-            for r in &remaining {
-                free.add_assign(&scalar_part(&r.unreserved()));
+            for c in candidates {
+                free.add_assign(&scalar_part(&c.available.unreserved()));
             }
             quota = Some(QuotaCycle { kinds, shortfall, need, free });
         }
+        let mut remaining: Vec<Resources> = Vec::new();
         if let Some(q) = quota.as_mut() {
+            remaining = candidates.iter().map(|c| c.available.clone()).collect();
             for (c, rem) in candidates.iter().zip(remaining.iter_mut()) {
                 if q.shortfall.is_empty() {
                     break;
@@ -961,14 +1112,20 @@ impl Allocator for HierarchicalAllocator {
                 self.fill_agent(c.agent, rem, eligible, Some(q), true, &mut out);
             }
         }
-        for (c, rem) in candidates.iter().zip(remaining.iter_mut()) {
+        for (i, c) in candidates.iter().enumerate() {
             let q = quota.as_mut().filter(|q| !q.shortfall.is_empty());
-            self.fill_agent(c.agent, rem, eligible, q, false, &mut out);
+            match remaining.get_mut(i) {
+                Some(rem) => self.fill_agent(c.agent, rem, eligible, q, false, &mut out),
+                None => {
+                    let mut rem = c.available.clone();
+                    self.fill_agent(c.agent, &mut rem, eligible, q, false, &mut out);
+                }
+            }
         }
         // One allocation per framework and agent (the guarantee stage may have given some).
         if quota.is_some() {
             let mut merged: Vec<Allocation> = Vec::with_capacity(out.len());
-            let mut index: HashMap<(FrameworkId, AgentId), usize> = HashMap::new();
+            let mut index: FxHashMap<(FrameworkId, AgentId), usize> = FxHashMap::default();
             for a in out {
                 match index.get(&(a.framework.clone(), a.agent.clone())) {
                     Some(i) => merged[*i].resources.add_assign(&a.resources),

@@ -9,12 +9,14 @@
 //! sleep until core.poll_timeout(), then core.handle_timeout(now)
 //! ```
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ::metrics::{counter, gauge};
 use agora_sdk::proto::*;
 use agora_sdk::{Attributes, Resources};
+use rustc_hash::{FxHashMap, FxHashSet};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -22,7 +24,10 @@ use crate::allocator::{
     fits_role, is_allocatable, Allocator, AllocatorOptions, Candidate, HierarchicalAllocator,
 };
 use crate::metrics;
-use crate::state::{Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Peer, Task, TaskKey};
+use crate::quick;
+use crate::state::{
+    Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskKey,
+};
 
 /// Identifies one connection (assigned by the driver, never reused).
 pub type ConnId = u64;
@@ -183,6 +188,11 @@ fn master_status(
     }
 }
 
+/// An id for logs and messages (empty when unknown).
+fn name<T: std::fmt::Display>(id: Option<&T>) -> String {
+    id.map(ToString::to_string).unwrap_or_default()
+}
+
 /// A set of recently removed framework ids, bounded (oldest forgotten first).
 #[derive(Debug, Default)]
 struct RecentSet {
@@ -216,10 +226,12 @@ pub struct Master {
     /// Connections the core closed; their further events are ignored until the driver
     /// reports them disconnected.
     closing: HashSet<ConnId>,
-    agents: BTreeMap<AgentId, Agent>,
-    frameworks: BTreeMap<FrameworkId, Framework>,
+    /// By id (hashed lookups, id-ordered walks).
+    agents: Table<AgentId, Agent>,
+    frameworks: Table<FrameworkId, Framework>,
     removed_frameworks: RecentSet,
-    offers: HashMap<OfferId, OfferRecord>,
+    /// Outstanding offers by number (an offer id is `{master_id}-O{number}`).
+    offers: Offers,
     /// Tasks not yet completed (non-terminal, or terminal with updates not yet acknowledged).
     tasks: BTreeMap<TaskKey, Task>,
     /// The last [`COMPLETED_TASKS`] completed tasks, oldest first.
@@ -228,7 +240,10 @@ pub struct Master {
     completed_index: HashMap<TaskKey, usize>,
     agent_deadlines: BTreeSet<(Instant, AgentId)>,
     failover_deadlines: BTreeSet<(Instant, FrameworkId)>,
-    filter_expiries: BTreeSet<(Instant, FrameworkId, AgentId)>,
+    /// Decline filters by expiry: every filter of a cycle's declines shares one instant, so
+    /// they are kept in one list per instant (no id comparisons to keep them sorted).
+    /// Entries are (framework slot, its generation, agent slot).
+    filter_expiries: BTreeMap<Instant, Vec<(usize, u32, usize)>>,
     offer_deadlines: BTreeSet<(Instant, OfferId)>,
     next_allocation: Instant,
     batch_allocation: Option<Instant>,
@@ -274,16 +289,16 @@ impl Master {
             allocator,
             conns: HashMap::new(),
             closing: HashSet::new(),
-            agents: BTreeMap::new(),
-            frameworks: BTreeMap::new(),
+            agents: Table::new(),
+            frameworks: Table::new(),
             removed_frameworks: RecentSet::default(),
-            offers: HashMap::new(),
+            offers: Offers::default(),
             tasks: BTreeMap::new(),
             completed: VecDeque::new(),
             completed_index: HashMap::new(),
             agent_deadlines: BTreeSet::new(),
             failover_deadlines: BTreeSet::new(),
-            filter_expiries: BTreeSet::new(),
+            filter_expiries: BTreeMap::new(),
             offer_deadlines: BTreeSet::new(),
             batch_allocation: None,
             next_agent: 0,
@@ -339,7 +354,7 @@ impl Master {
             self.batch_allocation,
             self.agent_deadlines.first().map(|(t, _)| *t),
             self.failover_deadlines.first().map(|(t, _)| *t),
-            self.filter_expiries.first().map(|(t, _, _)| *t),
+            self.filter_expiries.first_key_value().map(|(t, _)| *t),
             self.offer_deadlines.first().map(|(t, _)| *t),
         ];
         for c in candidates.into_iter().flatten() {
@@ -370,19 +385,18 @@ impl Master {
                 }
             }
         }
-        while let Some((t, fw, agent)) = self.filter_expiries.first().cloned() {
-            if t > now {
-                break;
-            }
-            self.filter_expiries.remove(&(t, fw.clone(), agent.clone()));
-            if let Some(f) = self.frameworks.get_mut(&fw) {
-                if let Some(list) = f.filters.get_mut(&agent) {
-                    list.retain(|f| f.expires > now);
-                    if list.is_empty() {
-                        f.filters.remove(&agent);
+        while self.filter_expiries.first_key_value().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, expired)) = self.filter_expiries.pop_first() else { break };
+            for (fw, generation, agent) in expired {
+                if let Some(f) = self.frameworks.at_generation_mut(fw, generation) {
+                    if let Some(list) = f.filters.get_mut(&agent) {
+                        list.retain(|f| f.expires > now);
+                        if list.is_empty() {
+                            f.filters.remove(&agent);
+                        }
                     }
+                    self.request_allocation(now);
                 }
-                self.request_allocation(now);
             }
         }
         while let Some((t, id)) = self.offer_deadlines.first().cloned() {
@@ -390,11 +404,13 @@ impl Master {
                 break;
             }
             self.offer_deadlines.remove(&(t, id.clone()));
-            if let Some(offer) = self.offers.get(&id).cloned() {
-                info!(offer_id = %id, framework_id = %offer.framework_id, agent_id = %offer.agent_id, "offer timed out: rescinding it");
+            if let Some(offer) = self.offer(&id).cloned() {
+                let framework_id = self.frameworks.at(offer.framework).map(|f| f.id.clone());
+                let agent_id = self.agents.at(offer.agent).map(|a| a.id.clone());
+                info!(offer_id = %id, framework_id = %name(framework_id.as_ref()), agent_id = %name(agent_id.as_ref()), "offer timed out: rescinding it");
                 self.rescind_offer(&id, true);
                 let refuse = self.config.default_refuse;
-                self.add_filter(now, &offer.framework_id, &offer.agent_id, offer.resources, refuse);
+                self.add_filter(now, offer.framework, offer.agent, offer.resources, refuse);
                 self.request_allocation(now);
             }
         }
@@ -622,15 +638,44 @@ impl Master {
         }
     }
 
-    fn recompute_offered(&mut self, agent_id: &AgentId) {
-        let Some(agent) = self.agents.get(agent_id) else { return };
+    fn recompute_offered(&mut self, agent: usize) {
+        let Some(a) = self.agents.at(agent) else { return };
         let mut offered = Resources::default();
-        for o in agent.offers.iter().filter_map(|id| self.offers.get(id)) {
+        for o in a.offers.iter().filter_map(|n| self.offers.get(n)) {
             offered.add_assign(&o.resources);
         }
-        if let Some(agent) = self.agents.get_mut(agent_id) {
-            agent.offered = offered;
+        if let Some(a) = self.agents.at_mut(agent) {
+            a.offered = offered;
         }
+    }
+
+    /// The number of one of this master's offer ids (`{master_id}-O{n}`, `n` written without
+    /// leading zeros), if it is one.
+    fn offer_no(&self, id: &OfferId) -> Option<u64> {
+        let digits = id.as_str().strip_prefix(self.config.master_id.as_str())?.strip_prefix("-O")?;
+        if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    }
+
+    /// An outstanding offer by id.
+    fn offer(&self, id: &OfferId) -> Option<&OfferRecord> {
+        self.offers.get(&self.offer_no(id)?)
+    }
+
+    /// The ids of these offer numbers, sorted by id.
+    fn offer_ids<'a>(&self, numbers: impl IntoIterator<Item = &'a u64>) -> Vec<OfferId> {
+        let mut text = String::new();
+        let mut ids: Vec<OfferId> = numbers
+            .into_iter()
+            .map(|n| {
+                offer_id_text(&mut text, &self.config.master_id, *n);
+                OfferId::new(text.as_str())
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn set_agent_deadline(&mut self, id: &AgentId, deadline: Option<Instant>) {
@@ -646,14 +691,15 @@ impl Master {
 
     /// Forgets an offer (no allocator call, no message). Returns it if it was outstanding.
     fn take_offer(&mut self, offer_id: &OfferId) -> Option<OfferRecord> {
-        let offer = self.offers.remove(offer_id)?;
-        if let Some(agent) = self.agents.get_mut(&offer.agent_id) {
-            agent.offers.remove(offer_id);
+        let n = self.offer_no(offer_id)?;
+        let offer = self.offers.remove(&n)?;
+        if let Some(agent) = self.agents.at_mut(offer.agent) {
+            agent.remove_offer(n);
         }
-        if let Some(fw) = self.frameworks.get_mut(&offer.framework_id) {
-            fw.offers.remove(offer_id);
+        if let Some(fw) = self.frameworks.at_mut(offer.framework) {
+            fw.offers.remove(&n);
         }
-        self.recompute_offered(&offer.agent_id);
+        self.recompute_offered(offer.agent);
         Some(offer)
     }
 
@@ -661,38 +707,37 @@ impl Master {
     /// is told (`Rescind`) if connected.
     fn rescind_offer(&mut self, offer_id: &OfferId, notify: bool) {
         let Some(offer) = self.take_offer(offer_id) else { return };
-        self.allocator.recover(&offer.framework_id, &offer.agent_id, &offer.resources);
+        if let (Some(f), Some(a)) = (self.frameworks.at(offer.framework), self.agents.at(offer.agent)) {
+            self.allocator.recover(&f.id, &a.id, &offer.resources);
+        }
         if notify {
             counter!(metrics::OFFERS_RESCINDED).increment(1);
-            if let Some(conn) = self.frameworks.get(&offer.framework_id).and_then(Framework::conn) {
+            if let Some(conn) = self.frameworks.at(offer.framework).and_then(Framework::conn) {
                 self.send_framework(conn, SchedulerEvent::Rescind { offer_id: offer_id.clone() });
             }
         }
     }
 
     fn rescind_agent_offers(&mut self, agent_id: &AgentId) {
-        let ids: Vec<OfferId> =
-            self.agents.get(agent_id).map(|a| a.offers.iter().cloned().collect()).unwrap_or_default();
+        let ids = match self.agents.get(agent_id) {
+            Some(a) => self.offer_ids(&a.offers),
+            None => Vec::new(),
+        };
         for id in ids {
             self.rescind_offer(&id, true);
         }
     }
 
-    fn add_filter(
-        &mut self,
-        now: Instant,
-        fw: &FrameworkId,
-        agent: &AgentId,
-        resources: Resources,
-        d: Duration,
-    ) {
+    /// Filters `resources` on agent slot `agent` from framework slot `fw` for `d`.
+    fn add_filter(&mut self, now: Instant, fw: usize, agent: usize, resources: Resources, d: Duration) {
         if d.is_zero() || resources.is_empty() {
             return;
         }
-        let Some(f) = self.frameworks.get_mut(fw) else { return };
+        let generation = self.frameworks.generation(fw);
+        let Some(f) = self.frameworks.at_mut(fw) else { return };
         let expires = after(now, d);
-        f.filters.entry(agent.clone()).or_default().push(Filter { resources, expires });
-        self.filter_expiries.insert((expires, fw.clone(), agent.clone()));
+        f.filters.entry(agent).or_default().push(Filter { resources, expires });
+        self.filter_expiries.entry(expires).or_default().push((fw, generation, agent));
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1288,8 +1333,8 @@ impl Master {
                         failover_timeout: info.failover_timeout,
                         link: FrameworkLink::Connected(conn),
                         suppressed: false,
-                        offers: BTreeSet::new(),
-                        filters: HashMap::new(),
+                        offers: FxHashSet::default(),
+                        filters: FxHashMap::default(),
                     },
                 );
                 self.allocator.add_framework(&id, &role);
@@ -1321,7 +1366,7 @@ impl Master {
                     warn!(framework_id = %id, role, kept = %fw.role, "a framework cannot change its role on failover; keeping the old one");
                 }
                 let old = fw.link;
-                let offers: Vec<OfferId> = fw.offers.iter().cloned().collect();
+                let offers = self.offer_ids(&fw.offers);
                 match old {
                     FrameworkLink::Connected(old_conn) if old_conn != conn => {
                         info!(framework_id = %id, old_conn, conn, "framework failed over");
@@ -1387,7 +1432,7 @@ impl Master {
         let Some(fw) = self.frameworks.get(id) else { return };
         let deadline = now.checked_add(fw.failover_timeout);
         info!(framework_id = %id, failover_timeout = ?fw.failover_timeout, "framework disconnected");
-        let offers: Vec<OfferId> = fw.offers.iter().cloned().collect();
+        let offers = self.offer_ids(&fw.offers);
         for o in &offers {
             self.rescind_offer(o, false);
         }
@@ -1414,7 +1459,7 @@ impl Master {
             }
             FrameworkLink::Disconnected { deadline: None } => {}
         }
-        for o in &fw.offers {
+        for o in &self.offer_ids(&fw.offers) {
             self.take_offer(o);
         }
         self.allocator.remove_framework(id);
@@ -1460,21 +1505,26 @@ impl Master {
         // Every offer must be outstanding, held by this framework and on one agent.
         let mut problem: Option<String> = None;
         let mut seen: HashSet<&OfferId> = HashSet::new();
-        let mut agent: Option<&AgentId> = None;
+        let fw_slot = self.frameworks.slot(fw);
+        let mut agent: Option<usize> = None;
         if offer_ids.is_empty() {
             problem = Some("the call names no offer".to_string());
         }
         for id in &offer_ids {
-            let why = match self.offers.get(id) {
+            let why = match self.offer(id) {
                 None => Some(format!("offer {id} is not outstanding (used, declined or rescinded)")),
-                Some(o) if o.framework_id != *fw => Some(format!("offer {id} is not held by framework {fw}")),
+                Some(o) if Some(o.framework) != fw_slot => {
+                    Some(format!("offer {id} is not held by framework {fw}"))
+                }
                 Some(_) if !seen.insert(id) => Some(format!("offer {id} is named twice")),
                 Some(o) => match agent {
-                    Some(a) if *a != o.agent_id => {
-                        Some(format!("offer {id} is on agent {} but an earlier one on {a}", o.agent_id))
-                    }
+                    Some(a) if a != o.agent => Some(format!(
+                        "offer {id} is on agent {} but an earlier one on {}",
+                        name(self.agents.at(o.agent).map(|x| &x.id)),
+                        name(self.agents.at(a).map(|x| &x.id))
+                    )),
                     _ => {
-                        agent = Some(&o.agent_id);
+                        agent = Some(o.agent);
                         None
                     }
                 },
@@ -1483,10 +1533,10 @@ impl Master {
                 problem = why;
             }
         }
-        let agent = agent.cloned();
+        let agent = agent.and_then(|a| self.agents.at(a)).map(|a| a.id.clone());
         let held: Vec<OfferId> = offer_ids
             .iter()
-            .filter(|id| self.offers.get(*id).is_some_and(|o| o.framework_id == *fw))
+            .filter(|id| self.offer(id).is_some_and(|o| Some(o.framework) == fw_slot))
             .cloned()
             .collect();
         let problem = match (problem, &agent) {
@@ -1597,7 +1647,9 @@ impl Master {
             self.allocator.recover(fw, &agent_id, &remaining);
             if refuse_seconds.is_some() {
                 let d = refuse_duration(refuse_seconds, Duration::ZERO);
-                self.add_filter(now, fw, &agent_id, remaining, d);
+                if let (Some(f), Some(a)) = (self.frameworks.slot(fw), self.agents.slot(&agent_id)) {
+                    self.add_filter(now, f, a, remaining, d);
+                }
             }
         }
         self.request_allocation(now);
@@ -1611,16 +1663,18 @@ impl Master {
         refuse_seconds: Option<f64>,
     ) {
         let d = refuse_duration(refuse_seconds, self.config.default_refuse);
+        let fw_slot = self.frameworks.slot(fw);
         for id in offer_ids {
-            if self.offers.get(&id).is_none_or(|o| o.framework_id != *fw) {
+            if self.offer(&id).is_none_or(|o| Some(o.framework) != fw_slot) {
                 debug!(framework_id = %fw, offer_id = %id, "decline of an offer not held: ignored");
                 continue;
             }
             let Some(offer) = self.take_offer(&id) else { continue };
+            let Some(agent) = self.agents.at(offer.agent) else { continue };
             counter!(metrics::OFFERS_DECLINED).increment(1);
-            debug!(framework_id = %fw, offer_id = %id, agent_id = %offer.agent_id, refuse = ?d, "offer declined");
-            self.allocator.recover(fw, &offer.agent_id, &offer.resources);
-            self.add_filter(now, fw, &offer.agent_id, offer.resources, d);
+            debug!(framework_id = %fw, offer_id = %id, agent_id = %agent.id, refuse = ?d, "offer declined");
+            self.allocator.recover(fw, &agent.id, &offer.resources);
+            self.add_filter(now, offer.framework, offer.agent, offer.resources, d);
         }
         self.request_allocation(now);
     }
@@ -1729,15 +1783,12 @@ impl Master {
 
     fn allocate(&mut self, now: Instant) {
         counter!(metrics::ALLOCATION_RUNS).increment(1);
-        let frameworks = &self.frameworks;
-        let eligible = |fw: &FrameworkId, agent: &AgentId, r: &Resources| {
-            frameworks
-                .get(fw)
-                .is_some_and(|f| f.conn().is_some() && !f.suppressed && !f.filtered(agent, r, now))
-        };
+        self.agents.refresh_order();
         let mut active = 0usize;
-        let mut candidates = Vec::new();
-        for a in self.agents.values() {
+        let mut candidates = Vec::with_capacity(self.agents.len());
+        // Agent slot of each candidate, in the same order.
+        let mut candidate_slots: Vec<usize> = Vec::with_capacity(self.agents.len());
+        for (slot, a) in self.agents.slots_in_order() {
             if a.conn().is_none() {
                 continue;
             }
@@ -1748,8 +1799,36 @@ impl Master {
             let available = a.available();
             if is_allocatable(&available, &self.config.allocation.min_allocatable) {
                 candidates.push(Candidate { agent: &a.id, available });
+                candidate_slots.push(slot);
             }
         }
+        let frameworks = &self.frameworks;
+        let agents = &self.agents;
+        // Allocators ask about agents mostly in candidate order, passing the candidate's own
+        // id: the agent is recognised by address at the cursor, else looked up by hash.
+        let cursor = Cell::new(0usize);
+        let eligible = |fw: &FrameworkId, agent: &AgentId, r: &Resources| {
+            let Some(f) = frameworks.get(fw) else { return false };
+            if f.conn().is_none() || f.suppressed {
+                return false;
+            }
+            if f.filters.is_empty() {
+                return true;
+            }
+            let c = cursor.get();
+            let at_cursor = [c, c + 1].into_iter().find_map(|i| {
+                let slot = *candidate_slots.get(i)?;
+                agents.at(slot).filter(|a| std::ptr::eq(&a.id, agent)).map(|_| (i, slot))
+            });
+            let slot = match at_cursor {
+                Some((i, slot)) => {
+                    cursor.set(i);
+                    Some(slot)
+                }
+                None => agents.slot(agent),
+            };
+            !slot.is_some_and(|s| f.filtered(s, r, now))
+        };
         let decisions = self.allocator.allocate(now, &candidates, &eligible);
         drop(candidates);
         gauge!(metrics::AGENTS_ACTIVE).set(active as f64);
@@ -1758,54 +1837,114 @@ impl Master {
             .set(self.frameworks.values().filter(|f| f.conn().is_some()).count() as f64);
         gauge!(metrics::TASKS_KNOWN).set(self.tasks.len() as f64);
 
-        let mut batches: BTreeMap<FrameworkId, (ConnId, Vec<Offer>)> = BTreeMap::new();
-        for d in decisions {
-            let fw = self.frameworks.get(&d.framework);
-            let conn = fw.and_then(Framework::conn);
-            let role_ok = fw.is_some_and(|f| fits_role(&d.resources, &f.role));
+        // One `Offers` event per framework, sent in framework id order. Frameworks are looked
+        // up once per decision, and each batch is sized before it is filled.
+        let fw_slots: Vec<Option<usize>> =
+            decisions.iter().map(|d| self.frameworks.slot(&d.framework)).collect();
+        let mut per_framework = vec![0u32; self.frameworks.slot_count()];
+        for s in fw_slots.iter().flatten() {
+            per_framework[*s] += 1;
+        }
+        const NO_BATCH: u32 = u32::MAX;
+        let mut batch_of = vec![NO_BATCH; per_framework.len()];
+        let mut batches: Vec<(usize, ConnId, Vec<Offer>)> = Vec::new();
+        self.offers.reserve(decisions.len());
+        let mut id_text = String::new();
+        // Allocators decide agent by agent, mostly in candidate order: the agent of a decision
+        // is looked for at the candidate cursor first (one id comparison), then by hash.
+        let mut cursor = 0usize;
+        for (d, fw_slot) in decisions.into_iter().zip(fw_slots) {
+            let at_cursor = [cursor, cursor + 1].into_iter().find(|&i| {
+                candidate_slots.get(i).and_then(|&s| self.agents.at(s)).is_some_and(|a| a.id == d.agent)
+            });
+            let agent_slot = match at_cursor {
+                Some(i) => {
+                    cursor = i;
+                    candidate_slots.get(i).copied()
+                }
+                None => self.agents.slot(&d.agent),
+            };
+            let fw = fw_slot.and_then(|s| self.frameworks.at_mut(s));
+            let conn = fw.as_deref().and_then(Framework::conn);
+            let role_ok = fw.as_deref().is_some_and(|f| fits_role(&d.resources, &f.role));
             let worth = is_allocatable(&d.resources, &self.config.allocation.min_allocatable);
             // One lookup of the agent: connected, attached, and the decision fits what is
             // still free (earlier decisions of this cycle are already counted as offered).
-            let agent = self
-                .agents
-                .get_mut(&d.agent)
-                .filter(|a| a.conn().is_some() && a.attached && a.available().contains(&d.resources));
-            let (Some(agent), true, Some(conn), true) = (agent, role_ok, conn, worth) else {
+            let agent = agent_slot.and_then(|s| self.agents.at_mut(s)).filter(|a| {
+                a.conn().is_some() && a.attached && quick::contains(&a.available(), &d.resources)
+            });
+            let (Some(agent), Some(fw), Some(agent_slot), Some(fw_slot), true, Some(conn), true) =
+                (agent, fw, agent_slot, fw_slot, role_ok, conn, worth)
+            else {
                 warn!(framework_id = %d.framework, agent_id = %d.agent, allocator = self.allocator.name(),
                     "allocator decision not applicable: ignored");
                 self.allocator.recover(&d.framework, &d.agent, &d.resources);
                 continue;
             };
             self.next_offer += 1;
-            let id = OfferId::new(format!("{}-O{}", self.config.master_id, self.next_offer));
-            agent.offers.insert(id.clone());
-            agent.offered.add_assign(&d.resources);
-            let offer = Offer {
-                id: id.clone(),
-                framework_id: d.framework.clone(),
-                agent_id: d.agent.clone(),
-                hostname: agent.hostname.clone(),
-                resources: d.resources.clone(),
-                attributes: agent.attributes.clone(),
-            };
-            if let Some(f) = self.frameworks.get_mut(&d.framework) {
-                f.offers.insert(id.clone());
-            }
+            let n = self.next_offer;
+            offer_id_text(&mut id_text, &self.config.master_id, n);
+            let id = OfferId::new(id_text.as_str());
+            agent.add_offer(n);
+            quick::add_assign(&mut agent.offered, &d.resources);
+            fw.offers.insert(n);
             if let Some(t) = self.config.offer_timeout {
                 self.offer_deadlines.insert((after(now, t), id.clone()));
             }
             debug!(framework_id = %d.framework, agent_id = %d.agent, offer_id = %id, resources = %d.resources, "offer");
             self.offers.insert(
-                id,
-                OfferRecord { framework_id: d.framework.clone(), agent_id: d.agent, resources: d.resources },
+                n,
+                OfferRecord { framework: fw_slot, agent: agent_slot, resources: d.resources.clone() },
             );
-            batches.entry(d.framework).or_insert_with(|| (conn, Vec::new())).1.push(offer);
+            let offer = Offer {
+                id,
+                framework_id: d.framework,
+                agent_id: d.agent,
+                hostname: agent.hostname.clone(),
+                resources: d.resources,
+                attributes: agent.attributes.clone(),
+            };
+            let batch = match batch_of[fw_slot] {
+                NO_BATCH => {
+                    batch_of[fw_slot] = batches.len() as u32;
+                    batches.push((fw_slot, conn, Vec::with_capacity(per_framework[fw_slot] as usize)));
+                    batches.len() - 1
+                }
+                b => b as usize,
+            };
+            batches[batch].2.push(offer);
         }
-        for (_, (conn, offers)) in batches {
+        let frameworks = &self.frameworks;
+        batches.sort_unstable_by(|a, b| {
+            let id = |slot: usize| frameworks.at(slot).map(|f| &f.id);
+            id(a.0).cmp(&id(b.0))
+        });
+        for (_, conn, offers) in batches {
             counter!(metrics::OFFERS_SENT).increment(offers.len() as u64);
             self.send_framework(conn, SchedulerEvent::Offers(offers));
         }
         gauge!(metrics::OFFERS_OUTSTANDING).set(self.offers.len() as f64);
+    }
+}
+
+/// Writes `{master}-O{n}` (an offer id) into `out` without the formatting machinery.
+fn offer_id_text(out: &mut String, master: &str, n: u64) {
+    out.clear();
+    out.push_str(master);
+    out.push_str("-O");
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
@@ -2817,5 +2956,23 @@ mod tests {
         assert_eq!(tasks.len(), COMPLETED_TASKS);
         assert!(tasks.iter().all(|t| t.id.as_str() != "t0"));
         assert_eq!(h.m.agents()[0].tasks, 0);
+    }
+
+    #[test]
+    fn offer_ids_are_read_back_strictly() {
+        let m =
+            Master::new(MasterConfig { master_id: "m-1".into(), ..MasterConfig::default() }, Instant::now());
+        let mut text = String::new();
+        for n in [1u64, 9, 10, 123_456_789, u64::MAX] {
+            offer_id_text(&mut text, "m-1", n);
+            assert_eq!(text, format!("m-1-O{n}"));
+            assert_eq!(m.offer_no(&OfferId::new(text.as_str())), Some(n));
+        }
+        for bad in ["m-1-O", "m-1-O01", "m-1-O+1", "m-1-O1x", "m-2-O1", "m-1-o1", "m-1-O18446744073709551616"]
+        {
+            assert_eq!(m.offer_no(&OfferId::new(bad)), None, "{bad}");
+        }
+        let ids = m.offer_ids(&[10, 9, 100]);
+        assert_eq!(ids, vec![OfferId::new("m-1-O10"), OfferId::new("m-1-O100"), OfferId::new("m-1-O9")]);
     }
 }

@@ -7,5 +7,6 @@ pub mod allocator;
 pub mod core;
 pub mod http;
 pub mod metrics;
+mod quick;
 pub mod server;
 mod state;

@@ -1,10 +1,12 @@
 //! The records the master core keeps: agents, frameworks, offers, tasks and filters.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::*;
 use agora_sdk::{Attributes, Resources};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::ConnId;
 
@@ -55,12 +57,26 @@ pub(crate) struct Agent {
     pub used: Resources,
     /// Resources of its outstanding offers.
     pub offered: Resources,
-    pub offers: BTreeSet<OfferId>,
+    /// Numbers of its outstanding offers, sorted (few per agent: a sorted `Vec` keeps its
+    /// capacity from cycle to cycle where a set would allocate a node per offer).
+    pub offers: Vec<u64>,
     /// Every task the master keeps on this agent (completed ones are dropped from here).
     pub tasks: BTreeSet<TaskKey>,
 }
 
 impl Agent {
+    pub(crate) fn add_offer(&mut self, n: u64) {
+        if let Err(i) = self.offers.binary_search(&n) {
+            self.offers.insert(i, n);
+        }
+    }
+
+    pub(crate) fn remove_offer(&mut self, n: u64) {
+        if let Ok(i) = self.offers.binary_search(&n) {
+            self.offers.remove(i);
+        }
+    }
+
     pub(crate) fn new(id: AgentId, principal: String) -> Self {
         Agent {
             id,
@@ -73,7 +89,7 @@ impl Agent {
             attached: false,
             used: Resources::default(),
             offered: Resources::default(),
-            offers: BTreeSet::new(),
+            offers: Vec::new(),
             tasks: BTreeSet::new(),
         }
     }
@@ -87,7 +103,7 @@ impl Agent {
 
     /// Free resources nobody holds.
     pub(crate) fn available(&self) -> Resources {
-        self.total.saturating_sub(&self.used).saturating_sub(&self.offered)
+        crate::quick::sub(&crate::quick::sub(&self.total, &self.used), &self.offered)
     }
 }
 
@@ -119,8 +135,10 @@ pub(crate) struct Framework {
     pub failover_timeout: Duration,
     pub link: FrameworkLink,
     pub suppressed: bool,
-    pub offers: BTreeSet<OfferId>,
-    pub filters: HashMap<AgentId, Vec<Filter>>,
+    /// Numbers of its outstanding offers (unordered: walks sort their ids first).
+    pub offers: FxHashSet<u64>,
+    /// Decline filters by agent slot (agents are never removed: a slot names one agent).
+    pub filters: FxHashMap<usize, Vec<Filter>>,
 }
 
 impl Framework {
@@ -133,9 +151,12 @@ impl Framework {
 
     /// Whether a live filter hides `resources` on `agent` from this framework: a filter hides
     /// only offers it covers, so a larger offer still goes through.
-    pub(crate) fn filtered(&self, agent: &AgentId, resources: &Resources, now: Instant) -> bool {
+    pub(crate) fn filtered(&self, agent: usize, resources: &Resources, now: Instant) -> bool {
+        if self.filters.is_empty() {
+            return false;
+        }
         self.filters
-            .get(agent)
+            .get(&agent)
             .is_some_and(|fs| fs.iter().any(|f| f.expires > now && f.resources.contains(resources)))
     }
 
@@ -148,12 +169,94 @@ impl Framework {
     }
 }
 
-/// An outstanding offer.
+/// An outstanding offer. Its framework and agent are named by their slots in the master's
+/// tables: agents are never removed, and a framework's offers are all taken before it is, so
+/// the slots stay valid as long as the offer is outstanding.
 #[derive(Clone, Debug)]
 pub(crate) struct OfferRecord {
-    pub framework_id: FrameworkId,
-    pub agent_id: AgentId,
+    pub framework: usize,
+    pub agent: usize,
     pub resources: Resources,
+}
+
+/// Hashes offer numbers so that consecutive numbers land in consecutive buckets (the low
+/// bits are the number itself) while the top bits, which the table compares first, stay
+/// mixed: a cycle's offers are numbered in a row, so recording them walks the index
+/// sequentially instead of missing the cache once per offer.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SequentialHasher(u64);
+
+impl std::hash::Hasher for SequentialHasher {
+    fn finish(&self) -> u64 {
+        let mixed = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (self.0 & 0x01FF_FFFF_FFFF_FFFF) | (mixed & 0xFE00_0000_0000_0000)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type SequentialMap<V> = std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<SequentialHasher>>;
+
+/// Outstanding offers by number, in slots (the hashed index holds only numbers, so growing
+/// or cleaning it never moves the records).
+#[derive(Debug, Default)]
+pub(crate) struct Offers {
+    index: SequentialMap<usize>,
+    records: Vec<Option<OfferRecord>>,
+    free: Vec<usize>,
+}
+
+impl Offers {
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Makes room for `additional` new offers. For a large batch, free slots are handed out
+    /// lowest first so that the batch fills the records in memory order (the sort is paid
+    /// only when the batch is at least an eighth of the free list: O(log n) per offer).
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.index.reserve(additional);
+        if additional >= self.free.len() / 8 {
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+
+    pub(crate) fn get(&self, n: &u64) -> Option<&OfferRecord> {
+        self.records.get(*self.index.get(n)?).and_then(Option::as_ref)
+    }
+
+    /// Records a new offer (`n` is fresh: offer numbers are never reused).
+    pub(crate) fn insert(&mut self, n: u64, record: OfferRecord) {
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.records[i] = Some(record);
+                i
+            }
+            None => {
+                self.records.push(Some(record));
+                self.records.len() - 1
+            }
+        };
+        if let Some(old) = self.index.insert(n, i) {
+            // Not reached (numbers are fresh); keep the slots consistent anyway.
+            self.records[old] = None;
+            self.free.push(old);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, n: &u64) -> Option<OfferRecord> {
+        let i = self.index.remove(n)?;
+        self.free.push(i);
+        self.records.get_mut(i).and_then(Option::take)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -193,5 +296,196 @@ impl Task {
             message: latest.map(|s| s.message.clone()).unwrap_or_default(),
             usage: latest.and_then(|s| s.usage.clone()),
         }
+    }
+}
+
+/// Records by id, as a `BTreeMap` would keep them (iteration in id order) but looked up by
+/// a fast hash: the allocation cycle looks an agent or a framework up per decision, and
+/// string-keyed trees made `memcmp` the top symbol of the cycle. Records live in slots of a
+/// `Vec`; the ordered index is only walked, never searched, on hot paths.
+#[derive(Debug)]
+pub(crate) struct Table<K, V> {
+    index: FxHashMap<K, usize>,
+    order: BTreeMap<K, usize>,
+    /// `order`'s slots as a flat list, when up to date ([`Table::refresh_order`]).
+    order_list: Vec<usize>,
+    order_list_valid: bool,
+    slots: Vec<Option<V>>,
+    /// Per slot, how many records it has held before the current one.
+    generations: Vec<u32>,
+    free: Vec<usize>,
+}
+
+impl<K, V> Default for Table<K, V> {
+    fn default() -> Self {
+        Table {
+            index: FxHashMap::default(),
+            order: BTreeMap::new(),
+            order_list: Vec::new(),
+            order_list_valid: true,
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Hash + Clone, V> Table<K, V> {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(crate) fn contains_key(&self, k: &K) -> bool {
+        self.index.contains_key(k)
+    }
+
+    /// The slot of a record (stable until it is removed).
+    pub(crate) fn slot(&self, k: &K) -> Option<usize> {
+        self.index.get(k).copied()
+    }
+
+    pub(crate) fn at(&self, slot: usize) -> Option<&V> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn at_mut(&mut self, slot: usize) -> Option<&mut V> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// One more than the highest slot in use so far.
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Brings the flat id-order list up to date (after records came or went), so that
+    /// [`Table::slots_in_order`] walks a `Vec` instead of the tree.
+    pub(crate) fn refresh_order(&mut self) {
+        if !self.order_list_valid {
+            self.order_list.clear();
+            self.order_list.extend(self.order.values().copied());
+            self.order_list_valid = true;
+        }
+    }
+
+    /// Slots and records in id order.
+    pub(crate) fn slots_in_order(&self) -> impl Iterator<Item = (usize, &V)> + '_ {
+        let list: Box<dyn Iterator<Item = usize> + '_> = if self.order_list_valid {
+            Box::new(self.order_list.iter().copied())
+        } else {
+            Box::new(self.order.values().copied())
+        };
+        list.filter_map(|i| self.slots.get(i).and_then(Option::as_ref).map(|v| (i, v)))
+    }
+
+    pub(crate) fn get(&self, k: &K) -> Option<&V> {
+        let i = *self.index.get(k)?;
+        self.slots.get(i).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        let i = *self.index.get(k)?;
+        self.slots.get_mut(i).and_then(Option::as_mut)
+    }
+
+    /// Inserts or replaces; returns the replaced record.
+    pub(crate) fn insert(&mut self, k: K, v: V) -> Option<V> {
+        if let Some(&i) = self.index.get(&k) {
+            return self.slots.get_mut(i).and_then(|s| s.replace(v));
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(v);
+                i
+            }
+            None => {
+                self.slots.push(Some(v));
+                self.generations.push(0);
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(k.clone(), i);
+        self.order.insert(k, i);
+        self.order_list_valid = false;
+        None
+    }
+
+    pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
+        let i = self.index.remove(k)?;
+        self.order.remove(k);
+        self.order_list_valid = false;
+        let v = self.slots.get_mut(i).and_then(Option::take);
+        if let Some(g) = self.generations.get_mut(i) {
+            *g = g.wrapping_add(1);
+        }
+        self.free.push(i);
+        v
+    }
+
+    /// The record in `slot` if it is still the one of `generation` (a removed record's slot
+    /// may hold another one since).
+    pub(crate) fn at_generation_mut(&mut self, slot: usize, generation: u32) -> Option<&mut V> {
+        if self.generations.get(slot) != Some(&generation) {
+            return None;
+        }
+        self.at_mut(slot)
+    }
+
+    pub(crate) fn generation(&self, slot: usize) -> u32 {
+        self.generations.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Records in id order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
+        self.order.values().filter_map(|&i| self.slots.get(i).and_then(Option::as_ref))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_walk_in_id_order_and_name_reused_slots_by_generation() {
+        let mut t: Table<AgentId, u32> = Table::new();
+        for (i, id) in ["b", "a10", "a9", "c"].into_iter().enumerate() {
+            assert!(t.insert(AgentId::new(id), i as u32).is_none());
+        }
+        let walk = |t: &Table<AgentId, u32>| t.values().copied().collect::<Vec<_>>();
+        assert_eq!(walk(&t), vec![1, 2, 0, 3]);
+        t.refresh_order();
+        assert_eq!(t.slots_in_order().map(|(_, v)| *v).collect::<Vec<_>>(), vec![1, 2, 0, 3]);
+        let slot = t.slot(&AgentId::new("b")).expect("b");
+        let generation = t.generation(slot);
+        assert_eq!(t.remove(&AgentId::new("b")), Some(0));
+        assert!(t.insert(AgentId::new("d"), 7).is_none());
+        assert_eq!(t.slot(&AgentId::new("d")), Some(slot), "the freed slot is reused");
+        assert!(t.at_generation_mut(slot, generation).is_none(), "but not under the old generation");
+        assert_eq!(t.at_generation_mut(slot, t.generation(slot)).copied(), Some(7));
+        assert_eq!(walk(&t), vec![1, 2, 3, 7]);
+        assert_eq!(t.insert(AgentId::new("d"), 8), Some(7));
+        assert_eq!((t.len(), t.get(&AgentId::new("d")).copied()), (4, Some(8)));
+    }
+
+    #[test]
+    fn offers_are_found_by_number() {
+        let mut o = Offers::default();
+        let rec = |agent| OfferRecord { framework: 0, agent, resources: Resources::cpus(1) };
+        for n in 1..=1000u64 {
+            o.reserve(1);
+            o.insert(n, rec(n as usize));
+        }
+        for n in (1..=1000u64).step_by(2) {
+            assert_eq!(o.remove(&n).map(|r| r.agent), Some(n as usize));
+        }
+        o.reserve(10);
+        o.insert(5000, rec(5000));
+        assert_eq!(o.len(), 501);
+        assert!(o.get(&1).is_none());
+        assert_eq!(o.get(&2).map(|r| r.agent), Some(2));
+        assert_eq!(o.get(&5000).map(|r| r.agent), Some(5000));
     }
 }
