@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use agora_sdk::config::ClientConfig;
 use agora_sdk::proto::*;
-use agora_sdk::scheduler::{run, Driver, DriverConfig, Scheduler};
+use agora_sdk::scheduler::{run, take_fitting, Driver, DriverConfig, Scheduler};
 use agora_sdk::Resources;
 
 /// Launches queued tasks into offers; declines what it cannot use.
@@ -26,12 +26,7 @@ struct ShellTasks {
 impl Scheduler for ShellTasks {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
         for offer in offers {
-            let mut free = offer.resources.clone();
-            let mut launch = Vec::new();
-            while let Some(rest) = self.queue.front().and_then(|t| free.checked_sub(&t.resources)) {
-                free = rest;
-                launch.extend(self.queue.pop_front());
-            }
+            let launch = take_fitting(&offer.resources, &mut self.queue);
             if launch.is_empty() {
                 driver.decline(vec![offer.id], Some(5.0));
             } else {

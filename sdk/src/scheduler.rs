@@ -107,6 +107,22 @@ impl DriverConfig {
     }
 }
 
+/// Takes tasks from the front of `queue`, in order, while they fit in `offered`; stops at the
+/// first that does not (first-fit in queue order, so tasks keep their order). The usual body of
+/// [`Scheduler::resource_offers`] for a framework with a queue of like tasks.
+pub fn take_fitting(
+    offered: &crate::Resources,
+    queue: &mut std::collections::VecDeque<TaskInfo>,
+) -> Vec<TaskInfo> {
+    let mut left = offered.clone();
+    let mut batch = Vec::new();
+    while let Some(rest) = queue.front().and_then(|t| left.checked_sub(&t.resources)) {
+        left = rest;
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
 /// This machine's host name (best effort).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -332,4 +348,31 @@ async fn finish(mut session: Session, teardown: bool) -> Result<(), ClientError>
     session.conn.close(0u32.into(), b"bye");
     session.endpoint.wait_idle().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Resources;
+
+    fn task(id: &str, res: &str) -> TaskInfo {
+        TaskInfo {
+            task_id: TaskId(id.into()),
+            name: id.into(),
+            resources: Resources::parse(res).unwrap(),
+            kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+            kill_grace: None,
+        }
+    }
+
+    #[test]
+    fn take_fitting_keeps_queue_order_and_stops_at_the_first_misfit() {
+        let mut q: std::collections::VecDeque<TaskInfo> =
+            [task("a", "cpus:1"), task("b", "cpus:1"), task("c", "cpus:2"), task("d", "cpus:0.5")].into();
+        let got = take_fitting(&Resources::parse("cpus:2.5;mem:1GiB").unwrap(), &mut q);
+        let ids: Vec<&str> = got.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(q.len(), 2);
+        assert!(take_fitting(&Resources::parse("cpus:1").unwrap(), &mut q).is_empty());
+    }
 }

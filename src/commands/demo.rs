@@ -40,17 +40,7 @@ impl DemoScheduler {
 impl Scheduler for DemoScheduler {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
         for offer in offers {
-            let mut left = offer.resources.clone();
-            let mut batch = Vec::new();
-            while let Some(t) = self.pending.front() {
-                match left.checked_sub(&t.resources) {
-                    Some(rest) => {
-                        left = rest;
-                        batch.extend(self.pending.pop_front());
-                    }
-                    None => break,
-                }
-            }
+            let batch = scheduler::take_fitting(&offer.resources, &mut self.pending);
             if batch.is_empty() {
                 self.say(format!("offer  {} {} → decline", offer.hostname, offer.resources));
                 driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 30.0 } else { 0.5 }));

@@ -290,19 +290,9 @@ impl Scheduler for RunScheduler {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
         let before = self.pending.len();
         for offer in offers {
-            let mut left = offer.resources.clone();
-            let mut batch = Vec::new();
-            while let Some(t) = self.pending.front() {
-                match left.checked_sub(&t.resources) {
-                    Some(rest) => {
-                        left = rest;
-                        if let Some(t) = self.pending.pop_front() {
-                            self.states.insert(t.task_id.clone(), TaskState::Staging);
-                            batch.push(t);
-                        }
-                    }
-                    None => break,
-                }
+            let batch = scheduler::take_fitting(&offer.resources, &mut self.pending);
+            for t in &batch {
+                self.states.insert(t.task_id.clone(), TaskState::Staging);
             }
             if batch.is_empty() {
                 driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 60.0 } else { 1.0 }));
