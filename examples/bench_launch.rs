@@ -148,12 +148,16 @@ fn bench(prefix: &'static str, total: usize, one_at_a_time: bool) -> Bench {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lat_n, mut thr_n) = (300usize, 1000usize);
+    let mut isolation = agora_agent::cgroups::IsolationMode::Auto;
+    let usage = "usage: bench_launch [--latency-tasks N] [--throughput-tasks N] [--isolation auto|none]";
     while let Some(a) = args.next() {
-        let v = args.next().and_then(|v| v.parse().ok());
-        match (a.as_str(), v) {
-            ("--latency-tasks", Some(v)) => lat_n = v,
-            ("--throughput-tasks", Some(v)) => thr_n = v,
-            _ => anyhow::bail!("usage: bench_launch [--latency-tasks N] [--throughput-tasks N]"),
+        let v = args.next();
+        match (a.as_str(), v.as_deref()) {
+            ("--latency-tasks", Some(v)) => lat_n = v.parse()?,
+            ("--throughput-tasks", Some(v)) => thr_n = v.parse()?,
+            ("--isolation", Some("none")) => isolation = agora_agent::cgroups::IsolationMode::None,
+            ("--isolation", Some("auto")) => isolation = agora_agent::cgroups::IsolationMode::Auto,
+            _ => anyhow::bail!("{usage}"),
         }
     }
 
@@ -198,7 +202,10 @@ async fn main() -> anyhow::Result<()> {
         hostname: "bench-agent".into(),
         kill_grace: Duration::from_secs(1),
         kill_tasks_on_shutdown: true,
-        isolation: agora_agent::cgroups::IsolationConfig::default(),
+        isolation: agora_agent::cgroups::IsolationConfig {
+            mode: isolation,
+            ..agora_agent::cgroups::IsolationConfig::default()
+        },
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));
