@@ -18,7 +18,7 @@ use cgroups_rs::fs::cpuacct::CpuAcctController;
 use cgroups_rs::fs::error::{Error as RsError, ErrorKind as RsErrorKind};
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, Hierarchy, Subsystem};
+use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, Hierarchy, MaxValue, Subsystem};
 use cgroups_rs::CgroupPid;
 
 use super::fs::{self, CgroupError};
@@ -206,6 +206,15 @@ pub fn os_error(e: &RsError) -> io::Error {
         },
         None => io::Error::other(e.to_string()),
     }
+}
+
+/// Writes `pids.max` (no value: `max`), the same file and spelling on v1 and v2.
+pub fn apply_pids_limit(cg: &RsCgroup, pids: Option<u64>) -> Result<(), CgroupError> {
+    if let Some(ctl) = cg.controller_of::<PidController>() {
+        let max = pids.map_or(MaxValue::Max, |p| MaxValue::Value(i64::try_from(p).unwrap_or(i64::MAX)));
+        set(ctl.path(), "pids.max", max, || ctl.set_pid_max(max))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

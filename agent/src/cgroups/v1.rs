@@ -9,7 +9,7 @@ use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::cpuacct::CpuAcctController;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, MaxValue};
+use cgroups_rs::fs::{Cgroup as RsCgroup, Controller};
 
 use super::fs::{self, CgroupError};
 use super::hierarchy::{self, set, AgentHierarchy};
@@ -107,11 +107,7 @@ impl CgroupManager for V1Manager {
         if let Some(mem) = cg.controller_of::<MemController>() {
             Self::apply_memory(mem, limits.mem_bytes)?;
         }
-        if let Some(pids) = cg.controller_of::<PidController>() {
-            let max =
-                limits.pids.map_or(MaxValue::Max, |p| MaxValue::Value(i64::try_from(p).unwrap_or(i64::MAX)));
-            set(pids.path(), "pids.max", max, || pids.set_pid_max(max))?;
-        }
+        hierarchy::apply_pids_limit(&cg, limits.pids)?;
         Ok(())
     }
 

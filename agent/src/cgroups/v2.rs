@@ -10,7 +10,7 @@ use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::error::ErrorKind as RsErrorKind;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{Cgroup as RsCgroup, Controller, MaxValue};
+use cgroups_rs::fs::{Cgroup as RsCgroup, Controller};
 
 use super::fs::{self, CgroupError};
 use super::hierarchy::{self, set, AgentHierarchy};
@@ -93,11 +93,7 @@ impl CgroupManager for V2Manager {
                 fs::write(dir, "memory.oom.group", "1")?;
             }
         }
-        if let Some(pids) = cg.controller_of::<PidController>() {
-            let max =
-                limits.pids.map_or(MaxValue::Max, |p| MaxValue::Value(i64::try_from(p).unwrap_or(i64::MAX)));
-            set(pids.path(), "pids.max", max, || pids.set_pid_max(max))?;
-        }
+        hierarchy::apply_pids_limit(&cg, limits.pids)?;
         Ok(())
     }
 
