@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agora_sdk::frame::{FrameReader, FrameWriter};
-use agora_sdk::proto::{ErrorCode, OutputReply, OutputRequest, OutputStream, WireError};
+use agora_sdk::proto::{ErrorCode, OutputReply, OutputRequest, OutputStream, StreamRequest, WireError};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -98,8 +98,15 @@ pub async fn serve(
     lookups: mpsc::Sender<OutputLookup>,
 ) {
     let mut reader = FrameReader::new(recv);
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<OutputRequest>()).await {
-        Ok(Ok(Some(r))) => r,
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<StreamRequest>()).await {
+        Ok(Ok(Some(StreamRequest::Output(r)))) => r,
+        Ok(Ok(Some(other))) => {
+            tracing::warn!(?other, "the master opened a stream this agent does not serve");
+            let reply =
+                OutputReply::Error(WireError::new(ErrorCode::Unexpected, "agents serve output streams only"));
+            let _ = reply_and_finish(send, &reply).await;
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "malformed output request");

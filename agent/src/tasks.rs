@@ -359,7 +359,9 @@ fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
 /// blocking pool). With a cgroup the process starts behind the gate (see [`crate::cgroups`]) and
 /// is released only once it is in its group, so no user code ever runs unconfined.
 fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>), StartFailure> {
-    let TaskKind::Command(cmd) = &spec.task.kind;
+    let TaskKind::Command(cmd) = &spec.task.kind else {
+        return Err(StartFailure::spawn("not a command task".into()));
+    };
     let dir = &spec.run_dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| StartFailure::spawn(format!("cannot create sandbox {}: {e}", dir.display())))?;
@@ -505,7 +507,9 @@ fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path:
 
 /// Checks a command before launching it; the error is the message of a TASK_ERROR.
 pub fn validate(task: &TaskInfo) -> Result<(), String> {
-    let TaskKind::Command(cmd) = &task.kind;
+    let TaskKind::Command(cmd) = &task.kind else {
+        return Err("this agent does not run Wasm tasks yet".into());
+    };
     let Some(first) = cmd.argv.first() else {
         return Err("the command is empty".into());
     };

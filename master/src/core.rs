@@ -1590,10 +1590,8 @@ impl Master {
                 Some(format!("task {tid} already exists in framework {fw}"))
             } else if task.resources.cpus == 0 && task.resources.mem == 0 {
                 Some(format!("task {tid} asks for no cpus and no mem"))
-            } else if match &task.kind {
-                TaskKind::Command(c) => c.argv.first().is_none_or(|a| a.is_empty()),
-            } {
-                Some(format!("task {tid} has an empty command"))
+            } else if let Some(problem) = kind_problem(&task) {
+                Some(problem)
             } else if agent_conn.is_none() {
                 Some(format!("agent {agent_id} is not connected"))
             } else if !task.resources.reserved.is_empty() {
@@ -1945,6 +1943,33 @@ fn offer_id_text(out: &mut String, master: &str, n: u64) {
     }
     for &d in &digits[i..] {
         out.push(char::from(d));
+    }
+}
+
+/// What is wrong with a task's executor-specific part, if anything.
+fn kind_problem(task: &TaskInfo) -> Option<String> {
+    let tid = &task.task_id;
+    match &task.kind {
+        TaskKind::Command(c) if c.argv.first().is_none_or(|a| a.is_empty()) => {
+            Some(format!("task {tid} has an empty command"))
+        }
+        TaskKind::Command(_) => None,
+        TaskKind::Wasm(w) => {
+            if let Some(bad) = std::iter::once(&w.module.digest)
+                .chain(w.dirs.iter().map(|d| &d.archive.digest))
+                .find(|d| !d.is_valid())
+            {
+                Some(format!("task {tid} names a malformed artifact digest `{bad}`"))
+            } else if w.args.is_empty() {
+                Some(format!("task {tid} has no argv[0]"))
+            } else if let Some(d) =
+                w.dirs.iter().find(|d| !d.guest.starts_with('/') || d.guest.contains('\0'))
+            {
+                Some(format!("task {tid}: guest directory `{}` must be an absolute path", d.guest))
+            } else {
+                None
+            }
+        }
     }
 }
 

@@ -569,8 +569,14 @@ async fn relay_output(
 ) -> Result<(), String> {
     let mut w = FrameWriter::new(send);
     let mut r = FrameReader::new(recv);
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<OutputRequest>()).await {
-        Ok(Ok(Some(req))) => req,
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await {
+        Ok(Ok(Some(StreamRequest::Output(req)))) => req,
+        Ok(Ok(Some(_))) => {
+            // Upload and Fetch streams are served by the artifact store (not wired yet).
+            let err = WireError::new(ErrorCode::Unexpected, "this stream kind is not served here");
+            let _ = w.send(&OutputReply::Error(err)).await;
+            return Err("unsupported stream".into());
+        }
         Ok(Err(e)) => {
             let _ = w.send(&OutputReply::Error(frame_error(&e))).await;
             return Err(e.to_string());
@@ -589,7 +595,7 @@ async fn relay_output(
     };
     let (asend, arecv) = agent.open_bi().await.map_err(|e| e.to_string())?;
     let mut aw = FrameWriter::new(asend);
-    aw.send(&OutputRequest { framework_id: Some(loc.framework_id), ..req })
+    aw.send(&StreamRequest::Output(OutputRequest { framework_id: Some(loc.framework_id), ..req }))
         .await
         .map_err(|e| e.to_string())?;
     let mut ar = FrameReader::new(arecv);

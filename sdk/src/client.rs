@@ -120,7 +120,8 @@ pub async fn open_output(
 ) -> Result<impl AsyncRead + Unpin + Send + 'static, ClientError> {
     let (send, recv) = conn.open_bi().await?;
     let mut w = FrameWriter::new(send);
-    w.send(&OutputRequest { task_id: task_id.clone(), framework_id: None, stream, offset, follow }).await?;
+    let req = OutputRequest { task_id: task_id.clone(), framework_id: None, stream, offset, follow };
+    w.send(&StreamRequest::Output(req)).await?;
     let mut send = w.into_inner();
     let _ = send.finish();
     let mut r = FrameReader::new(recv);

@@ -7,6 +7,7 @@
 pub mod attributes;
 pub mod client;
 pub mod config;
+pub mod executor;
 pub mod frame;
 pub mod json;
 pub mod proto;

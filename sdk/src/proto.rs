@@ -250,11 +250,98 @@ pub struct CommandInfo {
     pub env: Vec<(String, String)>,
 }
 
+/// The sha256 of an artifact in the master's content-addressed store, as 64 lowercase hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses 64 hex digits (either case; kept lowercase).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(s.to_ascii_lowercase()))
+        } else {
+            Err(format!("`{s}` is not a sha256 digest (64 hex digits)"))
+        }
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Self(hex::encode(sha2::Sha256::digest(bytes)))
+    }
+
+    /// Wraps a finished hasher.
+    pub fn from_hasher(hasher: sha2::Sha256) -> Self {
+        use sha2::Digest as _;
+        Self(hex::encode(hasher.finalize()))
+    }
+
+    /// Whether a digest that came off the wire is well formed (peers can send anything).
+    pub fn is_valid(&self) -> bool {
+        self.0.len() == 64 && self.0.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an artifact is; decides how the master checks it at upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ArtifactKind {
+    /// A WebAssembly core module or component: validated at upload (must be a WASI command
+    /// importing only what Agora provides).
+    WasmModule,
+    /// A tar archive of a directory shipped with a task (`--dir LOCAL::GUEST`).
+    Archive,
+}
+
+/// A reference to an artifact in the master's store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A directory shipped with a Wasm task: the agent unpacks `archive` into the task's sandbox
+/// and the executor preopens it at `guest`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirMount {
+    pub archive: ArtifactRef,
+    /// The path the guest sees (e.g. `/data`).
+    pub guest: String,
+}
+
+/// A WebAssembly task, run by the agent's Wasm executor for the framework.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WasmInfo {
+    /// The module or component (uploaded to the master's artifact store first).
+    pub module: ArtifactRef,
+    /// The guest's argv, `argv[0]` included.
+    pub args: Vec<String>,
+    /// The guest's whole environment (no host variables are passed).
+    pub env: Vec<(String, String)>,
+    /// Directories shipped with the task, the only ones the guest can open.
+    pub dirs: Vec<DirMount>,
+    /// Total fuel budget; the task fails with `fuel exhausted` when it is spent.
+    pub fuel: Option<u64>,
+    /// Wall-time limit; the task fails with `timeout` when it is reached.
+    pub timeout: Option<Duration>,
+}
+
 /// How a task runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskKind {
     /// A native process under the built-in command executor.
     Command(CommandInfo),
+    /// A WebAssembly module under the built-in Wasm executor.
+    Wasm(WasmInfo),
 }
 
 /// A task a framework launches.
@@ -554,8 +641,48 @@ pub enum OutputStream {
     Stderr,
 }
 
-/// Opens a bulk stream for a task's output. Sent as one frame on a new bidirectional stream
-/// (client → master, and master → agent); the answer is one [`OutputReply`] frame followed by
+/// First frame of every bulk stream a peer opens (client → master, agent → master,
+/// master → agent): what the stream is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamRequest {
+    /// A task's stdout or stderr; answered with [`OutputReply`] then raw bytes.
+    Output(OutputRequest),
+    /// Store an artifact (operators and frameworks); answered with [`UploadReply`].
+    Upload(UploadRequest),
+    /// Read an artifact (agents); answered with [`FetchReply`] then exactly `size` raw bytes.
+    Fetch { digest: Digest },
+}
+
+/// Puts an artifact into the master's content-addressed store. The master answers at once with
+/// [`UploadReply::Present`] when it holds the digest already (nothing more is sent), or with
+/// [`UploadReply::Send`]; the client then sends exactly `size` raw bytes and finishes its side,
+/// and the master answers [`UploadReply::Stored`] once the bytes hash to `digest` and pass the
+/// checks for `kind`, or [`UploadReply::Error`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRequest {
+    pub kind: ArtifactKind,
+    pub digest: Digest,
+    pub size: u64,
+    /// Shown in logs and errors (e.g. the local file name).
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadReply {
+    Present,
+    Send,
+    Stored,
+    Error(WireError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchReply {
+    Sending { size: u64 },
+    Error(WireError),
+}
+
+/// Opens a bulk stream for a task's output. Sent as [`StreamRequest::Output`] on a new
+/// bidirectional stream (client → master, and master → agent); the answer is one [`OutputReply`] frame followed by
 /// the raw bytes until the stream finishes. With `follow`, the stream stays open until the
 /// task is terminal and every byte was sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
