@@ -341,7 +341,7 @@ pub enum TaskKind {
     /// A native process under the built-in command executor.
     Command(CommandInfo),
     /// A WebAssembly module under the built-in Wasm executor.
-    Wasm(WasmInfo),
+    Wasm(Box<WasmInfo>),
 }
 
 /// A task a framework launches.
