@@ -1962,12 +1962,11 @@ fn kind_problem(task: &TaskInfo) -> Option<String> {
                 Some(format!("task {tid} names a malformed artifact digest `{bad}`"))
             } else if w.args.is_empty() {
                 Some(format!("task {tid} has no argv[0]"))
-            } else if let Some(d) =
-                w.dirs.iter().find(|d| !d.guest.starts_with('/') || d.guest.contains('\0'))
-            {
-                Some(format!("task {tid}: guest directory `{}` must be an absolute path", d.guest))
             } else {
-                None
+                w.dirs
+                    .iter()
+                    .find(|d| !d.guest.starts_with('/') || d.guest.contains('\0'))
+                    .map(|d| format!("task {tid}: guest directory `{}` must be an absolute path", d.guest))
             }
         }
     }
