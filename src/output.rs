@@ -84,7 +84,12 @@ pub fn tasks_table(tasks: &[TaskView]) -> String {
                 };
                 let (cpu, mem) = match &t.usage {
                     Some(u) => (
-                        u.cpu_time.map(|d| format!("{:.2}s", d.as_secs_f64())).unwrap_or_else(|| "-".into()),
+                        // Wasm tasks are metered in fuel (about one unit per instruction).
+                        match (u.cpu_time, u.fuel) {
+                            (Some(d), _) => format!("{:.2}s", d.as_secs_f64()),
+                            (None, Some(f)) => format!("{} fuel", compact(f)),
+                            (None, None) => "-".into(),
+                        },
                         u.peak_mem.map(format_size).unwrap_or_else(|| "-".into()),
                     ),
                     None => ("-".into(), "-".into()),
@@ -104,4 +109,14 @@ pub fn tasks_table(tasks: &[TaskView]) -> String {
             })
             .collect(),
     )
+}
+
+/// 1234 → `1.2k`, 5_000_000 → `5.0M`.
+fn compact(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.1}G", n as f64 / 1e9),
+    }
 }

@@ -5,63 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+mod common;
 
-struct Dev {
-    child: Child,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Dev {
-    fn start(resources: &str) -> Dev {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new(AGORA)
-            .args(["dev", "--listen", "127.0.0.1:0", "--agents", "1", "--allocation-interval", "200ms"])
-            .arg("--resources")
-            .arg(resources)
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn agora dev");
-        let config = dir.path().join("client.toml");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !config.exists() {
-            assert!(Instant::now() < deadline, "agora dev did not write client.toml");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Dev { child, config, _dir: dir }
-    }
-
-    fn agora(&self, args: &[&str]) -> Output {
-        Command::new(AGORA)
-            .args(args)
-            .env("AGORA_CONFIG", &self.config)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run agora")
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "agora dev did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+use common::dev::{Dev, AGORA};
 
 fn tasks_json(dev: &Dev) -> Vec<serde_json::Value> {
-    let out = dev.agora(&["tasks", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("json array")
+    dev.tasks_json()
 }
 
 #[test]

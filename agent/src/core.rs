@@ -19,6 +19,7 @@ use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 use crate::updates::{AckOutcome, UpdateManager};
+use crate::wasm::{self, WasmSupport};
 
 /// How many finished tasks' sandboxes stay reachable for `agora logs`.
 pub const FINISHED_KEPT: usize = 1000;
@@ -86,6 +87,7 @@ pub struct Core {
     events: EventSender,
     outbox: Vec<AgentMessage>,
     connected: bool,
+    wasm: Option<WasmSupport>,
 }
 
 impl Core {
@@ -111,7 +113,13 @@ impl Core {
             events,
             outbox: Vec::new(),
             connected: false,
+            wasm: None,
         }
+    }
+
+    /// Enables Wasm tasks (without it they end TASK_ERROR).
+    pub fn set_wasm(&mut self, wasm: WasmSupport) {
+        self.wasm = Some(wasm);
     }
 
     /// The id the master gave this agent, if any yet.
@@ -201,7 +209,15 @@ impl Core {
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
-        let handle = tasks::launch(spec, self.events.clone());
+        let handle = if wasm::is_wasm(&task) {
+            let Some(support) = self.wasm.clone() else {
+                self.send_error(key, "invalid task", "this agent does not run Wasm tasks".into(), now);
+                return;
+            };
+            wasm::launch(spec, support, self.events.clone())
+        } else {
+            tasks::launch(spec, self.events.clone())
+        };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
         self.update_gauges();

@@ -40,6 +40,7 @@ pub mod resources;
 pub mod sandbox;
 pub mod tasks;
 pub mod updates;
+pub mod wasm;
 
 pub use resources::{detect_resources, detect_resources_in};
 
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     /// Resource isolation (`--isolation`, `--cgroup-root`, `--cpu-limit`,
     /// `--max-pids-per-task`).
     pub isolation: cgroups::IsolationConfig,
+    /// Wasm tasks: which binary runs `agora executor-wasm`, idle timeout, sizes.
+    pub wasm: wasm::WasmConfig,
 }
 
 /// Why an agent stopped.
@@ -136,6 +139,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         attributes: config.attributes.clone(),
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (conn_tx, conn_rx) = tokio::sync::watch::channel(None);
+    let wasm = wasm::WasmSupport::start(config.wasm.clone(), &config.work_dir, isolator.clone(), conn_rx);
     let mut core = core::Core::new(
         info,
         layout.clone(),
@@ -145,7 +150,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         updates::UpdateManager::default(),
         events_tx,
     );
-    let result = link::drive(&config, &layout, &mut core, &mut events, &shutdown).await;
+    core.set_wasm(wasm.clone());
+    let result = link::drive(&config, &layout, &mut core, &mut events, &shutdown, &conn_tx).await;
+    if config.kill_tasks_on_shutdown {
+        wasm.shutdown();
+    }
     if core.live_tasks() == 0 {
         isolator.shutdown();
     }

@@ -263,6 +263,7 @@ pub(crate) async fn drive(
     core: &mut Core,
     events: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>,
     shutdown: &CancellationToken,
+    conn_watch: &tokio::sync::watch::Sender<Option<quinn::Connection>>,
 ) -> Result<(), AgentError> {
     let (lookup_tx, mut lookups) = mpsc::channel::<OutputLookup>(256);
     let mut backoff = Backoff::new(CONNECT_INITIAL, CONNECT_MAX);
@@ -308,6 +309,7 @@ pub(crate) async fn drive(
                     if let Some(c) = conn.take() {
                         c.abort("connection lost");
                     }
+                    conn_watch.send_replace(None);
                     core.disconnected();
                     metrics::gauge!("agora_agent_connected").set(0.0);
                     retry_at = Some(Instant::now() + backoff.next_delay());
@@ -318,6 +320,7 @@ pub(crate) async fn drive(
                 let res = res.unwrap_or_else(|e| Err(ClientError::Stream(format!("connect task failed: {e}"))));
                 match res {
                     Ok(session) => {
+                        conn_watch.send_replace(Some(session.conn.clone()));
                         conn = Some(Connected::new(session, lookup_tx.clone()));
                         core.connected(Instant::now());
                         metrics::gauge!("agora_agent_connected").set(1.0);

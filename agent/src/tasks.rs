@@ -188,6 +188,11 @@ pub struct TaskHandle {
 }
 
 impl TaskHandle {
+    /// A handle on a supervisor that watches `kill` and flips `done` when the task has ended.
+    pub(crate) fn new(kill: CancellationToken, done: watch::Receiver<bool>) -> Self {
+        Self { kill, done }
+    }
+
     /// Asks the supervisor to kill the task (SIGTERM to the group, SIGKILL after the grace
     /// period). Idempotent.
     pub fn kill(&self) {
@@ -507,8 +512,9 @@ fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path:
 
 /// Checks a command before launching it; the error is the message of a TASK_ERROR.
 pub fn validate(task: &TaskInfo) -> Result<(), String> {
-    let TaskKind::Command(cmd) = &task.kind else {
-        return Err("this agent does not run Wasm tasks yet".into());
+    let cmd = match &task.kind {
+        TaskKind::Command(cmd) => cmd,
+        TaskKind::Wasm(info) => return crate::wasm::validate(info),
     };
     let Some(first) = cmd.argv.first() else {
         return Err("the command is empty".into());

@@ -154,6 +154,7 @@ fn config(dir: &Path, master: String) -> AgentConfig {
         kill_grace: Duration::from_secs(3),
         kill_tasks_on_shutdown: true,
         isolation: agora_agent::cgroups::IsolationConfig::default(),
+        wasm: agora_agent::wasm::WasmConfig::default(),
     }
 }
 

@@ -65,7 +65,15 @@ impl Scheduler for DemoScheduler {
             (_, _, Some(s)) => format!(" (signal {s})"),
             _ => String::new(),
         };
-        self.say(format!("{:<12} {}{}", st.task_id, st.state, detail));
+        // The twenty no-op Wasm tasks are summed up at the end rather than narrated.
+        if !st.task_id.as_str().starts_with("wasm-noop-") {
+            let why = if st.state == TaskState::Failed && st.exit_code.is_none() {
+                format!(": {}", st.reason)
+            } else {
+                String::new()
+            };
+            self.say(format!("{:<12} {}{}{}", st.task_id, st.state, detail, why));
+        }
         if st.state == TaskState::Running && self.to_kill.contains(&st.task_id) {
             self.say(format!("kill   {} (it would sleep for a minute)", st.task_id));
             driver.kill(st.task_id.clone());
@@ -90,6 +98,54 @@ fn shell_task(id: &str, script: &str, cpus: u64, mem_mib: u64) -> TaskInfo {
     }
 }
 
+fn wasm_task(id: &str, module: &ArtifactRef, args: &[&str], mem_mib: u64, fuel: Option<u64>) -> TaskInfo {
+    let mut argv = vec![format!("{}.wasm", id.trim_start_matches("wasm-"))];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    TaskInfo {
+        task_id: TaskId(id.into()),
+        name: id.split('-').take(2).collect::<Vec<_>>().join("-"),
+        resources: Resources { cpus: 250, mem: mem_mib << 20, ..Default::default() },
+        kind: TaskKind::Wasm(Box::new(WasmInfo {
+            module: module.clone(),
+            args: argv,
+            env: vec![],
+            dirs: vec![],
+            fuel,
+            timeout: Some(Duration::from_secs(20)),
+        })),
+        kill_grace: None,
+    }
+}
+
+/// The demo's Wasm tasks: modules (assembled from examples/wasm/*.wat) uploaded to the master's
+/// artifact store, then tasks that name them by digest.
+async fn wasm_tasks(master: &str, tls: &agora_sdk::tls::TlsFiles) -> anyhow::Result<VecDeque<TaskInfo>> {
+    let session = agora_sdk::client::Session::connect(master, tls, Role::Framework).await?;
+    let mut modules = BTreeMap::new();
+    for (name, text) in [
+        ("hello", include_str!("../../examples/wasm/hello.wat")),
+        ("spin", include_str!("../../examples/wasm/spin.wat")),
+        ("membomb", include_str!("../../examples/wasm/membomb.wat")),
+        ("trap", include_str!("../../examples/wasm/trap.wat")),
+        ("noop", include_str!("../../examples/wasm/noop.wat")),
+    ] {
+        let bytes = wat::parse_str(text)?;
+        let r = agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, &bytes).await?;
+        modules.insert(name, r);
+    }
+    session.conn.close(0u32.into(), b"uploaded");
+    let mut tasks = VecDeque::from(vec![
+        wasm_task("wasm-hello", &modules["hello"], &["offers", "and", "fuel"], 16, None),
+        wasm_task("wasm-spin", &modules["spin"], &[], 16, Some(200_000_000)),
+        wasm_task("wasm-membomb", &modules["membomb"], &[], 32, None),
+        wasm_task("wasm-trap", &modules["trap"], &[], 16, None),
+    ]);
+    for i in 0..20 {
+        tasks.push_back(wasm_task(&format!("wasm-noop-{i}"), &modules["noop"], &[], 8, None));
+    }
+    Ok(tasks)
+}
+
 impl DemoCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         let dir = tempfile::Builder::new().prefix("agora-demo-").tempdir()?;
@@ -109,7 +165,8 @@ impl DemoCommand {
         for a in cluster.master.agents().await {
             println!("  agent {} ({}) offers {}  [{}]", a.id, a.hostname, a.resources, a.attributes);
         }
-        println!("Two frameworks arrive: `etl` (10 short jobs) and `ml` (5 jobs: some fail, one is killed).");
+        println!("Three frameworks arrive: `etl` (10 short jobs), `ml` (5 jobs: some fail, one is killed)");
+        println!("and `wasm` (24 WebAssembly tasks in one executor: fuel-metered, memory-capped, sandboxed).");
         println!(
             "The DRF allocator offers each agent's free resources to the framework with the lowest share.\n"
         );
@@ -149,18 +206,39 @@ impl DemoCommand {
         };
         let tls = cluster.client.identity(Role::Framework)?;
         let master = cluster.master.addr.to_string();
+        let wasm_pending = wasm_tasks(&master, &tls).await?;
+        let mut wasm = DemoScheduler {
+            name: "wasm",
+            started,
+            total: wasm_pending.len(),
+            pending: wasm_pending,
+            to_kill: BTreeSet::new(),
+            done: BTreeMap::new(),
+        };
         let etl_cfg = DriverConfig::new(master.clone(), tls.clone(), "etl");
-        let mut ml_cfg = DriverConfig::new(master, tls, "ml");
+        let mut ml_cfg = DriverConfig::new(master.clone(), tls.clone(), "ml");
         ml_cfg.framework.role = "ml".into();
-        let (a, b) = tokio::join!(
+        let mut wasm_cfg = DriverConfig::new(master, tls, "wasm");
+        wasm_cfg.framework.role = "wasm".into();
+        let (a, b, c) = tokio::join!(
             tokio::time::timeout(Duration::from_secs(60), scheduler::run(etl_cfg, &mut etl)),
             tokio::time::timeout(Duration::from_secs(60), scheduler::run(ml_cfg, &mut ml)),
+            tokio::time::timeout(Duration::from_secs(60), scheduler::run(wasm_cfg, &mut wasm)),
         );
-        let ok = matches!(a, Ok(Ok(()))) && matches!(b, Ok(Ok(())));
+        let ok = matches!(a, Ok(Ok(()))) && matches!(b, Ok(Ok(()))) && matches!(c, Ok(Ok(())));
         println!("\nFinal state of the cluster (`agora tasks`):\n");
         let mut tasks = cluster.master.tasks().await;
         tasks.sort_by(|x, y| x.id.cmp(&y.id));
-        print!("{}", output::tasks_table(&tasks));
+        // Twenty no-op Wasm tasks would drown the table: they are summed up below it.
+        let shown: Vec<TaskView> = tasks.iter().filter(|t| !t.id.as_str().starts_with("wasm-noop-")).cloned().collect();
+        print!("{}", output::tasks_table(&shown));
+        let noops: Vec<&TaskView> = tasks.iter().filter(|t| t.id.as_str().starts_with("wasm-noop-")).collect();
+        println!(
+            "(and wasm-noop-0..{}: {} of {} TASK_FINISHED)",
+            noops.len().saturating_sub(1),
+            noops.iter().filter(|t| t.state == TaskState::Finished).count(),
+            noops.len()
+        );
         println!();
         print!("{}", output::frameworks_table(&cluster.master.frameworks().await));
         println!("\nTask output, streamed from the agents' sandboxes through the master (`agora logs`):");
@@ -168,6 +246,7 @@ impl DemoCommand {
             for (id, which) in [
                 ("etl-3", OutputStream::Stdout),
                 ("ml-eval", OutputStream::Stdout),
+                ("wasm-hello", OutputStream::Stdout),
                 ("ml-crash", OutputStream::Stderr),
             ] {
                 let mut text = Vec::new();
@@ -194,10 +273,10 @@ impl DemoCommand {
             println!("Sandboxes kept in {}", kept.display());
         }
         println!(
-            "\nWhere to look next:\n  agora dev --agents 2                 a cluster to play with (writes .agora-dev/client.toml)\n  AGORA_CONFIG=.agora-dev/client.toml agora run -- echo hello\n  agora run --count 100 -- true        many tasks, with a progress bar\n  agora tasks -o json; agora logs TASK -f; agora kill TASK\n  cargo run --example shell_tasks -- --config .agora-dev/client.toml --count 20 'echo hi'\n                                       a framework written with the SDK (examples/shell_tasks.rs)"
+            "\nWhere to look next:\n  agora dev --agents 2                 a cluster to play with (writes .agora-dev/client.toml)\n  AGORA_CONFIG=.agora-dev/client.toml agora run -- echo hello\n  agora run --count 100 -- true        many tasks, with a progress bar\n  agora run --wasm examples/wasm/hello.wat -- world\n                                       a WebAssembly task (try --fuel 1000000 on spin.wat)\n  agora tasks -o json; agora logs TASK -f; agora kill TASK\n  cargo run --example shell_tasks -- --config .agora-dev/client.toml --count 20 'echo hi'\n                                       a framework written with the SDK (examples/shell_tasks.rs)"
         );
         if !ok {
-            anyhow::bail!("the demo's frameworks did not finish cleanly: {a:?} {b:?}");
+            anyhow::bail!("the demo's frameworks did not finish cleanly: {a:?} {b:?} {c:?}");
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use agora_sdk::proto::*;
 use agora_sdk::resources::parse_milli;
 use agora_sdk::scheduler::{self, Driver, DriverConfig, Scheduler};
-use agora_sdk::units::parse_size;
+use agora_sdk::units::{parse_duration, parse_size};
 use agora_sdk::Resources;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,6 +18,29 @@ use super::ClusterArgs;
 
 /// Exit code when the task never ran (ERROR, LOST, DROPPED, …), as `docker run` does.
 pub const EXIT_NEVER_RAN: u8 = 125;
+/// Exit code of a Wasm task that ran and failed without an exit code of its own (a trap, or a
+/// fuel, time or memory limit): 128 + SIGABRT, as `wasmtime run` exits on a trap.
+pub const EXIT_WASM_FAILED: u8 = 134;
+
+fn parse_dir(s: &str) -> Result<(std::path::PathBuf, String), String> {
+    let (local, guest) = s.split_once("::").unwrap_or((s, s));
+    if local.is_empty() {
+        return Err(format!("invalid --dir `{s}`: expected LOCAL::GUEST"));
+    }
+    let guest = if guest.starts_with('/') { guest.to_string() } else { format!("/{guest}") };
+    if guest.split('/').any(|p| p == "..") {
+        return Err(format!("invalid --dir `{s}`: the guest path may not contain `..`"));
+    }
+    Ok((std::path::PathBuf::from(local), guest))
+}
+
+fn parse_fuel(s: &str) -> Result<u64, String> {
+    let digits: String = s.chars().filter(|c| *c != '_').collect();
+    match digits.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("invalid --fuel `{s}`: a positive whole number, e.g. 1000000")),
+        Ok(v) => Ok(v),
+    }
+}
 
 fn parse_cpus(s: &str) -> Result<u64, String> {
     match parse_milli(s) {
@@ -61,10 +84,24 @@ pub struct RunCommand {
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
     /// Run the words after `--` as one `/bin/sh -c` script.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wasm")]
     shell: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// Run this WebAssembly module (a WASI preview 1 command or a WASI 0.2 command component)
+    /// instead of a native command; the words after `--` are its arguments.
+    #[arg(long, value_name = "FILE")]
+    wasm: Option<std::path::PathBuf>,
+    /// Ship a local directory with a Wasm task and preopen it at GUEST (repeatable).
+    #[arg(long = "dir", value_name = "LOCAL::GUEST", value_parser = parse_dir, requires = "wasm")]
+    dirs: Vec<(std::path::PathBuf, String)>,
+    /// Total fuel a Wasm task may burn (about one unit per instruction); it fails with
+    /// `fuel exhausted` when spent.
+    #[arg(long, value_parser = parse_fuel, requires = "wasm")]
+    fuel: Option<u64>,
+    /// Wall-time limit of a Wasm task (e.g. 30s); it fails with `timeout` when reached.
+    #[arg(long, value_parser = parse_duration, requires = "wasm")]
+    timeout: Option<Duration>,
+    /// The command and its arguments (with --wasm: the module's arguments).
+    #[arg(last = true, required_unless_present = "wasm")]
     command: Vec<String>,
 }
 
@@ -75,7 +112,10 @@ impl RunCommand {
         }
         let cfg = self.cluster.resolve()?;
         let tls = cfg.identity(Role::Framework)?;
-        let program = self.command.first().cloned().unwrap_or_default();
+        let program = match &self.wasm {
+            Some(path) => path.display().to_string(),
+            None => self.command.first().cloned().unwrap_or_default(),
+        };
         let name = self.name.clone().unwrap_or_else(|| {
             let base = program.rsplit('/').next().unwrap_or("task");
             if base.is_empty() {
@@ -88,6 +128,16 @@ impl RunCommand {
         let resources =
             Resources { cpus: self.cpus, mem: self.mem, disk: self.disk.unwrap_or(0), ..Default::default() };
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let kind = match &self.wasm {
+            None => TaskKind::Command(CommandInfo { argv, shell: self.shell, env: self.env.clone() }),
+            Some(path) => match self.wasm_task(&cfg, &tls, path, &name).await {
+                Ok(info) => TaskKind::Wasm(Box::new(info)),
+                Err(why) => {
+                    eprintln!("agora: {why}");
+                    return Ok(ExitCode::from(EXIT_NEVER_RAN));
+                }
+            },
+        };
         let tasks: VecDeque<TaskInfo> = (0..self.count)
             .map(|i| TaskInfo {
                 task_id: TaskId(if self.count == 1 {
@@ -97,11 +147,7 @@ impl RunCommand {
                 }),
                 name: name.clone(),
                 resources: resources.clone(),
-                kind: TaskKind::Command(CommandInfo {
-                    argv: argv.clone(),
-                    shell: self.shell,
-                    env: self.env.clone(),
-                }),
+                kind: kind.clone(),
                 kill_grace: None,
             })
             .collect();
@@ -131,6 +177,7 @@ impl RunCommand {
         let mut sched = RunScheduler {
             shape: resources.clone(),
             pending: tasks,
+            wasm: self.wasm.is_some(),
             total: self.count as usize,
             states: BTreeMap::new(),
             finals: BTreeMap::new(),
@@ -159,6 +206,80 @@ impl RunCommand {
     }
 }
 
+impl RunCommand {
+    /// Uploads the module and any shipped directories to the master's artifact store; the
+    /// error is the one line the user sees (the master names what is wrong with a module).
+    async fn wasm_task(
+        &self,
+        cfg: &agora_sdk::config::ClientConfig,
+        tls: &agora_sdk::tls::TlsFiles,
+        path: &std::path::Path,
+        name: &str,
+    ) -> Result<WasmInfo, String> {
+        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        let mut packed = Vec::new();
+        for (local, guest) in &self.dirs {
+            let local = local.clone();
+            let archive = tokio::task::spawn_blocking(move || pack_dir(&local)).await.map_err(|e| e.to_string())??;
+            packed.push((archive, guest.clone()));
+        }
+        let session = agora_sdk::client::Session::connect(&cfg.master, tls, Role::Framework)
+            .await
+            .map_err(|e| format!("cannot reach the master at {}: {e}", cfg.master))?;
+        let conn = session.conn.clone();
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.into());
+        let module = if path.extension().is_some_and(|e| e == "wat") {
+            // WebAssembly text, as `wasmtime run` takes it: assembled here, checked by the master.
+            let bytes = wat::parse_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            agora_sdk::artifacts::upload_bytes(&conn, ArtifactKind::WasmModule, &file_name, &bytes).await
+        } else {
+            agora_sdk::artifacts::upload(&conn, ArtifactKind::WasmModule, &file_name, path).await
+        }
+        .map_err(|e| upload_error(&file_name, e))?;
+        let mut dirs = Vec::new();
+        for (archive, guest) in &packed {
+            let label = format!("--dir {guest}");
+            let r = agora_sdk::artifacts::upload(&conn, ArtifactKind::Archive, &label, archive.path())
+                .await
+                .map_err(|e| upload_error(&label, e))?;
+            dirs.push(DirMount { archive: r, guest: guest.clone() });
+        }
+        conn.close(0u32.into(), b"uploaded");
+        session.endpoint.wait_idle().await;
+        let mut args = vec![file_name];
+        args.extend(self.command.iter().cloned());
+        Ok(WasmInfo { module, args, env: self.env.clone(), dirs, fuel: self.fuel, timeout: self.timeout })
+    }
+}
+
+fn upload_error(what: &str, e: agora_sdk::client::ClientError) -> String {
+    match e {
+        agora_sdk::client::ClientError::Refused(w) => format!("the master refused {what}: {}", w.message),
+        other => format!("cannot upload {what}: {other}"),
+    }
+}
+
+/// Packs a local directory into a temporary tar archive (regular files and directories; links
+/// are not followed, so nothing outside the directory is shipped).
+fn pack_dir(local: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {
+    let meta = std::fs::metadata(local).map_err(|e| format!("--dir {}: {e}", local.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("--dir {}: not a directory", local.display()));
+    }
+    let file = tempfile::NamedTempFile::new().map_err(|e| format!("cannot create a temporary file: {e}"))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file.reopen().map_err(|e| e.to_string())?));
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", local).map_err(|e| format!("cannot pack --dir {}: {e}", local.display()))?;
+    builder
+        .into_inner()
+        .and_then(|mut w| std::io::Write::flush(&mut w))
+        .map_err(|e| format!("cannot pack --dir {}: {e}", local.display()))?;
+    Ok(file)
+}
+
 /// Says why no agent could ever run a task of this size, when the operator view is at hand
 /// (a task that cannot fit would otherwise wait for offers forever).
 async fn unschedulable(
@@ -184,6 +305,8 @@ struct RunScheduler {
     /// Every task's resources (the demand's shape).
     shape: Resources,
     pending: VecDeque<TaskInfo>,
+    /// Wasm tasks: a failure without an exit code (trap, limit) exits [`EXIT_WASM_FAILED`].
+    wasm: bool,
     total: usize,
     states: BTreeMap<TaskId, TaskState>,
     finals: BTreeMap<TaskId, TaskStatus>,
@@ -248,7 +371,13 @@ impl RunScheduler {
                         st.reason,
                         if st.message.is_empty() { String::new() } else { format!(": {}", st.message) }
                     );
-                    ExitCode::from(if st.state == TaskState::Killed { 137 } else { EXIT_NEVER_RAN })
+                    let limit_or_trap =
+                        matches!(st.reason.as_str(), "trap" | "fuel exhausted" | "timeout" | "memory limit exceeded");
+                    ExitCode::from(match st.state {
+                        TaskState::Killed => 137,
+                        TaskState::Failed if self.wasm && limit_or_trap => EXIT_WASM_FAILED,
+                        _ => EXIT_NEVER_RAN,
+                    })
                 }
             };
         }

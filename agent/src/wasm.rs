@@ -1,0 +1,950 @@
+//! Wasm tasks: the agent side of the built-in Wasm executor (DESIGN.md §6).
+//!
+//! A Wasm task's supervisor ([`launch`]) prepares its sandbox, fetches the module (and any
+//! shipped directories) from the master's artifact store by digest into the agent's artifact
+//! cache (`WORK/artifacts/sha256/<hex>`, fetched once per agent however many tasks ask at the
+//! same time), then hands the task to the [`ExecutorManager`]. The manager runs one
+//! `agora executor-wasm` process per framework, started on first use, each in a cgroup sized to
+//! the sum of its tasks (plus [`EXECUTOR_OVERHEAD_MEM`] for the runtime itself), and talks to it
+//! over a Unix-domain socket with the executor protocol ([`agora_sdk::executor`]). Launches that
+//! arrive together go to the executor in one frame. An executor without tasks for
+//! [`WasmConfig::idle_timeout`] is told to shut down; the agent decides, so a launch never races
+//! an executor's exit. An executor that dies fails its tasks with `executor terminated` and the
+//! tail of its log.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agora_sdk::executor::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION};
+use agora_sdk::frame::{FrameReader, FrameWriter};
+use agora_sdk::proto::{Digest, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, WasmInfo};
+use agora_sdk::Resources;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cgroups::{Cgroup, Isolator};
+use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, Termination};
+
+/// Memory the executor process itself may use on top of its tasks' (engine, compiler, I/O).
+pub const EXECUTOR_OVERHEAD_MEM: u64 = 128 << 20;
+/// CPU the executor is given on top of its tasks', millicores.
+pub const EXECUTOR_OVERHEAD_CPU: u64 = 100;
+/// Largest artifact the agent fetches.
+pub const MAX_FETCH_BYTES: u64 = 1 << 30;
+/// How long a starting executor has to connect and say hello.
+const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent waits for a connection to the master before failing a fetch.
+const FETCH_CONNECT_WAIT: Duration = Duration::from_secs(15);
+/// Reason of tasks whose executor died under them.
+pub const REASON_EXECUTOR_TERMINATED: &str = "executor terminated";
+/// Reason of tasks whose module or directories could not be fetched or unpacked.
+pub const REASON_FETCH_FAILED: &str = "fetch failed";
+
+/// How the agent runs Wasm tasks.
+#[derive(Clone, Debug)]
+pub struct WasmConfig {
+    /// The `agora` binary to start as `agora executor-wasm`; `None` uses the running program
+    /// (right for `agora agent` and `agora dev`; tests set the built binary).
+    pub executor_program: Option<PathBuf>,
+    /// An executor without tasks for this long is shut down.
+    pub idle_timeout: Duration,
+    /// Tasks one executor runs at once (the rest wait inside it for a slot).
+    pub max_tasks_per_executor: u32,
+    /// Worker threads of each executor.
+    pub executor_threads: u32,
+}
+
+impl Default for WasmConfig {
+    fn default() -> Self {
+        Self {
+            executor_program: None,
+            idle_timeout: Duration::from_secs(30),
+            max_tasks_per_executor: 256,
+            executor_threads: 2,
+        }
+    }
+}
+
+/// Checks a Wasm task before launching it; the error is the message of a TASK_ERROR.
+pub fn validate(info: &WasmInfo) -> Result<(), String> {
+    if !info.module.digest.is_valid() {
+        return Err(format!("malformed module digest `{}`", info.module.digest));
+    }
+    if info.args.is_empty() {
+        return Err("a Wasm task needs argv[0]".into());
+    }
+    if let Some(a) = info.args.iter().find(|a| a.contains('\0')) {
+        return Err(format!("argument {a:?} contains a NUL byte"));
+    }
+    for (k, v) in &info.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("invalid environment variable name {k:?}"));
+        }
+        if v.contains('\0') {
+            return Err(format!("environment variable {k} contains a NUL byte"));
+        }
+    }
+    for d in &info.dirs {
+        if !d.archive.digest.is_valid() {
+            return Err(format!("malformed directory digest `{}`", d.archive.digest));
+        }
+        guest_dir(&d.guest)?;
+    }
+    Ok(())
+}
+
+/// The relative host path (inside the sandbox's `mnt/`) for guest directory `guest`.
+fn guest_dir(guest: &str) -> Result<PathBuf, String> {
+    let rel = guest.trim_start_matches('/');
+    let bad = || format!("guest directory `{guest}` must be an absolute path without `..`");
+    if !guest.starts_with('/') || guest.contains('\0') {
+        return Err(bad());
+    }
+    let mut out = PathBuf::from("mnt");
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(bad());
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+
+/// The agent's artifact cache, filled from the master by digest.
+#[derive(Debug)]
+pub struct Fetcher {
+    dir: PathBuf,
+    conn: watch::Receiver<Option<quinn::Connection>>,
+    inflight: Mutex<HashMap<Digest, Arc<OnceCell<PathBuf>>>>,
+}
+
+impl Fetcher {
+    /// A cache in `dir`, fetching over whatever connection `conn` holds.
+    pub fn new(dir: PathBuf, conn: watch::Receiver<Option<quinn::Connection>>) -> Self {
+        Self { dir, conn, inflight: Mutex::new(HashMap::new()) }
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(digest.as_str())
+    }
+
+    /// The local path of artifact `digest`, fetching it first if needed. Concurrent callers
+    /// for one digest share one fetch; a failed fetch is retried by the next caller.
+    pub async fn get(&self, digest: &Digest) -> Result<PathBuf, String> {
+        let path = self.path(digest);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let cell = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(digest.clone()).or_default().clone()
+        };
+        let got = cell
+            .get_or_try_init(|| async {
+                let conn = self.connection().await?;
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+                let started = Instant::now();
+                let size = agora_sdk::artifacts::fetch(&conn, digest, &path, MAX_FETCH_BYTES)
+                    .await
+                    .map_err(|e| format!("cannot fetch artifact {digest} from the master: {e}"))?;
+                tracing::info!(%digest, size, elapsed = ?started.elapsed(), "fetched artifact");
+                metrics::counter!("agora_agent_artifact_fetches_total").increment(1);
+                Ok::<_, String>(path.clone())
+            })
+            .await
+            .cloned();
+        if got.is_ok() {
+            // Later callers find the file; the cell is not needed any more.
+            self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+        }
+        got
+    }
+
+    async fn connection(&self) -> Result<quinn::Connection, String> {
+        let mut rx = self.conn.clone();
+        let wait = async {
+            rx.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none())).await.map(|c| c.clone())
+        };
+        match tokio::time::timeout(FETCH_CONNECT_WAIT, wait).await {
+            Ok(Ok(Some(c))) => Ok(c),
+            Ok(_) => Err("the agent is shutting down".into()),
+            Err(_) => Err(format!("no connection to the master for {FETCH_CONNECT_WAIT:?}")),
+        }
+    }
+}
+
+/// Unpacks a tar archive into `dest` (blocking). Entries cannot escape `dest`: the tar crate
+/// refuses `..` and absolute paths, and the guest's view is confined to the preopen anyway.
+fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+    let file = std::fs::File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+    let mut ar = tar::Archive::new(std::io::BufReader::new(file));
+    ar.set_preserve_permissions(false);
+    ar.set_unpack_xattrs(false);
+    ar.set_overwrite(true);
+    for entry in ar.entries().map_err(|e| format!("unreadable archive: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("unreadable archive entry: {e}"))?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            // Links and devices are not shipped: a symlink could point anywhere on the node.
+            let name = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            tracing::debug!(%name, ?kind, "skipping a non-file archive entry");
+            continue;
+        }
+        entry.unpack_in(dest).map_err(|e| format!("cannot unpack into {}: {e}", dest.display()))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+/// What Wasm supervisors share: the artifact cache and the executor manager.
+#[derive(Debug, Clone)]
+pub struct WasmSupport {
+    fetcher: Arc<Fetcher>,
+    manager: ExecutorManager,
+}
+
+impl WasmSupport {
+    /// Starts the executor manager. Artifacts go to `WORK/artifacts`, compiled modules to
+    /// `WORK/wasm-cache`, executor sockets and logs to `WORK/wasm-executors`.
+    pub fn start(
+        config: WasmConfig,
+        work_dir: &Path,
+        isolator: Isolator,
+        conn: watch::Receiver<Option<quinn::Connection>>,
+    ) -> Self {
+        let fetcher = Arc::new(Fetcher::new(work_dir.join("artifacts"), conn));
+        let manager = ExecutorManager::start(config, work_dir, isolator);
+        Self { fetcher, manager }
+    }
+
+    /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).
+    pub fn shutdown(&self) {
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownAll);
+    }
+}
+
+/// Starts supervising Wasm task `spec` on the current tokio runtime. Events go to `events`.
+pub fn launch(spec: LaunchSpec, support: WasmSupport, events: EventSender) -> TaskHandle {
+    let kill = CancellationToken::new();
+    let (done_tx, done) = watch::channel(false);
+    let token = kill.clone();
+    tokio::spawn(async move {
+        let key = spec.key();
+        let emit = |ev: TaskEvent| {
+            let _ = events.send((key.clone(), ev));
+        };
+        let end = supervise(&spec, &support, &token, &emit).await;
+        tracing::info!(
+            task_id = %spec.task.task_id, framework_id = %spec.framework_id,
+            state = %end.state, exit_code = ?end.exit_code, "wasm task ended: {}", end.message
+        );
+        done_tx.send_replace(true);
+        emit(TaskEvent::Terminated(end));
+    });
+    TaskHandle::new(kill, done)
+}
+
+fn failed(reason: &str, message: String) -> Termination {
+    Termination {
+        state: TaskState::Failed,
+        reason: reason.into(),
+        message,
+        exit_code: None,
+        signal: None,
+        usage: None,
+    }
+}
+
+fn killed_before_start() -> Termination {
+    Termination {
+        state: TaskState::Killed,
+        reason: "killed".into(),
+        message: "killed before the module started".into(),
+        exit_code: None,
+        signal: None,
+        usage: None,
+    }
+}
+
+async fn supervise(
+    spec: &LaunchSpec,
+    support: &WasmSupport,
+    kill: &CancellationToken,
+    emit: &impl Fn(TaskEvent),
+) -> Termination {
+    let TaskKind::Wasm(info) = &spec.task.kind else {
+        return failed("invalid task", "not a Wasm task".into());
+    };
+    let launch = tokio::select! {
+        biased;
+        () = kill.cancelled() => return killed_before_start(),
+        r = prepare(spec, info, &support.fetcher) => match r {
+            Ok(l) => l,
+            Err((reason, message)) => return failed(reason, message),
+        },
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cmd = ManagerCmd::Launch {
+        framework_id: spec.framework_id.clone(),
+        launch: Box::new(launch),
+        resources: spec.task.resources.clone(),
+        events: tx,
+    };
+    if support.manager.tx.send(cmd).is_err() {
+        return failed(REASON_EXECUTOR_TERMINATED, "the agent is shutting down".into());
+    }
+    let mut kill_sent = false;
+    loop {
+        tokio::select! {
+            () = kill.cancelled(), if !kill_sent => {
+                kill_sent = true;
+                emit(TaskEvent::Killing);
+                let _ = support.manager.tx.send(ManagerCmd::Kill {
+                    framework_id: spec.framework_id.clone(),
+                    task_id: spec.task.task_id.clone(),
+                });
+            }
+            ev = rx.recv() => match ev {
+                Some(ExecEvent::Update { pid, update }) => {
+                    if update.state == TaskState::Running {
+                        emit(TaskEvent::Running { pid });
+                    } else if update.state.is_terminal() {
+                        let ExecutorUpdate { state, reason, message, exit_code, usage, .. } = update;
+                        return Termination { state, reason, message, exit_code, signal: None, usage };
+                    }
+                }
+                Some(ExecEvent::Lost(why)) => return failed(REASON_EXECUTOR_TERMINATED, why),
+                None => return failed(REASON_EXECUTOR_TERMINATED, "the executor manager stopped".into()),
+            },
+        }
+    }
+}
+
+/// Sandbox, output files, module and directories: everything before the executor.
+async fn prepare(
+    spec: &LaunchSpec,
+    info: &WasmInfo,
+    fetcher: &Fetcher,
+) -> Result<WasmLaunch, (&'static str, String)> {
+    let dir = spec.run_dir.clone();
+    let sandbox_err = |e: std::io::Error| ("failed to start", format!("cannot create sandbox {}: {e}", dir.display()));
+    tokio::fs::create_dir_all(&dir).await.map_err(sandbox_err)?;
+    let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
+    // Created here so `agora logs` finds them before the executor writes the first byte.
+    tokio::fs::File::create(&stdout).await.map_err(sandbox_err)?;
+    tokio::fs::File::create(&stderr).await.map_err(sandbox_err)?;
+    let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
+    let mut preopens = Vec::with_capacity(info.dirs.len());
+    for d in &info.dirs {
+        let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
+        let host = dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
+        let dest = host.clone();
+        tokio::task::spawn_blocking(move || unpack(&archive, &dest))
+            .await
+            .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
+            .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
+        preopens.push((host, d.guest.clone()));
+    }
+    let r = &spec.task.resources;
+    Ok(WasmLaunch {
+        task_id: spec.task.task_id.clone(),
+        module_path,
+        digest: info.module.digest.as_str().to_string(),
+        args: info.args.clone(),
+        env: info.env.clone(),
+        sandbox: dir,
+        preopens,
+        stdout,
+        stderr,
+        mem_bytes: if r.mem > 0 { r.mem } else { 64 << 20 },
+        cpu_millis: u32::try_from(r.cpus).unwrap_or(u32::MAX).max(1),
+        fuel: info.fuel,
+        timeout: info.timeout,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Executor manager
+
+/// What a Wasm task's supervisor hears from its executor.
+#[derive(Debug)]
+enum ExecEvent {
+    Update { pid: u32, update: ExecutorUpdate },
+    Lost(String),
+}
+
+enum ManagerCmd {
+    Launch {
+        framework_id: FrameworkId,
+        launch: Box<WasmLaunch>,
+        resources: Resources,
+        events: mpsc::UnboundedSender<ExecEvent>,
+    },
+    Kill {
+        framework_id: FrameworkId,
+        task_id: TaskId,
+    },
+    ShutdownAll,
+    /// From an executor's connection task.
+    Started {
+        framework_id: FrameworkId,
+        serial: u64,
+        pid: u32,
+        to_executor: mpsc::UnboundedSender<AgentToExecutor>,
+    },
+    Updates {
+        framework_id: FrameworkId,
+        serial: u64,
+        updates: Vec<ExecutorUpdate>,
+    },
+    Gone {
+        framework_id: FrameworkId,
+        serial: u64,
+        why: String,
+    },
+}
+
+/// Handle on the executor manager task.
+#[derive(Clone)]
+pub struct ExecutorManager {
+    tx: mpsc::UnboundedSender<ManagerCmd>,
+}
+
+impl std::fmt::Debug for ExecutorManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExecutorManager")
+    }
+}
+
+struct TaskSlot {
+    resources: Resources,
+    events: mpsc::UnboundedSender<ExecEvent>,
+}
+
+struct Executor {
+    serial: u64,
+    pid: Option<u32>,
+    to_executor: Option<mpsc::UnboundedSender<AgentToExecutor>>,
+    /// Launches waiting for the executor's hello.
+    queued: Vec<WasmLaunch>,
+    /// Kills of queued tasks (sent after the launches).
+    queued_kills: Vec<TaskId>,
+    tasks: HashMap<TaskId, TaskSlot>,
+    cgroup: Option<Arc<Mutex<Cgroup>>>,
+    /// The task set changed since the cgroup was last sized.
+    resize: bool,
+    idle_since: Option<Instant>,
+}
+
+struct Manager {
+    config: WasmConfig,
+    dir: PathBuf,
+    cache_dir: PathBuf,
+    isolator: Isolator,
+    executors: HashMap<FrameworkId, Executor>,
+    next_serial: u64,
+    tx: mpsc::UnboundedSender<ManagerCmd>,
+}
+
+impl ExecutorManager {
+    fn start(config: WasmConfig, work_dir: &Path, isolator: Isolator) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let manager = Manager {
+            config,
+            dir: work_dir.join("wasm-executors"),
+            cache_dir: work_dir.join("wasm-cache"),
+            isolator,
+            executors: HashMap::new(),
+            next_serial: 0,
+            tx: tx.clone(),
+        };
+        tokio::spawn(manager.run(rx));
+        Self { tx }
+    }
+}
+
+impl Manager {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ManagerCmd>) {
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            let next_idle = self.next_idle_deadline();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 1024) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut launches: HashMap<FrameworkId, Vec<WasmLaunch>> = HashMap::new();
+                    for cmd in batch.drain(..) {
+                        self.handle(cmd, &mut launches);
+                    }
+                    for (fw, list) in launches {
+                        if let Some(tx) = self.executors.get(&fw).and_then(|e| e.to_executor.as_ref()) {
+                            let _ = tx.send(AgentToExecutor::Launch(list));
+                        }
+                    }
+                    self.resize_groups();
+                }
+                () = sleep_until_opt(next_idle) => self.stop_idle(),
+            }
+        }
+        self.shutdown_all();
+    }
+
+    fn handle(&mut self, cmd: ManagerCmd, launches: &mut HashMap<FrameworkId, Vec<WasmLaunch>>) {
+        match cmd {
+            ManagerCmd::Launch { framework_id, launch, resources, events } => {
+                let launch = *launch;
+                if !self.executors.contains_key(&framework_id) {
+                    if let Err(why) = self.start_executor(&framework_id) {
+                        let _ = events.send(ExecEvent::Lost(why));
+                        return;
+                    }
+                }
+                let ex = self.executors.get_mut(&framework_id).expect("just started");
+                if ex.tasks.contains_key(&launch.task_id) {
+                    let _ = events.send(ExecEvent::Lost(format!(
+                        "task {} is already running in this executor",
+                        launch.task_id
+                    )));
+                    return;
+                }
+                ex.tasks.insert(launch.task_id.clone(), TaskSlot { resources, events });
+                ex.idle_since = None;
+                ex.resize = true;
+                if ex.to_executor.is_some() {
+                    launches.entry(framework_id).or_default().push(launch);
+                } else {
+                    ex.queued.push(launch);
+                }
+            }
+            ManagerCmd::Kill { framework_id, task_id } => {
+                let Some(ex) = self.executors.get_mut(&framework_id) else { return };
+                if !ex.tasks.contains_key(&task_id) {
+                    return;
+                }
+                match &ex.to_executor {
+                    Some(tx) => {
+                        // Launches collected in this round go out after this loop: send them
+                        // first so the executor knows the task it is asked to kill.
+                        if let Some(list) = launches.remove(&framework_id) {
+                            let _ = tx.send(AgentToExecutor::Launch(list));
+                        }
+                        let _ = tx.send(AgentToExecutor::Kill { task_id });
+                    }
+                    None => ex.queued_kills.push(task_id),
+                }
+            }
+            ManagerCmd::ShutdownAll => self.shutdown_all(),
+            ManagerCmd::Started { framework_id, serial, pid, to_executor } => {
+                let Some(ex) = self.executors.get_mut(&framework_id).filter(|e| e.serial == serial) else {
+                    let _ = to_executor.send(AgentToExecutor::Shutdown);
+                    return;
+                };
+                tracing::info!(framework_id = %framework_id, pid, queued = ex.queued.len(), "wasm executor ready");
+                ex.pid = Some(pid);
+                if !ex.queued.is_empty() {
+                    let _ = to_executor.send(AgentToExecutor::Launch(std::mem::take(&mut ex.queued)));
+                }
+                for task_id in ex.queued_kills.drain(..) {
+                    let _ = to_executor.send(AgentToExecutor::Kill { task_id });
+                }
+                ex.to_executor = Some(to_executor);
+            }
+            ManagerCmd::Updates { framework_id, serial, updates } => {
+                let Some(ex) = self.executors.get_mut(&framework_id).filter(|e| e.serial == serial) else {
+                    return;
+                };
+                let pid = ex.pid.unwrap_or(0);
+                for update in updates {
+                    let terminal = update.state.is_terminal();
+                    let task_id = update.task_id.clone();
+                    if let Some(slot) = ex.tasks.get(&task_id) {
+                        let _ = slot.events.send(ExecEvent::Update { pid, update });
+                    } else {
+                        tracing::debug!(%task_id, "update for a task the executor manager does not know");
+                    }
+                    if terminal && ex.tasks.remove(&task_id).is_some() {
+                        ex.resize = true;
+                    }
+                }
+                if ex.tasks.is_empty() && ex.idle_since.is_none() {
+                    ex.idle_since = Some(Instant::now());
+                }
+            }
+            ManagerCmd::Gone { framework_id, serial, why } => {
+                let Some(ex) = self.executors.remove_if_serial(&framework_id, serial) else { return };
+                if !ex.tasks.is_empty() {
+                    tracing::warn!(framework_id = %framework_id, tasks = ex.tasks.len(), "wasm executor died: {why}");
+                }
+                for (_, slot) in ex.tasks {
+                    let _ = slot.events.send(ExecEvent::Lost(why.clone()));
+                }
+                destroy_group(ex.cgroup);
+            }
+        }
+    }
+
+    fn next_idle_deadline(&self) -> Option<Instant> {
+        self.executors.values().filter_map(|e| e.idle_since).min().map(|t| t + self.config.idle_timeout)
+    }
+
+    fn stop_idle(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.idle_timeout;
+        let idle: Vec<FrameworkId> = self
+            .executors
+            .iter()
+            .filter(|(_, e)| e.tasks.is_empty() && e.idle_since.is_some_and(|t| t + timeout <= now))
+            .map(|(fw, _)| fw.clone())
+            .collect();
+        for fw in idle {
+            if let Some(ex) = self.executors.remove(&fw) {
+                tracing::info!(framework_id = %fw, "shutting down an idle wasm executor");
+                if let Some(tx) = &ex.to_executor {
+                    let _ = tx.send(AgentToExecutor::Shutdown);
+                }
+                destroy_group(ex.cgroup);
+            }
+        }
+    }
+
+    fn shutdown_all(&mut self) {
+        for (_, ex) in self.executors.drain() {
+            if let Some(tx) = &ex.to_executor {
+                let _ = tx.send(AgentToExecutor::Shutdown);
+            }
+            for (_, slot) in ex.tasks {
+                let _ = slot.events.send(ExecEvent::Lost("the agent shut the executor down".into()));
+            }
+            destroy_group(ex.cgroup);
+        }
+    }
+
+    /// Sizes each changed executor's cgroup to the sum of its tasks (once per batch).
+    fn resize_groups(&mut self) {
+        for ex in self.executors.values_mut().filter(|e| e.resize) {
+            ex.resize = false;
+            let Some(group) = &ex.cgroup else { continue };
+            let limits = self.isolator.limits_for(&executor_resources(ex.tasks.values().map(|t| &t.resources)));
+            let group = group.clone();
+            // A few cgroupfs writes: keep them off the manager's task.
+            tokio::task::spawn_blocking(move || {
+                let mut g = group.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = g.resize(limits) {
+                    tracing::warn!(cgroup = g.name(), error = %e, "cannot resize the wasm executor's cgroup");
+                }
+            });
+        }
+    }
+
+    fn start_executor(&mut self, fw: &FrameworkId) -> Result<(), String> {
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let program = match &self.config.executor_program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| format!("cannot find the agora binary: {e}"))?,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let socket = socket_path(&self.dir, serial);
+        let _ = std::fs::remove_file(&socket);
+        let listener =
+            UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        let name = format!("executor-wasm-{serial}");
+        let limits = self.isolator.limits_for(&executor_resources(std::iter::empty()));
+        let cgroup = self
+            .isolator
+            .create(&name, limits)
+            .map_err(|e| format!("cannot create the executor's cgroup: {e}"))?
+            .map(|g| Arc::new(Mutex::new(g)));
+        let log = self.dir.join(format!("{serial}.log"));
+        let mut args: Vec<String> = vec![
+            "executor-wasm".into(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--executor-id".into(),
+            format!("{fw}/{serial}"),
+            "--cache-dir".into(),
+            self.cache_dir.display().to_string(),
+            "--max-tasks".into(),
+            self.config.max_tasks_per_executor.to_string(),
+            "--threads".into(),
+            self.config.executor_threads.to_string(),
+        ];
+        let spawn = ExecutorSpawn {
+            program,
+            args: std::mem::take(&mut args),
+            log,
+            listener,
+            socket,
+            cgroup: cgroup.clone(),
+            framework_id: fw.clone(),
+            serial,
+            manager: self.tx.clone(),
+        };
+        tokio::spawn(spawn.run());
+        self.executors.insert(
+            fw.clone(),
+            Executor {
+                serial,
+                pid: None,
+                to_executor: None,
+                queued: Vec::new(),
+                queued_kills: Vec::new(),
+                tasks: HashMap::new(),
+                cgroup,
+                resize: false,
+                idle_since: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+trait RemoveIfSerial {
+    fn remove_if_serial(&mut self, fw: &FrameworkId, serial: u64) -> Option<Executor>;
+}
+
+impl RemoveIfSerial for HashMap<FrameworkId, Executor> {
+    fn remove_if_serial(&mut self, fw: &FrameworkId, serial: u64) -> Option<Executor> {
+        if self.get(fw).is_some_and(|e| e.serial == serial) {
+            self.remove(fw)
+        } else {
+            None
+        }
+    }
+}
+
+/// The executor's share: its tasks plus its own overhead.
+fn executor_resources<'a>(tasks: impl Iterator<Item = &'a Resources>) -> Resources {
+    let mut sum = Resources { cpus: EXECUTOR_OVERHEAD_CPU, mem: EXECUTOR_OVERHEAD_MEM, ..Resources::default() };
+    for r in tasks {
+        sum.cpus += r.cpus;
+        sum.mem += r.mem;
+    }
+    sum
+}
+
+fn destroy_group(group: Option<Arc<Mutex<Cgroup>>>) {
+    if let Some(group) = group {
+        tokio::task::spawn_blocking(move || {
+            // Give a shut-down executor a moment to exit by itself; destroy kills what is left.
+            std::thread::sleep(Duration::from_millis(200));
+            let g = group.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = g.destroy() {
+                tracing::warn!(cgroup = g.name(), error = %e, "cannot remove the wasm executor's cgroup");
+            }
+        });
+    }
+}
+
+/// Unix socket paths are limited to 107 bytes: deep work dirs fall back to the temp dir.
+fn socket_path(dir: &Path, serial: u64) -> PathBuf {
+    let p = dir.join(format!("{serial}.sock"));
+    if p.as_os_str().len() < 100 {
+        p
+    } else {
+        std::env::temp_dir().join(format!("agora-{}-{serial}.sock", std::process::id()))
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starting one executor process and then relaying its frames.
+struct ExecutorSpawn {
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    listener: UnixListener,
+    socket: PathBuf,
+    cgroup: Option<Arc<Mutex<Cgroup>>>,
+    framework_id: FrameworkId,
+    serial: u64,
+    manager: mpsc::UnboundedSender<ManagerCmd>,
+}
+
+impl ExecutorSpawn {
+    async fn run(self) {
+        let why = match self.serve().await {
+            Ok(why) | Err(why) => why,
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        let tail = log_tail(&self.log);
+        let why = if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
+        let _ = self.manager.send(ManagerCmd::Gone { framework_id: self.framework_id.clone(), serial: self.serial, why });
+    }
+
+    /// Returns why the executor ended.
+    async fn serve(&self) -> Result<String, String> {
+        let log = std::fs::File::create(&self.log).map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
+        let gated = self.cgroup.is_some();
+        let mut cmd = if gated {
+            tokio::process::Command::from(crate::cgroups::gated_command(&self.program))
+        } else {
+            tokio::process::Command::new(&self.program)
+        };
+        cmd.args(&self.args)
+            .stdin(if gated { Stdio::piped() } else { Stdio::null() })
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
+        let pid = child.id().unwrap_or(0);
+        if let (Some(group), Some(mut gate)) = (&self.cgroup, child.stdin.take()) {
+            let placed = group.lock().unwrap_or_else(|p| p.into_inner()).add_process(pid);
+            if let Err(e) = placed {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(format!("cannot place the executor in its cgroup: {e}"));
+            }
+            gate.write_all(b"\n").await.map_err(|e| format!("cannot release the executor: {e}"))?;
+        }
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(EXECUTOR_START_TIMEOUT, self.listener.accept()) => r,
+            status = child.wait() => {
+                return Err(format!("the executor exited before connecting ({})", describe(status)));
+            }
+        };
+        let (stream, _) = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(format!("the executor did not connect within {EXECUTOR_START_TIMEOUT:?}"));
+            }
+        };
+        let (r, w) = stream.into_split();
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        let hello = tokio::time::timeout(EXECUTOR_START_TIMEOUT, reader.recv::<ExecutorMessage>()).await;
+        let exec_pid = match hello {
+            Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, .. }))) => {
+                if version != EXECUTOR_PROTOCOL_VERSION {
+                    let msg = format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
+                    let _ = writer.send(&AgentToExecutor::refused(msg.clone())).await;
+                    return Err(msg);
+                }
+                exec_pid
+            }
+            Ok(Ok(Some(other))) => return Err(format!("the executor did not start with hello: {other:?}")),
+            Ok(Ok(None)) => return Err("the executor closed its socket before hello".into()),
+            Ok(Err(e)) => return Err(format!("executor hello: {e}")),
+            Err(_) => return Err("the executor did not say hello".into()),
+        };
+        writer
+            .send(&AgentToExecutor::Welcome { framework_id: self.framework_id.clone() })
+            .await
+            .map_err(|e| format!("cannot welcome the executor: {e}"))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<AgentToExecutor>();
+        let _ = self.manager.send(ManagerCmd::Started {
+            framework_id: self.framework_id.clone(),
+            serial: self.serial,
+            pid: if exec_pid != 0 { exec_pid } else { pid },
+            to_executor: tx,
+        });
+        let write_loop = async move {
+            while let Some(msg) = rx.recv().await {
+                let shutdown = matches!(msg, AgentToExecutor::Shutdown);
+                writer.feed(&msg).await.map_err(|e| e.to_string())?;
+                while let Ok(more) = rx.try_recv() {
+                    writer.feed(&more).await.map_err(|e| e.to_string())?;
+                }
+                writer.flush().await.map_err(|e| e.to_string())?;
+                if shutdown {
+                    break;
+                }
+            }
+            Ok::<_, String>(())
+        };
+        let read_loop = async {
+            loop {
+                match reader.recv::<ExecutorMessage>().await {
+                    Ok(Some(ExecutorMessage::Updates(updates))) => {
+                        let _ = self.manager.send(ManagerCmd::Updates {
+                            framework_id: self.framework_id.clone(),
+                            serial: self.serial,
+                            updates,
+                        });
+                    }
+                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the wasm executor"),
+                    Ok(None) => return "the executor closed its socket".to_string(),
+                    Err(e) => return format!("executor socket: {e}"),
+                }
+            }
+        };
+        tokio::pin!(write_loop);
+        tokio::pin!(read_loop);
+        let mut writing = true;
+        let ended = loop {
+            tokio::select! {
+                w = &mut write_loop, if writing => {
+                    writing = false;
+                    if let Err(e) = w {
+                        break format!("cannot write to the executor: {e}");
+                    }
+                }
+                why = &mut read_loop => break why,
+            }
+        };
+        // The socket is closed or broken: the executor exits by itself; make sure of it.
+        let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+            Ok(s) => describe(s),
+            Err(_) => {
+                let _ = child.start_kill();
+                describe(child.wait().await)
+            }
+        };
+        Ok(format!("{ended} ({status})"))
+    }
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended".into(),
+        },
+        Err(e) => format!("cannot wait for it: {e}"),
+    }
+}
+
+/// The last line or so of an executor's log, for the reason of the tasks it took down.
+fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(400);
+    let mut buf = Vec::new();
+    use std::io::Seek;
+    if f.seek(std::io::SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
+
+/// Whether `task` runs under the Wasm executor.
+pub fn is_wasm(task: &TaskInfo) -> bool {
+    matches!(task.kind, TaskKind::Wasm(_))
+}
