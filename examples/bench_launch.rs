@@ -1,9 +1,11 @@
-//! Launch latency and throughput of native tasks through a real cluster (QUIC + mTLS on
-//! loopback, one master, one agent, all in this process), beside a baseline of spawning the
-//! same program directly in the same run.
+//! Launch latency and throughput of native `true` tasks and no-op Wasm tasks through a real
+//! cluster (QUIC + mTLS on loopback, one master, one agent, all in this process), beside a
+//! baseline of spawning the same program directly in the same run.
 //!
 //! ```text
+//! cargo build --release   # the agent starts target/release/agora as its Wasm executor
 //! cargo run --release --example bench_launch -- [--latency-tasks 300] [--throughput-tasks 1000]
+//!     [--isolation auto|none] [--kind native|wasm|both]
 //! ```
 //! Figures go to BENCHMARKS.md by hand, with the machine.
 
@@ -30,12 +32,23 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
-fn true_task(i: usize, prefix: &str) -> TaskInfo {
+fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
+    let kind = match wasm {
+        None => TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+        Some(module) => TaskKind::Wasm(Box::new(WasmInfo {
+            module: module.clone(),
+            args: vec!["noop".into()],
+            env: vec![],
+            dirs: vec![],
+            fuel: None,
+            timeout: None,
+        })),
+    };
     TaskInfo {
         task_id: TaskId(format!("{prefix}-{i}")),
-        name: "true".into(),
+        name: if wasm.is_some() { "noop.wasm".into() } else { "true".into() },
         resources: Resources { cpus: 10, mem: 1 << 20, ..Default::default() },
-        kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+        kind,
         kill_grace: None,
     }
 }
@@ -43,6 +56,7 @@ fn true_task(i: usize, prefix: &str) -> TaskInfo {
 /// Latency mode: one task at a time; throughput mode: everything the offers fit.
 struct Bench {
     prefix: &'static str,
+    wasm: Option<ArtifactRef>,
     total: usize,
     next: usize,
     one_at_a_time: bool,
@@ -64,7 +78,7 @@ impl Bench {
             let mut left = offer.resources.clone();
             let mut batch = Vec::new();
             while self.next < self.total && (!self.one_at_a_time || batch.is_empty()) {
-                let t = true_task(self.next, self.prefix);
+                let t = make_task(self.next, self.prefix, self.wasm.as_ref());
                 match left.checked_sub(&t.resources) {
                     Some(rest) => left = rest,
                     None => break,
@@ -127,9 +141,10 @@ fn report(name: &str, b: &mut Bench) {
     );
 }
 
-fn bench(prefix: &'static str, total: usize, one_at_a_time: bool) -> Bench {
+fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, wasm: Option<ArtifactRef>) -> Bench {
     Bench {
         prefix,
+        wasm,
         total,
         next: 0,
         one_at_a_time,
@@ -149,7 +164,9 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lat_n, mut thr_n) = (300usize, 1000usize);
     let mut isolation = agora_agent::cgroups::IsolationMode::Auto;
-    let usage = "usage: bench_launch [--latency-tasks N] [--throughput-tasks N] [--isolation auto|none]";
+    let (mut native, mut wasm) = (true, true);
+    let usage = "usage: bench_launch [--latency-tasks N] [--throughput-tasks N] [--isolation auto|none] \
+                 [--kind native|wasm|both]";
     while let Some(a) = args.next() {
         let v = args.next();
         match (a.as_str(), v.as_deref()) {
@@ -157,6 +174,9 @@ async fn main() -> anyhow::Result<()> {
             ("--throughput-tasks", Some(v)) => thr_n = v.parse()?,
             ("--isolation", Some("none")) => isolation = agora_agent::cgroups::IsolationMode::None,
             ("--isolation", Some("auto")) => isolation = agora_agent::cgroups::IsolationMode::Auto,
+            ("--kind", Some("native")) => (native, wasm) = (true, false),
+            ("--kind", Some("wasm")) => (native, wasm) = (false, true),
+            ("--kind", Some("both")) => (native, wasm) = (true, true),
             _ => anyhow::bail!("{usage}"),
         }
     }
@@ -190,6 +210,8 @@ async fn main() -> anyhow::Result<()> {
             tls: TlsFiles::in_dir(&tls, "master"),
             core: MasterConfig { allocation_batch: Duration::from_micros(200), ..MasterConfig::default() },
             allocator: "drf".into(),
+            work_dir: dir.path().join("master"),
+            max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
         },
         shutdown.clone(),
     )?;
@@ -206,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
             mode: isolation,
             ..agora_agent::cgroups::IsolationConfig::default()
         },
+        wasm: agora_agent::wasm::WasmConfig { executor_program: Some(agora_binary()?), ..Default::default() },
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));
@@ -213,23 +236,49 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let mut lat = bench("lat", lat_n, true);
-    run(
-        DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-latency"),
-        &mut lat,
-    )
-    .await?;
-    report("agora, one task at a time", &mut lat);
+    let fw = TlsFiles::in_dir(&tls, "framework");
+    let addr = master.addr.to_string();
+    let mut kinds: Vec<(&str, Option<ArtifactRef>)> = Vec::new();
+    if native {
+        kinds.push(("native true", None));
+    }
+    if wasm {
+        let session = agora_sdk::client::Session::connect(&addr, &fw, Role::Framework).await?;
+        let noop = wat::parse_str(include_str!("wasm/noop.wat"))?;
+        let module =
+            agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, "noop.wasm", &noop)
+                .await?;
+        session.conn.close(0u32.into(), b"uploaded");
+        kinds.push(("wasm noop", Some(module)));
+    }
+    for (label, module) in kinds {
+        // A first task warms up what the first launch pays once (the Wasm executor process,
+        // the module fetch and compile), as a long-running cluster has.
+        let mut warm = bench(if module.is_some() { "warm-wasm" } else { "warm" }, 1, true, module.clone());
+        run(DriverConfig::new(addr.clone(), fw.clone(), "bench-warmup"), &mut warm).await?;
 
-    let mut thr = bench("thr", thr_n, false);
-    run(
-        DriverConfig::new(master.addr.to_string(), TlsFiles::in_dir(&tls, "framework"), "bench-throughput"),
-        &mut thr,
-    )
-    .await?;
-    report("agora, all at once", &mut thr);
+        let mut lat = bench(if module.is_some() { "lat-wasm" } else { "lat" }, lat_n, true, module.clone());
+        run(DriverConfig::new(addr.clone(), fw.clone(), "bench-latency"), &mut lat).await?;
+        report(&format!("{label}, one at a time"), &mut lat);
+
+        let mut thr = bench(if module.is_some() { "thr-wasm" } else { "thr" }, thr_n, false, module.clone());
+        run(DriverConfig::new(addr.clone(), fw.clone(), "bench-throughput"), &mut thr).await?;
+        report(&format!("{label}, all at once"), &mut thr);
+    }
 
     shutdown.cancel();
     let _ = agent_task.await;
     Ok(())
+}
+
+/// The `agora` binary beside this example (`target/<profile>/agora`): the agent starts it as
+/// `agora executor-wasm`.
+fn agora_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|d| d.parent()).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let bin = dir.join("agora");
+    if !bin.exists() {
+        anyhow::bail!("{} is missing: run `cargo build --release` first", bin.display());
+    }
+    Ok(bin)
 }

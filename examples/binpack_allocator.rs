@@ -207,6 +207,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tls: TlsFiles::in_dir(std::path::Path::new(&tls_dir), "master"),
         core: MasterConfig::default(),
         allocator: NAME.into(),
+        work_dir: std::env::temp_dir().join(format!("agora-binpack-master-{}", std::process::id())),
+        max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
     };
     let handle = server::spawn_with_registry(config, &registry, shutdown.clone())?;
     eprintln!(

@@ -49,6 +49,8 @@ impl Cluster {
                 tls: TlsFiles::in_dir(&tls_dir, "master"),
                 core: spec.core.clone(),
                 allocator: spec.allocator.clone(),
+                work_dir: dir.join("master"),
+                max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
             },
             shutdown.clone(),
         )?;
@@ -69,6 +71,7 @@ impl Cluster {
                 kill_tasks_on_shutdown: true,
                 // Isolated where the host allows it; otherwise one warning line.
                 isolation: agora_agent::cgroups::IsolationConfig::default(),
+                wasm: agora_agent::wasm::WasmConfig::default(),
             };
             let token = shutdown.clone();
             agents.push(tokio::spawn(async move {

@@ -27,7 +27,11 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     commands::init_logging(&cli.command, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.command.worker_threads() {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agora: cannot start the async runtime: {e}");

@@ -1,8 +1,8 @@
 //! End-to-end tests of the built `agora` binary: `agora dev` in the background, the client
 //! commands against it, exactly as a user types them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;

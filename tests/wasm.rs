@@ -17,7 +17,11 @@ fn fixture(name: &str) -> String {
 }
 
 fn example(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/wasm").join(format!("{name}.wat")).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/wasm")
+        .join(format!("{name}.wat"))
+        .display()
+        .to_string()
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -50,8 +54,24 @@ fn wasm_output_exit_codes_args_env_and_dirs() {
     assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
 
     // Explicit args and env only: nothing of the host's environment.
-    let out = dev.agora(&["run", "--wasm", &fixture("echo"), "--env", "COLOR=blue", "--env", "N=1", "--", "x", "y z"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo.wat\nx\ny z\nCOLOR=blue\nN=1\n", "{}", stderr(&out));
+    let out = dev.agora(&[
+        "run",
+        "--wasm",
+        &fixture("echo"),
+        "--env",
+        "COLOR=blue",
+        "--env",
+        "N=1",
+        "--",
+        "x",
+        "y z",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "echo.wat\nx\ny z\nCOLOR=blue\nN=1\n",
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(out.status.code(), Some(0));
 
     // A shipped directory: read in.txt, write out.txt inside the task's own copy.
@@ -62,7 +82,8 @@ fn wasm_output_exit_codes_args_env_and_dirs() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "shipped input\n", "{}", stderr(&out));
     assert_eq!(out.status.code(), Some(0));
     assert!(!data.path().join("out.txt").exists(), "the task wrote into the user's directory");
-    let written: Vec<PathBuf> = walk(dev.dir.path()).into_iter().filter(|p| p.ends_with("data/out.txt")).collect();
+    let written: Vec<PathBuf> =
+        walk(dev.dir.path()).into_iter().filter(|p| p.ends_with("data/out.txt")).collect();
     assert_eq!(written.len(), 1, "out.txt in the sandbox: {written:?}");
     assert_eq!(std::fs::read_to_string(&written[0]).expect("read"), "written by wasm\n");
 
@@ -74,7 +95,8 @@ fn wasm_output_exit_codes_args_env_and_dirs() {
     }
 
     // --count works as for native tasks.
-    let out = dev.agora(&["run", "--wasm", &example("noop"), "--count", "20", "--cpus", "0.05", "--mem", "8MiB"]);
+    let out =
+        dev.agora(&["run", "--wasm", &example("noop"), "--count", "20", "--cpus", "0.05", "--mem", "8MiB"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("20 TASK_FINISHED"), "{}", stderr(&out));
 
@@ -130,7 +152,8 @@ fn bad_modules_are_refused_at_upload_and_misbehaving_tasks_fail_with_a_reason() 
         (&[], "trap"),
         (&[], "trap"),
     ];
-    let modules = [example("spin"), example("spin"), fixture("membomb"), fixture("recursion"), fixture("unreachable")];
+    let modules =
+        [example("spin"), example("spin"), fixture("membomb"), fixture("recursion"), fixture("unreachable")];
     for ((flags, reason), module) in limits.iter().zip(&modules) {
         let mut args = vec!["run", "--wasm", module.as_str()];
         args.extend_from_slice(flags);
@@ -150,7 +173,8 @@ fn bad_modules_are_refused_at_upload_and_misbehaving_tasks_fail_with_a_reason() 
 #[test]
 fn a_thousand_wasm_tasks_through_a_dev_cluster() {
     let dev = Dev::start_with(&["--agents", "2", "--resources", "cpus:8;mem:16GiB"]);
-    let out = dev.agora(&["run", "--wasm", &example("noop"), "--count", "1000", "--cpus", "0.01", "--mem", "4MiB"]);
+    let out =
+        dev.agora(&["run", "--wasm", &example("noop"), "--count", "1000", "--cpus", "0.01", "--mem", "4MiB"]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("1000 tasks in"), "{err}");

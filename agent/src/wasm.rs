@@ -19,7 +19,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_sdk::executor::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION};
+use agora_sdk::executor::{
+    AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
+};
 use agora_sdk::frame::{FrameReader, FrameWriter};
 use agora_sdk::proto::{Digest, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, WasmInfo};
 use agora_sdk::Resources;
@@ -344,7 +346,8 @@ async fn prepare(
     fetcher: &Fetcher,
 ) -> Result<WasmLaunch, (&'static str, String)> {
     let dir = spec.run_dir.clone();
-    let sandbox_err = |e: std::io::Error| ("failed to start", format!("cannot create sandbox {}: {e}", dir.display()));
+    let sandbox_err =
+        |e: std::io::Error| ("failed to start", format!("cannot create sandbox {}: {e}", dir.display()));
     tokio::fs::create_dir_all(&dir).await.map_err(sandbox_err)?;
     let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
     // Created here so `agora logs` finds them before the executor writes the first byte.
@@ -642,7 +645,8 @@ impl Manager {
         for ex in self.executors.values_mut().filter(|e| e.resize) {
             ex.resize = false;
             let Some(group) = &ex.cgroup else { continue };
-            let limits = self.isolator.limits_for(&executor_resources(ex.tasks.values().map(|t| &t.resources)));
+            let limits =
+                self.isolator.limits_for(&executor_resources(ex.tasks.values().map(|t| &t.resources)));
             let group = group.clone();
             // A few cgroupfs writes: keep them off the manager's task.
             tokio::task::spawn_blocking(move || {
@@ -661,7 +665,8 @@ impl Manager {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| format!("cannot find the agora binary: {e}"))?,
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let socket = socket_path(&self.dir, serial);
         let _ = std::fs::remove_file(&socket);
         let listener =
@@ -733,7 +738,8 @@ impl RemoveIfSerial for HashMap<FrameworkId, Executor> {
 
 /// The executor's share: its tasks plus its own overhead.
 fn executor_resources<'a>(tasks: impl Iterator<Item = &'a Resources>) -> Resources {
-    let mut sum = Resources { cpus: EXECUTOR_OVERHEAD_CPU, mem: EXECUTOR_OVERHEAD_MEM, ..Resources::default() };
+    let mut sum =
+        Resources { cpus: EXECUTOR_OVERHEAD_CPU, mem: EXECUTOR_OVERHEAD_MEM, ..Resources::default() };
     for r in tasks {
         sum.cpus += r.cpus;
         sum.mem += r.mem;
@@ -792,12 +798,17 @@ impl ExecutorSpawn {
         let _ = std::fs::remove_file(&self.socket);
         let tail = log_tail(&self.log);
         let why = if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
-        let _ = self.manager.send(ManagerCmd::Gone { framework_id: self.framework_id.clone(), serial: self.serial, why });
+        let _ = self.manager.send(ManagerCmd::Gone {
+            framework_id: self.framework_id.clone(),
+            serial: self.serial,
+            why,
+        });
     }
 
     /// Returns why the executor ended.
     async fn serve(&self) -> Result<String, String> {
-        let log = std::fs::File::create(&self.log).map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
+        let log = std::fs::File::create(&self.log)
+            .map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
         let gated = self.cgroup.is_some();
         let mut cmd = if gated {
             tokio::process::Command::from(crate::cgroups::gated_command(&self.program))
@@ -840,7 +851,8 @@ impl ExecutorSpawn {
         let exec_pid = match hello {
             Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, .. }))) => {
                 if version != EXECUTOR_PROTOCOL_VERSION {
-                    let msg = format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
+                    let msg =
+                        format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
                     let _ = writer.send(&AgentToExecutor::refused(msg.clone())).await;
                     return Err(msg);
                 }

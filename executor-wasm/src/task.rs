@@ -478,7 +478,15 @@ impl PreparedTask {
     }
 
     /// Runs the task to its end in its own store.
-    pub async fn run(mut self) -> TaskOutcome {
+    pub async fn run(self) -> TaskOutcome {
+        self.run_notify(|| {}).await
+    }
+
+    /// Like [`run`](Self::run), and calls `started` once the module is instantiated, just
+    /// before its entry point (`_start` or `wasi:cli/run`) is called: the moment an embedder
+    /// reports the task running. A task that ends before (no slot, instantiation refused, e.g.
+    /// by its memory limit) never calls it.
+    pub async fn run_notify(mut self, started: impl FnOnce() + Send) -> TaskOutcome {
         let Ok(_slot) = self.runtime.slots.clone().acquire_owned().await else {
             return TaskOutcome::launch_failed(&WasmError::LoadCancelled {
                 digest: self.info.digest,
@@ -504,6 +512,7 @@ impl PreparedTask {
                 let run = async {
                     configure(&mut store, slice)?;
                     let instance = pre.instantiate_async(&mut store).await?;
+                    started();
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await.map(|()| 0)
                 };
@@ -516,6 +525,7 @@ impl PreparedTask {
                 let run = async {
                     configure(&mut store, slice)?;
                     let command = pre.instantiate_async(&mut store).await?;
+                    started();
                     let result = command.wasi_cli_run().call_run(&mut store).await?;
                     Ok(if result.is_ok() { 0 } else { 1 })
                 };

@@ -254,6 +254,8 @@ pub struct Master {
     /// `(instant, unix ms)` pair that turns instants into update timestamps.
     clock_anchor: (Instant, u64),
     actions: VecDeque<Action>,
+    /// Digests in the artifact store (told by the driver); a Wasm launch must name only these.
+    known_artifacts: FxHashSet<Digest>,
 }
 
 impl std::fmt::Debug for Master {
@@ -306,7 +308,14 @@ impl Master {
             next_offer: 0,
             clock_anchor: (now, 0),
             actions: VecDeque::new(),
+            known_artifacts: FxHashSet::default(),
         }
+    }
+
+    /// Records that the artifact store holds `digest` (at startup and after each upload), so
+    /// Wasm tasks naming it may launch.
+    pub fn artifact_stored(&mut self, digest: Digest) {
+        self.known_artifacts.insert(digest);
     }
 
     /// Ties `now` to a wall-clock time (Unix milliseconds) for the `timestamp_ms` of the
@@ -1590,7 +1599,7 @@ impl Master {
                 Some(format!("task {tid} already exists in framework {fw}"))
             } else if task.resources.cpus == 0 && task.resources.mem == 0 {
                 Some(format!("task {tid} asks for no cpus and no mem"))
-            } else if let Some(problem) = kind_problem(&task) {
+            } else if let Some(problem) = kind_problem(&task, &self.known_artifacts) {
                 Some(problem)
             } else if agent_conn.is_none() {
                 Some(format!("agent {agent_id} is not connected"))
@@ -1946,8 +1955,9 @@ fn offer_id_text(out: &mut String, master: &str, n: u64) {
     }
 }
 
-/// What is wrong with a task's executor-specific part, if anything.
-fn kind_problem(task: &TaskInfo) -> Option<String> {
+/// What is wrong with a task's executor-specific part, if anything. `known` holds the digests
+/// of the artifact store.
+fn kind_problem(task: &TaskInfo, known: &FxHashSet<Digest>) -> Option<String> {
     let tid = &task.task_id;
     match &task.kind {
         TaskKind::Command(c) if c.argv.first().is_none_or(|a| a.is_empty()) => {
@@ -1962,6 +1972,17 @@ fn kind_problem(task: &TaskInfo) -> Option<String> {
                 Some(format!("task {tid} names a malformed artifact digest `{bad}`"))
             } else if w.args.is_empty() {
                 Some(format!("task {tid} has no argv[0]"))
+            } else if !known.contains(&w.module.digest) {
+                Some(format!(
+                    "task {tid}: module {} is not in the master's artifact store; upload it first",
+                    w.module.digest
+                ))
+            } else if let Some(d) = w.dirs.iter().find(|d| !known.contains(&d.archive.digest)) {
+                Some(format!(
+                    "task {tid}: archive {} for directory `{}` is not in the master's artifact store; \
+                     upload it first",
+                    d.archive.digest, d.guest
+                ))
             } else {
                 w.dirs
                     .iter()

@@ -1,9 +1,11 @@
 //! # agora-master
 //!
 //! The master: a sans-IO [`core`] state machine with a pluggable [`allocator`], and the QUIC
-//! [`server`] that moves bytes between peers and the core.
+//! [`server`] that moves bytes between peers and the core, with the content-addressed
+//! [`artifacts`] store.
 
 pub mod allocator;
+pub mod artifacts;
 pub mod core;
 pub mod http;
 pub mod metrics;

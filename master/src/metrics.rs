@@ -35,6 +35,14 @@ pub const FRAMEWORKS_ACTIVE: &str = "agora_master_frameworks_active";
 pub const OFFERS_OUTSTANDING: &str = "agora_master_offers_outstanding";
 /// Known non-completed tasks (refreshed every allocation cycle).
 pub const TASKS_KNOWN: &str = "agora_master_tasks_known";
+/// Artifact uploads by outcome (label `outcome`: `stored`, `present`, `rejected`).
+pub const ARTIFACT_UPLOADS: &str = "agora_master_artifact_uploads_total";
+/// Bytes of artifacts stored (new artifacts only).
+pub const ARTIFACT_BYTES: &str = "agora_master_artifact_bytes_total";
+/// Artifacts sent to agents.
+pub const ARTIFACT_FETCHES: &str = "agora_master_artifact_fetches_total";
+/// Artifacts in the store.
+pub const ARTIFACTS_STORED: &str = "agora_master_artifacts_stored";
 
 /// Registers descriptions of every metric with the installed recorder (call once at start).
 pub fn describe() {
@@ -54,4 +62,8 @@ pub fn describe() {
     describe_gauge!(FRAMEWORKS_ACTIVE, Unit::Count, "Connected frameworks");
     describe_gauge!(OFFERS_OUTSTANDING, Unit::Count, "Outstanding offers");
     describe_gauge!(TASKS_KNOWN, Unit::Count, "Known tasks that are not completed");
+    describe_counter!(ARTIFACT_UPLOADS, Unit::Count, "Artifact uploads by outcome");
+    describe_counter!(ARTIFACT_BYTES, Unit::Bytes, "Bytes of new artifacts stored");
+    describe_counter!(ARTIFACT_FETCHES, Unit::Count, "Artifacts sent to agents");
+    describe_gauge!(ARTIFACTS_STORED, Unit::Count, "Artifacts in the store");
 }

@@ -1,5 +1,6 @@
 //! The master's QUIC layer: accepts connections, checks certificates and the protocol handshake,
-//! moves frames between peers and the sans-IO [`Master`] core, and relays task output streams.
+//! moves frames between peers and the sans-IO [`Master`] core, relays task output streams and
+//! serves artifact uploads and fetches from the [`ArtifactStore`].
 //!
 //! One task owns the core (`run_core`); every connection has a reader task that turns frames
 //! into [`Event`]s and a writer task that drains that connection's outbox. Nothing is shared
@@ -7,10 +8,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::metrics::counter;
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter};
 use agora_sdk::proto::*;
 use agora_sdk::tls::{Identity, TlsError, TlsFiles};
@@ -22,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::allocator;
+use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
+use crate::metrics;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +41,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, err: std::io::Error },
     #[error(transparent)]
     Allocator(#[from] allocator::RegistryError),
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
 }
 
 /// Settings of a master server.
@@ -45,6 +52,11 @@ pub struct ServerConfig {
     pub tls: TlsFiles,
     pub core: MasterConfig,
     pub allocator: String,
+    /// The master's own directory; the artifact store is `<work_dir>/artifacts`.
+    pub work_dir: PathBuf,
+    /// Largest artifact (Wasm module, directory archive) accepted, in bytes
+    /// ([`crate::artifacts::DEFAULT_MAX_ARTIFACT_SIZE`] by default).
+    pub max_artifact_size: u64,
 }
 
 /// Queries answered by the core task.
@@ -70,6 +82,7 @@ enum Command {
     Attach { conn: ConnId, quic: quinn::Connection, outbox: mpsc::UnboundedSender<Outgoing> },
     Event(Event),
     Query(Query),
+    ArtifactStored(Digest),
 }
 
 /// A running master. Dropping it does not stop it: cancel the token given to [`spawn`].
@@ -117,13 +130,19 @@ pub fn spawn_with_registry(
     let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
         .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
     let addr = endpoint.local_addr().map_err(|err| ServerError::Bind { addr: config.listen, err })?;
+    let store = ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let mut core = Master::with_allocator(config.core.clone(), alloc, Instant::now());
     core.set_unix_time(Instant::now(), unix_millis());
+    for artifact in store.list()? {
+        core.artifact_stored(artifact.digest);
+    }
+    info!(dir = %store.root().display(), artifacts = store.len(), "artifact store open");
     let master_id = config.core.master_id.clone();
     info!(%addr, allocator = %config.allocator, "master listening");
     tokio::spawn(run_core(core, rx, shutdown.clone()).in_current_span());
-    tokio::spawn(accept_loop(endpoint, tx.clone(), master_id, shutdown).in_current_span());
+    let store = Arc::new(store);
+    tokio::spawn(accept_loop(endpoint, tx.clone(), master_id, store, shutdown).in_current_span());
     Ok(MasterHandle { addr, commands: tx })
 }
 
@@ -178,6 +197,7 @@ fn apply(
         Command::Attach { conn, quic, outbox } => {
             conns.insert(conn, (quic, outbox));
         }
+        Command::ArtifactStored(digest) => core.artifact_stored(digest),
         Command::Event(ev) => {
             let gone = match &ev {
                 Event::AgentDisconnected { conn } | Event::FrameworkDisconnected { conn } => Some(*conn),
@@ -217,6 +237,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::UnboundedSender<Command>,
     master_id: String,
+    store: Arc<ArtifactStore>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -228,11 +249,12 @@ async fn accept_loop(
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let core = core.clone();
         let master_id = master_id.clone();
+        let store = store.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_connection(conn_id, conn, core, master_id, shutdown).await,
+                Ok(conn) => serve_connection(conn_id, conn, core, master_id, store, shutdown).await,
                 // Includes clients without a certificate signed by the cluster CA.
                 Err(e) => info!(%remote, error = %e, "connection refused during handshake"),
             }
@@ -325,6 +347,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     core: mpsc::UnboundedSender<Command>,
     master_id: String,
+    store: Arc<ArtifactStore>,
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -339,6 +362,13 @@ async fn serve_connection(
     let span = tracing::info_span!("conn", conn = id, role = %identity.role, principal = %identity.principal);
     async move {
         debug!(%remote, "connected");
+        // Bulk streams: task output and uploads from frameworks and operators, fetches from agents.
+        let who = match identity.role {
+            Role::Framework => Some(Requester::Framework(id)),
+            Role::Operator => Some(Requester::Operator),
+            Role::Agent | Role::Master => None,
+        };
+        tokio::spawn(accept_streams(conn.clone(), identity.role, who, core.clone(), store).in_current_span());
         match identity.role {
             Role::Agent => {
                 serve_peer::<AgentMessage, MasterToAgent>(id, conn, identity, writer, reader, core, shutdown)
@@ -366,7 +396,6 @@ trait Peer: serde::de::DeserializeOwned + Send + 'static {
     fn disconnected(conn: ConnId) -> Event;
     fn unwrap_out(o: Outgoing) -> Option<Self::Out>;
     fn error(e: WireError) -> Self::Out;
-    fn requester(conn: ConnId) -> Option<Requester>;
 }
 
 impl Peer for AgentMessage {
@@ -386,9 +415,6 @@ impl Peer for AgentMessage {
     fn error(e: WireError) -> MasterToAgent {
         MasterToAgent::Error(e)
     }
-    fn requester(_: ConnId) -> Option<Requester> {
-        None
-    }
 }
 
 impl Peer for SchedulerCall {
@@ -407,9 +433,6 @@ impl Peer for SchedulerCall {
     }
     fn error(e: WireError) -> SchedulerEvent {
         SchedulerEvent::Error(e)
-    }
-    fn requester(conn: ConnId) -> Option<Requester> {
-        Some(Requester::Framework(conn))
     }
 }
 
@@ -466,10 +489,6 @@ async fn serve_peer<In, Out>(
         }
         .in_current_span(),
     );
-    // Output streams opened by frameworks.
-    if let Some(who) = In::requester(id) {
-        tokio::spawn(accept_output_streams(conn.clone(), who, core.clone()).in_current_span());
-    }
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -508,7 +527,6 @@ async fn serve_operator(
     core: mpsc::UnboundedSender<Command>,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(accept_output_streams(conn.clone(), Requester::Operator, core.clone()).in_current_span());
     let handle = MasterHandle { addr: conn.remote_address(), commands: core };
     loop {
         let call = tokio::select! {
@@ -541,18 +559,23 @@ async fn serve_operator(
     conn.close(0u32.into(), b"bye");
 }
 
-async fn accept_output_streams(
+/// Serves the bulk streams a peer opens, each in its own task: task output (frameworks and
+/// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents).
+async fn accept_streams(
     conn: quinn::Connection,
-    who: Requester,
+    role: Role,
+    who: Option<Requester>,
     core: mpsc::UnboundedSender<Command>,
+    store: Arc<ArtifactStore>,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
         let core = core.clone();
         let who = who.clone();
+        let store = store.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = relay_output(send, recv, who, core).await {
-                    debug!(error = %e, "output stream ended with an error");
+                if let Err(e) = serve_stream(send, recv, role, who, core, store).await {
+                    debug!(error = %e, "bulk stream ended with an error");
                 }
             }
             .in_current_span(),
@@ -560,29 +583,145 @@ async fn accept_output_streams(
     }
 }
 
-/// Relays one output stream: client → master → agent, bytes back the same way.
-async fn relay_output(
+/// Sends one reply frame and finishes the stream.
+async fn reply_and_finish<T: Serialize>(mut w: FrameWriter<SendStream>, reply: &T) -> Result<(), String> {
+    w.send(reply).await.map_err(|e| e.to_string())?;
+    let _ = w.into_inner().finish();
+    Ok(())
+}
+
+fn not_allowed(role: Role, what: &str) -> WireError {
+    WireError::new(ErrorCode::Unauthorized, format!("{role} connections may not {what}"))
+}
+
+/// Reads a bulk stream's [`StreamRequest`] and serves it if the peer's role may.
+async fn serve_stream(
     send: SendStream,
     recv: RecvStream,
+    role: Role,
+    who: Option<Requester>,
+    core: mpsc::UnboundedSender<Command>,
+    store: Arc<ArtifactStore>,
+) -> Result<(), String> {
+    let w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv);
+    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await {
+        Ok(Ok(Some(req))) => req,
+        Ok(Err(e)) => {
+            reply_and_finish(w, &OutputReply::Error(frame_error(&e))).await?;
+            return Err(e.to_string());
+        }
+        _ => return Err("no stream request".into()),
+    };
+    match req {
+        StreamRequest::Output(req) => match who {
+            Some(who) => relay_output(w, r, req, who, core).await,
+            None => reply_and_finish(w, &OutputReply::Error(not_allowed(role, "read task output"))).await,
+        },
+        StreamRequest::Upload(req) if matches!(role, Role::Framework | Role::Operator) => {
+            serve_upload(w, r, req, core, &store).await
+        }
+        StreamRequest::Upload(_) => {
+            reply_and_finish(w, &UploadReply::Error(not_allowed(role, "upload artifacts"))).await
+        }
+        StreamRequest::Fetch { digest } if role == Role::Agent => serve_fetch(w, &digest, &store).await,
+        StreamRequest::Fetch { .. } => {
+            reply_and_finish(w, &FetchReply::Error(not_allowed(role, "fetch artifacts"))).await
+        }
+    }
+}
+
+fn artifact_error(e: &ArtifactError) -> WireError {
+    WireError::new(e.code(), e.to_string())
+}
+
+/// One upload: `Present` or `Send`, then the bytes into the store, then `Stored` or an error.
+/// The core learns of the digest before the uploader hears of it, so a launch that follows
+/// the reply finds it.
+async fn serve_upload(
+    mut w: FrameWriter<SendStream>,
+    r: FrameReader<RecvStream>,
+    req: UploadRequest,
+    core: mpsc::UnboundedSender<Command>,
+    store: &ArtifactStore,
+) -> Result<(), String> {
+    let present = match store.check(&req) {
+        Ok(()) => store.check_present(&req).await,
+        Err(e) => Err(e),
+    };
+    match present {
+        Ok(true) => {
+            counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "present").increment(1);
+            let _ = core.send(Command::ArtifactStored(req.digest.clone()));
+            return reply_and_finish(w, &UploadReply::Present).await;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "rejected").increment(1);
+            info!(name = %req.name, error = %e, "artifact refused");
+            return reply_and_finish(w, &UploadReply::Error(artifact_error(&e))).await;
+        }
+    }
+    w.send(&UploadReply::Send).await.map_err(|e| e.to_string())?;
+    let (recv, buffered) = r.into_parts();
+    let body = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(buffered.freeze()), recv);
+    let reply = match store.store(&req, body).await {
+        Ok(artifact) => {
+            info!(digest = %artifact.digest, size = artifact.size, name = %req.name, "artifact stored");
+            let _ = core.send(Command::ArtifactStored(artifact.digest));
+            UploadReply::Stored
+        }
+        Err(e) => {
+            info!(name = %req.name, error = %e, "artifact refused");
+            UploadReply::Error(artifact_error(&e))
+        }
+    };
+    reply_and_finish(w, &reply).await
+}
+
+/// One fetch: `Sending { size }` then exactly `size` bytes, or an error.
+async fn serve_fetch(
+    w: FrameWriter<SendStream>,
+    digest: &Digest,
+    store: &ArtifactStore,
+) -> Result<(), String> {
+    let (file, size) = match store.open_read(digest).await {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            let err = WireError::new(
+                ErrorCode::NotFound,
+                format!("artifact {digest} is not in the master's artifact store"),
+            );
+            return reply_and_finish(w, &FetchReply::Error(err)).await;
+        }
+        Err(e) => return reply_and_finish(w, &FetchReply::Error(artifact_error(&e))).await,
+    };
+    let mut w = w;
+    w.send(&FetchReply::Sending { size }).await.map_err(|e| e.to_string())?;
+    let mut send = w.into_inner();
+    let mut file = tokio::io::AsyncReadExt::take(file, size);
+    let sent = tokio::io::copy(&mut file, &mut send).await.map_err(|e| e.to_string())?;
+    if sent != size {
+        // The agent checks size and digest anyway; a reset makes the failure plain.
+        let _ = send.reset(0u32.into());
+        return Err(format!("artifact {digest} shrank to {sent} of {size} bytes while being sent"));
+    }
+    let _ = send.finish();
+    counter!(metrics::ARTIFACT_FETCHES).increment(1);
+    debug!(%digest, size, "artifact sent");
+    Ok(())
+}
+
+/// Relays one output stream: client → master → agent, bytes back the same way.
+async fn relay_output(
+    mut w: FrameWriter<SendStream>,
+    r: FrameReader<RecvStream>,
+    req: OutputRequest,
     who: Requester,
     core: mpsc::UnboundedSender<Command>,
 ) -> Result<(), String> {
-    let mut w = FrameWriter::new(send);
-    let mut r = FrameReader::new(recv);
-    let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await {
-        Ok(Ok(Some(StreamRequest::Output(req)))) => req,
-        Ok(Ok(Some(_))) => {
-            // Upload and Fetch streams are served by the artifact store (not wired yet).
-            let err = WireError::new(ErrorCode::Unexpected, "this stream kind is not served here");
-            let _ = w.send(&OutputReply::Error(err)).await;
-            return Err("unsupported stream".into());
-        }
-        Ok(Err(e)) => {
-            let _ = w.send(&OutputReply::Error(frame_error(&e))).await;
-            return Err(e.to_string());
-        }
-        _ => return Err("no output request".into()),
-    };
+    // The client sends nothing after its request; its side stays open as long as the relay.
+    let _client_recv = r;
     let (tx, rx) = oneshot::channel();
     core.send(Command::Query(Query::Locate(who, req.task_id.clone(), tx))).map_err(|_| "master stopping")?;
     let (loc, agent) = match rx.await.map_err(|_| "master stopping")? {

@@ -38,6 +38,8 @@ pub enum ClientError {
     Closed,
     #[error("unexpected reply from the master: {0}")]
     Unexpected(String),
+    #[error(transparent)]
+    Artifact(#[from] crate::artifacts::ArtifactError),
 }
 
 impl From<quinn::WriteError> for ClientError {

@@ -4,12 +4,14 @@
 //! framing ([`frame`]), resources and attributes, the TLS/QUIC transport, client configuration,
 //! and the [`scheduler`] API for writing frameworks.
 
+pub mod artifacts;
 pub mod attributes;
 pub mod client;
 pub mod config;
 pub mod executor;
 pub mod frame;
 pub mod json;
+pub mod locality;
 pub mod proto;
 pub mod resources;
 pub mod scheduler;

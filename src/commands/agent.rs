@@ -73,6 +73,7 @@ impl AgentCommand {
                 cpu_limit: self.cpu_limit,
                 max_pids_per_task: self.max_pids_per_task,
             },
+            wasm: agora_agent::wasm::WasmConfig::default(),
         };
         let token = shutdown.clone();
         let mut agent = tokio::spawn(agora_agent::run(config, token));

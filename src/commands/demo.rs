@@ -130,7 +130,8 @@ async fn wasm_tasks(master: &str, tls: &agora_sdk::tls::TlsFiles) -> anyhow::Res
         ("noop", include_str!("../../examples/wasm/noop.wat")),
     ] {
         let bytes = wat::parse_str(text)?;
-        let r = agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, &bytes).await?;
+        let r =
+            agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, &bytes).await?;
         modules.insert(name, r);
     }
     session.conn.close(0u32.into(), b"uploaded");
@@ -166,7 +167,9 @@ impl DemoCommand {
             println!("  agent {} ({}) offers {}  [{}]", a.id, a.hostname, a.resources, a.attributes);
         }
         println!("Three frameworks arrive: `etl` (10 short jobs), `ml` (5 jobs: some fail, one is killed)");
-        println!("and `wasm` (24 WebAssembly tasks in one executor: fuel-metered, memory-capped, sandboxed).");
+        println!(
+            "and `wasm` (24 WebAssembly tasks in one executor: fuel-metered, memory-capped, sandboxed)."
+        );
         println!(
             "The DRF allocator offers each agent's free resources to the framework with the lowest share.\n"
         );
@@ -230,9 +233,11 @@ impl DemoCommand {
         let mut tasks = cluster.master.tasks().await;
         tasks.sort_by(|x, y| x.id.cmp(&y.id));
         // Twenty no-op Wasm tasks would drown the table: they are summed up below it.
-        let shown: Vec<TaskView> = tasks.iter().filter(|t| !t.id.as_str().starts_with("wasm-noop-")).cloned().collect();
+        let shown: Vec<TaskView> =
+            tasks.iter().filter(|t| !t.id.as_str().starts_with("wasm-noop-")).cloned().collect();
         print!("{}", output::tasks_table(&shown));
-        let noops: Vec<&TaskView> = tasks.iter().filter(|t| t.id.as_str().starts_with("wasm-noop-")).collect();
+        let noops: Vec<&TaskView> =
+            tasks.iter().filter(|t| t.id.as_str().starts_with("wasm-noop-")).collect();
         println!(
             "(and wasm-noop-0..{}: {} of {} TASK_FINISHED)",
             noops.len().saturating_sub(1),

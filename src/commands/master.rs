@@ -11,7 +11,7 @@ use agora_master::allocator::{self, AllocatorOptions};
 use agora_master::core::MasterConfig;
 use agora_master::server::{self, ServerConfig};
 use agora_sdk::tls::TlsFiles;
-use agora_sdk::units::parse_duration;
+use agora_sdk::units::{parse_duration, parse_size};
 use agora_sdk::Resources;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,13 @@ pub struct MasterCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// The master's directory (artifact store). Default: a fresh temporary directory, removed
+    /// at exit, so uploaded artifacts do not survive a restart.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Largest Wasm module or directory archive accepted, e.g. `64MiB`.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    max_artifact_size: u64,
     #[command(flatten)]
     allocation: AllocationArgs,
     /// Heartbeat interval told to agents.
@@ -151,6 +158,18 @@ impl MasterCommand {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
         }
+        // Held until the master stops: a temporary work dir is removed at exit.
+        let (work_dir, _temp_work_dir) = match self.work_dir {
+            Some(d) => (d, None),
+            None => {
+                let t = tempfile::Builder::new().prefix("agora-master-").tempdir()?;
+                tracing::warn!(
+                    work_dir = %t.path().display(),
+                    "no --work-dir: using a temporary directory; uploaded artifacts will not survive a restart"
+                );
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
         let shutdown = CancellationToken::new();
         let handle = server::spawn(
             ServerConfig {
@@ -158,6 +177,8 @@ impl MasterCommand {
                 tls: TlsFiles::in_dir(&self.tls_dir, "master"),
                 core,
                 allocator: self.allocation.allocator,
+                work_dir,
+                max_artifact_size: self.max_artifact_size,
             },
             shutdown.clone(),
         )?;

@@ -7,6 +7,7 @@ use clap::Subcommand;
 pub mod agent;
 pub mod demo;
 pub mod dev;
+pub mod executor_wasm;
 pub mod kill;
 pub mod list;
 pub mod logs;
@@ -44,6 +45,9 @@ pub enum Command {
     Kill(kill::KillCommand),
     /// Make the cluster's certificates.
     Tls(tls::TlsCommand),
+    /// Internal: the Wasm executor, started by the agent.
+    #[command(hide = true)]
+    ExecutorWasm(executor_wasm::ExecutorWasmCommand),
 }
 
 impl Command {
@@ -60,11 +64,20 @@ impl Command {
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
+            Command::ExecutorWasm(c) => c.execute().await,
         }
     }
 
     fn is_server(&self) -> bool {
-        matches!(self, Command::Dev(_) | Command::Master(_) | Command::Agent(_))
+        matches!(self, Command::Dev(_) | Command::Master(_) | Command::Agent(_) | Command::ExecutorWasm(_))
+    }
+
+    /// Worker threads of the async runtime, when the command sets them.
+    pub fn worker_threads(&self) -> Option<usize> {
+        match self {
+            Command::ExecutorWasm(c) => Some(c.worker_threads()),
+            _ => None,
+        }
     }
 }
 
@@ -73,7 +86,10 @@ pub fn init_logging(cmd: &Command, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let default = if cmd.is_server() { "info,quinn=warn,rustls=warn" } else { "warn,quinn=error" };
     let filter = EnvFilter::try_from_env("AGORA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // No colour codes when stderr is a file (the agent writes executors' logs to files).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -223,14 +223,16 @@ impl RunCommand {
         let mut packed = Vec::new();
         for (local, guest) in &self.dirs {
             let local = local.clone();
-            let archive = tokio::task::spawn_blocking(move || pack_dir(&local)).await.map_err(|e| e.to_string())??;
+            let archive =
+                tokio::task::spawn_blocking(move || pack_dir(&local)).await.map_err(|e| e.to_string())??;
             packed.push((archive, guest.clone()));
         }
         let session = agora_sdk::client::Session::connect(&cfg.master, tls, Role::Framework)
             .await
             .map_err(|e| format!("cannot reach the master at {}: {e}", cfg.master))?;
         let conn = session.conn.clone();
-        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.into());
+        let file_name =
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.into());
         let module = if path.extension().is_some_and(|e| e == "wat") {
             // WebAssembly text, as `wasmtime run` takes it: assembled here, checked by the master.
             let bytes = wat::parse_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -371,8 +373,10 @@ impl RunScheduler {
                         st.reason,
                         if st.message.is_empty() { String::new() } else { format!(": {}", st.message) }
                     );
-                    let limit_or_trap =
-                        matches!(st.reason.as_str(), "trap" | "fuel exhausted" | "timeout" | "memory limit exceeded");
+                    let limit_or_trap = matches!(
+                        st.reason.as_str(),
+                        "trap" | "fuel exhausted" | "timeout" | "memory limit exceeded"
+                    );
                     ExitCode::from(match st.state {
                         TaskState::Killed => 137,
                         TaskState::Failed if self.wasm && limit_or_trap => EXIT_WASM_FAILED,

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod dev;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,8 @@ impl TestCluster {
                 tls: TlsFiles::in_dir(&dir.path().join("tls"), "master"),
                 core,
                 allocator: "drf".into(),
+                work_dir: dir.path().join("master"),
+                max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
             },
             shutdown.clone(),
         )
@@ -79,6 +83,7 @@ impl TestCluster {
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
+            wasm: wasm_config(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -100,6 +105,7 @@ impl TestCluster {
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: false,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
+            wasm: wasm_config(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -287,5 +293,13 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
         resources: Resources::parse(resources).expect("resources"),
         kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
         kill_grace: Some(Duration::from_millis(500)),
+    }
+}
+
+/// Wasm executors are the built `agora` binary (the test binary cannot be one).
+pub fn wasm_config() -> agora_agent::wasm::WasmConfig {
+    agora_agent::wasm::WasmConfig {
+        executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
+        ..Default::default()
     }
 }

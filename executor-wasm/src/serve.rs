@@ -1,0 +1,619 @@
+//! The executor side of the agent ↔ executor protocol ([`agora_sdk::executor`]): what the
+//! `agora executor-wasm` process runs.
+//!
+//! [`serve`] connects to the agent's Unix socket, says `Hello`, waits for `Welcome`, then runs
+//! every [`WasmLaunch`] it is sent as a tokio task on one [`WasmRuntime`] and reports
+//! [`ExecutorUpdate`]s: RUNNING (`task started`) once the module is instantiated, then FINISHED,
+//! FAILED or KILLED. A task that cannot be started ends FAILED `launch failed` without RUNNING.
+//!
+//! One loop owns the task table; it reads the agent's frames and the tasks' ends, so a kill
+//! racing a task's exit reports whichever really happened, once. A single writer task drains
+//! whatever updates are queued into as few `Updates` frames as fit (each at most
+//! [`MAX_FRAME`]), so updates batch naturally under load and stay in order per task.
+//!
+//! Modules: the first launch of a digest reads `module_path`, checks its sha256 and loads it
+//! (memory, disk cache, or a compile on the blocking pool); concurrent launches of the same
+//! digest wait for that one load (a per-digest [`OnceCell`]) and then refer to the module by
+//! digest. A thousand launches of a new module in one batch compile it once.
+//!
+//! Concurrency: at most [`RuntimeConfig::max_concurrent_tasks`] tasks are set up (sandbox,
+//! output files) and run at once; the others wait for a slot in launch order, holding no file
+//! descriptors.
+//!
+//! `Shutdown`, or the socket closing, kills what still runs and returns `Ok`; a malformed frame
+//! from the agent returns [`ServeError::Malformed`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_sdk::executor::{
+    AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
+};
+use agora_sdk::frame::{encode, FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, OnceCell, Semaphore};
+use tokio::task::{AbortHandle, JoinError, JoinSet};
+use tracing::Instrument as _;
+
+use crate::digest::ModuleDigest;
+use crate::error::WasmError;
+use crate::runtime::{RuntimeConfig, WasmRuntime};
+use crate::task::{FailureReason, ModuleSource, Preopen, TaskOutcome, TaskStatus, WasmTaskSpec};
+
+/// Longest `message` put in an update (longer ones are cut), so that one update always fits a
+/// frame with room for many others.
+const MAX_MESSAGE_BYTES: usize = 16 << 10;
+/// Updates taken off the queue per write (split further into frames by size).
+const MAX_BATCH: usize = 4096;
+/// Task ids remembered after their task ended, to refuse a relaunch under the same id.
+const RECENT_IDS: usize = 100_000;
+/// How long the last updates may take to reach the agent when the executor stops.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// How [`serve`] runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The agent's Unix socket.
+    pub socket: PathBuf,
+    /// The id the agent gave this executor (sent back in `Hello`).
+    pub executor_id: String,
+    /// The Wasm runtime every task runs on.
+    pub runtime: RuntimeConfig,
+}
+
+impl ServeConfig {
+    pub fn new(socket: impl Into<PathBuf>, executor_id: impl Into<String>, runtime: RuntimeConfig) -> Self {
+        Self { socket: socket.into(), executor_id: executor_id.into(), runtime }
+    }
+}
+
+/// Why [`serve`] stopped with an error (the process then exits non-zero).
+///
+/// Each message includes its cause (the variants do not chain it as a `source`, so that
+/// `{:#}` does not print it twice).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The Wasm runtime could not be built.
+    #[error("cannot start the Wasm runtime: {0}")]
+    Runtime(WasmError),
+    /// The agent's socket could not be reached.
+    #[error("cannot connect to the agent at {path}: {error}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// Sending `Hello` or reading the agent's answer failed.
+    #[error("handshake with the agent failed: {0}")]
+    Handshake(FrameError),
+    /// The agent closed the socket before answering `Hello`.
+    #[error("the agent closed the socket before answering Hello")]
+    NoWelcome,
+    /// The agent refused this executor.
+    #[error("the agent refused this executor: {}", .0.message)]
+    Refused(WireError),
+    /// The agent sent a frame that does not decode (or is too large).
+    #[error("malformed frame from the agent: {0}")]
+    Malformed(FrameError),
+    /// The agent sent a message out of order.
+    #[error("unexpected `{got}` from the agent {when}")]
+    Unexpected {
+        /// The message's name.
+        got: &'static str,
+        /// Where in the session it came.
+        when: &'static str,
+    },
+}
+
+/// Runs the executor: builds the runtime from `config.runtime`, connects to the agent and
+/// serves it until `Shutdown` or the socket closes.
+pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    let runtime = WasmRuntime::new(config.runtime).map_err(ServeError::Runtime)?;
+    serve_with_runtime(runtime, &config.socket, &config.executor_id).await
+}
+
+/// [`serve`] on an existing runtime (whose cache counters the caller can then read).
+pub async fn serve_with_runtime(
+    runtime: WasmRuntime,
+    socket: &Path,
+    executor_id: &str,
+) -> Result<(), ServeError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|error| ServeError::Connect { path: socket.to_owned(), error })?;
+    let (read, write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    let mut writer = FrameWriter::new(write);
+
+    let hello = ExecutorMessage::Hello {
+        version: EXECUTOR_PROTOCOL_VERSION,
+        executor_id: executor_id.to_owned(),
+        pid: std::process::id(),
+    };
+    writer.send(&hello).await.map_err(ServeError::Handshake)?;
+    let framework_id = match reader.recv::<AgentToExecutor>().await {
+        Ok(Some(AgentToExecutor::Welcome { framework_id })) => framework_id,
+        Ok(Some(AgentToExecutor::Refused(error))) => return Err(ServeError::Refused(error)),
+        Ok(Some(other)) => {
+            return Err(ServeError::Unexpected { got: message_name(&other), when: "before Welcome" })
+        }
+        Ok(None) => return Err(ServeError::NoWelcome),
+        Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {
+            return Err(ServeError::Malformed(e))
+        }
+        Err(e) => return Err(ServeError::Handshake(e)),
+    };
+    let span = tracing::info_span!("executor", executor_id, framework_id = %framework_id);
+    tracing::info!(parent: &span, "welcomed by the agent");
+
+    let (updates, rx) = mpsc::unbounded_channel();
+    let mut writer_task = tokio::spawn(write_updates(writer, rx).instrument(span.clone()));
+    let gate = Arc::new(Semaphore::new(runtime.config().max_concurrent_tasks as usize));
+    let mut tasks = Tasks {
+        runtime,
+        gate,
+        modules: HashMap::new(),
+        live: HashMap::new(),
+        by_join: HashMap::new(),
+        running: JoinSet::new(),
+        recent: RecentIds::default(),
+        updates,
+        killed_message: "killed by the agent",
+        span: span.clone(),
+    };
+
+    let result = async {
+        loop {
+            tokio::select! {
+                frame = reader.recv::<AgentToExecutor>() => match frame {
+                    Ok(Some(AgentToExecutor::Launch(launches))) => {
+                        tracing::debug!(tasks = launches.len(), "launch");
+                        for launch in launches {
+                            tasks.launch(launch);
+                        }
+                    }
+                    Ok(Some(AgentToExecutor::Kill { task_id })) => tasks.kill(&task_id),
+                    Ok(Some(AgentToExecutor::Shutdown)) => {
+                        tracing::info!(live = tasks.live.len(), "shutdown requested by the agent");
+                        return (Ok(()), "executor shut down");
+                    }
+                    Ok(Some(AgentToExecutor::Refused(error))) => {
+                        tracing::error!(%error, "the agent refused this executor");
+                        return (Err(ServeError::Refused(error)), "executor refused by the agent");
+                    }
+                    Ok(Some(other @ AgentToExecutor::Welcome { .. })) => {
+                        tracing::error!("unexpected second Welcome from the agent");
+                        let got = message_name(&other);
+                        return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
+                    }
+                    Ok(None) => {
+                        tracing::info!(live = tasks.live.len(), "the agent closed the socket");
+                        return (Ok(()), "agent connection closed");
+                    }
+                    Err(FrameError::Io(error)) => {
+                        tracing::info!(%error, live = tasks.live.len(), "the agent's socket failed");
+                        return (Ok(()), "agent connection closed");
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "malformed frame from the agent");
+                        return (Err(ServeError::Malformed(error)), "protocol error");
+                    }
+                },
+                Some(joined) = tasks.running.join_next_with_id(), if !tasks.running.is_empty() => {
+                    tasks.ended(joined);
+                }
+                written = &mut writer_task => {
+                    match written {
+                        Ok(Ok(())) => tracing::info!("update writer stopped"),
+                        Ok(Err(error)) => tracing::info!(%error, "cannot write to the agent"),
+                        Err(error) => tracing::error!(%error, "update writer failed"),
+                    }
+                    return (Ok(()), "agent connection closed");
+                }
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+
+    let (result, why) = result;
+    tasks.killed_message = why;
+    tasks.stop_all().instrument(span.clone()).await;
+    drop(tasks); // closes the update queue: the writer sends what is left, then ends
+    if !writer_task.is_finished() {
+        match tokio::time::timeout(FINAL_FLUSH, &mut writer_task).await {
+            Ok(Ok(Err(error))) => tracing::debug!(parent: &span, %error, "final updates not sent"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(parent: &span, "the agent did not take the final updates in time");
+                writer_task.abort();
+            }
+        }
+    }
+    result
+}
+
+/// The task table, owned by the serve loop.
+struct Tasks {
+    runtime: WasmRuntime,
+    /// Slots for tasks being set up or running.
+    gate: Arc<Semaphore>,
+    /// One load per digest; later launches wait for it.
+    modules: HashMap<ModuleDigest, Arc<OnceCell<ModuleDigest>>>,
+    live: HashMap<TaskId, AbortHandle>,
+    by_join: HashMap<tokio::task::Id, TaskId>,
+    running: JoinSet<TaskOutcome>,
+    recent: RecentIds,
+    updates: mpsc::UnboundedSender<ExecutorUpdate>,
+    /// The message of KILLED updates.
+    killed_message: &'static str,
+    span: tracing::Span,
+}
+
+impl Tasks {
+    fn send(&self, update: ExecutorUpdate) {
+        // The writer has stopped only when the socket is gone; the loop then ends too.
+        let _ = self.updates.send(update);
+    }
+
+    fn launch(&mut self, launch: WasmLaunch) {
+        let task_id = launch.task_id.clone();
+        if self.live.contains_key(&task_id) {
+            tracing::warn!(%task_id, "launch of a task id that is already running; ignored");
+            return;
+        }
+        if self.recent.contains(&task_id) {
+            tracing::warn!(%task_id, "launch of a task id this executor already ran; refused");
+            let message = format!("task id {task_id} was already used by this executor");
+            self.send(launch_failed(task_id, message));
+            return;
+        }
+        let max = self.runtime.config().max_task_memory_bytes;
+        let checked = launch.digest.parse::<ModuleDigest>().and_then(|digest| {
+            if launch.mem_bytes > max {
+                Err(WasmError::MemoryLimitTooLarge { requested: launch.mem_bytes, max })
+            } else {
+                Ok(digest)
+            }
+        });
+        let digest = match checked {
+            Ok(digest) => digest,
+            Err(error) => {
+                tracing::info!(%task_id, %error, "launch failed");
+                self.recent.insert(task_id.clone());
+                self.send(launch_failed(task_id, error.to_string()));
+                return;
+            }
+        };
+        let module = self.modules.entry(digest).or_default().clone();
+        let span = tracing::info_span!(parent: &self.span, "task", task_id = %task_id);
+        let run =
+            run_launch(self.runtime.clone(), self.gate.clone(), module, digest, launch, self.updates.clone());
+        let handle = self.running.spawn(run.instrument(span));
+        self.by_join.insert(handle.id(), task_id.clone());
+        self.live.insert(task_id, handle);
+    }
+
+    fn kill(&mut self, task_id: &TaskId) {
+        match self.live.get(task_id) {
+            Some(handle) => {
+                tracing::info!(%task_id, "killing task");
+                handle.abort();
+            }
+            None => tracing::debug!(%task_id, "kill of a task that is not running; ignored"),
+        }
+    }
+
+    fn ended(&mut self, joined: Result<(tokio::task::Id, TaskOutcome), JoinError>) {
+        let (id, result) = match joined {
+            Ok((id, outcome)) => (id, Ok(outcome)),
+            Err(error) => (error.id(), Err(error)),
+        };
+        let Some(task_id) = self.by_join.remove(&id) else { return };
+        self.live.remove(&task_id);
+        self.recent.insert(task_id.clone());
+        let update = match result {
+            Ok(outcome) => {
+                tracing::debug!(%task_id, status = ?outcome.status, "task ended");
+                terminal(task_id, &outcome)
+            }
+            Err(error) if error.is_cancelled() => ExecutorUpdate {
+                task_id,
+                state: TaskState::Killed,
+                reason: "killed".into(),
+                message: self.killed_message.into(),
+                exit_code: None,
+                usage: None,
+            },
+            Err(error) => {
+                tracing::error!(%task_id, %error, "task panicked");
+                ExecutorUpdate {
+                    task_id,
+                    state: TaskState::Failed,
+                    reason: "executor error".into(),
+                    message: truncate(format!("the executor failed running the task: {error}")),
+                    exit_code: None,
+                    usage: None,
+                }
+            }
+        };
+        self.send(update);
+    }
+
+    /// Kills every task and waits until they are gone, queueing their last updates.
+    async fn stop_all(&mut self) {
+        self.running.abort_all();
+        while let Some(joined) = self.running.join_next_with_id().await {
+            self.ended(joined);
+        }
+    }
+}
+
+/// One launch, from module to outcome.
+async fn run_launch(
+    runtime: WasmRuntime,
+    gate: Arc<Semaphore>,
+    module: Arc<OnceCell<ModuleDigest>>,
+    digest: ModuleDigest,
+    launch: WasmLaunch,
+    updates: mpsc::UnboundedSender<ExecutorUpdate>,
+) -> TaskOutcome {
+    let task_id = launch.task_id.clone();
+    let path = launch.module_path.clone();
+    let loaded = module.get_or_try_init(|| load_module(&runtime, digest, &path)).await;
+    if let Err(error) = loaded {
+        tracing::info!(%error, "launch failed");
+        return failed_to_launch(error.to_string());
+    }
+    // Never closed; held until the task ends.
+    let Ok(_slot) = gate.acquire_owned().await else {
+        return failed_to_launch("the executor is shutting down".into());
+    };
+    let prepared = match runtime.prepare_task(spec(digest, launch)).await {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            tracing::info!(%error, "launch failed");
+            return failed_to_launch(error.to_string());
+        }
+    };
+    prepared
+        .run_notify(move || {
+            tracing::debug!("task started");
+            let _ = updates.send(ExecutorUpdate {
+                task_id,
+                state: TaskState::Running,
+                reason: "task started".into(),
+                message: format!("module {digest} instantiated"),
+                exit_code: None,
+                usage: None,
+            });
+        })
+        .await
+}
+
+/// Reads a module's bytes, checks them against the launch's digest and loads them.
+async fn load_module(
+    runtime: &WasmRuntime,
+    digest: ModuleDigest,
+    path: &Path,
+) -> Result<ModuleDigest, String> {
+    let bytes =
+        tokio::fs::read(path).await.map_err(|e| format!("cannot read module {}: {e}", path.display()))?;
+    let actual = ModuleDigest::of(&bytes);
+    if actual != digest {
+        return Err(format!("module {} has sha256 {actual}, the launch expects {digest}", path.display()));
+    }
+    let info = runtime.load_async(Arc::from(bytes)).await.map_err(|e| e.to_string())?;
+    tracing::debug!(module = %info.digest, kind = ?info.kind, "module loaded");
+    Ok(info.digest)
+}
+
+fn spec(digest: ModuleDigest, launch: WasmLaunch) -> WasmTaskSpec {
+    let mut spec = WasmTaskSpec::new(ModuleSource::Digest(digest), launch.sandbox);
+    spec.args = launch.args;
+    spec.env = launch.env;
+    spec.preopens =
+        launch.preopens.into_iter().map(|(host, guest)| Preopen { host, guest, read_only: false }).collect();
+    spec.stdout = Some(launch.stdout);
+    spec.stderr = Some(launch.stderr);
+    spec.memory_limit_bytes = launch.mem_bytes;
+    spec.cpu_millis = launch.cpu_millis;
+    spec.fuel_budget = launch.fuel;
+    spec.timeout = launch.timeout;
+    spec
+}
+
+fn failed_to_launch(message: String) -> TaskOutcome {
+    TaskOutcome {
+        status: TaskStatus::Failed { reason: FailureReason::LaunchFailed, message },
+        fuel_consumed: 0,
+        peak_memory_bytes: 0,
+        wall_time: Duration::ZERO,
+    }
+}
+
+fn launch_failed(task_id: TaskId, message: String) -> ExecutorUpdate {
+    ExecutorUpdate {
+        task_id,
+        state: TaskState::Failed,
+        reason: FailureReason::LaunchFailed.as_str().into(),
+        message: truncate(message),
+        exit_code: None,
+        usage: None,
+    }
+}
+
+/// The terminal update of a task that ran (or failed to launch).
+fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
+    let wall = format!("{:.3}s", outcome.wall_time.as_secs_f64());
+    let usage = Some(Usage {
+        fuel: Some(outcome.fuel_consumed),
+        peak_mem: Some(outcome.peak_memory_bytes),
+        ..Usage::default()
+    });
+    match &outcome.status {
+        TaskStatus::Exited { code } => ExecutorUpdate {
+            task_id,
+            state: if *code == 0 { TaskState::Finished } else { TaskState::Failed },
+            reason: "module exited".into(),
+            message: format!("exited with code {code} after {wall}"),
+            exit_code: Some(*code),
+            usage,
+        },
+        TaskStatus::Failed { reason: FailureReason::LaunchFailed, message } => {
+            launch_failed(task_id, message.clone())
+        }
+        TaskStatus::Failed { reason, message } => ExecutorUpdate {
+            task_id,
+            state: TaskState::Failed,
+            reason: reason.as_str().into(),
+            message: truncate(format!("{message} (after {wall})")),
+            exit_code: None,
+            usage,
+        },
+    }
+}
+
+fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (truncated)");
+    }
+    message
+}
+
+fn message_name(message: &AgentToExecutor) -> &'static str {
+    match message {
+        AgentToExecutor::Welcome { .. } => "Welcome",
+        AgentToExecutor::Refused(_) => "Refused",
+        AgentToExecutor::Launch(_) => "Launch",
+        AgentToExecutor::Kill { .. } => "Kill",
+        AgentToExecutor::Shutdown => "Shutdown",
+    }
+}
+
+/// Sends queued updates until the queue closes: each write takes whatever is queued and packs it
+/// into as few frames as fit.
+async fn write_updates(
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<ExecutorUpdate>,
+) -> Result<(), FrameError> {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        for frame in pack(std::mem::take(&mut batch)) {
+            writer.feed(&ExecutorMessage::Updates(frame)).await?;
+        }
+        writer.flush().await?;
+    }
+    Ok(())
+}
+
+/// Splits updates into `Updates` messages that each encode within [`MAX_FRAME`].
+fn pack(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
+    // The enum tag and the vector's length prefix take at most 1 + 5 bytes.
+    const BUDGET: usize = MAX_FRAME - 16;
+    let mut frames = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for update in updates {
+        let len = match encode(&update) {
+            Ok(bytes) if bytes.len() <= BUDGET => bytes.len(),
+            Ok(_) | Err(_) => {
+                tracing::error!(task_id = %update.task_id, "update too large to send; dropped");
+                continue;
+            }
+        };
+        if size + len > BUDGET {
+            frames.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += len;
+        current.push(update);
+    }
+    if !current.is_empty() {
+        frames.push(current);
+    }
+    frames
+}
+
+/// The ids of the last [`RECENT_IDS`] tasks that ended.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<TaskId>,
+    order: VecDeque<TaskId>,
+}
+
+impl RecentIds {
+    fn contains(&self, id: &TaskId) -> bool {
+        self.set.contains(id)
+    }
+
+    fn insert(&mut self, id: TaskId) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > RECENT_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(i: usize, message_len: usize) -> ExecutorUpdate {
+        ExecutorUpdate {
+            task_id: TaskId(format!("t{i}")),
+            state: TaskState::Failed,
+            reason: "trap".into(),
+            message: "x".repeat(message_len),
+            exit_code: None,
+            usage: Some(Usage { fuel: Some(u64::MAX), peak_mem: Some(1 << 30), ..Usage::default() }),
+        }
+    }
+
+    #[test]
+    fn big_batches_are_split_into_frames_that_fit() {
+        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
+        let frames = pack(updates.clone());
+        assert!(frames.len() > 1);
+        for frame in &frames {
+            assert!(encode(&ExecutorMessage::Updates(frame.clone())).is_ok());
+        }
+        assert_eq!(frames.concat(), updates, "order kept, nothing lost");
+        assert_eq!(pack(vec![update(0, 10)]).len(), 1);
+        assert!(pack(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_char_boundary() {
+        let cut = truncate("é".repeat(MAX_MESSAGE_BYTES));
+        assert!(cut.len() < MAX_MESSAGE_BYTES + 32);
+        assert!(cut.ends_with("(truncated)"));
+        assert_eq!(truncate("short".into()), "short");
+    }
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut recent = RecentIds::default();
+        for i in 0..=RECENT_IDS {
+            recent.insert(TaskId(i.to_string()));
+        }
+        assert!(!recent.contains(&TaskId("0".into())));
+        assert!(recent.contains(&TaskId("1".into())));
+        assert_eq!(recent.set.len(), RECENT_IDS);
+    }
+}

@@ -1,0 +1,454 @@
+//! The master's content-addressed artifact store: Wasm modules and shipped-directory archives,
+//! kept as `<root>/sha256/<hex digest>` (the server roots it at `<work_dir>/artifacts`).
+//!
+//! An upload is written to a temporary file under `<root>/tmp` while it is hashed, refused as
+//! soon as it goes past its declared size, checked (size, sha256, and for a Wasm module the
+//! executor's own validator), then published with a hard link, which never replaces a file:
+//! concurrent uploads of one digest agree on one file. An artifact is never changed once
+//! published, so readers need no coordination with writers.
+//!
+//! Nothing here touches the master core: the server runs these calls in each stream's own task
+//! and tells the core which digests exist.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use ::metrics::{counter, gauge};
+use agora_sdk::proto::{ArtifactKind, ArtifactRef, Digest, ErrorCode, UploadRequest};
+use agora_sdk::units::format_size;
+use sha2::Digest as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use crate::metrics;
+
+/// Largest artifact a master accepts unless configured otherwise (64 MiB).
+pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 64 << 20;
+
+/// Read and write granularity of uploads.
+const CHUNK: usize = 64 * 1024;
+
+/// Longest artifact name shown in messages (names come from peers).
+const MAX_NAME_CHARS: usize = 200;
+
+/// Why an artifact was refused or could not be stored. The messages name the artifact and the
+/// problem, and go to the uploader as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("`{shown}` is not a sha256 digest (64 lowercase hex digits)")]
+    BadDigest {
+        /// The digest as sent (shortened).
+        shown: String,
+    },
+    #[error("{name} is {}, over the master's {} artifact limit", format_size(*size), format_size(*max))]
+    TooLarge { name: String, size: u64, max: u64 },
+    #[error("{name}: more than the declared {declared} bytes were sent")]
+    Overrun { name: String, declared: u64 },
+    #[error("{name}: the upload ended after {got} of the declared {declared} bytes")]
+    Truncated { name: String, got: u64, declared: u64 },
+    #[error("{name}: the bytes hash to {actual}, not to the declared {declared}")]
+    DigestMismatch { name: String, declared: Digest, actual: Digest },
+    #[error("{name}: {source}")]
+    InvalidModule { name: String, source: agora_executor_wasm::WasmError },
+    #[error("{name}: receiving the upload failed: {err}")]
+    Receive { name: String, err: io::Error },
+    #[error("artifact store: cannot {op} {}: {err}", path.display())]
+    Io { op: &'static str, path: PathBuf, err: io::Error },
+}
+
+impl ArtifactError {
+    /// The wire error code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ArtifactError::BadDigest { .. } => ErrorCode::Malformed,
+            ArtifactError::TooLarge { .. } | ArtifactError::Overrun { .. } => ErrorCode::TooLarge,
+            ArtifactError::Truncated { .. }
+            | ArtifactError::DigestMismatch { .. }
+            | ArtifactError::InvalidModule { .. } => ErrorCode::Invalid,
+            ArtifactError::Receive { .. } => ErrorCode::Unexpected,
+            ArtifactError::Io { .. } => ErrorCode::Internal,
+        }
+    }
+
+    fn bad_digest(digest: &Digest) -> Self {
+        ArtifactError::BadDigest { shown: digest.as_str().chars().take(80).collect() }
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ArtifactError + 'a {
+    move |err| ArtifactError::Io { op, path: path.to_path_buf(), err }
+}
+
+/// A peer-supplied name made fit for messages and logs: no control characters, bounded length,
+/// and never empty.
+fn display_name(req: &UploadRequest) -> String {
+    let name: String =
+        req.name.chars().take(MAX_NAME_CHARS).map(|c| if c.is_control() { '?' } else { c }).collect();
+    if name.trim().is_empty() {
+        format!("artifact {}", req.digest)
+    } else {
+        name
+    }
+}
+
+/// The content-addressed store. Shared by the stream tasks behind an `Arc`; every method takes
+/// `&self` (the file system is the only state, plus counters).
+#[derive(Debug)]
+pub struct ArtifactStore {
+    root: PathBuf,
+    objects: PathBuf,
+    tmp: PathBuf,
+    max_size: u64,
+    count: AtomicUsize,
+    next_tmp: AtomicU64,
+}
+
+impl ArtifactStore {
+    /// Opens (creating if needed) the store rooted at `root`, removes temporary files left by
+    /// an interrupted upload, and counts the artifacts present. Blocking: call at startup.
+    pub fn open(root: &Path, max_size: u64) -> Result<Self, ArtifactError> {
+        let objects = root.join("sha256");
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&objects).map_err(io_err("create", &objects))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err("clean", &tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+        let store = ArtifactStore {
+            root: root.to_path_buf(),
+            objects,
+            tmp,
+            max_size,
+            count: AtomicUsize::new(0),
+            next_tmp: AtomicU64::new(0),
+        };
+        let n = store.list()?.len();
+        store.count.store(n, Ordering::Relaxed);
+        gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
+        Ok(store)
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Largest artifact accepted, in bytes.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// The artifacts present, read from the directory (files whose names are not digests are
+    /// ignored). Blocking: meant for startup.
+    pub fn list(&self) -> Result<Vec<ArtifactRef>, ArtifactError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.objects).map_err(io_err("list", &self.objects))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", &self.objects))?;
+            let file_name = entry.file_name();
+            // Only names this store writes: 64 lowercase hex digits.
+            let Some(digest) =
+                file_name.to_str().and_then(|n| Digest::parse(n).ok().filter(|d| d.as_str() == n))
+            else {
+                continue;
+            };
+            match entry.metadata() {
+                Ok(m) if m.is_file() => out.push(ArtifactRef { digest, size: m.len() }),
+                Ok(_) => {}
+                Err(err) => warn!(path = %entry.path().display(), error = %err, "unreadable artifact"),
+            }
+        }
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(out)
+    }
+
+    /// How many artifacts the store holds.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where the artifact `digest` is (or would be) kept; `None` for a malformed digest, which
+    /// never names a file.
+    pub fn path(&self, digest: &Digest) -> Option<PathBuf> {
+        digest.is_valid().then(|| self.objects.join(digest.as_str()))
+    }
+
+    /// Whether the store holds `digest`.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_some_and(|p| p.is_file())
+    }
+
+    /// The size of the artifact `digest`, if the store holds it.
+    pub fn size(&self, digest: &Digest) -> Option<u64> {
+        let meta = std::fs::metadata(self.path(digest)?).ok()?;
+        meta.is_file().then_some(meta.len())
+    }
+
+    /// Checks an upload request before any byte is received: a well-formed digest and a size
+    /// within the limit.
+    pub fn check(&self, req: &UploadRequest) -> Result<(), ArtifactError> {
+        if !req.digest.is_valid() {
+            return Err(ArtifactError::bad_digest(&req.digest));
+        }
+        if req.size > self.max_size {
+            return Err(ArtifactError::TooLarge {
+                name: display_name(req),
+                size: req.size,
+                max: self.max_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that the artifact already stored under `req.digest` passes the checks of
+    /// `req.kind` (the store is keyed by content, so the same bytes may have come as another
+    /// kind). `Ok(false)` when the store does not hold the digest.
+    pub async fn check_present(&self, req: &UploadRequest) -> Result<bool, ArtifactError> {
+        let path = self.path(&req.digest).ok_or_else(|| ArtifactError::bad_digest(&req.digest))?;
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(false);
+        }
+        if req.kind == ArtifactKind::WasmModule {
+            validate_module(&path, display_name(req)).await?;
+        }
+        Ok(true)
+    }
+
+    /// Receives the bytes of `req` from `body` (exactly `req.size` of them, then end of stream),
+    /// verifies them and publishes the artifact. Storing a digest that is already present is
+    /// fine (the first copy stays).
+    pub async fn store<R: AsyncRead + Unpin>(
+        &self,
+        req: &UploadRequest,
+        body: R,
+    ) -> Result<ArtifactRef, ArtifactError> {
+        let result = match self.check(req) {
+            Ok(()) => {
+                let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+                let tmp = self.tmp.join(format!("{}.{}.{n}.part", req.digest, std::process::id()));
+                let r = self.receive(req, &tmp, body).await;
+                if r.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "rejected").increment(1);
+        }
+        result
+    }
+
+    async fn receive<R: AsyncRead + Unpin>(
+        &self,
+        req: &UploadRequest,
+        tmp: &Path,
+        body: R,
+    ) -> Result<ArtifactRef, ArtifactError> {
+        let name = display_name(req);
+        let mut file = tokio::fs::File::create(tmp).await.map_err(io_err("create", tmp))?;
+        let mut hasher = sha2::Sha256::new();
+        // One byte past the declared size is enough to know the sender overran it.
+        let mut body = body.take(req.size.saturating_add(1));
+        let mut buf = vec![0u8; CHUNK];
+        let mut got: u64 = 0;
+        loop {
+            let n = body
+                .read(&mut buf)
+                .await
+                .map_err(|err| ArtifactError::Receive { name: name.clone(), err })?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            if got > req.size {
+                return Err(ArtifactError::Overrun { name, declared: req.size });
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).await.map_err(io_err("write", tmp))?;
+        }
+        if got < req.size {
+            return Err(ArtifactError::Truncated { name, got, declared: req.size });
+        }
+        let actual = Digest::from_hasher(hasher);
+        if actual != req.digest {
+            return Err(ArtifactError::DigestMismatch { name, declared: req.digest.clone(), actual });
+        }
+        file.sync_all().await.map_err(io_err("sync", tmp))?;
+        drop(file);
+        if req.kind == ArtifactKind::WasmModule {
+            validate_module(tmp, name.clone()).await?;
+        }
+        let dest = self.objects.join(actual.as_str());
+        let new = publish(tmp, &dest).await?;
+        if new {
+            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+            gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
+            counter!(metrics::ARTIFACT_BYTES).increment(req.size);
+        }
+        counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "stored").increment(1);
+        debug!(digest = %actual, size = req.size, name, new, "artifact stored");
+        Ok(ArtifactRef { digest: actual, size: req.size })
+    }
+
+    /// Opens the artifact `digest` for reading, with its size; `None` when the store does not
+    /// hold it.
+    pub async fn open_read(&self, digest: &Digest) -> Result<Option<(tokio::fs::File, u64)>, ArtifactError> {
+        let path = self.path(digest).ok_or_else(|| ArtifactError::bad_digest(digest))?;
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let size = file.metadata().await.map_err(io_err("stat", &path))?.len();
+        Ok(Some((file, size)))
+    }
+}
+
+/// Runs the Wasm executor's validator on the file at `path`, off the async threads.
+async fn validate_module(path: &Path, name: String) -> Result<(), ArtifactError> {
+    let owned = path.to_path_buf();
+    let verdict = tokio::task::spawn_blocking(move || {
+        std::fs::read(&owned).map(|bytes| agora_executor_wasm::validate(&bytes).map(|_| ()))
+    })
+    .await
+    .map_err(|e| ArtifactError::Io {
+        op: "validate",
+        path: path.to_path_buf(),
+        err: io::Error::other(e),
+    })?;
+    match verdict {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(ArtifactError::InvalidModule { name, source }),
+        Err(err) => Err(ArtifactError::Io { op: "read", path: path.to_path_buf(), err }),
+    }
+}
+
+/// Moves the verified temporary file `tmp` to `dest`. A hard link never replaces an existing
+/// file, so of concurrent uploads of one digest exactly one publishes; returns whether this one
+/// did. Where hard links are not supported, an atomic rename (the content is the same anyway).
+async fn publish(tmp: &Path, dest: &Path) -> Result<bool, ArtifactError> {
+    let new = match tokio::fs::hard_link(tmp, dest).await {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            debug!(error = %e, "hard link failed; renaming instead");
+            let existed = tokio::fs::try_exists(dest).await.unwrap_or(false);
+            tokio::fs::rename(tmp, dest).await.map_err(io_err("rename", tmp))?;
+            return Ok(!existed);
+        }
+    };
+    let _ = tokio::fs::remove_file(tmp).await;
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: ArtifactKind, name: &str, bytes: &[u8]) -> UploadRequest {
+        UploadRequest { kind, digest: Digest::of(bytes), size: bytes.len() as u64, name: name.into() }
+    }
+
+    fn module() -> Vec<u8> {
+        wat::parse_str(
+            r#"(module
+                 (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                 (memory (export "memory") 1)
+                 (func (export "_start")))"#,
+        )
+        .unwrap()
+    }
+
+    fn tmp_files(store: &ArtifactStore) -> usize {
+        std::fs::read_dir(&store.tmp).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn stores_checks_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("artifacts");
+        let store = ArtifactStore::open(&root, 1024).unwrap();
+        assert!(store.is_empty());
+
+        let wasm = module();
+        let r = req(ArtifactKind::WasmModule, "hello.wasm", &wasm);
+        let stored = store.store(&r, &wasm[..]).await.unwrap();
+        assert_eq!(stored, ArtifactRef { digest: r.digest.clone(), size: wasm.len() as u64 });
+        assert!(store.contains(&r.digest));
+        assert_eq!(store.size(&r.digest), Some(wasm.len() as u64));
+        assert_eq!(std::fs::read(store.path(&r.digest).unwrap()).unwrap(), wasm);
+        // Again: fine, still one artifact.
+        store.store(&r, &wasm[..]).await.unwrap();
+        assert_eq!(store.len(), 1);
+        assert!(store.check_present(&r).await.unwrap());
+
+        // Not Wasm, as a module: named problem; as an archive: fine.
+        let text = b"#!/bin/sh\necho hi\n".to_vec();
+        let e = store.store(&req(ArtifactKind::WasmModule, "hi.sh", &text), &text[..]).await.unwrap_err();
+        assert!(e.to_string().starts_with("hi.sh: not a WebAssembly module"), "{e}");
+        assert_eq!(e.code(), ErrorCode::Invalid);
+        let archive = req(ArtifactKind::Archive, "data.tar", &text);
+        store.store(&archive, &text[..]).await.unwrap();
+        // The same bytes claimed as a module are checked even though they are present.
+        let as_module = UploadRequest { kind: ArtifactKind::WasmModule, ..archive.clone() };
+        assert!(store.check_present(&as_module).await.is_err());
+
+        // Size and digest problems.
+        let short = req(ArtifactKind::Archive, "short", b"abcdef");
+        let e = store.store(&short, &b"abc"[..]).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Truncated { got: 3, declared: 6, .. }), "{e}");
+        let e = store.store(&short, &b"abcdefgh"[..]).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Overrun { declared: 6, .. }), "{e}");
+        let e = store.store(&short, &b"abcdeX"[..]).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::DigestMismatch { .. }), "{e}");
+        let big = vec![0u8; 2048];
+        let e = store.store(&req(ArtifactKind::Archive, "big.tar", &big), &big[..]).await.unwrap_err();
+        assert_eq!(e.to_string(), "big.tar is 2KiB, over the master's 1KiB artifact limit");
+        assert_eq!(tmp_files(&store), 0, "failed uploads leave no temporary file");
+        assert_eq!(store.len(), 2);
+
+        // Reopened: the same artifacts.
+        drop(store);
+        let store = ArtifactStore::open(&root, 1024).unwrap();
+        assert_eq!(store.len(), 2);
+        let listed: Vec<Digest> = store.list().unwrap().into_iter().map(|a| a.digest).collect();
+        assert!(listed.contains(&r.digest) && listed.contains(&archive.digest));
+    }
+
+    #[tokio::test]
+    async fn concurrent_uploads_of_one_digest_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(ArtifactStore::open(dir.path(), 1 << 20).unwrap());
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let r = req(ArtifactKind::Archive, "data.tar", &bytes);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (store, r, bytes) = (store.clone(), r.clone(), bytes.clone());
+            tasks.push(tokio::spawn(async move { store.store(&r, &bytes[..]).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(store.len(), 1);
+        assert_eq!(std::fs::read(store.path(&r.digest).unwrap()).unwrap(), bytes);
+        assert_eq!(tmp_files(&store), 0);
+    }
+
+    #[test]
+    fn malformed_digests_name_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path(), 1024).unwrap();
+        let evil: Digest = serde_json::from_str("\"../../etc/passwd\"").unwrap();
+        assert!(store.path(&evil).is_none());
+        assert!(!store.contains(&evil));
+        let r = UploadRequest { kind: ArtifactKind::Archive, digest: evil, size: 1, name: "x".into() };
+        assert_eq!(store.check(&r).unwrap_err().code(), ErrorCode::Malformed);
+    }
+}
