@@ -130,7 +130,7 @@ async fn output(conn: &quinn::Connection, req: OutputRequest) -> Result<Vec<u8>,
     {
         let (send, recv) = conn.open_bi().await.expect("open stream");
         let mut w = FrameWriter::new(send);
-        w.send(&req).await.expect("request");
+        w.send(&StreamRequest::Output(req)).await.expect("request");
         let mut r = FrameReader::new(recv);
         match r.recv::<OutputReply>().await.expect("reply frame").expect("reply") {
             OutputReply::Streaming => {}
