@@ -764,7 +764,10 @@ impl Master {
             let resources = task.allocation.clone();
             debug!(task_id = %key.1, framework_id = %key.0, agent_id = %agent_id, state = %status.state, "task ended");
             counter!(metrics::TASKS_TERMINAL, "state" => status.state.as_str()).increment(1);
-            self.recompute_used(&agent_id);
+            // Incremental: recomputing walks every task of the agent, quadratic under load.
+            if let Some(agent) = self.agents.get_mut(&agent_id) {
+                agent.used = agent.used.saturating_sub(&resources);
+            }
             if self.agents.get(&agent_id).is_some_and(|a| a.attached) {
                 self.allocator.recover(&key.0, &agent_id, &resources);
             }
@@ -1636,7 +1639,7 @@ impl Master {
                     framework_id: fw.clone(),
                     agent_id: agent_id.clone(),
                     state: TaskState::Staging,
-                    allocation,
+                    allocation: allocation.clone(),
                     latest: None,
                     pending: Vec::new(),
                     kill_requested: false,
@@ -1644,12 +1647,12 @@ impl Master {
             );
             if let Some(a) = self.agents.get_mut(&agent_id) {
                 a.tasks.insert(key);
+                a.used.add_assign(&allocation);
             }
             if let Some(c) = agent_conn {
                 self.send_agent(c, MasterToAgent::RunTask { framework_id: fw.clone(), task });
             }
         }
-        self.recompute_used(&agent_id);
         if !remaining.is_empty() {
             self.allocator.recover(fw, &agent_id, &remaining);
             if refuse_seconds.is_some() {
