@@ -88,6 +88,9 @@ pub struct Core {
     outbox: Vec<AgentMessage>,
     connected: bool,
     wasm: Option<WasmSupport>,
+    /// Tasks whose supervisor has not ended (kept as a count: walking every task per event
+    /// was quadratic under load).
+    live: usize,
 }
 
 impl Core {
@@ -114,6 +117,7 @@ impl Core {
             outbox: Vec::new(),
             connected: false,
             wasm: None,
+            live: 0,
         }
     }
 
@@ -198,7 +202,13 @@ impl Core {
                 return;
             }
         };
-        let run_dir = Layout::run_dir(&executor_dir, Uuid::new_v4());
+        // Wasm tasks run once per id (the master refuses duplicates): the executor dir is their
+        // sandbox, two directories fewer per task (directory creation dominates Wasm launches).
+        let run_dir = if wasm::is_wasm(&task) {
+            executor_dir.clone()
+        } else {
+            Layout::run_dir(&executor_dir, Uuid::new_v4())
+        };
         let spec = LaunchSpec {
             framework_id,
             task: task.clone(),
@@ -220,6 +230,7 @@ impl Core {
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
+        self.live += 1;
         self.update_gauges();
     }
 
@@ -264,7 +275,7 @@ impl Core {
 
     /// Number of tasks whose process has not ended yet.
     pub fn live_tasks(&self) -> usize {
-        self.tasks.values().filter(|e| !e.ended).count()
+        self.live
     }
 
     /// A supervisor's event becomes a status update.
@@ -285,6 +296,9 @@ impl Core {
             }
             TaskEvent::Terminated(t) => {
                 entry.state = t.state;
+                if !entry.ended {
+                    self.live = self.live.saturating_sub(1);
+                }
                 entry.ended = true;
                 let run_dir = entry.run_dir.clone();
                 self.finished.insert(key.clone(), run_dir);
