@@ -72,6 +72,10 @@ impl TestCluster {
     }
 
     pub fn add_agent(&mut self, i: usize, resources: &str) {
+        self.add_agent_with(i, resources, wasm_config());
+    }
+
+    pub fn add_agent_with(&mut self, i: usize, resources: &str, wasm: agora_agent::wasm::WasmConfig) {
         let token = CancellationToken::new();
         let config = agora_agent::AgentConfig {
             master: self.master.addr.to_string(),
@@ -83,7 +87,7 @@ impl TestCluster {
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
-            wasm: wasm_config(),
+            wasm,
         };
         let t = token.clone();
         let h = tokio::spawn(async move {

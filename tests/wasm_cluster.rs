@@ -1,0 +1,168 @@
+//! The Wasm executor's life cycle on a real in-process cluster (QUIC on loopback, the built
+//! `agora` binary as the executor): one executor per framework holding many tasks, neighbours
+//! unharmed by a misbehaving task, kill, idle exit and restart, and an executor dying under its
+//! tasks.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use agora_sdk::proto::*;
+use agora_sdk::Resources;
+use common::*;
+
+async fn upload(c: &TestCluster, name: &str, wat_path: &Path) -> ArtifactRef {
+    let bytes = wat::parse_file(wat_path).expect("wat");
+    let session =
+        agora_sdk::client::Session::connect(&c.master.addr.to_string(), &c.tls("framework"), Role::Framework)
+            .await
+            .expect("connect");
+    let r = agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, &bytes)
+        .await
+        .expect("upload");
+    session.conn.close(0u32.into(), b"done");
+    r
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("executor-wasm/tests/fixtures").join(format!("{name}.wat"))
+}
+
+fn wasm_task(id: &str, module: &ArtifactRef, mem: &str, timeout: Option<Duration>) -> TaskInfo {
+    TaskInfo {
+        task_id: TaskId(id.into()),
+        name: id.into(),
+        resources: Resources::parse(&format!("cpus:0.1;mem:{mem}")).expect("resources"),
+        kind: TaskKind::Wasm(Box::new(WasmInfo {
+            module: module.clone(),
+            args: vec![id.into()],
+            env: vec![],
+            dirs: vec![],
+            fuel: None,
+            timeout,
+        })),
+        kill_grace: None,
+    }
+}
+
+fn pid_of(status: &TaskStatus) -> i32 {
+    status
+        .message
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {:?}", status.message))
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_executor_holds_many_tasks_and_exits_when_idle() {
+    let mut c = TestCluster::start(0, "cpus:4;mem:4GiB").await;
+    let wasm = agora_agent::wasm::WasmConfig { idle_timeout: Duration::from_millis(800), ..wasm_config() };
+    c.add_agent_with(0, "cpus:4;mem:4GiB", wasm);
+    c.wait_agents(1).await;
+    let hello = upload(&c, "hello", &fixture("hello")).await;
+    let spin = upload(&c, "loop", &fixture("loop")).await;
+    let bomb = upload(&c, "membomb", &fixture("membomb")).await;
+    let trap = upload(&c, "unreachable", &fixture("unreachable")).await;
+
+    let mut fw = ProbeFramework::start(c.framework("wasm")).await;
+    let offer = fw.offer().await;
+    let tasks = vec![
+        wasm_task("hello-1", &hello, "16MiB", None),
+        wasm_task("spin", &spin, "16MiB", Some(Duration::from_millis(400))),
+        wasm_task("bomb", &bomb, "16MiB", None),
+        wasm_task("trap", &trap, "16MiB", None),
+        wasm_task("hello-2", &hello, "16MiB", None),
+        wasm_task("forever", &spin, "16MiB", None),
+    ];
+    fw.held.clear();
+    fw.driver().launch(vec![offer.id], tasks);
+
+    let mut pids = Vec::new();
+    let mut ends = std::collections::BTreeMap::new();
+    let mut killed = false;
+    while ends.len() < 6 {
+        if let Seen::Update(u) = fw.next().await {
+            if u.state == TaskState::Running {
+                pids.push(pid_of(&u));
+                if u.task_id.as_str() == "forever" && !killed {
+                    killed = true;
+                    fw.driver().kill(u.task_id.clone());
+                }
+            }
+            if u.state.is_terminal() {
+                ends.insert(u.task_id.to_string(), (u.state, u.reason.clone(), u.exit_code));
+            }
+        }
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 1, "all tasks of the framework run in one executor: {pids:?}");
+    assert_eq!(ends["hello-1"], (TaskState::Finished, "module exited".into(), Some(0)));
+    assert_eq!(ends["hello-2"], (TaskState::Finished, "module exited".into(), Some(0)));
+    assert_eq!(ends["spin"].0, TaskState::Failed);
+    assert_eq!(ends["spin"].1, "timeout");
+    assert_eq!(ends["bomb"].1, "memory limit exceeded");
+    assert_eq!(ends["trap"].1, "trap");
+    assert_eq!(ends["forever"].0, TaskState::Killed);
+
+    // The neighbours' output is whole.
+    let run_dir = common_task_dir(&c, "hello-2");
+    assert_eq!(std::fs::read(run_dir.join("stdout")).expect("stdout"), b"hello from wasm\n");
+
+    // Idle: the executor exits; the next task starts a new one.
+    let pid = pids[0];
+    wait_for("the idle executor to exit", || async move { !alive(pid) }).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver().launch(vec![offer.id], vec![wasm_task("hello-3", &hello, "16MiB", None)]);
+    let running = fw.update_for("hello-3", TaskState::Running).await;
+    assert_ne!(pid_of(&running), pid, "a new executor");
+    fw.update_for("hello-3", TaskState::Finished).await;
+    c.stop().await;
+}
+
+/// The sandbox of a task of the only framework on agent 0.
+fn common_task_dir(c: &TestCluster, task: &str) -> std::path::PathBuf {
+    let fws = c.agent_dir(0).join("frameworks");
+    let fw = std::fs::read_dir(&fws).expect("frameworks").flatten().next().expect("one framework").path();
+    fw.join("executors").join(task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
+    let c = TestCluster::start(1, "cpus:4;mem:4GiB").await;
+    let spin = upload(&c, "loop", &fixture("loop")).await;
+    let hello = upload(&c, "hello", &fixture("hello")).await;
+    let mut fw = ProbeFramework::start(c.framework("wasm")).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver().launch(
+        vec![offer.id],
+        vec![wasm_task("spin-a", &spin, "16MiB", None), wasm_task("spin-b", &spin, "16MiB", None)],
+    );
+    let running = fw.update_for("spin-a", TaskState::Running).await;
+    let pid = pid_of(&running);
+    // SAFETY: kill(2) of the executor process this test's agent started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for id in ["spin-a", "spin-b"] {
+        let st = fw
+            .until(|s| match s {
+                Seen::Update(u) if u.task_id.as_str() == id && u.state.is_terminal() => Some(u.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(st.state, TaskState::Failed, "{st:?}");
+        assert_eq!(st.reason, "executor terminated", "{st:?}");
+        assert!(st.message.contains("signal 9"), "{}", st.message);
+    }
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver().launch(vec![offer.id], vec![wasm_task("after", &hello, "16MiB", None)]);
+    fw.update_for("after", TaskState::Finished).await;
+    c.stop().await;
+}
