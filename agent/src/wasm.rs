@@ -345,14 +345,11 @@ async fn prepare(
     info: &WasmInfo,
     fetcher: &Fetcher,
 ) -> Result<WasmLaunch, (&'static str, String)> {
+    // Nothing is created up front: the executor creates the sandbox and each output file on the
+    // first byte written (a missing file reads as empty), and shipped directories create it
+    // below. Inode creation was most of a short Wasm task's cost.
     let dir = spec.run_dir.clone();
-    let sandbox_err =
-        |e: std::io::Error| ("failed to start", format!("cannot create sandbox {}: {e}", dir.display()));
-    tokio::fs::create_dir_all(&dir).await.map_err(sandbox_err)?;
     let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-    // Created here so `agora logs` finds them before the executor writes the first byte.
-    tokio::fs::File::create(&stdout).await.map_err(sandbox_err)?;
-    tokio::fs::File::create(&stderr).await.map_err(sandbox_err)?;
     let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
     for d in &info.dirs {

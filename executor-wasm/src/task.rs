@@ -377,30 +377,127 @@ fn resolve(sandbox: &Path, path: &Path) -> PathBuf {
     }
 }
 
-fn open_output(sandbox: &Path, path: &Path) -> Result<OutputFile, WasmError> {
-    let path = resolve(sandbox, path);
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|source| WasmError::Output { path: path.clone(), source })?;
-    Ok(OutputFile::new(file))
+/// A guest output file created on the first byte written (with its directory): most tasks
+/// never write to stderr, many never to stdout, and creating files (inodes) dominated the cost
+/// of short tasks. A task that writes nothing leaves no file; readers treat that as empty.
+#[derive(Clone)]
+struct LazyOutput {
+    path: Arc<PathBuf>,
+    file: Arc<std::sync::OnceLock<Result<OutputFile, String>>>,
+}
+
+impl LazyOutput {
+    fn new(path: PathBuf) -> Self {
+        Self { path: Arc::new(path), file: Arc::new(std::sync::OnceLock::new()) }
+    }
+
+    fn file(&self) -> Result<&OutputFile, String> {
+        self.file
+            .get_or_init(|| {
+                let open = || {
+                    if let Some(dir) = self.path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    OpenOptions::new().create(true).append(true).open(&*self.path)
+                };
+                open().map(OutputFile::new).map_err(|e| format!("cannot open {}: {e}", self.path.display()))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for LazyOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for LazyOutput {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for LazyOutput {
+    async fn ready(&mut self) {}
+}
+
+impl wasmtime_wasi::p2::OutputStream for LazyOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        use wasmtime_wasi::p2::StreamError;
+        let mut f =
+            self.file().map_err(|e| StreamError::LastOperationFailed(wasmtime::format_err!(e)))?.clone();
+        wasmtime_wasi::p2::OutputStream::write(&mut f, bytes)
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        match self.file.get() {
+            Some(Ok(f)) => wasmtime_wasi::p2::OutputStream::flush(&mut f.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(1 << 20)
+    }
+}
+
+impl tokio::io::AsyncWrite for LazyOutput {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.file() {
+            Ok(f) => std::pin::Pin::new(&mut f.clone()).poll_write(cx, buf),
+            Err(e) => std::task::Poll::Ready(Err(std::io::Error::other(e))),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn open_output(sandbox: &Path, path: &Path) -> LazyOutput {
+    LazyOutput::new(resolve(sandbox, path))
 }
 
 /// The deny-by-default WASI context of a task.
 fn wasi_builder(spec: &WasmTaskSpec) -> Result<WasiCtxBuilder, WasmError> {
-    let sandbox = spec
-        .sandbox
-        .canonicalize()
-        .map_err(|source| WasmError::Sandbox { path: spec.sandbox.clone(), source })?;
+    // Preopens are checked against the real sandbox path; without any, the sandbox need not
+    // exist (outputs create it on the first byte written).
+    let sandbox = if spec.preopens.is_empty() {
+        spec.sandbox.clone()
+    } else {
+        spec.sandbox
+            .canonicalize()
+            .map_err(|source| WasmError::Sandbox { path: spec.sandbox.clone(), source })?
+    };
     let mut b = WasiCtxBuilder::new();
     // No inherit_*: args, env and stdio are only what the spec says; stdin stays empty.
     b.args(&spec.args).envs(&spec.env).allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
     if let Some(path) = &spec.stdout {
-        b.stdout(open_output(&sandbox, path)?);
+        b.stdout(open_output(&sandbox, path));
     }
     if let Some(path) = &spec.stderr {
-        b.stderr(open_output(&sandbox, path)?);
+        b.stderr(open_output(&sandbox, path));
     }
     for preopen in &spec.preopens {
         let wanted = resolve(&sandbox, &preopen.host);

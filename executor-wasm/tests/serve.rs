@@ -375,12 +375,13 @@ async fn tasks_that_cannot_start_fail_without_running() {
     no_sandbox.sandbox = agent.dir.path().join("absent");
     let mut too_small = agent.launch("too-small", "echo"); // echo's memory is 128 KiB
     too_small.mem_bytes = 64 << 10;
-    let failing = ["missing", "garbage", "mismatch", "bad-digest", "too-big", "no-sandbox"];
+    // No sandbox yet is fine: the outputs create it on the first byte.
+    let failing = ["missing", "garbage", "mismatch", "bad-digest", "too-big"];
     let mut batch = vec![missing, garbage, mismatch, bad_digest, too_big, no_sandbox, too_small];
     batch.push(agent.launch("ok", "hello"));
     agent.send(AgentToExecutor::Launch(batch)).await;
     let mut all: Vec<String> = failing.map(String::from).to_vec();
-    all.extend(["too-small".into(), "ok".into()]);
+    all.extend(["too-small".into(), "ok".into(), "no-sandbox".into()]);
     agent.wait_ended(&all).await;
 
     for task in failing {
@@ -397,6 +398,7 @@ async fn tasks_that_cannot_start_fail_without_running() {
     assert_eq!(agent.states("too-small"), [TaskState::Failed]);
     assert_eq!(agent.last("too-small").reason, "memory limit exceeded");
     assert_eq!(agent.states("ok"), [TaskState::Running, TaskState::Finished]);
+    assert_eq!(agent.states("no-sandbox"), [TaskState::Running, TaskState::Finished]);
 
     // Still serving; the file appearing later is picked up (failed loads are not cached).
     let mut later = agent.launch("later", "hello");
