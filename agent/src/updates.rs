@@ -7,7 +7,7 @@
 //!
 //! This module is sans-IO: time is passed in and updates to send are returned.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::TaskStatus;
@@ -47,6 +47,9 @@ pub enum AckOutcome {
 #[derive(Debug)]
 pub struct UpdateManager {
     streams: BTreeMap<TaskKey, Stream>,
+    /// Every stream's `next_send`, ordered: the next deadline without a walk over all streams
+    /// (that walk ran once per agent event and made 10,000 pending updates quadratic).
+    schedule: BTreeSet<(Instant, TaskKey)>,
     initial: Duration,
     max: Duration,
 }
@@ -60,20 +63,29 @@ impl Default for UpdateManager {
 impl UpdateManager {
     /// A manager retrying after `initial`, doubling up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { streams: BTreeMap::new(), initial, max }
+        Self { streams: BTreeMap::new(), schedule: BTreeSet::new(), initial, max }
+    }
+
+    /// Moves `key`'s retry time from `old` to `new` in the schedule.
+    fn reschedule(schedule: &mut BTreeSet<(Instant, TaskKey)>, key: &TaskKey, old: Instant, new: Instant) {
+        if old != new || !schedule.contains(&(old, key.clone())) {
+            schedule.remove(&(old, key.clone()));
+            schedule.insert((new, key.clone()));
+        }
     }
 
     /// Queues an update. Returns it when it is now the head of its stream and must be sent
     /// right away; otherwise it waits for the acknowledgement of the ones before it.
     pub fn push(&mut self, key: TaskKey, status: TaskStatus, now: Instant) -> Option<TaskStatus> {
         let initial = self.initial;
-        let stream = self.streams.entry(key).or_insert_with(|| Stream {
+        let stream = self.streams.entry(key.clone()).or_insert_with(|| Stream {
             pending: VecDeque::new(),
             next_send: now,
             backoff: initial,
         });
         stream.pending.push_back(status);
         if stream.pending.len() == 1 {
+            Self::reschedule(&mut self.schedule, &key, stream.next_send, now + initial);
             stream.next_send = now + initial;
             stream.backoff = (initial * 2).min(self.max);
             stream.pending.front().cloned()
@@ -94,9 +106,11 @@ impl UpdateManager {
         let terminal = acked.is_some_and(|s| s.state.is_terminal());
         let next = stream.pending.front().cloned().map(Box::new);
         if next.is_some() {
+            Self::reschedule(&mut self.schedule, key, stream.next_send, now + self.initial);
             stream.next_send = now + self.initial;
             stream.backoff = (self.initial * 2).min(self.max);
         } else {
+            self.schedule.remove(&(stream.next_send, key.clone()));
             self.streams.remove(key);
         }
         AckOutcome::Acked { next, terminal }
@@ -105,34 +119,39 @@ impl UpdateManager {
     /// Heads whose retry time has come; each is rescheduled with a doubled delay.
     pub fn due(&mut self, now: Instant) -> Vec<TaskStatus> {
         let mut out = Vec::new();
-        for stream in self.streams.values_mut() {
-            if stream.next_send <= now {
-                if let Some(head) = stream.pending.front() {
-                    out.push(head.clone());
-                }
-                stream.next_send = now + stream.backoff;
-                stream.backoff = (stream.backoff * 2).min(self.max);
+        let mut later = Vec::new();
+        while self.schedule.first().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, key)) = self.schedule.pop_first() else { break };
+            let Some(stream) = self.streams.get_mut(&key) else { continue };
+            if let Some(head) = stream.pending.front() {
+                out.push(head.clone());
             }
+            stream.next_send = now + stream.backoff;
+            stream.backoff = (stream.backoff * 2).min(self.max);
+            later.push((stream.next_send, key));
         }
+        self.schedule.extend(later);
         out
     }
 
     /// Every stream's head, for a fresh connection; backoffs start over.
     pub fn resend_all(&mut self, now: Instant) -> Vec<TaskStatus> {
         let mut out = Vec::new();
-        for stream in self.streams.values_mut() {
+        self.schedule.clear();
+        for (key, stream) in self.streams.iter_mut() {
             if let Some(head) = stream.pending.front() {
                 out.push(head.clone());
             }
             stream.next_send = now + self.initial;
             stream.backoff = (self.initial * 2).min(self.max);
+            self.schedule.insert((stream.next_send, key.clone()));
         }
         out
     }
 
     /// The earliest retry time, if anything is pending.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.streams.values().map(|s| s.next_send).min()
+        self.schedule.first().map(|(t, _)| *t)
     }
 
     /// Whether task `key` has unacknowledged updates.

@@ -13,33 +13,36 @@
 //! *node-local* (the agent matches), *rack-local* (the agent's rack attribute names a preferred
 //! rack, or the rack of an agent seen earlier that matches) or neither (*any*).
 //!
-//! ## The algorithm (the paper's Algorithm 2, kept per framework)
+//! ## The algorithm (the paper's Algorithm 2)
 //!
 //! The paper keeps, per job, a locality `level` (0 node, 1 rack, 2 any) and a `wait`: the time
-//! the job has spent being skipped since it last launched a task. Here the *framework* is the
-//! job (one level and one wait for all its pending tasks, which are served in the order they
-//! were added). For every batch of offers, at time `now`:
+//! the job has spent being skipped since it last launched a task. A task belongs to a job
+//! ([`PendingTask::job`], default 0); a framework that puts all its tasks in one job gets one
+//! level and one wait for the whole framework. Jobs are served in the order of their first
+//! task (FIFO), a job's tasks in the order they were added. For every batch of offers, at time
+//! `now`, each job in turn, on what earlier jobs left of the offers:
 //!
-//! 1. Node-local tasks are launched on every offer (as many as fit), whatever the level. A
-//!    launch sets the level to *node* and the wait to zero.
-//! 2. If the level allows it — the level is already *rack* or *any*, or the framework has
-//!    waited `node_delay` — rack-local tasks are launched on what is left; that sets the level
-//!    to *rack* and the wait to zero.
-//! 3. If the level allows it — *any*, or *rack* and a wait of `rack_delay`, or *node* and a
-//!    wait of `node_delay + rack_delay` — any task is launched; that sets the level to *any*.
-//! 4. Tasks without any preference are launched on what is left at once, at no level.
-//! 5. Offers with no launch are declined with a short filter ([`DelayConfig::refuse`]) so the
-//!    master offers them to other frameworks; the unused rest of an accepted offer is filtered
-//!    for as long. If some pending task would have fitted an offer but none was launched, the
-//!    framework was *skipped*: its wait starts now (if it had not started already).
+//! 1. launches its node-local tasks on every offer (as many as fit), whatever its level. A
+//!    launch sets its level to *node* and its wait to zero;
+//! 2. if its level allows it — the level is already *rack* or *any*, or the job has waited
+//!    `node_delay` — launches rack-local tasks; that sets the level to *rack*, the wait to zero;
+//! 3. if its level allows it — *any*, or *rack* and a wait of `rack_delay`, or *node* and a
+//!    wait of `node_delay + rack_delay` — launches any task; that sets the level to *any*;
+//! 4. if it launched nothing although one of its tasks fitted what was left, it was *skipped*:
+//!    its wait starts now (if it had not started already).
 //!
-//! Because a launch zeroes the wait, a framework that just launched a node-local task must wait
-//! again before it takes a worse one, exactly as the paper's per-heartbeat loop behaves; with
-//! both delays zero every step is allowed at once and the scheduler is greedy, but still takes
-//! node-local tasks first. When the queue empties the level returns to *node* (a new job starts
-//! from the best level). With nothing pending every offer is declined with the long
-//! [`DelayConfig::idle_refuse`] filter, and the next [`add`](DelayScheduler::add) asks for a
-//! revive ([`take_revive`](DelayScheduler::take_revive)).
+//! Then tasks without any preference are launched on what is left, at no level. Offers with
+//! no launch are declined with a short filter ([`DelayConfig::refuse`]) so that the master
+//! offers them to other frameworks; the unused rest of an accepted offer is filtered as long.
+//!
+//! A skipped job leaves the offer to the jobs behind it (and, once declined, to other
+//! frameworks): that is what delay scheduling buys. Because a launch zeroes the wait, a job
+//! that just launched a node-local task must wait again before it takes a worse one, as in the
+//! paper's per-heartbeat loop. With both delays zero every level is allowed at once: the head
+//! job takes what is offered (its node-local tasks first), which is greedy FIFO. A job whose
+//! last task is launched is forgotten (a new job starts at node level). With nothing pending,
+//! every offer is declined with the long [`DelayConfig::idle_refuse`] filter, and the next
+//! [`add`](DelayScheduler::add) asks for a revive ([`take_revive`](DelayScheduler::take_revive)).
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -159,26 +162,35 @@ fn rack_of(attributes: &Attributes, name: &str) -> Option<String> {
     }
 }
 
-/// A task waiting for an offer: what it needs, what it prefers, and the caller's `task`
-/// (a [`TaskInfo`] for a real framework, anything for a simulation).
+/// A task waiting for an offer: what it needs, what it prefers, the job it belongs to, and the
+/// caller's `task` (a [`TaskInfo`] for a real framework, anything for a simulation).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingTask<T> {
     pub id: TaskId,
     pub resources: Resources,
     pub preference: Preference,
+    /// The job (delay-scheduling level and wait are kept per job); 0 unless set.
+    pub job: u64,
     pub task: T,
 }
 
 impl<T> PendingTask<T> {
+    /// A task of job 0.
     pub fn new(id: TaskId, resources: Resources, preference: Preference, task: T) -> Self {
-        PendingTask { id, resources, preference, task }
+        PendingTask { id, resources, preference, job: 0, task }
+    }
+
+    /// The same task in job `job`.
+    pub fn in_job(mut self, job: u64) -> Self {
+        self.job = job;
+        self
     }
 }
 
 impl PendingTask<TaskInfo> {
-    /// A pending [`TaskInfo`] (its id and resources are the task's own).
+    /// A pending [`TaskInfo`] of job 0 (its id and resources are the task's own).
     pub fn from_info(info: TaskInfo, preference: Preference) -> Self {
-        PendingTask { id: info.task_id.clone(), resources: info.resources.clone(), preference, task: info }
+        PendingTask::new(info.task_id.clone(), info.resources.clone(), preference, info)
     }
 }
 
@@ -337,6 +349,18 @@ impl<T> Entry<T> {
     }
 }
 
+/// The delay-scheduling state of one job.
+#[derive(Debug)]
+struct Job {
+    /// The level of the job's last launch (the paper's `j.level`).
+    level: Locality,
+    /// When the job was first skipped since its last launch (the paper's `j.wait` is
+    /// `now - waiting_since`).
+    waiting_since: Option<Instant>,
+    /// Its pending tasks (entry keys, in the order they were added).
+    tasks: BTreeSet<u64>,
+}
+
 /// One offer during a decision.
 struct Slot<'a> {
     offer: &'a Offer,
@@ -349,15 +373,14 @@ struct Slot<'a> {
 /// The delay-scheduling state machine of one framework (see the module docs).
 pub struct DelayScheduler<T> {
     config: DelayConfig,
-    /// Pending tasks by arrival number (served in that order).
+    /// Pending tasks by arrival number.
     pending: BTreeMap<u64, Entry<T>>,
     ids: HashMap<TaskId, u64>,
     next: u64,
-    /// The level of the last launch (the paper's `j.level`).
-    level: Locality,
-    /// When the framework was first skipped since its last launch (the paper's `j.wait` is
-    /// `now - waiting_since`).
-    waiting_since: Option<Instant>,
+    /// Jobs with pending tasks, by the arrival number of their first task (FIFO).
+    jobs: BTreeMap<u64, Job>,
+    /// The key in `jobs` of each job id.
+    job_keys: HashMap<u64, u64>,
     /// Rack of every agent seen in an offer.
     agent_racks: HashMap<AgentId, String>,
     /// Attributes of every agent seen in an offer (to learn a new one's racks).
@@ -375,8 +398,7 @@ impl<T> fmt::Debug for DelayScheduler<T> {
         f.debug_struct("DelayScheduler")
             .field("config", &self.config)
             .field("pending", &self.pending.len())
-            .field("level", &self.level)
-            .field("waiting_since", &self.waiting_since)
+            .field("jobs", &self.jobs.len())
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -389,8 +411,8 @@ impl<T> DelayScheduler<T> {
             pending: BTreeMap::new(),
             ids: HashMap::new(),
             next: 0,
-            level: Locality::Node,
-            waiting_since: None,
+            jobs: BTreeMap::new(),
+            job_keys: HashMap::new(),
             agent_racks: HashMap::new(),
             agent_attributes: HashMap::new(),
             value_racks: HashMap::new(),
@@ -420,8 +442,15 @@ impl<T> DelayScheduler<T> {
             }
         }
         self.next += 1;
-        self.ids.insert(task.id.clone(), self.next);
-        self.pending.insert(self.next, Entry { task, added: now, racks });
+        let key = self.next;
+        let job_key = *self.job_keys.entry(task.job).or_insert(key);
+        self.jobs
+            .entry(job_key)
+            .or_insert_with(|| Job { level: Locality::Node, waiting_since: None, tasks: BTreeSet::new() })
+            .tasks
+            .insert(key);
+        self.ids.insert(task.id.clone(), key);
+        self.pending.insert(key, Entry { task, added: now, racks });
         if self.idle_declined {
             self.idle_declined = false;
             self.revive = true;
@@ -429,12 +458,27 @@ impl<T> DelayScheduler<T> {
         true
     }
 
+    /// Forgets a pending entry (launched or removed); a job without tasks is forgotten too.
+    fn take(&mut self, key: u64) -> Option<Entry<T>> {
+        let entry = self.pending.remove(&key)?;
+        self.ids.remove(&entry.task.id);
+        if let Some(&job_key) = self.job_keys.get(&entry.task.job) {
+            let empty = self.jobs.get_mut(&job_key).is_none_or(|j| {
+                j.tasks.remove(&key);
+                j.tasks.is_empty()
+            });
+            if empty {
+                self.jobs.remove(&job_key);
+                self.job_keys.remove(&entry.task.job);
+            }
+        }
+        Some(entry)
+    }
+
     /// Takes a pending task back (e.g. it was cancelled).
     pub fn remove(&mut self, id: &TaskId) -> Option<PendingTask<T>> {
-        let key = self.ids.remove(id)?;
-        let entry = self.pending.remove(&key)?;
-        self.queue_changed();
-        Some(entry.task)
+        let key = *self.ids.get(id)?;
+        self.take(key).map(|e| e.task)
     }
 
     /// Whether the framework should revive offers (it declined them as idle and has work
@@ -453,15 +497,19 @@ impl<T> DelayScheduler<T> {
         self.pending.values().map(|e| &e.task)
     }
 
-    /// The current locality level (that of the last launch).
-    pub fn level(&self) -> Locality {
-        self.level
+    /// A job's locality level (that of its last launch), while it has pending tasks.
+    pub fn level(&self, job: u64) -> Option<Locality> {
+        self.job(job).map(|j| j.level)
     }
 
-    /// Since when the framework has been passing on offers without launching (the paper's
-    /// wait); `None` right after a launch.
-    pub fn waiting_since(&self) -> Option<Instant> {
-        self.waiting_since
+    /// Since when a job has been passing on offers without launching (the paper's wait);
+    /// `None` right after a launch, or when the job has no pending task.
+    pub fn waiting_since(&self, job: u64) -> Option<Instant> {
+        self.job(job).and_then(|j| j.waiting_since)
+    }
+
+    fn job(&self, job: u64) -> Option<&Job> {
+        self.jobs.get(self.job_keys.get(&job)?)
     }
 
     pub fn stats(&self) -> &LocalityStats {
@@ -478,13 +526,6 @@ impl<T> DelayScheduler<T> {
             Locality::Rack if wait >= w2 => Locality::Any,
             Locality::Rack => Locality::Rack,
             Locality::Any => Locality::Any,
-        }
-    }
-
-    fn queue_changed(&mut self) {
-        if self.pending.is_empty() {
-            self.level = Locality::Node;
-            self.waiting_since = None;
         }
     }
 
@@ -526,15 +567,22 @@ impl<T> DelayScheduler<T> {
         }
     }
 
-    /// Places pending tasks of exactly `want` locality (or, for `None`, tasks without a
-    /// preference) on every slot, oldest first, while they fit. Returns how many.
-    fn place(&self, slots: &mut [Slot<'_>], taken: &mut BTreeSet<u64>, want: Option<Locality>) -> usize {
+    /// Places `keys` (pending entries, in order) of exactly `want` locality — or, for `None`,
+    /// those without a preference — on the slots while they fit. Returns how many.
+    fn place(
+        &self,
+        slots: &mut [Slot<'_>],
+        keys: &BTreeSet<u64>,
+        taken: &mut BTreeSet<u64>,
+        want: Option<Locality>,
+    ) -> usize {
         let mut n = 0;
         for slot in slots.iter_mut() {
-            for (key, e) in &self.pending {
+            for key in keys {
                 if slot.left.is_empty() {
                     break;
                 }
+                let Some(e) = self.pending.get(key) else { continue };
                 if taken.contains(key) || e.free() != want.is_none() || !slot.left.contains(&e.task.resources)
                 {
                     continue;
@@ -577,34 +625,42 @@ impl<T> DelayScheduler<T> {
             })
             .collect();
         let mut taken = BTreeSet::new();
-        let wait = self.waiting_since.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        let mut allowed = self.allowed(self.level, wait);
-        let mut launched_level = None;
-        for level in [Locality::Node, Locality::Rack, Locality::Any] {
-            if level > allowed {
-                break;
+        let job_keys: Vec<u64> = self.jobs.keys().copied().collect();
+        for job_key in job_keys {
+            let Some(job) = self.jobs.get(&job_key) else { continue };
+            let wait = job.waiting_since.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            let mut allowed = self.allowed(job.level, wait);
+            let mut launched = None;
+            for level in [Locality::Node, Locality::Rack, Locality::Any] {
+                if level > allowed {
+                    break;
+                }
+                if self.place(&mut slots, &job.tasks, &mut taken, Some(level)) > 0 {
+                    // A launch at `level`: the level is that, the wait starts over.
+                    launched = Some(level);
+                    allowed = self.allowed(level, Duration::ZERO);
+                }
             }
-            if self.place(&mut slots, &mut taken, Some(level)) > 0 {
-                // A launch at `level`: the level is that, the wait starts over.
-                launched_level = Some(level);
-                allowed = self.allowed(level, Duration::ZERO);
+            // Skipped: one of its tasks would have fitted what it passed on.
+            let skipped = launched.is_none()
+                && job.tasks.iter().any(|k| {
+                    self.pending.get(k).is_some_and(|e| {
+                        !e.free() && slots.iter().any(|s| s.left.contains(&e.task.resources))
+                    })
+                });
+            let Some(job) = self.jobs.get_mut(&job_key) else { continue };
+            if let Some(level) = launched {
+                job.level = level;
+                job.waiting_since = None;
+            } else if skipped {
+                job.waiting_since.get_or_insert(now);
             }
         }
-        if let Some(level) = launched_level {
-            self.level = level;
-            self.waiting_since = None;
-        } else {
-            // Skipped: some task would have fitted what was passed on.
-            let fitted = slots.iter().any(|s| {
-                self.pending
-                    .iter()
-                    .any(|(k, e)| !taken.contains(k) && !e.free() && s.left.contains(&e.task.resources))
-            });
-            if fitted {
-                self.waiting_since.get_or_insert(now);
-            }
+        let free: BTreeSet<u64> =
+            self.pending.iter().filter(|(k, e)| e.free() && !taken.contains(*k)).map(|(k, _)| *k).collect();
+        if !free.is_empty() {
+            self.place(&mut slots, &free, &mut taken, None);
         }
-        self.place(&mut slots, &mut taken, None);
 
         let mut decision = Decision {
             launches: Vec::new(),
@@ -618,8 +674,7 @@ impl<T> DelayScheduler<T> {
             }
             let mut tasks = Vec::with_capacity(slot.placed.len());
             for (key, locality) in slot.placed {
-                let Some(e) = self.pending.remove(&key) else { continue };
-                self.ids.remove(&e.task.id);
+                let Some(e) = self.take(key) else { continue };
                 let waited = now.saturating_duration_since(e.added);
                 self.stats.record(locality, waited);
                 tasks.push(Placed { id: e.task.id, task: e.task.task, locality, waited });
@@ -630,7 +685,6 @@ impl<T> DelayScheduler<T> {
                 tasks,
             });
         }
-        self.queue_changed();
         decision
     }
 }
@@ -752,22 +806,22 @@ mod tests {
         // Learn that b1 lives in rack r1 (a1 is offered but full).
         let d = s.on_offers(t0, &[offer(1, "a1", A1, "cpus:0.5")]);
         assert!(d.launches.is_empty());
-        assert_eq!(s.waiting_since(), None, "nothing fitted: not a skip");
+        assert_eq!(s.waiting_since(0), None, "nothing fitted: not a skip");
         // A rack-local offer: declined, the wait starts.
         let d = s.on_offers(t0, &[offer(2, "a2", A2, "cpus:4")]);
         assert!(d.launches.is_empty());
         assert_eq!(d.declines, [OfferId::new("o2")]);
-        assert_eq!(s.waiting_since(), Some(t0));
+        assert_eq!(s.waiting_since(0), Some(t0));
         // Still within the node delay: an off-rack and a rack-local offer are passed on.
         let d = s.on_offers(t0 + SEC / 2, &[offer(3, "a3", A3, "cpus:4"), offer(4, "a2", A2, "cpus:4")]);
         assert!(d.launches.is_empty() && d.declines.len() == 2);
-        assert_eq!(s.waiting_since(), Some(t0), "the wait keeps its start");
+        assert_eq!(s.waiting_since(0), Some(t0), "the wait keeps its start");
         // Past the node delay: off-rack still declined, rack-local taken.
         let d = s.on_offers(t0 + SEC, &[offer(5, "a3", A3, "cpus:4")]);
         assert!(d.launches.is_empty());
         let d = s.on_offers(t0 + SEC, &[offer(6, "a2", A2, "cpus:4")]);
         assert_eq!(launched(&d), [("t1".into(), "a2".into(), Locality::Rack)]);
-        assert_eq!(s.level(), Locality::Node, "the queue is empty: back to node level");
+        assert_eq!(s.level(0), None, "the job is done: forgotten");
         assert_eq!(s.stats().rack, 1);
         assert_eq!(s.stats().max_wait, SEC);
 
@@ -795,7 +849,7 @@ mod tests {
         assert!(s.on_offers(t0, &[offer(2, "a2", A2, "cpus:1")]).launches.is_empty());
         let d = s.on_offers(t0 + SEC, &[offer(3, "a2", A2, "cpus:1")]);
         assert_eq!(launched(&d)[0].2, Locality::Rack);
-        assert_eq!(s.level(), Locality::Rack);
+        assert_eq!(s.level(0), Some(Locality::Rack));
         // At rack level a rack-local offer is taken at once, an off-rack one is not.
         let d = s.on_offers(t0 + SEC, &[offer(4, "a3", A3, "cpus:1"), offer(5, "a2", A2, "cpus:1")]);
         assert_eq!(launched(&d), [("t1".into(), "a2".into(), Locality::Rack)]);
@@ -803,7 +857,7 @@ mod tests {
         // A node-local launch resets the level: rack-local must wait again.
         let d = s.on_offers(t0 + 2 * SEC, &[offer(6, "a1", A1, "cpus:1")]);
         assert_eq!(launched(&d)[0].2, Locality::Node);
-        assert_eq!(s.level(), Locality::Node);
+        assert_eq!(s.level(0), Some(Locality::Node));
         assert!(s.on_offers(t0 + 2 * SEC, &[offer(7, "a2", A2, "cpus:1")]).launches.is_empty());
     }
 
@@ -814,7 +868,9 @@ mod tests {
         s.add(t0, block_task("t1", "b1"));
         s.add(t0, block_task("t2", "b3"));
         // Both levels would be allowed by the wait, but the node-local launch zeroes it.
-        s.waiting_since = Some(t0);
+        for j in s.jobs.values_mut() {
+            j.waiting_since = Some(t0);
+        }
         let d = s.on_offers(t0 + 5 * SEC, &[offer(1, "a1", A1, "cpus:1"), offer(2, "a2", A2, "cpus:1")]);
         assert_eq!(launched(&d), [("t1".into(), "a1".into(), Locality::Node)]);
         assert_eq!(d.declines, [OfferId::new("o2")]);
@@ -912,8 +968,8 @@ mod tests {
         s.add(t0, block_task("t1", "b1"));
         let d = s.on_offers(t0, &[offer(1, "a3", A3, "cpus:2")]);
         assert_eq!(launched(&d), [("free".into(), "a3".into(), Locality::Any)]);
-        assert_eq!(s.waiting_since(), Some(t0), "the constrained task was skipped");
-        assert_eq!(s.level(), Locality::Node);
+        assert_eq!(s.waiting_since(0), Some(t0), "the constrained task was skipped");
+        assert_eq!(s.level(0), Some(Locality::Node));
     }
 
     #[test]
@@ -955,5 +1011,44 @@ mod tests {
         assert!(p("blocks", "b2").matches(&agent, &a));
         assert!(!p("blocks", "b3").matches(&agent, &a));
         assert!(!p("missing", "b1").matches(&agent, &a));
+    }
+
+    #[test]
+    fn greedy_serves_the_head_job_first_and_delay_lets_a_later_job_take_its_local_offer() {
+        let t0 = Instant::now();
+        let job = |id: &str, block: &str, j: u64| block_task(id, block).in_job(j);
+        // Greedy: job 1 (head) takes the offer on a1 with a non-local task; job 2's local task
+        // on a1 waits.
+        let mut g: DelayScheduler<()> = DelayScheduler::new(DelayConfig::greedy());
+        g.add(t0, job("head", "b3", 1));
+        g.add(t0, job("local", "b1", 2));
+        let d = g.on_offers(t0, &[offer(1, "a1", A1, "cpus:1")]);
+        assert_eq!(launched(&d), [("head".into(), "a1".into(), Locality::Any)]);
+        // Delay: the head job is skipped, job 2 launches node-local; the head job waits.
+        let mut s = sched(1, 1);
+        s.add(t0, job("head", "b3", 1));
+        s.add(t0, job("local", "b1", 2));
+        let d = s.on_offers(t0, &[offer(1, "a1", A1, "cpus:1")]);
+        assert_eq!(launched(&d), [("local".into(), "a1".into(), Locality::Node)]);
+        assert_eq!(s.waiting_since(1), Some(t0));
+        assert_eq!(s.level(2), None, "job 2 is done");
+        // Levels are per job: job 3 starts at node level while job 1 has waited long enough.
+        s.add(t0, job("new", "b3", 3));
+        let d = s.on_offers(t0 + 3 * SEC, &[offer(2, "a2", A2, "cpus:2")]);
+        assert_eq!(launched(&d), [("head".into(), "a2".into(), Locality::Any)]);
+        assert_eq!(s.waiting_since(3), Some(t0 + 3 * SEC), "job 3 was skipped: its wait starts");
+        assert_eq!(s.level(3), Some(Locality::Node));
+    }
+
+    #[test]
+    fn jobs_are_served_in_the_order_of_their_first_task() {
+        let t0 = Instant::now();
+        let mut g: DelayScheduler<()> = DelayScheduler::new(DelayConfig::greedy());
+        g.add(t0, block_task("b-1", "b3").in_job(9));
+        g.add(t0, block_task("a-1", "b3").in_job(4));
+        g.add(t0, block_task("b-2", "b3").in_job(9));
+        let d = g.on_offers(t0, &[offer(1, "a1", A1, "cpus:2")]);
+        let ids: Vec<String> = launched(&d).into_iter().map(|l| l.0).collect();
+        assert_eq!(ids, ["b-1", "b-2"], "job 9 came first and takes both slots");
     }
 }

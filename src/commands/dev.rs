@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agora_sdk::Resources;
+use agora_sdk::{Attributes, Resources};
 use clap::Args;
 
 use super::master::{core_config, AllocationArgs, MasterCommandCore};
@@ -22,6 +22,10 @@ pub struct DevCommand {
     /// Resources of each agent (default: this machine's, divided between the agents).
     #[arg(long, value_parser = Resources::parse)]
     resources: Option<Resources>,
+    /// Attributes of one agent, e.g. `rack:r1;blocks:{b1,b2}` (repeat: the first for agent 0,
+    /// the next for agent 1, ...; agents without one have none).
+    #[arg(long = "agent-attributes", value_parser = Attributes::parse)]
+    agent_attributes: Vec<Attributes>,
     /// QUIC address of the master (loopback; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:5050")]
     listen: SocketAddr,
@@ -36,6 +40,13 @@ impl DevCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         if self.agents == 0 || self.agents > 64 {
             anyhow::bail!("--agents must be between 1 and 64 (got {})", self.agents);
+        }
+        if self.agent_attributes.len() > self.agents {
+            anyhow::bail!(
+                "{} --agent-attributes for {} agent(s): give at most one per agent",
+                self.agent_attributes.len(),
+                self.agents
+            );
         }
         if !self.listen.ip().is_loopback() {
             anyhow::bail!(
@@ -57,7 +68,7 @@ impl DevCommand {
             listen: self.listen,
             agents: self.agents,
             resources: self.resources,
-            attributes: Vec::new(),
+            attributes: self.agent_attributes,
             allocator: self.allocation.allocator,
             core,
         })

@@ -76,13 +76,29 @@ impl TestCluster {
     }
 
     pub fn add_agent_with(&mut self, i: usize, resources: &str, wasm: agora_agent::wasm::WasmConfig) {
+        self.add_agent_full(i, resources, Attributes::default(), wasm);
+    }
+
+    /// An agent with attributes, e.g. `rack:r1;blocks:{b1,b2}`.
+    pub fn add_agent_attributed(&mut self, i: usize, resources: &str, attributes: &str) {
+        let attributes = Attributes::parse(attributes).expect("attributes");
+        self.add_agent_full(i, resources, attributes, wasm_config());
+    }
+
+    fn add_agent_full(
+        &mut self,
+        i: usize,
+        resources: &str,
+        attributes: Attributes,
+        wasm: agora_agent::wasm::WasmConfig,
+    ) {
         let token = CancellationToken::new();
         let config = agora_agent::AgentConfig {
             master: self.master.addr.to_string(),
             tls: self.tls("agent"),
             work_dir: self.agent_dir(i),
             resources: Some(Resources::parse(resources).expect("resources")),
-            attributes: Attributes::default(),
+            attributes,
             hostname: format!("agent-{i}"),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
