@@ -94,6 +94,12 @@ fn wasm_output_exit_codes_args_env_and_dirs() {
         assert!(code.is_some_and(|c| c != 100 && c != 0), "opening {path} gave {code:?}: {}", stderr(&out));
     }
 
+    // WASI 0.2 command components, detected from the bytes: exit codes through `wasi:cli/run`.
+    let out = dev.agora(&["run", "--wasm", &fixture("component_ok")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = dev.agora(&["run", "--wasm", &fixture("component_err")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
     // --count works as for native tasks.
     let out =
         dev.agora(&["run", "--wasm", &example("noop"), "--count", "20", "--cpus", "0.05", "--mem", "8MiB"]);
