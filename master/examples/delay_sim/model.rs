@@ -121,6 +121,11 @@ pub enum Policy {
     /// Static partitioning: framework `f` uses only the agents `i` with `i % frameworks == f`
     /// (it declines the others for good) and takes the first offer (no delay).
     Static,
+    /// All frameworks share every agent and place tasks locality-blind, first come first
+    /// served (the head task takes the next free slot): the naive fair scheduler the delay
+    /// scheduling paper starts from. The schedulers see no preferences, so their own counts are
+    /// all "any"; the simulation counts where the blocks really were.
+    Naive,
     /// All frameworks share every agent; each waits up to `node` for node-local offers and
     /// `rack` more for rack-local ones.
     Delay { node: Duration, rack: Duration },
@@ -130,6 +135,7 @@ impl Policy {
     pub fn label(&self) -> String {
         match self {
             Policy::Static => "static partitioning, no delay".into(),
+            Policy::Naive => "shared, locality-blind FIFO, no delay".into(),
             Policy::Delay { node, rack } => {
                 format!("shared, node delay {} s, rack delay {} s", node.as_secs_f64(), rack.as_secs_f64())
             }
@@ -270,6 +276,8 @@ struct World {
     response: Vec<(usize, Duration, usize)>,
     /// Static partitioning: frameworks decline agents outside their partition.
     partitioned: bool,
+    /// Tasks are added without preferences ([`Policy::Naive`]).
+    blind: bool,
 }
 
 impl World {
@@ -330,6 +338,9 @@ impl World {
             let racks: BTreeSet<usize> = self.replicas[block].iter().map(|a| self.agents[*a].rack).collect();
             for r in racks {
                 pref = pref.rack(format!("r{r}"));
+            }
+            if self.blind {
+                pref = Preference::default();
             }
             let pending = PendingTask::new(
                 TaskId::new(format!("t{task}")),
@@ -557,6 +568,7 @@ pub fn run(model: &Model, policy: Policy) -> Outcome {
         deliveries: Vec::new(),
         out: Outcome { policy: Some(policy), ..Outcome::default() },
         partitioned: policy == Policy::Static,
+        blind: policy == Policy::Naive,
         busy_slot_secs: 0.0,
         busy: 0,
         last_busy_change: t0,
@@ -610,7 +622,7 @@ pub fn run(model: &Model, policy: Policy) -> Outcome {
         }
         let Some(id) = id else { panic!("framework {i} did not subscribe") };
         let delays = match policy {
-            Policy::Static => DelayConfig::greedy(),
+            Policy::Static | Policy::Naive => DelayConfig::greedy(),
             Policy::Delay { node, rack } => DelayConfig::new(node, rack),
         };
         let sched = DelayScheduler::new(delays);
