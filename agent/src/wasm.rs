@@ -589,7 +589,7 @@ impl Manager {
                 }
             }
             ManagerCmd::Gone { framework_id, serial, why } => {
-                let Some(ex) = self.executors.remove_if_serial(&framework_id, serial) else { return };
+                let Some(ex) = remove_if_serial(&mut self.executors, &framework_id, serial) else { return };
                 if !ex.tasks.is_empty() {
                     tracing::warn!(framework_id = %framework_id, tasks = ex.tasks.len(), "wasm executor died: {why}");
                 }
@@ -719,17 +719,17 @@ impl Manager {
     }
 }
 
-trait RemoveIfSerial {
-    fn remove_if_serial(&mut self, fw: &FrameworkId, serial: u64) -> Option<Executor>;
-}
-
-impl RemoveIfSerial for HashMap<FrameworkId, Executor> {
-    fn remove_if_serial(&mut self, fw: &FrameworkId, serial: u64) -> Option<Executor> {
-        if self.get(fw).is_some_and(|e| e.serial == serial) {
-            self.remove(fw)
-        } else {
-            None
-        }
+/// Removes `fw`'s executor if it is still the one numbered `serial` (a newer one may have
+/// replaced it since).
+fn remove_if_serial(
+    executors: &mut HashMap<FrameworkId, Executor>,
+    fw: &FrameworkId,
+    serial: u64,
+) -> Option<Executor> {
+    if executors.get(fw).is_some_and(|e| e.serial == serial) {
+        executors.remove(fw)
+    } else {
+        None
     }
 }
 
