@@ -676,7 +676,7 @@ impl Manager {
             .map_err(|e| format!("cannot create the executor's cgroup: {e}"))?
             .map(|g| Arc::new(Mutex::new(g)));
         let log = self.dir.join(format!("{serial}.log"));
-        let mut args: Vec<String> = vec![
+        let args: Vec<String> = vec![
             "executor-wasm".into(),
             "--socket".into(),
             socket.display().to_string(),
@@ -691,7 +691,7 @@ impl Manager {
         ];
         let spawn = ExecutorSpawn {
             program,
-            args: std::mem::take(&mut args),
+            args,
             log,
             listener,
             socket,
