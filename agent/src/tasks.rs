@@ -522,10 +522,16 @@ pub fn validate(task: &TaskInfo) -> Result<(), String> {
     if first.is_empty() {
         return Err("the program name is empty".into());
     }
-    if let Some(a) = cmd.argv.iter().find(|a| a.contains('\0')) {
+    validate_args_env(&cmd.argv, &cmd.env)
+}
+
+/// Arguments and environment a process (or a WASI guest) can be given: no NUL bytes, variable
+/// names non-empty and without `=`.
+pub(crate) fn validate_args_env(args: &[String], env: &[(String, String)]) -> Result<(), String> {
+    if let Some(a) = args.iter().find(|a| a.contains('\0')) {
         return Err(format!("argument {a:?} contains a NUL byte"));
     }
-    for (k, v) in &cmd.env {
+    for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(format!("invalid environment variable name {k:?}"));
         }

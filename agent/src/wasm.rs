@@ -82,17 +82,7 @@ pub fn validate(info: &WasmInfo) -> Result<(), String> {
     if info.args.is_empty() {
         return Err("a Wasm task needs argv[0]".into());
     }
-    if let Some(a) = info.args.iter().find(|a| a.contains('\0')) {
-        return Err(format!("argument {a:?} contains a NUL byte"));
-    }
-    for (k, v) in &info.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(format!("invalid environment variable name {k:?}"));
-        }
-        if v.contains('\0') {
-            return Err(format!("environment variable {k} contains a NUL byte"));
-        }
-    }
+    crate::tasks::validate_args_env(&info.args, &info.env)?;
     for d in &info.dirs {
         if !d.archive.digest.is_valid() {
             return Err(format!("malformed directory digest `{}`", d.archive.digest));
