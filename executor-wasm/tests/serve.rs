@@ -436,14 +436,7 @@ async fn tasks_beyond_the_slots_wait_for_one() {
     let mut agent = FakeAgent::connect(|c| c.max_concurrent_tasks = 2).await;
     agent.send(AgentToExecutor::Welcome { framework_id: FrameworkId("fw-1".into()) }).await;
     let tasks = ids("spin", 3);
-    let batch = tasks
-        .iter()
-        .map(|id| {
-            let mut l = agent.launch(id, "loop");
-            l.timeout = None;
-            l
-        })
-        .collect();
+    let batch = spinners(&agent, &tasks);
     agent.send(AgentToExecutor::Launch(batch)).await;
     while tasks.iter().filter(|t| agent.has(t, TaskState::Running)).count() < 2 {
         assert!(agent.recv().await);
@@ -468,14 +461,7 @@ async fn tasks_beyond_the_slots_wait_for_one() {
 async fn shutdown_kills_the_tasks_and_returns() {
     let mut agent = FakeAgent::start().await;
     let tasks = ids("spin", 3);
-    let batch = tasks
-        .iter()
-        .map(|id| {
-            let mut l = agent.launch(id, "loop");
-            l.timeout = None;
-            l
-        })
-        .collect();
+    let batch = spinners(&agent, &tasks);
     agent.send(AgentToExecutor::Launch(batch)).await;
     for id in &tasks {
         agent.wait_state(id, TaskState::Running).await;
@@ -538,4 +524,16 @@ async fn preopens_are_read_write() {
     assert_eq!(agent.last("files").state, TaskState::Finished, "{:?}", agent.last("files"));
     assert_eq!(agent.output("files", "stdout"), "input from the host\n");
     assert_eq!(std::fs::read_to_string(data.join("out.txt")).unwrap(), "written by wasm\n");
+}
+
+/// Launches of `loop` (spins forever) without a timeout: they end only when killed.
+fn spinners(agent: &FakeAgent, tasks: &[String]) -> Vec<WasmLaunch> {
+    tasks
+        .iter()
+        .map(|id| {
+            let mut l = agent.launch(id, "loop");
+            l.timeout = None;
+            l
+        })
+        .collect()
 }
