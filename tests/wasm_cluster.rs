@@ -147,6 +147,21 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     );
     let running = fw.update_for("spin-a", TaskState::Running).await;
     let pid = pid_of(&running);
+    // The executor runs in a cgroup sized to its tasks (2 × 16 MiB) plus its own overhead.
+    let want = 2 * (16 << 20) + agora_agent::wasm::EXECUTOR_OVERHEAD_MEM;
+    match memory_limit_file(pid) {
+        Some(file) => {
+            wait_for("the executor's cgroup to be sized to its tasks", || {
+                let file = file.clone();
+                async move {
+                    std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok())
+                        == Some(want)
+                }
+            })
+            .await
+        }
+        None => println!("skipped the executor cgroup check: no memory cgroup for pid {pid} (not root?)"),
+    }
     // SAFETY: kill(2) of the executor process this test's agent started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     // Both end, in whichever order the agent reports them.
@@ -168,4 +183,28 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     fw.driver().launch(vec![offer.id], vec![wasm_task("after", &hello, "16MiB", None)]);
     fw.update_for("after", TaskState::Finished).await;
     c.stop().await;
+}
+
+/// The memory limit file of the executor's own cgroup (v1 `memory.limit_in_bytes` or v2
+/// `memory.max`), if it is in one the agent made.
+fn memory_limit_file(pid: i32) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if !path.contains("executor-wasm-") {
+            continue;
+        }
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(
+                Path::new("/sys/fs/cgroup/memory")
+                    .join(path.trim_start_matches('/'))
+                    .join("memory.limit_in_bytes"),
+            );
+        }
+        if controllers.is_empty() {
+            return Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')).join("memory.max"));
+        }
+    }
+    None
 }
