@@ -373,9 +373,25 @@ async fn leftover_groups_are_removed_at_start_and_unusable_roots_are_reported() 
     for g in &gone {
         std::fs::create_dir_all(g).expect("mkdir");
     }
+    // A live neighbour whose task group is made but not yet entered (no process anywhere in
+    // its root): its root must survive the sweep.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let neighbour = Isolator::setup(&config, other_dir.path()).expect("neighbour");
+    let nm = neighbour.manager().expect("active").clone();
+    nm.create("task-entering").expect("create");
+    // The crashed agent is gone, and its lock with it (its group is still there).
+    drop(first);
     let second = Isolator::setup(&config, dir.path()).expect("setup again");
     assert!(m.paths("task-stale").iter().all(|p| !p.exists()), "stale group kept");
     assert!(gone.iter().all(|g| g.parent().is_some_and(|p| !p.exists())), "a vanished agent's groups kept");
+    assert!(nm.paths("task-entering").iter().all(|p| p.is_dir()), "a live neighbour's group was swept");
+    // Two agents on one work dir: the second is refused while the first runs.
+    let e = Isolator::setup(&config, other_dir.path()).expect_err("same work dir").to_string();
+    assert!(e.contains("another agent with the same work directory"), "{e}");
+    nm.remove("task-entering").expect("remove");
+    neighbour.shutdown();
+    drop(neighbour);
+    assert!(nm.roots().iter().all(|p| !p.exists()));
     second.shutdown();
     assert!(m.roots().iter().all(|p| !p.exists()));
 

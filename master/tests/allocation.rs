@@ -195,7 +195,7 @@ fn no_framework_starves_among_a_hundred_that_decline_most_offers() {
                 first_offer[i].get_or_insert(cycle);
                 offers_seen += 1;
                 // Decline most offers (with a filter); accept one in seven.
-                if offers_seen % 7 == 0 {
+                if offers_seen.is_multiple_of(7) {
                     sim.launch(*conn, &offer, &[&shape]);
                 } else {
                     sim.decline(*conn, &offer, Some(30.0));

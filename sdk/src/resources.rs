@@ -105,7 +105,7 @@ pub fn parse_milli(s: &str) -> Option<u64> {
 
 /// Formats thousandths as a short decimal (`1500` → `1.5`).
 pub fn format_milli(v: u64) -> String {
-    if v % 1000 == 0 {
+    if v.is_multiple_of(1000) {
         format!("{}", v / 1000)
     } else {
         let s = format!("{}.{:03}", v / 1000, v % 1000);

@@ -72,6 +72,7 @@ use agora_sdk::Resources;
 pub mod detect;
 pub mod fs;
 pub mod hierarchy;
+pub mod liveness;
 pub mod v1;
 pub mod v2;
 
@@ -89,6 +90,10 @@ pub const GATE_NOT_RELEASED: i32 = 125;
 pub const GATE_SCRIPT: &str = r#"read -r _ || exit 125; exec "$0" "$@" </dev/null"#;
 /// The leaf a v2 agent moves itself into when its own group must delegate controllers.
 const V2_AGENT_LEAF: &str = "agora-agent";
+
+/// How long an agent waits at start for the lock on its cgroup root (held by an agent of the
+/// same work dir that is still shutting down, or briefly by another agent's sweep).
+const ROOT_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// `--isolation`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -306,6 +311,9 @@ struct Active {
     max_pids: u64,
     /// Remove the roots at shutdown (the agent made them; not for `--cgroup-root`).
     remove_roots: bool,
+    /// Held while the agent uses roots it made, so that no other agent's sweep removes them.
+    /// Declared after the manager: dropped (unlocked) only after the roots are gone.
+    _lock: Option<liveness::RootLock>,
 }
 
 impl Active {
@@ -344,7 +352,9 @@ impl Isolator {
 
     /// Isolation through `manager` (tests, or a caller that detected the hierarchy itself).
     pub fn with_manager(manager: Arc<dyn CgroupManager>, cpu_limit: CpuLimit, max_pids: u64) -> Self {
-        Self { active: Some(Arc::new(Active { manager, cpu_limit, max_pids, remove_roots: false })) }
+        Self {
+            active: Some(Arc::new(Active { manager, cpu_limit, max_pids, remove_roots: false, _lock: None })),
+        }
     }
 
     /// Sets isolation up as configured, for the agent whose work dir is `work_dir`: detects the
@@ -563,6 +573,18 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
     let explicit = config.cgroup_root.as_deref();
     let plan = detect::plan(&mounts, &own, explicit)?;
     let leaf = agent_group_name(work_dir);
+    let lock = match explicit {
+        Some(_) => None,
+        None => match liveness::RootLock::acquire(&liveness::lock_dir(), &leaf, ROOT_LOCK_WAIT) {
+            Ok(lock) => Some(lock),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(e.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lock the agent's cgroup root; other agents of this host \
+                    will not clean up after this one");
+                None
+            }
+        },
+    };
     let root_of = |base: &Path| if explicit.is_some() { base.to_path_buf() } else { base.join(&leaf) };
     let not_root = if is_root() { "" } else { "; the agent is not running as root" };
     let manager: Arc<dyn CgroupManager> = match plan {
@@ -598,6 +620,7 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
         cpu_limit: config.cpu_limit,
         max_pids: config.max_pids_per_task,
         remove_roots: explicit.is_none(),
+        _lock: lock,
     })
 }
 
@@ -644,18 +667,19 @@ fn setup_v2(mount: &Path, base: &Path, root: &Path, own_group: bool) -> Result<V
 }
 
 /// Removes the roots of agents that are gone (`agora-<16 hex>` next to `roots`, in the agent's
-/// own group, so inside its subtree): a root whose task groups all hold no process, together with
-/// those groups. They are left by agents that vanished without shutting down and never came back
-/// with the same work directory (e.g. test processes); an agent restarted with its work directory
-/// cleans its own root instead ([`Isolator::cleanup_leftovers`]). A live neighbour is not harmed:
-/// its running tasks' groups hold processes, and a root removed between two of its tasks is
-/// re-created with the next one. (A neighbour's task that ends at the very moment of the sweep
-/// may lose its cgroup accounting; sweeps happen only at agent start.)
+/// own group, so inside its subtree): a root whose agent holds no [`liveness`] lock and whose
+/// task groups all hold no process, together with those groups. They are left by agents that
+/// vanished without shutting down and never came back with the same work directory (e.g. test
+/// processes); an agent restarted with its work directory cleans its own root instead
+/// ([`Isolator::cleanup_leftovers`]). A live neighbour's root is never touched, even between
+/// creating a task group and moving the task into it: the sweep holds the root's lock while it
+/// removes it, and skips any root whose lock is held.
 fn sweep_stale_roots(roots: &[PathBuf]) {
     let is_agent_root = |n: &str| {
         n.strip_prefix("agora-").is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
     };
     let unused = |dir: &Path| fs::procs(dir).is_ok_and(|p| p.is_empty());
+    let locks = liveness::lock_dir();
     let mut removed = 0;
     for root in roots {
         let Some(parent) = root.parent() else { continue };
@@ -664,6 +688,14 @@ fn sweep_stale_roots(roots: &[PathBuf]) {
             if !is_agent_root(&name) || &dir == root || !unused(&dir) {
                 continue;
             }
+            let _lock = match liveness::RootLock::try_unused(&locks, &name) {
+                Ok(Some(lock)) => lock,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot tell whether another agent's cgroup is in use");
+                    continue;
+                }
+            };
             let groups = fs::child_groups(&dir);
             if groups.iter().all(|g| unused(&dir.join(g)) && fs::child_groups(&dir.join(g)).is_empty())
                 && fs::remove_tree(&dir).is_ok()
