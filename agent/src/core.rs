@@ -220,11 +220,11 @@ impl Core {
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
         let handle = if wasm::is_wasm(&task) {
-            let Some(support) = self.wasm.clone() else {
+            let Some(support) = &self.wasm else {
                 self.send_error(key, "invalid task", "this agent does not run Wasm tasks".into(), now);
                 return;
             };
-            wasm::launch(spec, support, self.events.clone())
+            wasm::launch(&spec, support, &self.events)
         } else {
             tasks::launch(spec, self.events.clone())
         };

@@ -180,28 +180,39 @@ impl StartFailure {
 }
 
 /// The agent's handle on a running supervisor.
-#[derive(Debug)]
 pub struct TaskHandle {
-    kill: CancellationToken,
+    kill: Kill,
     /// Turns `true` once the task's process has ended (its output files are complete).
     pub done: watch::Receiver<bool>,
 }
 
+enum Kill {
+    /// A supervisor task watching a token (native tasks).
+    Token(CancellationToken),
+    /// A message to whoever runs the task (the Wasm executor manager).
+    Call(Box<dyn Fn() + Send + Sync>),
+}
+
+impl std::fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle").field("done", &*self.done.borrow()).finish_non_exhaustive()
+    }
+}
+
 impl TaskHandle {
-    /// A handle on a supervisor that watches `kill` and flips `done` when the task has ended.
-    pub(crate) fn new(kill: CancellationToken, done: watch::Receiver<bool>) -> Self {
-        Self { kill, done }
+    /// A handle whose [`Self::kill`] calls `kill` (which must be idempotent), for tasks run by
+    /// something other than a supervisor task of their own.
+    pub(crate) fn with_kill(kill: Box<dyn Fn() + Send + Sync>, done: watch::Receiver<bool>) -> Self {
+        Self { kill: Kill::Call(kill), done }
     }
 
     /// Asks the supervisor to kill the task (SIGTERM to the group, SIGKILL after the grace
     /// period). Idempotent.
     pub fn kill(&self) {
-        self.kill.cancel();
-    }
-
-    /// Whether a kill was requested.
-    pub fn kill_requested(&self) -> bool {
-        self.kill.is_cancelled()
+        match &self.kill {
+            Kill::Token(t) => t.cancel(),
+            Kill::Call(f) => f(),
+        }
     }
 }
 
@@ -229,7 +240,7 @@ pub fn launch(spec: LaunchSpec, events: EventSender) -> TaskHandle {
         done_tx.send_replace(true);
         emit(TaskEvent::Terminated(end));
     });
-    TaskHandle { kill, done }
+    TaskHandle { kill: Kill::Token(kill), done }
 }
 
 async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(TaskEvent)) -> Termination {

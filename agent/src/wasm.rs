@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,10 +30,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::cgroups::{Cgroup, Isolator};
-use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, Termination};
+use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 
 /// Memory the executor process itself may use on top of its tasks' (engine, compiler, I/O).
 pub const EXECUTOR_OVERHEAD_MEM: u64 = 128 << 20;
@@ -118,12 +118,23 @@ pub struct Fetcher {
     dir: PathBuf,
     conn: watch::Receiver<Option<quinn::Connection>>,
     inflight: Mutex<HashMap<Digest, Arc<OnceCell<PathBuf>>>>,
+    /// Artifacts known to be in the cache: later launches need no file system call.
+    present: Mutex<HashMap<Digest, PathBuf>>,
 }
 
 impl Fetcher {
     /// A cache in `dir`, fetching over whatever connection `conn` holds.
     pub fn new(dir: PathBuf, conn: watch::Receiver<Option<quinn::Connection>>) -> Self {
-        Self { dir, conn, inflight: Mutex::new(HashMap::new()) }
+        Self { dir, conn, inflight: Mutex::new(HashMap::new()), present: Mutex::new(HashMap::new()) }
+    }
+
+    /// The local path of `digest` if this agent already holds it (no I/O).
+    pub fn cached(&self, digest: &Digest) -> Option<PathBuf> {
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned()
+    }
+
+    fn remember(&self, digest: &Digest, path: &Path) {
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone(), path.to_path_buf());
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -133,8 +144,12 @@ impl Fetcher {
     /// The local path of artifact `digest`, fetching it first if needed. Concurrent callers
     /// for one digest share one fetch; a failed fetch is retried by the next caller.
     pub async fn get(&self, digest: &Digest) -> Result<PathBuf, String> {
+        if let Some(path) = self.cached(digest) {
+            return Ok(path);
+        }
         let path = self.path(digest);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            self.remember(digest, &path);
             return Ok(path);
         }
         let cell = {
@@ -159,8 +174,9 @@ impl Fetcher {
             })
             .await
             .cloned();
-        if got.is_ok() {
+        if let Ok(path) = &got {
             // Later callers find the file; the cell is not needed any more.
+            self.remember(digest, path);
             self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
         }
         got
@@ -210,6 +226,9 @@ fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
 pub struct WasmSupport {
     fetcher: Arc<Fetcher>,
     manager: ExecutorManager,
+    /// Numbers launches that prepare on a task of their own, so that a late result is never
+    /// taken for a newer launch of the same task id.
+    attempts: Arc<AtomicU64>,
 }
 
 impl WasmSupport {
@@ -223,7 +242,7 @@ impl WasmSupport {
     ) -> Self {
         let fetcher = Arc::new(Fetcher::new(work_dir.join("artifacts"), conn));
         let manager = ExecutorManager::start(config, work_dir, isolator);
-        Self { fetcher, manager }
+        Self { fetcher, manager, attempts: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).
@@ -232,25 +251,68 @@ impl WasmSupport {
     }
 }
 
-/// Starts supervising Wasm task `spec` on the current tokio runtime. Events go to `events`.
-pub fn launch(spec: LaunchSpec, support: WasmSupport, events: EventSender) -> TaskHandle {
-    let kill = CancellationToken::new();
+/// Starts Wasm task `spec`. A task whose module the agent holds (and that ships no
+/// directories) goes straight to the executor manager; otherwise a task of its own fetches and
+/// unpacks first. From then on the manager reports the task's events to `events` under its key
+/// and flips its `done`: no task, channel or timer per Wasm task.
+pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+    let key = spec.key();
     let (done_tx, done) = watch::channel(false);
-    let token = kill.clone();
+    let tx = support.manager.tx.clone();
+    let handle = {
+        let (tx, key) = (tx.clone(), key.clone());
+        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
+    };
+    let TaskKind::Wasm(info) = &spec.task.kind else {
+        finish(events, &key, &done_tx, failed("invalid task", "not a Wasm task".into()));
+        return handle;
+    };
+    let resources = spec.task.resources.clone();
+    let cached = if info.dirs.is_empty() { support.fetcher.cached(&info.module.digest) } else { None };
+    if let Some(module_path) = cached {
+        let launch = Box::new(wasm_launch(spec, info, module_path, Vec::new()));
+        let slot = Some(NewSlot { events: events.clone(), done: done_tx });
+        if let Err(mpsc::error::SendError(cmd)) =
+            tx.send(ManagerCmd::Launch { key, attempt: 0, launch, resources, slot })
+        {
+            if let ManagerCmd::Launch { key, slot: Some(slot), .. } = cmd {
+                finish(&slot.events, &key, &slot.done, shutting_down());
+            }
+        }
+        return handle;
+    }
+    let attempt = support.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+    let slot = NewSlot { events: events.clone(), done: done_tx };
+    if let Err(mpsc::error::SendError(cmd)) =
+        tx.send(ManagerCmd::Preparing { key: key.clone(), attempt, slot })
+    {
+        if let ManagerCmd::Preparing { key, slot, .. } = cmd {
+            finish(&slot.events, &key, &slot.done, shutting_down());
+        }
+        return handle;
+    }
+    let (spec, fetcher) = (spec.clone(), support.fetcher.clone());
     tokio::spawn(async move {
-        let key = spec.key();
-        let emit = |ev: TaskEvent| {
-            let _ = events.send((key.clone(), ev));
+        let TaskKind::Wasm(info) = &spec.task.kind else { return };
+        let cmd = match prepare(&spec, info, &fetcher).await {
+            Ok(launch) => {
+                ManagerCmd::Launch { key, attempt, launch: Box::new(launch), resources, slot: None }
+            }
+            Err((reason, message)) => ManagerCmd::PrepareFailed { key, attempt, reason, message },
         };
-        let end = supervise(&spec, &support, &token, &emit).await;
-        tracing::info!(
-            task_id = %spec.task.task_id, framework_id = %spec.framework_id,
-            state = %end.state, exit_code = ?end.exit_code, "wasm task ended: {}", end.message
-        );
-        done_tx.send_replace(true);
-        emit(TaskEvent::Terminated(end));
+        let _ = tx.send(cmd);
     });
-    TaskHandle::new(kill, done)
+    handle
+}
+
+/// Ends a task that never reached an executor.
+fn finish(events: &EventSender, key: &TaskKey, done: &watch::Sender<bool>, end: Termination) {
+    done.send_replace(true);
+    let _ = events.send((key.clone(), TaskEvent::Terminated(end)));
+}
+
+fn shutting_down() -> Termination {
+    failed(REASON_EXECUTOR_TERMINATED, "the agent is shutting down".into())
 }
 
 fn failed(reason: &str, message: String) -> Termination {
@@ -275,76 +337,47 @@ fn killed_before_start() -> Termination {
     }
 }
 
-async fn supervise(
+/// What the executor is told for `spec`, whose module is at `module_path`.
+fn wasm_launch(
     spec: &LaunchSpec,
-    support: &WasmSupport,
-    kill: &CancellationToken,
-    emit: &impl Fn(TaskEvent),
-) -> Termination {
-    let TaskKind::Wasm(info) = &spec.task.kind else {
-        return failed("invalid task", "not a Wasm task".into());
-    };
-    let launch = tokio::select! {
-        biased;
-        () = kill.cancelled() => return killed_before_start(),
-        r = prepare(spec, info, &support.fetcher) => match r {
-            Ok(l) => l,
-            Err((reason, message)) => return failed(reason, message),
-        },
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let cmd = ManagerCmd::Launch {
-        framework_id: spec.framework_id.clone(),
-        launch: Box::new(launch),
-        resources: spec.task.resources.clone(),
-        events: tx,
-    };
-    if support.manager.tx.send(cmd).is_err() {
-        return failed(REASON_EXECUTOR_TERMINATED, "the agent is shutting down".into());
-    }
-    let mut kill_sent = false;
-    loop {
-        tokio::select! {
-            () = kill.cancelled(), if !kill_sent => {
-                kill_sent = true;
-                emit(TaskEvent::Killing);
-                let _ = support.manager.tx.send(ManagerCmd::Kill {
-                    framework_id: spec.framework_id.clone(),
-                    task_id: spec.task.task_id.clone(),
-                });
-            }
-            ev = rx.recv() => match ev {
-                Some(ExecEvent::Update { pid, update }) => {
-                    if update.state == TaskState::Running {
-                        emit(TaskEvent::Running { pid });
-                    } else if update.state.is_terminal() {
-                        let ExecutorUpdate { state, reason, message, exit_code, usage, .. } = update;
-                        return Termination { state, reason, message, exit_code, signal: None, usage };
-                    }
-                }
-                Some(ExecEvent::Lost(why)) => return failed(REASON_EXECUTOR_TERMINATED, why),
-                None => return failed(REASON_EXECUTOR_TERMINATED, "the executor manager stopped".into()),
-            },
-        }
+    info: &WasmInfo,
+    module_path: PathBuf,
+    preopens: Vec<(PathBuf, String)>,
+) -> WasmLaunch {
+    // Nothing is created up front: the executor creates the sandbox and each output file on the
+    // first byte written (a missing file reads as empty). Inode creation was most of a short
+    // Wasm task's cost.
+    let dir = spec.run_dir.clone();
+    let r = &spec.task.resources;
+    WasmLaunch {
+        task_id: spec.task.task_id.clone(),
+        module_path,
+        digest: info.module.digest.as_str().to_string(),
+        args: info.args.clone(),
+        env: info.env.clone(),
+        stdout: dir.join("stdout"),
+        stderr: dir.join("stderr"),
+        sandbox: dir,
+        preopens,
+        mem_bytes: if r.mem > 0 { r.mem } else { 64 << 20 },
+        cpu_millis: u32::try_from(r.cpus).unwrap_or(u32::MAX).max(1),
+        fuel: info.fuel,
+        timeout: info.timeout,
     }
 }
 
-/// Sandbox, output files, module and directories: everything before the executor.
+/// Module and shipped directories: everything before the executor, for a task whose artifacts
+/// the agent may not hold yet.
 async fn prepare(
     spec: &LaunchSpec,
     info: &WasmInfo,
     fetcher: &Fetcher,
 ) -> Result<WasmLaunch, (&'static str, String)> {
-    // Nothing is created up front: the executor creates the sandbox and each output file on the
-    // first byte written (a missing file reads as empty), and shipped directories create it
-    // below. Inode creation was most of a short Wasm task's cost.
-    let dir = spec.run_dir.clone();
-    let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
     let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
     for d in &info.dirs {
         let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
-        let host = dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
+        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
         let dest = host.clone();
         tokio::task::spawn_blocking(move || unpack(&archive, &dest))
             .await
@@ -352,44 +385,43 @@ async fn prepare(
             .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
         preopens.push((host, d.guest.clone()));
     }
-    let r = &spec.task.resources;
-    Ok(WasmLaunch {
-        task_id: spec.task.task_id.clone(),
-        module_path,
-        digest: info.module.digest.as_str().to_string(),
-        args: info.args.clone(),
-        env: info.env.clone(),
-        sandbox: dir,
-        preopens,
-        stdout,
-        stderr,
-        mem_bytes: if r.mem > 0 { r.mem } else { 64 << 20 },
-        cpu_millis: u32::try_from(r.cpus).unwrap_or(u32::MAX).max(1),
-        fuel: info.fuel,
-        timeout: info.timeout,
-    })
+    Ok(wasm_launch(spec, info, module_path, preopens))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Executor manager
 
-/// What a Wasm task's supervisor hears from its executor.
-#[derive(Debug)]
-enum ExecEvent {
-    Update { pid: u32, update: ExecutorUpdate },
-    Lost(String),
+/// Where a task's events go, and its `done` flag.
+struct NewSlot {
+    events: EventSender,
+    done: watch::Sender<bool>,
 }
 
 enum ManagerCmd {
+    /// A task whose artifacts are being fetched (`attempt` numbers its [`ManagerCmd::Launch`]
+    /// or [`ManagerCmd::PrepareFailed`]); a kill meanwhile ends it at once.
+    Preparing {
+        key: TaskKey,
+        attempt: u64,
+        slot: NewSlot,
+    },
+    PrepareFailed {
+        key: TaskKey,
+        attempt: u64,
+        reason: &'static str,
+        message: String,
+    },
+    /// Run a task: with its `slot` when it comes straight from [`launch`] (`attempt` 0), or
+    /// after [`ManagerCmd::Preparing`] without.
     Launch {
-        framework_id: FrameworkId,
+        key: TaskKey,
+        attempt: u64,
         launch: Box<WasmLaunch>,
         resources: Resources,
-        events: mpsc::UnboundedSender<ExecEvent>,
+        slot: Option<NewSlot>,
     },
     Kill {
-        framework_id: FrameworkId,
-        task_id: TaskId,
+        key: TaskKey,
     },
     ShutdownAll,
     /// From an executor's connection task.
@@ -425,7 +457,31 @@ impl std::fmt::Debug for ExecutorManager {
 
 struct TaskSlot {
     resources: Resources,
-    events: mpsc::UnboundedSender<ExecEvent>,
+    events: EventSender,
+    done: watch::Sender<bool>,
+    /// A kill was sent to the executor (TASK_KILLING reported once).
+    killing: bool,
+}
+
+impl TaskSlot {
+    fn emit(&self, fw: &FrameworkId, task_id: &TaskId, ev: TaskEvent) {
+        let key = TaskKey { framework_id: fw.clone(), task_id: task_id.clone() };
+        let _ = self.events.send((key, ev));
+    }
+
+    /// The task is over: `done`, then its terminal event.
+    fn end(self, fw: &FrameworkId, task_id: &TaskId, end: Termination) {
+        tracing::info!(task_id = %task_id, framework_id = %fw, state = %end.state, exit_code = ?end.exit_code,
+            "wasm task ended: {}", end.message);
+        self.done.send_replace(true);
+        self.emit(fw, task_id, TaskEvent::Terminated(end));
+    }
+}
+
+/// A task fetching its artifacts.
+struct PreparingTask {
+    attempt: u64,
+    slot: NewSlot,
 }
 
 struct Executor {
@@ -449,6 +505,7 @@ struct Manager {
     cache_dir: PathBuf,
     isolator: Isolator,
     executors: HashMap<FrameworkId, Executor>,
+    preparing: HashMap<TaskKey, PreparingTask>,
     next_serial: u64,
     tx: mpsc::UnboundedSender<ManagerCmd>,
 }
@@ -462,6 +519,7 @@ impl ExecutorManager {
             cache_dir: work_dir.join("wasm-cache"),
             isolator,
             executors: HashMap::new(),
+            preparing: HashMap::new(),
             next_serial: 0,
             tx: tx.clone(),
         };
@@ -499,23 +557,42 @@ impl Manager {
 
     fn handle(&mut self, cmd: ManagerCmd, launches: &mut HashMap<FrameworkId, Vec<WasmLaunch>>) {
         match cmd {
-            ManagerCmd::Launch { framework_id, launch, resources, events } => {
+            ManagerCmd::Preparing { key, attempt, slot } => {
+                self.preparing.insert(key, PreparingTask { attempt, slot });
+            }
+            ManagerCmd::PrepareFailed { key, attempt, reason, message } => {
+                if let Some(p) = self.take_preparing(&key, attempt) {
+                    tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "{message}");
+                    finish(&p.events, &key, &p.done, failed(reason, message));
+                }
+            }
+            ManagerCmd::Launch { key, attempt, launch, resources, slot } => {
+                let slot = match slot {
+                    Some(slot) => slot,
+                    None => match self.take_preparing(&key, attempt) {
+                        Some(slot) => slot,
+                        // Killed while fetching (already ended), or a stale attempt.
+                        None => return,
+                    },
+                };
+                let TaskKey { framework_id, task_id } = key;
                 let launch = *launch;
                 if !self.executors.contains_key(&framework_id) {
                     if let Err(why) = self.start_executor(&framework_id) {
-                        let _ = events.send(ExecEvent::Lost(why));
+                        let key = TaskKey { framework_id, task_id };
+                        finish(&slot.events, &key, &slot.done, failed(REASON_EXECUTOR_TERMINATED, why));
                         return;
                     }
                 }
                 let ex = self.executors.get_mut(&framework_id).expect("just started");
-                if ex.tasks.contains_key(&launch.task_id) {
-                    let _ = events.send(ExecEvent::Lost(format!(
-                        "task {} is already running in this executor",
-                        launch.task_id
-                    )));
+                if ex.tasks.contains_key(&task_id) {
+                    let why = format!("task {task_id} is already running in this executor");
+                    let key = TaskKey { framework_id, task_id };
+                    finish(&slot.events, &key, &slot.done, failed(REASON_EXECUTOR_TERMINATED, why));
                     return;
                 }
-                ex.tasks.insert(launch.task_id.clone(), TaskSlot { resources, events });
+                let NewSlot { events, done } = slot;
+                ex.tasks.insert(task_id, TaskSlot { resources, events, done, killing: false });
                 ex.idle_since = None;
                 ex.resize = true;
                 if ex.to_executor.is_some() {
@@ -524,11 +601,19 @@ impl Manager {
                     ex.queued.push(launch);
                 }
             }
-            ManagerCmd::Kill { framework_id, task_id } => {
-                let Some(ex) = self.executors.get_mut(&framework_id) else { return };
-                if !ex.tasks.contains_key(&task_id) {
+            ManagerCmd::Kill { key } => {
+                if let Some(p) = self.preparing.remove(&key) {
+                    finish(&p.slot.events, &key, &p.slot.done, killed_before_start());
                     return;
                 }
+                let TaskKey { framework_id, task_id } = key;
+                let Some(ex) = self.executors.get_mut(&framework_id) else { return };
+                let Some(slot) = ex.tasks.get_mut(&task_id) else { return };
+                if slot.killing {
+                    return;
+                }
+                slot.killing = true;
+                slot.emit(&framework_id, &task_id, TaskEvent::Killing);
                 match &ex.to_executor {
                     Some(tx) => {
                         // Launches collected in this round go out after this loop: send them
@@ -563,15 +648,22 @@ impl Manager {
                 };
                 let pid = ex.pid.unwrap_or(0);
                 for update in updates {
-                    let terminal = update.state.is_terminal();
-                    let task_id = update.task_id.clone();
-                    if let Some(slot) = ex.tasks.get(&task_id) {
-                        let _ = slot.events.send(ExecEvent::Update { pid, update });
-                    } else {
-                        tracing::debug!(%task_id, "update for a task the executor manager does not know");
-                    }
-                    if terminal && ex.tasks.remove(&task_id).is_some() {
-                        ex.resize = true;
+                    if update.state == TaskState::Running {
+                        match ex.tasks.get(&update.task_id) {
+                            Some(slot) => {
+                                slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid })
+                            }
+                            None => {
+                                tracing::debug!(task_id = %update.task_id, "update for a task the executor manager does not know")
+                            }
+                        }
+                    } else if update.state.is_terminal() {
+                        let ExecutorUpdate { task_id, state, reason, message, exit_code, usage, .. } = update;
+                        if let Some(slot) = ex.tasks.remove(&task_id) {
+                            ex.resize = true;
+                            let end = Termination { state, reason, message, exit_code, signal: None, usage };
+                            slot.end(&framework_id, &task_id, end);
+                        }
                     }
                 }
                 if ex.tasks.is_empty() && ex.idle_since.is_none() {
@@ -583,11 +675,23 @@ impl Manager {
                 if !ex.tasks.is_empty() {
                     tracing::warn!(framework_id = %framework_id, tasks = ex.tasks.len(), "wasm executor died: {why}");
                 }
-                for (_, slot) in ex.tasks {
-                    let _ = slot.events.send(ExecEvent::Lost(why.clone()));
+                for (task_id, slot) in ex.tasks {
+                    slot.end(&framework_id, &task_id, failed(REASON_EXECUTOR_TERMINATED, why.clone()));
                 }
                 destroy_group(ex.cgroup);
             }
+        }
+    }
+
+    /// The slot of a task that was fetching, if `attempt` is still the current one.
+    fn take_preparing(&mut self, key: &TaskKey, attempt: u64) -> Option<NewSlot> {
+        match self.preparing.remove(key) {
+            Some(p) if p.attempt == attempt => Some(p.slot),
+            Some(p) => {
+                self.preparing.insert(key.clone(), p);
+                None
+            }
+            None => None,
         }
     }
 
@@ -616,12 +720,16 @@ impl Manager {
     }
 
     fn shutdown_all(&mut self) {
-        for (_, ex) in self.executors.drain() {
+        for (fw, ex) in self.executors.drain() {
             if let Some(tx) = &ex.to_executor {
                 let _ = tx.send(AgentToExecutor::Shutdown);
             }
-            for (_, slot) in ex.tasks {
-                let _ = slot.events.send(ExecEvent::Lost("the agent shut the executor down".into()));
+            for (task_id, slot) in ex.tasks {
+                slot.end(
+                    &fw,
+                    &task_id,
+                    failed(REASON_EXECUTOR_TERMINATED, "the agent shut the executor down".into()),
+                );
             }
             destroy_group(ex.cgroup);
         }
