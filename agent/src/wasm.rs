@@ -272,12 +272,10 @@ pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) ->
     if let Some(module_path) = cached {
         let launch = Box::new(wasm_launch(spec, info, module_path, Vec::new()));
         let slot = Some(NewSlot { events: events.clone(), done: done_tx });
-        if let Err(mpsc::error::SendError(cmd)) =
+        if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
             tx.send(ManagerCmd::Launch { key, attempt: 0, launch, resources, slot })
         {
-            if let ManagerCmd::Launch { key, slot: Some(slot), .. } = cmd {
-                finish(&slot.events, &key, &slot.done, shutting_down());
-            }
+            finish(&slot.events, &key, &slot.done, shutting_down());
         }
         return handle;
     }
