@@ -1053,3 +1053,77 @@ fn log_tail(path: &Path) -> String {
 pub fn is_wasm(task: &TaskInfo) -> bool {
     matches!(task.kind, TaskKind::Wasm(_))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_sdk::proto::ArtifactRef;
+
+    fn spec(dir: &Path, id: &str, module: &[u8]) -> LaunchSpec {
+        let task = TaskInfo {
+            task_id: TaskId::new(id),
+            name: id.into(),
+            resources: Resources { cpus: 100, mem: 16 << 20, ..Resources::default() },
+            kind: TaskKind::Wasm(Box::new(WasmInfo {
+                module: ArtifactRef { digest: Digest::of(module), size: module.len() as u64 },
+                args: vec!["m".into()],
+                env: vec![],
+                dirs: vec![],
+                fuel: None,
+                timeout: None,
+            })),
+            kill_grace: None,
+        };
+        let run_dir = dir.join("run").join(id);
+        LaunchSpec {
+            framework_id: FrameworkId::new("fw"),
+            task,
+            executor_dir: run_dir.clone(),
+            run_dir,
+            kill_grace: Duration::from_secs(1),
+            isolator: Isolator::none(),
+        }
+    }
+
+    async fn terminated(rx: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>) -> (TaskKey, Termination) {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some((key, TaskEvent::Terminated(t)))) => (key, t),
+            other => panic!("expected a terminal event, got {other:?}"),
+        }
+    }
+
+    /// Tasks whose module is not cached yet wait on a fetch of their own: a kill meanwhile
+    /// ends them at once, and a fetch that cannot happen fails them with its reason. Neither
+    /// starts an executor (the configured program does not exist).
+    #[tokio::test]
+    async fn killed_while_fetching_and_failed_fetches_end_their_tasks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (conn_tx, conn_rx) = watch::channel(None);
+        let config =
+            WasmConfig { executor_program: Some(dir.path().join("no-such-agora")), ..WasmConfig::default() };
+        let support = WasmSupport::start(config, dir.path(), Isolator::none(), conn_rx);
+        let (events, mut rx) = mpsc::unbounded_channel();
+
+        // No connection to the master yet: the fetch waits for one.
+        let waiting = launch(&spec(dir.path(), "waiting", b"a"), &support, &events);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing happens while the fetch waits");
+        waiting.kill();
+        waiting.kill();
+        let (key, t) = terminated(&mut rx).await;
+        assert_eq!(key.task_id, TaskId::new("waiting"));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Killed, "killed"), "{t:?}");
+        assert!(*waiting.done.borrow());
+
+        // The connection goes away for good: the fetch fails and says why.
+        drop(conn_tx);
+        let failing = launch(&spec(dir.path(), "failing", b"b"), &support, &events);
+        let (key, t) = terminated(&mut rx).await;
+        assert_eq!(key.task_id, TaskId::new("failing"));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_FETCH_FAILED), "{t:?}");
+        assert!(t.message.contains("shutting down"), "{}", t.message);
+        assert!(*failing.done.borrow());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "one terminal event per task, nothing else");
+    }
+}
