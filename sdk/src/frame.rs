@@ -1,11 +1,11 @@
 //! Length-delimited postcard frames with an explicit maximum size, over any byte stream
 //! (QUIC streams, Unix sockets).
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 /// Largest control frame accepted (1 MiB). Bulk data never goes in frames.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -65,37 +65,86 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Writes frames.
+/// Writes frames: each message is encoded straight into one buffer behind its length prefix
+/// (no per-message allocation), and the buffer goes to the stream on [`Self::flush`] or when it
+/// grows past [`WRITE_CHUNK`].
 pub struct FrameWriter<W> {
-    inner: FramedWrite<W, LengthDelimitedCodec>,
+    io: W,
+    buf: BytesMut,
+}
+
+/// Buffered bytes that make [`FrameWriter::feed`] write out before returning.
+pub const WRITE_CHUNK: usize = 64 << 10;
+
+/// A postcard output that appends to a `BytesMut` it borrows.
+struct Append<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put_u8(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(write: W) -> Self {
-        Self { inner: FramedWrite::new(write, codec(MAX_FRAME)) }
+        Self { io: write, buf: BytesMut::with_capacity(4096) }
     }
 
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        let bytes = encode(msg)?;
-        self.inner.send(bytes).await.map_err(|e| map_io(e, MAX_FRAME))
+        self.append(msg)?;
+        self.flush().await
     }
 
     /// Queues a message without flushing (for batches); call [`Self::flush`] after.
     pub async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        let bytes = encode(msg)?;
-        self.inner.feed(bytes).await.map_err(|e| map_io(e, MAX_FRAME))
+        self.append(msg)?;
+        if self.buf.len() >= WRITE_CHUNK {
+            self.io.write_all_buf(&mut self.buf).await.map_err(FrameError::Io)?;
+        }
+        Ok(())
+    }
+
+    fn append<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        let start = self.buf.len();
+        self.buf.put_u32(0);
+        let encoded = postcard::serialize_with_flavor(msg, Append(&mut self.buf));
+        let len = self.buf.len() - start - 4;
+        if let Err(e) = encoded {
+            self.buf.truncate(start);
+            return Err(e.into());
+        }
+        if len > MAX_FRAME {
+            self.buf.truncate(start);
+            return Err(FrameError::TooLarge { max: MAX_FRAME });
+        }
+        self.buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<(), FrameError> {
-        SinkExt::<Bytes>::flush(&mut self.inner).await.map_err(|e| map_io(e, MAX_FRAME))
+        self.io.write_all_buf(&mut self.buf).await.map_err(FrameError::Io)?;
+        self.io.flush().await.map_err(FrameError::Io)
     }
 
     pub fn get_mut(&mut self) -> &mut W {
-        self.inner.get_mut()
+        &mut self.io
     }
 
+    /// The stream; frames fed but not flushed are dropped.
     pub fn into_inner(self) -> W {
-        self.inner.into_inner()
+        self.io
     }
 }
 
@@ -131,6 +180,35 @@ mod tests {
         // Oversized length prefix: refused before reading the body.
         raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(r.recv::<AgentMessage>().await, Err(FrameError::TooLarge { .. })));
+    }
+
+    /// Frames fed in bulk (past the write chunk) arrive whole and in order; an oversized
+    /// message is refused without disturbing the frames around it.
+    #[tokio::test]
+    async fn batches_and_oversized_messages() {
+        let (a, b) = tokio::io::duplex(1 << 12);
+        let mut w = FrameWriter::new(a);
+        let mut r = FrameReader::new(b);
+        let n = 20_000u32;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(v) = r.recv::<(u32, String)>().await.unwrap() {
+                got.push(v);
+            }
+            got
+        });
+        for i in 0..n {
+            w.feed(&(i, format!("message {i}"))).await.unwrap();
+            if i == 7 {
+                let huge = (0u32, "x".repeat(MAX_FRAME + 1));
+                assert!(matches!(w.feed(&huge).await, Err(FrameError::TooLarge { .. })));
+            }
+        }
+        w.flush().await.unwrap();
+        drop(w);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), n as usize);
+        assert!(got.iter().enumerate().all(|(i, (j, m))| *j as usize == i && *m == format!("message {i}")));
     }
 
     /// Every decoder that reads bytes from the network must turn garbage into an error, never
