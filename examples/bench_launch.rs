@@ -20,6 +20,10 @@ use agora_sdk::tls::TlsFiles;
 use agora_sdk::{Attributes, Resources};
 use tokio_util::sync::CancellationToken;
 
+// The same allocator as the `agora` binary (src/main.rs): this benchmark embeds master and agent.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
