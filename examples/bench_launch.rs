@@ -70,6 +70,8 @@ struct Bench {
     to_running: Vec<Duration>,
     to_finished: Vec<Duration>,
     done: usize,
+    /// Tasks that ended other than TASK_FINISHED (the run's figures are then void).
+    failed: usize,
     started: Option<Instant>,
     elapsed: Duration,
 }
@@ -118,7 +120,10 @@ impl Scheduler for Bench {
                 self.done += 1;
                 self.pump(driver);
                 if s != TaskState::Finished {
-                    eprintln!("task {} ended {s}: {} {}", st.task_id, st.reason, st.message);
+                    if self.failed == 0 {
+                        eprintln!("task {} ended {s}: {} {}", st.task_id, st.reason, st.message);
+                    }
+                    self.failed += 1;
                 }
                 if self.done == self.total {
                     self.elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
@@ -158,6 +163,14 @@ fn report(name: &str, b: &mut Bench, cpu: Option<((u64, u64), (u64, u64))>) {
             100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64
         )
     });
+    if b.to_running.len() != b.total || b.failed > 0 {
+        println!(
+            "{name}: INVALID RUN: {} of {} tasks reported TASK_RUNNING, {} did not finish",
+            b.to_running.len(),
+            b.total,
+            b.failed
+        );
+    }
     println!(
         "{name:<28} n={:<5} accept→RUNNING p50 {} p99 {} | accept→FINISHED p50 {} p99 {} | {:.0} tasks/s{busy}",
         b.total,
@@ -182,6 +195,7 @@ fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, wasm: Option<A
         to_running: Vec::new(),
         to_finished: Vec::new(),
         done: 0,
+        failed: 0,
         started: None,
         elapsed: Duration::ZERO,
     }
@@ -280,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
         session.conn.close(0u32.into(), b"uploaded");
         kinds.push(("wasm noop", Some(module)));
     }
+    let mut invalid = 0;
     for (label, module) in kinds {
         // A first task warms up what the first launch pays once (the Wasm executor process,
         // the module fetch and compile), as a long-running cluster has.
@@ -289,16 +304,21 @@ async fn main() -> anyhow::Result<()> {
         let mut lat = bench(if module.is_some() { "lat-wasm" } else { "lat" }, lat_n, true, module.clone());
         run(DriverConfig::new(addr.clone(), fw.clone(), "bench-latency"), &mut lat).await?;
         report(&format!("{label}, one at a time"), &mut lat, None);
+        invalid += lat.failed;
 
         let mut thr = bench(if module.is_some() { "thr-wasm" } else { "thr" }, thr_n, false, module.clone());
         let before = cpu_jiffies();
         run(DriverConfig::new(addr.clone(), fw.clone(), "bench-throughput"), &mut thr).await?;
         let after = cpu_jiffies();
         report(&format!("{label}, all at once"), &mut thr, Some((before, after)));
+        invalid += thr.failed;
     }
 
     shutdown.cancel();
     let _ = agent_task.await;
+    if invalid > 0 {
+        anyhow::bail!("{invalid} tasks did not finish: these figures are void");
+    }
     Ok(())
 }
 

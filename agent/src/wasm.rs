@@ -23,7 +23,7 @@ use std::time::Duration;
 use agora_sdk::executor::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
-use agora_sdk::frame::{FrameReader, FrameWriter};
+use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::{Digest, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, WasmInfo};
 use agora_sdk::Resources;
 use tokio::io::AsyncWriteExt;
@@ -968,13 +968,23 @@ impl ExecutorSpawn {
             to_executor: tx,
         });
         let write_loop = async move {
+            let mut unsendable = Vec::new();
             while let Some(msg) = rx.recv().await {
-                let shutdown = matches!(msg, AgentToExecutor::Shutdown);
-                writer.feed(&msg).await.map_err(|e| e.to_string())?;
+                let mut shutdown = matches!(msg, AgentToExecutor::Shutdown);
+                feed_split(&mut writer, msg, &mut unsendable).await.map_err(|e| e.to_string())?;
                 while let Ok(more) = rx.try_recv() {
-                    writer.feed(&more).await.map_err(|e| e.to_string())?;
+                    shutdown |= matches!(more, AgentToExecutor::Shutdown);
+                    feed_split(&mut writer, more, &mut unsendable).await.map_err(|e| e.to_string())?;
                 }
                 writer.flush().await.map_err(|e| e.to_string())?;
+                if !unsendable.is_empty() {
+                    let updates = unsendable.drain(..).map(launch_too_large).collect();
+                    let _ = self.manager.send(ManagerCmd::Updates {
+                        framework_id: self.framework_id.clone(),
+                        serial: self.serial,
+                        updates,
+                    });
+                }
                 if shutdown {
                     break;
                 }
@@ -1020,6 +1030,49 @@ impl ExecutorSpawn {
             }
         };
         Ok(format!("{ended} ({status})"))
+    }
+}
+
+/// Queues `msg` for the executor. A batch of launches too large for one frame goes out in
+/// several (halved until each fits, in order); a single launch that cannot fit at all is left
+/// in `unsendable` for the caller to fail, and the executor carries on.
+async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    msg: AgentToExecutor,
+    unsendable: &mut Vec<TaskId>,
+) -> Result<(), FrameError> {
+    let AgentToExecutor::Launch(list) = msg else {
+        return writer.feed(&msg).await;
+    };
+    let mut stack = vec![list];
+    while let Some(list) = stack.pop() {
+        let msg = AgentToExecutor::Launch(list);
+        match writer.feed(&msg).await {
+            Ok(()) => {}
+            Err(FrameError::TooLarge { .. }) => {
+                let AgentToExecutor::Launch(mut list) = msg else { unreachable!("built above") };
+                if list.len() <= 1 {
+                    unsendable.extend(list.into_iter().map(|l| l.task_id));
+                } else {
+                    let tail = list.split_off(list.len() / 2);
+                    stack.push(tail);
+                    stack.push(list);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn launch_too_large(task_id: TaskId) -> ExecutorUpdate {
+    ExecutorUpdate {
+        task_id,
+        state: TaskState::Failed,
+        reason: "launch failed".into(),
+        message: format!("the task's launch does not fit in one executor frame ({MAX_FRAME} bytes)"),
+        exit_code: None,
+        usage: None,
     }
 }
 
@@ -1090,6 +1143,43 @@ mod tests {
             Ok(Some((key, TaskEvent::Terminated(t)))) => (key, t),
             other => panic!("expected a terminal event, got {other:?}"),
         }
+    }
+
+    /// A burst of launches larger than a frame (a new executor receives every launch that
+    /// queued while it started) goes out in several frames, in order; a launch that can never
+    /// fit is handed back instead of breaking the executor's connection.
+    #[tokio::test]
+    async fn launch_batches_past_the_frame_limit_are_split() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let launch = |i: usize, arg_len: usize| {
+            let mut s = spec(dir.path(), &format!("t{i}"), b"m");
+            if let TaskKind::Wasm(info) = &mut s.task.kind {
+                info.args.push("x".repeat(arg_len));
+            }
+            let TaskKind::Wasm(info) = &s.task.kind else { unreachable!() };
+            wasm_launch(&s, info, dir.path().join("module"), Vec::new())
+        };
+        let mut list: Vec<WasmLaunch> = (0..3000).map(|i| launch(i, 600)).collect();
+        list.insert(1234, launch(99_999, MAX_FRAME));
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let reader = tokio::spawn(async move {
+            let mut r = FrameReader::new(b);
+            let (mut frames, mut ids) = (0, Vec::new());
+            while let Some(AgentToExecutor::Launch(l)) = r.recv().await.expect("frame") {
+                frames += 1;
+                ids.extend(l.into_iter().map(|l| l.task_id));
+            }
+            (frames, ids)
+        });
+        let mut w = FrameWriter::new(a);
+        let mut unsendable = Vec::new();
+        feed_split(&mut w, AgentToExecutor::Launch(list), &mut unsendable).await.expect("fed");
+        w.flush().await.expect("flush");
+        drop(w);
+        let (frames, ids) = reader.await.expect("reader");
+        assert!(frames > 1, "one frame cannot hold ~2 MB of launches");
+        assert_eq!(ids, (0..3000).map(|i| TaskId::new(format!("t{i}"))).collect::<Vec<_>>());
+        assert_eq!(unsendable, vec![TaskId::new("t99999")]);
     }
 
     /// Tasks whose module is not cached yet wait on a fetch of their own: a kill meanwhile
