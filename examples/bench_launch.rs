@@ -68,6 +68,7 @@ struct Bench {
     held: Vec<Offer>,
     sent: HashMap<TaskId, Instant>,
     to_running: Vec<Duration>,
+    running: std::collections::HashSet<TaskId>,
     to_finished: Vec<Duration>,
     done: usize,
     /// Tasks that ended other than TASK_FINISHED (the run's figures are then void).
@@ -113,8 +114,13 @@ impl Scheduler for Bench {
     async fn status_update(&mut self, driver: &Driver, st: &TaskStatus) {
         let Some(sent) = self.sent.get(&st.task_id).copied() else { return };
         match st.state {
-            TaskState::Running => self.to_running.push(sent.elapsed()),
+            // Updates are delivered at least once: count a task's first RUNNING only.
+            TaskState::Running if self.running.insert(st.task_id.clone()) => {
+                self.to_running.push(sent.elapsed())
+            }
             s if s.is_terminal() => {
+                // Duplicates of a terminal update find no entry any more.
+                self.sent.remove(&st.task_id);
                 self.to_finished.push(sent.elapsed());
                 self.in_flight -= 1;
                 self.done += 1;
@@ -193,6 +199,7 @@ fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, wasm: Option<A
         held: Vec::new(),
         sent: HashMap::new(),
         to_running: Vec::new(),
+        running: Default::default(),
         to_finished: Vec::new(),
         done: 0,
         failed: 0,
