@@ -51,7 +51,15 @@ fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
     TaskInfo {
         task_id: TaskId(format!("{prefix}-{i}")),
         name: if wasm.is_some() { "noop.wasm".into() } else { "true".into() },
-        resources: Resources { cpus: 10, mem: 1 << 20, ..Default::default() },
+        // Native tasks ask for 0.1 CPU: with a hard CFS quota, 0.01 CPU is 1 ms per 100 ms
+        // period, less than `true` needs to exec behind the start gate (~1.3 ms), so a third
+        // of such tasks would wait up to 100 ms for the next period: the quota enforced, not
+        // launch cost (`cargo run --release -p agora-agent --example cgroup_phases`).
+        resources: Resources {
+            cpus: if wasm.is_some() { 10 } else { 100 },
+            mem: 1 << 20,
+            ..Default::default()
+        },
         kind,
         kill_grace: None,
     }
