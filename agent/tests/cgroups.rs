@@ -257,7 +257,10 @@ async fn fork_bomb_is_contained_by_the_pids_limit_and_the_agent_stays_responsive
     let later = r.ended("later", Duration::from_secs(10)).await;
     assert_eq!((later.state, later.exit_code), (TaskState::Finished, Some(0)), "{later:?}");
     println!("the bomb peaked at {most} processes (limit {MAX}); a later task ran meanwhile");
-    assert!(most > MAX / 2 && most <= MAX, "pids.current peaked at {most}");
+    // Never above the limit. How high the sampled peak gets depends on the machine's load (the
+    // bomb's shells die as their forks fail, and 20 ms samples can miss its crest: one CI-like
+    // run in ten saw under half); that the limit was hit is asserted through the reason below.
+    assert!(most > 1 && most <= MAX, "pids.current peaked at {most}");
     let t = r.ended("bomb", Duration::from_secs(20)).await;
     assert_eq!(t.state, TaskState::Failed);
     assert_eq!(t.reason, "process limit reached", "{}", t.message);
