@@ -4,6 +4,8 @@
 //! I/O out of here makes it testable with real processes but without QUIC.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -81,7 +83,7 @@ pub struct Core {
     default_grace: Duration,
     isolator: Isolator,
     agent_id: Option<AgentId>,
-    tasks: HashMap<TaskKey, TaskEntry>,
+    tasks: FxHashMap<TaskKey, TaskEntry>,
     updates: UpdateManager,
     finished: FinishedTasks,
     events: EventSender,
@@ -110,7 +112,7 @@ impl Core {
             default_grace,
             isolator,
             agent_id,
-            tasks: HashMap::new(),
+            tasks: FxHashMap::default(),
             updates,
             finished: FinishedTasks::default(),
             events,

@@ -7,10 +7,11 @@
 //!
 //! This module is sans-IO: time is passed in and updates to send are returned.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::TaskStatus;
+use rustc_hash::FxHashMap;
 use uuid::Uuid;
 
 use crate::tasks::TaskKey;
@@ -46,7 +47,8 @@ pub enum AckOutcome {
 /// Per-task streams of unacknowledged updates.
 #[derive(Debug)]
 pub struct UpdateManager {
-    streams: BTreeMap<TaskKey, Stream>,
+    /// Hashed: looked up on every update and acknowledgement.
+    streams: FxHashMap<TaskKey, Stream>,
     /// Every stream's `next_send`, ordered: the next deadline without a walk over all streams
     /// (that walk ran once per agent event and made 10,000 pending updates quadratic).
     schedule: BTreeSet<(Instant, TaskKey)>,
@@ -63,7 +65,7 @@ impl Default for UpdateManager {
 impl UpdateManager {
     /// A manager retrying after `initial`, doubling up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { streams: BTreeMap::new(), schedule: BTreeSet::new(), initial, max }
+        Self { streams: FxHashMap::default(), schedule: BTreeSet::new(), initial, max }
     }
 
     /// Moves `key`'s retry time from `old` to `new` in the schedule.
@@ -138,13 +140,17 @@ impl UpdateManager {
     pub fn resend_all(&mut self, now: Instant) -> Vec<TaskStatus> {
         let mut out = Vec::new();
         self.schedule.clear();
-        for (key, stream) in self.streams.iter_mut() {
+        // In task order, so that a reconnection replays the same way every time.
+        let mut keys: Vec<TaskKey> = self.streams.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            let Some(stream) = self.streams.get_mut(&key) else { continue };
             if let Some(head) = stream.pending.front() {
                 out.push(head.clone());
             }
             stream.next_send = now + self.initial;
             stream.backoff = (self.initial * 2).min(self.max);
-            self.schedule.insert((stream.next_send, key.clone()));
+            self.schedule.insert((stream.next_send, key));
         }
         out
     }

@@ -27,6 +27,7 @@ use crate::metrics;
 use crate::quick;
 use crate::state::{
     Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskKey,
+    TaskTable,
 };
 
 /// Identifies one connection (assigned by the driver, never reused).
@@ -233,11 +234,11 @@ pub struct Master {
     /// Outstanding offers by number (an offer id is `{master_id}-O{number}`).
     offers: Offers,
     /// Tasks not yet completed (non-terminal, or terminal with updates not yet acknowledged).
-    tasks: BTreeMap<TaskKey, Task>,
+    tasks: TaskTable,
     /// The last [`COMPLETED_TASKS`] completed tasks, oldest first.
     completed: VecDeque<Task>,
     /// How many entries of `completed` carry each key.
-    completed_index: HashMap<TaskKey, usize>,
+    completed_index: FxHashMap<TaskKey, usize>,
     agent_deadlines: BTreeSet<(Instant, AgentId)>,
     failover_deadlines: BTreeSet<(Instant, FrameworkId)>,
     /// Decline filters by expiry: every filter of a cycle's declines shares one instant, so
@@ -295,9 +296,9 @@ impl Master {
             frameworks: Table::new(),
             removed_frameworks: RecentSet::default(),
             offers: Offers::default(),
-            tasks: BTreeMap::new(),
+            tasks: TaskTable::default(),
             completed: VecDeque::new(),
-            completed_index: HashMap::new(),
+            completed_index: FxHashMap::default(),
             agent_deadlines: BTreeSet::new(),
             failover_deadlines: BTreeSet::new(),
             filter_expiries: BTreeMap::new(),
@@ -503,7 +504,7 @@ impl Master {
         let live: Vec<TaskKey> =
             self.tasks.values().filter(|t| t.info.task_id == *task_id).map(Task::key).collect();
         let running: Vec<&TaskKey> =
-            live.iter().filter(|k| self.tasks.get(*k).is_some_and(|t| !t.state.is_terminal())).collect();
+            live.iter().filter(|k| self.tasks.get(k).is_some_and(|t| !t.state.is_terminal())).collect();
         match running.as_slice() {
             [key] => {
                 let key = (*key).clone();
@@ -625,11 +626,7 @@ impl Master {
 
     /// The framework's tasks that are not completed.
     fn framework_tasks<'a>(&'a self, fw: &FrameworkId) -> impl Iterator<Item = &'a Task> + 'a {
-        let fw = fw.clone();
-        self.tasks
-            .range((fw.clone(), TaskId::new(""))..)
-            .take_while(move |((f, _), _)| *f == fw)
-            .map(|(_, t)| t)
+        self.tasks.of_framework(fw)
     }
 
     fn framework_task_keys(&self, fw: &FrameworkId) -> Vec<TaskKey> {

@@ -449,6 +449,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_table_walks_in_framework_then_task_order() {
+        let task = |fw: &str, id: &str| Task {
+            info: TaskInfo {
+                task_id: TaskId::new(id),
+                name: id.into(),
+                resources: Resources::default(),
+                kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+                kill_grace: None,
+            },
+            framework_id: FrameworkId::new(fw),
+            agent_id: AgentId::new("a"),
+            state: TaskState::Staging,
+            allocation: Resources::default(),
+            latest: None,
+            pending: Vec::new(),
+            kill_requested: false,
+        };
+        let mut t = TaskTable::default();
+        for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {
+            assert!(t.insert((FrameworkId::new(fw), TaskId::new(id)), task(fw, id)).is_none());
+        }
+        let keys = |t: &TaskTable| t.values().map(Task::key).collect::<Vec<_>>();
+        let k = |fw: &str, id: &str| (FrameworkId::new(fw), TaskId::new(id));
+        assert_eq!(keys(&t), vec![k("f1", "a"), k("f1", "z"), k("f2", "a"), k("f2", "b")]);
+        let f2: Vec<_> = t.of_framework(&FrameworkId::new("f2")).map(Task::key).collect();
+        assert_eq!(f2, vec![k("f2", "a"), k("f2", "b")]);
+        assert!(t.insert(k("f1", "a"), task("f1", "a")).is_some(), "replaced");
+        assert_eq!(t.len(), 4);
+        for (fw, id) in [("f1", "a"), ("f1", "z")] {
+            assert!(t.remove(&k(fw, id)).is_some());
+        }
+        assert!(t.remove(&k("f1", "a")).is_none());
+        assert_eq!(t.of_framework(&FrameworkId::new("f1")).count(), 0);
+        assert_eq!(keys(&t), vec![k("f2", "a"), k("f2", "b")]);
+        assert!(t.contains_key(&k("f2", "b")) && t.get(&k("f2", "b")).is_some());
+    }
+
+    #[test]
     fn tables_walk_in_id_order_and_name_reused_slots_by_generation() {
         let mut t: Table<AgentId, u32> = Table::new();
         for (i, id) in ["b", "a10", "a9", "c"].into_iter().enumerate() {
@@ -487,5 +525,70 @@ mod tests {
         assert!(o.get(&1).is_none());
         assert_eq!(o.get(&2).map(|r| r.agent), Some(2));
         assert_eq!(o.get(&5000).map(|r| r.agent), Some(5000));
+    }
+}
+
+/// The live tasks: a hash map for the per-update lookups (an ordered map of two strings that
+/// share a framework-id prefix spent most of its time in `memcmp`), plus an ordered index so
+/// that walks stay in `(framework, task)` order, as the core's messages and replies must be
+/// deterministic.
+#[derive(Debug, Default)]
+pub(crate) struct TaskTable {
+    map: FxHashMap<TaskKey, Task>,
+    order: BTreeMap<FrameworkId, BTreeSet<TaskId>>,
+}
+
+impl TaskTable {
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn get(&self, key: &TaskKey) -> Option<&Task> {
+        self.map.get(key)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &TaskKey) -> Option<&mut Task> {
+        self.map.get_mut(key)
+    }
+
+    pub(crate) fn contains_key(&self, key: &TaskKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Adds or replaces a task; returns the one it replaced.
+    pub(crate) fn insert(&mut self, key: TaskKey, task: Task) -> Option<Task> {
+        self.order.entry(key.0.clone()).or_default().insert(key.1.clone());
+        self.map.insert(key, task)
+    }
+
+    pub(crate) fn remove(&mut self, key: &TaskKey) -> Option<Task> {
+        let task = self.map.remove(key)?;
+        if let Some(ids) = self.order.get_mut(&key.0) {
+            ids.remove(&key.1);
+            if ids.is_empty() {
+                self.order.remove(&key.0);
+            }
+        }
+        Some(task)
+    }
+
+    /// Every task, in `(framework, task id)` order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Task> + '_ {
+        self.order.iter().flat_map(move |(fw, ids)| ids.iter().filter_map(move |id| self.lookup(fw, id)))
+    }
+
+    /// One framework's tasks, in task id order.
+    pub(crate) fn of_framework<'a>(&'a self, fw: &FrameworkId) -> impl Iterator<Item = &'a Task> + 'a {
+        let fw = fw.clone();
+        let ids = self.order.get(&fw);
+        ids.into_iter().flat_map(move |ids| {
+            let fw = fw.clone();
+            ids.iter().filter_map(move |id| self.lookup(&fw, id))
+        })
+    }
+
+    fn lookup(&self, fw: &FrameworkId, id: &TaskId) -> Option<&Task> {
+        // The map is keyed by owned pairs; this walk is off the per-update path.
+        self.map.get(&(fw.clone(), id.clone()))
     }
 }
