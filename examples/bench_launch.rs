@@ -7,6 +7,9 @@
 //! cargo run --release --example bench_launch -- [--latency-tasks 300] [--throughput-tasks 1000]
 //!     [--isolation auto|none] [--kind native|wasm|both]
 //! ```
+//! `BENCH_TRACE=1` prints when each ACCEPT went out and when the 1st, 1,000th, … RUNNING and
+//! FINISHED arrived; `BENCH_PAUSE_MS=N` idles N ms before the throughput phase (what a cluster
+//! that was quiet for a while sees).
 //! Figures go to BENCHMARKS.md by hand, with the machine.
 
 use std::collections::HashMap;
@@ -166,12 +169,28 @@ impl Scheduler for Bench {
         match st.state {
             // Updates are delivered at least once: count a task's first RUNNING only.
             TaskState::Running if self.running.insert(st.task_id.clone()) => {
-                self.to_running.push(sent.elapsed())
+                self.to_running.push(sent.elapsed());
+                let n = self.to_running.len();
+                if std::env::var_os("BENCH_TRACE").is_some()
+                    && !self.one_at_a_time
+                    && [1, 1000, 3000, 6000].contains(&n)
+                {
+                    let t = self.started.map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(-1.0);
+                    eprintln!("{t:8.1} ms RUNNING #{n}");
+                }
             }
             s if s.is_terminal() => {
                 // Duplicates of a terminal update find no entry any more.
                 self.sent.remove(&st.task_id);
                 self.to_finished.push(sent.elapsed());
+                let n = self.to_finished.len();
+                if std::env::var_os("BENCH_TRACE").is_some()
+                    && !self.one_at_a_time
+                    && [1, 1000, 3000, 6000].contains(&n)
+                {
+                    let t = self.started.map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(-1.0);
+                    eprintln!("{t:8.1} ms FINISHED #{n}");
+                }
                 self.in_flight -= 1;
                 self.done += 1;
                 self.pump(driver);
@@ -361,6 +380,9 @@ async fn main() -> anyhow::Result<()> {
         report(&format!("{label}, one at a time"), &mut lat, None);
         invalid += lat.failed;
 
+        if let Some(ms) = std::env::var("BENCH_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let mut thr = bench(if module.is_some() { "thr-wasm" } else { "thr" }, thr_n, false, module.clone());
         let before = cpu_jiffies();
         run(DriverConfig::new(addr.clone(), fw.clone(), "bench-throughput"), &mut thr).await?;
