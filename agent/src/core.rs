@@ -151,6 +151,10 @@ impl Core {
             })
             .collect();
         tasks.sort_by(|a, b| (&a.framework_id, &a.task.task_id).cmp(&(&b.framework_id, &b.task.task_id)));
+        // Thousands of tasks do not fit in one frame: all but the last run go ahead of Register.
+        let mut runs = agora_sdk::frame::chunk_by_size(tasks, agora_sdk::frame::LIST_BUDGET);
+        let tasks = runs.pop().unwrap_or_default();
+        self.outbox.extend(runs.into_iter().map(AgentMessage::TaskReports));
         self.outbox.push(AgentMessage::Register {
             agent_id: self.agent_id.clone(),
             hostname: self.info.hostname.clone(),
@@ -548,6 +552,41 @@ mod tests {
         };
         let target = h.core.lookup_output(&req).expect("finished task known");
         assert_eq!(std::fs::read_to_string(target.path.join("stdout")).ok().as_deref(), Some("hi\n"));
+    }
+
+    /// An agent running thousands of tasks re-registers in frames that fit: its task reports
+    /// go ahead of `Register` in as many messages as needed, in order, none lost.
+    #[test]
+    fn a_registration_with_thousands_of_tasks_goes_out_in_frames_that_fit() {
+        let mut h = harness();
+        let n = 12_000;
+        for i in 0..n {
+            let task = command_task(&format!("t{i:05}"), &"x".repeat(100));
+            let key = TaskKey { framework_id: FrameworkId::new("fw"), task_id: task.task_id.clone() };
+            let (_, done) = tokio::sync::watch::channel(false);
+            let handle = TaskHandle::with_kill(Box::new(|| {}), done);
+            let entry =
+                TaskEntry { task, run_dir: PathBuf::new(), state: TaskState::Running, handle, ended: false };
+            h.core.tasks.insert(key, entry);
+        }
+        h.core.connected(Instant::now());
+        let out = h.core.take_outbox();
+        assert!(out.len() >= 2, "{} messages: more than one frame of reports", out.len());
+        let mut ids = Vec::new();
+        for (i, m) in out.iter().enumerate() {
+            assert!(agora_sdk::frame::encode(m).is_ok(), "message {i} does not fit in a frame");
+            match m {
+                AgentMessage::TaskReports(r) if i + 1 < out.len() => {
+                    ids.extend(r.iter().map(|t| t.task.task_id.clone()))
+                }
+                AgentMessage::Register { tasks, .. } if i + 1 == out.len() => {
+                    ids.extend(tasks.iter().map(|t| t.task.task_id.clone()))
+                }
+                other => panic!("unexpected message {i}: {other:?}"),
+            }
+        }
+        let expected: Vec<TaskId> = (0..n).map(|i| TaskId::new(format!("t{i:05}"))).collect();
+        assert_eq!(ids, expected, "every task once, in order");
     }
 
     #[tokio::test]

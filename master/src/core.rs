@@ -33,6 +33,9 @@ use crate::state::{
 /// Identifies one connection (assigned by the driver, never reused).
 pub type ConnId = u64;
 
+/// Most tasks one agent may report when it registers (memory bound on a peer's claims).
+pub const MAX_REPORTED_TASKS: usize = 1_000_000;
+
 /// Master settings.
 #[derive(Clone, Debug)]
 pub struct MasterConfig {
@@ -227,6 +230,8 @@ pub struct Master {
     /// Connections the core closed; their further events are ignored until the driver
     /// reports them disconnected.
     closing: HashSet<ConnId>,
+    /// Task reports that arrived ahead of their agent's `Register` (too many for one frame).
+    pending_reports: FxHashMap<ConnId, Vec<TaskReport>>,
     /// By id (hashed lookups, id-ordered walks).
     agents: Table<AgentId, Agent>,
     frameworks: Table<FrameworkId, Framework>,
@@ -292,6 +297,7 @@ impl Master {
             allocator,
             conns: HashMap::new(),
             closing: HashSet::new(),
+            pending_reports: FxHashMap::default(),
             agents: Table::new(),
             frameworks: Table::new(),
             removed_frameworks: RecentSet::default(),
@@ -341,6 +347,7 @@ impl Master {
             Event::Agent { conn, principal, msg } => self.on_agent_message(now, conn, principal, msg),
             Event::AgentDisconnected { conn } => {
                 self.closing.remove(&conn);
+                self.pending_reports.remove(&conn);
                 if let Some(Peer::Agent(id)) = self.conns.get(&conn).cloned() {
                     self.conns.remove(&conn);
                     self.agent_disconnected(now, &id);
@@ -597,6 +604,7 @@ impl Master {
         let error = WireError::new(code, message);
         debug!(conn, error = %error, "closing connection");
         self.conns.remove(&conn);
+        self.pending_reports.remove(&conn);
         self.closing.insert(conn);
         self.actions.push_back(Action::Close { conn, error });
     }
@@ -909,8 +917,30 @@ impl Master {
         }
         match self.conns.get(&conn).cloned() {
             None => match msg {
-                AgentMessage::Register { agent_id, hostname, resources, attributes, tasks } => self
-                    .register_agent(now, conn, principal, agent_id, hostname, resources, attributes, tasks),
+                AgentMessage::Register { agent_id, hostname, resources, attributes, tasks } => {
+                    let tasks = match self.pending_reports.remove(&conn) {
+                        Some(mut earlier) => {
+                            earlier.extend(tasks);
+                            earlier
+                        }
+                        None => tasks,
+                    };
+                    self.register_agent(
+                        now, conn, principal, agent_id, hostname, resources, attributes, tasks,
+                    )
+                }
+                AgentMessage::TaskReports(reports) => {
+                    let pending = self.pending_reports.entry(conn).or_default();
+                    if pending.len().saturating_add(reports.len()) > MAX_REPORTED_TASKS {
+                        self.close(
+                            conn,
+                            ErrorCode::TooLarge,
+                            format!("an agent may report at most {MAX_REPORTED_TASKS} tasks"),
+                        );
+                    } else {
+                        pending.extend(reports);
+                    }
+                }
                 _ => {
                     self.close(conn, ErrorCode::Unexpected, "the first message of an agent must be Register")
                 }
@@ -922,7 +952,7 @@ impl Master {
                 let deadline = after(now, self.config.agent_timeout);
                 self.set_agent_deadline(&id, Some(deadline));
                 match msg {
-                    AgentMessage::Register { .. } => self.close_peer(
+                    AgentMessage::Register { .. } | AgentMessage::TaskReports(_) => self.close_peer(
                         now,
                         conn,
                         ErrorCode::Unexpected,

@@ -552,11 +552,36 @@ async fn serve_operator(
                 return;
             }
         };
-        if writer.send(&reply).await.is_err() {
+        if send_in_parts(&mut writer, reply).await.is_err() {
             break;
         }
     }
     conn.close(0u32.into(), b"bye");
+}
+
+/// Sends a reply; a list too large for one frame goes as `…Part` replies ending with the list's
+/// own variant (the client puts them back together).
+async fn send_in_parts(writer: &mut FrameWriter<SendStream>, reply: OperatorReply) -> Result<(), FrameError> {
+    use agora_sdk::frame::{chunk_by_size, LIST_BUDGET};
+    fn parts<T: serde::Serialize>(
+        list: Vec<T>,
+        part: fn(Vec<T>) -> OperatorReply,
+        last: fn(Vec<T>) -> OperatorReply,
+    ) -> Vec<OperatorReply> {
+        let mut runs = chunk_by_size(list, LIST_BUDGET);
+        let tail = runs.pop().unwrap_or_default();
+        runs.into_iter().map(part).chain(std::iter::once(last(tail))).collect()
+    }
+    let replies = match reply {
+        OperatorReply::Agents(a) => parts(a, OperatorReply::AgentsPart, OperatorReply::Agents),
+        OperatorReply::Frameworks(f) => parts(f, OperatorReply::FrameworksPart, OperatorReply::Frameworks),
+        OperatorReply::Tasks(t) => parts(t, OperatorReply::TasksPart, OperatorReply::Tasks),
+        other => vec![other],
+    };
+    for r in &replies {
+        writer.feed(r).await?;
+    }
+    writer.flush().await
 }
 
 /// Serves the bulk streams a peer opens, each in its own task: task output (frameworks and

@@ -146,6 +146,10 @@ impl<A: AsyncRead> ChainAsync for A {
     }
 }
 
+/// Which items a reply of a listing carries and whether it is the last part; `Err` gives back
+/// a reply of another kind.
+type SplitReply<T> = fn(OperatorReply) -> Result<(Vec<T>, bool), OperatorReply>;
+
 /// The operator's view of the cluster: list agents, frameworks and tasks; kill; read output.
 pub struct OperatorClient {
     session: Session,
@@ -166,25 +170,54 @@ impl OperatorClient {
         }
     }
 
-    pub async fn agents(&mut self) -> Result<Vec<AgentView>, ClientError> {
-        match self.call(OperatorCall::GetAgents).await? {
-            OperatorReply::Agents(a) => Ok(a),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+    /// A list that may come in parts: `split` says which items a reply carries and whether it
+    /// is the last one (`Err` gives back a reply of the wrong kind).
+    async fn list<T>(&mut self, call: OperatorCall, split: SplitReply<T>) -> Result<Vec<T>, ClientError> {
+        let mut all = Vec::new();
+        let mut reply = self.call(call).await?;
+        loop {
+            match split(reply) {
+                Ok((items, last)) => {
+                    all.extend(items);
+                    if last {
+                        return Ok(all);
+                    }
+                }
+                Err(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+            reply = match self.session.reader.recv::<OperatorReply>().await? {
+                Some(OperatorReply::Error(e)) => return Err(ClientError::Refused(e)),
+                Some(r) => r,
+                None => return Err(ClientError::Closed),
+            };
         }
+    }
+
+    pub async fn agents(&mut self) -> Result<Vec<AgentView>, ClientError> {
+        self.list(OperatorCall::GetAgents, |r| match r {
+            OperatorReply::AgentsPart(a) => Ok((a, false)),
+            OperatorReply::Agents(a) => Ok((a, true)),
+            other => Err(other),
+        })
+        .await
     }
 
     pub async fn frameworks(&mut self) -> Result<Vec<FrameworkView>, ClientError> {
-        match self.call(OperatorCall::GetFrameworks).await? {
-            OperatorReply::Frameworks(f) => Ok(f),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.list(OperatorCall::GetFrameworks, |r| match r {
+            OperatorReply::FrameworksPart(f) => Ok((f, false)),
+            OperatorReply::Frameworks(f) => Ok((f, true)),
+            other => Err(other),
+        })
+        .await
     }
 
     pub async fn tasks(&mut self) -> Result<Vec<TaskView>, ClientError> {
-        match self.call(OperatorCall::GetTasks).await? {
-            OperatorReply::Tasks(t) => Ok(t),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.list(OperatorCall::GetTasks, |r| match r {
+            OperatorReply::TasksPart(t) => Ok((t, false)),
+            OperatorReply::Tasks(t) => Ok((t, true)),
+            other => Err(other),
+        })
+        .await
     }
 
     pub async fn kill(&mut self, task_id: &TaskId) -> Result<(), ClientError> {

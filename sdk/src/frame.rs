@@ -148,6 +148,31 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// Room left in a frame for what surrounds a list (enum tags, length prefixes, other fields).
+pub const LIST_BUDGET: usize = MAX_FRAME - (64 << 10);
+
+/// Splits `items` into runs whose encodings each add up to at most `budget` bytes, in order, so
+/// that a list too large for one frame goes out in several. An item larger than `budget` on its
+/// own is a run of its own (its frame will be refused with a clear error).
+pub fn chunk_by_size<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let mut run = Vec::new();
+    let mut size = 0usize;
+    for item in items {
+        let len = postcard::experimental::serialized_size(&item).unwrap_or(usize::MAX);
+        if !run.is_empty() && size.saturating_add(len) > budget {
+            runs.push(std::mem::take(&mut run));
+            size = 0;
+        }
+        size = size.saturating_add(len);
+        run.push(item);
+    }
+    if !run.is_empty() || runs.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
 /// Encodes one message body (without the length prefix).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
     let v = postcard::to_stdvec(msg)?;
@@ -209,6 +234,21 @@ mod tests {
         let got = reader.await.unwrap();
         assert_eq!(got.len(), n as usize);
         assert!(got.iter().enumerate().all(|(i, (j, m))| *j as usize == i && *m == format!("message {i}")));
+    }
+
+    #[test]
+    fn lists_split_by_encoded_size() {
+        let items: Vec<String> = (0..1000).map(|i| "x".repeat(i % 50)).collect();
+        let runs = chunk_by_size(items.clone(), 1000);
+        assert!(runs.len() > 1);
+        assert!(runs.iter().all(|r| r.iter().map(|s| s.len() + 1).sum::<usize>() <= 1000));
+        assert_eq!(runs.concat(), items);
+        assert_eq!(chunk_by_size(Vec::<String>::new(), 10), vec![Vec::<String>::new()]);
+        let big = vec!["a".to_string(), "b".repeat(100), "c".to_string()];
+        assert_eq!(
+            chunk_by_size(big.clone(), 10),
+            vec![vec![big[0].clone()], vec![big[1].clone()], vec![big[2].clone()]]
+        );
     }
 
     /// Every decoder that reads bytes from the network must turn garbage into an error, never

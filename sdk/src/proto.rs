@@ -431,6 +431,9 @@ pub enum AgentMessage {
     },
     Heartbeat,
     StatusUpdate(TaskStatus),
+    /// Tasks for the `Register` that follows, when they do not all fit in its frame (an agent
+    /// with thousands of tasks): the master adds them to that registration.
+    TaskReports(Vec<TaskReport>),
 }
 
 /// Master → agent.
@@ -629,6 +632,10 @@ pub enum OperatorReply {
     Tasks(Vec<TaskView>),
     Ok,
     Error(WireError),
+    /// Leading parts of a list too large for one frame; the list's own variant ends it.
+    AgentsPart(Vec<AgentView>),
+    FrameworksPart(Vec<FrameworkView>),
+    TasksPart(Vec<TaskView>),
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+//! Lists larger than one frame, over real QUIC on loopback: an agent that re-registers with
+//! thousands of tasks (its reports go ahead of `Register` in several messages), and an operator
+//! listing them all (the reply comes in parts). Either used to exceed the 1 MiB frame limit at a
+//! few thousand Wasm tasks: the agent could not register, `agora tasks` failed.
+
+// Test helpers outside `#[test]` functions fail loudly too.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use agora_master::core::MasterConfig;
+use agora_master::server::{self, ServerConfig};
+use agora_sdk::client::{OperatorClient, Session};
+use agora_sdk::config::{CertPair, ClientConfig};
+use agora_sdk::frame::{encode, MAX_FRAME};
+use agora_sdk::proto::*;
+use agora_sdk::tls::TlsFiles;
+use agora_sdk::{Attributes, Resources};
+use tokio_util::sync::CancellationToken;
+
+const TASKS: usize = 12_000;
+
+fn report(i: usize) -> TaskReport {
+    TaskReport {
+        framework_id: FrameworkId::new("fw-with-a-rather-long-framework-identifier"),
+        task: TaskInfo {
+            task_id: TaskId::new(format!("wasm-task-{i:06}")),
+            name: "wasm-task".into(),
+            resources: Resources { cpus: 1, mem: 1 << 20, ..Resources::default() },
+            kind: TaskKind::Wasm(Box::new(WasmInfo {
+                module: ArtifactRef { digest: Digest::of(b"module"), size: 6 },
+                args: vec!["module.wasm".into(), "--some".into(), "arguments".into()],
+                env: vec![("KEY".into(), "value".into())],
+                dirs: vec![],
+                fuel: None,
+                timeout: None,
+            })),
+            kill_grace: None,
+        },
+        state: TaskState::Running,
+    }
+}
+
+#[tokio::test]
+async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    agora_sdk::tls::init(&tls, "tester", false).unwrap();
+    let shutdown = CancellationToken::new();
+    let master = server::spawn(
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            tls: TlsFiles::in_dir(&tls, "master"),
+            core: MasterConfig { master_id: "t".into(), ..MasterConfig::default() },
+            allocator: "drf".into(),
+            work_dir: dir.path().join("master"),
+            max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+        },
+        shutdown.clone(),
+    )
+    .unwrap();
+    let addr = master.addr.to_string();
+
+    // What the agent's core sends on reconnection: reports in runs that fit, then Register.
+    let reports: Vec<TaskReport> = (0..TASKS).map(report).collect();
+    assert!(encode(&reports).is_err(), "the test must exceed one frame ({MAX_FRAME} bytes)");
+    let mut runs = agora_sdk::frame::chunk_by_size(reports, agora_sdk::frame::LIST_BUDGET);
+    let last = runs.pop().unwrap();
+    assert!(!runs.is_empty());
+    let mut agent = Session::connect(&addr, &TlsFiles::in_dir(&tls, "agent"), Role::Agent).await.unwrap();
+    for run in runs {
+        agent.writer.feed(&AgentMessage::TaskReports(run)).await.unwrap();
+    }
+    agent
+        .writer
+        .send(&AgentMessage::Register {
+            agent_id: Some(AgentId::new("busy-agent")),
+            hostname: "busy".into(),
+            resources: Resources::parse("cpus:20000;mem:64GiB").unwrap(),
+            attributes: Attributes::default(),
+            tasks: last,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let msg = tokio::time::timeout_at(deadline.into(), agent.reader.recv::<MasterToAgent>())
+            .await
+            .expect("registered in time")
+            .unwrap()
+            .expect("the master keeps the connection");
+        match msg {
+            MasterToAgent::Registered { agent_id, .. } => {
+                assert_eq!(agent_id, AgentId::new("busy-agent"));
+                break;
+            }
+            MasterToAgent::Error(e) => panic!("refused: {e:?}"),
+            _ => {}
+        }
+    }
+
+    let config = ClientConfig {
+        master: addr.clone(),
+        ca: tls.join("ca.pem"),
+        operator: Some(CertPair { cert: tls.join("operator.pem"), key: tls.join("operator-key.pem") }),
+        framework: None,
+        source: dir.path().join("client.toml"),
+    };
+    let mut op = OperatorClient::connect(&config).await.unwrap();
+    let tasks = op.tasks().await.unwrap();
+    assert_eq!(tasks.len(), TASKS, "every reported task is listed");
+    assert!(tasks.iter().all(|t| t.state == TaskState::Running && t.agent_id == AgentId::new("busy-agent")));
+    let mut ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), TASKS, "no task listed twice");
+    assert!(encode(&OperatorReply::Tasks(tasks)).is_err(), "the listing itself exceeds one frame");
+    // The connection is still good for the next call.
+    assert_eq!(op.agents().await.unwrap().len(), 1);
+
+    // Reports after registration are a protocol error on that connection only.
+    agent.writer.send(&AgentMessage::TaskReports(vec![report(0)])).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match agent.reader.recv::<MasterToAgent>().await {
+                Ok(Some(MasterToAgent::Error(e))) => return Some(e),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    if let Some(e) = closed {
+        assert!(e.message.contains("already registered"), "{e:?}");
+    }
+    assert_eq!(op.agents().await.unwrap().len(), 1, "the master still serves");
+    shutdown.cancel();
+}
