@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ::metrics::{counter, gauge};
+use agora_sdk::frame::{chunk_by_size, LIST_BUDGET};
 use agora_sdk::proto::*;
 use agora_sdk::{Attributes, Resources};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -32,6 +33,10 @@ use crate::state::{
 
 /// Identifies one connection (assigned by the driver, never reused).
 pub type ConnId = u64;
+
+/// Up to this many offers go in one event without measuring them (an offer is a few hundred
+/// bytes); more are split by size so that each event fits in a frame.
+const OFFERS_PER_EVENT_UNCHECKED: usize = 64;
 
 /// Most tasks one agent may report when it registers (memory bound on a peer's claims).
 pub const MAX_REPORTED_TASKS: usize = 1_000_000;
@@ -1958,7 +1963,14 @@ impl Master {
         });
         for (_, conn, offers) in batches {
             counter!(metrics::OFFERS_SENT).increment(offers.len() as u64);
-            self.send_framework(conn, SchedulerEvent::Offers(offers));
+            if offers.len() <= OFFERS_PER_EVENT_UNCHECKED {
+                self.send_framework(conn, SchedulerEvent::Offers(offers));
+            } else {
+                // Thousands of agents at once: events that each fit in a frame.
+                for run in chunk_by_size(offers, LIST_BUDGET) {
+                    self.send_framework(conn, SchedulerEvent::Offers(run));
+                }
+            }
         }
         gauge!(metrics::OFFERS_OUTSTANDING).set(self.offers.len() as f64);
     }
@@ -2289,6 +2301,43 @@ mod tests {
 
     fn decline(offer: &Offer, refuse_seconds: Option<f64>) -> SchedulerCall {
         SchedulerCall::Decline { offer_ids: vec![offer.id.clone()], refuse_seconds }
+    }
+
+    /// Offers of thousands of agents with large attributes reach a framework in events that
+    /// each fit in a frame; none is lost.
+    #[test]
+    fn offers_of_thousands_of_agents_are_split_into_frames_that_fit() {
+        let mut h = Harness::new();
+        let n = 4_000;
+        let attrs = (0..20).map(|i| format!("key{i}:{}", "v".repeat(20))).collect::<Vec<_>>().join(";");
+        for i in 0..n {
+            let conn = h.conn();
+            h.agent(
+                conn,
+                AgentMessage::Register {
+                    agent_id: None,
+                    hostname: format!("host-{i}"),
+                    resources: res("cpus:4;mem:8GiB"),
+                    attributes: Attributes::parse(&attrs).expect("attrs"),
+                    tasks: vec![],
+                },
+            );
+        }
+        let (fc, _) = h.subscribe("alice", Duration::from_secs(60));
+        let acts = h.advance(Duration::from_secs(2));
+        let events: Vec<&Vec<Offer>> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::ToFramework { conn, event: SchedulerEvent::Offers(o) } if *conn == fc => Some(o),
+                _ => None,
+            })
+            .collect();
+        assert!(events.len() > 1, "{} events", events.len());
+        assert_eq!(events.iter().map(|o| o.len()).sum::<usize>(), n);
+        for o in &events {
+            let event = SchedulerEvent::Offers((*o).clone());
+            assert!(agora_sdk::frame::encode(&event).is_ok(), "an event of {} offers is too large", o.len());
+        }
     }
 
     #[test]
