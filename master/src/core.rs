@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ::metrics::{counter, gauge};
-use agora_sdk::frame::{chunk_by_size, LIST_BUDGET};
 use agora_sdk::proto::*;
 use agora_sdk::{Attributes, Resources};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -33,10 +32,6 @@ use crate::state::{
 
 /// Identifies one connection (assigned by the driver, never reused).
 pub type ConnId = u64;
-
-/// Up to this many offers go in one event without measuring them (an offer is a few hundred
-/// bytes); more are split by size so that each event fits in a frame.
-const OFFERS_PER_EVENT_UNCHECKED: usize = 64;
 
 /// Most tasks one agent may report when it registers (memory bound on a peer's claims).
 pub const MAX_REPORTED_TASKS: usize = 1_000_000;
@@ -1963,14 +1958,8 @@ impl Master {
         });
         for (_, conn, offers) in batches {
             counter!(metrics::OFFERS_SENT).increment(offers.len() as u64);
-            if offers.len() <= OFFERS_PER_EVENT_UNCHECKED {
-                self.send_framework(conn, SchedulerEvent::Offers(offers));
-            } else {
-                // Thousands of agents at once: events that each fit in a frame.
-                for run in chunk_by_size(offers, LIST_BUDGET) {
-                    self.send_framework(conn, SchedulerEvent::Offers(run));
-                }
-            }
+            // One event however many agents: the server splits one too large for a frame.
+            self.send_framework(conn, SchedulerEvent::Offers(offers));
         }
         gauge!(metrics::OFFERS_OUTSTANDING).set(self.offers.len() as f64);
     }
@@ -2303,8 +2292,6 @@ mod tests {
         SchedulerCall::Decline { offer_ids: vec![offer.id.clone()], refuse_seconds }
     }
 
-    /// Offers of thousands of agents with large attributes reach a framework in events that
-    /// each fit in a frame; none is lost.
     #[test]
     fn offers_of_thousands_of_agents_are_split_into_frames_that_fit() {
         let mut h = Harness::new();

@@ -396,6 +396,10 @@ trait Peer: serde::de::DeserializeOwned + Send + 'static {
     fn disconnected(conn: ConnId) -> Event;
     fn unwrap_out(o: Outgoing) -> Option<Self::Out>;
     fn error(e: WireError) -> Self::Out;
+    /// A message too large for one frame, as two smaller ones (lists only); `Err` gives it back.
+    fn split(out: Self::Out) -> Result<(Self::Out, Self::Out), Self::Out> {
+        Err(out)
+    }
 }
 
 impl Peer for AgentMessage {
@@ -434,6 +438,16 @@ impl Peer for SchedulerCall {
     fn error(e: WireError) -> SchedulerEvent {
         SchedulerEvent::Error(e)
     }
+    fn split(out: SchedulerEvent) -> Result<(SchedulerEvent, SchedulerEvent), SchedulerEvent> {
+        match out {
+            // Offers of thousands of agents at once.
+            SchedulerEvent::Offers(mut offers) if offers.len() > 1 => {
+                let tail = offers.split_off(offers.len() / 2);
+                Ok((SchedulerEvent::Offers(offers), SchedulerEvent::Offers(tail)))
+            }
+            other => Err(other),
+        }
+    }
 }
 
 async fn serve_peer<In, Out>(
@@ -471,7 +485,7 @@ async fn serve_peer<In, Out>(
                         }
                         other => {
                             if let Some(m) = In::unwrap_out(other) {
-                                if writer.feed(&m).await.is_err() {
+                                if feed_split::<In>(&mut writer, m).await.is_err() {
                                     return;
                                 }
                             }
@@ -557,6 +571,28 @@ async fn serve_operator(
         }
     }
     conn.close(0u32.into(), b"bye");
+}
+
+/// Queues `m`; a list too large for one frame is halved until each part fits (in order). A
+/// message that cannot be split is an error, which drops the connection.
+async fn feed_split<P: Peer>(writer: &mut FrameWriter<SendStream>, m: P::Out) -> Result<(), FrameError> {
+    let mut stack = vec![m];
+    while let Some(m) = stack.pop() {
+        match writer.feed(&m).await {
+            Err(FrameError::TooLarge { max }) => match P::split(m) {
+                Ok((head, tail)) => {
+                    stack.push(tail);
+                    stack.push(head);
+                }
+                Err(_) => {
+                    tracing::error!(max, "a message to a peer does not fit in a frame");
+                    return Err(FrameError::TooLarge { max });
+                }
+            },
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// Sends a reply; a list too large for one frame goes as `…Part` replies ending with the list's

@@ -136,3 +136,80 @@ async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_
     assert_eq!(op.agents().await.unwrap().len(), 1, "the master still serves");
     shutdown.cancel();
 }
+
+/// Offers too large for one frame together (agents with large attribute sets) reach the
+/// framework in several events instead of dropping its connection.
+#[tokio::test]
+async fn offers_larger_than_a_frame_arrive_in_several_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    agora_sdk::tls::init(&tls, "tester", false).unwrap();
+    let shutdown = CancellationToken::new();
+    let master = server::spawn(
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            tls: TlsFiles::in_dir(&tls, "master"),
+            core: MasterConfig {
+                master_id: "t".into(),
+                allocation_interval: Duration::from_millis(50),
+                ..MasterConfig::default()
+            },
+            allocator: "drf".into(),
+            work_dir: dir.path().join("master"),
+            max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+        },
+        shutdown.clone(),
+    )
+    .unwrap();
+    let addr = master.addr.to_string();
+    // Three agents, each holding 60,000 data blocks: ~420 KB of attributes per offer.
+    let blocks = (0..60_000).map(|i| format!("b{i}")).collect::<Vec<_>>().join(",");
+    let attributes = Attributes::parse(&format!("blocks:{{{blocks}}}")).unwrap();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let mut a = Session::connect(&addr, &TlsFiles::in_dir(&tls, "agent"), Role::Agent).await.unwrap();
+        a.writer
+            .send(&AgentMessage::Register {
+                agent_id: None,
+                hostname: format!("data-{i}"),
+                resources: Resources::parse("cpus:8;mem:16GiB").unwrap(),
+                attributes: attributes.clone(),
+                tasks: vec![],
+            })
+            .await
+            .unwrap();
+        match a.reader.recv::<MasterToAgent>().await.unwrap() {
+            Some(MasterToAgent::Registered { .. }) => {}
+            other => panic!("not registered: {other:?}"),
+        }
+        agents.push(a);
+    }
+    let mut fw =
+        Session::connect(&addr, &TlsFiles::in_dir(&tls, "framework"), Role::Framework).await.unwrap();
+    fw.writer
+        .send(&SchedulerCall::Subscribe(FrameworkInfo {
+            id: None,
+            name: "reader".into(),
+            role: "*".into(),
+            failover_timeout: Duration::from_secs(60),
+            hostname: "h".into(),
+        }))
+        .await
+        .unwrap();
+    let (mut offered, mut events) = (std::collections::HashSet::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while offered.len() < 3 {
+        let ev = tokio::time::timeout_at(deadline.into(), fw.reader.recv::<SchedulerEvent>())
+            .await
+            .expect("offers in time")
+            .unwrap()
+            .expect("the framework's connection stays up");
+        if let SchedulerEvent::Offers(o) = ev {
+            events += 1;
+            assert!(o.iter().all(|o| o.attributes == attributes));
+            offered.extend(o.into_iter().map(|o| o.agent_id));
+        }
+    }
+    assert!(events >= 2, "three offers cannot fit in one frame");
+    shutdown.cancel();
+}
