@@ -2293,41 +2293,6 @@ mod tests {
     }
 
     #[test]
-    fn offers_of_thousands_of_agents_are_split_into_frames_that_fit() {
-        let mut h = Harness::new();
-        let n = 4_000;
-        let attrs = (0..20).map(|i| format!("key{i}:{}", "v".repeat(20))).collect::<Vec<_>>().join(";");
-        for i in 0..n {
-            let conn = h.conn();
-            h.agent(
-                conn,
-                AgentMessage::Register {
-                    agent_id: None,
-                    hostname: format!("host-{i}"),
-                    resources: res("cpus:4;mem:8GiB"),
-                    attributes: Attributes::parse(&attrs).expect("attrs"),
-                    tasks: vec![],
-                },
-            );
-        }
-        let (fc, _) = h.subscribe("alice", Duration::from_secs(60));
-        let acts = h.advance(Duration::from_secs(2));
-        let events: Vec<&Vec<Offer>> = acts
-            .iter()
-            .filter_map(|a| match a {
-                Action::ToFramework { conn, event: SchedulerEvent::Offers(o) } if *conn == fc => Some(o),
-                _ => None,
-            })
-            .collect();
-        assert!(events.len() > 1, "{} events", events.len());
-        assert_eq!(events.iter().map(|o| o.len()).sum::<usize>(), n);
-        for o in &events {
-            let event = SchedulerEvent::Offers((*o).clone());
-            assert!(agora_sdk::frame::encode(&event).is_ok(), "an event of {} offers is too large", o.len());
-        }
-    }
-
-    #[test]
     fn the_core_can_move_between_threads() {
         fn is_send<T: Send>() {}
         is_send::<Master>();
