@@ -94,6 +94,17 @@ struct Bench {
 }
 
 impl Bench {
+    /// With `BENCH_TRACE`, in bulk mode: when the `n`th `what` update arrived.
+    fn trace(&self, what: &str, n: usize) {
+        if std::env::var_os("BENCH_TRACE").is_some()
+            && !self.one_at_a_time
+            && [1, 1000, 3000, 6000].contains(&n)
+        {
+            let t = self.started.map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(-1.0);
+            eprintln!("{t:8.1} ms {what} #{n}");
+        }
+    }
+
     /// Launches on held offers while the mode allows.
     fn pump(&mut self, driver: &Driver) {
         if let Some(warm) = &self.warming {
@@ -170,27 +181,13 @@ impl Scheduler for Bench {
             // Updates are delivered at least once: count a task's first RUNNING only.
             TaskState::Running if self.running.insert(st.task_id.clone()) => {
                 self.to_running.push(sent.elapsed());
-                let n = self.to_running.len();
-                if std::env::var_os("BENCH_TRACE").is_some()
-                    && !self.one_at_a_time
-                    && [1, 1000, 3000, 6000].contains(&n)
-                {
-                    let t = self.started.map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(-1.0);
-                    eprintln!("{t:8.1} ms RUNNING #{n}");
-                }
+                self.trace("RUNNING", self.to_running.len());
             }
             s if s.is_terminal() => {
                 // Duplicates of a terminal update find no entry any more.
                 self.sent.remove(&st.task_id);
                 self.to_finished.push(sent.elapsed());
-                let n = self.to_finished.len();
-                if std::env::var_os("BENCH_TRACE").is_some()
-                    && !self.one_at_a_time
-                    && [1, 1000, 3000, 6000].contains(&n)
-                {
-                    let t = self.started.map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(-1.0);
-                    eprintln!("{t:8.1} ms FINISHED #{n}");
-                }
+                self.trace("FINISHED", self.to_finished.len());
                 self.in_flight -= 1;
                 self.done += 1;
                 self.pump(driver);

@@ -41,8 +41,8 @@ fn report(i: usize) -> TaskReport {
     }
 }
 
-#[tokio::test]
-async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_all() {
+/// A master on loopback with fresh certificates in a temp dir (kept alive by the caller).
+fn start_master() -> (tempfile::TempDir, String, CancellationToken) {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
     agora_sdk::tls::init(&tls, "tester", false).unwrap();
@@ -51,7 +51,11 @@ async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_
         ServerConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             tls: TlsFiles::in_dir(&tls, "master"),
-            core: MasterConfig { master_id: "t".into(), ..MasterConfig::default() },
+            core: MasterConfig {
+                master_id: "t".into(),
+                allocation_interval: Duration::from_millis(50),
+                ..MasterConfig::default()
+            },
             allocator: "drf".into(),
             work_dir: dir.path().join("master"),
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
@@ -60,6 +64,13 @@ async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_
     )
     .unwrap();
     let addr = master.addr.to_string();
+    (dir, addr, shutdown)
+}
+
+#[tokio::test]
+async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_all() {
+    let (dir, addr, shutdown) = start_master();
+    let tls = dir.path().join("tls");
 
     // What the agent's core sends on reconnection: reports in runs that fit, then Register.
     let reports: Vec<TaskReport> = (0..TASKS).map(report).collect();
@@ -141,27 +152,8 @@ async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_
 /// framework in several events instead of dropping its connection.
 #[tokio::test]
 async fn offers_larger_than_a_frame_arrive_in_several_events() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, addr, shutdown) = start_master();
     let tls = dir.path().join("tls");
-    agora_sdk::tls::init(&tls, "tester", false).unwrap();
-    let shutdown = CancellationToken::new();
-    let master = server::spawn(
-        ServerConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            tls: TlsFiles::in_dir(&tls, "master"),
-            core: MasterConfig {
-                master_id: "t".into(),
-                allocation_interval: Duration::from_millis(50),
-                ..MasterConfig::default()
-            },
-            allocator: "drf".into(),
-            work_dir: dir.path().join("master"),
-            max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
-        },
-        shutdown.clone(),
-    )
-    .unwrap();
-    let addr = master.addr.to_string();
     // Three agents, each holding 60,000 data blocks: ~420 KB of attributes per offer.
     let blocks = (0..60_000).map(|i| format!("b{i}")).collect::<Vec<_>>().join(",");
     let attributes = Attributes::parse(&format!("blocks:{{{blocks}}}")).unwrap();
