@@ -205,3 +205,57 @@ async fn offers_larger_than_a_frame_arrive_in_several_events() {
     assert!(events >= 2, "three offers cannot fit in one frame");
     shutdown.cancel();
 }
+
+/// A framework that accepts more tasks in one ACCEPT than one message holds gets each of them
+/// back as TASK_ERROR with the reason, and its session carries on (it used to end with a frame
+/// error).
+#[tokio::test]
+async fn an_accept_too_large_for_one_message_fails_its_tasks_not_the_framework() {
+    use agora_sdk::scheduler::{run, Driver, DriverConfig, Scheduler};
+    let (dir, addr, shutdown) = start_master();
+    let tls = dir.path().join("tls");
+    let mut agent = Session::connect(&addr, &TlsFiles::in_dir(&tls, "agent"), Role::Agent).await.unwrap();
+    agent
+        .writer
+        .send(&AgentMessage::Register {
+            agent_id: None,
+            hostname: "big".into(),
+            resources: Resources::parse("cpus:100000;mem:1TiB").unwrap(),
+            attributes: Attributes::default(),
+            tasks: vec![],
+        })
+        .await
+        .unwrap();
+
+    struct Greedy {
+        launched: usize,
+        errors: Vec<TaskStatus>,
+    }
+    impl Scheduler for Greedy {
+        async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
+            if self.launched > 0 {
+                return driver.decline(offers.iter().map(|o| o.id.clone()).collect(), None);
+            }
+            let tasks: Vec<TaskInfo> = (0..TASKS).map(|i| report(i).task).collect();
+            self.launched = tasks.len();
+            driver.launch(offers.iter().map(|o| o.id.clone()).collect(), tasks);
+        }
+        async fn status_update(&mut self, driver: &Driver, st: &TaskStatus) {
+            self.errors.push(st.clone());
+            if self.errors.len() == self.launched {
+                driver.stop(true);
+            }
+        }
+    }
+    let mut s = Greedy { launched: 0, errors: Vec::new() };
+    let config = DriverConfig::new(addr.clone(), TlsFiles::in_dir(&tls, "framework"), "greedy");
+    tokio::time::timeout(Duration::from_secs(30), run(config, &mut s))
+        .await
+        .expect("in time")
+        .expect("the framework's session ends cleanly");
+    assert_eq!(s.errors.len(), TASKS);
+    let e = &s.errors[0];
+    assert_eq!((e.state, e.reason.as_str()), (TaskState::Error, "launch too large"), "{e:?}");
+    assert!(e.message.contains("launch fewer tasks per ACCEPT"), "{}", e.message);
+    shutdown.cancel();
+}

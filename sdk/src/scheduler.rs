@@ -285,18 +285,23 @@ async fn serve<S: Scheduler>(
             ctl = rx.recv() => {
                 match ctl {
                     Some(Control::Call(call)) => {
+                        let fw = driver.framework_id.clone().unwrap_or_else(|| FrameworkId::new(""));
+                        let mut refused = Vec::new();
                         remember(&call, demand);
-                        session.writer.feed(&call).await?;
+                        send_call(&mut session, call, &fw, &mut refused).await?;
                         while let Ok(next) = rx.try_recv() {
                             match next {
                                 Control::Call(c) => {
                                     remember(&c, demand);
-                                    session.writer.feed(&c).await?
+                                    send_call(&mut session, c, &fw, &mut refused).await?
                                 }
                                 Control::Stop { teardown } => return finish(session, teardown).await,
                             }
                         }
                         session.writer.flush().await?;
+                        for status in refused {
+                            scheduler.status_update(driver, &status).await;
+                        }
                         continue;
                     }
                     Some(Control::Stop { teardown }) => return finish(session, teardown).await,
@@ -334,6 +339,53 @@ async fn serve<S: Scheduler>(
             SchedulerEvent::Heartbeat => debug!("heartbeat"),
         }
     }
+}
+
+/// Queues `call`. An ACCEPT too large for one frame is not sent (the session would fail):
+/// its offers are declined instead and each of its tasks comes back to the scheduler as
+/// TASK_ERROR in `refused`, saying to launch fewer tasks per offer.
+async fn send_call(
+    session: &mut Session,
+    call: SchedulerCall,
+    fw: &FrameworkId,
+    refused: &mut Vec<TaskStatus>,
+) -> Result<(), ClientError> {
+    let max = match session.writer.feed(&call).await {
+        Err(crate::frame::FrameError::TooLarge { max }) => max,
+        other => return other.map_err(Into::into),
+    };
+    let SchedulerCall::Accept { offer_ids, operations, .. } = call else {
+        return Err(crate::frame::FrameError::TooLarge { max }.into());
+    };
+    let tasks: Vec<TaskInfo> = operations
+        .into_iter()
+        .flat_map(|op| match op {
+            Operation::Launch { tasks } => tasks,
+        })
+        .collect();
+    warn!(tasks = tasks.len(), max, "an ACCEPT does not fit in one message; declining its offers");
+    let message = format!(
+        "the ACCEPT launching these {} tasks is larger than the {max}-byte message limit; \
+         launch fewer tasks per ACCEPT (its offers were declined)",
+        tasks.len()
+    );
+    for task in tasks {
+        refused.push(TaskStatus {
+            task_id: task.task_id,
+            framework_id: fw.clone(),
+            agent_id: None,
+            state: TaskState::Error,
+            uuid: None,
+            source: UpdateSource::Master,
+            reason: "launch too large".into(),
+            message: message.clone(),
+            exit_code: None,
+            signal: None,
+            usage: None,
+            timestamp_ms: unix_millis(),
+        });
+    }
+    session.writer.feed(&SchedulerCall::Decline { offer_ids, refuse_seconds: None }).await.map_err(Into::into)
 }
 
 async fn finish(mut session: Session, teardown: bool) -> Result<(), ClientError> {
