@@ -1,5 +1,5 @@
-//! A map-style job with data locality by delay scheduling (issue 6): one native task per block
-//! of a data set whose blocks live on the agents (their `blocks` set attribute), placed by the
+//! A map-style job with data locality by delay scheduling (issue 6): one task per block (native,
+//! or a WebAssembly module with `--wasm FILE`) of a data set whose blocks live on the agents (their `blocks` set attribute), placed by the
 //! SDK's `DelayScheduler`; prints where the tasks ran (node-, rack-local or neither) and the
 //! job time.
 //!
@@ -11,11 +11,13 @@
 //!   --agent-attributes 'rack:r2;blocks:{b9,b10,b11,b0,b1,b2}' &
 //! cargo run --example locality_job -- --config .agora-dev/client.toml            # 1 s node delay
 //! cargo run --example locality_job -- --config .agora-dev/client.toml --fifo     # first offer
+//! cargo run --example locality_job -- --config .agora-dev/client.toml --wasm examples/wasm/hello.wat
 //! ```
 //!
 //! The blocks and where they live are read from the cluster (`agora agents`): every value of an
 //! agent's `blocks` attribute is a block, held by every agent that lists it. Each task is
-//! `sh -c 'sleep S; echo processed bN'`.
+//! `sh -c 'sleep S; echo processed bN'`, or with `--wasm FILE` the module (uploaded once to the
+//! master's artifact store; `.wat` is assembled first) run with arguments `map processed bN`.
 //!
 //! Options: `--node-delay S` (default 1) and `--rack-delay S` (default 1) are the two waits;
 //! `--fifo` puts each task in a job of its own with no delay, so the oldest task takes whatever
@@ -26,8 +28,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use agora_sdk::artifacts::upload_bytes;
 use agora_sdk::attributes::AttrValue;
-use agora_sdk::client::OperatorClient;
+use agora_sdk::client::{OperatorClient, Session};
 use agora_sdk::config::ClientConfig;
 use agora_sdk::locality::{DelayConfig, DelayScheduler, Locality, PendingTask, Placement, Preference};
 use agora_sdk::proto::*;
@@ -73,7 +76,8 @@ impl Scheduler for LocalityJob {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: locality_job [--config CLIENT_TOML] [--node-delay S] [--rack-delay S] [--fifo] [--work S] [--cpus C]"
+        "usage: locality_job [--config CLIENT_TOML] [--node-delay S] [--rack-delay S] [--fifo] [--work S] [--cpus C] \
+         [--wasm FILE]"
     );
     std::process::exit(2)
 }
@@ -81,8 +85,8 @@ fn usage() -> ! {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut config, mut node, mut rack, mut fifo, mut work, mut cpus) =
-        (None, 1.0, 1.0, false, 0.5, "1".to_string());
+    let (mut config, mut node, mut rack, mut fifo, mut work, mut cpus, mut wasm) =
+        (None, 1.0, 1.0, false, 0.5, "1".to_string(), None::<PathBuf>);
     while let Some(a) = args.next() {
         let mut secs = || {
             args.next().and_then(|v| v.parse::<f64>().ok()).filter(|v| *v >= 0.0).unwrap_or_else(|| usage())
@@ -94,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             "--work" => work = secs(),
             "--cpus" => cpus = args.next().unwrap_or_else(|| usage()),
             "--fifo" => fifo = true,
+            "--wasm" => wasm = Some(PathBuf::from(args.next().unwrap_or_else(|| usage()))),
             _ => usage(),
         }
     }
@@ -126,6 +131,23 @@ async fn main() -> anyhow::Result<()> {
     } else {
         DelayConfig::new(Duration::from_secs_f64(node), Duration::from_secs_f64(rack))
     };
+    // `--wasm`: the module goes to the master's artifact store once; tasks name it by digest.
+    let module = match &wasm {
+        None => None,
+        Some(path) => {
+            let bytes = if path.extension().is_some_and(|e| e == "wat") {
+                wat::parse_file(path)?
+            } else {
+                std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+            };
+            let session =
+                Session::connect(&cfg.master, &cfg.identity(Role::Framework)?, Role::Framework).await?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let module = upload_bytes(&session.conn, ArtifactKind::WasmModule, &name, &bytes).await?;
+            session.conn.close(0u32.into(), b"uploaded");
+            Some(module)
+        }
+    };
     let mut sched = DelayScheduler::new(delays);
     let resources = Resources::parse(&format!("cpus:{cpus};mem:32MiB"))?;
     let run_id = std::process::id();
@@ -135,11 +157,21 @@ async fn main() -> anyhow::Result<()> {
             task_id: TaskId(format!("map-{run_id}-{b}")),
             name: format!("map-{b}"),
             resources: resources.clone(),
-            kind: TaskKind::Command(CommandInfo {
-                argv: vec![format!("sleep {work}; echo processed {b}")],
-                shell: true,
-                env: vec![],
-            }),
+            kind: match &module {
+                None => TaskKind::Command(CommandInfo {
+                    argv: vec![format!("sleep {work}; echo processed {b}")],
+                    shell: true,
+                    env: vec![],
+                }),
+                Some(module) => TaskKind::Wasm(Box::new(WasmInfo {
+                    module: module.clone(),
+                    args: vec!["map".into(), "processed".into(), b.to_string()],
+                    env: vec![],
+                    dirs: vec![],
+                    fuel: None,
+                    timeout: None,
+                })),
+            },
             kill_grace: None,
         };
         // The racks of the holders are learned from the offers (their `rack` attribute).
