@@ -452,8 +452,13 @@ fn launch_failed(task_id: TaskId, message: String) -> ExecutorUpdate {
 /// The terminal update of a task that ran (or failed to launch).
 fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
     let wall = format!("{:.3}s", outcome.wall_time.as_secs_f64());
+    // wasmtime keeps a function's fuel count in a register and writes it back around calls and
+    // returns, not before `memory.grow`: a task stopped by a refused grow can show none used.
+    // Unknown is then the honest figure.
+    let stale = outcome.fuel_consumed == 0
+        && matches!(outcome.status, TaskStatus::Failed { reason: FailureReason::MemoryLimitExceeded, .. });
     let usage = Some(Usage {
-        fuel: Some(outcome.fuel_consumed),
+        fuel: (!stale).then_some(outcome.fuel_consumed),
         peak_mem: Some(outcome.peak_memory_bytes),
         ..Usage::default()
     });
