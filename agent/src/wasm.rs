@@ -1041,25 +1041,17 @@ async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
     msg: AgentToExecutor,
     unsendable: &mut Vec<TaskId>,
 ) -> Result<(), FrameError> {
-    let AgentToExecutor::Launch(list) = msg else {
-        return writer.feed(&msg).await;
+    let halve = |msg| match msg {
+        AgentToExecutor::Launch(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::Launch(list), AgentToExecutor::Launch(tail)))
+        }
+        other => Err(other),
     };
-    let mut stack = vec![list];
-    while let Some(list) = stack.pop() {
-        let msg = AgentToExecutor::Launch(list);
-        match writer.feed(&msg).await {
-            Ok(()) => {}
-            Err(FrameError::TooLarge { .. }) => {
-                let AgentToExecutor::Launch(mut list) = msg else { unreachable!("built above") };
-                if list.len() <= 1 {
-                    unsendable.extend(list.into_iter().map(|l| l.task_id));
-                } else {
-                    let tail = list.split_off(list.len() / 2);
-                    stack.push(tail);
-                    stack.push(list);
-                }
-            }
-            Err(e) => return Err(e),
+    for msg in writer.feed_splitting(msg, halve).await? {
+        match msg {
+            AgentToExecutor::Launch(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            _ => return Err(FrameError::TooLarge { max: MAX_FRAME }),
         }
     }
     Ok(())

@@ -32,7 +32,7 @@ use std::time::Duration;
 use agora_sdk::executor::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
-use agora_sdk::frame::{encode, FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameReader, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -523,32 +523,23 @@ async fn write_updates(
     Ok(())
 }
 
-/// Splits updates into `Updates` messages that each encode within [`MAX_FRAME`].
+/// Splits updates into `Updates` messages that each encode within [`MAX_FRAME`]; an update that
+/// could never fit is dropped with an error in the log.
 fn pack(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
     // The enum tag and the vector's length prefix take at most 1 + 5 bytes.
     const BUDGET: usize = MAX_FRAME - 16;
-    let mut frames = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for update in updates {
-        let len = match encode(&update) {
-            Ok(bytes) if bytes.len() <= BUDGET => bytes.len(),
-            Ok(_) | Err(_) => {
-                tracing::error!(task_id = %update.task_id, "update too large to send; dropped");
-                continue;
+    chunk_by_size(updates, BUDGET)
+        .into_iter()
+        .filter(|run| match run.as_slice() {
+            [] => false,
+            // An item over the budget is a run of its own.
+            [one] if encoded_len(one).is_none_or(|n| n > BUDGET) => {
+                tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
+                false
             }
-        };
-        if size + len > BUDGET {
-            frames.push(std::mem::take(&mut current));
-            size = 0;
-        }
-        size += len;
-        current.push(update);
-    }
-    if !current.is_empty() {
-        frames.push(current);
-    }
-    frames
+            _ => true,
+        })
+        .collect()
 }
 
 /// The ids of the last [`RECENT_IDS`] tasks that ended.
@@ -596,7 +587,7 @@ mod tests {
         let frames = pack(updates.clone());
         assert!(frames.len() > 1);
         for frame in &frames {
-            assert!(encode(&ExecutorMessage::Updates(frame.clone())).is_ok());
+            assert!(agora_sdk::frame::encode(&ExecutorMessage::Updates(frame.clone())).is_ok());
         }
         assert_eq!(frames.concat(), updates, "order kept, nothing lost");
         assert_eq!(pack(vec![update(0, 10)]).len(), 1);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::metrics::counter;
-use agora_sdk::frame::{FrameError, FrameReader, FrameWriter};
+use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::*;
 use agora_sdk::tls::{Identity, TlsError, TlsFiles};
 use agora_sdk::transport::{peer_identity, server_config};
@@ -576,23 +576,11 @@ async fn serve_operator(
 /// Queues `m`; a list too large for one frame is halved until each part fits (in order). A
 /// message that cannot be split is an error, which drops the connection.
 async fn feed_split<P: Peer>(writer: &mut FrameWriter<SendStream>, m: P::Out) -> Result<(), FrameError> {
-    let mut stack = vec![m];
-    while let Some(m) = stack.pop() {
-        match writer.feed(&m).await {
-            Err(FrameError::TooLarge { max }) => match P::split(m) {
-                Ok((head, tail)) => {
-                    stack.push(tail);
-                    stack.push(head);
-                }
-                Err(_) => {
-                    tracing::error!(max, "a message to a peer does not fit in a frame");
-                    return Err(FrameError::TooLarge { max });
-                }
-            },
-            other => other?,
-        }
+    if writer.feed_splitting(m, P::split).await?.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    tracing::error!(max = MAX_FRAME, "a message to a peer does not fit in a frame");
+    Err(FrameError::TooLarge { max: MAX_FRAME })
 }
 
 /// Sends a reply; a list too large for one frame goes as `…Part` replies ending with the list's

@@ -133,6 +133,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Queues `msg`; one too large for a frame is split with `split` (into a head and a tail,
+    /// queued in that order) until every part fits. Returns the parts that neither fit nor split
+    /// (nothing of them is queued); the caller decides what that means.
+    pub async fn feed_splitting<T: Serialize>(
+        &mut self,
+        msg: T,
+        split: impl Fn(T) -> Result<(T, T), T>,
+    ) -> Result<Vec<T>, FrameError> {
+        let mut unsent = Vec::new();
+        let mut stack = vec![msg];
+        while let Some(msg) = stack.pop() {
+            match self.append(&msg) {
+                Ok(()) => {}
+                Err(FrameError::TooLarge { .. }) => match split(msg) {
+                    Ok((head, tail)) => {
+                        stack.push(tail);
+                        stack.push(head);
+                    }
+                    Err(whole) => unsent.push(whole),
+                },
+                Err(e) => return Err(e),
+            }
+            if self.buf.len() >= WRITE_CHUNK {
+                self.io.write_all_buf(&mut self.buf).await.map_err(FrameError::Io)?;
+            }
+        }
+        Ok(unsent)
+    }
+
     pub async fn flush(&mut self) -> Result<(), FrameError> {
         self.io.write_all_buf(&mut self.buf).await.map_err(FrameError::Io)?;
         self.io.flush().await.map_err(FrameError::Io)
@@ -148,6 +177,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// How many bytes `msg` encodes to, without encoding it (`None` if it cannot be encoded).
+pub fn encoded_len<T: Serialize>(msg: &T) -> Option<usize> {
+    postcard::experimental::serialized_size(msg).ok()
+}
+
 /// Room left in a frame for what surrounds a list (enum tags, length prefixes, other fields).
 pub const LIST_BUDGET: usize = MAX_FRAME - (64 << 10);
 
@@ -159,7 +193,7 @@ pub fn chunk_by_size<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> 
     let mut run = Vec::new();
     let mut size = 0usize;
     for item in items {
-        let len = postcard::experimental::serialized_size(&item).unwrap_or(usize::MAX);
+        let len = encoded_len(&item).unwrap_or(usize::MAX);
         if !run.is_empty() && size.saturating_add(len) > budget {
             runs.push(std::mem::take(&mut run));
             size = 0;
