@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::{
-    unix_millis, AgentId, AgentMessage, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport, TaskState,
-    TaskStatus, UpdateSource, Usage,
+    unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport,
+    TaskState, TaskStatus, UpdateSource, Usage,
 };
 use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
@@ -270,6 +270,18 @@ impl Core {
                 e.handle.kill();
             }
         }
+    }
+
+    /// A scheduler's message for one of its executors (dropped when there is none: at most
+    /// once).
+    pub fn framework_message(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
+        tracing::debug!(%framework_id, %executor_id, bytes = data.len(),
+            "dropping a framework message: no such executor on this agent");
+    }
+
+    /// The framework shuts one of its executors down.
+    pub fn shutdown_executor(&mut self, framework_id: FrameworkId, executor_id: ExecutorId) {
+        tracing::debug!(%framework_id, %executor_id, "shutdown of an executor this agent does not run");
     }
 
     /// Kills every task (agent shutdown).

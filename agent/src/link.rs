@@ -399,6 +399,12 @@ fn handle(
             tracing::info!(%framework_id, "the master shuts down a framework");
             core.shutdown_framework(&framework_id);
         }
+        MasterToAgent::FrameworkMessage { framework_id, executor_id, data } => {
+            core.framework_message(framework_id, executor_id, data);
+        }
+        MasterToAgent::ShutdownExecutor { framework_id, executor_id } => {
+            core.shutdown_executor(framework_id, executor_id);
+        }
         MasterToAgent::Error(e) => {
             if matches!(e.code, ErrorCode::Unauthorized | ErrorCode::VersionMismatch) {
                 return Err(AgentError::Refused { master: cfg.master.clone(), error: e });

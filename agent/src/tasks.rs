@@ -526,6 +526,7 @@ pub fn validate(task: &TaskInfo) -> Result<(), String> {
     let cmd = match &task.kind {
         TaskKind::Command(cmd) => cmd,
         TaskKind::Wasm(info) => return crate::wasm::validate(info),
+        TaskKind::Executor(_) => return Err("this agent does not run custom executors yet".into()),
     };
     let Some(first) = cmd.argv.first() else {
         return Err("the command is empty".into());

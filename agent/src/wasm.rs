@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_sdk::executor::{
+use agora_sdk::executor_proto::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
@@ -957,7 +957,11 @@ impl ExecutorSpawn {
             Err(_) => return Err("the executor did not say hello".into()),
         };
         writer
-            .send(&AgentToExecutor::Welcome { framework_id: self.framework_id.clone() })
+            .send(&AgentToExecutor::Welcome {
+                framework_id: self.framework_id.clone(),
+                agent_id: None,
+                executor_id: agora_sdk::proto::WASM_EXECUTOR_ID.into(),
+            })
             .await
             .map_err(|e| format!("cannot welcome the executor: {e}"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<AgentToExecutor>();
@@ -1064,6 +1068,8 @@ fn launch_too_large(task_id: TaskId) -> ExecutorUpdate {
         reason: "launch failed".into(),
         message: format!("the task's launch does not fit in one executor frame ({MAX_FRAME} bytes)"),
         exit_code: None,
+        signal: None,
+        pid: None,
         usage: None,
     }
 }

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_sdk::executor::{
+use agora_sdk::executor_proto::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
 use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameReader, FrameWriter, MAX_FRAME};
@@ -138,7 +138,7 @@ pub async fn serve_with_runtime(
     };
     writer.send(&hello).await.map_err(ServeError::Handshake)?;
     let framework_id = match reader.recv::<AgentToExecutor>().await {
-        Ok(Some(AgentToExecutor::Welcome { framework_id })) => framework_id,
+        Ok(Some(AgentToExecutor::Welcome { framework_id, .. })) => framework_id,
         Ok(Some(AgentToExecutor::Refused(error))) => return Err(ServeError::Refused(error)),
         Ok(Some(other)) => {
             return Err(ServeError::Unexpected { got: message_name(&other), when: "before Welcome" })
@@ -186,6 +186,12 @@ pub async fn serve_with_runtime(
                     Ok(Some(AgentToExecutor::Refused(error))) => {
                         tracing::error!(%error, "the agent refused this executor");
                         return (Err(ServeError::Refused(error)), "executor refused by the agent");
+                    }
+                    Ok(Some(other @ (AgentToExecutor::LaunchCommands(_) | AgentToExecutor::LaunchTasks(_)
+                        | AgentToExecutor::FrameworkMessage(_)))) => {
+                        tracing::error!("the agent sent the Wasm executor a message for another kind of executor");
+                        let got = message_name(&other);
+                        return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
                     Ok(Some(other @ AgentToExecutor::Welcome { .. })) => {
                         tracing::error!("unexpected second Welcome from the agent");
@@ -329,6 +335,8 @@ impl Tasks {
                 reason: "killed".into(),
                 message: self.killed_message.into(),
                 exit_code: None,
+                signal: None,
+                pid: None,
                 usage: None,
             },
             Err(error) => {
@@ -339,6 +347,8 @@ impl Tasks {
                     reason: "executor error".into(),
                     message: truncate(format!("the executor failed running the task: {error}")),
                     exit_code: None,
+                    signal: None,
+                    pid: None,
                     usage: None,
                 }
             }
@@ -391,6 +401,8 @@ async fn run_launch(
                 reason: "task started".into(),
                 message: format!("module {digest} instantiated"),
                 exit_code: None,
+                signal: None,
+                pid: None,
                 usage: None,
             });
         })
@@ -445,6 +457,8 @@ fn launch_failed(task_id: TaskId, message: String) -> ExecutorUpdate {
         reason: FailureReason::LaunchFailed.as_str().into(),
         message: truncate(message),
         exit_code: None,
+        signal: None,
+        pid: None,
         usage: None,
     }
 }
@@ -469,6 +483,8 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             reason: "module exited".into(),
             message: format!("exited with code {code} after {wall}"),
             exit_code: Some(*code),
+            signal: None,
+            pid: None,
             usage,
         },
         TaskStatus::Failed { reason: FailureReason::LaunchFailed, message } => {
@@ -480,6 +496,8 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             reason: reason.as_str().into(),
             message: truncate(format!("{message} (after {wall})")),
             exit_code: None,
+            signal: None,
+            pid: None,
             usage,
         },
     }
@@ -504,6 +522,9 @@ fn message_name(message: &AgentToExecutor) -> &'static str {
         AgentToExecutor::Launch(_) => "Launch",
         AgentToExecutor::Kill { .. } => "Kill",
         AgentToExecutor::Shutdown => "Shutdown",
+        AgentToExecutor::LaunchCommands(_) => "LaunchCommands",
+        AgentToExecutor::LaunchTasks(_) => "LaunchTasks",
+        AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
     }
 }
 
@@ -577,6 +598,8 @@ mod tests {
             reason: "trap".into(),
             message: "x".repeat(message_len),
             exit_code: None,
+            signal: None,
+            pid: None,
             usage: Some(Usage { fuel: Some(u64::MAX), peak_mem: Some(1 << 30), ..Usage::default() }),
         }
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agora_executor_wasm::{serve_with_runtime, ModuleDigest, RuntimeConfig, ServeError, WasmRuntime};
-use agora_sdk::executor::{
+use agora_sdk::executor_proto::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
 use agora_sdk::frame::{FrameReader, FrameWriter};
@@ -46,7 +46,13 @@ impl FakeAgent {
     /// Starts `serve()`, reads its Hello and welcomes it.
     async fn start() -> Self {
         let mut agent = Self::connect(|_| {}).await;
-        agent.send(AgentToExecutor::Welcome { framework_id: FrameworkId("fw-1".into()) }).await;
+        agent
+            .send(AgentToExecutor::Welcome {
+                framework_id: FrameworkId("fw-1".into()),
+                agent_id: None,
+                executor_id: "agora-wasm".into(),
+            })
+            .await;
         agent
     }
 
@@ -315,7 +321,13 @@ async fn a_batch_of_one_module_compiles_it_once() {
 #[ignore = "a measurement"]
 async fn thousand_noop_launches() {
     let mut agent = FakeAgent::connect(|c| c.max_concurrent_tasks = 128).await;
-    agent.send(AgentToExecutor::Welcome { framework_id: FrameworkId("fw-1".into()) }).await;
+    agent
+        .send(AgentToExecutor::Welcome {
+            framework_id: FrameworkId("fw-1".into()),
+            agent_id: None,
+            executor_id: "agora-wasm".into(),
+        })
+        .await;
     for round in 0..3 {
         let tasks = ids(&format!("r{round}-"), 1000);
         let batch = tasks.iter().map(|id| agent.launch(id, "noop")).collect();
@@ -439,7 +451,13 @@ async fn task_ids_are_unique() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_beyond_the_slots_wait_for_one() {
     let mut agent = FakeAgent::connect(|c| c.max_concurrent_tasks = 2).await;
-    agent.send(AgentToExecutor::Welcome { framework_id: FrameworkId("fw-1".into()) }).await;
+    agent
+        .send(AgentToExecutor::Welcome {
+            framework_id: FrameworkId("fw-1".into()),
+            agent_id: None,
+            executor_id: "agora-wasm".into(),
+        })
+        .await;
     let tasks = ids("spin", 3);
     let batch = spinners(&agent, &tasks);
     agent.send(AgentToExecutor::Launch(batch)).await;

@@ -960,6 +960,8 @@ impl Master {
                     ),
                     AgentMessage::Heartbeat => self.send_agent(conn, MasterToAgent::HeartbeatAck),
                     AgentMessage::StatusUpdate(status) => self.on_status_update(now, &id, conn, status),
+                    // TODO(executors): relayed and accounted by the executor work.
+                    AgentMessage::FrameworkMessage { .. } | AgentMessage::ExecutorExited { .. } => {}
                 }
             }
         }
@@ -1351,6 +1353,8 @@ impl Master {
                 self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down"));
             }
             SchedulerCall::Heartbeat => {}
+            // TODO(executors): relayed by the executor work.
+            SchedulerCall::Message { .. } | SchedulerCall::ShutdownExecutor { .. } => {}
         }
     }
 
@@ -1995,6 +1999,8 @@ fn kind_problem(task: &TaskInfo, known: &FxHashSet<Digest>) -> Option<String> {
             Some(format!("task {tid} has an empty command"))
         }
         TaskKind::Command(_) => None,
+        // TODO(executors): validated with the executor accounting.
+        TaskKind::Executor(_) => None,
         TaskKind::Wasm(w) => {
             if let Some(bad) = std::iter::once(&w.module.digest)
                 .chain(w.dirs.iter().map(|d| &d.archive.digest))

@@ -295,6 +295,7 @@ impl Task {
             reason: latest.map(|s| s.reason.clone()).unwrap_or_default(),
             message: latest.map(|s| s.message.clone()).unwrap_or_default(),
             usage: latest.and_then(|s| s.usage.clone()),
+            executor_id: self.info.kind.executor_id(),
         }
     }
 }

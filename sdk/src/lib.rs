@@ -2,13 +2,14 @@
 //!
 //! Everything a program needs to talk to an Agora cluster: the wire protocol ([`proto`]) and its
 //! framing ([`frame`]), resources and attributes, the TLS/QUIC transport, client configuration,
-//! and the [`scheduler`] API for writing frameworks.
+//! the [`scheduler`] API for writing frameworks and the [`executor`] API for writing executors.
 
 pub mod artifacts;
 pub mod attributes;
 pub mod client;
 pub mod config;
 pub mod executor;
+pub mod executor_proto;
 pub mod frame;
 pub mod json;
 pub mod locality;

@@ -12,7 +12,7 @@ use crate::attributes::Attributes;
 use crate::resources::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN protocol name of Agora's QUIC connections.
 pub const ALPN: &[u8] = b"agora/1";
@@ -62,6 +62,24 @@ id_type!(
     /// Chosen by the framework; unique within the framework.
     TaskId
 );
+id_type!(
+    /// Names an executor within its framework on one agent: tasks of one framework that name
+    /// the same executor id on one agent run in the same executor process. Chosen by the
+    /// framework for its own executors; the built-in ones are [`COMMAND_EXECUTOR_ID`] and
+    /// [`WASM_EXECUTOR_ID`] (ids starting `agora-` are reserved).
+    ExecutorId
+);
+
+/// Executor id of the built-in command executor (native command tasks).
+pub const COMMAND_EXECUTOR_ID: &str = "agora-command";
+/// Executor id of the built-in Wasm executor.
+pub const WASM_EXECUTOR_ID: &str = "agora-wasm";
+/// Largest framework message (scheduler → executor or executor → scheduler), bytes of `data`.
+pub const MAX_FRAMEWORK_MESSAGE: usize = 64 << 10;
+/// Largest opaque `data` a task may carry to its executor, bytes.
+pub const MAX_TASK_DATA: usize = 256 << 10;
+/// Most files an executor may ask to have fetched into its sandbox.
+pub const MAX_EXECUTOR_FETCHES: usize = 64;
 
 /// What a peer is, as named by its client certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -300,6 +318,9 @@ pub enum ArtifactKind {
     WasmModule,
     /// A tar archive of a directory shipped with a task (`--dir LOCAL::GUEST`).
     Archive,
+    /// A program (an ELF binary or a `#!` script), e.g. a framework's executor: fetched into a
+    /// sandbox with the execute bit when a task's [`FetchInfo`] asks for it.
+    Executable,
 }
 
 /// A reference to an artifact in the master's store.
@@ -335,6 +356,44 @@ pub struct WasmInfo {
     pub timeout: Option<Duration>,
 }
 
+/// A file the agent fetches from the master's artifact store into an executor's sandbox
+/// before starting it (the job of Mesos's fetcher): verified by digest, placed at `path`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchInfo {
+    pub artifact: ArtifactRef,
+    /// Where it goes, relative to the executor's sandbox (no `..`, not absolute).
+    pub path: String,
+    /// Set the execute bit (for the executor's own binary).
+    pub executable: bool,
+}
+
+/// A framework's own executor: a program the agent starts in a sandbox of its own, the first
+/// time a task names `executor_id` on that agent, and that runs every task of the framework
+/// naming the same id there (see [`crate::executor`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorInfo {
+    pub executor_id: ExecutorId,
+    /// Shown in logs and listings.
+    pub name: String,
+    /// What starts it, run in its sandbox: `argv[0]` is usually a fetched file
+    /// (`./my-executor`). Its environment is `command.env` plus the `AGORA_EXECUTOR_*`
+    /// variables the SDK reads.
+    pub command: CommandInfo,
+    /// The executor's own resources, on top of its tasks'. They are taken from the offer that
+    /// launches its first task on an agent and held until the executor ends.
+    pub resources: Resources,
+    /// Files to place in its sandbox first.
+    pub fetch: Vec<FetchInfo>,
+}
+
+/// A task run by a framework's own executor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorTask {
+    pub executor: ExecutorInfo,
+    /// Opaque bytes for the executor (at most [`MAX_TASK_DATA`]).
+    pub data: Vec<u8>,
+}
+
 /// How a task runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskKind {
@@ -342,6 +401,19 @@ pub enum TaskKind {
     Command(CommandInfo),
     /// A WebAssembly module under the built-in Wasm executor.
     Wasm(Box<WasmInfo>),
+    /// A task handed to the framework's own executor.
+    Executor(Box<ExecutorTask>),
+}
+
+impl TaskKind {
+    /// The executor that runs tasks of this kind.
+    pub fn executor_id(&self) -> ExecutorId {
+        match self {
+            TaskKind::Command(_) => ExecutorId::new(COMMAND_EXECUTOR_ID),
+            TaskKind::Wasm(_) => ExecutorId::new(WASM_EXECUTOR_ID),
+            TaskKind::Executor(t) => t.executor.executor_id.clone(),
+        }
+    }
 }
 
 /// A task a framework launches.
@@ -434,6 +506,20 @@ pub enum AgentMessage {
     /// Tasks for the `Register` that follows, when they do not all fit in its frame (an agent
     /// with thousands of tasks): the master adds them to that registration.
     TaskReports(Vec<TaskReport>),
+    /// A framework's executor sent its scheduler a message (at most once: not retried).
+    FrameworkMessage {
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    /// A framework's own executor ended (its unfinished tasks were failed): its resources are
+    /// free again.
+    ExecutorExited {
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        /// How it ended, e.g. `exit status 3`.
+        message: String,
+    },
 }
 
 /// Master → agent.
@@ -463,6 +549,18 @@ pub enum MasterToAgent {
         framework_id: FrameworkId,
     },
     Error(WireError),
+    /// A scheduler's message for one of its executors on this agent (dropped when there is
+    /// no such executor: at most once).
+    FrameworkMessage {
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    /// The framework asks for one of its executors to be shut down (its tasks are killed).
+    ShutdownExecutor {
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -549,6 +647,18 @@ pub enum SchedulerCall {
     /// Leave for good: kill all tasks, forget the framework.
     Teardown,
     Heartbeat,
+    /// A message for one of this framework's executors (at most once, at most
+    /// [`MAX_FRAMEWORK_MESSAGE`] bytes).
+    Message {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    /// Shut one of this framework's executors down; its tasks are killed.
+    ShutdownExecutor {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+    },
 }
 
 /// Master → framework.
@@ -568,6 +678,18 @@ pub enum SchedulerEvent {
     /// A call could not be carried out (the connection stays open unless the error is fatal).
     Error(WireError),
     Heartbeat,
+    /// A message from one of this framework's executors.
+    Message {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    /// One of this framework's own executors ended.
+    ExecutorExited {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        message: String,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,6 +735,9 @@ pub struct TaskView {
     pub reason: String,
     pub message: String,
     pub usage: Option<Usage>,
+    /// The executor that runs it ([`COMMAND_EXECUTOR_ID`], [`WASM_EXECUTOR_ID`] or the
+    /// framework's own).
+    pub executor_id: ExecutorId,
 }
 
 /// Operator → master, on the control stream.

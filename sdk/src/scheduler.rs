@@ -66,6 +66,31 @@ pub trait Scheduler: Send {
         async {}
     }
 
+    /// A message from one of this framework's executors (see [`Driver::send_framework_message`]).
+    fn framework_message(
+        &mut self,
+        driver: &Driver,
+        agent_id: &AgentId,
+        executor_id: &ExecutorId,
+        data: &[u8],
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (driver, agent_id, executor_id, data);
+        async {}
+    }
+
+    /// One of this framework's own executors ended; its unfinished tasks were failed with
+    /// reason `executor terminated` (their updates come as usual).
+    fn executor_exited(
+        &mut self,
+        driver: &Driver,
+        agent_id: &AgentId,
+        executor_id: &ExecutorId,
+        message: &str,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (driver, agent_id, executor_id, message);
+        async {}
+    }
+
     /// The connection to the master was lost; the driver will try to fail over.
     fn disconnected(&mut self, driver: &Driver) -> impl Future<Output = ()> + Send {
         let _ = driver;
@@ -132,6 +157,14 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// A framework message larger than [`MAX_FRAMEWORK_MESSAGE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a framework message of {size} bytes is larger than the limit of {MAX_FRAMEWORK_MESSAGE} bytes")]
+pub struct MessageTooLarge {
+    /// The message's size.
+    pub size: usize,
+}
+
 enum Control {
     Call(SchedulerCall),
     Stop { teardown: bool },
@@ -189,6 +222,26 @@ impl Driver {
 
     pub fn kill(&self, task_id: TaskId) {
         self.call(SchedulerCall::Kill { task_id });
+    }
+
+    /// Sends `data` to one of this framework's executors on `agent_id`: at most once (a message
+    /// for an executor that is not running is dropped), at most [`MAX_FRAMEWORK_MESSAGE`] bytes.
+    pub fn send_framework_message(
+        &self,
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    ) -> Result<(), MessageTooLarge> {
+        if data.len() > MAX_FRAMEWORK_MESSAGE {
+            return Err(MessageTooLarge { size: data.len() });
+        }
+        self.call(SchedulerCall::Message { agent_id, executor_id, data });
+        Ok(())
+    }
+
+    /// Shuts one of this framework's executors down on `agent_id`; its tasks are killed.
+    pub fn shutdown_executor(&self, agent_id: AgentId, executor_id: ExecutorId) {
+        self.call(SchedulerCall::ShutdownExecutor { agent_id, executor_id });
     }
 
     /// Asks for the state of these tasks (all of the framework's tasks when empty).
@@ -337,6 +390,12 @@ async fn serve<S: Scheduler>(
                 scheduler.error(driver, &e).await;
             }
             SchedulerEvent::Heartbeat => debug!("heartbeat"),
+            SchedulerEvent::Message { agent_id, executor_id, data } => {
+                scheduler.framework_message(driver, &agent_id, &executor_id, &data).await
+            }
+            SchedulerEvent::ExecutorExited { agent_id, executor_id, message } => {
+                scheduler.executor_exited(driver, &agent_id, &executor_id, &message).await
+            }
         }
     }
 }

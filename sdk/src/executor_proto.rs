@@ -1,0 +1,162 @@
+//! The executor wire protocol: agent ↔ executor over a Unix-domain socket in the agent's work
+//! dir, with the same framing as the network protocol ([`crate::frame`]). Spoken by the
+//! built-in command and Wasm executors and by frameworks' own executors (through the API in
+//! [`crate::executor`]).
+//!
+//! The agent starts an executor with these environment variables: [`ENV_SOCKET`] (the socket to
+//! connect to), [`ENV_EXECUTOR_ID`], [`ENV_FRAMEWORK_ID`], [`ENV_AGENT_ID`] and
+//! [`ENV_SANDBOX`]. The built-in executors also take them as command-line flags.
+//!
+//! The agent listens; the executor it started connects and sends [`ExecutorMessage::Hello`];
+//! the agent answers [`AgentToExecutor::Welcome`] (or [`AgentToExecutor::Refused`] and closes).
+//! Then the agent sends launches and kills, and the executor reports task updates. Both sides
+//! batch: one [`AgentToExecutor::Launch`] may carry many tasks and one
+//! [`ExecutorMessage::Updates`] many updates, in order per task (RUNNING before the terminal
+//! update). The agent turns executor updates into acknowledged status updates to the master;
+//! the executor does not retry (the socket is reliable, and a lost executor fails its tasks).
+//!
+//! An executor whose socket closes kills its tasks and exits. The agent ends an idle executor
+//! with [`AgentToExecutor::Shutdown`]: the agent decides, so a launch can never race the exit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{
+    AgentId, CommandInfo, ErrorCode, FrameworkId, TaskId, TaskInfo, TaskState, Usage, WireError,
+};
+use crate::Resources;
+
+/// Bumped on any incompatible change to the messages below.
+pub const EXECUTOR_PROTOCOL_VERSION: u32 = 2;
+
+/// Environment variable: path of the Unix socket the executor connects to.
+pub const ENV_SOCKET: &str = "AGORA_EXECUTOR_SOCKET";
+/// Environment variable: the executor's id within its framework.
+pub const ENV_EXECUTOR_ID: &str = "AGORA_EXECUTOR_ID";
+/// Environment variable: the framework's id.
+pub const ENV_FRAMEWORK_ID: &str = "AGORA_FRAMEWORK_ID";
+/// Environment variable: the agent's id.
+pub const ENV_AGENT_ID: &str = "AGORA_AGENT_ID";
+/// Environment variable: the executor's sandbox (also its working directory).
+pub const ENV_SANDBOX: &str = "AGORA_SANDBOX";
+/// Longest `reason` of an executor's update the agent passes on, bytes (longer ones are cut).
+pub const MAX_REASON_LEN: usize = 256;
+/// Longest `message` of an executor's update the agent passes on, bytes (longer ones are cut).
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+/// Executor → agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorMessage {
+    /// First frame.
+    Hello {
+        version: u32,
+        /// The id the agent gave the executor on its command line.
+        executor_id: String,
+        pid: u32,
+    },
+    /// Task updates, oldest first.
+    Updates(Vec<ExecutorUpdate>),
+    /// A message for the framework's scheduler (at most
+    /// [`crate::proto::MAX_FRAMEWORK_MESSAGE`] bytes; relayed at most once).
+    FrameworkMessage(Vec<u8>),
+}
+
+/// Agent → executor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToExecutor {
+    Welcome {
+        framework_id: FrameworkId,
+        /// The agent's id, once the master gave it one.
+        agent_id: Option<AgentId>,
+        /// The executor's id within its framework.
+        executor_id: String,
+    },
+    Refused(WireError),
+    /// Start these Wasm tasks now (the Wasm executor).
+    Launch(Vec<WasmLaunch>),
+    /// Start these native commands now (the command executor).
+    LaunchCommands(Vec<CommandLaunch>),
+    /// Run these tasks (a framework's own executor).
+    LaunchTasks(Vec<TaskInfo>),
+    /// A message from the framework's scheduler (a framework's own executor).
+    FrameworkMessage(Vec<u8>),
+    /// Stop a task: it ends TASK_KILLED (unless it already ended).
+    Kill {
+        task_id: TaskId,
+    },
+    /// Kill whatever still runs and exit.
+    Shutdown,
+}
+
+/// One Wasm task, with everything resolved to paths on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WasmLaunch {
+    pub task_id: TaskId,
+    /// The module's bytes, in the agent's artifact cache (read-only for the executor).
+    pub module_path: PathBuf,
+    /// sha256 of the module, hex: the key of the compiled-module cache.
+    pub digest: String,
+    /// The guest's argv, `argv[0]` included.
+    pub args: Vec<String>,
+    /// The guest's whole environment.
+    pub env: Vec<(String, String)>,
+    /// The task's sandbox directory.
+    pub sandbox: PathBuf,
+    /// Directories to preopen: host path (inside `sandbox`) and the guest path.
+    pub preopens: Vec<(PathBuf, String)>,
+    /// Files the guest's stdout and stderr go to (created by the executor).
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// Cap on the task's linear memories, bytes.
+    pub mem_bytes: u64,
+    /// The task's CPU share, millicores (sets its fuel slice).
+    pub cpu_millis: u32,
+    pub fuel: Option<u64>,
+    pub timeout: Option<Duration>,
+}
+
+/// One native command task, for the command executor: it creates the sandbox and the task's
+/// cgroup, spawns the process there as the task user, and reports its exit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandLaunch {
+    pub task_id: TaskId,
+    pub command: CommandInfo,
+    /// Sizes the task's cgroup.
+    pub resources: Resources,
+    /// The task's sandbox (created by the executor; stdout and stderr go to files there).
+    pub sandbox: PathBuf,
+    /// Where the executor checkpoints the task (`task.json`, closed to tasks).
+    pub checkpoint: PathBuf,
+    /// SIGTERM → SIGKILL delay when the task is killed.
+    pub kill_grace: Duration,
+}
+
+/// What happened to a task in the executor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorUpdate {
+    pub task_id: TaskId,
+    /// RUNNING, then one of FINISHED, FAILED, KILLED (or FAILED straight away when the task
+    /// could not be started).
+    pub state: TaskState,
+    /// `module exited`, `fuel exhausted`, `timeout`, `memory limit exceeded`, `trap`,
+    /// `launch failed`, `killed`, `command exited`, … (a framework's executor says its own).
+    pub reason: String,
+    pub message: String,
+    /// The exit code (a Wasm guest's `proc_exit` code, 0 when `_start` returned).
+    pub exit_code: Option<i32>,
+    /// The signal that ended a native process.
+    pub signal: Option<i32>,
+    /// The task's process (native tasks, on RUNNING).
+    pub pid: Option<u32>,
+    /// Fuel consumed and peak linear memory, on terminal updates.
+    pub usage: Option<Usage>,
+}
+
+impl AgentToExecutor {
+    /// A refusal with a reason.
+    pub fn refused(message: impl Into<String>) -> Self {
+        AgentToExecutor::Refused(WireError::new(ErrorCode::Invalid, message))
+    }
+}
