@@ -348,6 +348,7 @@ async fn main() -> anyhow::Result<()> {
             ..agora_agent::cgroups::IsolationConfig::default()
         },
         wasm: agora_agent::wasm::WasmConfig { executor_program: Some(agora_binary()?), ..Default::default() },
+        task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

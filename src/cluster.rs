@@ -72,6 +72,7 @@ impl Cluster {
                 // Isolated where the host allows it; otherwise one warning line.
                 isolation: agora_agent::cgroups::IsolationConfig::default(),
                 wasm: agora_agent::wasm::WasmConfig::default(),
+                task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             };
             let token = shutdown.clone();
             agents.push(tokio::spawn(async move {

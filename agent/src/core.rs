@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::{
-    unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskReport,
-    TaskState, TaskStatus, UpdateSource, Usage,
+    unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskKind,
+    TaskReport, TaskState, TaskStatus, UpdateSource, Usage,
 };
 use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
@@ -21,6 +21,7 @@ use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 use crate::updates::{AckOutcome, UpdateManager};
+use crate::user::TaskUser;
 use crate::wasm::{self, WasmSupport};
 
 /// How many finished tasks' sandboxes stay reachable for `agora logs`.
@@ -93,6 +94,10 @@ pub struct Core {
     /// Tasks whose supervisor has not ended (kept as a count: walking every task per event
     /// was quadratic under load).
     live: usize,
+    /// The user tasks and executors run as (`None`: the agent's own).
+    task_user: Option<TaskUser>,
+    /// Sandbox of each framework executor's current run, and of each framework's Wasm tasks.
+    executor_runs: HashMap<(FrameworkId, ExecutorId), PathBuf>,
 }
 
 impl Core {
@@ -120,12 +125,20 @@ impl Core {
             connected: false,
             wasm: None,
             live: 0,
+            task_user: None,
+            executor_runs: HashMap::new(),
         }
     }
 
-    /// Enables Wasm tasks (without it they end TASK_ERROR).
+    /// Enables executors: Wasm tasks, native commands and frameworks' own executors (without
+    /// it such tasks end TASK_ERROR).
     pub fn set_wasm(&mut self, wasm: WasmSupport) {
         self.wasm = Some(wasm);
+    }
+
+    /// The user tasks and executors run as.
+    pub fn set_task_user(&mut self, user: Option<TaskUser>) {
+        self.task_user = user;
     }
 
     /// The id the master gave this agent, if any yet.
@@ -175,6 +188,9 @@ impl Core {
 
     /// The master (re)assigned our id. The caller persists it.
     pub fn registered(&mut self, agent_id: AgentId) {
+        if let Some(support) = &self.wasm {
+            support.set_agent_id(&agent_id);
+        }
         if let Some(old) = &self.agent_id {
             if old != &agent_id {
                 tracing::warn!(old = %old, new = %agent_id, "the master gave this agent a new id");
@@ -201,20 +217,14 @@ impl Core {
             self.send_error(key, "invalid task", msg, now);
             return;
         }
-        let executor_dir = match self.layout.executor_dir(&framework_id, &task.task_id) {
+        let dirs = match self.task_dirs(&framework_id, &task) {
             Ok(d) => d,
             Err(e) => {
-                self.send_error(key, "invalid task", e.to_string(), now);
+                self.send_error(key, "invalid task", e, now);
                 return;
             }
         };
-        // Wasm tasks run once per id (the master refuses duplicates): the executor dir is their
-        // sandbox, two directories fewer per task (directory creation dominates Wasm launches).
-        let run_dir = if wasm::is_wasm(&task) {
-            executor_dir.clone()
-        } else {
-            Layout::run_dir(&executor_dir, Uuid::new_v4())
-        };
+        let (executor_dir, run_dir) = dirs;
         let spec = LaunchSpec {
             framework_id,
             task: task.clone(),
@@ -222,17 +232,29 @@ impl Core {
             run_dir: run_dir.clone(),
             kill_grace: task.kill_grace.unwrap_or(self.default_grace),
             isolator: self.isolator.clone(),
+            user: self.task_user,
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
+        // The unit tests below run command tasks' supervisors in this process, without an
+        // `agora` binary to start as the command executor.
+        #[cfg(test)]
+        if self.wasm.is_none() && matches!(task.kind, TaskKind::Command(_)) {
+            let handle = tasks::launch(spec, self.events.clone());
+            self.tasks
+                .insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
+            self.live += 1;
+            return;
+        }
+        let Some(support) = &self.wasm else {
+            self.send_error(key, "invalid task", "this agent runs no executors".into(), now);
+            return;
+        };
+        // The agent spawns no task itself: every task goes to an executor.
         let handle = if wasm::is_wasm(&task) {
-            let Some(support) = &self.wasm else {
-                self.send_error(key, "invalid task", "this agent does not run Wasm tasks".into(), now);
-                return;
-            };
             wasm::launch(&spec, support, &self.events)
         } else {
-            tasks::launch(spec, self.events.clone())
+            wasm::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
@@ -272,16 +294,76 @@ impl Core {
         }
     }
 
+    /// A task's executor directory (its `task.json`) and sandbox. Native commands: a run
+    /// directory per task. Wasm tasks: a directory below their framework's Wasm executor's run
+    /// (created now for the task user, so the executor can create the task's files there). A
+    /// framework executor's tasks share that executor's sandbox.
+    fn task_dirs(&mut self, fw: &FrameworkId, task: &TaskInfo) -> Result<(PathBuf, PathBuf), String> {
+        let executor_dir = self.layout.executor_dir(fw, &task.task_id).map_err(|e| e.to_string())?;
+        let executor_id = task.kind.executor_id();
+        match &task.kind {
+            TaskKind::Command(_) => {
+                let run = Layout::run_dir(&executor_dir, Uuid::new_v4());
+                Ok((executor_dir, run))
+            }
+            TaskKind::Wasm(_) | TaskKind::Executor(_) => {
+                let key = (fw.clone(), executor_id);
+                let run = match self.executor_runs.get(&key) {
+                    Some(run) => run.clone(),
+                    None => {
+                        let dir = self.layout.named_executor_dir(fw, &key.1).map_err(|e| e.to_string())?;
+                        let run = Layout::run_dir(&dir, Uuid::new_v4());
+                        if matches!(task.kind, TaskKind::Wasm(_)) {
+                            let tasks = run.join("tasks");
+                            crate::sandbox::create_sandbox(&run, self.task_user)
+                                .and_then(|()| crate::sandbox::create_sandbox(&tasks, self.task_user))
+                                .map_err(|e| format!("cannot create {}: {e}", tasks.display()))?;
+                        }
+                        self.executor_runs.insert(key, run.clone());
+                        run
+                    }
+                };
+                if matches!(task.kind, TaskKind::Wasm(_)) {
+                    let name = crate::sandbox::path_component("task", task.task_id.as_str())
+                        .map_err(|e| e.to_string())?;
+                    Ok((executor_dir, run.join("tasks").join(name)))
+                } else {
+                    Ok((executor_dir, run))
+                }
+            }
+        }
+    }
+
     /// A scheduler's message for one of its executors (dropped when there is none: at most
     /// once).
     pub fn framework_message(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
-        tracing::debug!(%framework_id, %executor_id, bytes = data.len(),
-            "dropping a framework message: no such executor on this agent");
+        match &self.wasm {
+            Some(support) => support.framework_message(framework_id, executor_id, data),
+            None => {
+                tracing::debug!(%framework_id, %executor_id, "dropping a framework message: no executors here")
+            }
+        }
     }
 
     /// The framework shuts one of its executors down.
     pub fn shutdown_executor(&mut self, framework_id: FrameworkId, executor_id: ExecutorId) {
-        tracing::debug!(%framework_id, %executor_id, "shutdown of an executor this agent does not run");
+        if let Some(support) = &self.wasm {
+            support.shutdown_executor(framework_id, executor_id);
+        }
+    }
+
+    /// An executor's own event (a framework message, its end) goes to the master.
+    pub fn executor_event(&mut self, event: wasm::ExecutorEvent) {
+        match event {
+            wasm::ExecutorEvent::Message { exec: (framework_id, executor_id), data } => {
+                self.send(AgentMessage::FrameworkMessage { framework_id, executor_id, data });
+            }
+            wasm::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
+                // Its next task starts a new run in a new sandbox.
+                self.executor_runs.remove(&(framework_id.clone(), executor_id.clone()));
+                self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });
+            }
+        }
     }
 
     /// Kills every task (agent shutdown).

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod cgroups;
+pub mod command_executor;
 pub mod core;
 pub mod link;
 pub mod metrics;
@@ -40,6 +41,7 @@ pub mod resources;
 pub mod sandbox;
 pub mod tasks;
 pub mod updates;
+pub mod user;
 pub mod wasm;
 
 pub use resources::{detect_resources, detect_resources_in};
@@ -69,8 +71,12 @@ pub struct AgentConfig {
     /// Resource isolation (`--isolation`, `--cgroup-root`, `--cpu-limit`,
     /// `--max-pids-per-task`).
     pub isolation: cgroups::IsolationConfig,
-    /// Wasm tasks: which binary runs `agora executor-wasm`, idle timeout, sizes.
+    /// Executors: which binary runs `agora executor-wasm` and `executor-command`, idle
+    /// timeout, sizes.
     pub wasm: wasm::WasmConfig,
+    /// `--task-user`: who tasks and executors run as when the agent is root (default
+    /// [`user::DEFAULT_TASK_USER`]); the agent refuses to start if the user does not exist.
+    pub task_user: String,
 }
 
 /// Why an agent stopped.
@@ -100,6 +106,9 @@ pub enum AgentError {
         /// The cause.
         err: std::io::Error,
     },
+    /// `--task-user` cannot be used.
+    #[error(transparent)]
+    TaskUser(#[from] user::UserError),
     /// Isolation was required (`--isolation cgroups`) but cannot be had.
     #[error(transparent)]
     Isolation(#[from] cgroups::IsolationError),
@@ -121,6 +130,7 @@ pub enum AgentError {
 /// Losing the master is not fatal: the agent reconnects with backoff while tasks keep running.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let layout = sandbox::Layout::new(&config.work_dir);
+    let task_user = user::TaskUser::for_agent(&config.task_user)?;
     prepare_work_dir(&layout)?;
     // Fail now, naming the file, rather than on every reconnection.
     agora_sdk::transport::client_config(&config.tls)?;
@@ -139,8 +149,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         attributes: config.attributes.clone(),
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (exec_tx, mut exec_events) = mpsc::unbounded_channel();
     let (conn_tx, conn_rx) = tokio::sync::watch::channel(None);
-    let wasm = wasm::WasmSupport::start(config.wasm.clone(), &config.work_dir, isolator.clone(), conn_rx);
+    let wasm_config = wasm::WasmConfig { task_user, ..config.wasm.clone() };
+    let wasm = wasm::WasmSupport::start(wasm_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
     let mut core = core::Core::new(
         info,
         layout.clone(),
@@ -151,7 +163,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         events_tx,
     );
     core.set_wasm(wasm.clone());
-    let result = link::drive(&config, &layout, &mut core, &mut events, &shutdown, &conn_tx).await;
+    core.set_task_user(task_user);
+    let result =
+        link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx).await;
     if config.kill_tasks_on_shutdown {
         wasm.shutdown();
     }
@@ -165,9 +179,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     result
 }
 
+/// Creates the work directory. It and `frameworks/` are pass-through (0711): tasks reach their
+/// own sandbox by name but cannot list anything; the agent's own files in it (checkpoints, the
+/// artifact cache) are closed to them.
 fn prepare_work_dir(layout: &sandbox::Layout) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
     let werr = |err| AgentError::WorkDir { path: layout.root().to_path_buf(), err };
     std::fs::create_dir_all(layout.frameworks_dir()).map_err(werr)?;
+    for dir in [layout.root().to_path_buf(), layout.frameworks_dir()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(sandbox::PASS_THROUGH))
+            .map_err(werr)?;
+    }
+    let artifacts = layout.root().join("artifacts");
+    std::fs::create_dir_all(&artifacts).map_err(werr)?;
+    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o700)).map_err(werr)?;
     let probe = layout.root().join(".agora-write-test");
     sandbox::write_atomic(&probe, b"ok").map_err(werr)?;
     std::fs::remove_file(&probe).map_err(werr)?;

@@ -262,6 +262,7 @@ pub(crate) async fn drive(
     layout: &Layout,
     core: &mut Core,
     events: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>,
+    exec_events: &mut mpsc::UnboundedReceiver<crate::wasm::ExecutorEvent>,
     shutdown: &CancellationToken,
     conn_watch: &tokio::sync::watch::Sender<Option<quinn::Connection>>,
 ) -> Result<(), AgentError> {
@@ -281,6 +282,7 @@ pub(crate) async fn drive(
             biased;
             () = shutdown.cancelled() => break Ok(()),
             Some((key, ev)) = events.recv() => core.task_event(key, ev, Instant::now()),
+            Some(ev) = exec_events.recv() => core.executor_event(ev),
             Some(lookup) = lookups.recv() => {
                 let _ = lookup.reply.send(core.lookup_output(&lookup.request));
             }

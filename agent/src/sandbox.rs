@@ -12,7 +12,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use agora_sdk::proto::{AgentId, FrameworkId, TaskId, TaskInfo, TaskState};
+use agora_sdk::proto::{AgentId, ExecutorId, FrameworkId, TaskId, TaskInfo, TaskState};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -99,6 +99,16 @@ impl Layout {
             .join(path_component("task", task.as_str())?))
     }
 
+    /// `WORK/frameworks/<fw>/executors/<executor id>`: a framework's own executor (or a
+    /// built-in one), holding its runs.
+    pub fn named_executor_dir(&self, fw: &FrameworkId, executor: &ExecutorId) -> Result<PathBuf, IdError> {
+        Ok(self
+            .frameworks_dir()
+            .join(path_component("framework", fw.as_str())?)
+            .join("executors")
+            .join(path_component("executor", executor.as_str())?))
+    }
+
     /// The sandbox of one run of a task.
     pub fn run_dir(executor_dir: &Path, run: Uuid) -> PathBuf {
         executor_dir.join("runs").join(run.to_string())
@@ -145,7 +155,11 @@ fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", Uuid::new_v4().simple()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Checkpoints are the agent's: closed to tasks, which run as another user.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?
+        };
         f.write_all(data)?;
         if durable {
             f.sync_all()?;
@@ -156,6 +170,23 @@ fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Directory mode of everything on the way to a sandbox: tasks may pass through (to their own
+/// sandbox, whose name they are given) but not list what is there.
+pub const PASS_THROUGH: u32 = 0o711;
+
+/// Creates `dir` and every missing parent with mode [`PASS_THROUGH`], then makes `dir` itself
+/// private to `user` (mode 0700, owned by it). Without a user (an agent that is not root)
+/// `dir` is 0700 and owned by the agent.
+pub fn create_sandbox(dir: &Path, user: Option<crate::user::TaskUser>) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(PASS_THROUGH).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(u) = user {
+        u.chown(dir)?;
+    }
+    Ok(())
 }
 
 /// Reads the agent id file: `Ok(None)` when there is none (first start) or it is empty.

@@ -56,6 +56,8 @@ pub struct LaunchSpec {
     pub kill_grace: Duration,
     /// Gives the task its cgroup (or nothing, without isolation).
     pub isolator: Isolator,
+    /// The user the task runs as (`None`: the agent's own, when it is not root).
+    pub user: Option<crate::user::TaskUser>,
 }
 
 impl LaunchSpec {
@@ -372,18 +374,25 @@ fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
 }
 
 /// Creates the sandbox and the task's cgroup, and spawns the process (blocking: run on the
-/// blocking pool). With a cgroup the process starts behind the gate (see [`crate::cgroups`]) and
-/// is released only once it is in its group, so no user code ever runs unconfined.
+/// blocking pool). The child joins its cgroup and drops to the task user between `fork` and
+/// `exec` ([`confine_in_child`]), so no user code ever runs unconfined or as root.
 fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>), StartFailure> {
     let TaskKind::Command(cmd) = &spec.task.kind else {
         return Err(StartFailure::spawn("not a command task".into()));
     };
     let dir = &spec.run_dir;
-    std::fs::create_dir_all(dir)
+    crate::sandbox::create_sandbox(dir, spec.user)
         .map_err(|e| StartFailure::spawn(format!("cannot create sandbox {}: {e}", dir.display())))?;
     let open = |name: &str| {
         let path = dir.join(name);
-        File::create(&path).map_err(|e| StartFailure::spawn(format!("cannot create {}: {e}", path.display())))
+        let file = File::create(&path)
+            .map_err(|e| StartFailure::spawn(format!("cannot create {}: {e}", path.display())))?;
+        if let Some(u) = spec.user {
+            u.chown(&path).map_err(|e| {
+                StartFailure::spawn(format!("cannot hand {} to the task user: {e}", path.display()))
+            })?;
+        }
+        Ok(file)
     };
     let (stdout, stderr) = (open("stdout")?, open("stderr")?);
     let cgroup = if spec.isolator.is_active() {
@@ -397,7 +406,6 @@ fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>)
     } else {
         None
     };
-    let gated = cgroup.is_some();
     let fail = |f: StartFailure| {
         if let Some(cg) = &cgroup {
             if let Err(e) = cg.destroy() {
@@ -406,30 +414,66 @@ fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>)
         }
         f
     };
-    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id, gated)
-        .map_err(|m| fail(StartFailure::spawn(m)))?;
-    command.stdin(if gated { Stdio::piped() } else { Stdio::null() }).stdout(stdout).stderr(stderr);
-    let mut child = command.spawn().map_err(|e| {
-        let program = cmd.argv.first().map(String::as_str).unwrap_or("");
-        fail(StartFailure::spawn(if cmd.shell || gated {
-            format!("cannot run /bin/sh: {e}")
-        } else {
-            format!("cannot run `{program}`: {e}")
-        }))
-    })?;
-    if let Some(cg) = &cgroup {
-        if let Err(e) = cgroups::admit(&mut child, cg) {
-            // The gate closes unopened: the shell exits without running the task.
-            drop(child.stdin.take());
-            if let Ok(mut p) = ChildProcess::adopt(child) {
-                let _ = p.signal_group(libc::SIGKILL);
-                let _ = p.reap();
+    // The group's `cgroup.procs` files, opened here (close-on-exec) for the child to write to.
+    let mut procs = Vec::new();
+    for path in cgroup.as_ref().map(Cgroup::paths).unwrap_or_default() {
+        let file = path.join("cgroup.procs");
+        match std::fs::OpenOptions::new().write(true).open(&file) {
+            Ok(f) => procs.push(std::os::fd::OwnedFd::from(f)),
+            Err(e) => {
+                return Err(fail(StartFailure::isolation(format!(
+                    "cannot open {}: {e} (the task was not started)",
+                    file.display()
+                ))))
             }
-            return Err(fail(StartFailure::isolation(format!("{e} (the task was not started)"))));
         }
     }
+    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id)
+        .map_err(|m| fail(StartFailure::spawn(m)))?;
+    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    confine_in_child(&mut command, &procs, spec.user);
+    let child = command.spawn().map_err(|e| {
+        let program = cmd.argv.first().map(String::as_str).unwrap_or("");
+        let what = if cmd.shell { "/bin/sh".to_string() } else { format!("`{program}`") };
+        if !procs.is_empty() && e.raw_os_error().is_some_and(|c| c != libc::ENOENT && c != libc::EACCES) {
+            fail(StartFailure::isolation(format!(
+                "cannot run {what} in its cgroup as the task user: {e} (the task was not started)"
+            )))
+        } else {
+            fail(StartFailure::spawn(format!("cannot run {what}: {e}")))
+        }
+    })?;
+    drop(procs);
     let child = ChildProcess::adopt(child).map_err(|e| fail(StartFailure::spawn(e.to_string())))?;
     Ok((child, cgroup))
+}
+
+/// Between `fork` and `exec`, the child writes `0` (itself) into each of its group's
+/// `cgroup.procs` (`procs`, opened by the parent), drops to `user` and sets `no_new_privs`. Any
+/// failure fails the spawn: the program never runs. A task cannot move itself out again: the
+/// cgroup files belong to root.
+fn confine_in_child(
+    command: &mut Command,
+    procs: &[std::os::fd::OwnedFd],
+    user: Option<crate::user::TaskUser>,
+) {
+    use std::os::fd::AsRawFd;
+    let fds: Vec<libc::c_int> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure only makes system calls (write, setgroups, setgid, setuid, prctl) on
+    // values prepared before the fork; it neither allocates nor takes locks.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(u) = user {
+                u.switch_in_child()?;
+            }
+            crate::user::no_new_privs_in_child()
+        });
+    }
 }
 
 /// `task-<run id>`: unique per run, one path component.
@@ -443,40 +487,22 @@ fn cgroup_name(spec: &LaunchSpec) -> String {
 }
 
 /// The process to run for `cmd`: own process group, sandbox as working directory, a clean
-/// environment. No `pre_exec`, so std keeps its `posix_spawn` fast path. `gated` puts it behind
-/// the cgroup start gate (`/bin/sh` waiting on stdin, then `exec`ing the program).
+/// environment.
 fn build_command(
     cmd: &CommandInfo,
     sandbox: &Path,
     fw: &FrameworkId,
     task: &TaskId,
-    gated: bool,
 ) -> Result<Command, String> {
     let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
-    let mut command = match (cmd.shell, gated) {
-        (true, false) => {
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(first);
-            c
-        }
-        (true, true) => {
-            let mut c = cgroups::gated_command("/bin/sh");
-            c.arg("-c").arg(first);
-            c
-        }
-        (false, false) => {
-            let mut c = Command::new(resolve_program(first, &cmd.env)?);
-            c.arg0(first).args(rest);
-            c
-        }
-        (false, true) => {
-            // Behind the gate a missing program would only show as exit status 127: check now.
-            let program = resolve_program(first, &cmd.env)?;
-            check_executable(&program)?;
-            let mut c = cgroups::gated_command(program);
-            c.args(rest);
-            c
-        }
+    let mut command = if cmd.shell {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(first);
+        c
+    } else {
+        let mut c = Command::new(resolve_program(first, &cmd.env)?);
+        c.arg0(first).args(rest);
+        c
     };
     command.process_group(0).current_dir(sandbox).env_clear();
     command.env("PATH", TASK_PATH).env("HOME", sandbox);
@@ -488,16 +514,6 @@ fn build_command(
         .env("AGORA_TASK_ID", task.as_str())
         .env("AGORA_FRAMEWORK_ID", fw.as_str());
     Ok(command)
-}
-
-fn check_executable(program: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(program).map_err(|e| format!("cannot run `{}`: {e}", program.display()))?;
-    if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-        Ok(())
-    } else {
-        Err(format!("cannot run `{}`: not an executable file", program.display()))
-    }
 }
 
 /// Finds a bare program name on the task's PATH (its own `PATH` env, else the default), so that
@@ -619,6 +635,7 @@ pub(crate) mod tests {
             run_dir,
             kill_grace: grace,
             isolator: Isolator::none(),
+            user: None,
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = launch(spec.clone(), tx);

@@ -21,10 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_sdk::executor_proto::{
-    AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
+    AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, WasmLaunch, ENV_AGENT_ID,
+    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN,
+    MAX_REASON_LEN,
 };
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
-use agora_sdk::proto::{Digest, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, WasmInfo};
+use agora_sdk::proto::{
+    AgentId, Digest, ExecutorId, ExecutorInfo, FetchInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState,
+    WasmInfo, COMMAND_EXECUTOR_ID, WASM_EXECUTOR_ID,
+};
 use agora_sdk::Resources;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
@@ -32,6 +37,7 @@ use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::time::Instant;
 
 use crate::cgroups::{Cgroup, Isolator};
+use crate::sandbox::Layout;
 use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 
 /// Memory the executor process itself may use on top of its tasks' (engine, compiler, I/O).
@@ -61,6 +67,8 @@ pub struct WasmConfig {
     pub max_tasks_per_executor: u32,
     /// Worker threads of each executor.
     pub executor_threads: u32,
+    /// The user executors (and the tasks of the command executor) run as; `None`: the agent's.
+    pub task_user: Option<crate::user::TaskUser>,
 }
 
 impl Default for WasmConfig {
@@ -70,6 +78,7 @@ impl Default for WasmConfig {
             idle_timeout: Duration::from_secs(30),
             max_tasks_per_executor: 256,
             executor_threads: 2,
+            task_user: None,
         }
     }
 }
@@ -195,6 +204,20 @@ impl Fetcher {
     }
 }
 
+/// Gives `dir` and everything below it to `user` (blocking; links are not followed).
+fn chown_tree(dir: &Path, user: crate::user::TaskUser) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
+        .map_err(|e| format!("cannot hand {} to the task user: {e}", dir.display()))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            chown_tree(&entry.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks a tar archive into `dest` (blocking). Entries cannot escape `dest`: the tar crate
 /// refuses `..` and absolute paths, and the guest's view is confined to the preopen anyway.
 fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
@@ -226,6 +249,7 @@ fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
 pub struct WasmSupport {
     fetcher: Arc<Fetcher>,
     manager: ExecutorManager,
+    agent_id: Arc<Mutex<Option<AgentId>>>,
     /// Numbers launches that prepare on a task of their own, so that a late result is never
     /// taken for a newer launch of the same task id.
     attempts: Arc<AtomicU64>,
@@ -239,10 +263,34 @@ impl WasmSupport {
         work_dir: &Path,
         isolator: Isolator,
         conn: watch::Receiver<Option<quinn::Connection>>,
+        exec_events: mpsc::UnboundedSender<ExecutorEvent>,
     ) -> Self {
         let fetcher = Arc::new(Fetcher::new(work_dir.join("artifacts"), conn));
-        let manager = ExecutorManager::start(config, work_dir, isolator);
-        Self { fetcher, manager, attempts: Arc::new(AtomicU64::new(0)) }
+        let agent_id = Arc::new(Mutex::new(None));
+        let manager = ExecutorManager::start(
+            config,
+            work_dir,
+            isolator,
+            fetcher.clone(),
+            agent_id.clone(),
+            exec_events,
+        );
+        Self { fetcher, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The master gave this agent its id (executors started from now on are told).
+    pub fn set_agent_id(&self, id: &AgentId) {
+        *self.agent_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
+    }
+
+    /// Relays a scheduler's message to one of its executors (dropped when there is none).
+    pub fn framework_message(&self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
+        let _ = self.manager.tx.send(ManagerCmd::ToExecutor { exec: (framework_id, executor_id), data });
+    }
+
+    /// Shuts one of a framework's executors down (its tasks are killed).
+    pub fn shutdown_executor(&self, framework_id: FrameworkId, executor_id: ExecutorId) {
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { exec: (framework_id, executor_id) });
     }
 
     /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).
@@ -270,7 +318,7 @@ pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) ->
     let resources = spec.task.resources.clone();
     let cached = if info.dirs.is_empty() { support.fetcher.cached(&info.module.digest) } else { None };
     if let Some(module_path) = cached {
-        let launch = Box::new(wasm_launch(spec, info, module_path, Vec::new()));
+        let launch = Box::new(LaunchItem::Wasm(wasm_launch(spec, info, module_path, Vec::new())));
         let slot = Some(NewSlot { events: events.clone(), done: done_tx });
         if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
             tx.send(ManagerCmd::Launch { key, attempt: 0, launch, resources, slot })
@@ -293,13 +341,55 @@ pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) ->
     tokio::spawn(async move {
         let TaskKind::Wasm(info) = &spec.task.kind else { return };
         let cmd = match prepare(&spec, info, &fetcher).await {
-            Ok(launch) => {
-                ManagerCmd::Launch { key, attempt, launch: Box::new(launch), resources, slot: None }
-            }
+            Ok(launch) => ManagerCmd::Launch {
+                key,
+                attempt,
+                launch: Box::new(LaunchItem::Wasm(launch)),
+                resources,
+                slot: None,
+            },
             Err((reason, message)) => ManagerCmd::PrepareFailed { key, attempt, reason, message },
         };
         let _ = tx.send(cmd);
     });
+    handle
+}
+
+/// Starts a task under an executor that needs nothing fetched per task: native commands
+/// (the command executor) and tasks of a framework's own executor (whose files are fetched
+/// once, when the executor starts).
+pub fn launch_direct(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+    let key = spec.key();
+    let (done_tx, done) = watch::channel(false);
+    let tx = support.manager.tx.clone();
+    let handle = {
+        let (tx, key) = (tx.clone(), key.clone());
+        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
+    };
+    let launch = match &spec.task.kind {
+        TaskKind::Command(cmd) => LaunchItem::Command(CommandLaunch {
+            task_id: spec.task.task_id.clone(),
+            command: cmd.clone(),
+            resources: spec.task.resources.clone(),
+            sandbox: spec.run_dir.clone(),
+            checkpoint: Layout::task_checkpoint(&spec.executor_dir),
+            kill_grace: spec.kill_grace,
+        }),
+        TaskKind::Executor(t) => {
+            LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
+        }
+        TaskKind::Wasm(_) => {
+            finish(events, &key, &done_tx, failed("invalid task", "a Wasm task needs a fetch first".into()));
+            return handle;
+        }
+    };
+    let resources = spec.task.resources.clone();
+    let slot = Some(NewSlot { events: events.clone(), done: done_tx });
+    if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
+        tx.send(ManagerCmd::Launch { key, attempt: 0, launch: Box::new(launch), resources, slot })
+    {
+        finish(&slot.events, &key, &slot.done, shutting_down());
+    }
     handle
 }
 
@@ -377,10 +467,19 @@ async fn prepare(
         let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
         let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
         let dest = host.clone();
-        tokio::task::spawn_blocking(move || unpack(&archive, &dest))
-            .await
-            .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
-            .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
+        let user = spec.user;
+        let run_dir = spec.run_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            unpack(&archive, &dest)?;
+            // The guest writes there as the task user.
+            match user {
+                Some(u) => chown_tree(&run_dir, u),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
+        .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
         preopens.push((host, d.guest.clone()));
     }
     Ok(wasm_launch(spec, info, module_path, preopens))
@@ -388,6 +487,76 @@ async fn prepare(
 
 // ---------------------------------------------------------------------------------------------
 // Executor manager
+
+/// Identifies an executor on this agent: its framework and its id there.
+pub type ExecKey = (FrameworkId, ExecutorId);
+
+/// What an executor reports that is not about one task; the agent core passes it to the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutorEvent {
+    /// A framework's executor sent its scheduler a message.
+    Message {
+        /// The executor.
+        exec: ExecKey,
+        /// The message.
+        data: Vec<u8>,
+    },
+    /// A framework's own executor ended (its tasks were failed).
+    Exited {
+        /// The executor.
+        exec: ExecKey,
+        /// How.
+        message: String,
+    },
+}
+
+/// One task for an executor, in the form its kind takes.
+#[derive(Debug)]
+enum LaunchItem {
+    Wasm(WasmLaunch),
+    Command(CommandLaunch),
+    /// A task of a framework's executor, that executor's description and its sandbox.
+    Task(Box<TaskInfo>, Box<ExecutorInfo>, PathBuf),
+}
+
+impl LaunchItem {
+    fn executor_id(&self) -> ExecutorId {
+        match self {
+            LaunchItem::Wasm(_) => ExecutorId::new(WASM_EXECUTOR_ID),
+            LaunchItem::Command(_) => ExecutorId::new(COMMAND_EXECUTOR_ID),
+            LaunchItem::Task(_, e, _) => e.executor_id.clone(),
+        }
+    }
+}
+
+/// The kind of an executor process.
+#[derive(Debug, Clone)]
+enum ExecKind {
+    Wasm,
+    Command,
+    Custom { info: Box<ExecutorInfo>, sandbox: PathBuf },
+}
+
+/// The frames one executor gets for a list of launches (all of its own kind).
+fn launch_message(items: Vec<LaunchItem>) -> AgentToExecutor {
+    let mut wasm = Vec::new();
+    let mut commands = Vec::new();
+    let mut tasks = Vec::new();
+    for item in items {
+        match item {
+            LaunchItem::Wasm(l) => wasm.push(l),
+            LaunchItem::Command(l) => commands.push(l),
+            LaunchItem::Task(t, _, _) => tasks.push(*t),
+        }
+    }
+    if !commands.is_empty() {
+        AgentToExecutor::LaunchCommands(commands)
+    } else if !tasks.is_empty() {
+        AgentToExecutor::LaunchTasks(tasks)
+    } else {
+        AgentToExecutor::Launch(wasm)
+    }
+}
 
 /// Where a task's events go, and its `done` flag.
 struct NewSlot {
@@ -414,7 +583,7 @@ enum ManagerCmd {
     Launch {
         key: TaskKey,
         attempt: u64,
-        launch: Box<WasmLaunch>,
+        launch: Box<LaunchItem>,
         resources: Resources,
         slot: Option<NewSlot>,
     },
@@ -422,20 +591,33 @@ enum ManagerCmd {
         key: TaskKey,
     },
     ShutdownAll,
+    /// A scheduler's message for an executor.
+    ToExecutor {
+        exec: ExecKey,
+        data: Vec<u8>,
+    },
+    ShutdownExecutor {
+        exec: ExecKey,
+    },
     /// From an executor's connection task.
     Started {
-        framework_id: FrameworkId,
+        exec: ExecKey,
         serial: u64,
         pid: u32,
         to_executor: mpsc::UnboundedSender<AgentToExecutor>,
     },
     Updates {
-        framework_id: FrameworkId,
+        exec: ExecKey,
         serial: u64,
         updates: Vec<ExecutorUpdate>,
     },
+    FromExecutor {
+        exec: ExecKey,
+        serial: u64,
+        data: Vec<u8>,
+    },
     Gone {
-        framework_id: FrameworkId,
+        exec: ExecKey,
         serial: u64,
         why: String,
     },
@@ -484,10 +666,11 @@ struct PreparingTask {
 
 struct Executor {
     serial: u64,
+    kind: ExecKind,
     pid: Option<u32>,
     to_executor: Option<mpsc::UnboundedSender<AgentToExecutor>>,
     /// Launches waiting for the executor's hello.
-    queued: Vec<WasmLaunch>,
+    queued: Vec<LaunchItem>,
     /// Kills of queued tasks (sent after the launches).
     queued_kills: Vec<TaskId>,
     tasks: HashMap<TaskId, TaskSlot>,
@@ -495,6 +678,8 @@ struct Executor {
     /// The task set changed since the cgroup was last sized.
     resize: bool,
     idle_since: Option<Instant>,
+    /// Its framework asked for a shutdown before it connected.
+    shutdown_requested: bool,
 }
 
 struct Manager {
@@ -502,20 +687,33 @@ struct Manager {
     dir: PathBuf,
     cache_dir: PathBuf,
     isolator: Isolator,
-    executors: HashMap<FrameworkId, Executor>,
+    fetcher: Arc<Fetcher>,
+    agent_id: Arc<Mutex<Option<AgentId>>>,
+    exec_events: mpsc::UnboundedSender<ExecutorEvent>,
+    executors: HashMap<ExecKey, Executor>,
     preparing: HashMap<TaskKey, PreparingTask>,
     next_serial: u64,
     tx: mpsc::UnboundedSender<ManagerCmd>,
 }
 
 impl ExecutorManager {
-    fn start(config: WasmConfig, work_dir: &Path, isolator: Isolator) -> Self {
+    fn start(
+        config: WasmConfig,
+        work_dir: &Path,
+        isolator: Isolator,
+        fetcher: Arc<Fetcher>,
+        agent_id: Arc<Mutex<Option<AgentId>>>,
+        exec_events: mpsc::UnboundedSender<ExecutorEvent>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             config,
-            dir: work_dir.join("wasm-executors"),
+            dir: work_dir.join("executors"),
             cache_dir: work_dir.join("wasm-cache"),
             isolator,
+            fetcher,
+            agent_id,
+            exec_events,
             executors: HashMap::new(),
             preparing: HashMap::new(),
             next_serial: 0,
@@ -536,13 +734,13 @@ impl Manager {
                     if n == 0 {
                         break;
                     }
-                    let mut launches: HashMap<FrameworkId, Vec<WasmLaunch>> = HashMap::new();
+                    let mut launches: HashMap<ExecKey, Vec<LaunchItem>> = HashMap::new();
                     for cmd in batch.drain(..) {
                         self.handle(cmd, &mut launches);
                     }
-                    for (fw, list) in launches {
-                        if let Some(tx) = self.executors.get(&fw).and_then(|e| e.to_executor.as_ref()) {
-                            let _ = tx.send(AgentToExecutor::Launch(list));
+                    for (exec, list) in launches {
+                        if let Some(tx) = self.executors.get(&exec).and_then(|e| e.to_executor.as_ref()) {
+                            let _ = tx.send(launch_message(list));
                         }
                     }
                     self.resize_groups();
@@ -553,7 +751,7 @@ impl Manager {
         self.shutdown_all();
     }
 
-    fn handle(&mut self, cmd: ManagerCmd, launches: &mut HashMap<FrameworkId, Vec<WasmLaunch>>) {
+    fn handle(&mut self, cmd: ManagerCmd, launches: &mut HashMap<ExecKey, Vec<LaunchItem>>) {
         match cmd {
             ManagerCmd::Preparing { key, attempt, slot } => {
                 self.preparing.insert(key, PreparingTask { attempt, slot });
@@ -575,14 +773,22 @@ impl Manager {
                 };
                 let TaskKey { framework_id, task_id } = key;
                 let launch = *launch;
-                if !self.executors.contains_key(&framework_id) {
-                    if let Err(why) = self.start_executor(&framework_id) {
+                let exec = (framework_id.clone(), launch.executor_id());
+                if !self.executors.contains_key(&exec) {
+                    let kind = match &launch {
+                        LaunchItem::Wasm(_) => Ok(ExecKind::Wasm),
+                        LaunchItem::Command(_) => Ok(ExecKind::Command),
+                        LaunchItem::Task(_, info, sandbox) => {
+                            Ok(ExecKind::Custom { info: info.clone(), sandbox: sandbox.clone() })
+                        }
+                    };
+                    if let Err(why) = kind.and_then(|kind| self.start_executor(&exec, kind)) {
                         let key = TaskKey { framework_id, task_id };
                         finish(&slot.events, &key, &slot.done, failed(REASON_EXECUTOR_TERMINATED, why));
                         return;
                     }
                 }
-                let ex = self.executors.get_mut(&framework_id).expect("just started");
+                let Some(ex) = self.executors.get_mut(&exec) else { return };
                 if ex.tasks.contains_key(&task_id) {
                     let why = format!("task {task_id} is already running in this executor");
                     let key = TaskKey { framework_id, task_id };
@@ -594,7 +800,7 @@ impl Manager {
                 ex.idle_since = None;
                 ex.resize = true;
                 if ex.to_executor.is_some() {
-                    launches.entry(framework_id).or_default().push(launch);
+                    launches.entry(exec).or_default().push(launch);
                 } else {
                     ex.queued.push(launch);
                 }
@@ -605,7 +811,13 @@ impl Manager {
                     return;
                 }
                 let TaskKey { framework_id, task_id } = key;
-                let Some(ex) = self.executors.get_mut(&framework_id) else { return };
+                let Some((exec, ex)) = self
+                    .executors
+                    .iter_mut()
+                    .find(|((fw, _), e)| fw == &framework_id && e.tasks.contains_key(&task_id))
+                else {
+                    return;
+                };
                 let Some(slot) = ex.tasks.get_mut(&task_id) else { return };
                 if slot.killing {
                     return;
@@ -616,8 +828,8 @@ impl Manager {
                     Some(tx) => {
                         // Launches collected in this round go out after this loop: send them
                         // first so the executor knows the task it is asked to kill.
-                        if let Some(list) = launches.remove(&framework_id) {
-                            let _ = tx.send(AgentToExecutor::Launch(list));
+                        if let Some(list) = launches.remove(exec) {
+                            let _ = tx.send(launch_message(list));
                         }
                         let _ = tx.send(AgentToExecutor::Kill { task_id });
                     }
@@ -625,30 +837,88 @@ impl Manager {
                 }
             }
             ManagerCmd::ShutdownAll => self.shutdown_all(),
-            ManagerCmd::Started { framework_id, serial, pid, to_executor } => {
-                let Some(ex) = self.executors.get_mut(&framework_id).filter(|e| e.serial == serial) else {
+            ManagerCmd::ToExecutor { exec, data } => {
+                match self.executors.get(&exec).and_then(|e| e.to_executor.as_ref()) {
+                    Some(tx)
+                        if matches!(
+                            self.executors.get(&exec).map(|e| &e.kind),
+                            Some(ExecKind::Custom { .. })
+                        ) =>
+                    {
+                        let _ = tx.send(AgentToExecutor::FrameworkMessage(data));
+                    }
+                    _ => tracing::debug!(framework_id = %exec.0, executor_id = %exec.1,
+                    "dropping a framework message: the executor is not running here"),
+                }
+            }
+            ManagerCmd::ShutdownExecutor { exec } => {
+                if let Some(ex) = self.executors.get_mut(&exec) {
+                    tracing::info!(framework_id = %exec.0, executor_id = %exec.1, "shutting down an executor on its framework's request");
+                    match &ex.to_executor {
+                        Some(tx) => {
+                            let _ = tx.send(AgentToExecutor::Shutdown);
+                        }
+                        // Not connected yet: it is told as soon as it says hello.
+                        None => ex.shutdown_requested = true,
+                    }
+                }
+            }
+            ManagerCmd::FromExecutor { exec, serial, data } => {
+                if self.executors.get(&exec).is_some_and(|e| e.serial == serial) {
+                    let _ = self.exec_events.send(ExecutorEvent::Message { exec, data });
+                }
+            }
+            ManagerCmd::Started { exec, serial, pid, to_executor } => {
+                let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) else {
                     let _ = to_executor.send(AgentToExecutor::Shutdown);
                     return;
                 };
-                tracing::info!(framework_id = %framework_id, pid, queued = ex.queued.len(), "wasm executor ready");
+                let framework_id = &exec.0;
+                tracing::info!(framework_id = %framework_id, executor_id = %exec.1, pid, queued = ex.queued.len(), "executor ready");
                 ex.pid = Some(pid);
                 if !ex.queued.is_empty() {
-                    let _ = to_executor.send(AgentToExecutor::Launch(std::mem::take(&mut ex.queued)));
+                    let _ = to_executor.send(launch_message(std::mem::take(&mut ex.queued)));
                 }
                 for task_id in ex.queued_kills.drain(..) {
                     let _ = to_executor.send(AgentToExecutor::Kill { task_id });
                 }
+                if ex.shutdown_requested {
+                    let _ = to_executor.send(AgentToExecutor::Shutdown);
+                }
                 ex.to_executor = Some(to_executor);
             }
-            ManagerCmd::Updates { framework_id, serial, updates } => {
-                let Some(ex) = self.executors.get_mut(&framework_id).filter(|e| e.serial == serial) else {
+            ManagerCmd::Updates { exec, serial, updates } => {
+                let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) else {
                     return;
                 };
+                let framework_id = exec.0.clone();
+                let custom = matches!(ex.kind, ExecKind::Custom { .. });
                 let pid = ex.pid.unwrap_or(0);
-                for update in updates {
+                for mut update in updates {
+                    if custom {
+                        // A framework's executor is not trusted: bound what it says, and keep
+                        // to the states an executor may report.
+                        truncate(&mut update.reason, MAX_REASON_LEN);
+                        truncate(&mut update.message, MAX_MESSAGE_LEN);
+                        update.usage = None;
+                        if !matches!(
+                            update.state,
+                            TaskState::Starting
+                                | TaskState::Running
+                                | TaskState::Finished
+                                | TaskState::Failed
+                                | TaskState::Killed
+                                | TaskState::Error
+                        ) {
+                            tracing::warn!(framework_id = %framework_id, executor_id = %exec.1, task_id = %update.task_id,
+                                state = %update.state, "ignoring an update with a state executors may not report");
+                            continue;
+                        }
+                    }
                     if update.state == TaskState::Running {
                         match ex.tasks.get(&update.task_id) {
                             Some(slot) => {
+                                let pid = if custom { pid } else { update.pid.unwrap_or(pid) };
                                 slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid })
                             }
                             None => {
@@ -656,10 +926,12 @@ impl Manager {
                             }
                         }
                     } else if update.state.is_terminal() {
-                        let ExecutorUpdate { task_id, state, reason, message, exit_code, usage, .. } = update;
+                        let ExecutorUpdate {
+                            task_id, state, reason, message, exit_code, signal, usage, ..
+                        } = update;
                         if let Some(slot) = ex.tasks.remove(&task_id) {
                             ex.resize = true;
-                            let end = Termination { state, reason, message, exit_code, signal: None, usage };
+                            let end = Termination { state, reason, message, exit_code, signal, usage };
                             slot.end(&framework_id, &task_id, end);
                         }
                     }
@@ -668,15 +940,19 @@ impl Manager {
                     ex.idle_since = Some(Instant::now());
                 }
             }
-            ManagerCmd::Gone { framework_id, serial, why } => {
-                let Some(ex) = remove_if_serial(&mut self.executors, &framework_id, serial) else { return };
+            ManagerCmd::Gone { exec, serial, why } => {
+                let Some(ex) = remove_if_serial(&mut self.executors, &exec, serial) else { return };
+                let framework_id = &exec.0;
                 if !ex.tasks.is_empty() {
-                    tracing::warn!(framework_id = %framework_id, tasks = ex.tasks.len(), "wasm executor died: {why}");
+                    tracing::warn!(framework_id = %framework_id, executor_id = %exec.1, tasks = ex.tasks.len(), "executor died: {why}");
                 }
                 for (task_id, slot) in ex.tasks {
-                    slot.end(&framework_id, &task_id, failed(REASON_EXECUTOR_TERMINATED, why.clone()));
+                    slot.end(framework_id, &task_id, failed(REASON_EXECUTOR_TERMINATED, why.clone()));
                 }
                 destroy_group(ex.cgroup);
+                if matches!(ex.kind, ExecKind::Custom { .. }) {
+                    let _ = self.exec_events.send(ExecutorEvent::Exited { exec, message: why });
+                }
             }
         }
     }
@@ -693,22 +969,30 @@ impl Manager {
         }
     }
 
+    /// Built-in executors without tasks are shut down after the idle timeout; a framework's
+    /// own executor stays until its framework shuts it down or ends.
     fn next_idle_deadline(&self) -> Option<Instant> {
-        self.executors.values().filter_map(|e| e.idle_since).min().map(|t| t + self.config.idle_timeout)
+        self.executors
+            .values()
+            .filter(|e| !matches!(e.kind, ExecKind::Custom { .. }))
+            .filter_map(|e| e.idle_since)
+            .min()
+            .map(|t| t + self.config.idle_timeout)
     }
 
     fn stop_idle(&mut self) {
         let now = Instant::now();
         let timeout = self.config.idle_timeout;
-        let idle: Vec<FrameworkId> = self
+        let idle: Vec<ExecKey> = self
             .executors
             .iter()
+            .filter(|(_, e)| !matches!(e.kind, ExecKind::Custom { .. }))
             .filter(|(_, e)| e.tasks.is_empty() && e.idle_since.is_some_and(|t| t + timeout <= now))
-            .map(|(fw, _)| fw.clone())
+            .map(|(k, _)| k.clone())
             .collect();
-        for fw in idle {
-            if let Some(ex) = self.executors.remove(&fw) {
-                tracing::info!(framework_id = %fw, "shutting down an idle wasm executor");
+        for exec in idle {
+            if let Some(ex) = self.executors.remove(&exec) {
+                tracing::info!(framework_id = %exec.0, executor_id = %exec.1, "shutting down an idle executor");
                 if let Some(tx) = &ex.to_executor {
                     let _ = tx.send(AgentToExecutor::Shutdown);
                 }
@@ -718,7 +1002,7 @@ impl Manager {
     }
 
     fn shutdown_all(&mut self) {
-        for (fw, ex) in self.executors.drain() {
+        for ((fw, _), ex) in self.executors.drain() {
             if let Some(tx) = &ex.to_executor {
                 let _ = tx.send(AgentToExecutor::Shutdown);
             }
@@ -738,8 +1022,9 @@ impl Manager {
         for ex in self.executors.values_mut().filter(|e| e.resize) {
             ex.resize = false;
             let Some(group) = &ex.cgroup else { continue };
-            let limits =
-                self.isolator.limits_for(&executor_resources(ex.tasks.values().map(|t| &t.resources)));
+            let limits = self
+                .isolator
+                .limits_for(&executor_resources(&ex.kind, ex.tasks.values().map(|t| &t.resources)));
             let group = group.clone();
             // A few cgroupfs writes: keep them off the manager's task.
             tokio::task::spawn_blocking(move || {
@@ -751,56 +1036,141 @@ impl Manager {
         }
     }
 
-    fn start_executor(&mut self, fw: &FrameworkId) -> Result<(), String> {
+    fn start_executor(&mut self, exec: &ExecKey, kind: ExecKind) -> Result<(), String> {
         self.next_serial += 1;
         let serial = self.next_serial;
+        let fw = &exec.0;
         let program = match &self.config.executor_program {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| format!("cannot find the agora binary: {e}"))?,
         };
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(crate::sandbox::PASS_THROUGH)
+                .create(&self.dir)
+                .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        }
         let socket = socket_path(&self.dir, serial);
         let _ = std::fs::remove_file(&socket);
         let listener =
             UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-        let name = format!("executor-wasm-{serial}");
-        let limits = self.isolator.limits_for(&executor_resources(std::iter::empty()));
-        let cgroup = self
-            .isolator
-            .create(&name, limits)
-            .map_err(|e| format!("cannot create the executor's cgroup: {e}"))?
-            .map(|g| Arc::new(Mutex::new(g)));
-        let log = self.dir.join(format!("{serial}.log"));
-        let args: Vec<String> = vec![
-            "executor-wasm".into(),
-            "--socket".into(),
-            socket.display().to_string(),
-            "--executor-id".into(),
-            format!("{fw}/{serial}"),
-            "--cache-dir".into(),
-            self.cache_dir.display().to_string(),
-            "--max-tasks".into(),
-            self.config.max_tasks_per_executor.to_string(),
-            "--threads".into(),
-            self.config.executor_threads.to_string(),
+        // Only the executor's user may connect (and the peer's pid is checked on accept).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+            if let Some(u) = self.config.task_user {
+                u.chown(&socket)
+                    .map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
+            }
+        }
+        let user = self.config.task_user;
+        let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut env: Vec<(String, String)> = vec![
+            (ENV_SOCKET.into(), socket.display().to_string()),
+            (ENV_EXECUTOR_ID.into(), exec.1.to_string()),
+            (ENV_FRAMEWORK_ID.into(), fw.to_string()),
+            (ENV_AGENT_ID.into(), agent_id.as_ref().map(|a| a.to_string()).unwrap_or_default()),
         ];
+        let (program, args, cgroup, cwd, fetch) = match &kind {
+            ExecKind::Wasm => {
+                // Compiled modules are code the executor loads: the cache is per framework and
+                // owned by the task user, never shared between frameworks.
+                let cache = self.cache_dir.join(
+                    crate::sandbox::path_component("framework", fw.as_str()).map_err(|e| e.to_string())?,
+                );
+                crate::sandbox::create_sandbox(&cache, user)
+                    .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+                let args: Vec<String> = vec![
+                    "executor-wasm".into(),
+                    "--socket".into(),
+                    socket.display().to_string(),
+                    "--executor-id".into(),
+                    format!("{fw}/{serial}"),
+                    "--cache-dir".into(),
+                    cache.display().to_string(),
+                    "--max-tasks".into(),
+                    self.config.max_tasks_per_executor.to_string(),
+                    "--threads".into(),
+                    self.config.executor_threads.to_string(),
+                ];
+                (program, args, true, None, Vec::new())
+            }
+            ExecKind::Command => {
+                let mut args: Vec<String> = vec![
+                    "executor-command".into(),
+                    "--socket".into(),
+                    socket.display().to_string(),
+                    "--executor-id".into(),
+                    format!("{fw}/{serial}"),
+                ];
+                if let Some(spec) = self.isolator.spec() {
+                    args.push("--isolation".into());
+                    args.push(serde_json::to_string(&spec).map_err(|e| e.to_string())?);
+                }
+                if let Some(u) = user {
+                    args.push("--task-uid".into());
+                    args.push(u.uid.to_string());
+                    args.push("--task-gid".into());
+                    args.push(u.gid.to_string());
+                }
+                (program, args, false, None, Vec::new())
+            }
+            ExecKind::Custom { info, sandbox } => {
+                env.push((ENV_SANDBOX.into(), sandbox.display().to_string()));
+                env.push(("HOME".into(), sandbox.display().to_string()));
+                env.push(("PATH".into(), crate::tasks::TASK_PATH.into()));
+                env.extend(info.command.env.iter().cloned());
+                let (prog, args) = if info.command.shell {
+                    (
+                        "/bin/sh".into(),
+                        vec!["-c".to_string(), info.command.argv.first().cloned().unwrap_or_default()],
+                    )
+                } else {
+                    let first = info.command.argv.first().cloned().unwrap_or_default();
+                    let prog = if first.contains('/') { sandbox.join(&first) } else { PathBuf::from(first) };
+                    (prog, info.command.argv.iter().skip(1).cloned().collect())
+                };
+                (prog, args, true, Some(sandbox.clone()), info.fetch.clone())
+            }
+        };
+        let cgroup = if cgroup {
+            let name = format!("executor-{serial}");
+            let limits = self.isolator.limits_for(&executor_resources(&kind, std::iter::empty()));
+            self.isolator
+                .create(&name, limits)
+                .map_err(|e| format!("cannot create the executor's cgroup: {e}"))?
+                .map(|g| Arc::new(Mutex::new(g)))
+        } else {
+            None
+        };
+        let log = match &cwd {
+            Some(dir) => dir.join("executor.log"),
+            None => self.dir.join(format!("{serial}.log")),
+        };
         let spawn = ExecutorSpawn {
             program,
             args,
+            env,
+            cwd,
+            fetch,
+            fetcher: self.fetcher.clone(),
+            user,
             log,
             listener,
             socket,
             cgroup: cgroup.clone(),
-            framework_id: fw.clone(),
+            exec: exec.clone(),
             serial,
             manager: self.tx.clone(),
         };
         tokio::spawn(spawn.run());
         self.executors.insert(
-            fw.clone(),
+            exec.clone(),
             Executor {
                 serial,
+                kind,
                 pid: None,
                 to_executor: None,
                 queued: Vec::new(),
@@ -809,6 +1179,7 @@ impl Manager {
                 cgroup,
                 resize: false,
                 idle_since: None,
+                shutdown_requested: false,
             },
         );
         Ok(())
@@ -818,21 +1189,26 @@ impl Manager {
 /// Removes `fw`'s executor if it is still the one numbered `serial` (a newer one may have
 /// replaced it since).
 fn remove_if_serial(
-    executors: &mut HashMap<FrameworkId, Executor>,
-    fw: &FrameworkId,
+    executors: &mut HashMap<ExecKey, Executor>,
+    exec: &ExecKey,
     serial: u64,
 ) -> Option<Executor> {
-    if executors.get(fw).is_some_and(|e| e.serial == serial) {
-        executors.remove(fw)
+    if executors.get(exec).is_some_and(|e| e.serial == serial) {
+        executors.remove(exec)
     } else {
         None
     }
 }
 
-/// The executor's share: its tasks plus its own overhead.
-fn executor_resources<'a>(tasks: impl Iterator<Item = &'a Resources>) -> Resources {
-    let mut sum =
-        Resources { cpus: EXECUTOR_OVERHEAD_CPU, mem: EXECUTOR_OVERHEAD_MEM, ..Resources::default() };
+/// The executor's share: its tasks plus its own (the Wasm runtime's overhead, or what a
+/// framework's executor asked for).
+fn executor_resources<'a>(kind: &ExecKind, tasks: impl Iterator<Item = &'a Resources>) -> Resources {
+    let mut sum = match kind {
+        ExecKind::Custom { info, .. } => {
+            Resources { cpus: info.resources.cpus, mem: info.resources.mem, ..Resources::default() }
+        }
+        _ => Resources { cpus: EXECUTOR_OVERHEAD_CPU, mem: EXECUTOR_OVERHEAD_MEM, ..Resources::default() },
+    };
     for r in tasks {
         sum.cpus += r.cpus;
         sum.mem += r.mem;
@@ -874,11 +1250,19 @@ async fn sleep_until_opt(t: Option<Instant>) {
 struct ExecutorSpawn {
     program: PathBuf,
     args: Vec<String>,
+    /// Extra environment (the `AGORA_EXECUTOR_*` variables, a framework executor's own).
+    env: Vec<(String, String)>,
+    /// A framework executor's sandbox: created for the task user, the fetched files put there,
+    /// the working directory. `None` for the built-in executors.
+    cwd: Option<PathBuf>,
+    fetch: Vec<FetchInfo>,
+    fetcher: Arc<Fetcher>,
+    user: Option<crate::user::TaskUser>,
     log: PathBuf,
     listener: UnixListener,
     socket: PathBuf,
     cgroup: Option<Arc<Mutex<Cgroup>>>,
-    framework_id: FrameworkId,
+    exec: ExecKey,
     serial: u64,
     manager: mpsc::UnboundedSender<ManagerCmd>,
 }
@@ -891,28 +1275,55 @@ impl ExecutorSpawn {
         let _ = std::fs::remove_file(&self.socket);
         let tail = log_tail(&self.log);
         let why = if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
-        let _ = self.manager.send(ManagerCmd::Gone {
-            framework_id: self.framework_id.clone(),
-            serial: self.serial,
-            why,
-        });
+        let _ = self.manager.send(ManagerCmd::Gone { exec: self.exec.clone(), serial: self.serial, why });
     }
 
     /// Returns why the executor ended.
     async fn serve(&self) -> Result<String, String> {
-        let log = std::fs::File::create(&self.log)
-            .map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
+        if let Some(dir) = &self.cwd {
+            crate::sandbox::create_sandbox(dir, self.user)
+                .map_err(|e| format!("cannot create the executor's sandbox {}: {e}", dir.display()))?;
+            for f in &self.fetch {
+                place_fetched(&self.fetcher, f, dir, self.user)
+                    .await
+                    .map_err(|e| format!("{REASON_FETCH_FAILED}: {e}"))?;
+            }
+        }
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&self.log)
+        }
+        .map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
         let gated = self.cgroup.is_some();
         let mut cmd = if gated {
             tokio::process::Command::from(crate::cgroups::gated_command(&self.program))
         } else {
             tokio::process::Command::new(&self.program)
         };
+        if self.cwd.is_some() {
+            // A framework's executor gets only what it is given.
+            cmd.env_clear();
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(if gated { Stdio::piped() } else { Stdio::null() })
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .kill_on_drop(true);
+        // The command executor stays the agent's user (it creates cgroups and switches users
+        // for its tasks); the Wasm executor and a framework's own run as the task user.
+        let user =
+            if self.args.first().map(String::as_str) == Some("executor-command") { None } else { self.user };
+        if let Some(u) = user {
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| crate::user::no_new_privs_in_child());
+        }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
         let pid = child.id().unwrap_or(0);
         if let (Some(group), Some(mut gate)) = (&self.cgroup, child.stdin.take()) {
@@ -931,7 +1342,17 @@ impl ExecutorSpawn {
             }
         };
         let (stream, _) = match accepted {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                // Only the process the agent started may speak for the executor.
+                let peer = s.0.peer_cred().ok().and_then(|c| c.pid());
+                if peer.is_some_and(|p| p.unsigned_abs() != pid) {
+                    let _ = child.start_kill();
+                    return Err(format!(
+                        "a process other than the executor ({peer:?}) connected to its socket"
+                    ));
+                }
+                s
+            }
             Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
             Err(_) => {
                 let _ = child.start_kill();
@@ -958,15 +1379,20 @@ impl ExecutorSpawn {
         };
         writer
             .send(&AgentToExecutor::Welcome {
-                framework_id: self.framework_id.clone(),
-                agent_id: None,
-                executor_id: agora_sdk::proto::WASM_EXECUTOR_ID.into(),
+                framework_id: self.exec.0.clone(),
+                agent_id: self
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == ENV_AGENT_ID)
+                    .map(|(_, v)| AgentId::new(v.clone()))
+                    .filter(|a| !a.as_str().is_empty()),
+                executor_id: self.exec.1.to_string(),
             })
             .await
             .map_err(|e| format!("cannot welcome the executor: {e}"))?;
         let (tx, mut rx) = mpsc::unbounded_channel::<AgentToExecutor>();
         let _ = self.manager.send(ManagerCmd::Started {
-            framework_id: self.framework_id.clone(),
+            exec: self.exec.clone(),
             serial: self.serial,
             pid: if exec_pid != 0 { exec_pid } else { pid },
             to_executor: tx,
@@ -984,7 +1410,7 @@ impl ExecutorSpawn {
                 if !unsendable.is_empty() {
                     let updates = unsendable.drain(..).map(launch_too_large).collect();
                     let _ = self.manager.send(ManagerCmd::Updates {
-                        framework_id: self.framework_id.clone(),
+                        exec: self.exec.clone(),
                         serial: self.serial,
                         updates,
                     });
@@ -1000,12 +1426,26 @@ impl ExecutorSpawn {
                 match reader.recv::<ExecutorMessage>().await {
                     Ok(Some(ExecutorMessage::Updates(updates))) => {
                         let _ = self.manager.send(ManagerCmd::Updates {
-                            framework_id: self.framework_id.clone(),
+                            exec: self.exec.clone(),
                             serial: self.serial,
                             updates,
                         });
                     }
-                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the wasm executor"),
+                    Ok(Some(ExecutorMessage::FrameworkMessage(data))) => {
+                        if data.len() > agora_sdk::proto::MAX_FRAMEWORK_MESSAGE {
+                            tracing::warn!(framework_id = %self.exec.0, executor_id = %self.exec.1, bytes = data.len(),
+                                "dropping an executor's framework message larger than the limit");
+                        } else {
+                            let _ = self.manager.send(ManagerCmd::FromExecutor {
+                                exec: self.exec.clone(),
+                                serial: self.serial,
+                                data,
+                            });
+                        }
+                    }
+                    Ok(Some(ExecutorMessage::Hello { .. })) => {
+                        tracing::warn!(executor_id = %self.exec.1, "unexpected second hello from an executor")
+                    }
                     Ok(None) => return "the executor closed its socket".to_string(),
                     Err(e) => return format!("executor socket: {e}"),
                 }
@@ -1026,7 +1466,8 @@ impl ExecutorSpawn {
             }
         };
         // The socket is closed or broken: the executor exits by itself; make sure of it.
-        let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        // (The command executor first kills its tasks, each within its grace period.)
+        let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
             Ok(s) => describe(s),
             Err(_) => {
                 let _ = child.start_kill();
@@ -1050,11 +1491,21 @@ async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
             let tail = list.split_off(list.len() / 2);
             Ok((AgentToExecutor::Launch(list), AgentToExecutor::Launch(tail)))
         }
+        AgentToExecutor::LaunchCommands(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::LaunchCommands(list), AgentToExecutor::LaunchCommands(tail)))
+        }
+        AgentToExecutor::LaunchTasks(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::LaunchTasks(list), AgentToExecutor::LaunchTasks(tail)))
+        }
         other => Err(other),
     };
     for msg in writer.feed_splitting(msg, halve).await? {
         match msg {
             AgentToExecutor::Launch(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            AgentToExecutor::LaunchCommands(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            AgentToExecutor::LaunchTasks(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
             _ => return Err(FrameError::TooLarge { max: MAX_FRAME }),
         }
     }
@@ -1100,6 +1551,92 @@ fn log_tail(path: &Path) -> String {
     text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
 }
 
+/// Copies fetched artifact `f` from the agent's cache into `sandbox`, hashing the bytes on the
+/// way: a copy whose sha256 is not the digest asked for is removed and refused (a corrupted or
+/// tampered cache never reaches an executor). The file is the task user's, 0755 or 0644.
+async fn place_fetched(
+    fetcher: &Fetcher,
+    f: &FetchInfo,
+    sandbox: &Path,
+    user: Option<crate::user::TaskUser>,
+) -> Result<(), String> {
+    let cached = fetcher.get(&f.artifact.digest).await?;
+    let rel = relative_path(&f.path)?;
+    let dest = sandbox.join(rel);
+    let (digest, want, mode) =
+        (f.artifact.digest.clone(), dest.clone(), if f.executable { 0o755 } else { 0o644 });
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        use sha2::Digest as _;
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = want.parent() {
+            crate::sandbox::create_sandbox(parent, user)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let mut src =
+            std::fs::File::open(&cached).map_err(|e| format!("cannot open {}: {e}", cached.display()))?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&want)
+            .map_err(|e| format!("cannot create {}: {e}", want.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = src.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", cached.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| format!("cannot write {}: {e}", want.display()))?;
+        }
+        let got = Digest::from_hasher(hasher);
+        if got != digest {
+            drop(out);
+            let _ = std::fs::remove_file(&want);
+            return Err(format!(
+                "artifact {digest} for `{}` does not match its digest (got {got}): refused",
+                want.display()
+            ));
+        }
+        if let Some(u) = user {
+            u.chown(&want).map_err(|e| format!("cannot hand {} to the task user: {e}", want.display()))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    tracing::info!(digest = %f.artifact.digest, path = %dest.display(), "placed a fetched artifact in an executor's sandbox");
+    Ok(())
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// A path inside a sandbox: relative, without `..`.
+fn relative_path(p: &str) -> Result<PathBuf, String> {
+    let path = Path::new(p);
+    if p.is_empty()
+        || p.contains('\0')
+        || path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+    {
+        return Err(format!("fetch path `{p}` must be relative, without `..`"));
+    }
+    Ok(path.to_path_buf())
+}
+
 /// Whether `task` runs under the Wasm executor.
 pub fn is_wasm(task: &TaskInfo) -> bool {
     matches!(task.kind, TaskKind::Wasm(_))
@@ -1133,6 +1670,7 @@ mod tests {
             run_dir,
             kill_grace: Duration::from_secs(1),
             isolator: Isolator::none(),
+            user: None,
         }
     }
 
@@ -1189,7 +1727,8 @@ mod tests {
         let (conn_tx, conn_rx) = watch::channel(None);
         let config =
             WasmConfig { executor_program: Some(dir.path().join("no-such-agora")), ..WasmConfig::default() };
-        let support = WasmSupport::start(config, dir.path(), Isolator::none(), conn_rx);
+        let (exec_tx, _exec_rx) = mpsc::unbounded_channel();
+        let support = WasmSupport::start(config, dir.path(), Isolator::none(), conn_rx, exec_tx);
         let (events, mut rx) = mpsc::unbounded_channel();
 
         // No connection to the master yet: the fetch waits for one.

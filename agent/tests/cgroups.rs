@@ -69,6 +69,7 @@ impl Runner {
             run_dir: run_dir.clone(),
             kill_grace: Duration::from_millis(200),
             isolator: self.isolator.clone(),
+            user: None,
         };
         self.handles.insert(TaskId::new(id), tasks::launch(spec, self.tx.clone()));
         run_dir

@@ -53,6 +53,10 @@ pub struct AgentCommand {
     /// Maximum number of processes and threads of one task (0: no limit).
     #[arg(long, default_value_t = DEFAULT_MAX_PIDS_PER_TASK)]
     max_pids_per_task: u64,
+    /// The unprivileged user tasks and executors run as (when the agent is root; the agent
+    /// refuses to start if it does not exist).
+    #[arg(long, default_value = agora_agent::user::DEFAULT_TASK_USER)]
+    task_user: String,
 }
 
 impl AgentCommand {
@@ -74,6 +78,7 @@ impl AgentCommand {
                 max_pids_per_task: self.max_pids_per_task,
             },
             wasm: agora_agent::wasm::WasmConfig::default(),
+            task_user: self.task_user.clone(),
         };
         let token = shutdown.clone();
         let mut agent = tokio::spawn(agora_agent::run(config, token));

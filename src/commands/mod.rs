@@ -7,6 +7,7 @@ use clap::Subcommand;
 pub mod agent;
 pub mod demo;
 pub mod dev;
+pub mod executor_command;
 pub mod executor_wasm;
 pub mod kill;
 pub mod list;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Internal: the Wasm executor, started by the agent.
     #[command(hide = true)]
     ExecutorWasm(executor_wasm::ExecutorWasmCommand),
+    /// Internal: the command executor (native tasks), started by the agent.
+    #[command(hide = true)]
+    ExecutorCommand(executor_command::ExecutorCommandCommand),
 }
 
 impl Command {
@@ -65,11 +69,19 @@ impl Command {
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
             Command::ExecutorWasm(c) => c.execute().await,
+            Command::ExecutorCommand(c) => c.execute().await,
         }
     }
 
     fn is_server(&self) -> bool {
-        matches!(self, Command::Dev(_) | Command::Master(_) | Command::Agent(_) | Command::ExecutorWasm(_))
+        matches!(
+            self,
+            Command::Dev(_)
+                | Command::Master(_)
+                | Command::Agent(_)
+                | Command::ExecutorWasm(_)
+                | Command::ExecutorCommand(_)
+        )
     }
 
     /// Worker threads of the async runtime, when the command sets them.

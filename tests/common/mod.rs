@@ -104,6 +104,7 @@ impl TestCluster {
             kill_tasks_on_shutdown: true,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
             wasm,
+            task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -126,6 +127,7 @@ impl TestCluster {
             kill_tasks_on_shutdown: false,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
             wasm: wasm_config(),
+            task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

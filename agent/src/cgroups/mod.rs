@@ -108,7 +108,7 @@ pub enum IsolationMode {
 }
 
 /// `--cpu-limit`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuLimit {
     /// A CFS quota of `cpus` on top of the weight.
     #[default]
@@ -280,6 +280,37 @@ pub trait CgroupManager: Send + Sync + fmt::Debug {
     fn groups(&self) -> Vec<String>;
     /// The agent's root directories.
     fn roots(&self) -> Vec<PathBuf>;
+    /// How to build the same manager in another process (the command executor); `None` for
+    /// managers that only exist in tests.
+    fn spec(&self) -> Option<ManagerSpec> {
+        None
+    }
+}
+
+/// A [`CgroupManager`] described for another process of the agent's (the command executor,
+/// which creates its tasks' groups itself).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ManagerSpec {
+    /// v1: each hierarchy's controllers and the agent's root in it.
+    V1(Vec<(Vec<String>, PathBuf)>),
+    /// v2: the agent's root and the controllers enabled below it.
+    V2 {
+        /// The agent's root group.
+        root: PathBuf,
+        /// Controllers enabled in its `cgroup.subtree_control`.
+        controllers: Vec<String>,
+    },
+}
+
+/// An [`Isolator`] described for another process (see [`Isolator::spec`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IsolationSpec {
+    /// The groups' manager.
+    pub manager: ManagerSpec,
+    /// `--cpu-limit`.
+    pub cpu_limit: CpuLimit,
+    /// `--max-pids-per-task`.
+    pub max_pids: u64,
 }
 
 /// SIGKILLs each pid (gone already is fine).
@@ -384,6 +415,37 @@ impl Isolator {
             }
             Err(reason) => Err(IsolationError::Unavailable { reason }),
         }
+    }
+
+    /// Whether tasks get cgroups.
+    /// The description another process uses to create groups under this isolator's root
+    /// ([`Self::attach`]); `None` without isolation.
+    pub fn spec(&self) -> Option<IsolationSpec> {
+        let active = self.active.as_ref()?;
+        Some(IsolationSpec {
+            manager: active.manager.spec()?,
+            cpu_limit: active.cpu_limit,
+            max_pids: active.max_pids,
+        })
+    }
+
+    /// An isolator over the root another process of the agent set up (no sweeping, no lock,
+    /// nothing removed when it ends): the command executor's.
+    pub fn attach(spec: &IsolationSpec) -> Self {
+        let manager: Arc<dyn CgroupManager> = match &spec.manager {
+            ManagerSpec::V1(hs) => Arc::new(V1Manager::new(
+                hs.iter()
+                    .map(|(controllers, root)| V1Hierarchy {
+                        controllers: controllers.clone(),
+                        root: root.clone(),
+                    })
+                    .collect(),
+            )),
+            ManagerSpec::V2 { root, controllers } => {
+                Arc::new(V2Manager::new(root.clone(), controllers.clone()))
+            }
+        };
+        Self::with_manager(manager, spec.cpu_limit, spec.max_pids)
     }
 
     /// Whether tasks get cgroups.

@@ -159,6 +159,12 @@ impl CgroupManager for V1Manager {
     fn roots(&self) -> Vec<PathBuf> {
         self.hierarchies.iter().map(|h| h.root.clone()).collect()
     }
+
+    fn spec(&self) -> Option<super::ManagerSpec> {
+        Some(super::ManagerSpec::V1(
+            self.hierarchies.iter().map(|h| (h.controllers.clone(), h.root.clone())).collect(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -163,6 +163,10 @@ impl CgroupManager for V2Manager {
     fn roots(&self) -> Vec<PathBuf> {
         vec![self.root.clone()]
     }
+
+    fn spec(&self) -> Option<super::ManagerSpec> {
+        Some(super::ManagerSpec::V2 { root: self.root.clone(), controllers: self.controllers.clone() })
+    }
 }
 
 #[cfg(test)]

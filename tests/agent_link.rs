@@ -1,4 +1,6 @@
 //! End-to-end: a real agent against a tiny fake master (quinn server with the cluster's mTLS).
+//! (Here rather than in the agent crate: its tasks run under `agora executor-command`, the
+//! built binary.)
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -154,7 +156,11 @@ fn config(dir: &Path, master: String) -> AgentConfig {
         kill_grace: Duration::from_secs(3),
         kill_tasks_on_shutdown: true,
         isolation: agora_agent::cgroups::IsolationConfig::default(),
-        wasm: agora_agent::wasm::WasmConfig::default(),
+        wasm: agora_agent::wasm::WasmConfig {
+            executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
+            ..agora_agent::wasm::WasmConfig::default()
+        },
+        task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
     }
 }
 

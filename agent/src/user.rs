@@ -1,0 +1,143 @@
+//! The unprivileged user tasks and executors run as (`agora agent --task-user`, default
+//! `nobody`). An agent running as root never starts a task, a Wasm executor or a framework's
+//! executor as root: they get the task user's uid and gid, no supplementary groups and
+//! `no_new_privs`. An agent that is not root cannot switch users: its tasks run as its own user,
+//! after one warning line.
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Default `--task-user`.
+pub const DEFAULT_TASK_USER: &str = "nobody";
+
+/// A user to run as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUser {
+    /// The user id.
+    pub uid: u32,
+    /// Its primary group id (the only group the task gets).
+    pub gid: u32,
+}
+
+/// Why `--task-user` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    /// No such user on this node.
+    #[error("--task-user `{0}`: no such user on this node (create it, or name another)")]
+    Unknown(String),
+    /// The name names root.
+    #[error("--task-user `{0}` is root (uid 0): tasks never run as root")]
+    Root(String),
+    /// The name cannot be looked up.
+    #[error("--task-user `{name}`: {err}")]
+    Lookup {
+        /// The name.
+        name: String,
+        /// The cause.
+        err: io::Error,
+    },
+}
+
+impl TaskUser {
+    /// Looks `name` up in the user database (a number is taken as a uid).
+    pub fn lookup(name: &str) -> Result<Self, UserError> {
+        let cname = CString::new(name).map_err(|_| UserError::Unknown(name.to_string()))?;
+        let mut buf = vec![0u8; 16 * 1024];
+        // SAFETY: passwd is plain old data; all-zero is a valid value.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer points at live, writable memory of the given size; getpwnam_r
+        // writes the strings it returns into `buf`, which outlives their (unused) use.
+        let rc = unsafe {
+            libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
+        };
+        let user = if rc == 0 && !result.is_null() {
+            Self { uid: pwd.pw_uid, gid: pwd.pw_gid }
+        } else if let Ok(uid) = name.parse::<u32>() {
+            Self { uid, gid: uid }
+        } else if rc != 0 {
+            return Err(UserError::Lookup { name: name.into(), err: io::Error::from_raw_os_error(rc) });
+        } else {
+            return Err(UserError::Unknown(name.to_string()));
+        };
+        if user.uid == 0 {
+            return Err(UserError::Root(name.to_string()));
+        }
+        Ok(user)
+    }
+
+    /// What `--task-user NAME` means for this agent: the user when the agent is root (it must
+    /// exist and must not be root); `None` when the agent is not root, after one warning.
+    pub fn for_agent(name: &str) -> Result<Option<Self>, UserError> {
+        if !is_root() {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            tracing::warn!(
+                task_user = name,
+                uid,
+                "the agent is not running as root: tasks and executors run as the agent's own user \
+                 (uid {uid}), not as --task-user, and nothing of the agent's is closed to them"
+            );
+            return Ok(None);
+        }
+        Self::lookup(name).map(Some)
+    }
+
+    /// Gives `path` to this user (and its group).
+    pub fn chown(&self, path: &Path) -> io::Result<()> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+    }
+
+    /// Drops to this user in a freshly forked child, before `exec`: no supplementary groups,
+    /// then the group, then the user. Async-signal-safe (system calls only).
+    ///
+    /// # Safety
+    /// Only call between `fork` and `exec` (e.g. from `CommandExt::pre_exec`).
+    pub unsafe fn switch_in_child(&self) -> io::Result<()> {
+        // SAFETY: plain system calls on integers; a null list with length 0 clears the groups.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(self.gid) != 0
+                || libc::setuid(self.uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `no_new_privs` in a freshly forked child: neither it nor anything it executes can gain
+/// privileges (set-uid binaries, file capabilities).
+///
+/// # Safety
+/// Only call between `fork` and `exec`.
+pub unsafe fn no_new_privs_in_child() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup() {
+        assert!(matches!(TaskUser::lookup("root"), Err(UserError::Root(_))));
+        assert!(matches!(TaskUser::lookup("no-such-user-agora"), Err(UserError::Unknown(_))));
+        assert!(matches!(TaskUser::lookup("0"), Err(UserError::Root(_))));
+        assert_eq!(TaskUser::lookup("4242").ok(), Some(TaskUser { uid: 4242, gid: 4242 }));
+    }
+}
