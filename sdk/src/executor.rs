@@ -577,3 +577,534 @@ fn message_name(m: &AgentToExecutor) -> &'static str {
         AgentToExecutor::Shutdown => "Shutdown",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use tokio::net::unix::OwnedReadHalf;
+    use tokio::net::UnixListener;
+
+    use super::*;
+    use crate::proto::{CommandInfo, ErrorCode, ExecutorInfo, ExecutorTask, TaskKind};
+    use crate::Resources;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The echo executor of `examples/echo_executor.rs`, with what happened to it recorded.
+    #[derive(Default)]
+    struct Echo {
+        count: u64,
+        me: Option<ExecutorRegistration>,
+        sleeping: HashMap<TaskId, u64>,
+        shutdowns: usize,
+        /// Send this many extra RUNNING updates per task (to make bursts).
+        chatter: usize,
+    }
+
+    impl Executor for Echo {
+        async fn registered(&mut self, _driver: &ExecutorDriver, info: &ExecutorRegistration) {
+            self.me = Some(info.clone());
+        }
+
+        async fn launch_task(&mut self, driver: &ExecutorDriver, task: TaskInfo) {
+            self.count += 1;
+            let n = self.count;
+            let id = task.task_id.clone();
+            let pid = std::process::id();
+            let running = format!("pid={pid} count={n}");
+            driver.send_status_update(id.clone(), TaskState::Running, "task started", running).await.unwrap();
+            for _ in 0..self.chatter {
+                driver.send_status_update(id.clone(), TaskState::Running, "still", "").await.unwrap();
+            }
+            let data = match &task.kind {
+                TaskKind::Executor(t) => String::from_utf8_lossy(&t.data).into_owned(),
+                _ => String::new(),
+            };
+            if data == "sleep" {
+                self.sleeping.insert(id, n);
+            } else {
+                driver
+                    .send_status_update(id, TaskState::Finished, "done", format!("count={n}"))
+                    .await
+                    .unwrap();
+            }
+        }
+
+        async fn kill_task(&mut self, driver: &ExecutorDriver, task_id: &TaskId) {
+            if let Some(n) = self.sleeping.remove(task_id) {
+                let msg = format!("count={n}");
+                driver.send_status_update(task_id.clone(), TaskState::Killed, "killed", msg).await.unwrap();
+            }
+        }
+
+        async fn framework_message(&mut self, driver: &ExecutorDriver, data: &[u8]) {
+            let me = self.me.as_ref().map(|m| m.executor_id.to_string()).unwrap_or_default();
+            let reply = format!("pong {me} tasks={} ({} bytes)", self.count, data.len());
+            driver.send_framework_message(reply.into_bytes()).await.unwrap();
+        }
+
+        async fn shutdown(&mut self, driver: &ExecutorDriver) {
+            self.shutdowns += 1;
+            for (id, n) in std::mem::take(&mut self.sleeping) {
+                let msg = format!("count={n}");
+                driver.send_status_update(id, TaskState::Killed, "executor shut down", msg).await.unwrap();
+            }
+        }
+    }
+
+    /// A fake agent: listens on a socket in a temporary directory.
+    struct FakeAgent {
+        dir: tempfile::TempDir,
+        listener: UnixListener,
+    }
+
+    /// One executor's connection to the fake agent, after its `Hello`.
+    struct Conn {
+        reader: FrameReader<OwnedReadHalf>,
+        writer: FrameWriter<OwnedWriteHalf>,
+        hello: ExecutorMessage,
+    }
+
+    impl FakeAgent {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let listener = UnixListener::bind(dir.path().join("executor.sock")).unwrap();
+            FakeAgent { dir, listener }
+        }
+
+        fn env(&self) -> ExecutorEnv {
+            ExecutorEnv {
+                socket: self.dir.path().join("executor.sock"),
+                executor_id: "echo".into(),
+                framework_id: FrameworkId::new("fw-1"),
+                agent_id: Some(AgentId::new("agent-env")),
+                sandbox: self.dir.path().to_path_buf(),
+                handshake_timeout: WAIT,
+            }
+        }
+
+        async fn accept(&self) -> Conn {
+            let (stream, _) = tokio::time::timeout(WAIT, self.listener.accept()).await.unwrap().unwrap();
+            let (read, write) = stream.into_split();
+            let mut reader = FrameReader::new(read);
+            let writer = FrameWriter::new(write);
+            let hello = tokio::time::timeout(WAIT, reader.recv()).await.unwrap().unwrap().unwrap();
+            Conn { reader, writer, hello }
+        }
+
+        /// Accepts and welcomes an executor.
+        async fn welcomed(&self) -> Conn {
+            let mut conn = self.accept().await;
+            conn.send(AgentToExecutor::Welcome {
+                framework_id: FrameworkId::new("fw-1"),
+                agent_id: Some(AgentId::new("agent-1")),
+                executor_id: "echo".into(),
+            })
+            .await;
+            conn
+        }
+    }
+
+    impl Conn {
+        async fn send(&mut self, m: AgentToExecutor) {
+            self.writer.send(&m).await.unwrap();
+        }
+
+        /// The next frame (`None` at end of stream).
+        async fn next(&mut self) -> Option<ExecutorMessage> {
+            tokio::time::timeout(WAIT, self.reader.recv()).await.expect("no frame from the executor").unwrap()
+        }
+
+        /// The next `n` updates, and how many frames they came in.
+        async fn updates(&mut self, n: usize) -> (Vec<ExecutorUpdate>, usize) {
+            let (mut got, mut frames) = (Vec::new(), 0);
+            while got.len() < n {
+                match self.next().await {
+                    Some(ExecutorMessage::Updates(u)) => {
+                        frames += 1;
+                        got.extend(u)
+                    }
+                    other => panic!("expected updates, got {other:?}"),
+                }
+            }
+            assert_eq!(got.len(), n, "more updates than expected: {got:?}");
+            (got, frames)
+        }
+    }
+
+    fn task(id: &str, data: &str) -> TaskInfo {
+        TaskInfo {
+            task_id: TaskId::new(id),
+            name: id.into(),
+            resources: Resources::parse("cpus:0.1;mem:16MiB").unwrap(),
+            kind: TaskKind::Executor(Box::new(ExecutorTask {
+                executor: ExecutorInfo {
+                    executor_id: ExecutorId::new("echo"),
+                    name: "echo".into(),
+                    command: CommandInfo { argv: vec!["./echo_executor".into()], shell: false, env: vec![] },
+                    resources: Resources::parse("cpus:0.1;mem:32MiB").unwrap(),
+                    fetch: vec![],
+                },
+                data: data.as_bytes().to_vec(),
+            })),
+            kill_grace: None,
+        }
+    }
+
+    fn spawn_echo(env: ExecutorEnv, echo: Echo) -> JoinHandle<(Result<(), ExecutorError>, Echo)> {
+        tokio::spawn(async move {
+            let mut echo = echo;
+            let r = run_with(&mut echo, env).await;
+            (r, echo)
+        })
+    }
+
+    async fn joined(h: JoinHandle<(Result<(), ExecutorError>, Echo)>) -> (Result<(), ExecutorError>, Echo) {
+        tokio::time::timeout(WAIT, h).await.expect("run did not return").unwrap()
+    }
+
+    fn states(updates: &[ExecutorUpdate]) -> Vec<(&str, TaskState, &str)> {
+        updates.iter().map(|u| (u.task_id.as_str(), u.state, u.message.as_str())).collect()
+    }
+
+    #[tokio::test]
+    async fn handshake_says_hello_and_registers_with_the_welcome() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        assert_eq!(
+            conn.hello,
+            ExecutorMessage::Hello {
+                version: EXECUTOR_PROTOCOL_VERSION,
+                executor_id: "echo".into(),
+                pid: std::process::id()
+            }
+        );
+        conn.send(AgentToExecutor::Shutdown).await;
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!(
+            echo.me,
+            Some(ExecutorRegistration {
+                framework_id: FrameworkId::new("fw-1"),
+                executor_id: ExecutorId::new("echo"),
+                agent_id: Some(AgentId::new("agent-1")),
+                sandbox: agent.dir.path().to_path_buf(),
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn launched_tasks_report_running_then_finished_in_order() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("a", ""), task("b", "anything")])).await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("c", "")])).await;
+        let (got, _) = conn.updates(6).await;
+        let pid = std::process::id();
+        let (r1, r2, r3) =
+            (format!("pid={pid} count=1"), format!("pid={pid} count=2"), format!("pid={pid} count=3"));
+        assert_eq!(
+            states(&got),
+            [
+                ("a", TaskState::Running, r1.as_str()),
+                ("a", TaskState::Finished, "count=1"),
+                ("b", TaskState::Running, r2.as_str()),
+                ("b", TaskState::Finished, "count=2"),
+                ("c", TaskState::Running, r3.as_str()),
+                ("c", TaskState::Finished, "count=3"),
+            ]
+        );
+        assert!(got
+            .iter()
+            .all(|u| u.exit_code.is_none() && u.signal.is_none() && u.pid.is_none() && u.usage.is_none()));
+        assert_eq!(got[1].reason, "done");
+        drop(conn);
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!(echo.count, 3);
+    }
+
+    #[tokio::test]
+    async fn kill_ends_a_running_task_killed() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s", "sleep")])).await;
+        let (got, _) = conn.updates(1).await;
+        assert_eq!(got[0].state, TaskState::Running);
+        // A kill of a task the executor does not run is ignored by the echo executor.
+        conn.send(AgentToExecutor::Kill { task_id: TaskId::new("unknown") }).await;
+        conn.send(AgentToExecutor::Kill { task_id: TaskId::new("s") }).await;
+        let (got, _) = conn.updates(1).await;
+        assert_eq!(states(&got), [("s", TaskState::Killed, "count=1")]);
+        conn.send(AgentToExecutor::Shutdown).await;
+        assert_eq!(conn.next().await, None, "nothing after the shutdown: the task had ended");
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!(echo.shutdowns, 1);
+    }
+
+    #[tokio::test]
+    async fn framework_messages_go_both_ways() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("a", "")])).await;
+        conn.send(AgentToExecutor::FrameworkMessage(b"ping".to_vec())).await;
+        let (got, _) = conn.updates(2).await;
+        assert_eq!(got[1].state, TaskState::Finished);
+        assert_eq!(
+            conn.next().await,
+            Some(ExecutorMessage::FrameworkMessage(b"pong echo tasks=1 (4 bytes)".to_vec()))
+        );
+        // The largest message the protocol allows goes through.
+        conn.send(AgentToExecutor::FrameworkMessage(vec![b'x'; MAX_FRAMEWORK_MESSAGE])).await;
+        let reply = format!("pong echo tasks=1 ({MAX_FRAMEWORK_MESSAGE} bytes)").into_bytes();
+        assert_eq!(conn.next().await, Some(ExecutorMessage::FrameworkMessage(reply)));
+        drop(conn);
+        joined(run).await.0.unwrap();
+    }
+
+    #[tokio::test]
+    async fn driver_refuses_oversized_messages_and_states_executors_cannot_report() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let driver = ExecutorDriver { tx, stop: CancellationToken::new() };
+        let err = driver.send_framework_message(vec![0; MAX_FRAMEWORK_MESSAGE + 1]).await.unwrap_err();
+        assert_eq!(err, DriverError::MessageTooLarge(MessageTooLarge { size: MAX_FRAMEWORK_MESSAGE + 1 }));
+        assert!(err.to_string().contains("larger than the limit"), "{err}");
+        driver.send_framework_message(vec![0; MAX_FRAMEWORK_MESSAGE]).await.unwrap();
+        for state in TaskState::ALL {
+            let r = driver.send_status_update(TaskId::new("t"), state, "r", "m").await;
+            use TaskState::*;
+            if matches!(state, Starting | Running | Finished | Failed | Killed | Error) {
+                r.unwrap();
+            } else {
+                assert_eq!(r, Err(DriverError::InvalidState(state)));
+            }
+            while rx.try_recv().is_ok() {}
+        }
+        // Long texts are cut as the agent would, at a character boundary.
+        let long = "é".repeat(MAX_MESSAGE_LEN);
+        driver.send_status_update(TaskId::new("t"), TaskState::Failed, long.clone(), long).await.unwrap();
+        match rx.recv().await {
+            Some(Outgoing::Update(u)) => {
+                assert_eq!(u.reason.len(), MAX_REASON_LEN);
+                assert_eq!(u.message.len(), MAX_MESSAGE_LEN);
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(rx);
+        assert_eq!(driver.send_framework_message(vec![1]).await, Err(DriverError::Stopped));
+    }
+
+    #[tokio::test]
+    async fn refused_by_the_agent_is_an_error() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.accept().await;
+        conn.send(AgentToExecutor::refused("no executor `echo` expected")).await;
+        let (r, echo) = joined(run).await;
+        match r {
+            Err(ExecutorError::Refused(e)) => {
+                assert_eq!(e.code, ErrorCode::Invalid);
+                assert_eq!(e.message, "no executor `echo` expected");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(echo.me.is_none(), "not registered");
+        assert_eq!(echo.shutdowns, 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_calls_the_callback_sends_its_updates_then_run_returns() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s1", "sleep"), task("s2", "sleep")])).await;
+        conn.updates(2).await;
+        conn.send(AgentToExecutor::Shutdown).await;
+        let (mut got, _) = conn.updates(2).await;
+        got.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        assert_eq!(
+            states(&got),
+            [("s1", TaskState::Killed, "count=1"), ("s2", TaskState::Killed, "count=2")]
+        );
+        assert_eq!(got[0].reason, "executor shut down");
+        assert_eq!(conn.next().await, None, "the executor closes its socket");
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!(echo.shutdowns, 1);
+    }
+
+    #[tokio::test]
+    async fn socket_eof_calls_shutdown_and_run_returns_ok() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let conn = agent.welcomed().await;
+        drop(conn);
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!(echo.shutdowns, 1);
+        assert!(echo.me.is_some());
+    }
+
+    #[tokio::test]
+    async fn messages_for_other_executor_kinds_are_protocol_errors() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchCommands(vec![])).await;
+        match joined(run).await.0 {
+            Err(ExecutorError::Unexpected { got: "LaunchCommands", when: "after Welcome" }) => {}
+            other => panic!("{other:?}"),
+        }
+
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::Launch(vec![])).await;
+        let err = joined(run).await.0.unwrap_err();
+        assert_eq!(err.to_string(), "unexpected `Launch` from the agent after Welcome");
+
+        // Anything but Welcome or Refused first.
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.accept().await;
+        conn.send(AgentToExecutor::Shutdown).await;
+        assert!(matches!(
+            joined(run).await.0,
+            Err(ExecutorError::Unexpected { got: "Shutdown", when: "before Welcome" })
+        ));
+
+        // Garbage.
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.writer.send(&(u32::MAX, "not a message")).await.unwrap();
+        assert!(matches!(joined(run).await.0, Err(ExecutorError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn stop_from_a_spawned_task_ends_run() {
+        struct Stopper;
+        impl Executor for Stopper {
+            async fn launch_task(&mut self, driver: &ExecutorDriver, task: TaskInfo) {
+                let driver = driver.clone();
+                tokio::spawn(async move {
+                    driver.send_status_update(task.task_id, TaskState::Finished, "done", "").await.unwrap();
+                    driver.stop();
+                });
+            }
+            async fn kill_task(&mut self, _driver: &ExecutorDriver, _task_id: &TaskId) {}
+            async fn shutdown(&mut self, _driver: &ExecutorDriver) {
+                panic!("stop does not call shutdown");
+            }
+        }
+        let agent = FakeAgent::new();
+        let env = agent.env();
+        let run = tokio::spawn(async move { run_with(&mut Stopper, env).await });
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("a", "")])).await;
+        let (got, _) = conn.updates(1).await;
+        assert_eq!(got[0].state, TaskState::Finished);
+        assert_eq!(conn.next().await, None);
+        tokio::time::timeout(WAIT, run).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bursts_of_updates_are_batched_in_few_frames_in_order() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo { chatter: 3, ..Echo::default() });
+        let mut conn = agent.welcomed().await;
+        let n = 2000;
+        let tasks: Vec<TaskInfo> = (0..n).map(|i| task(&format!("t{i}"), "")).collect();
+        conn.send(AgentToExecutor::LaunchTasks(tasks)).await;
+        let (got, frames) = conn.updates(n * 5).await;
+        assert!(frames < n, "{frames} frames for {} updates", got.len());
+        for (i, chunk) in got.chunks(5).enumerate() {
+            let id = format!("t{i}");
+            assert!(chunk.iter().all(|u| u.task_id.as_str() == id), "{chunk:?}");
+            assert_eq!(chunk[0].message, format!("pid={} count={}", std::process::id(), i + 1));
+            assert_eq!(chunk[4].state, TaskState::Finished);
+        }
+        drop(conn);
+        joined(run).await.0.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_or_no_agent_is_an_error() {
+        let agent = FakeAgent::new();
+        let mut env = agent.env();
+        env.handshake_timeout = Duration::from_millis(200);
+        let run = spawn_echo(env.clone(), Echo::default());
+        let _conn = agent.accept().await; // never answers
+        match joined(run).await.0 {
+            Err(ExecutorError::HandshakeTimeout(d)) => assert_eq!(d, Duration::from_millis(200)),
+            other => panic!("{other:?}"),
+        }
+
+        // The agent closes before answering.
+        let run = spawn_echo(env.clone(), Echo::default());
+        drop(agent.accept().await);
+        assert!(matches!(joined(run).await.0, Err(ExecutorError::NoWelcome)));
+
+        env.socket = agent.dir.path().join("nobody.sock");
+        let err = run_with(&mut Echo::default(), env).await.unwrap_err();
+        assert!(matches!(err, ExecutorError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("nobody.sock"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_empty_environment_variables_are_named() {
+        let full = |name: &str| -> Option<OsString> {
+            Some(
+                match name {
+                    ENV_SOCKET => "/run/agent.sock",
+                    ENV_EXECUTOR_ID => "echo",
+                    ENV_FRAMEWORK_ID => "fw",
+                    ENV_AGENT_ID => "ag",
+                    ENV_SANDBOX => "/sandbox",
+                    _ => return None,
+                }
+                .into(),
+            )
+        };
+        let env = ExecutorEnv::from_vars(full).unwrap();
+        assert_eq!(env.socket, Path::new("/run/agent.sock"));
+        assert_eq!(env.executor_id, "echo");
+        assert_eq!(env.framework_id, FrameworkId::new("fw"));
+        assert_eq!(env.agent_id, Some(AgentId::new("ag")));
+        assert_eq!(env.sandbox, Path::new("/sandbox"));
+        assert_eq!(env.handshake_timeout, HANDSHAKE_TIMEOUT);
+
+        for missing in [ENV_SOCKET, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_AGENT_ID, ENV_SANDBOX] {
+            let err = ExecutorEnv::from_vars(|n| if n == missing { None } else { full(n) }).unwrap_err();
+            assert!(matches!(err, ExecutorError::MissingEnv { name } if name == missing), "{err}");
+            assert!(err.to_string().contains(missing), "{err}");
+        }
+        let err =
+            ExecutorEnv::from_vars(|n| if n == ENV_SOCKET { Some("".into()) } else { full(n) }).unwrap_err();
+        assert_eq!(err.to_string(), format!("environment variable {ENV_SOCKET} is empty"));
+        // An agent without an id yet sets it empty.
+        let env =
+            ExecutorEnv::from_vars(|n| if n == ENV_AGENT_ID { Some("".into()) } else { full(n) }).unwrap();
+        assert_eq!(env.agent_id, None);
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let err = ExecutorEnv::from_vars(|n| {
+                if n == ENV_EXECUTOR_ID {
+                    Some(OsString::from_vec(vec![0xff]))
+                } else {
+                    full(n)
+                }
+            })
+            .unwrap_err();
+            assert!(matches!(err, ExecutorError::InvalidEnv { name: ENV_EXECUTOR_ID, .. }), "{err}");
+        }
+        // The process's own environment has none of them under `cargo test`.
+        if std::env::var_os(ENV_SOCKET).is_none() {
+            assert!(matches!(ExecutorEnv::from_env(), Err(ExecutorError::MissingEnv { name: ENV_SOCKET })));
+        }
+    }
+}
