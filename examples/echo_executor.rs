@@ -32,7 +32,13 @@ struct Echo {
 
 impl Echo {
     /// Sends an update; a failure only means the agent is gone (it then fails the task itself).
-    async fn update(driver: &ExecutorDriver, task_id: TaskId, state: TaskState, reason: &str, message: String) {
+    async fn update(
+        driver: &ExecutorDriver,
+        task_id: TaskId,
+        state: TaskState,
+        reason: &str,
+        message: String,
+    ) {
         if let Err(e) = driver.send_status_update(task_id.clone(), state, reason, message).await {
             eprintln!("echo_executor: cannot report {task_id} {state}: {e}");
         }
