@@ -1055,6 +1055,62 @@ mod tests {
         assert!(err.to_string().contains("nobody.sock"), "{err}");
     }
 
+    /// The `echo_executor` example's binary against the fake agent (its path in
+    /// `AGORA_TEST_ECHO_EXECUTOR`, e.g. `target/debug/examples/echo_executor` after
+    /// `cargo build --examples`).
+    #[tokio::test]
+    #[ignore = "needs AGORA_TEST_ECHO_EXECUTOR=<path of the built echo_executor example>"]
+    async fn echo_executor_example_against_the_fake_agent() {
+        let Some(bin) = std::env::var_os("AGORA_TEST_ECHO_EXECUTOR") else {
+            panic!("set AGORA_TEST_ECHO_EXECUTOR to the echo_executor binary");
+        };
+        let agent = FakeAgent::new();
+        let spawn = || {
+            let env = agent.env();
+            tokio::process::Command::new(&bin)
+                .env(ENV_SOCKET, &env.socket)
+                .env(ENV_EXECUTOR_ID, "echo")
+                .env(ENV_FRAMEWORK_ID, "fw-1")
+                .env(ENV_AGENT_ID, "agent-1")
+                .env(ENV_SANDBOX, &env.sandbox)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn();
+        let mut conn = agent.welcomed().await;
+        let pid = child.id().unwrap();
+        assert!(matches!(conn.hello, ExecutorMessage::Hello { pid: p, .. } if p == pid), "{:?}", conn.hello);
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("a", ""), task("b", "sleep")])).await;
+        let (got, _) = conn.updates(3).await;
+        let (r1, r2) = (format!("pid={pid} count=1"), format!("pid={pid} count=2"));
+        assert_eq!(
+            states(&got),
+            [
+                ("a", TaskState::Running, r1.as_str()),
+                ("a", TaskState::Finished, "count=1"),
+                ("b", TaskState::Running, r2.as_str()),
+            ]
+        );
+        conn.send(AgentToExecutor::FrameworkMessage(b"ping".to_vec())).await;
+        assert_eq!(conn.next().await, Some(ExecutorMessage::FrameworkMessage(b"pong echo tasks=2".to_vec())));
+        conn.send(AgentToExecutor::Kill { task_id: TaskId::new("b") }).await;
+        assert_eq!(states(&conn.updates(1).await.0), [("b", TaskState::Killed, "count=2")]);
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("c", "crash")])).await;
+        let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+        assert_eq!(status.code(), Some(3));
+
+        // Shut down by the agent: exits 0, its sleeping task reported KILLED first.
+        let mut child = spawn();
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s", "sleep")])).await;
+        conn.updates(1).await;
+        conn.send(AgentToExecutor::Shutdown).await;
+        assert_eq!(states(&conn.updates(1).await.0), [("s", TaskState::Killed, "count=1")]);
+        let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+
     #[test]
     fn missing_or_empty_environment_variables_are_named() {
         let full = |name: &str| -> Option<OsString> {
