@@ -130,7 +130,10 @@ async fn one_executor_holds_many_tasks_and_exits_when_idle() {
 fn common_task_dir(c: &TestCluster, task: &str) -> std::path::PathBuf {
     let fws = c.agent_dir(0).join("frameworks");
     let fw = std::fs::read_dir(&fws).expect("frameworks").flatten().next().expect("one framework").path();
-    fw.join("executors").join(task)
+    // Wasm tasks live in their framework's Wasm executor's run: executors/agora-wasm/runs/<run>/tasks.
+    let runs = fw.join("executors").join("agora-wasm").join("runs");
+    let run = std::fs::read_dir(&runs).expect("runs").flatten().next().expect("one run").path();
+    run.join("tasks").join(task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

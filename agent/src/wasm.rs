@@ -691,6 +691,9 @@ struct Manager {
     agent_id: Arc<Mutex<Option<AgentId>>>,
     exec_events: mpsc::UnboundedSender<ExecutorEvent>,
     executors: HashMap<ExecKey, Executor>,
+    /// Modules placed where a framework's Wasm executor (the task user) can read them: the
+    /// agent's artifact cache is closed to it.
+    modules: HashMap<(FrameworkId, String), PathBuf>,
     preparing: HashMap<TaskKey, PreparingTask>,
     next_serial: u64,
     tx: mpsc::UnboundedSender<ManagerCmd>,
@@ -715,6 +718,7 @@ impl ExecutorManager {
             agent_id,
             exec_events,
             executors: HashMap::new(),
+            modules: HashMap::new(),
             preparing: HashMap::new(),
             next_serial: 0,
             tx: tx.clone(),
@@ -772,8 +776,18 @@ impl Manager {
                     },
                 };
                 let TaskKey { framework_id, task_id } = key;
-                let launch = *launch;
+                let mut launch = *launch;
                 let exec = (framework_id.clone(), launch.executor_id());
+                if let LaunchItem::Wasm(l) = &mut launch {
+                    match self.framework_module(&framework_id, l) {
+                        Ok(path) => l.module_path = path,
+                        Err(why) => {
+                            let key = TaskKey { framework_id, task_id };
+                            finish(&slot.events, &key, &slot.done, failed(REASON_FETCH_FAILED, why));
+                            return;
+                        }
+                    }
+                }
                 if !self.executors.contains_key(&exec) {
                     let kind = match &launch {
                         LaunchItem::Wasm(_) => Ok(ExecKind::Wasm),
@@ -1036,6 +1050,35 @@ impl Manager {
         }
     }
 
+    /// The framework's Wasm cache directory (compiled modules, and the modules it may read).
+    fn framework_cache(&self, fw: &FrameworkId) -> Result<PathBuf, String> {
+        let name = crate::sandbox::path_component("framework", fw.as_str()).map_err(|e| e.to_string())?;
+        Ok(self.cache_dir.join(name))
+    }
+
+    /// Where `fw`'s Wasm executor reads launch `l`'s module: a hard link (or, across file
+    /// systems, a copy) of the cached artifact in the framework's own directory, made once per
+    /// framework and module.
+    fn framework_module(&mut self, fw: &FrameworkId, l: &WasmLaunch) -> Result<PathBuf, String> {
+        let key = (fw.clone(), l.digest.clone());
+        if let Some(p) = self.modules.get(&key) {
+            return Ok(p.clone());
+        }
+        let dir = self.framework_cache(fw)?.join("modules");
+        crate::sandbox::create_sandbox(&dir, self.config.task_user)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let dest = dir.join(&l.digest);
+        if !dest.exists() {
+            if let Err(e) = std::fs::hard_link(&l.module_path, &dest) {
+                tracing::debug!(error = %e, "cannot link a module for the executor; copying it");
+                std::fs::copy(&l.module_path, &dest)
+                    .map_err(|e| format!("cannot copy the module to {}: {e}", dest.display()))?;
+            }
+        }
+        self.modules.insert(key, dest.clone());
+        Ok(dest)
+    }
+
     fn start_executor(&mut self, exec: &ExecKey, kind: ExecKind) -> Result<(), String> {
         self.next_serial += 1;
         let serial = self.next_serial;
@@ -1077,9 +1120,7 @@ impl Manager {
             ExecKind::Wasm => {
                 // Compiled modules are code the executor loads: the cache is per framework and
                 // owned by the task user, never shared between frameworks.
-                let cache = self.cache_dir.join(
-                    crate::sandbox::path_component("framework", fw.as_str()).map_err(|e| e.to_string())?,
-                );
+                let cache = self.framework_cache(fw)?;
                 crate::sandbox::create_sandbox(&cache, user)
                     .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
                 let args: Vec<String> = vec![
@@ -1146,7 +1187,7 @@ impl Manager {
             None
         };
         let log = match &cwd {
-            Some(dir) => dir.join("executor.log"),
+            Some(dir) => dir.join("stderr"),
             None => self.dir.join(format!("{serial}.log")),
         };
         let spawn = ExecutorSpawn {
@@ -1289,20 +1330,43 @@ impl ExecutorSpawn {
                     .map_err(|e| format!("{REASON_FETCH_FAILED}: {e}"))?;
             }
         }
-        let log = {
+        let open = |path: &Path| {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&self.log)
-        }
-        .map_err(|e| format!("cannot create {}: {e}", self.log.display()))?;
+            let f =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path);
+            f.map_err(|e| format!("cannot create {}: {e}", path.display()))
+        };
+        let log = open(&self.log)?;
+        // A framework's executor writes `stdout` and `stderr` in its sandbox (`agora logs` of
+        // its tasks); the built-in ones one log file.
+        let out = match &self.cwd {
+            Some(dir) => {
+                let path = dir.join("stdout");
+                let f = open(&path)?;
+                if let Some(u) = self.user {
+                    u.chown(&path)
+                        .map_err(|e| format!("cannot hand {} to the task user: {e}", path.display()))?;
+                    u.chown(&self.log)
+                        .map_err(|e| format!("cannot hand {} to the task user: {e}", self.log.display()))?;
+                }
+                f
+            }
+            None => log.try_clone().map_err(|e| e.to_string())?,
+        };
         let gated = self.cgroup.is_some();
         let mut cmd = if gated {
             tokio::process::Command::from(crate::cgroups::gated_command(&self.program))
         } else {
             tokio::process::Command::new(&self.program)
         };
-        if self.cwd.is_some() {
-            // A framework's executor gets only what it is given.
-            cmd.env_clear();
+        // Executors get only what they are given (the agent's environment may hold secrets);
+        // the built-in ones keep the agent's log filter.
+        cmd.env_clear();
+        if self.cwd.is_none() {
+            cmd.env("PATH", crate::tasks::TASK_PATH);
+            if let Ok(filter) = std::env::var("AGORA_LOG") {
+                cmd.env("AGORA_LOG", filter);
+            }
         }
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
@@ -1310,7 +1374,7 @@ impl ExecutorSpawn {
         cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(if gated { Stdio::piped() } else { Stdio::null() })
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stdout(out)
             .stderr(log)
             .kill_on_drop(true);
         // The command executor stays the agent's user (it creates cgroups and switches users
