@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::allocator::{
     fits_role, is_allocatable, Allocator, AllocatorOptions, Candidate, HierarchicalAllocator,
 };
+use crate::executors::{self, ExecutorRecord, Executors};
 use crate::metrics;
 use crate::quick;
 use crate::state::{
@@ -262,6 +263,8 @@ pub struct Master {
     actions: VecDeque<Action>,
     /// Digests in the artifact store (told by the driver); a Wasm launch must name only these.
     known_artifacts: FxHashSet<Digest>,
+    /// Frameworks' own executors launched on agents, with the resources they hold.
+    executors: Executors,
 }
 
 impl std::fmt::Debug for Master {
@@ -316,6 +319,7 @@ impl Master {
             clock_anchor: (now, 0),
             actions: VecDeque::new(),
             known_artifacts: FxHashSet::default(),
+            executors: Executors::default(),
         }
     }
 
@@ -478,6 +482,7 @@ impl Master {
                     used.add_assign(&t.info.resources);
                     tasks += 1;
                 }
+                used.add_assign(&self.executors.framework_used(&f.id).flatten());
                 FrameworkView {
                     id: f.id.clone(),
                     name: f.name.clone(),
@@ -646,6 +651,9 @@ impl Master {
         let mut used = Resources::default();
         for t in self.live_tasks(agent.tasks.iter()) {
             used.add_assign(&t.allocation);
+        }
+        for (_, e) in self.executors.on_agent(agent_id) {
+            used.add_assign(&e.allocation);
         }
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.used = used;
@@ -960,8 +968,12 @@ impl Master {
                     ),
                     AgentMessage::Heartbeat => self.send_agent(conn, MasterToAgent::HeartbeatAck),
                     AgentMessage::StatusUpdate(status) => self.on_status_update(now, &id, conn, status),
-                    // TODO(executors): relayed and accounted by the executor work.
-                    AgentMessage::FrameworkMessage { .. } | AgentMessage::ExecutorExited { .. } => {}
+                    AgentMessage::FrameworkMessage { framework_id, executor_id, data } => {
+                        self.on_executor_message(&id, framework_id, executor_id, data)
+                    }
+                    AgentMessage::ExecutorExited { framework_id, executor_id, message } => {
+                        self.on_executor_exited(now, &id, framework_id, executor_id, message)
+                    }
                 }
             }
         }
@@ -1037,6 +1049,7 @@ impl Master {
             },
         );
         self.adopt_reported_tasks(now, &id, conn, reports);
+        self.sync_executors(&id);
         self.recompute_used(&id);
         self.attach_agent(&id);
         self.request_allocation(now);
@@ -1051,6 +1064,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
+            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.recover(&fw, id, &r);
@@ -1071,6 +1085,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
+            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.allocated(&fw, id, &r);
@@ -1190,6 +1205,182 @@ impl Master {
         }
     }
 
+    /// Brings the executors known on a (re-)registered agent in line with its reported tasks
+    /// (the agent is detached from the allocator): an executor runs there if a live task of
+    /// it does. Executors with no live task are forgotten (the agent ends idle executors
+    /// itself, and one that restarted has none); those of reported tasks the master did not
+    /// know (an agent back from unreachable, a restarted master) are adopted with their
+    /// resources.
+    fn sync_executors(&mut self, agent_id: &AgentId) {
+        let Some(agent) = self.agents.get(agent_id) else { return };
+        let mut backed: BTreeMap<(FrameworkId, ExecutorId), ExecutorInfo> = BTreeMap::new();
+        for t in self.live_tasks(agent.tasks.iter()) {
+            if let TaskKind::Executor(e) = &t.info.kind {
+                backed
+                    .entry((t.framework_id.clone(), e.executor.executor_id.clone()))
+                    .or_insert_with(|| e.executor.clone());
+            }
+        }
+        let stale: Vec<(FrameworkId, ExecutorId)> = self
+            .executors
+            .on_agent(agent_id)
+            .map(|(fw, e)| (fw.clone(), e.info.executor_id.clone()))
+            .filter(|k| !backed.contains_key(k))
+            .collect();
+        for (fw, id) in stale {
+            debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "executor without live tasks on re-registration: forgotten");
+            self.executors.remove(agent_id, &fw, &id);
+        }
+        for ((fw, id), info) in backed {
+            if self.executors.get(agent_id, &fw, &id).is_none() {
+                debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "adopting reported executor");
+                let allocation = info.resources.flatten();
+                self.executors.insert(agent_id, &fw, ExecutorRecord { info, allocation });
+            }
+        }
+    }
+
+    /// Forgets an executor and frees what it held; `None` if it was not known.
+    fn release_executor(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        fw: &FrameworkId,
+        id: &ExecutorId,
+    ) -> Option<ExecutorRecord> {
+        let record = self.executors.remove(agent_id, fw, id)?;
+        self.free_executor_resources(now, agent_id, fw, &record);
+        Some(record)
+    }
+
+    fn free_executor_resources(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        fw: &FrameworkId,
+        e: &ExecutorRecord,
+    ) {
+        debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %e.info.executor_id, resources = %e.allocation, "executor resources freed");
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            agent.used = agent.used.saturating_sub(&e.allocation);
+            if agent.attached {
+                self.allocator.recover(fw, agent_id, &e.allocation);
+            }
+        }
+        self.request_allocation(now);
+    }
+
+    /// The agent reports that one of a framework's own executors ended.
+    fn on_executor_exited(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        message: String,
+    ) {
+        let known = self.release_executor(now, agent_id, &framework_id, &executor_id).is_some();
+        info!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, known, message, "executor exited");
+        if executor_id.as_str().starts_with(executors::RESERVED_PREFIX) {
+            return;
+        }
+        if let Some(conn) = self.frameworks.get(&framework_id).and_then(Framework::conn) {
+            self.send_framework(
+                conn,
+                SchedulerEvent::ExecutorExited { agent_id: agent_id.clone(), executor_id, message },
+            );
+        }
+    }
+
+    /// An executor's message for its scheduler: passed on at most once, dropped when it is
+    /// too large or nobody is there to take it.
+    fn on_executor_message(
+        &mut self,
+        agent_id: &AgentId,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    ) {
+        if data.len() > MAX_FRAMEWORK_MESSAGE {
+            debug!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, size = data.len(),
+                "framework message over {MAX_FRAMEWORK_MESSAGE} bytes dropped");
+            return;
+        }
+        let Some(conn) = self.frameworks.get(&framework_id).and_then(Framework::conn) else {
+            debug!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id,
+                "framework message for an unknown or disconnected framework dropped");
+            return;
+        };
+        counter!(metrics::FRAMEWORK_MESSAGES, "direction" => "to_scheduler").increment(1);
+        self.send_framework(conn, SchedulerEvent::Message { agent_id: agent_id.clone(), executor_id, data });
+    }
+
+    /// The connection of an active agent, or the error for a scheduler call that names
+    /// another.
+    fn active_agent_conn(&self, agent_id: &AgentId) -> Result<ConnId, WireError> {
+        match self.agents.get(agent_id) {
+            None => Err(WireError::new(ErrorCode::NotFound, format!("no agent {agent_id}"))),
+            Some(a) => a.conn().ok_or_else(|| {
+                WireError::new(ErrorCode::NotFound, format!("agent {agent_id} is {}", a.status.as_str()))
+            }),
+        }
+    }
+
+    /// A scheduler's message for one of its executors (the framework is the caller's).
+    fn scheduler_message(
+        &mut self,
+        conn: ConnId,
+        fw: &FrameworkId,
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    ) {
+        if data.len() > MAX_FRAMEWORK_MESSAGE {
+            let message = format!(
+                "framework message of {} bytes to executor {executor_id} is over the limit of \
+                 {MAX_FRAMEWORK_MESSAGE} bytes",
+                data.len()
+            );
+            debug!(framework_id = %fw, message, "framework message refused");
+            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::TooLarge, message)));
+            return;
+        }
+        match self.active_agent_conn(&agent_id) {
+            Err(e) => {
+                debug!(framework_id = %fw, agent_id = %agent_id, error = %e, "framework message refused");
+                self.send_framework(conn, SchedulerEvent::Error(e));
+            }
+            Ok(agent_conn) => {
+                counter!(metrics::FRAMEWORK_MESSAGES, "direction" => "to_executor").increment(1);
+                self.send_agent(
+                    agent_conn,
+                    MasterToAgent::FrameworkMessage { framework_id: fw.clone(), executor_id, data },
+                );
+            }
+        }
+    }
+
+    /// A scheduler asks for one of its executors to be shut down (its resources are freed
+    /// when the agent reports it exited).
+    fn shutdown_executor(
+        &mut self,
+        conn: ConnId,
+        fw: &FrameworkId,
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+    ) {
+        match self.active_agent_conn(&agent_id) {
+            Err(e) => self.send_framework(conn, SchedulerEvent::Error(e)),
+            Ok(agent_conn) => {
+                info!(framework_id = %fw, agent_id = %agent_id, executor_id = %executor_id, "shutting down executor");
+                self.send_agent(
+                    agent_conn,
+                    MasterToAgent::ShutdownExecutor { framework_id: fw.clone(), executor_id },
+                );
+            }
+        }
+    }
+
     fn agent_disconnected(&mut self, now: Instant, id: &AgentId) {
         info!(agent_id = %id, "agent disconnected");
         self.rescind_agent_offers(id);
@@ -1222,6 +1413,14 @@ impl Master {
         }
         self.rescind_agent_offers(id);
         self.detach_agent(id);
+        // Its executors are considered gone (their resources were recovered by the detach);
+        // those with live tasks are adopted again if it comes back with them.
+        for (fw, e) in self.executors.remove_agent(id) {
+            info!(agent_id = %id, framework_id = %fw, executor_id = %e.info.executor_id, "agent unreachable: forgetting its executor");
+            if let Some(agent) = self.agents.get_mut(id) {
+                agent.used = agent.used.saturating_sub(&e.allocation);
+            }
+        }
         if let Some(agent) = self.agents.get_mut(id) {
             agent.status = AgentStatus::Unreachable;
         }
@@ -1353,8 +1552,12 @@ impl Master {
                 self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down"));
             }
             SchedulerCall::Heartbeat => {}
-            // TODO(executors): relayed by the executor work.
-            SchedulerCall::Message { .. } | SchedulerCall::ShutdownExecutor { .. } => {}
+            SchedulerCall::Message { agent_id, executor_id, data } => {
+                self.scheduler_message(conn, &fw, agent_id, executor_id, data)
+            }
+            SchedulerCall::ShutdownExecutor { agent_id, executor_id } => {
+                self.shutdown_executor(conn, &fw, agent_id, executor_id)
+            }
         }
     }
 
@@ -1517,6 +1720,10 @@ impl Master {
                 }
             }
         }
+        for (agent_id, e) in self.executors.remove_framework(id) {
+            self.free_executor_resources(now, &agent_id, id, &e);
+            agents.insert(agent_id);
+        }
         for agent in agents {
             if let Some(conn) = self.agents.get(&agent).and_then(Agent::conn) {
                 info!(framework_id = %id, agent_id = %agent, "shutting down framework on agent");
@@ -1621,6 +1828,8 @@ impl Master {
         let role = self.frameworks.get(fw).map(|f| f.role.clone()).unwrap_or_else(|| "*".into());
         let ts = self.unix_ms(now);
         let mut in_call: HashSet<TaskId> = HashSet::new();
+        // The executor each framework executor id names in this call (the first valid one).
+        let mut call_executors: HashMap<ExecutorId, ExecutorInfo> = HashMap::new();
         for task in tasks {
             let key = (fw.clone(), task.task_id.clone());
             let tid = &task.task_id;
@@ -1639,11 +1848,44 @@ impl Master {
                 Some(format!("agent {agent_id} is not connected"))
             } else if !task.resources.reserved.is_empty() {
                 Some(format!("task {tid} names reserved resources; ask for plain quantities"))
-            } else if remaining.take_for_role(&role, &task.resources).is_none() {
-                Some(format!("task {tid} asks for {} but the offer has {} left", task.resources, remaining))
             } else {
                 None
             };
+            // A framework's own executor: the same ExecutorInfo as the one running there (or
+            // named earlier in this call); a new one takes its resources with the task's.
+            let executor = match &task.kind {
+                TaskKind::Executor(e) => Some(&e.executor),
+                _ => None,
+            };
+            let running = executor.and_then(|e| self.executors.get(&agent_id, fw, &e.executor_id));
+            let problem = problem.or_else(|| {
+                let e = executor?;
+                let earlier = running.map(|r| &r.info).or_else(|| call_executors.get(&e.executor_id));
+                match earlier {
+                    Some(earlier) => executors::mismatch_problem(&agent_id, e, earlier),
+                    None => {
+                        call_executors.insert(e.executor_id.clone(), e.clone());
+                        None
+                    }
+                }
+            });
+            let new_executor = executor.filter(|_| running.is_none());
+            let fit = remaining.take_for_role(&role, &task.resources).and_then(|a| {
+                let Some(e) = new_executor else { return Some((a, None)) };
+                let x = remaining.saturating_sub(&a).take_for_role(&role, &e.resources)?;
+                Some((a, Some(x)))
+            });
+            let problem = problem.or_else(|| match (&fit, new_executor) {
+                (Some(_), _) => None,
+                (None, None) => Some(format!(
+                    "task {tid} asks for {} but the offer has {} left",
+                    task.resources, remaining
+                )),
+                (None, Some(e)) => Some(format!(
+                    "task {tid} asks for {} and its new executor {} for {} but the offer has {} left",
+                    task.resources, e.executor_id, e.resources, remaining
+                )),
+            });
             if let Some(problem) = problem {
                 warn!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, problem, "invalid launch");
                 counter!(metrics::TASKS_INVALID).increment(1);
@@ -1659,8 +1901,17 @@ impl Master {
                 continue;
             }
             // Served from the role's reservation first, then the unreserved part.
-            let Some(allocation) = remaining.take_for_role(&role, &task.resources) else { continue };
+            let Some((allocation, executor_allocation)) = fit else { continue };
             remaining = remaining.saturating_sub(&allocation);
+            if let (Some(e), Some(x)) = (new_executor, executor_allocation) {
+                remaining = remaining.saturating_sub(&x);
+                info!(framework_id = %fw, executor_id = %e.executor_id, agent_id = %agent_id, resources = %e.resources, "launching executor");
+                if let Some(a) = self.agents.get_mut(&agent_id) {
+                    a.used.add_assign(&x);
+                }
+                let record = ExecutorRecord { info: e.clone(), allocation: x };
+                self.executors.insert(&agent_id, fw, record);
+            }
             info!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, resources = %task.resources, "launching task");
             counter!(metrics::TASKS_LAUNCHED).increment(1);
             self.tasks.insert(
@@ -1999,8 +2250,7 @@ fn kind_problem(task: &TaskInfo, known: &FxHashSet<Digest>) -> Option<String> {
             Some(format!("task {tid} has an empty command"))
         }
         TaskKind::Command(_) => None,
-        // TODO(executors): validated with the executor accounting.
-        TaskKind::Executor(_) => None,
+        TaskKind::Executor(t) => executors::executor_task_problem(tid, t, known),
         TaskKind::Wasm(w) => {
             if let Some(bad) = std::iter::once(&w.module.digest)
                 .chain(w.dirs.iter().map(|d| &d.archive.digest))
