@@ -1862,7 +1862,7 @@ impl Master {
                 let e = executor?;
                 let earlier = running.map(|r| &r.info).or_else(|| call_executors.get(&e.executor_id));
                 match earlier {
-                    Some(earlier) => executors::mismatch_problem(&agent_id, e, earlier),
+                    Some(earlier) => executors::mismatch_problem(tid, &agent_id, e, earlier),
                     None => {
                         call_executors.insert(e.executor_id.clone(), e.clone());
                         None
@@ -3559,8 +3559,12 @@ mod tests {
         let (s, offer) = h.offered("cpus:8;mem:8GiB");
         let a = executor_info("e1", "cpus:0.1;mem:32MiB");
         let b = executor_info("e1", "cpus:0.2;mem:32MiB");
-        let mismatch =
-            format!("executor e1 on agent {} is already running with a different ExecutorInfo", s.agent);
+        let mismatch = |tid: &str| {
+            format!(
+                "task {tid}: executor e1 on agent {} is already running with a different ExecutorInfo",
+                s.agent
+            )
+        };
         // Within one call: the first one wins.
         let acts = h.call(
             s.fc,
@@ -3570,14 +3574,14 @@ mod tests {
         let ups = updates(&acts, s.fc);
         assert_eq!(ups.len(), 1);
         assert_eq!((ups[0].task_id.as_str(), ups[0].state), ("t2", TaskState::Error));
-        assert_eq!(ups[0].message, mismatch);
+        assert_eq!(ups[0].message, mismatch("t2"));
         // In a later call: compared with the executor running there.
         let offer = single_offer(&h.advance(5 * MS), s.fc);
         let mut renamed = a.clone();
         renamed.name = "other name".into();
         let acts = h.call(s.fc, accept(&offer, vec![exec_task("t3", "cpus:1", &renamed)], None));
         assert!(run_tasks(&acts, s.ac).is_empty());
-        assert_eq!(updates(&acts, s.fc)[0].message, mismatch);
+        assert_eq!(updates(&acts, s.fc)[0].message, mismatch("t3"));
         assert_eq!(h.m.executors.len(), 1);
         assert_eq!(h.m.agents()[0].used, res("cpus:1.1;mem:32MiB"));
         // Another framework's executor of the same id is its own: no mismatch, its own resources.

@@ -255,13 +255,14 @@ pub(crate) fn executor_task_problem(
 /// The problem of a task naming `info` when `earlier` (an executor running on the agent, or
 /// named by an earlier task of the same call) has the same id.
 pub(crate) fn mismatch_problem(
+    tid: &TaskId,
     agent: &AgentId,
     info: &ExecutorInfo,
     earlier: &ExecutorInfo,
 ) -> Option<String> {
     (info != earlier).then(|| {
         format!(
-            "executor {} on agent {agent} is already running with a different ExecutorInfo",
+            "task {tid}: executor {} on agent {agent} is already running with a different ExecutorInfo",
             info.executor_id
         )
     })
@@ -437,12 +438,12 @@ mod tests {
     fn a_different_executor_info_is_a_mismatch() {
         let agent = AgentId::new("m-A1");
         let a = exec("e1").executor;
-        assert_eq!(mismatch_problem(&agent, &a, &a.clone()), None);
+        assert_eq!(mismatch_problem(&TaskId::new("t2"), &agent, &a, &a.clone()), None);
         let mut b = a.clone();
         b.resources = Resources::parse("cpus:0.2;mem:32MiB").unwrap();
         assert_eq!(
-            mismatch_problem(&agent, &b, &a).unwrap(),
-            "executor e1 on agent m-A1 is already running with a different ExecutorInfo"
+            mismatch_problem(&TaskId::new("t2"), &agent, &b, &a).unwrap(),
+            "task t2: executor e1 on agent m-A1 is already running with a different ExecutorInfo"
         );
     }
 
