@@ -10,13 +10,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Component, Path};
+use std::time::Instant;
 
-use agora_sdk::proto::{
-    AgentId, Digest, ExecutorId, ExecutorInfo, ExecutorTask, FrameworkId, TaskId, MAX_EXECUTOR_FETCHES,
-    MAX_TASK_DATA,
-};
+use ::metrics::counter;
+
+use agora_sdk::proto::*;
 use agora_sdk::Resources;
 use rustc_hash::{FxHashMap, FxHashSet};
+use tracing::{debug, info};
+
+use super::{ConnId, Master};
+use crate::metrics;
+use crate::state::Framework;
 
 /// Longest executor id, bytes.
 pub const MAX_EXECUTOR_ID_LEN: usize = 128;
@@ -114,6 +119,185 @@ impl Executors {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.by_agent.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// Executor handling of the core: launches are in `accept`, the rest is here.
+impl Master {
+    /// Brings the executors known on a (re-)registered agent in line with its reported tasks
+    /// (the agent is detached from the allocator): an executor runs there if a live task of
+    /// it does. Executors with no live task are forgotten (the agent ends idle executors
+    /// itself, and one that restarted has none); those of reported tasks the master did not
+    /// know (an agent back from unreachable, a restarted master) are adopted with their
+    /// resources.
+    pub(super) fn sync_executors(&mut self, agent_id: &AgentId) {
+        let Some(agent) = self.agents.get(agent_id) else { return };
+        let mut backed: BTreeMap<(FrameworkId, ExecutorId), ExecutorInfo> = BTreeMap::new();
+        for t in self.live_tasks(agent.tasks.iter()) {
+            if let TaskKind::Executor(e) = &t.info.kind {
+                backed
+                    .entry((t.framework_id.clone(), e.executor.executor_id.clone()))
+                    .or_insert_with(|| e.executor.clone());
+            }
+        }
+        let stale: Vec<(FrameworkId, ExecutorId)> = self
+            .executors
+            .on_agent(agent_id)
+            .map(|(fw, e)| (fw.clone(), e.info.executor_id.clone()))
+            .filter(|k| !backed.contains_key(k))
+            .collect();
+        for (fw, id) in stale {
+            debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "executor without live tasks on re-registration: forgotten");
+            self.executors.remove(agent_id, &fw, &id);
+        }
+        for ((fw, id), info) in backed {
+            if self.executors.get(agent_id, &fw, &id).is_none() {
+                debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "adopting reported executor");
+                let allocation = info.resources.flatten();
+                self.executors.insert(agent_id, &fw, ExecutorRecord { info, allocation });
+            }
+        }
+    }
+
+    /// Forgets an executor and frees what it held; `None` if it was not known.
+    pub(super) fn release_executor(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        fw: &FrameworkId,
+        id: &ExecutorId,
+    ) -> Option<ExecutorRecord> {
+        let record = self.executors.remove(agent_id, fw, id)?;
+        self.free_executor_resources(now, agent_id, fw, &record);
+        Some(record)
+    }
+
+    pub(super) fn free_executor_resources(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        fw: &FrameworkId,
+        e: &ExecutorRecord,
+    ) {
+        debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %e.info.executor_id, resources = %e.allocation, "executor resources freed");
+        if let Some(agent) = self.agents.get_mut(agent_id) {
+            agent.used = agent.used.saturating_sub(&e.allocation);
+            if agent.attached {
+                self.allocator.recover(fw, agent_id, &e.allocation);
+            }
+        }
+        self.request_allocation(now);
+    }
+
+    /// The agent reports that one of a framework's own executors ended.
+    pub(super) fn on_executor_exited(
+        &mut self,
+        now: Instant,
+        agent_id: &AgentId,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        message: String,
+    ) {
+        let known = self.release_executor(now, agent_id, &framework_id, &executor_id).is_some();
+        info!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, known, message, "executor exited");
+        if executor_id.as_str().starts_with(RESERVED_PREFIX) {
+            return;
+        }
+        if let Some(conn) = self.frameworks.get(&framework_id).and_then(Framework::conn) {
+            self.send_framework(
+                conn,
+                SchedulerEvent::ExecutorExited { agent_id: agent_id.clone(), executor_id, message },
+            );
+        }
+    }
+
+    /// An executor's message for its scheduler: passed on at most once, dropped when it is
+    /// too large or nobody is there to take it.
+    pub(super) fn on_executor_message(
+        &mut self,
+        agent_id: &AgentId,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    ) {
+        if data.len() > MAX_FRAMEWORK_MESSAGE {
+            debug!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, size = data.len(),
+                "framework message over {MAX_FRAMEWORK_MESSAGE} bytes dropped");
+            return;
+        }
+        let Some(conn) = self.frameworks.get(&framework_id).and_then(Framework::conn) else {
+            debug!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id,
+                "framework message for an unknown or disconnected framework dropped");
+            return;
+        };
+        counter!(metrics::FRAMEWORK_MESSAGES, "direction" => "to_scheduler").increment(1);
+        self.send_framework(conn, SchedulerEvent::Message { agent_id: agent_id.clone(), executor_id, data });
+    }
+
+    /// The connection of an active agent, or the error for a scheduler call that names
+    /// another.
+    pub(super) fn active_agent_conn(&self, agent_id: &AgentId) -> Result<ConnId, WireError> {
+        match self.agents.get(agent_id) {
+            None => Err(WireError::new(ErrorCode::NotFound, format!("no agent {agent_id}"))),
+            Some(a) => a.conn().ok_or_else(|| {
+                WireError::new(ErrorCode::NotFound, format!("agent {agent_id} is {}", a.status.as_str()))
+            }),
+        }
+    }
+
+    /// A scheduler's message for one of its executors (the framework is the caller's).
+    pub(super) fn scheduler_message(
+        &mut self,
+        conn: ConnId,
+        fw: &FrameworkId,
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    ) {
+        if data.len() > MAX_FRAMEWORK_MESSAGE {
+            let message = format!(
+                "framework message of {} bytes to executor {executor_id} is over the limit of \
+                 {MAX_FRAMEWORK_MESSAGE} bytes",
+                data.len()
+            );
+            debug!(framework_id = %fw, message, "framework message refused");
+            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::TooLarge, message)));
+            return;
+        }
+        match self.active_agent_conn(&agent_id) {
+            Err(e) => {
+                debug!(framework_id = %fw, agent_id = %agent_id, error = %e, "framework message refused");
+                self.send_framework(conn, SchedulerEvent::Error(e));
+            }
+            Ok(agent_conn) => {
+                counter!(metrics::FRAMEWORK_MESSAGES, "direction" => "to_executor").increment(1);
+                self.send_agent(
+                    agent_conn,
+                    MasterToAgent::FrameworkMessage { framework_id: fw.clone(), executor_id, data },
+                );
+            }
+        }
+    }
+
+    /// A scheduler asks for one of its executors to be shut down (its resources are freed
+    /// when the agent reports it exited).
+    pub(super) fn shutdown_executor(
+        &mut self,
+        conn: ConnId,
+        fw: &FrameworkId,
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+    ) {
+        match self.active_agent_conn(&agent_id) {
+            Err(e) => self.send_framework(conn, SchedulerEvent::Error(e)),
+            Ok(agent_conn) => {
+                info!(framework_id = %fw, agent_id = %agent_id, executor_id = %executor_id, "shutting down executor");
+                self.send_agent(
+                    agent_conn,
+                    MasterToAgent::ShutdownExecutor { framework_id: fw.clone(), executor_id },
+                );
+            }
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 pub mod allocator;
 pub mod artifacts;
 pub mod core;
-mod executors;
 pub mod http;
 pub mod metrics;
 mod quick;
