@@ -51,6 +51,12 @@ pub enum ArtifactError {
     DigestMismatch { name: String, declared: Digest, actual: Digest },
     #[error("{name}: {source}")]
     InvalidModule { name: String, source: agora_executor_wasm::WasmError },
+    #[error("{name}: not an executable (an ELF binary or a `#!` script); it starts with {head}")]
+    NotExecutable {
+        name: String,
+        /// Its first bytes, escaped for the message.
+        head: String,
+    },
     #[error("{name}: receiving the upload failed: {err}")]
     Receive { name: String, err: io::Error },
     #[error("artifact store: cannot {op} {}: {err}", path.display())]
@@ -65,7 +71,8 @@ impl ArtifactError {
             ArtifactError::TooLarge { .. } | ArtifactError::Overrun { .. } => ErrorCode::TooLarge,
             ArtifactError::Truncated { .. }
             | ArtifactError::DigestMismatch { .. }
-            | ArtifactError::InvalidModule { .. } => ErrorCode::Invalid,
+            | ArtifactError::InvalidModule { .. }
+            | ArtifactError::NotExecutable { .. } => ErrorCode::Invalid,
             ArtifactError::Receive { .. } => ErrorCode::Unexpected,
             ArtifactError::Io { .. } => ErrorCode::Internal,
         }
@@ -213,9 +220,7 @@ impl ArtifactStore {
         if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(false);
         }
-        if req.kind == ArtifactKind::WasmModule {
-            validate_module(&path, display_name(req)).await?;
-        }
+        validate_kind(req.kind, &path, display_name(req)).await?;
         Ok(true)
     }
 
@@ -282,9 +287,7 @@ impl ArtifactStore {
         }
         file.sync_all().await.map_err(io_err("sync", tmp))?;
         drop(file);
-        if req.kind == ArtifactKind::WasmModule {
-            validate_module(tmp, name.clone()).await?;
-        }
+        validate_kind(req.kind, tmp, name.clone()).await?;
         let dest = self.objects.join(actual.as_str());
         let new = publish(tmp, &dest).await?;
         if new {
@@ -309,6 +312,46 @@ impl ArtifactStore {
         let size = file.metadata().await.map_err(io_err("stat", &path))?.len();
         Ok(Some((file, size)))
     }
+}
+
+/// Runs the checks of `kind` on the file at `path`: a Wasm module is validated, an executable
+/// must look like one; archives are not looked into.
+async fn validate_kind(kind: ArtifactKind, path: &Path, name: String) -> Result<(), ArtifactError> {
+    match kind {
+        ArtifactKind::WasmModule => validate_module(path, name).await,
+        ArtifactKind::Executable => validate_executable(path, name).await,
+        ArtifactKind::Archive => Ok(()),
+    }
+}
+
+/// Whether a file starting with `head` is something an agent can execute: an ELF binary
+/// (`\x7fELF`) or a script with an interpreter line (`#!`).
+pub fn looks_executable(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
+}
+
+/// Checks that the file at `path` starts like an executable ([`looks_executable`]).
+async fn validate_executable(path: &Path, name: String) -> Result<(), ArtifactError> {
+    let mut file = tokio::fs::File::open(path).await.map_err(io_err("open", path))?;
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        let n = file.read(&mut head[got..]).await.map_err(io_err("read", path))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let head = &head[..got];
+    if looks_executable(head) {
+        return Ok(());
+    }
+    let shown = if head.is_empty() {
+        "nothing (it is empty)".to_string()
+    } else {
+        format!("\"{}\"", head.escape_ascii())
+    };
+    Err(ArtifactError::NotExecutable { name, head: shown })
 }
 
 /// Runs the Wasm executor's validator on the file at `path`, off the async threads.
@@ -420,6 +463,46 @@ mod tests {
         assert_eq!(store.len(), 2);
         let listed: Vec<Digest> = store.list().unwrap().into_iter().map(|a| a.digest).collect();
         assert!(listed.contains(&r.digest) && listed.contains(&archive.digest));
+    }
+
+    #[tokio::test]
+    async fn executables_must_be_elf_or_scripts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path(), 1024).unwrap();
+        let script = b"#!/bin/sh\nexec ./run\n".to_vec();
+        let r = req(ArtifactKind::Executable, "my-executor", &script);
+        assert_eq!(store.store(&r, &script[..]).await.unwrap().digest, r.digest);
+        let elf = b"\x7fELF\x02\x01\x01\x00rest".to_vec();
+        let r = req(ArtifactKind::Executable, "my-executor.bin", &elf);
+        store.store(&r, &elf[..]).await.unwrap();
+        assert_eq!(store.len(), 2);
+
+        let text = b"hello world".to_vec();
+        let e = store.store(&req(ArtifactKind::Executable, "notes.txt", &text), &text[..]).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "notes.txt: not an executable (an ELF binary or a `#!` script); it starts with \"hell\""
+        );
+        assert_eq!(e.code(), ErrorCode::Invalid);
+        let e = store.store(&req(ArtifactKind::Executable, "empty", b""), &b""[..]).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "empty: not an executable (an ELF binary or a `#!` script); it starts with nothing (it is empty)"
+        );
+        let bin = b"\x7fEL".to_vec();
+        let e = store.store(&req(ArtifactKind::Executable, "cut", &bin), &bin[..]).await.unwrap_err();
+        assert!(e.to_string().ends_with("it starts with \"\\x7fEL\""), "{e}");
+        assert_eq!(tmp_files(&store), 0, "refused executables leave no temporary file");
+        assert_eq!(store.len(), 2);
+
+        // Bytes already stored as an archive are checked when claimed as an executable.
+        let archive = req(ArtifactKind::Archive, "data.tar", &text);
+        store.store(&archive, &text[..]).await.unwrap();
+        let as_exe = UploadRequest { kind: ArtifactKind::Executable, ..archive.clone() };
+        assert!(matches!(store.check_present(&as_exe).await, Err(ArtifactError::NotExecutable { .. })));
+        let script_ref = req(ArtifactKind::Executable, "again", &script);
+        assert!(store.check_present(&script_ref).await.unwrap());
+        assert!(looks_executable(b"#!") && !looks_executable(b"#") && !looks_executable(b"\x7fELX"));
     }
 
     #[tokio::test]

@@ -29,6 +29,11 @@ use crate::state::{
     Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskKey,
     TaskTable,
 };
+use executors::{ExecutorRecord, Executors};
+
+// The executor logic lives in its own file; as a child module it reaches the core's state.
+#[path = "executors.rs"]
+mod executors;
 
 /// Identifies one connection (assigned by the driver, never reused).
 pub type ConnId = u64;
@@ -262,6 +267,8 @@ pub struct Master {
     actions: VecDeque<Action>,
     /// Digests in the artifact store (told by the driver); a Wasm launch must name only these.
     known_artifacts: FxHashSet<Digest>,
+    /// Frameworks' own executors launched on agents, with the resources they hold.
+    executors: Executors,
 }
 
 impl std::fmt::Debug for Master {
@@ -316,6 +323,7 @@ impl Master {
             clock_anchor: (now, 0),
             actions: VecDeque::new(),
             known_artifacts: FxHashSet::default(),
+            executors: Executors::default(),
         }
     }
 
@@ -478,6 +486,7 @@ impl Master {
                     used.add_assign(&t.info.resources);
                     tasks += 1;
                 }
+                used.add_assign(&self.executors.framework_used(&f.id).flatten());
                 FrameworkView {
                     id: f.id.clone(),
                     name: f.name.clone(),
@@ -646,6 +655,9 @@ impl Master {
         let mut used = Resources::default();
         for t in self.live_tasks(agent.tasks.iter()) {
             used.add_assign(&t.allocation);
+        }
+        for (_, e) in self.executors.on_agent(agent_id) {
+            used.add_assign(&e.allocation);
         }
         if let Some(agent) = self.agents.get_mut(agent_id) {
             agent.used = used;
@@ -960,8 +972,12 @@ impl Master {
                     ),
                     AgentMessage::Heartbeat => self.send_agent(conn, MasterToAgent::HeartbeatAck),
                     AgentMessage::StatusUpdate(status) => self.on_status_update(now, &id, conn, status),
-                    // TODO(executors): relayed and accounted by the executor work.
-                    AgentMessage::FrameworkMessage { .. } | AgentMessage::ExecutorExited { .. } => {}
+                    AgentMessage::FrameworkMessage { framework_id, executor_id, data } => {
+                        self.on_executor_message(&id, framework_id, executor_id, data)
+                    }
+                    AgentMessage::ExecutorExited { framework_id, executor_id, message } => {
+                        self.on_executor_exited(now, &id, framework_id, executor_id, message)
+                    }
                 }
             }
         }
@@ -1037,6 +1053,7 @@ impl Master {
             },
         );
         self.adopt_reported_tasks(now, &id, conn, reports);
+        self.sync_executors(&id);
         self.recompute_used(&id);
         self.attach_agent(&id);
         self.request_allocation(now);
@@ -1051,6 +1068,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
+            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.recover(&fw, id, &r);
@@ -1071,6 +1089,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
+            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.allocated(&fw, id, &r);
@@ -1222,6 +1241,14 @@ impl Master {
         }
         self.rescind_agent_offers(id);
         self.detach_agent(id);
+        // Its executors are considered gone (their resources were recovered by the detach);
+        // those with live tasks are adopted again if it comes back with them.
+        for (fw, e) in self.executors.remove_agent(id) {
+            info!(agent_id = %id, framework_id = %fw, executor_id = %e.info.executor_id, "agent unreachable: forgetting its executor");
+            if let Some(agent) = self.agents.get_mut(id) {
+                agent.used = agent.used.saturating_sub(&e.allocation);
+            }
+        }
         if let Some(agent) = self.agents.get_mut(id) {
             agent.status = AgentStatus::Unreachable;
         }
@@ -1353,8 +1380,12 @@ impl Master {
                 self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down"));
             }
             SchedulerCall::Heartbeat => {}
-            // TODO(executors): relayed by the executor work.
-            SchedulerCall::Message { .. } | SchedulerCall::ShutdownExecutor { .. } => {}
+            SchedulerCall::Message { agent_id, executor_id, data } => {
+                self.scheduler_message(conn, &fw, agent_id, executor_id, data)
+            }
+            SchedulerCall::ShutdownExecutor { agent_id, executor_id } => {
+                self.shutdown_executor(conn, &fw, agent_id, executor_id)
+            }
         }
     }
 
@@ -1517,6 +1548,10 @@ impl Master {
                 }
             }
         }
+        for (agent_id, e) in self.executors.remove_framework(id) {
+            self.free_executor_resources(now, &agent_id, id, &e);
+            agents.insert(agent_id);
+        }
         for agent in agents {
             if let Some(conn) = self.agents.get(&agent).and_then(Agent::conn) {
                 info!(framework_id = %id, agent_id = %agent, "shutting down framework on agent");
@@ -1621,6 +1656,8 @@ impl Master {
         let role = self.frameworks.get(fw).map(|f| f.role.clone()).unwrap_or_else(|| "*".into());
         let ts = self.unix_ms(now);
         let mut in_call: HashSet<TaskId> = HashSet::new();
+        // The executor each framework executor id names in this call (the first valid one).
+        let mut call_executors: HashMap<ExecutorId, ExecutorInfo> = HashMap::new();
         for task in tasks {
             let key = (fw.clone(), task.task_id.clone());
             let tid = &task.task_id;
@@ -1639,11 +1676,44 @@ impl Master {
                 Some(format!("agent {agent_id} is not connected"))
             } else if !task.resources.reserved.is_empty() {
                 Some(format!("task {tid} names reserved resources; ask for plain quantities"))
-            } else if remaining.take_for_role(&role, &task.resources).is_none() {
-                Some(format!("task {tid} asks for {} but the offer has {} left", task.resources, remaining))
             } else {
                 None
             };
+            // A framework's own executor: the same ExecutorInfo as the one running there (or
+            // named earlier in this call); a new one takes its resources with the task's.
+            let executor = match &task.kind {
+                TaskKind::Executor(e) => Some(&e.executor),
+                _ => None,
+            };
+            let running = executor.and_then(|e| self.executors.get(&agent_id, fw, &e.executor_id));
+            let problem = problem.or_else(|| {
+                let e = executor?;
+                let earlier = running.map(|r| &r.info).or_else(|| call_executors.get(&e.executor_id));
+                match earlier {
+                    Some(earlier) => executors::mismatch_problem(tid, &agent_id, e, earlier),
+                    None => {
+                        call_executors.insert(e.executor_id.clone(), e.clone());
+                        None
+                    }
+                }
+            });
+            let new_executor = executor.filter(|_| running.is_none());
+            let fit = remaining.take_for_role(&role, &task.resources).and_then(|a| {
+                let Some(e) = new_executor else { return Some((a, None)) };
+                let x = remaining.saturating_sub(&a).take_for_role(&role, &e.resources)?;
+                Some((a, Some(x)))
+            });
+            let problem = problem.or_else(|| match (&fit, new_executor) {
+                (Some(_), _) => None,
+                (None, None) => Some(format!(
+                    "task {tid} asks for {} but the offer has {} left",
+                    task.resources, remaining
+                )),
+                (None, Some(e)) => Some(format!(
+                    "task {tid} asks for {} and its new executor {} for {} but the offer has {} left",
+                    task.resources, e.executor_id, e.resources, remaining
+                )),
+            });
             if let Some(problem) = problem {
                 warn!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, problem, "invalid launch");
                 counter!(metrics::TASKS_INVALID).increment(1);
@@ -1659,8 +1729,17 @@ impl Master {
                 continue;
             }
             // Served from the role's reservation first, then the unreserved part.
-            let Some(allocation) = remaining.take_for_role(&role, &task.resources) else { continue };
+            let Some((allocation, executor_allocation)) = fit else { continue };
             remaining = remaining.saturating_sub(&allocation);
+            if let (Some(e), Some(x)) = (new_executor, executor_allocation) {
+                remaining = remaining.saturating_sub(&x);
+                info!(framework_id = %fw, executor_id = %e.executor_id, agent_id = %agent_id, resources = %e.resources, "launching executor");
+                if let Some(a) = self.agents.get_mut(&agent_id) {
+                    a.used.add_assign(&x);
+                }
+                let record = ExecutorRecord { info: e.clone(), allocation: x };
+                self.executors.insert(&agent_id, fw, record);
+            }
             info!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, resources = %task.resources, "launching task");
             counter!(metrics::TASKS_LAUNCHED).increment(1);
             self.tasks.insert(
@@ -1999,8 +2078,7 @@ fn kind_problem(task: &TaskInfo, known: &FxHashSet<Digest>) -> Option<String> {
             Some(format!("task {tid} has an empty command"))
         }
         TaskKind::Command(_) => None,
-        // TODO(executors): validated with the executor accounting.
-        TaskKind::Executor(_) => None,
+        TaskKind::Executor(t) => executors::executor_task_problem(tid, t, known),
         TaskKind::Wasm(w) => {
             if let Some(bad) = std::iter::once(&w.module.digest)
                 .chain(w.dirs.iter().map(|d| &d.archive.digest))
@@ -3056,5 +3134,541 @@ mod tests {
         }
         let ids = m.offer_ids(&[10, 9, 100]);
         assert_eq!(ids, vec![OfferId::new("m-1-O10"), OfferId::new("m-1-O100"), OfferId::new("m-1-O9")]);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Frameworks' own executors
+
+    fn executor_info(id: &str, r: &str) -> ExecutorInfo {
+        ExecutorInfo {
+            executor_id: ExecutorId::new(id),
+            name: format!("executor {id}"),
+            command: CommandInfo { argv: vec!["./exec".into()], shell: false, env: vec![] },
+            resources: res(r),
+            fetch: vec![FetchInfo {
+                artifact: ArtifactRef { digest: Digest::of(b"#!/bin/sh\n"), size: 10 },
+                path: "exec".into(),
+                executable: true,
+            }],
+        }
+    }
+
+    fn exec_task(id: &str, r: &str, executor: &ExecutorInfo) -> TaskInfo {
+        TaskInfo {
+            kind: TaskKind::Executor(Box::new(ExecutorTask {
+                executor: executor.clone(),
+                data: b"job".to_vec(),
+            })),
+            ..task(id, r)
+        }
+    }
+
+    impl Harness {
+        /// A harness whose artifact store holds the executors' binary.
+        fn with_executor_binary() -> Self {
+            let mut h = Harness::new();
+            h.m.artifact_stored(Digest::of(b"#!/bin/sh\n"));
+            h
+        }
+
+        fn finish(&mut self, s: &Setup, tid: &str) {
+            let (uuid, _) = self.status(s.ac, &s.fw, &s.agent, tid, TaskState::Finished);
+            self.call(
+                s.fc,
+                SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new(tid), uuid },
+            );
+        }
+
+        /// Subscribes a framework and registers an agent; returns them and the first offer.
+        fn offered(&mut self, agent_res: &str) -> (Setup, Offer) {
+            let (fc, fw) = self.subscribe("alice", SEC);
+            let (ac, agent) = self.add_agent(agent_res);
+            let offer = single_offer(&self.advance(5 * MS), fc);
+            (Setup { fc, fw, ac, agent }, offer)
+        }
+    }
+
+    fn errors(acts: &[Action], conn: ConnId) -> Vec<WireError> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::ToFramework { conn: c, event: SchedulerEvent::Error(e) } if *c == conn => {
+                    Some(e.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(acts: &[Action], conn: ConnId) -> Vec<SchedulerEvent> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::ToFramework { conn: c, event } if *c == conn => Some(event.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn executor_resources_are_taken_once_per_agent_and_freed_when_it_exits() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:4;mem:4GiB");
+        let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+        let acts = h.call(
+            s.fc,
+            accept(
+                &offer,
+                vec![exec_task("t1", "cpus:1;mem:1GiB", &e), exec_task("t2", "cpus:1;mem:1GiB", &e)],
+                None,
+            ),
+        );
+        assert!(updates(&acts, s.fc).is_empty(), "{acts:#?}");
+        let launched = run_tasks(&acts, s.ac);
+        assert_eq!(launched.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+        assert_eq!(h.m.executors.len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:2.5;mem:2.5GiB"));
+        assert_eq!(h.m.frameworks()[0].used, res("cpus:2.5;mem:2.5GiB"));
+        let views = h.m.tasks();
+        assert!(views.iter().all(|t| t.executor_id == ExecutorId::new("e1")));
+        // The leftover is what neither the tasks nor the executor hold.
+        let leftover = single_offer(&h.advance(5 * MS), s.fc);
+        assert_eq!(leftover.resources, res("cpus:1.5;mem:1.5GiB"));
+
+        // Tasks end: the executor keeps its share.
+        h.finish(&s, "t1");
+        h.finish(&s, "t2");
+        assert_eq!(h.m.agents()[0].used, res("cpus:0.5;mem:512MiB"));
+        assert_eq!(h.m.frameworks()[0].used, res("cpus:0.5;mem:512MiB"));
+        // A later task for the running executor takes only its own resources.
+        let acts = h.call(s.fc, accept(&leftover, vec![exec_task("t3", "cpus:1;mem:1GiB", &e)], None));
+        assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+
+        // The executor exits: its resources come back and the framework is told.
+        let acts = h.agent(
+            s.ac,
+            AgentMessage::ExecutorExited {
+                framework_id: s.fw.clone(),
+                executor_id: ExecutorId::new("e1"),
+                message: "exit status 3".into(),
+            },
+        );
+        assert_eq!(
+            events(&acts, s.fc),
+            vec![SchedulerEvent::ExecutorExited {
+                agent_id: s.agent.clone(),
+                executor_id: ExecutorId::new("e1"),
+                message: "exit status 3".into(),
+            }]
+        );
+        assert_eq!(h.m.executors.len(), 0);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+        assert_eq!(h.m.frameworks()[0].used, res("cpus:1;mem:1GiB"));
+        // Reported twice: nothing more to free (the framework still hears of it).
+        h.agent(
+            s.ac,
+            AgentMessage::ExecutorExited {
+                framework_id: s.fw.clone(),
+                executor_id: ExecutorId::new("e1"),
+                message: "again".into(),
+            },
+        );
+        assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+
+        // The next task naming it starts a new executor, which takes its resources again.
+        let offer = single_offer(&h.advance(5 * MS), s.fc);
+        assert_eq!(offer.resources, res("cpus:3;mem:3GiB"));
+        let acts = h.call(s.fc, accept(&offer, vec![exec_task("t4", "cpus:1;mem:1GiB", &e)], None));
+        assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:2.5;mem:2.5GiB"));
+        assert_eq!(h.m.executors.len(), 1);
+    }
+
+    #[test]
+    fn a_task_whose_new_executor_does_not_fit_gets_task_error() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:2;mem:2GiB");
+        let e = executor_info("e1", "cpus:1;mem:32MiB");
+        let acts = h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1.5;mem:1GiB", &e)], None));
+        assert!(run_tasks(&acts, s.ac).is_empty());
+        let ups = updates(&acts, s.fc);
+        assert_eq!(ups.len(), 1);
+        assert_eq!(ups[0].state, TaskState::Error);
+        assert_eq!(ups[0].reason, "invalid launch");
+        assert_eq!(
+            ups[0].message,
+            "task t1 asks for cpus:1.5;mem:1GiB and its new executor e1 for cpus:1;mem:32MiB but the offer \
+             has cpus:2;mem:2GiB left"
+        );
+        assert_eq!(h.m.executors.len(), 0);
+        assert_eq!(h.m.agents()[0].used, Resources::default());
+        // Everything comes back.
+        let again = single_offer(&h.advance(5 * MS), s.fc);
+        assert_eq!(again.resources, res("cpus:2;mem:2GiB"));
+        // The same task fits with a smaller executor; the task after it no longer does.
+        let small = executor_info("e1", "cpus:0.5;mem:32MiB");
+        let acts = h.call(
+            s.fc,
+            accept(
+                &again,
+                vec![
+                    exec_task("t1", "cpus:1.5;mem:1GiB", &small),
+                    exec_task("t2", "cpus:0.1;mem:1MiB", &small),
+                ],
+                None,
+            ),
+        );
+        assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+        let ups = updates(&acts, s.fc);
+        assert_eq!(ups.len(), 1);
+        assert_eq!(ups[0].task_id.as_str(), "t2");
+        assert_eq!(ups[0].message, "task t2 asks for cpus:0.1;mem:1MiB but the offer has mem:992MiB left");
+        assert_eq!(h.m.agents()[0].used, res("cpus:2;mem:1056MiB"));
+    }
+
+    #[test]
+    fn invalid_executor_infos_get_task_error() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:8;mem:8GiB");
+        let good = executor_info("e1", "cpus:0.1;mem:32MiB");
+        let with = |tid: &str, f: &dyn Fn(&mut ExecutorTask)| {
+            let mut t = exec_task(tid, "cpus:0.1", &good);
+            if let TaskKind::Executor(e) = &mut t.kind {
+                f(e);
+            }
+            t
+        };
+        let missing = Digest::of(b"not uploaded");
+        let tasks = vec![
+            with("reserved", &|e| e.executor.executor_id = ExecutorId::new("agora-wasm")),
+            with("slash", &|e| e.executor.executor_id = ExecutorId::new("a/b")),
+            with("noargv", &|e| e.executor.command.argv.clear()),
+            with("env", &|e| e.executor.command.env.push(("A=B".into(), "1".into()))),
+            with("upload", &|e| e.executor.fetch[0].artifact.digest = missing.clone()),
+            with("escape", &|e| e.executor.fetch[0].path = "../exec".into()),
+            with("data", &|e| e.data = vec![0; MAX_TASK_DATA + 1]),
+            with("nores", &|e| e.executor.resources = Resources::default()),
+            with("ok", &|_| {}),
+        ];
+        let acts = h.call(s.fc, accept(&offer, tasks, None));
+        assert_eq!(run_tasks(&acts, s.ac).iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["ok"]);
+        let ups = updates(&acts, s.fc);
+        assert!(ups.iter().all(|u| u.state == TaskState::Error && u.reason == "invalid launch"));
+        let messages: Vec<&str> = ups.iter().map(|u| u.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "task reserved: executor id `agora-wasm` is reserved (ids starting `agora-` name built-in \
+                 executors)"
+                    .to_string(),
+                "task slash: executor id \"a/b\" may contain only letters, digits, `.`, `_` and `-`"
+                    .to_string(),
+                "task noargv: executor e1 has an empty command".to_string(),
+                "task env: executor e1: environment variable name \"A=B\" is empty or contains `=` or NUL"
+                    .to_string(),
+                format!(
+                    "task upload: executor e1: artifact {missing} for `exec` is not in the master's artifact \
+                     store; upload it first"
+                ),
+                "task escape: executor e1: fetch path \"../exec\" has a `..` component".to_string(),
+                format!(
+                    "task data carries {} bytes of data, over the limit of {MAX_TASK_DATA}",
+                    MAX_TASK_DATA + 1
+                ),
+                "task nores: executor e1 asks for no cpus and no mem".to_string(),
+            ]
+        );
+        assert_eq!(h.m.executors.len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:0.2;mem:32MiB"));
+    }
+
+    #[test]
+    fn a_different_executor_info_for_the_same_id_is_refused() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:8;mem:8GiB");
+        let a = executor_info("e1", "cpus:0.1;mem:32MiB");
+        let b = executor_info("e1", "cpus:0.2;mem:32MiB");
+        let mismatch = |tid: &str| {
+            format!(
+                "task {tid}: executor e1 on agent {} is already running with a different ExecutorInfo",
+                s.agent
+            )
+        };
+        // Within one call: the first one wins.
+        let acts = h.call(
+            s.fc,
+            accept(&offer, vec![exec_task("t1", "cpus:1", &a), exec_task("t2", "cpus:1", &b)], None),
+        );
+        assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+        let ups = updates(&acts, s.fc);
+        assert_eq!(ups.len(), 1);
+        assert_eq!((ups[0].task_id.as_str(), ups[0].state), ("t2", TaskState::Error));
+        assert_eq!(ups[0].message, mismatch("t2"));
+        // In a later call: compared with the executor running there.
+        let offer = single_offer(&h.advance(5 * MS), s.fc);
+        let mut renamed = a.clone();
+        renamed.name = "other name".into();
+        let acts = h.call(s.fc, accept(&offer, vec![exec_task("t3", "cpus:1", &renamed)], None));
+        assert!(run_tasks(&acts, s.ac).is_empty());
+        assert_eq!(updates(&acts, s.fc)[0].message, mismatch("t3"));
+        assert_eq!(h.m.executors.len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1.1;mem:32MiB"));
+        // Another framework's executor of the same id is its own: no mismatch, its own resources.
+        let (f2, fw2) = h.subscribe("bob", SEC);
+        let offer2 = single_offer(&h.advance(5 * MS), f2);
+        let acts = h.call(f2, accept(&offer2, vec![exec_task("t1", "cpus:1", &b)], None));
+        assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+        assert!(updates(&acts, f2).is_empty());
+        assert_eq!(h.m.executors.len(), 2);
+        assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:64MiB"));
+        let used: Vec<(FrameworkId, Resources)> =
+            h.m.frameworks().into_iter().map(|f| (f.id, f.used)).collect();
+        assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:32MiB")), (fw2, res("cpus:1.2;mem:32MiB"))]);
+    }
+
+    #[test]
+    fn framework_messages_are_relayed_both_ways() {
+        let mut h = Harness::with_executor_binary();
+        let s = h.running_task("cpus:4;mem:4GiB", "cpus:1", SEC);
+        let e1 = ExecutorId::new("e1");
+        // Scheduler → executor: to the agent, under the caller's framework id.
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::Message {
+                agent_id: s.agent.clone(),
+                executor_id: e1.clone(),
+                data: b"hi".to_vec(),
+            },
+        );
+        assert_eq!(
+            acts,
+            vec![Action::ToAgent {
+                conn: s.ac,
+                msg: MasterToAgent::FrameworkMessage {
+                    framework_id: s.fw.clone(),
+                    executor_id: e1.clone(),
+                    data: b"hi".to_vec()
+                },
+            }]
+        );
+        // The largest message passes; one byte more is refused.
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::Message {
+                agent_id: s.agent.clone(),
+                executor_id: e1.clone(),
+                data: vec![7; MAX_FRAMEWORK_MESSAGE],
+            },
+        );
+        assert_eq!(to_agent(&acts, s.ac).len(), 1);
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::Message {
+                agent_id: s.agent.clone(),
+                executor_id: e1.clone(),
+                data: vec![7; MAX_FRAMEWORK_MESSAGE + 1],
+            },
+        );
+        assert_eq!(
+            errors(&acts, s.fc),
+            vec![WireError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "framework message of {} bytes to executor e1 is over the limit of {MAX_FRAMEWORK_MESSAGE} bytes",
+                    MAX_FRAMEWORK_MESSAGE + 1
+                )
+            )]
+        );
+        assert!(to_agent(&acts, s.ac).is_empty());
+        assert!(closed(&acts, s.fc).is_none());
+        // An unknown agent.
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::Message { agent_id: AgentId::new("nope"), executor_id: e1.clone(), data: vec![] },
+        );
+        assert_eq!(errors(&acts, s.fc), vec![WireError::new(ErrorCode::NotFound, "no agent nope")]);
+
+        // Executor → scheduler.
+        let from_agent = |fw: &FrameworkId, data: Vec<u8>| AgentMessage::FrameworkMessage {
+            framework_id: fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            data,
+        };
+        let acts = h.agent(s.ac, from_agent(&s.fw, b"result".to_vec()));
+        assert_eq!(
+            acts,
+            vec![Action::ToFramework {
+                conn: s.fc,
+                event: SchedulerEvent::Message {
+                    agent_id: s.agent.clone(),
+                    executor_id: e1.clone(),
+                    data: b"result".to_vec()
+                },
+            }]
+        );
+        // Too large, or for a framework that is unknown or away: dropped, never kept.
+        assert!(h.agent(s.ac, from_agent(&s.fw, vec![0; MAX_FRAMEWORK_MESSAGE + 1])).is_empty());
+        assert!(h.agent(s.ac, from_agent(&FrameworkId::new("m-F99"), b"x".to_vec())).is_empty());
+        h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
+        h.drain();
+        assert!(h.agent(s.ac, from_agent(&s.fw, b"lost".to_vec())).is_empty());
+        let fc = h.conn();
+        let acts = h.call(fc, SchedulerCall::Subscribe(info(Some(&s.fw), SEC)));
+        assert!(!events(&acts, fc).iter().any(|e| matches!(e, SchedulerEvent::Message { .. })));
+
+        // An agent that is not connected.
+        h.m.handle(h.now, Event::AgentDisconnected { conn: s.ac });
+        h.drain();
+        let acts = h.call(
+            fc,
+            SchedulerCall::Message { agent_id: s.agent.clone(), executor_id: e1.clone(), data: vec![] },
+        );
+        assert_eq!(
+            errors(&acts, fc),
+            vec![WireError::new(ErrorCode::NotFound, format!("agent {} is disconnected", s.agent))]
+        );
+    }
+
+    #[test]
+    fn shutdown_executor_is_relayed_and_resources_wait_for_the_exit() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:4;mem:4GiB");
+        let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+        h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::ShutdownExecutor { agent_id: s.agent.clone(), executor_id: ExecutorId::new("e1") },
+        );
+        assert_eq!(
+            acts,
+            vec![Action::ToAgent {
+                conn: s.ac,
+                msg: MasterToAgent::ShutdownExecutor {
+                    framework_id: s.fw.clone(),
+                    executor_id: ExecutorId::new("e1")
+                },
+            }]
+        );
+        assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+        let acts = h.call(
+            s.fc,
+            SchedulerCall::ShutdownExecutor {
+                agent_id: AgentId::new("nope"),
+                executor_id: ExecutorId::new("e1"),
+            },
+        );
+        assert_eq!(errors(&acts, s.fc), vec![WireError::new(ErrorCode::NotFound, "no agent nope")]);
+        // The agent kills the task and reports the exit.
+        h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
+        h.agent(
+            s.ac,
+            AgentMessage::ExecutorExited {
+                framework_id: s.fw.clone(),
+                executor_id: ExecutorId::new("e1"),
+                message: "shut down".into(),
+            },
+        );
+        assert_eq!(h.m.agents()[0].used, Resources::default());
+    }
+
+    #[test]
+    fn a_framework_cannot_address_another_frameworks_executors() {
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:4;mem:4GiB");
+        let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+        h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+        let (f2, fw2) = h.subscribe("bob", SEC);
+        // Bob names Alice's agent and executor: the agent hears Bob's framework id, so his
+        // message and his shutdown can only reach an executor of his own.
+        let acts = h.call(
+            f2,
+            SchedulerCall::Message {
+                agent_id: s.agent.clone(),
+                executor_id: ExecutorId::new("e1"),
+                data: vec![1],
+            },
+        );
+        assert_eq!(
+            to_agent(&acts, s.ac),
+            vec![MasterToAgent::FrameworkMessage {
+                framework_id: fw2.clone(),
+                executor_id: ExecutorId::new("e1"),
+                data: vec![1]
+            }]
+        );
+        let acts = h.call(
+            f2,
+            SchedulerCall::ShutdownExecutor { agent_id: s.agent.clone(), executor_id: ExecutorId::new("e1") },
+        );
+        assert_eq!(
+            to_agent(&acts, s.ac),
+            vec![MasterToAgent::ShutdownExecutor {
+                framework_id: fw2.clone(),
+                executor_id: ExecutorId::new("e1")
+            }]
+        );
+        // An exit reported for Bob's (non-existent) e1 frees nothing of Alice's.
+        let acts = h.agent(
+            s.ac,
+            AgentMessage::ExecutorExited {
+                framework_id: fw2.clone(),
+                executor_id: ExecutorId::new("e1"),
+                message: "never ran".into(),
+            },
+        );
+        assert!(events(&acts, s.fc).is_empty());
+        assert_eq!(h.m.executors.len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+        // Messages of Alice's executor go to Alice only.
+        let acts = h.agent(
+            s.ac,
+            AgentMessage::FrameworkMessage {
+                framework_id: s.fw.clone(),
+                executor_id: ExecutorId::new("e1"),
+                data: vec![2],
+            },
+        );
+        assert_eq!(events(&acts, s.fc).len(), 1);
+        assert!(events(&acts, f2).is_empty());
+    }
+
+    #[test]
+    fn executor_resources_go_with_the_framework_and_the_agent() {
+        // Framework removed: its executors' resources are free, and agents where it had only
+        // an executor left are told to shut it down.
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:4;mem:4GiB");
+        let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+        h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+        h.finish(&s, "t1");
+        assert_eq!(h.m.agents()[0].used, res("cpus:0.5;mem:512MiB"));
+        let acts = h.call(s.fc, SchedulerCall::Teardown);
+        assert_eq!(
+            to_agent(&acts, s.ac),
+            vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]
+        );
+        assert_eq!(h.m.executors.len(), 0);
+        assert_eq!(h.m.agents()[0].used, Resources::default());
+
+        // Agent lost: its executors are forgotten; back with a task of one, it is adopted
+        // with its resources again.
+        let mut h = Harness::with_executor_binary();
+        let (s, offer) = h.offered("cpus:4;mem:4GiB");
+        let t1 = exec_task("t1", "cpus:1;mem:1GiB", &e);
+        h.call(s.fc, accept(&offer, vec![t1.clone()], None));
+        h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+        h.advance(21 * SEC);
+        assert_eq!(h.m.agents()[0].status, "unreachable");
+        assert_eq!(h.m.executors.len(), 0);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+        let report = TaskReport { framework_id: s.fw.clone(), task: t1, state: TaskState::Running };
+        h.register(Some(s.agent.clone()), "cpus:4;mem:4GiB", vec![report]);
+        assert_eq!(h.m.executors.len(), 1);
+        assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+        assert_eq!(h.m.frameworks()[0].used, res("cpus:1.5;mem:1.5GiB"));
+        // Back again without it (restarted agent): the executor is gone with its task.
+        let (_, _, acts) = h.register(Some(s.agent.clone()), "cpus:4;mem:4GiB", vec![]);
+        assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Lost);
+        assert_eq!(h.m.executors.len(), 0);
+        assert_eq!(h.m.agents()[0].used, Resources::default());
     }
 }

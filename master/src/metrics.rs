@@ -25,6 +25,8 @@ pub const ALLOCATION_RUNS: &str = "agora_master_allocation_runs_total";
 pub const AGENTS_UNREACHABLE_EVENTS: &str = "agora_master_agents_unreachable_total";
 /// Frameworks removed (failover timeout or teardown).
 pub const FRAMEWORKS_REMOVED: &str = "agora_master_frameworks_removed_total";
+/// Framework messages relayed (label `direction`: `to_executor`, `to_scheduler`).
+pub const FRAMEWORK_MESSAGES: &str = "agora_master_framework_messages_total";
 /// Connected agents (refreshed every allocation cycle).
 pub const AGENTS_ACTIVE: &str = "agora_master_agents_active";
 /// Agents known but not connected (refreshed every allocation cycle).
@@ -57,6 +59,7 @@ pub fn describe() {
     describe_counter!(ALLOCATION_RUNS, Unit::Count, "Allocation cycles run");
     describe_counter!(AGENTS_UNREACHABLE_EVENTS, Unit::Count, "Agents marked unreachable");
     describe_counter!(FRAMEWORKS_REMOVED, Unit::Count, "Frameworks removed");
+    describe_counter!(FRAMEWORK_MESSAGES, Unit::Count, "Framework messages relayed by direction");
     describe_gauge!(AGENTS_ACTIVE, Unit::Count, "Connected agents");
     describe_gauge!(AGENTS_INACTIVE, Unit::Count, "Disconnected or unreachable agents");
     describe_gauge!(FRAMEWORKS_ACTIVE, Unit::Count, "Connected frameworks");

@@ -44,7 +44,7 @@ impl ListArgs {
             }
             What::Tasks => {
                 let v = client.tasks().await?;
-                (v.iter().map(agora_sdk::json::task_json).collect(), output::tasks_table(&v))
+                (v.iter().map(task_json).collect(), output::tasks_table(&v))
             }
         };
         client.close();
@@ -53,5 +53,42 @@ impl ListArgs {
             Format::Table => print!("{table}"),
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// A task as JSON: the SDK's form, plus the executor that runs it (`agora-command`,
+/// `agora-wasm` or the framework's own executor id).
+fn task_json(t: &agora_sdk::proto::TaskView) -> serde_json::Value {
+    let mut v = agora_sdk::json::task_json(t);
+    if let Some(o) = v.as_object_mut() {
+        o.entry("executor_id").or_insert_with(|| t.executor_id.as_str().into());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use agora_sdk::proto::*;
+    use agora_sdk::Resources;
+
+    #[test]
+    fn task_json_names_the_executor() {
+        let t = TaskView {
+            id: TaskId::new("t1"),
+            name: "t1".into(),
+            framework_id: FrameworkId::new("m-F1"),
+            agent_id: AgentId::new("m-A1"),
+            state: TaskState::Running,
+            resources: Resources::cpus(1000),
+            exit_code: None,
+            signal: None,
+            reason: String::new(),
+            message: String::new(),
+            usage: None,
+            executor_id: ExecutorId::new("my-exec"),
+        };
+        let v = super::task_json(&t);
+        assert_eq!(v["executor_id"], "my-exec");
+        assert_eq!(v["id"], "t1");
     }
 }
