@@ -204,7 +204,7 @@ fn to_update(
 ) -> Option<ExecutorUpdate> {
     let task_id = key.task_id.clone();
     match ev {
-        TaskEvent::Running { pid } => Some(ExecutorUpdate {
+        TaskEvent::Running { pid, .. } => Some(ExecutorUpdate {
             task_id,
             state: TaskState::Running,
             reason: "task started".into(),

@@ -21,7 +21,7 @@ use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 use crate::updates::{AckOutcome, UpdateManager};
-use crate::user::TaskUser;
+use crate::user::{TaskGroups, TaskUser};
 use crate::wasm::{self, WasmSupport};
 
 /// How many finished tasks' sandboxes stay reachable for `agora logs`.
@@ -94,8 +94,8 @@ pub struct Core {
     /// Tasks whose supervisor has not ended (kept as a count: walking every task per event
     /// was quadratic under load).
     live: usize,
-    /// The user tasks and executors run as (`None`: the agent's own).
-    task_user: Option<TaskUser>,
+    /// Who each framework's tasks and executors run as (`None`: the agent's own user).
+    task_groups: Option<std::sync::Arc<TaskGroups>>,
     /// Sandbox of each framework executor's current run, and of each framework's Wasm tasks.
     executor_runs: HashMap<(FrameworkId, ExecutorId), PathBuf>,
 }
@@ -125,7 +125,7 @@ impl Core {
             connected: false,
             wasm: None,
             live: 0,
-            task_user: None,
+            task_groups: None,
             executor_runs: HashMap::new(),
         }
     }
@@ -136,9 +136,19 @@ impl Core {
         self.wasm = Some(wasm);
     }
 
-    /// The user tasks and executors run as.
-    pub fn set_task_user(&mut self, user: Option<TaskUser>) {
-        self.task_user = user;
+    /// Who tasks and executors run as.
+    pub fn set_task_groups(&mut self, groups: Option<std::sync::Arc<TaskGroups>>) {
+        self.task_groups = groups;
+    }
+
+    fn user_for(&self, fw: &FrameworkId) -> Result<Option<TaskUser>, String> {
+        match &self.task_groups {
+            Some(g) => g
+                .for_framework(fw.as_str())
+                .map(Some)
+                .map_err(|e| format!("no group for framework {fw}: {e}")),
+            None => Ok(None),
+        }
     }
 
     /// The id the master gave this agent, if any yet.
@@ -217,14 +227,17 @@ impl Core {
             self.send_error(key, "invalid task", msg, now);
             return;
         }
-        let dirs = match self.task_dirs(&framework_id, &task) {
+        let dirs = match self
+            .user_for(&framework_id)
+            .and_then(|u| Ok((u, self.task_dirs(&framework_id, &task, u)?)))
+        {
             Ok(d) => d,
             Err(e) => {
                 self.send_error(key, "invalid task", e, now);
                 return;
             }
         };
-        let (executor_dir, run_dir) = dirs;
+        let (user, (executor_dir, run_dir)) = dirs;
         let spec = LaunchSpec {
             framework_id,
             task: task.clone(),
@@ -232,7 +245,7 @@ impl Core {
             run_dir: run_dir.clone(),
             kill_grace: task.kill_grace.unwrap_or(self.default_grace),
             isolator: self.isolator.clone(),
-            user: self.task_user,
+            user,
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
@@ -298,7 +311,12 @@ impl Core {
     /// directory per task. Wasm tasks: a directory below their framework's Wasm executor's run
     /// (created now for the task user, so the executor can create the task's files there). A
     /// framework executor's tasks share that executor's sandbox.
-    fn task_dirs(&mut self, fw: &FrameworkId, task: &TaskInfo) -> Result<(PathBuf, PathBuf), String> {
+    fn task_dirs(
+        &mut self,
+        fw: &FrameworkId,
+        task: &TaskInfo,
+        user: Option<TaskUser>,
+    ) -> Result<(PathBuf, PathBuf), String> {
         let executor_dir = self.layout.executor_dir(fw, &task.task_id).map_err(|e| e.to_string())?;
         let executor_id = task.kind.executor_id();
         match &task.kind {
@@ -315,8 +333,8 @@ impl Core {
                         let run = Layout::run_dir(&dir, Uuid::new_v4());
                         if matches!(task.kind, TaskKind::Wasm(_)) {
                             let tasks = run.join("tasks");
-                            crate::sandbox::create_sandbox(&run, self.task_user)
-                                .and_then(|()| crate::sandbox::create_sandbox(&tasks, self.task_user))
+                            crate::sandbox::create_sandbox(&run, user)
+                                .and_then(|()| crate::sandbox::create_sandbox(&tasks, user))
                                 .map_err(|e| format!("cannot create {}: {e}", tasks.display()))?;
                         }
                         self.executor_runs.insert(key, run.clone());
@@ -385,9 +403,9 @@ impl Core {
             return;
         };
         let status = match event {
-            TaskEvent::Running { pid } => {
+            TaskEvent::Running { pid, message } => {
                 entry.state = TaskState::Running;
-                let msg = format!("process {pid} started");
+                let msg = message.unwrap_or_else(|| format!("process {pid} started"));
                 self.status(&key, TaskState::Running, "task started", msg, None)
             }
             TaskEvent::Killing => {

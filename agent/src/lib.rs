@@ -90,6 +90,19 @@ pub enum AgentError {
         /// The cause.
         err: std::io::Error,
     },
+    /// The task user could not reach its sandboxes below the work dir.
+    #[error(
+        "tasks run as the task user, which cannot reach the work dir {work_dir}: {dir} is mode {mode:o} \
+         (let others pass with `chmod o+x {dir}`, or choose a --work-dir below directories that do)"
+    )]
+    Unreachable {
+        /// The work dir.
+        work_dir: PathBuf,
+        /// The directory above it that others cannot pass.
+        dir: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
     /// The agent id file exists but cannot be read.
     #[error("cannot read the agent id from {path}: {err}")]
     AgentIdFile {
@@ -151,7 +164,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (exec_tx, mut exec_events) = mpsc::unbounded_channel();
     let (conn_tx, conn_rx) = tokio::sync::watch::channel(None);
-    let wasm_config = wasm::WasmConfig { task_user, ..config.wasm.clone() };
+    if task_user.is_some() {
+        check_reachable(&config.work_dir)?;
+    }
+    let task_groups = match task_user {
+        Some(u) => {
+            let file = config.work_dir.join("task-groups.json");
+            let groups =
+                user::TaskGroups::load(u, user::DEFAULT_FIRST_TASK_GID, user::DEFAULT_TASK_GIDS, &file)
+                    .map_err(|err| AgentError::Checkpoint { path: file, err })?;
+            Some(std::sync::Arc::new(groups))
+        }
+        None => None,
+    };
+    let wasm_config = wasm::WasmConfig { task_groups: task_groups.clone(), ..config.wasm.clone() };
     let wasm = wasm::WasmSupport::start(wasm_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
     let mut core = core::Core::new(
         info,
@@ -163,7 +189,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         events_tx,
     );
     core.set_wasm(wasm.clone());
-    core.set_task_user(task_user);
+    core.set_task_groups(task_groups);
     let result =
         link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx).await;
     if config.kill_tasks_on_shutdown {
@@ -177,6 +203,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Err(e) => tracing::error!(error = %e, "agent failed"),
     }
     result
+}
+
+/// Tasks and executors run as the task user and reach their sandboxes (and executors their
+/// sockets) by absolute path: every directory above the work dir must let others pass (`x`).
+fn check_reachable(work_dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let abs = std::path::absolute(work_dir)
+        .map_err(|err| AgentError::WorkDir { path: work_dir.to_path_buf(), err })?;
+    for dir in abs.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else { continue };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(AgentError::Unreachable {
+                work_dir: abs.clone(),
+                dir: dir.to_path_buf(),
+                mode: meta.permissions().mode() & 0o7777,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates the work directory. It and `frameworks/` are pass-through (0711): tasks reach their

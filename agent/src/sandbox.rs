@@ -177,16 +177,19 @@ fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
 pub const PASS_THROUGH: u32 = 0o711;
 
 /// Creates `dir` and every missing parent with mode [`PASS_THROUGH`], then makes `dir` itself
-/// private to `user` (mode 0700, owned by it). Without a user (an agent that is not root)
-/// `dir` is 0700 and owned by the agent.
+/// the sandbox of `user`'s framework: owned by the agent, group `user.gid`, mode 0770 (the
+/// framework's tasks and executors write there; nobody else, same uid or not, gets in).
+/// Without a user (an agent that is not root) `dir` is 0700 and the agent's.
 pub fn create_sandbox(dir: &Path, user: Option<crate::user::TaskUser>) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(PASS_THROUGH).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if let Some(u) = user {
-        u.chown(dir)?;
+    match user {
+        Some(u) => {
+            u.chgrp(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+        }
+        None => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
     }
-    Ok(())
 }
 
 /// Reads the agent id file: `Ok(None)` when there is none (first start) or it is empty.

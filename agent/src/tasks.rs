@@ -72,8 +72,10 @@ impl LaunchSpec {
 pub enum TaskEvent {
     /// The process was spawned.
     Running {
-        /// Its pid (and process-group id).
+        /// Its pid (and process-group id); a framework executor's pid for its tasks.
         pid: u32,
+        /// What the executor said, if it said something (framework executors).
+        message: Option<String>,
     },
     /// A kill was requested and SIGTERM sent to the process group.
     Killing,
@@ -259,7 +261,7 @@ async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(T
     tracing::info!(task_id = %spec.task.task_id, framework_id = %spec.framework_id, pid,
         sandbox = %spec.run_dir.display(), cgroup = cgroup.as_ref().map(Cgroup::name), "task started");
     checkpoint(spec, Some(pid), TaskState::Running).await;
-    emit(TaskEvent::Running { pid });
+    emit(TaskEvent::Running { pid, message: None });
 
     let mut reporter = UsageReporter::default();
     let (wait, killed) = {
@@ -542,7 +544,7 @@ pub fn validate(task: &TaskInfo) -> Result<(), String> {
     let cmd = match &task.kind {
         TaskKind::Command(cmd) => cmd,
         TaskKind::Wasm(info) => return crate::wasm::validate(info),
-        TaskKind::Executor(_) => return Err("this agent does not run custom executors yet".into()),
+        TaskKind::Executor(t) => return crate::wasm::validate_executor(&t.executor),
     };
     let Some(first) = cmd.argv.first() else {
         return Err("the command is empty".into());
@@ -713,7 +715,7 @@ pub(crate) mod tests {
     async fn kill_terminates_the_whole_process_group() {
         let grace = Duration::from_secs(2);
         let mut run = start(command_task("k", "sleep 30 & echo $! > bg.pid; sleep 30"), grace);
-        let TaskEvent::Running { pid } = next(&mut run).await else { panic!("not running") };
+        let TaskEvent::Running { pid, .. } = next(&mut run).await else { panic!("not running") };
         // Wait until the background sleep is there.
         let bg_file = run.spec.run_dir.join("bg.pid");
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -3,6 +3,14 @@
 //! executor as root: they get the task user's uid and gid, no supplementary groups and
 //! `no_new_privs`. An agent that is not root cannot switch users: its tasks run as its own user,
 //! after one warning line.
+//!
+//! Each framework gets a group of its own on the agent ([`TaskGroups`]): its tasks and
+//! executors run as the task user *with that group as their only group*, and its sandboxes are
+//! `root:<group>` mode 0770. A task of one framework therefore cannot open another framework's
+//! sandbox, even by exact path, and cannot inspect its processes through `/proc` (the kernel
+//! lets a process trace or read another's `/proc` entries only when their groups match too).
+//! Signals are the one thing the shared uid still allows; per-framework users (from the ACLs)
+//! close that.
 
 use std::ffi::CString;
 use std::io;
@@ -91,6 +99,11 @@ impl TaskUser {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
     }
 
+    /// Gives `path`'s group to this user's group (the owner stays the agent).
+    pub fn chgrp(&self, path: &Path) -> io::Result<()> {
+        std::os::unix::fs::chown(path, None, Some(self.gid))
+    }
+
     /// Drops to this user in a freshly forked child, before `exec`: no supplementary groups,
     /// then the group, then the user. Async-signal-safe (system calls only).
     ///
@@ -107,6 +120,58 @@ impl TaskUser {
             }
         }
         Ok(())
+    }
+}
+
+/// First group id handed to frameworks (`--task-gids`'s default start): high enough to stay
+/// clear of the groups of ordinary systems.
+pub const DEFAULT_FIRST_TASK_GID: u32 = 1_900_000_000;
+/// How many framework groups the default range holds.
+pub const DEFAULT_TASK_GIDS: u32 = 100_000_000;
+
+/// The group of each framework on this agent, allocated in order from a range and kept in
+/// the work dir (`task-groups.json`, written atomically) so that a restarted agent gives a
+/// framework the group its files already have.
+#[derive(Debug)]
+pub struct TaskGroups {
+    user: TaskUser,
+    first: u32,
+    count: u32,
+    file: std::path::PathBuf,
+    map: std::sync::Mutex<std::collections::BTreeMap<String, u32>>,
+}
+
+impl TaskGroups {
+    /// Groups for `user`'s tasks from `first` (at most `count` frameworks), kept in `file`.
+    pub fn load(user: TaskUser, first: u32, count: u32, file: &Path) -> io::Result<Self> {
+        let map = match std::fs::read(file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", file.display()))
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self { user, first, count, file: file.to_path_buf(), map: std::sync::Mutex::new(map) })
+    }
+
+    /// Who `framework`'s tasks and executors run as: the task user with the framework's group.
+    pub fn for_framework(&self, framework: &str) -> io::Result<TaskUser> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&gid) = map.get(framework) {
+            return Ok(TaskUser { uid: self.user.uid, gid });
+        }
+        let n = u32::try_from(map.len()).unwrap_or(u32::MAX);
+        if n >= self.count {
+            return Err(io::Error::other(format!(
+                "all {} framework groups of this agent are in use",
+                self.count
+            )));
+        }
+        let gid = self.first.saturating_add(n);
+        map.insert(framework.to_string(), gid);
+        let data = serde_json::to_vec(&*map).map_err(io::Error::other)?;
+        crate::sandbox::write_atomic(&self.file, &data)?;
+        Ok(TaskUser { uid: self.user.uid, gid })
     }
 }
 
@@ -132,6 +197,21 @@ pub fn is_root() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_framework_gets_a_group_of_its_own_kept_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("task-groups.json");
+        let user = TaskUser { uid: 65534, gid: 65534 };
+        let g = TaskGroups::load(user, 1000, 2, &file).expect("load");
+        let a = g.for_framework("fw-a").expect("a");
+        let b = g.for_framework("fw-b").expect("b");
+        assert_eq!((a.uid, a.gid, b.gid), (65534, 1000, 1001));
+        assert_eq!(g.for_framework("fw-a").expect("a again").gid, 1000);
+        assert!(g.for_framework("fw-c").is_err(), "the range is full");
+        let again = TaskGroups::load(user, 1000, 2, &file).expect("reload");
+        assert_eq!(again.for_framework("fw-b").expect("b").gid, 1001);
+    }
 
     #[test]
     fn lookup() {

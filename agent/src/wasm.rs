@@ -67,8 +67,9 @@ pub struct WasmConfig {
     pub max_tasks_per_executor: u32,
     /// Worker threads of each executor.
     pub executor_threads: u32,
-    /// The user executors (and the tasks of the command executor) run as; `None`: the agent's.
-    pub task_user: Option<crate::user::TaskUser>,
+    /// Who each framework's executors and tasks run as (the task user with the framework's
+    /// group); `None`: the agent's own user.
+    pub task_groups: Option<Arc<crate::user::TaskGroups>>,
 }
 
 impl Default for WasmConfig {
@@ -78,7 +79,7 @@ impl Default for WasmConfig {
             idle_timeout: Duration::from_secs(30),
             max_tasks_per_executor: 256,
             executor_threads: 2,
-            task_user: None,
+            task_groups: None,
         }
     }
 }
@@ -97,6 +98,37 @@ pub fn validate(info: &WasmInfo) -> Result<(), String> {
             return Err(format!("malformed directory digest `{}`", d.archive.digest));
         }
         guest_dir(&d.guest)?;
+    }
+    Ok(())
+}
+
+/// Checks a framework executor's description before starting it (the master checked it too;
+/// the agent does not rely on that): the error is the message of a TASK_ERROR.
+pub fn validate_executor(info: &ExecutorInfo) -> Result<(), String> {
+    let id = info.executor_id.as_str();
+    if id.is_empty() || id.starts_with("agora-") {
+        return Err(format!("executor id `{id}` is empty or reserved"));
+    }
+    crate::sandbox::path_component("executor", id).map_err(|e| e.to_string())?;
+    let Some(first) = info.command.argv.first().filter(|a| !a.is_empty()) else {
+        return Err(format!("executor {id} has no command"));
+    };
+    if first.contains('\0') {
+        return Err(format!("executor {id}: the program name contains a NUL byte"));
+    }
+    crate::tasks::validate_args_env(&info.command.argv, &info.command.env)?;
+    if info.fetch.len() > agora_sdk::proto::MAX_EXECUTOR_FETCHES {
+        return Err(format!(
+            "executor {id} asks for {} files (at most {})",
+            info.fetch.len(),
+            agora_sdk::proto::MAX_EXECUTOR_FETCHES
+        ));
+    }
+    for f in &info.fetch {
+        if !f.artifact.digest.is_valid() {
+            return Err(format!("executor {id}: malformed digest `{}`", f.artifact.digest));
+        }
+        relative_path(&f.path)?;
     }
     Ok(())
 }
@@ -619,6 +651,8 @@ enum ManagerCmd {
     Gone {
         exec: ExecKey,
         serial: u64,
+        /// The reason its unfinished tasks fail with.
+        reason: &'static str,
         why: String,
     },
 }
@@ -933,7 +967,8 @@ impl Manager {
                         match ex.tasks.get(&update.task_id) {
                             Some(slot) => {
                                 let pid = if custom { pid } else { update.pid.unwrap_or(pid) };
-                                slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid })
+                                let message = custom.then(|| update.message.clone());
+                                slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid, message })
                             }
                             None => {
                                 tracing::debug!(task_id = %update.task_id, "update for a task the executor manager does not know")
@@ -954,14 +989,14 @@ impl Manager {
                     ex.idle_since = Some(Instant::now());
                 }
             }
-            ManagerCmd::Gone { exec, serial, why } => {
+            ManagerCmd::Gone { exec, serial, reason, why } => {
                 let Some(ex) = remove_if_serial(&mut self.executors, &exec, serial) else { return };
                 let framework_id = &exec.0;
                 if !ex.tasks.is_empty() {
                     tracing::warn!(framework_id = %framework_id, executor_id = %exec.1, tasks = ex.tasks.len(), "executor died: {why}");
                 }
                 for (task_id, slot) in ex.tasks {
-                    slot.end(framework_id, &task_id, failed(REASON_EXECUTOR_TERMINATED, why.clone()));
+                    slot.end(framework_id, &task_id, failed(reason, why.clone()));
                 }
                 destroy_group(ex.cgroup);
                 if matches!(ex.kind, ExecKind::Custom { .. }) {
@@ -1050,6 +1085,17 @@ impl Manager {
         }
     }
 
+    /// Who `fw`'s executors run as.
+    fn user_for(&self, fw: &FrameworkId) -> Result<Option<crate::user::TaskUser>, String> {
+        match &self.config.task_groups {
+            Some(g) => g
+                .for_framework(fw.as_str())
+                .map(Some)
+                .map_err(|e| format!("no group for framework {fw}: {e}")),
+            None => Ok(None),
+        }
+    }
+
     /// The framework's Wasm cache directory (compiled modules, and the modules it may read).
     fn framework_cache(&self, fw: &FrameworkId) -> Result<PathBuf, String> {
         let name = crate::sandbox::path_component("framework", fw.as_str()).map_err(|e| e.to_string())?;
@@ -1065,7 +1111,7 @@ impl Manager {
             return Ok(p.clone());
         }
         let dir = self.framework_cache(fw)?.join("modules");
-        crate::sandbox::create_sandbox(&dir, self.config.task_user)
+        crate::sandbox::create_sandbox(&dir, self.user_for(fw)?)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let dest = dir.join(&l.digest);
         if !dest.exists() {
@@ -1103,12 +1149,12 @@ impl Manager {
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
-            if let Some(u) = self.config.task_user {
+            if let Some(u) = self.user_for(fw)? {
                 u.chown(&socket)
                     .map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
             }
         }
-        let user = self.config.task_user;
+        let user = self.user_for(fw)?;
         let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut env: Vec<(String, String)> = vec![
             (ENV_SOCKET.into(), socket.display().to_string()),
@@ -1310,26 +1356,36 @@ struct ExecutorSpawn {
 
 impl ExecutorSpawn {
     async fn run(self) {
-        let why = match self.serve().await {
-            Ok(why) | Err(why) => why,
+        let (reason, why) = match self.prepare().await {
+            Err(why) => (REASON_FETCH_FAILED, why),
+            Ok(()) => match self.serve().await {
+                Ok(why) | Err(why) => {
+                    let tail = log_tail(&self.log);
+                    let why =
+                        if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
+                    (REASON_EXECUTOR_TERMINATED, why)
+                }
+            },
         };
         let _ = std::fs::remove_file(&self.socket);
-        let tail = log_tail(&self.log);
-        let why = if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
-        let _ = self.manager.send(ManagerCmd::Gone { exec: self.exec.clone(), serial: self.serial, why });
+        let _ =
+            self.manager.send(ManagerCmd::Gone { exec: self.exec.clone(), serial: self.serial, reason, why });
     }
 
-    /// Returns why the executor ended.
-    async fn serve(&self) -> Result<String, String> {
+    /// A framework executor's sandbox and the files it asked for.
+    async fn prepare(&self) -> Result<(), String> {
         if let Some(dir) = &self.cwd {
             crate::sandbox::create_sandbox(dir, self.user)
                 .map_err(|e| format!("cannot create the executor's sandbox {}: {e}", dir.display()))?;
             for f in &self.fetch {
-                place_fetched(&self.fetcher, f, dir, self.user)
-                    .await
-                    .map_err(|e| format!("{REASON_FETCH_FAILED}: {e}"))?;
+                place_fetched(&self.fetcher, f, dir, self.user).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Returns why the executor ended.
+    async fn serve(&self) -> Result<String, String> {
         let open = |path: &Path| {
             use std::os::unix::fs::OpenOptionsExt;
             let f =

@@ -84,7 +84,7 @@ impl Runner {
                 panic!("timed out; ended so far: {:?}", self.ended.keys().collect::<Vec<_>>());
             };
             match ev {
-                TaskEvent::Running { pid } => {
+                TaskEvent::Running { pid, .. } => {
                     self.pids.insert(key.task_id, pid);
                 }
                 TaskEvent::Terminated(t) => {

@@ -202,6 +202,8 @@ pub enum Seen {
     Rescinded(OfferId),
     Update(TaskStatus),
     Error(WireError),
+    Message { agent_id: AgentId, executor_id: ExecutorId, data: Vec<u8> },
+    ExecutorExited { agent_id: AgentId, executor_id: ExecutorId, message: String },
 }
 
 /// A scheduler that reports everything to the test, which drives it through the `Driver`.
@@ -224,6 +226,19 @@ impl Scheduler for Probe {
     }
     async fn error(&mut self, d: &Driver, e: &WireError) {
         let _ = self.tx.send((d.clone(), Seen::Error(e.clone())));
+    }
+    async fn framework_message(&mut self, d: &Driver, agent: &AgentId, executor: &ExecutorId, data: &[u8]) {
+        let seen =
+            Seen::Message { agent_id: agent.clone(), executor_id: executor.clone(), data: data.to_vec() };
+        let _ = self.tx.send((d.clone(), seen));
+    }
+    async fn executor_exited(&mut self, d: &Driver, agent: &AgentId, executor: &ExecutorId, message: &str) {
+        let seen = Seen::ExecutorExited {
+            agent_id: agent.clone(),
+            executor_id: executor.clone(),
+            message: message.into(),
+        };
+        let _ = self.tx.send((d.clone(), seen));
     }
 }
 
