@@ -113,13 +113,24 @@ async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_task
         echo_task("sleep-3", &artifact, "sleep"),
     ];
     fw.driver().launch(vec![offer.id], tasks);
-    let mut pids = Vec::new();
-    for id in ["quick", "sleep-1", "sleep-2", "sleep-3"] {
-        pids.push(pid_in(&fw.update_for(id, TaskState::Running).await));
+    // One loop sees every update (waiting for one task must not skip another's).
+    let mut running = std::collections::BTreeMap::new();
+    let mut finished = None;
+    while running.len() < 4 || finished.is_none() {
+        if let Seen::Update(u) = fw.next().await {
+            match u.state {
+                TaskState::Running => {
+                    running.insert(u.task_id.to_string(), pid_in(&u));
+                }
+                TaskState::Finished if u.task_id.as_str() == "quick" => finished = Some(u),
+                s => panic!("unexpected {s} for {}: {}", u.task_id, u.message),
+            }
+        }
     }
+    let pids: Vec<u32> = running.values().copied().collect();
     let pid = pids[0];
     assert!(pids.iter().all(|p| *p == pid), "every task runs in one executor process: {pids:?}");
-    let finished = fw.update_for("quick", TaskState::Finished).await;
+    let finished = finished.expect("quick finished");
     assert!(finished.message.starts_with("count="), "{}", finished.message);
     assert!(alive(pid));
     if is_root() {

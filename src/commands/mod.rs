@@ -50,8 +50,8 @@ pub enum Command {
     #[command(hide = true)]
     ExecutorWasm(executor_wasm::ExecutorWasmCommand),
     /// Internal: the command executor (native tasks), started by the agent.
-    #[command(hide = true)]
-    ExecutorCommand(executor_command::ExecutorCommandCommand),
+    #[command(hide = true, name = "executor-command")]
+    NativeExecutor(executor_command::ExecutorCommandCommand),
 }
 
 impl Command {
@@ -69,7 +69,7 @@ impl Command {
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
             Command::ExecutorWasm(c) => c.execute().await,
-            Command::ExecutorCommand(c) => c.execute().await,
+            Command::NativeExecutor(c) => c.execute().await,
         }
     }
 
@@ -80,7 +80,7 @@ impl Command {
                 | Command::Master(_)
                 | Command::Agent(_)
                 | Command::ExecutorWasm(_)
-                | Command::ExecutorCommand(_)
+                | Command::NativeExecutor(_)
         )
     }
 
