@@ -22,6 +22,8 @@ pub struct ClusterSpec {
     pub attributes: Vec<Attributes>,
     pub allocator: String,
     pub core: MasterConfig,
+    /// Largest artifact the master stores.
+    pub max_artifact_size: u64,
 }
 
 pub struct Cluster {
@@ -50,7 +52,7 @@ impl Cluster {
                 core: spec.core.clone(),
                 allocator: spec.allocator.clone(),
                 work_dir: dir.join("master"),
-                max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+                max_artifact_size: spec.max_artifact_size,
             },
             shutdown.clone(),
         )?;

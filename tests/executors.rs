@@ -10,20 +10,24 @@ use agora_sdk::proto::*;
 use agora_sdk::Resources;
 use common::*;
 
-/// The `echo_executor` example beside the test binaries (`cargo test` builds examples; a lone
+/// An example program beside the test binaries (`cargo test` builds examples; a lone
 /// `cargo test --test executors` may not have, so build it then).
-fn echo_executor() -> PathBuf {
+fn example(name: &str) -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_agora"));
-    let path = bin.parent().expect("target dir").join("examples").join("echo_executor");
+    let path = bin.parent().expect("target dir").join("examples").join(name);
     if !path.exists() {
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--example", "echo_executor"])
+            .args(["build", "--example", name])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("cargo build --example echo_executor");
-        assert!(status.success(), "cannot build the echo_executor example");
+            .expect("cargo build --example");
+        assert!(status.success(), "cannot build the {name} example");
     }
     path
+}
+
+fn echo_executor() -> PathBuf {
+    example("echo_executor")
 }
 
 async fn upload_executor(c: &TestCluster) -> ArtifactRef {
@@ -151,11 +155,28 @@ async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_task
         assert_eq!(dir_mode & 0o007, 0, "no access for others: {dir_mode:o}");
     }
 
+    // The operator's view names each task's executor.
+    let views = c.master.tasks().await;
+    let sleeping = views.iter().find(|t| t.id.as_str() == "sleep-1").expect("listed");
+    assert_eq!(sleeping.executor_id, ExecutorId::new("echo"));
+    if is_root() {
+        // The executor's cgroup holds its own memory plus its running tasks' (3 × 16 MiB).
+        let limit = || memory_limit(pid);
+        wait_for("the executor's cgroup to be sized", || async move { limit() == Some((64 + 3 * 16) << 20) })
+            .await;
+    }
+
     // Kill one: its neighbours run on in the same process.
     fw.driver().kill(TaskId::new("sleep-1"));
     let killed = fw.update_for("sleep-1", TaskState::Killed).await;
     assert_eq!(killed.reason, "killed");
     assert!(alive(pid));
+    if is_root() {
+        // Resized as tasks come and go.
+        let limit = || memory_limit(pid);
+        wait_for("the executor's cgroup to shrink", || async move { limit() == Some((64 + 2 * 16) << 20) })
+            .await;
+    }
 
     // Framework messages both ways, and the cap.
     fw.driver()
@@ -282,6 +303,49 @@ async fn bad_executor_infos_and_non_executables_are_refused() {
         assert_eq!(u.state, TaskState::Error, "{id}: {u:?}");
     }
     c.stop().await;
+}
+
+/// The memory limit of `pid`'s cgroup (v1 `memory.limit_in_bytes` or v2 `memory.max`).
+fn memory_limit(pid: u32) -> Option<u64> {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else {
+            continue;
+        };
+        if let Some(v) = std::fs::read_to_string(&file).ok().and_then(|v| v.trim().parse().ok()) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_executor_framework_example_runs_against_a_dev_cluster() {
+    let dev = common::dev::Dev::start_with(&["--agents", "2", "--resources", "cpus:2;mem:2GiB"]);
+    let out = std::process::Command::new(example("executor_framework"))
+        .arg("--config")
+        .arg(&dev.config)
+        .args(["--tasks", "20", "--executor"])
+        .arg(echo_executor())
+        .output()
+        .expect("run executor_framework");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary = stdout.lines().last().unwrap_or_default();
+    let executors: usize = summary
+        .strip_prefix("summary: 20 tasks finished in ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected summary: {summary}\n{stdout}"));
+    assert!((1..=2).contains(&executors), "{summary}");
+    assert!(summary.ends_with(&format!("; {executors} messages answered")), "{summary}");
+    dev.stop();
 }
 
 /// An offer held from earlier events (skipped while waiting for others), or the next one.

@@ -147,6 +147,151 @@ async fn wasm_tasks(master: &str, tls: &agora_sdk::tls::TlsFiles) -> anyhow::Res
     Ok(tasks)
 }
 
+/// The `custom` framework: its tasks run in its own executor (`agora demo-executor`, this
+/// binary, uploaded to the master's artifact store), one process per agent; once they are
+/// done it asks each executor how many tasks it ran (a framework message), prints the answers
+/// and shuts the executors down.
+struct CustomScheduler {
+    started: Instant,
+    executor: ExecutorInfo,
+    pending: VecDeque<TaskInfo>,
+    total: usize,
+    finished: usize,
+    /// Agents where the executor was started (it holds its own resources there).
+    executors: BTreeSet<AgentId>,
+    answered: usize,
+    exited: usize,
+}
+
+impl CustomScheduler {
+    async fn new(master: &str, tls: &agora_sdk::tls::TlsFiles, started: Instant) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let session = agora_sdk::client::Session::connect(master, tls, Role::Framework).await?;
+        let artifact =
+            agora_sdk::artifacts::upload(&session.conn, ArtifactKind::Executable, "agora", &exe).await?;
+        session.conn.close(0u32.into(), b"uploaded");
+        let executor = ExecutorInfo {
+            executor_id: ExecutorId::new("counter"),
+            name: "counter".into(),
+            command: CommandInfo {
+                argv: vec!["./agora".into(), "demo-executor".into()],
+                shell: false,
+                env: vec![],
+            },
+            resources: Resources { cpus: 100, mem: 64 << 20, ..Default::default() },
+            fetch: vec![FetchInfo { artifact, path: "agora".into(), executable: true }],
+        };
+        let words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
+        let pending: VecDeque<TaskInfo> = words
+            .iter()
+            .map(|w| TaskInfo {
+                task_id: TaskId(format!("custom-{w}")),
+                name: "custom".into(),
+                resources: Resources { cpus: 100, mem: 16 << 20, ..Default::default() },
+                kind: TaskKind::Executor(Box::new(ExecutorTask {
+                    executor: executor.clone(),
+                    data: w.as_bytes().to_vec(),
+                })),
+                kill_grace: None,
+            })
+            .collect();
+        Ok(Self {
+            started,
+            executor,
+            total: pending.len(),
+            pending,
+            finished: 0,
+            executors: BTreeSet::new(),
+            answered: 0,
+            exited: 0,
+        })
+    }
+
+    fn say(&self, what: String) {
+        println!("[{:5.2}s] {:<6} {what}", self.started.elapsed().as_secs_f64(), "custom");
+    }
+}
+
+impl Scheduler for CustomScheduler {
+    async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
+        for offer in offers {
+            // The first task on an agent also pays for the executor it starts there.
+            let room = if self.executors.contains(&offer.agent_id) {
+                Some(offer.resources.clone())
+            } else {
+                offer.resources.checked_sub(&self.executor.resources)
+            };
+            let batch = room.map(|r| scheduler::take_fitting(&r, &mut self.pending)).unwrap_or_default();
+            if batch.is_empty() {
+                driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 30.0 } else { 0.5 }));
+                continue;
+            }
+            self.executors.insert(offer.agent_id.clone());
+            self.say(format!(
+                "offer  {} {} → launch {} task(s) in its own executor",
+                offer.hostname,
+                offer.resources,
+                batch.len()
+            ));
+            driver.launch(vec![offer.id], batch);
+        }
+        if self.pending.is_empty() {
+            driver.suppress();
+        }
+    }
+
+    async fn status_update(&mut self, driver: &Driver, st: &TaskStatus) {
+        if st.state == TaskState::Finished {
+            self.say(format!("{:<12} {}: {}", st.task_id, st.state, st.message));
+        } else if st.state != TaskState::Running {
+            self.say(format!("{:<12} {} ({}: {})", st.task_id, st.state, st.reason, st.message));
+        }
+        if st.state.is_terminal() {
+            self.finished += 1;
+            if self.finished == self.total {
+                for agent in &self.executors {
+                    self.say(format!("message → executor counter on {agent}: how many tasks?"));
+                    let _ = driver.send_framework_message(
+                        agent.clone(),
+                        self.executor.executor_id.clone(),
+                        b"count".to_vec(),
+                    );
+                }
+            }
+        }
+    }
+
+    async fn framework_message(
+        &mut self,
+        driver: &Driver,
+        agent: &AgentId,
+        executor: &ExecutorId,
+        data: &[u8],
+    ) {
+        self.say(format!("message ← executor {executor} on {agent}: {}", String::from_utf8_lossy(data)));
+        self.answered += 1;
+        if self.answered == self.executors.len() {
+            for agent in &self.executors {
+                driver.shutdown_executor(agent.clone(), self.executor.executor_id.clone());
+            }
+        }
+    }
+
+    async fn executor_exited(
+        &mut self,
+        driver: &Driver,
+        agent: &AgentId,
+        executor: &ExecutorId,
+        message: &str,
+    ) {
+        self.say(format!("executor {executor} on {agent} ended: {message}"));
+        self.exited += 1;
+        if self.exited == self.executors.len() {
+            driver.stop(false);
+        }
+    }
+}
+
 impl DemoCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         let dir = tempfile::Builder::new().prefix("agora-demo-").tempdir()?;
@@ -161,14 +306,17 @@ impl DemoCommand {
             attributes: vec![Attributes::parse("rack:r1;zone:a")?, Attributes::parse("rack:r2;zone:b")?],
             allocator: "drf".into(),
             core: MasterConfig { allocation_interval: Duration::from_millis(250), ..MasterConfig::default() },
+            // The `custom` framework ships this very binary as its executor.
+            max_artifact_size: 1 << 30,
         })
         .await?;
         for a in cluster.master.agents().await {
             println!("  agent {} ({}) offers {}  [{}]", a.id, a.hostname, a.resources, a.attributes);
         }
-        println!("Three frameworks arrive: `etl` (10 short jobs), `ml` (5 jobs: some fail, one is killed)");
+        println!("Four frameworks arrive: `etl` (10 short jobs), `ml` (5 jobs: some fail, one is killed),");
+        println!("`wasm` (24 WebAssembly tasks in one executor: fuel-metered, memory-capped, sandboxed)");
         println!(
-            "and `wasm` (24 WebAssembly tasks in one executor: fuel-metered, memory-capped, sandboxed)."
+            "and `custom` (6 tasks run by the framework's own executor, which it ships to the agents and talks to)."
         );
         println!(
             "The DRF allocator offers each agent's free resources to the framework with the lowest share.\n"
@@ -221,14 +369,23 @@ impl DemoCommand {
         let etl_cfg = DriverConfig::new(master.clone(), tls.clone(), "etl");
         let mut ml_cfg = DriverConfig::new(master.clone(), tls.clone(), "ml");
         ml_cfg.framework.role = "ml".into();
-        let mut wasm_cfg = DriverConfig::new(master, tls, "wasm");
+        let mut wasm_cfg = DriverConfig::new(master.clone(), tls.clone(), "wasm");
         wasm_cfg.framework.role = "wasm".into();
-        let (a, b, c) = tokio::join!(
+        let mut custom = CustomScheduler::new(&master, &tls, started).await?;
+        let custom_cfg = DriverConfig::new(master, tls, "custom");
+        let (a, b, c, d) = tokio::join!(
             tokio::time::timeout(Duration::from_secs(60), scheduler::run(etl_cfg, &mut etl)),
             tokio::time::timeout(Duration::from_secs(60), scheduler::run(ml_cfg, &mut ml)),
             tokio::time::timeout(Duration::from_secs(60), scheduler::run(wasm_cfg, &mut wasm)),
+            tokio::time::timeout(Duration::from_secs(60), scheduler::run(custom_cfg, &mut custom)),
         );
-        let ok = matches!(a, Ok(Ok(()))) && matches!(b, Ok(Ok(()))) && matches!(c, Ok(Ok(())));
+        let ok = matches!(a, Ok(Ok(())))
+            && matches!(b, Ok(Ok(())))
+            && matches!(c, Ok(Ok(())))
+            && matches!(d, Ok(Ok(())))
+            && custom.answered == custom.executors.len()
+            && custom.exited == custom.executors.len()
+            && !custom.executors.is_empty();
         println!("\nFinal state of the cluster (`agora tasks`):\n");
         let mut tasks = cluster.master.tasks().await;
         tasks.sort_by(|x, y| x.id.cmp(&y.id));
@@ -281,7 +438,11 @@ impl DemoCommand {
             "\nWhere to look next:\n  agora dev --agents 2                 a cluster to play with (writes .agora-dev/client.toml)\n  AGORA_CONFIG=.agora-dev/client.toml agora run -- echo hello\n  agora run --count 100 -- true        many tasks, with a progress bar\n  agora run --wasm examples/wasm/hello.wat -- world\n                                       a WebAssembly task (try --fuel 1000000 on spin.wat)\n  agora tasks -o json; agora logs TASK -f; agora kill TASK\n  cargo run --example shell_tasks -- --config .agora-dev/client.toml --count 20 'echo hi'\n                                       a framework written with the SDK (examples/shell_tasks.rs)"
         );
         if !ok {
-            anyhow::bail!("the demo's frameworks did not finish cleanly: {a:?} {b:?} {c:?}");
+            anyhow::bail!(
+                "the demo's frameworks did not finish cleanly: {a:?} {b:?} {c:?} {d:?} ({} of {} executors answered)",
+                custom.answered,
+                custom.executors.len()
+            );
         }
         Ok(ExitCode::SUCCESS)
     }

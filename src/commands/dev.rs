@@ -71,6 +71,7 @@ impl DevCommand {
             attributes: self.agent_attributes,
             allocator: self.allocation.allocator,
             core,
+            max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
         })
         .await?;
         if let Some(addr) = self.http {

@@ -6,6 +6,7 @@ use clap::Subcommand;
 
 pub mod agent;
 pub mod demo;
+pub mod demo_executor;
 pub mod dev;
 pub mod executor_command;
 pub mod executor_wasm;
@@ -50,6 +51,9 @@ pub enum Command {
     #[command(hide = true)]
     ExecutorWasm(executor_wasm::ExecutorWasmCommand),
     /// Internal: the command executor (native tasks), started by the agent.
+    /// Internal: the custom executor of `agora demo`, started by the agent.
+    #[command(hide = true)]
+    DemoExecutor(demo_executor::DemoExecutorCommand),
     #[command(hide = true, name = "executor-command")]
     NativeExecutor(executor_command::ExecutorCommandCommand),
 }
@@ -70,6 +74,7 @@ impl Command {
             Command::Tls(c) => c.execute(),
             Command::ExecutorWasm(c) => c.execute().await,
             Command::NativeExecutor(c) => c.execute().await,
+            Command::DemoExecutor(c) => c.execute().await,
         }
     }
 
