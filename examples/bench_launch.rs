@@ -347,7 +347,10 @@ async fn main() -> anyhow::Result<()> {
             mode: isolation,
             ..agora_agent::cgroups::IsolationConfig::default()
         },
-        wasm: agora_agent::wasm::WasmConfig { executor_program: Some(agora_binary()?), ..Default::default() },
+        wasm: agora_agent::executors::WasmConfig {
+            executor_program: Some(agora_binary()?),
+            ..Default::default()
+        },
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
     };
     let token = shutdown.clone();

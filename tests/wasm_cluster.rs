@@ -62,7 +62,8 @@ fn alive(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_executor_holds_many_tasks_and_exits_when_idle() {
     let mut c = TestCluster::start(0, "cpus:4;mem:4GiB").await;
-    let wasm = agora_agent::wasm::WasmConfig { idle_timeout: Duration::from_millis(800), ..wasm_config() };
+    let wasm =
+        agora_agent::executors::WasmConfig { idle_timeout: Duration::from_millis(800), ..wasm_config() };
     c.add_agent_with(0, "cpus:4;mem:4GiB", wasm);
     c.wait_agents(1).await;
     let hello = upload(&c, "hello", &fixture("hello")).await;
@@ -151,7 +152,7 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     let running = fw.update_for("spin-a", TaskState::Running).await;
     let pid = pid_of(&running);
     // The executor runs in a cgroup sized to its tasks (2 × 16 MiB) plus its own overhead.
-    let want = 2 * (16 << 20) + agora_agent::wasm::EXECUTOR_OVERHEAD_MEM;
+    let want = 2 * (16 << 20) + agora_agent::executors::EXECUTOR_OVERHEAD_MEM;
     match memory_limit_file(pid) {
         Some(file) => {
             wait_for("the executor's cgroup to be sized to its tasks", || {

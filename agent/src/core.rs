@@ -17,12 +17,12 @@ use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
 
 use crate::cgroups::Isolator;
+use crate::executors::{self, WasmSupport};
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 use crate::updates::{AckOutcome, UpdateManager};
 use crate::user::{TaskGroups, TaskUser};
-use crate::wasm::{self, WasmSupport};
 
 /// How many finished tasks' sandboxes stay reachable for `agora logs`.
 pub const FINISHED_KEPT: usize = 1000;
@@ -264,10 +264,10 @@ impl Core {
             return;
         };
         // The agent spawns no task itself: every task goes to an executor.
-        let handle = if wasm::is_wasm(&task) {
-            wasm::launch(&spec, support, &self.events)
+        let handle = if executors::is_wasm(&task) {
+            executors::launch(&spec, support, &self.events)
         } else {
-            wasm::launch_direct(&spec, support, &self.events)
+            executors::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
@@ -371,12 +371,12 @@ impl Core {
     }
 
     /// An executor's own event (a framework message, its end) goes to the master.
-    pub fn executor_event(&mut self, event: wasm::ExecutorEvent) {
+    pub fn executor_event(&mut self, event: executors::ExecutorEvent) {
         match event {
-            wasm::ExecutorEvent::Message { exec: (framework_id, executor_id), data } => {
+            executors::ExecutorEvent::Message { exec: (framework_id, executor_id), data } => {
                 self.send(AgentMessage::FrameworkMessage { framework_id, executor_id, data });
             }
-            wasm::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
+            executors::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
                 // Its next task starts a new run in a new sandbox.
                 self.executor_runs.remove(&(framework_id.clone(), executor_id.clone()));
                 self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });

@@ -1,9 +1,10 @@
 //! # agora-agent
 //!
 //! The Agora agent: one per node. It registers with the master over QUIC + mutual TLS, offers
-//! the node's resources, runs the tasks the master sends with the built-in command executor
-//! (native processes in their own process group and sandbox), delivers their status updates
-//! at least once and in order, and serves their output on streams the master opens.
+//! the node's resources, hands the tasks the master sends to executors (the command executor
+//! for native processes, the Wasm executor, or a framework's own; it spawns no task itself),
+//! runs them as an unprivileged user, delivers their status updates at least once and in
+//! order, and serves their output on streams the master opens.
 //!
 //! A separate crate because the agent is a real boundary: it owns processes and the node's
 //! work directory, and it is embedded both by `agora agent` and by `agora dev`.
@@ -11,7 +12,10 @@
 //! Module map:
 //! - [`link`]: the master connection loop (backoff, register, heartbeats, outbox);
 //! - [`core`]: the single owner of agent state, free of I/O;
-//! - [`tasks`] and [`process`]: launching and supervising task processes;
+//! - [`executors`]: the executor manager (command, Wasm and framework executors, fetching);
+//! - [`command_executor`]: the `agora executor-command` process;
+//! - [`tasks`] and [`process`]: the per-task supervisor the command executor runs;
+//! - [`user`]: the task user and each framework's group;
 //! - [`updates`]: the status-update manager (retries until acknowledged);
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
@@ -33,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub mod cgroups;
 pub mod command_executor;
 pub mod core;
+pub mod executors;
 pub mod link;
 pub mod metrics;
 pub mod output;
@@ -42,7 +47,6 @@ pub mod sandbox;
 pub mod tasks;
 pub mod updates;
 pub mod user;
-pub mod wasm;
 
 pub use resources::{detect_resources, detect_resources_in};
 
@@ -73,7 +77,7 @@ pub struct AgentConfig {
     pub isolation: cgroups::IsolationConfig,
     /// Executors: which binary runs `agora executor-wasm` and `executor-command`, idle
     /// timeout, sizes.
-    pub wasm: wasm::WasmConfig,
+    pub wasm: executors::WasmConfig,
     /// `--task-user`: who tasks and executors run as when the agent is root (default
     /// [`user::DEFAULT_TASK_USER`]); the agent refuses to start if the user does not exist.
     pub task_user: String,
@@ -177,8 +181,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => None,
     };
-    let wasm_config = wasm::WasmConfig { task_groups: task_groups.clone(), ..config.wasm.clone() };
-    let wasm = wasm::WasmSupport::start(wasm_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
+    let wasm_config = executors::WasmConfig { task_groups: task_groups.clone(), ..config.wasm.clone() };
+    let wasm =
+        executors::WasmSupport::start(wasm_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
     let mut core = core::Core::new(
         info,
         layout.clone(),

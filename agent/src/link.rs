@@ -262,7 +262,7 @@ pub(crate) async fn drive(
     layout: &Layout,
     core: &mut Core,
     events: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>,
-    exec_events: &mut mpsc::UnboundedReceiver<crate::wasm::ExecutorEvent>,
+    exec_events: &mut mpsc::UnboundedReceiver<crate::executors::ExecutorEvent>,
     shutdown: &CancellationToken,
     conn_watch: &tokio::sync::watch::Sender<Option<quinn::Connection>>,
 ) -> Result<(), AgentError> {

@@ -543,8 +543,8 @@ fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path:
 pub fn validate(task: &TaskInfo) -> Result<(), String> {
     let cmd = match &task.kind {
         TaskKind::Command(cmd) => cmd,
-        TaskKind::Wasm(info) => return crate::wasm::validate(info),
-        TaskKind::Executor(t) => return crate::wasm::validate_executor(&t.executor),
+        TaskKind::Wasm(info) => return crate::executors::validate(info),
+        TaskKind::Executor(t) => return crate::executors::validate_executor(&t.executor),
     };
     let Some(first) = cmd.argv.first() else {
         return Err("the command is empty".into());

@@ -75,7 +75,7 @@ impl TestCluster {
         self.add_agent_with(i, resources, wasm_config());
     }
 
-    pub fn add_agent_with(&mut self, i: usize, resources: &str, wasm: agora_agent::wasm::WasmConfig) {
+    pub fn add_agent_with(&mut self, i: usize, resources: &str, wasm: agora_agent::executors::WasmConfig) {
         self.add_agent_full(i, resources, Attributes::default(), wasm);
     }
 
@@ -90,7 +90,7 @@ impl TestCluster {
         i: usize,
         resources: &str,
         attributes: Attributes,
-        wasm: agora_agent::wasm::WasmConfig,
+        wasm: agora_agent::executors::WasmConfig,
     ) {
         let token = CancellationToken::new();
         let config = agora_agent::AgentConfig {
@@ -334,8 +334,8 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
 }
 
 /// Wasm executors are the built `agora` binary (the test binary cannot be one).
-pub fn wasm_config() -> agora_agent::wasm::WasmConfig {
-    agora_agent::wasm::WasmConfig {
+pub fn wasm_config() -> agora_agent::executors::WasmConfig {
+    agora_agent::executors::WasmConfig {
         executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
         ..Default::default()
     }

@@ -1,0 +1,212 @@
+//! The agent's artifact cache, and placing fetched files in sandboxes.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+
+/// The agent's artifact cache, filled from the master by digest.
+#[derive(Debug)]
+pub struct Fetcher {
+    pub(super) dir: PathBuf,
+    pub(super) conn: watch::Receiver<Option<quinn::Connection>>,
+    pub(super) inflight: Mutex<HashMap<Digest, Arc<OnceCell<PathBuf>>>>,
+    /// Artifacts known to be in the cache: later launches need no file system call.
+    pub(super) present: Mutex<HashMap<Digest, PathBuf>>,
+}
+
+impl Fetcher {
+    /// A cache in `dir`, fetching over whatever connection `conn` holds.
+    pub fn new(dir: PathBuf, conn: watch::Receiver<Option<quinn::Connection>>) -> Self {
+        Self { dir, conn, inflight: Mutex::new(HashMap::new()), present: Mutex::new(HashMap::new()) }
+    }
+
+    /// The local path of `digest` if this agent already holds it (no I/O).
+    pub fn cached(&self, digest: &Digest) -> Option<PathBuf> {
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).get(digest).cloned()
+    }
+
+    pub(super) fn remember(&self, digest: &Digest, path: &Path) {
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone(), path.to_path_buf());
+    }
+
+    pub(super) fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(digest.as_str())
+    }
+
+    /// The local path of artifact `digest`, fetching it first if needed. Concurrent callers
+    /// for one digest share one fetch; a failed fetch is retried by the next caller.
+    pub async fn get(&self, digest: &Digest) -> Result<PathBuf, String> {
+        if let Some(path) = self.cached(digest) {
+            return Ok(path);
+        }
+        let path = self.path(digest);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            self.remember(digest, &path);
+            return Ok(path);
+        }
+        let cell = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(digest.clone()).or_default().clone()
+        };
+        let got = cell
+            .get_or_try_init(|| async {
+                let conn = self.connection().await?;
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent)
+                        .await
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+                let started = Instant::now();
+                let size = agora_sdk::artifacts::fetch(&conn, digest, &path, MAX_FETCH_BYTES)
+                    .await
+                    .map_err(|e| format!("cannot fetch artifact {digest} from the master: {e}"))?;
+                tracing::info!(%digest, size, elapsed = ?started.elapsed(), "fetched artifact");
+                metrics::counter!("agora_agent_artifact_fetches_total").increment(1);
+                Ok::<_, String>(path.clone())
+            })
+            .await
+            .cloned();
+        if let Ok(path) = &got {
+            // Later callers find the file; the cell is not needed any more.
+            self.remember(digest, path);
+            self.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+        }
+        got
+    }
+
+    pub(super) async fn connection(&self) -> Result<quinn::Connection, String> {
+        let mut rx = self.conn.clone();
+        let wait = async {
+            rx.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none())).await.map(|c| c.clone())
+        };
+        match tokio::time::timeout(FETCH_CONNECT_WAIT, wait).await {
+            Ok(Ok(Some(c))) => Ok(c),
+            Ok(_) => Err("the agent is shutting down".into()),
+            Err(_) => Err(format!("no connection to the master for {FETCH_CONNECT_WAIT:?}")),
+        }
+    }
+}
+
+/// Gives `dir` and everything below it to `user` (blocking; links are not followed).
+pub(super) fn chown_tree(dir: &Path, user: crate::user::TaskUser) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    std::os::unix::fs::lchown(dir, Some(user.uid), Some(user.gid))
+        .map_err(|e| format!("cannot hand {} to the task user: {e}", dir.display()))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            chown_tree(&entry.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a tar archive into `dest` (blocking). Entries cannot escape `dest`: the tar crate
+/// refuses `..` and absolute paths, and the guest's view is confined to the preopen anyway.
+pub(super) fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+    let file = std::fs::File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+    let mut ar = tar::Archive::new(std::io::BufReader::new(file));
+    ar.set_preserve_permissions(false);
+    ar.set_unpack_xattrs(false);
+    ar.set_overwrite(true);
+    for entry in ar.entries().map_err(|e| format!("unreadable archive: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("unreadable archive entry: {e}"))?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            // Links and devices are not shipped: a symlink could point anywhere on the node.
+            let name = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+            tracing::debug!(%name, ?kind, "skipping a non-file archive entry");
+            continue;
+        }
+        entry.unpack_in(dest).map_err(|e| format!("cannot unpack into {}: {e}", dest.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies fetched artifact `f` from the agent's cache into `sandbox`, hashing the bytes on the
+/// way: a copy whose sha256 is not the digest asked for is removed and refused (a corrupted or
+/// tampered cache never reaches an executor). The file is the task user's, 0755 or 0644.
+pub(super) async fn place_fetched(
+    fetcher: &Fetcher,
+    f: &FetchInfo,
+    sandbox: &Path,
+    user: Option<crate::user::TaskUser>,
+) -> Result<(), String> {
+    let cached = fetcher.get(&f.artifact.digest).await?;
+    let rel = relative_path(&f.path)?;
+    let dest = sandbox.join(rel);
+    let (digest, want, mode) =
+        (f.artifact.digest.clone(), dest.clone(), if f.executable { 0o755 } else { 0o644 });
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        use sha2::Digest as _;
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(parent) = want.parent() {
+            crate::sandbox::create_sandbox(parent, user)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let mut src =
+            std::fs::File::open(&cached).map_err(|e| format!("cannot open {}: {e}", cached.display()))?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&want)
+            .map_err(|e| format!("cannot create {}: {e}", want.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = src.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", cached.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(|e| format!("cannot write {}: {e}", want.display()))?;
+        }
+        let got = Digest::from_hasher(hasher);
+        if got != digest {
+            drop(out);
+            let _ = std::fs::remove_file(&want);
+            return Err(format!(
+                "artifact {digest} for `{}` does not match its digest (got {got}): refused",
+                want.display()
+            ));
+        }
+        if let Some(u) = user {
+            u.chown(&want).map_err(|e| format!("cannot hand {} to the task user: {e}", want.display()))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    tracing::info!(digest = %f.artifact.digest, path = %dest.display(), "placed a fetched artifact in an executor's sandbox");
+    Ok(())
+}
+
+/// Cuts `s` to at most `max` bytes, on a character boundary.
+pub(super) fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// A path inside a sandbox: relative, without `..`.
+pub(super) fn relative_path(p: &str) -> Result<PathBuf, String> {
+    let path = Path::new(p);
+    if p.is_empty()
+        || p.contains('\0')
+        || path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+    {
+        return Err(format!("fetch path `{p}` must be relative, without `..`"));
+    }
+    Ok(path.to_path_buf())
+}

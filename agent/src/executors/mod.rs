@@ -1,0 +1,532 @@
+//! Executors on the agent: every task goes to an executor process (DESIGN §6).
+//!
+//! The [`ExecutorManager`] runs, per framework, the built-in command executor
+//! (`agora executor-command`, native tasks), the built-in Wasm executor (`agora executor-wasm`)
+//! and any executor of the framework's own (keyed by executor id), each started on first use,
+//! talking to the agent over a Unix-domain socket with the executor protocol
+//! ([`agora_sdk::executor_proto`]). Launches that arrive together go to an executor in one
+//! frame. Built-in executors without tasks for [`WasmConfig::idle_timeout`] are told to shut
+//! down (the agent decides, so a launch never races an executor's exit); a framework's own stays
+//! until its framework shuts it down. An executor that dies fails its tasks with
+//! `executor terminated` and the tail of its log.
+//!
+//! Wasm tasks ([`launch`]) first fetch their module (and shipped directories) from the master's
+//! artifact store by digest into the agent's cache (`WORK/artifacts/sha256/<hex>`, once per
+//! agent however many tasks ask at the same time); a framework executor's files are fetched
+//! when it starts and verified while copied into its sandbox (`fetch.rs`). The Wasm executor
+//! and framework executors run in cgroups sized to their tasks plus their own share, resized as
+//! tasks come and go; the command executor gives each task a cgroup of its own.
+//!
+//! Files: `fetch.rs` (artifact cache, placing files in sandboxes), `manager.rs` (the manager
+//! task and its executors' lifecycles), `spawn.rs` (starting one executor process and relaying
+//! its frames).
+
+mod fetch;
+mod manager;
+mod spawn;
+
+pub use fetch::Fetcher;
+use fetch::*;
+use manager::*;
+pub use manager::{ExecKey, ExecutorEvent, ExecutorManager};
+use spawn::*;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agora_sdk::executor_proto::{
+    AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, WasmLaunch, ENV_AGENT_ID,
+    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN,
+    MAX_REASON_LEN,
+};
+use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::proto::{
+    AgentId, Digest, ExecutorId, ExecutorInfo, FetchInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState,
+    WasmInfo, COMMAND_EXECUTOR_ID, WASM_EXECUTOR_ID,
+};
+use agora_sdk::Resources;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::time::Instant;
+
+use crate::cgroups::{Cgroup, Isolator};
+use crate::sandbox::Layout;
+use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
+
+/// Memory the executor process itself may use on top of its tasks' (engine, compiler, I/O).
+pub const EXECUTOR_OVERHEAD_MEM: u64 = 128 << 20;
+/// CPU the executor is given on top of its tasks', millicores.
+pub const EXECUTOR_OVERHEAD_CPU: u64 = 100;
+/// Largest artifact the agent fetches.
+pub const MAX_FETCH_BYTES: u64 = 1 << 30;
+/// How long a starting executor has to connect and say hello.
+const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent waits for a connection to the master before failing a fetch.
+const FETCH_CONNECT_WAIT: Duration = Duration::from_secs(15);
+/// Reason of tasks whose executor died under them.
+pub const REASON_EXECUTOR_TERMINATED: &str = "executor terminated";
+/// Reason of tasks whose module or directories could not be fetched or unpacked.
+pub const REASON_FETCH_FAILED: &str = "fetch failed";
+
+/// How the agent runs Wasm tasks.
+#[derive(Clone, Debug)]
+pub struct WasmConfig {
+    /// The `agora` binary to start as `agora executor-wasm`; `None` uses the running program
+    /// (right for `agora agent` and `agora dev`; tests set the built binary).
+    pub executor_program: Option<PathBuf>,
+    /// An executor without tasks for this long is shut down.
+    pub idle_timeout: Duration,
+    /// Tasks one executor runs at once (the rest wait inside it for a slot).
+    pub max_tasks_per_executor: u32,
+    /// Worker threads of each executor.
+    pub executor_threads: u32,
+    /// Who each framework's executors and tasks run as (the task user with the framework's
+    /// group); `None`: the agent's own user.
+    pub task_groups: Option<Arc<crate::user::TaskGroups>>,
+}
+
+impl Default for WasmConfig {
+    fn default() -> Self {
+        Self {
+            executor_program: None,
+            idle_timeout: Duration::from_secs(30),
+            max_tasks_per_executor: 256,
+            executor_threads: 2,
+            task_groups: None,
+        }
+    }
+}
+
+/// Checks a Wasm task before launching it; the error is the message of a TASK_ERROR.
+pub fn validate(info: &WasmInfo) -> Result<(), String> {
+    if !info.module.digest.is_valid() {
+        return Err(format!("malformed module digest `{}`", info.module.digest));
+    }
+    if info.args.is_empty() {
+        return Err("a Wasm task needs argv[0]".into());
+    }
+    crate::tasks::validate_args_env(&info.args, &info.env)?;
+    for d in &info.dirs {
+        if !d.archive.digest.is_valid() {
+            return Err(format!("malformed directory digest `{}`", d.archive.digest));
+        }
+        guest_dir(&d.guest)?;
+    }
+    Ok(())
+}
+
+/// Checks a framework executor's description before starting it (the master checked it too;
+/// the agent does not rely on that): the error is the message of a TASK_ERROR.
+pub fn validate_executor(info: &ExecutorInfo) -> Result<(), String> {
+    let id = info.executor_id.as_str();
+    if id.is_empty() || id.starts_with("agora-") {
+        return Err(format!("executor id `{id}` is empty or reserved"));
+    }
+    crate::sandbox::path_component("executor", id).map_err(|e| e.to_string())?;
+    let Some(first) = info.command.argv.first().filter(|a| !a.is_empty()) else {
+        return Err(format!("executor {id} has no command"));
+    };
+    if first.contains('\0') {
+        return Err(format!("executor {id}: the program name contains a NUL byte"));
+    }
+    crate::tasks::validate_args_env(&info.command.argv, &info.command.env)?;
+    if info.fetch.len() > agora_sdk::proto::MAX_EXECUTOR_FETCHES {
+        return Err(format!(
+            "executor {id} asks for {} files (at most {})",
+            info.fetch.len(),
+            agora_sdk::proto::MAX_EXECUTOR_FETCHES
+        ));
+    }
+    for f in &info.fetch {
+        if !f.artifact.digest.is_valid() {
+            return Err(format!("executor {id}: malformed digest `{}`", f.artifact.digest));
+        }
+        relative_path(&f.path)?;
+    }
+    Ok(())
+}
+
+/// The relative host path (inside the sandbox's `mnt/`) for guest directory `guest`.
+fn guest_dir(guest: &str) -> Result<PathBuf, String> {
+    let rel = guest.trim_start_matches('/');
+    let bad = || format!("guest directory `{guest}` must be an absolute path without `..`");
+    if !guest.starts_with('/') || guest.contains('\0') {
+        return Err(bad());
+    }
+    let mut out = PathBuf::from("mnt");
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            return Err(bad());
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+/// What Wasm supervisors share: the artifact cache and the executor manager.
+#[derive(Debug, Clone)]
+pub struct WasmSupport {
+    fetcher: Arc<Fetcher>,
+    manager: ExecutorManager,
+    agent_id: Arc<Mutex<Option<AgentId>>>,
+    /// Numbers launches that prepare on a task of their own, so that a late result is never
+    /// taken for a newer launch of the same task id.
+    attempts: Arc<AtomicU64>,
+}
+
+impl WasmSupport {
+    /// Starts the executor manager. Artifacts go to `WORK/artifacts`, compiled modules to
+    /// `WORK/wasm-cache`, executor sockets and logs to `WORK/wasm-executors`.
+    pub fn start(
+        config: WasmConfig,
+        work_dir: &Path,
+        isolator: Isolator,
+        conn: watch::Receiver<Option<quinn::Connection>>,
+        exec_events: mpsc::UnboundedSender<ExecutorEvent>,
+    ) -> Self {
+        let fetcher = Arc::new(Fetcher::new(work_dir.join("artifacts"), conn));
+        let agent_id = Arc::new(Mutex::new(None));
+        let manager = ExecutorManager::start(
+            config,
+            work_dir,
+            isolator,
+            fetcher.clone(),
+            agent_id.clone(),
+            exec_events,
+        );
+        Self { fetcher, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The master gave this agent its id (executors started from now on are told).
+    pub fn set_agent_id(&self, id: &AgentId) {
+        *self.agent_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
+    }
+
+    /// Relays a scheduler's message to one of its executors (dropped when there is none).
+    pub fn framework_message(&self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
+        let _ = self.manager.tx.send(ManagerCmd::ToExecutor { exec: (framework_id, executor_id), data });
+    }
+
+    /// Shuts one of a framework's executors down (its tasks are killed).
+    pub fn shutdown_executor(&self, framework_id: FrameworkId, executor_id: ExecutorId) {
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { exec: (framework_id, executor_id) });
+    }
+
+    /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).
+    pub fn shutdown(&self) {
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownAll);
+    }
+}
+
+/// Starts Wasm task `spec`. A task whose module the agent holds (and that ships no
+/// directories) goes straight to the executor manager; otherwise a task of its own fetches and
+/// unpacks first. From then on the manager reports the task's events to `events` under its key
+/// and flips its `done`: no task, channel or timer per Wasm task.
+pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+    let key = spec.key();
+    let (done_tx, done) = watch::channel(false);
+    let tx = support.manager.tx.clone();
+    let handle = {
+        let (tx, key) = (tx.clone(), key.clone());
+        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
+    };
+    let TaskKind::Wasm(info) = &spec.task.kind else {
+        finish(events, &key, &done_tx, failed("invalid task", "not a Wasm task".into()));
+        return handle;
+    };
+    let resources = spec.task.resources.clone();
+    let cached = if info.dirs.is_empty() { support.fetcher.cached(&info.module.digest) } else { None };
+    if let Some(module_path) = cached {
+        let launch = Box::new(LaunchItem::Wasm(wasm_launch(spec, info, module_path, Vec::new())));
+        let slot = Some(NewSlot { events: events.clone(), done: done_tx });
+        if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
+            tx.send(ManagerCmd::Launch { key, attempt: 0, launch, resources, slot })
+        {
+            finish(&slot.events, &key, &slot.done, shutting_down());
+        }
+        return handle;
+    }
+    let attempt = support.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+    let slot = NewSlot { events: events.clone(), done: done_tx };
+    if let Err(mpsc::error::SendError(cmd)) =
+        tx.send(ManagerCmd::Preparing { key: key.clone(), attempt, slot })
+    {
+        if let ManagerCmd::Preparing { key, slot, .. } = cmd {
+            finish(&slot.events, &key, &slot.done, shutting_down());
+        }
+        return handle;
+    }
+    let (spec, fetcher) = (spec.clone(), support.fetcher.clone());
+    tokio::spawn(async move {
+        let TaskKind::Wasm(info) = &spec.task.kind else { return };
+        let cmd = match prepare(&spec, info, &fetcher).await {
+            Ok(launch) => ManagerCmd::Launch {
+                key,
+                attempt,
+                launch: Box::new(LaunchItem::Wasm(launch)),
+                resources,
+                slot: None,
+            },
+            Err((reason, message)) => ManagerCmd::PrepareFailed { key, attempt, reason, message },
+        };
+        let _ = tx.send(cmd);
+    });
+    handle
+}
+
+/// Starts a task under an executor that needs nothing fetched per task: native commands
+/// (the command executor) and tasks of a framework's own executor (whose files are fetched
+/// once, when the executor starts).
+pub fn launch_direct(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+    let key = spec.key();
+    let (done_tx, done) = watch::channel(false);
+    let tx = support.manager.tx.clone();
+    let handle = {
+        let (tx, key) = (tx.clone(), key.clone());
+        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
+    };
+    let launch = match &spec.task.kind {
+        TaskKind::Command(cmd) => LaunchItem::Command(CommandLaunch {
+            task_id: spec.task.task_id.clone(),
+            command: cmd.clone(),
+            resources: spec.task.resources.clone(),
+            sandbox: spec.run_dir.clone(),
+            checkpoint: Layout::task_checkpoint(&spec.executor_dir),
+            kill_grace: spec.kill_grace,
+        }),
+        TaskKind::Executor(t) => {
+            LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
+        }
+        TaskKind::Wasm(_) => {
+            finish(events, &key, &done_tx, failed("invalid task", "a Wasm task needs a fetch first".into()));
+            return handle;
+        }
+    };
+    let resources = spec.task.resources.clone();
+    let slot = Some(NewSlot { events: events.clone(), done: done_tx });
+    if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
+        tx.send(ManagerCmd::Launch { key, attempt: 0, launch: Box::new(launch), resources, slot })
+    {
+        finish(&slot.events, &key, &slot.done, shutting_down());
+    }
+    handle
+}
+
+/// Ends a task that never reached an executor.
+fn finish(events: &EventSender, key: &TaskKey, done: &watch::Sender<bool>, end: Termination) {
+    done.send_replace(true);
+    let _ = events.send((key.clone(), TaskEvent::Terminated(end)));
+}
+
+fn shutting_down() -> Termination {
+    failed(REASON_EXECUTOR_TERMINATED, "the agent is shutting down".into())
+}
+
+fn failed(reason: &str, message: String) -> Termination {
+    Termination {
+        state: TaskState::Failed,
+        reason: reason.into(),
+        message,
+        exit_code: None,
+        signal: None,
+        usage: None,
+    }
+}
+
+fn killed_before_start() -> Termination {
+    Termination {
+        state: TaskState::Killed,
+        reason: "killed".into(),
+        message: "killed before the module started".into(),
+        exit_code: None,
+        signal: None,
+        usage: None,
+    }
+}
+
+/// What the executor is told for `spec`, whose module is at `module_path`.
+fn wasm_launch(
+    spec: &LaunchSpec,
+    info: &WasmInfo,
+    module_path: PathBuf,
+    preopens: Vec<(PathBuf, String)>,
+) -> WasmLaunch {
+    // Nothing is created up front: the executor creates the sandbox and each output file on the
+    // first byte written (a missing file reads as empty). Inode creation was most of a short
+    // Wasm task's cost.
+    let dir = spec.run_dir.clone();
+    let r = &spec.task.resources;
+    WasmLaunch {
+        task_id: spec.task.task_id.clone(),
+        module_path,
+        digest: info.module.digest.as_str().to_string(),
+        args: info.args.clone(),
+        env: info.env.clone(),
+        stdout: dir.join("stdout"),
+        stderr: dir.join("stderr"),
+        sandbox: dir,
+        preopens,
+        mem_bytes: if r.mem > 0 { r.mem } else { 64 << 20 },
+        cpu_millis: u32::try_from(r.cpus).unwrap_or(u32::MAX).max(1),
+        fuel: info.fuel,
+        timeout: info.timeout,
+    }
+}
+
+/// Module and shipped directories: everything before the executor, for a task whose artifacts
+/// the agent may not hold yet.
+async fn prepare(
+    spec: &LaunchSpec,
+    info: &WasmInfo,
+    fetcher: &Fetcher,
+) -> Result<WasmLaunch, (&'static str, String)> {
+    let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
+    let mut preopens = Vec::with_capacity(info.dirs.len());
+    for d in &info.dirs {
+        let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
+        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
+        let dest = host.clone();
+        let user = spec.user;
+        let run_dir = spec.run_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            unpack(&archive, &dest)?;
+            // The guest writes there as the task user.
+            match user {
+                Some(u) => chown_tree(&run_dir, u),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
+        .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
+        preopens.push((host, d.guest.clone()));
+    }
+    Ok(wasm_launch(spec, info, module_path, preopens))
+}
+
+/// Whether `task` runs under the Wasm executor.
+pub fn is_wasm(task: &TaskInfo) -> bool {
+    matches!(task.kind, TaskKind::Wasm(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_sdk::proto::ArtifactRef;
+
+    fn spec(dir: &Path, id: &str, module: &[u8]) -> LaunchSpec {
+        let task = TaskInfo {
+            task_id: TaskId::new(id),
+            name: id.into(),
+            resources: Resources { cpus: 100, mem: 16 << 20, ..Resources::default() },
+            kind: TaskKind::Wasm(Box::new(WasmInfo {
+                module: ArtifactRef { digest: Digest::of(module), size: module.len() as u64 },
+                args: vec!["m".into()],
+                env: vec![],
+                dirs: vec![],
+                fuel: None,
+                timeout: None,
+            })),
+            kill_grace: None,
+        };
+        let run_dir = dir.join("run").join(id);
+        LaunchSpec {
+            framework_id: FrameworkId::new("fw"),
+            task,
+            executor_dir: run_dir.clone(),
+            run_dir,
+            kill_grace: Duration::from_secs(1),
+            isolator: Isolator::none(),
+            user: None,
+        }
+    }
+
+    async fn terminated(rx: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>) -> (TaskKey, Termination) {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some((key, TaskEvent::Terminated(t)))) => (key, t),
+            other => panic!("expected a terminal event, got {other:?}"),
+        }
+    }
+
+    /// A burst of launches larger than a frame (a new executor receives every launch that
+    /// queued while it started) goes out in several frames, in order; a launch that can never
+    /// fit is handed back instead of breaking the executor's connection.
+    #[tokio::test]
+    async fn launch_batches_past_the_frame_limit_are_split() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let launch = |i: usize, arg_len: usize| {
+            let mut s = spec(dir.path(), &format!("t{i}"), b"m");
+            if let TaskKind::Wasm(info) = &mut s.task.kind {
+                info.args.push("x".repeat(arg_len));
+            }
+            let TaskKind::Wasm(info) = &s.task.kind else { unreachable!() };
+            wasm_launch(&s, info, dir.path().join("module"), Vec::new())
+        };
+        let mut list: Vec<WasmLaunch> = (0..3000).map(|i| launch(i, 600)).collect();
+        list.insert(1234, launch(99_999, MAX_FRAME));
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let reader = tokio::spawn(async move {
+            let mut r = FrameReader::new(b);
+            let (mut frames, mut ids) = (0, Vec::new());
+            while let Some(AgentToExecutor::Launch(l)) = r.recv().await.expect("frame") {
+                frames += 1;
+                ids.extend(l.into_iter().map(|l| l.task_id));
+            }
+            (frames, ids)
+        });
+        let mut w = FrameWriter::new(a);
+        let mut unsendable = Vec::new();
+        feed_split(&mut w, AgentToExecutor::Launch(list), &mut unsendable).await.expect("fed");
+        w.flush().await.expect("flush");
+        drop(w);
+        let (frames, ids) = reader.await.expect("reader");
+        assert!(frames > 1, "one frame cannot hold ~2 MB of launches");
+        assert_eq!(ids, (0..3000).map(|i| TaskId::new(format!("t{i}"))).collect::<Vec<_>>());
+        assert_eq!(unsendable, vec![TaskId::new("t99999")]);
+    }
+
+    /// Tasks whose module is not cached yet wait on a fetch of their own: a kill meanwhile
+    /// ends them at once, and a fetch that cannot happen fails them with its reason. Neither
+    /// starts an executor (the configured program does not exist).
+    #[tokio::test]
+    async fn killed_while_fetching_and_failed_fetches_end_their_tasks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (conn_tx, conn_rx) = watch::channel(None);
+        let config =
+            WasmConfig { executor_program: Some(dir.path().join("no-such-agora")), ..WasmConfig::default() };
+        let (exec_tx, _exec_rx) = mpsc::unbounded_channel();
+        let support = WasmSupport::start(config, dir.path(), Isolator::none(), conn_rx, exec_tx);
+        let (events, mut rx) = mpsc::unbounded_channel();
+
+        // No connection to the master yet: the fetch waits for one.
+        let waiting = launch(&spec(dir.path(), "waiting", b"a"), &support, &events);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing happens while the fetch waits");
+        waiting.kill();
+        waiting.kill();
+        let (key, t) = terminated(&mut rx).await;
+        assert_eq!(key.task_id, TaskId::new("waiting"));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Killed, "killed"), "{t:?}");
+        assert!(*waiting.done.borrow());
+
+        // The connection goes away for good: the fetch fails and says why.
+        drop(conn_tx);
+        let failing = launch(&spec(dir.path(), "failing", b"b"), &support, &events);
+        let (key, t) = terminated(&mut rx).await;
+        assert_eq!(key.task_id, TaskId::new("failing"));
+        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_FETCH_FAILED), "{t:?}");
+        assert!(t.message.contains("shutting down"), "{}", t.message);
+        assert!(*failing.done.borrow());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "one terminal event per task, nothing else");
+    }
+}

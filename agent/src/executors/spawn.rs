@@ -1,0 +1,341 @@
+//! Starting one executor process and relaying its frames.
+
+use super::*;
+
+/// Starting one executor process and then relaying its frames.
+pub(super) struct ExecutorSpawn {
+    pub(super) program: PathBuf,
+    pub(super) args: Vec<String>,
+    /// Extra environment (the `AGORA_EXECUTOR_*` variables, a framework executor's own).
+    pub(super) env: Vec<(String, String)>,
+    /// A framework executor's sandbox: created for the task user, the fetched files put there,
+    /// the working directory. `None` for the built-in executors.
+    pub(super) cwd: Option<PathBuf>,
+    pub(super) fetch: Vec<FetchInfo>,
+    pub(super) fetcher: Arc<Fetcher>,
+    pub(super) user: Option<crate::user::TaskUser>,
+    pub(super) log: PathBuf,
+    pub(super) listener: UnixListener,
+    pub(super) socket: PathBuf,
+    pub(super) cgroup: Option<Arc<Mutex<Cgroup>>>,
+    pub(super) exec: ExecKey,
+    pub(super) serial: u64,
+    pub(super) manager: mpsc::UnboundedSender<ManagerCmd>,
+}
+
+impl ExecutorSpawn {
+    pub(super) async fn run(self) {
+        let (reason, why) = match self.prepare().await {
+            Err(why) => (REASON_FETCH_FAILED, why),
+            Ok(()) => match self.serve().await {
+                Ok(why) | Err(why) => {
+                    let tail = log_tail(&self.log);
+                    let why =
+                        if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
+                    (REASON_EXECUTOR_TERMINATED, why)
+                }
+            },
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        let _ =
+            self.manager.send(ManagerCmd::Gone { exec: self.exec.clone(), serial: self.serial, reason, why });
+    }
+
+    /// A framework executor's sandbox and the files it asked for.
+    pub(super) async fn prepare(&self) -> Result<(), String> {
+        if let Some(dir) = &self.cwd {
+            crate::sandbox::create_sandbox(dir, self.user)
+                .map_err(|e| format!("cannot create the executor's sandbox {}: {e}", dir.display()))?;
+            for f in &self.fetch {
+                place_fetched(&self.fetcher, f, dir, self.user).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns why the executor ended.
+    pub(super) async fn serve(&self) -> Result<String, String> {
+        let open = |path: &Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path);
+            f.map_err(|e| format!("cannot create {}: {e}", path.display()))
+        };
+        let log = open(&self.log)?;
+        // A framework's executor writes `stdout` and `stderr` in its sandbox (`agora logs` of
+        // its tasks); the built-in ones one log file.
+        let out = match &self.cwd {
+            Some(dir) => {
+                let path = dir.join("stdout");
+                let f = open(&path)?;
+                if let Some(u) = self.user {
+                    u.chown(&path)
+                        .map_err(|e| format!("cannot hand {} to the task user: {e}", path.display()))?;
+                    u.chown(&self.log)
+                        .map_err(|e| format!("cannot hand {} to the task user: {e}", self.log.display()))?;
+                }
+                f
+            }
+            None => log.try_clone().map_err(|e| e.to_string())?,
+        };
+        let gated = self.cgroup.is_some();
+        let mut cmd = if gated {
+            tokio::process::Command::from(crate::cgroups::gated_command(&self.program))
+        } else {
+            tokio::process::Command::new(&self.program)
+        };
+        // Executors get only what they are given (the agent's environment may hold secrets);
+        // the built-in ones keep the agent's log filter.
+        cmd.env_clear();
+        if self.cwd.is_none() {
+            cmd.env("PATH", crate::tasks::TASK_PATH);
+            if let Ok(filter) = std::env::var("AGORA_LOG") {
+                cmd.env("AGORA_LOG", filter);
+            }
+        }
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if gated { Stdio::piped() } else { Stdio::null() })
+            .stdout(out)
+            .stderr(log)
+            .kill_on_drop(true);
+        // The command executor stays the agent's user (it creates cgroups and switches users
+        // for its tasks); the Wasm executor and a framework's own run as the task user.
+        let user =
+            if self.args.first().map(String::as_str) == Some("executor-command") { None } else { self.user };
+        if let Some(u) = user {
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| crate::user::no_new_privs_in_child());
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
+        let pid = child.id().unwrap_or(0);
+        if let (Some(group), Some(mut gate)) = (&self.cgroup, child.stdin.take()) {
+            let placed = group.lock().unwrap_or_else(|p| p.into_inner()).add_process(pid);
+            if let Err(e) = placed {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(format!("cannot place the executor in its cgroup: {e}"));
+            }
+            gate.write_all(b"\n").await.map_err(|e| format!("cannot release the executor: {e}"))?;
+        }
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(EXECUTOR_START_TIMEOUT, self.listener.accept()) => r,
+            status = child.wait() => {
+                return Err(format!("the executor exited before connecting ({})", describe(status)));
+            }
+        };
+        let (stream, _) = match accepted {
+            Ok(Ok(s)) => {
+                // Only the process the agent started may speak for the executor.
+                let peer = s.0.peer_cred().ok().and_then(|c| c.pid());
+                if peer.is_some_and(|p| p.unsigned_abs() != pid) {
+                    let _ = child.start_kill();
+                    return Err(format!(
+                        "a process other than the executor ({peer:?}) connected to its socket"
+                    ));
+                }
+                s
+            }
+            Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(format!("the executor did not connect within {EXECUTOR_START_TIMEOUT:?}"));
+            }
+        };
+        let (r, w) = stream.into_split();
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        let hello = tokio::time::timeout(EXECUTOR_START_TIMEOUT, reader.recv::<ExecutorMessage>()).await;
+        let exec_pid = match hello {
+            Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, .. }))) => {
+                if version != EXECUTOR_PROTOCOL_VERSION {
+                    let msg =
+                        format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
+                    let _ = writer.send(&AgentToExecutor::refused(msg.clone())).await;
+                    return Err(msg);
+                }
+                exec_pid
+            }
+            Ok(Ok(Some(other))) => return Err(format!("the executor did not start with hello: {other:?}")),
+            Ok(Ok(None)) => return Err("the executor closed its socket before hello".into()),
+            Ok(Err(e)) => return Err(format!("executor hello: {e}")),
+            Err(_) => return Err("the executor did not say hello".into()),
+        };
+        writer
+            .send(&AgentToExecutor::Welcome {
+                framework_id: self.exec.0.clone(),
+                agent_id: self
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == ENV_AGENT_ID)
+                    .map(|(_, v)| AgentId::new(v.clone()))
+                    .filter(|a| !a.as_str().is_empty()),
+                executor_id: self.exec.1.to_string(),
+            })
+            .await
+            .map_err(|e| format!("cannot welcome the executor: {e}"))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<AgentToExecutor>();
+        let _ = self.manager.send(ManagerCmd::Started {
+            exec: self.exec.clone(),
+            serial: self.serial,
+            pid: if exec_pid != 0 { exec_pid } else { pid },
+            to_executor: tx,
+        });
+        let write_loop = async move {
+            let mut unsendable = Vec::new();
+            while let Some(msg) = rx.recv().await {
+                let mut shutdown = matches!(msg, AgentToExecutor::Shutdown);
+                feed_split(&mut writer, msg, &mut unsendable).await.map_err(|e| e.to_string())?;
+                while let Ok(more) = rx.try_recv() {
+                    shutdown |= matches!(more, AgentToExecutor::Shutdown);
+                    feed_split(&mut writer, more, &mut unsendable).await.map_err(|e| e.to_string())?;
+                }
+                writer.flush().await.map_err(|e| e.to_string())?;
+                if !unsendable.is_empty() {
+                    let updates = unsendable.drain(..).map(launch_too_large).collect();
+                    let _ = self.manager.send(ManagerCmd::Updates {
+                        exec: self.exec.clone(),
+                        serial: self.serial,
+                        updates,
+                    });
+                }
+                if shutdown {
+                    break;
+                }
+            }
+            Ok::<_, String>(())
+        };
+        let read_loop = async {
+            loop {
+                match reader.recv::<ExecutorMessage>().await {
+                    Ok(Some(ExecutorMessage::Updates(updates))) => {
+                        let _ = self.manager.send(ManagerCmd::Updates {
+                            exec: self.exec.clone(),
+                            serial: self.serial,
+                            updates,
+                        });
+                    }
+                    Ok(Some(ExecutorMessage::FrameworkMessage(data))) => {
+                        if data.len() > agora_sdk::proto::MAX_FRAMEWORK_MESSAGE {
+                            tracing::warn!(framework_id = %self.exec.0, executor_id = %self.exec.1, bytes = data.len(),
+                                "dropping an executor's framework message larger than the limit");
+                        } else {
+                            let _ = self.manager.send(ManagerCmd::FromExecutor {
+                                exec: self.exec.clone(),
+                                serial: self.serial,
+                                data,
+                            });
+                        }
+                    }
+                    Ok(Some(ExecutorMessage::Hello { .. })) => {
+                        tracing::warn!(executor_id = %self.exec.1, "unexpected second hello from an executor")
+                    }
+                    Ok(None) => return "the executor closed its socket".to_string(),
+                    Err(e) => return format!("executor socket: {e}"),
+                }
+            }
+        };
+        tokio::pin!(write_loop);
+        tokio::pin!(read_loop);
+        let mut writing = true;
+        let ended = loop {
+            tokio::select! {
+                w = &mut write_loop, if writing => {
+                    writing = false;
+                    if let Err(e) = w {
+                        break format!("cannot write to the executor: {e}");
+                    }
+                }
+                why = &mut read_loop => break why,
+            }
+        };
+        // The socket is closed or broken: the executor exits by itself; make sure of it.
+        // (The command executor first kills its tasks, each within its grace period.)
+        let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(s) => describe(s),
+            Err(_) => {
+                let _ = child.start_kill();
+                describe(child.wait().await)
+            }
+        };
+        Ok(format!("{ended} ({status})"))
+    }
+}
+
+/// Queues `msg` for the executor. A batch of launches too large for one frame goes out in
+/// several (halved until each fits, in order); a single launch that cannot fit at all is left
+/// in `unsendable` for the caller to fail, and the executor carries on.
+pub(super) async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    msg: AgentToExecutor,
+    unsendable: &mut Vec<TaskId>,
+) -> Result<(), FrameError> {
+    let halve = |msg| match msg {
+        AgentToExecutor::Launch(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::Launch(list), AgentToExecutor::Launch(tail)))
+        }
+        AgentToExecutor::LaunchCommands(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::LaunchCommands(list), AgentToExecutor::LaunchCommands(tail)))
+        }
+        AgentToExecutor::LaunchTasks(mut list) if list.len() > 1 => {
+            let tail = list.split_off(list.len() / 2);
+            Ok((AgentToExecutor::LaunchTasks(list), AgentToExecutor::LaunchTasks(tail)))
+        }
+        other => Err(other),
+    };
+    for msg in writer.feed_splitting(msg, halve).await? {
+        match msg {
+            AgentToExecutor::Launch(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            AgentToExecutor::LaunchCommands(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            AgentToExecutor::LaunchTasks(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
+            _ => return Err(FrameError::TooLarge { max: MAX_FRAME }),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn launch_too_large(task_id: TaskId) -> ExecutorUpdate {
+    ExecutorUpdate {
+        task_id,
+        state: TaskState::Failed,
+        reason: "launch failed".into(),
+        message: format!("the task's launch does not fit in one executor frame ({MAX_FRAME} bytes)"),
+        exit_code: None,
+        signal: None,
+        pid: None,
+        usage: None,
+    }
+}
+
+pub(super) fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended".into(),
+        },
+        Err(e) => format!("cannot wait for it: {e}"),
+    }
+}
+
+/// The last line or so of an executor's log, for the reason of the tasks it took down.
+pub(super) fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(400);
+    let mut buf = Vec::new();
+    use std::io::Seek;
+    if f.seek(std::io::SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
