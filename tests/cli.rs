@@ -159,3 +159,30 @@ fn agora_sdk_tls_init(dir: &Path) {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+#[test]
+fn an_agent_refuses_a_task_user_that_does_not_exist_or_is_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("AGORA_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
+            "needs root, and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping it"
+        );
+        eprintln!("skipped: an agent that is not root runs tasks as itself and checks no task user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (user, says) in [("no-such-user-agora", "no such user"), ("root", "tasks never run as root")] {
+        let out = Command::new(AGORA)
+            .args(["agent", "--master", "127.0.0.1:9", "--task-user", user, "--work-dir"])
+            .arg(dir.path().join("work"))
+            .arg("--tls-dir")
+            .arg(dir.path().join("tls"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agora agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{user}: {err}");
+        assert!(err.contains(says) && err.contains(user), "{user}: {err}");
+    }
+}

@@ -151,6 +151,13 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     );
     let running = fw.update_for("spin-a", TaskState::Running).await;
     let pid = pid_of(&running);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // The Wasm executor runs as the task user, never as root.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+        assert_eq!(uid.split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "Uid: {uid}");
+    }
     // The executor runs in a cgroup sized to its tasks (2 × 16 MiB) plus its own overhead.
     let want = 2 * (16 << 20) + agora_agent::executors::EXECUTOR_OVERHEAD_MEM;
     match memory_limit_file(pid) {

@@ -160,6 +160,8 @@ pub(super) struct TaskSlot {
     pub(super) done: watch::Sender<bool>,
     /// A kill was sent to the executor (TASK_KILLING reported once).
     pub(super) killing: bool,
+    /// RUNNING was reported (once: an executor repeating it makes no new update).
+    pub(super) running: bool,
 }
 
 impl TaskSlot {
@@ -329,7 +331,8 @@ impl Manager {
                     return;
                 }
                 let NewSlot { events, done } = slot;
-                ex.tasks.insert(task_id, TaskSlot { resources, events, done, killing: false });
+                ex.tasks
+                    .insert(task_id, TaskSlot { resources, events, done, killing: false, running: false });
                 ex.idle_since = None;
                 ex.resize = true;
                 if ex.to_executor.is_some() {
@@ -449,8 +452,12 @@ impl Manager {
                         }
                     }
                     if update.state == TaskState::Running {
-                        match ex.tasks.get(&update.task_id) {
+                        match ex.tasks.get_mut(&update.task_id) {
+                            Some(slot) if slot.running => {
+                                tracing::debug!(task_id = %update.task_id, "ignoring a repeated RUNNING")
+                            }
                             Some(slot) => {
+                                slot.running = true;
                                 let pid = if custom { pid } else { update.pid.unwrap_or(pid) };
                                 let message = custom.then(|| update.message.clone());
                                 slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid, message })

@@ -211,6 +211,7 @@ impl ExecutorSpawn {
             Ok::<_, String>(())
         };
         let read_loop = async {
+            let mut budget = MessageBudget::default();
             loop {
                 match reader.recv::<ExecutorMessage>().await {
                     Ok(Some(ExecutorMessage::Updates(updates))) => {
@@ -221,7 +222,11 @@ impl ExecutorSpawn {
                         });
                     }
                     Ok(Some(ExecutorMessage::FrameworkMessage(data))) => {
-                        if data.len() > agora_sdk::proto::MAX_FRAMEWORK_MESSAGE {
+                        if !budget.take(data.len(), Instant::now()) {
+                            tracing::warn!(framework_id = %self.exec.0, executor_id = %self.exec.1,
+                                "dropping a framework message: the executor sends more than {} per second",
+                                MESSAGES_PER_SECOND);
+                        } else if data.len() > agora_sdk::proto::MAX_FRAMEWORK_MESSAGE {
                             tracing::warn!(framework_id = %self.exec.0, executor_id = %self.exec.1, bytes = data.len(),
                                 "dropping an executor's framework message larger than the limit");
                         } else {
@@ -338,4 +343,51 @@ pub(super) fn log_tail(path: &Path) -> String {
     }
     let text = String::from_utf8_lossy(&buf);
     text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
+
+/// Framework messages an executor may send per second (at most once: the rest are dropped, so
+/// one executor cannot flood its agent, the master and its scheduler).
+pub(super) const MESSAGES_PER_SECOND: u32 = 200;
+/// Bytes of framework messages an executor may send per second.
+pub(super) const MESSAGE_BYTES_PER_SECOND: usize = 4 << 20;
+
+/// A one-second window of an executor's framework messages.
+#[derive(Debug, Default)]
+pub(super) struct MessageBudget {
+    window: Option<Instant>,
+    count: u32,
+    bytes: usize,
+}
+
+impl MessageBudget {
+    /// Whether a message of `len` bytes still fits this second's budget (and counts it).
+    pub(super) fn take(&mut self, len: usize, now: Instant) -> bool {
+        if self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1)) {
+            *self = Self { window: Some(now), count: 0, bytes: 0 };
+        }
+        if self.count >= MESSAGES_PER_SECOND || self.bytes + len > MESSAGE_BYTES_PER_SECOND {
+            return false;
+        }
+        self.count += 1;
+        self.bytes += len;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_executor_cannot_flood_with_framework_messages() {
+        let mut b = MessageBudget::default();
+        let t0 = Instant::now();
+        let sent = (0..1000).filter(|_| b.take(10, t0)).count();
+        assert_eq!(sent, MESSAGES_PER_SECOND as usize);
+        assert!(b.take(10, t0 + Duration::from_secs(1)), "a new second, a new budget");
+        let mut b = MessageBudget::default();
+        let big = 64 << 10;
+        let sent = (0..1000).filter(|_| b.take(big, t0)).count();
+        assert_eq!(sent, MESSAGE_BYTES_PER_SECOND / big);
+    }
 }
