@@ -6,7 +6,9 @@
 //!   `pid=<pid> count=<n>` (so one can check that tasks of one executor share one process);
 //! * then, by the task's `data` (UTF-8): `sleep` stays RUNNING until killed (then KILLED),
 //!   `crash` exits the process with status 3 at once (the agent then fails the executor's
-//!   tasks), anything else ends FINISHED with `count=<n>` right away;
+//!   tasks), `stubborn` makes the executor ignore the agent's shutdown (used by tests: the agent
+//!   then kills it after its grace period) and ends FINISHED, anything else ends FINISHED with
+//!   `count=<n>` right away;
 //! * a framework message is answered `pong <executor_id> tasks=<counter>`.
 //!
 //! It is not meant to be started by hand: the agent sets the `AGORA_EXECUTOR_*` variables it
@@ -28,6 +30,8 @@ struct Echo {
     executor_id: String,
     /// Sleeping tasks and their number.
     sleeping: HashMap<TaskId, u64>,
+    /// Ignore the agent's shutdown (a misbehaving executor, for tests).
+    stubborn: bool,
 }
 
 impl Echo {
@@ -71,6 +75,10 @@ impl Executor for Echo {
             "sleep" => {
                 self.sleeping.insert(id, n);
             }
+            "stubborn" => {
+                self.stubborn = true;
+                Self::update(driver, id, TaskState::Finished, "task finished", format!("count={n}")).await
+            }
             "crash" => {
                 eprintln!("echo_executor: task {id} asked for a crash; exiting with status {CRASH_STATUS}");
                 std::process::exit(CRASH_STATUS);
@@ -95,6 +103,10 @@ impl Executor for Echo {
     }
 
     async fn shutdown(&mut self, driver: &ExecutorDriver) {
+        if self.stubborn {
+            eprintln!("echo_executor: ignoring the shutdown");
+            std::future::pending::<()>().await;
+        }
         eprintln!("echo_executor: shutting down after {} task(s)", self.count);
         for (id, n) in std::mem::take(&mut self.sleeping) {
             Self::update(driver, id, TaskState::Killed, "executor shut down", format!("count={n}")).await;

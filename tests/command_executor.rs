@@ -152,6 +152,51 @@ async fn command_tasks_under_the_executor_keep_their_exit_codes_signals_and_limi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_executor_that_dies_leaves_no_task_running() {
+    if !root_or_skip("a_command_executor_that_dies_leaves_no_task_running") {
+        return;
+    }
+    let c = TestCluster::start(1, "cpus:8;mem:8GiB").await;
+    let mut fw = ProbeFramework::start(c.framework("cmd")).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    // The task forks a child that leaves its process group: only the cgroup still holds it.
+    let script = "setsid sleep 300 & echo $! > bg.pid; echo $$ > me.pid; sleep 300";
+    fw.driver().launch(vec![offer.id], vec![task("victim", script, "cpus:0.1;mem:32MiB", &[])]);
+    fw.update_for("victim", TaskState::Running).await;
+    let dir = sandbox_of(&c, fw.id.as_ref().expect("id"), "victim");
+    let pid_file = |name: &str| {
+        let p = dir.join(name);
+        move || {
+            let p = p.clone();
+            async move { read(&p).trim().parse::<i32>().is_ok() }
+        }
+    };
+    wait_for("the task's pids", pid_file("bg.pid")).await;
+    wait_for("the task's pids", pid_file("me.pid")).await;
+    let me: i32 = read(&dir.join("me.pid")).trim().parse().expect("pid");
+    let bg: i32 = read(&dir.join("bg.pid")).trim().parse().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{me}/status")).expect("status");
+    let ppid: i32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("ppid");
+    // SAFETY: kill(2) of the command executor this test's agent started.
+    unsafe { libc::kill(ppid, libc::SIGKILL) };
+    let end = terminal(&mut fw, &["victim"]).await;
+    let v = &end["victim"];
+    assert_eq!((v.state, v.reason.as_str()), (TaskState::Failed, "executor terminated"), "{v:?}");
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    };
+    wait_for("the task's processes to be gone", || async move { gone(me) && gone(bg) }).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_task_runs_unprivileged_and_cannot_reach_what_is_not_its_own() {
     if !root_or_skip("a_native_task_runs_unprivileged_and_cannot_reach_what_is_not_its_own") {
         return;

@@ -305,6 +305,44 @@ async fn bad_executor_infos_and_non_executables_are_refused() {
     c.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_end_with_their_framework_and_a_deaf_one_is_killed_after_its_grace_period() {
+    let c = TestCluster::start(1, "cpus:4;mem:4GiB").await;
+    let artifact = upload_executor(&c).await;
+
+    // A framework that tears down takes its idle executor with it.
+    let mut fw = ProbeFramework::start(c.framework("echo")).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver().launch(vec![offer.id], vec![echo_task("one", &artifact, "")]);
+    let pid = pid_in(&fw.update_for("one", TaskState::Running).await);
+    fw.update_for("one", TaskState::Finished).await;
+    assert!(alive(pid), "an idle executor of its own stays while its framework is there");
+    fw.driver().stop(true);
+    wait_for("the executor to end with its framework", || async move { !alive(pid) }).await;
+
+    // An executor that ignores the shutdown is killed after the grace period.
+    let mut fw = ProbeFramework::start(c.framework("deaf")).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver().launch(vec![offer.id], vec![echo_task("stubborn", &artifact, "stubborn")]);
+    let running = fw.update_for("stubborn", TaskState::Running).await;
+    let pid = pid_in(&running);
+    fw.update_for("stubborn", TaskState::Finished).await;
+    let asked = std::time::Instant::now();
+    fw.driver().shutdown_executor(running.agent_id.clone().expect("agent"), ExecutorId::new("echo"));
+    let exited = fw
+        .until(|s| match s {
+            Seen::ExecutorExited { message, .. } => Some(message.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(exited.contains("did not exit within"), "{exited}");
+    assert!(asked.elapsed() >= std::time::Duration::from_secs(5), "not before the grace period");
+    assert!(!alive(pid));
+    c.stop().await;
+}
+
 /// The memory limit of `pid`'s cgroup (v1 `memory.limit_in_bytes` or v2 `memory.max`).
 fn memory_limit(pid: u32) -> Option<u64> {
     let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

@@ -243,7 +243,9 @@ impl Core {
             task: task.clone(),
             executor_dir,
             run_dir: run_dir.clone(),
-            kill_grace: task.kill_grace.unwrap_or(self.default_grace),
+            // A framework chooses its tasks' grace period, within bounds (an executor shutting
+            // down waits for it).
+            kill_grace: task.kill_grace.unwrap_or(self.default_grace).min(crate::MAX_KILL_GRACE),
             isolator: self.isolator.clone(),
             user,
         };
@@ -296,8 +298,12 @@ impl Core {
         }
     }
 
-    /// Kills every task of a framework.
+    /// Kills every task of a framework and ends its executors.
     pub fn shutdown_framework(&mut self, framework_id: &FrameworkId) {
+        if let Some(support) = &self.wasm {
+            support.shutdown_framework(framework_id.clone());
+        }
+        self.executor_runs.retain(|(fw, _), _| fw != framework_id);
         for (key, e) in &self.tasks {
             if &key.framework_id == framework_id && !e.ended {
                 tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,

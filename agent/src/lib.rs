@@ -50,6 +50,8 @@ pub mod user;
 
 pub use resources::{detect_resources, detect_resources_in};
 
+/// Longest time between SIGTERM and SIGKILL a task may ask for.
+pub const MAX_KILL_GRACE: Duration = Duration::from_secs(30);
 /// Default time between SIGTERM and SIGKILL when a task is killed.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(3);
 

@@ -480,12 +480,14 @@ fn confine_in_child(
 
 /// `task-<run id>`: unique per run, one path component.
 fn cgroup_name(spec: &LaunchSpec) -> String {
-    let run =
-        spec.run_dir.file_name().and_then(|n| n.to_str()).filter(|n| cgroups::fs::check_name(n).is_ok());
-    match run {
-        Some(run) => format!("task-{run}"),
-        None => format!("task-{}", uuid::Uuid::new_v4()),
-    }
+    cgroup_name_for(&spec.run_dir).unwrap_or_else(|| format!("task-{}", uuid::Uuid::new_v4()))
+}
+
+/// The cgroup of the native task whose sandbox is `run_dir` (`task-<run id>`), if the run id
+/// can name one.
+pub fn cgroup_name_for(run_dir: &Path) -> Option<String> {
+    let run = run_dir.file_name().and_then(|n| n.to_str()).filter(|n| cgroups::fs::check_name(n).is_ok())?;
+    Some(format!("task-{run}"))
 }
 
 /// The process to run for `cmd`: own process group, sandbox as working directory, a clean

@@ -417,7 +417,6 @@ impl Isolator {
         }
     }
 
-    /// Whether tasks get cgroups.
     /// The description another process uses to create groups under this isolator's root
     /// ([`Self::attach`]); `None` without isolation.
     pub fn spec(&self) -> Option<IsolationSpec> {
@@ -446,6 +445,18 @@ impl Isolator {
             }
         };
         Self::with_manager(manager, spec.cpu_limit, spec.max_pids)
+    }
+
+    /// Kills everything in the existing group `name` and removes it (a task's group left by a
+    /// command executor that died). Nothing to do without isolation or when it is gone.
+    pub fn destroy_existing(&self, name: &str) -> Result<(), CgroupError> {
+        let Some(active) = &self.active else { return Ok(()) };
+        let manager = active.manager.clone();
+        if manager.paths(name).iter().all(|p| !p.exists()) {
+            return Ok(());
+        }
+        let limits = self.limits_for(&Resources::default());
+        Cgroup { manager, name: name.to_string(), limits }.destroy()
     }
 
     /// Whether tasks get cgroups.

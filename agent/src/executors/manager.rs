@@ -116,6 +116,10 @@ pub(super) enum ManagerCmd {
     ShutdownExecutor {
         exec: ExecKey,
     },
+    /// The framework is gone: every executor of it ends.
+    ShutdownFramework {
+        framework_id: FrameworkId,
+    },
     /// From an executor's connection task.
     Started {
         exec: ExecKey,
@@ -162,6 +166,16 @@ pub(super) struct TaskSlot {
     pub(super) killing: bool,
     /// RUNNING was reported (once: an executor repeating it makes no new update).
     pub(super) running: bool,
+    /// A native task's process group and cgroup, for cleaning up after a command executor
+    /// that died: its tasks are failed, so nothing of them may keep running.
+    pub(super) leftovers: Leftovers,
+}
+
+/// What to kill of a native task whose command executor is gone.
+#[derive(Debug, Default)]
+pub(super) struct Leftovers {
+    pub(super) process_group: Option<u32>,
+    pub(super) cgroup: Option<String>,
 }
 
 impl TaskSlot {
@@ -331,8 +345,15 @@ impl Manager {
                     return;
                 }
                 let NewSlot { events, done } = slot;
-                ex.tasks
-                    .insert(task_id, TaskSlot { resources, events, done, killing: false, running: false });
+                let cgroup = match &launch {
+                    LaunchItem::Command(l) => crate::tasks::cgroup_name_for(&l.sandbox),
+                    _ => None,
+                };
+                let leftovers = Leftovers { process_group: None, cgroup };
+                ex.tasks.insert(
+                    task_id,
+                    TaskSlot { resources, events, done, killing: false, running: false, leftovers },
+                );
                 ex.idle_since = None;
                 ex.resize = true;
                 if ex.to_executor.is_some() {
@@ -385,6 +406,13 @@ impl Manager {
                     }
                     _ => tracing::debug!(framework_id = %exec.0, executor_id = %exec.1,
                     "dropping a framework message: the executor is not running here"),
+                }
+            }
+            ManagerCmd::ShutdownFramework { framework_id } => {
+                let execs: Vec<ExecKey> =
+                    self.executors.keys().filter(|(fw, _)| fw == &framework_id).cloned().collect();
+                for exec in execs {
+                    self.handle(ManagerCmd::ShutdownExecutor { exec }, launches);
                 }
             }
             ManagerCmd::ShutdownExecutor { exec } => {
@@ -458,6 +486,9 @@ impl Manager {
                             }
                             Some(slot) => {
                                 slot.running = true;
+                                if matches!(ex.kind, ExecKind::Command) {
+                                    slot.leftovers.process_group = update.pid;
+                                }
                                 let pid = if custom { pid } else { update.pid.unwrap_or(pid) };
                                 let message = custom.then(|| update.message.clone());
                                 slot.emit(&framework_id, &update.task_id, TaskEvent::Running { pid, message })
@@ -487,8 +518,13 @@ impl Manager {
                 if !ex.tasks.is_empty() {
                     tracing::warn!(framework_id = %framework_id, executor_id = %exec.1, tasks = ex.tasks.len(), "executor died: {why}");
                 }
-                for (task_id, slot) in ex.tasks {
+                let mut leftovers = Vec::new();
+                for (task_id, mut slot) in ex.tasks {
+                    leftovers.push(std::mem::take(&mut slot.leftovers));
                     slot.end(framework_id, &task_id, failed(reason, why.clone()));
+                }
+                if matches!(ex.kind, ExecKind::Command) && !leftovers.is_empty() {
+                    kill_leftovers(&self.isolator, leftovers);
                 }
                 destroy_group(ex.cgroup);
                 if matches!(ex.kind, ExecKind::Custom { .. }) {
@@ -796,6 +832,28 @@ pub(super) fn executor_resources<'a>(
         sum.mem += r.mem;
     }
     sum
+}
+
+/// Kills what is left of native tasks whose command executor died (blocking pool): each
+/// task's process group, then its cgroup with everything in it.
+pub(super) fn kill_leftovers(isolator: &Isolator, leftovers: Vec<Leftovers>) {
+    let isolator = isolator.clone();
+    tokio::task::spawn_blocking(move || {
+        for l in leftovers {
+            if let Some(group) =
+                l.process_group.and_then(|p| libc::pid_t::try_from(p).ok()).filter(|p| *p > 0)
+            {
+                // SAFETY: kill(2) of the task's process group; the command executor that was
+                // its parent is gone, so the group can only be the task's (or empty).
+                unsafe { libc::killpg(group, libc::SIGKILL) };
+            }
+            if let Some(name) = &l.cgroup {
+                if let Err(e) = isolator.destroy_existing(name) {
+                    tracing::warn!(cgroup = %name, error = %e, "cannot clean up an orphaned task's cgroup");
+                }
+            }
+        }
+    });
 }
 
 pub(super) fn destroy_group(group: Option<Arc<Mutex<Cgroup>>>) {

@@ -65,6 +65,9 @@ pub const EXECUTOR_OVERHEAD_MEM: u64 = 128 << 20;
 pub const EXECUTOR_OVERHEAD_CPU: u64 = 100;
 /// Largest artifact the agent fetches.
 pub const MAX_FETCH_BYTES: u64 = 1 << 30;
+/// How long an executor told to shut down has to exit before it is killed (Mesos's default is
+/// 5 s; the command executor gets its tasks' longest grace period on top).
+const EXECUTOR_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a starting executor has to connect and say hello.
 const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent waits for a connection to the master before failing a fetch.
@@ -214,6 +217,11 @@ impl WasmSupport {
     /// Relays a scheduler's message to one of its executors (dropped when there is none).
     pub fn framework_message(&self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
         let _ = self.manager.tx.send(ManagerCmd::ToExecutor { exec: (framework_id, executor_id), data });
+    }
+
+    /// Shuts every executor of a framework down (the framework is gone).
+    pub fn shutdown_framework(&self, framework_id: FrameworkId) {
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownFramework { framework_id });
     }
 
     /// Shuts one of a framework's executors down (its tasks are killed).

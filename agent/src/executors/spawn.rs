@@ -101,7 +101,9 @@ impl ExecutorSpawn {
             .stdin(if gated { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
             .stderr(log)
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            // Its own process group: what it forks goes with it when it ends.
+            .process_group(0);
         // The command executor stays the agent's user (it creates cgroups and switches users
         // for its tasks); the Wasm executor and a framework's own run as the task user.
         let user =
@@ -205,10 +207,10 @@ impl ExecutorSpawn {
                     });
                 }
                 if shutdown {
-                    break;
+                    return Ok(true);
                 }
             }
-            Ok::<_, String>(())
+            Ok::<_, String>(false)
         };
         let read_loop = async {
             let mut budget = MessageBudget::default();
@@ -248,26 +250,45 @@ impl ExecutorSpawn {
         tokio::pin!(write_loop);
         tokio::pin!(read_loop);
         let mut writing = true;
+        // Told to shut down, it has this long to end its tasks and exit; then it is killed.
+        let grace = if self.args.first().map(String::as_str) == Some("executor-command") {
+            crate::MAX_KILL_GRACE + Duration::from_secs(10)
+        } else {
+            EXECUTOR_SHUTDOWN_GRACE
+        };
+        let mut deadline = None;
         let ended = loop {
             tokio::select! {
                 w = &mut write_loop, if writing => {
                     writing = false;
-                    if let Err(e) = w {
-                        break format!("cannot write to the executor: {e}");
+                    match w {
+                        Err(e) => break format!("cannot write to the executor: {e}"),
+                        Ok(true) => deadline = Some(Instant::now() + grace),
+                        Ok(false) => {}
                     }
                 }
                 why = &mut read_loop => break why,
+                () = sleep_until_opt(deadline) => {
+                    let _ = child.start_kill();
+                    break format!("it did not exit within {grace:?} of being shut down and was killed");
+                }
             }
         };
         // The socket is closed or broken: the executor exits by itself; make sure of it.
-        // (The command executor first kills its tasks, each within its grace period.)
-        let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+        let status = match tokio::time::timeout(grace, child.wait()).await {
             Ok(s) => describe(s),
             Err(_) => {
                 let _ = child.start_kill();
                 describe(child.wait().await)
             }
         };
+        // Whatever it forked and left behind goes with it.
+        if let Ok(group) = libc::pid_t::try_from(pid) {
+            if group > 0 {
+                // SAFETY: kill(2) of the process group the agent created for this executor.
+                unsafe { libc::killpg(group, libc::SIGKILL) };
+            }
+        }
         Ok(format!("{ended} ({status})"))
     }
 }
