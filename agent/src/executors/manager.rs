@@ -765,6 +765,7 @@ impl Manager {
             None => self.dir.join(format!("{serial}.log")),
         };
         let spawn = ExecutorSpawn {
+            command: matches!(kind, ExecKind::Command),
             program,
             args,
             env,

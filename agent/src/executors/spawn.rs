@@ -5,6 +5,8 @@ use super::*;
 /// Starting one executor process and then relaying its frames.
 pub(super) struct ExecutorSpawn {
     pub(super) program: PathBuf,
+    /// The built-in command executor (it stays the agent's user and kills its own tasks).
+    pub(super) command: bool,
     pub(super) args: Vec<String>,
     /// Extra environment (the `AGORA_EXECUTOR_*` variables, a framework executor's own).
     pub(super) env: Vec<(String, String)>,
@@ -24,6 +26,11 @@ pub(super) struct ExecutorSpawn {
 }
 
 impl ExecutorSpawn {
+    /// Whether this is the built-in command executor.
+    pub(super) fn is_command(&self) -> bool {
+        self.command
+    }
+
     pub(super) async fn run(self) {
         let (reason, why) = match self.prepare().await {
             Err(why) => (REASON_FETCH_FAILED, why),
@@ -101,13 +108,15 @@ impl ExecutorSpawn {
             .stdin(if gated { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
             .stderr(log)
-            .kill_on_drop(true)
+            // When the agent goes away without shutting it down, the command executor sees its
+            // socket close and kills its tasks, each within its grace period: killing it instead
+            // would leave them running unmanaged. Other executors' tasks live in their process.
+            .kill_on_drop(!self.is_command())
             // Its own process group: what it forks goes with it when it ends.
             .process_group(0);
         // The command executor stays the agent's user (it creates cgroups and switches users
         // for its tasks); the Wasm executor and a framework's own run as the task user.
-        let user =
-            if self.args.first().map(String::as_str) == Some("executor-command") { None } else { self.user };
+        let user = if self.is_command() { None } else { self.user };
         if let Some(u) = user {
             cmd.uid(u.uid).gid(u.gid);
         }
@@ -251,7 +260,7 @@ impl ExecutorSpawn {
         tokio::pin!(read_loop);
         let mut writing = true;
         // Told to shut down, it has this long to end its tasks and exit; then it is killed.
-        let grace = if self.args.first().map(String::as_str) == Some("executor-command") {
+        let grace = if self.is_command() {
             crate::MAX_KILL_GRACE + Duration::from_secs(10)
         } else {
             EXECUTOR_SHUTDOWN_GRACE
