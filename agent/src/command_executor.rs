@@ -19,11 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agora_sdk::executor_proto::{
-    AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, EXECUTOR_PROTOCOL_VERSION,
+    handshake, AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, HandshakeError,
 };
-use agora_sdk::frame::{chunk_by_size, FrameError, FrameReader, FrameWriter, LIST_BUDGET};
+use agora_sdk::frame::{chunk_by_size, FrameError, FrameWriter, LIST_BUDGET};
 use agora_sdk::proto::{FrameworkId, TaskId, TaskInfo, TaskKind, TaskState};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::cgroups::{IsolationSpec, Isolator};
@@ -49,23 +48,9 @@ pub struct CommandExecutorConfig {
 /// Why the command executor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandExecutorError {
-    /// The agent's socket cannot be reached.
-    #[error("cannot connect to the agent at {path}: {error}")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The cause.
-        error: std::io::Error,
-    },
-    /// The handshake failed.
-    #[error("handshake with the agent failed: {0}")]
-    Handshake(FrameError),
-    /// The agent closed the socket before `Welcome`.
-    #[error("the agent closed the socket before welcoming this executor")]
-    Closed,
-    /// The agent refused this executor.
-    #[error("the agent refused this executor: {0}")]
-    Refused(agora_sdk::proto::WireError),
+    /// The handshake with the agent failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
     /// The agent sent something this executor does not take.
     #[error("unexpected `{0}` from the agent")]
     Unexpected(&'static str),
@@ -76,25 +61,8 @@ pub enum CommandExecutorError {
 
 /// Connects to the agent and runs its command tasks until `Shutdown` or the socket closes.
 pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorError> {
-    let stream = UnixStream::connect(&config.socket)
-        .await
-        .map_err(|error| CommandExecutorError::Connect { path: config.socket.clone(), error })?;
-    let (read, write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
-    let mut writer = FrameWriter::new(write);
-    let hello = ExecutorMessage::Hello {
-        version: EXECUTOR_PROTOCOL_VERSION,
-        executor_id: config.executor_id.clone(),
-        pid: std::process::id(),
-    };
-    writer.send(&hello).await.map_err(CommandExecutorError::Handshake)?;
-    let framework_id = match reader.recv::<AgentToExecutor>().await {
-        Ok(Some(AgentToExecutor::Welcome { framework_id, .. })) => framework_id,
-        Ok(Some(AgentToExecutor::Refused(e))) => return Err(CommandExecutorError::Refused(e)),
-        Ok(Some(other)) => return Err(CommandExecutorError::Unexpected(name(&other))),
-        Ok(None) => return Err(CommandExecutorError::Closed),
-        Err(e) => return Err(CommandExecutorError::Handshake(e)),
-    };
+    let (mut reader, writer, welcomed) = handshake(&config.socket, &config.executor_id).await?;
+    let framework_id = welcomed.framework_id;
     tracing::info!(%framework_id, executor_id = %config.executor_id, "command executor welcomed");
     let isolator = config.isolation.as_ref().map(Isolator::attach).unwrap_or_else(Isolator::none);
     let (events_tx, mut events) = mpsc::unbounded_channel::<(TaskKey, TaskEvent)>();
@@ -127,7 +95,7 @@ pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorE
                     tracing::info!(live = tasks.len(), "the agent closed the socket: killing the tasks");
                     break Ok(());
                 }
-                Ok(Some(other)) => break Err(CommandExecutorError::Unexpected(name(&other))),
+                Ok(Some(other)) => break Err(CommandExecutorError::Unexpected(other.name())),
                 Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {
                     break Err(CommandExecutorError::Malformed(e))
                 }
@@ -257,17 +225,4 @@ async fn write_updates(
         writer.flush().await?;
     }
     Ok(())
-}
-
-fn name(m: &AgentToExecutor) -> &'static str {
-    match m {
-        AgentToExecutor::Welcome { .. } => "Welcome",
-        AgentToExecutor::Refused(_) => "Refused",
-        AgentToExecutor::Launch(_) => "Launch",
-        AgentToExecutor::LaunchCommands(_) => "LaunchCommands",
-        AgentToExecutor::LaunchTasks(_) => "LaunchTasks",
-        AgentToExecutor::Kill { .. } => "Kill",
-        AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
-        AgentToExecutor::Shutdown => "Shutdown",
-    }
 }

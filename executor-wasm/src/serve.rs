@@ -29,13 +29,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_sdk::executor_proto::{
-    AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
-};
-use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::executor_proto::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch};
+use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::Instrument as _;
@@ -111,6 +108,20 @@ pub enum ServeError {
     },
 }
 
+impl From<agora_sdk::executor_proto::HandshakeError> for ServeError {
+    fn from(e: agora_sdk::executor_proto::HandshakeError) -> Self {
+        use agora_sdk::executor_proto::HandshakeError as H;
+        match e {
+            H::Connect { path, error } => ServeError::Connect { path, error },
+            H::Io(e) => ServeError::Handshake(e),
+            H::Closed => ServeError::NoWelcome,
+            H::Refused(e) => ServeError::Refused(e),
+            H::Unexpected(got) => ServeError::Unexpected { got, when: "before Welcome" },
+            H::Malformed(e) => ServeError::Malformed(e),
+        }
+    }
+}
+
 /// Runs the executor: builds the runtime from `config.runtime`, connects to the agent and
 /// serves it until `Shutdown` or the socket closes.
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
@@ -124,31 +135,8 @@ pub async fn serve_with_runtime(
     socket: &Path,
     executor_id: &str,
 ) -> Result<(), ServeError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|error| ServeError::Connect { path: socket.to_owned(), error })?;
-    let (read, write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
-    let mut writer = FrameWriter::new(write);
-
-    let hello = ExecutorMessage::Hello {
-        version: EXECUTOR_PROTOCOL_VERSION,
-        executor_id: executor_id.to_owned(),
-        pid: std::process::id(),
-    };
-    writer.send(&hello).await.map_err(ServeError::Handshake)?;
-    let framework_id = match reader.recv::<AgentToExecutor>().await {
-        Ok(Some(AgentToExecutor::Welcome { framework_id, .. })) => framework_id,
-        Ok(Some(AgentToExecutor::Refused(error))) => return Err(ServeError::Refused(error)),
-        Ok(Some(other)) => {
-            return Err(ServeError::Unexpected { got: message_name(&other), when: "before Welcome" })
-        }
-        Ok(None) => return Err(ServeError::NoWelcome),
-        Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {
-            return Err(ServeError::Malformed(e))
-        }
-        Err(e) => return Err(ServeError::Handshake(e)),
-    };
+    let (mut reader, writer, welcomed) = agora_sdk::executor_proto::handshake(socket, executor_id).await?;
+    let framework_id = welcomed.framework_id;
     let span = tracing::info_span!("executor", executor_id, framework_id = %framework_id);
     tracing::info!(parent: &span, "welcomed by the agent");
 
@@ -190,12 +178,12 @@ pub async fn serve_with_runtime(
                     Ok(Some(other @ (AgentToExecutor::LaunchCommands(_) | AgentToExecutor::LaunchTasks(_)
                         | AgentToExecutor::FrameworkMessage(_)))) => {
                         tracing::error!("the agent sent the Wasm executor a message for another kind of executor");
-                        let got = message_name(&other);
+                        let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
                     Ok(Some(other @ AgentToExecutor::Welcome { .. })) => {
                         tracing::error!("unexpected second Welcome from the agent");
-                        let got = message_name(&other);
+                        let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
                     Ok(None) => {
@@ -513,19 +501,6 @@ fn truncate(mut message: String) -> String {
         message.push_str("… (truncated)");
     }
     message
-}
-
-fn message_name(message: &AgentToExecutor) -> &'static str {
-    match message {
-        AgentToExecutor::Welcome { .. } => "Welcome",
-        AgentToExecutor::Refused(_) => "Refused",
-        AgentToExecutor::Launch(_) => "Launch",
-        AgentToExecutor::Kill { .. } => "Kill",
-        AgentToExecutor::Shutdown => "Shutdown",
-        AgentToExecutor::LaunchCommands(_) => "LaunchCommands",
-        AgentToExecutor::LaunchTasks(_) => "LaunchTasks",
-        AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
-    }
 }
 
 /// Sends queued updates until the queue closes: each write takes whatever is queued and packs it

@@ -51,15 +51,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::executor_proto::{
-    AgentToExecutor, ExecutorMessage, ExecutorUpdate, ENV_AGENT_ID, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID,
-    ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+    AgentToExecutor, ExecutorMessage, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID,
+    ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
 };
 use crate::frame::{chunk_by_size, encoded_len, FrameError, FrameReader, FrameWriter, MAX_FRAME};
 use crate::proto::{
@@ -384,35 +383,26 @@ async fn handshake(
     (FrameReader<tokio::net::unix::OwnedReadHalf>, FrameWriter<OwnedWriteHalf>, ExecutorRegistration),
     ExecutorError,
 > {
-    let stream = UnixStream::connect(&env.socket)
-        .await
-        .map_err(|error| ExecutorError::Connect { path: env.socket.clone(), error })?;
-    let (read, write) = stream.into_split();
-    let mut reader = FrameReader::new(read);
-    let mut writer = FrameWriter::new(write);
-    let hello = ExecutorMessage::Hello {
-        version: EXECUTOR_PROTOCOL_VERSION,
-        executor_id: env.executor_id.clone(),
-        pid: std::process::id(),
+    let (reader, writer, welcomed) = crate::executor_proto::handshake(&env.socket, &env.executor_id).await?;
+    let registration = ExecutorRegistration {
+        framework_id: welcomed.framework_id,
+        executor_id: ExecutorId(welcomed.executor_id),
+        agent_id: welcomed.agent_id.or_else(|| env.agent_id.clone()),
+        sandbox: env.sandbox.clone(),
     };
-    writer.send(&hello).await.map_err(ExecutorError::Handshake)?;
-    match reader.recv::<AgentToExecutor>().await {
-        Ok(Some(AgentToExecutor::Welcome { framework_id, agent_id, executor_id })) => {
-            let registration = ExecutorRegistration {
-                framework_id,
-                executor_id: ExecutorId(executor_id),
-                agent_id: agent_id.or_else(|| env.agent_id.clone()),
-                sandbox: env.sandbox.clone(),
-            };
-            Ok((reader, writer, registration))
+    Ok((reader, writer, registration))
+}
+
+impl From<HandshakeError> for ExecutorError {
+    fn from(e: HandshakeError) -> Self {
+        match e {
+            HandshakeError::Connect { path, error } => ExecutorError::Connect { path, error },
+            HandshakeError::Io(e) => ExecutorError::Handshake(e),
+            HandshakeError::Closed => ExecutorError::NoWelcome,
+            HandshakeError::Refused(e) => ExecutorError::Refused(e),
+            HandshakeError::Unexpected(got) => ExecutorError::Unexpected { got, when: "before Welcome" },
+            HandshakeError::Malformed(e) => ExecutorError::Malformed(e),
         }
-        Ok(Some(AgentToExecutor::Refused(error))) => Err(ExecutorError::Refused(error)),
-        Ok(Some(other)) => {
-            Err(ExecutorError::Unexpected { got: message_name(&other), when: "before Welcome" })
-        }
-        Ok(None) => Err(ExecutorError::NoWelcome),
-        Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => Err(ExecutorError::Malformed(e)),
-        Err(e) => Err(ExecutorError::Handshake(e)),
     }
 }
 
@@ -488,7 +478,7 @@ async fn serve<E: Executor>(
             other @ (AgentToExecutor::Launch(_)
             | AgentToExecutor::LaunchCommands(_)
             | AgentToExecutor::Welcome { .. }) => {
-                return Err(ExecutorError::Unexpected { got: message_name(&other), when: "after Welcome" })
+                return Err(ExecutorError::Unexpected { got: other.name(), when: "after Welcome" })
             }
         }
     }
@@ -563,19 +553,6 @@ async fn feed_updates(
         writer.feed(&ExecutorMessage::Updates(run)).await?;
     }
     Ok(())
-}
-
-fn message_name(m: &AgentToExecutor) -> &'static str {
-    match m {
-        AgentToExecutor::Welcome { .. } => "Welcome",
-        AgentToExecutor::Refused(_) => "Refused",
-        AgentToExecutor::Launch(_) => "Launch",
-        AgentToExecutor::LaunchCommands(_) => "LaunchCommands",
-        AgentToExecutor::LaunchTasks(_) => "LaunchTasks",
-        AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
-        AgentToExecutor::Kill { .. } => "Kill",
-        AgentToExecutor::Shutdown => "Shutdown",
-    }
 }
 
 #[cfg(test)]
@@ -777,7 +754,7 @@ mod tests {
         assert_eq!(
             conn.hello,
             ExecutorMessage::Hello {
-                version: EXECUTOR_PROTOCOL_VERSION,
+                version: crate::executor_proto::EXECUTOR_PROTOCOL_VERSION,
                 executor_id: "echo".into(),
                 pid: std::process::id()
             }

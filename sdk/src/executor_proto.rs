@@ -159,4 +159,95 @@ impl AgentToExecutor {
     pub fn refused(message: impl Into<String>) -> Self {
         AgentToExecutor::Refused(WireError::new(ErrorCode::Invalid, message))
     }
+
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentToExecutor::Welcome { .. } => "Welcome",
+            AgentToExecutor::Refused(_) => "Refused",
+            AgentToExecutor::Launch(_) => "Launch",
+            AgentToExecutor::LaunchCommands(_) => "LaunchCommands",
+            AgentToExecutor::LaunchTasks(_) => "LaunchTasks",
+            AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
+            AgentToExecutor::Kill { .. } => "Kill",
+            AgentToExecutor::Shutdown => "Shutdown",
+        }
+    }
+}
+
+/// The agent's side of an executor's socket, read half.
+pub type AgentReader = crate::frame::FrameReader<tokio::net::unix::OwnedReadHalf>;
+/// The agent's side of an executor's socket, write half.
+pub type AgentWriter = crate::frame::FrameWriter<tokio::net::unix::OwnedWriteHalf>;
+
+/// What the agent said in `Welcome`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcomed {
+    /// The framework the executor works for.
+    pub framework_id: FrameworkId,
+    /// The agent's id, once the master gave it one.
+    pub agent_id: Option<AgentId>,
+    /// The executor's id within its framework.
+    pub executor_id: String,
+}
+
+/// Why an executor's handshake with its agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The agent's socket could not be reached.
+    #[error("cannot connect to the agent at {}: {error}", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// Sending `Hello` or reading the answer failed.
+    #[error("handshake with the agent failed: {0}")]
+    Io(crate::frame::FrameError),
+    /// The agent closed the socket before answering `Hello`.
+    #[error("the agent closed the socket before answering Hello")]
+    Closed,
+    /// The agent refused this executor.
+    #[error("the agent refused this executor: {}", .0.message)]
+    Refused(WireError),
+    /// The agent answered something other than `Welcome`.
+    #[error("unexpected `{0}` from the agent before Welcome")]
+    Unexpected(&'static str),
+    /// The agent's answer does not decode (or is too large).
+    #[error("malformed frame from the agent: {0}")]
+    Malformed(crate::frame::FrameError),
+}
+
+/// Connects to the agent's socket, says `Hello` as `executor_id` (with this process's pid) and
+/// waits for `Welcome`: the opening every executor (built-in or a framework's own) makes.
+pub async fn handshake(
+    socket: &std::path::Path,
+    executor_id: &str,
+) -> Result<(AgentReader, AgentWriter, Welcomed), HandshakeError> {
+    use crate::frame::{FrameError, FrameReader, FrameWriter};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|error| HandshakeError::Connect { path: socket.to_path_buf(), error })?;
+    let (read, write) = stream.into_split();
+    let mut reader = FrameReader::new(read);
+    let mut writer = FrameWriter::new(write);
+    let hello = ExecutorMessage::Hello {
+        version: EXECUTOR_PROTOCOL_VERSION,
+        executor_id: executor_id.to_string(),
+        pid: std::process::id(),
+    };
+    writer.send(&hello).await.map_err(HandshakeError::Io)?;
+    match reader.recv::<AgentToExecutor>().await {
+        Ok(Some(AgentToExecutor::Welcome { framework_id, agent_id, executor_id })) => {
+            Ok((reader, writer, Welcomed { framework_id, agent_id, executor_id }))
+        }
+        Ok(Some(AgentToExecutor::Refused(e))) => Err(HandshakeError::Refused(e)),
+        Ok(Some(other)) => Err(HandshakeError::Unexpected(other.name())),
+        Ok(None) => Err(HandshakeError::Closed),
+        Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {
+            Err(HandshakeError::Malformed(e))
+        }
+        Err(e) => Err(HandshakeError::Io(e)),
+    }
 }

@@ -241,12 +241,8 @@ impl WasmSupport {
 /// and flips its `done`: no task, channel or timer per Wasm task.
 pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
     let key = spec.key();
-    let (done_tx, done) = watch::channel(false);
     let tx = support.manager.tx.clone();
-    let handle = {
-        let (tx, key) = (tx.clone(), key.clone());
-        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
-    };
+    let (handle, done_tx) = handle_for(&key, &tx);
     let TaskKind::Wasm(info) = &spec.task.kind else {
         finish(events, &key, &done_tx, failed("invalid task", "not a Wasm task".into()));
         return handle;
@@ -296,12 +292,8 @@ pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) ->
 /// once, when the executor starts).
 pub fn launch_direct(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
     let key = spec.key();
-    let (done_tx, done) = watch::channel(false);
     let tx = support.manager.tx.clone();
-    let handle = {
-        let (tx, key) = (tx.clone(), key.clone());
-        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done)
-    };
+    let (handle, done_tx) = handle_for(&key, &tx);
     let launch = match &spec.task.kind {
         TaskKind::Command(cmd) => LaunchItem::Command(CommandLaunch {
             task_id: spec.task.task_id.clone(),
@@ -327,6 +319,16 @@ pub fn launch_direct(spec: &LaunchSpec, support: &WasmSupport, events: &EventSen
         finish(&slot.events, &key, &slot.done, shutting_down());
     }
     handle
+}
+
+/// The core's handle on a task run by an executor: a kill goes to the manager; `done` flips
+/// when the task is over (the sender is the manager's, through the task's slot).
+fn handle_for(key: &TaskKey, tx: &mpsc::UnboundedSender<ManagerCmd>) -> (TaskHandle, watch::Sender<bool>) {
+    let (done_tx, done) = watch::channel(false);
+    let (tx, key) = (tx.clone(), key.clone());
+    let handle =
+        TaskHandle::with_kill(Box::new(move || drop(tx.send(ManagerCmd::Kill { key: key.clone() }))), done);
+    (handle, done_tx)
 }
 
 /// Ends a task that never reached an executor.
