@@ -347,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
             mode: isolation,
             ..agora_agent::cgroups::IsolationConfig::default()
         },
-        wasm: agora_agent::executors::WasmConfig {
+        executors: agora_agent::executors::ExecutorsConfig {
             executor_program: Some(agora_binary()?),
             ..Default::default()
         },

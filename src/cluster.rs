@@ -73,7 +73,7 @@ impl Cluster {
                 kill_tasks_on_shutdown: true,
                 // Isolated where the host allows it; otherwise one warning line.
                 isolation: agora_agent::cgroups::IsolationConfig::default(),
-                wasm: agora_agent::executors::WasmConfig::default(),
+                executors: agora_agent::executors::ExecutorsConfig::default(),
                 task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             };
             let token = shutdown.clone();

@@ -156,9 +156,9 @@ fn config(dir: &Path, master: String) -> AgentConfig {
         kill_grace: Duration::from_secs(3),
         kill_tasks_on_shutdown: true,
         isolation: agora_agent::cgroups::IsolationConfig::default(),
-        wasm: agora_agent::executors::WasmConfig {
+        executors: agora_agent::executors::ExecutorsConfig {
             executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
-            ..agora_agent::executors::WasmConfig::default()
+            ..agora_agent::executors::ExecutorsConfig::default()
         },
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
     }

@@ -62,8 +62,10 @@ fn alive(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_executor_holds_many_tasks_and_exits_when_idle() {
     let mut c = TestCluster::start(0, "cpus:4;mem:4GiB").await;
-    let wasm =
-        agora_agent::executors::WasmConfig { idle_timeout: Duration::from_millis(800), ..wasm_config() };
+    let wasm = agora_agent::executors::ExecutorsConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..executors_config()
+    };
     c.add_agent_with(0, "cpus:4;mem:4GiB", wasm);
     c.wait_agents(1).await;
     let hello = upload(&c, "hello", &fixture("hello")).await;

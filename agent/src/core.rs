@@ -17,7 +17,7 @@ use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
 
 use crate::cgroups::Isolator;
-use crate::executors::{self, WasmSupport};
+use crate::executors::{self, Executors};
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
@@ -90,7 +90,7 @@ pub struct Core {
     events: EventSender,
     outbox: Vec<AgentMessage>,
     connected: bool,
-    wasm: Option<WasmSupport>,
+    executors: Option<Executors>,
     /// Tasks whose supervisor has not ended (kept as a count: walking every task per event
     /// was quadratic under load).
     live: usize,
@@ -123,7 +123,7 @@ impl Core {
             events,
             outbox: Vec::new(),
             connected: false,
-            wasm: None,
+            executors: None,
             live: 0,
             task_groups: None,
             executor_runs: HashMap::new(),
@@ -132,8 +132,8 @@ impl Core {
 
     /// Enables executors: Wasm tasks, native commands and frameworks' own executors (without
     /// it such tasks end TASK_ERROR).
-    pub fn set_wasm(&mut self, wasm: WasmSupport) {
-        self.wasm = Some(wasm);
+    pub fn set_executors(&mut self, executors: Executors) {
+        self.executors = Some(executors);
     }
 
     /// Who tasks and executors run as.
@@ -198,7 +198,7 @@ impl Core {
 
     /// The master (re)assigned our id. The caller persists it.
     pub fn registered(&mut self, agent_id: AgentId) {
-        if let Some(support) = &self.wasm {
+        if let Some(support) = &self.executors {
             support.set_agent_id(&agent_id);
         }
         if let Some(old) = &self.agent_id {
@@ -254,14 +254,14 @@ impl Core {
         // The unit tests below run command tasks' supervisors in this process, without an
         // `agora` binary to start as the command executor.
         #[cfg(test)]
-        if self.wasm.is_none() && matches!(task.kind, TaskKind::Command(_)) {
+        if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
             let handle = tasks::launch(spec, self.events.clone());
             self.tasks
                 .insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
             self.live += 1;
             return;
         }
-        let Some(support) = &self.wasm else {
+        let Some(support) = &self.executors else {
             self.send_error(key, "invalid task", "this agent runs no executors".into(), now);
             return;
         };
@@ -300,7 +300,7 @@ impl Core {
 
     /// Kills every task of a framework and ends its executors.
     pub fn shutdown_framework(&mut self, framework_id: &FrameworkId) {
-        if let Some(support) = &self.wasm {
+        if let Some(support) = &self.executors {
             support.shutdown_framework(framework_id.clone());
         }
         self.executor_runs.retain(|(fw, _), _| fw != framework_id);
@@ -361,7 +361,7 @@ impl Core {
     /// A scheduler's message for one of its executors (dropped when there is none: at most
     /// once).
     pub fn framework_message(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
-        match &self.wasm {
+        match &self.executors {
             Some(support) => support.framework_message(framework_id, executor_id, data),
             None => {
                 tracing::debug!(%framework_id, %executor_id, "dropping a framework message: no executors here")
@@ -371,7 +371,7 @@ impl Core {
 
     /// The framework shuts one of its executors down.
     pub fn shutdown_executor(&mut self, framework_id: FrameworkId, executor_id: ExecutorId) {
-        if let Some(support) = &self.wasm {
+        if let Some(support) = &self.executors {
             support.shutdown_executor(framework_id, executor_id);
         }
     }

@@ -79,7 +79,7 @@ pub struct AgentConfig {
     pub isolation: cgroups::IsolationConfig,
     /// Executors: which binary runs `agora executor-wasm` and `executor-command`, idle
     /// timeout, sizes.
-    pub wasm: executors::WasmConfig,
+    pub executors: executors::ExecutorsConfig,
     /// `--task-user`: who tasks and executors run as when the agent is root (default
     /// [`user::DEFAULT_TASK_USER`]); the agent refuses to start if the user does not exist.
     pub task_user: String,
@@ -183,9 +183,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => None,
     };
-    let wasm_config = executors::WasmConfig { task_groups: task_groups.clone(), ..config.wasm.clone() };
-    let wasm =
-        executors::WasmSupport::start(wasm_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
+    let executors_config =
+        executors::ExecutorsConfig { task_groups: task_groups.clone(), ..config.executors.clone() };
+    let executors =
+        executors::Executors::start(executors_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
     let mut core = core::Core::new(
         info,
         layout.clone(),
@@ -195,12 +196,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         updates::UpdateManager::default(),
         events_tx,
     );
-    core.set_wasm(wasm.clone());
+    core.set_executors(executors.clone());
     core.set_task_groups(task_groups);
     let result =
         link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx).await;
     if config.kill_tasks_on_shutdown {
-        wasm.shutdown();
+        executors.shutdown();
     }
     if core.live_tasks() == 0 {
         isolator.shutdown();

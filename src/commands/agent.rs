@@ -77,7 +77,7 @@ impl AgentCommand {
                 cpu_limit: self.cpu_limit,
                 max_pids_per_task: self.max_pids_per_task,
             },
-            wasm: agora_agent::executors::WasmConfig::default(),
+            executors: agora_agent::executors::ExecutorsConfig::default(),
             task_user: self.task_user.clone(),
         };
         let token = shutdown.clone();

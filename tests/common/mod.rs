@@ -72,17 +72,22 @@ impl TestCluster {
     }
 
     pub fn add_agent(&mut self, i: usize, resources: &str) {
-        self.add_agent_with(i, resources, wasm_config());
+        self.add_agent_with(i, resources, executors_config());
     }
 
-    pub fn add_agent_with(&mut self, i: usize, resources: &str, wasm: agora_agent::executors::WasmConfig) {
+    pub fn add_agent_with(
+        &mut self,
+        i: usize,
+        resources: &str,
+        wasm: agora_agent::executors::ExecutorsConfig,
+    ) {
         self.add_agent_full(i, resources, Attributes::default(), wasm);
     }
 
     /// An agent with attributes, e.g. `rack:r1;blocks:{b1,b2}`.
     pub fn add_agent_attributed(&mut self, i: usize, resources: &str, attributes: &str) {
         let attributes = Attributes::parse(attributes).expect("attributes");
-        self.add_agent_full(i, resources, attributes, wasm_config());
+        self.add_agent_full(i, resources, attributes, executors_config());
     }
 
     fn add_agent_full(
@@ -90,7 +95,7 @@ impl TestCluster {
         i: usize,
         resources: &str,
         attributes: Attributes,
-        wasm: agora_agent::executors::WasmConfig,
+        wasm: agora_agent::executors::ExecutorsConfig,
     ) {
         let token = CancellationToken::new();
         let config = agora_agent::AgentConfig {
@@ -103,7 +108,7 @@ impl TestCluster {
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
-            wasm,
+            executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
         let t = token.clone();
@@ -126,7 +131,7 @@ impl TestCluster {
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: false,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
-            wasm: wasm_config(),
+            executors: executors_config(),
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -334,8 +339,8 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
 }
 
 /// Wasm executors are the built `agora` binary (the test binary cannot be one).
-pub fn wasm_config() -> agora_agent::executors::WasmConfig {
-    agora_agent::executors::WasmConfig {
+pub fn executors_config() -> agora_agent::executors::ExecutorsConfig {
+    agora_agent::executors::ExecutorsConfig {
         executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
         ..Default::default()
     }

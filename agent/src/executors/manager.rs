@@ -218,7 +218,7 @@ pub(super) struct Executor {
 }
 
 pub(super) struct Manager {
-    pub(super) config: WasmConfig,
+    pub(super) config: ExecutorsConfig,
     pub(super) dir: PathBuf,
     pub(super) cache_dir: PathBuf,
     pub(super) isolator: Isolator,
@@ -236,7 +236,7 @@ pub(super) struct Manager {
 
 impl ExecutorManager {
     pub(super) fn start(
-        config: WasmConfig,
+        config: ExecutorsConfig,
         work_dir: &Path,
         isolator: Isolator,
         fetcher: Arc<Fetcher>,

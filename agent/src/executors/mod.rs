@@ -5,7 +5,7 @@
 //! and any executor of the framework's own (keyed by executor id), each started on first use,
 //! talking to the agent over a Unix-domain socket with the executor protocol
 //! ([`agora_sdk::executor_proto`]). Launches that arrive together go to an executor in one
-//! frame. Built-in executors without tasks for [`WasmConfig::idle_timeout`] are told to shut
+//! frame. Built-in executors without tasks for [`ExecutorsConfig::idle_timeout`] are told to shut
 //! down (the agent decides, so a launch never races an executor's exit); a framework's own stays
 //! until its framework shuts it down. An executor that dies fails its tasks with
 //! `executor terminated` and the tail of its log.
@@ -77,9 +77,9 @@ pub const REASON_EXECUTOR_TERMINATED: &str = "executor terminated";
 /// Reason of tasks whose module or directories could not be fetched or unpacked.
 pub const REASON_FETCH_FAILED: &str = "fetch failed";
 
-/// How the agent runs Wasm tasks.
+/// How the agent runs executors (the built-in ones and frameworks' own).
 #[derive(Clone, Debug)]
-pub struct WasmConfig {
+pub struct ExecutorsConfig {
     /// The `agora` binary to start as `agora executor-wasm`; `None` uses the running program
     /// (right for `agora agent` and `agora dev`; tests set the built binary).
     pub executor_program: Option<PathBuf>,
@@ -94,7 +94,7 @@ pub struct WasmConfig {
     pub task_groups: Option<Arc<crate::user::TaskGroups>>,
 }
 
-impl Default for WasmConfig {
+impl Default for ExecutorsConfig {
     fn default() -> Self {
         Self {
             executor_program: None,
@@ -175,9 +175,9 @@ fn guest_dir(guest: &str) -> Result<PathBuf, String> {
 // ---------------------------------------------------------------------------------------------
 // Supervisor
 
-/// What Wasm supervisors share: the artifact cache and the executor manager.
+/// The agent's executors: the artifact cache and the executor manager, shared by every launch.
 #[derive(Debug, Clone)]
-pub struct WasmSupport {
+pub struct Executors {
     fetcher: Arc<Fetcher>,
     manager: ExecutorManager,
     agent_id: Arc<Mutex<Option<AgentId>>>,
@@ -186,11 +186,11 @@ pub struct WasmSupport {
     attempts: Arc<AtomicU64>,
 }
 
-impl WasmSupport {
+impl Executors {
     /// Starts the executor manager. Artifacts go to `WORK/artifacts`, compiled modules to
     /// `WORK/wasm-cache`, executor sockets and logs to `WORK/wasm-executors`.
     pub fn start(
-        config: WasmConfig,
+        config: ExecutorsConfig,
         work_dir: &Path,
         isolator: Isolator,
         conn: watch::Receiver<Option<quinn::Connection>>,
@@ -239,7 +239,7 @@ impl WasmSupport {
 /// directories) goes straight to the executor manager; otherwise a task of its own fetches and
 /// unpacks first. From then on the manager reports the task's events to `events` under its key
 /// and flips its `done`: no task, channel or timer per Wasm task.
-pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+pub fn launch(spec: &LaunchSpec, support: &Executors, events: &EventSender) -> TaskHandle {
     let key = spec.key();
     let tx = support.manager.tx.clone();
     let (handle, done_tx) = handle_for(&key, &tx);
@@ -290,7 +290,7 @@ pub fn launch(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) ->
 /// Starts a task under an executor that needs nothing fetched per task: native commands
 /// (the command executor) and tasks of a framework's own executor (whose files are fetched
 /// once, when the executor starts).
-pub fn launch_direct(spec: &LaunchSpec, support: &WasmSupport, events: &EventSender) -> TaskHandle {
+pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSender) -> TaskHandle {
     let key = spec.key();
     let tx = support.manager.tx.clone();
     let (handle, done_tx) = handle_for(&key, &tx);
@@ -511,10 +511,12 @@ mod tests {
     async fn killed_while_fetching_and_failed_fetches_end_their_tasks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (conn_tx, conn_rx) = watch::channel(None);
-        let config =
-            WasmConfig { executor_program: Some(dir.path().join("no-such-agora")), ..WasmConfig::default() };
+        let config = ExecutorsConfig {
+            executor_program: Some(dir.path().join("no-such-agora")),
+            ..ExecutorsConfig::default()
+        };
         let (exec_tx, _exec_rx) = mpsc::unbounded_channel();
-        let support = WasmSupport::start(config, dir.path(), Isolator::none(), conn_rx, exec_tx);
+        let support = Executors::start(config, dir.path(), Isolator::none(), conn_rx, exec_tx);
         let (events, mut rx) = mpsc::unbounded_channel();
 
         // No connection to the master yet: the fetch waits for one.
