@@ -162,13 +162,7 @@ fn agora_sdk_tls_init(dir: &Path) {
 
 #[test]
 fn an_agent_refuses_a_task_user_that_does_not_exist_or_is_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var("AGORA_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
-            "needs root, and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping it"
-        );
-        eprintln!("skipped: an agent that is not root runs tasks as itself and checks no task user");
+    if !common::root_or_skip("an agent that is not root runs tasks as itself and checks no task user") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

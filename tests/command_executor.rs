@@ -15,20 +15,6 @@ use std::time::{Duration, Instant};
 use agora_sdk::proto::*;
 use common::*;
 
-/// Whether the test can run; a skip is printed (and refused under AGORA_REQUIRE_ROOT_TESTS=1).
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("AGORA_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
-        "{test} needs root, and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping it"
-    );
-    eprintln!("skipped: {test} needs root (cgroups, task users)");
-    false
-}
-
 fn task(id: &str, script: &str, resources: &str, env: &[(&str, String)]) -> TaskInfo {
     let mut t = sh_task(id, script, resources);
     if let TaskKind::Command(c) = &mut t.kind {
@@ -62,7 +48,7 @@ fn read(path: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_tasks_under_the_executor_keep_their_exit_codes_signals_and_limit_reasons() {
-    if !root_or_skip("command_tasks_under_the_executor_keep_their_exit_codes_signals_and_limit_reasons") {
+    if !root_or_skip("cgroups, task users") {
         return;
     }
     let c = TestCluster::start(1, "cpus:8;mem:8GiB").await;
@@ -153,7 +139,7 @@ async fn command_tasks_under_the_executor_keep_their_exit_codes_signals_and_limi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_executor_that_dies_leaves_no_task_running() {
-    if !root_or_skip("a_command_executor_that_dies_leaves_no_task_running") {
+    if !root_or_skip("cgroups, task users") {
         return;
     }
     let c = TestCluster::start(1, "cpus:8;mem:8GiB").await;
@@ -198,7 +184,7 @@ async fn a_command_executor_that_dies_leaves_no_task_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_task_runs_unprivileged_and_cannot_reach_what_is_not_its_own() {
-    if !root_or_skip("a_native_task_runs_unprivileged_and_cannot_reach_what_is_not_its_own") {
+    if !root_or_skip("cgroups, task users") {
         return;
     }
     let c = TestCluster::start(1, "cpus:8;mem:8GiB").await;

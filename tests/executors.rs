@@ -97,11 +97,6 @@ fn ids_of(pid: u32) -> (u32, u32) {
     (field("Uid:"), field("Gid:"))
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_tasks_when_it_crashes() {
     let c = TestCluster::start(1, "cpus:4;mem:4GiB").await;
@@ -137,7 +132,9 @@ async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_task
     let finished = finished.expect("quick finished");
     assert!(finished.message.starts_with("count="), "{}", finished.message);
     assert!(alive(pid));
-    if is_root() {
+    // The task user and the executor's cgroup need root (skipped, with a line, elsewhere).
+    let root = root_or_skip("task user, executor cgroup");
+    if root {
         let (uid, gid) = ids_of(pid);
         assert_ne!(uid, 0, "a framework's executor never runs as root");
         assert_eq!(uid, 65534, "it runs as the task user (nobody)");
@@ -159,7 +156,7 @@ async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_task
     let views = c.master.tasks().await;
     let sleeping = views.iter().find(|t| t.id.as_str() == "sleep-1").expect("listed");
     assert_eq!(sleeping.executor_id, ExecutorId::new("echo"));
-    if is_root() {
+    if root {
         // The executor's cgroup holds its own memory plus its running tasks' (3 × 16 MiB).
         let limit = || memory_limit(pid);
         wait_for("the executor's cgroup to be sized", || async move { limit() == Some((64 + 3 * 16) << 20) })
@@ -171,7 +168,7 @@ async fn tasks_share_one_executor_that_talks_to_its_scheduler_and_fails_its_task
     let killed = fw.update_for("sleep-1", TaskState::Killed).await;
     assert_eq!(killed.reason, "killed");
     assert!(alive(pid));
-    if is_root() {
+    if root {
         // Resized as tasks come and go.
         let limit = || memory_limit(pid);
         wait_for("the executor's cgroup to shrink", || async move { limit() == Some((64 + 2 * 16) << 20) })

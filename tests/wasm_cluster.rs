@@ -153,27 +153,23 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     );
     let running = fw.update_for("spin-a", TaskState::Running).await;
     let pid = pid_of(&running);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        // The Wasm executor runs as the task user, never as root.
+    // As root (only: elsewhere a skip line), the Wasm executor runs as the task user, never as
+    // root, in a cgroup sized to its tasks (2 × 16 MiB) plus its own overhead.
+    if root_or_skip("task user, executor cgroup") {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
         assert_eq!(uid.split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "Uid: {uid}");
-    }
-    // The executor runs in a cgroup sized to its tasks (2 × 16 MiB) plus its own overhead.
-    let want = 2 * (16 << 20) + agora_agent::executors::EXECUTOR_OVERHEAD_MEM;
-    match memory_limit_file(pid) {
-        Some(file) => {
-            wait_for("the executor's cgroup to be sized to its tasks", || {
-                let file = file.clone();
-                async move {
-                    std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok())
-                        == Some(want)
-                }
-            })
-            .await
-        }
-        None => println!("skipped the executor cgroup check: no memory cgroup for pid {pid} (not root?)"),
+        let want = 2 * (16 << 20) + agora_agent::executors::EXECUTOR_OVERHEAD_MEM;
+        let file = memory_limit_file(pid).unwrap_or_else(|| {
+            panic!("the executor (pid {pid}) is in no memory cgroup of the agent's: {:?}", cgroups_of(pid))
+        });
+        wait_for("the executor's cgroup to be sized to its tasks", || {
+            let file = file.clone();
+            async move {
+                std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<u64>().ok()) == Some(want)
+            }
+        })
+        .await
     }
     // SAFETY: kill(2) of the executor process this test's agent started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -198,6 +194,10 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     c.stop().await;
 }
 
+fn cgroups_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+}
+
 /// The memory limit file of the executor's own cgroup (v1 `memory.limit_in_bytes` or v2
 /// `memory.max`), if it is in one the agent made.
 fn memory_limit_file(pid: i32) -> Option<std::path::PathBuf> {
@@ -205,7 +205,10 @@ fn memory_limit_file(pid: i32) -> Option<std::path::PathBuf> {
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if !path.contains("executor-wasm-") {
+        // The agent's executor groups: <agent root agora-…>/executor-<n>.
+        let mut parts = path.rsplit('/');
+        let (leaf, root) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        if !(leaf.starts_with("executor-") && root.starts_with("agora-")) {
             continue;
         }
         if controllers.split(',').any(|c| c == "memory") {

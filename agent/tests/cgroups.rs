@@ -1,7 +1,10 @@
-//! cgroup isolation with the real task supervisor. Tests that need cgroups (root and a writable
-//! v1 or v2 hierarchy) print `skipped: <reason>` and pass elsewhere.
+//! cgroup isolation with the real task supervisor. Tests that need cgroups need root: as root
+//! they fail when the isolator cannot be set up (a broken cgroup setup must not look like a
+//! pass); without root they skip with a line on stderr, and with `AGORA_REQUIRE_ROOT_TESTS=1`
+//! (CI) a skip is a failure.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,17 +124,40 @@ impl Runner {
     }
 }
 
-fn is_root() -> bool {
+/// Whether this (root-only) test can run: true as root. Otherwise prints a skip line on stderr
+/// (the test runner hides a passing test's stdout) and returns false, or fails the test under
+/// `AGORA_REQUIRE_ROOT_TESTS=1` (CI), where no root-only test may skip. The same helper lives
+/// in tests/common/mod.rs for the `agora` crate's tests (another crate: duplicated, not shared).
+fn root_or_skip(why: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let test = std::thread::current().name().unwrap_or("this test").to_string();
+    assert!(
+        std::env::var("AGORA_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
+        "{test} needs root ({why}), and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping it"
+    );
+    // Straight to the process's stderr: `eprintln!` is captured (and hidden) like `println!`.
+    let _ = writeln!(std::io::stderr(), "skipped: {test} needs root ({why})");
+    false
 }
 
-/// A runner with real cgroups, or `None` (after printing why) where the host has none to give.
-fn cgroup_runner(max_pids: u64, cpu_limit: CpuLimit) -> Option<Runner> {
-    if !is_root() {
-        println!("skipped: not running as root (cgroup tests need root)");
+/// Cgroup isolation set up for real: `None` (after a skip line) only when not root. As root, an
+/// isolator that cannot be set up fails the test.
+fn isolator(config: &IsolationConfig, dir: &Path) -> Option<Isolator> {
+    if !root_or_skip("cgroups") {
         return None;
     }
+    match Isolator::setup(config, dir) {
+        Ok(iso) if iso.is_active() => Some(iso),
+        Ok(_) => panic!("as root, cgroup isolation must be active (mode {:?})", config.mode),
+        Err(e) => panic!("as root, cgroup isolation must be set up: {e}"),
+    }
+}
+
+/// A runner with real cgroups, or `None` (after a skip line) when not root.
+fn cgroup_runner(max_pids: u64, cpu_limit: CpuLimit) -> Option<Runner> {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = IsolationConfig {
         mode: IsolationMode::Cgroups,
@@ -139,13 +165,8 @@ fn cgroup_runner(max_pids: u64, cpu_limit: CpuLimit) -> Option<Runner> {
         cpu_limit,
         max_pids_per_task: max_pids,
     };
-    match Isolator::setup(&config, dir.path()) {
-        Ok(iso) => Some(Runner::new(dir, iso)),
-        Err(e) => {
-            println!("skipped: {e}");
-            None
-        }
-    }
+    let iso = isolator(&config, dir.path())?;
+    Some(Runner::new(dir, iso))
 }
 
 fn assert_no_task_groups(r: &Runner) {
@@ -351,19 +372,9 @@ async fn two_hundred_tasks_leave_no_cgroup_behind() {
 #[tokio::test]
 async fn leftover_groups_are_removed_at_start_and_unusable_roots_are_reported() {
     let _serial = SERIAL.lock().await;
-    if !is_root() {
-        println!("skipped: not running as root (cgroup tests need root)");
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = IsolationConfig { mode: IsolationMode::Cgroups, ..IsolationConfig::default() };
-    let first = match Isolator::setup(&config, dir.path()) {
-        Ok(i) => i,
-        Err(e) => {
-            println!("skipped: {e}");
-            return;
-        }
-    };
+    let Some(first) = isolator(&config, dir.path()) else { return };
     let m = first.manager().expect("active").clone();
     // What a crashed agent leaves: an empty task group in every hierarchy.
     m.create("task-stale").expect("create");

@@ -107,13 +107,19 @@ impl TestCluster {
             hostname: format!("agent-{i}"),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
-            isolation: agora_agent::cgroups::IsolationConfig::default(),
+            isolation: test_isolation(),
             executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
-            let _ = agora_agent::run(config, t).await;
+            // An agent that cannot start fails its test by never registering; say why.
+            if let Err(e) = agora_agent::run(config, t).await {
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!("agent-{i} stopped: {e}\n").as_bytes(),
+                );
+            }
         });
         self.agents.push((token, h));
     }
@@ -130,7 +136,7 @@ impl TestCluster {
             hostname: name.to_string(),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: false,
-            isolation: agora_agent::cgroups::IsolationConfig::default(),
+            isolation: test_isolation(),
             executors: executors_config(),
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
@@ -183,6 +189,45 @@ impl VanishingAgent {
     pub fn vanish(self) {
         self.rt.shutdown_background();
     }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether a root-only test (or root-only part of a test) can run: true as root. Otherwise
+/// writes `skipped: <test> needs root (<why>)` to stderr and returns false, or fails the test
+/// under `AGORA_REQUIRE_ROOT_TESTS=1` (CI), where nothing that needs root may skip. As root,
+/// the caller must then fail when the facility cannot be set up, never skip.
+/// (agent/tests/cgroups.rs has a copy: another crate's tests.)
+pub fn root_or_skip(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    let test = std::thread::current().name().unwrap_or("this test").to_string();
+    assert!(
+        std::env::var("AGORA_REQUIRE_ROOT_TESTS").as_deref() != Ok("1"),
+        "{test} needs root ({why}), and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping it"
+    );
+    // Straight to the process's stderr: `eprintln!` is captured (and hidden) like `println!`.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("skipped: {test} needs root ({why})\n").as_bytes(),
+    );
+    false
+}
+
+/// The agents' isolation: as root cgroups or no start (a cluster test must not pass on an
+/// agent that silently runs unconfined); elsewhere whatever the host allows.
+pub fn test_isolation() -> agora_agent::cgroups::IsolationConfig {
+    let mode = if is_root() {
+        agora_agent::cgroups::IsolationMode::Cgroups
+    } else {
+        agora_agent::cgroups::IsolationMode::Auto
+    };
+    agora_agent::cgroups::IsolationConfig { mode, ..Default::default() }
 }
 
 /// Polls `f` until true, failing the test after 20 s.
