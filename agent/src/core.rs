@@ -648,14 +648,18 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        ack(&mut h, &running[0]);
+        let acked_at = Instant::now();
+        let r = &running[0];
+        h.core.ack(r.framework_id.clone(), r.task_id.clone(), r.uuid.unwrap_or_default(), acked_at);
         let failed = statuses(&mut h.core);
         assert_eq!(failed.len(), 1);
         assert_eq!((failed[0].state, failed[0].exit_code), (TaskState::Failed, Some(3)));
-        // Retried while unacknowledged.
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        h.core.poll_updates(Instant::now());
-        assert_eq!(statuses(&mut h.core).first().map(|s| s.uuid), Some(failed[0].uuid));
+        // Retried while unacknowledged: not before the harness's 50 ms retry delay, then once.
+        h.core.poll_updates(acked_at + Duration::from_millis(49));
+        assert!(statuses(&mut h.core).is_empty(), "retried before its delay");
+        h.core.poll_updates(acked_at + Duration::from_millis(50));
+        let retried = statuses(&mut h.core);
+        assert_eq!(retried.iter().map(|s| s.uuid).collect::<Vec<_>>(), [failed[0].uuid]);
         let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("t") };
         assert!(h.core.tasks.contains_key(&key));
         ack(&mut h, &failed[0]);
