@@ -324,7 +324,9 @@ fn stated_demands_share_one_agent_in_one_cycle() {
     assert!(errors[0].message.contains("demand entry 0"), "{errors:?}");
 }
 
-/// An allocator that breaks the contract: crumbs, and another role's reservations.
+/// An allocator that breaks the contract (crumbs, another role's reservations, more than is
+/// free), with one valid decision for each framework beside them: the core must drop exactly
+/// the bad ones and offer exactly the good ones.
 struct Rogue;
 
 impl Allocator for Rogue {
@@ -356,6 +358,23 @@ impl Allocator for Rogue {
                 agent: c.agent.clone(),
                 resources: res("mem:1MiB"),
             });
+            // Valid: a slice of the unreserved resources to each (the positive control).
+            out.push(Allocation {
+                framework: FrameworkId::new("m-F1"),
+                agent: c.agent.clone(),
+                resources: res("cpus:0.5;mem:1GiB"),
+            });
+            out.push(Allocation {
+                framework: FrameworkId::new("m-F2"),
+                agent: c.agent.clone(),
+                resources: res("cpus:1;mem:2GiB"),
+            });
+            // More than is still free after those: dropped.
+            out.push(Allocation {
+                framework: FrameworkId::new("m-F2"),
+                agent: c.agent.clone(),
+                resources: res("cpus:1;mem:2GiB"),
+            });
         }
         out
     }
@@ -369,8 +388,19 @@ fn the_core_drops_decisions_that_break_the_contract() {
     let (cx, other) = sim.subscribe("*");
     assert_eq!((web.as_str(), other.as_str()), ("m-F1", "m-F2"));
     sim.cycle();
-    assert!(sim.offers(cw).is_empty(), "another role's reservation is never offered");
-    assert!(sim.offers(cx).is_empty(), "a crumb (no CPU) is never offered");
+    // Exactly the valid decisions, as the allocator sized them (a core that ignored the
+    // allocator, or dropped everything it said, would not offer these).
+    let shown = |offers: Vec<Offer>| offers.iter().map(|o| o.resources.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        shown(sim.offers(cw)),
+        ["cpus:0.5;mem:1GiB"],
+        "another role's reservation is never offered; the valid slice is"
+    );
+    assert_eq!(
+        shown(sim.offers(cx)),
+        ["cpus:1;mem:2GiB"],
+        "a crumb (no CPU) and what is no longer free are never offered; the valid slice is"
+    );
 }
 
 #[test]

@@ -318,9 +318,12 @@ async fn the_store_survives_a_restart_and_launches_need_stored_modules() {
         artifacts::upload_bytes(&fw.conn, ArtifactKind::WasmModule, "hello.wasm", &wasm).await.unwrap();
     // Known to the core as soon as the upload is answered.
     launch_wasm(&fx, addr, &module).await.unwrap();
-    drop(fw);
     shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first master is gone (it closed our connection on its way out) before the next one
+    // opens the same work dir.
+    let closed = tokio::time::timeout(Duration::from_secs(10), fw.conn.closed()).await.expect("closed in time");
+    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+    drop(fw);
 
     // A new master on the same work dir: the artifact is there, for fetches and launches.
     let (addr, shutdown) = fx.master(64 << 20);

@@ -121,29 +121,40 @@ async fn an_agent_with_thousands_of_tasks_registers_and_the_operator_lists_them_
     let tasks = op.tasks().await.unwrap();
     assert_eq!(tasks.len(), TASKS, "every reported task is listed");
     assert!(tasks.iter().all(|t| t.state == TaskState::Running && t.agent_id == AgentId::new("busy-agent")));
+    // Exactly the reported tasks, each once.
     let mut ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-    ids.dedup();
-    assert_eq!(ids.len(), TASKS, "no task listed twice");
+    ids.sort_unstable();
+    let expected: Vec<String> = (0..TASKS).map(|i| report(i).task.task_id.to_string()).collect();
+    assert!(ids.iter().eq(expected.iter()), "the listing is not exactly the {TASKS} reported tasks");
     assert!(encode(&OperatorReply::Tasks(tasks)).is_err(), "the listing itself exceeds one frame");
     // The connection is still good for the next call.
     assert_eq!(op.agents().await.unwrap().len(), 1);
 
-    // Reports after registration are a protocol error on that connection only.
+    // Reports after registration are a protocol error on that connection only: the master
+    // says why (an Error message, or the same reason as the connection's close reason when the
+    // close overtakes the message).
     agent.writer.send(&AgentMessage::TaskReports(vec![report(0)])).await.unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+    let why = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match agent.reader.recv::<MasterToAgent>().await {
-                Ok(Some(MasterToAgent::Error(e))) => return Some(e),
+                Ok(Some(MasterToAgent::Error(e))) => {
+                    assert_eq!(e.code, ErrorCode::Unexpected, "{e:?}");
+                    return e.message;
+                }
                 Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return None,
+                Ok(None) | Err(_) => match agent.conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                        assert_eq!(c.error_code, quinn::VarInt::from_u32(5), "Unexpected: {c:?}");
+                        return String::from_utf8_lossy(&c.reason).into_owned();
+                    }
+                    other => panic!("the stream ended without the master's reason: {other:?}"),
+                },
             }
         }
     })
     .await
     .expect("closed in time");
-    if let Some(e) = closed {
-        assert!(e.message.contains("already registered"), "{e:?}");
-    }
+    assert_eq!(why, "agent busy-agent is already registered on this connection");
     assert_eq!(op.agents().await.unwrap().len(), 1, "the master still serves");
     shutdown.cancel();
 }
@@ -253,9 +264,15 @@ async fn an_accept_too_large_for_one_message_fails_its_tasks_not_the_framework()
         .await
         .expect("in time")
         .expect("the framework's session ends cleanly");
+    // Every launched task, once each, as TASK_ERROR with the reason.
     assert_eq!(s.errors.len(), TASKS);
-    let e = &s.errors[0];
-    assert_eq!((e.state, e.reason.as_str()), (TaskState::Error, "launch too large"), "{e:?}");
-    assert!(e.message.contains("launch fewer tasks per ACCEPT"), "{}", e.message);
+    for e in &s.errors {
+        assert_eq!((e.state, e.reason.as_str()), (TaskState::Error, "launch too large"), "{e:?}");
+        assert!(e.message.contains("launch fewer tasks per ACCEPT"), "{}", e.message);
+    }
+    let mut ids: Vec<&str> = s.errors.iter().map(|e| e.task_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), TASKS, "an update per task, none twice");
     shutdown.cancel();
 }
