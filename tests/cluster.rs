@@ -8,6 +8,7 @@ use std::time::Duration;
 use agora_sdk::client::{ClientError, Session};
 use agora_sdk::frame::{FrameReader, FrameWriter};
 use agora_sdk::proto::*;
+use agora_sdk::tls::TlsFiles;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,13 +163,26 @@ async fn framework_failover_within_and_past_timeout() {
     let mut fw = ProbeFramework::start(cfg.clone()).await;
     let id = fw.id.clone().expect("id");
     let offer = fw.offer().await;
-    fw.driver().launch(vec![offer.id], vec![sh_task("long", "sleep 60", "cpus:0.5;mem:32MiB")]);
+    // The task's shell becomes the sleep: the pid it writes is the task's process.
+    let task = sh_task("long", "echo $$ > pid; exec sleep 60", "cpus:0.5;mem:32MiB");
+    fw.driver().launch(vec![offer.id], vec![task]);
     fw.update_for("long", TaskState::Running).await;
+    let runs = cluster.agent_dir(0).join("frameworks").join(id.as_str()).join("executors/long/runs");
+    let pid_file = || {
+        let run = std::fs::read_dir(&runs).ok()?.flatten().next()?.path();
+        std::fs::read_to_string(run.join("pid")).ok()?.trim().parse::<i32>().ok()
+    };
+    wait_for("the task to write its pid", || async { pid_file().is_some() }).await;
+    let pid = pid_file().expect("pid");
     // Disconnect without teardown, come back within the timeout with the same id.
     fw.driver().stop(false);
     let _ = fw.run.await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("the master to see the framework disconnected", || async {
+        cluster.master.frameworks().await.iter().any(|f| f.id == id && f.status == "disconnected")
+    })
+    .await;
     assert_eq!(cluster.task_state("long").await, Some(TaskState::Running));
+    assert!(alive(pid), "the task's process runs on while its framework is away");
     cfg.framework.id = Some(id.clone());
     let mut fw2 = ProbeFramework::start(cfg.clone()).await;
     assert_eq!(fw2.id.as_ref(), Some(&id));
@@ -181,17 +195,27 @@ async fn framework_failover_within_and_past_timeout() {
         })
         .await;
     assert_eq!(st.state, TaskState::Running, "reconciliation answer: {st:?}");
-    // Leave again and stay away past the timeout: the task is killed.
+    assert!(alive(pid));
+    // Leave again and stay away past the timeout: the task is killed (KILLED, not lost or
+    // forgotten) and its process is gone.
     fw2.driver().stop(false);
     let _ = fw2.run.await;
-    wait_for("the orphaned task to be killed", || async {
-        cluster.task_state("long").await.map(|s| s.is_terminal()).unwrap_or(true)
+    wait_for("the orphaned task to end", || async {
+        cluster.task_state("long").await.is_none_or(|s| s.is_terminal())
     })
     .await;
+    assert_eq!(cluster.task_state("long").await, Some(TaskState::Killed));
+    wait_for("the orphaned task's process to be gone", || async { !alive(pid) }).await;
     // And the framework is gone: re-subscribing with its id is refused.
     let r = agora_sdk::scheduler::run(cfg, &mut NoOp).await;
     assert!(matches!(r, Err(ClientError::Refused(_))), "{r:?}");
     cluster.stop().await;
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
 }
 
 struct NoOp;
@@ -204,22 +228,60 @@ impl agora_sdk::scheduler::Scheduler for NoOp {
 async fn peers_without_a_valid_certificate_are_refused() {
     let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
     let addr = cluster.master.addr.to_string();
-    // Signed by another CA.
+    // A certificate signed by another CA: the master's TLS refuses it (the client trusts the
+    // master: the cluster's CA). Whether the client sees that during its handshake or on its
+    // first read, it is the master's close with the TLS reason, not a timeout.
     let other = tempfile::tempdir().expect("tempdir");
     let foreign = agora_sdk::tls::foreign_identity(other.path(), Role::Framework).expect("foreign");
-    let r = Session::connect(&addr, &foreign, Role::Framework).await;
-    assert!(r.is_err(), "a foreign certificate was accepted");
+    let intruder = TlsFiles { ca: cluster.tls("framework").ca, ..foreign.clone() };
+    let e = Session::connect(&addr, &intruder, Role::Framework).await.err().expect("a foreign certificate was accepted");
+    let close = closed_by_peer(&e).unwrap_or_else(|| panic!("not closed by the master: {e:?}"));
+    assert!(String::from_utf8_lossy(&close.reason).contains("invalid peer certificate"), "{close:?}");
+    // And a client of the other CA refuses the master (its certificate is not of its CA).
+    match Session::connect(&addr, &foreign, Role::Framework).await {
+        Err(ClientError::Connection(quinn::ConnectionError::TransportError(t))) => {
+            assert!(t.reason.contains("invalid peer certificate"), "{t:?}")
+        }
+        other => panic!("expected the client's TLS refusal, got {:?}", other.err()),
+    }
     // An agent certificate cannot act as a framework, nor a framework as an agent.
     match Session::connect(&addr, &cluster.tls("agent"), Role::Framework).await {
-        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(e.message.contains("is for role agent, not framework"), "{}", e.message);
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("agent certificate accepted as framework"),
     }
-    assert!(Session::connect(&addr, &cluster.tls("framework"), Role::Agent).await.is_err());
+    match Session::connect(&addr, &cluster.tls("framework"), Role::Agent).await {
+        Err(ClientError::Refused(e)) => {
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(e.message.contains("is for role framework, not agent"), "{}", e.message);
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("framework certificate accepted as agent"),
+    }
     // The cluster still serves.
     let mut fw = ProbeFramework::start(cluster.framework("still-fine")).await;
     fw.offer().await;
     cluster.stop().await;
+}
+
+/// The peer's CONNECTION_CLOSE behind a client error, whether it ended the handshake or the
+/// first read after it.
+fn closed_by_peer(e: &ClientError) -> Option<quinn::ConnectionClose> {
+    let conn_err = match e {
+        ClientError::Connection(c) => Some(c.clone()),
+        ClientError::Frame(agora_sdk::frame::FrameError::Io(io)) => match io.get_ref()?.downcast_ref() {
+            Some(quinn::ReadError::ConnectionLost(c)) => Some(c.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    match conn_err? {
+        quinn::ConnectionError::ConnectionClosed(c) => Some(c),
+        _ => None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,14 +303,28 @@ async fn garbage_frame_closes_only_its_own_connection() {
         "{reply:?}"
     );
     let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("closed");
-    assert!(matches!(reason, quinn::ConnectionError::ApplicationClosed(_)), "{reason:?}");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(3), "Malformed: {c:?}");
+            assert!(String::from_utf8_lossy(&c.reason).starts_with("malformed message"), "{c:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     // An oversized frame too.
     let s = Session::connect(&cluster.master.addr.to_string(), &cluster.tls("framework"), Role::Framework)
         .await
         .expect("connect");
     let mut raw = s.writer.into_inner();
     raw.write_all(&(64u32 << 20).to_be_bytes()).await.expect("write");
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.conn.closed()).await.expect("closed");
+    let reason = tokio::time::timeout(Duration::from_secs(5), s.conn.closed()).await.expect("closed");
+    let max = agora_sdk::frame::MAX_FRAME;
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(4), "TooLarge: {c:?}");
+            assert_eq!(String::from_utf8_lossy(&c.reason), format!("frame larger than {max} bytes"));
+        }
+        other => panic!("{other:?}"),
+    }
     let _ = FrameWriter::new(raw);
     // The good framework is unaffected and can still launch.
     good.driver().launch(vec![offer.id], vec![sh_task("after", "true", "cpus:0.1;mem:16MiB")]);
@@ -270,8 +346,30 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     (head.lines().next().unwrap_or_default().to_string(), body.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_state_and_metrics() {
+/// Metrics are process-wide, and the other tests of this binary run beside this one: their
+/// values are exact only in a process of its own, so the test runs itself again, alone.
+#[test]
+fn http_state_and_metrics() {
+    const CHILD: &str = "AGORA_TEST_METRICS_ALONE";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "http_state_and_metrics", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("run the test alone");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(http_state_and_metrics_alone());
+}
+
+async fn http_state_and_metrics_alone() {
     let cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
     let http = agora_master::http::spawn(
         ([127, 0, 0, 1], 0).into(),
@@ -298,7 +396,22 @@ async fn http_state_and_metrics() {
         .any(|t| t["id"] == "seen" && t["state"] == "TASK_FINISHED"));
     let (status, metrics) = http_get(http, "/metrics").await;
     assert!(status.contains("200"), "{status}");
-    assert!(metrics.contains("agora_master_tasks_launched_total"), "{metrics}");
+    // Values, not just names: one agent, one framework, one offer taken for one task that ended.
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    for (name, want) in [
+        ("agora_master_tasks_launched_total", 1.0),
+        (r#"agora_master_tasks_terminal_total{state="TASK_FINISHED"}"#, 1.0),
+        ("agora_master_offers_accepted_total", 1.0),
+        ("agora_master_agents_active", 1.0),
+        ("agora_master_frameworks_active", 1.0),
+    ] {
+        assert_eq!(value(name), want, "{name} in {metrics}");
+    }
     cluster.stop().await;
 }
 
@@ -327,3 +440,4 @@ async fn a_restarted_agent_keeps_its_id() {
     assert_eq!(after[0].id, before[0].id);
     cluster.stop().await;
 }
+

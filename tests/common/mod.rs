@@ -107,7 +107,7 @@ impl TestCluster {
             hostname: format!("agent-{i}"),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: true,
-            isolation: test_isolation(),
+            isolation: agora_agent::cgroups::IsolationConfig::default(),
             executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
@@ -136,7 +136,7 @@ impl TestCluster {
             hostname: name.to_string(),
             kill_grace: Duration::from_millis(500),
             kill_tasks_on_shutdown: false,
-            isolation: test_isolation(),
+            isolation: agora_agent::cgroups::IsolationConfig::default(),
             executors: executors_config(),
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         };
@@ -217,17 +217,6 @@ pub fn root_or_skip(why: &str) -> bool {
         format!("skipped: {test} needs root ({why})\n").as_bytes(),
     );
     false
-}
-
-/// The agents' isolation: as root cgroups or no start (a cluster test must not pass on an
-/// agent that silently runs unconfined); elsewhere whatever the host allows.
-pub fn test_isolation() -> agora_agent::cgroups::IsolationConfig {
-    let mode = if is_root() {
-        agora_agent::cgroups::IsolationMode::Cgroups
-    } else {
-        agora_agent::cgroups::IsolationMode::Auto
-    };
-    agora_agent::cgroups::IsolationConfig { mode, ..Default::default() }
 }
 
 /// Polls `f` until true, failing the test after 20 s.
