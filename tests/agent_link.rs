@@ -145,6 +145,37 @@ async fn output(conn: &quinn::Connection, req: OutputRequest) -> Result<Vec<u8>,
     }
 }
 
+/// Like [`output`], reporting the first bytes through `first` as soon as they arrive.
+async fn output_reporting_first(
+    conn: &quinn::Connection,
+    req: OutputRequest,
+    first: tokio::sync::oneshot::Sender<Vec<u8>>,
+) -> Result<Vec<u8>, WireError> {
+    let (send, recv) = conn.open_bi().await.expect("open stream");
+    let mut w = FrameWriter::new(send);
+    w.send(&StreamRequest::Output(req)).await.expect("request");
+    let mut r = FrameReader::new(recv);
+    match r.recv::<OutputReply>().await.expect("reply frame").expect("reply") {
+        OutputReply::Streaming => {}
+        OutputReply::Error(e) => return Err(e),
+    }
+    let (mut recv, buffered) = r.into_parts();
+    let mut out = buffered.to_vec();
+    let mut first = Some(first);
+    let mut buf = [0u8; 4096];
+    loop {
+        if !out.is_empty() {
+            if let Some(tx) = first.take() {
+                let _ = tx.send(out.clone());
+            }
+        }
+        match recv.read(&mut buf).await.expect("stream bytes") {
+            Some(n) => out.extend_from_slice(&buf[..n]),
+            None => return Ok(out),
+        }
+    }
+}
+
 fn config(dir: &Path, master: String) -> AgentConfig {
     AgentConfig {
         master,
@@ -266,8 +297,10 @@ async fn register_run_retry_stream_reconnect() {
     b.ack(&running);
     let follow = OutputRequest { task_id: TaskId::new("t2"), follow: true, ..req.clone() };
     let conn = b.conn.clone();
-    let reader = tokio::spawn(async move { output(&conn, follow).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(async move { output_reporting_first(&conn, follow, first_tx).await });
+    let first = tokio::time::timeout(WAIT, first_rx).await.expect("output in time").expect("first bytes");
+    assert_eq!(first, b"start\n", "the output streams while the task runs");
     assert!(!reader.is_finished(), "a followed stream stays open while the task runs");
     b.send(MasterToAgent::KillTask { framework_id: fw.clone(), task_id: TaskId::new("t2") });
     let killing = b.status().await;
@@ -294,22 +327,30 @@ async fn refused_agent_stops_and_unreachable_master_is_retried() {
     let dir = tempfile::tempdir().expect("tempdir");
     agora_sdk::tls::init(&dir.path().join("tls"), "fw", false).expect("tls init");
 
-    // Nobody listens yet: the agent keeps trying until the master appears.
-    let port = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.local_addr().expect("addr").port()
-    };
-    let shutdown = CancellationToken::new();
-    let cfg = config(dir.path(), format!("127.0.0.1:{port}"));
-    let agent = tokio::spawn(agora_agent::run(cfg, shutdown.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!agent.is_finished());
+    // The master's endpoint refuses the agent's connections at first (QUIC-level refusals,
+    // answered at once): the agent retries, each time after a longer delay (backoff from
+    // 100 ms, doubling, each delay drawn from [d/2, d]), and does not give up.
     let server = agora_sdk::transport::server_config(&TlsFiles::in_dir(&dir.path().join("tls"), "master"))
         .expect("server config");
-    let master = FakeMaster {
-        endpoint: quinn::Endpoint::server(server, format!("127.0.0.1:{port}").parse().expect("addr"))
-            .expect("endpoint"),
-    };
+    let master =
+        FakeMaster { endpoint: quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("endpoint") };
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(agora_agent::run(config(dir.path(), master.addr()), shutdown.clone()));
+    let mut attempts = Vec::new();
+    for _ in 0..4 {
+        let incoming = tokio::time::timeout(WAIT, master.endpoint.accept())
+            .await
+            .expect("the agent tries again")
+            .expect("endpoint open");
+        attempts.push(Instant::now());
+        incoming.refuse();
+    }
+    assert!(!agent.is_finished(), "a refused connection is not fatal");
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, least) in gaps.iter().zip([50, 100, 200]) {
+        assert!(*gap >= Duration::from_millis(least), "retried too soon (no backoff): {gaps:?}");
+    }
+    // Then the master answers, refusing the agent itself: that is fatal.
     let refusal = WireError::new(ErrorCode::Unauthorized, "not welcome");
     let _conn = master.accept_with(HelloReply::Refused(refusal.clone())).await;
     let result = tokio::time::timeout(WAIT, agent).await.expect("agent stops").expect("join");
