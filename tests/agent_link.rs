@@ -332,8 +332,9 @@ async fn refused_agent_stops_and_unreachable_master_is_retried() {
     // 100 ms, doubling, each delay drawn from [d/2, d]), and does not give up.
     let server = agora_sdk::transport::server_config(&TlsFiles::in_dir(&dir.path().join("tls"), "master"))
         .expect("server config");
-    let master =
-        FakeMaster { endpoint: quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("endpoint") };
+    let master = FakeMaster {
+        endpoint: quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("endpoint"),
+    };
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(agora_agent::run(config(dir.path(), master.addr()), shutdown.clone()));
     let mut attempts = Vec::new();

@@ -234,7 +234,10 @@ async fn peers_without_a_valid_certificate_are_refused() {
     let other = tempfile::tempdir().expect("tempdir");
     let foreign = agora_sdk::tls::foreign_identity(other.path(), Role::Framework).expect("foreign");
     let intruder = TlsFiles { ca: cluster.tls("framework").ca, ..foreign.clone() };
-    let e = Session::connect(&addr, &intruder, Role::Framework).await.err().expect("a foreign certificate was accepted");
+    let e = Session::connect(&addr, &intruder, Role::Framework)
+        .await
+        .err()
+        .expect("a foreign certificate was accepted");
     let close = closed_by_peer(&e).unwrap_or_else(|| panic!("not closed by the master: {e:?}"));
     assert!(String::from_utf8_lossy(&close.reason).contains("invalid peer certificate"), "{close:?}");
     // And a client of the other CA refuses the master (its certificate is not of its CA).
@@ -357,7 +360,8 @@ fn http_state_and_metrics() {
             .env(CHILD, "1")
             .output()
             .expect("run the test alone");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && text.contains("1 passed"), "{text}");
         return;
     }
@@ -440,4 +444,3 @@ async fn a_restarted_agent_keeps_its_id() {
     assert_eq!(after[0].id, before[0].id);
     cluster.stop().await;
 }
-

@@ -149,7 +149,10 @@ fn bad_modules_are_refused_at_upload_and_misbehaving_tasks_fail_with_a_reason() 
     let hello = wat::parse_file(fixture("hello")).expect("wat");
     let cases = [
         (write(tmp.path(), "notwasm.wasm", b"#!/bin/sh\necho hi\n"), "not"),
-        (write(tmp.path(), "truncated.wasm", &hello[..hello.len() / 2]), "invalid WebAssembly: unexpected end-of-file"),
+        (
+            write(tmp.path(), "truncated.wasm", &hello[..hello.len() / 2]),
+            "invalid WebAssembly: unexpected end-of-file",
+        ),
         (fixture("no_start"), "_start"),
         (fixture("unknown_import"), "env"),
     ];

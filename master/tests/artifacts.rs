@@ -321,7 +321,8 @@ async fn the_store_survives_a_restart_and_launches_need_stored_modules() {
     shutdown.cancel();
     // The first master is gone (it closed our connection on its way out) before the next one
     // opens the same work dir.
-    let closed = tokio::time::timeout(Duration::from_secs(10), fw.conn.closed()).await.expect("closed in time");
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), fw.conn.closed()).await.expect("closed in time");
     assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
     drop(fw);
 
