@@ -140,7 +140,33 @@ fn root_or_skip(why: &str) -> bool {
     );
     // Straight to the process's stderr: `eprintln!` is captured (and hidden) like `println!`.
     let _ = writeln!(std::io::stderr(), "skipped: {test} needs root ({why})");
+    count_skip();
     false
+}
+
+/// Root-only tests this test binary skipped; counted on one line when it exits.
+static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn report_skips() {
+    let n = SKIPPED.load(std::sync::atomic::Ordering::Relaxed);
+    let binary =
+        std::env::current_exe().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!(
+            "{n} root-only test(s) of {} skipped: not root (as root they run, and AGORA_REQUIRE_ROOT_TESTS=1 forbids skipping)\n",
+            binary.unwrap_or_default()
+        )
+        .as_bytes(),
+    );
+}
+
+/// Counts a skip; the first one arranges the count line at exit.
+fn count_skip() {
+    if SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+        // SAFETY: registers a plain extern "C" function with no captured state.
+        unsafe { libc::atexit(report_skips) };
+    }
 }
 
 /// Cgroup isolation set up for real: `None` (after a skip line) only when not root. As root, an
