@@ -5,7 +5,7 @@
 //! [`CommandLaunch`] it is sent with the task supervisor of [`crate::tasks`]: the sandbox (0700,
 //! owned by the task user), the task's own cgroup (created under the agent's root, described by
 //! [`IsolationSpec`] on the command line), the process spawned in its own process group, joining
-//! its cgroup and dropping to the task user between `fork` and `exec`, then waited for, killed
+//! its cgroup and dropping to the task user between `clone` and `exec`, then waited for, killed
 //! on request (SIGTERM, SIGKILL after the grace period), reaped, and its cgroup's accounting read
 //! for the reason. Each task's RUNNING (with its pid) and terminal update go back to the agent
 //! in `Updates` frames, batched. The agent itself spawns no task.

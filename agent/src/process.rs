@@ -44,6 +44,12 @@ impl ChildProcess {
         Ok(Self { pid, reaped: false })
     }
 
+    /// Takes over child `pid`, spawned by this process in its own process group (its pid is its
+    /// process-group id) with `SIGCHLD` as its exit signal, and not waited for yet.
+    pub(crate) fn from_pid(pid: libc::pid_t) -> Self {
+        Self { pid, reaped: false }
+    }
+
     /// The child's pid (and process-group id).
     pub fn pid(&self) -> u32 {
         self.pid.unsigned_abs()

@@ -7,9 +7,7 @@
 //! master; the agent core turns events into status updates.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use agora_sdk::proto::{unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage};
@@ -376,8 +374,8 @@ fn signal(child: &ChildProcess, sig: libc::c_int, spec: &LaunchSpec) {
 }
 
 /// Creates the sandbox and the task's cgroup, and spawns the process (blocking: run on the
-/// blocking pool). The child joins its cgroup and drops to the task user between `fork` and
-/// `exec` ([`confine_in_child`]), so no user code ever runs unconfined or as root.
+/// blocking pool). The child joins its cgroup and drops to the task user between `clone` and
+/// `exec` ([`Spawn`]), so no user code ever runs unconfined or as root.
 fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>), StartFailure> {
     let TaskKind::Command(cmd) = &spec.task.kind else {
         return Err(StartFailure::spawn("not a command task".into()));
@@ -430,52 +428,323 @@ fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>)
             }
         }
     }
-    let mut command = build_command(cmd, dir, &spec.framework_id, &spec.task.task_id)
+    let spawn = Spawn::new(cmd, dir, &spec.framework_id, &spec.task.task_id)
         .map_err(|m| fail(StartFailure::spawn(m)))?;
-    command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-    confine_in_child(&mut command, &procs, spec.user);
-    let child = command.spawn().map_err(|e| {
+    let stdin = File::open("/dev/null")
+        .map_err(|e| fail(StartFailure::spawn(format!("cannot open /dev/null: {e}"))))?;
+    let pid = {
+        use std::os::fd::AsRawFd;
+        let stdio = [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()];
+        let procs: Vec<libc::c_int> = procs.iter().map(AsRawFd::as_raw_fd).collect();
+        spawn.spawn(stdio, &procs, spec.user)
+    };
+    let pid = pid.map_err(|e| {
         let program = cmd.argv.first().map(String::as_str).unwrap_or("");
         let what = if cmd.shell { "/bin/sh".to_string() } else { format!("`{program}`") };
-        if !procs.is_empty() && e.raw_os_error().is_some_and(|c| c != libc::ENOENT && c != libc::EACCES) {
+        if e.stage == SpawnStage::Confine && !procs.is_empty() {
             fail(StartFailure::isolation(format!(
-                "cannot run {what} in its cgroup as the task user: {e} (the task was not started)"
+                "cannot run {what} in its cgroup as the task user: {} (the task was not started)",
+                e.error
             )))
         } else {
-            fail(StartFailure::spawn(format!("cannot run {what}: {e}")))
+            fail(StartFailure::spawn(format!("cannot run {what}: {}", e.error)))
         }
     })?;
-    drop(procs);
-    let child = ChildProcess::adopt(child).map_err(|e| fail(StartFailure::spawn(e.to_string())))?;
-    Ok((child, cgroup))
+    drop((procs, stdin, stdout, stderr));
+    Ok((ChildProcess::from_pid(pid), cgroup))
 }
 
-/// Between `fork` and `exec`, the child writes `0` (itself) into each of its group's
-/// `cgroup.procs` (`procs`, opened by the parent), drops to `user` and sets `no_new_privs`. Any
-/// failure fails the spawn: the program never runs. A task cannot move itself out again: the
-/// cgroup files belong to root.
-fn confine_in_child(
-    command: &mut Command,
-    procs: &[std::os::fd::OwnedFd],
-    user: Option<crate::user::TaskUser>,
-) {
-    use std::os::fd::AsRawFd;
-    let fds: Vec<libc::c_int> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: the closure only makes system calls (write, setgroups, setgid, setuid, prctl) on
-    // values prepared before the fork; it neither allocates nor takes locks.
-    unsafe {
-        command.pre_exec(move || {
-            for &fd in &fds {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
+/// Which step of a spawn failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpawnStage {
+    /// Before anything of the task's confinement: the stack, `clone`, the process group, stdio,
+    /// the working directory.
+    Setup = 1,
+    /// Joining the cgroup, dropping to the task user, `no_new_privs`.
+    Confine = 2,
+    /// `execve` itself (a missing or non-executable program).
+    Exec = 3,
+}
+
+/// A spawn that failed: the program never ran.
+#[derive(Debug)]
+struct SpawnError {
+    stage: SpawnStage,
+    error: std::io::Error,
+}
+
+/// A task's process, prepared before it is spawned: program, `argv`, environment and working
+/// directory as C strings, so that the child allocates nothing.
+///
+/// [`Spawn::spawn`] starts it the way `posix_spawn` does — `clone(CLONE_VM | CLONE_VFORK)`, the
+/// child running on a stack of its own in the executor's memory until it execs — rather than
+/// with `fork`: a fork copies the page tables of the (multi-threaded) executor and makes its
+/// threads fault on copy-on-write pages until the child execs, which was most of the kernel time
+/// of a native launch (`copy_page_range`, `unmap_page_range`, `do_wp_page`). Between `clone` and
+/// `exec` the child makes only raw system calls on values prepared here ([`child_main`]): it
+/// resets signal handlers, takes its own process group, its stdio and working directory, writes
+/// `0` (itself) into each of its group's `cgroup.procs` (opened by the parent), drops to the
+/// task user and sets `no_new_privs`. Any failure ends the child before `exec`: no user code
+/// ever runs unconfined or as root. A task cannot move itself out again: the cgroup files
+/// belong to root.
+struct Spawn {
+    program: std::ffi::CString,
+    cwd: std::ffi::CString,
+    /// Owns what `argv` and `envp` point to.
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl Spawn {
+    /// The process to run for `cmd`: the sandbox as working directory and a clean environment
+    /// (`PATH`, `HOME`, the command's own variables, then `AGORA_*`; a later value of a name
+    /// replaces an earlier one).
+    fn new(cmd: &CommandInfo, sandbox: &Path, fw: &FrameworkId, task: &TaskId) -> Result<Self, String> {
+        use std::ffi::{CString, OsStr, OsString};
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let c = |s: &OsStr| {
+            CString::new(s.as_bytes()).map_err(|_| format!("{:?} contains a NUL byte", s.to_string_lossy()))
+        };
+        let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
+        let (program, args): (CString, Vec<CString>) = if cmd.shell {
+            (
+                c(OsStr::new("/bin/sh"))?,
+                vec![c(OsStr::new("/bin/sh"))?, c(OsStr::new("-c"))?, c(first.as_ref())?],
+            )
+        } else {
+            let mut args = vec![c(first.as_ref())?];
+            for a in rest {
+                args.push(c(a.as_ref())?);
             }
-            if let Some(u) = user {
-                u.switch_in_child()?;
-            }
-            crate::user::no_new_privs_in_child()
-        });
+            (c(resolve_program(first, &cmd.env)?.as_os_str())?, args)
+        };
+        let mut env = std::collections::BTreeMap::<OsString, OsString>::new();
+        env.insert("PATH".into(), TASK_PATH.into());
+        env.insert("HOME".into(), sandbox.into());
+        for (k, v) in &cmd.env {
+            env.insert(k.into(), v.into());
+        }
+        env.insert("AGORA_SANDBOX".into(), sandbox.into());
+        env.insert("AGORA_TASK_ID".into(), task.as_str().into());
+        env.insert("AGORA_FRAMEWORK_ID".into(), fw.as_str().into());
+        let mut vars = Vec::with_capacity(env.len());
+        for (k, v) in env {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            vars.push(c(OsStr::from_bytes(&kv))?);
+        }
+        let argv = args.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let envp = vars.iter().map(|v| v.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let mut strings = args;
+        strings.extend(vars);
+        Ok(Self { program, cwd: c(sandbox.as_os_str())?, _strings: strings, argv, envp })
     }
+
+    /// Spawns the process with `stdio` as its fds 0, 1 and 2, in its own process group, joined
+    /// to the groups whose `cgroup.procs` are open as `procs`, as `user`. Returns its pid (and
+    /// process-group id) once it has exec'd; on an error the child has been reaped.
+    fn spawn(
+        &self,
+        stdio: [libc::c_int; 3],
+        procs: &[libc::c_int],
+        user: Option<crate::user::TaskUser>,
+    ) -> Result<libc::pid_t, SpawnError> {
+        use std::sync::atomic::Ordering;
+        let setup = |error| SpawnError { stage: SpawnStage::Setup, error };
+        let args = ChildArgs {
+            program: self.program.as_ptr(),
+            argv: self.argv.as_ptr(),
+            envp: self.envp.as_ptr(),
+            cwd: self.cwd.as_ptr(),
+            stdio,
+            procs,
+            user,
+            stage: std::sync::atomic::AtomicI32::new(0),
+            errno: std::sync::atomic::AtomicI32::new(0),
+        };
+        let stack = ChildStack::new().map_err(setup)?;
+        // SAFETY: `clone` with CLONE_VM | CLONE_VFORK suspends this thread until the child has
+        // exec'd or exited, so `args` and the stack outlive the child's use of them; the child
+        // runs `child_main` only, which makes raw system calls and touches nothing but `args`
+        // and its own stack. All signals are blocked around the clone so that no handler of
+        // this process runs on the child's side of the shared memory before it resets them.
+        let pid = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child_main,
+                stack.top(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                std::ptr::from_ref(&args).cast_mut().cast(),
+            );
+            let error = std::io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid < 0 {
+                return Err(setup(error));
+            }
+            pid
+        };
+        drop(stack);
+        let stage = match args.stage.load(Ordering::Acquire) {
+            0 => return Ok(pid),
+            s if s == SpawnStage::Confine as i32 => SpawnStage::Confine,
+            s if s == SpawnStage::Exec as i32 => SpawnStage::Exec,
+            _ => SpawnStage::Setup,
+        };
+        // The child exited without exec'ing: reap it.
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        Err(SpawnError {
+            stage,
+            error: std::io::Error::from_raw_os_error(args.errno.load(Ordering::Acquire)),
+        })
+    }
+}
+
+/// What the child of [`Spawn::spawn`] reads, and where it says what failed.
+struct ChildArgs<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    stdio: [libc::c_int; 3],
+    procs: &'a [libc::c_int],
+    user: Option<crate::user::TaskUser>,
+    /// The [`SpawnStage`] that failed (0: none; the child exec'd).
+    stage: std::sync::atomic::AtomicI32,
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// The child's stack: mapped per spawn, with a guard page below it.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    const SIZE: usize = 64 * 1024;
+
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(4096);
+        let len = Self::SIZE + page;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = Self { base, len };
+        // SAFETY: the lowest page of our own mapping.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (stacks grow down; the mapping is page-aligned).
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the child has exec'd or exited).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The child of [`Spawn::spawn`], between `clone` and `exec`, sharing the executor's memory:
+/// raw system calls only (no allocation, no locks, no glibc `set*id`, which would signal the
+/// executor's threads), on the values of `arg` (a [`ChildArgs`]).
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    use std::sync::atomic::Ordering;
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive while the parent waits in `clone`.
+    let a = unsafe { &*arg.cast::<ChildArgs<'_>>() };
+    let fail = |stage: SpawnStage| -> libc::c_int {
+        // SAFETY: errno is this thread's (the suspended parent thread's TLS, which it does not
+        // read before reading `a.errno`); _exit ends the child without running anything.
+        unsafe {
+            a.errno.store(*libc::__errno_location(), Ordering::Release);
+            a.stage.store(stage as i32, Ordering::Release);
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: system calls on prepared integers and C strings.
+    unsafe {
+        // No handler of the executor's may run in the child: every caught signal goes back to
+        // its default (exec would do it too, but only at exec); SIGPIPE too, as std does.
+        for sig in 1..=64 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            if old.sa_sigaction != libc::SIG_DFL
+                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(SpawnStage::Setup);
+        }
+        for (target, &fd) in (0..).zip(a.stdio.iter()) {
+            let r = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+            if r < 0 {
+                return fail(SpawnStage::Setup);
+            }
+        }
+        if libc::chdir(a.cwd) != 0 {
+            return fail(SpawnStage::Setup);
+        }
+        for &fd in a.procs {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return fail(SpawnStage::Confine);
+            }
+        }
+        if let Some(u) = a.user {
+            // A null list with length 0 clears the supplementary groups.
+            if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setgid, u.gid) != 0
+                || libc::syscall(libc::SYS_setuid, u.uid) != 0
+            {
+                return fail(SpawnStage::Confine);
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(SpawnStage::Confine);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(a.program, a.argv, a.envp);
+    }
+    fail(SpawnStage::Exec)
 }
 
 /// `task-<run id>`: unique per run, one path component.
@@ -490,40 +759,9 @@ pub fn cgroup_name_for(run_dir: &Path) -> Option<String> {
     Some(format!("task-{run}"))
 }
 
-/// The process to run for `cmd`: own process group, sandbox as working directory, a clean
-/// environment.
-fn build_command(
-    cmd: &CommandInfo,
-    sandbox: &Path,
-    fw: &FrameworkId,
-    task: &TaskId,
-) -> Result<Command, String> {
-    let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
-    let mut command = if cmd.shell {
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(first);
-        c
-    } else {
-        let mut c = Command::new(resolve_program(first, &cmd.env)?);
-        c.arg0(first).args(rest);
-        c
-    };
-    command.process_group(0).current_dir(sandbox).env_clear();
-    command.env("PATH", TASK_PATH).env("HOME", sandbox);
-    for (k, v) in &cmd.env {
-        command.env(k, v);
-    }
-    command
-        .env("AGORA_SANDBOX", sandbox)
-        .env("AGORA_TASK_ID", task.as_str())
-        .env("AGORA_FRAMEWORK_ID", fw.as_str());
-    Ok(command)
-}
-
-/// Finds a bare program name on the task's PATH (its own `PATH` env, else the default), so that
-/// std spawns it by absolute path: with `PATH` in a cleared environment and a name to look up,
-/// std would leave `posix_spawn` for fork+exec, which costs tens of milliseconds from a large
-/// agent process.
+/// Finds a bare program name on the task's PATH (its own `PATH` env, else the default): the
+/// child of [`Spawn::spawn`] calls `execve`, which searches nothing, and must not search itself
+/// (it may not allocate).
 fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path::PathBuf, String> {
     if program.contains('/') {
         return Ok(program.into());
