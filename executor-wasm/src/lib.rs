@@ -34,7 +34,8 @@
 //!
 //! # Validation
 //!
-//! [`validate`] needs no engine and is cheap: the artifact store can run it at upload time.
+//! [`validate`] needs no engine and is cheap; its checks live in the `agora-wasm-validate` crate so
+//! that the master's artifact store can run them at upload time without building wasmtime.
 
 mod digest;
 mod error;
@@ -43,6 +44,7 @@ pub mod serve;
 mod task;
 mod validate;
 
+pub use agora_wasm_validate::ModuleError;
 pub use digest::ModuleDigest;
 pub use error::WasmError;
 pub use runtime::{CacheStats, RuntimeConfig, WasmRuntime, MAX_SLICE_CPUS};
