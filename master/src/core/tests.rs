@@ -1,31 +1,19 @@
 use super::offers::offer_id_text;
 use super::*;
+use crate::testing::{
+    closed, command_task, errors, events, framework_info, offers, registered, res, run_tasks, single_offer,
+    subscribed, to_agent, updates,
+};
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
 
-fn res(s: &str) -> Resources {
-    Resources::parse(s).expect("test resources")
-}
-
 fn task(id: &str, r: &str) -> TaskInfo {
-    TaskInfo {
-        task_id: TaskId::new(id),
-        name: format!("name-{id}"),
-        resources: res(r),
-        kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
-        kill_grace: None,
-    }
+    command_task(TaskId::new(id), res(r))
 }
 
 fn info(id: Option<&FrameworkId>, failover: Duration) -> FrameworkInfo {
-    FrameworkInfo {
-        id: id.cloned(),
-        name: "test".into(),
-        role: "*".into(),
-        failover_timeout: failover,
-        hostname: "h".into(),
-    }
+    framework_info(id, "test", failover)
 }
 
 /// Drives a master with simulated time and collects its actions.
@@ -107,17 +95,7 @@ impl Harness {
                 tasks,
             },
         );
-        let id = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::ToAgent { conn: c, msg: MasterToAgent::Registered { agent_id, .. } }
-                    if *c == conn =>
-                {
-                    Some(agent_id.clone())
-                }
-                _ => None,
-            })
-            .expect("agent registered");
+        let id = registered(&acts, conn).expect("agent registered");
         (conn, id, acts)
     }
 
@@ -129,15 +107,7 @@ impl Harness {
     fn subscribe(&mut self, principal: &str, failover: Duration) -> (ConnId, FrameworkId) {
         let conn = self.conn();
         let acts = self.call_as(conn, principal, SchedulerCall::Subscribe(info(None, failover)));
-        let id = acts
-            .iter()
-            .find_map(|a| match a {
-                Action::ToFramework { event: SchedulerEvent::Subscribed { framework_id, .. }, .. } => {
-                    Some(framework_id.clone())
-                }
-                _ => None,
-            })
-            .expect("subscribed");
+        let id = subscribed(&acts, conn).expect("subscribed");
         (conn, id)
     }
 
@@ -195,62 +165,6 @@ struct Setup {
     fw: FrameworkId,
     ac: ConnId,
     agent: AgentId,
-}
-
-fn offers(acts: &[Action], conn: ConnId) -> Vec<Offer> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToFramework { conn: c, event: SchedulerEvent::Offers(o) } if *c == conn => {
-                Some(o.clone())
-            }
-            _ => None,
-        })
-        .flatten()
-        .collect()
-}
-
-fn single_offer(acts: &[Action], conn: ConnId) -> Offer {
-    let o = offers(acts, conn);
-    assert_eq!(o.len(), 1, "expected one offer to {conn}: {acts:#?}");
-    o[0].clone()
-}
-
-fn updates(acts: &[Action], conn: ConnId) -> Vec<TaskStatus> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToFramework { conn: c, event: SchedulerEvent::Update(s) } if *c == conn => {
-                Some(s.clone())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn run_tasks(acts: &[Action], conn: ConnId) -> Vec<TaskInfo> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToAgent { conn: c, msg: MasterToAgent::RunTask { task, .. } } if *c == conn => {
-                Some(task.clone())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn to_agent(acts: &[Action], conn: ConnId) -> Vec<MasterToAgent> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToAgent { conn: c, msg } if *c == conn => Some(msg.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn closed(acts: &[Action], conn: ConnId) -> Option<WireError> {
-    acts.iter().find_map(|a| match a {
-        Action::Close { conn: c, error } if *c == conn => Some(error.clone()),
-        _ => None,
-    })
 }
 
 fn accept(offer: &Offer, tasks: Vec<TaskInfo>, refuse_seconds: Option<f64>) -> SchedulerCall {
@@ -1057,24 +971,6 @@ impl Harness {
         let offer = single_offer(&self.advance(5 * MS), fc);
         (Setup { fc, fw, ac, agent }, offer)
     }
-}
-
-fn errors(acts: &[Action], conn: ConnId) -> Vec<WireError> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToFramework { conn: c, event: SchedulerEvent::Error(e) } if *c == conn => Some(e.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn events(acts: &[Action], conn: ConnId) -> Vec<SchedulerEvent> {
-    acts.iter()
-        .filter_map(|a| match a {
-            Action::ToFramework { conn: c, event } if *c == conn => Some(event.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]
