@@ -1,5 +1,5 @@
 //! Agora's Wasm executor library: runs WebAssembly tasks with fuel-metered CPU, hard memory
-//! limits, wall-time deadlines and deny-by-default WASI (DESIGN.md §6, issue 3).
+//! limits, wall-time deadlines and deny-by-default WASI (the Wasm part of ARCHITECTURE.md).
 //!
 //! One [`WasmRuntime`] per executor process holds one wasmtime `Engine` (async, fuel, epoch
 //! interruption, pooling allocator), WASI linked once, an epoch ticker thread and the module
