@@ -1,4 +1,4 @@
-//! A map-style job with data locality by delay scheduling (issue 6): one task per block (native,
+//! A map-style job with data locality by delay scheduling: one task per block (native,
 //! or a WebAssembly module with `--wasm FILE`) of a data set whose blocks live on the agents (their `blocks` set attribute), placed by the
 //! SDK's `DelayScheduler`; prints where the tasks ran (node-, rack-local or neither) and the
 //! job time.

@@ -1,4 +1,4 @@
-//! Data locality by delay scheduling on a real in-process cluster (issue 6): agents holding
+//! Data locality by delay scheduling on a real in-process cluster: agents holding
 //! different blocks (`blocks` set attribute), a framework that waits for node-local offers with
 //! the SDK's `DelayScheduler`, and one that takes the first offer; and `agora agents` showing the
 //! attributes `agora dev --agent-attributes` gives each agent.

@@ -1,4 +1,4 @@
-//! Wasm tasks end to end (issue 3): `agora dev` as a process, `agora run --wasm` as a user types
+//! Wasm tasks end to end: `agora dev` as a process, `agora run --wasm` as a user types
 //! it, the master's artifact store, the agent fetching modules and starting `agora
 //! executor-wasm`, and the guest's output and exit code coming back through the CLI.
 

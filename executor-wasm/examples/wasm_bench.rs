@@ -1,4 +1,4 @@
-//! Wasm executor micro-benchmarks (issue 3), figures in BENCHMARKS.md.
+//! Wasm executor micro-benchmarks, figures in BENCHMARKS.md.
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-wasm cargo run --release -p agora-executor-wasm --example wasm_bench

@@ -11,44 +11,10 @@ use crate::digest::ModuleDigest;
 /// to a user as is (e.g. by `agora run --wasm` at upload time).
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
-    /// The bytes do not start with a WebAssembly header.
-    #[error("not a WebAssembly module or component: {reason}")]
-    NotWasm {
-        /// What is wrong with the header.
-        reason: String,
-    },
-    /// The bytes start like WebAssembly but do not decode or validate (e.g. a truncated module).
-    #[error("invalid WebAssembly: {message}")]
-    Invalid {
-        /// The decoder's or validator's message, with the byte offset.
-        message: String,
-    },
-    /// A core module that does not export a `_start` function.
-    #[error(
-        "module has no `_start` function export: Agora runs WASI command modules \
-         (`wasm32-wasip1` binaries), not libraries (reactors)"
-    )]
-    NoStart,
-    /// A component that does not export `wasi:cli/run@0.2.x`.
-    #[error("component does not export `wasi:cli/run@0.2.x`: Agora runs WASI 0.2 command components only")]
-    NoRun,
-    /// A core module importing something outside WASI preview 1.
-    #[error("import `{module}::{name}` is not provided: Agora offers WASI preview 1 only")]
-    UnsupportedImport {
-        /// The import's module name.
-        module: String,
-        /// The import's field name.
-        name: String,
-    },
-    /// A component importing something outside WASI 0.2.
-    #[error(
-        "import `{name}` is not provided: Agora offers WASI 0.2 only \
-         (wasi:cli, wasi:io, wasi:clocks, wasi:filesystem, wasi:random, wasi:sockets at @0.2.x)"
-    )]
-    UnsupportedComponentImport {
-        /// The full import name, e.g. `wasi:http/types@0.2.0`.
-        name: String,
-    },
+    /// The bytes are not a WebAssembly command Agora can run (not Wasm, invalid, not a command,
+    /// or importing what Agora does not provide).
+    #[error(transparent)]
+    Module(#[from] agora_wasm_validate::ModuleError),
     /// Compiling a validated module failed.
     #[error("failed to compile module {digest}: {message}")]
     Compile {

@@ -1,5 +1,5 @@
 //! Agora's Wasm executor library: runs WebAssembly tasks with fuel-metered CPU, hard memory
-//! limits, wall-time deadlines and deny-by-default WASI (DESIGN.md §6, issue 3).
+//! limits, wall-time deadlines and deny-by-default WASI (the Wasm part of ARCHITECTURE.md).
 //!
 //! One [`WasmRuntime`] per executor process holds one wasmtime `Engine` (async, fuel, epoch
 //! interruption, pooling allocator), WASI linked once, an epoch ticker thread and the module
@@ -34,7 +34,8 @@
 //!
 //! # Validation
 //!
-//! [`validate`] needs no engine and is cheap: the artifact store can run it at upload time.
+//! [`validate`] needs no engine and is cheap; its checks live in the `agora-wasm-validate` crate so
+//! that the master's artifact store can run them at upload time without building wasmtime.
 
 mod digest;
 mod error;
@@ -43,6 +44,7 @@ pub mod serve;
 mod task;
 mod validate;
 
+pub use agora_wasm_validate::ModuleError;
 pub use digest::ModuleDigest;
 pub use error::WasmError;
 pub use runtime::{CacheStats, RuntimeConfig, WasmRuntime, MAX_SLICE_CPUS};

@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use agora_master::core::{Action, Event, Master, MasterConfig};
+use agora_master::testing::{framework_info, register, res};
 use agora_sdk::proto::*;
-use agora_sdk::{Attributes, Resources};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 struct Bench {
@@ -37,26 +37,14 @@ impl Bench {
             ..MasterConfig::default()
         };
         let mut m = Master::new(config, now);
-        let resources = Resources::parse("cpus:32;mem:128GiB;disk:1TiB").unwrap_or_default();
+        let resources = res("cpus:32;mem:128GiB;disk:1TiB");
         for i in 0..agents as u64 {
-            let msg = AgentMessage::Register {
-                agent_id: None,
-                hostname: format!("host{i}"),
-                resources: resources.clone(),
-                attributes: Attributes::default(),
-                tasks: vec![],
-            };
+            let msg = register(&format!("host{i}"), resources.clone());
             m.handle(now, Event::Agent { conn: i, principal: format!("agent{i}"), msg });
         }
         for j in 0..frameworks as u64 {
             let conn = 1_000_000 + j;
-            let info = FrameworkInfo {
-                id: None,
-                name: format!("fw{j}"),
-                role: "*".into(),
-                failover_timeout: Duration::from_secs(3600),
-                hostname: "h".into(),
-            };
+            let info = framework_info(None, &format!("fw{j}"), Duration::from_secs(3600));
             m.handle(
                 now,
                 Event::Framework { conn, principal: "fw".into(), call: SchedulerCall::Subscribe(info) },

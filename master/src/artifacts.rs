@@ -50,7 +50,7 @@ pub enum ArtifactError {
     #[error("{name}: the bytes hash to {actual}, not to the declared {declared}")]
     DigestMismatch { name: String, declared: Digest, actual: Digest },
     #[error("{name}: {source}")]
-    InvalidModule { name: String, source: agora_executor_wasm::WasmError },
+    InvalidModule { name: String, source: agora_wasm_validate::ModuleError },
     #[error("{name}: not an executable (an ELF binary or a `#!` script); it starts with {head}")]
     NotExecutable {
         name: String,
@@ -354,11 +354,12 @@ async fn validate_executable(path: &Path, name: String) -> Result<(), ArtifactEr
     Err(ArtifactError::NotExecutable { name, head: shown })
 }
 
-/// Runs the Wasm executor's validator on the file at `path`, off the async threads.
+/// Runs the Wasm validator (`agora-wasm-validate`, the executor's own checks) on the file at
+/// `path`, off the async threads.
 async fn validate_module(path: &Path, name: String) -> Result<(), ArtifactError> {
     let owned = path.to_path_buf();
     let verdict = tokio::task::spawn_blocking(move || {
-        std::fs::read(&owned).map(|bytes| agora_executor_wasm::validate(&bytes).map(|_| ()))
+        std::fs::read(&owned).map(|bytes| agora_wasm_validate::validate(&bytes).map(|_| ()))
     })
     .await
     .map_err(|e| ArtifactError::Io {

@@ -12,3 +12,5 @@ pub mod metrics;
 mod quick;
 pub mod server;
 mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -1,5 +1,5 @@
-//! Acceptance tests of the allocation modules on the sans-IO master core, with simulated time
-//! (issue 4): the DRF paper's example, weights, strict priority, quotas, starvation, offer
+//! Acceptance tests of the allocation modules on the sans-IO master core, with simulated
+//! time: the DRF paper's example, weights, strict priority, quotas, starvation, offer
 //! semantics (filters, revive, suppress, offer timeout, reservations, crumbs) and
 //! demand-aware slicing.
 

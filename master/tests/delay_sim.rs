@@ -1,4 +1,4 @@
-//! A fast run of the delay-scheduling simulation (`examples/delay_sim`, issue 6): the real
+//! A fast run of the delay-scheduling simulation (`examples/delay_sim`): the real
 //! master core with simulated time, 100 agents in 10 racks, 16 frameworks using the SDK's
 //! `DelayScheduler`. Asserts the shape of the published result: static partitioning gives
 //! node locality far below half, a 1 s node delay on the shared cluster above 90 %, 5 s at

@@ -1,4 +1,4 @@
-use agora_executor_wasm::{validate, ModuleKind, WasmError};
+use agora_executor_wasm::{validate, ModuleError, ModuleKind, WasmError};
 
 use crate::fixture;
 
@@ -21,10 +21,10 @@ fn accepts_a_wasi_p2_command_component() {
 #[test]
 fn rejects_bytes_that_are_not_wasm() {
     let err = validate(b"#!/bin/sh\necho hello\n").unwrap_err();
-    assert!(matches!(err, WasmError::NotWasm { .. }), "{err:?}");
+    assert!(matches!(err, WasmError::Module(ModuleError::NotWasm { .. })), "{err:?}");
     assert_eq!(err.to_string(), "not a WebAssembly module or component: missing the `\\0asm` magic number");
     let err = validate(b"").unwrap_err();
-    assert!(matches!(err, WasmError::NotWasm { .. }), "{err:?}");
+    assert!(matches!(err, WasmError::Module(ModuleError::NotWasm { .. })), "{err:?}");
 }
 
 #[test]
@@ -32,7 +32,13 @@ fn rejects_a_truncated_module() {
     let bytes = fixture("hello");
     for len in [8, bytes.len() / 2, bytes.len() - 1] {
         let err = validate(&bytes[..len]).unwrap_err();
-        assert!(matches!(err, WasmError::Invalid { .. } | WasmError::NoStart), "{len}: {err:?}");
+        assert!(
+            matches!(
+                err,
+                WasmError::Module(ModuleError::Invalid { .. }) | WasmError::Module(ModuleError::NoStart)
+            ),
+            "{len}: {err:?}"
+        );
     }
     let err = validate(&bytes[..bytes.len() / 2]).unwrap_err();
     assert!(err.to_string().starts_with("invalid WebAssembly: "), "{err}");
@@ -42,7 +48,7 @@ fn rejects_a_truncated_module() {
 #[test]
 fn rejects_a_module_without_start() {
     let err = validate(&fixture("no_start")).unwrap_err();
-    assert!(matches!(err, WasmError::NoStart), "{err:?}");
+    assert!(matches!(err, WasmError::Module(ModuleError::NoStart)), "{err:?}");
     assert!(err.to_string().contains("no `_start`"), "{err}");
 }
 
@@ -56,7 +62,7 @@ fn rejects_an_unknown_import_naming_it() {
 fn rejects_a_component_importing_beyond_wasi_p2() {
     let err = validate(&fixture("component_http")).unwrap_err();
     assert!(
-        matches!(&err, WasmError::UnsupportedComponentImport { name } if name == "wasi:http/types@0.2.0")
+        matches!(&err, WasmError::Module(ModuleError::UnsupportedComponentImport { name }) if name == "wasi:http/types@0.2.0")
     );
     assert!(err.to_string().starts_with("import `wasi:http/types@0.2.0` is not provided"), "{err}");
 }

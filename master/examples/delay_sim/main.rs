@@ -1,4 +1,4 @@
-//! Data locality by delay scheduling, simulated on the sans-IO master core (issue 6).
+//! Data locality by delay scheduling, simulated on the sans-IO master core.
 //!
 //! ```text
 //! cargo run --release -p agora-master --example delay_sim [-- --small] [--seed N] [--delays 0,1,5]

@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use agora_master::core::{Action, ConnId, Event, Master, MasterConfig};
+use agora_master::testing::{command_task, framework_info, register, subscribed};
 use agora_sdk::attributes::{AttrValue, Attributes};
 use agora_sdk::locality::{DelayConfig, DelayScheduler, Locality, LocalityStats, PendingTask, Preference};
 use agora_sdk::proto::*;
@@ -457,15 +458,8 @@ impl World {
                                 .tasks
                                 .into_iter()
                                 .map(|p| TaskInfo {
-                                    task_id: p.id,
                                     name: "map".into(),
-                                    resources: self.model.task_resources.clone(),
-                                    kind: TaskKind::Command(CommandInfo {
-                                        argv: vec!["true".into()],
-                                        shell: false,
-                                        env: vec![],
-                                    }),
-                                    kill_grace: None,
+                                    ..command_task(p.id, self.model.task_resources.clone())
                                 })
                                 .collect();
                             self.call(
@@ -586,13 +580,10 @@ pub fn run(model: &Model, policy: Policy) -> Outcome {
         let mut attributes = Attributes::default();
         attributes.0.insert("rack".into(), AttrValue::Text(format!("r{}", world.agents[i].rack)));
         attributes.0.insert("blocks".into(), AttrValue::Set(blocks));
-        let msg = AgentMessage::Register {
-            agent_id: None,
-            hostname: format!("agent-{i}"),
-            resources: model.agent_resources.clone(),
-            attributes,
-            tasks: vec![],
-        };
+        let mut msg = register(&format!("agent-{i}"), model.agent_resources.clone());
+        if let AgentMessage::Register { attributes: a, .. } = &mut msg {
+            *a = attributes;
+        }
         let conn = world.agents[i].conn;
         world.m.handle(t0, Event::Agent { conn, principal: format!("agent{i}"), msg });
     }
@@ -604,23 +595,15 @@ pub fn run(model: &Model, policy: Policy) -> Outcome {
     for (i, w) in weights.iter().enumerate() {
         let conn = 10_000 + i as ConnId;
         let info = FrameworkInfo {
-            id: None,
-            name: format!("fw{i}"),
-            role: "*".into(),
-            failover_timeout: Duration::from_secs(3600),
             hostname: "sim".into(),
+            ..framework_info(None, &format!("fw{i}"), Duration::from_secs(3600))
         };
         world.m.handle(
             t0,
             Event::Framework { conn, principal: format!("fw{i}"), call: SchedulerCall::Subscribe(info) },
         );
-        let mut id = None;
-        while let Some(a) = world.m.poll_action() {
-            if let Action::ToFramework { event: SchedulerEvent::Subscribed { framework_id, .. }, .. } = a {
-                id = Some(framework_id);
-            }
-        }
-        let Some(id) = id else { panic!("framework {i} did not subscribe") };
+        let acts: Vec<Action> = std::iter::from_fn(|| world.m.poll_action()).collect();
+        let Some(id) = subscribed(&acts, conn) else { panic!("framework {i} did not subscribe") };
         let delays = match policy {
             Policy::Static | Policy::Naive => DelayConfig::greedy(),
             Policy::Delay { node, rack } => DelayConfig::new(node, rack),

@@ -1,0 +1,364 @@
+//! Frameworks: subscription and failover, disconnection and removal, and the scheduler calls
+//! other than `Accept`/`Decline` (request, kill, acknowledge, reconcile, ...).
+
+use super::*;
+
+impl Master {
+    pub(super) fn on_framework_call(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        principal: String,
+        call: SchedulerCall,
+    ) {
+        if self.closing.contains(&conn) {
+            return;
+        }
+        let fw = match self.conns.get(&conn).cloned() {
+            None => {
+                match call {
+                    SchedulerCall::Subscribe(info) => self.subscribe(now, conn, principal, info),
+                    _ => self.close(
+                        conn,
+                        ErrorCode::Unexpected,
+                        "the first call of a framework must be Subscribe",
+                    ),
+                }
+                return;
+            }
+            Some(Peer::Agent(_)) => {
+                self.close_peer(now, conn, ErrorCode::Unexpected, "scheduler call on an agent connection");
+                return;
+            }
+            Some(Peer::Framework(fw)) => fw,
+        };
+        match call {
+            SchedulerCall::Subscribe(info) => {
+                if info.id.as_ref() == Some(&fw) {
+                    self.subscribe(now, conn, principal, info);
+                } else {
+                    self.close_peer(
+                        now,
+                        conn,
+                        ErrorCode::Unexpected,
+                        format!("this connection is already subscribed as framework {fw}"),
+                    );
+                }
+            }
+            SchedulerCall::Accept { offer_ids, operations, refuse_seconds } => {
+                self.accept(now, conn, &fw, offer_ids, operations, refuse_seconds)
+            }
+            SchedulerCall::Decline { offer_ids, refuse_seconds } => {
+                self.decline(now, &fw, offer_ids, refuse_seconds)
+            }
+            SchedulerCall::Revive => {
+                if let Some(f) = self.frameworks.get_mut(&fw) {
+                    info!(framework_id = %fw, "revive");
+                    f.filters.clear();
+                    f.suppressed = false;
+                    self.allocator.revive(&fw);
+                    self.request_allocation(now);
+                }
+            }
+            SchedulerCall::Suppress => {
+                if let Some(f) = self.frameworks.get_mut(&fw) {
+                    info!(framework_id = %fw, "suppress");
+                    f.suppressed = true;
+                    self.allocator.suppress(&fw);
+                }
+            }
+            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands),
+            SchedulerCall::Kill { task_id } => self.framework_kill(now, conn, &fw, task_id),
+            SchedulerCall::Acknowledge { agent_id, task_id, uuid } => {
+                self.acknowledge(&fw, agent_id, task_id, uuid)
+            }
+            SchedulerCall::Reconcile { task_ids } => self.reconcile(now, conn, &fw, task_ids),
+            SchedulerCall::Teardown => {
+                info!(framework_id = %fw, "framework teardown");
+                self.remove_framework(now, &fw);
+                self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down"));
+            }
+            SchedulerCall::Heartbeat => {}
+            SchedulerCall::Message { agent_id, executor_id, data } => {
+                self.scheduler_message(conn, &fw, agent_id, executor_id, data)
+            }
+            SchedulerCall::ShutdownExecutor { agent_id, executor_id } => {
+                self.shutdown_executor(conn, &fw, agent_id, executor_id)
+            }
+        }
+    }
+
+    pub(super) fn subscribe(&mut self, now: Instant, conn: ConnId, principal: String, info: FrameworkInfo) {
+        let role = if info.role.is_empty() { "*".to_string() } else { info.role.clone() };
+        let id = match info.id {
+            None => {
+                self.next_framework += 1;
+                let id = FrameworkId::new(format!("{}-F{}", self.config.master_id, self.next_framework));
+                info!(framework_id = %id, name = %info.name, role, principal, "framework subscribed");
+                self.frameworks.insert(
+                    id.clone(),
+                    Framework {
+                        id: id.clone(),
+                        name: info.name,
+                        role: role.clone(),
+                        principal,
+                        hostname: info.hostname,
+                        failover_timeout: info.failover_timeout,
+                        link: FrameworkLink::Connected(conn),
+                        suppressed: false,
+                        offers: FxHashSet::default(),
+                        filters: FxHashMap::default(),
+                    },
+                );
+                self.allocator.add_framework(&id, &role);
+                // Tasks of this id adopted from agents before (none for a fresh id).
+                id
+            }
+            Some(id) => {
+                let Some(fw) = self.frameworks.get(&id) else {
+                    self.close(
+                        conn,
+                        ErrorCode::NotFound,
+                        format!(
+                            "framework {id} is not registered with this master (torn down, or \
+                             removed after its failover timeout); subscribe without an id"
+                        ),
+                    );
+                    return;
+                };
+                if fw.principal != principal {
+                    warn!(framework_id = %id, principal, registered = %fw.principal, "framework failover refused: principal mismatch");
+                    self.close(
+                        conn,
+                        ErrorCode::Unauthorized,
+                        format!("framework {id} belongs to principal {}, not {principal}", fw.principal),
+                    );
+                    return;
+                }
+                if fw.role != role {
+                    warn!(framework_id = %id, role, kept = %fw.role, "a framework cannot change its role on failover; keeping the old one");
+                }
+                let old = fw.link;
+                let offers = self.offer_ids(&fw.offers);
+                match old {
+                    FrameworkLink::Connected(old_conn) if old_conn != conn => {
+                        info!(framework_id = %id, old_conn, conn, "framework failed over");
+                        self.close(
+                            old_conn,
+                            ErrorCode::Unexpected,
+                            format!("framework {id} failed over to another connection"),
+                        );
+                    }
+                    FrameworkLink::Connected(_) => {}
+                    FrameworkLink::Disconnected { deadline } => {
+                        info!(framework_id = %id, conn, "framework re-subscribed");
+                        if let Some(d) = deadline {
+                            self.failover_deadlines.remove(&(d, id.clone()));
+                        }
+                        self.allocator.activate_framework(&id);
+                    }
+                }
+                if matches!(old, FrameworkLink::Connected(c) if c != conn) {
+                    // Offers made to the old instance are unknown to the new one.
+                    for o in &offers {
+                        self.rescind_offer(o, false);
+                    }
+                }
+                if let Some(fw) = self.frameworks.get_mut(&id) {
+                    fw.link = FrameworkLink::Connected(conn);
+                    fw.name = info.name;
+                    fw.hostname = info.hostname;
+                    fw.failover_timeout = info.failover_timeout;
+                    // A new instance knows nothing of the old one's SUPPRESS.
+                    fw.suppressed = false;
+                }
+                self.allocator.revive(&id);
+                id
+            }
+        };
+        self.conns.insert(conn, Peer::Framework(id.clone()));
+        self.send_framework(
+            conn,
+            SchedulerEvent::Subscribed {
+                framework_id: id.clone(),
+                heartbeat_interval: self.config.framework_heartbeat_interval,
+            },
+        );
+        self.resend_pending(&id, conn);
+        self.request_allocation(now);
+    }
+
+    /// Sends every update the framework has not acknowledged (or not received) again.
+    pub(super) fn resend_pending(&mut self, fw: &FrameworkId, conn: ConnId) {
+        for key in self.framework_task_keys(fw) {
+            let Some(task) = self.tasks.get_mut(&key) else { continue };
+            for s in &task.pending {
+                self.actions
+                    .push_back(Action::ToFramework { conn, event: SchedulerEvent::Update(s.clone()) });
+            }
+            task.pending.retain(|s| s.uuid.is_some());
+            self.maybe_complete(&key);
+        }
+    }
+
+    pub(super) fn framework_disconnected(&mut self, now: Instant, id: &FrameworkId) {
+        let Some(fw) = self.frameworks.get(id) else { return };
+        let deadline = now.checked_add(fw.failover_timeout);
+        info!(framework_id = %id, failover_timeout = ?fw.failover_timeout, "framework disconnected");
+        let offers = self.offer_ids(&fw.offers);
+        for o in &offers {
+            self.rescind_offer(o, false);
+        }
+        if let Some(fw) = self.frameworks.get_mut(id) {
+            fw.link = FrameworkLink::Disconnected { deadline };
+        }
+        if let Some(d) = deadline {
+            self.failover_deadlines.insert((d, id.clone()));
+        }
+        self.allocator.deactivate_framework(id);
+        self.request_allocation(now);
+    }
+
+    /// Forgets a framework for good: its offers are taken back and its tasks killed.
+    pub(super) fn remove_framework(&mut self, now: Instant, id: &FrameworkId) {
+        let Some(fw) = self.frameworks.remove(id) else { return };
+        counter!(metrics::FRAMEWORKS_REMOVED).increment(1);
+        match fw.link {
+            FrameworkLink::Connected(conn) => {
+                self.conns.remove(&conn);
+            }
+            FrameworkLink::Disconnected { deadline: Some(d) } => {
+                self.failover_deadlines.remove(&(d, id.clone()));
+            }
+            FrameworkLink::Disconnected { deadline: None } => {}
+        }
+        for o in &self.offer_ids(&fw.offers) {
+            self.take_offer(o);
+        }
+        self.allocator.remove_framework(id);
+        self.removed_frameworks.insert(id.clone());
+        let keys = self.framework_task_keys(id);
+        let mut agents: BTreeSet<AgentId> = BTreeSet::new();
+        for key in &keys {
+            if let Some(task) = self.tasks.get_mut(key) {
+                task.pending.clear();
+                if !task.state.is_terminal() {
+                    agents.insert(task.agent_id.clone());
+                }
+            }
+        }
+        for (agent_id, e) in self.executors.remove_framework(id) {
+            self.free_executor_resources(now, &agent_id, id, &e);
+            agents.insert(agent_id);
+        }
+        for agent in agents {
+            if let Some(conn) = self.agents.get(&agent).and_then(Agent::conn) {
+                info!(framework_id = %id, agent_id = %agent, "shutting down framework on agent");
+                self.send_agent(conn, MasterToAgent::ShutdownFramework { framework_id: id.clone() });
+            }
+        }
+        for key in &keys {
+            self.maybe_complete(key);
+        }
+        self.request_allocation(now);
+    }
+
+    pub(super) fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
+        let bad = demands
+            .iter()
+            .position(|d| !d.resources.reserved.is_empty() || (d.count > 0 && d.resources.is_empty()));
+        if let Some(i) = bad {
+            let message = format!(
+                "demand entry {i} ({}) must be a non-empty shape of plain quantities",
+                demands[i].resources
+            );
+            warn!(framework_id = %fw, message, "invalid request");
+            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
+            return;
+        }
+        if demands.len() > MAX_DEMANDS {
+            warn!(framework_id = %fw, entries = demands.len(), "request with too many entries: keeping the first {MAX_DEMANDS}");
+            demands.truncate(MAX_DEMANDS);
+        }
+        debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");
+        self.allocator.set_demand(fw, &demands);
+        self.request_allocation(now);
+    }
+
+    pub(super) fn framework_kill(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, task_id: TaskId) {
+        let key = (fw.clone(), task_id);
+        let reply = match self.tasks.get(&key) {
+            Some(t) if !t.state.is_terminal() => {
+                self.kill_live_task(now, &key);
+                None
+            }
+            Some(t) => Some(self.reconcile_status(now, t)),
+            None => match self.completed.iter().rev().find(|t| t.key() == key) {
+                Some(t) => Some(self.reconcile_status(now, t)),
+                None => Some(master_status(
+                    &key,
+                    None,
+                    TaskState::Lost,
+                    "unknown task",
+                    format!("framework {fw} has no task {}", key.1),
+                    self.unix_ms(now),
+                )),
+            },
+        };
+        if let Some(status) = reply {
+            self.send_framework(conn, SchedulerEvent::Update(status));
+        }
+    }
+
+    pub(super) fn acknowledge(&mut self, fw: &FrameworkId, agent_id: AgentId, task_id: TaskId, uuid: Uuid) {
+        let key = (fw.clone(), task_id);
+        let agent_id = match self.tasks.get_mut(&key) {
+            Some(task) => {
+                task.pending.retain(|s| s.uuid != Some(uuid));
+                task.agent_id.clone()
+            }
+            None => agent_id,
+        };
+        if let Some(conn) = self.agents.get(&agent_id).and_then(Agent::conn) {
+            self.send_agent(
+                conn,
+                MasterToAgent::StatusAck { framework_id: fw.clone(), task_id: key.1.clone(), uuid },
+            );
+        }
+        self.maybe_complete(&key);
+    }
+
+    pub(super) fn reconcile(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, task_ids: Vec<TaskId>) {
+        let statuses: Vec<TaskStatus> = if task_ids.is_empty() {
+            self.framework_tasks(fw)
+                .filter(|t| !t.state.is_terminal())
+                .map(|t| self.reconcile_status(now, t))
+                .collect()
+        } else {
+            task_ids
+                .into_iter()
+                .map(|tid| {
+                    let key = (fw.clone(), tid);
+                    match self
+                        .tasks
+                        .get(&key)
+                        .or_else(|| self.completed.iter().rev().find(|t| t.key() == key))
+                    {
+                        Some(t) => self.reconcile_status(now, t),
+                        None => master_status(
+                            &key,
+                            None,
+                            TaskState::Unknown,
+                            "reconciliation: unknown task",
+                            format!("framework {fw} has no task {}", key.1),
+                            self.unix_ms(now),
+                        ),
+                    }
+                })
+                .collect()
+        };
+        for s in statuses {
+            self.send_framework(conn, SchedulerEvent::Update(s));
+        }
+    }
+}

@@ -1,0 +1,1424 @@
+use super::offers::offer_id_text;
+use super::*;
+use crate::testing::{
+    closed, command_task, errors, events, framework_info, offers, registered, res, run_tasks, single_offer,
+    subscribed, to_agent, updates,
+};
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+
+fn task(id: &str, r: &str) -> TaskInfo {
+    command_task(TaskId::new(id), res(r))
+}
+
+fn info(id: Option<&FrameworkId>, failover: Duration) -> FrameworkInfo {
+    framework_info(id, "test", failover)
+}
+
+/// Drives a master with simulated time and collects its actions.
+struct Harness {
+    m: Master,
+    t0: Instant,
+    now: Instant,
+    next_conn: ConnId,
+    uuids: u128,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let t0 = Instant::now();
+        let config = MasterConfig { master_id: "m".into(), ..MasterConfig::default() };
+        let mut m = Master::new(config, t0);
+        m.set_unix_time(t0, 1_000_000);
+        Harness { m, t0, now: t0, next_conn: 0, uuids: 0 }
+    }
+
+    fn conn(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    fn uuid(&mut self) -> Uuid {
+        self.uuids += 1;
+        Uuid::from_u128(self.uuids)
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.m.poll_action()).collect()
+    }
+
+    fn agent(&mut self, conn: ConnId, msg: AgentMessage) -> Vec<Action> {
+        self.m.handle(self.now, Event::Agent { conn, principal: "agent".into(), msg });
+        self.drain()
+    }
+
+    fn call(&mut self, conn: ConnId, call: SchedulerCall) -> Vec<Action> {
+        self.call_as(conn, "alice", call)
+    }
+
+    fn call_as(&mut self, conn: ConnId, principal: &str, call: SchedulerCall) -> Vec<Action> {
+        self.m.handle(self.now, Event::Framework { conn, principal: principal.into(), call });
+        self.drain()
+    }
+
+    /// Runs every timer up to `now + d` and returns what came out.
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        let target = self.now + d;
+        for _ in 0..100_000 {
+            match self.m.poll_timeout() {
+                Some(t) if t <= target => {
+                    self.now = self.now.max(t);
+                    self.m.handle_timeout(self.now);
+                }
+                _ => break,
+            }
+        }
+        self.now = target;
+        self.drain()
+    }
+
+    fn register(
+        &mut self,
+        id: Option<AgentId>,
+        r: &str,
+        tasks: Vec<TaskReport>,
+    ) -> (ConnId, AgentId, Vec<Action>) {
+        let conn = self.conn();
+        let acts = self.agent(
+            conn,
+            AgentMessage::Register {
+                agent_id: id,
+                hostname: format!("host{conn}"),
+                resources: res(r),
+                attributes: Attributes::parse("rack:r1").expect("attrs"),
+                tasks,
+            },
+        );
+        let id = registered(&acts, conn).expect("agent registered");
+        (conn, id, acts)
+    }
+
+    fn add_agent(&mut self, r: &str) -> (ConnId, AgentId) {
+        let (c, id, _) = self.register(None, r, vec![]);
+        (c, id)
+    }
+
+    fn subscribe(&mut self, principal: &str, failover: Duration) -> (ConnId, FrameworkId) {
+        let conn = self.conn();
+        let acts = self.call_as(conn, principal, SchedulerCall::Subscribe(info(None, failover)));
+        let id = subscribed(&acts, conn).expect("subscribed");
+        (conn, id)
+    }
+
+    fn status(
+        &mut self,
+        conn: ConnId,
+        fw: &FrameworkId,
+        agent: &AgentId,
+        tid: &str,
+        state: TaskState,
+    ) -> (Uuid, Vec<Action>) {
+        let uuid = self.uuid();
+        let s = TaskStatus {
+            task_id: TaskId::new(tid),
+            framework_id: fw.clone(),
+            agent_id: Some(agent.clone()),
+            state,
+            uuid: Some(uuid),
+            source: UpdateSource::Executor,
+            reason: "test".into(),
+            message: String::new(),
+            exit_code: if state == TaskState::Finished { Some(0) } else { None },
+            signal: None,
+            usage: None,
+            timestamp_ms: 0,
+        };
+        (uuid, self.agent(conn, AgentMessage::StatusUpdate(s)))
+    }
+
+    /// Subscribes a framework, registers an agent and launches one task on it (RUNNING).
+    fn running_task(&mut self, agent_res: &str, task_res: &str, failover: Duration) -> Setup {
+        let (fc, fw) = self.subscribe("alice", failover);
+        let (ac, agent) = self.add_agent(agent_res);
+        let offer = single_offer(&self.advance(5 * MS), fc);
+        let acts = self.call(
+            fc,
+            SchedulerCall::Accept {
+                offer_ids: vec![offer.id],
+                operations: vec![Operation::Launch { tasks: vec![task("t1", task_res)] }],
+                refuse_seconds: None,
+            },
+        );
+        assert_eq!(run_tasks(&acts, ac).len(), 1);
+        let (uuid, _) = self.status(ac, &fw, &agent, "t1", TaskState::Running);
+        self.call(
+            fc,
+            SchedulerCall::Acknowledge { agent_id: agent.clone(), task_id: TaskId::new("t1"), uuid },
+        );
+        Setup { fc, fw, ac, agent }
+    }
+}
+
+struct Setup {
+    fc: ConnId,
+    fw: FrameworkId,
+    ac: ConnId,
+    agent: AgentId,
+}
+
+fn accept(offer: &Offer, tasks: Vec<TaskInfo>, refuse_seconds: Option<f64>) -> SchedulerCall {
+    SchedulerCall::Accept {
+        offer_ids: vec![offer.id.clone()],
+        operations: vec![Operation::Launch { tasks }],
+        refuse_seconds,
+    }
+}
+
+fn decline(offer: &Offer, refuse_seconds: Option<f64>) -> SchedulerCall {
+    SchedulerCall::Decline { offer_ids: vec![offer.id.clone()], refuse_seconds }
+}
+
+#[test]
+fn the_core_can_move_between_threads() {
+    fn is_send<T: Send>() {}
+    is_send::<Master>();
+}
+
+#[test]
+fn offers_whole_agent_after_the_batch_delay() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", SEC);
+    let (_, agent) = h.add_agent("cpus:4;mem:4GiB");
+    assert_eq!(fw.as_str(), "m-F1");
+    assert_eq!(agent.as_str(), "m-A1");
+    assert_eq!(h.m.poll_timeout(), Some(h.t0 + 2 * MS));
+    let offer = single_offer(&h.advance(2 * MS), fc);
+    assert_eq!(offer.id.as_str(), "m-O1");
+    assert_eq!(offer.framework_id, fw);
+    assert_eq!(offer.agent_id, agent);
+    assert_eq!(offer.resources, res("cpus:4;mem:4GiB"));
+    assert_eq!(offer.hostname, "host2");
+    assert!(offer.attributes.get("rack").is_some());
+    // Held until answered: nothing more is offered.
+    assert!(offers(&h.advance(3 * SEC), fc).is_empty());
+}
+
+#[test]
+fn accept_launches_and_leftover_goes_to_the_other_framework() {
+    // The example of the design: <2 CPU, 1 GB> and <1 CPU, 2 GB> out of <4 CPU, 4 GB>;
+    // <1 CPU, 1 GB> is then offered to framework 2.
+    let mut h = Harness::new();
+    let (f1, fw1) = h.subscribe("alice", SEC);
+    let (ac, agent) = h.add_agent("cpus:4;mem:4GiB");
+    let offer = single_offer(&h.advance(5 * MS), f1);
+    let (f2, _) = h.subscribe("bob", SEC);
+    let acts =
+        h.call(f1, accept(&offer, vec![task("a", "cpus:2;mem:1GiB"), task("b", "cpus:1;mem:2GiB")], None));
+    let launched = run_tasks(&acts, ac);
+    assert_eq!(launched.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert!(updates(&acts, f1).is_empty());
+    let acts = h.advance(5 * MS);
+    assert!(offers(&acts, f1).is_empty());
+    let leftover = single_offer(&acts, f2);
+    assert_eq!(leftover.resources, res("cpus:1;mem:1GiB"));
+    let tasks = h.m.tasks();
+    assert_eq!(tasks.len(), 2);
+    assert!(tasks
+        .iter()
+        .all(|t| t.state == TaskState::Staging && t.agent_id == agent && t.framework_id == fw1));
+    let views = h.m.agents();
+    assert_eq!(views[0].used, res("cpus:3;mem:3GiB"));
+    assert_eq!(views[0].tasks, 2);
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:3;mem:3GiB"));
+}
+
+#[test]
+fn the_leftover_comes_back_to_a_lone_framework() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    h.add_agent("cpus:4;mem:4GiB");
+    let offer = single_offer(&h.advance(5 * MS), fc);
+    h.call(fc, accept(&offer, vec![task("a", "cpus:1;mem:1GiB")], None));
+    let again = single_offer(&h.advance(5 * MS), fc);
+    assert_eq!(again.resources, res("cpus:3;mem:3GiB"));
+}
+
+#[test]
+fn invalid_launches_get_task_error_and_nothing_runs() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    let (ac, _) = h.add_agent("cpus:2;mem:2GiB");
+    let offer = single_offer(&h.advance(5 * MS), fc);
+    let mut empty_argv = task("noargv", "cpus:0.1");
+    empty_argv.kind = TaskKind::Command(CommandInfo { argv: vec![], shell: false, env: vec![] });
+    let acts = h.call(
+        fc,
+        accept(
+            &offer,
+            vec![
+                task("big", "cpus:4"),
+                task("", "cpus:1"),
+                task("nothing", "disk:1GiB"),
+                empty_argv,
+                task("ok", "cpus:1.5"),
+                task("ok", "cpus:0.1"),
+                task("late", "cpus:1"),
+            ],
+            Some(f64::NAN),
+        ),
+    );
+    let launched = run_tasks(&acts, ac);
+    assert_eq!(launched.len(), 1);
+    assert_eq!(launched[0].task_id.as_str(), "ok");
+    let ups = updates(&acts, fc);
+    assert_eq!(ups.len(), 6, "{ups:#?}");
+    for u in &ups {
+        assert_eq!(u.state, TaskState::Error);
+        assert_eq!(u.source, UpdateSource::Master);
+        assert_eq!(u.reason, "invalid launch");
+        assert!(u.uuid.is_none());
+    }
+    assert_eq!(ups[0].message, "task big asks for cpus:4 but the offer has cpus:2;mem:2GiB left");
+    assert!(ups[1].message.contains("empty task id"), "{}", ups[1].message);
+    assert!(ups[2].message.contains("no cpus and no mem"), "{}", ups[2].message);
+    assert!(ups[3].message.contains("empty command"), "{}", ups[3].message);
+    assert!(ups[4].message.contains("twice"), "{}", ups[4].message);
+    assert!(ups[5].message.contains("cpus:0.5;mem:2GiB left"), "{}", ups[5].message);
+    // An id already in use is refused too.
+    let again = single_offer(&h.advance(5 * MS), fc);
+    assert_eq!(again.resources, res("cpus:0.5;mem:2GiB"));
+    let acts = h.call(fc, accept(&again, vec![task("ok", "cpus:0.1")], None));
+    assert!(run_tasks(&acts, ac).is_empty());
+    assert!(updates(&acts, fc)[0].message.contains("already exists"));
+    assert_eq!(h.m.tasks().len(), 1);
+}
+
+#[test]
+fn stale_offers_drop_every_task_and_recover_the_valid_ones() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    let (ac, _) = h.add_agent("cpus:2;mem:2GiB");
+    let offer = single_offer(&h.advance(5 * MS), fc);
+    let acts = h.call(
+        fc,
+        SchedulerCall::Accept {
+            offer_ids: vec![offer.id.clone(), OfferId::new("m-O99")],
+            operations: vec![Operation::Launch { tasks: vec![task("a", "cpus:1"), task("b", "cpus:1")] }],
+            refuse_seconds: Some(-3.0),
+        },
+    );
+    assert!(run_tasks(&acts, ac).is_empty());
+    let ups = updates(&acts, fc);
+    assert_eq!(ups.len(), 2);
+    assert!(ups.iter().all(|u| u.state == TaskState::Dropped && u.reason == "offer no longer valid"));
+    assert!(ups[0].message.contains("m-O99"), "{}", ups[0].message);
+    // The valid offer was recovered and comes again; the used one is gone for good.
+    let again = single_offer(&h.advance(5 * MS), fc);
+    assert_eq!(again.resources, res("cpus:2;mem:2GiB"));
+    let acts = h.call(fc, accept(&offer, vec![task("c", "cpus:1")], None));
+    assert_eq!(updates(&acts, fc)[0].state, TaskState::Dropped);
+    // An accept naming no offer at all.
+    let acts =
+        h.call(fc, SchedulerCall::Accept { offer_ids: vec![], operations: vec![], refuse_seconds: None });
+    assert!(acts.is_empty(), "{acts:?}");
+    assert!(h.m.tasks().is_empty());
+}
+
+#[test]
+fn updates_are_forwarded_and_acks_reach_the_agent() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:2;mem:2GiB", "cpus:1;mem:1GiB", SEC);
+    let (uuid, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].state, TaskState::Finished);
+    assert_eq!(ups[0].uuid, Some(uuid));
+    assert_eq!(ups[0].agent_id.as_ref(), Some(&s.agent));
+    // A retry of the same update is forwarded again.
+    let acts = h.agent(s.ac, AgentMessage::StatusUpdate(ups[0].clone()));
+    assert_eq!(updates(&acts, s.fc).len(), 1);
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new("t1"), uuid },
+    );
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        vec![MasterToAgent::StatusAck { framework_id: s.fw.clone(), task_id: TaskId::new("t1"), uuid }]
+    );
+    // Completed but still listed, with its exit code.
+    let t = &h.m.tasks()[0];
+    assert_eq!((t.state, t.exit_code), (TaskState::Finished, Some(0)));
+    // A late retry of an acknowledged update is acknowledged by the master itself.
+    let acts = h.agent(s.ac, AgentMessage::StatusUpdate(ups[0].clone()));
+    assert!(updates(&acts, s.fc).is_empty());
+    assert_eq!(to_agent(&acts, s.ac).len(), 1);
+    // Invalid transitions are not forwarded.
+    let (_, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+    assert!(updates(&acts, s.fc).is_empty());
+}
+
+#[test]
+fn terminal_updates_return_resources() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:2;mem:2GiB", "cpus:2;mem:2GiB", SEC);
+    assert!(offers(&h.advance(2 * SEC), s.fc).is_empty(), "the agent is full");
+    let (_, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Failed);
+    assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Failed);
+    let offer = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(offer.resources, res("cpus:2;mem:2GiB"));
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+    assert_eq!(h.m.agents()[0].tasks, 0);
+}
+
+#[test]
+fn decline_filters_hide_the_agent_until_they_expire() {
+    let mut h = Harness::new();
+    let (f1, _) = h.subscribe("alice", SEC);
+    let (f2, _) = h.subscribe("bob", SEC);
+    h.add_agent("cpus:4;mem:4GiB");
+    let o = single_offer(&h.advance(5 * MS), f1);
+    h.call(f1, decline(&o, Some(10.0)));
+    let acts = h.advance(5 * MS);
+    assert!(offers(&acts, f1).is_empty());
+    let o2 = single_offer(&acts, f2);
+    assert_eq!(o2.resources, o.resources);
+    h.call(f2, decline(&o2, Some(100.0)));
+    // Before the filter of f1 expires nobody gets it; then f1 does again.
+    let acts = h.advance(9 * SEC);
+    assert!(offers(&acts, f1).is_empty() && offers(&acts, f2).is_empty(), "{acts:?}");
+    let acts = h.advance(SEC + 5 * MS);
+    assert_eq!(single_offer(&acts, f1).resources, o.resources);
+    assert!(offers(&acts, f2).is_empty());
+}
+
+#[test]
+fn default_refuse_applies_when_none_is_given() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    h.add_agent("cpus:1");
+    let o = single_offer(&h.advance(5 * MS), fc);
+    h.call(fc, decline(&o, None));
+    assert!(offers(&h.advance(4 * SEC), fc).is_empty());
+    assert_eq!(offers(&h.advance(SEC + 5 * MS), fc).len(), 1);
+}
+
+#[test]
+fn a_larger_offer_passes_a_filter_on_a_smaller_one() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4;mem:4GiB", "cpus:2;mem:2GiB", SEC);
+    let leftover = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(leftover.resources, res("cpus:2;mem:2GiB"));
+    h.call(s.fc, decline(&leftover, Some(60.0)));
+    assert!(offers(&h.advance(2 * SEC), s.fc).is_empty());
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
+    let whole = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(whole.resources, res("cpus:4;mem:4GiB"));
+}
+
+#[test]
+fn accept_refuse_seconds_filters_the_leftover() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    h.add_agent("cpus:4");
+    let o = single_offer(&h.advance(5 * MS), fc);
+    h.call(fc, accept(&o, vec![task("a", "cpus:1")], Some(3.0)));
+    assert!(offers(&h.advance(2 * SEC), fc).is_empty());
+    assert_eq!(single_offer(&h.advance(SEC + 5 * MS), fc).resources, res("cpus:3"));
+}
+
+#[test]
+fn revive_clears_filters() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    h.add_agent("cpus:4");
+    let o = single_offer(&h.advance(5 * MS), fc);
+    h.call(fc, decline(&o, Some(1e12)));
+    assert!(offers(&h.advance(3 * SEC), fc).is_empty());
+    h.call(fc, SchedulerCall::Revive);
+    assert_eq!(single_offer(&h.advance(5 * MS), fc).resources, res("cpus:4"));
+}
+
+#[test]
+fn suppress_stops_offers_but_keeps_outstanding_ones() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    let (ac, _) = h.add_agent("cpus:4");
+    h.add_agent("cpus:4");
+    let acts = h.advance(5 * MS);
+    // Both agents come in one batch.
+    assert_eq!(acts.len(), 1, "{acts:?}");
+    let os = offers(&acts, fc);
+    assert_eq!(os.len(), 2);
+    h.call(fc, SchedulerCall::Suppress);
+    assert_eq!(h.m.frameworks()[0].status, "suppressed");
+    h.call(fc, decline(&os[1], Some(0.0)));
+    let acts = h.call(fc, accept(&os[0], vec![task("a", "cpus:1")], None));
+    assert_eq!(run_tasks(&acts, ac).len(), 1);
+    assert!(offers(&h.advance(3 * SEC), fc).is_empty());
+    h.call(fc, SchedulerCall::Revive);
+    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(offers(&h.advance(5 * MS), fc).len(), 2);
+}
+
+#[test]
+fn agent_disconnect_rescinds_its_offers() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    let (ac, _) = h.add_agent("cpus:4");
+    let o = single_offer(&h.advance(5 * MS), fc);
+    h.m.handle(h.now, Event::AgentDisconnected { conn: ac });
+    let acts = h.drain();
+    assert_eq!(
+        acts,
+        vec![Action::ToFramework { conn: fc, event: SchedulerEvent::Rescind { offer_id: o.id.clone() } }]
+    );
+    assert_eq!(h.m.agents()[0].status, "disconnected");
+    assert!(offers(&h.advance(2 * SEC), fc).is_empty());
+    let acts = h.call(fc, accept(&o, vec![task("a", "cpus:1")], None));
+    assert_eq!(updates(&acts, fc)[0].state, TaskState::Dropped);
+}
+
+#[test]
+fn silent_agents_become_unreachable() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", SEC);
+    let o = single_offer(&h.advance(5 * MS), s.fc);
+    // Heartbeats keep it alive.
+    h.advance(15 * SEC);
+    let acts = h.agent(s.ac, AgentMessage::Heartbeat);
+    assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::HeartbeatAck]);
+    assert!(h.advance(15 * SEC).iter().all(|a| closed(std::slice::from_ref(a), s.ac).is_none()));
+    let acts = h.advance(6 * SEC);
+    assert!(closed(&acts, s.ac).is_some());
+    assert!(
+        acts.contains(&Action::ToFramework { conn: s.fc, event: SchedulerEvent::Rescind { offer_id: o.id } })
+    );
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].state, TaskState::Unreachable);
+    assert_eq!(ups[0].reason, "agent unreachable");
+    assert_eq!(ups[0].source, UpdateSource::Master);
+    assert_eq!(ups[0].uuid, None);
+    assert_eq!(h.m.agents()[0].status, "unreachable");
+    assert_eq!(h.m.tasks()[0].state, TaskState::Unreachable);
+    // Messages on the closed connection are ignored.
+    assert!(h.agent(s.ac, AgentMessage::Heartbeat).is_empty());
+    // A kill now repeats where the task stands.
+    let acts = h.call(s.fc, SchedulerCall::Kill { task_id: TaskId::new("t1") });
+    assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Unreachable);
+}
+
+#[test]
+fn a_disconnected_agent_times_out_too() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", SEC);
+    h.m.handle(h.now, Event::AgentDisconnected { conn: s.ac });
+    h.drain();
+    assert_eq!(h.m.tasks()[0].state, TaskState::Running);
+    let acts = h.advance(21 * SEC);
+    assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Unreachable);
+}
+
+#[test]
+fn re_registration_brings_tasks_back() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4;mem:4GiB", "cpus:1;mem:1GiB", SEC);
+    // A second task, staged only.
+    let o = single_offer(&h.advance(5 * MS), s.fc);
+    h.call(s.fc, accept(&o, vec![task("t2", "cpus:1")], None));
+    h.advance(21 * SEC);
+    assert_eq!(h.m.agents()[0].status, "unreachable");
+    // The agent comes back and reports t1 only.
+    let report = TaskReport {
+        framework_id: s.fw.clone(),
+        task: task("t1", "cpus:1;mem:1GiB"),
+        state: TaskState::Running,
+    };
+    let (ac2, id, acts) = h.register(Some(s.agent.clone()), "cpus:4;mem:4GiB", vec![report]);
+    assert_eq!(id, s.agent);
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 2, "{ups:#?}");
+    assert_eq!((ups[0].task_id.as_str(), ups[0].state), ("t1", TaskState::Running));
+    assert_eq!(ups[0].reason, "agent re-registered");
+    assert_eq!((ups[1].task_id.as_str(), ups[1].state), ("t2", TaskState::Lost));
+    assert_eq!(ups[1].reason, "task not reported by re-registered agent");
+    let a = &h.m.agents()[0];
+    assert_eq!((a.status.as_str(), a.tasks), ("active", 1));
+    assert_eq!(a.used, res("cpus:1;mem:1GiB"));
+    assert_eq!(single_offer(&h.advance(5 * MS), s.fc).resources, res("cpus:3;mem:3GiB"));
+    // The new connection works; the old one is gone.
+    let (_, acts) = h.status(ac2, &s.fw, &s.agent, "t1", TaskState::Finished);
+    assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Finished);
+}
+
+#[test]
+fn a_second_connection_replaces_the_first() {
+    let mut h = Harness::new();
+    let (ac1, id) = h.add_agent("cpus:1");
+    let (ac2, id2, acts) = h.register(Some(id.clone()), "cpus:2", vec![]);
+    assert_eq!(id2, id);
+    assert!(closed(&acts, ac1).is_some());
+    assert_eq!(h.m.agents()[0].resources, res("cpus:2"));
+    // The late disconnect of the old connection changes nothing.
+    h.m.handle(h.now, Event::AgentDisconnected { conn: ac1 });
+    assert_eq!(h.m.agents()[0].status, "active");
+    let acts = h.agent(ac2, AgentMessage::Heartbeat);
+    assert_eq!(to_agent(&acts, ac2), vec![MasterToAgent::HeartbeatAck]);
+    // Someone else cannot take the id.
+    let conn = h.conn();
+    h.m.handle(
+        h.now,
+        Event::Agent {
+            conn,
+            principal: "mallory".into(),
+            msg: AgentMessage::Register {
+                agent_id: Some(id),
+                hostname: "x".into(),
+                resources: res("cpus:1"),
+                attributes: Attributes::default(),
+                tasks: vec![],
+            },
+        },
+    );
+    assert_eq!(closed(&h.drain(), conn).map(|e| e.code), Some(ErrorCode::Unauthorized));
+}
+
+#[test]
+fn a_restarted_master_learns_agents_back() {
+    let mut h = Harness::new();
+    let report = TaskReport {
+        framework_id: FrameworkId::new("old-F1"),
+        task: task("x", "cpus:1"),
+        state: TaskState::Running,
+    };
+    let (_, id, _) = h.register(Some(AgentId::new("old-A7")), "cpus:4", vec![report]);
+    assert_eq!(id.as_str(), "old-A7");
+    assert_eq!(h.m.agents()[0].used, res("cpus:1"));
+    assert_eq!(h.m.tasks()[0].state, TaskState::Running);
+    let (fc, _) = h.subscribe("alice", SEC);
+    assert_eq!(single_offer(&h.advance(5 * MS), fc).resources, res("cpus:3"));
+}
+
+#[test]
+fn failover_within_the_timeout_keeps_tasks_and_resends_updates() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 15 * SEC);
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
+    h.drain();
+    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    let (u_fin, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
+    assert!(acts.iter().all(|a| !matches!(a, Action::ToFramework { .. })));
+    h.advance(10 * SEC);
+    let fc2 = h.conn();
+    let acts = h.call(fc2, SchedulerCall::Subscribe(info(Some(&s.fw), 60 * SEC)));
+    assert!(
+        matches!(&acts[0], Action::ToFramework { conn, event: SchedulerEvent::Subscribed { framework_id, .. } } if *conn == fc2 && *framework_id == s.fw)
+    );
+    let ups = updates(&acts, fc2);
+    assert_eq!(ups.iter().map(|u| u.state).collect::<Vec<_>>(), [TaskState::Running, TaskState::Finished]);
+    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(h.m.tasks().len(), 1);
+    // Nothing is removed when the old deadline passes.
+    h.agent(s.ac, AgentMessage::Heartbeat);
+    h.advance(10 * SEC);
+    assert_eq!(h.m.frameworks().len(), 1);
+    let acts = h.call(
+        fc2,
+        SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new("t1"), uuid: u_fin },
+    );
+    assert_eq!(to_agent(&acts, s.ac).len(), 1);
+}
+
+#[test]
+fn failover_from_a_live_connection_closes_the_old_one() {
+    let mut h = Harness::new();
+    let (f1, fw) = h.subscribe("alice", SEC);
+    h.add_agent("cpus:1");
+    let o = single_offer(&h.advance(5 * MS), f1);
+    let f2 = h.conn();
+    let acts = h.call(f2, SchedulerCall::Subscribe(info(Some(&fw), SEC)));
+    assert!(closed(&acts, f1).is_some_and(|e| e.message.contains("failed over")));
+    // The old instance's offer is void and the resources go to the new one.
+    let acts = h.call(f2, accept(&o, vec![task("a", "cpus:1")], None));
+    assert_eq!(updates(&acts, f2)[0].state, TaskState::Dropped);
+    assert_eq!(single_offer(&h.advance(5 * MS), f2).resources, res("cpus:1"));
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: f1 });
+    assert_eq!(h.m.frameworks()[0].status, "active");
+}
+
+#[test]
+fn past_the_failover_timeout_tasks_are_killed_and_the_framework_removed() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 10 * SEC);
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
+    h.drain();
+    let acts = h.advance(9 * SEC);
+    assert!(to_agent(&acts, s.ac).is_empty());
+    h.agent(s.ac, AgentMessage::Heartbeat);
+    let acts = h.advance(2 * SEC);
+    assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]);
+    assert!(h.m.frameworks().is_empty());
+    // The agent reports the kill: acknowledged by the master, resources back.
+    let (uuid, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        vec![MasterToAgent::StatusAck { framework_id: s.fw.clone(), task_id: TaskId::new("t1"), uuid }]
+    );
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+    assert_eq!(h.m.tasks()[0].state, TaskState::Killed);
+    // Coming back is refused.
+    let c = h.conn();
+    let acts = h.call(c, SchedulerCall::Subscribe(info(Some(&s.fw), SEC)));
+    let err = closed(&acts, c).expect("closed");
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("subscribe without an id"), "{}", err.message);
+}
+
+#[test]
+fn teardown_kills_tasks_and_closes() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
+    let acts = h.call(s.fc, SchedulerCall::Teardown);
+    assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]);
+    assert!(closed(&acts, s.fc).is_some_and(|e| e.message.contains("torn down")));
+    assert!(h.m.frameworks().is_empty());
+    assert!(h.call(s.fc, SchedulerCall::Revive).is_empty());
+}
+
+#[test]
+fn failover_with_another_principal_is_refused() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", SEC);
+    let c = h.conn();
+    let acts = h.call_as(c, "mallory", SchedulerCall::Subscribe(info(Some(&fw), SEC)));
+    assert_eq!(closed(&acts, c).map(|e| e.code), Some(ErrorCode::Unauthorized));
+    assert!(closed(&acts, fc).is_none());
+    let f = &h.m.frameworks()[0];
+    assert_eq!((f.status.as_str(), f.principal.as_str()), ("active", "alice"));
+}
+
+#[test]
+fn the_first_message_must_register_or_subscribe() {
+    let mut h = Harness::new();
+    let c = h.conn();
+    let acts = h.agent(c, AgentMessage::Heartbeat);
+    assert_eq!(closed(&acts, c).map(|e| e.code), Some(ErrorCode::Unexpected));
+    let c = h.conn();
+    let acts = h.call(c, SchedulerCall::Revive);
+    assert_eq!(closed(&acts, c).map(|e| e.code), Some(ErrorCode::Unexpected));
+    // Mixing roles on one connection is refused too.
+    let (fc, _) = h.subscribe("alice", SEC);
+    let acts = h.agent(fc, AgentMessage::Heartbeat);
+    assert!(closed(&acts, fc).is_some());
+    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+}
+
+#[test]
+fn drf_offers_to_the_lowest_dominant_share() {
+    let mut h = Harness::new();
+    let (f1, fw1) = h.subscribe("alice", SEC);
+    let (a1c, _) = h.add_agent("cpus:4;mem:4GiB");
+    let o = single_offer(&h.advance(5 * MS), f1);
+    let acts = h.call(f1, accept(&o, vec![task("big", "cpus:3;mem:3GiB")], None));
+    assert_eq!(run_tasks(&acts, a1c).len(), 1);
+    let (f2, fw2) = h.subscribe("bob", SEC);
+    h.add_agent("cpus:4;mem:4GiB");
+    let acts = h.advance(5 * MS);
+    // f1 holds 3/8 of the cluster, f2 nothing: f2 gets the first agent (1/8), and still
+    // being lower, the second too, although f1 would win a tie by id.
+    assert!(offers(&acts, f1).is_empty());
+    let o2 = offers(&acts, f2);
+    assert_eq!(o2.len(), 2);
+    assert!(o2.iter().all(|o| o.framework_id == fw2));
+    // f2 now holds 5/8 cpus; what it declines goes to f1.
+    h.call(
+        f2,
+        SchedulerCall::Decline {
+            offer_ids: o2.iter().map(|o| o.id.clone()).collect(),
+            refuse_seconds: Some(60.0),
+        },
+    );
+    let acts = h.advance(5 * MS);
+    let o1 = offers(&acts, f1);
+    assert_eq!(o1.len(), 2);
+    assert!(o1.iter().all(|o| o.framework_id == fw1));
+}
+
+#[test]
+fn reconcile_explicit_and_implicit() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", SEC);
+    let o = single_offer(&h.advance(5 * MS), s.fc);
+    h.call(s.fc, accept(&o, vec![task("t2", "cpus:1"), task("t3", "cpus:1")], None));
+    h.status(s.ac, &s.fw, &s.agent, "t3", TaskState::Finished);
+    let acts = h.call(s.fc, SchedulerCall::Reconcile { task_ids: vec![] });
+    let ups = updates(&acts, s.fc);
+    assert_eq!(
+        ups.iter().map(|u| (u.task_id.as_str(), u.state)).collect::<Vec<_>>(),
+        [("t1", TaskState::Running), ("t2", TaskState::Staging)]
+    );
+    assert!(ups.iter().all(|u| u.uuid.is_none()));
+    let ids = ["t3", "nope", "t1"].map(TaskId::new).to_vec();
+    let ups = updates(&h.call(s.fc, SchedulerCall::Reconcile { task_ids: ids }), s.fc);
+    assert_eq!(
+        ups.iter().map(|u| (u.task_id.as_str(), u.state)).collect::<Vec<_>>(),
+        [("t3", TaskState::Finished), ("nope", TaskState::Unknown), ("t1", TaskState::Running)]
+    );
+    assert_eq!(ups[0].exit_code, Some(0));
+    assert_eq!(ups[1].reason, "reconciliation: unknown task");
+}
+
+#[test]
+fn kills_from_frameworks_and_operators() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", SEC);
+    let acts = h.call(s.fc, SchedulerCall::Kill { task_id: TaskId::new("t1") });
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        vec![MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t1") }]
+    );
+    let acts = h.call(s.fc, SchedulerCall::Kill { task_id: TaskId::new("ghost") });
+    let ups = updates(&acts, s.fc);
+    assert_eq!((ups[0].state, ups[0].reason.as_str()), (TaskState::Lost, "unknown task"));
+    assert!(h.m.kill_task(h.now, &TaskId::new("t1")).is_ok());
+    assert_eq!(to_agent(&h.drain(), s.ac).len(), 1);
+    assert_eq!(h.m.kill_task(h.now, &TaskId::new("ghost")).map_err(|e| e.code), Err(ErrorCode::NotFound));
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
+    assert_eq!(h.m.kill_task(h.now, &TaskId::new("t1")).map_err(|e| e.code), Err(ErrorCode::Invalid));
+    // A kill asked while the agent is away goes out when it comes back.
+    let o = single_offer(&h.advance(5 * MS), s.fc);
+    h.call(s.fc, accept(&o, vec![task("t2", "cpus:1")], None));
+    h.m.handle(h.now, Event::AgentDisconnected { conn: s.ac });
+    h.drain();
+    assert!(h.m.kill_task(h.now, &TaskId::new("t2")).is_ok());
+    let report =
+        TaskReport { framework_id: s.fw.clone(), task: task("t2", "cpus:1"), state: TaskState::Running };
+    let (ac2, _, acts) = h.register(Some(s.agent.clone()), "cpus:4", vec![report]);
+    assert!(to_agent(&acts, ac2)
+        .contains(&MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t2") }));
+}
+
+#[test]
+fn output_is_located_for_allowed_readers_only() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", SEC);
+    let (other, _) = h.subscribe("bob", SEC);
+    let t1 = TaskId::new("t1");
+    let loc = h.m.locate_output(&Requester::Operator, &t1).expect("operator may read");
+    assert_eq!(
+        loc,
+        OutputLocation { agent_conn: s.ac, agent_id: s.agent.clone(), framework_id: s.fw.clone() }
+    );
+    assert_eq!(h.m.locate_output(&Requester::Framework(s.fc), &t1), Ok(loc));
+    assert_eq!(
+        h.m.locate_output(&Requester::Framework(other), &t1).map_err(|e| e.code),
+        Err(ErrorCode::Unauthorized)
+    );
+    assert_eq!(
+        h.m.locate_output(&Requester::Framework(999), &t1).map_err(|e| e.code),
+        Err(ErrorCode::Unauthorized)
+    );
+    assert_eq!(
+        h.m.locate_output(&Requester::Operator, &TaskId::new("x")).map_err(|e| e.code),
+        Err(ErrorCode::NotFound)
+    );
+    h.m.handle(h.now, Event::AgentDisconnected { conn: s.ac });
+    let err = h.m.locate_output(&Requester::Operator, &t1).expect_err("agent away");
+    assert!(err.message.contains("not connected"), "{}", err.message);
+}
+
+#[test]
+fn frameworks_get_heartbeats() {
+    let mut h = Harness::new();
+    let (fc, _) = h.subscribe("alice", SEC);
+    let acts = h.advance(15 * SEC);
+    assert_eq!(
+        acts.iter()
+            .filter(|a| **a == Action::ToFramework { conn: fc, event: SchedulerEvent::Heartbeat })
+            .count(),
+        1
+    );
+    assert!(h.call(fc, SchedulerCall::Heartbeat).is_empty());
+}
+
+#[test]
+fn hostile_input_does_not_panic() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", Duration::MAX);
+    let (ac, agent) = h.add_agent("cpus:4;ports:[1-10]");
+    let o = single_offer(&h.advance(5 * MS), fc);
+    for refuse in [f64::NAN, f64::INFINITY, -1.0, 1e300, f64::MIN_POSITIVE] {
+        h.call(
+            fc,
+            SchedulerCall::Decline { offer_ids: vec![OfferId::new("nope")], refuse_seconds: Some(refuse) },
+        );
+    }
+    h.call(fc, accept(&o, vec![task("p", "cpus:1;ports:[5-20]")], Some(f64::INFINITY)));
+    h.call(
+        fc,
+        SchedulerCall::Acknowledge {
+            agent_id: AgentId::new("zz"),
+            task_id: TaskId::new("zz"),
+            uuid: Uuid::nil(),
+        },
+    );
+    h.status(ac, &fw, &agent, "unknown", TaskState::Running);
+    h.status(ac, &FrameworkId::new("other"), &agent, "unknown", TaskState::Running);
+    h.agent(
+        ac,
+        AgentMessage::Register {
+            agent_id: None,
+            hostname: String::new(),
+            resources: Resources::default(),
+            attributes: Attributes::default(),
+            tasks: vec![],
+        },
+    );
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: fc });
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: 12345 });
+    h.m.handle(h.now, Event::AgentDisconnected { conn: 12345 });
+    h.advance(100 * SEC);
+    assert_eq!(h.m.frameworks().len(), 1, "a huge failover timeout never expires");
+    assert_eq!(refuse_duration(Some(f64::NAN), SEC), Duration::ZERO);
+    assert_eq!(refuse_duration(Some(1e300), SEC), MAX_REFUSE);
+    assert_eq!(refuse_duration(None, Duration::MAX), MAX_REFUSE);
+    assert_eq!(refuse_duration(Some(1.5), SEC), Duration::from_millis(1500));
+}
+
+#[test]
+fn completed_tasks_are_bounded() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", SEC);
+    let (ac, agent) = h.add_agent("cpus:1");
+    for i in 0..(COMPLETED_TASKS + 5) {
+        let o = single_offer(&h.advance(5 * MS), fc);
+        let id = format!("t{i}");
+        h.call(fc, accept(&o, vec![task(&id, "cpus:1")], None));
+        let (uuid, _) = h.status(ac, &fw, &agent, &id, TaskState::Finished);
+        h.call(fc, SchedulerCall::Acknowledge { agent_id: agent.clone(), task_id: TaskId::new(id), uuid });
+    }
+    let tasks = h.m.tasks();
+    assert_eq!(tasks.len(), COMPLETED_TASKS);
+    assert!(tasks.iter().all(|t| t.id.as_str() != "t0"));
+    assert_eq!(h.m.agents()[0].tasks, 0);
+}
+
+#[test]
+fn offer_ids_are_read_back_strictly() {
+    let m = Master::new(MasterConfig { master_id: "m-1".into(), ..MasterConfig::default() }, Instant::now());
+    let mut text = String::new();
+    for n in [1u64, 9, 10, 123_456_789, u64::MAX] {
+        offer_id_text(&mut text, "m-1", n);
+        assert_eq!(text, format!("m-1-O{n}"));
+        assert_eq!(m.offer_no(&OfferId::new(text.as_str())), Some(n));
+    }
+    for bad in ["m-1-O", "m-1-O01", "m-1-O+1", "m-1-O1x", "m-2-O1", "m-1-o1", "m-1-O18446744073709551616"] {
+        assert_eq!(m.offer_no(&OfferId::new(bad)), None, "{bad}");
+    }
+    let ids = m.offer_ids(&[10, 9, 100]);
+    assert_eq!(ids, vec![OfferId::new("m-1-O10"), OfferId::new("m-1-O100"), OfferId::new("m-1-O9")]);
+}
+
+// -----------------------------------------------------------------------------------------
+// Frameworks' own executors
+
+fn executor_info(id: &str, r: &str) -> ExecutorInfo {
+    ExecutorInfo {
+        executor_id: ExecutorId::new(id),
+        name: format!("executor {id}"),
+        command: CommandInfo { argv: vec!["./exec".into()], shell: false, env: vec![] },
+        resources: res(r),
+        fetch: vec![FetchInfo {
+            artifact: ArtifactRef { digest: Digest::of(b"#!/bin/sh\n"), size: 10 },
+            path: "exec".into(),
+            executable: true,
+        }],
+    }
+}
+
+fn exec_task(id: &str, r: &str, executor: &ExecutorInfo) -> TaskInfo {
+    TaskInfo {
+        kind: TaskKind::Executor(Box::new(ExecutorTask {
+            executor: executor.clone(),
+            data: b"job".to_vec(),
+        })),
+        ..task(id, r)
+    }
+}
+
+impl Harness {
+    /// A harness whose artifact store holds the executors' binary.
+    fn with_executor_binary() -> Self {
+        let mut h = Harness::new();
+        h.m.artifact_stored(Digest::of(b"#!/bin/sh\n"));
+        h
+    }
+
+    fn finish(&mut self, s: &Setup, tid: &str) {
+        let (uuid, _) = self.status(s.ac, &s.fw, &s.agent, tid, TaskState::Finished);
+        self.call(
+            s.fc,
+            SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new(tid), uuid },
+        );
+    }
+
+    /// Subscribes a framework and registers an agent; returns them and the first offer.
+    fn offered(&mut self, agent_res: &str) -> (Setup, Offer) {
+        let (fc, fw) = self.subscribe("alice", SEC);
+        let (ac, agent) = self.add_agent(agent_res);
+        let offer = single_offer(&self.advance(5 * MS), fc);
+        (Setup { fc, fw, ac, agent }, offer)
+    }
+}
+
+#[test]
+fn executor_resources_are_taken_once_per_agent_and_freed_when_it_exits() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    let acts = h.call(
+        s.fc,
+        accept(
+            &offer,
+            vec![exec_task("t1", "cpus:1;mem:1GiB", &e), exec_task("t2", "cpus:1;mem:1GiB", &e)],
+            None,
+        ),
+    );
+    assert!(updates(&acts, s.fc).is_empty(), "{acts:#?}");
+    let launched = run_tasks(&acts, s.ac);
+    assert_eq!(launched.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["t1", "t2"]);
+    assert_eq!(h.m.executors.len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:2.5;mem:2.5GiB"));
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:2.5;mem:2.5GiB"));
+    let views = h.m.tasks();
+    assert!(views.iter().all(|t| t.executor_id == ExecutorId::new("e1")));
+    // The leftover is what neither the tasks nor the executor hold.
+    let leftover = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(leftover.resources, res("cpus:1.5;mem:1.5GiB"));
+
+    // Tasks end: the executor keeps its share.
+    h.finish(&s, "t1");
+    h.finish(&s, "t2");
+    assert_eq!(h.m.agents()[0].used, res("cpus:0.5;mem:512MiB"));
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:0.5;mem:512MiB"));
+    // A later task for the running executor takes only its own resources.
+    let acts = h.call(s.fc, accept(&leftover, vec![exec_task("t3", "cpus:1;mem:1GiB", &e)], None));
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+
+    // The executor exits: its resources come back and the framework is told.
+    let acts = h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "exit status 3".into(),
+        },
+    );
+    assert_eq!(
+        events(&acts, s.fc),
+        vec![SchedulerEvent::ExecutorExited {
+            agent_id: s.agent.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "exit status 3".into(),
+        }]
+    );
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:1;mem:1GiB"));
+    // Reported twice: nothing more to free (the framework still hears of it).
+    h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "again".into(),
+        },
+    );
+    assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+
+    // The next task naming it starts a new executor, which takes its resources again.
+    let offer = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(offer.resources, res("cpus:3;mem:3GiB"));
+    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t4", "cpus:1;mem:1GiB", &e)], None));
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:2.5;mem:2.5GiB"));
+    assert_eq!(h.m.executors.len(), 1);
+}
+
+#[test]
+fn a_task_whose_new_executor_does_not_fit_gets_task_error() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:2;mem:2GiB");
+    let e = executor_info("e1", "cpus:1;mem:32MiB");
+    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1.5;mem:1GiB", &e)], None));
+    assert!(run_tasks(&acts, s.ac).is_empty());
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].state, TaskState::Error);
+    assert_eq!(ups[0].reason, "invalid launch");
+    assert_eq!(
+        ups[0].message,
+        "task t1 asks for cpus:1.5;mem:1GiB and its new executor e1 for cpus:1;mem:32MiB but the offer \
+         has cpus:2;mem:2GiB left"
+    );
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+    // Everything comes back.
+    let again = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(again.resources, res("cpus:2;mem:2GiB"));
+    // The same task fits with a smaller executor; the task after it no longer does.
+    let small = executor_info("e1", "cpus:0.5;mem:32MiB");
+    let acts = h.call(
+        s.fc,
+        accept(
+            &again,
+            vec![exec_task("t1", "cpus:1.5;mem:1GiB", &small), exec_task("t2", "cpus:0.1;mem:1MiB", &small)],
+            None,
+        ),
+    );
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].task_id.as_str(), "t2");
+    assert_eq!(ups[0].message, "task t2 asks for cpus:0.1;mem:1MiB but the offer has mem:992MiB left");
+    assert_eq!(h.m.agents()[0].used, res("cpus:2;mem:1056MiB"));
+}
+
+#[test]
+fn invalid_executor_infos_get_task_error() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:8;mem:8GiB");
+    let good = executor_info("e1", "cpus:0.1;mem:32MiB");
+    let with = |tid: &str, f: &dyn Fn(&mut ExecutorTask)| {
+        let mut t = exec_task(tid, "cpus:0.1", &good);
+        if let TaskKind::Executor(e) = &mut t.kind {
+            f(e);
+        }
+        t
+    };
+    let missing = Digest::of(b"not uploaded");
+    let tasks = vec![
+        with("reserved", &|e| e.executor.executor_id = ExecutorId::new("agora-wasm")),
+        with("slash", &|e| e.executor.executor_id = ExecutorId::new("a/b")),
+        with("noargv", &|e| e.executor.command.argv.clear()),
+        with("env", &|e| e.executor.command.env.push(("A=B".into(), "1".into()))),
+        with("upload", &|e| e.executor.fetch[0].artifact.digest = missing.clone()),
+        with("escape", &|e| e.executor.fetch[0].path = "../exec".into()),
+        with("data", &|e| e.data = vec![0; MAX_TASK_DATA + 1]),
+        with("nores", &|e| e.executor.resources = Resources::default()),
+        with("ok", &|_| {}),
+    ];
+    let acts = h.call(s.fc, accept(&offer, tasks, None));
+    assert_eq!(run_tasks(&acts, s.ac).iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["ok"]);
+    let ups = updates(&acts, s.fc);
+    assert!(ups.iter().all(|u| u.state == TaskState::Error && u.reason == "invalid launch"));
+    let messages: Vec<&str> = ups.iter().map(|u| u.message.as_str()).collect();
+    assert_eq!(
+        messages,
+        vec![
+            "task reserved: executor id `agora-wasm` is reserved (ids starting `agora-` name built-in \
+             executors)"
+                .to_string(),
+            "task slash: executor id \"a/b\" may contain only letters, digits, `.`, `_` and `-`".to_string(),
+            "task noargv: executor e1 has an empty command".to_string(),
+            "task env: executor e1: environment variable name \"A=B\" is empty or contains `=` or NUL"
+                .to_string(),
+            format!(
+                "task upload: executor e1: artifact {missing} for `exec` is not in the master's artifact \
+                 store; upload it first"
+            ),
+            "task escape: executor e1: fetch path \"../exec\" has a `..` component".to_string(),
+            format!(
+                "task data carries {} bytes of data, over the limit of {MAX_TASK_DATA}",
+                MAX_TASK_DATA + 1
+            ),
+            "task nores: executor e1 asks for no cpus and no mem".to_string(),
+        ]
+    );
+    assert_eq!(h.m.executors.len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:0.2;mem:32MiB"));
+}
+
+#[test]
+fn a_different_executor_info_for_the_same_id_is_refused() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:8;mem:8GiB");
+    let a = executor_info("e1", "cpus:0.1;mem:32MiB");
+    let b = executor_info("e1", "cpus:0.2;mem:32MiB");
+    let mismatch = |tid: &str| {
+        format!(
+            "task {tid}: executor e1 on agent {} is already running with a different ExecutorInfo",
+            s.agent
+        )
+    };
+    // Within one call: the first one wins.
+    let acts = h
+        .call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1", &a), exec_task("t2", "cpus:1", &b)], None));
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!((ups[0].task_id.as_str(), ups[0].state), ("t2", TaskState::Error));
+    assert_eq!(ups[0].message, mismatch("t2"));
+    // In a later call: compared with the executor running there.
+    let offer = single_offer(&h.advance(5 * MS), s.fc);
+    let mut renamed = a.clone();
+    renamed.name = "other name".into();
+    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t3", "cpus:1", &renamed)], None));
+    assert!(run_tasks(&acts, s.ac).is_empty());
+    assert_eq!(updates(&acts, s.fc)[0].message, mismatch("t3"));
+    assert_eq!(h.m.executors.len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.1;mem:32MiB"));
+    // Another framework's executor of the same id is its own: no mismatch, its own resources.
+    let (f2, fw2) = h.subscribe("bob", SEC);
+    let offer2 = single_offer(&h.advance(5 * MS), f2);
+    let acts = h.call(f2, accept(&offer2, vec![exec_task("t1", "cpus:1", &b)], None));
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    assert!(updates(&acts, f2).is_empty());
+    assert_eq!(h.m.executors.len(), 2);
+    assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:64MiB"));
+    let used: Vec<(FrameworkId, Resources)> = h.m.frameworks().into_iter().map(|f| (f.id, f.used)).collect();
+    assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:32MiB")), (fw2, res("cpus:1.2;mem:32MiB"))]);
+}
+
+#[test]
+fn framework_messages_are_relayed_both_ways() {
+    let mut h = Harness::with_executor_binary();
+    let s = h.running_task("cpus:4;mem:4GiB", "cpus:1", SEC);
+    let e1 = ExecutorId::new("e1");
+    // Scheduler → executor: to the agent, under the caller's framework id.
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::Message { agent_id: s.agent.clone(), executor_id: e1.clone(), data: b"hi".to_vec() },
+    );
+    assert_eq!(
+        acts,
+        vec![Action::ToAgent {
+            conn: s.ac,
+            msg: MasterToAgent::FrameworkMessage {
+                framework_id: s.fw.clone(),
+                executor_id: e1.clone(),
+                data: b"hi".to_vec()
+            },
+        }]
+    );
+    // The largest message passes; one byte more is refused.
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::Message {
+            agent_id: s.agent.clone(),
+            executor_id: e1.clone(),
+            data: vec![7; MAX_FRAMEWORK_MESSAGE],
+        },
+    );
+    assert_eq!(to_agent(&acts, s.ac).len(), 1);
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::Message {
+            agent_id: s.agent.clone(),
+            executor_id: e1.clone(),
+            data: vec![7; MAX_FRAMEWORK_MESSAGE + 1],
+        },
+    );
+    assert_eq!(
+        errors(&acts, s.fc),
+        vec![WireError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "framework message of {} bytes to executor e1 is over the limit of {MAX_FRAMEWORK_MESSAGE} bytes",
+                MAX_FRAMEWORK_MESSAGE + 1
+            )
+        )]
+    );
+    assert!(to_agent(&acts, s.ac).is_empty());
+    assert!(closed(&acts, s.fc).is_none());
+    // An unknown agent.
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::Message { agent_id: AgentId::new("nope"), executor_id: e1.clone(), data: vec![] },
+    );
+    assert_eq!(errors(&acts, s.fc), vec![WireError::new(ErrorCode::NotFound, "no agent nope")]);
+
+    // Executor → scheduler.
+    let from_agent = |fw: &FrameworkId, data: Vec<u8>| AgentMessage::FrameworkMessage {
+        framework_id: fw.clone(),
+        executor_id: ExecutorId::new("e1"),
+        data,
+    };
+    let acts = h.agent(s.ac, from_agent(&s.fw, b"result".to_vec()));
+    assert_eq!(
+        acts,
+        vec![Action::ToFramework {
+            conn: s.fc,
+            event: SchedulerEvent::Message {
+                agent_id: s.agent.clone(),
+                executor_id: e1.clone(),
+                data: b"result".to_vec()
+            },
+        }]
+    );
+    // Too large, or for a framework that is unknown or away: dropped, never kept.
+    assert!(h.agent(s.ac, from_agent(&s.fw, vec![0; MAX_FRAMEWORK_MESSAGE + 1])).is_empty());
+    assert!(h.agent(s.ac, from_agent(&FrameworkId::new("m-F99"), b"x".to_vec())).is_empty());
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
+    h.drain();
+    assert!(h.agent(s.ac, from_agent(&s.fw, b"lost".to_vec())).is_empty());
+    let fc = h.conn();
+    let acts = h.call(fc, SchedulerCall::Subscribe(info(Some(&s.fw), SEC)));
+    assert!(!events(&acts, fc).iter().any(|e| matches!(e, SchedulerEvent::Message { .. })));
+
+    // An agent that is not connected.
+    h.m.handle(h.now, Event::AgentDisconnected { conn: s.ac });
+    h.drain();
+    let acts = h.call(
+        fc,
+        SchedulerCall::Message { agent_id: s.agent.clone(), executor_id: e1.clone(), data: vec![] },
+    );
+    assert_eq!(
+        errors(&acts, fc),
+        vec![WireError::new(ErrorCode::NotFound, format!("agent {} is disconnected", s.agent))]
+    );
+}
+
+#[test]
+fn shutdown_executor_is_relayed_and_resources_wait_for_the_exit() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::ShutdownExecutor { agent_id: s.agent.clone(), executor_id: ExecutorId::new("e1") },
+    );
+    assert_eq!(
+        acts,
+        vec![Action::ToAgent {
+            conn: s.ac,
+            msg: MasterToAgent::ShutdownExecutor {
+                framework_id: s.fw.clone(),
+                executor_id: ExecutorId::new("e1")
+            },
+        }]
+    );
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+    let acts = h.call(
+        s.fc,
+        SchedulerCall::ShutdownExecutor {
+            agent_id: AgentId::new("nope"),
+            executor_id: ExecutorId::new("e1"),
+        },
+    );
+    assert_eq!(errors(&acts, s.fc), vec![WireError::new(ErrorCode::NotFound, "no agent nope")]);
+    // The agent kills the task and reports the exit.
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
+    h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "shut down".into(),
+        },
+    );
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+}
+
+#[test]
+fn a_framework_cannot_address_another_frameworks_executors() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+    let (f2, fw2) = h.subscribe("bob", SEC);
+    // Bob names Alice's agent and executor: the agent hears Bob's framework id, so his
+    // message and his shutdown can only reach an executor of his own.
+    let acts = h.call(
+        f2,
+        SchedulerCall::Message {
+            agent_id: s.agent.clone(),
+            executor_id: ExecutorId::new("e1"),
+            data: vec![1],
+        },
+    );
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        vec![MasterToAgent::FrameworkMessage {
+            framework_id: fw2.clone(),
+            executor_id: ExecutorId::new("e1"),
+            data: vec![1]
+        }]
+    );
+    let acts = h.call(
+        f2,
+        SchedulerCall::ShutdownExecutor { agent_id: s.agent.clone(), executor_id: ExecutorId::new("e1") },
+    );
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        vec![MasterToAgent::ShutdownExecutor {
+            framework_id: fw2.clone(),
+            executor_id: ExecutorId::new("e1")
+        }]
+    );
+    // An exit reported for Bob's (non-existent) e1 frees nothing of Alice's.
+    let acts = h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: fw2.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "never ran".into(),
+        },
+    );
+    assert!(events(&acts, s.fc).is_empty());
+    assert_eq!(h.m.executors.len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+    // Messages of Alice's executor go to Alice only.
+    let acts = h.agent(
+        s.ac,
+        AgentMessage::FrameworkMessage {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            data: vec![2],
+        },
+    );
+    assert_eq!(events(&acts, s.fc).len(), 1);
+    assert!(events(&acts, f2).is_empty());
+}
+
+#[test]
+fn executor_resources_go_with_the_framework_and_the_agent() {
+    // Framework removed: its executors' resources are free, and agents where it had only
+    // an executor left are told to shut it down.
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+    h.finish(&s, "t1");
+    assert_eq!(h.m.agents()[0].used, res("cpus:0.5;mem:512MiB"));
+    let acts = h.call(s.fc, SchedulerCall::Teardown);
+    assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]);
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+
+    // Agent lost: its executors are forgotten; back with a task of one, it is adopted
+    // with its resources again.
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let t1 = exec_task("t1", "cpus:1;mem:1GiB", &e);
+    h.call(s.fc, accept(&offer, vec![t1.clone()], None));
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+    h.advance(21 * SEC);
+    assert_eq!(h.m.agents()[0].status, "unreachable");
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
+    let report = TaskReport { framework_id: s.fw.clone(), task: t1, state: TaskState::Running };
+    h.register(Some(s.agent.clone()), "cpus:4;mem:4GiB", vec![report]);
+    assert_eq!(h.m.executors.len(), 1);
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.5;mem:1.5GiB"));
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:1.5;mem:1.5GiB"));
+    // Back again without it (restarted agent): the executor is gone with its task.
+    let (_, _, acts) = h.register(Some(s.agent.clone()), "cpus:4;mem:4GiB", vec![]);
+    assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Lost);
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+}
