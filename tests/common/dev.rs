@@ -320,6 +320,11 @@ impl RealCluster {
         agora_with(&self.config, args)
     }
 
+    /// An SDK framework of role `*` with this cluster's client.toml.
+    pub fn framework_config(&self, name: &str) -> agora_sdk::scheduler::DriverConfig {
+        driver_config(&self.config, name, "*")
+    }
+
     pub fn tasks_json(&self) -> Vec<serde_json::Value> {
         let out = self.agora(&["tasks", "-o", "json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
