@@ -623,14 +623,14 @@ fn max_pids_per_task_fails_a_fork_bomb_with_process_limit_reached() {
 
 #[test]
 fn log_format_json_makes_every_stderr_line_json() {
-    let c = RealCluster::start(&["--log-format", "json"], &["--log-format", "json", "--resources", "cpus:1;mem:256MiB"]);
+    let mut c = RealCluster::start(&["--log-format", "json"], &["--log-format", "json", "--resources", "cpus:1;mem:256MiB"]);
     let out = c.agora(&["run", "--", "true"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let master_stderr = c.master.stderr.clone();
-    let agent_stderr = c.agent.as_ref().expect("agent").stderr.clone();
-    c.stop();
-    for (who, path) in [("master", master_stderr), ("agent", agent_stderr)] {
-        let text = std::fs::read_to_string(&path).expect("stderr");
+    // Stopped, so that their shutdown lines are read too.
+    let mut agent = c.agent.take().expect("agent");
+    assert!(agent.stop().success());
+    assert!(c.master.stop().success());
+    for (who, text) in [("master", c.master.stderr_text()), ("agent", agent.stderr_text())] {
         let lines: Vec<&str> = text.lines().collect();
         assert!(!lines.is_empty(), "the {who} logged nothing");
         for l in &lines {
@@ -669,7 +669,8 @@ impl Blackhole {
             let mut relays = tokio::task::JoinSet::new();
             let mut buf = vec![0u8; 65536];
             loop {
-                let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
+                // An ICMP error for an earlier datagram (a client gone) is not the relay's end.
+                let Ok((n, from)) = front.recv_from(&mut buf).await else { continue };
                 // Long header (0x80) of type Initial (0x30 bits zero) in QUIC v1.
                 let initial = n > 0 && buf[0] & 0x80 != 0 && buf[0] & 0x30 == 0;
                 if s.load(Ordering::SeqCst) {
@@ -686,7 +687,8 @@ impl Blackhole {
                         let (b2, f2, s2) = (b.clone(), front.clone(), s.clone());
                         relays.spawn(async move {
                             let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = b2.recv(&mut buf).await {
+                            loop {
+                                let Ok(n) = b2.recv(&mut buf).await else { continue };
                                 if !s2.load(Ordering::SeqCst) {
                                     let _ = f2.send_to(&buf[..n], from).await;
                                 }
@@ -725,7 +727,7 @@ async fn fails_over_through(
     master: std::net::SocketAddr,
     mut cfg: agora_sdk::scheduler::DriverConfig,
     notice: Duration,
-) -> ProbeFramework {
+) -> (ProbeFramework, Blackhole) {
     let relay = Blackhole::start(master).await;
     cfg.master = relay.addr.to_string();
     cfg.framework.failover_timeout = Duration::from_secs(60);
@@ -748,7 +750,7 @@ async fn fails_over_through(
         .await;
     assert_eq!(again, id, "re-subscribed as another framework");
     eprintln!("noticed the silent master after {noticed:?}; re-subscribed as {again}");
-    fw
+    (fw, relay)
 }
 
 /// The driver against a master whose framework heartbeat is 1 s: three missed heartbeats
@@ -757,7 +759,7 @@ async fn fails_over_through(
 async fn sdk_driver_fails_over_after_heartbeat_loss() {
     let cluster = common::TestCluster::start(1, "cpus:1;mem:256MiB").await;
     let cfg = cluster.framework("failover");
-    let mut fw = fails_over_through(cluster.master.addr, cfg, Duration::from_secs(6)).await;
+    let (mut fw, _relay) = fails_over_through(cluster.master.addr, cfg, Duration::from_secs(6)).await;
     // The same framework, connected, and offered resources again.
     let fws = cluster.master.frameworks().await;
     assert_eq!(fws.len(), 1, "{fws:?}");
