@@ -802,12 +802,20 @@ async fn sdk_driver_fails_over_to_a_restarted_master() {
             .args(["master", "--listen", &addr, "--work-dir", &work, "--tls-dir"])
             .arg(&c.tls),
     );
-    let again = fw
-        .until(|s| match s {
-            Seen::Registered(id) => Some(id.clone()),
-            _ => None,
-        })
-        .await;
+    let again = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match fw.rx.recv().await {
+                Some((_, Seen::Registered(id))) => return Some(id),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("no re-subscription within 30 s");
+    let Some(again) = again else {
+        panic!("the driver gave up: {:?}", (&mut fw.run).await);
+    };
     assert_eq!(again, id);
     c.stop();
 }
