@@ -23,7 +23,12 @@ fn demo_runs_every_framework_to_the_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(AGORA).arg("demo").current_dir(dir.path()).output().expect("agora demo");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "agora demo: {}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "agora demo: {}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     for line in [
         "Agora demo: a master and two agents in this process, talking QUIC with mutual TLS on loopback.",
         "(and wasm-noop-0..19: 20 of 20 TASK_FINISHED)",
@@ -45,7 +50,8 @@ fn demo_runs_every_framework_to_the_end() {
         ("wasm-membomb", "TASK_FAILED"),
         ("wasm-spin", "TASK_FAILED"),
     ] {
-        let row = text.lines().find(|l| l.starts_with(&format!("{task} "))).unwrap_or_else(|| panic!("{text}"));
+        let row =
+            text.lines().find(|l| l.starts_with(&format!("{task} "))).unwrap_or_else(|| panic!("{text}"));
         assert_eq!(row.split_whitespace().nth(2), Some(state), "{row}");
     }
 }
@@ -191,7 +197,9 @@ fn logs_follow_streams_until_the_task_ends_and_stderr_is_separate() {
     let mut runner = Proc::spawn(
         "run",
         dev.dir.path(),
-        Command::new(AGORA).env("AGORA_CONFIG", &dev.config).args(["run", "--name", "chatty", "--", "sh", "-c", &script]),
+        Command::new(AGORA)
+            .env("AGORA_CONFIG", &dev.config)
+            .args(["run", "--name", "chatty", "--", "sh", "-c", &script]),
     );
     let id = poll("the task to run", 30, || {
         let t = task_named(&dev.tasks_json(), "chatty")?;
@@ -232,7 +240,8 @@ fn metric(metrics: &str, name: &str) -> f64 {
 
 #[test]
 fn dev_http_flag_serves_health_state_and_metrics() {
-    let mut dev = Dev::start_with(&["--agents", "1", "--resources", "cpus:1;mem:256MiB", "--http", "127.0.0.1:0"]);
+    let mut dev =
+        Dev::start_with(&["--agents", "1", "--resources", "cpus:1;mem:256MiB", "--http", "127.0.0.1:0"]);
     let http = dev.stdout_line("HTTP: http://");
     let http = http.split('/').next().expect("address").to_string();
     assert_eq!(http_get(&http, "/health"), ("HTTP/1.0 200 OK".into(), "ok\n".into()));
@@ -305,10 +314,7 @@ async fn launch_running(fw: &mut ProbeFramework, offer: &agora_sdk::proto::Offer
 }
 
 /// Which of two frameworks is offered something first (0 or 1), and that offer.
-async fn first_offered(
-    a: &mut ProbeFramework,
-    b: &mut ProbeFramework,
-) -> (usize, agora_sdk::proto::Offer) {
+async fn first_offered(a: &mut ProbeFramework, b: &mut ProbeFramework) -> (usize, agora_sdk::proto::Offer) {
     loop {
         let (who, seen) = tokio::select! {
             s = a.next() => (0, s),
@@ -380,7 +386,8 @@ async fn drf_weights_favour_the_heavier_role() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_guarantee_is_kept_free_for_its_role() {
-    let dev = Dev::start_with(&["--agents", "1", "--resources", "cpus:4;mem:1GiB", "--quota", "analytics=cpus:3"]);
+    let dev =
+        Dev::start_with(&["--agents", "1", "--resources", "cpus:4;mem:1GiB", "--quota", "analytics=cpus:3"]);
     // Alone on the cluster, a framework of another role is offered only what the guarantee
     // leaves.
     let mut other = ProbeFramework::start(dev.driver_config("other", "web")).await;
@@ -394,7 +401,8 @@ async fn quota_guarantee_is_kept_free_for_its_role() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_limit_caps_what_a_role_is_offered() {
-    let dev = Dev::start_with(&["--agents", "1", "--resources", "cpus:4;mem:1GiB", "--quota-limit", "web=cpus:1"]);
+    let dev =
+        Dev::start_with(&["--agents", "1", "--resources", "cpus:4;mem:1GiB", "--quota-limit", "web=cpus:1"]);
     let mut web = ProbeFramework::start(dev.driver_config("web", "web")).await;
     let o = web.offer().await;
     assert_eq!(cpus(&o), 1000);
@@ -410,7 +418,8 @@ async fn quota_limit_caps_what_a_role_is_offered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_allocatable_keeps_crumbs_from_being_offered() {
-    let dev = Dev::start_with(&["--agents", "1", "--resources", "cpus:2;mem:1GiB", "--min-allocatable", "cpus:1"]);
+    let dev =
+        Dev::start_with(&["--agents", "1", "--resources", "cpus:2;mem:1GiB", "--min-allocatable", "cpus:1"]);
     let mut a = ProbeFramework::start(dev.driver_config("a", "*")).await;
     let whole = a.offer().await;
     assert_eq!(cpus(&whole), 2000);
@@ -436,7 +445,8 @@ async fn min_allocatable_keeps_crumbs_from_being_offered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offer_timeout_rescinds_an_unanswered_offer() {
-    let dev = Dev::start_with(&["--agents", "1", "--resources", "cpus:1;mem:256MiB", "--offer-timeout", "1s"]);
+    let dev =
+        Dev::start_with(&["--agents", "1", "--resources", "cpus:1;mem:256MiB", "--offer-timeout", "1s"]);
     let mut fw = ProbeFramework::start(dev.driver_config("idle", "*")).await;
     let o = fw.offer().await;
     let got = Instant::now();
@@ -448,7 +458,10 @@ async fn offer_timeout_rescinds_an_unanswered_offer() {
         .await;
     assert_eq!(rescinded, o.id);
     let after = got.elapsed();
-    assert!(after >= Duration::from_millis(900) && after < Duration::from_secs(5), "rescinded after {after:?}");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "rescinded after {after:?}"
+    );
     assert!(fw.held.is_empty());
     dev.stop();
 }
@@ -510,7 +523,8 @@ fn is_v2(cg: &BTreeMap<String, String>) -> bool {
 
 /// (quota, period) of the cgroup's CFS bandwidth; quota None for none.
 fn cfs(cg: &BTreeMap<String, String>) -> (Option<u64>, u64) {
-    let read = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().to_string();
+    let read =
+        |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}")).trim().to_string();
     if is_v2(cg) {
         let max = read(format!("/sys/fs/cgroup{}/cpu.max", cg[""]));
         let (q, p) = max.split_once(' ').expect("cpu.max");
@@ -599,8 +613,10 @@ fn isolation_none_runs_tasks_in_no_task_cgroup() {
         return;
     }
     let c = RealCluster::start(&[], &["--resources", "cpus:1;mem:512MiB", "--isolation", "none"]);
-    let agent_cg =
-        cgroups(&std::fs::read_to_string(format!("/proc/{}/cgroup", c.agent.as_ref().expect("agent").pid())).expect("agent cgroup"));
+    let agent_cg = cgroups(
+        &std::fs::read_to_string(format!("/proc/{}/cgroup", c.agent.as_ref().expect("agent").pid()))
+            .expect("agent cgroup"),
+    );
     let (runner, id, cg) = task_cgroups(&c, "free", "0.1");
     // In the agent's own groups: nothing of Agora's below them.
     assert_eq!(cg, agent_cg);
@@ -641,7 +657,10 @@ fn max_pids_per_task_fails_a_fork_bomb_with_process_limit_reached() {
 
 #[test]
 fn log_format_json_makes_every_stderr_line_json() {
-    let mut c = RealCluster::start(&["--log-format", "json"], &["--log-format", "json", "--resources", "cpus:1;mem:256MiB"]);
+    let mut c = RealCluster::start(
+        &["--log-format", "json"],
+        &["--log-format", "json", "--resources", "cpus:1;mem:256MiB"],
+    );
     let out = c.agora(&["run", "--", "true"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Stopped, so that their shutdown lines are read too.
@@ -652,8 +671,8 @@ fn log_format_json_makes_every_stderr_line_json() {
         let lines: Vec<&str> = text.lines().collect();
         assert!(!lines.is_empty(), "the {who} logged nothing");
         for l in &lines {
-            let v: serde_json::Value =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("{who} stderr line is not JSON ({e}): {l}"));
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{who} stderr line is not JSON ({e}): {l}"));
             assert!(v["level"].is_string() && v["fields"].is_object(), "{who}: {l}");
         }
     }
@@ -816,9 +835,7 @@ async fn sdk_driver_fails_over_to_a_restarted_master() {
     c.master = Proc::spawn(
         "master-2",
         c.dir.path(),
-        Command::new(AGORA)
-            .args(["master", "--listen", &addr, "--work-dir", &work, "--tls-dir"])
-            .arg(&c.tls),
+        Command::new(AGORA).args(["master", "--listen", &addr, "--work-dir", &work, "--tls-dir"]).arg(&c.tls),
     );
     let again = tokio::time::timeout(Duration::from_secs(30), async {
         loop {

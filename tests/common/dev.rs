@@ -263,7 +263,10 @@ impl RealCluster {
         let mut master = Proc::spawn(
             "master",
             dir.path(),
-            Command::new(AGORA).args(["master", "--listen", "127.0.0.1:0", "--tls-dir"]).arg(&tls).args(master_args),
+            Command::new(AGORA)
+                .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
+                .arg(&tls)
+                .args(master_args),
         );
         let addr = master.wait_stdout("its address", |l| {
             Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
@@ -310,7 +313,10 @@ impl RealCluster {
                 return Some(());
             }
             if let Some(Ok(Some(st))) = self.agent.as_mut().map(|a| a.child.try_wait()) {
-                panic!("the agent exited ({st}): {}", self.agent.as_ref().map(Proc::stderr_text).unwrap_or_default());
+                panic!(
+                    "the agent exited ({st}): {}",
+                    self.agent.as_ref().map(Proc::stderr_text).unwrap_or_default()
+                );
             }
             None
         });
