@@ -308,8 +308,19 @@ async fn launch_running(fw: &mut ProbeFramework, offer: &agora_sdk::proto::Offer
     let infos = tasks.iter().map(|(id, r)| sh_task(id, "sleep 30", r)).collect();
     fw.driver().launch(vec![offer.id.clone()], infos);
     fw.held.retain(|o| o.id != offer.id);
-    for (id, _) in tasks {
-        fw.update_for(id, TaskState::Running).await;
+    // In whatever order their updates come.
+    let mut waiting: std::collections::BTreeSet<&str> = tasks.iter().map(|(id, _)| *id).collect();
+    while !waiting.is_empty() {
+        let running = fw
+            .until(|s| match s {
+                Seen::Update(u) if u.state == TaskState::Running => Some(u.task_id.as_str().to_string()),
+                Seen::Update(u) if u.state.is_terminal() => {
+                    panic!("{} ended {}: {}", u.task_id, u.state, u.message)
+                }
+                _ => None,
+            })
+            .await;
+        waiting.remove(running.as_str());
     }
 }
 
