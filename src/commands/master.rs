@@ -182,10 +182,12 @@ impl MasterCommand {
             },
             shutdown.clone(),
         )?;
-        eprintln!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);
+        // On stdout, as `agora dev` prints its own: stderr carries only the diagnostics, in the
+        // format --log-format asks for (a plain line there breaks every JSON log reader).
+        println!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);
         if let Some(addr) = self.http {
             let bound = agora_master::http::spawn(addr, handle.clone(), shutdown.clone()).await?;
-            eprintln!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
+            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
         }
         super::shutdown_signal().await;
         shutdown.cancel();
