@@ -421,13 +421,36 @@ async fn http_state_and_metrics_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_keeps_its_id() {
-    let mut cluster = TestCluster::start(1, "cpus:1;mem:256MiB").await;
+    // As `agora agent` runs: tasks are not killed on purpose when the agent stops.
+    let mut cluster = TestCluster::start(0, "cpus:1;mem:256MiB").await;
+    cluster.add_production_agent(0, "cpus:1;mem:256MiB");
+    cluster.wait_agents(1).await;
     let before = cluster.master.agents().await;
     assert_eq!(before.len(), 1);
     // The agent writes its id when the master's answer arrives, a moment after the master
     // counts it as registered.
     let id_path = cluster.agent_dir(0).join("agent_id");
     wait_for("the agent to write its id", || async { id_path.exists() }).await;
+    // A task runs when the agent stops.
+    let mut fw = ProbeFramework::start(cluster.framework("f")).await;
+    let offer = fw.offer().await;
+    fw.held.clear();
+    fw.driver()
+        .launch(vec![offer.id], vec![sh_task("t", "echo $$ > pid; exec sleep 300", "cpus:0.5;mem:32MiB")]);
+    fw.update_for("t", TaskState::Running).await;
+    let runs = cluster
+        .agent_dir(0)
+        .join("frameworks")
+        .join(fw.id.as_ref().expect("id").as_str())
+        .join("executors/t/runs");
+    let pid_file =
+        std::fs::read_dir(&runs).expect("runs").flatten().next().expect("a run").path().join("pid");
+    wait_for("the task's pid", || {
+        let p = pid_file.clone();
+        async move { std::fs::read_to_string(&p).is_ok_and(|s| s.trim().parse::<i32>().is_ok()) }
+    })
+    .await;
+    let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid").trim().parse().expect("pid");
     let (token, handle) = cluster.agents.remove(0);
     token.cancel();
     let _ = handle.await;
@@ -435,12 +458,32 @@ async fn a_restarted_agent_keeps_its_id() {
         cluster.master.agents().await.iter().all(|a| a.status != "active")
     })
     .await;
+    // Until agents recover their executors across a restart, the task's executor ends it
+    // when the agent goes: nothing is left running that nobody manages.
+    let gone = move || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    };
+    wait_for("the task's process to end with its agent", || async move { gone() }).await;
     let id_file = std::fs::read_to_string(cluster.agent_dir(0).join("agent_id")).expect("agent_id file");
     assert_eq!(id_file.trim(), before[0].id.as_str());
-    cluster.add_agent(0, "cpus:1;mem:256MiB");
+    cluster.add_production_agent(0, "cpus:1;mem:256MiB");
     cluster.wait_agents(1).await;
     let after = cluster.master.agents().await;
     assert_eq!(after.len(), 1, "re-registered, not registered anew: {after:?}");
     assert_eq!(after[0].id, before[0].id);
+    // The master learns that the task is gone, exactly once, and never shows it running.
+    let lost = fw
+        .until(|s| match s {
+            Seen::Update(u) if u.task_id.as_str() == "t" && u.state.is_terminal() => Some(u.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (lost.state, lost.reason.as_str()),
+        (TaskState::Lost, "task not reported by re-registered agent")
+    );
+    assert_eq!(cluster.task_state("t").await, Some(TaskState::Lost));
     cluster.stop().await;
 }

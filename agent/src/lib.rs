@@ -202,6 +202,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx).await;
     if config.kill_tasks_on_shutdown {
         executors.shutdown();
+    } else {
+        executors.detach();
     }
     if core.live_tasks() == 0 {
         isolator.shutdown();

@@ -97,6 +97,22 @@ impl TestCluster {
         attributes: Attributes,
         wasm: agora_agent::executors::ExecutorsConfig,
     ) {
+        self.add_agent_configured(i, resources, attributes, wasm, true);
+    }
+
+    /// An agent configured as `agora agent` is: its tasks are not killed when it stops.
+    pub fn add_production_agent(&mut self, i: usize, resources: &str) {
+        self.add_agent_configured(i, resources, Attributes::default(), executors_config(), false);
+    }
+
+    fn add_agent_configured(
+        &mut self,
+        i: usize,
+        resources: &str,
+        attributes: Attributes,
+        wasm: agora_agent::executors::ExecutorsConfig,
+        kill_tasks_on_shutdown: bool,
+    ) {
         let token = CancellationToken::new();
         let config = agora_agent::AgentConfig {
             master: self.master.addr.to_string(),
@@ -106,7 +122,7 @@ impl TestCluster {
             attributes,
             hostname: format!("agent-{i}"),
             kill_grace: Duration::from_millis(500),
-            kill_tasks_on_shutdown: true,
+            kill_tasks_on_shutdown,
             isolation: agora_agent::cgroups::IsolationConfig::default(),
             executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),

@@ -150,6 +150,8 @@ pub(super) enum ManagerCmd {
 #[derive(Clone)]
 pub struct ExecutorManager {
     pub(super) tx: mpsc::UnboundedSender<ManagerCmd>,
+    /// Closes every executor's connection (see [`super::Executors::detach`]).
+    pub(super) detach: CancellationToken,
 }
 
 impl std::fmt::Debug for ExecutorManager {
@@ -218,6 +220,8 @@ pub(super) struct Executor {
 }
 
 pub(super) struct Manager {
+    /// Cancelled when the agent stops without shutting its executors down.
+    pub(super) detach: CancellationToken,
     pub(super) config: ExecutorsConfig,
     pub(super) dir: PathBuf,
     pub(super) cache_dir: PathBuf,
@@ -244,7 +248,9 @@ impl ExecutorManager {
         exec_events: mpsc::UnboundedSender<ExecutorEvent>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let detach = CancellationToken::new();
         let manager = Manager {
+            detach: detach.clone(),
             config,
             dir: work_dir.join("executors"),
             cache_dir: work_dir.join("wasm-cache"),
@@ -259,7 +265,7 @@ impl ExecutorManager {
             tx: tx.clone(),
         };
         tokio::spawn(manager.run(rx));
-        Self { tx }
+        Self { tx, detach }
     }
 }
 
@@ -765,6 +771,7 @@ impl Manager {
             None => self.dir.join(format!("{serial}.log")),
         };
         let spawn = ExecutorSpawn {
+            detached: self.detach.clone(),
             command: matches!(kind, ExecKind::Command),
             program,
             args,

@@ -54,6 +54,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::cgroups::{Cgroup, Isolator};
 use crate::sandbox::Layout;
@@ -227,6 +228,13 @@ impl Executors {
     /// Shuts one of a framework's executors down (its tasks are killed).
     pub fn shutdown_executor(&self, framework_id: FrameworkId, executor_id: ExecutorId) {
         let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { exec: (framework_id, executor_id) });
+    }
+
+    /// The agent stops without shutting its executors down: their connections close. The
+    /// command executor then kills its tasks within their grace periods and every executor
+    /// exits (until executors wait for a restarted agent, nothing may run unmanaged).
+    pub fn detach(&self) {
+        self.manager.detach.cancel();
     }
 
     /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).

@@ -5,6 +5,8 @@ use super::*;
 /// Starting one executor process and then relaying its frames.
 pub(super) struct ExecutorSpawn {
     pub(super) program: PathBuf,
+    /// Cancelled when the agent stops without shutting executors down: the connection closes.
+    pub(super) detached: CancellationToken,
     /// The built-in command executor (it stays the agent's user and kills its own tasks).
     pub(super) command: bool,
     pub(super) args: Vec<String>,
@@ -136,6 +138,7 @@ impl ExecutorSpawn {
             gate.write_all(b"\n").await.map_err(|e| format!("cannot release the executor: {e}"))?;
         }
         let accepted = tokio::select! {
+            () = self.detached.cancelled() => return Ok("the agent stopped".into()),
             r = tokio::time::timeout(EXECUTOR_START_TIMEOUT, self.listener.accept()) => r,
             status = child.wait() => {
                 return Err(format!("the executor exited before connecting ({})", describe(status)));
@@ -277,6 +280,8 @@ impl ExecutorSpawn {
                     }
                 }
                 why = &mut read_loop => break why,
+                // Dropping the socket is the message; the executor ends by itself.
+                () = self.detached.cancelled() => return Ok("the agent stopped".into()),
                 () = sleep_until_opt(deadline) => {
                     let _ = child.start_kill();
                     break format!("it did not exit within {grace:?} of being shut down and was killed");
