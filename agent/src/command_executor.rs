@@ -32,6 +32,10 @@ use crate::user::TaskUser;
 /// How long the last updates may take to reach the agent when the executor stops.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+/// Task cgroups created ahead of time (v1; see [`crate::cgroups::pool`]): enough for a burst of
+/// launches in one frame to find most groups made, few enough to cost little kernel memory.
+const FRESH_CGROUPS: usize = 16;
+
 /// How [`serve`] runs.
 #[derive(Clone, Debug)]
 pub struct CommandExecutorConfig {
@@ -64,7 +68,11 @@ pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorE
     let (mut reader, writer, welcomed) = handshake(&config.socket, &config.executor_id).await?;
     let framework_id = welcomed.framework_id;
     tracing::info!(%framework_id, executor_id = %config.executor_id, "command executor welcomed");
-    let isolator = config.isolation.as_ref().map(Isolator::attach).unwrap_or_else(Isolator::none);
+    let isolator = config
+        .isolation
+        .as_ref()
+        .map(|spec| Isolator::attach_pooled(spec, FRESH_CGROUPS))
+        .unwrap_or_else(Isolator::none);
     let (events_tx, mut events) = mpsc::unbounded_channel::<(TaskKey, TaskEvent)>();
     let (updates_tx, updates_rx) = mpsc::unbounded_channel::<ExecutorUpdate>();
     let writer_task = tokio::spawn(write_updates(writer, updates_rx));
@@ -132,7 +140,11 @@ pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorE
         }
     }
     drop(updates_tx);
+    // The used groups' removals finish and the fresh groups go while the last updates are sent.
+    let isolator = ctx.isolator.clone();
+    let cleanup = tokio::task::spawn_blocking(move || isolator.shutdown());
     let _ = tokio::time::timeout(FINAL_FLUSH, writer_task).await;
+    let _ = cleanup.await;
     result
 }
 

@@ -150,6 +150,23 @@ pub fn write_checkpoint(path: &Path, data: &[u8]) -> io::Result<()> {
     write_replace(path, data, false)
 }
 
+/// The first checkpoint of a file that does not exist yet, written straight into it: one inode
+/// and no rename, where [`write_checkpoint`] makes a temporary file and renames it (on a busy
+/// ext4 every new inode is a search of the inode bitmap). A reader finds no file, or for the
+/// moment of the one `write` an empty one; an existing file (a task relaunched in the same
+/// directory) is never truncated, but replaced as by [`write_checkpoint`].
+pub fn write_first_checkpoint(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match created {
+        Ok(mut f) => f.write_all(data).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        }),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => write_checkpoint(path, data),
+        Err(e) => Err(e),
+    }
+}
+
 fn write_replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -227,6 +244,21 @@ mod tests {
             let c = path_component("task", id).unwrap_or_default();
             assert!(!c.contains('/') && c != ".." && !c.starts_with('.'), "{id} -> {c}");
         }
+    }
+
+    #[test]
+    fn first_checkpoint_in_place_then_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("task.json");
+        write_first_checkpoint(&path, b"{\"state\":\"running\"}").expect("first");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"state\":\"running\"}");
+        // An existing file is replaced whole, never truncated and rewritten.
+        write_first_checkpoint(&path, b"{}").expect("again");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cgroups::{self, Cgroup, CgroupStats, Isolator, Limits};
 use crate::metrics::{UsageReporter, TASK_ISOLATION_FAILURES};
 use crate::process::{signal_name, ChildProcess, ExitInfo};
-use crate::sandbox::{write_checkpoint, Layout, TaskCheckpoint};
+use crate::sandbox::{write_checkpoint, write_first_checkpoint, Layout, TaskCheckpoint};
 
 /// `PATH` every task starts with.
 pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -289,16 +289,19 @@ async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(T
     // Like a container being destroyed: nothing of the task's process group outlives it.
     signal(&child, libc::SIGKILL, spec);
     let task_id = spec.task.task_id.clone();
+    let isolator = spec.isolator.clone();
     let reaped = tokio::task::spawn_blocking(move || {
         let exit = child.reap();
         // Read the group's accounting before anything else happens to it, then kill whatever
-        // escaped the process group (setsid) and remove the group from every hierarchy.
+        // escaped the process group (setsid) and remove the group from every hierarchy (the
+        // `rmdir`s on the command executor's pool thread, after the task's end is reported).
         let stats = cgroup.map(|cg| {
             let stats = cg.stats();
-            if let Err(e) = cg.destroy() {
+            let limits = *cg.limits();
+            if let Err(e) = isolator.retire(cg) {
                 tracing::warn!(%task_id, error = %e, "cannot clean up the task's cgroup");
             }
-            (stats, *cg.limits())
+            (stats, limits)
         });
         (exit, stats)
     })
@@ -825,9 +828,17 @@ async fn checkpoint(spec: &LaunchSpec, pid: Option<u32>, state: TaskState) {
     let result = match serde_json::to_vec_pretty(&record) {
         Ok(data) => {
             let p = path.clone();
-            tokio::task::spawn_blocking(move || write_checkpoint(&p, &data))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            // RUNNING is the task's first checkpoint: written in place (one inode fewer).
+            let first = state == TaskState::Running;
+            tokio::task::spawn_blocking(move || {
+                if first {
+                    write_first_checkpoint(&p, &data)
+                } else {
+                    write_checkpoint(&p, &data)
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         }
         Err(e) => Err(std::io::Error::other(e)),
     };

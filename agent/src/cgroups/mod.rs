@@ -73,6 +73,7 @@ pub mod detect;
 pub mod fs;
 pub mod hierarchy;
 pub mod liveness;
+pub mod pool;
 pub mod v1;
 pub mod v2;
 
@@ -276,6 +277,12 @@ pub trait CgroupManager: Send + Sync + fmt::Debug {
     }
     /// Removes the group and anything below it (every hierarchy); gone already is fine.
     fn remove(&self, name: &str) -> Result<(), CgroupError>;
+    /// Renames group `from` (which must never have held a process) to `to`, in every
+    /// hierarchy; a group named `to` must not exist. Only v1 groups can be renamed.
+    fn rename(&self, from: &str, to: &str) -> Result<(), CgroupError> {
+        let _ = from;
+        Err(CgroupError::Create { path: to.into(), err: std::io::Error::from_raw_os_error(libc::ENOTSUP) })
+    }
     /// The groups below the agent's root(s).
     fn groups(&self) -> Vec<String>;
     /// The agent's root directories.
@@ -342,15 +349,27 @@ struct Active {
     max_pids: u64,
     /// Remove the roots at shutdown (the agent made them; not for `--cgroup-root`).
     remove_roots: bool,
+    /// Fresh groups made ahead of time (the command executor's, v1).
+    pool: Option<pool::Pool>,
     /// Held while the agent uses roots it made, so that no other agent's sweep removes them.
     /// Declared after the manager: dropped (unlocked) only after the roots are gone.
     _lock: Option<liveness::RootLock>,
 }
 
 impl Active {
-    /// Removes the agent's roots if it made them and no task group is left in them.
+    /// Removes the agent's roots if it made them and no task group holding a process is left
+    /// in them (empty groups, e.g. the fresh or not yet removed groups of a command executor that
+    /// died, are removed first).
     fn remove_roots_if_unused(&self) {
-        if !self.remove_roots || !self.manager.groups().is_empty() {
+        if !self.remove_roots {
+            return;
+        }
+        for name in self.manager.groups() {
+            if self.manager.procs(&name).is_ok_and(|p| p.is_empty()) {
+                let _ = self.manager.remove(&name);
+            }
+        }
+        if !self.manager.groups().is_empty() {
             return;
         }
         for root in self.manager.roots() {
@@ -384,7 +403,14 @@ impl Isolator {
     /// Isolation through `manager` (tests, or a caller that detected the hierarchy itself).
     pub fn with_manager(manager: Arc<dyn CgroupManager>, cpu_limit: CpuLimit, max_pids: u64) -> Self {
         Self {
-            active: Some(Arc::new(Active { manager, cpu_limit, max_pids, remove_roots: false, _lock: None })),
+            active: Some(Arc::new(Active {
+                manager,
+                cpu_limit,
+                max_pids,
+                remove_roots: false,
+                pool: None,
+                _lock: None,
+            })),
         }
     }
 
@@ -431,6 +457,29 @@ impl Isolator {
     /// An isolator over the root another process of the agent set up (no sweeping, no lock,
     /// nothing removed when it ends): the command executor's.
     pub fn attach(spec: &IsolationSpec) -> Self {
+        Self::with_manager(Self::manager_of(spec), spec.cpu_limit, spec.max_pids)
+    }
+
+    /// [`Self::attach`] with a pool of `fresh` groups created ahead of time, and used groups
+    /// removed on the pool's thread ([`pool`]; v1 only, elsewhere the same as `attach`). Call
+    /// [`Self::shutdown`] at the end to finish the removals and remove the fresh groups.
+    pub fn attach_pooled(spec: &IsolationSpec, fresh: usize) -> Self {
+        let manager = Self::manager_of(spec);
+        let pool = (fresh > 0 && manager.version() == CgroupVersion::V1)
+            .then(|| pool::Pool::start(manager.clone(), fresh));
+        Self {
+            active: Some(Arc::new(Active {
+                manager,
+                cpu_limit: spec.cpu_limit,
+                max_pids: spec.max_pids,
+                remove_roots: false,
+                pool,
+                _lock: None,
+            })),
+        }
+    }
+
+    fn manager_of(spec: &IsolationSpec) -> Arc<dyn CgroupManager> {
         let manager: Arc<dyn CgroupManager> = match &spec.manager {
             ManagerSpec::V1(hs) => Arc::new(V1Manager::new(
                 hs.iter()
@@ -444,7 +493,7 @@ impl Isolator {
                 Arc::new(V2Manager::new(root.clone(), controllers.clone()))
             }
         };
-        Self::with_manager(manager, spec.cpu_limit, spec.max_pids)
+        manager
     }
 
     /// Kills everything in the existing group `name` and removes it (a task's group left by a
@@ -488,6 +537,27 @@ impl Isolator {
             return Ok(None);
         };
         let manager = active.manager.clone();
+        if let Some(pool) = &active.pool {
+            if let Some(fresh) = pool.take() {
+                // A fresh group renamed: no mkdir here. A stale group of the same name makes the
+                // rename fail (EEXIST), and the group is made on the spot below.
+                match manager.rename(&fresh, name) {
+                    Ok(()) => {
+                        if let Err(e) = manager.apply(name, &limits) {
+                            let _ = manager.remove(name);
+                            return Err(e);
+                        }
+                        return Ok(Some(Cgroup { manager, name: name.to_string(), limits }));
+                    }
+                    Err(e) => {
+                        tracing::debug!(cgroup = %name, error = %e, "cannot take a fresh cgroup; creating one");
+                        if !pool.remove_later(fresh.clone()) {
+                            let _ = manager.remove(&fresh);
+                        }
+                    }
+                }
+            }
+        }
         // A stale group of the same name (e.g. after a crash) would carry old accounting.
         manager.remove(name)?;
         manager.create(name)?;
@@ -496,6 +566,19 @@ impl Isolator {
             return Err(e);
         }
         Ok(Some(Cgroup { manager, name: name.to_string(), limits }))
+    }
+
+    /// Ends a task's group: kills whatever is left in it and waits for it to empty, as
+    /// [`Cgroup::destroy`] does, then removes it: on the pool's thread when there is one (the
+    /// task's end is not held up by `rmdir`), here otherwise.
+    pub fn retire(&self, cgroup: Cgroup) -> Result<(), CgroupError> {
+        cgroup.empty()?;
+        if let Some(pool) = self.active.as_ref().and_then(|a| a.pool.as_ref()) {
+            if pool.remove_later(cgroup.name.clone()) {
+                return Ok(());
+            }
+        }
+        cgroup.manager.remove(&cgroup.name)
     }
 
     /// Removes groups below the agent's root(s) that hold no process: their tasks are gone
@@ -522,6 +605,9 @@ impl Isolator {
     /// task group is left in them.
     pub fn shutdown(&self) {
         if let Some(active) = &self.active {
+            if let Some(pool) = &active.pool {
+                pool.stop();
+            }
             active.remove_roots_if_unused();
         }
     }
@@ -572,6 +658,12 @@ impl Cgroup {
     /// Kills every process left in the group, waits (up to about 2 s) for it to empty, and
     /// removes it from every hierarchy. Blocking.
     pub fn destroy(&self) -> Result<(), CgroupError> {
+        self.empty()?;
+        self.manager.remove(&self.name)
+    }
+
+    /// Kills every process left in the group and waits (up to about 2 s) for it to empty.
+    fn empty(&self) -> Result<(), CgroupError> {
         let mut left = self.manager.procs(&self.name)?;
         for _ in 0..200 {
             if left.is_empty() {
@@ -585,7 +677,7 @@ impl Cgroup {
             let path = self.paths().into_iter().next().unwrap_or_default();
             return Err(CgroupError::Busy { path, pids: left });
         }
-        self.manager.remove(&self.name)
+        Ok(())
     }
 }
 
@@ -693,6 +785,7 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
         cpu_limit: config.cpu_limit,
         max_pids: config.max_pids_per_task,
         remove_roots: explicit.is_none(),
+        pool: None,
         _lock: lock,
     })
 }

@@ -2,13 +2,11 @@
 //! co-mounted ones such as `cpu,cpuacct`), each with the agent's root at its own path. Groups are
 //! driven through cgroups-rs controllers over an [`AgentHierarchy`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cgroups_rs::fs::cpu::CpuController;
-use cgroups_rs::fs::cpuacct::CpuAcctController;
 use cgroups_rs::fs::memory::MemController;
-use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{Cgroup as RsCgroup, Controller};
 
 use super::fs::{self, CgroupError};
@@ -56,7 +54,12 @@ impl V1Manager {
         if dir.join("memory.memsw.limit_in_bytes").exists() {
             // memsw (memory+swap) must never be below the memory limit: when the limit grows,
             // raise memsw first; when it shrinks, lower the memory limit first.
-            let current = u64::try_from(mem.memory_stat().limit_in_bytes).unwrap_or(u64::MAX);
+            // Read alone: `memory_stat()` reads ~25 files for this one value.
+            let current = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .unwrap_or(0);
+            let current = u64::try_from(current).unwrap_or(u64::MAX);
             if limit.unwrap_or(u64::MAX) > current {
                 set_memsw()?;
                 set_limit()?;
@@ -115,28 +118,44 @@ impl CgroupManager for V1Manager {
         hierarchy::add_process(&self.group(name)?, pid)
     }
 
+    /// Reads the eight files the task's end needs (`cpuacct.usage`, `cpu.stat`,
+    /// `memory.{usage_in_bytes,max_usage_in_bytes,failcnt,oom_control}`, `pids.{current,events}`)
+    /// directly: cgroups-rs's `cpuacct()`, `cpu()` and `memory_stat()` read every file of their
+    /// controller (~30, `memory.numa_stat` and `memory.stat` included) to return these values.
+    /// Same results: counters missing or unparsable read as 0 (as cgroups-rs reads them), a
+    /// missing `cpu.stat` key or pids file is unknown, a pids file that does not parse is an
+    /// error.
     fn stats(&self, name: &str) -> Result<CgroupStats, CgroupError> {
-        let cg = self.group(name)?;
+        fs::check_name(name)?;
         let mut s = CgroupStats::default();
-        if let Some(acct) = cg.controller_of::<CpuAcctController>() {
-            s.cpu_time = Some(Duration::from_nanos(acct.cpuacct().usage));
-        }
-        if let Some(cpu) = cg.controller_of::<CpuController>() {
-            s.throttled = fs::key_in(cpu.path(), "cpu.stat", &cpu.cpu().stat, "throttled_time")?
-                .map(Duration::from_nanos);
-        }
-        if let Some(mem) = cg.controller_of::<MemController>() {
-            let m = mem.memory_stat();
-            s.mem_current = Some(m.usage_in_bytes);
-            s.mem_peak = Some(m.max_usage_in_bytes);
-            s.mem_limit_hits = Some(m.fail_cnt);
-            // `oom_kill` in memory.oom_control exists since Linux 4.13 (0 before).
-            s.oom_kills = Some(m.oom_control.oom_kill);
-        }
-        if let Some(pids) = cg.controller_of::<PidController>() {
-            let dir = pids.path();
-            s.pids_current = hierarchy::read_optional(dir, "pids.current", pids.get_pid_current())?;
-            s.pids_limit_hits = hierarchy::read_optional(dir, "pids.events", pids.get_pid_events())?;
+        for h in &self.hierarchies {
+            let dir = h.root.join(name);
+            for c in &h.controllers {
+                match c.as_str() {
+                    "cpuacct" => s.cpu_time = Some(Duration::from_nanos(counter(&dir, "cpuacct.usage"))),
+                    "cpu" => {
+                        let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+                        s.throttled =
+                            fs::key_in(&dir, "cpu.stat", &stat, "throttled_time")?.map(Duration::from_nanos);
+                    }
+                    "memory" => {
+                        s.mem_current = Some(counter(&dir, "memory.usage_in_bytes"));
+                        s.mem_peak = Some(counter(&dir, "memory.max_usage_in_bytes"));
+                        s.mem_limit_hits = Some(counter(&dir, "memory.failcnt"));
+                        // `oom_kill` in memory.oom_control exists since Linux 4.13 (0 before).
+                        let oom = std::fs::read_to_string(dir.join("memory.oom_control")).unwrap_or_default();
+                        s.oom_kills = Some(fs::flat_key(&oom, "oom_kill").ok().flatten().unwrap_or(0));
+                    }
+                    "pids" => {
+                        s.pids_current = pids_number(&dir, "pids.current", |t| t.trim().parse().ok())?;
+                        // `max <n>`: forks refused by pids.max.
+                        s.pids_limit_hits = pids_number(&dir, "pids.events", |t| {
+                            t.split_whitespace().nth(1).and_then(|n| n.parse().ok())
+                        })?;
+                    }
+                    _ => {}
+                }
+            }
         }
         Ok(s)
     }
@@ -147,6 +166,18 @@ impl CgroupManager for V1Manager {
 
     fn remove(&self, name: &str) -> Result<(), CgroupError> {
         hierarchy::remove(&self.group(name)?)
+    }
+
+    /// `rename(2)` in each hierarchy (cgroup v1 renames a group within its parent).
+    fn rename(&self, from: &str, to: &str) -> Result<(), CgroupError> {
+        fs::check_name(from)?;
+        fs::check_name(to)?;
+        for h in &self.hierarchies {
+            let target = h.root.join(to);
+            std::fs::rename(h.root.join(from), &target)
+                .map_err(|err| CgroupError::Create { path: target, err })?;
+        }
+        Ok(())
     }
 
     fn groups(&self) -> Vec<String> {
@@ -167,10 +198,24 @@ impl CgroupManager for V1Manager {
     }
 }
 
+/// A v1 counter as cgroups-rs reads it: 0 when the file is missing or does not parse.
+fn counter(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A pids file: `Ok(None)` if it does not exist, a parse error naming it if `parse` fails.
+fn pids_number(
+    dir: &Path,
+    file: &str,
+    parse: impl Fn(&str) -> Option<u64>,
+) -> Result<Option<u64>, CgroupError> {
+    let Some(text) = fs::read_optional(dir, file)? else { return Ok(None) };
+    parse(&text).map(Some).ok_or(CgroupError::Parse { path: dir.join(file), what: "a number", content: text })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     /// Mimics the v1 files of one group in `dir`.
     fn fake_group(dir: &Path, controllers: &[&str]) {
