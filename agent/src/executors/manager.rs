@@ -232,7 +232,7 @@ pub(super) struct Manager {
     pub(super) executors: HashMap<ExecKey, Executor>,
     /// Modules placed where a framework's Wasm executor (the task user) can read them: the
     /// agent's artifact cache is closed to it.
-    pub(super) modules: HashMap<(FrameworkId, String), PathBuf>,
+    pub(super) modules: HashMap<FrameworkId, HashMap<String, PathBuf>>,
     pub(super) preparing: HashMap<TaskKey, PreparingTask>,
     pub(super) next_serial: u64,
     pub(super) tx: mpsc::UnboundedSender<ManagerCmd>,
@@ -640,8 +640,8 @@ impl Manager {
     /// systems, a copy) of the cached artifact in the framework's own directory, made once per
     /// framework and module.
     pub(super) fn framework_module(&mut self, fw: &FrameworkId, l: &WasmLaunch) -> Result<PathBuf, String> {
-        let key = (fw.clone(), l.digest.clone());
-        if let Some(p) = self.modules.get(&key) {
+        // The hot path of every Wasm launch: no allocation when the module is placed already.
+        if let Some(p) = self.modules.get(fw).and_then(|m| m.get(&l.digest)) {
             return Ok(p.clone());
         }
         let dir = self.framework_cache(fw)?.join("modules");
@@ -655,7 +655,7 @@ impl Manager {
                     .map_err(|e| format!("cannot copy the module to {}: {e}", dest.display()))?;
             }
         }
-        self.modules.insert(key, dest.clone());
+        self.modules.entry(fw.clone()).or_default().insert(l.digest.clone(), dest.clone());
         Ok(dest)
     }
 
