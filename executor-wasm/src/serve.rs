@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_sdk::executor_proto::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch};
-use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameWriter, MAX_FRAME};
+use agora_sdk::frame::{FrameError, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
@@ -507,32 +507,19 @@ async fn write_updates(
 ) -> Result<(), FrameError> {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        for frame in pack(std::mem::take(&mut batch)) {
-            writer.feed(&ExecutorMessage::Updates(frame)).await?;
+        let updates = std::mem::take(&mut batch);
+        let unfit = writer.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await?;
+        for one in unfit {
+            tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
         }
         writer.flush().await?;
     }
     Ok(())
 }
 
-/// Splits updates into `Updates` messages that each encode within [`MAX_FRAME`]; an update that
-/// could never fit is dropped with an error in the log.
-fn pack(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
-    // The enum tag and the vector's length prefix take at most 1 + 5 bytes.
-    const BUDGET: usize = MAX_FRAME - 16;
-    chunk_by_size(updates, BUDGET)
-        .into_iter()
-        .filter(|run| match run.as_slice() {
-            [] => false,
-            // An item over the budget is a run of its own.
-            [one] if encoded_len(one).is_none_or(|n| n > BUDGET) => {
-                tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
-                false
-            }
-            _ => true,
-        })
-        .collect()
-}
+/// Room for updates in an `Updates` frame: the enum tag and the vector's length prefix take at
+/// most 1 + 5 bytes.
+const UPDATES_BUDGET: usize = MAX_FRAME - 16;
 
 /// The ids of the last [`RECENT_IDS`] tasks that ended.
 #[derive(Default)]
@@ -575,17 +562,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn big_batches_are_split_into_frames_that_fit() {
-        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
-        let frames = pack(updates.clone());
-        assert!(frames.len() > 1);
-        for frame in &frames {
-            assert!(agora_sdk::frame::encode(&ExecutorMessage::Updates(frame.clone())).is_ok());
+    /// What `write_updates` puts on the wire for one batch, frame by frame.
+    async fn frames(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
+        let mut w = FrameWriter::new(Vec::new());
+        let unfit = w.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await.expect("fed");
+        assert!(unfit.is_empty());
+        w.flush().await.expect("flush");
+        let bytes = w.into_inner();
+        let mut r = agora_sdk::frame::FrameReader::new(bytes.as_slice());
+        let mut out = Vec::new();
+        while let Some(ExecutorMessage::Updates(u)) = r.recv().await.expect("every frame fits") {
+            out.push(u);
         }
+        out
+    }
+
+    #[tokio::test]
+    async fn big_batches_are_split_into_frames_that_fit() {
+        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
+        let frames = frames(updates.clone()).await;
+        assert!(frames.len() > 1);
         assert_eq!(frames.concat(), updates, "order kept, nothing lost");
-        assert_eq!(pack(vec![update(0, 10)]).len(), 1);
-        assert!(pack(Vec::new()).is_empty());
+        assert_eq!(self::frames(vec![update(0, 10)]).await.len(), 1);
     }
 
     #[test]
