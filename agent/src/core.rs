@@ -174,17 +174,16 @@ impl Core {
             })
             .collect();
         tasks.sort_by(|a, b| (&a.framework_id, &a.task.task_id).cmp(&(&b.framework_id, &b.task.task_id)));
-        // Thousands of tasks do not fit in one frame: all but the last run go ahead of Register.
-        let mut runs = agora_sdk::frame::chunk_by_size(tasks, agora_sdk::frame::LIST_BUDGET);
-        let tasks = runs.pop().unwrap_or_default();
-        self.outbox.extend(runs.into_iter().map(AgentMessage::TaskReports));
-        self.outbox.push(AgentMessage::Register {
+        // Thousands of tasks do not fit in one frame: `TaskReports` parts go ahead of Register.
+        let register = |tasks| AgentMessage::Register {
             agent_id: self.agent_id.clone(),
             hostname: self.info.hostname.clone(),
             resources: self.info.resources.clone(),
             attributes: self.info.attributes.clone(),
             tasks,
-        });
+        };
+        let messages = agora_sdk::frame::in_parts(tasks, AgentMessage::TaskReports, register);
+        self.outbox.extend(messages);
         for status in self.updates.resend_all(now) {
             self.outbox.push(AgentMessage::StatusUpdate(status));
         }

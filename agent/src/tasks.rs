@@ -30,14 +30,7 @@ pub const REASON_PROCESS_LIMIT: &str = "process limit reached";
 /// Reason of a task that could not be given its cgroup (it never ran).
 pub const REASON_ISOLATION_FAILED: &str = "isolation failed";
 
-/// Identifies a task on this agent: task ids are unique within a framework.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TaskKey {
-    /// The owning framework.
-    pub framework_id: FrameworkId,
-    /// The task.
-    pub task_id: TaskId,
-}
+pub use agora_sdk::proto::TaskKey;
 
 /// Everything a supervisor needs to run one task.
 #[derive(Clone, Debug)]

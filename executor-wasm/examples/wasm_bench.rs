@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_executor_wasm::{ModuleDigest, ModuleSource, RuntimeConfig, WasmRuntime, WasmTaskSpec};
+use agora_executor_wasm::{Digest, ModuleSource, RuntimeConfig, WasmRuntime, WasmTaskSpec};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, Store};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::WasiCtxBuilder;
@@ -104,7 +104,7 @@ async fn bench() -> BenchResult<()> {
     let rt = WasmRuntime::new(config.clone())?;
     let hello = fixture("hello")?;
     let noop = fixture("noop")?;
-    let hello_digest = ModuleDigest::of(&hello);
+    let hello_digest = Digest::of(&hello);
     println!(
         "wasmtime 48, engine hash {}, pooling allocator for {} tasks",
         rt.engine_hash(),
@@ -146,10 +146,10 @@ async fn bench() -> BenchResult<()> {
     // The executor's whole per-task path, module in memory.
     let noop_bytes: Arc<[u8]> = Arc::from(noop);
     rt.load(&noop_bytes)?;
-    let noop_digest = ModuleDigest::of(&noop_bytes);
+    let noop_digest = Digest::of(&noop_bytes);
     let mut runs = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let spec = WasmTaskSpec::new(ModuleSource::Digest(noop_digest), sandbox.path());
+        let spec = WasmTaskSpec::new(ModuleSource::Digest(noop_digest.clone()), sandbox.path());
         let start = Instant::now();
         let outcome = rt.run_task(spec).await;
         runs.push(start.elapsed());

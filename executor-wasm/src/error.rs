@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::digest::ModuleDigest;
+use crate::digest::Digest;
 
 /// Why a module could not be accepted, loaded or launched.
 ///
@@ -19,7 +19,7 @@ pub enum WasmError {
     #[error("failed to compile module {digest}: {message}")]
     Compile {
         /// The module's sha256.
-        digest: ModuleDigest,
+        digest: Digest,
         /// Wasmtime's message.
         message: String,
     },
@@ -27,7 +27,7 @@ pub enum WasmError {
     #[error("failed to link module {digest} against WASI: {message}")]
     Link {
         /// The module's sha256.
-        digest: ModuleDigest,
+        digest: Digest,
         /// Wasmtime's message.
         message: String,
     },
@@ -35,7 +35,7 @@ pub enum WasmError {
     #[error("module {digest} is not loaded and not in the compiled-module cache")]
     UnknownModule {
         /// The digest the task asked for.
-        digest: ModuleDigest,
+        digest: Digest,
     },
     /// A digest string that is not 64 hex digits.
     #[error("invalid module digest `{value}`: expected 64 hex digits, optionally prefixed by `sha256:`")]
@@ -121,7 +121,7 @@ pub enum WasmError {
     #[error("loading module {digest} was cancelled: {message}")]
     LoadCancelled {
         /// The module's sha256.
-        digest: ModuleDigest,
+        digest: Digest,
         /// Tokio's message.
         message: String,
     },

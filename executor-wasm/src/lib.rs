@@ -45,11 +45,11 @@ mod task;
 mod validate;
 
 pub use agora_wasm_validate::ModuleError;
-pub use digest::ModuleDigest;
+pub use digest::Digest;
 pub use error::WasmError;
 pub use runtime::{CacheStats, RuntimeConfig, WasmRuntime, MAX_SLICE_CPUS};
 pub use serve::{serve, serve_with_runtime, ServeConfig, ServeError};
-pub use task::{FailureReason, ModuleSource, Preopen, PreparedTask, TaskOutcome, TaskStatus, WasmTaskSpec};
+pub use task::{FailureReason, ModuleSource, Preopen, PreparedTask, TaskEnd, TaskOutcome, WasmTaskSpec};
 pub use validate::{
     detect_kind, validate, ModuleInfo, ModuleKind, WASI_P1_FUNCTIONS, WASI_P1_MODULE, WASI_P2_PACKAGES,
 };

@@ -18,7 +18,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::p2::bindings::CommandPre;
 
-use crate::digest::ModuleDigest;
+use crate::digest::Digest;
 use crate::error::WasmError;
 use crate::task::{P1Host, P2Host};
 use crate::validate::{validate, ModuleInfo, ModuleKind};
@@ -171,7 +171,7 @@ pub(crate) struct Inner {
     core_linker: Linker<P1Host>,
     component_linker: ComponentLinker<P2Host>,
     engine_hash: String,
-    modules: Mutex<HashMap<ModuleDigest, (ModuleInfo, Prepared)>>,
+    modules: Mutex<HashMap<Digest, (ModuleInfo, Prepared)>>,
     /// Held while loading from disk or compiling, so that N tasks launched at once with a new
     /// module compile it once (the others then find it in memory).
     load_lock: Mutex<()>,
@@ -285,7 +285,7 @@ impl WasmRuntime {
     }
 
     /// Where the compiled form of `digest` is (or would be) cached.
-    pub fn cache_path(&self, digest: &ModuleDigest) -> PathBuf {
+    pub fn cache_path(&self, digest: &Digest) -> PathBuf {
         self.inner.config.cache_dir.join(&self.inner.engine_hash).join(format!("{digest}.cwasm"))
     }
 
@@ -300,12 +300,12 @@ impl WasmRuntime {
     }
 
     /// Drops a module from the in-memory map (its compiled file stays on disk).
-    pub fn forget(&self, digest: &ModuleDigest) {
+    pub fn forget(&self, digest: &Digest) {
         self.inner.modules.lock().unwrap_or_else(PoisonError::into_inner).remove(digest);
     }
 
     /// Whether a module is in the in-memory map.
-    pub fn is_loaded(&self, digest: &ModuleDigest) -> bool {
+    pub fn is_loaded(&self, digest: &Digest) -> bool {
         self.inner.modules.lock().unwrap_or_else(PoisonError::into_inner).contains_key(digest)
     }
 
@@ -323,7 +323,7 @@ impl WasmRuntime {
 
     /// Loads a module that was compiled earlier (by this process or a previous one with the same
     /// engine) from the disk cache. Blocking.
-    pub fn load_cached(&self, digest: &ModuleDigest) -> Result<ModuleInfo, WasmError> {
+    pub fn load_cached(&self, digest: &Digest) -> Result<ModuleInfo, WasmError> {
         self.inner.load_digest(digest).map(|(info, _)| info)
     }
 }
@@ -349,7 +349,7 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn memory_lookup(&self, digest: &ModuleDigest) -> Option<(ModuleInfo, Prepared)> {
+    fn memory_lookup(&self, digest: &Digest) -> Option<(ModuleInfo, Prepared)> {
         let hit = self.modules.lock().unwrap_or_else(PoisonError::into_inner).get(digest).cloned();
         if hit.is_some() {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
@@ -361,16 +361,16 @@ impl Inner {
         self.modules
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(info.digest, (info.clone(), prepared.clone()));
+            .insert(info.digest.clone(), (info.clone(), prepared.clone()));
     }
 
-    fn cache_file(&self, digest: &ModuleDigest) -> PathBuf {
+    fn cache_file(&self, digest: &Digest) -> PathBuf {
         self.config.cache_dir.join(&self.engine_hash).join(format!("{digest}.cwasm"))
     }
 
     /// Looks in memory, then on disk, then compiles.
     pub(crate) fn load(&self, bytes: &[u8]) -> Result<(ModuleInfo, Prepared), WasmError> {
-        let digest = ModuleDigest::of(bytes);
+        let digest = Digest::of(bytes);
         if let Some(hit) = self.memory_lookup(&digest) {
             return Ok(hit);
         }
@@ -391,7 +391,7 @@ impl Inner {
     }
 
     /// Looks in memory, then on disk.
-    pub(crate) fn load_digest(&self, digest: &ModuleDigest) -> Result<(ModuleInfo, Prepared), WasmError> {
+    pub(crate) fn load_digest(&self, digest: &Digest) -> Result<(ModuleInfo, Prepared), WasmError> {
         if let Some(hit) = self.memory_lookup(digest) {
             return Ok(hit);
         }
@@ -400,7 +400,7 @@ impl Inner {
             return Ok(hit);
         }
         let Some(prepared) = self.load_from_disk(digest)? else {
-            return Err(WasmError::UnknownModule { digest: *digest });
+            return Err(WasmError::UnknownModule { digest: digest.clone() });
         };
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         let kind = match prepared {
@@ -414,7 +414,7 @@ impl Inner {
             }
             Prepared::Component(_) => Vec::new(),
         };
-        let info = ModuleInfo { kind, digest: *digest, size_bytes: 0, imports };
+        let info = ModuleInfo { kind, digest: digest.clone(), size_bytes: 0, imports };
         self.remember(&info, &prepared);
         Ok((info, prepared))
     }
@@ -424,7 +424,7 @@ impl Inner {
         bytes: Arc<[u8]>,
     ) -> Result<(ModuleInfo, Prepared), WasmError> {
         // Fast path without a thread hop.
-        let digest = ModuleDigest::of(&bytes);
+        let digest = Digest::of(&bytes);
         if let Some(hit) = self.memory_lookup(&digest) {
             return Ok(hit);
         }
@@ -435,17 +435,18 @@ impl Inner {
 
     pub(crate) async fn load_digest_blocking(
         self: Arc<Self>,
-        digest: ModuleDigest,
+        digest: Digest,
     ) -> Result<(ModuleInfo, Prepared), WasmError> {
         if let Some(hit) = self.memory_lookup(&digest) {
             return Ok(hit);
         }
-        tokio::task::spawn_blocking(move || self.load_digest(&digest))
+        let wanted = digest.clone();
+        tokio::task::spawn_blocking(move || self.load_digest(&wanted))
             .await
             .map_err(|e| WasmError::LoadCancelled { digest, message: e.to_string() })?
     }
 
-    fn load_from_disk(&self, digest: &ModuleDigest) -> Result<Option<Prepared>, WasmError> {
+    fn load_from_disk(&self, digest: &Digest) -> Result<Option<Prepared>, WasmError> {
         let path = self.cache_file(digest);
         let kind = match Engine::detect_precompiled_file(&path) {
             Ok(Some(kind)) => kind,
@@ -486,9 +487,11 @@ impl Inner {
     }
 
     fn compile(&self, info: &ModuleInfo, bytes: &[u8]) -> Result<Prepared, WasmError> {
-        let digest = info.digest;
-        let compile_err = |e: wasmtime::Error| WasmError::Compile { digest, message: format!("{e:#}") };
-        let link_err = |e: wasmtime::Error| WasmError::Link { digest, message: format!("{e:#}") };
+        let digest = &info.digest;
+        let compile_err =
+            |e: wasmtime::Error| WasmError::Compile { digest: digest.clone(), message: format!("{e:#}") };
+        let link_err =
+            |e: wasmtime::Error| WasmError::Link { digest: digest.clone(), message: format!("{e:#}") };
         let (prepared, serialized) = match info.kind {
             ModuleKind::CoreModule => {
                 let module = Module::new(&self.engine, bytes).map_err(compile_err)?;
@@ -502,7 +505,7 @@ impl Inner {
                 (Prepared::Component(CommandPre::new(pre).map_err(link_err)?), serialized)
             }
         };
-        let path = self.cache_file(&digest);
+        let path = self.cache_file(digest);
         // A cache that cannot be written costs a recompile next time, not the task.
         if let Err(e) = write_atomically(&path, &serialized) {
             tracing::warn!(error = %e, "cannot write compiled module to the cache");

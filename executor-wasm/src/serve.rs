@@ -30,17 +30,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_sdk::executor_proto::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch};
-use agora_sdk::frame::{chunk_by_size, encoded_len, FrameError, FrameWriter, MAX_FRAME};
+use agora_sdk::frame::{FrameError, FrameWriter, MAX_FRAME};
 use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::Instrument as _;
 
-use crate::digest::ModuleDigest;
+use crate::digest::Digest;
 use crate::error::WasmError;
 use crate::runtime::{RuntimeConfig, WasmRuntime};
-use crate::task::{FailureReason, ModuleSource, Preopen, TaskOutcome, TaskStatus, WasmTaskSpec};
+use crate::task::{FailureReason, ModuleSource, Preopen, TaskEnd, TaskOutcome, WasmTaskSpec};
 
 /// Longest `message` put in an update (longer ones are cut), so that one update always fits a
 /// frame with room for many others.
@@ -239,7 +239,7 @@ struct Tasks {
     /// Slots for tasks being set up or running.
     gate: Arc<Semaphore>,
     /// One load per digest; later launches wait for it.
-    modules: HashMap<ModuleDigest, Arc<OnceCell<ModuleDigest>>>,
+    modules: HashMap<Digest, Arc<OnceCell<Digest>>>,
     live: HashMap<TaskId, AbortHandle>,
     by_join: HashMap<tokio::task::Id, TaskId>,
     running: JoinSet<TaskOutcome>,
@@ -269,7 +269,7 @@ impl Tasks {
             return;
         }
         let max = self.runtime.config().max_task_memory_bytes;
-        let checked = launch.digest.parse::<ModuleDigest>().and_then(|digest| {
+        let checked = crate::digest::parse(&launch.digest).and_then(|digest| {
             if launch.mem_bytes > max {
                 Err(WasmError::MemoryLimitTooLarge { requested: launch.mem_bytes, max })
             } else {
@@ -285,7 +285,7 @@ impl Tasks {
                 return;
             }
         };
-        let module = self.modules.entry(digest).or_default().clone();
+        let module = self.modules.entry(digest.clone()).or_default().clone();
         let span = tracing::info_span!(parent: &self.span, "task", task_id = %task_id);
         let run =
             run_launch(self.runtime.clone(), self.gate.clone(), module, digest, launch, self.updates.clone());
@@ -357,14 +357,14 @@ impl Tasks {
 async fn run_launch(
     runtime: WasmRuntime,
     gate: Arc<Semaphore>,
-    module: Arc<OnceCell<ModuleDigest>>,
-    digest: ModuleDigest,
+    module: Arc<OnceCell<Digest>>,
+    digest: Digest,
     launch: WasmLaunch,
     updates: mpsc::UnboundedSender<ExecutorUpdate>,
 ) -> TaskOutcome {
     let task_id = launch.task_id.clone();
     let path = launch.module_path.clone();
-    let loaded = module.get_or_try_init(|| load_module(&runtime, digest, &path)).await;
+    let loaded = module.get_or_try_init(|| load_module(&runtime, &digest, &path)).await;
     if let Err(error) = loaded {
         tracing::info!(%error, "launch failed");
         return failed_to_launch(error.to_string());
@@ -373,7 +373,7 @@ async fn run_launch(
     let Ok(_slot) = gate.acquire_owned().await else {
         return failed_to_launch("the executor is shutting down".into());
     };
-    let prepared = match runtime.prepare_task(spec(digest, launch)).await {
+    let prepared = match runtime.prepare_task(spec(digest.clone(), launch)).await {
         Ok(prepared) => prepared,
         Err(error) => {
             tracing::info!(%error, "launch failed");
@@ -398,15 +398,11 @@ async fn run_launch(
 }
 
 /// Reads a module's bytes, checks them against the launch's digest and loads them.
-async fn load_module(
-    runtime: &WasmRuntime,
-    digest: ModuleDigest,
-    path: &Path,
-) -> Result<ModuleDigest, String> {
+async fn load_module(runtime: &WasmRuntime, digest: &Digest, path: &Path) -> Result<Digest, String> {
     let bytes =
         tokio::fs::read(path).await.map_err(|e| format!("cannot read module {}: {e}", path.display()))?;
-    let actual = ModuleDigest::of(&bytes);
-    if actual != digest {
+    let actual = Digest::of(&bytes);
+    if actual != *digest {
         return Err(format!("module {} has sha256 {actual}, the launch expects {digest}", path.display()));
     }
     let info = runtime.load_async(Arc::from(bytes)).await.map_err(|e| e.to_string())?;
@@ -414,7 +410,7 @@ async fn load_module(
     Ok(info.digest)
 }
 
-fn spec(digest: ModuleDigest, launch: WasmLaunch) -> WasmTaskSpec {
+fn spec(digest: Digest, launch: WasmLaunch) -> WasmTaskSpec {
     let mut spec = WasmTaskSpec::new(ModuleSource::Digest(digest), launch.sandbox);
     spec.args = launch.args;
     spec.env = launch.env;
@@ -431,7 +427,7 @@ fn spec(digest: ModuleDigest, launch: WasmLaunch) -> WasmTaskSpec {
 
 fn failed_to_launch(message: String) -> TaskOutcome {
     TaskOutcome {
-        status: TaskStatus::Failed { reason: FailureReason::LaunchFailed, message },
+        status: TaskEnd::Failed { reason: FailureReason::LaunchFailed, message },
         fuel_consumed: 0,
         peak_memory_bytes: 0,
         wall_time: Duration::ZERO,
@@ -458,14 +454,14 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
     // returns, not before `memory.grow`: a task stopped by a refused grow can show none used.
     // Unknown is then the honest figure.
     let stale = outcome.fuel_consumed == 0
-        && matches!(outcome.status, TaskStatus::Failed { reason: FailureReason::MemoryLimitExceeded, .. });
+        && matches!(outcome.status, TaskEnd::Failed { reason: FailureReason::MemoryLimitExceeded, .. });
     let usage = Some(Usage {
         fuel: (!stale).then_some(outcome.fuel_consumed),
         peak_mem: Some(outcome.peak_memory_bytes),
         ..Usage::default()
     });
     match &outcome.status {
-        TaskStatus::Exited { code } => ExecutorUpdate {
+        TaskEnd::Exited { code } => ExecutorUpdate {
             task_id,
             state: if *code == 0 { TaskState::Finished } else { TaskState::Failed },
             reason: "module exited".into(),
@@ -475,10 +471,10 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             pid: None,
             usage,
         },
-        TaskStatus::Failed { reason: FailureReason::LaunchFailed, message } => {
+        TaskEnd::Failed { reason: FailureReason::LaunchFailed, message } => {
             launch_failed(task_id, message.clone())
         }
-        TaskStatus::Failed { reason, message } => ExecutorUpdate {
+        TaskEnd::Failed { reason, message } => ExecutorUpdate {
             task_id,
             state: TaskState::Failed,
             reason: reason.as_str().into(),
@@ -511,32 +507,19 @@ async fn write_updates(
 ) -> Result<(), FrameError> {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        for frame in pack(std::mem::take(&mut batch)) {
-            writer.feed(&ExecutorMessage::Updates(frame)).await?;
+        let updates = std::mem::take(&mut batch);
+        let unfit = writer.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await?;
+        for one in unfit {
+            tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
         }
         writer.flush().await?;
     }
     Ok(())
 }
 
-/// Splits updates into `Updates` messages that each encode within [`MAX_FRAME`]; an update that
-/// could never fit is dropped with an error in the log.
-fn pack(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
-    // The enum tag and the vector's length prefix take at most 1 + 5 bytes.
-    const BUDGET: usize = MAX_FRAME - 16;
-    chunk_by_size(updates, BUDGET)
-        .into_iter()
-        .filter(|run| match run.as_slice() {
-            [] => false,
-            // An item over the budget is a run of its own.
-            [one] if encoded_len(one).is_none_or(|n| n > BUDGET) => {
-                tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
-                false
-            }
-            _ => true,
-        })
-        .collect()
-}
+/// Room for updates in an `Updates` frame: the enum tag and the vector's length prefix take at
+/// most 1 + 5 bytes.
+const UPDATES_BUDGET: usize = MAX_FRAME - 16;
 
 /// The ids of the last [`RECENT_IDS`] tasks that ended.
 #[derive(Default)]
@@ -579,17 +562,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn big_batches_are_split_into_frames_that_fit() {
-        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
-        let frames = pack(updates.clone());
-        assert!(frames.len() > 1);
-        for frame in &frames {
-            assert!(agora_sdk::frame::encode(&ExecutorMessage::Updates(frame.clone())).is_ok());
+    /// What `write_updates` puts on the wire for one batch, frame by frame.
+    async fn frames(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
+        let mut w = FrameWriter::new(Vec::new());
+        let unfit = w.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await.expect("fed");
+        assert!(unfit.is_empty());
+        w.flush().await.expect("flush");
+        let bytes = w.into_inner();
+        let mut r = agora_sdk::frame::FrameReader::new(bytes.as_slice());
+        let mut out = Vec::new();
+        while let Some(ExecutorMessage::Updates(u)) = r.recv().await.expect("every frame fits") {
+            out.push(u);
         }
+        out
+    }
+
+    #[tokio::test]
+    async fn big_batches_are_split_into_frames_that_fit() {
+        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
+        let frames = frames(updates.clone()).await;
+        assert!(frames.len() > 1);
         assert_eq!(frames.concat(), updates, "order kept, nothing lost");
-        assert_eq!(pack(vec![update(0, 10)]).len(), 1);
-        assert!(pack(Vec::new()).is_empty());
+        assert_eq!(self::frames(vec![update(0, 10)]).await.len(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::digest::ModuleDigest;
+use crate::digest::Digest;
 use crate::error::WasmError;
 use crate::runtime::{Inner, Prepared, WasmRuntime, MAX_TABLE_ELEMENTS};
 use crate::validate::ModuleInfo;
@@ -24,7 +24,7 @@ pub enum ModuleSource {
     Bytes(Arc<[u8]>),
     /// A module loaded earlier ([`WasmRuntime::load`]) or compiled into the disk cache by an
     /// earlier run of this executor.
-    Digest(ModuleDigest),
+    Digest(Digest),
 }
 
 impl fmt::Debug for ModuleSource {
@@ -132,9 +132,10 @@ impl fmt::Display for FailureReason {
     }
 }
 
-/// How a task ended.
+/// How a task ended: an exit code or a failure. (Not a status update: those are the wire
+/// `agora_sdk::proto::TaskStatus`, which the executor loop in `serve` builds from this.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TaskStatus {
+pub enum TaskEnd {
     /// The guest returned from `_start` (code 0), called `proc_exit(code)`, or a component's
     /// `run` returned `ok` (0) or `err` (1).
     Exited {
@@ -154,7 +155,7 @@ pub enum TaskStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskOutcome {
     /// Exit code or failure.
-    pub status: TaskStatus,
+    pub status: TaskEnd,
     /// Fuel burnt (≈ WebAssembly instructions executed).
     pub fuel_consumed: u64,
     /// Largest total size of the task's linear memories, in bytes.
@@ -167,16 +168,16 @@ impl TaskOutcome {
     /// The exit code, if the guest exited.
     pub fn exit_code(&self) -> Option<i32> {
         match self.status {
-            TaskStatus::Exited { code } => Some(code),
-            TaskStatus::Failed { .. } => None,
+            TaskEnd::Exited { code } => Some(code),
+            TaskEnd::Failed { .. } => None,
         }
     }
 
     /// The failure reason, if the task failed.
     pub fn failure_reason(&self) -> Option<FailureReason> {
         match self.status {
-            TaskStatus::Exited { .. } => None,
-            TaskStatus::Failed { reason, .. } => Some(reason),
+            TaskEnd::Exited { .. } => None,
+            TaskEnd::Failed { reason, .. } => Some(reason),
         }
     }
 
@@ -187,7 +188,7 @@ impl TaskOutcome {
 
     fn launch_failed(error: &WasmError) -> Self {
         Self {
-            status: TaskStatus::Failed { reason: FailureReason::LaunchFailed, message: error.to_string() },
+            status: TaskEnd::Failed { reason: FailureReason::LaunchFailed, message: error.to_string() },
             fuel_consumed: 0,
             peak_memory_bytes: 0,
             wall_time: Duration::ZERO,
@@ -362,7 +363,7 @@ impl WasmRuntime {
         }
         let (info, prepared) = match &spec.module {
             ModuleSource::Bytes(bytes) => inner.clone().load_blocking(bytes.clone()).await?,
-            ModuleSource::Digest(digest) => inner.clone().load_digest_blocking(*digest).await?,
+            ModuleSource::Digest(digest) => inner.clone().load_digest_blocking(digest.clone()).await?,
         };
         let wasi = wasi_builder(&spec)?;
         Ok(PreparedTask { runtime: inner.clone(), info, prepared, wasi, spec })
@@ -546,16 +547,16 @@ fn on_epoch<T: HostState>(mut cx: StoreContextMut<'_, T>) -> wasmtime::Result<Up
     Ok(UpdateDeadline::Continue(1))
 }
 
-fn classify(error: &wasmtime::Error) -> TaskStatus {
+fn classify(error: &wasmtime::Error) -> TaskEnd {
     if let Some(exit) = error.downcast_ref::<I32Exit>() {
-        return TaskStatus::Exited { code: exit.0 };
+        return TaskEnd::Exited { code: exit.0 };
     }
     if let Some(kill) = error.downcast_ref::<Kill>() {
         let reason = match kill {
             Kill::Timeout(_) => FailureReason::Timeout,
             Kill::Memory { .. } | Kill::Table { .. } => FailureReason::MemoryLimitExceeded,
         };
-        return TaskStatus::Failed { reason, message: kill.to_string() };
+        return TaskEnd::Failed { reason, message: kill.to_string() };
     }
     if let Some(trap) = error.downcast_ref::<Trap>() {
         let reason = match trap {
@@ -563,9 +564,9 @@ fn classify(error: &wasmtime::Error) -> TaskStatus {
             Trap::Interrupt => FailureReason::Timeout,
             _ => FailureReason::Trap,
         };
-        return TaskStatus::Failed { reason, message: trap.to_string() };
+        return TaskEnd::Failed { reason, message: trap.to_string() };
     }
-    TaskStatus::Failed { reason: FailureReason::Trap, message: format!("{error:#}") }
+    TaskEnd::Failed { reason: FailureReason::Trap, message: format!("{error:#}") }
 }
 
 impl PreparedTask {
@@ -664,7 +665,7 @@ fn finish<T: HostState>(store: &mut Store<T>, result: wasmtime::Result<i32>) -> 
     let remaining = store.get_fuel().unwrap_or(0);
     let task = store.data_mut().task();
     let status = match result {
-        Ok(code) => TaskStatus::Exited { code },
+        Ok(code) => TaskEnd::Exited { code },
         Err(e) => classify(&e),
     };
     TaskOutcome {

@@ -4,7 +4,7 @@
 
 pub use agora_wasm_validate::{detect_kind, ModuleKind, WASI_P1_FUNCTIONS, WASI_P1_MODULE, WASI_P2_PACKAGES};
 
-use crate::digest::ModuleDigest;
+use crate::digest::Digest;
 use crate::error::WasmError;
 
 /// What [`validate`] learnt about an accepted module.
@@ -13,7 +13,7 @@ pub struct ModuleInfo {
     /// Core module or component.
     pub kind: ModuleKind,
     /// The sha256 of the bytes.
-    pub digest: ModuleDigest,
+    pub digest: Digest,
     /// The size of the bytes.
     pub size_bytes: usize,
     /// The imports, as `module::name` for core modules and the full name for components.
@@ -26,7 +26,7 @@ pub fn validate(bytes: &[u8]) -> Result<ModuleInfo, WasmError> {
     let checked = agora_wasm_validate::validate(bytes)?;
     Ok(ModuleInfo {
         kind: checked.kind,
-        digest: ModuleDigest::of(bytes),
+        digest: Digest::of(bytes),
         size_bytes: bytes.len(),
         imports: checked.imports,
     })

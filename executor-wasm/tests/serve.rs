@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agora_executor_wasm::{serve_with_runtime, ModuleDigest, RuntimeConfig, ServeError, WasmRuntime};
+use agora_executor_wasm::{serve_with_runtime, Digest, RuntimeConfig, ServeError, WasmRuntime};
 use agora_sdk::executor_proto::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch, EXECUTOR_PROTOCOL_VERSION,
 };
@@ -95,7 +95,7 @@ impl FakeAgent {
         if !path.exists() {
             std::fs::write(&path, &bytes).unwrap();
         }
-        (path, ModuleDigest::of(&bytes).to_hex())
+        (path, Digest::of(&bytes).to_string())
     }
 
     fn sandbox(&self, task: &str) -> PathBuf {
@@ -377,13 +377,13 @@ async fn tasks_that_cannot_start_fail_without_running() {
     let mut agent = FakeAgent::start().await;
     let mut missing = agent.launch("missing", "hello");
     missing.module_path = agent.dir.path().join("modules/nope.wasm");
-    missing.digest = ModuleDigest::of(b"nope").to_hex();
+    missing.digest = Digest::of(b"nope").to_string();
     let mut garbage = agent.launch("garbage", "hello");
     garbage.module_path = agent.dir.path().join("modules/garbage.wasm");
     std::fs::write(&garbage.module_path, b"not wasm at all").unwrap();
-    garbage.digest = ModuleDigest::of(b"not wasm at all").to_hex();
+    garbage.digest = Digest::of(b"not wasm at all").to_string();
     let mut mismatch = agent.launch("mismatch", "hello");
-    mismatch.digest = ModuleDigest::of(b"something else").to_hex();
+    mismatch.digest = Digest::of(b"something else").to_string();
     let mut bad_digest = agent.launch("bad-digest", "hello");
     bad_digest.digest = "xyz".into();
     let mut too_big = agent.launch("too-big", "hello");

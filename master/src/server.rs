@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::metrics::counter;
-use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, LIST_BUDGET, MAX_FRAME};
 use agora_sdk::proto::*;
 use agora_sdk::tls::{Identity, TlsError, TlsFiles};
 use agora_sdk::transport::{peer_identity, server_config};
@@ -396,14 +396,20 @@ trait Peer: serde::de::DeserializeOwned + Send + 'static {
     fn disconnected(conn: ConnId) -> Event;
     fn unwrap_out(o: Outgoing) -> Option<Self::Out>;
     fn error(e: WireError) -> Self::Out;
-    /// A message too large for one frame, as two smaller ones (lists only); `Err` gives it back.
-    fn split(out: Self::Out) -> Result<(Self::Out, Self::Out), Self::Out> {
+    /// What a list message to the peer carries, for [`FrameWriter::feed_list`].
+    type Item: Serialize + Send;
+    /// A message that carries a list which may outgrow a frame, as the list and the variant
+    /// that wraps it; `Err` gives any other message back.
+    #[allow(clippy::type_complexity)]
+    fn list(out: Self::Out) -> Result<(Vec<Self::Item>, fn(Vec<Self::Item>) -> Self::Out), Self::Out> {
         Err(out)
     }
 }
 
 impl Peer for AgentMessage {
     type Out = MasterToAgent;
+    /// Nothing to the agent is a list.
+    type Item = ();
     fn event(conn: ConnId, principal: &str, msg: Self) -> Event {
         Event::Agent { conn, principal: principal.to_string(), msg }
     }
@@ -423,6 +429,7 @@ impl Peer for AgentMessage {
 
 impl Peer for SchedulerCall {
     type Out = SchedulerEvent;
+    type Item = Offer;
     fn event(conn: ConnId, principal: &str, call: Self) -> Event {
         Event::Framework { conn, principal: principal.to_string(), call }
     }
@@ -438,13 +445,10 @@ impl Peer for SchedulerCall {
     fn error(e: WireError) -> SchedulerEvent {
         SchedulerEvent::Error(e)
     }
-    fn split(out: SchedulerEvent) -> Result<(SchedulerEvent, SchedulerEvent), SchedulerEvent> {
+    fn list(out: SchedulerEvent) -> Result<(Vec<Offer>, fn(Vec<Offer>) -> SchedulerEvent), SchedulerEvent> {
         match out {
             // Offers of thousands of agents at once.
-            SchedulerEvent::Offers(mut offers) if offers.len() > 1 => {
-                let tail = offers.split_off(offers.len() / 2);
-                Ok((SchedulerEvent::Offers(offers), SchedulerEvent::Offers(tail)))
-            }
+            SchedulerEvent::Offers(offers) => Ok((offers, SchedulerEvent::Offers)),
             other => Err(other),
         }
     }
@@ -573,10 +577,17 @@ async fn serve_operator(
     conn.close(0u32.into(), b"bye");
 }
 
-/// Queues `m`; a list too large for one frame is halved until each part fits (in order). A
-/// message that cannot be split is an error, which drops the connection.
+/// Queues `m`; a list too large for one frame goes in several messages that each fit (in
+/// order). A message that does not fit otherwise is an error, which drops the connection.
 async fn feed_split<P: Peer>(writer: &mut FrameWriter<SendStream>, m: P::Out) -> Result<(), FrameError> {
-    if writer.feed_splitting(m, P::split).await?.is_empty() {
+    let fits = match P::list(m) {
+        Ok((items, wrap)) => writer.feed_list(items, LIST_BUDGET, wrap).await?.is_empty(),
+        Err(m) => match writer.feed(&m).await {
+            Err(FrameError::TooLarge { .. }) => false,
+            done => return done,
+        },
+    };
+    if fits {
         return Ok(());
     }
     tracing::error!(max = MAX_FRAME, "a message to a peer does not fit in a frame");
@@ -586,20 +597,11 @@ async fn feed_split<P: Peer>(writer: &mut FrameWriter<SendStream>, m: P::Out) ->
 /// Sends a reply; a list too large for one frame goes as `…Part` replies ending with the list's
 /// own variant (the client puts them back together).
 async fn send_in_parts(writer: &mut FrameWriter<SendStream>, reply: OperatorReply) -> Result<(), FrameError> {
-    use agora_sdk::frame::{chunk_by_size, LIST_BUDGET};
-    fn parts<T: serde::Serialize>(
-        list: Vec<T>,
-        part: fn(Vec<T>) -> OperatorReply,
-        last: fn(Vec<T>) -> OperatorReply,
-    ) -> Vec<OperatorReply> {
-        let mut runs = chunk_by_size(list, LIST_BUDGET);
-        let tail = runs.pop().unwrap_or_default();
-        runs.into_iter().map(part).chain(std::iter::once(last(tail))).collect()
-    }
+    use agora_sdk::frame::in_parts;
     let replies = match reply {
-        OperatorReply::Agents(a) => parts(a, OperatorReply::AgentsPart, OperatorReply::Agents),
-        OperatorReply::Frameworks(f) => parts(f, OperatorReply::FrameworksPart, OperatorReply::Frameworks),
-        OperatorReply::Tasks(t) => parts(t, OperatorReply::TasksPart, OperatorReply::Tasks),
+        OperatorReply::Agents(a) => in_parts(a, OperatorReply::AgentsPart, OperatorReply::Agents),
+        OperatorReply::Frameworks(f) => in_parts(f, OperatorReply::FrameworksPart, OperatorReply::Frameworks),
+        OperatorReply::Tasks(t) => in_parts(t, OperatorReply::TasksPart, OperatorReply::Tasks),
         other => vec![other],
     };
     for r in &replies {

@@ -10,9 +10,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::ConnId;
 
-/// Tasks are named by framework and task id (task ids are unique within a framework only).
-pub(crate) type TaskKey = (FrameworkId, TaskId);
-
 /// Which kind of peer a connection carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Peer {
@@ -278,7 +275,7 @@ pub(crate) struct Task {
 
 impl Task {
     pub(crate) fn key(&self) -> TaskKey {
-        (self.framework_id.clone(), self.info.task_id.clone())
+        TaskKey::new(self.framework_id.clone(), self.info.task_id.clone())
     }
 
     pub(crate) fn view(&self) -> TaskView {
@@ -469,10 +466,10 @@ mod tests {
         };
         let mut t = TaskTable::default();
         for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {
-            assert!(t.insert((FrameworkId::new(fw), TaskId::new(id)), task(fw, id)).is_none());
+            assert!(t.insert(TaskKey::new(FrameworkId::new(fw), TaskId::new(id)), task(fw, id)).is_none());
         }
         let keys = |t: &TaskTable| t.values().map(Task::key).collect::<Vec<_>>();
-        let k = |fw: &str, id: &str| (FrameworkId::new(fw), TaskId::new(id));
+        let k = |fw: &str, id: &str| TaskKey::new(FrameworkId::new(fw), TaskId::new(id));
         assert_eq!(keys(&t), vec![k("f1", "a"), k("f1", "z"), k("f2", "a"), k("f2", "b")]);
         let f2: Vec<_> = t.of_framework(&FrameworkId::new("f2")).map(Task::key).collect();
         assert_eq!(f2, vec![k("f2", "a"), k("f2", "b")]);
@@ -558,16 +555,16 @@ impl TaskTable {
 
     /// Adds or replaces a task; returns the one it replaced.
     pub(crate) fn insert(&mut self, key: TaskKey, task: Task) -> Option<Task> {
-        self.order.entry(key.0.clone()).or_default().insert(key.1.clone());
+        self.order.entry(key.framework_id.clone()).or_default().insert(key.task_id.clone());
         self.map.insert(key, task)
     }
 
     pub(crate) fn remove(&mut self, key: &TaskKey) -> Option<Task> {
         let task = self.map.remove(key)?;
-        if let Some(ids) = self.order.get_mut(&key.0) {
-            ids.remove(&key.1);
+        if let Some(ids) = self.order.get_mut(&key.framework_id) {
+            ids.remove(&key.task_id);
             if ids.is_empty() {
-                self.order.remove(&key.0);
+                self.order.remove(&key.framework_id);
             }
         }
         Some(task)
@@ -589,7 +586,7 @@ impl TaskTable {
     }
 
     fn lookup(&self, fw: &FrameworkId, id: &TaskId) -> Option<&Task> {
-        // The map is keyed by owned pairs; this walk is off the per-update path.
-        self.map.get(&(fw.clone(), id.clone()))
+        // The map is keyed by owned keys; this walk is off the per-update path.
+        self.map.get(&TaskKey::new(fw.clone(), id.clone()))
     }
 }

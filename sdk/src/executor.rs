@@ -60,7 +60,7 @@ use crate::executor_proto::{
     AgentToExecutor, ExecutorMessage, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID,
     ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
 };
-use crate::frame::{chunk_by_size, encoded_len, FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use crate::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
 use crate::proto::{
     AgentId, ExecutorId, FrameworkId, TaskId, TaskInfo, TaskState, WireError, MAX_FRAMEWORK_MESSAGE,
 };
@@ -543,14 +543,8 @@ async fn feed_updates(
     if updates.is_empty() {
         return Ok(());
     }
-    for run in chunk_by_size(updates, UPDATES_BUDGET) {
-        if let [one] = run.as_slice() {
-            if encoded_len(one).is_none_or(|n| n > UPDATES_BUDGET) {
-                tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
-                continue;
-            }
-        }
-        writer.feed(&ExecutorMessage::Updates(run)).await?;
+    for one in writer.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await? {
+        tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
     }
     Ok(())
 }

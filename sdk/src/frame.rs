@@ -1,5 +1,27 @@
 //! Length-delimited postcard frames with an explicit maximum size, over any byte stream
 //! (QUIC streams, Unix sockets).
+//!
+//! # Lists larger than a frame
+//!
+//! A message never exceeds [`MAX_FRAME`]; a list that may (thousands of tasks, offers, launches,
+//! updates) is cut by one mechanism, [`chunk_by_size`]: runs of items whose encodings add up
+//! to at most a budget ([`LIST_BUDGET`] leaves room for what surrounds the list), in order. The
+//! runs go out in one of two shapes, by what the receiver needs:
+//!
+//! - **Independent messages** ([`FrameWriter::feed_list`]): each run is a whole message of the
+//!   list's own variant, because the receiver handles every item on its own (offers, launch
+//!   batches, executor updates). Items that fit in no frame by themselves are handed back.
+//! - **Parts, then the final message** ([`in_parts`]): every run but the last goes in the
+//!   list's `…Part` message (or, for agent registration, `TaskReports`), the last one in the
+//!   message that normally carries the whole list (`Agents`, `Frameworks`, `Tasks`,
+//!   `Register`); the receiver gathers parts until that final message, which is the only one
+//!   that acts. A list that fits is just the final message, as before the split existed.
+//!
+//! This is chunking on the control stream, not a bulk stream of its own: the lists are
+//! control data that is ordered with the messages around it (a registration's reports must
+//! arrive before the `Register` they belong to, launches before the kills that follow), and a
+//! second stream would need its own ordering and end-of-list signal, which the final message
+//! already is.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
@@ -133,33 +155,27 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Queues `msg`; one too large for a frame is split with `split` (into a head and a tail,
-    /// queued in that order) until every part fits. Returns the parts that neither fit nor split
-    /// (nothing of them is queued); the caller decides what that means.
-    pub async fn feed_splitting<T: Serialize>(
+    /// Queues `items` as messages `wrap(run)`, one per run of [`chunk_by_size`] within
+    /// `budget` (one message when the list fits; an empty list is one empty message). Returns
+    /// the items too large for a frame on their own (nothing of them is queued); the caller
+    /// decides what that means.
+    pub async fn feed_list<T: Serialize, M: Serialize>(
         &mut self,
-        msg: T,
-        split: impl Fn(T) -> Result<(T, T), T>,
+        items: Vec<T>,
+        budget: usize,
+        wrap: impl Fn(Vec<T>) -> M,
     ) -> Result<Vec<T>, FrameError> {
-        let mut unsent = Vec::new();
-        let mut stack = vec![msg];
-        while let Some(msg) = stack.pop() {
-            match self.append(&msg) {
-                Ok(()) => {}
-                Err(FrameError::TooLarge { .. }) => match split(msg) {
-                    Ok((head, tail)) => {
-                        stack.push(tail);
-                        stack.push(head);
-                    }
-                    Err(whole) => unsent.push(whole),
-                },
-                Err(e) => return Err(e),
+        let mut unfit = Vec::new();
+        for run in chunk_by_size(items, budget) {
+            if let [one] = run.as_slice() {
+                if !fits(one, budget) {
+                    unfit.extend(run);
+                    continue;
+                }
             }
-            if self.buf.len() >= WRITE_CHUNK {
-                self.io.write_all_buf(&mut self.buf).await.map_err(FrameError::Io)?;
-            }
+            self.feed(&wrap(run)).await?;
         }
-        Ok(unsent)
+        Ok(unfit)
     }
 
     pub async fn flush(&mut self) -> Result<(), FrameError> {
@@ -185,9 +201,15 @@ pub fn encoded_len<T: Serialize>(msg: &T) -> Option<usize> {
 /// Room left in a frame for what surrounds a list (enum tags, length prefixes, other fields).
 pub const LIST_BUDGET: usize = MAX_FRAME - (64 << 10);
 
+/// Whether `item` encodes within `budget` bytes.
+pub fn fits<T: Serialize>(item: &T, budget: usize) -> bool {
+    encoded_len(item).is_some_and(|n| n <= budget)
+}
+
 /// Splits `items` into runs whose encodings each add up to at most `budget` bytes, in order, so
-/// that a list too large for one frame goes out in several. An item larger than `budget` on its
-/// own is a run of its own (its frame will be refused with a clear error).
+/// that a list too large for one frame goes out in several (see the module docs). An item
+/// larger than `budget` on its own is a run of its own (its frame will be refused with a clear
+/// error, unless the caller checks [`fits`] first). Always at least one run.
 pub fn chunk_by_size<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
     let mut runs = Vec::new();
     let mut run = Vec::new();
@@ -205,6 +227,19 @@ pub fn chunk_by_size<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> 
         runs.push(run);
     }
     runs
+}
+
+/// A list as its `…Part` messages then its final message (see the module docs): every run of
+/// [`chunk_by_size`] within [`LIST_BUDGET`] but the last goes through `part`, the last (empty
+/// for an empty list) through `last`.
+pub fn in_parts<T: Serialize, M>(
+    items: Vec<T>,
+    part: impl FnMut(Vec<T>) -> M,
+    last: impl FnOnce(Vec<T>) -> M,
+) -> Vec<M> {
+    let mut runs = chunk_by_size(items, LIST_BUDGET);
+    let tail = runs.pop().unwrap_or_default();
+    runs.into_iter().map(part).chain(std::iter::once(last(tail))).collect()
 }
 
 /// Encodes one message body (without the length prefix).
@@ -282,6 +317,37 @@ mod tests {
         assert_eq!(
             chunk_by_size(big.clone(), 10),
             vec![vec![big[0].clone()], vec![big[1].clone()], vec![big[2].clone()]]
+        );
+    }
+
+    /// The two shapes a long list goes out in: independent messages that each fit (items too
+    /// large for any frame handed back), and parts followed by the final message.
+    #[tokio::test]
+    async fn long_lists_go_as_messages_or_parts_that_fit() {
+        let items: Vec<String> = (0..3000).map(|i| format!("{i:0>600}")).collect();
+        let mut with_giant = items.clone();
+        with_giant.insert(1234, "x".repeat(MAX_FRAME));
+        let mut w = FrameWriter::new(Vec::new());
+        let unfit = w.feed_list(with_giant, LIST_BUDGET, |run| run).await.expect("fed");
+        assert_eq!(unfit, vec!["x".repeat(MAX_FRAME)]);
+        w.flush().await.expect("flush");
+        let bytes = w.into_inner();
+        let mut r = FrameReader::new(bytes.as_slice());
+        let mut runs = Vec::new();
+        while let Some(run) = r.recv::<Vec<String>>().await.expect("every frame fits") {
+            runs.push(run);
+        }
+        assert!(runs.len() > 1);
+        assert_eq!(runs.concat(), items);
+
+        let parts = in_parts(items.clone(), |run| (false, run), |run| (true, run));
+        assert!(
+            parts.len() > 1 && parts.iter().rev().skip(1).all(|(last, _)| !last) && parts[parts.len() - 1].0
+        );
+        assert_eq!(parts.into_iter().flat_map(|(_, run)| run).collect::<Vec<_>>(), items);
+        assert_eq!(
+            in_parts(Vec::<String>::new(), |run| (false, run), |run| (true, run)),
+            vec![(true, vec![])]
         );
     }
 

@@ -447,6 +447,22 @@ pub struct Usage {
     pub mem_current: Option<u64>,
 }
 
+/// Names a task: task ids are unique within a framework only, so a task is known by both.
+/// The key of the master's task table and of the agent's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskKey {
+    /// The owning framework.
+    pub framework_id: FrameworkId,
+    /// The task.
+    pub task_id: TaskId,
+}
+
+impl TaskKey {
+    pub fn new(framework_id: FrameworkId, task_id: TaskId) -> Self {
+        Self { framework_id, task_id }
+    }
+}
+
 /// A task status update.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskStatus {

@@ -44,7 +44,7 @@ use agora_sdk::executor_proto::{
     ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN,
     MAX_REASON_LEN,
 };
-use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, LIST_BUDGET, MAX_FRAME};
 use agora_sdk::proto::{
     AgentId, Digest, ExecutorId, ExecutorInfo, FetchInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState,
     WasmInfo, COMMAND_EXECUTOR_ID, WASM_EXECUTOR_ID,

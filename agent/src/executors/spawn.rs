@@ -308,35 +308,27 @@ impl ExecutorSpawn {
 }
 
 /// Queues `msg` for the executor. A batch of launches too large for one frame goes out in
-/// several (halved until each fits, in order); a single launch that cannot fit at all is left
-/// in `unsendable` for the caller to fail, and the executor carries on.
+/// several that each fit, in order; a single launch that cannot fit at all is left in
+/// `unsendable` for the caller to fail, and the executor carries on.
 pub(super) async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     msg: AgentToExecutor,
     unsendable: &mut Vec<TaskId>,
 ) -> Result<(), FrameError> {
-    let halve = |msg| match msg {
-        AgentToExecutor::Launch(mut list) if list.len() > 1 => {
-            let tail = list.split_off(list.len() / 2);
-            Ok((AgentToExecutor::Launch(list), AgentToExecutor::Launch(tail)))
+    match msg {
+        AgentToExecutor::Launch(list) => {
+            let unfit = writer.feed_list(list, LIST_BUDGET, AgentToExecutor::Launch).await?;
+            unsendable.extend(unfit.into_iter().map(|l| l.task_id));
         }
-        AgentToExecutor::LaunchCommands(mut list) if list.len() > 1 => {
-            let tail = list.split_off(list.len() / 2);
-            Ok((AgentToExecutor::LaunchCommands(list), AgentToExecutor::LaunchCommands(tail)))
+        AgentToExecutor::LaunchCommands(list) => {
+            let unfit = writer.feed_list(list, LIST_BUDGET, AgentToExecutor::LaunchCommands).await?;
+            unsendable.extend(unfit.into_iter().map(|l| l.task_id));
         }
-        AgentToExecutor::LaunchTasks(mut list) if list.len() > 1 => {
-            let tail = list.split_off(list.len() / 2);
-            Ok((AgentToExecutor::LaunchTasks(list), AgentToExecutor::LaunchTasks(tail)))
+        AgentToExecutor::LaunchTasks(list) => {
+            let unfit = writer.feed_list(list, LIST_BUDGET, AgentToExecutor::LaunchTasks).await?;
+            unsendable.extend(unfit.into_iter().map(|l| l.task_id));
         }
-        other => Err(other),
-    };
-    for msg in writer.feed_splitting(msg, halve).await? {
-        match msg {
-            AgentToExecutor::Launch(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
-            AgentToExecutor::LaunchCommands(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
-            AgentToExecutor::LaunchTasks(list) => unsendable.extend(list.into_iter().map(|l| l.task_id)),
-            _ => return Err(FrameError::TooLarge { max: MAX_FRAME }),
-        }
+        other => writer.feed(&other).await?,
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use agora_executor_wasm::{CacheStats, FailureReason, ModuleDigest, ModuleSource, WasmRuntime, WasmTaskSpec};
+use agora_executor_wasm::{CacheStats, Digest, FailureReason, ModuleSource, WasmRuntime, WasmTaskSpec};
 
 use crate::{fixture, test_config, Harness};
 
@@ -11,7 +11,7 @@ async fn a_module_is_compiled_once_then_served_from_memory() {
         assert!(h.run(h.spec("hello")).await.success());
     }
     assert_eq!(h.rt.cache_stats(), CacheStats { memory_hits: 2, disk_hits: 0, compiles: 1 });
-    let digest = ModuleDigest::of(&fixture("hello"));
+    let digest = Digest::of(&fixture("hello"));
     let path = h.rt.cache_path(&digest);
     assert_eq!(path, h.cache.path().join(h.rt.engine_hash()).join(format!("{digest}.cwasm")));
     assert!(path.is_file());
@@ -23,7 +23,7 @@ async fn a_new_runtime_deserializes_instead_of_compiling() {
     let cache = tempfile::tempdir().unwrap();
     let sandbox = tempfile::tempdir().unwrap();
     let bytes: Arc<[u8]> = Arc::from(fixture("hello"));
-    let digest = ModuleDigest::of(&bytes);
+    let digest = Digest::of(&bytes);
     {
         let rt = WasmRuntime::new(test_config(cache.path())).unwrap();
         let info = rt.load(&bytes).unwrap();
@@ -49,10 +49,11 @@ async fn a_new_runtime_deserializes_instead_of_compiling() {
 #[tokio::test]
 async fn an_unknown_digest_fails_at_launch() {
     let h = Harness::new();
-    let digest = ModuleDigest::of(b"never loaded");
-    let outcome = h.rt.run_task(WasmTaskSpec::new(ModuleSource::Digest(digest), h.sandbox.path())).await;
+    let digest = Digest::of(b"never loaded");
+    let outcome =
+        h.rt.run_task(WasmTaskSpec::new(ModuleSource::Digest(digest.clone()), h.sandbox.path())).await;
     assert_eq!(outcome.failure_reason(), Some(FailureReason::LaunchFailed));
-    let agora_executor_wasm::TaskStatus::Failed { message, .. } = outcome.status else { unreachable!() };
+    let agora_executor_wasm::TaskEnd::Failed { message, .. } = outcome.status else { unreachable!() };
     assert_eq!(message, format!("module {digest} is not loaded and not in the compiled-module cache"));
 }
 
@@ -60,7 +61,7 @@ async fn an_unknown_digest_fails_at_launch() {
 async fn a_corrupt_cache_file_is_replaced() {
     let cache = tempfile::tempdir().unwrap();
     let bytes = fixture("hello");
-    let digest = ModuleDigest::of(&bytes);
+    let digest = Digest::of(&bytes);
     let path = {
         let rt = WasmRuntime::new(test_config(cache.path())).unwrap();
         rt.load(&bytes).unwrap();

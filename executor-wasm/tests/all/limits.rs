@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use agora_executor_wasm::{FailureReason, TaskStatus, WasmError};
+use agora_executor_wasm::{FailureReason, TaskEnd, WasmError};
 
 use crate::Harness;
 
@@ -36,7 +36,7 @@ async fn memory_grow_bomb_fails_with_memory_limit_exceeded() {
     let mut spec = h.spec("membomb");
     spec.memory_limit_bytes = 8 << 20;
     let outcome = h.run(spec).await;
-    let TaskStatus::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
+    let TaskEnd::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
     assert_eq!(*reason, FailureReason::MemoryLimitExceeded);
     assert_eq!(reason.as_str(), "memory limit exceeded");
     assert!(message.contains("over the task's limit of 8388608 bytes"), "{message}");

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use agora_executor_wasm::{FailureReason, ModuleSource, TaskStatus, WasmTaskSpec};
+use agora_executor_wasm::{FailureReason, ModuleSource, TaskEnd, WasmTaskSpec};
 
 use crate::{fixture, Harness};
 
@@ -8,7 +8,7 @@ use crate::{fixture, Harness};
 async fn hello_writes_stdout_and_stderr_to_files() {
     let h = Harness::new();
     let outcome = h.run(h.spec("hello")).await;
-    assert_eq!(outcome.status, TaskStatus::Exited { code: 0 });
+    assert_eq!(outcome.status, TaskEnd::Exited { code: 0 });
     assert!(outcome.success());
     assert_eq!(h.output("stdout"), "hello from wasm\n");
     assert_eq!(h.output("stderr"), "a warning\n");
@@ -42,7 +42,7 @@ async fn no_host_environment_is_inherited() {
 async fn proc_exit_sets_the_exit_code() {
     let h = Harness::new();
     let outcome = h.run(h.spec("exit")).await;
-    assert_eq!(outcome.status, TaskStatus::Exited { code: 42 });
+    assert_eq!(outcome.status, TaskEnd::Exited { code: 42 });
     assert!(!outcome.success());
 }
 
@@ -51,7 +51,7 @@ async fn unreachable_fails_with_the_trap_message() {
     let h = Harness::new();
     let outcome = h.run(h.spec("unreachable")).await;
     assert_eq!(outcome.failure_reason(), Some(FailureReason::Trap), "{outcome:?}");
-    let TaskStatus::Failed { message, .. } = &outcome.status else { unreachable!() };
+    let TaskEnd::Failed { message, .. } = &outcome.status else { unreachable!() };
     assert!(message.contains("wasm `unreachable` instruction executed"), "{message}");
 }
 
@@ -60,7 +60,7 @@ async fn unbounded_recursion_fails_with_stack_exhausted() {
     let h = Harness::new();
     let outcome = h.run(h.spec("recursion")).await;
     assert_eq!(outcome.failure_reason(), Some(FailureReason::Trap), "{outcome:?}");
-    let TaskStatus::Failed { message, .. } = &outcome.status else { unreachable!() };
+    let TaskEnd::Failed { message, .. } = &outcome.status else { unreachable!() };
     assert!(message.contains("call stack exhausted"), "{message}");
 }
 
@@ -77,7 +77,7 @@ async fn bad_modules_fail_at_launch_with_the_validation_message() {
     for (bytes, expected) in cases {
         let spec = WasmTaskSpec::new(ModuleSource::Bytes(Arc::from(bytes)), h.sandbox.path());
         let outcome = h.run(spec).await;
-        let TaskStatus::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
+        let TaskEnd::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
         assert_eq!(*reason, FailureReason::LaunchFailed);
         assert!(message.contains(expected), "{message} should contain {expected}");
     }
@@ -90,9 +90,9 @@ async fn bad_modules_fail_at_launch_with_the_validation_message() {
 async fn components_run_and_map_run_result_to_exit_code() {
     let h = Harness::new();
     let ok = h.run(h.spec("component_ok")).await;
-    assert_eq!(ok.status, TaskStatus::Exited { code: 0 });
+    assert_eq!(ok.status, TaskEnd::Exited { code: 0 });
     let err = h.run(h.spec("component_err")).await;
-    assert_eq!(err.status, TaskStatus::Exited { code: 1 });
+    assert_eq!(err.status, TaskEnd::Exited { code: 1 });
 }
 
 #[tokio::test]
@@ -101,7 +101,7 @@ async fn components_reach_wasi_p2_imports() {
     let info = agora_executor_wasm::validate(&fixture("component_exit")).unwrap();
     assert_eq!(info.imports, vec!["wasi:cli/exit@0.2.0".to_owned()]);
     let outcome = h.run(h.spec("component_exit")).await;
-    assert_eq!(outcome.status, TaskStatus::Exited { code: 1 }, "{outcome:?}");
+    assert_eq!(outcome.status, TaskEnd::Exited { code: 1 }, "{outcome:?}");
 }
 
 #[tokio::test]

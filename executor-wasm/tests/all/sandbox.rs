@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use agora_executor_wasm::{FailureReason, Preopen, TaskStatus, WasmError};
+use agora_executor_wasm::{FailureReason, Preopen, TaskEnd, WasmError};
 
 use crate::Harness;
 
@@ -88,7 +88,7 @@ async fn a_preopen_outside_the_sandbox_is_refused() {
 
     spec.preopens = vec![Preopen { host: PathBuf::from(".."), guest: "/up".into(), read_only: true }];
     let outcome = h.run(spec).await;
-    let TaskStatus::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
+    let TaskEnd::Failed { reason, message } = &outcome.status else { panic!("{outcome:?}") };
     assert_eq!(*reason, FailureReason::LaunchFailed);
     assert!(message.contains("is outside the task sandbox"), "{message}");
 }

@@ -9,7 +9,7 @@ fn accepts_a_wasip1_command() {
     assert_eq!(info.kind, ModuleKind::CoreModule);
     assert_eq!(info.size_bytes, bytes.len());
     assert_eq!(info.imports, vec!["wasi_snapshot_preview1::fd_write".to_owned()]);
-    assert_eq!(info.digest, agora_executor_wasm::ModuleDigest::of(&bytes));
+    assert_eq!(info.digest, agora_executor_wasm::Digest::of(&bytes));
 }
 
 #[test]

@@ -208,17 +208,17 @@ impl Master {
         let mut reported: HashSet<TaskKey> = HashSet::new();
         let mut shutdown: BTreeSet<FrameworkId> = BTreeSet::new();
         for r in reports {
-            let key = (r.framework_id.clone(), r.task.task_id.clone());
-            if key.1.as_str().is_empty() || !reported.insert(key.clone()) {
-                warn!(agent_id = %id, task_id = %key.1, "agent reported an unnamed or duplicate task");
+            let key = TaskKey::new(r.framework_id.clone(), r.task.task_id.clone());
+            if key.task_id.as_str().is_empty() || !reported.insert(key.clone()) {
+                warn!(agent_id = %id, task_id = %key.task_id, "agent reported an unnamed or duplicate task");
                 continue;
             }
-            if self.removed_frameworks.contains(&key.0) && !r.state.is_terminal() {
-                shutdown.insert(key.0.clone());
+            if self.removed_frameworks.contains(&key.framework_id) && !r.state.is_terminal() {
+                shutdown.insert(key.framework_id.clone());
             }
             match self.tasks.get_mut(&key) {
                 Some(task) if task.agent_id != *id => {
-                    warn!(agent_id = %id, task_id = %key.1, framework_id = %key.0,
+                    warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
                         known_on = %task.agent_id, "agent reported a task known on another agent");
                 }
                 Some(task) => {
@@ -243,24 +243,30 @@ impl Master {
                             self.deliver(&key, status);
                         }
                     } else {
-                        warn!(agent_id = %id, task_id = %key.1, framework_id = %key.0,
+                        warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
                             known = %old, reported = %r.state, "agent runs a task the master considers over: killing it");
                         self.send_agent(
                             conn,
-                            MasterToAgent::KillTask { framework_id: key.0.clone(), task_id: key.1.clone() },
+                            MasterToAgent::KillTask {
+                                framework_id: key.framework_id.clone(),
+                                task_id: key.task_id.clone(),
+                            },
                         );
                         continue;
                     }
                     if kill && !r.state.is_terminal() {
                         self.send_agent(
                             conn,
-                            MasterToAgent::KillTask { framework_id: key.0.clone(), task_id: key.1.clone() },
+                            MasterToAgent::KillTask {
+                                framework_id: key.framework_id.clone(),
+                                task_id: key.task_id.clone(),
+                            },
                         );
                     }
                 }
                 None => {
                     let completed = self.completed_index.contains_key(&key);
-                    debug!(agent_id = %id, task_id = %key.1, framework_id = %key.0, state = %r.state, "adopting reported task");
+                    debug!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id, state = %r.state, "adopting reported task");
                     // A reported task holds its flat request (taken from the unreserved
                     // part first); reservations are re-attributed as tasks come and go.
                     let allocation = r.task.resources.flatten();
@@ -268,7 +274,7 @@ impl Master {
                         key.clone(),
                         Task {
                             info: r.task,
-                            framework_id: key.0.clone(),
+                            framework_id: key.framework_id.clone(),
                             agent_id: id.clone(),
                             state: r.state,
                             allocation,
@@ -281,11 +287,14 @@ impl Master {
                         agent.tasks.insert(key.clone());
                     }
                     if completed && !r.state.is_terminal() {
-                        warn!(agent_id = %id, task_id = %key.1, framework_id = %key.0,
+                        warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
                             "agent runs a task that already completed: killing it");
                         self.send_agent(
                             conn,
-                            MasterToAgent::KillTask { framework_id: key.0.clone(), task_id: key.1.clone() },
+                            MasterToAgent::KillTask {
+                                framework_id: key.framework_id.clone(),
+                                task_id: key.task_id.clone(),
+                            },
                         );
                     }
                 }
@@ -302,13 +311,13 @@ impl Master {
             })
             .unwrap_or_default();
         for key in missing {
-            warn!(agent_id = %id, task_id = %key.1, framework_id = %key.0, "task not reported by re-registered agent");
+            warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id, "task not reported by re-registered agent");
             self.master_update(
                 now,
                 &key,
                 TaskState::Lost,
                 "task not reported by re-registered agent",
-                format!("agent {id} re-registered without task {}", key.1),
+                format!("agent {id} re-registered without task {}", key.task_id),
             );
         }
     }

@@ -286,7 +286,7 @@ impl Master {
     }
 
     pub(super) fn framework_kill(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, task_id: TaskId) {
-        let key = (fw.clone(), task_id);
+        let key = TaskKey::new(fw.clone(), task_id);
         let reply = match self.tasks.get(&key) {
             Some(t) if !t.state.is_terminal() => {
                 self.kill_live_task(now, &key);
@@ -300,7 +300,7 @@ impl Master {
                     None,
                     TaskState::Lost,
                     "unknown task",
-                    format!("framework {fw} has no task {}", key.1),
+                    format!("framework {fw} has no task {}", key.task_id),
                     self.unix_ms(now),
                 )),
             },
@@ -311,7 +311,7 @@ impl Master {
     }
 
     pub(super) fn acknowledge(&mut self, fw: &FrameworkId, agent_id: AgentId, task_id: TaskId, uuid: Uuid) {
-        let key = (fw.clone(), task_id);
+        let key = TaskKey::new(fw.clone(), task_id);
         let agent_id = match self.tasks.get_mut(&key) {
             Some(task) => {
                 task.pending.retain(|s| s.uuid != Some(uuid));
@@ -322,7 +322,7 @@ impl Master {
         if let Some(conn) = self.agents.get(&agent_id).and_then(Agent::conn) {
             self.send_agent(
                 conn,
-                MasterToAgent::StatusAck { framework_id: fw.clone(), task_id: key.1.clone(), uuid },
+                MasterToAgent::StatusAck { framework_id: fw.clone(), task_id: key.task_id.clone(), uuid },
             );
         }
         self.maybe_complete(&key);
@@ -338,7 +338,7 @@ impl Master {
             task_ids
                 .into_iter()
                 .map(|tid| {
-                    let key = (fw.clone(), tid);
+                    let key = TaskKey::new(fw.clone(), tid);
                     match self
                         .tasks
                         .get(&key)
@@ -350,7 +350,7 @@ impl Master {
                             None,
                             TaskState::Unknown,
                             "reconciliation: unknown task",
-                            format!("framework {fw} has no task {}", key.1),
+                            format!("framework {fw} has no task {}", key.task_id),
                             self.unix_ms(now),
                         ),
                     }

@@ -26,8 +26,7 @@ use crate::allocator::{
 use crate::metrics;
 use crate::quick;
 use crate::state::{
-    Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskKey,
-    TaskTable,
+    Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskTable,
 };
 use executors::{ExecutorRecord, Executors};
 
@@ -189,8 +188,8 @@ fn master_status(
     timestamp_ms: u64,
 ) -> TaskStatus {
     TaskStatus {
-        task_id: key.1.clone(),
-        framework_id: key.0.clone(),
+        task_id: key.task_id.clone(),
+        framework_id: key.framework_id.clone(),
         agent_id,
         state,
         uuid: None,
@@ -553,7 +552,7 @@ impl Master {
                 format!(
                     "task id {task_id} is used by {} frameworks ({}); kill it from its framework",
                     many.len(),
-                    many.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", ")
+                    many.iter().map(|k| k.framework_id.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             )),
         }

@@ -168,7 +168,7 @@ impl Master {
             let ts = self.unix_ms(now);
             for t in tasks {
                 counter!(metrics::TASKS_INVALID).increment(1);
-                let key = (fw.clone(), t.task_id.clone());
+                let key = TaskKey::new(fw.clone(), t.task_id.clone());
                 let status = master_status(
                     &key,
                     None,
@@ -197,7 +197,7 @@ impl Master {
         // The executor each framework executor id names in this call (the first valid one).
         let mut call_executors: HashMap<ExecutorId, ExecutorInfo> = HashMap::new();
         for task in tasks {
-            let key = (fw.clone(), task.task_id.clone());
+            let key = TaskKey::new(fw.clone(), task.task_id.clone());
             let tid = &task.task_id;
             let duplicate = !in_call.insert(tid.clone());
             let problem = if tid.as_str().is_empty() {

@@ -44,14 +44,14 @@ impl Master {
         if status.state.is_terminal() && !was_terminal {
             let agent_id = task.agent_id.clone();
             let resources = task.allocation.clone();
-            debug!(task_id = %key.1, framework_id = %key.0, agent_id = %agent_id, state = %status.state, "task ended");
+            debug!(task_id = %key.task_id, framework_id = %key.framework_id, agent_id = %agent_id, state = %status.state, "task ended");
             counter!(metrics::TASKS_TERMINAL, "state" => status.state.as_str()).increment(1);
             // Incremental: recomputing walks every task of the agent, quadratic under load.
             if let Some(agent) = self.agents.get_mut(&agent_id) {
                 agent.used = agent.used.saturating_sub(&resources);
             }
             if self.agents.get(&agent_id).is_some_and(|a| a.attached) {
-                self.allocator.recover(&key.0, &agent_id, &resources);
+                self.allocator.recover(&key.framework_id, &agent_id, &resources);
             }
             self.request_allocation(now);
         }
@@ -62,7 +62,7 @@ impl Master {
     /// acknowledged to the agent directly.
     pub(super) fn deliver(&mut self, key: &TaskKey, status: TaskStatus) {
         let Some(task) = self.tasks.get_mut(key) else { return };
-        match self.frameworks.get(&key.0) {
+        match self.frameworks.get(&key.framework_id) {
             None => {
                 if let Some(uuid) = status.uuid {
                     let agent_conn = self.agents.get(&task.agent_id).and_then(Agent::conn);
@@ -70,8 +70,8 @@ impl Master {
                         self.actions.push_back(Action::ToAgent {
                             conn,
                             msg: MasterToAgent::StatusAck {
-                                framework_id: key.0.clone(),
-                                task_id: key.1.clone(),
+                                framework_id: key.framework_id.clone(),
+                                task_id: key.task_id.clone(),
                                 uuid,
                             },
                         });
@@ -162,11 +162,14 @@ impl Master {
         let agent_id = task.agent_id.clone();
         let state = task.state;
         let status = self.agents.get(&agent_id).map(|a| a.status);
-        info!(task_id = %key.1, framework_id = %key.0, agent_id = %agent_id, "killing task");
+        info!(task_id = %key.task_id, framework_id = %key.framework_id, agent_id = %agent_id, "killing task");
         match status {
             Some(AgentStatus::Active { conn }) => self.send_agent(
                 conn,
-                MasterToAgent::KillTask { framework_id: key.0.clone(), task_id: key.1.clone() },
+                MasterToAgent::KillTask {
+                    framework_id: key.framework_id.clone(),
+                    task_id: key.task_id.clone(),
+                },
             ),
             Some(AgentStatus::Unreachable) if state == TaskState::Unreachable => {
                 // Tell the framework again where the task stands; the kill goes out if the
@@ -194,7 +197,7 @@ impl Master {
     ) {
         counter!(metrics::STATUS_UPDATES).increment(1);
         status.agent_id = Some(agent_id.clone());
-        let key = (status.framework_id.clone(), status.task_id.clone());
+        let key = TaskKey::new(status.framework_id.clone(), status.task_id.clone());
         let ack = |s: &TaskStatus| {
             s.uuid.map(|uuid| Action::ToAgent {
                 conn,
@@ -206,26 +209,26 @@ impl Master {
             })
         };
         let Some(task) = self.tasks.get(&key) else {
-            if self.completed_index.contains_key(&key) || !self.frameworks.contains_key(&key.0) {
+            if self.completed_index.contains_key(&key) || !self.frameworks.contains_key(&key.framework_id) {
                 // Already acknowledged, or nobody left to acknowledge it: stop the retries.
-                debug!(agent_id = %agent_id, task_id = %key.1, framework_id = %key.0, state = %status.state, "acknowledging update of a completed task or removed framework");
+                debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "acknowledging update of a completed task or removed framework");
                 self.actions.extend(ack(&status));
             } else {
-                warn!(agent_id = %agent_id, task_id = %key.1, framework_id = %key.0, state = %status.state, "status update for an unknown task dropped");
+                warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update for an unknown task dropped");
             }
             return;
         };
         if task.agent_id != *agent_id {
-            warn!(agent_id = %agent_id, task_id = %key.1, framework_id = %key.0, known_on = %task.agent_id, "status update from the wrong agent dropped");
+            warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, known_on = %task.agent_id, "status update from the wrong agent dropped");
             return;
         }
         if !task.state.can_transition_to(status.state) {
-            warn!(agent_id = %agent_id, task_id = %key.1, framework_id = %key.0, from = %task.state, to = %status.state, "invalid task state transition dropped");
+            warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, from = %task.state, to = %status.state, "invalid task state transition dropped");
             // Acknowledge it so the agent stops retrying an update nobody will take.
             self.actions.extend(ack(&status));
             return;
         }
-        debug!(agent_id = %agent_id, task_id = %key.1, framework_id = %key.0, state = %status.state, "status update");
+        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update");
         self.apply_status(now, &key, &status);
         self.deliver(&key, status);
     }
