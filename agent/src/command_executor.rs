@@ -65,7 +65,7 @@ pub enum CommandExecutorError {
 
 /// Connects to the agent and runs its command tasks until `Shutdown` or the socket closes.
 pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorError> {
-    let (mut reader, writer, welcomed) = handshake(&config.socket, &config.executor_id).await?;
+    let (mut reader, writer, welcomed) = handshake(&config.socket, &config.executor_id, None).await?;
     let framework_id = welcomed.framework_id;
     tracing::info!(%framework_id, executor_id = %config.executor_id, "command executor welcomed");
     let isolator = config
@@ -185,6 +185,7 @@ fn to_update(
     let task_id = key.task_id.clone();
     match ev {
         TaskEvent::Running { pid, .. } => Some(ExecutorUpdate {
+            seq: 0,
             task_id,
             state: TaskState::Running,
             reason: "task started".into(),
@@ -198,6 +199,7 @@ fn to_update(
         TaskEvent::Terminated(t) => {
             tasks.remove(&key.task_id);
             Some(ExecutorUpdate {
+                seq: 0,
                 task_id,
                 state: t.state,
                 reason: t.reason,
@@ -213,6 +215,7 @@ fn to_update(
 
 fn failed(task_id: TaskId, message: &str) -> ExecutorUpdate {
     ExecutorUpdate {
+        seq: 0,
         task_id,
         state: TaskState::Failed,
         reason: "launch failed".into(),

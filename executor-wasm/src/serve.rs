@@ -135,7 +135,8 @@ pub async fn serve_with_runtime(
     socket: &Path,
     executor_id: &str,
 ) -> Result<(), ServeError> {
-    let (mut reader, writer, welcomed) = agora_sdk::executor_proto::handshake(socket, executor_id).await?;
+    let (mut reader, writer, welcomed) =
+        agora_sdk::executor_proto::handshake(socket, executor_id, None).await?;
     let framework_id = welcomed.framework_id;
     let span = tracing::info_span!("executor", executor_id, framework_id = %framework_id);
     tracing::info!(parent: &span, "welcomed by the agent");
@@ -167,6 +168,8 @@ pub async fn serve_with_runtime(
                         }
                     }
                     Ok(Some(AgentToExecutor::Kill { task_id })) => tasks.kill(&task_id),
+                    // Updates are not kept for a resend yet: nothing to forget.
+                    Ok(Some(AgentToExecutor::Acked { .. })) => {}
                     Ok(Some(AgentToExecutor::Shutdown)) => {
                         tracing::info!(live = tasks.live.len(), "shutdown requested by the agent");
                         return (Ok(()), "executor shut down");
@@ -318,6 +321,7 @@ impl Tasks {
                 terminal(task_id, &outcome)
             }
             Err(error) if error.is_cancelled() => ExecutorUpdate {
+                seq: 0,
                 task_id,
                 state: TaskState::Killed,
                 reason: "killed".into(),
@@ -330,6 +334,7 @@ impl Tasks {
             Err(error) => {
                 tracing::error!(%task_id, %error, "task panicked");
                 ExecutorUpdate {
+                    seq: 0,
                     task_id,
                     state: TaskState::Failed,
                     reason: "executor error".into(),
@@ -384,6 +389,7 @@ async fn run_launch(
         .run_notify(move || {
             tracing::debug!("task started");
             let _ = updates.send(ExecutorUpdate {
+                seq: 0,
                 task_id,
                 state: TaskState::Running,
                 reason: "task started".into(),
@@ -436,6 +442,7 @@ fn failed_to_launch(message: String) -> TaskOutcome {
 
 fn launch_failed(task_id: TaskId, message: String) -> ExecutorUpdate {
     ExecutorUpdate {
+        seq: 0,
         task_id,
         state: TaskState::Failed,
         reason: FailureReason::LaunchFailed.as_str().into(),
@@ -462,6 +469,7 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
     });
     match &outcome.status {
         TaskEnd::Exited { code } => ExecutorUpdate {
+            seq: 0,
             task_id,
             state: if *code == 0 { TaskState::Finished } else { TaskState::Failed },
             reason: "module exited".into(),
@@ -475,6 +483,7 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             launch_failed(task_id, message.clone())
         }
         TaskEnd::Failed { reason, message } => ExecutorUpdate {
+            seq: 0,
             task_id,
             state: TaskState::Failed,
             reason: reason.as_str().into(),
@@ -551,6 +560,7 @@ mod tests {
 
     fn update(i: usize, message_len: usize) -> ExecutorUpdate {
         ExecutorUpdate {
+            seq: 0,
             task_id: TaskId(format!("t{i}")),
             state: TaskState::Failed,
             reason: "trap".into(),

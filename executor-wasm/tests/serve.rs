@@ -77,7 +77,7 @@ impl FakeAgent {
         let (read, write) = stream.into_split();
         let mut reader = FrameReader::new(read);
         let hello = reader.recv::<ExecutorMessage>().await.unwrap().unwrap();
-        let ExecutorMessage::Hello { version, executor_id, pid } = hello else { panic!("{hello:?}") };
+        let ExecutorMessage::Hello { version, executor_id, pid, .. } = hello else { panic!("{hello:?}") };
         assert_eq!(version, EXECUTOR_PROTOCOL_VERSION);
         assert_eq!(executor_id, "ex-1");
         assert_eq!(pid, std::process::id());

@@ -312,6 +312,7 @@ fn status_update(
     truncate(&mut reason, MAX_REASON_LEN);
     truncate(&mut message, MAX_MESSAGE_LEN);
     Ok(ExecutorUpdate {
+        seq: 0,
         task_id,
         state,
         reason,
@@ -383,7 +384,8 @@ async fn handshake(
     (FrameReader<tokio::net::unix::OwnedReadHalf>, FrameWriter<OwnedWriteHalf>, ExecutorRegistration),
     ExecutorError,
 > {
-    let (reader, writer, welcomed) = crate::executor_proto::handshake(&env.socket, &env.executor_id).await?;
+    let (reader, writer, welcomed) =
+        crate::executor_proto::handshake(&env.socket, &env.executor_id, None).await?;
     let registration = ExecutorRegistration {
         framework_id: welcomed.framework_id,
         executor_id: ExecutorId(welcomed.executor_id),
@@ -475,6 +477,8 @@ async fn serve<E: Executor>(
                 return Ok(());
             }
             AgentToExecutor::Refused(error) => return Err(ExecutorError::Refused(error)),
+            // Updates are not kept for a resend yet: nothing to forget.
+            AgentToExecutor::Acked { .. } => {}
             other @ (AgentToExecutor::Launch(_)
             | AgentToExecutor::LaunchCommands(_)
             | AgentToExecutor::Welcome { .. }) => {
@@ -750,7 +754,8 @@ mod tests {
             ExecutorMessage::Hello {
                 version: crate::executor_proto::EXECUTOR_PROTOCOL_VERSION,
                 executor_id: "echo".into(),
-                pid: std::process::id()
+                pid: std::process::id(),
+                resume: None,
             }
         );
         conn.send(AgentToExecutor::Shutdown).await;

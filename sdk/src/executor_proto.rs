@@ -12,11 +12,29 @@
 //! Then the agent sends launches and kills, and the executor reports task updates. Both sides
 //! batch: one [`AgentToExecutor::Launch`] may carry many tasks and one
 //! [`ExecutorMessage::Updates`] many updates, in order per task (RUNNING before the terminal
-//! update). The agent turns executor updates into acknowledged status updates to the master;
-//! the executor does not retry (the socket is reliable, and a lost executor fails its tasks).
+//! update). The agent turns executor updates into acknowledged status updates to the master.
 //!
-//! An executor whose socket closes kills its tasks and exits. The agent ends an idle executor
-//! with [`AgentToExecutor::Shutdown`]: the agent decides, so a launch can never race the exit.
+//! ## Surviving the agent (recovery)
+//!
+//! Executors outlive their agent: an agent that dies or is upgraded finds its executors again
+//! when it restarts. So that no update is lost in between, every [`ExecutorUpdate`] carries a
+//! sequence number (`seq`, per executor process, from 1, increasing by one per update) and the
+//! executor keeps each update until the agent answers [`AgentToExecutor::Acked`] with that
+//! number or a later one (the agent acknowledges once it has checkpointed the update; one
+//! `Acked` covers every earlier update).
+//!
+//! An executor whose socket closes without [`AgentToExecutor::Shutdown`] keeps its tasks
+//! running and connects to the same socket path again, every second or so, for at most the
+//! recovery timeout ([`ENV_RECOVERY_TIMEOUT`], default [`DEFAULT_RECOVERY_TIMEOUT`]); then it
+//! kills its tasks and exits. When it gets through, its `Hello` carries a [`Resume`]: the tasks
+//! it still runs. It then sends again, in order and with their numbers, the updates the agent
+//! has not acknowledged; the agent drops those it has already checkpointed (a number not above
+//! the last one it acknowledged) and learns from the rest what happened while it was down. An
+//! agent that does not know the executor (it started clean) answers
+//! [`AgentToExecutor::Refused`]: the executor kills its tasks and exits.
+//!
+//! The agent ends an idle executor with [`AgentToExecutor::Shutdown`]: the agent decides, so a
+//! launch can never race the exit.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +47,14 @@ use crate::proto::{
 use crate::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const EXECUTOR_PROTOCOL_VERSION: u32 = 2;
+pub const EXECUTOR_PROTOCOL_VERSION: u32 = 3;
+
+/// Environment variable: how long an executor that lost its agent keeps its tasks and waits
+/// for the agent to come back, in whole seconds (see the module docs). The built-in executors
+/// also take it as `--recovery-timeout`.
+pub const ENV_RECOVERY_TIMEOUT: &str = "AGORA_RECOVERY_TIMEOUT";
+/// The recovery timeout when the agent sets none (Mesos's `--recovery_timeout`).
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Environment variable: path of the Unix socket the executor connects to.
 pub const ENV_SOCKET: &str = "AGORA_EXECUTOR_SOCKET";
@@ -55,8 +80,10 @@ pub enum ExecutorMessage {
         /// The id the agent gave the executor on its command line.
         executor_id: String,
         pid: u32,
+        /// Set when the executor connects again after losing its agent: what it still runs.
+        resume: Option<Resume>,
     },
-    /// Task updates, oldest first.
+    /// Task updates, oldest first, each with its sequence number.
     Updates(Vec<ExecutorUpdate>),
     /// A message for the framework's scheduler (at most
     /// [`crate::proto::MAX_FRAMEWORK_MESSAGE`] bytes; relayed at most once).
@@ -88,6 +115,22 @@ pub enum AgentToExecutor {
     },
     /// Kill whatever still runs and exit.
     Shutdown,
+    /// The agent has checkpointed every update up to and including number `seq`: the executor
+    /// forgets them (it would otherwise send them again after reconnecting).
+    Acked {
+        /// The highest sequence number acknowledged.
+        seq: u64,
+    },
+}
+
+/// What an executor that reconnects after losing its agent still has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The tasks it still runs (not ended). Tasks that ended meanwhile are not listed: their
+    /// terminal updates follow `Hello`, unless the agent acknowledged them before it went away.
+    pub tasks: Vec<TaskId>,
+    /// The highest sequence number it has used so far (0: none).
+    pub last_seq: u64,
 }
 
 /// One Wasm task, with everything resolved to paths on this node.
@@ -136,6 +179,9 @@ pub struct CommandLaunch {
 /// What happened to a task in the executor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecutorUpdate {
+    /// The update's number in this executor's stream (from 1; see the module docs). Assigned
+    /// when the update is first sent and kept when it is sent again.
+    pub seq: u64,
     pub task_id: TaskId,
     /// RUNNING, then one of FINISHED, FAILED, KILLED (or FAILED straight away when the task
     /// could not be started).
@@ -171,6 +217,7 @@ impl AgentToExecutor {
             AgentToExecutor::FrameworkMessage(_) => "FrameworkMessage",
             AgentToExecutor::Kill { .. } => "Kill",
             AgentToExecutor::Shutdown => "Shutdown",
+            AgentToExecutor::Acked { .. } => "Acked",
         }
     }
 }
@@ -219,11 +266,13 @@ pub enum HandshakeError {
     Malformed(crate::frame::FrameError),
 }
 
-/// Connects to the agent's socket, says `Hello` as `executor_id` (with this process's pid) and
-/// waits for `Welcome`: the opening every executor (built-in or a framework's own) makes.
+/// Connects to the agent's socket, says `Hello` as `executor_id` (with this process's pid and,
+/// when it reconnects after losing its agent, what it still runs) and waits for `Welcome`: the
+/// opening every executor (built-in or a framework's own) makes.
 pub async fn handshake(
     socket: &std::path::Path,
     executor_id: &str,
+    resume: Option<Resume>,
 ) -> Result<(AgentReader, AgentWriter, Welcomed), HandshakeError> {
     use crate::frame::{FrameError, FrameReader, FrameWriter};
     let stream = tokio::net::UnixStream::connect(socket)
@@ -236,6 +285,7 @@ pub async fn handshake(
         version: EXECUTOR_PROTOCOL_VERSION,
         executor_id: executor_id.to_string(),
         pid: std::process::id(),
+        resume,
     };
     writer.send(&hello).await.map_err(HandshakeError::Io)?;
     match reader.recv::<AgentToExecutor>().await {

@@ -335,6 +335,7 @@ pub(super) async fn feed_split<W: tokio::io::AsyncWrite + Unpin>(
 
 pub(super) fn launch_too_large(task_id: TaskId) -> ExecutorUpdate {
     ExecutorUpdate {
+        seq: 0,
         task_id,
         state: TaskState::Failed,
         reason: "launch failed".into(),
