@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod cgroups;
+pub mod checkpoint;
 pub mod command_executor;
 pub mod core;
 pub mod executors;
