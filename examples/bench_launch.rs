@@ -352,6 +352,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+        recovery: agora_agent::RecoveryConfig::default(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

@@ -75,6 +75,7 @@ impl Cluster {
                 isolation: agora_agent::cgroups::IsolationConfig::default(),
                 executors: agora_agent::executors::ExecutorsConfig::default(),
                 task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+                recovery: agora_agent::RecoveryConfig::default(),
             };
             let token = shutdown.clone();
             agents.push(tokio::spawn(async move {

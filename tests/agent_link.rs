@@ -192,6 +192,7 @@ fn config(dir: &Path, master: String) -> AgentConfig {
             ..agora_agent::executors::ExecutorsConfig::default()
         },
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+        recovery: agora_agent::RecoveryConfig::default(),
     }
 }
 

@@ -17,6 +17,7 @@ use agora_sdk::{Attributes, Resources};
 use uuid::Uuid;
 
 use crate::cgroups::Isolator;
+use crate::checkpoint::{self, Checkpointer, Record};
 use crate::executors::{self, Executors};
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
@@ -46,6 +47,20 @@ struct TaskEntry {
     handle: TaskHandle,
     /// The supervisor is done (the process ended or never started).
     ended: bool,
+}
+
+impl TaskEntry {
+    fn record(&self, framework_id: &FrameworkId) -> checkpoint::TaskRecord {
+        checkpoint::TaskRecord {
+            framework_id: framework_id.clone(),
+            task: self.task.clone(),
+            run_dir: self.run_dir.clone(),
+            state: self.state,
+            pid: None,
+            start_time: None,
+            ended: self.ended,
+        }
+    }
 }
 
 /// Recently finished tasks' sandboxes, oldest evicted first.
@@ -98,6 +113,10 @@ pub struct Core {
     task_groups: Option<std::sync::Arc<TaskGroups>>,
     /// Sandbox of each framework executor's current run, and of each framework's Wasm tasks.
     executor_runs: HashMap<(FrameworkId, ExecutorId), PathBuf>,
+    /// Where every change is checkpointed (`None`: nothing is, as in unit tests).
+    checkpoint: Option<Checkpointer>,
+    /// Executors' updates recorded in this batch: each gets `Acked` once the batch is written.
+    pending_acks: HashMap<(FrameworkId, ExecutorId), (u64, u64)>,
 }
 
 impl Core {
@@ -127,7 +146,87 @@ impl Core {
             live: 0,
             task_groups: None,
             executor_runs: HashMap::new(),
+            checkpoint: None,
+            pending_acks: HashMap::new(),
         }
+    }
+
+    /// Checkpoints every change from now on through `checkpoint`.
+    pub fn set_checkpointer(&mut self, checkpoint: Checkpointer) {
+        self.checkpoint = Some(checkpoint);
+    }
+
+    fn journal(&mut self, record: Record) {
+        if let Some(c) = &mut self.checkpoint {
+            c.record(record);
+        }
+    }
+
+    /// Writes what this batch of events changed, then acknowledges the executors' updates it
+    /// holds (an executor forgets an update once acknowledged: only a checkpointed one may be).
+    /// Call before sending the outbox: nothing leaves the agent before it is checkpointed.
+    pub fn flush_checkpoint(&mut self) -> Result<(), checkpoint::CheckpointError> {
+        if let Some(c) = &mut self.checkpoint {
+            c.flush()?;
+        }
+        if !self.pending_acks.is_empty() {
+            for ((fw, id), (serial, seq)) in self.pending_acks.drain() {
+                if let Some(support) = &self.executors {
+                    support.ack((fw, id), serial, seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back the tasks and unacknowledged updates of a checkpoint (a restarted agent).
+    /// `handles` are the recovered executors' handles on their tasks; a task without one
+    /// (it had ended) gets an inert handle.
+    pub fn restore(
+        &mut self,
+        state: &checkpoint::State,
+        mut handles: HashMap<TaskKey, TaskHandle>,
+        now: Instant,
+    ) {
+        for ((fw, id), t) in &state.tasks {
+            let key = TaskKey { framework_id: fw.clone(), task_id: id.clone() };
+            let handle = match handles.remove(&key) {
+                Some(h) if !t.ended => h,
+                _ => {
+                    let (_, done) = tokio::sync::watch::channel(true);
+                    TaskHandle::with_kill(Box::new(|| {}), done)
+                }
+            };
+            let ended = t.ended || t.state.is_terminal();
+            if !ended {
+                self.live += 1;
+            } else {
+                self.finished.insert(key.clone(), t.run_dir.clone());
+            }
+            // A Wasm or framework executor's tasks share its run directory.
+            match &t.task.kind {
+                TaskKind::Wasm(_) if !ended => {
+                    if let Some(run) = t.run_dir.parent().and_then(Path::parent) {
+                        self.executor_runs.insert((fw.clone(), t.task.kind.executor_id()), run.to_path_buf());
+                    }
+                }
+                TaskKind::Executor(_) if !ended => {
+                    self.executor_runs.insert((fw.clone(), t.task.kind.executor_id()), t.run_dir.clone());
+                }
+                _ => {}
+            }
+            self.tasks.insert(
+                key,
+                TaskEntry { task: t.task.clone(), run_dir: t.run_dir.clone(), state: t.state, handle, ended },
+            );
+        }
+        for ((fw, id), queue) in &state.updates {
+            let key = TaskKey { framework_id: fw.clone(), task_id: id.clone() };
+            for status in queue {
+                let _ = self.updates.push(key.clone(), status.clone(), now);
+            }
+        }
+        self.update_gauges();
     }
 
     /// Enables executors: Wasm tasks, native commands and frameworks' own executors (without
@@ -255,8 +354,9 @@ impl Core {
         #[cfg(test)]
         if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
             let handle = tasks::launch(spec, self.events.clone());
-            self.tasks
-                .insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
+            let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+            self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
+            self.tasks.insert(key, entry);
             self.live += 1;
             return;
         }
@@ -271,7 +371,9 @@ impl Core {
             executors::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
-        self.tasks.insert(key, TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false });
+        let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+        self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
+        self.tasks.insert(key, entry);
         self.live += 1;
         self.update_gauges();
     }
@@ -386,6 +488,17 @@ impl Core {
                 self.executor_runs.remove(&(framework_id.clone(), executor_id.clone()));
                 self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });
             }
+            executors::ExecutorEvent::Checkpoint(record) => self.journal(Record::Executor(*record)),
+            executors::ExecutorEvent::Seen { exec, serial, seq } => {
+                self.journal(Record::ExecutorAcked { exec: exec.clone(), serial, seq });
+                let entry = self.pending_acks.entry(exec).or_insert((serial, seq));
+                if entry.0 != serial || entry.1 < seq {
+                    *entry = (serial, seq);
+                }
+            }
+            executors::ExecutorEvent::Gone { exec, serial } => {
+                self.journal(Record::ExecutorGone { exec, serial });
+            }
         }
     }
 
@@ -407,15 +520,35 @@ impl Core {
             tracing::warn!(task_id = %key.task_id, "event for a task the agent forgot: {event:?}");
             return;
         };
-        let status = match event {
+        let task_ref = (key.framework_id.clone(), key.task_id.clone());
+        let (status, record) = match event {
             TaskEvent::Running { pid, message } => {
                 entry.state = TaskState::Running;
+                // A native task's process is its own: the pid, with its start time against
+                // reuse, lets a restarted agent clean it up if its executor is gone.
+                let native = matches!(entry.task.kind, TaskKind::Command(_));
+                let (pid_rec, start_time) =
+                    if native { (Some(pid), checkpoint::process_start_time(pid)) } else { (None, None) };
                 let msg = message.unwrap_or_else(|| format!("process {pid} started"));
-                self.status(&key, TaskState::Running, "task started", msg, None)
+                let record = Record::TaskState {
+                    task: task_ref,
+                    state: TaskState::Running,
+                    pid: pid_rec,
+                    start_time,
+                    ended: false,
+                };
+                (self.status(&key, TaskState::Running, "task started", msg, None), record)
             }
             TaskEvent::Killing => {
                 entry.state = TaskState::Killing;
-                self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None)
+                let record = Record::TaskState {
+                    task: task_ref,
+                    state: TaskState::Killing,
+                    pid: None,
+                    start_time: None,
+                    ended: entry.ended,
+                };
+                (self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None), record)
             }
             TaskEvent::Terminated(t) => {
                 entry.state = t.state;
@@ -423,6 +556,8 @@ impl Core {
                     self.live = self.live.saturating_sub(1);
                 }
                 entry.ended = true;
+                let record =
+                    Record::TaskState { task: task_ref, state: t.state, pid: None, start_time: None, ended: true };
                 let run_dir = entry.run_dir.clone();
                 self.finished.insert(key.clone(), run_dir);
                 self.update_gauges();
@@ -430,9 +565,10 @@ impl Core {
                 let mut s = self.status(&key, state, &reason, message, usage);
                 s.exit_code = exit_code;
                 s.signal = signal;
-                s
+                (s, record)
             }
         };
+        self.journal(record);
         self.push_update(key, status, now);
     }
 
@@ -441,6 +577,10 @@ impl Core {
         let key = TaskKey { framework_id, task_id };
         match self.updates.ack(&key, uuid, now) {
             AckOutcome::Acked { next, .. } => {
+                self.journal(Record::UpdateAcked {
+                    task: (key.framework_id.clone(), key.task_id.clone()),
+                    uuid,
+                });
                 if let Some(next) = next {
                     self.send(AgentMessage::StatusUpdate(*next));
                 }
@@ -531,6 +671,9 @@ impl Core {
     fn push_update(&mut self, key: TaskKey, status: TaskStatus, now: Instant) {
         tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id,
             state = %status.state, uuid = ?status.uuid, "status update");
+        if self.checkpoint.is_some() {
+            self.journal(Record::Update(Box::new(status.clone())));
+        }
         if let Some(head) = self.updates.push(key, status, now) {
             self.send(AgentMessage::StatusUpdate(head));
         }
@@ -548,6 +691,7 @@ impl Core {
         let done = self.tasks.get(key).is_some_and(|e| e.ended && e.state.is_terminal());
         if done && !self.updates.has_pending(key) {
             self.tasks.remove(key);
+            self.journal(Record::TaskForgotten((key.framework_id.clone(), key.task_id.clone())));
             tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id, "task record removed");
         }
     }

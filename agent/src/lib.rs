@@ -19,6 +19,7 @@
 //! - [`updates`]: the status-update manager (retries until acknowledged);
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
+//! - [`checkpoint`]: the agent's state on disk (snapshot and journal) for recovery;
 //! - [`resources`]: resource detection;
 //! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
 //! - [`metrics`]: task resource-usage metrics.
@@ -84,7 +85,51 @@ pub struct AgentConfig {
     /// `--task-user`: who tasks and executors run as when the agent is root (default
     /// [`user::DEFAULT_TASK_USER`]); the agent refuses to start if the user does not exist.
     pub task_user: String,
+    /// What to do with the executors and tasks of an earlier run (`--recover`,
+    /// `--executor-reregister-timeout`; the executors' `--recovery-timeout` is in
+    /// [`executors::ExecutorsConfig::recovery_timeout`]).
+    pub recovery: RecoveryConfig,
 }
+
+/// `--recover`: what a starting agent does with what an earlier run left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoverMode {
+    /// Reconnect to the executors that still run and keep their tasks.
+    #[default]
+    Reconnect,
+    /// Kill every executor and task of the earlier run, remove its checkpoints and start clean.
+    Cleanup,
+}
+
+impl std::str::FromStr for RecoverMode {
+    type Err = cgroups::ParseChoiceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reconnect" => Ok(Self::Reconnect),
+            "cleanup" => Ok(Self::Cleanup),
+            _ => Err(cgroups::ParseChoiceError::new("--recover", s, "reconnect, cleanup")),
+        }
+    }
+}
+
+/// How an agent recovers after a restart.
+#[derive(Clone, Debug)]
+pub struct RecoveryConfig {
+    /// Reconnect or clean up.
+    pub mode: RecoverMode,
+    /// How long a restarted agent waits for each executor of its earlier run to reconnect.
+    pub executor_reregister_timeout: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self { mode: RecoverMode::Reconnect, executor_reregister_timeout: DEFAULT_EXECUTOR_REREGISTER_TIMEOUT }
+    }
+}
+
+/// Default of `--executor-reregister-timeout`.
+pub const DEFAULT_EXECUTOR_REREGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +171,15 @@ pub enum AgentError {
         /// The cause.
         err: std::io::Error,
     },
+    /// The checkpoints of an earlier run cannot be read: the agent cannot tell what runs.
+    #[error(
+        "{0}; the agent cannot recover the executors and tasks of its earlier run from it. Start it with \
+         `--recover cleanup` to kill everything that run left and start clean"
+    )]
+    Unrecoverable(checkpoint::CheckpointError),
+    /// Writing the checkpoints failed.
+    #[error("cannot checkpoint the agent's state: {0}")]
+    Checkpointing(checkpoint::CheckpointError),
     /// `--task-user` cannot be used.
     #[error(transparent)]
     TaskUser(#[from] user::UserError),
@@ -163,6 +217,43 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         agent_id = ?agent_id.as_ref().map(|a| a.to_string()), "agent starting"
     );
     let isolator = cgroups::Isolator::setup(&config.isolation, &config.work_dir)?;
+    let ckpt_dir = checkpoint::dir(&config.work_dir);
+    let (mut state, generation) = match (checkpoint::load(&ckpt_dir), config.recovery.mode) {
+        (Ok(Some(l)), RecoverMode::Reconnect) => {
+            if l.torn_tail {
+                tracing::warn!(dir = %ckpt_dir.display(),
+                    "the journal ends in a record the agent was writing when it died; it is dropped");
+            }
+            (l.state, l.generation)
+        }
+        (Ok(None), RecoverMode::Reconnect) => (checkpoint::State::default(), 0),
+        (Err(e), RecoverMode::Reconnect) => return Err(AgentError::Unrecoverable(e)),
+        (loaded, RecoverMode::Cleanup) => {
+            let (old, generation) = match loaded {
+                Ok(Some(l)) => (l.state, l.generation),
+                Ok(None) => (checkpoint::State::default(), 0),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cleaning up after an earlier run whose checkpoints do not load");
+                    (checkpoint::salvage(&ckpt_dir), 0)
+                }
+            };
+            cleanup(&config.work_dir, &old, &isolator);
+            checkpoint::remove(&ckpt_dir).map_err(AgentError::Checkpointing)?;
+            (checkpoint::State::default(), generation)
+        }
+    };
+    let agent_record = checkpoint::AgentRecord {
+        hostname: config.hostname.clone(),
+        resources: resources.clone(),
+        attributes: config.attributes.clone(),
+    };
+    if state.agent.as_ref().is_some_and(|a| a != &agent_record) {
+        tracing::warn!("the agent's host name, resources or attributes changed since its last run");
+    }
+    state.agent = Some(agent_record);
+    let recovered = state.executors.clone();
+    let checkpointer =
+        checkpoint::Checkpointer::open(&ckpt_dir, generation, state.clone()).map_err(AgentError::Checkpointing)?;
     let info = core::AgentInfo {
         hostname: config.hostname.clone(),
         resources,
@@ -186,6 +277,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let executors_config =
         executors::ExecutorsConfig { task_groups: task_groups.clone(), ..config.executors.clone() };
+    let events_for_recovery = events_tx.clone();
     let executors =
         executors::Executors::start(executors_config, &config.work_dir, isolator.clone(), conn_rx, exec_tx);
     let mut core = core::Core::new(
@@ -199,13 +291,32 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     core.set_executors(executors.clone());
     core.set_task_groups(task_groups);
-    let result =
-        link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx).await;
-    if config.kill_tasks_on_shutdown {
-        executors.shutdown();
+    core.set_checkpointer(checkpointer);
+    let recovery = if recovered.is_empty() && state.tasks.is_empty() && state.updates.is_empty() {
+        None
     } else {
-        executors.detach();
+        let tasks = recovered_tasks(&state);
+        tracing::info!(executors = recovered.len(), tasks = tasks.len(),
+            unacknowledged_updates = state.updates.values().map(|q| q.len()).sum::<usize>(),
+            "recovering the executors and tasks of the agent's earlier run");
+        let (handles, done) = executors.recover(
+            recovered.into_values().collect(),
+            tasks,
+            &events_for_recovery,
+            config.recovery.executor_reregister_timeout,
+        );
+        core.restore(&state, handles, std::time::Instant::now());
+        Some(done)
+    };
+    drop(state);
+    let result = link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx, recovery)
+        .await;
+    if config.kill_tasks_on_shutdown {
+        executors.shutdown(config.kill_grace * 2 + Duration::from_secs(5)).await;
     }
+    // Executors keep running for the agent's next run; the executor manager ends here (and
+    // lets go of the isolator and the cgroup root's lock with it).
+    executors.detach();
     if core.live_tasks() == 0 {
         isolator.shutdown();
     }
@@ -214,6 +325,68 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Err(e) => tracing::error!(error = %e, "agent failed"),
     }
     result
+}
+
+/// The checkpointed tasks still running under an executor, as the executor manager takes them
+/// back.
+fn recovered_tasks(state: &checkpoint::State) -> Vec<executors::RecoveredTask> {
+    use agora_sdk::proto::{TaskKind, TaskState};
+    state
+        .tasks
+        .iter()
+        .filter(|(_, t)| !t.ended && !t.state.is_terminal())
+        .map(|((fw, id), t)| {
+            let native = matches!(t.task.kind, TaskKind::Command(_));
+            // Only a process that is provably still the task's may be killed later.
+            let process_group = t.pid.filter(|p| native && checkpoint::same_process(*p, t.start_time));
+            executors::RecoveredTask {
+                key: tasks::TaskKey { framework_id: fw.clone(), task_id: id.clone() },
+                executor_id: t.task.kind.executor_id(),
+                running: matches!(t.state, TaskState::Running | TaskState::Killing),
+                resources: t.task.resources.clone(),
+                process_group,
+                cgroup: if native { tasks::cgroup_name_for(&t.run_dir) } else { None },
+            }
+        })
+        .collect()
+}
+
+/// `--recover cleanup`: kills everything an earlier run of this agent left: its executors
+/// (each with its whole session), their native tasks, anything else started with one of this
+/// work dir's executor sockets, and everything in the agent's cgroups. Processes are matched
+/// by pid and start time, never by pid alone.
+fn cleanup(work_dir: &std::path::Path, old: &checkpoint::State, isolator: &cgroups::Isolator) {
+    let mut killed = 0usize;
+    for e in old.executors.values() {
+        if let Some(pid) = e.pid.filter(|p| checkpoint::same_process(*p, e.start_time)) {
+            checkpoint::kill_session(pid);
+            killed += 1;
+        }
+    }
+    for t in old.tasks.values() {
+        if let Some(pid) = t.pid.filter(|p| checkpoint::same_process(*p, t.start_time)) {
+            if let Ok(group) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) of the process group of a task this agent started (its pid
+                // and start time match the checkpoint).
+                unsafe { libc::killpg(group, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
+    }
+    // Executors the checkpoints do not name (e.g. they could not be read): by the socket
+    // they were told to connect to.
+    let sockets = std::path::absolute(work_dir.join("executors")).unwrap_or_else(|_| work_dir.join("executors"));
+    let prefix = format!("{}={}/", agora_sdk::executor_proto::ENV_SOCKET, sockets.display());
+    let me = std::process::id();
+    for pid in checkpoint::all_pids().into_iter().filter(|p| *p != me) {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if env.split(|b| *b == 0).any(|v| v.starts_with(prefix.as_bytes())) {
+            checkpoint::kill_session(pid);
+            killed += 1;
+        }
+    }
+    isolator.destroy_all();
+    tracing::info!(killed, "--recover cleanup: killed what the agent's earlier run left");
 }
 
 /// Tasks and executors run as the task user and reach their sandboxes (and executors their

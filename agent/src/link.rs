@@ -242,6 +242,29 @@ async fn opt_next(c: Option<&mut Connected>) -> LinkEvent {
     }
 }
 
+/// Task events handled in one go (one checkpoint write).
+const EVENT_BATCH: usize = 4096;
+
+/// Handles up to `max` task events that are already queued.
+fn drain_events(core: &mut Core, events: &mut mpsc::UnboundedReceiver<(TaskKey, TaskEvent)>, max: usize) {
+    let now = Instant::now();
+    for _ in 0..max {
+        match events.try_recv() {
+            Ok((key, ev)) => core.task_event(key, ev, now),
+            Err(_) => break,
+        }
+    }
+}
+
+async fn opt_recv<T>(
+    r: Option<&mut tokio::sync::oneshot::Receiver<T>>,
+) -> Result<T, tokio::sync::oneshot::error::RecvError> {
+    match r {
+        Some(r) => r.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn opt_join<T>(h: Option<&mut JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
     match h {
         Some(h) => h.await,
@@ -265,13 +288,20 @@ pub(crate) async fn drive(
     exec_events: &mut mpsc::UnboundedReceiver<crate::executors::ExecutorEvent>,
     shutdown: &CancellationToken,
     conn_watch: &tokio::sync::watch::Sender<Option<quinn::Connection>>,
+    mut recovery: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> Result<(), AgentError> {
     let (lookup_tx, mut lookups) = mpsc::channel::<OutputLookup>(256);
     let mut backoff = Backoff::new(CONNECT_INITIAL, CONNECT_MAX);
     let mut conn: Option<Connected> = None;
-    let mut connecting = Some(spawn_connect(cfg));
+    // A restarted agent first learns from its executors what became of its tasks, then
+    // registers with them.
+    let mut connecting = if recovery.is_none() { Some(spawn_connect(cfg)) } else { None };
     let mut retry_at: Option<Instant> = None;
     let result = loop {
+        // Whatever this iteration changed is checkpointed before anything leaves the agent.
+        if let Err(e) = core.flush_checkpoint() {
+            break Err(AgentError::Checkpointing(e));
+        }
         if let Some(c) = &conn {
             for msg in core.take_outbox() {
                 c.send(msg);
@@ -281,8 +311,25 @@ pub(crate) async fn drive(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ok(()),
-            Some((key, ev)) = events.recv() => core.task_event(key, ev, Instant::now()),
-            Some(ev) = exec_events.recv() => core.executor_event(ev),
+            Some((key, ev)) = events.recv() => {
+                core.task_event(key, ev, Instant::now());
+                // A burst of events is checkpointed with one write.
+                drain_events(core, events, EVENT_BATCH);
+            }
+            Some(ev) = exec_events.recv() => {
+                // Task events queued before this one (an executor's updates, ahead of the
+                // note that they were handled) are checkpointed in the same batch.
+                drain_events(core, events, usize::MAX);
+                core.executor_event(ev);
+            }
+            r = opt_recv(recovery.as_mut()) => {
+                recovery = None;
+                if r.is_err() {
+                    tracing::warn!("the executor manager ended before recovery finished");
+                }
+                tracing::info!("recovery done: registering with the master");
+                connecting = Some(spawn_connect(cfg));
+            }
             Some(lookup) = lookups.recv() => {
                 let _ = lookup.reply.send(core.lookup_output(&lookup.request));
             }
@@ -355,6 +402,9 @@ pub(crate) async fn drive(
     }
     if result.is_ok() && cfg.kill_tasks_on_shutdown {
         kill_all(cfg, core, events, conn.as_mut()).await;
+    }
+    if let Err(e) = core.flush_checkpoint() {
+        tracing::error!(error = %e, "cannot checkpoint the agent's last changes");
     }
     if let Some(c) = conn.take() {
         for msg in core.take_outbox() {
@@ -450,6 +500,9 @@ async fn kill_all(
                 tracing::warn!(tasks = core.live_tasks(), "tasks still running at shutdown");
                 break;
             }
+        }
+        if let Err(e) = core.flush_checkpoint() {
+            tracing::error!(error = %e, "cannot checkpoint the agent's state");
         }
         if let Some(c) = conn.as_deref() {
             for msg in core.take_outbox() {

@@ -57,6 +57,20 @@ pub struct AgentCommand {
     /// refuses to start if it does not exist).
     #[arg(long, default_value = agora_agent::user::DEFAULT_TASK_USER)]
     task_user: String,
+    /// What to do with the executors and tasks an earlier run of this agent left: "reconnect"
+    /// takes them back (they keep running across an agent restart or upgrade); "cleanup" kills
+    /// them all, removes the checkpoints and starts clean (needed when the checkpoints cannot
+    /// be read).
+    #[arg(long, default_value = "reconnect", value_name = "reconnect|cleanup")]
+    recover: agora_agent::RecoverMode,
+    /// How long executors keep their tasks while the agent is away, waiting for it to come back;
+    /// then they kill their tasks and exit.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    recovery_timeout: Duration,
+    /// How long a restarted agent waits for the executors of its earlier run to reconnect;
+    /// the tasks of those that do not are failed and killed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    executor_reregister_timeout: Duration,
 }
 
 impl AgentCommand {
@@ -77,8 +91,15 @@ impl AgentCommand {
                 cpu_limit: self.cpu_limit,
                 max_pids_per_task: self.max_pids_per_task,
             },
-            executors: agora_agent::executors::ExecutorsConfig::default(),
+            executors: agora_agent::executors::ExecutorsConfig {
+                recovery_timeout: self.recovery_timeout,
+                ..agora_agent::executors::ExecutorsConfig::default()
+            },
             task_user: self.task_user.clone(),
+            recovery: agora_agent::RecoveryConfig {
+                mode: self.recover,
+                executor_reregister_timeout: self.executor_reregister_timeout,
+            },
         };
         let token = shutdown.clone();
         let mut agent = tokio::spawn(agora_agent::run(config, token));

@@ -126,6 +126,7 @@ impl TestCluster {
             isolation: agora_agent::cgroups::IsolationConfig::default(),
             executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+            recovery: agora_agent::RecoveryConfig::default(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -155,6 +156,7 @@ impl TestCluster {
             isolation: agora_agent::cgroups::IsolationConfig::default(),
             executors: executors_config(),
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+            recovery: agora_agent::RecoveryConfig::default(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -127,6 +127,13 @@ pub struct ParseChoiceError {
     choices: &'static str,
 }
 
+impl ParseChoiceError {
+    /// `value` is not one of `choices` (comma-separated) for `flag`.
+    pub fn new(flag: &'static str, value: &str, choices: &'static str) -> Self {
+        Self { flag, value: value.into(), choices }
+    }
+}
+
 impl FromStr for IsolationMode {
     type Err = ParseChoiceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -506,6 +513,29 @@ impl Isolator {
         }
         let limits = self.limits_for(&Resources::default());
         Cgroup { manager, name: name.to_string(), limits }.destroy()
+    }
+
+    /// The existing group `name` of an executor or task that outlived the agent's restart,
+    /// taken over as it is (nothing removed or reset); `None` without isolation or when the
+    /// group is gone.
+    pub fn adopt(&self, name: &str, limits: Limits) -> Option<Cgroup> {
+        let active = self.active.as_ref()?;
+        let manager = active.manager.clone();
+        if manager.paths(name).iter().all(|p| !p.exists()) {
+            return None;
+        }
+        Some(Cgroup { manager, name: name.to_string(), limits })
+    }
+
+    /// Kills everything in every group below the agent's root(s) and removes the groups
+    /// (`--recover cleanup`: nothing of an earlier run may survive).
+    pub fn destroy_all(&self) {
+        let Some(active) = &self.active else { return };
+        for name in active.manager.groups() {
+            if let Err(e) = self.destroy_existing(&name) {
+                tracing::warn!(cgroup = %name, error = %e, "cannot clean up a cgroup of an earlier run");
+            }
+        }
     }
 
     /// Whether tasks get cgroups.

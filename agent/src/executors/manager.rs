@@ -25,6 +25,42 @@ pub enum ExecutorEvent {
         /// How.
         message: String,
     },
+    /// Checkpoint this executor process (it was started, or its pid is known).
+    Checkpoint(Box<ExecutorRecord>),
+    /// The executor process `serial` sent updates up to number `seq`, all of them passed on
+    /// already (as task events, ahead of this): acknowledge them once checkpointed.
+    Seen {
+        /// The executor.
+        exec: ExecKey,
+        /// Its process.
+        serial: u64,
+        /// The highest sequence number handled.
+        seq: u64,
+    },
+    /// The executor process `serial` ended (forget its checkpoint).
+    Gone {
+        /// The executor.
+        exec: ExecKey,
+        /// Its process.
+        serial: u64,
+    },
+}
+
+/// A task of an executor that outlived the agent, for [`super::Executors::recover`].
+#[derive(Debug)]
+pub struct RecoveredTask {
+    /// The task.
+    pub key: TaskKey,
+    /// Its executor.
+    pub executor_id: ExecutorId,
+    /// RUNNING was reported already.
+    pub running: bool,
+    /// Its resources (the executor's cgroup is sized from them).
+    pub resources: Resources,
+    /// A native task's process group, if it is still that task's process.
+    pub process_group: Option<u32>,
+    /// A native task's cgroup.
+    pub cgroup: Option<String>,
 }
 
 /// One task for an executor, in the form its kind takes.
@@ -107,7 +143,30 @@ pub(super) enum ManagerCmd {
     Kill {
         key: TaskKey,
     },
-    ShutdownAll,
+    /// Shut every executor down; the pids (with start times) of those that were running go
+    /// back through `reply`.
+    ShutdownAll {
+        reply: Option<tokio::sync::oneshot::Sender<Vec<(u32, Option<u64>)>>>,
+    },
+    /// Executors that outlived the agent's restart, and their tasks with their slots.
+    Recover {
+        executors: Vec<ExecutorRecord>,
+        tasks: Vec<(RecoveredTask, NewSlot)>,
+        timeout: Duration,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+    /// The core checkpointed an executor's updates up to `seq`.
+    Ack {
+        exec: ExecKey,
+        serial: u64,
+        seq: u64,
+    },
+    /// The executor process is spawned.
+    Spawned {
+        exec: ExecKey,
+        serial: u64,
+        pid: u32,
+    },
     /// A scheduler's message for an executor.
     ToExecutor {
         exec: ExecKey,
@@ -126,6 +185,8 @@ pub(super) enum ManagerCmd {
         serial: u64,
         pid: u32,
         to_executor: mpsc::UnboundedSender<AgentToExecutor>,
+        /// What an executor reconnecting after the agent's restart still runs.
+        resume: Option<Resume>,
     },
     Updates {
         exec: ExecKey,
@@ -217,6 +278,42 @@ pub(super) struct Executor {
     pub(super) idle_since: Option<Instant>,
     /// Its framework asked for a shutdown before it connected.
     pub(super) shutdown_requested: bool,
+    /// Its socket and log (checkpointed).
+    pub(super) socket: PathBuf,
+    pub(super) log: PathBuf,
+    /// Its process's start time, against pid reuse.
+    pub(super) start_time: Option<u64>,
+    /// The highest update number handled, and the highest the core acknowledged to it.
+    pub(super) seen_seq: u64,
+    pub(super) acked_seq: u64,
+    /// Adopted after the agent's restart and not reconnected yet.
+    pub(super) recovering: bool,
+    /// After reconnecting: the tasks it still runs and its last update number. Once every
+    /// update up to that number is handled, the tasks it neither runs nor reported are failed.
+    pub(super) reconcile: Option<(std::collections::HashSet<TaskId>, u64)>,
+}
+
+impl Executor {
+    pub(super) fn record(&self, exec: &ExecKey) -> ExecutorRecord {
+        ExecutorRecord {
+            framework_id: exec.0.clone(),
+            executor_id: exec.1.clone(),
+            kind: match &self.kind {
+                ExecKind::Wasm => ExecutorKind::Wasm,
+                ExecKind::Command => ExecutorKind::Command,
+                ExecKind::Custom { info, sandbox } => {
+                    ExecutorKind::Custom { info: info.clone(), sandbox: sandbox.clone() }
+                }
+            },
+            serial: self.serial,
+            pid: self.pid,
+            start_time: self.start_time,
+            socket: self.socket.clone(),
+            cgroup: self.cgroup.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).name().to_string()),
+            log: self.log.clone(),
+            acked_seq: self.acked_seq,
+        }
+    }
 }
 
 pub(super) struct Manager {
@@ -236,6 +333,9 @@ pub(super) struct Manager {
     pub(super) preparing: HashMap<TaskKey, PreparingTask>,
     pub(super) next_serial: u64,
     pub(super) tx: mpsc::UnboundedSender<ManagerCmd>,
+    /// Adopted executors not reconnected yet, and who waits for them all.
+    pub(super) recovering: usize,
+    pub(super) recovery_done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl ExecutorManager {
@@ -261,8 +361,15 @@ impl ExecutorManager {
             executors: HashMap::new(),
             modules: HashMap::new(),
             preparing: HashMap::new(),
-            next_serial: 0,
+            // Serials name sockets, logs and cgroups: unique across the agent's restarts (an
+            // executor of an earlier run may still use its number).
+            next_serial: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+                .unwrap_or(0),
             tx: tx.clone(),
+            recovering: 0,
+            recovery_done: None,
         };
         tokio::spawn(manager.run(rx));
         Self { tx, detach }
@@ -291,9 +398,56 @@ impl Manager {
                     self.resize_groups();
                 }
                 () = sleep_until_opt(next_idle) => self.stop_idle(),
+                // The agent stopped and leaves its executors running for its next run: this
+                // task ends (and with it the isolator it holds, so that a new agent of the same
+                // work dir gets the cgroup root's lock at once).
+                () = self.detach.cancelled() => return,
             }
         }
         self.shutdown_all();
+    }
+
+    /// Checkpoints executor `exec` as it is now.
+    pub(super) fn checkpoint(&self, exec: &ExecKey) {
+        if let Some(ex) = self.executors.get(exec) {
+            let _ = self.exec_events.send(ExecutorEvent::Checkpoint(Box::new(ex.record(exec))));
+        }
+    }
+
+    /// Fails every task of `ex` that neither runs in it nor was reported ended by it after it
+    /// reconnected to the restarted agent.
+    pub(super) fn reconcile(exec: &ExecKey, ex: &mut Executor) {
+        let Some((running, _)) = ex.reconcile.take() else { return };
+        let lost: Vec<TaskId> = ex.tasks.keys().filter(|t| !running.contains(*t)).cloned().collect();
+        for task_id in lost {
+            if let Some(slot) = ex.tasks.remove(&task_id) {
+                ex.resize = true;
+                tracing::warn!(framework_id = %exec.0, executor_id = %exec.1, task_id = %task_id,
+                    "the reconnected executor no longer runs a task and reported no end for it");
+                slot.end(
+                    &exec.0,
+                    &task_id,
+                    failed(
+                        REASON_EXECUTOR_TERMINATED,
+                        "the executor no longer runs the task and reported no end for it after the agent restarted"
+                            .into(),
+                    ),
+                );
+            }
+        }
+        if ex.tasks.is_empty() && ex.idle_since.is_none() {
+            ex.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// One adopted executor reconnected or is gone: when none is left waiting, recovery is done.
+    pub(super) fn recovered_one(&mut self) {
+        self.recovering = self.recovering.saturating_sub(1);
+        if self.recovering == 0 {
+            if let Some(done) = self.recovery_done.take() {
+                let _ = done.send(());
+            }
+        }
     }
 
     pub(super) fn handle(&mut self, cmd: ManagerCmd, launches: &mut HashMap<ExecKey, Vec<LaunchItem>>) {
@@ -399,7 +553,33 @@ impl Manager {
                     None => ex.queued_kills.push(task_id),
                 }
             }
-            ManagerCmd::ShutdownAll => self.shutdown_all(),
+            ManagerCmd::ShutdownAll { reply } => {
+                let pids = self.executors.values().filter_map(|e| Some((e.pid?, e.start_time))).collect();
+                self.shutdown_all();
+                if let Some(reply) = reply {
+                    let _ = reply.send(pids);
+                }
+            }
+            ManagerCmd::Recover { executors, tasks, timeout, done } => {
+                self.recover(executors, tasks, timeout, done);
+            }
+            ManagerCmd::Ack { exec, serial, seq } => {
+                if let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) {
+                    if seq > ex.acked_seq {
+                        ex.acked_seq = seq;
+                        if let Some(tx) = &ex.to_executor {
+                            let _ = tx.send(AgentToExecutor::Acked { seq });
+                        }
+                    }
+                }
+            }
+            ManagerCmd::Spawned { exec, serial, pid } => {
+                if let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) {
+                    ex.pid = Some(pid);
+                    ex.start_time = crate::checkpoint::process_start_time(pid);
+                    self.checkpoint(&exec);
+                }
+            }
             ManagerCmd::ToExecutor { exec, data } => {
                 match self.executors.get(&exec).and_then(|e| e.to_executor.as_ref()) {
                     Some(tx)
@@ -438,14 +618,37 @@ impl Manager {
                     let _ = self.exec_events.send(ExecutorEvent::Message { exec, data });
                 }
             }
-            ManagerCmd::Started { exec, serial, pid, to_executor } => {
+            ManagerCmd::Started { exec, serial, pid, to_executor, resume } => {
                 let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) else {
                     let _ = to_executor.send(AgentToExecutor::Shutdown);
                     return;
                 };
                 let framework_id = &exec.0;
-                tracing::info!(framework_id = %framework_id, executor_id = %exec.1, pid, queued = ex.queued.len(), "executor ready");
+                tracing::info!(framework_id = %framework_id, executor_id = %exec.1, pid, queued = ex.queued.len(),
+                    resumed = ex.recovering, "executor ready");
+                let pid_changed = ex.pid != Some(pid);
                 ex.pid = Some(pid);
+                if ex.recovering {
+                    ex.recovering = false;
+                    let resume = resume.unwrap_or_default();
+                    tracing::info!(framework_id = %framework_id, executor_id = %exec.1, tasks = resume.tasks.len(),
+                        last_seq = resume.last_seq, acked = ex.acked_seq, "executor reconnected after the agent restarted");
+                    let running: std::collections::HashSet<TaskId> = resume.tasks.iter().cloned().collect();
+                    // Tasks it runs that this agent does not know (launched just before the
+                    // agent died, never checkpointed): nobody would manage them.
+                    for task_id in resume.tasks.iter().filter(|t| !ex.tasks.contains_key(*t)) {
+                        tracing::warn!(task_id = %task_id, "the reconnected executor runs a task this agent does not know: killing it");
+                        let _ = to_executor.send(AgentToExecutor::Kill { task_id: task_id.clone() });
+                    }
+                    ex.reconcile = Some((running, resume.last_seq));
+                    if resume.last_seq <= ex.seen_seq {
+                        Self::reconcile(&exec, ex);
+                    }
+                    self.recovered_one();
+                } else if pid_changed {
+                    self.checkpoint(&exec);
+                }
+                let Some(ex) = self.executors.get_mut(&exec) else { return };
                 if !ex.queued.is_empty() {
                     let _ = to_executor.send(launch_message(std::mem::take(&mut ex.queued)));
                 }
@@ -464,7 +667,13 @@ impl Manager {
                 let framework_id = exec.0.clone();
                 let custom = matches!(ex.kind, ExecKind::Custom { .. });
                 let pid = ex.pid.unwrap_or(0);
+                let seen_before = ex.seen_seq;
                 for mut update in updates {
+                    // Sent again after a reconnection: handled (and checkpointed) already.
+                    if update.seq != 0 && update.seq <= seen_before {
+                        continue;
+                    }
+                    ex.seen_seq = ex.seen_seq.max(update.seq);
                     if custom {
                         // A framework's executor is not trusted: bound what it says, and keep
                         // to the states an executor may report.
@@ -514,12 +723,28 @@ impl Manager {
                         }
                     }
                 }
+                if ex.seen_seq > seen_before {
+                    // After the task events above, on the core's other queue: the core takes
+                    // every task event queued before it handles this.
+                    let _ = self.exec_events.send(ExecutorEvent::Seen {
+                        exec: exec.clone(),
+                        serial,
+                        seq: ex.seen_seq,
+                    });
+                }
+                if ex.reconcile.as_ref().is_some_and(|(_, last)| ex.seen_seq >= *last) {
+                    Self::reconcile(&exec, ex);
+                }
                 if ex.tasks.is_empty() && ex.idle_since.is_none() {
                     ex.idle_since = Some(Instant::now());
                 }
             }
             ManagerCmd::Gone { exec, serial, reason, why } => {
+                let _ = self.exec_events.send(ExecutorEvent::Gone { exec: exec.clone(), serial });
                 let Some(ex) = remove_if_serial(&mut self.executors, &exec, serial) else { return };
+                if ex.recovering {
+                    self.recovered_one();
+                }
                 let framework_id = &exec.0;
                 if !ex.tasks.is_empty() {
                     tracing::warn!(framework_id = %framework_id, executor_id = %exec.1, tasks = ex.tasks.len(), "executor died: {why}");
@@ -659,6 +884,177 @@ impl Manager {
         Ok(dest)
     }
 
+    /// Listens on `socket` for an executor of `fw` (replacing a stale socket file there).
+    pub(super) fn bind(&self, socket: &Path, fw: &FrameworkId) -> Result<UnixListener, String> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let dir = socket.parent().unwrap_or(&self.dir);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(crate::sandbox::PASS_THROUGH)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(socket);
+        let listener =
+            UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        // Only the executor's user may connect (and the peer's pid is checked on accept).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+        if let Some(u) = self.user_for(fw)? {
+            u.chown(socket).map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
+        }
+        Ok(listener)
+    }
+
+    /// See [`super::Executors::recover`].
+    pub(super) fn recover(
+        &mut self,
+        records: Vec<ExecutorRecord>,
+        tasks: Vec<(RecoveredTask, NewSlot)>,
+        timeout: Duration,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let mut by_exec: HashMap<ExecKey, Vec<(RecoveredTask, NewSlot)>> = HashMap::new();
+        for (t, slot) in tasks {
+            by_exec.entry((t.key.framework_id.clone(), t.executor_id.clone())).or_default().push((t, slot));
+        }
+        let mut gone = Vec::new();
+        for rec in records {
+            let exec = rec.key();
+            self.next_serial = self.next_serial.max(rec.serial);
+            let tasks = by_exec.remove(&exec).unwrap_or_default();
+            let kind = match &rec.kind {
+                ExecutorKind::Wasm => ExecKind::Wasm,
+                ExecutorKind::Command => ExecKind::Command,
+                ExecutorKind::Custom { info, sandbox } => {
+                    ExecKind::Custom { info: info.clone(), sandbox: sandbox.clone() }
+                }
+            };
+            let limits =
+                self.isolator.limits_for(&executor_resources(&kind, tasks.iter().map(|(t, _)| &t.resources)));
+            let cgroup =
+                rec.cgroup.as_deref().and_then(|n| self.isolator.adopt(n, limits)).map(|g| Arc::new(Mutex::new(g)));
+            let mut slots = HashMap::new();
+            for (t, NewSlot { events, done }) in tasks {
+                let leftovers = Leftovers { process_group: t.process_group, cgroup: t.cgroup };
+                let slot = TaskSlot {
+                    resources: t.resources,
+                    events,
+                    done,
+                    killing: false,
+                    running: t.running,
+                    leftovers,
+                };
+                slots.insert(t.key.task_id, slot);
+            }
+            let alive = rec.pid.is_some_and(|p| crate::checkpoint::same_process(p, rec.start_time));
+            let listener = if alive { Some(self.bind(&rec.socket, &exec.0)) } else { None };
+            let idle_since = slots.is_empty().then(Instant::now);
+            let recovering = matches!(listener, Some(Ok(_)));
+            self.executors.insert(
+                exec.clone(),
+                Executor {
+                    serial: rec.serial,
+                    kind,
+                    pid: rec.pid,
+                    to_executor: None,
+                    queued: Vec::new(),
+                    queued_kills: Vec::new(),
+                    tasks: slots,
+                    cgroup: cgroup.clone(),
+                    resize: false,
+                    idle_since,
+                    shutdown_requested: false,
+                    socket: rec.socket.clone(),
+                    log: rec.log.clone(),
+                    start_time: rec.start_time,
+                    seen_seq: rec.acked_seq,
+                    acked_seq: rec.acked_seq,
+                    recovering,
+                    reconcile: None,
+                },
+            );
+            match listener {
+                Some(Ok(listener)) => {
+                    let Some(pid) = rec.pid else { continue };
+                    self.recovering += 1;
+                    let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let spawn = ExecutorSpawn {
+                        adopted: Some(Adopted { pid, start_time: rec.start_time, timeout }),
+                        detached: self.detach.clone(),
+                        command: matches!(rec.kind, ExecutorKind::Command),
+                        program: PathBuf::new(),
+                        args: Vec::new(),
+                        env: vec![(
+                            ENV_AGENT_ID.into(),
+                            agent_id.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+                        )],
+                        cwd: None,
+                        fetch: Vec::new(),
+                        fetcher: self.fetcher.clone(),
+                        user: self.user_for(&exec.0).ok().flatten(),
+                        log: rec.log.clone(),
+                        listener,
+                        socket: rec.socket.clone(),
+                        cgroup,
+                        exec: exec.clone(),
+                        serial: rec.serial,
+                        manager: self.tx.clone(),
+                    };
+                    tracing::info!(framework_id = %exec.0, executor_id = %exec.1, pid, ?timeout,
+                        "waiting for an executor of the agent's previous run to reconnect");
+                    tokio::spawn(spawn.run());
+                }
+                Some(Err(why)) => {
+                    if let Some(pid) = rec.pid {
+                        crate::checkpoint::kill_session(pid);
+                    }
+                    gone.push((exec, rec.serial, why));
+                }
+                None => gone.push((
+                    exec,
+                    rec.serial,
+                    "the executor did not outlive the agent's restart".to_string(),
+                )),
+            }
+        }
+        let mut launches = HashMap::new();
+        for (exec, serial, why) in gone {
+            tracing::warn!(framework_id = %exec.0, executor_id = %exec.1, "{why}");
+            self.handle(ManagerCmd::Gone { exec, serial, reason: REASON_EXECUTOR_TERMINATED, why }, &mut launches);
+        }
+        // Tasks of executors without a checkpoint (never started, or gone already).
+        let mut leftovers = Vec::new();
+        for (_, tasks) in by_exec {
+            for (t, slot) in tasks {
+                leftovers.push(Leftovers { process_group: t.process_group, cgroup: t.cgroup });
+                let slot = TaskSlot {
+                    resources: t.resources,
+                    events: slot.events,
+                    done: slot.done,
+                    killing: false,
+                    running: t.running,
+                    leftovers: Leftovers::default(),
+                };
+                slot.end(
+                    &t.key.framework_id,
+                    &t.key.task_id,
+                    failed(REASON_EXECUTOR_TERMINATED, "its executor is gone after the agent restarted".into()),
+                );
+            }
+        }
+        if !leftovers.is_empty() {
+            kill_leftovers(&self.isolator, leftovers);
+        }
+        self.resize_groups();
+        if self.recovering == 0 {
+            let _ = done.send(());
+        } else {
+            self.recovery_done = Some(done);
+        }
+    }
+
     pub(super) fn start_executor(&mut self, exec: &ExecKey, kind: ExecKind) -> Result<(), String> {
         self.next_serial += 1;
         let serial = self.next_serial;
@@ -676,18 +1072,7 @@ impl Manager {
                 .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         }
         let socket = socket_path(&self.dir, serial);
-        let _ = std::fs::remove_file(&socket);
-        let listener =
-            UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-        // Only the executor's user may connect (and the peer's pid is checked on accept).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
-            if let Some(u) = self.user_for(fw)? {
-                u.chown(&socket)
-                    .map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
-            }
-        }
+        let listener = self.bind(&socket, fw)?;
         let user = self.user_for(fw)?;
         let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut env: Vec<(String, String)> = vec![
@@ -695,6 +1080,7 @@ impl Manager {
             (ENV_EXECUTOR_ID.into(), exec.1.to_string()),
             (ENV_FRAMEWORK_ID.into(), fw.to_string()),
             (ENV_AGENT_ID.into(), agent_id.as_ref().map(|a| a.to_string()).unwrap_or_default()),
+            (ENV_RECOVERY_TIMEOUT.into(), self.config.recovery_timeout.as_secs().max(1).to_string()),
         ];
         let (program, args, cgroup, cwd, fetch) = match &kind {
             ExecKind::Wasm => {
@@ -771,6 +1157,7 @@ impl Manager {
             None => self.dir.join(format!("{serial}.log")),
         };
         let spawn = ExecutorSpawn {
+            adopted: None,
             detached: self.detach.clone(),
             command: matches!(kind, ExecKind::Command),
             program,
@@ -780,9 +1167,9 @@ impl Manager {
             fetch,
             fetcher: self.fetcher.clone(),
             user,
-            log,
+            log: log.clone(),
             listener,
-            socket,
+            socket: socket.clone(),
             cgroup: cgroup.clone(),
             exec: exec.clone(),
             serial,
@@ -803,8 +1190,16 @@ impl Manager {
                 resize: false,
                 idle_since: None,
                 shutdown_requested: false,
+                socket,
+                log,
+                start_time: None,
+                seen_seq: 0,
+                acked_seq: 0,
+                recovering: false,
+                reconcile: None,
             },
         );
+        self.checkpoint(exec);
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ mod spawn;
 pub use fetch::Fetcher;
 use fetch::*;
 use manager::*;
-pub use manager::{ExecKey, ExecutorEvent, ExecutorManager};
+pub use manager::{ExecKey, ExecutorEvent, ExecutorManager, RecoveredTask};
 use spawn::*;
 
 use std::collections::HashMap;
@@ -40,9 +40,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_sdk::executor_proto::{
-    AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, WasmLaunch, ENV_AGENT_ID,
-    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN,
-    MAX_REASON_LEN,
+    AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, Resume, WasmLaunch, ENV_AGENT_ID,
+    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION,
+    MAX_MESSAGE_LEN, MAX_REASON_LEN,
 };
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, LIST_BUDGET, MAX_FRAME};
 use agora_sdk::proto::{
@@ -57,6 +57,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroups::{Cgroup, Isolator};
+use crate::checkpoint::{ExecutorKind, ExecutorRecord};
 use crate::sandbox::Layout;
 use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 
@@ -93,6 +94,9 @@ pub struct ExecutorsConfig {
     /// Who each framework's executors and tasks run as (the task user with the framework's
     /// group); `None`: the agent's own user.
     pub task_groups: Option<Arc<crate::user::TaskGroups>>,
+    /// How long an executor that lost the agent keeps its tasks and waits for the agent to
+    /// come back (passed to executors as `AGORA_RECOVERY_TIMEOUT`).
+    pub recovery_timeout: Duration,
 }
 
 impl Default for ExecutorsConfig {
@@ -103,6 +107,7 @@ impl Default for ExecutorsConfig {
             max_tasks_per_executor: 256,
             executor_threads: 2,
             task_groups: None,
+            recovery_timeout: agora_sdk::executor_proto::DEFAULT_RECOVERY_TIMEOUT,
         }
     }
 }
@@ -230,16 +235,64 @@ impl Executors {
         let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { exec: (framework_id, executor_id) });
     }
 
-    /// The agent stops without shutting its executors down: their connections close. The
-    /// command executor then kills its tasks within their grace periods and every executor
-    /// exits (until executors wait for a restarted agent, nothing may run unmanaged).
+    /// The agent stops without shutting its executors down: their connections close and
+    /// they keep their tasks, reconnecting to the same sockets until the agent comes back (or
+    /// their recovery timeout passes). The executor manager ends.
     pub fn detach(&self) {
         self.manager.detach.cancel();
     }
 
-    /// Kills every executor (agent shutdown with `kill_tasks_on_shutdown`).
-    pub fn shutdown(&self) {
-        let _ = self.manager.tx.send(ManagerCmd::ShutdownAll);
+    /// The core checkpointed executor process `serial`'s updates up to `seq`: it is told so.
+    pub fn ack(&self, exec: ExecKey, serial: u64, seq: u64) {
+        let _ = self.manager.tx.send(ManagerCmd::Ack { exec, serial, seq });
+    }
+
+    /// Takes back the executors of an earlier run of the agent, with their tasks: the live
+    /// ones get their sockets back and `timeout` to reconnect (their tasks fail if they do not);
+    /// the tasks of the others fail at once, and what is left of them is killed. Returns the
+    /// core's handles on the tasks and a receiver that fires once every executor reconnected
+    /// or was given up.
+    pub fn recover(
+        &self,
+        executors: Vec<ExecutorRecord>,
+        tasks: Vec<RecoveredTask>,
+        events: &EventSender,
+        timeout: Duration,
+    ) -> (HashMap<TaskKey, TaskHandle>, tokio::sync::oneshot::Receiver<()>) {
+        let mut handles = HashMap::new();
+        let mut slots = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let (handle, done) = handle_for(&t.key, &self.manager.tx);
+            handles.insert(t.key.clone(), handle);
+            slots.push((t, NewSlot { events: events.clone(), done }));
+        }
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let _ = self.manager.tx.send(ManagerCmd::Recover { executors, tasks: slots, timeout, done });
+        (handles, rx)
+    }
+
+    /// Tells every executor to shut down (agent shutdown with `kill_tasks_on_shutdown`) and
+    /// waits up to `wait` for their processes to end; what is left is killed.
+    pub async fn shutdown(&self, wait: Duration) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownAll { reply: Some(reply) });
+        let Ok(pids) = rx.await else { return };
+        let deadline = Instant::now() + wait;
+        loop {
+            let alive: Vec<&(u32, Option<u64>)> =
+                pids.iter().filter(|(p, t)| crate::checkpoint::same_process(*p, *t)).collect();
+            if alive.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                for (pid, _) in alive {
+                    tracing::warn!(pid, "an executor did not exit after being shut down: killing it");
+                    crate::checkpoint::kill_session(*pid);
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

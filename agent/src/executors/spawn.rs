@@ -2,8 +2,52 @@
 
 use super::*;
 
-/// Starting one executor process and then relaying its frames.
+/// An executor that outlived the agent's restart: its process, and how long it has to
+/// reconnect.
+pub(super) struct Adopted {
+    pub(super) pid: u32,
+    pub(super) start_time: Option<u64>,
+    pub(super) timeout: Duration,
+}
+
+/// The executor's process: the agent's child, or one adopted after a restart (not a child:
+/// watched through `/proc`, its start time guarding against pid reuse).
+enum ExecProcess {
+    Child(tokio::process::Child),
+    Adopted { pid: u32, start_time: Option<u64> },
+}
+
+impl ExecProcess {
+    fn kill(&mut self) {
+        match self {
+            ExecProcess::Child(c) => {
+                let _ = c.start_kill();
+            }
+            ExecProcess::Adopted { pid, start_time } => {
+                if crate::checkpoint::same_process(*pid, *start_time) {
+                    crate::checkpoint::kill_session(*pid);
+                }
+            }
+        }
+    }
+
+    async fn wait(&mut self) -> String {
+        match self {
+            ExecProcess::Child(c) => describe(c.wait().await),
+            ExecProcess::Adopted { pid, start_time } => {
+                while crate::checkpoint::same_process(*pid, *start_time) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                "ended".into()
+            }
+        }
+    }
+}
+
+/// Starting one executor process (or adopting one) and then relaying its frames.
 pub(super) struct ExecutorSpawn {
+    /// Set for an executor of an earlier run of the agent: nothing is started, it reconnects.
+    pub(super) adopted: Option<Adopted>,
     pub(super) program: PathBuf,
     /// Cancelled when the agent stops without shutting executors down: the connection closes.
     pub(super) detached: CancellationToken,
@@ -34,7 +78,8 @@ impl ExecutorSpawn {
     }
 
     pub(super) async fn run(self) {
-        let (reason, why) = match self.prepare().await {
+        let prepared = if self.adopted.is_some() { Ok(()) } else { self.prepare().await };
+        let (reason, why) = match prepared {
             Err(why) => (REASON_FETCH_FAILED, why),
             Ok(()) => match self.serve().await {
                 Ok(why) | Err(why) => {
@@ -45,6 +90,11 @@ impl ExecutorSpawn {
                 }
             },
         };
+        if self.detached.is_cancelled() {
+            // The agent stopped and leaves the executor to its next run: its socket path and
+            // checkpoint stay.
+            return;
+        }
         let _ = std::fs::remove_file(&self.socket);
         let _ =
             self.manager.send(ManagerCmd::Gone { exec: self.exec.clone(), serial: self.serial, reason, why });
@@ -64,6 +114,19 @@ impl ExecutorSpawn {
 
     /// Returns why the executor ended.
     pub(super) async fn serve(&self) -> Result<String, String> {
+        let (mut child, pid) = match &self.adopted {
+            Some(a) => (ExecProcess::Adopted { pid: a.pid, start_time: a.start_time }, a.pid),
+            None => {
+                let child = self.spawn_child().await?;
+                let pid = child.id().unwrap_or(0);
+                (ExecProcess::Child(child), pid)
+            }
+        };
+        self.relay(&mut child, pid).await
+    }
+
+    /// Starts the executor process (in its cgroup, if it has one).
+    async fn spawn_child(&self) -> Result<tokio::process::Child, String> {
         let open = |path: &Path| {
             use std::os::unix::fs::OpenOptionsExt;
             let f =
@@ -109,25 +172,29 @@ impl ExecutorSpawn {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(if gated { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
-            .stderr(log)
-            // When the agent goes away without shutting it down, the command executor sees its
-            // socket close and kills its tasks, each within its grace period: killing it instead
-            // would leave them running unmanaged. Other executors' tasks live in their process.
-            .kill_on_drop(!self.is_command())
-            // Its own process group: what it forks goes with it when it ends.
-            .process_group(0);
+            .stderr(log);
+        // Executors outlive the agent (a restarted agent adopts them): never killed when the
+        // agent drops its handle, and in a session of their own (so also a process group of
+        // their own: what they fork goes with them), out of reach of a signal to the agent's
+        // process group or terminal. No parent-death signal.
         // The command executor stays the agent's user (it creates cgroups and switches users
         // for its tasks); the Wasm executor and a framework's own run as the task user.
         let user = if self.is_command() { None } else { self.user };
         if let Some(u) = user {
             cmd.uid(u.uid).gid(u.gid);
         }
-        // SAFETY: prctl only, between fork and exec.
+        // SAFETY: setsid and prctl only, between fork and exec.
         unsafe {
-            cmd.pre_exec(|| crate::user::no_new_privs_in_child());
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                crate::user::no_new_privs_in_child()
+            });
         }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
         let pid = child.id().unwrap_or(0);
+        let _ = self.manager.send(ManagerCmd::Spawned { exec: self.exec.clone(), serial: self.serial, pid });
         if let (Some(group), Some(mut gate)) = (&self.cgroup, child.stdin.take()) {
             let placed = group.lock().unwrap_or_else(|p| p.into_inner()).add_process(pid);
             if let Err(e) = placed {
@@ -137,43 +204,64 @@ impl ExecutorSpawn {
             }
             gate.write_all(b"\n").await.map_err(|e| format!("cannot release the executor: {e}"))?;
         }
-        let accepted = tokio::select! {
-            () = self.detached.cancelled() => return Ok("the agent stopped".into()),
-            r = tokio::time::timeout(EXECUTOR_START_TIMEOUT, self.listener.accept()) => r,
-            status = child.wait() => {
-                return Err(format!("the executor exited before connecting ({})", describe(status)));
-            }
-        };
-        let (stream, _) = match accepted {
-            Ok(Ok(s)) => {
-                // Only the process the agent started may speak for the executor.
-                let peer = s.0.peer_cred().ok().and_then(|c| c.pid());
-                if peer.is_some_and(|p| p.unsigned_abs() != pid) {
-                    let _ = child.start_kill();
-                    return Err(format!(
-                        "a process other than the executor ({peer:?}) connected to its socket"
-                    ));
+        Ok(child)
+    }
+
+    /// Waits for the executor's connection and relays its frames until it ends.
+    async fn relay(&self, child: &mut ExecProcess, pid: u32) -> Result<String, String> {
+        let wait = self.adopted.as_ref().map_or(EXECUTOR_START_TIMEOUT, |a| a.timeout);
+        let deadline = Instant::now() + wait;
+        let stream = loop {
+            let accepted = tokio::select! {
+                () = self.detached.cancelled() => return Ok("the agent stopped".into()),
+                r = tokio::time::timeout_at(deadline, self.listener.accept()) => r,
+                status = child.wait() => {
+                    return Err(format!("the executor exited before connecting ({status})"));
                 }
-                s
-            }
-            Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
-            Err(_) => {
-                let _ = child.start_kill();
-                return Err(format!("the executor did not connect within {EXECUTOR_START_TIMEOUT:?}"));
+            };
+            match accepted {
+                Ok(Ok((s, _))) => {
+                    // Only the process the agent started may speak for the executor.
+                    let peer = s.peer_cred().ok().and_then(|c| c.pid());
+                    if peer.is_some_and(|p| p.unsigned_abs() != pid) {
+                        if self.adopted.is_some() {
+                            tracing::warn!(executor_id = %self.exec.1, ?peer, expected = pid,
+                                "a process other than the executor connected to its socket; ignoring it");
+                            continue;
+                        }
+                        child.kill();
+                        return Err(format!(
+                            "a process other than the executor ({peer:?}) connected to its socket"
+                        ));
+                    }
+                    break s;
+                }
+                Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
+                Err(_) => {
+                    child.kill();
+                    return Err(if self.adopted.is_some() {
+                        format!("the executor did not reconnect after the agent restarted (waited {wait:?})")
+                    } else {
+                        format!("the executor did not connect within {wait:?}")
+                    });
+                }
             }
         };
         let (r, w) = stream.into_split();
         let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
         let hello = tokio::time::timeout(EXECUTOR_START_TIMEOUT, reader.recv::<ExecutorMessage>()).await;
-        let exec_pid = match hello {
-            Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, .. }))) => {
+        let (exec_pid, resume) = match hello {
+            Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, resume, .. }))) => {
                 if version != EXECUTOR_PROTOCOL_VERSION {
                     let msg =
                         format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
                     let _ = writer.send(&AgentToExecutor::refused(msg.clone())).await;
+                    if self.adopted.is_some() {
+                        child.kill();
+                    }
                     return Err(msg);
                 }
-                exec_pid
+                (exec_pid, resume)
             }
             Ok(Ok(Some(other))) => return Err(format!("the executor did not start with hello: {other:?}")),
             Ok(Ok(None)) => return Err("the executor closed its socket before hello".into()),
@@ -199,6 +287,7 @@ impl ExecutorSpawn {
             serial: self.serial,
             pid: if exec_pid != 0 { exec_pid } else { pid },
             to_executor: tx,
+            resume,
         });
         let write_loop = async move {
             let mut unsendable = Vec::new();
@@ -283,17 +372,17 @@ impl ExecutorSpawn {
                 // Dropping the socket is the message; the executor ends by itself.
                 () = self.detached.cancelled() => return Ok("the agent stopped".into()),
                 () = sleep_until_opt(deadline) => {
-                    let _ = child.start_kill();
+                    child.kill();
                     break format!("it did not exit within {grace:?} of being shut down and was killed");
                 }
             }
         };
         // The socket is closed or broken: the executor exits by itself; make sure of it.
         let status = match tokio::time::timeout(grace, child.wait()).await {
-            Ok(s) => describe(s),
+            Ok(s) => s,
             Err(_) => {
-                let _ = child.start_kill();
-                describe(child.wait().await)
+                child.kill();
+                child.wait().await
             }
         };
         // Whatever it forked and left behind goes with it.
