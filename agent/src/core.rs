@@ -854,6 +854,50 @@ mod tests {
         assert_eq!(ids, expected, "every task once, in order");
     }
 
+    /// Every change goes to the checkpoint: a core restored from it (a restarted agent)
+    /// re-registers the task and resends its unacknowledged updates in their order.
+    #[tokio::test]
+    async fn a_restored_core_resends_unacknowledged_updates_in_order() {
+        let mut h = harness();
+        let dir = h._dir.path().join("checkpoint");
+        let ckpt = Checkpointer::open(&dir, 0, checkpoint::State::default()).expect("open");
+        h.core.set_checkpointer(ckpt);
+        let now = Instant::now();
+        h.core.connected(now);
+        h.core.take_outbox();
+        let fw = FrameworkId::new("fw");
+        h.core.run_task(fw.clone(), command_task("t", "exit 3"), now);
+        let running = collect(&mut h, 1).await;
+        let (k, ev) =
+            tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
+        h.core.task_event(k, ev, Instant::now());
+        h.core.flush_checkpoint().expect("flush");
+        // The agent dies here: RUNNING and FAILED unacknowledged.
+        let loaded = checkpoint::load(&dir).expect("load").expect("some");
+        let key = (fw.clone(), TaskId::new("t"));
+        assert_eq!(loaded.state.tasks[&key].state, TaskState::Failed);
+        assert!(loaded.state.tasks[&key].ended);
+        let queued: Vec<TaskState> = loaded.state.updates[&key].iter().map(|s| s.state).collect();
+        assert_eq!(queued, [TaskState::Running, TaskState::Failed]);
+
+        let mut h2 = harness();
+        h2.core.restore(&loaded.state, HashMap::new(), Instant::now());
+        h2.core.connected(Instant::now());
+        let out = h2.core.take_outbox();
+        match out.as_slice() {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+                assert_eq!((tasks.len(), tasks[0].state), (1, TaskState::Failed));
+                assert_eq!(s.uuid, running[0].uuid, "the same RUNNING again, first");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        ack(&mut h2, &running[0]);
+        let failed = statuses(&mut h2.core);
+        assert_eq!((failed.len(), failed[0].state, failed[0].exit_code), (1, TaskState::Failed, Some(3)));
+        ack(&mut h2, &failed[0]);
+        assert!(h2.core.tasks.is_empty(), "forgotten once its terminal update is acknowledged");
+    }
+
     #[tokio::test]
     async fn kill_unknown_duplicate_and_framework_shutdown() {
         let mut h = harness();

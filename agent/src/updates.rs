@@ -238,6 +238,54 @@ mod tests {
         assert_eq!(m.next_deadline(), None);
     }
 
+    /// A minute of withheld acknowledgements: only each task's oldest update is in flight,
+    /// retried with doubling delays capped at the maximum; nothing is lost or reordered, and
+    /// once the acknowledgements come each task's updates follow in order.
+    #[test]
+    fn a_minute_of_withheld_acks_keeps_order_and_loses_nothing() {
+        let t0 = Instant::now();
+        let mut m = UpdateManager::new(RETRY_INITIAL, RETRY_MAX);
+        let tasks = ["a", "b", "c"];
+        let mut sent: Vec<TaskStatus> = Vec::new();
+        let mut queued: Vec<Vec<TaskStatus>> = Vec::new();
+        for t in tasks {
+            let list = vec![
+                status(t, TaskState::Running),
+                status(t, TaskState::Killing),
+                status(t, TaskState::Killed),
+            ];
+            for s in &list {
+                sent.extend(m.push(key(t), s.clone(), t0));
+            }
+            queued.push(list);
+        }
+        assert_eq!(sent.len(), 3, "only the heads go out");
+        let mut retries: Vec<Instant> = Vec::new();
+        while let Some(t) = m.next_deadline().filter(|t| *t <= t0 + Duration::from_secs(60)) {
+            let due = m.due(t);
+            assert_eq!(due.len(), 3, "every head, and only the heads");
+            for (d, q) in due.iter().zip(&queued) {
+                assert_eq!(d, &q[0]);
+            }
+            retries.push(t);
+        }
+        let gaps: Vec<Duration> = retries.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] == (g[0] * 2).min(RETRY_MAX)), "{gaps:?}");
+        assert_eq!(gaps.last(), Some(&RETRY_MAX));
+        assert_eq!(m.pending_count(), 9);
+        // The acknowledgements come: each releases the next update of its task, in order.
+        let now = t0 + Duration::from_secs(61);
+        for (t, q) in tasks.iter().zip(&queued) {
+            for (i, s) in q.iter().enumerate() {
+                let out = m.ack(&key(t), s.uuid.unwrap_or_default(), now);
+                let next = q.get(i + 1).cloned().map(Box::new);
+                assert_eq!(out, AckOutcome::Acked { next, terminal: i == 2 });
+            }
+        }
+        assert_eq!(m.pending_count(), 0);
+        assert_eq!(m.next_deadline(), None);
+    }
+
     #[test]
     fn resend_all_sends_heads_and_resets_backoff() {
         let t0 = Instant::now();

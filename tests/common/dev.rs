@@ -326,6 +326,33 @@ impl RealCluster {
         agora_with(&self.config, args)
     }
 
+    /// SIGKILLs the agent (its executors and tasks are left as a crash leaves them) and waits
+    /// for it to be gone.
+    pub fn kill_agent(&mut self) {
+        let mut a = self.agent.take().expect("a running agent");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+        let st = a.wait(10);
+        assert!(!st.success(), "the agent survived SIGKILL: {st}");
+    }
+
+    /// Runs `agora agent` with this cluster's work dir and `agent_args` until it exits
+    /// (`secs` at most): its status and stderr (for an agent that must refuse to start).
+    pub fn agent_refusing(&self, agent_args: &[&str], secs: u64) -> (std::process::ExitStatus, String) {
+        let mut p = Proc::spawn(
+            "agent-refusing",
+            self.dir.path(),
+            Command::new(AGORA)
+                .args(["agent", "--master", &self.addr, "--tls-dir"])
+                .arg(&self.tls)
+                .arg("--work-dir")
+                .arg(&self.work)
+                .args(agent_args),
+        );
+        let st = p.wait(secs);
+        (st, p.stderr_text())
+    }
+
     /// An SDK framework of role `*` with this cluster's client.toml.
     pub fn framework_config(&self, name: &str) -> agora_sdk::scheduler::DriverConfig {
         driver_config(&self.config, name, "*")
