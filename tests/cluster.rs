@@ -458,32 +458,46 @@ async fn a_restarted_agent_keeps_its_id() {
         cluster.master.agents().await.iter().all(|a| a.status != "active")
     })
     .await;
-    // Until agents recover their executors across a restart, the task's executor ends it
-    // when the agent goes: nothing is left running that nobody manages.
-    let gone = move || {
+    // The task's executor outlives its agent and keeps the task running.
+    let alive = move || {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-            .unwrap_or(true)
+            .map(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(false)
     };
-    wait_for("the task's process to end with its agent", || async move { gone() }).await;
+    assert!(alive(), "the task ended with its agent");
     let id_file = std::fs::read_to_string(cluster.agent_dir(0).join("agent_id")).expect("agent_id file");
     assert_eq!(id_file.trim(), before[0].id.as_str());
+    // The stopped agent let go of its cgroup root's lock (a restart in the same process gets
+    // it at once instead of waiting for it and running without isolation).
+    let lock_dir = agora_agent::cgroups::liveness::lock_dir();
+    let root = agora_agent::cgroups::agent_group_name(&cluster.agent_dir(0));
+    if lock_dir.join(format!("{root}.lock")).exists() {
+        let free = agora_agent::cgroups::liveness::RootLock::try_unused(&lock_dir, &root).expect("lock");
+        assert!(free.is_some(), "the stopped agent still holds its cgroup root's lock");
+    }
+    // The restarted agent takes the executor and its task back and re-registers as itself.
     cluster.add_production_agent(0, "cpus:1;mem:256MiB");
     cluster.wait_agents(1).await;
     let after = cluster.master.agents().await;
     assert_eq!(after.len(), 1, "re-registered, not registered anew: {after:?}");
     assert_eq!(after[0].id, before[0].id);
-    // The master learns that the task is gone, exactly once, and never shows it running.
-    let lost = fw
-        .until(|s| match s {
-            Seen::Update(u) if u.task_id.as_str() == "t" && u.state.is_terminal() => Some(u.clone()),
-            _ => None,
-        })
-        .await;
-    assert_eq!(
-        (lost.state, lost.reason.as_str()),
-        (TaskState::Lost, "task not reported by re-registered agent")
-    );
-    assert_eq!(cluster.task_state("t").await, Some(TaskState::Lost));
+    // Still running, the same process, and no new update about it.
+    wait_for("the master to see the task running again", || async {
+        cluster.task_state("t").await == Some(TaskState::Running)
+    })
+    .await;
+    assert!(alive(), "the same process runs after the restart");
+    assert_eq!(std::fs::read_to_string(&pid_file).expect("pid").trim().parse::<i32>().ok(), Some(pid));
+    while let Ok(Some((_, s))) = tokio::time::timeout(Duration::from_millis(500), fw.rx.recv()).await {
+        if let Seen::Update(u) = s {
+            assert!(
+                u.task_id.as_str() != "t" || u.state == TaskState::Running,
+                "unexpected update after the restart: {u:?}"
+            );
+        }
+    }
+    fw.driver().kill(TaskId::new("t"));
+    fw.update_for("t", TaskState::Killed).await;
+    wait_for("the task's process to end when killed", || async move { !alive() }).await;
     cluster.stop().await;
 }

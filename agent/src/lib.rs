@@ -317,6 +317,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // Executors keep running for the agent's next run; the executor manager ends here (and
     // lets go of the isolator and the cgroup root's lock with it).
     executors.detach();
+    executors.ended(Duration::from_secs(5)).await;
     if core.live_tasks() == 0 {
         isolator.shutdown();
     }

@@ -213,6 +213,8 @@ pub struct ExecutorManager {
     pub(super) tx: mpsc::UnboundedSender<ManagerCmd>,
     /// Closes every executor's connection (see [`super::Executors::detach`]).
     pub(super) detach: CancellationToken,
+    /// Cancelled once the manager task ended and dropped what it held (the isolator).
+    pub(super) ended: CancellationToken,
 }
 
 impl std::fmt::Debug for ExecutorManager {
@@ -319,6 +321,7 @@ impl Executor {
 pub(super) struct Manager {
     /// Cancelled when the agent stops without shutting its executors down.
     pub(super) detach: CancellationToken,
+    pub(super) ended: CancellationToken,
     pub(super) config: ExecutorsConfig,
     pub(super) dir: PathBuf,
     pub(super) cache_dir: PathBuf,
@@ -349,8 +352,10 @@ impl ExecutorManager {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let detach = CancellationToken::new();
+        let ended = CancellationToken::new();
         let manager = Manager {
             detach: detach.clone(),
+            ended: ended.clone(),
             config,
             dir: work_dir.join("executors"),
             cache_dir: work_dir.join("wasm-cache"),
@@ -371,8 +376,12 @@ impl ExecutorManager {
             recovering: 0,
             recovery_done: None,
         };
-        tokio::spawn(manager.run(rx));
-        Self { tx, detach }
+        tokio::spawn(async move {
+            let ended = manager.ended.clone();
+            manager.run(rx).await;
+            ended.cancel();
+        });
+        Self { tx, detach, ended }
     }
 }
 

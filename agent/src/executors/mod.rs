@@ -242,6 +242,11 @@ impl Executors {
         self.manager.detach.cancel();
     }
 
+    /// Waits (at most `wait`) for the executor manager to end after [`Self::detach`].
+    pub async fn ended(&self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.manager.ended.cancelled()).await;
+    }
+
     /// The core checkpointed executor process `serial`'s updates up to `seq`: it is told so.
     pub fn ack(&self, exec: ExecKey, serial: u64, seq: u64) {
         let _ = self.manager.tx.send(ManagerCmd::Ack { exec, serial, seq });
