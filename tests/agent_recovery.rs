@@ -86,7 +86,8 @@ fn executor_pids(work: &std::path::Path) -> Vec<u32> {
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let args: Vec<String> =
+            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let is_executor = args.iter().any(|a| a == "executor-command" || a == "executor-wasm");
         if is_executor && args.iter().any(|a| a.starts_with(&*sockets.to_string_lossy())) && alive(pid) {
             out.push(pid);

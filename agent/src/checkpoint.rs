@@ -288,7 +288,11 @@ fn header(magic: &[u8; 8], generation: u64) -> Vec<u8> {
 }
 
 /// Checks a file's header; returns its generation and the rest.
-fn parse_header<'a>(path: &Path, magic: &[u8; 8], data: &'a [u8]) -> Result<(u64, &'a [u8]), CheckpointError> {
+fn parse_header<'a>(
+    path: &Path,
+    magic: &[u8; 8],
+    data: &'a [u8],
+) -> Result<(u64, &'a [u8]), CheckpointError> {
     let corrupt = |what: &str| CheckpointError::Corrupt { path: path.to_path_buf(), what: what.into() };
     if data.len() < HEADER_LEN {
         return Err(corrupt("truncated header"));

@@ -556,8 +556,13 @@ impl Core {
                     self.live = self.live.saturating_sub(1);
                 }
                 entry.ended = true;
-                let record =
-                    Record::TaskState { task: task_ref, state: t.state, pid: None, start_time: None, ended: true };
+                let record = Record::TaskState {
+                    task: task_ref,
+                    state: t.state,
+                    pid: None,
+                    start_time: None,
+                    ended: true,
+                };
                 let run_dir = entry.run_dir.clone();
                 self.finished.insert(key.clone(), run_dir);
                 self.update_gauges();

@@ -124,7 +124,10 @@ pub struct RecoveryConfig {
 
 impl Default for RecoveryConfig {
     fn default() -> Self {
-        Self { mode: RecoverMode::Reconnect, executor_reregister_timeout: DEFAULT_EXECUTOR_REREGISTER_TIMEOUT }
+        Self {
+            mode: RecoverMode::Reconnect,
+            executor_reregister_timeout: DEFAULT_EXECUTOR_REREGISTER_TIMEOUT,
+        }
     }
 }
 
@@ -252,8 +255,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     state.agent = Some(agent_record);
     let recovered = state.executors.clone();
-    let checkpointer =
-        checkpoint::Checkpointer::open(&ckpt_dir, generation, state.clone()).map_err(AgentError::Checkpointing)?;
+    let checkpointer = checkpoint::Checkpointer::open(&ckpt_dir, generation, state.clone())
+        .map_err(AgentError::Checkpointing)?;
     let info = core::AgentInfo {
         hostname: config.hostname.clone(),
         resources,
@@ -296,9 +299,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         None
     } else {
         let tasks = recovered_tasks(&state);
-        tracing::info!(executors = recovered.len(), tasks = tasks.len(),
+        tracing::info!(
+            executors = recovered.len(),
+            tasks = tasks.len(),
             unacknowledged_updates = state.updates.values().map(|q| q.len()).sum::<usize>(),
-            "recovering the executors and tasks of the agent's earlier run");
+            "recovering the executors and tasks of the agent's earlier run"
+        );
         let (handles, done) = executors.recover(
             recovered.into_values().collect(),
             tasks,
@@ -309,8 +315,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Some(done)
     };
     drop(state);
-    let result = link::drive(&config, &layout, &mut core, &mut events, &mut exec_events, &shutdown, &conn_tx, recovery)
-        .await;
+    let result = link::drive(
+        &config,
+        &layout,
+        &mut core,
+        &mut events,
+        &mut exec_events,
+        &shutdown,
+        &conn_tx,
+        recovery,
+    )
+    .await;
     if config.kill_tasks_on_shutdown {
         executors.shutdown(config.kill_grace * 2 + Duration::from_secs(5)).await;
     }
@@ -376,7 +391,8 @@ fn cleanup(work_dir: &std::path::Path, old: &checkpoint::State, isolator: &cgrou
     }
     // Executors the checkpoints do not name (e.g. they could not be read): by the socket
     // they were told to connect to.
-    let sockets = std::path::absolute(work_dir.join("executors")).unwrap_or_else(|_| work_dir.join("executors"));
+    let sockets =
+        std::path::absolute(work_dir.join("executors")).unwrap_or_else(|_| work_dir.join("executors"));
     let prefix = format!("{}={}/", agora_sdk::executor_proto::ENV_SOCKET, sockets.display());
     let me = std::process::id();
     for pid in checkpoint::all_pids().into_iter().filter(|p| *p != me) {

@@ -280,6 +280,9 @@ async fn opt_sleep(until: Option<Instant>) {
 }
 
 /// The link loop. Returns on shutdown (after killing tasks if configured) or a fatal error.
+/// With `recovery`, the agent registers only once it fires (its executors are back or given
+/// up).
+#[allow(clippy::too_many_arguments)] // the agent's one loop: every channel it serves
 pub(crate) async fn drive(
     cfg: &AgentConfig,
     layout: &Layout,

@@ -8,6 +8,9 @@ use super::*;
 /// Identifies an executor on this agent: its framework and its id there.
 pub type ExecKey = (FrameworkId, ExecutorId);
 
+/// A process: its pid and its start time (against pid reuse).
+pub(super) type ProcessId = (u32, Option<u64>);
+
 /// What an executor reports that is not about one task; the agent core passes it to the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutorEvent {
@@ -146,7 +149,7 @@ pub(super) enum ManagerCmd {
     /// Shut every executor down; the pids (with start times) of those that were running go
     /// back through `reply`.
     ShutdownAll {
-        reply: Option<tokio::sync::oneshot::Sender<Vec<(u32, Option<u64>)>>>,
+        reply: Option<tokio::sync::oneshot::Sender<Vec<ProcessId>>>,
     },
     /// Executors that outlived the agent's restart, and their tasks with their slots.
     Recover {
@@ -311,7 +314,10 @@ impl Executor {
             pid: self.pid,
             start_time: self.start_time,
             socket: self.socket.clone(),
-            cgroup: self.cgroup.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).name().to_string()),
+            cgroup: self
+                .cgroup
+                .as_ref()
+                .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).name().to_string()),
             log: self.log.clone(),
             acked_seq: self.acked_seq,
         }
@@ -942,8 +948,11 @@ impl Manager {
             };
             let limits =
                 self.isolator.limits_for(&executor_resources(&kind, tasks.iter().map(|(t, _)| &t.resources)));
-            let cgroup =
-                rec.cgroup.as_deref().and_then(|n| self.isolator.adopt(n, limits)).map(|g| Arc::new(Mutex::new(g)));
+            let cgroup = rec
+                .cgroup
+                .as_deref()
+                .and_then(|n| self.isolator.adopt(n, limits))
+                .map(|g| Arc::new(Mutex::new(g)));
             let mut slots = HashMap::new();
             for (t, NewSlot { events, done }) in tasks {
                 let leftovers = Leftovers { process_group: t.process_group, cgroup: t.cgroup };
@@ -1031,7 +1040,10 @@ impl Manager {
         let mut launches = HashMap::new();
         for (exec, serial, why) in gone {
             tracing::warn!(framework_id = %exec.0, executor_id = %exec.1, "{why}");
-            self.handle(ManagerCmd::Gone { exec, serial, reason: REASON_EXECUTOR_TERMINATED, why }, &mut launches);
+            self.handle(
+                ManagerCmd::Gone { exec, serial, reason: REASON_EXECUTOR_TERMINATED, why },
+                &mut launches,
+            );
         }
         // Tasks of executors without a checkpoint (never started, or gone already).
         let mut leftovers = Vec::new();
@@ -1049,7 +1061,10 @@ impl Manager {
                 slot.end(
                     &t.key.framework_id,
                     &t.key.task_id,
-                    failed(REASON_EXECUTOR_TERMINATED, "its executor is gone after the agent restarted".into()),
+                    failed(
+                        REASON_EXECUTOR_TERMINATED,
+                        "its executor is gone after the agent restarted".into(),
+                    ),
                 );
             }
         }

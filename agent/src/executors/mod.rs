@@ -41,8 +41,8 @@ use std::time::Duration;
 
 use agora_sdk::executor_proto::{
     AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, Resume, WasmLaunch, ENV_AGENT_ID,
-    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, EXECUTOR_PROTOCOL_VERSION,
-    MAX_MESSAGE_LEN, MAX_REASON_LEN,
+    ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET,
+    EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN, MAX_REASON_LEN,
 };
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, LIST_BUDGET, MAX_FRAME};
 use agora_sdk::proto::{
