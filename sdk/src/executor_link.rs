@@ -463,6 +463,126 @@ async fn write_loop(link: Link, mut writer: AgentWriter, conn: u64) -> Result<()
     }
 }
 
+/// What [`Connection::next`] got from the agent.
+#[derive(Debug)]
+pub enum Received {
+    /// A message (never `Acked`: the connection hands those to the link).
+    Message(AgentToExecutor),
+    /// The connection is gone without `Shutdown`: the socket closed or failed (the error, if
+    /// any), or stopped taking writes.
+    Lost(Option<std::io::Error>),
+    /// A frame that does not decode (or is too large): a protocol error.
+    Malformed(FrameError),
+}
+
+/// One connection to the agent for executors that read it in their own loop (the built-in
+/// ones): its reader and the link's writer task for it.
+pub struct Connection {
+    reader: AgentReader,
+    writer: JoinHandle<Result<(), FrameError>>,
+    writing: bool,
+    /// Once the writer failed, the reader gets [`READER_GRACE`] to see the socket closed.
+    grace: Option<Instant>,
+}
+
+impl Connection {
+    /// Starts `link`'s writer on `writer` (unacknowledged updates go first) and reads `reader`.
+    pub fn new(link: &Link, reader: AgentReader, writer: AgentWriter) -> Self {
+        Self { reader, writer: link.connect(writer), writing: true, grace: None }
+    }
+
+    /// The agent's next message; `Acked` is applied to `link` here. Cancel-safe.
+    pub async fn next(&mut self, link: &Link) -> Received {
+        loop {
+            tokio::select! {
+                frame = self.reader.recv::<AgentToExecutor>() => match frame {
+                    Ok(Some(AgentToExecutor::Acked { seq })) => link.ack(seq),
+                    Ok(Some(message)) => return Received::Message(message),
+                    Ok(None) => return Received::Lost(None),
+                    Err(FrameError::Io(error)) => return Received::Lost(Some(error)),
+                    Err(error) => return Received::Malformed(error),
+                },
+                written = &mut self.writer, if self.writing => {
+                    self.writing = false;
+                    match written {
+                        Ok(Ok(())) => tracing::debug!("update writer stopped"),
+                        Ok(Err(error)) => tracing::info!(%error, "cannot write to the agent"),
+                        Err(error) => tracing::warn!(%error, "update writer failed"),
+                    }
+                    self.grace = Some(Instant::now() + READER_GRACE);
+                }
+                () = sleep_until_opt(self.grace) => {
+                    tracing::info!("the agent's socket does not take writes any more");
+                    return Received::Lost(None);
+                }
+            }
+        }
+    }
+
+    /// [`Self::next`] on `conn`, or never while there is none.
+    pub async fn next_opt(conn: &mut Option<Connection>, link: &Link) -> Received {
+        match conn {
+            Some(c) => c.next(link).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The executor stops: `link` is closed and what it still holds for the agent is sent,
+    /// waiting at most `patience`.
+    pub async fn finish(mut self, link: &Link, patience: Duration) {
+        link.close();
+        if !self.writing {
+            return;
+        }
+        match tokio::time::timeout(patience, &mut self.writer).await {
+            Ok(Ok(Err(error))) => tracing::debug!(%error, "final updates not sent"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("the agent did not take the final updates in time");
+                self.writer.abort();
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A [`reconnect`] under way (see [`Link::reconnect`]).
+pub type Reconnecting = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(AgentReader, AgentWriter, Welcomed), ReconnectError>> + Send>,
+>;
+
+impl Link {
+    /// The connection was lost: disconnects and starts [`reconnect`]ing to `socket` with this
+    /// link's [`Resume`], for at most `timeout` from now. Poll it with [`reconnecting`].
+    pub fn reconnect(&self, socket: PathBuf, executor_id: String, timeout: Duration) -> Reconnecting {
+        self.disconnect();
+        let link = self.clone();
+        let deadline = Instant::now() + timeout;
+        Box::pin(reconnect(socket, executor_id, deadline, timeout, move || link.resume()))
+    }
+}
+
+/// Awaits the reconnect under way, or never while there is none.
+pub async fn reconnecting(
+    away: &mut Option<Reconnecting>,
+) -> Result<(AgentReader, AgentWriter, Welcomed), ReconnectError> {
+    match away {
+        Some(f) => {
+            let r = f.as_mut().await;
+            *away = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Why [`reconnect`] gave up.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconnectError {
