@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agora_sdk::executor_link::{
-    reconnecting, Connection, Link, OutboxLimits, ReconnectError, Received, Reconnecting,
+    reconnecting, Connection, Link, OutboxLimits, Received, ReconnectError, Reconnecting,
 };
 use agora_sdk::executor_proto::{handshake, AgentToExecutor, CommandLaunch, ExecutorUpdate, HandshakeError};
 use agora_sdk::frame::FrameError;

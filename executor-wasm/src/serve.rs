@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_sdk::executor_link::{
-    reconnecting, Connection, Link, OutboxLimits, ReconnectError, Received, Reconnecting,
+    reconnecting, Connection, Link, OutboxLimits, Received, ReconnectError, Reconnecting,
 };
 use agora_sdk::executor_proto::{AgentToExecutor, ExecutorUpdate, WasmLaunch, DEFAULT_RECOVERY_TIMEOUT};
 use agora_sdk::frame::FrameError;

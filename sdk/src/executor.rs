@@ -72,8 +72,8 @@ use crate::executor_link::{
     READER_GRACE,
 };
 use crate::executor_proto::{
-    AgentToExecutor, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID,
-    ENV_FRAMEWORK_ID, ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+    AgentToExecutor, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID,
+    ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
 };
 use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::proto::{
@@ -434,7 +434,10 @@ pub async fn run_with<E: Executor>(executor: &mut E, env: ExecutorEnv) -> Result
                 inbox = Inbox::spawn(reader, link.clone());
             }
             Err(ReconnectError::TimedOut(timeout)) => {
-                tracing::error!(?timeout, "the agent did not come back within the recovery timeout: killing the tasks and exiting");
+                tracing::error!(
+                    ?timeout,
+                    "the agent did not come back within the recovery timeout: killing the tasks and exiting"
+                );
                 executor.shutdown(&driver).await;
                 break Err(ExecutorError::RecoveryTimedOut(timeout));
             }
@@ -623,7 +626,10 @@ async fn serve<E: Executor>(
             other @ (AgentToExecutor::Launch(_)
             | AgentToExecutor::LaunchCommands(_)
             | AgentToExecutor::Welcome { .. }) => {
-                return Served::Done(Err(ExecutorError::Unexpected { got: other.name(), when: "after Welcome" }))
+                return Served::Done(Err(ExecutorError::Unexpected {
+                    got: other.name(),
+                    when: "after Welcome",
+                }))
             }
         }
     }
@@ -1317,11 +1323,16 @@ mod tests {
         assert_eq!(env.handshake_timeout, HANDSHAKE_TIMEOUT);
         assert_eq!(env.recovery_timeout, crate::executor_proto::DEFAULT_RECOVERY_TIMEOUT);
         let with = |value: &'static str| {
-            ExecutorEnv::from_vars(move |n| if n == ENV_RECOVERY_TIMEOUT { Some(value.into()) } else { full(n) })
+            ExecutorEnv::from_vars(
+                move |n| if n == ENV_RECOVERY_TIMEOUT { Some(value.into()) } else { full(n) },
+            )
         };
         assert_eq!(with("3").unwrap().recovery_timeout, Duration::from_secs(3));
         let err = with("15m").unwrap_err();
-        assert_eq!(err.to_string(), format!("environment variable {ENV_RECOVERY_TIMEOUT} is not a whole number of seconds"));
+        assert_eq!(
+            err.to_string(),
+            format!("environment variable {ENV_RECOVERY_TIMEOUT} is not a whole number of seconds")
+        );
 
         for missing in [ENV_SOCKET, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_AGENT_ID, ENV_SANDBOX] {
             let err = ExecutorEnv::from_vars(|n| if n == missing { None } else { full(n) }).unwrap_err();

@@ -555,7 +555,9 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 /// A [`reconnect`] under way (see [`Link::reconnect`]).
 pub type Reconnecting = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(AgentReader, AgentWriter, Welcomed), ReconnectError>> + Send>,
+    Box<
+        dyn std::future::Future<Output = Result<(AgentReader, AgentWriter, Welcomed), ReconnectError>> + Send,
+    >,
 >;
 
 impl Link {
@@ -624,8 +626,12 @@ pub async fn reconnect(
         let tried = tokio::time::timeout(wait, handshake(&socket, &executor_id, Some(r.clone()))).await;
         match tried {
             Ok(Ok(connected)) => {
-                tracing::info!(attempts = attempt, tasks = r.tasks.len(), last_seq = r.last_seq,
-                    "reconnected to the agent");
+                tracing::info!(
+                    attempts = attempt,
+                    tasks = r.tasks.len(),
+                    last_seq = r.last_seq,
+                    "reconnected to the agent"
+                );
                 return Ok(connected);
             }
             Ok(Err(HandshakeError::Refused(e))) => return Err(ReconnectError::Refused(e)),
@@ -936,7 +942,11 @@ mod tests {
         let resume = || Resume { tasks: vec![TaskId::new("t")], last_seq: 7 };
         let deadline = Instant::now() + Duration::from_secs(10);
         let r = reconnect(path, "ex".into(), deadline, Duration::from_secs(10), resume).await;
-        assert!(matches!(&r, Err(ReconnectError::Refused(e)) if e.message == "unknown executor"), "{:?}", r.err());
+        assert!(
+            matches!(&r, Err(ReconnectError::Refused(e)) if e.message == "unknown executor"),
+            "{:?}",
+            r.err()
+        );
         match agent.await.unwrap() {
             ExecutorMessage::Hello { resume: Some(r), executor_id, .. } => {
                 assert_eq!(executor_id, "ex");
