@@ -11,17 +11,25 @@
 //! in `Updates` frames, batched. The agent itself spawns no task.
 //!
 //! The executor runs as the agent's user (root where tasks are isolated): creating cgroups and
-//! switching users need it; it runs no user code itself. `Shutdown`, or the agent's socket
-//! closing, kills every task (each with its grace period), reports what it can and exits.
+//! switching users need it; it runs no user code itself. `Shutdown` kills every task (each
+//! with its grace period), reports what it can and exits.
+//!
+//! It outlives its agent ([`agora_sdk::executor_link`]): updates are numbered and kept until the
+//! agent acknowledges them. When the socket closes without `Shutdown`, the tasks keep running
+//! and their ends are kept while the executor connects again, with the tasks it still runs, for
+//! at most the recovery timeout; then it sends what the agent has not acknowledged and carries
+//! on. If the agent does not come back in time, or refuses the reconnecting executor, the
+//! executor kills every task as on `Shutdown` and exits with an error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agora_sdk::executor_proto::{
-    handshake, AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, HandshakeError,
+use agora_sdk::executor_link::{
+    reconnecting, Connection, Link, OutboxLimits, Received, ReconnectError, Reconnecting,
 };
-use agora_sdk::frame::{chunk_by_size, FrameError, FrameWriter, LIST_BUDGET};
+use agora_sdk::executor_proto::{handshake, AgentToExecutor, CommandLaunch, ExecutorUpdate, HandshakeError};
+use agora_sdk::frame::FrameError;
 use agora_sdk::proto::{FrameworkId, TaskId, TaskInfo, TaskKind, TaskState};
 use tokio::sync::mpsc;
 
@@ -47,6 +55,8 @@ pub struct CommandExecutorConfig {
     pub isolation: Option<IsolationSpec>,
     /// The user tasks run as (`None`: this process's own).
     pub user: Option<TaskUser>,
+    /// How long the tasks keep running while the agent is away (see the module docs).
+    pub recovery_timeout: Duration,
 }
 
 /// Why the command executor stopped with an error.
@@ -61,11 +71,16 @@ pub enum CommandExecutorError {
     /// A frame from the agent does not decode.
     #[error("malformed frame from the agent: {0}")]
     Malformed(FrameError),
+    /// The agent went away and did not come back in time, or came back without knowing this
+    /// executor: the tasks were killed.
+    #[error("{0}; the tasks were killed")]
+    Recovery(#[from] ReconnectError),
 }
 
-/// Connects to the agent and runs its command tasks until `Shutdown` or the socket closes.
+/// Connects to the agent and runs its command tasks until `Shutdown` (or until the agent, gone,
+/// does not come back within the recovery timeout).
 pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorError> {
-    let (mut reader, writer, welcomed) = handshake(&config.socket, &config.executor_id, None).await?;
+    let (reader, writer, welcomed) = handshake(&config.socket, &config.executor_id, None).await?;
     let framework_id = welcomed.framework_id;
     tracing::info!(%framework_id, executor_id = %config.executor_id, "command executor welcomed");
     let isolator = config
@@ -74,51 +89,58 @@ pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorE
         .map(|spec| Isolator::attach_pooled(spec, FRESH_CGROUPS))
         .unwrap_or_else(Isolator::none);
     let (events_tx, mut events) = mpsc::unbounded_channel::<(TaskKey, TaskEvent)>();
-    let (updates_tx, updates_rx) = mpsc::unbounded_channel::<ExecutorUpdate>();
-    let writer_task = tokio::spawn(write_updates(writer, updates_rx));
+    let link = Link::new(OutboxLimits::default());
+    let mut conn = Some(Connection::new(&link, reader, writer));
+    let mut away: Option<Reconnecting> = None;
     let mut tasks: HashMap<TaskId, TaskHandle> = HashMap::new();
     let ctx = Ctx { framework_id, isolator, user: config.user };
     let mut batch = Vec::with_capacity(64);
     let result = loop {
         tokio::select! {
-            frame = reader.recv::<AgentToExecutor>() => match frame {
-                Ok(Some(AgentToExecutor::LaunchCommands(list))) => {
+            received = Connection::next_opt(&mut conn, &link) => match received {
+                Received::Message(AgentToExecutor::LaunchCommands(list)) => {
                     for launch in list {
                         let task_id = launch.task_id.clone();
                         if tasks.contains_key(&task_id) {
-                            let _ = updates_tx.send(failed(task_id, "task id already running in this executor"));
+                            let _ = link.push(failed(task_id, "task id already running in this executor"));
                             continue;
                         }
+                        link.launched(task_id.clone());
                         let handle = tasks::launch(ctx.spec(launch), events_tx.clone());
                         tasks.insert(task_id, handle);
                     }
                 }
-                Ok(Some(AgentToExecutor::Kill { task_id })) => {
+                Received::Message(AgentToExecutor::Kill { task_id }) => {
                     if let Some(h) = tasks.get(&task_id) {
                         h.kill();
                     }
                 }
-                Ok(Some(AgentToExecutor::Shutdown)) => break Ok(()),
-                Ok(None) => {
-                    tracing::info!(live = tasks.len(), "the agent closed the socket: killing the tasks");
-                    break Ok(());
-                }
-                Ok(Some(other)) => break Err(CommandExecutorError::Unexpected(other.name())),
-                Err(e @ (FrameError::Malformed(_) | FrameError::TooLarge { .. })) => {
-                    break Err(CommandExecutorError::Malformed(e))
-                }
-                Err(e) => {
-                    tracing::info!(error = %e, "the agent's socket failed: killing the tasks");
-                    break Ok(());
+                Received::Message(AgentToExecutor::Shutdown) => break Ok(()),
+                Received::Message(other) => break Err(CommandExecutorError::Unexpected(other.name())),
+                Received::Malformed(e) => break Err(CommandExecutorError::Malformed(e)),
+                Received::Lost(error) => {
+                    tracing::info!(live = tasks.len(), error = ?error.map(|e| e.to_string()),
+                        timeout = ?config.recovery_timeout,
+                        "lost the agent: the tasks keep running while the executor connects again");
+                    conn = None;
+                    away = Some(link.reconnect(config.socket.clone(), config.executor_id.clone(), config.recovery_timeout));
                 }
             },
-            n = events.recv_many(&mut batch, 1024) => {
+            again = reconnecting(&mut away) => match again {
+                Ok((reader, writer, _)) => conn = Some(Connection::new(&link, reader, writer)),
+                Err(e) => {
+                    tracing::error!(error = %e, live = tasks.len(), "killing every task and exiting");
+                    break Err(e.into());
+                }
+            },
+            // At the outbox's bound, task events wait here until the agent acknowledges.
+            n = events.recv_many(&mut batch, 1024), if link.has_room() => {
                 if n == 0 {
                     continue;
                 }
                 for (key, ev) in batch.drain(..) {
                     if let Some(u) = to_update(&key, ev, &mut tasks) {
-                        let _ = updates_tx.send(u);
+                        let _ = link.push(u);
                     }
                 }
             }
@@ -133,17 +155,19 @@ pub async fn serve(config: CommandExecutorConfig) -> Result<(), CommandExecutorE
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some((key, ev))) => {
                 if let Some(u) = to_update(&key, ev, &mut tasks) {
-                    let _ = updates_tx.send(u);
+                    let _ = link.push(u);
                 }
             }
             _ => break,
         }
     }
-    drop(updates_tx);
     // The used groups' removals finish and the fresh groups go while the last updates are sent.
     let isolator = ctx.isolator.clone();
     let cleanup = tokio::task::spawn_blocking(move || isolator.shutdown());
-    let _ = tokio::time::timeout(FINAL_FLUSH, writer_task).await;
+    match conn {
+        Some(conn) => conn.finish(&link, FINAL_FLUSH).await,
+        None => link.close(),
+    }
     let _ = cleanup.await;
     result
 }
@@ -225,19 +249,4 @@ fn failed(task_id: TaskId, message: &str) -> ExecutorUpdate {
         pid: None,
         usage: None,
     }
-}
-
-/// Drains queued updates into as few `Updates` frames as fit.
-async fn write_updates(
-    mut writer: FrameWriter<tokio::net::unix::OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<ExecutorUpdate>,
-) -> Result<(), FrameError> {
-    let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 4096).await > 0 {
-        for frame in chunk_by_size(std::mem::take(&mut batch), LIST_BUDGET) {
-            writer.feed(&ExecutorMessage::Updates(frame)).await?;
-        }
-        writer.flush().await?;
-    }
-    Ok(())
 }

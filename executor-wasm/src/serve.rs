@@ -20,8 +20,16 @@
 //! output files) and run at once; the others wait for a slot in launch order, holding no file
 //! descriptors.
 //!
-//! `Shutdown`, or the socket closing, kills what still runs and returns `Ok`; a malformed frame
-//! from the agent returns [`ServeError::Malformed`].
+//! `Shutdown` kills what still runs and returns `Ok`; a malformed frame from the agent returns
+//! [`ServeError::Malformed`].
+//!
+//! The executor outlives its agent ([`agora_sdk::executor_link`]): updates are numbered and
+//! kept until the agent acknowledges them. When the socket closes without `Shutdown`, the tasks
+//! keep running in wasmtime and their updates are kept while the executor connects again, with
+//! the tasks it still runs, for at most [`ServeConfig::recovery_timeout`]; then it sends what
+//! the agent has not acknowledged and carries on. If the agent does not come back in time or
+//! refuses the reconnecting executor, every task is cancelled and [`serve`] returns
+//! [`ServeError::Recovery`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -29,10 +37,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_sdk::executor_proto::{AgentToExecutor, ExecutorMessage, ExecutorUpdate, WasmLaunch};
-use agora_sdk::frame::{FrameError, FrameWriter, MAX_FRAME};
+use agora_sdk::executor_link::{
+    reconnecting, Connection, Link, OutboxLimits, Received, ReconnectError, Reconnecting,
+};
+use agora_sdk::executor_proto::{AgentToExecutor, ExecutorUpdate, WasmLaunch, DEFAULT_RECOVERY_TIMEOUT};
+use agora_sdk::frame::FrameError;
 use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::Instrument as _;
@@ -45,8 +55,6 @@ use crate::task::{FailureReason, ModuleSource, Preopen, TaskEnd, TaskOutcome, Wa
 /// Longest `message` put in an update (longer ones are cut), so that one update always fits a
 /// frame with room for many others.
 const MAX_MESSAGE_BYTES: usize = 16 << 10;
-/// Updates taken off the queue per write (split further into frames by size).
-const MAX_BATCH: usize = 4096;
 /// Task ids remembered after their task ended, to refuse a relaunch under the same id.
 const RECENT_IDS: usize = 100_000;
 /// How long the last updates may take to reach the agent when the executor stops.
@@ -61,11 +69,20 @@ pub struct ServeConfig {
     pub executor_id: String,
     /// The Wasm runtime every task runs on.
     pub runtime: RuntimeConfig,
+    /// How long the tasks keep running while the agent is away
+    /// ([`DEFAULT_RECOVERY_TIMEOUT`] by default; see the module docs).
+    pub recovery_timeout: Duration,
 }
 
 impl ServeConfig {
+    /// A configuration with the default recovery timeout.
     pub fn new(socket: impl Into<PathBuf>, executor_id: impl Into<String>, runtime: RuntimeConfig) -> Self {
-        Self { socket: socket.into(), executor_id: executor_id.into(), runtime }
+        Self {
+            socket: socket.into(),
+            executor_id: executor_id.into(),
+            runtime,
+            recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
+        }
     }
 }
 
@@ -106,6 +123,10 @@ pub enum ServeError {
         /// Where in the session it came.
         when: &'static str,
     },
+    /// The agent went away and did not come back in time, or came back without knowing this
+    /// executor: the tasks were cancelled.
+    #[error("{0}; the tasks were cancelled")]
+    Recovery(ReconnectError),
 }
 
 impl From<agora_sdk::executor_proto::HandshakeError> for ServeError {
@@ -123,10 +144,10 @@ impl From<agora_sdk::executor_proto::HandshakeError> for ServeError {
 }
 
 /// Runs the executor: builds the runtime from `config.runtime`, connects to the agent and
-/// serves it until `Shutdown` or the socket closes.
+/// serves it until `Shutdown` (or until the agent, gone, does not come back in time).
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
-    let runtime = WasmRuntime::new(config.runtime).map_err(ServeError::Runtime)?;
-    serve_with_runtime(runtime, &config.socket, &config.executor_id).await
+    let runtime = WasmRuntime::new(config.runtime.clone()).map_err(ServeError::Runtime)?;
+    serve_with_runtime(runtime, &config.socket, &config.executor_id, config.recovery_timeout).await
 }
 
 /// [`serve`] on an existing runtime (whose cache counters the caller can then read).
@@ -134,16 +155,20 @@ pub async fn serve_with_runtime(
     runtime: WasmRuntime,
     socket: &Path,
     executor_id: &str,
+    recovery_timeout: Duration,
 ) -> Result<(), ServeError> {
-    let (mut reader, writer, welcomed) =
-        agora_sdk::executor_proto::handshake(socket, executor_id, None).await?;
+    let (reader, writer, welcomed) = agora_sdk::executor_proto::handshake(socket, executor_id, None).await?;
     let framework_id = welcomed.framework_id;
     let span = tracing::info_span!("executor", executor_id, framework_id = %framework_id);
     tracing::info!(parent: &span, "welcomed by the agent");
 
-    let (updates, rx) = mpsc::unbounded_channel();
-    let mut writer_task = tokio::spawn(write_updates(writer, rx).instrument(span.clone()));
-    let gate = Arc::new(Semaphore::new(runtime.config().max_concurrent_tasks as usize));
+    let max_tasks = runtime.config().max_concurrent_tasks as usize;
+    // Each task makes at most two updates; queued launches wait for a slot without making any.
+    let link = Link::new(OutboxLimits::for_tasks(max_tasks, 4));
+    let mut conn = Some(Connection::new(&link, reader, writer));
+    let mut away: Option<Reconnecting> = None;
+    let (updates, started) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(max_tasks));
     let mut tasks = Tasks {
         runtime,
         gate,
@@ -153,6 +178,8 @@ pub async fn serve_with_runtime(
         running: JoinSet::new(),
         recent: RecentIds::default(),
         updates,
+        started,
+        link: link.clone(),
         killed_message: "killed by the agent",
         span: span.clone(),
     };
@@ -160,58 +187,62 @@ pub async fn serve_with_runtime(
     let result = async {
         loop {
             tokio::select! {
-                frame = reader.recv::<AgentToExecutor>() => match frame {
-                    Ok(Some(AgentToExecutor::Launch(launches))) => {
+                received = Connection::next_opt(&mut conn, &link) => match received {
+                    Received::Message(AgentToExecutor::Launch(launches)) => {
                         tracing::debug!(tasks = launches.len(), "launch");
                         for launch in launches {
                             tasks.launch(launch);
                         }
                     }
-                    Ok(Some(AgentToExecutor::Kill { task_id })) => tasks.kill(&task_id),
-                    // Updates are not kept for a resend yet: nothing to forget.
-                    Ok(Some(AgentToExecutor::Acked { .. })) => {}
-                    Ok(Some(AgentToExecutor::Shutdown)) => {
+                    Received::Message(AgentToExecutor::Kill { task_id }) => tasks.kill(&task_id),
+                    Received::Message(AgentToExecutor::Shutdown) => {
                         tracing::info!(live = tasks.live.len(), "shutdown requested by the agent");
                         return (Ok(()), "executor shut down");
                     }
-                    Ok(Some(AgentToExecutor::Refused(error))) => {
+                    Received::Message(AgentToExecutor::Refused(error)) => {
                         tracing::error!(%error, "the agent refused this executor");
                         return (Err(ServeError::Refused(error)), "executor refused by the agent");
                     }
-                    Ok(Some(other @ (AgentToExecutor::LaunchCommands(_) | AgentToExecutor::LaunchTasks(_)
-                        | AgentToExecutor::FrameworkMessage(_)))) => {
+                    Received::Message(other @ (AgentToExecutor::LaunchCommands(_) | AgentToExecutor::LaunchTasks(_)
+                        | AgentToExecutor::FrameworkMessage(_))) => {
                         tracing::error!("the agent sent the Wasm executor a message for another kind of executor");
                         let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
-                    Ok(Some(other @ AgentToExecutor::Welcome { .. })) => {
+                    Received::Message(other @ (AgentToExecutor::Welcome { .. } | AgentToExecutor::Acked { .. })) => {
                         tracing::error!("unexpected second Welcome from the agent");
                         let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
-                    Ok(None) => {
-                        tracing::info!(live = tasks.live.len(), "the agent closed the socket");
-                        return (Ok(()), "agent connection closed");
-                    }
-                    Err(FrameError::Io(error)) => {
-                        tracing::info!(%error, live = tasks.live.len(), "the agent's socket failed");
-                        return (Ok(()), "agent connection closed");
-                    }
-                    Err(error) => {
+                    Received::Malformed(error) => {
                         tracing::error!(%error, "malformed frame from the agent");
                         return (Err(ServeError::Malformed(error)), "protocol error");
                     }
-                },
-                Some(joined) = tasks.running.join_next_with_id(), if !tasks.running.is_empty() => {
-                    tasks.ended(joined);
-                }
-                written = &mut writer_task => {
-                    match written {
-                        Ok(Ok(())) => tracing::info!("update writer stopped"),
-                        Ok(Err(error)) => tracing::info!(%error, "cannot write to the agent"),
-                        Err(error) => tracing::error!(%error, "update writer failed"),
+                    Received::Lost(error) => {
+                        tracing::info!(live = tasks.live.len(), error = ?error.map(|e| e.to_string()),
+                            timeout = ?recovery_timeout,
+                            "lost the agent: the tasks keep running while the executor connects again");
+                        conn = None;
+                        away = Some(link.reconnect(socket.to_path_buf(), executor_id.to_string(), recovery_timeout));
                     }
-                    return (Ok(()), "agent connection closed");
+                },
+                again = reconnecting(&mut away) => match again {
+                    Ok((reader, writer, _)) => conn = Some(Connection::new(&link, reader, writer)),
+                    Err(error) => {
+                        tracing::error!(%error, live = tasks.live.len(), "cancelling every task and exiting");
+                        let why = match error {
+                            ReconnectError::TimedOut(_) => "the agent did not come back in time",
+                            ReconnectError::Refused(_) => "the agent did not know the executor after its restart",
+                        };
+                        return (Err(ServeError::Recovery(error)), why);
+                    }
+                },
+                // At the outbox's bound, task events wait until the agent acknowledges.
+                Some(update) = tasks.started.recv(), if link.has_room() => {
+                    let _ = link.push(update);
+                }
+                Some(joined) = tasks.running.join_next_with_id(), if !tasks.running.is_empty() && link.has_room() => {
+                    tasks.ended(joined);
                 }
             }
         }
@@ -222,16 +253,9 @@ pub async fn serve_with_runtime(
     let (result, why) = result;
     tasks.killed_message = why;
     tasks.stop_all().instrument(span.clone()).await;
-    drop(tasks); // closes the update queue: the writer sends what is left, then ends
-    if !writer_task.is_finished() {
-        match tokio::time::timeout(FINAL_FLUSH, &mut writer_task).await {
-            Ok(Ok(Err(error))) => tracing::debug!(parent: &span, %error, "final updates not sent"),
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(parent: &span, "the agent did not take the final updates in time");
-                writer_task.abort();
-            }
-        }
+    match conn {
+        Some(conn) => conn.finish(&link, FINAL_FLUSH).instrument(span.clone()).await,
+        None => link.close(),
     }
     result
 }
@@ -247,7 +271,11 @@ struct Tasks {
     by_join: HashMap<tokio::task::Id, TaskId>,
     running: JoinSet<TaskOutcome>,
     recent: RecentIds,
+    /// RUNNING updates from the tasks, into `started`.
     updates: mpsc::UnboundedSender<ExecutorUpdate>,
+    started: mpsc::UnboundedReceiver<ExecutorUpdate>,
+    /// Numbers, keeps and sends the updates.
+    link: Link,
     /// The message of KILLED updates.
     killed_message: &'static str,
     span: tracing::Span,
@@ -255,8 +283,8 @@ struct Tasks {
 
 impl Tasks {
     fn send(&self, update: ExecutorUpdate) {
-        // The writer has stopped only when the socket is gone; the loop then ends too.
-        let _ = self.updates.send(update);
+        // Closed only once the loop has ended.
+        let _ = self.link.push(update);
     }
 
     fn launch(&mut self, launch: WasmLaunch) {
@@ -293,6 +321,7 @@ impl Tasks {
         let run =
             run_launch(self.runtime.clone(), self.gate.clone(), module, digest, launch, self.updates.clone());
         let handle = self.running.spawn(run.instrument(span));
+        self.link.launched(task_id.clone());
         self.by_join.insert(handle.id(), task_id.clone());
         self.live.insert(task_id, handle);
     }
@@ -313,6 +342,10 @@ impl Tasks {
             Err(error) => (error.id(), Err(error)),
         };
         let Some(task_id) = self.by_join.remove(&id) else { return };
+        // Its RUNNING (if any) goes first.
+        while let Ok(update) = self.started.try_recv() {
+            self.send(update);
+        }
         self.live.remove(&task_id);
         self.recent.insert(task_id.clone());
         let update = match result {
@@ -508,28 +541,6 @@ fn truncate(mut message: String) -> String {
     message
 }
 
-/// Sends queued updates until the queue closes: each write takes whatever is queued and packs it
-/// into as few frames as fit.
-async fn write_updates(
-    mut writer: FrameWriter<OwnedWriteHalf>,
-    mut rx: mpsc::UnboundedReceiver<ExecutorUpdate>,
-) -> Result<(), FrameError> {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let updates = std::mem::take(&mut batch);
-        let unfit = writer.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await?;
-        for one in unfit {
-            tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
-        }
-        writer.flush().await?;
-    }
-    Ok(())
-}
-
-/// Room for updates in an `Updates` frame: the enum tag and the vector's length prefix take at
-/// most 1 + 5 bytes.
-const UPDATES_BUDGET: usize = MAX_FRAME - 16;
-
 /// The ids of the last [`RECENT_IDS`] tasks that ended.
 #[derive(Default)]
 struct RecentIds {
@@ -557,44 +568,6 @@ impl RecentIds {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn update(i: usize, message_len: usize) -> ExecutorUpdate {
-        ExecutorUpdate {
-            seq: 0,
-            task_id: TaskId(format!("t{i}")),
-            state: TaskState::Failed,
-            reason: "trap".into(),
-            message: "x".repeat(message_len),
-            exit_code: None,
-            signal: None,
-            pid: None,
-            usage: Some(Usage { fuel: Some(u64::MAX), peak_mem: Some(1 << 30), ..Usage::default() }),
-        }
-    }
-
-    /// What `write_updates` puts on the wire for one batch, frame by frame.
-    async fn frames(updates: Vec<ExecutorUpdate>) -> Vec<Vec<ExecutorUpdate>> {
-        let mut w = FrameWriter::new(Vec::new());
-        let unfit = w.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await.expect("fed");
-        assert!(unfit.is_empty());
-        w.flush().await.expect("flush");
-        let bytes = w.into_inner();
-        let mut r = agora_sdk::frame::FrameReader::new(bytes.as_slice());
-        let mut out = Vec::new();
-        while let Some(ExecutorMessage::Updates(u)) = r.recv().await.expect("every frame fits") {
-            out.push(u);
-        }
-        out
-    }
-
-    #[tokio::test]
-    async fn big_batches_are_split_into_frames_that_fit() {
-        let updates: Vec<_> = (0..1000).map(|i| update(i, MAX_MESSAGE_BYTES)).collect();
-        let frames = frames(updates.clone()).await;
-        assert!(frames.len() > 1);
-        assert_eq!(frames.concat(), updates, "order kept, nothing lost");
-        assert_eq!(self::frames(vec![update(0, 10)]).await.len(), 1);
-    }
 
     #[test]
     fn long_messages_are_cut_on_a_char_boundary() {

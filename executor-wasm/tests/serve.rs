@@ -58,6 +58,11 @@ impl FakeAgent {
 
     /// Starts `serve()` and reads its Hello, without answering it.
     async fn connect(tweak: impl FnOnce(&mut RuntimeConfig)) -> Self {
+        Self::connect_with(tweak, PATIENCE).await
+    }
+
+    /// [`Self::connect`] with the executor's recovery timeout.
+    async fn connect_with(tweak: impl FnOnce(&mut RuntimeConfig), recovery: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["cache", "modules", "sandboxes"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
@@ -71,7 +76,7 @@ impl FakeAgent {
         let listener = UnixListener::bind(&socket).unwrap();
         let serve = tokio::spawn({
             let rt = rt.clone();
-            async move { serve_with_runtime(rt, &socket, "ex-1").await }
+            async move { serve_with_runtime(rt, &socket, "ex-1", recovery).await }
         });
         let (stream, _) = tokio::time::timeout(PATIENCE, listener.accept()).await.unwrap().unwrap();
         let (read, write) = stream.into_split();
@@ -499,16 +504,30 @@ async fn shutdown_kills_the_tasks_and_returns() {
     }
 }
 
+/// The agent closing the socket does not end the tasks at once: `serve()` waits for it to come
+/// back, and only after the recovery timeout cancels them and fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_closing_the_socket_ends_serve() {
-    let mut agent = FakeAgent::start().await;
+async fn an_agent_that_does_not_come_back_ends_serve_after_the_recovery_timeout() {
+    let mut agent = FakeAgent::connect_with(|_| {}, Duration::from_secs(1)).await;
+    agent
+        .send(AgentToExecutor::Welcome {
+            framework_id: FrameworkId("fw-1".into()),
+            agent_id: None,
+            executor_id: "agora-wasm".into(),
+        })
+        .await;
     let mut spinner = agent.launch("spinner", "loop");
     spinner.timeout = None;
     agent.send(AgentToExecutor::Launch(vec![spinner])).await;
     agent.wait_state("spinner", TaskState::Running).await;
     let FakeAgent { reader, writer, mut serve, rt: _rt, dir: _dir, .. } = agent;
+    let lost = Instant::now();
     drop((reader, writer));
-    tokio::time::timeout(PATIENCE, &mut serve).await.expect("serve() did not return").unwrap().unwrap();
+    let result = tokio::time::timeout(PATIENCE, &mut serve).await.expect("serve() did not return").unwrap();
+    assert!(lost.elapsed() >= Duration::from_millis(900), "{:?}", lost.elapsed());
+    let error = result.unwrap_err();
+    assert!(matches!(error, ServeError::Recovery(_)), "{error:?}");
+    assert!(error.to_string().contains("recovery timeout"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,12 +37,23 @@
 //!
 //! Callbacks run one at a time on the task that called [`run`]: a callback that takes long
 //! holds up the next message, so long work belongs in a spawned task holding a clone of the
-//! [`ExecutorDriver`]. Updates and framework messages sent through the driver are queued (a
-//! bounded queue: a full one makes the sender wait) and written to the agent in order, as
-//! few frames as fit: a burst of updates goes in one `Updates` frame.
+//! [`ExecutorDriver`]. Updates and framework messages sent through the driver are queued and
+//! written to the agent in order, as few frames as fit: a burst of updates goes in one
+//! `Updates` frame.
 //!
-//! The agent fails the tasks of an executor that exits or closes its socket, so an executor
-//! should report every task it was given as ended (FINISHED, FAILED or KILLED) before that.
+//! ## Agent restarts
+//!
+//! The runtime survives its agent's restarts without any code in the executor: when the
+//! agent's socket closes without `Shutdown`, [`run`] keeps the executor and its tasks going,
+//! keeps every update sent meanwhile, connects again (about every second, for at most the
+//! recovery timeout that the agent sets in [`ENV_RECOVERY_TIMEOUT`]) and sends the agent every
+//! update it has not acknowledged, then serves it as before. Only if the agent does not come
+//! back in time, or comes back without knowing the executor, is [`Executor::shutdown`] called
+//! and [`run`] returns an error. Framework messages are delivered at most once: those sent
+//! while the agent is away are dropped.
+//!
+//! The agent fails the tasks of an executor that exits, so an executor should report every task
+//! it was given as ended (FINISHED, FAILED or KILLED) before that.
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -56,11 +67,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::executor_proto::{
-    AgentToExecutor, ExecutorMessage, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID,
-    ENV_FRAMEWORK_ID, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+use crate::executor_link::{
+    reconnect, recovery_timeout_from, take_ack, Link, OutboxLimits, ReconnectError, RecoveryTimeoutError,
+    READER_GRACE,
 };
-use crate::frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};
+use crate::executor_proto::{
+    AgentToExecutor, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID,
+    ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+};
+use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::proto::{
     AgentId, ExecutorId, FrameworkId, TaskId, TaskInfo, TaskState, WireError, MAX_FRAMEWORK_MESSAGE,
 };
@@ -68,12 +83,11 @@ pub use crate::scheduler::MessageTooLarge;
 
 /// How long [`run`] waits by default for the agent to answer `Hello` (connecting included).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Updates and framework messages the driver queues before a sender has to wait.
-pub const QUEUE_CAPACITY: usize = 1024;
+/// Framework messages the driver queues before a sender has to wait (updates wait only when
+/// the agent leaves very many unacknowledged: see [`crate::executor_link`]).
+pub const QUEUE_CAPACITY: usize = crate::executor_link::MAX_QUEUED_MESSAGES;
 /// How long the last queued updates may take to reach the agent when [`run`] returns.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
-/// Room in a frame for an `Updates` message's enum tag and list length.
-const UPDATES_BUDGET: usize = MAX_FRAME - 16;
 
 /// Callbacks of an executor. Only [`Executor::launch_task`] and [`Executor::kill_task`] must
 /// be written; the others have defaults.
@@ -104,9 +118,9 @@ pub trait Executor: Send {
         async {}
     }
 
-    /// The agent asked the executor to end (or closed its socket): stop whatever still runs and
-    /// report those tasks KILLED. [`run`] returns when this returns, after sending what was
-    /// queued. Does nothing by default.
+    /// The agent asked the executor to end (or went away and did not come back within the
+    /// recovery timeout): stop whatever still runs and report those tasks KILLED. [`run`]
+    /// returns when this returns, after sending what was queued. Does nothing by default.
     fn shutdown(&mut self, driver: &ExecutorDriver) -> impl Future<Output = ()> + Send {
         let _ = driver;
         async {}
@@ -143,12 +157,18 @@ pub struct ExecutorEnv {
     /// How long to wait for the agent's `Welcome`, connecting included
     /// ([`HANDSHAKE_TIMEOUT`] by default).
     pub handshake_timeout: Duration,
+    /// How long the executor keeps its tasks and tries to reach its agent again after the
+    /// socket closed without `Shutdown` ([`ENV_RECOVERY_TIMEOUT`], whole seconds;
+    /// [`DEFAULT_RECOVERY_TIMEOUT`](crate::executor_proto::DEFAULT_RECOVERY_TIMEOUT) when it is
+    /// not set).
+    pub recovery_timeout: Duration,
 }
 
 impl ExecutorEnv {
-    /// Reads [`ENV_SOCKET`], [`ENV_EXECUTOR_ID`], [`ENV_FRAMEWORK_ID`], [`ENV_AGENT_ID`] and
-    /// [`ENV_SANDBOX`]. A variable that is not set (or, except the agent id, empty or not
-    /// UTF-8) is an error naming it.
+    /// Reads [`ENV_SOCKET`], [`ENV_EXECUTOR_ID`], [`ENV_FRAMEWORK_ID`], [`ENV_AGENT_ID`],
+    /// [`ENV_SANDBOX`] and (optional) [`ENV_RECOVERY_TIMEOUT`]. A variable that is not set (or,
+    /// except the agent id, empty or not UTF-8), or a recovery timeout that is not a whole
+    /// number of seconds, is an error naming it.
     pub fn from_env() -> Result<Self, ExecutorError> {
         Self::from_vars(|name| std::env::var_os(name))
     }
@@ -170,6 +190,14 @@ impl ExecutorEnv {
         let framework_id = FrameworkId(get(ENV_FRAMEWORK_ID, false)?);
         let agent_id = Some(get(ENV_AGENT_ID, true)?).filter(|s| !s.is_empty()).map(AgentId);
         let sandbox = PathBuf::from(get(ENV_SANDBOX, false)?);
+        let recovery_timeout = recovery_timeout_from(var(ENV_RECOVERY_TIMEOUT)).map_err(|e| {
+            let reason = match e {
+                RecoveryTimeoutError::NotSeconds(_) => "is not a whole number of seconds",
+                RecoveryTimeoutError::TooLong(_) => "is longer than the longest recovery timeout (a week)",
+                RecoveryTimeoutError::NotUtf8 => "is not UTF-8",
+            };
+            ExecutorError::InvalidEnv { name: ENV_RECOVERY_TIMEOUT, reason }
+        })?;
         Ok(ExecutorEnv {
             socket,
             executor_id,
@@ -177,6 +205,7 @@ impl ExecutorEnv {
             agent_id,
             sandbox,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            recovery_timeout,
         })
     }
 }
@@ -232,6 +261,10 @@ pub enum ExecutorError {
         /// Where in the session it came.
         when: &'static str,
     },
+    /// The agent went away and did not come back within the recovery timeout (the tasks were
+    /// shut down).
+    #[error("the agent did not come back within the recovery timeout ({0:?}); the tasks were shut down")]
+    RecoveryTimedOut(Duration),
 }
 
 /// Why the driver did not queue an update or message.
@@ -249,18 +282,14 @@ pub enum DriverError {
     Stopped,
 }
 
-/// What the driver queues for the agent.
-#[derive(Debug)]
-enum Outgoing {
-    Update(ExecutorUpdate),
-    Message(Vec<u8>),
-}
-
 /// Sends task updates and framework messages to the agent. Cheap to clone; usable from spawned
 /// tasks while [`run`] runs.
+///
+/// Updates are numbered and kept until the agent acknowledges them, so that none is lost while
+/// the agent restarts: sent while the agent is away, they reach it once it is back.
 #[derive(Clone, Debug)]
 pub struct ExecutorDriver {
-    tx: mpsc::Sender<Outgoing>,
+    link: Link,
     stop: CancellationToken,
 }
 
@@ -269,7 +298,9 @@ impl ExecutorDriver {
     /// `task started`, `task exited`) and a human `message`. Executors may report STARTING,
     /// RUNNING, FINISHED, FAILED, KILLED and ERROR; a terminal state must be the task's last
     /// update. A `reason` over [`MAX_REASON_LEN`] bytes or a `message` over [`MAX_MESSAGE_LEN`]
-    /// is cut (at a character boundary), as the agent would. Waits while the queue is full.
+    /// is cut (at a character boundary), as the agent would. The update is kept until the agent
+    /// acknowledges it (and sent again if the agent restarts meanwhile); this waits only while
+    /// very many updates wait for the agent's acknowledgement (see [`crate::executor_link`]).
     pub async fn send_status_update(
         &self,
         task_id: TaskId,
@@ -278,21 +309,29 @@ impl ExecutorDriver {
         message: impl Into<String>,
     ) -> Result<(), DriverError> {
         let update = status_update(task_id, state, reason.into(), message.into())?;
-        self.tx.send(Outgoing::Update(update)).await.map_err(|_| DriverError::Stopped)
+        self.link.push_when_room(update).await.map(|_| ()).map_err(|_| DriverError::Stopped)
     }
 
-    /// Sends `data` to the framework's scheduler (delivered at most once). Larger than
-    /// [`MAX_FRAMEWORK_MESSAGE`] is an error, checked here. Waits while the queue is full.
+    /// Sends `data` to the framework's scheduler (delivered at most once: a message sent while
+    /// the agent is away is dropped). Larger than [`MAX_FRAMEWORK_MESSAGE`] is an error,
+    /// checked here. Waits while [`QUEUE_CAPACITY`] messages are queued.
     pub async fn send_framework_message(&self, data: Vec<u8>) -> Result<(), DriverError> {
         if data.len() > MAX_FRAMEWORK_MESSAGE {
             return Err(MessageTooLarge { size: data.len() }.into());
         }
-        self.tx.send(Outgoing::Message(data)).await.map_err(|_| DriverError::Stopped)
+        match self.link.send_message(data).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                debug!("a framework message sent while the agent is away is dropped");
+                Ok(())
+            }
+            Err(_) => Err(DriverError::Stopped),
+        }
     }
 
     /// Ends [`run`] once the current callback returns (without calling
     /// [`Executor::shutdown`]): what is queued is sent, then the socket closes and the agent
-    /// fails the tasks that have not ended.
+    /// fails the tasks that have not ended. Also ends the wait for an agent that went away.
     pub fn stop(&self) {
         self.stop.cancel();
     }
@@ -343,36 +382,87 @@ pub async fn run<E: Executor>(executor: &mut E) -> Result<(), ExecutorError> {
 
 /// Connects to the agent as `env` says, says `Hello`, waits for `Welcome` (at most
 /// `env.handshake_timeout`), calls [`Executor::registered`] and serves the agent's messages
-/// until it sends `Shutdown` or closes the socket (then [`Executor::shutdown`] is called and
-/// this returns `Ok`), or until [`ExecutorDriver::stop`]. A refusal, a malformed frame or a
-/// message meant for another kind of executor is an error.
+/// until it sends `Shutdown` (then [`Executor::shutdown`] is called and this returns `Ok`), or
+/// until [`ExecutorDriver::stop`]. A refusal, a malformed frame or a message meant for another
+/// kind of executor is an error.
+///
+/// When the socket closes without `Shutdown` (the agent died or is being upgraded), the
+/// executor and its tasks carry on: updates are kept and this connects again, about every
+/// second, for at most `env.recovery_timeout`, then sends the updates the agent has not
+/// acknowledged and serves it as before. If the agent does not come back in time
+/// ([`ExecutorError::RecoveryTimedOut`]) or does not know the executor any more
+/// ([`ExecutorError::Refused`]), [`Executor::shutdown`] is called and this returns the error.
 pub async fn run_with<E: Executor>(executor: &mut E, env: ExecutorEnv) -> Result<(), ExecutorError> {
-    let (mut reader, writer, registration) =
+    let (reader, writer, registration) =
         match tokio::time::timeout(env.handshake_timeout, handshake(&env)).await {
             Ok(r) => r?,
             Err(_) => return Err(ExecutorError::HandshakeTimeout(env.handshake_timeout)),
         };
     info!(executor_id = %registration.executor_id, framework_id = %registration.framework_id, "welcomed by the agent");
 
-    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let driver = ExecutorDriver { tx, stop: CancellationToken::new() };
-    let finish = CancellationToken::new();
-    let mut writer_task = Some(tokio::spawn(write_out(writer, rx, finish.clone())));
+    let link = Link::new(OutboxLimits::default());
+    let driver = ExecutorDriver { link: link.clone(), stop: CancellationToken::new() };
+    let mut writer_task = link.connect(writer);
+    let mut inbox = Inbox::spawn(reader, link.clone());
 
     executor.registered(&driver, &registration).await;
-    let result = serve(executor, &driver, &mut reader, &mut writer_task).await;
+    let result = loop {
+        match serve(executor, &driver, &link, &mut inbox, &mut writer_task).await {
+            Served::Done(result) => break result,
+            Served::Lost => {}
+        }
+        link.disconnect();
+        inbox.task.abort();
+        let lost = tokio::time::Instant::now();
+        let again = reconnect(
+            env.socket.clone(),
+            env.executor_id.clone(),
+            lost + env.recovery_timeout,
+            env.recovery_timeout,
+            || link.resume(),
+        );
+        let again = tokio::select! {
+            r = again => r,
+            _ = driver.stop.cancelled() => {
+                info!("stopped by the executor while the agent was away");
+                break Ok(());
+            }
+        };
+        match again {
+            Ok((reader, writer, _)) => {
+                writer_task = link.connect(writer);
+                inbox = Inbox::spawn(reader, link.clone());
+            }
+            Err(ReconnectError::TimedOut(timeout)) => {
+                tracing::error!(
+                    ?timeout,
+                    "the agent did not come back within the recovery timeout: killing the tasks and exiting"
+                );
+                executor.shutdown(&driver).await;
+                break Err(ExecutorError::RecoveryTimedOut(timeout));
+            }
+            Err(ReconnectError::Refused(error)) => {
+                tracing::error!(%error, "the agent refused the reconnecting executor: killing the tasks and exiting");
+                executor.shutdown(&driver).await;
+                break Err(ExecutorError::Refused(error));
+            }
+        }
+    };
+    inbox.task.abort();
 
     // Send what is queued (the updates of `shutdown` included), within bounds, then close.
-    finish.cancel();
-    if let Some(mut task) = writer_task {
-        match tokio::time::timeout(FINAL_FLUSH, &mut task).await {
+    link.close();
+    if link.is_connected() {
+        match tokio::time::timeout(FINAL_FLUSH, &mut writer_task).await {
             Ok(Ok(Err(error))) => debug!(%error, "final updates not sent"),
             Ok(_) => {}
             Err(_) => {
                 warn!("the agent did not take the final updates in time");
-                task.abort();
+                writer_task.abort();
             }
         }
+    } else {
+        writer_task.abort();
     }
     result
 }
@@ -408,64 +498,118 @@ impl From<HandshakeError> for ExecutorError {
     }
 }
 
-/// What woke the serve loop.
-enum Event {
-    Frame(Result<Option<AgentToExecutor>, FrameError>),
-    Stop,
-    WriterEnded,
+/// What the reader task passes on.
+enum Inbound {
+    Message(AgentToExecutor),
+    /// The socket closed or failed (the agent is gone).
+    Lost(Option<io::Error>),
+    /// A frame that does not decode.
+    Malformed(FrameError),
 }
 
-/// The message loop after `Welcome`.
+/// The agent's messages, read by a task of their own: `Acked` is taken at once (a callback
+/// waiting for room in a full outbox must not keep it from being read); the rest waits here
+/// for the callbacks, at most [`INBOX_CAPACITY`] messages.
+struct Inbox {
+    rx: mpsc::Receiver<Inbound>,
+    task: JoinHandle<()>,
+}
+
+/// Messages from the agent read ahead of the callbacks.
+const INBOX_CAPACITY: usize = 1024;
+
+impl Inbox {
+    fn spawn(mut reader: FrameReader<tokio::net::unix::OwnedReadHalf>, link: Link) -> Self {
+        let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+        let task = tokio::spawn(async move {
+            loop {
+                let inbound = match reader.recv::<AgentToExecutor>().await {
+                    Ok(Some(message)) => match take_ack(&link, message) {
+                        None => continue,
+                        Some(message) => Inbound::Message(message),
+                    },
+                    Ok(None) => Inbound::Lost(None),
+                    Err(FrameError::Io(error)) => Inbound::Lost(Some(error)),
+                    Err(error) => Inbound::Malformed(error),
+                };
+                let last = !matches!(inbound, Inbound::Message(_));
+                if tx.send(inbound).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Inbox { rx, task }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How one connection's message loop ended.
+enum Served {
+    /// `run` returns this.
+    Done(Result<(), ExecutorError>),
+    /// The connection is gone without `Shutdown`: connect again.
+    Lost,
+}
+
+/// The message loop of one connection.
 async fn serve<E: Executor>(
     executor: &mut E,
     driver: &ExecutorDriver,
-    reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>,
-    writer_task: &mut Option<JoinHandle<Result<(), FrameError>>>,
-) -> Result<(), ExecutorError> {
+    link: &Link,
+    inbox: &mut Inbox,
+    writer_task: &mut JoinHandle<Result<(), FrameError>>,
+) -> Served {
+    let mut writing = true;
+    // Once the writer failed, the reader gets a moment to see the socket closed (reading what
+    // came before, acknowledgements included).
+    let mut reader_grace = None;
     loop {
-        let event = match writer_task.as_mut() {
-            Some(task) => tokio::select! {
-                biased;
-                _ = driver.stop.cancelled() => Event::Stop,
-                frame = reader.recv::<AgentToExecutor>() => Event::Frame(frame),
-                written = task => {
-                    match written {
-                        Ok(Ok(())) => debug!("update writer stopped"),
-                        Ok(Err(error)) => info!(%error, "cannot write to the agent"),
-                        Err(error) => warn!(%error, "update writer failed"),
-                    }
-                    Event::WriterEnded
-                }
-            },
-            None => Event::WriterEnded,
-        };
-        let message = match event {
-            Event::Stop => {
+        let inbound = tokio::select! {
+            biased;
+            _ = driver.stop.cancelled() => {
                 info!("stopped by the executor");
-                return Ok(());
+                return Served::Done(Ok(()));
             }
-            Event::WriterEnded => {
-                *writer_task = None;
-                executor.shutdown(driver).await;
-                return Ok(());
+            inbound = inbox.rx.recv() => inbound,
+            written = &mut *writer_task, if writing => {
+                writing = false;
+                match written {
+                    Ok(Ok(())) => debug!("update writer stopped"),
+                    Ok(Err(error)) => info!(%error, "cannot write to the agent"),
+                    Err(error) => warn!(%error, "update writer failed"),
+                }
+                reader_grace = Some(tokio::time::Instant::now() + READER_GRACE);
+                continue;
             }
-            Event::Frame(Ok(Some(message))) => message,
-            Event::Frame(Ok(None)) => {
+            () = sleep_until_opt(reader_grace) => {
+                info!("the agent's socket does not take writes any more");
+                return Served::Lost;
+            }
+        };
+        let message = match inbound {
+            Some(Inbound::Message(message)) => message,
+            Some(Inbound::Lost(None)) | None => {
                 info!("the agent closed the socket");
-                executor.shutdown(driver).await;
-                return Ok(());
+                return Served::Lost;
             }
-            Event::Frame(Err(FrameError::Io(error))) => {
+            Some(Inbound::Lost(Some(error))) => {
                 info!(%error, "the agent's socket failed");
-                executor.shutdown(driver).await;
-                return Ok(());
+                return Served::Lost;
             }
-            Event::Frame(Err(error)) => return Err(ExecutorError::Malformed(error)),
+            Some(Inbound::Malformed(error)) => return Served::Done(Err(ExecutorError::Malformed(error))),
         };
         match message {
             AgentToExecutor::LaunchTasks(tasks) => {
                 debug!(tasks = tasks.len(), "launch");
                 for task in tasks {
+                    link.launched(task.task_id.clone());
                     executor.launch_task(driver, task).await;
                 }
             }
@@ -474,94 +618,35 @@ async fn serve<E: Executor>(
             AgentToExecutor::Shutdown => {
                 info!("shutdown requested by the agent");
                 executor.shutdown(driver).await;
-                return Ok(());
+                return Served::Done(Ok(()));
             }
-            AgentToExecutor::Refused(error) => return Err(ExecutorError::Refused(error)),
-            // Updates are not kept for a resend yet: nothing to forget.
-            AgentToExecutor::Acked { .. } => {}
+            AgentToExecutor::Refused(error) => return Served::Done(Err(ExecutorError::Refused(error))),
+            // Taken by the reader.
+            AgentToExecutor::Acked { seq } => link.ack(seq),
             other @ (AgentToExecutor::Launch(_)
             | AgentToExecutor::LaunchCommands(_)
             | AgentToExecutor::Welcome { .. }) => {
-                return Err(ExecutorError::Unexpected { got: other.name(), when: "after Welcome" })
+                return Served::Done(Err(ExecutorError::Unexpected {
+                    got: other.name(),
+                    when: "after Welcome",
+                }))
             }
         }
     }
-}
-
-/// Writes what the driver queues: runs of updates as `Updates` frames (each within the frame
-/// limit), framework messages as frames of their own, in queue order. On `finish` it sends
-/// what is queued and ends.
-async fn write_out(
-    mut writer: FrameWriter<OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Outgoing>,
-    finish: CancellationToken,
-) -> Result<(), FrameError> {
-    let mut batch = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = finish.cancelled() => {
-                // Bounded: senders may keep sending while this drains.
-                while batch.len() < QUEUE_CAPACITY {
-                    match rx.try_recv() {
-                        Ok(out) => batch.push(out),
-                        Err(_) => break,
-                    }
-                }
-                return write_batch(&mut writer, std::mem::take(&mut batch)).await;
-            }
-            n = rx.recv_many(&mut batch, QUEUE_CAPACITY) => {
-                if n == 0 {
-                    return Ok(());
-                }
-                write_batch(&mut writer, std::mem::take(&mut batch)).await?;
-            }
-        }
-    }
-}
-
-async fn write_batch(
-    writer: &mut FrameWriter<OwnedWriteHalf>,
-    batch: Vec<Outgoing>,
-) -> Result<(), FrameError> {
-    let mut updates = Vec::new();
-    for out in batch {
-        match out {
-            Outgoing::Update(u) => updates.push(u),
-            Outgoing::Message(data) => {
-                feed_updates(writer, std::mem::take(&mut updates)).await?;
-                writer.feed(&ExecutorMessage::FrameworkMessage(data)).await?;
-            }
-        }
-    }
-    feed_updates(writer, updates).await?;
-    writer.flush().await
-}
-
-/// Queues `updates` as `Updates` frames that each fit; an update that could never fit (only
-/// possible with a huge task id) is dropped with an error in the log.
-async fn feed_updates(
-    writer: &mut FrameWriter<OwnedWriteHalf>,
-    updates: Vec<ExecutorUpdate>,
-) -> Result<(), FrameError> {
-    if updates.is_empty() {
-        return Ok(());
-    }
-    for one in writer.feed_list(updates, UPDATES_BUDGET, ExecutorMessage::Updates).await? {
-        tracing::error!(task_id = %one.task_id, "update too large to send; dropped");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
     use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     use tokio::net::unix::OwnedReadHalf;
     use tokio::net::UnixListener;
 
     use super::*;
+    use crate::executor_proto::{ExecutorMessage, Resume};
     use crate::proto::{CommandInfo, ErrorCode, ExecutorInfo, ExecutorTask, TaskKind};
     use crate::Resources;
 
@@ -576,6 +661,9 @@ mod tests {
         shutdowns: usize,
         /// Send this many extra RUNNING updates per task (to make bursts).
         chatter: usize,
+        /// Tasks with data `later` finish (from a spawned task) once this has a permit; each
+        /// adds one to `finished_later` after its update is sent.
+        later: Option<(Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>)>,
     }
 
     impl Executor for Echo {
@@ -599,6 +687,13 @@ mod tests {
             };
             if data == "sleep" {
                 self.sleeping.insert(id, n);
+            } else if let (Some((gate, done)), "later") = (&self.later, data.as_str()) {
+                let (gate, done, driver) = (gate.clone(), done.clone(), driver.clone());
+                tokio::spawn(async move {
+                    gate.acquire().await.unwrap().forget();
+                    driver.send_status_update(id, TaskState::Finished, "later", "").await.unwrap();
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
             } else {
                 driver
                     .send_status_update(id, TaskState::Finished, "done", format!("count={n}"))
@@ -632,7 +727,8 @@ mod tests {
     /// A fake agent: listens on a socket in a temporary directory.
     struct FakeAgent {
         dir: tempfile::TempDir,
-        listener: UnixListener,
+        /// `None` while the agent is away.
+        listener: Option<UnixListener>,
     }
 
     /// One executor's connection to the fake agent, after its `Hello`.
@@ -646,7 +742,18 @@ mod tests {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let listener = UnixListener::bind(dir.path().join("executor.sock")).unwrap();
-            FakeAgent { dir, listener }
+            FakeAgent { dir, listener: Some(listener) }
+        }
+
+        /// The agent dies: nobody listens on the socket any more.
+        fn vanish(&mut self) {
+            self.listener = None;
+            std::fs::remove_file(self.dir.path().join("executor.sock")).unwrap();
+        }
+
+        /// The agent is back, listening on the same path.
+        fn come_back(&mut self) {
+            self.listener = Some(UnixListener::bind(self.dir.path().join("executor.sock")).unwrap());
         }
 
         fn env(&self) -> ExecutorEnv {
@@ -657,11 +764,13 @@ mod tests {
                 agent_id: Some(AgentId::new("agent-env")),
                 sandbox: self.dir.path().to_path_buf(),
                 handshake_timeout: WAIT,
+                recovery_timeout: WAIT,
             }
         }
 
         async fn accept(&self) -> Conn {
-            let (stream, _) = tokio::time::timeout(WAIT, self.listener.accept()).await.unwrap().unwrap();
+            let listener = self.listener.as_ref().expect("the agent is here");
+            let (stream, _) = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
             let (read, write) = stream.into_split();
             let mut reader = FrameReader::new(read);
             let writer = FrameWriter::new(write);
@@ -798,7 +907,7 @@ mod tests {
             .iter()
             .all(|u| u.exit_code.is_none() && u.signal.is_none() && u.pid.is_none() && u.usage.is_none()));
         assert_eq!(got[1].reason, "done");
-        drop(conn);
+        conn.send(AgentToExecutor::Shutdown).await;
         let (r, echo) = joined(run).await;
         r.unwrap();
         assert_eq!(echo.count, 3);
@@ -841,40 +950,39 @@ mod tests {
         conn.send(AgentToExecutor::FrameworkMessage(vec![b'x'; MAX_FRAMEWORK_MESSAGE])).await;
         let reply = format!("pong echo tasks=1 ({MAX_FRAMEWORK_MESSAGE} bytes)").into_bytes();
         assert_eq!(conn.next().await, Some(ExecutorMessage::FrameworkMessage(reply)));
-        drop(conn);
+        conn.send(AgentToExecutor::Shutdown).await;
         joined(run).await.0.unwrap();
     }
 
     #[tokio::test]
     async fn driver_refuses_oversized_messages_and_states_executors_cannot_report() {
-        let (tx, mut rx) = mpsc::channel(4);
-        let driver = ExecutorDriver { tx, stop: CancellationToken::new() };
+        let link = Link::new(OutboxLimits::default());
+        let driver = ExecutorDriver { link: link.clone(), stop: CancellationToken::new() };
         let err = driver.send_framework_message(vec![0; MAX_FRAMEWORK_MESSAGE + 1]).await.unwrap_err();
         assert_eq!(err, DriverError::MessageTooLarge(MessageTooLarge { size: MAX_FRAMEWORK_MESSAGE + 1 }));
         assert!(err.to_string().contains("larger than the limit"), "{err}");
         driver.send_framework_message(vec![0; MAX_FRAMEWORK_MESSAGE]).await.unwrap();
+        let mut kept = 0;
         for state in TaskState::ALL {
             let r = driver.send_status_update(TaskId::new("t"), state, "r", "m").await;
             use TaskState::*;
             if matches!(state, Starting | Running | Finished | Failed | Killed | Error) {
                 r.unwrap();
+                kept += 1;
             } else {
                 assert_eq!(r, Err(DriverError::InvalidState(state)));
             }
-            while rx.try_recv().is_ok() {}
         }
+        assert_eq!(link.unacked(), kept, "every update is kept until acknowledged");
         // Long texts are cut as the agent would, at a character boundary.
         let long = "é".repeat(MAX_MESSAGE_LEN);
-        driver.send_status_update(TaskId::new("t"), TaskState::Failed, long.clone(), long).await.unwrap();
-        match rx.recv().await {
-            Some(Outgoing::Update(u)) => {
-                assert_eq!(u.reason.len(), MAX_REASON_LEN);
-                assert_eq!(u.message.len(), MAX_MESSAGE_LEN);
-            }
-            other => panic!("{other:?}"),
-        }
-        drop(rx);
+        let u = status_update(TaskId::new("t"), TaskState::Failed, long.clone(), long).unwrap();
+        assert_eq!(u.reason.len(), MAX_REASON_LEN);
+        assert_eq!(u.message.len(), MAX_MESSAGE_LEN);
+        link.close();
         assert_eq!(driver.send_framework_message(vec![1]).await, Err(DriverError::Stopped));
+        let r = driver.send_status_update(TaskId::new("t"), TaskState::Running, "r", "m").await;
+        assert_eq!(r, Err(DriverError::Stopped));
     }
 
     #[tokio::test]
@@ -914,18 +1022,6 @@ mod tests {
         let (r, echo) = joined(run).await;
         r.unwrap();
         assert_eq!(echo.shutdowns, 1);
-    }
-
-    #[tokio::test]
-    async fn socket_eof_calls_shutdown_and_run_returns_ok() {
-        let agent = FakeAgent::new();
-        let run = spawn_echo(agent.env(), Echo::default());
-        let conn = agent.welcomed().await;
-        drop(conn);
-        let (r, echo) = joined(run).await;
-        r.unwrap();
-        assert_eq!(echo.shutdowns, 1);
-        assert!(echo.me.is_some());
     }
 
     #[tokio::test]
@@ -1004,7 +1100,7 @@ mod tests {
             assert_eq!(chunk[0].message, format!("pid={} count={}", std::process::id(), i + 1));
             assert_eq!(chunk[4].state, TaskState::Finished);
         }
-        drop(conn);
+        conn.send(AgentToExecutor::Shutdown).await;
         joined(run).await.0.unwrap();
     }
 
@@ -1029,6 +1125,122 @@ mod tests {
         let err = run_with(&mut Echo::default(), env).await.unwrap_err();
         assert!(matches!(err, ExecutorError::Connect { .. }), "{err}");
         assert!(err.to_string().contains("nobody.sock"), "{err}");
+    }
+
+    fn seqs(updates: &[ExecutorUpdate]) -> Vec<u64> {
+        updates.iter().map(|u| u.seq).collect()
+    }
+
+    fn welcome() -> AgentToExecutor {
+        AgentToExecutor::Welcome {
+            framework_id: FrameworkId::new("fw-1"),
+            agent_id: Some(AgentId::new("agent-1")),
+            executor_id: "echo".into(),
+        }
+    }
+
+    /// The agent goes away and comes back: the tasks keep running, the executor reconnects
+    /// with what it still runs, sends again (with their numbers) the updates the agent had not
+    /// acknowledged, those made meanwhile included, and then serves the agent as before.
+    #[tokio::test]
+    async fn the_runtime_survives_an_agent_restart_without_losing_updates() {
+        let mut agent = FakeAgent::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let echo = Echo { later: Some((gate.clone(), done.clone())), ..Echo::default() };
+        let run = spawn_echo(agent.env(), echo);
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s", "sleep"), task("l", "later")])).await;
+        let (got, _) = conn.updates(2).await;
+        assert_eq!(seqs(&got), [1, 2], "numbered from 1");
+        assert_eq!(states(&got)[..].iter().map(|s| s.0).collect::<Vec<_>>(), ["s", "l"]);
+        conn.send(AgentToExecutor::Acked { seq: 1 }).await;
+        drop(conn);
+        agent.vanish();
+        // A task ends while the agent is away.
+        gate.add_permits(1);
+        let deadline = std::time::Instant::now() + WAIT;
+        while done.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the task never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        agent.come_back();
+        let mut conn = agent.accept().await;
+        match &conn.hello {
+            ExecutorMessage::Hello { resume: Some(r), pid, .. } => {
+                assert_eq!(*pid, std::process::id());
+                assert_eq!(r, &Resume { tasks: vec![TaskId::new("s")], last_seq: 3 });
+            }
+            other => panic!("expected a resuming Hello, got {other:?}"),
+        }
+        conn.send(welcome()).await;
+        let (got, _) = conn.updates(2).await;
+        assert_eq!(seqs(&got), [2, 3], "the unacknowledged updates again, in order");
+        assert_eq!(
+            got.iter().map(|u| (u.task_id.as_str(), u.state)).collect::<Vec<_>>(),
+            [("l", TaskState::Running), ("l", TaskState::Finished)]
+        );
+        // Business as usual: launches, kills and shutdown work on the new connection.
+        conn.send(AgentToExecutor::Acked { seq: 3 }).await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("a", "")])).await;
+        let (got, _) = conn.updates(2).await;
+        assert_eq!(seqs(&got), [4, 5]);
+        conn.send(AgentToExecutor::Kill { task_id: TaskId::new("s") }).await;
+        let (got, _) = conn.updates(1).await;
+        assert_eq!((got[0].seq, got[0].state), (6, TaskState::Killed));
+        conn.send(AgentToExecutor::Shutdown).await;
+        assert_eq!(conn.next().await, None);
+        let (r, echo) = joined(run).await;
+        r.unwrap();
+        assert_eq!((echo.count, echo.shutdowns), (3, 1));
+    }
+
+    /// An agent that does not come back within the recovery timeout: the executor shuts its
+    /// tasks down and `run` fails, saying so.
+    #[tokio::test]
+    async fn no_agent_within_the_recovery_timeout_shuts_the_tasks_down() {
+        let mut agent = FakeAgent::new();
+        let mut env = agent.env();
+        env.recovery_timeout = Duration::from_secs(1);
+        let run = spawn_echo(env, Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s", "sleep")])).await;
+        conn.updates(1).await;
+        drop(conn);
+        agent.vanish();
+        let lost = std::time::Instant::now();
+        let (r, echo) = joined(run).await;
+        assert!(lost.elapsed() >= Duration::from_millis(900), "{:?}", lost.elapsed());
+        match r {
+            Err(e @ ExecutorError::RecoveryTimedOut(_)) => {
+                assert!(e.to_string().contains("recovery timeout (1s)"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(echo.shutdowns, 1);
+        assert!(echo.sleeping.is_empty(), "the sleeping task was ended");
+    }
+
+    /// An agent that started clean does not know the executor: it refuses the resumed
+    /// handshake, and the executor shuts its tasks down.
+    #[tokio::test]
+    async fn a_refused_resume_shuts_the_tasks_down() {
+        let agent = FakeAgent::new();
+        let run = spawn_echo(agent.env(), Echo::default());
+        let mut conn = agent.welcomed().await;
+        conn.send(AgentToExecutor::LaunchTasks(vec![task("s", "sleep")])).await;
+        conn.updates(1).await;
+        drop(conn);
+        let mut conn = agent.accept().await;
+        assert!(
+            matches!(&conn.hello, ExecutorMessage::Hello { resume: Some(r), .. } if r.tasks == [TaskId::new("s")]),
+            "{:?}",
+            conn.hello
+        );
+        conn.send(AgentToExecutor::refused("unknown executor")).await;
+        let (r, echo) = joined(run).await;
+        assert!(matches!(&r, Err(ExecutorError::Refused(e)) if e.message == "unknown executor"), "{r:?}");
+        assert_eq!(echo.shutdowns, 1);
     }
 
     /// The `echo_executor` example's binary against the fake agent (its path in
@@ -1109,6 +1321,18 @@ mod tests {
         assert_eq!(env.agent_id, Some(AgentId::new("ag")));
         assert_eq!(env.sandbox, Path::new("/sandbox"));
         assert_eq!(env.handshake_timeout, HANDSHAKE_TIMEOUT);
+        assert_eq!(env.recovery_timeout, crate::executor_proto::DEFAULT_RECOVERY_TIMEOUT);
+        let with = |value: &'static str| {
+            ExecutorEnv::from_vars(
+                move |n| if n == ENV_RECOVERY_TIMEOUT { Some(value.into()) } else { full(n) },
+            )
+        };
+        assert_eq!(with("3").unwrap().recovery_timeout, Duration::from_secs(3));
+        let err = with("15m").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("environment variable {ENV_RECOVERY_TIMEOUT} is not a whole number of seconds")
+        );
 
         for missing in [ENV_SOCKET, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_AGENT_ID, ENV_SANDBOX] {
             let err = ExecutorEnv::from_vars(|n| if n == missing { None } else { full(n) }).unwrap_err();

@@ -23,15 +23,23 @@
 //! number or a later one (the agent acknowledges once it has checkpointed the update; one
 //! `Acked` covers every earlier update).
 //!
-//! An executor whose socket closes without [`AgentToExecutor::Shutdown`] keeps its tasks
-//! running and connects to the same socket path again, every second or so, for at most the
-//! recovery timeout ([`ENV_RECOVERY_TIMEOUT`], default [`DEFAULT_RECOVERY_TIMEOUT`]); then it
-//! kills its tasks and exits. When it gets through, its `Hello` carries a [`Resume`]: the tasks
-//! it still runs. It then sends again, in order and with their numbers, the updates the agent
-//! has not acknowledged; the agent drops those it has already checkpointed (a number not above
-//! the last one it acknowledged) and learns from the rest what happened while it was down. An
-//! agent that does not know the executor (it started clean) answers
-//! [`AgentToExecutor::Refused`]: the executor kills its tasks and exits.
+//! An executor whose socket closes (or fails) without [`AgentToExecutor::Shutdown`] keeps its
+//! tasks running and connects to the same socket path again, every second or so (jittered, at
+//! most 2 s apart), for at most the recovery timeout ([`ENV_RECOVERY_TIMEOUT`], whole seconds,
+//! default [`DEFAULT_RECOVERY_TIMEOUT`]; 0 gives up at once), counted from the moment the
+//! connection was lost; then it kills its tasks and exits with an error. When it gets through,
+//! its `Hello` carries a [`Resume`]: the tasks it still runs. Once welcomed it sends again, in
+//! order and with their numbers, the updates the agent has not acknowledged (those made while
+//! it was away included), then carries on as before; the agent drops those it has already
+//! checkpointed (a number not above the last one it acknowledged) and learns from the rest what
+//! happened while it was down. An agent that does not know the executor (it started clean)
+//! answers [`AgentToExecutor::Refused`]: the executor kills its tasks and exits with an error.
+//! Framework messages are not kept: delivered at most once, those sent while the agent is away
+//! are dropped.
+//!
+//! An executor keeps a bounded number of unacknowledged updates; at the bound it stops taking
+//! new task events (they wait, never dropped) until an `Acked` frees room. Every executor
+//! shares one implementation of this side: [`crate::executor_link`].
 //!
 //! The agent ends an idle executor with [`AgentToExecutor::Shutdown`]: the agent decides, so a
 //! launch can never race the exit.

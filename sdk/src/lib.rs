@@ -9,6 +9,7 @@ pub mod attributes;
 pub mod client;
 pub mod config;
 pub mod executor;
+pub mod executor_link;
 pub mod executor_proto;
 pub mod frame;
 pub mod json;

@@ -29,6 +29,10 @@ pub struct ExecutorCommandCommand {
     /// The gid tasks run as.
     #[arg(long, requires = "task_uid")]
     task_gid: Option<u32>,
+    /// How long the tasks keep running while the agent is away, whole seconds; then they are
+    /// killed [default: $AGORA_RECOVERY_TIMEOUT, else 900].
+    #[arg(long, value_parser = super::executor_wasm::parse_recovery_timeout)]
+    recovery_timeout: Option<std::time::Duration>,
 }
 
 fn parse_isolation(s: &str) -> Result<IsolationSpec, String> {
@@ -42,13 +46,15 @@ impl ExecutorCommandCommand {
             (Some(_), Some(_)) => anyhow::bail!("--task-uid 0: tasks never run as root"),
             _ => None,
         };
+        let recovery_timeout = super::executor_wasm::recovery_timeout(self.recovery_timeout)?;
         tracing::info!(executor_id = %self.executor_id, socket = %self.socket.display(), ?user,
-            cgroups = self.isolation.is_some(), "command executor starting");
+            cgroups = self.isolation.is_some(), ?recovery_timeout, "command executor starting");
         let config = CommandExecutorConfig {
             socket: self.socket,
             executor_id: self.executor_id.clone(),
             isolation: self.isolation,
             user,
+            recovery_timeout,
         };
         serve(config).await.with_context(|| format!("command executor {}", self.executor_id))?;
         tracing::info!(executor_id = %self.executor_id, "command executor stopped");
