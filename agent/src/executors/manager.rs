@@ -1099,12 +1099,18 @@ impl Manager {
         let listener = self.bind(&socket, fw)?;
         let user = self.user_for(fw)?;
         let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let recovery_secs = self
+            .config
+            .recovery_timeout
+            .min(agora_sdk::executor_link::MAX_RECOVERY_TIMEOUT)
+            .as_secs()
+            .max(1);
         let mut env: Vec<(String, String)> = vec![
             (ENV_SOCKET.into(), socket.display().to_string()),
             (ENV_EXECUTOR_ID.into(), exec.1.to_string()),
             (ENV_FRAMEWORK_ID.into(), fw.to_string()),
             (ENV_AGENT_ID.into(), agent_id.as_ref().map(|a| a.to_string()).unwrap_or_default()),
-            (ENV_RECOVERY_TIMEOUT.into(), self.config.recovery_timeout.as_secs().max(1).to_string()),
+            (ENV_RECOVERY_TIMEOUT.into(), recovery_secs.to_string()),
         ];
         let (program, args, cgroup, cwd, fetch) = match &kind {
             ExecKind::Wasm => {
@@ -1125,6 +1131,8 @@ impl Manager {
                     self.config.max_tasks_per_executor.to_string(),
                     "--threads".into(),
                     self.config.executor_threads.to_string(),
+                    "--recovery-timeout".into(),
+                    recovery_secs.to_string(),
                 ];
                 (program, args, true, None, Vec::new())
             }
@@ -1135,6 +1143,8 @@ impl Manager {
                     socket.display().to_string(),
                     "--executor-id".into(),
                     format!("{fw}/{serial}"),
+                    "--recovery-timeout".into(),
+                    recovery_secs.to_string(),
                 ];
                 if let Some(spec) = self.isolator.spec() {
                     args.push("--isolation".into());
