@@ -1099,12 +1099,8 @@ impl Manager {
         let listener = self.bind(&socket, fw)?;
         let user = self.user_for(fw)?;
         let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let recovery_secs = self
-            .config
-            .recovery_timeout
-            .min(agora_sdk::executor_link::MAX_RECOVERY_TIMEOUT)
-            .as_secs()
-            .max(1);
+        let recovery_secs =
+            self.config.recovery_timeout.min(agora_sdk::executor_link::MAX_RECOVERY_TIMEOUT).as_secs().max(1);
         let mut env: Vec<(String, String)> = vec![
             (ENV_SOCKET.into(), socket.display().to_string()),
             (ENV_EXECUTOR_ID.into(), exec.1.to_string()),
