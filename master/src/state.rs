@@ -26,6 +26,10 @@ pub(crate) enum AgentStatus {
     Disconnected,
     /// Silent past the agent timeout: its tasks are UNREACHABLE until it re-registers.
     Unreachable,
+    /// Known from the registry of an earlier incarnation of the master and not re-registered
+    /// since this one started: its tasks are unknown until it does (UNREACHABLE to
+    /// reconciliation); removed at the agent re-register timeout.
+    Recovering,
 }
 
 impl AgentStatus {
@@ -34,6 +38,7 @@ impl AgentStatus {
             AgentStatus::Active { .. } => "active",
             AgentStatus::Disconnected => "disconnected",
             AgentStatus::Unreachable => "unreachable",
+            AgentStatus::Recovering => "recovering",
         }
     }
 }
