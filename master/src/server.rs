@@ -181,7 +181,11 @@ pub fn spawn_with_registry(
     }
     for (digest, size) in &files {
         if state.artifacts.get(digest).is_none_or(|r| r.size != *size) {
-            fixes.push(RegistryOp::PutArtifact(ArtifactRecord { digest: digest.clone(), kind: None, size: *size }));
+            fixes.push(RegistryOp::PutArtifact(ArtifactRecord {
+                digest: digest.clone(),
+                kind: None,
+                size: *size,
+            }));
         }
         core.artifact_stored(digest.clone());
     }
@@ -805,7 +809,8 @@ async fn serve_upload(
     let reply = match store.store(&req, body).await {
         Ok(artifact) => {
             info!(digest = %artifact.digest, size = artifact.size, name = %req.name, "artifact stored");
-            let record = ArtifactRecord { digest: artifact.digest, kind: Some(req.kind), size: artifact.size };
+            let record =
+                ArtifactRecord { digest: artifact.digest, kind: Some(req.kind), size: artifact.size };
             let _ = core.send(Command::ArtifactStored(record));
             UploadReply::Stored
         }

@@ -246,7 +246,10 @@ impl Master {
                     "killing a task its framework killed while the agent was re-registering");
                 self.send_agent(
                     conn,
-                    MasterToAgent::KillTask { framework_id: key.framework_id.clone(), task_id: key.task_id.clone() },
+                    MasterToAgent::KillTask {
+                        framework_id: key.framework_id.clone(),
+                        task_id: key.task_id.clone(),
+                    },
                 );
             }
             match self.tasks.get_mut(&key) {
@@ -438,7 +441,8 @@ impl Master {
         self.agents.remove(id);
         self.gone_agents.insert(id.clone(), since_ms);
         while self.gone_agents.len() > MAX_GONE_AGENTS {
-            let Some(oldest) = self.gone_agents.iter().min_by_key(|(id, t)| (**t, (*id).clone())).map(|(id, _)| id.clone())
+            let Some(oldest) =
+                self.gone_agents.iter().min_by_key(|(id, t)| (**t, (*id).clone())).map(|(id, _)| id.clone())
             else {
                 break;
             };

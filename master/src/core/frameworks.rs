@@ -340,7 +340,13 @@ impl Master {
     /// Answers a reconciliation (Mesos `reconcileTasks`): implicit (empty list), every task
     /// of the framework the master knows; explicit, each task's latest state if the master
     /// knows it, else what can be said from its agent (see [`Self::unknown_task_status`]).
-    pub(super) fn reconcile(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, tasks: Vec<ReconcileTask>) {
+    pub(super) fn reconcile(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        fw: &FrameworkId,
+        tasks: Vec<ReconcileTask>,
+    ) {
         let statuses: Vec<TaskStatus> = if tasks.is_empty() {
             self.framework_tasks(fw).map(|t| self.reconcile_status(now, t)).collect()
         } else {
@@ -370,7 +376,12 @@ impl Master {
     /// removed → TASK_GONE; unknown → TASK_UNKNOWN. Without an agent: TASK_UNREACHABLE while
     /// agents are still re-registering after a restart (it may run on one), else
     /// TASK_UNKNOWN. Never TASK_LOST.
-    pub(super) fn unknown_task_status(&self, now: Instant, key: &TaskKey, agent: Option<AgentId>) -> TaskStatus {
+    pub(super) fn unknown_task_status(
+        &self,
+        now: Instant,
+        key: &TaskKey,
+        agent: Option<AgentId>,
+    ) -> TaskStatus {
         let task = &key.task_id;
         let (state, reason, message) = match &agent {
             Some(a) => match self.agents.get(a).map(|a| a.status) {

@@ -25,7 +25,9 @@ use crate::allocator::{
 };
 use crate::metrics;
 use crate::quick;
-use crate::registry::{AgentRecord, AgentStanding, FrameworkRecord, RegistryOp, RegistryState, MAX_GONE_AGENTS};
+use crate::registry::{
+    AgentRecord, AgentStanding, FrameworkRecord, RegistryOp, RegistryState, MAX_GONE_AGENTS,
+};
 use crate::state::{
     Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskTable,
 };

@@ -33,7 +33,8 @@ impl Harness {
     fn new() -> Self {
         let t0 = Instant::now();
         // The tests count agents' silence against a 20 s agent timeout.
-        let config = MasterConfig { master_id: "m".into(), agent_timeout: 20 * SEC, ..MasterConfig::default() };
+        let config =
+            MasterConfig { master_id: "m".into(), agent_timeout: 20 * SEC, ..MasterConfig::default() };
         let mut m = Master::new(config, t0);
         m.set_unix_time(t0, 1_000_000);
         Harness { m, t0, now: t0, next_conn: 0, uuids: 0, reg: MemoryRegistry::new(), restarts: 0 }
@@ -1471,7 +1472,9 @@ fn the_registry_follows_frameworks_and_agents() {
     assert_eq!((a.standing, a.resources.clone()), (AgentStanding::Admitted, res("cpus:4")));
     // Silent past the agent timeout: unreachable in the registry, with the time.
     h.advance(21 * SEC);
-    assert!(matches!(h.reg.state.agents[&s.agent].standing, AgentStanding::Unreachable { since_ms } if since_ms > 1_000_000));
+    assert!(
+        matches!(h.reg.state.agents[&s.agent].standing, AgentStanding::Unreachable { since_ms } if since_ms > 1_000_000)
+    );
     h.register(Some(s.agent.clone()), "cpus:4", vec![report(&s.fw, "t1", "cpus:1")]);
     assert_eq!(h.reg.state.agents[&s.agent].standing, AgentStanding::Admitted);
     h.call(s.fc, SchedulerCall::Teardown);
@@ -1483,14 +1486,14 @@ fn a_restarted_master_takes_its_frameworks_and_agents_back() {
     let mut h = Harness::new();
     let s = h.running_task("cpus:4;mem:4GiB", "cpus:1;mem:1GiB", 3600 * SEC);
     h.restart();
-    assert_eq!(h.m.frameworks().iter().map(|f| (f.id.clone(), f.status.clone())).collect::<Vec<_>>(), [(
-        s.fw.clone(),
-        "disconnected".to_string()
-    )]);
-    assert_eq!(h.m.agents().iter().map(|a| (a.id.clone(), a.status.clone())).collect::<Vec<_>>(), [(
-        s.agent.clone(),
-        "recovering".to_string()
-    )]);
+    assert_eq!(
+        h.m.frameworks().iter().map(|f| (f.id.clone(), f.status.clone())).collect::<Vec<_>>(),
+        [(s.fw.clone(), "disconnected".to_string())]
+    );
+    assert_eq!(
+        h.m.agents().iter().map(|a| (a.id.clone(), a.status.clone())).collect::<Vec<_>>(),
+        [(s.agent.clone(), "recovering".to_string())]
+    );
     // The framework re-subscribes with its id (a stranger may not take it).
     let thief = h.conn();
     let acts = h.call_as(thief, "mallory", SchedulerCall::Subscribe(info(Some(&s.fw), SEC)));

@@ -53,7 +53,8 @@ impl RedbRegistry {
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
         let open_err = |reason: String| RegistryError::Open { path: path.to_path_buf(), reason };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open_err(format!("cannot create {}: {e}", dir.display())))?;
         }
         let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
         let reg = RedbRegistry { db, path: path.to_path_buf(), epoch: 0 };
@@ -109,7 +110,12 @@ impl RedbRegistry {
         txn.commit().map_err(|e| self.open_err(e))
     }
 
-    fn decode<T: DeserializeOwned>(&self, what: &'static str, key: &str, bytes: &[u8]) -> Result<T, RegistryError> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, RegistryError> {
         serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
             path: self.path.clone(),
             what,
@@ -186,7 +192,11 @@ impl Registry for RedbRegistry {
                 None => 0,
             };
             if recorded != self.epoch {
-                return Err(RegistryError::Fenced { path: self.path.clone(), found: recorded, ours: self.epoch });
+                return Err(RegistryError::Fenced {
+                    path: self.path.clone(),
+                    found: recorded,
+                    ours: self.epoch,
+                });
             }
             let mut frameworks = txn.open_table(FRAMEWORKS).map_err(|e| self.write_err(e))?;
             let mut agents = txn.open_table(AGENTS).map_err(|e| self.write_err(e))?;
