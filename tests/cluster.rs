@@ -482,8 +482,8 @@ async fn a_restarted_agent_keeps_its_id() {
         .await;
     assert_eq!(
         (lost.state, lost.reason.as_str()),
-        (TaskState::Lost, "task not reported by re-registered agent")
+        (TaskState::Gone, "task not reported by re-registered agent")
     );
-    assert_eq!(cluster.task_state("t").await, Some(TaskState::Lost));
+    assert_eq!(cluster.task_state("t").await, Some(TaskState::Gone));
     cluster.stop().await;
 }

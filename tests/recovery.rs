@@ -84,7 +84,14 @@ async fn a_master_killed_with_sigkill_comes_back_with_its_frameworks_agents_and_
 
     fw.driver().kill(agora_sdk::proto::TaskId::new("t1"));
     fw.update_for("t1", TaskState::Killed).await;
+    // Torn down: gone from the list, and in the completed history of `--all`.
     fw.driver().stop(true);
+    poll("the torn-down framework in `agora frameworks --all`", 30, || {
+        let out = c.agora(&["frameworks", "--all", "-o", "json"]);
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        all.iter().any(|f| f["id"] == id.as_str() && f["status"] == "completed").then_some(())
+    });
+    assert!(ids_and_status(&c, "frameworks").is_empty());
     c.stop();
 }
 

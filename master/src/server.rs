@@ -68,6 +68,7 @@ pub struct ServerConfig {
 enum Query {
     Agents(oneshot::Sender<Vec<AgentView>>),
     Frameworks(oneshot::Sender<Vec<FrameworkView>>),
+    CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
     Locate(Requester, TaskId, oneshot::Sender<Result<(OutputLocation, quinn::Connection), WireError>>),
@@ -297,6 +298,9 @@ fn apply(
             }
             Query::Frameworks(tx) => {
                 let _ = tx.send(core.frameworks());
+            }
+            Query::CompletedFrameworks(tx) => {
+                let _ = tx.send(core.completed_frameworks());
             }
             Query::Tasks(tx) => {
                 let _ = tx.send(core.tasks());
@@ -640,6 +644,9 @@ async fn serve_operator(
             }
             Ok(Some(OperatorCall::GetFrameworks)) => {
                 OperatorReply::Frameworks(core.ask(Query::Frameworks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetCompletedFrameworks)) => {
+                OperatorReply::Frameworks(core.ask(Query::CompletedFrameworks).await.unwrap_or_default())
             }
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())

@@ -777,7 +777,13 @@ pub enum OperatorCall {
     GetAgents,
     GetFrameworks,
     GetTasks,
-    KillTask { task_id: TaskId },
+    KillTask {
+        task_id: TaskId,
+    },
+    /// The frameworks that ended (torn down or past their failover timeout) since the master
+    /// started, oldest first (a bounded history, status `completed`); answered with
+    /// `Frameworks`.
+    GetCompletedFrameworks,
 }
 
 /// Master → operator.

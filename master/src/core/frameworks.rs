@@ -232,6 +232,18 @@ impl Master {
         let Some(fw) = self.frameworks.remove(id) else { return };
         counter!(metrics::FRAMEWORKS_REMOVED).increment(1);
         self.persist(RegistryOp::RemoveFramework(id.clone()));
+        self.completed_frameworks.push_back(FrameworkView {
+            id: fw.id.clone(),
+            name: fw.name.clone(),
+            role: fw.role.clone(),
+            principal: fw.principal.clone(),
+            status: "completed".into(),
+            used: Resources::default(),
+            tasks: 0,
+        });
+        while self.completed_frameworks.len() > COMPLETED_FRAMEWORKS {
+            self.completed_frameworks.pop_front();
+        }
         match fw.link {
             FrameworkLink::Connected(conn) => {
                 self.conns.remove(&conn);

@@ -165,6 +165,9 @@ pub struct OutputLocation {
 const MAX_REFUSE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How many completed tasks `tasks()` keeps showing.
 const COMPLETED_TASKS: usize = 1000;
+/// How many ended frameworks `completed_frameworks()` keeps showing (Mesos
+/// `completed_frameworks`).
+const COMPLETED_FRAMEWORKS: usize = 100;
 /// How many removed framework ids are remembered (to shut their tasks down on agents that
 /// come back).
 const REMOVED_FRAMEWORKS: usize = 10_000;
@@ -259,6 +262,8 @@ pub struct Master {
     agents: Table<AgentId, Agent>,
     frameworks: Table<FrameworkId, Framework>,
     removed_frameworks: RecentSet,
+    /// The last [`COMPLETED_FRAMEWORKS`] frameworks removed, oldest first.
+    completed_frameworks: VecDeque<FrameworkView>,
     /// Outstanding offers by number (an offer id is `{master_id}-O{number}`).
     offers: Offers,
     /// Tasks not yet completed (non-terminal, or terminal with updates not yet acknowledged).
@@ -339,6 +344,7 @@ impl Master {
             agents: Table::new(),
             frameworks: Table::new(),
             removed_frameworks: RecentSet::default(),
+            completed_frameworks: VecDeque::new(),
             offers: Offers::default(),
             tasks: TaskTable::default(),
             completed: VecDeque::new(),
@@ -631,6 +637,12 @@ impl Master {
                 }
             })
             .collect()
+    }
+
+    /// The last frameworks removed (torn down or past their failover timeout) since this
+    /// master started, oldest first, with status `completed` (kept in memory only).
+    pub fn completed_frameworks(&self) -> Vec<FrameworkView> {
+        self.completed_frameworks.iter().cloned().collect()
     }
 
     /// Every known task, including the last completed ones, sorted by framework and task id

@@ -1651,3 +1651,21 @@ fn a_task_killed_during_a_partition_is_killed_when_its_agent_returns() {
     let (_, acts) = h.status(ac, &s.fw, &s.agent, "t1", TaskState::Killed);
     assert_eq!(states(&updates(&acts, s.fc)), [("t1", TaskState::Killed)]);
 }
+
+#[test]
+fn ended_frameworks_are_kept_in_a_bounded_history() {
+    let mut h = Harness::new();
+    let mut ids = Vec::new();
+    for _ in 0..COMPLETED_FRAMEWORKS + 2 {
+        let (fc, fw) = h.subscribe("alice", SEC);
+        h.call(fc, SchedulerCall::Teardown);
+        ids.push(fw);
+    }
+    let (_, alive) = h.subscribe("alice", SEC);
+    let done = h.m.completed_frameworks();
+    assert_eq!(done.len(), COMPLETED_FRAMEWORKS);
+    assert_eq!(done.first().map(|f| &f.id), Some(&ids[2]));
+    assert_eq!(done.last().map(|f| &f.id), ids.last());
+    assert!(done.iter().all(|f| f.status == "completed" && f.id != alive));
+    assert_eq!(h.m.frameworks().len(), 1);
+}
