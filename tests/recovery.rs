@@ -8,7 +8,7 @@ use std::time::Duration;
 mod common;
 
 use agora_sdk::proto::{FrameworkId, TaskState};
-use common::dev::{poll, RealCluster};
+use common::dev::{poll, RealCluster, AGORA};
 use common::{root_or_skip, sh_task, ProbeFramework, Seen};
 
 fn json_list(c: &RealCluster, what: &str) -> Vec<serde_json::Value> {
@@ -245,4 +245,24 @@ async fn a_partitioned_agent_comes_back_with_its_tasks_running_and_kills_applied
     fw.driver().stop(true);
     c.stop();
     drop(net);
+}
+
+#[test]
+fn a_master_refuses_to_start_on_a_damaged_registry_and_names_it() {
+    let dir = RealCluster::prepare();
+    let work = dir.path().join("master-work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let registry = work.join("registry.redb");
+    std::fs::write(&registry, vec![0x5a; 64 * 1024]).expect("garbage");
+    let out = Command::new(AGORA)
+        .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(dir.path().join("tls"))
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .expect("agora master");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a damaged registry: {stderr}");
+    assert!(stderr.contains(&registry.display().to_string()), "the error names the file: {stderr}");
+    assert!(stderr.contains("cannot open the master registry"), "{stderr}");
 }

@@ -1669,3 +1669,17 @@ fn ended_frameworks_are_kept_in_a_bounded_history() {
     assert!(done.iter().all(|f| f.status == "completed" && f.id != alive));
     assert_eq!(h.m.frameworks().len(), 1);
 }
+
+#[test]
+fn the_simulator_restarts_its_master_from_the_registry() {
+    let mut sim = crate::testing::Sim::new(MasterConfig::default());
+    let (_, agent) = sim.add_agent("cpus:2");
+    let (_, fw) = sim.subscribe("*");
+    sim.restart();
+    assert_eq!(sim.registry.state.epoch, 1);
+    assert!(sim.m.config().master_id.ends_with("-1"), "{}", sim.m.config().master_id);
+    let fws = sim.m.frameworks();
+    assert_eq!((fws[0].id.clone(), fws[0].status.as_str()), (fw, "disconnected"));
+    let agents = sim.m.agents();
+    assert_eq!((agents[0].id.clone(), agents[0].status.as_str()), (agent, "recovering"));
+}
