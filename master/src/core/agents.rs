@@ -241,7 +241,8 @@ impl Master {
             if orphan && !r.state.is_terminal() {
                 shutdown.insert(key.framework_id.clone());
             }
-            if self.pending_kills.remove(&key) && !r.state.is_terminal() {
+            let killed_while_away = self.pending_kills.remove(&key);
+            if killed_while_away && !r.state.is_terminal() {
                 info!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
                     "killing a task its framework killed while the agent was re-registering");
                 self.send_agent(
@@ -318,7 +319,7 @@ impl Master {
                             allocation,
                             latest: None,
                             pending: Vec::new(),
-                            kill_requested: completed,
+                            kill_requested: completed || killed_while_away,
                         },
                     );
                     if let Some(agent) = self.agents.get_mut(id) {
