@@ -829,11 +829,8 @@ async fn sdk_driver_notices_a_silent_agora_master_within_seconds() {
 }
 
 /// A master restarted on the same address and work dir: the driver reconnects and re-subscribes
-/// with its id.
+/// with its id, which the master knows from its registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gap: a restarted `agora master` keeps no framework registry, so the driver's re-subscription \
-            with its id is refused (NotFound: not registered with this master) and `scheduler::run` returns \
-            the refusal instead of failing over"]
 async fn sdk_driver_fails_over_to_a_restarted_master() {
     let dir = RealCluster::prepare();
     let work = dir.path().join("master-work");

@@ -10,6 +10,7 @@ pub mod core;
 pub mod http;
 pub mod metrics;
 mod quick;
+pub mod registry;
 pub mod server;
 mod state;
 #[cfg(any(test, feature = "testing"))]

@@ -23,7 +23,9 @@ pub const STATUS_UPDATES: &str = "agora_master_status_updates_total";
 pub const ALLOCATION_RUNS: &str = "agora_master_allocation_runs_total";
 /// Agents that timed out and became unreachable.
 pub const AGENTS_UNREACHABLE_EVENTS: &str = "agora_master_agents_unreachable_total";
-/// Frameworks removed (failover timeout or teardown).
+/// Agents removed for not re-registering in time after a restart of the master.
+pub const AGENTS_REMOVED: &str = "agora_master_agents_removed_total";
+/// Frameworks removed (teardown or failover timeout).
 pub const FRAMEWORKS_REMOVED: &str = "agora_master_frameworks_removed_total";
 /// Framework messages relayed (label `direction`: `to_executor`, `to_scheduler`).
 pub const FRAMEWORK_MESSAGES: &str = "agora_master_framework_messages_total";

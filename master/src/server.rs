@@ -20,7 +20,7 @@ use agora_sdk::tls::{Identity, TlsError, TlsFiles};
 use agora_sdk::transport::{peer_identity, server_config};
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -28,6 +28,7 @@ use crate::allocator;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
 use crate::metrics;
+use crate::registry::{ArtifactRecord, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE};
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +44,8 @@ pub enum ServerError {
     Allocator(#[from] allocator::RegistryError),
     #[error(transparent)]
     Artifacts(#[from] ArtifactError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// Settings of a master server.
@@ -52,7 +55,9 @@ pub struct ServerConfig {
     pub tls: TlsFiles,
     pub core: MasterConfig,
     pub allocator: String,
-    /// The master's own directory; the artifact store is `<work_dir>/artifacts`.
+    /// The master's own directory: the artifact store is `<work_dir>/artifacts`, the registry
+    /// (frameworks, agents, artifact index, kept across restarts) `<work_dir>/registry.redb`.
+    /// `core.master_id` is replaced by the registry's `{cluster}-{epoch}`.
     pub work_dir: PathBuf,
     /// Largest artifact (Wasm module, directory archive) accepted, in bytes
     /// ([`crate::artifacts::DEFAULT_MAX_ARTIFACT_SIZE`] by default).
@@ -63,6 +68,7 @@ pub struct ServerConfig {
 enum Query {
     Agents(oneshot::Sender<Vec<AgentView>>),
     Frameworks(oneshot::Sender<Vec<FrameworkView>>),
+    CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
     Locate(Requester, TaskId, oneshot::Sender<Result<(OutputLocation, quinn::Connection), WireError>>),
@@ -82,33 +88,56 @@ enum Command {
     Attach { conn: ConnId, quic: quinn::Connection, outbox: mpsc::UnboundedSender<Outgoing> },
     Event(Event),
     Query(Query),
-    ArtifactStored(Digest),
+    ArtifactStored(ArtifactRecord),
 }
 
 /// A running master. Dropping it does not stop it: cancel the token given to [`spawn`].
 #[derive(Clone)]
 pub struct MasterHandle {
     pub addr: SocketAddr,
-    commands: mpsc::UnboundedSender<Command>,
+    /// This incarnation's master id (`{cluster}-{epoch}` from the registry).
+    pub master_id: String,
+    core: CoreClient,
+    fatal: watch::Receiver<Option<String>>,
+}
+
+/// Asks the core task questions (the handle's and operator connections' way in).
+#[derive(Clone)]
+struct CoreClient(mpsc::UnboundedSender<Command>);
+
+impl CoreClient {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Query) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Command::Query(make(tx))).ok()?;
+        rx.await.ok()
+    }
 }
 
 impl MasterHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Query) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Query(make(tx))).ok()?;
-        rx.await.ok()
+    /// Waits until the master stops by itself because its registry cannot be written (it can
+    /// no longer keep its promises to peers); returns why. Pending forever otherwise.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     pub async fn agents(&self) -> Vec<AgentView> {
-        self.ask(Query::Agents).await.unwrap_or_default()
+        self.core.ask(Query::Agents).await.unwrap_or_default()
     }
 
     pub async fn frameworks(&self) -> Vec<FrameworkView> {
-        self.ask(Query::Frameworks).await.unwrap_or_default()
+        self.core.ask(Query::Frameworks).await.unwrap_or_default()
     }
 
     pub async fn tasks(&self) -> Vec<TaskView> {
-        self.ask(Query::Tasks).await.unwrap_or_default()
+        self.core.ask(Query::Tasks).await.unwrap_or_default()
     }
 }
 
@@ -127,26 +156,68 @@ pub fn spawn_with_registry(
 ) -> Result<MasterHandle, ServerError> {
     let alloc = registry.create(&config.allocator, &config.core.allocation)?;
     let server_cfg = server_config(&config.tls)?;
+    let mut reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
+    let state = reg.open_epoch()?;
+    let mut core_cfg = config.core.clone();
+    core_cfg.master_id = state.master_id();
     let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
         .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
     let addr = endpoint.local_addr().map_err(|err| ServerError::Bind { addr: config.listen, err })?;
     let store = ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut core = Master::with_allocator(config.core.clone(), alloc, Instant::now());
-    core.set_unix_time(Instant::now(), unix_millis());
-    for artifact in store.list()? {
-        core.artifact_stored(artifact.digest);
+    let now = Instant::now();
+    let mut core = Master::with_allocator(core_cfg, alloc, now);
+    core.set_unix_time(now, unix_millis());
+    core.recover(now, &state);
+    // The artifact index: the registry's records checked against the files (a file is
+    // published before its record is written, so a crash in between leaves a file without a
+    // record, adopted here; a record whose file is missing or of another size is dropped).
+    let files: HashMap<Digest, u64> = store.list()?.into_iter().map(|a| (a.digest, a.size)).collect();
+    let mut fixes = Vec::new();
+    for (digest, record) in &state.artifacts {
+        if files.get(digest) != Some(&record.size) {
+            warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
+            fixes.push(RegistryOp::RemoveArtifact(digest.clone()));
+        }
     }
+    for (digest, size) in &files {
+        if state.artifacts.get(digest).is_none_or(|r| r.size != *size) {
+            fixes.push(RegistryOp::PutArtifact(ArtifactRecord {
+                digest: digest.clone(),
+                kind: None,
+                size: *size,
+            }));
+        }
+        core.artifact_stored(digest.clone());
+    }
+    reg.apply(&fixes)?;
     info!(dir = %store.root().display(), artifacts = store.len(), "artifact store open");
-    let master_id = config.core.master_id.clone();
-    info!(%addr, allocator = %config.allocator, "master listening");
-    tokio::spawn(run_core(core, rx, shutdown.clone()).in_current_span());
+    info!(registry = %reg.location(), epoch = state.epoch, frameworks = state.frameworks.len(),
+        agents = state.agents.len(), "registry open");
+    let master_id = state.master_id();
+    info!(%addr, %master_id, allocator = %config.allocator, "master listening");
+    let (fatal_tx, fatal) = watch::channel(None);
+    tokio::spawn(run_core(core, Box::new(reg), rx, fatal_tx, shutdown.clone()).in_current_span());
     let store = Arc::new(store);
-    tokio::spawn(accept_loop(endpoint, tx.clone(), master_id, store, shutdown).in_current_span());
-    Ok(MasterHandle { addr, commands: tx })
+    tokio::spawn(accept_loop(endpoint, tx.clone(), master_id.clone(), store, shutdown).in_current_span());
+    Ok(MasterHandle { addr, master_id, core: CoreClient(tx), fatal })
 }
 
-async fn run_core(mut core: Master, mut rx: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
+/// Writes the core's pending registry changes (in order, one transaction). On failure the
+/// master stops: the actions of this step (replies promising what was not recorded) are
+/// dropped with it.
+fn persist(core: &mut Master, reg: &mut dyn Registry) -> Result<(), RegistryError> {
+    let ops: Vec<RegistryOp> = std::iter::from_fn(|| core.poll_registry_op()).collect();
+    reg.apply(&ops)
+}
+
+async fn run_core(
+    mut core: Master,
+    mut reg: Box<dyn Registry>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    fatal: watch::Sender<Option<String>>,
+    shutdown: CancellationToken,
+) {
     let mut conns: HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)> = HashMap::new();
     loop {
         let deadline = core.poll_timeout();
@@ -161,15 +232,21 @@ async fn run_core(mut core: Master, mut rx: mpsc::UnboundedReceiver<Command>, sh
             _ = sleep => core.handle_timeout(Instant::now()),
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
-                apply(&mut core, &mut conns, cmd);
+                apply(&mut core, reg.as_mut(), &mut conns, cmd);
                 // Take whatever else is queued before flushing actions: batches under load.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(cmd) => apply(&mut core, &mut conns, cmd),
+                        Ok(cmd) => apply(&mut core, reg.as_mut(), &mut conns, cmd),
                         Err(_) => break,
                     }
                 }
             }
+        }
+        if let Err(e) = persist(&mut core, reg.as_mut()) {
+            tracing::error!(error = %e, "the registry cannot be written: the master stops");
+            let _ = fatal.send(Some(e.to_string()));
+            shutdown.cancel();
+            break;
         }
         while let Some(action) = core.poll_action() {
             let (conn, out) = match action {
@@ -189,6 +266,7 @@ async fn run_core(mut core: Master, mut rx: mpsc::UnboundedReceiver<Command>, sh
 
 fn apply(
     core: &mut Master,
+    reg: &mut dyn Registry,
     conns: &mut HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)>,
     cmd: Command,
 ) {
@@ -197,7 +275,13 @@ fn apply(
         Command::Attach { conn, quic, outbox } => {
             conns.insert(conn, (quic, outbox));
         }
-        Command::ArtifactStored(digest) => core.artifact_stored(digest),
+        Command::ArtifactStored(record) => {
+            // Indexed now; a failure here leaves the file, adopted at the next start.
+            if let Err(e) = reg.apply(&[RegistryOp::PutArtifact(record.clone())]) {
+                warn!(digest = %record.digest, error = %e, "cannot index an artifact in the registry");
+            }
+            core.artifact_stored(record.digest);
+        }
         Command::Event(ev) => {
             let gone = match &ev {
                 Event::AgentDisconnected { conn } | Event::FrameworkDisconnected { conn } => Some(*conn),
@@ -214,6 +298,9 @@ fn apply(
             }
             Query::Frameworks(tx) => {
                 let _ = tx.send(core.frameworks());
+            }
+            Query::CompletedFrameworks(tx) => {
+                let _ = tx.send(core.completed_frameworks());
             }
             Query::Tasks(tx) => {
                 let _ = tx.send(core.tasks());
@@ -545,18 +632,27 @@ async fn serve_operator(
     core: mpsc::UnboundedSender<Command>,
     shutdown: CancellationToken,
 ) {
-    let handle = MasterHandle { addr: conn.remote_address(), commands: core };
+    let core = CoreClient(core);
     loop {
         let call = tokio::select! {
             _ = shutdown.cancelled() => break,
             c = reader.recv::<OperatorCall>() => c,
         };
         let reply = match call {
-            Ok(Some(OperatorCall::GetAgents)) => OperatorReply::Agents(handle.agents().await),
-            Ok(Some(OperatorCall::GetFrameworks)) => OperatorReply::Frameworks(handle.frameworks().await),
-            Ok(Some(OperatorCall::GetTasks)) => OperatorReply::Tasks(handle.tasks().await),
+            Ok(Some(OperatorCall::GetAgents)) => {
+                OperatorReply::Agents(core.ask(Query::Agents).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetFrameworks)) => {
+                OperatorReply::Frameworks(core.ask(Query::Frameworks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetCompletedFrameworks)) => {
+                OperatorReply::Frameworks(core.ask(Query::CompletedFrameworks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetTasks)) => {
+                OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
+            }
             Ok(Some(OperatorCall::KillTask { task_id })) => {
-                match handle.ask(|tx| Query::Kill(task_id, tx)).await {
+                match core.ask(|tx| Query::Kill(task_id, tx)).await {
                     Some(Ok(())) => OperatorReply::Ok,
                     Some(Err(e)) => OperatorReply::Error(e),
                     None => break,
@@ -703,7 +799,8 @@ async fn serve_upload(
     match present {
         Ok(true) => {
             counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "present").increment(1);
-            let _ = core.send(Command::ArtifactStored(req.digest.clone()));
+            let record = ArtifactRecord { digest: req.digest.clone(), kind: Some(req.kind), size: req.size };
+            let _ = core.send(Command::ArtifactStored(record));
             return reply_and_finish(w, &UploadReply::Present).await;
         }
         Ok(false) => {}
@@ -719,7 +816,9 @@ async fn serve_upload(
     let reply = match store.store(&req, body).await {
         Ok(artifact) => {
             info!(digest = %artifact.digest, size = artifact.size, name = %req.name, "artifact stored");
-            let _ = core.send(Command::ArtifactStored(artifact.digest));
+            let record =
+                ArtifactRecord { digest: artifact.digest, kind: Some(req.kind), size: artifact.size };
+            let _ = core.send(Command::ArtifactStored(record));
             UploadReply::Stored
         }
         Err(e) => {

@@ -26,6 +26,10 @@ pub(crate) enum AgentStatus {
     Disconnected,
     /// Silent past the agent timeout: its tasks are UNREACHABLE until it re-registers.
     Unreachable,
+    /// Known from the registry of an earlier incarnation of the master and not re-registered
+    /// since this one started: its tasks are unknown until it does (UNREACHABLE to
+    /// reconciliation); removed at the agent re-register timeout.
+    Recovering,
 }
 
 impl AgentStatus {
@@ -34,6 +38,7 @@ impl AgentStatus {
             AgentStatus::Active { .. } => "active",
             AgentStatus::Disconnected => "disconnected",
             AgentStatus::Unreachable => "unreachable",
+            AgentStatus::Recovering => "recovering",
         }
     }
 }
@@ -134,7 +139,9 @@ pub(crate) struct Framework {
     pub suppressed: bool,
     /// Numbers of its outstanding offers (unordered: walks sort their ids first).
     pub offers: FxHashSet<u64>,
-    /// Decline filters by agent slot (agents are never removed: a slot names one agent).
+    /// Decline filters by agent slot. The only agents ever removed are those recovered from
+    /// the registry that never re-registered, which had no offers and so no filters: a slot
+    /// names one agent.
     pub filters: FxHashMap<usize, Vec<Filter>>,
 }
 
@@ -167,8 +174,8 @@ impl Framework {
 }
 
 /// An outstanding offer. Its framework and agent are named by their slots in the master's
-/// tables: agents are never removed, and a framework's offers are all taken before it is, so
-/// the slots stay valid as long as the offer is outstanding.
+/// tables: agents with offers are never removed, and a framework's offers are all taken before
+/// it is, so the slots stay valid as long as the offer is outstanding.
 #[derive(Clone, Debug)]
 pub(crate) struct OfferRecord {
     pub framework: usize,

@@ -7,7 +7,8 @@
 //!   [`command_task`], [`res`]);
 //! - readers of the actions the core produced, for one connection ([`offers`], [`updates`],
 //!   [`run_tasks`], [`to_agent`], [`errors`], [`events`], [`closed`]);
-//! - [`Sim`]: a master, a simulated clock and the undelivered actions by connection.
+//! - [`Sim`]: a master, a simulated clock, the undelivered actions by connection and the
+//!   registry the master writes ([`Sim::restart`] starts a new master from it).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use agora_sdk::{Attributes, Resources};
 
 use crate::allocator::Allocator;
 use crate::core::{Action, ConnId, Event, Master, MasterConfig};
+use crate::registry::{MemoryRegistry, Registry};
 
 /// Parses resources written as in the CLI (`cpus:2;mem:1GiB`); panics on a typo.
 pub fn res(s: &str) -> Resources {
@@ -170,6 +172,8 @@ pub struct Sim {
     inbox: HashMap<ConnId, Vec<Action>>,
     /// Agent id of each agent connection.
     pub agent_ids: HashMap<ConnId, AgentId>,
+    /// What the master wrote to its registry.
+    pub registry: MemoryRegistry,
 }
 
 impl Sim {
@@ -187,10 +191,35 @@ impl Sim {
     }
 
     fn with(m: Master, t0: Instant) -> Self {
-        Sim { m, t0, now: t0, next_conn: 0, next_task: 0, inbox: HashMap::new(), agent_ids: HashMap::new() }
+        Sim {
+            m,
+            t0,
+            now: t0,
+            next_conn: 0,
+            next_task: 0,
+            inbox: HashMap::new(),
+            agent_ids: HashMap::new(),
+            registry: MemoryRegistry::new(),
+        }
+    }
+
+    /// The master dies (connections, offers, tasks and undelivered actions with it) and a new
+    /// one with the same configuration and the default allocator starts from the registry, as
+    /// a restarted `agora master` does from its work dir.
+    pub fn restart(&mut self) {
+        self.collect();
+        self.inbox.clear();
+        self.agent_ids.clear();
+        let state = self.registry.open_epoch().expect("memory registry");
+        let config = MasterConfig { master_id: state.master_id(), ..self.m.config().clone() };
+        self.m = Master::new(config, self.now);
+        self.m.recover(self.now, &state);
     }
 
     fn collect(&mut self) {
+        // As a driver does: the registry first, then the actions that may depend on it.
+        let ops: Vec<_> = std::iter::from_fn(|| self.m.poll_registry_op()).collect();
+        self.registry.apply(&ops).expect("memory registry");
         while let Some(a) = self.m.poll_action() {
             self.inbox.entry(conn_of(&a)).or_default().push(a);
         }

@@ -211,6 +211,16 @@ impl OperatorClient {
         .await
     }
 
+    /// The frameworks that ended since the master started (its bounded history).
+    pub async fn completed_frameworks(&mut self) -> Result<Vec<FrameworkView>, ClientError> {
+        self.list(OperatorCall::GetCompletedFrameworks, |r| match r {
+            OperatorReply::FrameworksPart(f) => Ok((f, false)),
+            OperatorReply::Frameworks(f) => Ok((f, true)),
+            other => Err(other),
+        })
+        .await
+    }
+
     pub async fn tasks(&mut self) -> Result<Vec<TaskView>, ClientError> {
         self.list(OperatorCall::GetTasks, |r| match r {
             OperatorReply::TasksPart(t) => Ok((t, false)),

@@ -675,6 +675,21 @@ pub enum SchedulerCall {
         agent_id: AgentId,
         executor_id: ExecutorId,
     },
+    /// Explicit reconciliation naming, for each task, the agent it was last seen on (from its
+    /// latest update), so that the master can tell a task gone with its agent (TASK_GONE), one
+    /// on an agent it cannot reach (TASK_UNREACHABLE) and one it never heard of
+    /// (TASK_UNKNOWN). An empty list asks for all tasks, as `Reconcile` does.
+    ReconcileTasks {
+        tasks: Vec<ReconcileTask>,
+    },
+}
+
+/// One task of an explicit reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileTask {
+    pub task_id: TaskId,
+    /// The agent the framework last knew the task on.
+    pub agent_id: Option<AgentId>,
 }
 
 /// Master → framework.
@@ -762,7 +777,13 @@ pub enum OperatorCall {
     GetAgents,
     GetFrameworks,
     GetTasks,
-    KillTask { task_id: TaskId },
+    KillTask {
+        task_id: TaskId,
+    },
+    /// The frameworks that ended (torn down or past their failover timeout) since the master
+    /// started, oldest first (a bounded history, status `completed`); answered with
+    /// `Frameworks`.
+    GetCompletedFrameworks,
 }
 
 /// Master → operator.

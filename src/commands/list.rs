@@ -16,7 +16,7 @@ pub enum Format {
 
 pub enum What {
     Agents,
-    Frameworks,
+    Frameworks { all: bool },
     Tasks,
 }
 
@@ -29,6 +29,23 @@ pub struct ListArgs {
     format: Format,
 }
 
+/// `agora frameworks`: [`ListArgs`] and `--all`.
+#[derive(Args)]
+pub struct FrameworksArgs {
+    #[command(flatten)]
+    list: ListArgs,
+    /// Also list the frameworks that ended since the master started (status `completed`; the
+    /// last 100).
+    #[arg(long)]
+    all: bool,
+}
+
+impl FrameworksArgs {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        self.list.execute(What::Frameworks { all: self.all }).await
+    }
+}
+
 impl ListArgs {
     pub async fn execute(self, what: What) -> anyhow::Result<ExitCode> {
         let cfg = self.cluster.resolve()?;
@@ -38,8 +55,11 @@ impl ListArgs {
                 let v = client.agents().await?;
                 (v.iter().map(agora_sdk::json::agent_json).collect::<Vec<_>>(), output::agents_table(&v))
             }
-            What::Frameworks => {
-                let v = client.frameworks().await?;
+            What::Frameworks { all } => {
+                let mut v = client.frameworks().await?;
+                if all {
+                    v.extend(client.completed_frameworks().await?);
+                }
                 (v.iter().map(agora_sdk::json::framework_json).collect(), output::frameworks_table(&v))
             }
             What::Tasks => {

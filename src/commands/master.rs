@@ -27,8 +27,10 @@ pub struct MasterCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
-    /// The master's directory (artifact store). Default: a fresh temporary directory, removed
-    /// at exit, so uploaded artifacts do not survive a restart.
+    /// The master's directory: its registry (`registry.redb`: frameworks, agents and the
+    /// artifact index, so that a restarted master takes its cluster back) and the artifact
+    /// store. Default: a fresh temporary directory, removed at exit, so nothing survives a
+    /// restart.
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Largest Wasm module or directory archive accepted, e.g. `64MiB`.
@@ -36,12 +38,17 @@ pub struct MasterCommand {
     max_artifact_size: u64,
     #[command(flatten)]
     allocation: AllocationArgs,
-    /// Heartbeat interval told to agents.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// Heartbeat interval told to agents; an agent gives a silent master up after three.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
     agent_heartbeat: Duration,
-    /// An agent silent this long is marked unreachable and its tasks TASK_UNREACHABLE.
-    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    /// An agent silent this long is marked unreachable and its tasks TASK_UNREACHABLE
+    /// (shorter silences change nothing).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     agent_timeout: Duration,
+    /// After a restart, agents the registry knows must re-register within this time; later
+    /// they are removed (their tasks TASK_GONE) and refused if they come back.
+    #[arg(long, default_value = "10min", value_parser = parse_duration)]
+    agent_reregister_timeout: Duration,
 }
 
 /// The allocation flags shared by `master` and `dev`.
@@ -128,6 +135,7 @@ pub fn core_config(m: &MasterCommandCore) -> anyhow::Result<MasterConfig> {
         allocation_batch: a.allocation_batch,
         agent_heartbeat_interval: m.agent_heartbeat,
         agent_timeout: m.agent_timeout,
+        agent_reregister_timeout: m.agent_reregister_timeout,
         offer_timeout: a.offer_timeout,
         allocation: AllocatorOptions {
             role_weights: a.weights.clone().unwrap_or_default(),
@@ -145,6 +153,7 @@ pub struct MasterCommandCore {
     pub allocation: AllocationArgs,
     pub agent_heartbeat: Duration,
     pub agent_timeout: Duration,
+    pub agent_reregister_timeout: Duration,
 }
 
 impl MasterCommand {
@@ -153,6 +162,7 @@ impl MasterCommand {
             allocation: self.allocation.clone(),
             agent_heartbeat: self.agent_heartbeat,
             agent_timeout: self.agent_timeout,
+            agent_reregister_timeout: self.agent_reregister_timeout,
         })?;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
@@ -165,7 +175,7 @@ impl MasterCommand {
                 let t = tempfile::Builder::new().prefix("agora-master-").tempdir()?;
                 tracing::warn!(
                     work_dir = %t.path().display(),
-                    "no --work-dir: using a temporary directory; uploaded artifacts will not survive a restart"
+                    "no --work-dir: using a temporary directory; a restarted master will not know this cluster's frameworks, agents or artifacts"
                 );
                 (t.path().to_path_buf(), Some(t))
             }
@@ -189,7 +199,13 @@ impl MasterCommand {
             let bound = agora_master::http::spawn(addr, handle.clone(), shutdown.clone()).await?;
             println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
         }
-        super::shutdown_signal().await;
+        tokio::select! {
+            () = super::shutdown_signal() => {}
+            why = handle.failed() => {
+                shutdown.cancel();
+                anyhow::bail!("the master stopped: {why}");
+            }
+        }
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;
         Ok(ExitCode::SUCCESS)

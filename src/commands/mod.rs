@@ -38,7 +38,7 @@ pub enum Command {
     /// List agents.
     Agents(list::ListArgs),
     /// List frameworks.
-    Frameworks(list::ListArgs),
+    Frameworks(list::FrameworksArgs),
     /// List tasks.
     Tasks(list::ListArgs),
     /// Print a task's stdout (or stderr).
@@ -67,7 +67,7 @@ impl Command {
             Command::Agent(c) => c.execute().await,
             Command::Run(c) => c.execute().await,
             Command::Agents(c) => c.execute(list::What::Agents).await,
-            Command::Frameworks(c) => c.execute(list::What::Frameworks).await,
+            Command::Frameworks(c) => c.execute().await,
             Command::Tasks(c) => c.execute(list::What::Tasks).await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,

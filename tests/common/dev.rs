@@ -152,6 +152,12 @@ impl Proc {
         }
     }
 
+    /// SIGKILL (`kill -9`: no cleanup at all), and its exit status.
+    pub fn kill9(&mut self) -> std::process::ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("wait")
+    }
+
     /// SIGTERM, and its exit status (SIGKILL after 20 s, failing the test).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         if let Ok(Some(st)) = self.child.try_wait() {
@@ -259,14 +265,16 @@ impl RealCluster {
     }
 
     pub fn master_only(dir: tempfile::TempDir, master_args: &[&str]) -> RealCluster {
+        Self::master_on(dir, "127.0.0.1:0", master_args)
+    }
+
+    /// A master listening on `listen` (no agent yet).
+    pub fn master_on(dir: tempfile::TempDir, listen: &str, master_args: &[&str]) -> RealCluster {
         let tls = dir.path().join("tls");
         let mut master = Proc::spawn(
             "master",
             dir.path(),
-            Command::new(AGORA)
-                .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
-                .arg(&tls)
-                .args(master_args),
+            Command::new(AGORA).args(["master", "--listen", listen, "--tls-dir"]).arg(&tls).args(master_args),
         );
         let addr = master.wait_stdout("its address", |l| {
             Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
@@ -294,11 +302,40 @@ impl RealCluster {
     }
 
     pub fn start_agent(&mut self, agent_args: &[&str]) {
+        self.start_agent_via(Command::new(AGORA), agent_args)
+    }
+
+    /// Starts the agent inside the network namespace `netns` (`ip netns exec`).
+    pub fn start_agent_in_netns(&mut self, netns: &str, agent_args: &[&str]) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, AGORA]);
+        self.start_agent_via(cmd, agent_args)
+    }
+
+    /// Kills the master with SIGKILL and starts a new one on the same address with
+    /// `master_args` (give it the same `--work-dir` to keep its registry).
+    pub fn kill9_and_restart_master(&mut self, master_args: &[&str]) {
+        let st = self.master.kill9();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL), "{st}");
+        self.master = Proc::spawn(
+            "master-restarted",
+            self.dir.path(),
+            Command::new(AGORA)
+                .args(["master", "--listen", &self.addr, "--tls-dir"])
+                .arg(&self.tls)
+                .args(master_args),
+        );
+        let addr = self.master.wait_stdout("its address", |l| {
+            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+        });
+        assert_eq!(addr, self.addr);
+    }
+
+    fn start_agent_via(&mut self, mut cmd: Command, agent_args: &[&str]) {
         let agent = Proc::spawn(
             "agent",
             self.dir.path(),
-            Command::new(AGORA)
-                .args(["agent", "--master", &self.addr, "--tls-dir"])
+            cmd.args(["agent", "--master", &self.addr, "--tls-dir"])
                 .arg(&self.tls)
                 .arg("--work-dir")
                 .arg(&self.work)

@@ -98,6 +98,23 @@ impl Master {
                 self.close(conn, ErrorCode::Invalid, "re-registration with an empty agent id");
                 return;
             }
+            Some(id) if self.gone_agents.contains_key(&id) => {
+                // As Mesos does with an agent marked gone: it may not come back under this
+                // id (its tasks were reported gone); it shuts down, and joins again as a new
+                // agent once its work dir's id is cleared.
+                warn!(agent_id = %id, hostname, "a removed agent tried to re-register: refused");
+                self.close(
+                    conn,
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "agent {id} was removed from the cluster (it did not re-register within {:?} \
+                         after the master restarted) and its tasks were reported gone; remove the \
+                         agent's saved id (agent_id in its work dir) to join as a new agent",
+                        self.config.agent_reregister_timeout
+                    ),
+                );
+                return;
+            }
             Some(id) => id,
             None => {
                 self.next_agent += 1;
@@ -115,7 +132,10 @@ impl Master {
                 return;
             }
             Some(agent) => {
-                info!(agent_id = %id, hostname, conn, "agent re-registered");
+                info!(agent_id = %id, hostname, conn, status = agent.status.as_str(), "agent re-registered");
+                if agent.status == AgentStatus::Recovering {
+                    self.recovering = self.recovering.saturating_sub(1);
+                }
                 if let AgentStatus::Active { conn: old } = agent.status {
                     if old != conn {
                         self.close(
@@ -142,6 +162,7 @@ impl Master {
             agent.status = AgentStatus::Active { conn };
         }
         self.conns.insert(conn, Peer::Agent(id.clone()));
+        self.persist_agent(&id, AgentStanding::Admitted);
         self.set_agent_deadline(&id, Some(after(now, self.config.agent_timeout)));
         self.send_agent(
             conn,
@@ -213,8 +234,24 @@ impl Master {
                 warn!(agent_id = %id, task_id = %key.task_id, "agent reported an unnamed or duplicate task");
                 continue;
             }
-            if self.removed_frameworks.contains(&key.framework_id) && !r.state.is_terminal() {
+            // A framework this master removed, or (after a restart) one its registry does
+            // not hold: nobody will ever manage these tasks.
+            let orphan = self.removed_frameworks.contains(&key.framework_id)
+                || (self.recovered && !self.frameworks.contains_key(&key.framework_id));
+            if orphan && !r.state.is_terminal() {
                 shutdown.insert(key.framework_id.clone());
+            }
+            let killed_while_away = self.pending_kills.remove(&key);
+            if killed_while_away && !r.state.is_terminal() {
+                info!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
+                    "killing a task its framework killed while the agent was re-registering");
+                self.send_agent(
+                    conn,
+                    MasterToAgent::KillTask {
+                        framework_id: key.framework_id.clone(),
+                        task_id: key.task_id.clone(),
+                    },
+                );
             }
             match self.tasks.get_mut(&key) {
                 Some(task) if task.agent_id != *id => {
@@ -228,7 +265,9 @@ impl Master {
                         // Terminal states arrive as the agent's own (retried) updates.
                     } else if old.can_transition_to(r.state) {
                         task.state = r.state;
-                        if old == TaskState::Unreachable {
+                        // Back from a partition: RUNNING again, unless the framework killed
+                        // it meanwhile (then the kill below goes out and KILLED follows).
+                        if old == TaskState::Unreachable && !kill {
                             let status = master_status(
                                 &key,
                                 Some(id.clone()),
@@ -280,7 +319,7 @@ impl Master {
                             allocation,
                             latest: None,
                             pending: Vec::new(),
-                            kill_requested: completed,
+                            kill_requested: completed || killed_while_away,
                         },
                     );
                     if let Some(agent) = self.agents.get_mut(id) {
@@ -315,7 +354,7 @@ impl Master {
             self.master_update(
                 now,
                 &key,
-                TaskState::Lost,
+                TaskState::Gone,
                 "task not reported by re-registered agent",
                 format!("agent {id} re-registered without task {}", key.task_id),
             );
@@ -338,6 +377,10 @@ impl Master {
         agent.deadline = None;
         let status = agent.status;
         if status == AgentStatus::Unreachable {
+            return;
+        }
+        if status == AgentStatus::Recovering {
+            self.remove_unregistered_agent(now, id);
             return;
         }
         warn!(agent_id = %id, timeout = ?self.config.agent_timeout, "agent timed out: unreachable");
@@ -365,6 +408,7 @@ impl Master {
         if let Some(agent) = self.agents.get_mut(id) {
             agent.status = AgentStatus::Unreachable;
         }
+        self.persist_agent(id, AgentStanding::Unreachable { since_ms: self.unix_ms(now) });
         let live: Vec<TaskKey> = self
             .agents
             .get(id)
@@ -380,5 +424,31 @@ impl Master {
             );
         }
         self.request_allocation(now);
+    }
+}
+
+impl Master {
+    /// Removes an agent recovered from the registry that did not re-register within the agent
+    /// re-register timeout: it is marked gone (its tasks answer TASK_GONE to reconciliation,
+    /// and it is refused if it comes back). It never re-registered with this master, so it
+    /// holds no offers, filters or known tasks.
+    fn remove_unregistered_agent(&mut self, now: Instant, id: &AgentId) {
+        warn!(agent_id = %id, timeout = ?self.config.agent_reregister_timeout,
+            "agent did not re-register after the master restarted: removing it");
+        counter!(metrics::AGENTS_REMOVED).increment(1);
+        self.recovering = self.recovering.saturating_sub(1);
+        let since_ms = self.unix_ms(now);
+        self.persist_agent(id, AgentStanding::Gone { since_ms });
+        self.agents.remove(id);
+        self.gone_agents.insert(id.clone(), since_ms);
+        while self.gone_agents.len() > MAX_GONE_AGENTS {
+            let Some(oldest) =
+                self.gone_agents.iter().min_by_key(|(id, t)| (**t, (*id).clone())).map(|(id, _)| id.clone())
+            else {
+                break;
+            };
+            self.gone_agents.remove(&oldest);
+            self.persist(RegistryOp::RemoveAgent(oldest));
+        }
     }
 }

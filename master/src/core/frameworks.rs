@@ -72,7 +72,13 @@ impl Master {
             SchedulerCall::Acknowledge { agent_id, task_id, uuid } => {
                 self.acknowledge(&fw, agent_id, task_id, uuid)
             }
-            SchedulerCall::Reconcile { task_ids } => self.reconcile(now, conn, &fw, task_ids),
+            SchedulerCall::Reconcile { task_ids } => self.reconcile(
+                now,
+                conn,
+                &fw,
+                task_ids.into_iter().map(|task_id| ReconcileTask { task_id, agent_id: None }).collect(),
+            ),
+            SchedulerCall::ReconcileTasks { tasks } => self.reconcile(now, conn, &fw, tasks),
             SchedulerCall::Teardown => {
                 info!(framework_id = %fw, "framework teardown");
                 self.remove_framework(now, &fw);
@@ -111,7 +117,8 @@ impl Master {
                     },
                 );
                 self.allocator.add_framework(&id, &role);
-                // Tasks of this id adopted from agents before (none for a fresh id).
+                // Written before `Subscribed` goes out: a restarted master knows the id.
+                self.persist_framework(&id);
                 id
             }
             Some(id) => {
@@ -172,6 +179,7 @@ impl Master {
                     // A new instance knows nothing of the old one's SUPPRESS.
                     fw.suppressed = false;
                 }
+                self.persist_framework(&id);
                 self.allocator.revive(&id);
                 id
             }
@@ -223,6 +231,19 @@ impl Master {
     pub(super) fn remove_framework(&mut self, now: Instant, id: &FrameworkId) {
         let Some(fw) = self.frameworks.remove(id) else { return };
         counter!(metrics::FRAMEWORKS_REMOVED).increment(1);
+        self.persist(RegistryOp::RemoveFramework(id.clone()));
+        self.completed_frameworks.push_back(FrameworkView {
+            id: fw.id.clone(),
+            name: fw.name.clone(),
+            role: fw.role.clone(),
+            principal: fw.principal.clone(),
+            status: "completed".into(),
+            used: Resources::default(),
+            tasks: 0,
+        });
+        while self.completed_frameworks.len() > COMPLETED_FRAMEWORKS {
+            self.completed_frameworks.pop_front();
+        }
         match fw.link {
             FrameworkLink::Connected(conn) => {
                 self.conns.remove(&conn);
@@ -295,14 +316,14 @@ impl Master {
             Some(t) => Some(self.reconcile_status(now, t)),
             None => match self.completed.iter().rev().find(|t| t.key() == key) {
                 Some(t) => Some(self.reconcile_status(now, t)),
-                None => Some(master_status(
-                    &key,
-                    None,
-                    TaskState::Lost,
-                    "unknown task",
-                    format!("framework {fw} has no task {}", key.task_id),
-                    self.unix_ms(now),
-                )),
+                None => {
+                    if self.recovering > 0 && self.pending_kills.len() < MAX_PENDING_KILLS {
+                        // It may run on an agent that has not re-registered since the master
+                        // restarted: the kill goes to whichever agent reports it.
+                        self.pending_kills.insert(key.clone());
+                    }
+                    Some(self.unknown_task_status(now, &key, None))
+                }
             },
         };
         if let Some(status) = reply {
@@ -328,31 +349,30 @@ impl Master {
         self.maybe_complete(&key);
     }
 
-    pub(super) fn reconcile(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, task_ids: Vec<TaskId>) {
-        let statuses: Vec<TaskStatus> = if task_ids.is_empty() {
-            self.framework_tasks(fw)
-                .filter(|t| !t.state.is_terminal())
-                .map(|t| self.reconcile_status(now, t))
-                .collect()
+    /// Answers a reconciliation (Mesos `reconcileTasks`): implicit (empty list), every task
+    /// of the framework the master knows; explicit, each task's latest state if the master
+    /// knows it, else what can be said from its agent (see [`Self::unknown_task_status`]).
+    pub(super) fn reconcile(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        fw: &FrameworkId,
+        tasks: Vec<ReconcileTask>,
+    ) {
+        let statuses: Vec<TaskStatus> = if tasks.is_empty() {
+            self.framework_tasks(fw).map(|t| self.reconcile_status(now, t)).collect()
         } else {
-            task_ids
+            tasks
                 .into_iter()
-                .map(|tid| {
-                    let key = TaskKey::new(fw.clone(), tid);
+                .map(|t| {
+                    let key = TaskKey::new(fw.clone(), t.task_id);
                     match self
                         .tasks
                         .get(&key)
                         .or_else(|| self.completed.iter().rev().find(|t| t.key() == key))
                     {
                         Some(t) => self.reconcile_status(now, t),
-                        None => master_status(
-                            &key,
-                            None,
-                            TaskState::Unknown,
-                            "reconciliation: unknown task",
-                            format!("framework {fw} has no task {}", key.task_id),
-                            self.unix_ms(now),
-                        ),
+                        None => self.unknown_task_status(now, &key, t.agent_id),
                     }
                 })
                 .collect()
@@ -360,5 +380,63 @@ impl Master {
         for s in statuses {
             self.send_framework(conn, SchedulerEvent::Update(s));
         }
+    }
+
+    /// The state of a task the master does not know, from what it knows of the agent the
+    /// framework names: registered → TASK_GONE (the agent does not run it); unreachable, or
+    /// not re-registered since the master restarted → TASK_UNREACHABLE (it may come back);
+    /// removed → TASK_GONE; unknown → TASK_UNKNOWN. Without an agent: TASK_UNREACHABLE while
+    /// agents are still re-registering after a restart (it may run on one), else
+    /// TASK_UNKNOWN. Never TASK_LOST.
+    pub(super) fn unknown_task_status(
+        &self,
+        now: Instant,
+        key: &TaskKey,
+        agent: Option<AgentId>,
+    ) -> TaskStatus {
+        let task = &key.task_id;
+        let (state, reason, message) = match &agent {
+            Some(a) => match self.agents.get(a).map(|a| a.status) {
+                Some(AgentStatus::Active { .. } | AgentStatus::Disconnected) => (
+                    TaskState::Gone,
+                    "reconciliation: task not on its agent",
+                    format!("agent {a} is registered and does not run task {task}"),
+                ),
+                Some(AgentStatus::Unreachable) => (
+                    TaskState::Unreachable,
+                    "reconciliation: agent unreachable",
+                    format!("agent {a} of task {task} is unreachable"),
+                ),
+                Some(AgentStatus::Recovering) => (
+                    TaskState::Unreachable,
+                    RECOVERING_REASON,
+                    format!("agent {a} of task {task} has not re-registered since the master restarted"),
+                ),
+                None if self.gone_agents.contains_key(a) => (
+                    TaskState::Gone,
+                    "reconciliation: agent removed",
+                    format!("agent {a} of task {task} was removed from the cluster"),
+                ),
+                None => (
+                    TaskState::Unknown,
+                    "reconciliation: unknown agent",
+                    format!("the master knows neither task {task} nor agent {a}"),
+                ),
+            },
+            None if self.recovering > 0 => (
+                TaskState::Unreachable,
+                RECOVERING_REASON,
+                format!(
+                    "task {task} is unknown; {} agent(s) have not re-registered since the master restarted",
+                    self.recovering
+                ),
+            ),
+            None => (
+                TaskState::Unknown,
+                "reconciliation: unknown task",
+                format!("framework {} has no task {task}", key.framework_id),
+            ),
+        };
+        master_status(key, agent, state, reason, message, self.unix_ms(now))
     }
 }

@@ -25,6 +25,9 @@ use crate::allocator::{
 };
 use crate::metrics;
 use crate::quick;
+use crate::registry::{
+    AgentRecord, AgentStanding, FrameworkRecord, RegistryOp, RegistryState, MAX_GONE_AGENTS,
+};
 use crate::state::{
     Agent, AgentStatus, Filter, Framework, FrameworkLink, OfferRecord, Offers, Peer, Table, Task, TaskTable,
 };
@@ -60,6 +63,10 @@ pub struct MasterConfig {
     pub agent_heartbeat_interval: Duration,
     /// An agent silent (no message at all) this long is marked unreachable.
     pub agent_timeout: Duration,
+    /// After a restart, an agent the registry knows that has not re-registered within this
+    /// time is removed (marked gone): its tasks are TASK_GONE and it is refused if it comes
+    /// back (Mesos `--agent_reregister_timeout`, 10 min).
+    pub agent_reregister_timeout: Duration,
     /// Sent to frameworks as `SchedulerEvent::Heartbeat` this often.
     pub framework_heartbeat_interval: Duration,
     /// Filter length of a DECLINE without `refuse_seconds`.
@@ -83,8 +90,9 @@ impl Default for MasterConfig {
             master_id: "master".into(),
             allocation_interval: Duration::from_secs(1),
             allocation_batch: Duration::from_millis(2),
-            agent_heartbeat_interval: Duration::from_secs(5),
-            agent_timeout: Duration::from_secs(20),
+            agent_heartbeat_interval: Duration::from_secs(1),
+            agent_timeout: Duration::from_secs(5),
+            agent_reregister_timeout: Duration::from_secs(600),
             framework_heartbeat_interval: Duration::from_secs(15),
             default_refuse: Duration::from_secs(5),
             offer_timeout: None,
@@ -157,9 +165,16 @@ pub struct OutputLocation {
 const MAX_REFUSE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How many completed tasks `tasks()` keeps showing.
 const COMPLETED_TASKS: usize = 1000;
+/// How many ended frameworks `completed_frameworks()` keeps showing (Mesos
+/// `completed_frameworks`).
+const COMPLETED_FRAMEWORKS: usize = 100;
 /// How many removed framework ids are remembered (to shut their tasks down on agents that
 /// come back).
 const REMOVED_FRAMEWORKS: usize = 10_000;
+/// Most kills of unknown tasks remembered while agents re-register after a restart.
+const MAX_PENDING_KILLS: usize = 100_000;
+/// Reason of the TASK_UNREACHABLE answers about tasks of agents not re-registered yet.
+const RECOVERING_REASON: &str = "agent has not re-registered since the master restarted";
 /// Shortest timer period, so a zero in the configuration cannot make the driver spin.
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
@@ -247,6 +262,8 @@ pub struct Master {
     agents: Table<AgentId, Agent>,
     frameworks: Table<FrameworkId, Framework>,
     removed_frameworks: RecentSet,
+    /// The last [`COMPLETED_FRAMEWORKS`] frameworks removed, oldest first.
+    completed_frameworks: VecDeque<FrameworkView>,
     /// Outstanding offers by number (an offer id is `{master_id}-O{number}`).
     offers: Offers,
     /// Tasks not yet completed (non-terminal, or terminal with updates not yet acknowledged).
@@ -275,6 +292,19 @@ pub struct Master {
     known_artifacts: FxHashSet<Digest>,
     /// Frameworks' own executors launched on agents, with the resources they hold.
     executors: Executors,
+    /// Changes for the registry, in order; the driver writes them before it carries out the
+    /// actions produced in the same step.
+    registry_ops: VecDeque<RegistryOp>,
+    /// Agents removed for good (Unix ms of removal): refused if they come back.
+    gone_agents: HashMap<AgentId, u64>,
+    /// Whether this master recovered from a registry: frameworks it does not know are then
+    /// known to be gone (their tasks on re-registering agents are shut down).
+    recovered: bool,
+    /// How many agents are recovered from the registry and have not re-registered yet.
+    recovering: usize,
+    /// Kills of tasks the master did not know while agents were still re-registering after a
+    /// restart: sent to the agent that reports the task (bounded).
+    pending_kills: HashSet<TaskKey>,
 }
 
 impl std::fmt::Debug for Master {
@@ -314,6 +344,7 @@ impl Master {
             agents: Table::new(),
             frameworks: Table::new(),
             removed_frameworks: RecentSet::default(),
+            completed_frameworks: VecDeque::new(),
             offers: Offers::default(),
             tasks: TaskTable::default(),
             completed: VecDeque::new(),
@@ -330,7 +361,109 @@ impl Master {
             actions: VecDeque::new(),
             known_artifacts: FxHashSet::default(),
             executors: Executors::default(),
+            registry_ops: VecDeque::new(),
+            gone_agents: HashMap::new(),
+            recovered: false,
+            recovering: 0,
+            pending_kills: HashSet::new(),
         }
+    }
+
+    /// Loads what the registry of an earlier incarnation holds; call once, before any event.
+    /// Frameworks are kept as disconnected (their failover timeout counts from `now`); agents
+    /// that were admitted await re-registration until `agent_reregister_timeout`, those that
+    /// were unreachable stay so, and gone ones are refused if they come back.
+    pub fn recover(&mut self, now: Instant, state: &RegistryState) {
+        self.recovered = true;
+        for f in state.frameworks.values() {
+            let deadline = now.checked_add(f.failover_timeout);
+            info!(framework_id = %f.id, name = %f.name, "framework recovered from the registry: awaiting re-subscription");
+            self.frameworks.insert(
+                f.id.clone(),
+                Framework {
+                    id: f.id.clone(),
+                    name: f.name.clone(),
+                    role: f.role.clone(),
+                    principal: f.principal.clone(),
+                    hostname: f.hostname.clone(),
+                    failover_timeout: f.failover_timeout,
+                    link: FrameworkLink::Disconnected { deadline },
+                    suppressed: false,
+                    offers: FxHashSet::default(),
+                    filters: FxHashMap::default(),
+                },
+            );
+            self.allocator.add_framework(&f.id, &f.role);
+            self.allocator.deactivate_framework(&f.id);
+            if let Some(d) = deadline {
+                self.failover_deadlines.insert((d, f.id.clone()));
+            }
+        }
+        for a in state.agents.values() {
+            let status = match a.standing {
+                AgentStanding::Gone { since_ms } => {
+                    self.gone_agents.insert(a.id.clone(), since_ms);
+                    continue;
+                }
+                AgentStanding::Admitted => AgentStatus::Recovering,
+                AgentStanding::Unreachable { .. } => AgentStatus::Unreachable,
+            };
+            let mut agent = Agent::new(a.id.clone(), a.principal.clone());
+            agent.hostname = a.hostname.clone();
+            agent.total = a.resources.clone();
+            agent.attributes = a.attributes.clone();
+            agent.status = status;
+            self.agents.insert(a.id.clone(), agent);
+            if status == AgentStatus::Recovering {
+                self.recovering += 1;
+                let deadline = after(now, self.config.agent_reregister_timeout);
+                self.set_agent_deadline(&a.id, Some(deadline));
+            }
+        }
+        info!(
+            frameworks = state.frameworks.len(),
+            agents = self.agents.len(),
+            awaiting = self.recovering,
+            gone = self.gone_agents.len(),
+            "master state recovered from the registry"
+        );
+    }
+
+    /// The next change for the registry. A driver writes every pending one (in order) before
+    /// it carries out the actions of the same step: replies such as `Subscribed` and
+    /// `Registered` promise what these changes record.
+    pub fn poll_registry_op(&mut self) -> Option<RegistryOp> {
+        self.registry_ops.pop_front()
+    }
+
+    fn persist(&mut self, op: RegistryOp) {
+        self.registry_ops.push_back(op);
+    }
+
+    fn persist_framework(&mut self, id: &FrameworkId) {
+        let Some(f) = self.frameworks.get(id) else { return };
+        let record = FrameworkRecord {
+            id: f.id.clone(),
+            name: f.name.clone(),
+            role: f.role.clone(),
+            principal: f.principal.clone(),
+            hostname: f.hostname.clone(),
+            failover_timeout: f.failover_timeout,
+        };
+        self.persist(RegistryOp::PutFramework(record));
+    }
+
+    fn persist_agent(&mut self, id: &AgentId, standing: AgentStanding) {
+        let Some(a) = self.agents.get(id) else { return };
+        let record = AgentRecord {
+            id: a.id.clone(),
+            hostname: a.hostname.clone(),
+            principal: a.principal.clone(),
+            resources: a.total.clone(),
+            attributes: a.attributes.clone(),
+            standing,
+        };
+        self.persist(RegistryOp::PutAgent(record));
     }
 
     /// Records that the artifact store holds `digest` (at startup and after each upload), so
@@ -504,6 +637,12 @@ impl Master {
                 }
             })
             .collect()
+    }
+
+    /// The last frameworks removed (torn down or past their failover timeout) since this
+    /// master started, oldest first, with status `completed` (kept in memory only).
+    pub fn completed_frameworks(&self) -> Vec<FrameworkView> {
+        self.completed_frameworks.iter().cloned().collect()
     }
 
     /// Every known task, including the last completed ones, sorted by framework and task id
