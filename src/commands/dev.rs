@@ -57,7 +57,7 @@ impl DevCommand {
         let core = core_config(&MasterCommandCore {
             allocation: self.allocation.clone(),
             agent_heartbeat: Duration::from_secs(1),
-            agent_timeout: Duration::from_secs(5),
+            agent_timeout: Duration::from_secs(10),
             agent_reregister_timeout: Duration::from_secs(600),
         })?;
         if self.http.is_some() {

@@ -43,7 +43,7 @@ pub struct MasterCommand {
     agent_heartbeat: Duration,
     /// An agent silent this long is marked unreachable and its tasks TASK_UNREACHABLE
     /// (shorter silences change nothing).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
     agent_timeout: Duration,
     /// After a restart, agents the registry knows must re-register within this time; later
     /// they are removed (their tasks TASK_GONE) and refused if they come back.

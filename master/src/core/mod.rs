@@ -91,7 +91,7 @@ impl Default for MasterConfig {
             allocation_interval: Duration::from_secs(1),
             allocation_batch: Duration::from_millis(2),
             agent_heartbeat_interval: Duration::from_secs(1),
-            agent_timeout: Duration::from_secs(5),
+            agent_timeout: Duration::from_secs(15),
             agent_reregister_timeout: Duration::from_secs(600),
             framework_heartbeat_interval: Duration::from_secs(15),
             default_refuse: Duration::from_secs(5),
