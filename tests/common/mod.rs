@@ -31,6 +31,7 @@ pub fn fast_master() -> MasterConfig {
         agent_heartbeat_interval: Duration::from_millis(200),
         agent_timeout: Duration::from_secs(1),
         framework_heartbeat_interval: Duration::from_secs(1),
+        framework_timeout: Some(Duration::from_secs(3)),
         ..MasterConfig::default()
     }
 }
