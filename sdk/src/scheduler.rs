@@ -440,12 +440,18 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
         };
         let error = match connected {
             Ok(session) => {
+                let conn = session.conn.clone();
                 match serve(&config, &mut driver, &conn_tx, &mut rx, session, scheduler, &mut carry).await {
                     Ok(()) => {
                         conn_tx.send_replace(None);
                         return Ok(());
                     }
-                    Err(e) => e,
+                    Err(e) => {
+                        // Given up: streams opened on it (task output) must notice and move
+                        // to the next connection rather than wait on a dead one.
+                        conn.close(0u32.into(), b"connection given up");
+                        e
+                    }
                 }
             }
             Err(e) => e,

@@ -152,6 +152,20 @@ impl Proc {
         }
     }
 
+    /// SIGKILL (`kill -9`), and its exit status.
+    pub fn kill9(&mut self) -> std::process::ExitStatus {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return st;
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait")
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM, and its exit status (SIGKILL after 20 s, failing the test).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         if let Ok(Some(st)) = self.child.try_wait() {
@@ -324,6 +338,36 @@ impl RealCluster {
 
     pub fn agora(&self, args: &[&str]) -> Output {
         agora_with(&self.config, args)
+    }
+
+    /// `kill -9` of the master, then `agora master` again on the same address with
+    /// `master_args` (give the same `--work-dir` to keep its state), waiting until it listens.
+    pub fn kill9_and_restart_master(&mut self, master_args: &[&str]) {
+        let st = self.master.kill9();
+        assert!(!st.success(), "the master was not running: {st}");
+        let mut master = Proc::spawn(
+            "master-restarted",
+            self.dir.path(),
+            Command::new(AGORA)
+                .args(["master", "--listen", &self.addr, "--tls-dir"])
+                .arg(&self.tls)
+                .args(master_args),
+        );
+        let addr = master.wait_stdout("its address", |l| {
+            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+        });
+        assert_eq!(addr, self.addr, "the restarted master listens elsewhere");
+        self.master = master;
+    }
+
+    /// A client.toml like this cluster's, naming `master` (e.g. a proxy) instead.
+    pub fn config_via(&self, name: &str, master: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).expect("client.toml");
+        let text = text.replace(&format!("master = \"{}\"", self.addr), &format!("master = \"{master}\""));
+        assert!(text.contains(master), "client.toml names no master: {text}");
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write client.toml");
+        path
     }
 
     /// An SDK framework of role `*` with this cluster's client.toml.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -280,6 +281,10 @@ where
 #[allow(clippy::large_enum_variant)] // test plumbing; moved once through a channel
 pub enum Seen {
     Registered(FrameworkId),
+    /// The driver lost the master.
+    Disconnected,
+    /// The driver subscribed again, with this id.
+    Reregistered(FrameworkId),
     Offers(Vec<Offer>),
     Rescinded(OfferId),
     Update(TaskStatus),
@@ -296,6 +301,12 @@ pub struct Probe {
 impl Scheduler for Probe {
     async fn registered(&mut self, d: &Driver, id: &FrameworkId) {
         let _ = self.tx.send((d.clone(), Seen::Registered(id.clone())));
+    }
+    async fn disconnected(&mut self, d: &Driver) {
+        let _ = self.tx.send((d.clone(), Seen::Disconnected));
+    }
+    async fn reregistered(&mut self, d: &Driver, id: &FrameworkId) {
+        let _ = self.tx.send((d.clone(), Seen::Reregistered(id.clone())));
     }
     async fn resource_offers(&mut self, d: &Driver, offers: Vec<Offer>) {
         let _ = self.tx.send((d.clone(), Seen::Offers(offers)));
