@@ -56,14 +56,12 @@ async fn a_cut_fails_over_to_the_same_id_and_delivers_each_update_once() {
     let mut running_again = 0;
     let finished = loop {
         match fw.next().await {
-            Seen::Update(u) if u.task_id.as_str() == "t1" => {
-                match (u.state, u.uuid) {
-                    (TaskState::Running, None) => reconciled += 1,
-                    (TaskState::Running, Some(_)) => running_again += 1,
-                    (TaskState::Finished, _) => break u,
-                    (s, _) => panic!("unexpected {s} for t1: {u:?}"),
-                }
-            }
+            Seen::Update(u) if u.task_id.as_str() == "t1" => match (u.state, u.uuid) {
+                (TaskState::Running, None) => reconciled += 1,
+                (TaskState::Running, Some(_)) => running_again += 1,
+                (TaskState::Finished, _) => break u,
+                (s, _) => panic!("unexpected {s} for t1: {u:?}"),
+            },
             Seen::Disconnected => panic!("lost the master again"),
             _ => {}
         }

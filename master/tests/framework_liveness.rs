@@ -17,7 +17,11 @@ fn status(sim: &Sim, id: &FrameworkId) -> Option<String> {
 }
 
 fn sim(timeout: Option<Duration>) -> Sim {
-    Sim::new(MasterConfig { framework_heartbeat_interval: HB, framework_timeout: timeout, ..MasterConfig::default() })
+    Sim::new(MasterConfig {
+        framework_heartbeat_interval: HB,
+        framework_timeout: timeout,
+        ..MasterConfig::default()
+    })
 }
 
 #[test]

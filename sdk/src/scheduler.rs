@@ -108,7 +108,11 @@ pub trait Scheduler: Send {
     /// same master, or to a restarted one). An implicit reconciliation follows: the latest
     /// state of every live task comes as status updates. Tasks launched just before the loss
     /// may be unknown to the master: reconcile them explicitly ([`Driver::reconcile`]).
-    fn reregistered(&mut self, driver: &Driver, framework_id: &FrameworkId) -> impl Future<Output = ()> + Send {
+    fn reregistered(
+        &mut self,
+        driver: &Driver,
+        framework_id: &FrameworkId,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (driver, framework_id);
         async {}
     }
@@ -585,7 +589,13 @@ fn describe(call: &SchedulerCall) -> String {
 }
 
 /// A status update the driver makes itself (no uuid: nothing to acknowledge).
-fn local_status(fw: &FrameworkId, task_id: TaskId, state: TaskState, reason: &str, message: String) -> TaskStatus {
+fn local_status(
+    fw: &FrameworkId,
+    task_id: TaskId,
+    state: TaskState,
+    reason: &str,
+    message: String,
+) -> TaskStatus {
     TaskStatus {
         task_id,
         framework_id: fw.clone(),
@@ -902,7 +912,11 @@ mod tests {
         assert!(carry.seen.first_sight(uuid));
         carry.note(&SchedulerCall::Suppress);
         carry.note(&SchedulerCall::Request { demands: vec![] });
-        carry.note(&SchedulerCall::Acknowledge { agent_id: AgentId::new("a"), task_id: TaskId::new("t"), uuid });
+        carry.note(&SchedulerCall::Acknowledge {
+            agent_id: AgentId::new("a"),
+            task_id: TaskId::new("t"),
+            uuid,
+        });
         assert!(carry.suppressed);
         assert_eq!(carry.demand, Some(vec![]));
         assert!(carry.seen.acked(uuid));

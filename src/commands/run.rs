@@ -481,7 +481,9 @@ impl Scheduler for RunScheduler {
             return;
         }
         let lost_launch = match status.state {
-            TaskState::Dropped => matches!(status.reason.as_str(), "master disconnected" | "offer no longer valid"),
+            TaskState::Dropped => {
+                matches!(status.reason.as_str(), "master disconnected" | "offer no longer valid")
+            }
             TaskState::Unknown => true,
             _ => false,
         };
@@ -595,7 +597,11 @@ enum Copied {
     Broke(std::io::Error),
 }
 
-async fn copy_counting(r: &mut (impl tokio::io::AsyncRead + Unpin), which: OutputStream, written: &mut u64) -> Copied {
+async fn copy_counting(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    which: OutputStream,
+    written: &mut u64,
+) -> Copied {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut out: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> = match which {
         OutputStream::Stdout => Box::pin(tokio::io::stdout()),

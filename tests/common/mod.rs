@@ -289,8 +289,16 @@ pub enum Seen {
     Rescinded(OfferId),
     Update(TaskStatus),
     Error(WireError),
-    Message { agent_id: AgentId, executor_id: ExecutorId, data: Vec<u8> },
-    ExecutorExited { agent_id: AgentId, executor_id: ExecutorId, message: String },
+    Message {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    ExecutorExited {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        message: String,
+    },
 }
 
 /// A scheduler that reports everything to the test, which drives it through the `Driver`.

@@ -87,18 +87,20 @@ fn front_loop(front: UdpSocket, target: SocketAddr, flags: Arc<Flags>) {
             }
             continue;
         }
-        if !backs.contains_key(&from) {
-            let back = UdpSocket::bind("127.0.0.1:0").expect("bind a proxy back socket");
-            back.connect(target).expect("connect to the target");
-            back.set_read_timeout(Some(POLL)).expect("read timeout");
-            let (b, f, fl) = (back.try_clone().expect("clone"), front.try_clone().expect("clone"), flags.clone());
-            threads.push(std::thread::spawn(move || back_loop(b, f, from, fl)));
-            backs.insert(from, back);
-        }
-        if let Some(back) = backs.get(&from) {
-            if back.send(&buf[..n]).is_ok() {
-                flags.forwarded.fetch_add(1, Ordering::SeqCst);
+        let back = match backs.entry(from) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let back = UdpSocket::bind("127.0.0.1:0").expect("bind a proxy back socket");
+                back.connect(target).expect("connect to the target");
+                back.set_read_timeout(Some(POLL)).expect("read timeout");
+                let (b, f) = (back.try_clone().expect("clone"), front.try_clone().expect("clone"));
+                let fl = flags.clone();
+                threads.push(std::thread::spawn(move || back_loop(b, f, from, fl)));
+                e.insert(back)
             }
+        };
+        if back.send(&buf[..n]).is_ok() {
+            flags.forwarded.fetch_add(1, Ordering::SeqCst);
         }
     }
     for t in threads {
