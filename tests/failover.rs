@@ -138,3 +138,35 @@ fn agora_run_survives_a_kill_9_of_the_master() {
     assert_eq!(st.code(), Some(3), "stderr: {}", run.stderr_text());
     c.stop();
 }
+
+/// `agora run --count 3` through a 3 s cut: every task still counted, summary and success.
+#[test]
+fn agora_run_count_keeps_its_progress_across_a_partition() {
+    let c = RealCluster::start(&["--framework-heartbeat", "500ms"], &["--resources", "cpus:1;mem:512MiB"]);
+    let proxy = UdpProxy::start(c.addr.parse().expect("master address"));
+    let config = c.config_via("via-proxy.toml", &proxy.addr.to_string());
+    let mut run = Proc::spawn(
+        "run-count",
+        c.dir.path(),
+        Command::new(AGORA)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(["--count", "3", "--cpus", "0.2", "--", "sh", "-c", "sleep 5"]),
+    );
+    common::dev::poll("the three tasks to run", 30, || {
+        let tasks = c.tasks_json();
+        (tasks.iter().filter(|t| t["state"] == "TASK_RUNNING").count() == 3).then_some(())
+    });
+    proxy.cut();
+    // The partition itself.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(run.running(), "agora run gave up during the cut: {}", run.stderr_text());
+    proxy.heal();
+    let st = run.wait(60);
+    let err = run.stderr_text();
+    assert_eq!(st.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("3 tasks in") && err.contains("3 TASK_FINISHED"), "no full summary: {err}");
+    assert!(err.contains("lost the master"), "the driver did not fail over: {err}");
+    c.stop();
+}
