@@ -42,6 +42,10 @@ use crate::proto::*;
 use crate::tls::TlsFiles;
 
 /// Callbacks of a framework scheduler. Only offers and status updates must be handled.
+///
+/// Callbacks run one at a time on the driver's task and should return promptly (spawn long
+/// work): the driver sends its heartbeats between them, and the master takes a framework
+/// silent for 3 heartbeat intervals (6 s with `agora master`'s default) for gone.
 pub trait Scheduler: Send {
     /// Subscribed with this id, the first time this driver subscribed (a later subscription
     /// after a lost connection calls [`Scheduler::reregistered`] instead).
@@ -703,7 +707,14 @@ async fn serve<S: Scheduler>(
         };
         let event = tokio::select! {
             ev = session.reader.recv::<SchedulerEvent>() => ev,
-            () = tokio::time::sleep_until(quiet_until.into()) => return Err(silent()),
+            () = tokio::time::sleep_until(quiet_until.into()) => {
+                // After a long callback the deadline may pass with the master's events
+                // waiting to be read: only an empty stream is silence.
+                match futures::FutureExt::now_or_never(session.reader.recv::<SchedulerEvent>()) {
+                    Some(ev) => ev,
+                    None => return Err(silent()),
+                }
+            }
             () = tokio::time::sleep_until(next_beat.into()), if heartbeat.is_some() => {
                 let beat = session.writer.send(&SchedulerCall::Heartbeat);
                 match tokio::time::timeout_at(quiet_until.into(), beat).await {
