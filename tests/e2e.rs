@@ -13,6 +13,7 @@ mod common;
 
 use agora_sdk::proto::{TaskId, TaskState};
 use common::dev::{http_get, poll, Dev, Proc, RealCluster, AGORA};
+use common::proxy::UdpProxy;
 use common::{sh_task, ProbeFramework, Seen};
 
 // ---------------------------------------------------------------------------------------------
@@ -692,82 +693,6 @@ fn log_format_json_makes_every_stderr_line_json() {
 // ---------------------------------------------------------------------------------------------
 // The SDK driver fails over on its own when the master goes silent.
 
-/// A UDP relay on loopback between a QUIC client and the master that can go silent both ways,
-/// and tells when the client starts a new connection (a QUIC Initial packet) while silent.
-struct Blackhole {
-    addr: std::net::SocketAddr,
-    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Initial packets from the client since the relay went silent.
-    initials: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Blackhole {
-    async fn start(master: std::net::SocketAddr) -> Blackhole {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-        let addr = front.local_addr().expect("addr");
-        let silent = Arc::new(AtomicBool::new(false));
-        let initials = Arc::new(AtomicUsize::new(0));
-        let (s, i) = (silent.clone(), initials.clone());
-        let task = tokio::spawn(async move {
-            let mut backs: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
-                Default::default();
-            let mut relays = tokio::task::JoinSet::new();
-            let mut buf = vec![0u8; 65536];
-            loop {
-                // An ICMP error for an earlier datagram (a client gone) is not the relay's end.
-                let Ok((n, from)) = front.recv_from(&mut buf).await else { continue };
-                // Long header (0x80) of type Initial (0x30 bits zero) in QUIC v1.
-                let initial = n > 0 && buf[0] & 0x80 != 0 && buf[0] & 0x30 == 0;
-                if s.load(Ordering::SeqCst) {
-                    if initial {
-                        i.fetch_add(1, Ordering::SeqCst);
-                    }
-                    continue;
-                }
-                let back = match backs.get(&from) {
-                    Some(b) => b.clone(),
-                    None => {
-                        let b = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-                        b.connect(master).await.expect("connect");
-                        let (b2, f2, s2) = (b.clone(), front.clone(), s.clone());
-                        relays.spawn(async move {
-                            let mut buf = vec![0u8; 65536];
-                            loop {
-                                let Ok(n) = b2.recv(&mut buf).await else { continue };
-                                if !s2.load(Ordering::SeqCst) {
-                                    let _ = f2.send_to(&buf[..n], from).await;
-                                }
-                            }
-                        });
-                        backs.insert(from, b.clone());
-                        b
-                    }
-                };
-                let _ = back.send(&buf[..n]).await;
-            }
-        });
-        Blackhole { addr, silent, initials, task }
-    }
-
-    fn set_silent(&self, on: bool) {
-        self.initials.store(0, std::sync::atomic::Ordering::SeqCst);
-        self.silent.store(on, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn initials(&self) -> usize {
-        self.initials.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Subscribes through the relay, silences it, and expects the driver to give the connection
 /// up within `notice` (a new connection attempt), then to re-subscribe with the same id once
 /// the relay forwards again.
@@ -775,13 +700,13 @@ async fn fails_over_through(
     master: std::net::SocketAddr,
     mut cfg: agora_sdk::scheduler::DriverConfig,
     notice: Duration,
-) -> (ProbeFramework, Blackhole) {
-    let relay = Blackhole::start(master).await;
+) -> (ProbeFramework, UdpProxy) {
+    let relay = UdpProxy::start(master);
     cfg.master = relay.addr.to_string();
     cfg.framework.failover_timeout = Duration::from_secs(60);
     let mut fw = ProbeFramework::start(cfg).await;
     let id = fw.id.clone().expect("id");
-    relay.set_silent(true);
+    relay.cut();
     let silenced = Instant::now();
     let deadline = silenced + notice;
     while relay.initials() == 0 {
@@ -789,10 +714,10 @@ async fn fails_over_through(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let noticed = silenced.elapsed();
-    relay.set_silent(false);
+    relay.heal();
     let again = fw
         .until(|s| match s {
-            Seen::Registered(id) => Some(id.clone()),
+            Seen::Reregistered(id) => Some(id.clone()),
             _ => None,
         })
         .await;
@@ -818,13 +743,12 @@ async fn sdk_driver_fails_over_after_heartbeat_loss() {
 }
 
 /// The same against the `agora master` binary, as a framework meets it.
+/// (`--framework-heartbeat` defaults to 2 s: a silent master is given up after 6 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gap: `agora master` tells frameworks a 15 s heartbeat and has no flag to change it; the driver \
-            gives a silent master 3 heartbeats (45 s), so only the QUIC idle timeout (20 s) ends the connection"]
 async fn sdk_driver_notices_a_silent_agora_master_within_seconds() {
     let c = RealCluster::start(&[], &["--resources", "cpus:1;mem:256MiB"]);
     let master: std::net::SocketAddr = c.addr.parse().expect("addr");
-    let _fw = fails_over_through(master, c.framework_config("failover"), Duration::from_secs(6)).await;
+    let _fw = fails_over_through(master, c.framework_config("failover"), Duration::from_secs(9)).await;
     c.stop();
 }
 
@@ -848,7 +772,7 @@ async fn sdk_driver_fails_over_to_a_restarted_master() {
     let again = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match fw.rx.recv().await {
-                Some((_, Seen::Registered(id))) => return Some(id),
+                Some((_, Seen::Reregistered(id))) => return Some(id),
                 Some(_) => continue,
                 None => return None,
             }

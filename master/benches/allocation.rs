@@ -34,6 +34,7 @@ impl Bench {
             master_id: "b".into(),
             agent_timeout: Duration::from_secs(10_000_000),
             framework_heartbeat_interval: Duration::from_secs(10_000_000),
+            framework_timeout: None,
             ..MasterConfig::default()
         };
         let mut m = Master::new(config, now);

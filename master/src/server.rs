@@ -352,16 +352,7 @@ async fn accept_loop(
 }
 
 fn app_code(code: ErrorCode) -> quinn::VarInt {
-    quinn::VarInt::from_u32(match code {
-        ErrorCode::VersionMismatch => 1,
-        ErrorCode::Unauthorized => 2,
-        ErrorCode::Malformed => 3,
-        ErrorCode::TooLarge => 4,
-        ErrorCode::Unexpected => 5,
-        ErrorCode::NotFound => 6,
-        ErrorCode::Invalid => 7,
-        ErrorCode::Internal => 8,
-    })
+    quinn::VarInt::from_u32(code.close_code())
 }
 
 fn frame_error(e: &FrameError) -> WireError {
@@ -901,6 +892,9 @@ async fn relay_output(
         // A client that goes away makes the write fail; then stop the agent's side too.
         if let Err(e) = tokio::io::copy(&mut agent_recv, &mut client).await {
             let _ = agent_recv.stop(0u32.into());
+            // Reset, not finish: a client must not take a broken relay (the agent gone) for
+            // the end of the output; it resumes from its offset instead.
+            let _ = client.reset(app_code(ErrorCode::Internal));
             return Err(e.to_string());
         }
     }

@@ -40,6 +40,13 @@ pub enum ClientError {
     Unexpected(String),
     #[error(transparent)]
     Artifact(#[from] crate::artifacts::ArtifactError),
+    /// Nothing came from the master for this long (its heartbeats included).
+    #[error("the master sent nothing for {}s; giving the connection up", .after.as_secs_f64())]
+    Silent { after: std::time::Duration },
+    /// The driver could not subscribe again within the framework's failover timeout; the
+    /// master has removed the framework and killed its tasks by now.
+    #[error("could not reach the master again within the failover timeout ({}s)", .after.as_secs_f64())]
+    FailoverExpired { after: std::time::Duration },
 }
 
 impl From<quinn::WriteError> for ClientError {

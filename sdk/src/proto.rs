@@ -133,6 +133,40 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// Every error code.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::VersionMismatch,
+        ErrorCode::Unauthorized,
+        ErrorCode::Malformed,
+        ErrorCode::TooLarge,
+        ErrorCode::Unexpected,
+        ErrorCode::NotFound,
+        ErrorCode::Invalid,
+        ErrorCode::Internal,
+    ];
+
+    /// The QUIC application error code the master closes a connection with for this error
+    /// (1 to 8; 0 is a normal close).
+    pub fn close_code(self) -> u32 {
+        match self {
+            ErrorCode::VersionMismatch => 1,
+            ErrorCode::Unauthorized => 2,
+            ErrorCode::Malformed => 3,
+            ErrorCode::TooLarge => 4,
+            ErrorCode::Unexpected => 5,
+            ErrorCode::NotFound => 6,
+            ErrorCode::Invalid => 7,
+            ErrorCode::Internal => 8,
+        }
+    }
+
+    /// The error a connection close code stands for (see [`ErrorCode::close_code`]).
+    pub fn from_close_code(code: u64) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| u64::from(c.close_code()) == code)
+    }
+}
+
 /// An error reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code:?}: {message}")]

@@ -25,22 +25,30 @@
 //! Calls on the [`Driver`] are queued and sent in order as soon as the callback returns; the
 //! driver is `Clone` so tasks spawned from callbacks can keep using it. Status updates are
 //! acknowledged after `status_update` returns unless [`DriverConfig::auto_acknowledge`] is off.
-//! When the connection drops the driver reconnects with backoff and re-subscribes with the same
-//! framework id (failover), unless [`DriverConfig::reconnect`] is off.
+//! When the connection drops (or the master falls silent) the driver reconnects with backoff
+//! and re-subscribes with the same framework id (failover), unless [`DriverConfig::reconnect`]
+//! is off; see [`run`] and, for calls made meanwhile, [`Driver`].
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::client::{ClientError, Session};
 use crate::proto::*;
 use crate::tls::TlsFiles;
 
 /// Callbacks of a framework scheduler. Only offers and status updates must be handled.
+///
+/// Callbacks run one at a time on the driver's task and should return promptly (spawn long
+/// work): the driver sends its heartbeats between them, and the master takes a framework
+/// silent for 3 heartbeat intervals (6 s with `agora master`'s default) for gone.
 pub trait Scheduler: Send {
-    /// Subscribed (or re-subscribed after failover) with this id.
+    /// Subscribed with this id, the first time this driver subscribed (a later subscription
+    /// after a lost connection calls [`Scheduler::reregistered`] instead).
     fn registered(&mut self, driver: &Driver, framework_id: &FrameworkId) -> impl Future<Output = ()> + Send {
         let _ = (driver, framework_id);
         async {}
@@ -91,9 +99,25 @@ pub trait Scheduler: Send {
         async {}
     }
 
-    /// The connection to the master was lost; the driver will try to fail over.
+    /// The connection to the master was lost (a transport error, the master closed it, or it
+    /// was silent for [`MISSED_HEARTBEATS`] heartbeat intervals). Every offer received so far
+    /// is void. The driver reconnects and subscribes again with the same framework id
+    /// ([`Scheduler::reregistered`]); meanwhile calls are handled as [`Driver`] describes.
     fn disconnected(&mut self, driver: &Driver) -> impl Future<Output = ()> + Send {
         let _ = driver;
+        async {}
+    }
+
+    /// Subscribed again with the same framework id after [`Scheduler::disconnected`] (to the
+    /// same master, or to a restarted one). An implicit reconciliation follows: the latest
+    /// state of every live task comes as status updates. Tasks launched just before the loss
+    /// may be unknown to the master: reconcile them explicitly ([`Driver::reconcile`]).
+    fn reregistered(
+        &mut self,
+        driver: &Driver,
+        framework_id: &FrameworkId,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (driver, framework_id);
         async {}
     }
 }
@@ -106,7 +130,8 @@ pub struct DriverConfig {
     pub framework: FrameworkInfo,
     /// Acknowledge status updates automatically after `status_update` returns (default).
     pub auto_acknowledge: bool,
-    /// Reconnect and fail over when the connection drops (default). Off: `run` returns an error.
+    /// Reconnect and fail over when the connection drops (default), for as long as
+    /// `framework.failover_timeout`. Off: `run` returns the error.
     pub reconnect: bool,
     /// A demand to state in the same flight as `Subscribe` (see [`Driver::request`]), so the
     /// first allocation already knows it. `None`: state none (whole-agent offers).
@@ -165,17 +190,123 @@ pub struct MessageTooLarge {
     pub size: usize,
 }
 
+/// Calls the driver keeps while it is disconnected (kills, explicit reconciliations and
+/// executor shutdowns), sent in order once it has subscribed again. A call beyond this many
+/// is refused: [`Scheduler::error`] names it.
+pub const MAX_HELD_CALLS: usize = 1024;
+/// How many status update uuids the driver remembers, to deliver an update the master sends
+/// again (after a failover, or an agent's retry) only once.
+pub const DEDUP_WINDOW: usize = 4096;
+/// Heartbeat intervals of silence after which the driver gives a connection up.
+pub const MISSED_HEARTBEATS: u32 = 3;
+/// First pause between reconnection attempts; it doubles up to [`BACKOFF_MAX`], with jitter.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest pause between reconnection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a new connection may wait for `Subscribed`.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds on the heartbeat interval a master announces (a hostile or broken value must not
+/// make the driver spin or never notice a dead master).
+const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
+/// Most queued calls sent in one write before the driver looks at the master again.
+const MAX_BATCH: usize = 1024;
+
 enum Control {
     Call(SchedulerCall),
     Stop { teardown: bool },
 }
 
+/// The uuids of the latest status updates delivered, bounded (oldest forgotten first), each
+/// with whether its acknowledgement went out.
+#[derive(Debug)]
+struct RecentUpdates {
+    order: VecDeque<Uuid>,
+    acked: HashMap<Uuid, bool>,
+    cap: usize,
+}
+
+impl RecentUpdates {
+    fn new(cap: usize) -> Self {
+        Self { order: VecDeque::new(), acked: HashMap::new(), cap: cap.max(1) }
+    }
+
+    /// Records a delivered update; false when it was delivered before (a duplicate).
+    fn first_sight(&mut self, uuid: Uuid) -> bool {
+        if self.acked.contains_key(&uuid) {
+            return false;
+        }
+        self.acked.insert(uuid, false);
+        self.order.push_back(uuid);
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.acked.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn mark_acked(&mut self, uuid: Uuid) {
+        if let Some(a) = self.acked.get_mut(&uuid) {
+            *a = true;
+        }
+    }
+
+    fn acked(&self, uuid: Uuid) -> bool {
+        self.acked.get(&uuid).copied().unwrap_or(false)
+    }
+}
+
+/// What the driver carries from one connection to the next.
+struct Carry {
+    /// The latest demand, stated again after each subscription.
+    demand: Option<Vec<Demand>>,
+    /// The latest of SUPPRESS / REVIVE was SUPPRESS: stated again after each subscription.
+    suppressed: bool,
+    /// Calls made while disconnected, for the next subscription.
+    held: VecDeque<SchedulerCall>,
+    seen: RecentUpdates,
+    /// Subscribed at least once (a later subscription is a re-registration).
+    ever_subscribed: bool,
+    /// Subscribed on the current connection.
+    connected: bool,
+    /// When the last subscribed connection was lost (the failover timeout runs from there).
+    lost_at: Option<Instant>,
+}
+
+impl Carry {
+    /// Keeps what a call changes of the state stated again after a failover.
+    fn note(&mut self, call: &SchedulerCall) {
+        match call {
+            SchedulerCall::Request { demands } => self.demand = Some(demands.clone()),
+            SchedulerCall::Suppress => self.suppressed = true,
+            SchedulerCall::Revive => self.suppressed = false,
+            SchedulerCall::Acknowledge { uuid, .. } => self.seen.mark_acked(*uuid),
+            _ => {}
+        }
+    }
+}
+
 /// Sends calls to the master. Cheap to clone; usable from any task.
+///
+/// # While disconnected
+///
+/// The methods never block. Between losing the master and subscribing again, the driver:
+/// - keeps kills, explicit reconciliations and executor shutdowns (at most
+///   [`MAX_HELD_CALLS`]; the next one is refused through [`Scheduler::error`]) and sends them,
+///   in order, right after the next `Subscribed`;
+/// - keeps the latest demand ([`Driver::request`]) and suppress/revive state, and states them
+///   again with the subscription;
+/// - answers a launch ([`Driver::launch`], [`Driver::accept`]) at once with TASK_DROPPED
+///   (reason `master disconnected`) for each of its tasks: its offers are void;
+/// - drops declines (void offers), framework messages (at most once) and acknowledgements
+///   (the master sends every unacknowledged update again after the subscription, and the
+///   driver acknowledges that copy).
 #[derive(Clone)]
 pub struct Driver {
     tx: mpsc::UnboundedSender<Control>,
     framework_id: Option<FrameworkId>,
-    conn: Option<quinn::Connection>,
+    conn: watch::Receiver<Option<quinn::Connection>>,
 }
 
 impl Driver {
@@ -257,133 +388,423 @@ impl Driver {
     }
 
     /// Ends `run`. With `teardown` the master kills all tasks and forgets the framework;
-    /// without, the framework may fail over within its failover timeout.
+    /// without, the framework may fail over within its failover timeout. While disconnected
+    /// the teardown cannot reach the master: it removes the framework after its failover
+    /// timeout.
     pub fn stop(&self, teardown: bool) {
         let _ = self.tx.send(Control::Stop { teardown });
     }
 
-    /// The current connection to the master (for output streams).
+    /// The current connection to the master (for output streams), while subscribed.
     pub fn connection(&self) -> Option<quinn::Connection> {
-        self.conn.clone()
+        self.conn.borrow().clone()
+    }
+
+    /// Waits until the driver is subscribed on a connection other than `after` (for a stream
+    /// that broke with `after`: the driver's next connection). `None` once [`run`] returned.
+    pub async fn next_connection(&self, after: Option<&quinn::Connection>) -> Option<quinn::Connection> {
+        let old = after.map(quinn::Connection::stable_id);
+        let mut rx = self.conn.clone();
+        let found = rx.wait_for(|c| c.as_ref().is_some_and(|c| Some(c.stable_id()) != old)).await;
+        found.ok().and_then(|c| c.clone())
     }
 }
 
-/// Runs the scheduler until [`Driver::stop`] or, with `reconnect` off, until the connection
-/// fails. The first connection attempt's failure is returned at once.
+/// Runs the scheduler until [`Driver::stop`], or until the master is given up.
+///
+/// The first connection's failure is returned at once. After that, when the connection is
+/// lost (a transport error, the master closing it, or [`MISSED_HEARTBEATS`] heartbeat
+/// intervals without a word from the master), the driver calls [`Scheduler::disconnected`],
+/// reconnects with capped exponential backoff and jitter, and subscribes again with its
+/// framework id ([`Scheduler::reregistered`]). It gives up, returning the error, when the
+/// master refuses the id (unknown framework, another principal), when it could not subscribe
+/// again within the framework's failover timeout ([`ClientError::FailoverExpired`]), or at
+/// once with [`DriverConfig::reconnect`] off.
+///
+/// After every subscription the driver asks for an implicit reconciliation (the state of
+/// all the framework's live tasks), and it sends `Heartbeat` every interval the master names.
+/// Updates carrying a uuid reach [`Scheduler::status_update`] once even when the master
+/// sends them again (the driver remembers the last [`DEDUP_WINDOW`]); a duplicate is still
+/// acknowledged when its first copy was.
 pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Result<(), ClientError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut driver = Driver { tx, framework_id: config.framework.id.clone(), conn: None };
-    let mut backoff = Duration::from_millis(100);
-    let mut ever_connected = false;
-    let mut demand = config.demand.clone();
+    let (conn_tx, conn_rx) = watch::channel(None);
+    let mut driver = Driver { tx, framework_id: config.framework.id.clone(), conn: conn_rx };
+    let mut carry = Carry {
+        demand: config.demand.clone(),
+        suppressed: false,
+        held: VecDeque::new(),
+        seen: RecentUpdates::new(DEDUP_WINDOW),
+        ever_subscribed: false,
+        connected: false,
+        lost_at: None,
+    };
+    let failover = config.framework.failover_timeout;
+    let mut backoff = BACKOFF_MIN;
     loop {
-        let session = match Session::connect(&config.master, &config.tls, Role::Framework).await {
-            Ok(s) => s,
-            Err(e) if !ever_connected || !config.reconnect || matches!(e, ClientError::Refused(_)) => {
-                return Err(e)
-            }
-            Err(e) => {
-                warn!(error = %e, "reconnecting to the master");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
+        let connect = Session::connect(&config.master, &config.tls, Role::Framework);
+        let Some(connected) = offline(connect, &mut rx, &mut carry, &driver, scheduler).await else {
+            return Ok(());
         };
-        ever_connected = true;
-        backoff = Duration::from_millis(100);
-        match serve(&config, &mut driver, &mut rx, session, scheduler, &mut demand).await {
-            Ok(()) => return Ok(()),
-            Err(e @ ClientError::Refused(_)) => return Err(e),
-            Err(e) if !config.reconnect => return Err(e),
-            Err(e) => {
-                warn!(error = %e, "lost the master; failing over");
-                driver.conn = None;
-                scheduler.disconnected(&driver).await;
-                tokio::time::sleep(backoff).await;
+        let error = match connected {
+            Ok(session) => {
+                let conn = session.conn.clone();
+                match serve(&config, &mut driver, &conn_tx, &mut rx, session, scheduler, &mut carry).await {
+                    Ok(()) => {
+                        conn_tx.send_replace(None);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Given up: streams opened on it (task output) must notice and move
+                        // to the next connection rather than wait on a dead one.
+                        conn.close(0u32.into(), b"connection given up");
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        if refuses_the_framework(&error) || !config.reconnect || !carry.ever_subscribed {
+            conn_tx.send_replace(None);
+            return Err(error);
+        }
+        if std::mem::take(&mut carry.connected) {
+            warn!(error = %error, "lost the master; failing over");
+            conn_tx.send_replace(None);
+            carry.lost_at = Some(Instant::now());
+            backoff = BACKOFF_MIN;
+            scheduler.disconnected(&driver).await;
+        } else {
+            debug!(error = %error, "the master is still unreachable");
+        }
+        let lost_for = carry.lost_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let Some(left) = failover.checked_sub(lost_for).filter(|d| !d.is_zero()) else {
+            warn!(?failover, "could not subscribe again within the failover timeout; giving up");
+            return Err(ClientError::FailoverExpired { after: failover });
+        };
+        let pause = jittered(backoff).min(left);
+        if offline(tokio::time::sleep(pause), &mut rx, &mut carry, &driver, scheduler).await.is_none() {
+            return Ok(());
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Between a half and the whole of `d`, at random (so that many frameworks that lost one
+/// master do not all come back in the same instant).
+fn jittered(d: Duration) -> Duration {
+    let r = (Uuid::new_v4().as_u128() % 1000) as u32;
+    d / 2 + d / 2 * r / 1000
+}
+
+/// Whether retrying cannot help: the master refused this framework (an unknown id, another
+/// principal), speaks another protocol, or the local TLS files are unusable.
+fn refuses_the_framework(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused(w) => {
+            matches!(w.code, ErrorCode::NotFound | ErrorCode::Unauthorized | ErrorCode::VersionMismatch)
+        }
+        ClientError::Tls(_) | ClientError::Config(_) => true,
+        _ => false,
+    }
+}
+
+/// Drives `fut` (a connection attempt, a pause) while taking the framework's calls as a
+/// disconnected driver does. `None`: the framework stopped the driver meanwhile.
+async fn offline<F: Future, S: Scheduler>(
+    fut: F,
+    rx: &mut mpsc::UnboundedReceiver<Control>,
+    carry: &mut Carry,
+    driver: &Driver,
+    scheduler: &mut S,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            ctl = rx.recv() => match ctl {
+                Some(Control::Call(call)) => hold(call, carry, driver, scheduler).await,
+                Some(Control::Stop { teardown }) => {
+                    if teardown {
+                        warn!("stopped while disconnected: the teardown cannot reach the master, which \
+                               removes the framework after its failover timeout");
+                    }
+                    return None;
+                }
+                None => return None,
+            },
+        }
+    }
+}
+
+/// A call made while no subscribed connection exists (see [`Driver`]).
+async fn hold<S: Scheduler>(call: SchedulerCall, carry: &mut Carry, driver: &Driver, scheduler: &mut S) {
+    carry.note(&call);
+    match call {
+        SchedulerCall::Accept { operations, .. } => {
+            let fw = driver.framework_id.clone().unwrap_or_else(|| FrameworkId::new(""));
+            for task in operations.into_iter().flat_map(|Operation::Launch { tasks }| tasks) {
+                let status = local_status(
+                    &fw,
+                    task.task_id,
+                    TaskState::Dropped,
+                    "master disconnected",
+                    "the driver was not connected to the master: the launch was not sent and its \
+                     offers are void"
+                        .into(),
+                );
+                scheduler.status_update(driver, &status).await;
             }
         }
+        SchedulerCall::Reconcile { ref task_ids } if task_ids.is_empty() => {
+            // Every subscription is followed by an implicit reconciliation anyway.
+        }
+        call @ (SchedulerCall::Kill { .. }
+        | SchedulerCall::Reconcile { .. }
+        | SchedulerCall::ShutdownExecutor { .. }) => {
+            if carry.held.len() < MAX_HELD_CALLS {
+                carry.held.push_back(call);
+            } else {
+                let message = format!(
+                    "the driver is disconnected and already holds {MAX_HELD_CALLS} calls; this one \
+                     was dropped: {}",
+                    describe(&call)
+                );
+                scheduler.error(driver, &WireError::new(ErrorCode::TooLarge, message)).await;
+            }
+        }
+        other => debug!(call = describe(&other), "dropped while disconnected"),
+    }
+}
+
+/// A call in a few words, for logs and errors.
+fn describe(call: &SchedulerCall) -> String {
+    match call {
+        SchedulerCall::Kill { task_id } => format!("kill of task {task_id}"),
+        SchedulerCall::Reconcile { task_ids } => format!("reconciliation of {} tasks", task_ids.len()),
+        SchedulerCall::ShutdownExecutor { agent_id, executor_id } => {
+            format!("shutdown of executor {executor_id} on agent {agent_id}")
+        }
+        SchedulerCall::Acknowledge { task_id, .. } => format!("acknowledgement for task {task_id}"),
+        SchedulerCall::Decline { offer_ids, .. } => format!("decline of {} offers", offer_ids.len()),
+        SchedulerCall::Message { executor_id, .. } => format!("message to executor {executor_id}"),
+        other => format!("{other:?}").chars().take(40).collect(),
+    }
+}
+
+/// A status update the driver makes itself (no uuid: nothing to acknowledge).
+fn local_status(
+    fw: &FrameworkId,
+    task_id: TaskId,
+    state: TaskState,
+    reason: &str,
+    message: String,
+) -> TaskStatus {
+    TaskStatus {
+        task_id,
+        framework_id: fw.clone(),
+        agent_id: None,
+        state,
+        uuid: None,
+        source: UpdateSource::Master,
+        reason: reason.into(),
+        message,
+        exit_code: None,
+        signal: None,
+        usage: None,
+        timestamp_ms: unix_millis(),
+    }
+}
+
+/// What a batch of queued calls came to.
+enum Batch {
+    /// Sent; launches too large to send come back as TASK_ERROR updates.
+    Sent(Vec<TaskStatus>),
+    /// The framework stopped the driver (with teardown or not).
+    Stop(bool),
+}
+
+/// Sends `first` and whatever else is queued (up to [`MAX_BATCH`]) in one write.
+async fn send_batch(
+    session: &mut Session,
+    first: Control,
+    rx: &mut mpsc::UnboundedReceiver<Control>,
+    carry: &mut Carry,
+    fw: &FrameworkId,
+) -> Result<Batch, ClientError> {
+    let mut refused = Vec::new();
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(ctl) = next.take() {
+        match ctl {
+            Control::Call(call) => {
+                carry.note(&call);
+                send_call(session, call, fw, &mut refused).await?;
+            }
+            Control::Stop { teardown } => return Ok(Batch::Stop(teardown)),
+        }
+        n += 1;
+        if n < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    session.writer.flush().await?;
+    Ok(Batch::Sent(refused))
+}
+
+/// The error a connection ended with: the master's refusal when it closed the connection
+/// with one (an unknown or foreign framework id), else `fallback`.
+async fn ended(session: &Session, fallback: ClientError) -> ClientError {
+    // The master sends its error, then closes: give the close a moment to arrive.
+    let reason = match session.conn.close_reason() {
+        Some(r) => r,
+        None => match tokio::time::timeout(Duration::from_millis(500), session.conn.closed()).await {
+            Ok(r) => r,
+            Err(_) => return fallback,
+        },
+    };
+    if let quinn::ConnectionError::ApplicationClosed(close) = &reason {
+        if let Some(code) = ErrorCode::from_close_code(close.error_code.into_inner()) {
+            if matches!(code, ErrorCode::NotFound | ErrorCode::Unauthorized) {
+                let message = String::from_utf8_lossy(&close.reason).into_owned();
+                return ClientError::Refused(WireError::new(code, message));
+            }
+        }
+    }
+    match fallback {
+        ClientError::Closed => ClientError::Connection(reason),
+        other => other,
     }
 }
 
 async fn serve<S: Scheduler>(
     config: &DriverConfig,
     driver: &mut Driver,
+    conn_tx: &watch::Sender<Option<quinn::Connection>>,
     rx: &mut mpsc::UnboundedReceiver<Control>,
     mut session: Session,
     scheduler: &mut S,
-    demand: &mut Option<Vec<Demand>>,
+    carry: &mut Carry,
 ) -> Result<(), ClientError> {
     let mut info = config.framework.clone();
     info.id = driver.framework_id.clone();
     session.writer.feed(&SchedulerCall::Subscribe(info)).await?;
-    if let Some(demands) = demand.clone() {
+    if let Some(demands) = carry.demand.clone() {
         session.writer.feed(&SchedulerCall::Request { demands }).await?;
     }
+    if carry.suppressed {
+        session.writer.feed(&SchedulerCall::Suppress).await?;
+    }
     session.writer.flush().await?;
-    // The latest demand sent, so that a failover states it again.
-    let remember = |call: &SchedulerCall, demand: &mut Option<Vec<Demand>>| {
-        if let SchedulerCall::Request { demands } = call {
-            *demand = Some(demands.clone());
-        }
-    };
-    let mut heartbeat = Duration::from_secs(15);
-    let mut subscribed = false;
+    // Some once subscribed on this connection.
+    let mut heartbeat: Option<Duration> = None;
+    let mut quiet_until = Instant::now() + SUBSCRIBE_TIMEOUT;
+    let mut next_beat = Instant::now() + HEARTBEAT_MAX;
     loop {
-        // A master silent for three heartbeats is gone, whatever the transport says.
+        let hb_now = heartbeat;
+        let silent = move || ClientError::Silent {
+            after: hb_now.map_or(SUBSCRIBE_TIMEOUT, |hb| hb * MISSED_HEARTBEATS),
+        };
         let event = tokio::select! {
-            ev = tokio::time::timeout(heartbeat * 3, session.reader.recv::<SchedulerEvent>()) => match ev {
-                Ok(ev) => ev?,
-                Err(_) => return Err(ClientError::Unexpected("no heartbeat from the master".into())),
-            },
+            ev = session.reader.recv::<SchedulerEvent>() => ev,
+            () = tokio::time::sleep_until(quiet_until.into()) => {
+                // After a long callback the deadline may pass with the master's events
+                // waiting to be read: only an empty stream is silence.
+                match futures::FutureExt::now_or_never(session.reader.recv::<SchedulerEvent>()) {
+                    Some(ev) => ev,
+                    None => return Err(silent()),
+                }
+            }
+            () = tokio::time::sleep_until(next_beat.into()), if heartbeat.is_some() => {
+                let beat = session.writer.send(&SchedulerCall::Heartbeat);
+                match tokio::time::timeout_at(quiet_until.into(), beat).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(silent()),
+                }
+                next_beat += heartbeat.unwrap_or(HEARTBEAT_MAX);
+                continue;
+            }
             ctl = rx.recv() => {
-                match ctl {
-                    Some(Control::Call(call)) => {
-                        let fw = driver.framework_id.clone().unwrap_or_else(|| FrameworkId::new(""));
-                        let mut refused = Vec::new();
-                        remember(&call, demand);
-                        send_call(&mut session, call, &fw, &mut refused).await?;
-                        while let Ok(next) = rx.try_recv() {
-                            match next {
-                                Control::Call(c) => {
-                                    remember(&c, demand);
-                                    send_call(&mut session, c, &fw, &mut refused).await?
-                                }
-                                Control::Stop { teardown } => return finish(session, teardown).await,
-                            }
-                        }
-                        session.writer.flush().await?;
+                let Some(ctl) = ctl else { return finish(session, false).await };
+                if heartbeat.is_none() {
+                    // Not subscribed on this connection yet.
+                    match ctl {
+                        Control::Call(call) => hold(call, carry, driver, scheduler).await,
+                        Control::Stop { teardown } => return finish(session, teardown).await,
+                    }
+                    continue;
+                }
+                let fw = driver.framework_id.clone().unwrap_or_else(|| FrameworkId::new(""));
+                let batch = send_batch(&mut session, ctl, rx, carry, &fw);
+                match tokio::time::timeout_at(quiet_until.into(), batch).await {
+                    Err(_) => return Err(silent()),
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(Batch::Stop(teardown))) => return finish(session, teardown).await,
+                    Ok(Ok(Batch::Sent(refused))) => {
                         for status in refused {
                             scheduler.status_update(driver, &status).await;
                         }
-                        continue;
                     }
-                    Some(Control::Stop { teardown }) => return finish(session, teardown).await,
-                    None => return finish(session, false).await,
                 }
+                continue;
             }
         };
-        let Some(event) = event else {
-            return Err(ClientError::Closed);
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(ended(&session, ClientError::Closed).await),
+            Err(e) => return Err(ended(&session, e.into()).await),
         };
+        // A master silent for this long is gone, whatever the transport says.
+        quiet_until = Instant::now() + heartbeat.map_or(SUBSCRIBE_TIMEOUT, |hb| hb * MISSED_HEARTBEATS);
         match event {
             SchedulerEvent::Subscribed { framework_id, heartbeat_interval } => {
-                info!(%framework_id, "subscribed");
-                heartbeat = heartbeat_interval.max(Duration::from_millis(100));
-                subscribed = true;
+                let hb = heartbeat_interval.clamp(HEARTBEAT_MIN, HEARTBEAT_MAX);
+                heartbeat = Some(hb);
+                next_beat = Instant::now() + hb;
+                quiet_until = Instant::now() + hb * MISSED_HEARTBEATS;
                 driver.framework_id = Some(framework_id.clone());
-                driver.conn = Some(session.conn.clone());
-                scheduler.registered(driver, &framework_id).await;
+                // What was asked while disconnected, then the implicit reconciliation.
+                let held: Vec<SchedulerCall> = carry.held.drain(..).collect();
+                let flight = async {
+                    for call in &held {
+                        session.writer.feed(call).await?;
+                    }
+                    session.writer.feed(&SchedulerCall::Reconcile { task_ids: Vec::new() }).await?;
+                    session.writer.flush().await
+                };
+                match tokio::time::timeout_at(quiet_until.into(), flight).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(silent()),
+                }
+                carry.connected = true;
+                carry.lost_at = None;
+                conn_tx.send_replace(Some(session.conn.clone()));
+                if std::mem::replace(&mut carry.ever_subscribed, true) {
+                    info!(%framework_id, "subscribed again");
+                    scheduler.reregistered(driver, &framework_id).await;
+                } else {
+                    info!(%framework_id, "subscribed");
+                    scheduler.registered(driver, &framework_id).await;
+                }
             }
             SchedulerEvent::Offers(offers) => scheduler.resource_offers(driver, offers).await,
             SchedulerEvent::Rescind { offer_id } => scheduler.offer_rescinded(driver, &offer_id).await,
-            SchedulerEvent::Update(status) => {
-                scheduler.status_update(driver, &status).await;
-                if config.auto_acknowledge {
-                    driver.acknowledge(&status);
+            SchedulerEvent::Update(status) => match status.uuid {
+                Some(uuid) if !carry.seen.first_sight(uuid) => {
+                    debug!(task_id = %status.task_id, %uuid, "update delivered before; acknowledging it again");
+                    if config.auto_acknowledge || carry.seen.acked(uuid) {
+                        driver.acknowledge(&status);
+                    }
                 }
-            }
+                _ => {
+                    scheduler.status_update(driver, &status).await;
+                    if config.auto_acknowledge {
+                        driver.acknowledge(&status);
+                    }
+                }
+            },
             SchedulerEvent::Error(e) => {
-                if !subscribed {
+                if heartbeat.is_none() {
                     // Refused before subscription (unknown framework id, bad principal, …).
                     return Err(ClientError::Refused(e));
                 }
@@ -429,20 +850,7 @@ async fn send_call(
         tasks.len()
     );
     for task in tasks {
-        refused.push(TaskStatus {
-            task_id: task.task_id,
-            framework_id: fw.clone(),
-            agent_id: None,
-            state: TaskState::Error,
-            uuid: None,
-            source: UpdateSource::Master,
-            reason: "launch too large".into(),
-            message: message.clone(),
-            exit_code: None,
-            signal: None,
-            usage: None,
-            timestamp_ms: unix_millis(),
-        });
+        refused.push(local_status(fw, task.task_id, TaskState::Error, "launch too large", message.clone()));
     }
     session.writer.feed(&SchedulerCall::Decline { offer_ids, refuse_seconds: None }).await.map_err(Into::into)
 }
@@ -474,6 +882,79 @@ mod tests {
             kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
             kill_grace: None,
         }
+    }
+
+    #[test]
+    fn recent_updates_deliver_each_uuid_once_within_the_window() {
+        let mut seen = RecentUpdates::new(3);
+        let u = |n: u128| Uuid::from_u128(n);
+        assert!(seen.first_sight(u(1)));
+        assert!(!seen.first_sight(u(1)), "a redelivered update is a duplicate");
+        assert!(!seen.acked(u(1)));
+        seen.mark_acked(u(1));
+        assert!(seen.acked(u(1)));
+        assert!(seen.first_sight(u(2)));
+        assert!(seen.first_sight(u(3)));
+        assert!(!seen.first_sight(u(2)));
+        // A fourth uuid pushes the oldest out: the window stays bounded.
+        assert!(seen.first_sight(u(4)));
+        assert_eq!(seen.order.len(), 3);
+        assert_eq!(seen.acked.len(), 3);
+        assert!(!seen.acked(u(1)), "forgotten");
+        assert!(seen.first_sight(u(1)), "an update older than the window is delivered again");
+        assert!(!seen.first_sight(u(4)));
+        // Acknowledging an unknown uuid changes nothing.
+        seen.mark_acked(u(99));
+        assert!(!seen.acked(u(99)));
+    }
+
+    #[test]
+    fn carry_keeps_demand_suppression_and_acknowledgements() {
+        let mut carry = Carry {
+            demand: None,
+            suppressed: false,
+            held: VecDeque::new(),
+            seen: RecentUpdates::new(8),
+            ever_subscribed: true,
+            connected: false,
+            lost_at: None,
+        };
+        let uuid = Uuid::from_u128(7);
+        assert!(carry.seen.first_sight(uuid));
+        carry.note(&SchedulerCall::Suppress);
+        carry.note(&SchedulerCall::Request { demands: vec![] });
+        carry.note(&SchedulerCall::Acknowledge {
+            agent_id: AgentId::new("a"),
+            task_id: TaskId::new("t"),
+            uuid,
+        });
+        assert!(carry.suppressed);
+        assert_eq!(carry.demand, Some(vec![]));
+        assert!(carry.seen.acked(uuid));
+        carry.note(&SchedulerCall::Revive);
+        assert!(!carry.suppressed);
+    }
+
+    #[test]
+    fn backoff_jitter_stays_between_half_and_whole() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(4));
+            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(4), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn only_refusals_of_the_framework_end_the_failover() {
+        let refused = |code| ClientError::Refused(WireError::new(code, "x"));
+        assert!(refuses_the_framework(&refused(ErrorCode::NotFound)));
+        assert!(refuses_the_framework(&refused(ErrorCode::Unauthorized)));
+        assert!(!refuses_the_framework(&refused(ErrorCode::Internal)));
+        assert!(!refuses_the_framework(&ClientError::Closed));
+        assert!(!refuses_the_framework(&ClientError::Silent { after: Duration::from_secs(3) }));
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_close_code(code.close_code().into()), Some(code));
+        }
+        assert_eq!(ErrorCode::from_close_code(0), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agora_sdk::{Attributes, Resources};
 use clap::Args;
 
-use super::master::{core_config, AllocationArgs, MasterCommandCore};
+use super::master::{core_config, AllocationArgs, FrameworkLivenessArgs, MasterCommandCore};
 use crate::cluster::{Cluster, ClusterSpec};
 
 #[derive(Args)]
@@ -34,6 +34,8 @@ pub struct DevCommand {
     http: Option<SocketAddr>,
     #[command(flatten)]
     allocation: AllocationArgs,
+    #[command(flatten)]
+    framework: FrameworkLivenessArgs,
 }
 
 impl DevCommand {
@@ -59,6 +61,7 @@ impl DevCommand {
             agent_heartbeat: Duration::from_secs(1),
             agent_timeout: Duration::from_secs(10),
             agent_reregister_timeout: Duration::from_secs(600),
+            framework: self.framework.clone(),
         })?;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.

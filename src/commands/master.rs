@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use agora_master::allocator::{self, AllocatorOptions};
-use agora_master::core::MasterConfig;
+use agora_master::core::{MasterConfig, FRAMEWORK_MISSED_HEARTBEATS};
 use agora_master::server::{self, ServerConfig};
 use agora_sdk::tls::TlsFiles;
 use agora_sdk::units::{parse_duration, parse_size};
@@ -49,6 +49,26 @@ pub struct MasterCommand {
     /// they are removed (their tasks TASK_GONE) and refused if they come back.
     #[arg(long, default_value = "10min", value_parser = parse_duration)]
     agent_reregister_timeout: Duration,
+    #[command(flatten)]
+    framework: FrameworkLivenessArgs,
+}
+
+/// How the master and its frameworks notice each other gone (shared by `master` and `dev`).
+#[derive(Args, Clone, Debug)]
+pub struct FrameworkLivenessArgs {
+    /// Heartbeat interval told to frameworks: the master and each framework send one this
+    /// often, and either takes the other for gone after 3 silent intervals (a framework's
+    /// failover timeout then starts; the SDK driver reconnects).
+    #[arg(long, default_value = "2s", value_parser = parse_heartbeat)]
+    pub framework_heartbeat: Duration,
+}
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+        return Err(format!("invalid --framework-heartbeat `{s}`: between 100ms and 60s"));
+    }
+    Ok(d)
 }
 
 /// The allocation flags shared by `master` and `dev`.
@@ -136,6 +156,8 @@ pub fn core_config(m: &MasterCommandCore) -> anyhow::Result<MasterConfig> {
         agent_heartbeat_interval: m.agent_heartbeat,
         agent_timeout: m.agent_timeout,
         agent_reregister_timeout: m.agent_reregister_timeout,
+        framework_heartbeat_interval: m.framework.framework_heartbeat,
+        framework_timeout: Some(m.framework.framework_heartbeat * FRAMEWORK_MISSED_HEARTBEATS),
         offer_timeout: a.offer_timeout,
         allocation: AllocatorOptions {
             role_weights: a.weights.clone().unwrap_or_default(),
@@ -154,6 +176,7 @@ pub struct MasterCommandCore {
     pub agent_heartbeat: Duration,
     pub agent_timeout: Duration,
     pub agent_reregister_timeout: Duration,
+    pub framework: FrameworkLivenessArgs,
 }
 
 impl MasterCommand {
@@ -163,6 +186,7 @@ impl MasterCommand {
             agent_heartbeat: self.agent_heartbeat,
             agent_timeout: self.agent_timeout,
             agent_reregister_timeout: self.agent_reregister_timeout,
+            framework: self.framework.clone(),
         })?;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.

@@ -1,5 +1,9 @@
 //! `agora run`: a short-lived framework that runs one task (streaming its output and passing
 //! its exit code through) or `--count N` tasks (with a progress bar and a summary).
+//!
+//! It follows the master across restarts and network blips: the driver subscribes again with
+//! the run's framework id, the output streams resume at the byte offset already written (so
+//! output is complete and not repeated), and tasks whose launch was lost go back in the queue.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
@@ -15,6 +19,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
 
 use super::ClusterArgs;
+
+/// How long `agora run` may lose the master (a restart, a partition) and still carry on.
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an output stream that the master refuses (its agent not back yet after a master
+/// restart) is asked for again, and how many times.
+const OUTPUT_RETRY: Duration = Duration::from_millis(500);
+const OUTPUT_RETRIES: u32 = 60;
 
 /// Exit code when the task never ran (ERROR, LOST, DROPPED, …), as `docker run` does.
 pub const EXIT_NEVER_RAN: u8 = 125;
@@ -157,8 +168,9 @@ impl RunCommand {
         }
         let mut driver_cfg = DriverConfig::new(cfg.master.clone(), tls, format!("agora-run {name}"));
         driver_cfg.framework.role = self.role.clone();
-        driver_cfg.framework.failover_timeout = Duration::from_secs(10);
-        driver_cfg.reconnect = false;
+        // How long the run may be cut off from the master before giving up (the master keeps
+        // its tasks as long, so a run that died leaves them behind for this long).
+        driver_cfg.framework.failover_timeout = FAILOVER_TIMEOUT;
         // State the demand with the subscription, so offers are sized to these tasks.
         driver_cfg.demand = Some(vec![Demand { resources: resources.clone(), count: self.count }]);
         let single = self.count == 1;
@@ -177,6 +189,7 @@ impl RunCommand {
         let mut sched = RunScheduler {
             shape: resources.clone(),
             pending: tasks,
+            launched: BTreeMap::new(),
             wasm: self.wasm.is_some(),
             total: self.count as usize,
             states: BTreeMap::new(),
@@ -307,6 +320,9 @@ struct RunScheduler {
     /// Every task's resources (the demand's shape).
     shape: Resources,
     pending: VecDeque<TaskInfo>,
+    /// Tasks sent to the master and not yet known to have started: put back in `pending` when
+    /// their launch turns out lost (dropped while disconnected, void offer, unknown).
+    launched: BTreeMap<TaskId, TaskInfo>,
     /// Wasm tasks: a failure without an exit code (trap, limit) exits [`EXIT_WASM_FAILED`].
     wasm: bool,
     total: usize,
@@ -329,25 +345,20 @@ impl RunScheduler {
     }
 
     fn start_streams(&mut self, driver: &Driver, task_id: &TaskId, follow: bool) {
-        let Some(conn) = driver.connection() else { return };
         for which in [OutputStream::Stdout, OutputStream::Stderr] {
-            let conn = conn.clone();
-            let id = task_id.clone();
-            self.streams.push(tokio::spawn(async move {
-                match agora_sdk::client::open_output(&conn, &id, which, 0, follow).await {
-                    Ok(mut r) => {
-                        let res = match which {
-                            OutputStream::Stdout => tokio::io::copy(&mut r, &mut tokio::io::stdout()).await,
-                            OutputStream::Stderr => tokio::io::copy(&mut r, &mut tokio::io::stderr()).await,
-                        };
-                        if let Err(e) = res {
-                            tracing::warn!(error = %e, "output stream broke");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot open the task's output"),
-                }
-            }));
+            self.streams.push(tokio::spawn(relay_output(driver.clone(), task_id.clone(), which, follow)));
         }
+    }
+
+    /// Puts a task whose launch was lost back at the front of the queue and asks for offers.
+    fn requeue(&mut self, driver: &Driver, task_id: &TaskId) -> bool {
+        let Some(info) = self.launched.remove(task_id) else { return false };
+        tracing::info!(%task_id, "the task's launch was lost; launching it again");
+        self.states.remove(task_id);
+        self.pending.push_front(info);
+        self.state_demand(driver);
+        driver.revive();
+        true
     }
 
     fn exit_code(&self) -> ExitCode {
@@ -426,6 +437,7 @@ impl Scheduler for RunScheduler {
             let batch = scheduler::take_fitting(&offer.resources, &mut self.pending);
             for t in &batch {
                 self.states.insert(t.task_id.clone(), TaskState::Staging);
+                self.launched.insert(t.task_id.clone(), t.clone());
             }
             if batch.is_empty() {
                 driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 60.0 } else { 1.0 }));
@@ -449,7 +461,38 @@ impl Scheduler for RunScheduler {
         }
     }
 
+    async fn reregistered(&mut self, driver: &Driver, _framework_id: &FrameworkId) {
+        // The implicit reconciliation covers the tasks the master knows; ask for the others
+        // too (a launch lost with the connection comes back TASK_UNKNOWN and is retried).
+        let live: Vec<TaskId> = self
+            .states
+            .iter()
+            .filter(|(id, s)| !s.is_terminal() && !self.finals.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !live.is_empty() {
+            driver.reconcile(live);
+        }
+    }
+
     async fn status_update(&mut self, driver: &Driver, status: &TaskStatus) {
+        if self.finals.contains_key(&status.task_id) {
+            // A reconciliation answer for a task already done.
+            return;
+        }
+        let lost_launch = match status.state {
+            TaskState::Dropped => {
+                matches!(status.reason.as_str(), "master disconnected" | "offer no longer valid")
+            }
+            TaskState::Unknown => true,
+            _ => false,
+        };
+        if lost_launch && self.requeue(driver, &status.task_id) {
+            return;
+        }
+        if status.state != TaskState::Staging {
+            self.launched.remove(&status.task_id);
+        }
         let prev = self.states.insert(status.task_id.clone(), status.state);
         if self.single
             && status.state == TaskState::Running
@@ -459,7 +502,9 @@ impl Scheduler for RunScheduler {
             self.running_at = Some(Instant::now());
             self.start_streams(driver, &status.task_id.clone(), true);
         }
-        if status.state.is_terminal() && !self.finals.contains_key(&status.task_id) {
+        // UNKNOWN for a task that had started: the master lost it for good.
+        let ended = status.state.is_terminal() || status.state == TaskState::Unknown;
+        if ended && !self.finals.contains_key(&status.task_id) {
             if self.single && self.streams.is_empty() && status.exit_code.is_some() {
                 // Finished before we saw it running: read what it wrote.
                 self.start_streams(driver, &status.task_id.clone(), false);
@@ -495,5 +540,83 @@ impl Scheduler for RunScheduler {
     async fn error(&mut self, driver: &Driver, error: &WireError) {
         eprintln!("agora: the master reported: {}", error.message);
         let _ = driver;
+    }
+}
+
+/// Copies one of a task's output streams to ours. When the stream breaks (the connection to
+/// the master lost, the master restarted, the relay from the agent cut), it is opened again at
+/// the byte offset already written, on the driver's next connection, so the output is
+/// complete and not repeated. Ends at the stream's end, when our own output fails, or when
+/// the driver stopped.
+async fn relay_output(driver: Driver, task_id: TaskId, which: OutputStream, follow: bool) {
+    let mut written: u64 = 0;
+    let mut conn = driver.connection();
+    let mut refusals = 0;
+    loop {
+        let c = match conn.take() {
+            Some(c) if c.close_reason().is_none() => c,
+            stale => match driver.next_connection(stale.as_ref()).await {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        match agora_sdk::client::open_output(&c, &task_id, which, written, follow).await {
+            Ok(mut r) => match copy_counting(&mut r, which, &mut written).await {
+                Copied::End | Copied::OurSide => return,
+                Copied::Broke(e) => {
+                    tracing::warn!(error = %e, offset = written, "output stream broke; resuming");
+                }
+            },
+            Err(agora_sdk::client::ClientError::Refused(e)) => {
+                // The task or its agent is not known (yet) to a master that just restarted.
+                refusals += 1;
+                if refusals > OUTPUT_RETRIES {
+                    tracing::warn!(error = %e.message, "cannot open the task's output");
+                    return;
+                }
+                tracing::debug!(error = %e.message, "output not available yet");
+                tokio::time::sleep(OUTPUT_RETRY).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot open the task's output; retrying"),
+        }
+        if c.close_reason().is_none() {
+            // The connection is fine (the relay broke): pause, then ask again on it.
+            tokio::time::sleep(OUTPUT_RETRY).await;
+        }
+        conn = Some(c);
+    }
+}
+
+/// How a copy of an output stream ended.
+enum Copied {
+    /// The stream's end: every byte is written.
+    End,
+    /// Writing our own stdout/stderr failed: nothing more to do.
+    OurSide,
+    /// Reading broke; the bytes before are written.
+    Broke(std::io::Error),
+}
+
+async fn copy_counting(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    which: OutputStream,
+    written: &mut u64,
+) -> Copied {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> = match which {
+        OutputStream::Stdout => Box::pin(tokio::io::stdout()),
+        OutputStream::Stderr => Box::pin(tokio::io::stderr()),
+    };
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => return if out.flush().await.is_ok() { Copied::End } else { Copied::OurSide },
+            Ok(n) => n,
+            Err(e) => return Copied::Broke(e),
+        };
+        if out.write_all(&buf[..n]).await.is_err() || out.flush().await.is_err() {
+            return Copied::OurSide;
+        }
+        *written += n as u64;
     }
 }

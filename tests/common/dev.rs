@@ -152,10 +152,18 @@ impl Proc {
         }
     }
 
-    /// SIGKILL (`kill -9`: no cleanup at all), and its exit status.
+    /// SIGKILL (`kill -9`), and its exit status.
     pub fn kill9(&mut self) -> std::process::ExitStatus {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return st;
+        }
         let _ = self.child.kill();
         self.child.wait().expect("wait")
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM, and its exit status (SIGKILL after 20 s, failing the test).
@@ -388,6 +396,16 @@ impl RealCluster {
         );
         let st = p.wait(secs);
         (st, p.stderr_text())
+    }
+
+    /// A client.toml like this cluster's, naming `master` (e.g. a proxy) instead.
+    pub fn config_via(&self, name: &str, master: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).expect("client.toml");
+        let text = text.replace(&format!("master = \"{}\"", self.addr), &format!("master = \"{master}\""));
+        assert!(text.contains(master), "client.toml names no master: {text}");
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write client.toml");
+        path
     }
 
     /// An SDK framework of role `*` with this cluster's client.toml.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ pub fn fast_master() -> MasterConfig {
         agent_heartbeat_interval: Duration::from_millis(200),
         agent_timeout: Duration::from_secs(1),
         framework_heartbeat_interval: Duration::from_secs(1),
+        framework_timeout: Some(Duration::from_secs(3)),
         ..MasterConfig::default()
     }
 }
@@ -281,12 +283,24 @@ where
 #[allow(clippy::large_enum_variant)] // test plumbing; moved once through a channel
 pub enum Seen {
     Registered(FrameworkId),
+    /// The driver lost the master.
+    Disconnected,
+    /// The driver subscribed again, with this id.
+    Reregistered(FrameworkId),
     Offers(Vec<Offer>),
     Rescinded(OfferId),
     Update(TaskStatus),
     Error(WireError),
-    Message { agent_id: AgentId, executor_id: ExecutorId, data: Vec<u8> },
-    ExecutorExited { agent_id: AgentId, executor_id: ExecutorId, message: String },
+    Message {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        data: Vec<u8>,
+    },
+    ExecutorExited {
+        agent_id: AgentId,
+        executor_id: ExecutorId,
+        message: String,
+    },
 }
 
 /// A scheduler that reports everything to the test, which drives it through the `Driver`.
@@ -297,6 +311,12 @@ pub struct Probe {
 impl Scheduler for Probe {
     async fn registered(&mut self, d: &Driver, id: &FrameworkId) {
         let _ = self.tx.send((d.clone(), Seen::Registered(id.clone())));
+    }
+    async fn disconnected(&mut self, d: &Driver) {
+        let _ = self.tx.send((d.clone(), Seen::Disconnected));
+    }
+    async fn reregistered(&mut self, d: &Driver, id: &FrameworkId) {
+        let _ = self.tx.send((d.clone(), Seen::Reregistered(id.clone())));
     }
     async fn resource_offers(&mut self, d: &Driver, offers: Vec<Offer>) {
         let _ = self.tx.send((d.clone(), Seen::Offers(offers)));

@@ -522,6 +522,8 @@ pub fn run(model: &Model, policy: Policy) -> Outcome {
         // The simulated agents send no heartbeats.
         agent_timeout: Duration::from_secs(365 * 24 * 3600),
         framework_heartbeat_interval: Duration::from_secs(3600),
+        // Nor do the simulated frameworks.
+        framework_timeout: None,
         ..MasterConfig::default()
     };
     let mut rng = Rng(model.seed);

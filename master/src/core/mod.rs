@@ -67,8 +67,13 @@ pub struct MasterConfig {
     /// time is removed (marked gone): its tasks are TASK_GONE and it is refused if it comes
     /// back (Mesos `--agent_reregister_timeout`, 10 min).
     pub agent_reregister_timeout: Duration,
-    /// Sent to frameworks as `SchedulerEvent::Heartbeat` this often.
+    /// Sent to frameworks as `SchedulerEvent::Heartbeat` this often; frameworks send
+    /// `SchedulerCall::Heartbeat` as often.
     pub framework_heartbeat_interval: Duration,
+    /// A subscribed framework connection silent this long (no call, no heartbeat) is closed
+    /// and handled as a disconnection (its failover timeout starts). Checked at each
+    /// heartbeat, so noticed within one more interval. `None`: only the transport decides.
+    pub framework_timeout: Option<Duration>,
     /// Filter length of a DECLINE without `refuse_seconds`.
     pub default_refuse: Duration,
     /// An offer not answered this long is rescinded (`SchedulerEvent::Rescind`), its resources
@@ -80,6 +85,10 @@ pub struct MasterConfig {
     /// the allocator decides.
     pub allocation: AllocatorOptions,
 }
+
+/// Heartbeat intervals of silence after which `agora master` takes a framework for gone
+/// (the default of [`MasterConfig::framework_timeout`]).
+pub const FRAMEWORK_MISSED_HEARTBEATS: u32 = 3;
 
 /// Most entries a `Request` may carry (the rest is ignored).
 const MAX_DEMANDS: usize = 1024;
@@ -94,6 +103,7 @@ impl Default for MasterConfig {
             agent_timeout: Duration::from_secs(15),
             agent_reregister_timeout: Duration::from_secs(600),
             framework_heartbeat_interval: Duration::from_secs(15),
+            framework_timeout: Some(Duration::from_secs(15) * FRAMEWORK_MISSED_HEARTBEATS),
             default_refuse: Duration::from_secs(5),
             offer_timeout: None,
             allocation: AllocatorOptions {
@@ -305,6 +315,8 @@ pub struct Master {
     /// Kills of tasks the master did not know while agents were still re-registering after a
     /// restart: sent to the agent that reports the task (bounded).
     pending_kills: HashSet<TaskKey>,
+    /// When each subscribed framework connection was last heard from.
+    framework_heard: FxHashMap<ConnId, Instant>,
 }
 
 impl std::fmt::Debug for Master {
@@ -366,6 +378,7 @@ impl Master {
             recovered: false,
             recovering: 0,
             pending_kills: HashSet::new(),
+            framework_heard: FxHashMap::default(),
         }
     }
 
@@ -500,9 +513,15 @@ impl Master {
                     self.agent_disconnected(now, &id);
                 }
             }
-            Event::Framework { conn, principal, call } => self.on_framework_call(now, conn, principal, call),
+            Event::Framework { conn, principal, call } => {
+                self.on_framework_call(now, conn, principal, call);
+                if matches!(self.conns.get(&conn), Some(Peer::Framework(_))) {
+                    self.framework_heard.insert(conn, now);
+                }
+            }
             Event::FrameworkDisconnected { conn } => {
                 self.closing.remove(&conn);
+                self.framework_heard.remove(&conn);
                 if let Some(Peer::Framework(id)) = self.conns.get(&conn).cloned() {
                     self.conns.remove(&conn);
                     self.framework_disconnected(now, &id);
@@ -584,6 +603,7 @@ impl Master {
             self.next_allocation = after(now, self.config.allocation_interval);
         }
         if self.next_heartbeat <= now {
+            self.close_silent_frameworks(now);
             for fw in self.frameworks.values() {
                 if let Some(conn) = fw.conn() {
                     self.actions.push_back(Action::ToFramework { conn, event: SchedulerEvent::Heartbeat });
@@ -759,6 +779,7 @@ impl Master {
         debug!(conn, error = %error, "closing connection");
         self.conns.remove(&conn);
         self.pending_reports.remove(&conn);
+        self.framework_heard.remove(&conn);
         self.closing.insert(conn);
         self.actions.push_back(Action::Close { conn, error });
     }
@@ -771,6 +792,32 @@ impl Master {
             Some(Peer::Agent(id)) => self.agent_disconnected(now, &id),
             Some(Peer::Framework(id)) => self.framework_disconnected(now, &id),
             None => {}
+        }
+    }
+
+    /// Closes every framework connection silent for longer than `framework_timeout`, as if
+    /// it had dropped: a peer that stopped talking (hung, or cut off by the network) would
+    /// otherwise hold its offers until the transport gives up.
+    fn close_silent_frameworks(&mut self, now: Instant) {
+        let Some(limit) = self.config.framework_timeout else { return };
+        let mut silent: Vec<ConnId> = self
+            .framework_heard
+            .iter()
+            .filter(|(_, heard)| now.saturating_duration_since(**heard) >= limit)
+            .map(|(conn, _)| *conn)
+            .collect();
+        silent.sort_unstable();
+        for conn in silent {
+            self.framework_heard.remove(&conn);
+            if let Some(Peer::Framework(id)) = self.conns.get(&conn) {
+                warn!(framework_id = %id, conn, ?limit, "framework silent: handling it as disconnected");
+                self.close_peer(
+                    now,
+                    conn,
+                    ErrorCode::Unexpected,
+                    format!("no call or heartbeat from the framework for {}s", limit.as_secs_f64()),
+                );
+            }
         }
     }
 
