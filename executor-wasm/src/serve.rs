@@ -209,8 +209,9 @@ pub async fn serve_with_runtime(
                         let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
+                    // `Acked` never comes here: the connection hands it to the link.
                     Received::Message(other @ (AgentToExecutor::Welcome { .. } | AgentToExecutor::Acked { .. })) => {
-                        tracing::error!("unexpected second Welcome from the agent");
+                        tracing::error!(message = other.name(), "unexpected message from the agent after Welcome");
                         let got = other.name();
                         return (Err(ServeError::Unexpected { got, when: "after Welcome" }), "protocol error");
                     }
