@@ -73,7 +73,13 @@ impl Cluster {
                 kill_tasks_on_shutdown: true,
                 // Isolated where the host allows it; otherwise one warning line.
                 isolation: agora_agent::cgroups::IsolationConfig::default(),
-                executors: agora_agent::executors::ExecutorsConfig::default(),
+                // An embedded cluster stops its tasks when it exits; one that is killed (-9)
+                // leaves executors that wait a minute for a restart on the same dir, then end
+                // their tasks, rather than the 15 minutes a production agent's get.
+                executors: agora_agent::executors::ExecutorsConfig {
+                    recovery_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
                 task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
                 recovery: agora_agent::RecoveryConfig::default(),
             };

@@ -204,6 +204,16 @@ impl Drop for Proc {
 }
 
 /// `GET path` over HTTP/1.0 (no chunked body): the status line and the body.
+/// `--recovery-timeout 30s` unless the test sets its own: executors of an agent a test stops
+/// without killing its tasks end them after that instead of the default 15 minutes.
+fn recovery_timeout(agent_args: &[&str]) -> Vec<&'static str> {
+    if agent_args.iter().any(|a| a.starts_with("--recovery-timeout")) {
+        Vec::new()
+    } else {
+        vec!["--recovery-timeout", "30s"]
+    }
+}
+
 pub fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to --http");
@@ -348,6 +358,7 @@ impl RealCluster {
                 .arg("--work-dir")
                 .arg(&self.work)
                 .args(["--kill-grace", "500ms"])
+                .args(recovery_timeout(agent_args))
                 .args(agent_args),
         );
         self.agent = Some(agent);

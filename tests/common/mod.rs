@@ -437,9 +437,16 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
 }
 
 /// Wasm executors are the built `agora` binary (the test binary cannot be one).
+/// The executors' recovery timeout in tests (see [`executors_config`]).
+pub const TEST_RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub fn executors_config() -> agora_agent::executors::ExecutorsConfig {
     agora_agent::executors::ExecutorsConfig {
         executor_program: Some(env!("CARGO_BIN_EXE_agora").into()),
+        // Executors of an agent a test stops without killing its tasks wait this long for it
+        // to come back, then end their tasks: long enough for the restart tests, short enough
+        // that no test leaves executors behind for the default 15 minutes.
+        recovery_timeout: TEST_RECOVERY_TIMEOUT,
         ..Default::default()
     }
 }
