@@ -21,7 +21,9 @@ fn read(dir: &Path, file: &str) -> String {
 async fn misbehaving_tasks_do_not_stop_their_neighbours() {
     let h = Harness::new();
     let mut loop_spec = h.spec_in("loop", &subdir(&h, "loop"));
-    loop_spec.timeout = Some(Duration::from_secs(2));
+    // Long enough that the neighbours finish well before it on a loaded machine: that they
+    // all end while it still spins is what shows they did not wait for it.
+    loop_spec.timeout = Some(Duration::from_secs(8));
     let mut bomb_spec = h.spec_in("membomb", &subdir(&h, "bomb"));
     bomb_spec.memory_limit_bytes = 16 << 20;
     let spinner = tokio::spawn({
@@ -43,7 +45,6 @@ async fn misbehaving_tasks_do_not_stop_their_neighbours() {
     for (i, (dir, handle)) in good.into_iter().enumerate() {
         let outcome = handle.await.unwrap();
         assert!(outcome.success(), "{outcome:?}");
-        assert!(outcome.wall_time < Duration::from_secs(2), "task {i} waited for the spinner: {outcome:?}");
         assert_eq!(read(&dir, "stdout"), format!("echo\ntask {i}\n"));
     }
     assert!(!spinner.is_finished(), "the spinner should still be running");

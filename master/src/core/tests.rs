@@ -32,9 +32,14 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         let t0 = Instant::now();
-        // The tests count agents' silence against a 20 s agent timeout.
-        let config =
-            MasterConfig { master_id: "m".into(), agent_timeout: 20 * SEC, ..MasterConfig::default() };
+        // The tests count agents' silence against a 20 s agent timeout, and leave frameworks
+        // silent for minutes of simulated time (their liveness has tests of its own).
+        let config = MasterConfig {
+            master_id: "m".into(),
+            agent_timeout: 20 * SEC,
+            framework_timeout: None,
+            ..MasterConfig::default()
+        };
         let mut m = Master::new(config, t0);
         m.set_unix_time(t0, 1_000_000);
         Harness { m, t0, now: t0, next_conn: 0, uuids: 0, reg: MemoryRegistry::new(), restarts: 0 }
