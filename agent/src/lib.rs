@@ -19,6 +19,7 @@
 //! - [`updates`]: the status-update manager (retries until acknowledged);
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
+//! - [`gc`]: removal of finished sandboxes after `--gc-delay` (sooner on a full disk);
 //! - [`resources`]: resource detection;
 //! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
 //! - [`metrics`]: task resource-usage metrics.
@@ -38,6 +39,7 @@ pub mod cgroups;
 pub mod command_executor;
 pub mod core;
 pub mod executors;
+pub mod gc;
 pub mod link;
 pub mod metrics;
 pub mod output;
