@@ -20,6 +20,7 @@
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
 //! - [`checkpoint`]: the agent's state on disk (snapshot and journal) for recovery;
+//! - [`gc`]: removal of finished sandboxes after `--gc-delay` (sooner on a full disk);
 //! - [`resources`]: resource detection;
 //! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
 //! - [`metrics`]: task resource-usage metrics.
@@ -40,6 +41,7 @@ pub mod checkpoint;
 pub mod command_executor;
 pub mod core;
 pub mod executors;
+pub mod gc;
 pub mod link;
 pub mod metrics;
 pub mod output;
