@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agora_sdk::proto::{
     unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskKind,
@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::cgroups::Isolator;
 use crate::checkpoint::{self, Checkpointer, Record};
 use crate::executors::{self, Executors};
+use crate::gc;
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
@@ -117,6 +118,8 @@ pub struct Core {
     checkpoint: Option<Checkpointer>,
     /// Executors' updates recorded in this batch: each gets `Acked` once the batch is written.
     pending_acks: HashMap<(FrameworkId, ExecutorId), (u64, u64)>,
+    /// Sandboxes no task or executor uses any more, waiting for removal (see [`crate::gc`]).
+    gc: gc::Scheduled,
 }
 
 impl Core {
@@ -148,6 +151,7 @@ impl Core {
             executor_runs: HashMap::new(),
             checkpoint: None,
             pending_acks: HashMap::new(),
+            gc: gc::Scheduled::default(),
         }
     }
 
@@ -404,7 +408,13 @@ impl Core {
         if let Some(support) = &self.executors {
             support.shutdown_framework(framework_id.clone());
         }
-        self.executor_runs.retain(|(fw, _), _| fw != framework_id);
+        let (gone, kept) = std::mem::take(&mut self.executor_runs)
+            .into_iter()
+            .partition::<HashMap<_, _>, _>(|((fw, _), _)| fw == framework_id);
+        self.executor_runs = kept;
+        for run in gone.into_values() {
+            self.release_run(run);
+        }
         for (key, e) in &self.tasks {
             if &key.framework_id == framework_id && !e.ended {
                 tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,
@@ -484,8 +494,11 @@ impl Core {
                 self.send(AgentMessage::FrameworkMessage { framework_id, executor_id, data });
             }
             executors::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
-                // Its next task starts a new run in a new sandbox.
-                self.executor_runs.remove(&(framework_id.clone(), executor_id.clone()));
+                // Its next task starts a new run in a new sandbox; this one is collected once
+                // no task record points into it.
+                if let Some(run) = self.executor_runs.remove(&(framework_id.clone(), executor_id.clone())) {
+                    self.release_run(run);
+                }
                 self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });
             }
             executors::ExecutorEvent::Checkpoint(record) => self.journal(Record::Executor(*record)),
@@ -695,15 +708,91 @@ impl Core {
     fn forget_if_done(&mut self, key: &TaskKey) {
         let done = self.tasks.get(key).is_some_and(|e| e.ended && e.state.is_terminal());
         if done && !self.updates.has_pending(key) {
-            self.tasks.remove(key);
+            let Some(entry) = self.tasks.remove(key) else { return };
             self.journal(Record::TaskForgotten((key.framework_id.clone(), key.task_id.clone())));
             tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id, "task record removed");
+            match &entry.task.kind {
+                // A run of its own.
+                TaskKind::Command(_) => self.schedule_sandbox(entry.run_dir),
+                // Its own directory in the Wasm executor's run, which may have ended too.
+                TaskKind::Wasm(_) => {
+                    let run = wasm_run_of(&entry.run_dir);
+                    self.schedule_sandbox(entry.run_dir);
+                    if let Some(run) = run {
+                        self.release_run(run);
+                    }
+                }
+                // Its executor's run, shared with the executor and its other tasks.
+                TaskKind::Executor(_) => self.release_run(entry.run_dir),
+            }
         }
+    }
+
+    /// An executor's run directory nobody may start in any more: scheduled for removal unless
+    /// its executor still runs or a task record still points into it (then it is considered
+    /// again when that task is forgotten).
+    fn release_run(&mut self, run: PathBuf) {
+        if self.executor_runs.values().any(|r| r == &run) {
+            return;
+        }
+        // Only reached for framework and Wasm executors' tasks whose run ended: rare, so the
+        // walk over the tasks is not on the hot path of native tasks.
+        if self.tasks.values().any(|e| e.run_dir.starts_with(&run)) {
+            return;
+        }
+        self.schedule_sandbox(run);
+    }
+
+    fn schedule_sandbox(&mut self, dir: PathBuf) {
+        tracing::debug!(dir = %dir.display(), "sandbox scheduled for removal");
+        self.gc.schedule(dir, SystemTime::now());
+        metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+    }
+
+    /// Every sandbox a task or executor of this core uses (a task's run, the run of the
+    /// executor it shares): what a restarted agent must not collect.
+    pub fn sandboxes_in_use(&self) -> std::collections::HashSet<PathBuf> {
+        let mut out: std::collections::HashSet<PathBuf> = self.executor_runs.values().cloned().collect();
+        for e in self.tasks.values() {
+            if matches!(e.task.kind, TaskKind::Wasm(_)) {
+                out.extend(wasm_run_of(&e.run_dir));
+            }
+            out.insert(e.run_dir.clone());
+        }
+        out
+    }
+
+    /// Schedules sandboxes found unused since `since` (a restarted agent's leftovers).
+    pub fn schedule_sandboxes(&mut self, dirs: impl IntoIterator<Item = (PathBuf, SystemTime)>) {
+        for (dir, since) in dirs {
+            self.gc.schedule(dir, since);
+        }
+        metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+    }
+
+    /// Takes the sandboxes due for removal at `now` when finished ones are kept `keep`.
+    pub fn take_due_sandboxes(&mut self, now: SystemTime, keep: Duration) -> Vec<PathBuf> {
+        let due = self.gc.due(now, keep);
+        if !due.is_empty() {
+            metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+        }
+        due
+    }
+
+    /// A framework executor that outlived the agent's last run, with no live task recorded,
+    /// keeps its run directory: its next tasks share it, and it is collected when it ends.
+    pub fn adopt_executor_run(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, run: PathBuf) {
+        self.executor_runs.entry((framework_id, executor_id)).or_insert(run);
     }
 
     fn update_gauges(&self) {
         metrics::gauge!("agora_agent_tasks_running").set(self.live_tasks() as f64);
     }
+}
+
+/// The Wasm executor run a Wasm task's sandbox (`<run>/tasks/<task>`) lies in.
+fn wasm_run_of(task_dir: &Path) -> Option<PathBuf> {
+    task_dir.parent().and_then(Path::parent).map(Path::to_path_buf)
 }
 
 #[cfg(test)]

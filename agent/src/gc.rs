@@ -158,8 +158,7 @@ pub fn orphaned_runs(frameworks_dir: &Path, in_use: &HashSet<PathBuf>) -> Vec<(P
 }
 
 /// Removes `dirs` and then the directories above them left empty, up to (not including)
-/// `frameworks_dir` — except a task's `task.json` directory while the task is in `in_use`.
-/// Returns how many sandboxes were removed; failures are logged, never fatal.
+/// `frameworks_dir` (see `prune_empty_parents` for what stays). Returns how many sandboxes were removed; failures are logged, never fatal.
 pub fn remove(frameworks_dir: &Path, dirs: &[PathBuf]) -> usize {
     let mut removed = 0;
     for dir in dirs {
@@ -182,11 +181,16 @@ pub fn remove(frameworks_dir: &Path, dirs: &[PathBuf]) -> usize {
 
 /// Removes the parents of `dir` that only held it: `runs/`, then the executor directory when
 /// nothing but a finished task's `task.json` is left, then the framework's. A parent that
-/// still holds anything else stops the walk.
+/// still holds anything else, or a Wasm run's `tasks/`, stops the walk.
 fn prune_empty_parents(frameworks_dir: &Path, dir: &Path) {
     let mut cur = dir.parent();
     while let Some(p) = cur {
-        if p == frameworks_dir || !p.starts_with(frameworks_dir) {
+        // A Wasm run's `tasks/` belongs to the run: the next Wasm task of that run is created
+        // in it, so it goes only with its run.
+        if p == frameworks_dir
+            || !p.starts_with(frameworks_dir)
+            || p.file_name().is_some_and(|n| n == "tasks")
+        {
             break;
         }
         let entries: Vec<_> = match std::fs::read_dir(p) {
@@ -302,6 +306,9 @@ mod tests {
         assert_eq!(remove(&fws, &found), 2);
         assert!(!native.exists(), "the finished task's directory went with its last run");
         assert!(live_task.exists() && !done_task.exists());
+        // The last finished task of a live Wasm run leaves the run's `tasks/` in place.
+        assert_eq!(remove(&fws, std::slice::from_ref(&live_task)), 1);
+        assert!(wasm_run.join("tasks").is_dir(), "a live run's tasks/ stays");
         assert!(fws.join("fw1").exists(), "the framework still has a live executor");
         // Never outside the sandboxes.
         assert_eq!(remove(&fws, &[dir.path().to_path_buf()]), 0);
