@@ -1021,4 +1021,119 @@ mod tests {
         assert_eq!(killed[0].signal, Some(libc::SIGTERM));
         assert_eq!(h.core.live_tasks(), 0);
     }
+
+    /// Everything scheduled for removal so far (as if the delay had passed).
+    fn scheduled(core: &mut Core) -> Vec<PathBuf> {
+        core.take_due_sandboxes(SystemTime::now() + Duration::from_secs(86_400), Duration::ZERO)
+    }
+
+    /// A finished native task's sandbox is scheduled once its terminal update is acknowledged,
+    /// not before; a running task's never is.
+    #[tokio::test]
+    async fn a_finished_and_acknowledged_task_s_sandbox_is_scheduled_a_running_one_never() {
+        let mut h = harness();
+        let now = Instant::now();
+        h.core.connected(now);
+        h.core.take_outbox();
+        let fw = FrameworkId::new("fw");
+        h.core.run_task(fw.clone(), command_task("sleeper", "sleep 30"), now);
+        let sleeper = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("sleeper") };
+        let sleeper_dir = h.core.sandbox(&sleeper).expect("sandbox").to_path_buf();
+        let running = collect(&mut h, 1).await;
+        ack(&mut h, &running[0]);
+        h.core.run_task(fw.clone(), command_task("t", "echo hi"), now);
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("t") };
+        let dir = h.core.sandbox(&key).expect("sandbox").to_path_buf();
+        let mut ups = collect(&mut h, 1).await;
+        ack(&mut h, &ups[0]);
+        ups.extend(collect(&mut h, 1).await);
+        assert_eq!(ups[1].state, TaskState::Finished);
+        assert!(scheduled(&mut h.core).is_empty(), "nothing before the terminal update is acknowledged");
+        ack(&mut h, &ups[1]);
+        assert!(!h.core.tasks.contains_key(&key));
+        assert_eq!(scheduled(&mut h.core), [dir.clone()]);
+        assert!(!h.core.sandboxes_in_use().contains(&dir));
+        assert!(h.core.sandboxes_in_use().contains(&sleeper_dir), "the running task's sandbox is in use");
+        // Not due before its delay.
+        h.core.schedule_sandboxes([(dir.clone(), SystemTime::now())]);
+        assert!(h.core.take_due_sandboxes(SystemTime::now(), Duration::from_secs(3600)).is_empty());
+        h.core.kill_task(fw.clone(), TaskId::new("sleeper"), Instant::now());
+        assert_eq!(collect(&mut h, 1).await[0].state, TaskState::Killing);
+        assert!(scheduled(&mut h.core).iter().all(|d| d != &sleeper_dir), "killed but not acknowledged yet");
+    }
+
+    fn insert(core: &mut Core, fw: &FrameworkId, id: &str, kind: TaskKind, run_dir: &Path, ended: bool) {
+        let task = TaskInfo { kind, ..command_task(id, "true") };
+        let (_, done) = tokio::sync::watch::channel(ended);
+        let handle = TaskHandle::with_kill(Box::new(|| {}), done);
+        let state = if ended { TaskState::Finished } else { TaskState::Running };
+        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended };
+        core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
+    }
+
+    fn finish_and_forget(core: &mut Core, fw: &FrameworkId, id: &str) {
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) };
+        if let Some(e) = core.tasks.get_mut(&key) {
+            e.ended = true;
+            e.state = TaskState::Finished;
+        }
+        core.forget_if_done(&key);
+        assert!(!core.tasks.contains_key(&key));
+    }
+
+    /// A framework executor's run is shared by its tasks: it is scheduled only once the
+    /// executor ended and no task record points into it. A Wasm task's own directory goes when
+    /// it is forgotten, its run stays while the run is live.
+    #[test]
+    fn executor_runs_are_scheduled_only_when_the_executor_ended_and_its_tasks_are_forgotten() {
+        let mut h = harness();
+        let fw = FrameworkId::new("fw");
+        let exec = ExecutorId::new("ex");
+        let run = h._dir.path().join("frameworks/fw/executors/ex/runs/r1");
+        let custom = TaskKind::Executor(Box::new(agora_sdk::proto::ExecutorTask {
+            executor: agora_sdk::proto::ExecutorInfo {
+                executor_id: exec.clone(),
+                name: "ex".into(),
+                command: agora_sdk::proto::CommandInfo { argv: vec!["./ex".into()], shell: false, env: vec![] },
+                resources: Resources::cpus(100),
+                fetch: vec![],
+            },
+            data: vec![],
+        }));
+        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        insert(&mut h.core, &fw, "a", custom.clone(), &run, false);
+        insert(&mut h.core, &fw, "b", custom, &run, false);
+        assert!(h.core.sandboxes_in_use().contains(&run));
+        finish_and_forget(&mut h.core, &fw, "a");
+        assert!(scheduled(&mut h.core).is_empty(), "the executor still runs");
+        h.core.executor_event(executors::ExecutorEvent::Exited { exec: (fw.clone(), exec), message: "x".into() });
+        assert!(scheduled(&mut h.core).is_empty(), "task b's record still points into the run");
+        finish_and_forget(&mut h.core, &fw, "b");
+        assert_eq!(scheduled(&mut h.core), [run]);
+
+        let wasm_run = h._dir.path().join("frameworks/fw/executors/agora-wasm/runs/r2");
+        let wasm = TaskKind::Wasm(Box::new(agora_sdk::proto::WasmInfo {
+            module: agora_sdk::proto::ArtifactRef { digest: agora_sdk::proto::Digest::of(b"m"), size: 1 },
+            args: vec![],
+            env: vec![],
+            dirs: vec![],
+            fuel: None,
+            timeout: None,
+        }));
+        h.core.executor_runs.insert((fw.clone(), wasm.executor_id()), wasm_run.clone());
+        insert(&mut h.core, &fw, "w1", wasm.clone(), &wasm_run.join("tasks/w1"), false);
+        insert(&mut h.core, &fw, "w2", wasm, &wasm_run.join("tasks/w2"), false);
+        let in_use = h.core.sandboxes_in_use();
+        assert!(in_use.contains(&wasm_run) && in_use.contains(&wasm_run.join("tasks/w2")));
+        finish_and_forget(&mut h.core, &fw, "w1");
+        assert_eq!(scheduled(&mut h.core), [wasm_run.join("tasks/w1")], "the live run stays");
+        // The framework is shut down: its Wasm run goes once its last task is forgotten.
+        h.core.shutdown_framework(&fw);
+        assert!(scheduled(&mut h.core).is_empty(), "w2 still runs");
+        finish_and_forget(&mut h.core, &fw, "w2");
+        let mut got = scheduled(&mut h.core);
+        got.sort();
+        assert_eq!(got, [wasm_run.clone(), wasm_run.join("tasks/w2")]);
+    }
+
 }
