@@ -1094,7 +1094,11 @@ mod tests {
             executor: agora_sdk::proto::ExecutorInfo {
                 executor_id: exec.clone(),
                 name: "ex".into(),
-                command: agora_sdk::proto::CommandInfo { argv: vec!["./ex".into()], shell: false, env: vec![] },
+                command: agora_sdk::proto::CommandInfo {
+                    argv: vec!["./ex".into()],
+                    shell: false,
+                    env: vec![],
+                },
                 resources: Resources::cpus(100),
                 fetch: vec![],
             },
@@ -1106,7 +1110,10 @@ mod tests {
         assert!(h.core.sandboxes_in_use().contains(&run));
         finish_and_forget(&mut h.core, &fw, "a");
         assert!(scheduled(&mut h.core).is_empty(), "the executor still runs");
-        h.core.executor_event(executors::ExecutorEvent::Exited { exec: (fw.clone(), exec), message: "x".into() });
+        h.core.executor_event(executors::ExecutorEvent::Exited {
+            exec: (fw.clone(), exec),
+            message: "x".into(),
+        });
         assert!(scheduled(&mut h.core).is_empty(), "task b's record still points into the run");
         finish_and_forget(&mut h.core, &fw, "b");
         assert_eq!(scheduled(&mut h.core), [run]);
@@ -1135,5 +1142,4 @@ mod tests {
         got.sort();
         assert_eq!(got, [wasm_run.clone(), wasm_run.join("tasks/w2")]);
     }
-
 }
