@@ -147,3 +147,18 @@ fn a_restarted_agent_removes_stale_sandboxes_and_keeps_recovered_ones() {
     stop_sleeper(&c, sleeper_run, &sleeper_id);
     c.stop();
 }
+
+/// `--gc-disk-headroom` is a fraction: anything else is refused naming the flag.
+#[test]
+fn a_headroom_outside_zero_to_one_is_refused() {
+    for bad in ["1.5", "-0.1", "lots", "NaN"] {
+        let out = Command::new(AGORA)
+            .args(["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent"])
+            .arg(format!("--gc-disk-headroom={bad}"))
+            .output()
+            .expect("run agora agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("--gc-disk-headroom"), "{bad}: {err}");
+    }
+}
