@@ -1051,7 +1051,7 @@ mod tests {
         assert!(scheduled(&mut h.core).is_empty(), "nothing before the terminal update is acknowledged");
         ack(&mut h, &ups[1]);
         assert!(!h.core.tasks.contains_key(&key));
-        assert_eq!(scheduled(&mut h.core), [dir.clone()]);
+        assert_eq!(scheduled(&mut h.core), std::slice::from_ref(&dir));
         assert!(!h.core.sandboxes_in_use().contains(&dir));
         assert!(h.core.sandboxes_in_use().contains(&sleeper_dir), "the running task's sandbox is in use");
         // Not due before its delay.
