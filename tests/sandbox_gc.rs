@@ -140,8 +140,12 @@ fn a_restarted_agent_removes_stale_sandboxes_and_keeps_recovered_ones() {
     set_mtime(&stale, SystemTime::now());
 
     c.start_agent(AGENT);
-    poll("the stale sandbox to be removed", 20, || (!stale.exists()).then_some(()));
-    assert!(!c.work.join("frameworks/old-framework").exists(), "its empty parents went with it");
+    // The run goes first, then the parents it leaves empty: wait for the last of them.
+    let old_framework = c.work.join("frameworks/old-framework");
+    poll("the stale sandbox and its empty parents to be removed", 20, || {
+        (!old_framework.exists()).then_some(())
+    });
+    assert!(!stale.exists());
     assert!(sleeper.is_dir(), "the recovered task's sandbox was removed");
 
     stop_sleeper(&c, sleeper_run, &sleeper_id);
