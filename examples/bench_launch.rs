@@ -353,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
         },
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         recovery: agora_agent::RecoveryConfig::default(),
+        gc: agora_agent::gc::GcConfig::default(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

@@ -24,6 +24,8 @@ pub struct ClusterSpec {
     pub core: MasterConfig,
     /// Largest artifact the master stores.
     pub max_artifact_size: u64,
+    /// How the agents collect finished sandboxes.
+    pub gc: agora_agent::gc::GcConfig,
 }
 
 pub struct Cluster {
@@ -82,6 +84,7 @@ impl Cluster {
                 },
                 task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
                 recovery: agora_agent::RecoveryConfig::default(),
+                gc: spec.gc.clone(),
             };
             let token = shutdown.clone();
             agents.push(tokio::spawn(async move {

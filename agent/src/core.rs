@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agora_sdk::proto::{
     unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskKind,
@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::cgroups::Isolator;
 use crate::checkpoint::{self, Checkpointer, Record};
 use crate::executors::{self, Executors};
+use crate::gc;
 use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
@@ -117,6 +118,8 @@ pub struct Core {
     checkpoint: Option<Checkpointer>,
     /// Executors' updates recorded in this batch: each gets `Acked` once the batch is written.
     pending_acks: HashMap<(FrameworkId, ExecutorId), (u64, u64)>,
+    /// Sandboxes no task or executor uses any more, waiting for removal (see [`crate::gc`]).
+    gc: gc::Scheduled,
 }
 
 impl Core {
@@ -148,6 +151,7 @@ impl Core {
             executor_runs: HashMap::new(),
             checkpoint: None,
             pending_acks: HashMap::new(),
+            gc: gc::Scheduled::default(),
         }
     }
 
@@ -404,7 +408,13 @@ impl Core {
         if let Some(support) = &self.executors {
             support.shutdown_framework(framework_id.clone());
         }
-        self.executor_runs.retain(|(fw, _), _| fw != framework_id);
+        let (gone, kept) = std::mem::take(&mut self.executor_runs)
+            .into_iter()
+            .partition::<HashMap<_, _>, _>(|((fw, _), _)| fw == framework_id);
+        self.executor_runs = kept;
+        for run in gone.into_values() {
+            self.release_run(run);
+        }
         for (key, e) in &self.tasks {
             if &key.framework_id == framework_id && !e.ended {
                 tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,
@@ -484,8 +494,11 @@ impl Core {
                 self.send(AgentMessage::FrameworkMessage { framework_id, executor_id, data });
             }
             executors::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
-                // Its next task starts a new run in a new sandbox.
-                self.executor_runs.remove(&(framework_id.clone(), executor_id.clone()));
+                // Its next task starts a new run in a new sandbox; this one is collected once
+                // no task record points into it.
+                if let Some(run) = self.executor_runs.remove(&(framework_id.clone(), executor_id.clone())) {
+                    self.release_run(run);
+                }
                 self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });
             }
             executors::ExecutorEvent::Checkpoint(record) => self.journal(Record::Executor(*record)),
@@ -695,15 +708,91 @@ impl Core {
     fn forget_if_done(&mut self, key: &TaskKey) {
         let done = self.tasks.get(key).is_some_and(|e| e.ended && e.state.is_terminal());
         if done && !self.updates.has_pending(key) {
-            self.tasks.remove(key);
+            let Some(entry) = self.tasks.remove(key) else { return };
             self.journal(Record::TaskForgotten((key.framework_id.clone(), key.task_id.clone())));
             tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id, "task record removed");
+            match &entry.task.kind {
+                // A run of its own.
+                TaskKind::Command(_) => self.schedule_sandbox(entry.run_dir),
+                // Its own directory in the Wasm executor's run, which may have ended too.
+                TaskKind::Wasm(_) => {
+                    let run = wasm_run_of(&entry.run_dir);
+                    self.schedule_sandbox(entry.run_dir);
+                    if let Some(run) = run {
+                        self.release_run(run);
+                    }
+                }
+                // Its executor's run, shared with the executor and its other tasks.
+                TaskKind::Executor(_) => self.release_run(entry.run_dir),
+            }
         }
+    }
+
+    /// An executor's run directory nobody may start in any more: scheduled for removal unless
+    /// its executor still runs or a task record still points into it (then it is considered
+    /// again when that task is forgotten).
+    fn release_run(&mut self, run: PathBuf) {
+        if self.executor_runs.values().any(|r| r == &run) {
+            return;
+        }
+        // Only reached for framework and Wasm executors' tasks whose run ended: rare, so the
+        // walk over the tasks is not on the hot path of native tasks.
+        if self.tasks.values().any(|e| e.run_dir.starts_with(&run)) {
+            return;
+        }
+        self.schedule_sandbox(run);
+    }
+
+    fn schedule_sandbox(&mut self, dir: PathBuf) {
+        tracing::debug!(dir = %dir.display(), "sandbox scheduled for removal");
+        self.gc.schedule(dir, SystemTime::now());
+        metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+    }
+
+    /// Every sandbox a task or executor of this core uses (a task's run, the run of the
+    /// executor it shares): what a restarted agent must not collect.
+    pub fn sandboxes_in_use(&self) -> std::collections::HashSet<PathBuf> {
+        let mut out: std::collections::HashSet<PathBuf> = self.executor_runs.values().cloned().collect();
+        for e in self.tasks.values() {
+            if matches!(e.task.kind, TaskKind::Wasm(_)) {
+                out.extend(wasm_run_of(&e.run_dir));
+            }
+            out.insert(e.run_dir.clone());
+        }
+        out
+    }
+
+    /// Schedules sandboxes found unused since `since` (a restarted agent's leftovers).
+    pub fn schedule_sandboxes(&mut self, dirs: impl IntoIterator<Item = (PathBuf, SystemTime)>) {
+        for (dir, since) in dirs {
+            self.gc.schedule(dir, since);
+        }
+        metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+    }
+
+    /// Takes the sandboxes due for removal at `now` when finished ones are kept `keep`.
+    pub fn take_due_sandboxes(&mut self, now: SystemTime, keep: Duration) -> Vec<PathBuf> {
+        let due = self.gc.due(now, keep);
+        if !due.is_empty() {
+            metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
+        }
+        due
+    }
+
+    /// A framework executor that outlived the agent's last run, with no live task recorded,
+    /// keeps its run directory: its next tasks share it, and it is collected when it ends.
+    pub fn adopt_executor_run(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, run: PathBuf) {
+        self.executor_runs.entry((framework_id, executor_id)).or_insert(run);
     }
 
     fn update_gauges(&self) {
         metrics::gauge!("agora_agent_tasks_running").set(self.live_tasks() as f64);
     }
+}
+
+/// The Wasm executor run a Wasm task's sandbox (`<run>/tasks/<task>`) lies in.
+fn wasm_run_of(task_dir: &Path) -> Option<PathBuf> {
+    task_dir.parent().and_then(Path::parent).map(Path::to_path_buf)
 }
 
 #[cfg(test)]
@@ -931,5 +1020,126 @@ mod tests {
         assert_eq!((killed[0].state, killed[0].reason.as_str()), (TaskState::Killed, "killed"));
         assert_eq!(killed[0].signal, Some(libc::SIGTERM));
         assert_eq!(h.core.live_tasks(), 0);
+    }
+
+    /// Everything scheduled for removal so far (as if the delay had passed).
+    fn scheduled(core: &mut Core) -> Vec<PathBuf> {
+        core.take_due_sandboxes(SystemTime::now() + Duration::from_secs(86_400), Duration::ZERO)
+    }
+
+    /// A finished native task's sandbox is scheduled once its terminal update is acknowledged,
+    /// not before; a running task's never is.
+    #[tokio::test]
+    async fn a_finished_and_acknowledged_task_s_sandbox_is_scheduled_a_running_one_never() {
+        let mut h = harness();
+        let now = Instant::now();
+        h.core.connected(now);
+        h.core.take_outbox();
+        let fw = FrameworkId::new("fw");
+        h.core.run_task(fw.clone(), command_task("sleeper", "sleep 30"), now);
+        let sleeper = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("sleeper") };
+        let sleeper_dir = h.core.sandbox(&sleeper).expect("sandbox").to_path_buf();
+        let running = collect(&mut h, 1).await;
+        ack(&mut h, &running[0]);
+        h.core.run_task(fw.clone(), command_task("t", "echo hi"), now);
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("t") };
+        let dir = h.core.sandbox(&key).expect("sandbox").to_path_buf();
+        let mut ups = collect(&mut h, 1).await;
+        ack(&mut h, &ups[0]);
+        ups.extend(collect(&mut h, 1).await);
+        assert_eq!(ups[1].state, TaskState::Finished);
+        assert!(scheduled(&mut h.core).is_empty(), "nothing before the terminal update is acknowledged");
+        ack(&mut h, &ups[1]);
+        assert!(!h.core.tasks.contains_key(&key));
+        assert_eq!(scheduled(&mut h.core), std::slice::from_ref(&dir));
+        assert!(!h.core.sandboxes_in_use().contains(&dir));
+        assert!(h.core.sandboxes_in_use().contains(&sleeper_dir), "the running task's sandbox is in use");
+        // Not due before its delay.
+        h.core.schedule_sandboxes([(dir.clone(), SystemTime::now())]);
+        assert!(h.core.take_due_sandboxes(SystemTime::now(), Duration::from_secs(3600)).is_empty());
+        h.core.kill_task(fw.clone(), TaskId::new("sleeper"), Instant::now());
+        assert_eq!(collect(&mut h, 1).await[0].state, TaskState::Killing);
+        assert!(scheduled(&mut h.core).iter().all(|d| d != &sleeper_dir), "killed but not acknowledged yet");
+    }
+
+    fn insert(core: &mut Core, fw: &FrameworkId, id: &str, kind: TaskKind, run_dir: &Path, ended: bool) {
+        let task = TaskInfo { kind, ..command_task(id, "true") };
+        let (_, done) = tokio::sync::watch::channel(ended);
+        let handle = TaskHandle::with_kill(Box::new(|| {}), done);
+        let state = if ended { TaskState::Finished } else { TaskState::Running };
+        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended };
+        core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
+    }
+
+    fn finish_and_forget(core: &mut Core, fw: &FrameworkId, id: &str) {
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) };
+        if let Some(e) = core.tasks.get_mut(&key) {
+            e.ended = true;
+            e.state = TaskState::Finished;
+        }
+        core.forget_if_done(&key);
+        assert!(!core.tasks.contains_key(&key));
+    }
+
+    /// A framework executor's run is shared by its tasks: it is scheduled only once the
+    /// executor ended and no task record points into it. A Wasm task's own directory goes when
+    /// it is forgotten, its run stays while the run is live.
+    #[test]
+    fn executor_runs_are_scheduled_only_when_the_executor_ended_and_its_tasks_are_forgotten() {
+        let mut h = harness();
+        let fw = FrameworkId::new("fw");
+        let exec = ExecutorId::new("ex");
+        let run = h._dir.path().join("frameworks/fw/executors/ex/runs/r1");
+        let custom = TaskKind::Executor(Box::new(agora_sdk::proto::ExecutorTask {
+            executor: agora_sdk::proto::ExecutorInfo {
+                executor_id: exec.clone(),
+                name: "ex".into(),
+                command: agora_sdk::proto::CommandInfo {
+                    argv: vec!["./ex".into()],
+                    shell: false,
+                    env: vec![],
+                },
+                resources: Resources::cpus(100),
+                fetch: vec![],
+            },
+            data: vec![],
+        }));
+        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        insert(&mut h.core, &fw, "a", custom.clone(), &run, false);
+        insert(&mut h.core, &fw, "b", custom, &run, false);
+        assert!(h.core.sandboxes_in_use().contains(&run));
+        finish_and_forget(&mut h.core, &fw, "a");
+        assert!(scheduled(&mut h.core).is_empty(), "the executor still runs");
+        h.core.executor_event(executors::ExecutorEvent::Exited {
+            exec: (fw.clone(), exec),
+            message: "x".into(),
+        });
+        assert!(scheduled(&mut h.core).is_empty(), "task b's record still points into the run");
+        finish_and_forget(&mut h.core, &fw, "b");
+        assert_eq!(scheduled(&mut h.core), [run]);
+
+        let wasm_run = h._dir.path().join("frameworks/fw/executors/agora-wasm/runs/r2");
+        let wasm = TaskKind::Wasm(Box::new(agora_sdk::proto::WasmInfo {
+            module: agora_sdk::proto::ArtifactRef { digest: agora_sdk::proto::Digest::of(b"m"), size: 1 },
+            args: vec![],
+            env: vec![],
+            dirs: vec![],
+            fuel: None,
+            timeout: None,
+        }));
+        h.core.executor_runs.insert((fw.clone(), wasm.executor_id()), wasm_run.clone());
+        insert(&mut h.core, &fw, "w1", wasm.clone(), &wasm_run.join("tasks/w1"), false);
+        insert(&mut h.core, &fw, "w2", wasm, &wasm_run.join("tasks/w2"), false);
+        let in_use = h.core.sandboxes_in_use();
+        assert!(in_use.contains(&wasm_run) && in_use.contains(&wasm_run.join("tasks/w2")));
+        finish_and_forget(&mut h.core, &fw, "w1");
+        assert_eq!(scheduled(&mut h.core), [wasm_run.join("tasks/w1")], "the live run stays");
+        // The framework is shut down: its Wasm run goes once its last task is forgotten.
+        h.core.shutdown_framework(&fw);
+        assert!(scheduled(&mut h.core).is_empty(), "w2 still runs");
+        finish_and_forget(&mut h.core, &fw, "w2");
+        let mut got = scheduled(&mut h.core);
+        got.sort();
+        assert_eq!(got, [wasm_run.clone(), wasm_run.join("tasks/w2")]);
     }
 }

@@ -20,6 +20,7 @@
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
 //! - [`checkpoint`]: the agent's state on disk (snapshot and journal) for recovery;
+//! - [`gc`]: removal of finished sandboxes after `--gc-delay` (sooner on a full disk);
 //! - [`resources`]: resource detection;
 //! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
 //! - [`metrics`]: task resource-usage metrics.
@@ -40,6 +41,7 @@ pub mod checkpoint;
 pub mod command_executor;
 pub mod core;
 pub mod executors;
+pub mod gc;
 pub mod link;
 pub mod metrics;
 pub mod output;
@@ -89,6 +91,8 @@ pub struct AgentConfig {
     /// `--executor-reregister-timeout`; the executors' `--recovery-timeout` is in
     /// [`executors::ExecutorsConfig::recovery_timeout`]).
     pub recovery: RecoveryConfig,
+    /// Removal of finished sandboxes (`--gc-delay`, `--gc-disk-headroom`, `--gc-interval`).
+    pub gc: gc::GcConfig,
 }
 
 /// `--recover`: what a starting agent does with what an earlier run left.
@@ -183,6 +187,9 @@ pub enum AgentError {
     /// Writing the checkpoints failed.
     #[error("cannot checkpoint the agent's state: {0}")]
     Checkpointing(checkpoint::CheckpointError),
+    /// A `--gc-*` setting is out of range.
+    #[error(transparent)]
+    Gc(#[from] gc::GcConfigError),
     /// `--task-user` cannot be used.
     #[error(transparent)]
     TaskUser(#[from] user::UserError),
@@ -207,6 +214,7 @@ pub enum AgentError {
 /// Losing the master is not fatal: the agent reconnects with backoff while tasks keep running.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let layout = sandbox::Layout::new(&config.work_dir);
+    config.gc.validate()?;
     let task_user = user::TaskUser::for_agent(&config.task_user)?;
     prepare_work_dir(&layout)?;
     // Fail now, naming the file, rather than on every reconnection.
@@ -305,6 +313,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             unacknowledged_updates = state.updates.values().map(|q| q.len()).sum::<usize>(),
             "recovering the executors and tasks of the agent's earlier run"
         );
+        let custom_runs: Vec<_> = recovered
+            .values()
+            .filter_map(|r| match &r.kind {
+                checkpoint::ExecutorKind::Custom { sandbox, .. } => {
+                    Some((r.framework_id.clone(), r.executor_id.clone(), sandbox.clone()))
+                }
+                _ => None,
+            })
+            .collect();
         let (handles, done) = executors.recover(
             recovered.into_values().collect(),
             tasks,
@@ -312,9 +329,26 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config.recovery.executor_reregister_timeout,
         );
         core.restore(&state, handles, std::time::Instant::now());
+        for (fw, id, run) in custom_runs {
+            core.adopt_executor_run(fw, id, run);
+        }
         Some(done)
     };
     drop(state);
+    // Sandboxes of the earlier run that nothing recovered uses, aged by their modification
+    // time (the schedule itself is not checkpointed).
+    let in_use = core.sandboxes_in_use();
+    let frameworks_dir = layout.frameworks_dir();
+    let orphans = tokio::task::spawn_blocking(move || gc::orphaned_runs(&frameworks_dir, &in_use))
+        .await
+        .unwrap_or_default();
+    if !orphans.is_empty() {
+        tracing::info!(
+            sandboxes = orphans.len(),
+            "scheduling the unused sandboxes of earlier runs for removal"
+        );
+    }
+    core.schedule_sandboxes(orphans);
     let result = link::drive(
         &config,
         &layout,

@@ -242,6 +242,54 @@ async fn opt_next(c: Option<&mut Connected>) -> LinkEvent {
     }
 }
 
+/// The sandbox collector's step in progress on the blocking pool.
+enum GcStep {
+    /// The work dir's disk usage was measured.
+    Measured(std::io::Result<f64>),
+    /// Due sandboxes were removed (how many).
+    Removed(usize),
+}
+
+/// Starts the next step of sandbox collection on the blocking pool: measuring the disk on a
+/// tick, then removing what is due given that measure.
+fn gc_step(
+    cfg: &AgentConfig,
+    layout: &Layout,
+    core: &mut Core,
+    after: Option<GcStep>,
+) -> Option<JoinHandle<GcStep>> {
+    match after {
+        None => {
+            let work_dir = cfg.work_dir.clone();
+            Some(tokio::task::spawn_blocking(move || GcStep::Measured(crate::gc::disk_usage(&work_dir))))
+        }
+        Some(GcStep::Measured(usage)) => {
+            let usage = usage.unwrap_or_else(|e| {
+                tracing::warn!(work_dir = %cfg.work_dir.display(), error = %e,
+                    "cannot measure the work dir's disk; keeping finished sandboxes the full --gc-delay");
+                0.0
+            });
+            let keep = cfg.gc.effective_delay(usage);
+            let due = core.take_due_sandboxes(std::time::SystemTime::now(), keep);
+            if due.is_empty() {
+                return None;
+            }
+            tracing::debug!(sandboxes = due.len(), disk_usage = usage, ?keep, "removing finished sandboxes");
+            let frameworks_dir = layout.frameworks_dir();
+            Some(tokio::task::spawn_blocking(move || {
+                GcStep::Removed(crate::gc::remove(&frameworks_dir, &due))
+            }))
+        }
+        Some(GcStep::Removed(n)) => {
+            metrics::counter!(crate::metrics::SANDBOXES_REMOVED).increment(n as u64);
+            if n > 0 {
+                tracing::info!(sandboxes = n, "removed finished sandboxes");
+            }
+            None
+        }
+    }
+}
+
 /// Task events handled in one go (one checkpoint write).
 const EVENT_BATCH: usize = 4096;
 
@@ -300,6 +348,11 @@ pub(crate) async fn drive(
     // registers with them.
     let mut connecting = if recovery.is_none() { Some(spawn_connect(cfg)) } else { None };
     let mut retry_at: Option<Instant> = None;
+    let gc_interval = cfg.gc.interval.max(Duration::from_millis(10));
+    let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + gc_interval, gc_interval);
+    gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One collection at a time; a tick during one is skipped.
+    let mut gc_job: Option<JoinHandle<GcStep>> = None;
     let result = loop {
         // Whatever this iteration changed is checkpointed before anything leaves the agent.
         if let Err(e) = core.flush_checkpoint() {
@@ -398,6 +451,20 @@ pub(crate) async fn drive(
                 connecting = Some(spawn_connect(cfg));
             }
             () = opt_sleep(update_deadline) => core.poll_updates(Instant::now()),
+            _ = gc_tick.tick() => {
+                if gc_job.is_none() {
+                    gc_job = gc_step(cfg, layout, core, None);
+                }
+            }
+            r = opt_join(gc_job.as_mut()) => {
+                gc_job = match r {
+                    Ok(step) => gc_step(cfg, layout, core, Some(step)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sandbox collection failed");
+                        None
+                    }
+                };
+            }
         }
     };
     if let Some(h) = connecting.take() {

@@ -21,6 +21,10 @@ pub const TASK_OOM_KILLS: &str = "agora_agent_task_oom_kills_total";
 pub const TASK_PIDS_LIMIT_HITS: &str = "agora_agent_task_pids_limit_hits_total";
 /// Tasks that could not be given their cgroup.
 pub const TASK_ISOLATION_FAILURES: &str = "agora_agent_task_isolation_failures_total";
+/// Finished sandboxes removed by garbage collection.
+pub const SANDBOXES_REMOVED: &str = "agora_agent_sandboxes_removed_total";
+/// Finished sandboxes waiting for removal.
+pub const SANDBOXES_SCHEDULED: &str = "agora_agent_sandboxes_scheduled";
 
 /// Feeds the agent's aggregate metrics from successive samples of one task's cgroup: counters
 /// grow by what the task used since the previous sample, the memory gauge moves by its change.

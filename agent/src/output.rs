@@ -136,6 +136,16 @@ pub async fn serve(
         let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg))).await;
         return;
     };
+    if *target.done.borrow() && matches!(tokio::fs::try_exists(&target.path).await, Ok(false)) {
+        let msg = format!(
+            "the sandbox of task {} was removed by garbage collection (finished sandboxes are kept for the \
+             agent's --gc-delay, less when its disk fills up)",
+            request.task_id
+        );
+        tracing::debug!(task_id = %request.task_id, "output request for a removed sandbox");
+        let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg))).await;
+        return;
+    }
     target.path = target.path.join(file);
     let mut writer = FrameWriter::new(send);
     if writer.send(&OutputReply::Streaming).await.is_err() {

@@ -50,19 +50,32 @@ fn total_memory() -> u64 {
 }
 
 fn free_disk(path: &Path) -> u64 {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return 0;
-    };
+    fs_space(path).map(|s| s.avail).unwrap_or(0)
+}
+
+/// Size and free space of a file system, bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FsSpace {
+    /// Its size.
+    pub total: u64,
+    /// What an unprivileged user may still write.
+    pub avail: u64,
+}
+
+/// `statvfs(2)` of the file system holding `path`.
+pub(crate) fn fs_space(path: &Path) -> std::io::Result<FsSpace> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: statvfs is plain old data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated string and `st` a live, writable local.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
+        return Err(std::io::Error::last_os_error());
     }
     // The field types differ between targets (u32 on some 32-bit ones).
     #[allow(clippy::useless_conversion)]
-    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
-    avail.saturating_mul(frsize)
+    let (blocks, avail, frsize) = (u64::from(st.f_blocks), u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(FsSpace { total: blocks.saturating_mul(frsize), avail: avail.saturating_mul(frsize) })
 }
 
 fn usable_mem(total: u64) -> u64 {

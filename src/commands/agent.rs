@@ -71,6 +71,26 @@ pub struct AgentCommand {
     /// the tasks of those that do not are failed and killed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     executor_reregister_timeout: Duration,
+    /// How long the sandbox of a finished task (its output and files) is kept after its end
+    /// was acknowledged; less when the disk fills up (see --gc-disk-headroom).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    gc_delay: Duration,
+    /// Fraction of the work dir's disk to keep free (0 to 1): finished sandboxes are kept
+    /// --gc-delay × max(0, 1 − headroom − disk usage), so a disk that fills up removes them sooner.
+    #[arg(long, default_value_t = agora_agent::gc::DEFAULT_DISK_HEADROOM, value_parser = parse_headroom)]
+    gc_disk_headroom: f64,
+    /// How often finished sandboxes that are due are removed.
+    #[arg(long, default_value = "1m", value_parser = parse_duration, hide = true)]
+    gc_interval: Duration,
+}
+
+/// `--gc-disk-headroom`: a fraction between 0 and 1.
+fn parse_headroom(s: &str) -> Result<f64, String> {
+    let v: f64 =
+        s.trim().parse().map_err(|_| format!("not a number: {s:?} (give a fraction such as 0.1)"))?;
+    let config = agora_agent::gc::GcConfig { disk_headroom: v, ..agora_agent::gc::GcConfig::default() };
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(v)
 }
 
 impl AgentCommand {
@@ -99,6 +119,11 @@ impl AgentCommand {
             recovery: agora_agent::RecoveryConfig {
                 mode: self.recover,
                 executor_reregister_timeout: self.executor_reregister_timeout,
+            },
+            gc: agora_agent::gc::GcConfig {
+                delay: self.gc_delay,
+                disk_headroom: self.gc_disk_headroom,
+                interval: self.gc_interval,
             },
         };
         let token = shutdown.clone();

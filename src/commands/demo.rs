@@ -307,6 +307,7 @@ impl DemoCommand {
             allocator: "drf".into(),
             core: MasterConfig { allocation_interval: Duration::from_millis(250), ..MasterConfig::default() },
             // The `custom` framework ships this very binary as its executor.
+            gc: agora_agent::gc::GcConfig::default(),
             max_artifact_size: 1 << 30,
         })
         .await?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agora_sdk::units::parse_duration;
 use agora_sdk::{Attributes, Resources};
 use clap::Args;
 
@@ -32,6 +33,12 @@ pub struct DevCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// How long the sandbox of a finished task is kept (less when the disk fills up).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    gc_delay: Duration,
+    /// How often the agents remove the sandboxes that are due (for tests).
+    #[arg(long, default_value = "1m", value_parser = parse_duration, hide = true)]
+    gc_interval: Duration,
     #[command(flatten)]
     allocation: AllocationArgs,
     #[command(flatten)]
@@ -76,6 +83,11 @@ impl DevCommand {
             allocator: self.allocation.allocator,
             core,
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+            gc: agora_agent::gc::GcConfig {
+                delay: self.gc_delay,
+                interval: self.gc_interval,
+                ..agora_agent::gc::GcConfig::default()
+            },
         })
         .await?;
         if let Some(addr) = self.http {

@@ -129,6 +129,7 @@ impl TestCluster {
             executors: wasm,
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
+            gc: agora_agent::gc::GcConfig::default(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -159,6 +160,7 @@ impl TestCluster {
             executors: executors_config(),
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
+            gc: agora_agent::gc::GcConfig::default(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
