@@ -88,7 +88,8 @@ impl FakeMaster {
     }
 
     async fn accept(&self) -> AgentConn {
-        self.accept_with(HelloReply::Welcome { version: PROTOCOL_VERSION, master_id: "m".into() }).await
+        self.accept_with(HelloReply::Welcome { version: PROTOCOL_VERSION, master_id: "m".into(), epoch: 1 })
+            .await
     }
 }
 

@@ -199,7 +199,13 @@ pub fn spawn_with_registry(
     let (fatal_tx, fatal) = watch::channel(None);
     tokio::spawn(run_core(core, Box::new(reg), rx, fatal_tx, shutdown.clone()).in_current_span());
     let store = Arc::new(store);
-    tokio::spawn(accept_loop(endpoint, tx.clone(), master_id.clone(), store, shutdown).in_current_span());
+    let me = Arc::new(MasterView {
+        id: master_id.clone(),
+        address: addr.to_string(),
+        leader: true,
+        epoch: state.epoch,
+    });
+    tokio::spawn(accept_loop(endpoint, tx.clone(), me, store, shutdown).in_current_span());
     Ok(MasterHandle { addr, master_id, core: CoreClient(tx), fatal })
 }
 
@@ -323,7 +329,7 @@ fn apply(
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: mpsc::UnboundedSender<Command>,
-    master_id: String,
+    me: Arc<MasterView>,
     store: Arc<ArtifactStore>,
     shutdown: CancellationToken,
 ) {
@@ -335,13 +341,13 @@ async fn accept_loop(
         };
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let core = core.clone();
-        let master_id = master_id.clone();
+        let me = me.clone();
         let store = store.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_connection(conn_id, conn, core, master_id, store, shutdown).await,
+                Ok(conn) => serve_connection(conn_id, conn, core, me, store, shutdown).await,
                 // Includes clients without a certificate signed by the cluster CA.
                 Err(e) => info!(%remote, error = %e, "connection refused during handshake"),
             }
@@ -370,6 +376,7 @@ fn frame_error(e: &FrameError) -> WireError {
 async fn handshake(
     conn: &quinn::Connection,
     master_id: &str,
+    epoch: u64,
 ) -> Result<(Identity, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
     let identity = peer_identity(conn).map_err(|e| e.to_string())?;
     let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
@@ -404,7 +411,11 @@ async fn handshake(
     match verdict {
         Ok(()) => {
             writer
-                .send(&HelloReply::Welcome { version: PROTOCOL_VERSION, master_id: master_id.to_string() })
+                .send(&HelloReply::Welcome {
+                    version: PROTOCOL_VERSION,
+                    master_id: master_id.to_string(),
+                    epoch,
+                })
                 .await
                 .map_err(|e| e.to_string())?;
             Ok((identity, writer, reader))
@@ -424,12 +435,12 @@ async fn serve_connection(
     id: ConnId,
     conn: quinn::Connection,
     core: mpsc::UnboundedSender<Command>,
-    master_id: String,
+    me: Arc<MasterView>,
     store: Arc<ArtifactStore>,
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
-    let (identity, writer, reader) = match handshake(&conn, &master_id).await {
+    let (identity, writer, reader) = match handshake(&conn, &me.id, me.epoch).await {
         Ok(x) => x,
         Err(why) => {
             info!(%remote, conn = id, reason = %why, "connection refused");
@@ -458,7 +469,7 @@ async fn serve_connection(
                 )
                 .await
             }
-            Role::Operator => serve_operator(conn, writer, reader, core, shutdown).await,
+            Role::Operator => serve_operator(conn, writer, reader, core, &me, shutdown).await,
             Role::Master => {}
         }
         debug!("disconnected");
@@ -621,6 +632,7 @@ async fn serve_operator(
     mut writer: FrameWriter<SendStream>,
     mut reader: FrameReader<RecvStream>,
     core: mpsc::UnboundedSender<Command>,
+    me: &MasterView,
     shutdown: CancellationToken,
 ) {
     let core = CoreClient(core);
@@ -639,6 +651,8 @@ async fn serve_operator(
             Ok(Some(OperatorCall::GetCompletedFrameworks)) => {
                 OperatorReply::Frameworks(core.ask(Query::CompletedFrameworks).await.unwrap_or_default())
             }
+            // One master: itself, the leader.
+            Ok(Some(OperatorCall::GetMasters)) => OperatorReply::Masters(vec![me.clone()]),
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
             }

@@ -36,6 +36,9 @@ pub enum ClientError {
     Refused(WireError),
     #[error("the master closed the connection")]
     Closed,
+    /// The master is a standby; `leader` is where the leader listens, if it knows.
+    #[error("the master at {addr} is not the leader{}", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { addr: SocketAddr, leader: Option<String> },
     #[error("unexpected reply from the master: {0}")]
     Unexpected(String),
     #[error(transparent)]
@@ -103,6 +106,7 @@ impl Session {
                 Ok(Session { endpoint, conn, writer, reader, master_id })
             }
             Some(HelloReply::Refused(e)) => Err(ClientError::Refused(e)),
+            Some(HelloReply::NotLeader { leader }) => Err(ClientError::NotLeader { addr: peer, leader }),
             None => Err(ClientError::Closed),
         }
     }

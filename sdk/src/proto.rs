@@ -12,7 +12,7 @@ use crate::attributes::Attributes;
 use crate::resources::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN protocol name of Agora's QUIC connections.
 pub const ALPN: &[u8] = b"agora/1";
@@ -189,10 +189,24 @@ pub struct Hello {
     pub role: Role,
 }
 
+/// The master's answer to [`Hello`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HelloReply {
-    Welcome { version: u32, master_id: String },
+    /// Go ahead.
+    Welcome {
+        version: u32,
+        master_id: String,
+        /// The leader's epoch (its election's number; with one master, the registry's start
+        /// count). A peer that has seen a higher epoch drops this connection: it talks to a
+        /// deposed leader.
+        epoch: u64,
+    },
     Refused(WireError),
+    /// This master is a standby (several masters, see `agora master --etcd`): it serves
+    /// nothing; connect to `leader` (`host:port`) if known, or try the next master.
+    NotLeader {
+        leader: Option<String>,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -818,6 +832,21 @@ pub enum OperatorCall {
     /// started, oldest first (a bounded history, status `completed`); answered with
     /// `Frameworks`.
     GetCompletedFrameworks,
+    /// Every master of the cluster and which one leads; answered with `Masters`.
+    GetMasters,
+}
+
+/// One master of the cluster, as `agora masters` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterView {
+    /// The master's id.
+    pub id: String,
+    /// `host:port` its peers connect to.
+    pub address: String,
+    /// Whether it is the leader.
+    pub leader: bool,
+    /// The leader's epoch (0 for a standby that has never led).
+    pub epoch: u64,
 }
 
 /// Master → operator.
@@ -832,6 +861,8 @@ pub enum OperatorReply {
     AgentsPart(Vec<AgentView>),
     FrameworksPart(Vec<FrameworkView>),
     TasksPart(Vec<TaskView>),
+    /// The cluster's masters (see [`OperatorCall::GetMasters`]).
+    Masters(Vec<MasterView>),
 }
 
 // ---------------------------------------------------------------------------------------------
