@@ -157,6 +157,7 @@ async fn tasks_survive_a_kill_9_of_their_agent() {
     assert!(native.values().all(|p| alive(*p)), "native tasks outlive their agent");
     assert!(executors.iter().all(|p| alive(*p)), "executors outlive their agent");
 
+    let restarted = std::time::Instant::now();
     c.start_agent(&["--resources", "cpus:8;mem:4GiB"]);
     // Taken back: the master lists them RUNNING again (from the agent's registration), with
     // the same processes.
@@ -165,6 +166,13 @@ async fn tasks_survive_a_kill_9_of_their_agent() {
         let running = tasks.iter().filter(|t| t["state"] == "TASK_RUNNING").count();
         (running == 40).then_some(())
     });
+    // A figure for RELIABILITY.md (printed, not asserted: machines differ): until the
+    // restarted agent has its executors back and has registered with its 40 tasks.
+    poll("the restarted agent's registration", 30, || {
+        let log = c.agent.as_ref().map(|a| a.stderr_text()).unwrap_or_default();
+        log.contains("registered with the master").then_some(())
+    });
+    eprintln!("FIGURE agent restart -> registered with its 40 tasks: {:?}", restarted.elapsed());
     assert!(native.values().all(|p| alive(*p)), "the same native processes run after the restart");
     collect_updates(&mut fw, &mut seen, &mut repeats, |s| {
         s.values().filter(|v| v.iter().any(|u| u.state.is_terminal())).count() == 40
@@ -176,7 +184,7 @@ async fn tasks_survive_a_kill_9_of_their_agent() {
         assert_eq!(updates[1].exit_code, Some(0), "task {id}: {:?}", updates[1]);
     }
     assert!(native.values().all(|p| !alive(*p)));
-    eprintln!("{repeats} update(s) reached the framework again with the same uuid");
+    eprintln!("FIGURE updates lost: 0 of 80; repeated to the framework (same uuid): {repeats}");
     c.stop();
 }
 
