@@ -120,6 +120,8 @@ pub struct Core {
     pending_acks: HashMap<(FrameworkId, ExecutorId), (u64, u64)>,
     /// Sandboxes no task or executor uses any more, waiting for removal (see [`crate::gc`]).
     gc: gc::Scheduled,
+    /// Sandboxes handed to garbage collection (bounded like the finished list they serve).
+    collected: gc::Collected,
 }
 
 impl Core {
@@ -152,6 +154,7 @@ impl Core {
             checkpoint: None,
             pending_acks: HashMap::new(),
             gc: gc::Scheduled::default(),
+            collected: gc::Collected::default(),
         }
     }
 
@@ -641,11 +644,17 @@ impl Core {
             None => self.tasks.iter().find(|(k, _)| k.task_id == req.task_id).map(|(_, e)| e),
         };
         if let Some(e) = live {
-            return Some(OutputTarget { path: e.run_dir.clone(), done: e.handle.done.clone() });
+            return Some(OutputTarget {
+                path: e.run_dir.clone(),
+                done: e.handle.done.clone(),
+                collected: false,
+            });
         }
-        self.finished
-            .find(req.framework_id.as_ref(), &req.task_id)
-            .map(|dir| OutputTarget::finished(dir.clone()))
+        self.finished.find(req.framework_id.as_ref(), &req.task_id).map(|dir| {
+            let mut target = OutputTarget::finished(dir.clone());
+            target.collected = self.collected.contains(dir);
+            target
+        })
     }
 
     /// The sandbox of a task this agent knows.
@@ -773,6 +782,9 @@ impl Core {
     /// Takes the sandboxes due for removal at `now` when finished ones are kept `keep`.
     pub fn take_due_sandboxes(&mut self, now: SystemTime, keep: Duration) -> Vec<PathBuf> {
         let due = self.gc.due(now, keep);
+        for dir in &due {
+            self.collected.insert(dir.clone());
+        }
         if !due.is_empty() {
             metrics::gauge!(crate::metrics::SANDBOXES_SCHEDULED).set(self.gc.len() as f64);
         }

@@ -121,6 +121,37 @@ impl Scheduled {
     }
 }
 
+/// The sandboxes most recently handed to removal (at most [`MAX_COLLECTED`]), so that a
+/// request for a finished task's output can tell "removed by garbage collection" from a task
+/// that never wrote any.
+#[derive(Debug, Default)]
+pub struct Collected {
+    order: VecDeque<PathBuf>,
+    set: HashSet<PathBuf>,
+}
+
+/// Most removed sandboxes remembered by [`Collected`].
+pub const MAX_COLLECTED: usize = 10_000;
+
+impl Collected {
+    /// Remembers `dir` as removed.
+    pub fn insert(&mut self, dir: PathBuf) {
+        if self.set.insert(dir.clone()) {
+            self.order.push_back(dir);
+        }
+        while self.order.len() > MAX_COLLECTED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `dir` was removed (recently enough to be remembered).
+    pub fn contains(&self, dir: &Path) -> bool {
+        self.set.contains(dir)
+    }
+}
+
 /// Fraction (0–1) of the file system holding `path` that is used, as `df` counts it for an
 /// unprivileged user.
 pub fn disk_usage(path: &Path) -> io::Result<f64> {

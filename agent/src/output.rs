@@ -25,12 +25,15 @@ pub struct OutputTarget {
     pub path: PathBuf,
     /// `true` once the task's process has ended (nothing more will be written).
     pub done: watch::Receiver<bool>,
+    /// The agent's garbage collection removed this sandbox (a missing file is then reported
+    /// as removed, not served as empty output).
+    pub collected: bool,
 }
 
 impl OutputTarget {
     /// A target whose task is over.
     pub fn finished(path: PathBuf) -> Self {
-        Self { path, done: watch::channel(true).1 }
+        Self { path, done: watch::channel(true).1, collected: false }
     }
 }
 
@@ -136,7 +139,7 @@ pub async fn serve(
         let _ = reply_and_finish(send, &OutputReply::Error(WireError::new(ErrorCode::NotFound, msg))).await;
         return;
     };
-    if *target.done.borrow() && matches!(tokio::fs::try_exists(&target.path).await, Ok(false)) {
+    if target.collected && matches!(tokio::fs::try_exists(&target.path).await, Ok(false)) {
         let msg = format!(
             "the sandbox of task {} was removed by garbage collection (finished sandboxes are kept for the \
              agent's --gc-delay, less when its disk fills up)",
@@ -203,7 +206,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("stdout");
         let (done_tx, done) = watch::channel(false);
-        let target = OutputTarget { path: path.clone(), done };
+        let target = OutputTarget { path: path.clone(), done, collected: false };
         let copier = tokio::spawn(async move {
             let mut out = Vec::new();
             copy_output(&mut out, target, 0, true).await.map(|_| out)
