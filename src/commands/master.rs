@@ -59,7 +59,7 @@ pub struct MasterCommand {
     /// With it `--work-dir` holds only the artifact store: give every master the same shared
     /// directory.
     #[arg(long, value_parser = parse_etcd)]
-    etcd: Option<Vec<String>>,
+    etcd: Option<EtcdEndpoints>,
     /// The cluster's name (with `--etcd`): its etcd key prefix and the stable part of ids.
     #[arg(long, default_value = "agora", requires = "etcd", value_parser = parse_cluster_name)]
     cluster_name: String,
@@ -73,8 +73,12 @@ pub struct MasterCommand {
     advertise: Option<String>,
 }
 
-fn parse_etcd(s: &str) -> Result<Vec<String>, String> {
-    agora_master::ha::parse_endpoints(s).map_err(|e| e.to_string())
+/// etcd's client URLs (one flag value, comma-separated).
+#[derive(Clone, Debug)]
+pub struct EtcdEndpoints(pub Vec<String>);
+
+fn parse_etcd(s: &str) -> Result<EtcdEndpoints, String> {
+    agora_master::ha::parse_endpoints(s).map(EtcdEndpoints).map_err(|e| e.to_string())
 }
 
 fn parse_cluster_name(s: &str) -> Result<String, String> {
@@ -251,7 +255,7 @@ impl MasterCommand {
         };
         let handle = match self.etcd {
             None => server::spawn(config, shutdown.clone())?,
-            Some(endpoints) => {
+            Some(EtcdEndpoints(endpoints)) => {
                 let advertise = match self.advertise {
                     Some(a) => a,
                     None if self.listen.ip().is_unspecified() => anyhow::bail!(
