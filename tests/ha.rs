@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use agora_master::ha::{Attempt, Election, HaConfig};
 use agora_master::registry::{
-    AgentRecord, AgentStanding, ArtifactRecord, EtcdRegistry, FrameworkRecord, Registry, RegistryError, RegistryOp,
+    AgentRecord, AgentStanding, ArtifactRecord, EtcdRegistry, FrameworkRecord, Registry, RegistryError,
+    RegistryOp,
 };
 use agora_sdk::client::{ClientError, Session};
 use agora_sdk::proto::*;
@@ -85,7 +86,8 @@ async fn etcd_registry_round_trips_and_fences_a_deposed_leader() {
         .expect("apply removals");
 
     // A registry of another epoch is refused at once.
-    let mut wrong = EtcdRegistry::connect(&eps, "rt", epoch + 1000, Duration::from_secs(5)).expect("registry");
+    let mut wrong =
+        EtcdRegistry::connect(&eps, "rt", epoch + 1000, Duration::from_secs(5)).expect("registry");
     let err = wrong.open_epoch().expect_err("not the leader's epoch");
     assert!(matches!(err, RegistryError::Fenced { .. }), "{err:?}");
 
@@ -180,15 +182,14 @@ async fn settled_leader(addrs: &[&str], tls: &Path) -> Option<(usize, u64)> {
         answers.push(ans);
     }
     let (i, e) = leader?;
-    let named = answers
-        .iter()
-        .enumerate()
-        .all(|(j, a)| j == i || *a == Answer::Standby(Some(addrs[i].to_string())));
+    let named =
+        answers.iter().enumerate().all(|(j, a)| j == i || *a == Answer::Standby(Some(addrs[i].to_string())));
     named.then_some((i, e))
 }
 
 async fn operator_call(addr: &str, tls: &Path, call: OperatorCall) -> OperatorReply {
-    let mut s = Session::connect(addr, &TlsFiles::in_dir(tls, "operator"), Role::Operator).await.expect("operator");
+    let mut s =
+        Session::connect(addr, &TlsFiles::in_dir(tls, "operator"), Role::Operator).await.expect("operator");
     s.writer.send(&call).await.expect("send");
     let mut parts = Vec::new();
     loop {
@@ -246,15 +247,19 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     let work = dir.path().join("agent");
     let agent_cmd = |master: &str| {
         let mut c = Command::new(AGORA);
-        c.args(["agent", "--master", master, "--tls-dir"])
-            .arg(&tls)
-            .arg("--work-dir")
-            .arg(&work)
-            .args(["--resources", "cpus:2;mem:512MiB", "--kill-grace", "500ms", "--recovery-timeout", "30s"]);
+        c.args(["agent", "--master", master, "--tls-dir"]).arg(&tls).arg("--work-dir").arg(&work).args([
+            "--resources",
+            "cpus:2;mem:512MiB",
+            "--kill-grace",
+            "500ms",
+            "--recovery-timeout",
+            "30s",
+        ]);
         c
     };
     let mut agent = Proc::spawn("agent", dir.path(), &mut agent_cmd(&leader));
-    let mut cfg = agora_sdk::scheduler::DriverConfig::new(leader.clone(), TlsFiles::in_dir(&tls, "framework"), "ha");
+    let mut cfg =
+        agora_sdk::scheduler::DriverConfig::new(leader.clone(), TlsFiles::in_dir(&tls, "framework"), "ha");
     cfg.framework.failover_timeout = Duration::from_secs(120);
     let mut fw = ProbeFramework::start(cfg.clone()).await;
     let fw_id = fw.id.clone().expect("framework id");
@@ -313,8 +318,10 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     );
 
     fw.driver().kill(TaskId::new("t1"));
-    fw.until(|s| matches!(s, Seen::Update(u) if u.task_id.as_str() == "t1" && u.state.is_terminal()).then_some(()))
-        .await;
+    fw.until(|s| {
+        matches!(s, Seen::Update(u) if u.task_id.as_str() == "t1" && u.state.is_terminal()).then_some(())
+    })
+    .await;
     let st = agent.stop();
     assert!(st.success(), "agent: {st} {}", agent.stderr_text());
     for m in &mut masters {
@@ -352,7 +359,10 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_another_is_elected() {
     proxy.cut();
     let cut = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(15), peer.reader.recv::<OperatorReply>()).await;
-    assert!(matches!(ended, Ok(Ok(None)) | Ok(Err(_))), "a peer of the deposed leader stayed connected: {ended:?}");
+    assert!(
+        matches!(ended, Ok(Ok(None)) | Ok(Err(_))),
+        "a peer of the deposed leader stayed connected: {ended:?}"
+    );
     let mut epoch_b = 0;
     let deadline = cut + Duration::from_secs(15);
     while epoch_b == 0 {

@@ -81,7 +81,8 @@ impl EpochGuard {
             }
         }
         let tmp = self.path.with_extension("tmp");
-        let write = std::fs::write(&tmp, format!("{cluster} {epoch}\n")).and_then(|()| std::fs::rename(&tmp, &self.path));
+        let write = std::fs::write(&tmp, format!("{cluster} {epoch}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
         write.map_err(|err| EpochError { path: self.path.clone(), err })?;
         self.cluster = cluster.to_string();
         self.epoch = epoch;

@@ -35,7 +35,9 @@ pub enum HaError {
     #[error("invalid cluster name `{0}`: 1 to 64 letters, digits, `-`, `_` or `.`")]
     ClusterName(String),
     /// A bad `--etcd` list.
-    #[error("invalid --etcd `{0}`: give one or more URLs such as http://127.0.0.1:2379, separated by commas")]
+    #[error(
+        "invalid --etcd `{0}`: give one or more URLs such as http://127.0.0.1:2379, separated by commas"
+    )]
     Endpoints(String),
 }
 
@@ -118,10 +120,12 @@ impl Election {
         check_cluster_name(&cfg.cluster)?;
         let ttl = Duration::from_secs(cfg.lease_ttl.as_secs_f64().ceil().max(1.0) as u64);
         let endpoints = cfg.endpoints.join(",");
-        let client = Client::connect(&cfg.endpoints, Some(connect_options(request_timeout(ttl))))
-            .await
-            .map_err(|e| HaError::Etcd { endpoints: endpoints.clone(), what: "connect", reason: e.to_string() })?;
-        let me = MemberRecord { id: uuid::Uuid::new_v4().simple().to_string(), address: cfg.advertise.clone() };
+        let client =
+            Client::connect(&cfg.endpoints, Some(connect_options(request_timeout(ttl)))).await.map_err(
+                |e| HaError::Etcd { endpoints: endpoints.clone(), what: "connect", reason: e.to_string() },
+            )?;
+        let me =
+            MemberRecord { id: uuid::Uuid::new_v4().simple().to_string(), address: cfg.advertise.clone() };
         Ok(Election { client, keys: EtcdKeys::new(&cfg.cluster), endpoints, me, ttl, lease: None })
     }
 
@@ -148,7 +152,11 @@ impl Election {
     /// own. The receiver turns `false` (for good) once the lease cannot be vouched for.
     pub async fn new_lease(&mut self) -> Result<watch::Receiver<bool>, HaError> {
         let asked_at = Instant::now();
-        let grant = self.client.lease_grant(self.ttl.as_secs() as i64, None).await.map_err(self.err("lease grant"))?;
+        let grant = self
+            .client
+            .lease_grant(self.ttl.as_secs() as i64, None)
+            .await
+            .map_err(self.err("lease grant"))?;
         let id = grant.id();
         self.ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         self.lease = Some(id);
@@ -309,7 +317,11 @@ impl Members {
     /// Every registered master, the leader flagged with its epoch (the others' epoch is 0).
     pub async fn list(&self) -> Result<Vec<MasterView>, HaError> {
         let err = |what| {
-            move |e: etcd_client::Error| HaError::Etcd { endpoints: self.endpoints.clone(), what, reason: e.to_string() }
+            move |e: etcd_client::Error| HaError::Etcd {
+                endpoints: self.endpoints.clone(),
+                what,
+                reason: e.to_string(),
+            }
         };
         let mut kv = self.client.kv_client();
         let leader = kv.get(self.keys.leader(), None).await.map_err(err("leader"))?;
@@ -331,7 +343,12 @@ impl Members {
             .filter_map(|kv| serde_json::from_slice::<MemberRecord>(kv.value()).ok())
             .map(|m| {
                 let leads = leader.as_deref() == Some(m.id.as_str());
-                MasterView { id: m.id, address: m.address, leader: leads, epoch: if leads { epoch } else { 0 } }
+                MasterView {
+                    id: m.id,
+                    address: m.address,
+                    leader: leads,
+                    epoch: if leads { epoch } else { 0 },
+                }
             })
             .collect())
     }

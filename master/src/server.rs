@@ -27,8 +27,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::allocator;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
-use crate::metrics;
 use crate::ha::{self, Attempt, Election, HaConfig, HaError};
+use crate::metrics;
 use crate::registry::{
     ArtifactRecord, EtcdRegistry, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE,
 };
@@ -317,7 +317,15 @@ async fn campaign(
                     let timeout = election.ttl().max(Duration::from_secs(1));
                     let reg = EtcdRegistry::connect(&endpoints, &cluster, epoch, timeout);
                     let term = reg.map_err(ServerError::from).and_then(|reg| {
-                        start_term(&config, &registry, Box::new(reg), &store, addr, members, shutdown.child_token())
+                        start_term(
+                            &config,
+                            &registry,
+                            Box::new(reg),
+                            &store,
+                            addr,
+                            members,
+                            shutdown.child_token(),
+                        )
                     });
                     let term = match term {
                         Ok(t) => Arc::new(t),
@@ -402,12 +410,8 @@ fn start_term(
         agents = state.agents.len(), "registry open");
     let (fatal_tx, fatal) = watch::channel(None);
     tokio::spawn(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span());
-    let me = MasterView {
-        id: state.master_id(),
-        address: addr.to_string(),
-        leader: true,
-        epoch: state.epoch,
-    };
+    let me =
+        MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
     Ok(Term { core: CoreClient(tx), me, members, stop, fatal })
 }
 
@@ -584,7 +588,9 @@ async fn not_leader(conn: quinn::Connection, leader: Option<String>) {
         Ok::<_, String>(())
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
-        Ok(Ok(())) => debug!(%remote, leader = leader.as_deref().unwrap_or("?"), "standby: told a peer where the leader is"),
+        Ok(Ok(())) => {
+            debug!(%remote, leader = leader.as_deref().unwrap_or("?"), "standby: told a peer where the leader is")
+        }
         Ok(Err(e)) => debug!(%remote, error = %e, "standby: hello failed"),
         Err(_) => debug!(%remote, "standby: no hello in time"),
     }

@@ -23,7 +23,9 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, T
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{AgentRecord, ArtifactRecord, FrameworkRecord, Registry, RegistryError, RegistryOp, RegistryState};
+use super::{
+    AgentRecord, ArtifactRecord, FrameworkRecord, Registry, RegistryError, RegistryOp, RegistryState,
+};
 
 /// Most operations in one etcd transaction (etcd refuses more than `--max-txn-ops`, 128 by
 /// default). A larger batch is written in several transactions, each fenced.
@@ -153,7 +155,12 @@ impl EtcdRegistry {
         block_on(rt, self.timeout, fut)?.map_err(|e| e.to_string())
     }
 
-    fn decode<T: DeserializeOwned>(&self, what: &'static str, key: &[u8], value: &[u8]) -> Result<T, RegistryError> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<T, RegistryError> {
         serde_json::from_slice(value).map_err(|e| RegistryError::Corrupt {
             path: self.path(),
             what,
@@ -177,7 +184,9 @@ impl EtcdRegistry {
         }
         match op {
             RegistryOp::PutFramework(f) => put(self.keys.record("frameworks", f.id.as_str()), f),
-            RegistryOp::RemoveFramework(id) => TxnOp::delete(self.keys.record("frameworks", id.as_str()), None),
+            RegistryOp::RemoveFramework(id) => {
+                TxnOp::delete(self.keys.record("frameworks", id.as_str()), None)
+            }
             RegistryOp::PutAgent(a) => put(self.keys.record("agents", a.id.as_str()), a),
             RegistryOp::RemoveAgent(id) => TxnOp::delete(self.keys.record("agents", id.as_str()), None),
             RegistryOp::PutArtifact(a) => put(self.keys.record("artifacts", a.digest.as_str()), a),
