@@ -397,3 +397,76 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_another_is_elected() {
     a.proc.stop();
     b.proc.stop();
 }
+
+/// An agent never follows a master whose epoch is below one it already followed (a deposed
+/// leader still running): here a master started from an older copy of its registry, whose
+/// epoch is therefore lower. The agent drops it, and so does the same agent restarted (the
+/// epoch is kept in its work dir).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_master_with_an_older_epoch() {
+    let dir = RealCluster::prepare();
+    let tls = dir.path().join("tls");
+    let mwork = dir.path().join("master-work");
+    let master = |name: &str, listen: &str| {
+        let mut p = Proc::spawn(
+            name,
+            dir.path(),
+            Command::new(AGORA)
+                .args(["master", "--listen", listen, "--tls-dir"])
+                .arg(&tls)
+                .arg("--work-dir")
+                .arg(&mwork),
+        );
+        let addr = p.wait_stdout("its address", |l| {
+            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+        });
+        (p, addr)
+    };
+    // Epoch 1 (its registry copied aside), epoch 2, then epoch 3 with the agent.
+    let (mut m1, addr) = master("master1", "127.0.0.1:0");
+    assert!(m1.stop().success());
+    let registry = mwork.join("registry.redb");
+    std::fs::copy(&registry, dir.path().join("registry-epoch1.redb")).expect("copy the registry");
+    let (mut m2, _) = master("master2", &addr);
+    assert!(m2.stop().success());
+    let (mut m3, _) = master("master3", &addr);
+    let work = dir.path().join("agent");
+    let agent_cmd = || {
+        let mut c = Command::new(AGORA);
+        c.args(["agent", "--master", &addr, "--tls-dir"])
+            .arg(&tls)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--resources", "cpus:1;mem:256MiB"]);
+        c
+    };
+    let mut agent = Proc::spawn("agent", dir.path(), &mut agent_cmd());
+    let epoch_file = work.join(agora_agent::epoch::EPOCH_FILE);
+    common::dev::poll("the agent to record epoch 3", 30, || {
+        let text = std::fs::read_to_string(&epoch_file).ok()?;
+        text.trim().ends_with(" 3").then_some(())
+    });
+
+    // The master comes back from the older registry: epoch 2.
+    m3.kill9();
+    std::fs::copy(dir.path().join("registry-epoch1.redb"), &registry).expect("restore the registry");
+    let (_m4, _) = master("master4", &addr);
+    let refused = |a: &Proc| a.stderr_text().contains("older than one already followed");
+    common::dev::poll("the agent to drop the master of epoch 2", 60, || refused(&agent).then_some(()));
+    let OperatorReply::Agents(agents) = operator_call(&addr, &tls, OperatorCall::GetAgents).await else {
+        panic!("GetAgents must answer Agents")
+    };
+    assert!(agents.is_empty(), "the agent registered with a deposed master: {agents:?}");
+    assert!(std::fs::read_to_string(&epoch_file).expect("epoch file").trim().ends_with(" 3"));
+
+    // Restarted, it remembers.
+    agent.kill9();
+    let agent = Proc::spawn("agent-again", dir.path(), &mut agent_cmd());
+    common::dev::poll("the restarted agent to drop the master of epoch 2", 60, || {
+        refused(&agent).then_some(())
+    });
+    let OperatorReply::Agents(agents) = operator_call(&addr, &tls, OperatorCall::GetAgents).await else {
+        panic!("GetAgents must answer Agents")
+    };
+    assert!(agents.is_empty(), "the restarted agent registered with a deposed master: {agents:?}");
+}

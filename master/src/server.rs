@@ -273,11 +273,22 @@ async fn campaign(
     shutdown: CancellationToken,
 ) {
     let retry = Duration::from_millis(500);
+    // Consecutive failures to reach etcd: the first is a warning, the rest (every `retry`
+    // while etcd is away) only debug lines.
+    let mut failures = 0u32;
     'lease: while !shutdown.is_cancelled() {
         let mut alive = match election.new_lease().await {
-            Ok(a) => a,
+            Ok(a) => {
+                failures = 0;
+                a
+            }
             Err(e) => {
-                warn!(error = %e, "cannot take an etcd lease; trying again");
+                failures += 1;
+                if failures == 1 {
+                    warn!(error = %e, "cannot take an etcd lease; standing by and trying again");
+                } else {
+                    debug!(error = %e, failures, "cannot take an etcd lease; trying again");
+                }
                 serving.send_replace(Serving::Standby { leader: None });
                 tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(retry) => {} }
                 continue;
@@ -293,11 +304,17 @@ async fn campaign(
             };
             match attempt {
                 Err(e) => {
-                    warn!(error = %e, "cannot campaign; trying again");
+                    failures += 1;
+                    if failures == 1 {
+                        warn!(error = %e, "cannot campaign; standing by and trying again");
+                    } else {
+                        debug!(error = %e, failures, "cannot campaign; trying again");
+                    }
                     serving.send_replace(Serving::Standby { leader: None });
                     tokio::select! { _ = shutdown.cancelled() => break 'lease, _ = tokio::time::sleep(retry) => {} }
                 }
                 Ok(Attempt::Lost { leader, revision }) => {
+                    failures = 0;
                     if !matches!(&*serving.borrow(), Serving::Standby { leader: l } if *l == leader) {
                         info!(leader = leader.as_deref().unwrap_or("?"), "standby: another master leads");
                         serving.send_replace(Serving::Standby { leader });
@@ -310,6 +327,7 @@ async fn campaign(
                     }
                 }
                 Ok(Attempt::Won { epoch }) => {
+                    failures = 0;
                     info!(epoch, "elected leader");
                     let members = Some(election.members());
                     let endpoints = ha_cfg.endpoints.clone();
@@ -564,7 +582,11 @@ async fn accept_loop(
             // What this master is when the peer says hello decides how it is served.
             let now = serving.borrow().clone();
             match now {
-                Serving::Leader(term) => serve_connection(conn_id, conn, term, store).await,
+                Serving::Leader(term) if !term.stop.is_cancelled() => {
+                    serve_connection(conn_id, conn, term, store).await
+                }
+                // Stepping down this very moment: no Welcome from a term that ended.
+                Serving::Leader(_) => not_leader(conn, None).await,
                 Serving::Standby { leader } => not_leader(conn, leader).await,
             }
         });
