@@ -470,3 +470,31 @@ async fn an_agent_refuses_a_master_with_an_older_epoch() {
     };
     assert!(agents.is_empty(), "the restarted agent registered with a deposed master: {agents:?}");
 }
+
+/// Bad high-availability flags are refused with a message naming what is wrong.
+#[test]
+fn bad_ha_flags_are_refused_naming_them() {
+    let dir = RealCluster::prepare();
+    let tls = dir.path().join("tls");
+    let run = |args: &[&str]| {
+        let out = Command::new(AGORA)
+            .args(["master", "--tls-dir"])
+            .arg(&tls)
+            .args(args)
+            .output()
+            .expect("run agora master");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&["--listen", "127.0.0.1:0", "--etcd", "ftp://x"]);
+    assert!(err.contains("invalid --etcd"), "{err}");
+    let err = run(&["--listen", "127.0.0.1:0", "--etcd", "http://127.0.0.1:1", "--cluster-name", "a/b"]);
+    assert!(err.contains("invalid cluster name"), "{err}");
+    let err = run(&["--listen", "127.0.0.1:0", "--etcd", "http://127.0.0.1:1", "--etcd-lease-ttl", "10min"]);
+    assert!(err.contains("--etcd-lease-ttl"), "{err}");
+    let err = run(&["--listen", "0.0.0.0:0", "--etcd", "http://127.0.0.1:1"]);
+    assert!(err.contains("--advertise"), "{err}");
+    // HA flags without --etcd make no sense.
+    let err = run(&["--listen", "127.0.0.1:0", "--cluster-name", "prod"]);
+    assert!(err.contains("--etcd"), "{err}");
+}

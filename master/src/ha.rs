@@ -353,3 +353,42 @@ impl Members {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_endpoints_are_urls_separated_by_commas() {
+        assert_eq!(
+            parse_endpoints("http://a:2379, https://b:2379").expect("two"),
+            vec!["http://a:2379".to_string(), "https://b:2379".to_string()]
+        );
+        for bad in ["", ",", "a:2379", "ftp://a", &format!("http://{}", "a".repeat(300))] {
+            let err = parse_endpoints(bad).expect_err(bad);
+            assert!(err.to_string().contains("--etcd"), "{err}");
+        }
+        let many = vec!["http://a:1"; 17].join(",");
+        assert!(parse_endpoints(&many).is_err(), "17 endpoints");
+    }
+
+    #[test]
+    fn cluster_names_are_short_and_plain() {
+        for ok in ["agora", "prod-eu.1", "a_b"] {
+            check_cluster_name(ok).expect(ok);
+        }
+        for bad in ["", "a/b", "a b", "ü", &"x".repeat(65)] {
+            let err = check_cluster_name(bad).expect_err(bad);
+            assert!(err.to_string().contains("invalid cluster name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn keys_live_under_the_cluster_prefix() {
+        let k = EtcdKeys::new("prod");
+        assert_eq!(k.leader(), "/agora/prod/leader");
+        assert_eq!(k.masters(), "/agora/prod/masters/");
+        assert_eq!(k.registry(), "/agora/prod/registry/");
+        assert!(EtcdKeys::new("prod2").leader() != k.leader());
+    }
+}
