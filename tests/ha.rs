@@ -79,8 +79,9 @@ async fn etcd_registry_round_trips_and_fences_a_deposed_leader() {
             size: 7,
         }),
     ];
-    // More than one transaction's worth (etcd takes at most 128 operations in one).
-    ops.extend((0..250).map(|n| RegistryOp::PutAgent(agent(n))));
+    // More than one transaction's worth (etcd takes at most 128 operations in one), and more
+    // than one page of reading.
+    ops.extend((0..2100).map(|n| RegistryOp::PutAgent(agent(n))));
     reg.apply(&ops).expect("apply");
     reg.apply(&[RegistryOp::RemoveFramework(framework(2).id), RegistryOp::RemoveAgent(agent(0).id)])
         .expect("apply removals");
@@ -111,9 +112,9 @@ async fn etcd_registry_round_trips_and_fences_a_deposed_leader() {
     let state = reg2.open_epoch().expect("open");
     assert_eq!(state.epoch, epoch2);
     assert_eq!(state.frameworks.values().cloned().collect::<Vec<_>>(), vec![framework(1)]);
-    assert_eq!(state.agents.len(), 249);
+    assert_eq!(state.agents.len(), 2099);
     assert!(!state.agents.contains_key(&agent(0).id));
-    assert_eq!(state.agents.get(&agent(249).id), Some(&agent(249)));
+    assert_eq!(state.agents.get(&agent(2099).id), Some(&agent(2099)));
     assert_eq!(state.artifacts.len(), 1);
     reg2.apply(&[RegistryOp::PutFramework(framework(4))]).expect("the new leader writes");
     let err = reg.apply(&[RegistryOp::PutFramework(framework(5))]).expect_err("the old leader wrote");

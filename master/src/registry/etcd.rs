@@ -31,6 +31,19 @@ use super::{
 /// default). A larger batch is written in several transactions, each fenced.
 pub const MAX_TXN_OPS: usize = 100;
 
+/// Records read per request when loading the registry.
+const PAGE: i64 = 1000;
+
+/// The end of the range of keys that start with `prefix` (its last byte one more; prefixes
+/// here end with `/`, never with 0xff).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
 /// The keys of one cluster in etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdKeys {
@@ -228,9 +241,24 @@ impl Registry for EtcdRegistry {
                 let first = kv.get(leader, None).await?;
                 let rev = first.header().map_or(0, |h| h.revision());
                 let leader_rev = first.kvs().first().map_or(0, |kv| kv.create_revision());
-                let mut records =
-                    kv.get(prefix, Some(GetOptions::new().with_prefix().with_revision(rev))).await?;
-                Ok((leader_rev, records.take_kvs()))
+                // In pages, all at that revision: a large registry fits no single message.
+                let end = prefix_end(&prefix);
+                let mut records = Vec::new();
+                let mut from = prefix.into_bytes();
+                loop {
+                    let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(rev);
+                    let mut page = kv.get(from.clone(), Some(opts)).await?;
+                    let more = page.more();
+                    let kvs = page.take_kvs();
+                    let Some(last) = kvs.last() else { break };
+                    from = last.key().to_vec();
+                    from.push(0);
+                    records.extend(kvs);
+                    if !more {
+                        break;
+                    }
+                }
+                Ok((leader_rev, records))
             })
             .map_err(|e| open_err(self, e))?;
         if leader_rev != self.epoch {
