@@ -244,7 +244,9 @@ pub async fn spawn_ha(
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
     }
-    let store = Arc::new(ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
+    // Several masters may share it (a shared filesystem): no master wipes another's uploads.
+    let store =
+        Arc::new(ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
     let election = Election::connect(&ha_cfg).await?;
     let master_id = election.me().id.clone();
     info!(%addr, advertise = %ha_cfg.advertise, member = %master_id, cluster = %ha_cfg.cluster,
