@@ -268,6 +268,17 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     fw.driver().launch(vec![offer.id], vec![sh_task("t1", "sleep 300", "cpus:0.5;mem:64MiB")]);
     fw.update_for("t1", TaskState::Running).await;
 
+    // An artifact uploaded to the leader (into the masters' shared directory).
+    let script = b"#!/bin/sh\necho from the artifact store\n";
+    let uploaded = {
+        let s = Session::connect(&leader, &TlsFiles::in_dir(&tls, "operator"), Role::Operator)
+            .await
+            .expect("operator");
+        agora_sdk::artifacts::upload_bytes(&s.conn, ArtifactKind::Executable, "probe.sh", script)
+            .await
+            .expect("upload")
+    };
+
     // kill -9 of the leader.
     let killed = Instant::now();
     masters[li].proc.kill9();
@@ -313,6 +324,12 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     };
     let t1 = tasks.iter().find(|t| t.id.as_str() == "t1").expect("t1 on the new leader");
     assert_eq!(t1.state, TaskState::Running, "{t1:?}");
+    // The new leader kept the artifact in its index (its file is in the shared directory).
+    let mut reg = EtcdRegistry::connect(&[etcd.url.clone()], "hatest", epoch2, Duration::from_secs(5))
+        .expect("registry");
+    let state = reg.open_epoch().expect("read the registry");
+    assert_eq!(state.artifacts.get(&uploaded.digest).map(|a| a.size), Some(script.len() as u64));
+    drop(reg);
     println!(
         "HA failover (kill -9 of the leader, lease TTL 1 s): new leader after {to_leader:?}, \
          agent re-registered after {to_agent:?} (agent restarted by the test), first offer after {to_offer:?}"
