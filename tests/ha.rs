@@ -325,8 +325,9 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     let t1 = tasks.iter().find(|t| t.id.as_str() == "t1").expect("t1 on the new leader");
     assert_eq!(t1.state, TaskState::Running, "{t1:?}");
     // The new leader kept the artifact in its index (its file is in the shared directory).
-    let mut reg = EtcdRegistry::connect(&[etcd.url.clone()], "hatest", epoch2, Duration::from_secs(5))
-        .expect("registry");
+    let mut reg =
+        EtcdRegistry::connect(std::slice::from_ref(&etcd.url), "hatest", epoch2, Duration::from_secs(5))
+            .expect("registry");
     let state = reg.open_epoch().expect("read the registry");
     assert_eq!(state.artifacts.get(&uploaded.digest).map(|a| a.size), Some(script.len() as u64));
     drop(reg);
