@@ -40,6 +40,7 @@ pub mod cgroups;
 pub mod checkpoint;
 pub mod command_executor;
 pub mod core;
+pub mod epoch;
 pub mod executors;
 pub mod gc;
 pub mod link;

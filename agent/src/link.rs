@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
+use crate::epoch::{EpochGuard, Verdict};
 use crate::output::{self, OutputLookup};
 use crate::sandbox::{write_agent_id, Layout};
 use crate::tasks::{TaskEvent, TaskKey};
@@ -344,6 +345,8 @@ pub(crate) async fn drive(
     let (lookup_tx, mut lookups) = mpsc::channel::<OutputLookup>(256);
     let mut backoff = Backoff::new(CONNECT_INITIAL, CONNECT_MAX);
     let mut conn: Option<Connected> = None;
+    // The highest leader epoch followed: a lower one is a deposed master.
+    let mut epochs = EpochGuard::load(layout.root());
     // A restarted agent first learns from its executors what became of its tasks, then
     // registers with them.
     let mut connecting = if recovery.is_none() { Some(spawn_connect(cfg)) } else { None };
@@ -424,12 +427,25 @@ pub(crate) async fn drive(
                 connecting = None;
                 let res = res.unwrap_or_else(|e| Err(ClientError::Stream(format!("connect task failed: {e}"))));
                 match res {
-                    Ok(session) => {
-                        conn_watch.send_replace(Some(session.conn.clone()));
-                        conn = Some(Connected::new(session, lookup_tx.clone()));
-                        core.connected(Instant::now());
-                        metrics::gauge!("agora_agent_connected").set(1.0);
-                    }
+                    Ok(session) => match epochs.welcome(&session.master_id) {
+                        Ok(Verdict::Stale { epoch, seen }) => {
+                            // A deposed leader (cut off from etcd, still running): nothing it
+                            // says may be acted on.
+                            tracing::warn!(master_id = %session.master_id, epoch, seen,
+                                "the master's epoch is older than one already followed: dropping it");
+                            session.conn.close(0u32.into(), b"stale leader epoch");
+                            retry_at = Some(Instant::now() + backoff.next_delay());
+                        }
+                        verdict => {
+                            if let Err(e) = verdict {
+                                tracing::warn!(error = %e, "following the master without recording its epoch");
+                            }
+                            conn_watch.send_replace(Some(session.conn.clone()));
+                            conn = Some(Connected::new(session, lookup_tx.clone()));
+                            core.connected(Instant::now());
+                            metrics::gauge!("agora_agent_connected").set(1.0);
+                        }
+                    },
                     Err(e) => {
                         let e = match fatal(&cfg.master, e) {
                             Ok(e) => e,

@@ -99,6 +99,10 @@ fn display_name(req: &UploadRequest) -> String {
     }
 }
 
+/// In a store several masters share, a temporary file untouched this long is a leftover of an
+/// interrupted upload (uploads write continuously), removed when a master opens the store.
+pub const SHARED_TMP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The content-addressed store. Shared by the stream tasks behind an `Arc`; every method takes
 /// `&self` (the file system is the only state, plus counters).
 #[derive(Debug)]
@@ -115,13 +119,40 @@ impl ArtifactStore {
     /// Opens (creating if needed) the store rooted at `root`, removes temporary files left by
     /// an interrupted upload, and counts the artifacts present. Blocking: call at startup.
     pub fn open(root: &Path, max_size: u64) -> Result<Self, ArtifactError> {
+        Self::open_with(root, max_size, false)
+    }
+
+    /// Like [`ArtifactStore::open`], for a directory several masters share (`--etcd` on a
+    /// shared filesystem): another master may be receiving an upload, so only temporary
+    /// files untouched for [`SHARED_TMP_MAX_AGE`] are removed.
+    pub fn open_shared(root: &Path, max_size: u64) -> Result<Self, ArtifactError> {
+        Self::open_with(root, max_size, true)
+    }
+
+    fn open_with(root: &Path, max_size: u64, shared: bool) -> Result<Self, ArtifactError> {
         let objects = root.join("sha256");
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&objects).map_err(io_err("create", &objects))?;
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err("clean", &tmp))?;
+        if shared {
+            std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+            let entries = std::fs::read_dir(&tmp).map_err(io_err("list", &tmp))?;
+            for entry in entries.flatten() {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > SHARED_TMP_MAX_AGE);
+                if stale {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        } else {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io_err("clean", &tmp))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
         let store = ArtifactStore {
             root: root.to_path_buf(),
             objects,
@@ -395,6 +426,24 @@ async fn publish(tmp: &Path, dest: &Path) -> Result<bool, ArtifactError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_store_keeps_another_masters_upload_in_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = ArtifactStore::open_shared(dir.path(), 1 << 20).expect("open");
+        let part = first.tmp.join("in-progress.part");
+        std::fs::write(&part, b"half").expect("write");
+        let old = first.tmp.join("abandoned.part");
+        std::fs::write(&old, b"old").expect("write");
+        let long_ago = std::time::SystemTime::now() - SHARED_TMP_MAX_AGE - std::time::Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&old).expect("open").set_modified(long_ago).expect("mtime");
+        let _second = ArtifactStore::open_shared(dir.path(), 1 << 20).expect("second master");
+        assert!(part.exists(), "a second master wiped an upload in progress");
+        assert!(!old.exists(), "an abandoned temporary file was kept");
+        // A store of one master cleans everything, as before.
+        let _alone = ArtifactStore::open(dir.path(), 1 << 20).expect("open alone");
+        assert!(!part.exists());
+    }
 
     fn req(kind: ArtifactKind, name: &str, bytes: &[u8]) -> UploadRequest {
         UploadRequest { kind, digest: Digest::of(bytes), size: bytes.len() as u64, name: name.into() }

@@ -7,6 +7,7 @@
 pub mod allocator;
 pub mod artifacts;
 pub mod core;
+pub mod ha;
 pub mod http;
 pub mod metrics;
 mod quick;

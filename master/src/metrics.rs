@@ -3,6 +3,8 @@
 
 use ::metrics::{describe_counter, describe_gauge, Unit};
 
+/// Times this master stepped down from leading (`--etcd`).
+pub const STEP_DOWNS: &str = "agora_master_step_downs_total";
 /// Offers sent to frameworks.
 pub const OFFERS_SENT: &str = "agora_master_offers_sent_total";
 /// Offers declined by frameworks.
@@ -50,6 +52,7 @@ pub const ARTIFACTS_STORED: &str = "agora_master_artifacts_stored";
 
 /// Registers descriptions of every metric with the installed recorder (call once at start).
 pub fn describe() {
+    describe_counter!(STEP_DOWNS, Unit::Count, "Times this master stepped down from leading");
     describe_counter!(OFFERS_SENT, Unit::Count, "Offers sent to frameworks");
     describe_counter!(OFFERS_DECLINED, Unit::Count, "Offers declined by frameworks");
     describe_counter!(OFFERS_RESCINDED, Unit::Count, "Offers rescinded by the master");

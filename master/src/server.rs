@@ -27,8 +27,11 @@ use tracing::{debug, info, warn, Instrument};
 use crate::allocator;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
+use crate::ha::{self, Attempt, Election, HaConfig, HaError};
 use crate::metrics;
-use crate::registry::{ArtifactRecord, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE};
+use crate::registry::{
+    ArtifactRecord, EtcdRegistry, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE,
+};
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +49,8 @@ pub enum ServerError {
     Artifacts(#[from] ArtifactError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Ha(#[from] HaError),
 }
 
 /// Settings of a master server.
@@ -95,9 +100,10 @@ enum Command {
 #[derive(Clone)]
 pub struct MasterHandle {
     pub addr: SocketAddr,
-    /// This incarnation's master id (`{cluster}-{epoch}` from the registry).
+    /// The master id of the incarnation started first (`{cluster}-{epoch}` from the registry);
+    /// with `--etcd`, this master's member id (it may not lead).
     pub master_id: String,
-    core: CoreClient,
+    serving: watch::Receiver<Serving>,
     fatal: watch::Receiver<Option<String>>,
 }
 
@@ -113,31 +119,76 @@ impl CoreClient {
     }
 }
 
+/// One term of leadership: a core task with the registry it writes. It ends when `stop` is
+/// cancelled (the master shuts down or steps down): the core stops at once and every peer
+/// connection of the term is closed.
+struct Term {
+    core: CoreClient,
+    /// This master as `GetMasters` shows it.
+    me: MasterView,
+    /// Every master of the cluster, with `--etcd`.
+    members: Option<ha::Members>,
+    stop: CancellationToken,
+    /// Set when the core stopped by itself (its registry cannot be written).
+    fatal: watch::Receiver<Option<String>>,
+}
+
+/// What the accept loop does with a new connection.
+#[derive(Clone)]
+enum Serving {
+    /// Serve it.
+    Leader(Arc<Term>),
+    /// Answer its `Hello` with `NotLeader` naming the leader (if known) and close it.
+    Standby { leader: Option<String> },
+}
+
 impl MasterHandle {
     /// Waits until the master stops by itself because its registry cannot be written (it can
-    /// no longer keep its promises to peers); returns why. Pending forever otherwise.
+    /// no longer keep its promises to peers); returns why. Pending forever otherwise (and
+    /// always with `--etcd`, where such a master steps down and campaigns again).
     pub async fn failed(&self) -> String {
-        let mut rx = self.fatal.clone();
-        loop {
-            if let Some(why) = rx.borrow_and_update().clone() {
-                return why;
-            }
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+        wait_fatal(self.fatal.clone()).await
+    }
+
+    fn core(&self) -> Option<CoreClient> {
+        match &*self.serving.borrow() {
+            Serving::Leader(t) => Some(t.core.clone()),
+            Serving::Standby { .. } => None,
         }
     }
 
+    /// Whether this master leads now.
+    pub fn is_leader(&self) -> bool {
+        self.core().is_some()
+    }
+
+    /// The agents (none while a standby).
     pub async fn agents(&self) -> Vec<AgentView> {
-        self.core.ask(Query::Agents).await.unwrap_or_default()
+        let Some(core) = self.core() else { return Vec::new() };
+        core.ask(Query::Agents).await.unwrap_or_default()
     }
 
+    /// The frameworks (none while a standby).
     pub async fn frameworks(&self) -> Vec<FrameworkView> {
-        self.core.ask(Query::Frameworks).await.unwrap_or_default()
+        let Some(core) = self.core() else { return Vec::new() };
+        core.ask(Query::Frameworks).await.unwrap_or_default()
     }
 
+    /// The tasks (none while a standby).
     pub async fn tasks(&self) -> Vec<TaskView> {
-        self.core.ask(Query::Tasks).await.unwrap_or_default()
+        let Some(core) = self.core() else { return Vec::new() };
+        core.ask(Query::Tasks).await.unwrap_or_default()
+    }
+}
+
+async fn wait_fatal(mut rx: watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(why) = rx.borrow_and_update().clone() {
+            return why;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -147,6 +198,15 @@ pub fn spawn(config: ServerConfig, shutdown: CancellationToken) -> Result<Master
     spawn_with_registry(config, &allocator::Registry::builtin(), shutdown)
 }
 
+/// Binds the QUIC endpoint.
+fn bind(config: &ServerConfig) -> Result<(quinn::Endpoint, SocketAddr), ServerError> {
+    let server_cfg = server_config(&config.tls)?;
+    let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
+        .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
+    let addr = endpoint.local_addr().map_err(|err| ServerError::Bind { addr: config.listen, err })?;
+    Ok((endpoint, addr))
+}
+
 /// Like [`spawn`], choosing `config.allocator` from `registry` (built-ins plus the
 /// allocators an embedder registered).
 pub fn spawn_with_registry(
@@ -154,16 +214,190 @@ pub fn spawn_with_registry(
     registry: &allocator::Registry,
     shutdown: CancellationToken,
 ) -> Result<MasterHandle, ServerError> {
+    // Checked before anything is opened: a bad allocator name leaves no file behind.
+    registry.create(&config.allocator, &config.core.allocation)?;
+    let (endpoint, addr) = bind(&config)?;
+    let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
+    let store = Arc::new(ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
+    // One term for the life of the process: a registry that fails stops the whole master.
+    let term = start_term(&config, registry, Box::new(reg), &store, addr, None, shutdown.clone())?;
+    let master_id = term.me.id.clone();
+    info!(%addr, %master_id, allocator = %config.allocator, "master listening");
+    let fatal = term.fatal.clone();
+    let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store, shutdown).in_current_span());
+    Ok(MasterHandle { addr, master_id, serving, fatal })
+}
+
+/// Binds the QUIC endpoint and starts a master among several (`--etcd`): it campaigns for the
+/// leadership, serves while it leads, steps down when it can no longer vouch for its lease
+/// and campaigns again; while a standby it answers every `Hello` with `NotLeader`.
+pub async fn spawn_ha(
+    config: ServerConfig,
+    ha_cfg: HaConfig,
+    registry: &allocator::Registry,
+    shutdown: CancellationToken,
+) -> Result<MasterHandle, ServerError> {
+    registry.create(&config.allocator, &config.core.allocation)?;
+    let (endpoint, addr) = bind(&config)?;
+    let mut ha_cfg = ha_cfg;
+    if ha_cfg.advertise.is_empty() {
+        ha_cfg.advertise = addr.to_string();
+    }
+    // Several masters may share it (a shared filesystem): no master wipes another's uploads.
+    let store =
+        Arc::new(ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
+    let election = Election::connect(&ha_cfg).await?;
+    let master_id = election.me().id.clone();
+    info!(%addr, advertise = %ha_cfg.advertise, member = %master_id, cluster = %ha_cfg.cluster,
+        lease_ttl = ?election.ttl(), "master listening as a candidate");
+    let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store.clone(), shutdown.clone()).in_current_span());
+    let registry = registry.clone();
+    tokio::spawn(
+        campaign(election, ha_cfg, config, registry, store, addr, serving_tx, shutdown).in_current_span(),
+    );
+    let (_fatal_tx, fatal) = watch::channel(None);
+    Ok(MasterHandle { addr, master_id, serving, fatal })
+}
+
+/// The candidate's life: take a lease, try to lead, lead until the lease cannot be vouched
+/// for (or the registry refuses a write), step down, again; until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn campaign(
+    mut election: Election,
+    ha_cfg: HaConfig,
+    config: ServerConfig,
+    registry: allocator::Registry,
+    store: Arc<ArtifactStore>,
+    addr: SocketAddr,
+    serving: watch::Sender<Serving>,
+    shutdown: CancellationToken,
+) {
+    let retry = Duration::from_millis(500);
+    // Consecutive failures to reach etcd: the first is a warning, the rest (every `retry`
+    // while etcd is away) only debug lines.
+    let mut failures = 0u32;
+    'lease: while !shutdown.is_cancelled() {
+        let mut alive = match election.new_lease().await {
+            Ok(a) => {
+                failures = 0;
+                a
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!(error = %e, "cannot take an etcd lease; standing by and trying again");
+                } else {
+                    debug!(error = %e, failures, "cannot take an etcd lease; trying again");
+                }
+                serving.send_replace(Serving::Standby { leader: None });
+                tokio::select! { _ = shutdown.cancelled() => break, _ = tokio::time::sleep(retry) => {} }
+                continue;
+            }
+        };
+        loop {
+            if !*alive.borrow() {
+                continue 'lease;
+            }
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => break 'lease,
+                a = election.try_lead() => a,
+            };
+            match attempt {
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 {
+                        warn!(error = %e, "cannot campaign; standing by and trying again");
+                    } else {
+                        debug!(error = %e, failures, "cannot campaign; trying again");
+                    }
+                    serving.send_replace(Serving::Standby { leader: None });
+                    tokio::select! { _ = shutdown.cancelled() => break 'lease, _ = tokio::time::sleep(retry) => {} }
+                }
+                Ok(Attempt::Lost { leader, revision }) => {
+                    failures = 0;
+                    if !matches!(&*serving.borrow(), Serving::Standby { leader: l } if *l == leader) {
+                        info!(leader = leader.as_deref().unwrap_or("?"), "standby: another master leads");
+                        serving.send_replace(Serving::Standby { leader });
+                    }
+                    let ttl = election.ttl();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'lease,
+                        _ = alive.changed() => {}
+                        _ = election.wait_change(revision, ttl) => {}
+                    }
+                }
+                Ok(Attempt::Won { epoch }) => {
+                    failures = 0;
+                    info!(epoch, "elected leader");
+                    let members = Some(election.members());
+                    let endpoints = ha_cfg.endpoints.clone();
+                    let cluster = ha_cfg.cluster.clone();
+                    let timeout = election.ttl().max(Duration::from_secs(1));
+                    let reg = EtcdRegistry::connect(&endpoints, &cluster, epoch, timeout);
+                    let term = reg.map_err(ServerError::from).and_then(|reg| {
+                        start_term(
+                            &config,
+                            &registry,
+                            Box::new(reg),
+                            &store,
+                            addr,
+                            members,
+                            shutdown.child_token(),
+                        )
+                    });
+                    let term = match term {
+                        Ok(t) => Arc::new(t),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start leading; resigning");
+                            election.resign().await;
+                            tokio::select! { _ = shutdown.cancelled() => break 'lease, _ = tokio::time::sleep(retry) => {} }
+                            continue 'lease;
+                        }
+                    };
+                    serving.send_replace(Serving::Leader(term.clone()));
+                    let why = tokio::select! {
+                        _ = shutdown.cancelled() => None,
+                        _ = alive.wait_for(|a| !*a) => Some("the etcd lease cannot be vouched for".to_string()),
+                        why = wait_fatal(term.fatal.clone()) => Some(why),
+                    };
+                    // Stop acting first, then tell newcomers.
+                    term.stop.cancel();
+                    serving.send_replace(Serving::Standby { leader: None });
+                    match why {
+                        None => break 'lease,
+                        Some(why) => {
+                            warn!(epoch, reason = %why, "stepping down: no longer the leader");
+                            counter!(metrics::STEP_DOWNS).increment(1);
+                            election.resign().await;
+                            continue 'lease;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Leaving: give the lease up so that a standby takes over now, not after the TTL.
+    election.resign().await;
+}
+
+/// Starts a core task on `reg`: opens the registry's epoch, recovers from it, reconciles the
+/// artifact index with the store.
+#[allow(clippy::too_many_arguments)]
+fn start_term(
+    config: &ServerConfig,
+    registry: &allocator::Registry,
+    mut reg: Box<dyn Registry>,
+    store: &ArtifactStore,
+    addr: SocketAddr,
+    members: Option<ha::Members>,
+    stop: CancellationToken,
+) -> Result<Term, ServerError> {
     let alloc = registry.create(&config.allocator, &config.core.allocation)?;
-    let server_cfg = server_config(&config.tls)?;
-    let mut reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
     let state = reg.open_epoch()?;
     let mut core_cfg = config.core.clone();
     core_cfg.master_id = state.master_id();
-    let endpoint = quinn::Endpoint::server(server_cfg, config.listen)
-        .map_err(|err| ServerError::Bind { addr: config.listen, err })?;
-    let addr = endpoint.local_addr().map_err(|err| ServerError::Bind { addr: config.listen, err })?;
-    let store = ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut core = Master::with_allocator(core_cfg, alloc, now);
@@ -194,19 +428,11 @@ pub fn spawn_with_registry(
     info!(dir = %store.root().display(), artifacts = store.len(), "artifact store open");
     info!(registry = %reg.location(), epoch = state.epoch, frameworks = state.frameworks.len(),
         agents = state.agents.len(), "registry open");
-    let master_id = state.master_id();
-    info!(%addr, %master_id, allocator = %config.allocator, "master listening");
     let (fatal_tx, fatal) = watch::channel(None);
-    tokio::spawn(run_core(core, Box::new(reg), rx, fatal_tx, shutdown.clone()).in_current_span());
-    let store = Arc::new(store);
-    let me = Arc::new(MasterView {
-        id: master_id.clone(),
-        address: addr.to_string(),
-        leader: true,
-        epoch: state.epoch,
-    });
-    tokio::spawn(accept_loop(endpoint, tx.clone(), me, store, shutdown).in_current_span());
-    Ok(MasterHandle { addr, master_id, core: CoreClient(tx), fatal })
+    tokio::spawn(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span());
+    let me =
+        MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
+    Ok(Term { core: CoreClient(tx), me, members, stop, fatal })
 }
 
 /// Writes the core's pending registry changes (in order, one transaction). On failure the
@@ -252,6 +478,10 @@ async fn run_core(
             tracing::error!(error = %e, "the registry cannot be written: the master stops");
             let _ = fatal.send(Some(e.to_string()));
             shutdown.cancel();
+            break;
+        }
+        // Stepped down while writing: what this step decided is not ours to carry out.
+        if shutdown.is_cancelled() {
             break;
         }
         while let Some(action) = core.poll_action() {
@@ -328,8 +558,7 @@ fn apply(
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
-    core: mpsc::UnboundedSender<Command>,
-    me: Arc<MasterView>,
+    serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
     shutdown: CancellationToken,
 ) {
@@ -340,21 +569,56 @@ async fn accept_loop(
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
-        let core = core.clone();
-        let me = me.clone();
+        let serving = serving.clone();
         let store = store.clone();
-        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(conn_id, conn, core, me, store, shutdown).await,
+            let conn = match incoming.await {
+                Ok(conn) => conn,
                 // Includes clients without a certificate signed by the cluster CA.
-                Err(e) => info!(%remote, error = %e, "connection refused during handshake"),
+                Err(e) => {
+                    info!(%remote, error = %e, "connection refused during handshake");
+                    return;
+                }
+            };
+            // What this master is when the peer says hello decides how it is served.
+            let now = serving.borrow().clone();
+            match now {
+                Serving::Leader(term) if !term.stop.is_cancelled() => {
+                    serve_connection(conn_id, conn, term, store).await
+                }
+                // Stepping down this very moment: no Welcome from a term that ended.
+                Serving::Leader(_) => not_leader(conn, None).await,
+                Serving::Standby { leader } => not_leader(conn, leader).await,
             }
         });
     }
     endpoint.close(0u32.into(), b"master shutting down");
     endpoint.wait_idle().await;
+}
+
+/// A standby's whole conversation: `Hello` → `NotLeader { leader }`, then the connection closes.
+async fn not_leader(conn: quinn::Connection, leader: Option<String>) {
+    let remote = conn.remote_address();
+    let answer = async {
+        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await.map_err(|e| e.to_string())?;
+        let mut s = writer.into_inner();
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
+        Ok::<_, String>(())
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
+        Ok(Ok(())) => {
+            debug!(%remote, leader = leader.as_deref().unwrap_or("?"), "standby: told a peer where the leader is")
+        }
+        Ok(Err(e)) => debug!(%remote, error = %e, "standby: hello failed"),
+        Err(_) => debug!(%remote, "standby: no hello in time"),
+    }
+    conn.close(0u32.into(), b"not the leader");
 }
 
 fn app_code(code: ErrorCode) -> quinn::VarInt {
@@ -431,16 +695,11 @@ async fn handshake(
     }
 }
 
-async fn serve_connection(
-    id: ConnId,
-    conn: quinn::Connection,
-    core: mpsc::UnboundedSender<Command>,
-    me: Arc<MasterView>,
-    store: Arc<ArtifactStore>,
-    shutdown: CancellationToken,
-) {
+async fn serve_connection(id: ConnId, conn: quinn::Connection, term: Arc<Term>, store: Arc<ArtifactStore>) {
+    let core = term.core.0.clone();
+    let shutdown = term.stop.clone();
     let remote = conn.remote_address();
-    let (identity, writer, reader) = match handshake(&conn, &me.id, me.epoch).await {
+    let (identity, writer, reader) = match handshake(&conn, &term.me.id, term.me.epoch).await {
         Ok(x) => x,
         Err(why) => {
             info!(%remote, conn = id, reason = %why, "connection refused");
@@ -469,7 +728,7 @@ async fn serve_connection(
                 )
                 .await
             }
-            Role::Operator => serve_operator(conn, writer, reader, core, &me, shutdown).await,
+            Role::Operator => serve_operator(conn, writer, reader, core, &term, shutdown).await,
             Role::Master => {}
         }
         debug!("disconnected");
@@ -632,7 +891,7 @@ async fn serve_operator(
     mut writer: FrameWriter<SendStream>,
     mut reader: FrameReader<RecvStream>,
     core: mpsc::UnboundedSender<Command>,
-    me: &MasterView,
+    term: &Term,
     shutdown: CancellationToken,
 ) {
     let core = CoreClient(core);
@@ -651,8 +910,14 @@ async fn serve_operator(
             Ok(Some(OperatorCall::GetCompletedFrameworks)) => {
                 OperatorReply::Frameworks(core.ask(Query::CompletedFrameworks).await.unwrap_or_default())
             }
-            // One master: itself, the leader.
-            Ok(Some(OperatorCall::GetMasters)) => OperatorReply::Masters(vec![me.clone()]),
+            Ok(Some(OperatorCall::GetMasters)) => match &term.members {
+                // One master: itself, the leader.
+                None => OperatorReply::Masters(vec![term.me.clone()]),
+                Some(members) => match members.list().await {
+                    Ok(list) => OperatorReply::Masters(list),
+                    Err(e) => OperatorReply::Error(WireError::new(ErrorCode::Internal, e.to_string())),
+                },
+            },
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
             }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use agora_master::allocator::{self, AllocatorOptions};
 use agora_master::core::{MasterConfig, FRAMEWORK_MISSED_HEARTBEATS};
+use agora_master::ha::HaConfig;
 use agora_master::server::{self, ServerConfig};
 use agora_sdk::tls::TlsFiles;
 use agora_sdk::units::{parse_duration, parse_size};
@@ -51,6 +52,45 @@ pub struct MasterCommand {
     agent_reregister_timeout: Duration,
     #[command(flatten)]
     framework: FrameworkLivenessArgs,
+    /// Run as one of several masters: etcd's client URLs, comma-separated (e.g.
+    /// `http://10.0.0.1:2379,http://10.0.0.2:2379`). The masters elect a leader through an
+    /// etcd lease and keep the registry in etcd; the others stand by and answer every peer
+    /// with the leader's address. Without it the master runs alone on `registry.redb`.
+    /// With it `--work-dir` holds only the artifact store: give every master the same shared
+    /// directory.
+    #[arg(long, value_parser = parse_etcd)]
+    etcd: Option<EtcdEndpoints>,
+    /// The cluster's name (with `--etcd`): its etcd key prefix and the stable part of ids.
+    #[arg(long, default_value = "agora", requires = "etcd", value_parser = parse_cluster_name)]
+    cluster_name: String,
+    /// The etcd lease's time to live (with `--etcd`, whole seconds): a dead leader is replaced
+    /// about this long after it died; a leader that cannot renew it for half of it steps down.
+    #[arg(long, default_value = "3s", requires = "etcd", value_parser = parse_lease_ttl)]
+    etcd_lease_ttl: Duration,
+    /// `host:port` peers reach this master at, which standbys tell them (with `--etcd`).
+    /// Default: the listen address; required when that is unspecified (0.0.0.0 or [::]).
+    #[arg(long, requires = "etcd")]
+    advertise: Option<String>,
+}
+
+/// etcd's client URLs (one flag value, comma-separated).
+#[derive(Clone, Debug)]
+pub struct EtcdEndpoints(pub Vec<String>);
+
+fn parse_etcd(s: &str) -> Result<EtcdEndpoints, String> {
+    agora_master::ha::parse_endpoints(s).map(EtcdEndpoints).map_err(|e| e.to_string())
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    agora_master::ha::check_cluster_name(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+        return Err(format!("invalid --etcd-lease-ttl `{s}`: between 1s and 5min"));
+    }
+    Ok(d)
 }
 
 /// How the master and its frameworks notice each other gone (shared by `master` and `dev`).
@@ -205,17 +245,34 @@ impl MasterCommand {
             }
         };
         let shutdown = CancellationToken::new();
-        let handle = server::spawn(
-            ServerConfig {
-                listen: self.listen,
-                tls: TlsFiles::in_dir(&self.tls_dir, "master"),
-                core,
-                allocator: self.allocation.allocator,
-                work_dir,
-                max_artifact_size: self.max_artifact_size,
-            },
-            shutdown.clone(),
-        )?;
+        let config = ServerConfig {
+            listen: self.listen,
+            tls: TlsFiles::in_dir(&self.tls_dir, "master"),
+            core,
+            allocator: self.allocation.allocator,
+            work_dir,
+            max_artifact_size: self.max_artifact_size,
+        };
+        let handle = match self.etcd {
+            None => server::spawn(config, shutdown.clone())?,
+            Some(EtcdEndpoints(endpoints)) => {
+                let advertise = match self.advertise {
+                    Some(a) => a,
+                    None if self.listen.ip().is_unspecified() => anyhow::bail!(
+                        "--listen {} is not an address peers can reach: give --advertise HOST:PORT",
+                        self.listen
+                    ),
+                    None => String::new(),
+                };
+                let ha = HaConfig {
+                    endpoints,
+                    cluster: self.cluster_name,
+                    lease_ttl: self.etcd_lease_ttl,
+                    advertise,
+                };
+                server::spawn_ha(config, ha, &allocator::Registry::builtin(), shutdown.clone()).await?
+            }
+        };
         // On stdout, as `agora dev` prints its own: stderr carries only the diagnostics, in the
         // format --log-format asks for (a plain line there breaks every JSON log reader).
         println!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod etcd;
 pub mod proxy;
 
 use std::path::PathBuf;

@@ -14,11 +14,11 @@
 //! id, `Registered` for a new agent) goes out only after the write succeeded. A write that
 //! fails ends the master: it can no longer vouch for what it promised.
 //!
-//! Two implementations: [`RedbRegistry`] (a file in the master's work dir, the default) and
-//! [`MemoryRegistry`] (unit tests, `agora_master::testing`). A replicated implementation
-//! (etcd) fits the same shape: [`Registry::open_epoch`] is where a master wins the leadership
-//! and gets its epoch, and [`Registry::apply`] writes one transaction guarded by that epoch
-//! (a deposed master's writes fail, and it exits).
+//! Three implementations: [`RedbRegistry`] (a file in the master's work dir, the default),
+//! [`EtcdRegistry`] (several masters, `agora master --etcd`: the epoch is the revision at
+//! which the master won the election, see [`crate::ha`], and every [`Registry::apply`] is a
+//! transaction guarded by it, so a deposed master's writes fail and it steps down) and
+//! [`MemoryRegistry`] (unit tests, `agora_master::testing`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,9 +28,11 @@ use agora_sdk::proto::{AgentId, ArtifactKind, Digest, FrameworkId};
 use agora_sdk::{Attributes, Resources};
 use serde::{Deserialize, Serialize};
 
+pub mod etcd;
 mod memory;
 mod redb;
 
+pub use self::etcd::EtcdRegistry;
 pub use self::memory::MemoryRegistry;
 pub use self::redb::RedbRegistry;
 

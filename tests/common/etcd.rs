@@ -1,0 +1,146 @@
+//! A real etcd (Debian's `etcd-server`, `/usr/bin/etcd`) for tests: one member on free loopback
+//! ports in a temporary directory, with a short Raft tick so that leases as short as a second
+//! are honoured; stopped (and its directory removed) when dropped. Plus a TCP proxy on
+//! loopback that can be cut, to partition one master from etcd.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::dev::Proc;
+
+/// The etcd binary (`AGORA_TEST_ETCD` overrides it).
+pub fn etcd_binary() -> String {
+    std::env::var("AGORA_TEST_ETCD").unwrap_or_else(|_| "/usr/bin/etcd".into())
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; released for the caller to bind).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One running etcd member.
+pub struct Etcd {
+    pub proc: Proc,
+    /// Its client URL, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+    /// Its client address.
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it serves clients (30 s).
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut proc = Proc::spawn(
+            "etcd",
+            dir.path(),
+            Command::new(etcd_binary())
+                .args(["--name", "agora-test"])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("agora-test={peer_url}")])
+                // 10 ms ticks: etcd's shortest lease is 1.5 election timeouts (here 150 ms), so a
+                // 1 s lease stays 1 s.
+                .args(["--heartbeat-interval", "10", "--election-timeout", "100"]),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !proc.stderr_text().contains("ready to serve client requests") {
+            assert!(proc.running(), "etcd exited: {}", proc.stderr_text());
+            assert!(Instant::now() < deadline, "etcd did not start: {}", proc.stderr_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Etcd { proc, url, addr: format!("127.0.0.1:{client}").parse().expect("addr"), dir }
+    }
+}
+
+/// A TCP proxy on loopback to one target; [`TcpProxy::cut`] closes every connection through
+/// it and refuses new ones until [`TcpProxy::heal`]. Plain threads.
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl TcpProxy {
+    /// Forwards to `target` from a fresh port on 127.0.0.1.
+    pub fn start(target: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("proxy address");
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (c, s, o) = (cut.clone(), stop.clone(), open.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        if c.load(Ordering::SeqCst) {
+                            drop(client);
+                            continue;
+                        }
+                        let Ok(upstream) = TcpStream::connect(target) else { continue };
+                        let mut open = o.lock().expect("lock");
+                        for s in [&client, &upstream] {
+                            if let Ok(s) = s.try_clone() {
+                                open.push(s);
+                            }
+                        }
+                        pipe(&client, &upstream);
+                        pipe(&upstream, &client);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        TcpProxy { addr, cut, stop, open }
+    }
+
+    /// The URL to give an etcd client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.open.lock().expect("lock").drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+/// Copies `from` → `to` in a thread until either side closes.
+fn pipe(from: &TcpStream, to: &TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else { return };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
