@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::client::{ClientError, Session};
+use crate::masters::MasterSearch;
 use crate::proto::*;
 use crate::tls::TlsFiles;
 
@@ -109,7 +110,7 @@ pub trait Scheduler: Send {
     }
 
     /// Subscribed again with the same framework id after [`Scheduler::disconnected`] (to the
-    /// same master, or to a restarted one). An implicit reconciliation follows: the latest
+    /// same master, to a restarted one, or to a new leader). An implicit reconciliation follows: the latest
     /// state of every live task comes as status updates. Tasks launched just before the loss
     /// may be unknown to the master: reconcile them explicitly ([`Driver::reconcile`]).
     fn reregistered(
@@ -125,6 +126,8 @@ pub trait Scheduler: Send {
 /// How to reach the master and who this framework is.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
+    /// `host:port` of the master, or of several separated by commas: the driver connects to
+    /// the leader among them and follows it (see [`crate::masters`]).
     pub master: String,
     pub tls: TlsFiles,
     pub framework: FrameworkInfo,
@@ -416,7 +419,10 @@ impl Driver {
 /// lost (a transport error, the master closing it, or [`MISSED_HEARTBEATS`] heartbeat
 /// intervals without a word from the master), the driver calls [`Scheduler::disconnected`],
 /// reconnects with capped exponential backoff and jitter, and subscribes again with its
-/// framework id ([`Scheduler::reregistered`]). It gives up, returning the error, when the
+/// framework id ([`Scheduler::reregistered`]). Each attempt searches the master list for the
+/// leader ([`MasterSearch::connect`]: the last leader first, following a standby's redirect)
+/// and refuses a master whose epoch is lower than one seen before (a deposed leader). It
+/// gives up, returning the error, when the
 /// master refuses the id (unknown framework, another principal), when it could not subscribe
 /// again within the framework's failover timeout ([`ClientError::FailoverExpired`]), or at
 /// once with [`DriverConfig::reconnect`] off.
@@ -441,8 +447,9 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
     };
     let failover = config.framework.failover_timeout;
     let mut backoff = BACKOFF_MIN;
+    let mut search = MasterSearch::new(&config.master)?;
     loop {
-        let connect = Session::connect(&config.master, &config.tls, Role::Framework);
+        let connect = search.connect(&config.tls, Role::Framework);
         let Some(connected) = offline(connect, &mut rx, &mut carry, &driver, scheduler).await else {
             return Ok(());
         };

@@ -119,8 +119,9 @@ pub struct ClusterArgs {
     /// client.toml naming the master and certificates (also AGORA_CONFIG).
     #[arg(long, env = "AGORA_CONFIG")]
     pub config: Option<std::path::PathBuf>,
-    /// Master address, with --tls-dir instead of a config file.
-    #[arg(long)]
+    /// Master address (host:port), or several (`a:5050,b:5050,c:5050`); with --tls-dir
+    /// instead of a config file, or overriding the config's.
+    #[arg(long, value_parser = master_list)]
     pub master: Option<String>,
     /// Directory made by `agora tls init`.
     #[arg(long)]
@@ -135,6 +136,11 @@ impl ClusterArgs {
             self.tls_dir.as_deref(),
         )?)
     }
+}
+
+/// `--master`: one `host:port` or several separated by commas, checked.
+pub fn master_list(s: &str) -> Result<String, agora_sdk::masters::MasterListError> {
+    agora_sdk::masters::parse_masters(s).map(|_| s.to_string())
 }
 
 /// Waits for Ctrl-C or SIGTERM.
