@@ -41,6 +41,8 @@ pub enum Command {
     Frameworks(list::FrameworksArgs),
     /// List tasks.
     Tasks(list::ListArgs),
+    /// List the cluster's masters: address, which one leads, epoch.
+    Masters(list::ListArgs),
     /// Print a task's stdout (or stderr).
     Logs(logs::LogsCommand),
     /// Kill a task.
@@ -69,6 +71,7 @@ impl Command {
             Command::Agents(c) => c.execute(list::What::Agents).await,
             Command::Frameworks(c) => c.execute().await,
             Command::Tasks(c) => c.execute(list::What::Tasks).await,
+            Command::Masters(c) => c.execute(list::What::Masters).await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
