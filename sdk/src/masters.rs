@@ -280,6 +280,7 @@ fn electing(e: &ClientError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{Hello, HelloReply, PROTOCOL_VERSION};
 
     #[test]
     fn lists_parse_and_bad_entries_are_named() {
@@ -323,5 +324,95 @@ mod tests {
         assert!(!s.accept_epoch(6));
         s.set_min_epoch(1);
         assert_eq!(s.epoch(), 7);
+    }
+
+    /// A fake master on loopback: answers every `Hello` with `reply` and keeps the connection
+    /// open until the client closes it. Its address, and the task serving it.
+    fn fake_master(tls: &std::path::Path, reply: HelloReply) -> (String, tokio::task::JoinHandle<()>) {
+        let cfg = crate::transport::server_config(&TlsFiles::in_dir(tls, "master")).unwrap();
+        let endpoint = quinn::Endpoint::server(cfg, ([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = endpoint.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((send, recv)) = conn.accept_bi().await else { return };
+                    let mut w = crate::frame::FrameWriter::new(send);
+                    let mut r = crate::frame::FrameReader::new(recv);
+                    if let Ok(Some(Hello { .. })) = r.recv::<Hello>().await {
+                        let _ = w.send(&reply).await;
+                    }
+                    conn.closed().await;
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    fn welcome(epoch: u64) -> HelloReply {
+        HelloReply::Welcome { version: PROTOCOL_VERSION, master_id: format!("fake-{epoch}"), epoch }
+    }
+
+    /// A loopback port nothing listens on.
+    fn dead_addr() -> String {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lower_epoch_is_refused_and_the_search_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::init(dir.path(), "tester", false).unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "framework");
+        let (new, _a) = fake_master(dir.path(), welcome(5));
+        let (old, _b) = fake_master(dir.path(), welcome(3));
+        // The search the driver keeps across reconnections: it saw epoch 5 once.
+        let mut search = MasterSearch::new(&new).unwrap();
+        let s = search.connect(&files, Role::Framework).await.unwrap();
+        assert_eq!((s.epoch, search.epoch()), (5, 5));
+        s.conn.close(0u32.into(), b"");
+        // Now the deposed leader comes first and still says Welcome: refused, the next leads.
+        let mut search = MasterSearch { masters: vec![old.clone(), new.clone()], ..search };
+        search.leader = Some(old.clone());
+        let s = search.connect(&files, Role::Framework).await.unwrap();
+        assert_eq!(s.epoch, 5);
+        assert_eq!(search.leader(), Some(new.as_str()));
+        s.conn.close(0u32.into(), b"");
+        // Alone, the deposed leader is refused with an error that says so.
+        let mut alone = MasterSearch::new(&old).unwrap();
+        alone.set_min_epoch(search.epoch());
+        match alone.connect(&files, Role::Framework).await {
+            Err(ClientError::StaleEpoch { epoch: 3, seen: 5, .. }) => {}
+            Err(e) => panic!("expected a stale epoch refusal, got {e}"),
+            Ok(s) => panic!("the deposed leader was accepted (epoch {})", s.epoch),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn standbys_redirect_to_the_leader_and_failures_are_each_named() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::init(dir.path(), "tester", false).unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "operator");
+        let (leader, _l) = fake_master(dir.path(), welcome(2));
+        let (standby, _s) = fake_master(dir.path(), HelloReply::NotLeader { leader: Some(leader.clone()) });
+        let (lost, _n) = fake_master(dir.path(), HelloReply::NotLeader { leader: None });
+        let (liar, _x) = fake_master(dir.path(), HelloReply::NotLeader { leader: Some("not an address".into()) });
+        // The leader is outside the list: the standby's redirect is followed.
+        let dead = dead_addr();
+        let mut search = MasterSearch::new(&format!("{dead},{standby}")).unwrap();
+        let s = search.connect(&files, Role::Operator).await.unwrap();
+        assert_eq!(s.epoch, 2);
+        assert_eq!(search.leader(), Some(leader.as_str()));
+        s.conn.close(0u32.into(), b"");
+        // No leader anywhere: each master's answer is in the error.
+        let mut search = MasterSearch::new(&format!("{lost},{liar}")).unwrap();
+        let e = search.connect(&files, Role::Operator).await.err().expect("no leader").to_string();
+        assert!(e.contains(&lost) && e.contains(&liar) && e.contains("not the leader"), "{e}");
+        // Standbys pointing at each other: the redirects stop.
+        let (a, _a) = fake_master(dir.path(), HelloReply::NotLeader { leader: Some(lost.clone()) });
+        let mut search = MasterSearch::new(&a).unwrap();
+        let e = search.connect_patiently(&files, Role::Operator).await.err().expect("no leader");
+        assert!(matches!(&e, ClientError::NoLeader { tried } if tried.len() == 2), "{e}");
     }
 }
