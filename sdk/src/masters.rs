@@ -397,7 +397,8 @@ mod tests {
         let (leader, _l) = fake_master(dir.path(), welcome(2));
         let (standby, _s) = fake_master(dir.path(), HelloReply::NotLeader { leader: Some(leader.clone()) });
         let (lost, _n) = fake_master(dir.path(), HelloReply::NotLeader { leader: None });
-        let (liar, _x) = fake_master(dir.path(), HelloReply::NotLeader { leader: Some("not an address".into()) });
+        let (liar, _x) =
+            fake_master(dir.path(), HelloReply::NotLeader { leader: Some("not an address".into()) });
         // The leader is outside the list: the standby's redirect is followed.
         let dead = dead_addr();
         let mut search = MasterSearch::new(&format!("{dead},{standby}")).unwrap();
