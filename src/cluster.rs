@@ -58,41 +58,7 @@ impl Cluster {
             },
             shutdown.clone(),
         )?;
-        let each = match &spec.resources {
-            Some(r) => r.clone(),
-            None => split(&agora_agent::detect_resources(), spec.agents),
-        };
-        let mut agents = Vec::new();
-        for i in 0..spec.agents {
-            let config = agora_agent::AgentConfig {
-                master: master.addr.to_string(),
-                tls: TlsFiles::in_dir(&tls_dir, "agent"),
-                work_dir: dir.join(format!("agent-{i}")),
-                resources: Some(each.clone()),
-                attributes: spec.attributes.get(i).cloned().unwrap_or_default(),
-                hostname: format!("agent-{i}"),
-                kill_grace: Duration::from_secs(3),
-                kill_tasks_on_shutdown: true,
-                // Isolated where the host allows it; otherwise one warning line.
-                isolation: agora_agent::cgroups::IsolationConfig::default(),
-                // An embedded cluster stops its tasks when it exits; one that is killed (-9)
-                // leaves executors that wait a minute for a restart on the same dir, then end
-                // their tasks, rather than the 15 minutes a production agent's get.
-                executors: agora_agent::executors::ExecutorsConfig {
-                    recovery_timeout: Duration::from_secs(60),
-                    ..Default::default()
-                },
-                task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
-                recovery: agora_agent::RecoveryConfig::default(),
-                gc: spec.gc.clone(),
-            };
-            let token = shutdown.clone();
-            agents.push(tokio::spawn(async move {
-                if let Err(e) = agora_agent::run(config, token).await {
-                    tracing::error!(error = %e, "agent {i} stopped");
-                }
-            }));
-        }
+        let agents = spawn_agents(&spec, &dir, &tls_dir, &master.addr.to_string(), &shutdown);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let up = master.agents().await.iter().filter(|a| a.status == "active").count();
@@ -120,8 +86,55 @@ impl Cluster {
     }
 }
 
+/// Starts `spec.agents` agents in this process, registering with `masters` (one `host:port`
+/// or several, comma-separated), their work dirs in `dir`.
+pub fn spawn_agents(
+    spec: &ClusterSpec,
+    dir: &Path,
+    tls_dir: &Path,
+    masters: &str,
+    shutdown: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let each = match &spec.resources {
+        Some(r) => r.clone(),
+        None => split(&agora_agent::detect_resources(), spec.agents),
+    };
+    let mut agents = Vec::new();
+    for i in 0..spec.agents {
+        let config = agora_agent::AgentConfig {
+            master: masters.to_string(),
+            tls: TlsFiles::in_dir(tls_dir, "agent"),
+            work_dir: dir.join(format!("agent-{i}")),
+            resources: Some(each.clone()),
+            attributes: spec.attributes.get(i).cloned().unwrap_or_default(),
+            hostname: format!("agent-{i}"),
+            kill_grace: Duration::from_secs(3),
+            kill_tasks_on_shutdown: true,
+            // Isolated where the host allows it; otherwise one warning line.
+            isolation: agora_agent::cgroups::IsolationConfig::default(),
+            // An embedded cluster stops its tasks when it exits; one that is killed (-9)
+            // leaves executors that wait a minute for a restart on the same dir, then end
+            // their tasks, rather than the 15 minutes a production agent's get.
+            executors: agora_agent::executors::ExecutorsConfig {
+                recovery_timeout: Duration::from_secs(60),
+                ..Default::default()
+            },
+            task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
+            recovery: agora_agent::RecoveryConfig::default(),
+            gc: spec.gc.clone(),
+        };
+        let token = shutdown.clone();
+        agents.push(tokio::spawn(async move {
+            if let Err(e) = agora_agent::run(config, token).await {
+                tracing::error!(error = %e, "agent {i} stopped");
+            }
+        }));
+    }
+    agents
+}
+
 /// Writes client.toml atomically, so that a waiting script never reads half a file.
-fn write_client(cfg: &ClientConfig, path: &Path) -> anyhow::Result<()> {
+pub fn write_client(cfg: &ClientConfig, path: &Path) -> anyhow::Result<()> {
     let tmp = path.with_extension("toml.tmp");
     cfg.save(&tmp)?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;

@@ -11,6 +11,7 @@ use clap::Parser;
 
 mod cluster;
 mod commands;
+mod ha_dev;
 mod output;
 
 /// mimalloc rather than glibc's malloc: the control plane makes many small, short-lived

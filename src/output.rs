@@ -1,6 +1,6 @@
 //! Tables for the list commands (their JSON comes from `agora_sdk::json`).
 
-use agora_sdk::proto::{AgentView, FrameworkView, TaskView};
+use agora_sdk::proto::{AgentView, FrameworkView, MasterView, TaskView};
 use agora_sdk::units::format_size;
 
 /// Renders rows as an aligned table with a header.
@@ -65,6 +65,23 @@ pub fn frameworks_table(fws: &[FrameworkView]) -> String {
                     f.status.clone(),
                     f.tasks.to_string(),
                     f.used.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+pub fn masters_table(masters: &[MasterView]) -> String {
+    table(
+        &["ID", "ADDRESS", "ROLE", "EPOCH"],
+        masters
+            .iter()
+            .map(|m| {
+                vec![
+                    m.id.clone(),
+                    m.address.clone(),
+                    if m.leader { "leader" } else { "standby" }.to_string(),
+                    m.epoch.to_string(),
                 ]
             })
             .collect(),

@@ -63,7 +63,8 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(3);
 /// How to run an agent.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// `host:port` of the master.
+    /// `host:port` of the master, or of several separated by commas: the agent registers
+    /// with the leader among them and follows it.
     pub master: String,
     /// The agent's certificate (role `agent`), key and the cluster CA.
     pub tls: TlsFiles,
@@ -208,6 +209,14 @@ pub enum AgentError {
         /// Its reason.
         error: WireError,
     },
+    /// `--master` is not a usable list of `host:port`.
+    #[error("--master {list}: {error}")]
+    Masters {
+        /// The list given.
+        list: String,
+        /// What is wrong with it.
+        error: agora_sdk::masters::MasterListError,
+    },
 }
 
 /// Runs an agent until `shutdown` is cancelled (then, with
@@ -216,6 +225,8 @@ pub enum AgentError {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let layout = sandbox::Layout::new(&config.work_dir);
     config.gc.validate()?;
+    agora_sdk::masters::parse_masters(&config.master)
+        .map_err(|error| AgentError::Masters { list: config.master.clone(), error })?;
     let task_user = user::TaskUser::for_agent(&config.task_user)?;
     prepare_work_dir(&layout)?;
     // Fail now, naming the file, rather than on every reconnection.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use agora_sdk::client::{ClientError, Session};
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter};
+use agora_sdk::masters::MasterSearch;
 use agora_sdk::proto::{AgentMessage, ErrorCode, MasterToAgent, Role};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -106,8 +107,8 @@ struct Connected {
 
 impl Connected {
     fn new(session: Session, lookups: mpsc::Sender<OutputLookup>) -> Self {
-        let Session { endpoint, conn, writer, reader, master_id } = session;
-        tracing::info!(%master_id, remote = %conn.remote_address(), "connected to the master");
+        let Session { endpoint, conn, writer, reader, master_id, epoch } = session;
+        tracing::info!(%master_id, epoch, remote = %conn.remote_address(), "connected to the master");
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             endpoint,
@@ -220,9 +221,49 @@ async fn accept_streams(conn: quinn::Connection, lookups: mpsc::Sender<OutputLoo
     }
 }
 
-fn spawn_connect(cfg: &AgentConfig) -> JoinHandle<Result<Session, ClientError>> {
-    let (master, tls) = (cfg.master.clone(), cfg.tls.clone());
-    tokio::spawn(async move { Session::connect(&master, &tls, Role::Agent).await })
+/// The leader epochs this agent accepts: never lower than the highest it has seen, so that a
+/// deposed leader (one that lost its election but has not noticed yet) gets no registration.
+#[derive(Debug, Default)]
+pub struct EpochFence {
+    highest: u64,
+}
+
+impl EpochFence {
+    /// The highest epoch accepted so far.
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
+    /// Whether the master whose `Welcome` carries `epoch` may be served; remembers it if so.
+    pub fn accept_epoch(&mut self, epoch: u64) -> bool {
+        if epoch < self.highest {
+            return false;
+        }
+        self.highest = epoch;
+        true
+    }
+}
+
+/// A search for the leader, in a task of its own; it hands the search (with the leader and
+/// epoch it learnt) back with its result.
+type Connecting = JoinHandle<(MasterSearch, Result<Session, ClientError>)>;
+
+/// The agent's masters and the search among them, while no search task holds it.
+struct Masters {
+    /// The list as configured (a fresh search, should a search task fail).
+    list: MasterSearch,
+    idle: Option<MasterSearch>,
+}
+
+/// Starts a search for the leader among the agent's masters, refusing epochs below the fence.
+fn spawn_connect(cfg: &AgentConfig, masters: &mut Masters, fence: &EpochFence) -> Connecting {
+    let mut s = masters.idle.take().unwrap_or_else(|| masters.list.clone());
+    s.set_min_epoch(fence.highest());
+    let tls = cfg.tls.clone();
+    tokio::spawn(async move {
+        let r = s.connect(&tls, Role::Agent).await;
+        (s, r)
+    })
 }
 
 /// Errors that retrying cannot fix.
@@ -347,9 +388,15 @@ pub(crate) async fn drive(
     let mut conn: Option<Connected> = None;
     // The highest leader epoch followed: a lower one is a deposed master.
     let mut epochs = EpochGuard::load(layout.root());
+    let list = MasterSearch::new(&cfg.master)
+        .map_err(|error| AgentError::Masters { list: cfg.master.clone(), error })?;
+    let mut search = Masters { idle: Some(list.clone()), list };
+    // Within this process, the search itself refuses epochs below the highest followed.
+    let mut fence = EpochFence::default();
     // A restarted agent first learns from its executors what became of its tasks, then
     // registers with them.
-    let mut connecting = if recovery.is_none() { Some(spawn_connect(cfg)) } else { None };
+    let mut connecting =
+        if recovery.is_none() { Some(spawn_connect(cfg, &mut search, &fence)) } else { None };
     let mut retry_at: Option<Instant> = None;
     let gc_interval = cfg.gc.interval.max(Duration::from_millis(10));
     let mut gc_tick = tokio::time::interval_at(tokio::time::Instant::now() + gc_interval, gc_interval);
@@ -387,7 +434,7 @@ pub(crate) async fn drive(
                     tracing::warn!("the executor manager ended before recovery finished");
                 }
                 tracing::info!("recovery done: registering with the master");
-                connecting = Some(spawn_connect(cfg));
+                connecting = Some(spawn_connect(cfg, &mut search, &fence));
             }
             Some(lookup) = lookups.recv() => {
                 let _ = lookup.reply.send(core.lookup_output(&lookup.request));
@@ -425,7 +472,21 @@ pub(crate) async fn drive(
             }
             res = opt_join(connecting.as_mut()) => {
                 connecting = None;
-                let res = res.unwrap_or_else(|e| Err(ClientError::Stream(format!("connect task failed: {e}"))));
+                let res = match res {
+                    Ok((s, res)) => {
+                        search.idle = Some(s);
+                        res
+                    }
+                    Err(e) => Err(ClientError::Stream(format!("connect task failed: {e}"))),
+                };
+                let res = res.and_then(|session| {
+                    if fence.accept_epoch(session.epoch) {
+                        return Ok(session);
+                    }
+                    session.conn.close(0u32.into(), b"deposed leader: older epoch");
+                    let addr = session.conn.remote_address().to_string();
+                    Err(ClientError::StaleEpoch { addr, epoch: session.epoch, seen: fence.highest() })
+                });
                 match res {
                     Ok(session) => match epochs.welcome(&session.master_id) {
                         Ok(Verdict::Stale { epoch, seen }) => {
@@ -464,7 +525,7 @@ pub(crate) async fn drive(
             }
             () = opt_sleep(retry_at) => {
                 retry_at = None;
-                connecting = Some(spawn_connect(cfg));
+                connecting = Some(spawn_connect(cfg, &mut search, &fence));
             }
             () = opt_sleep(update_deadline) => core.poll_updates(Instant::now()),
             _ = gc_tick.tick() => {

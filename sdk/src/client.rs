@@ -36,9 +36,21 @@ pub enum ClientError {
     Refused(WireError),
     #[error("the master closed the connection")]
     Closed,
+    /// A master list (`--master`, client.toml) that cannot be used.
+    #[error(transparent)]
+    Masters(#[from] crate::masters::MasterListError),
     /// The master is a standby; `leader` is where the leader listens, if it knows.
     #[error("the master at {addr} is not the leader{}", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
     NotLeader { addr: SocketAddr, leader: Option<String> },
+    /// The master leads an older epoch than a leader this client saw before: it was deposed
+    /// and has not noticed yet.
+    #[error(
+        "the master at {addr} leads epoch {epoch}, older than epoch {seen} seen before (a deposed leader)"
+    )]
+    StaleEpoch { addr: String, epoch: u64, seen: u64 },
+    /// No master of the list leads; what each one said (`address`, error).
+    #[error("no master could be reached as the leader: {}", .tried.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
+    NoLeader { tried: Vec<(String, String)> },
     #[error("unexpected reply from the master: {0}")]
     Unexpected(String),
     #[error(transparent)]
@@ -79,10 +91,13 @@ pub struct Session {
     pub writer: FrameWriter<SendStream>,
     pub reader: FrameReader<RecvStream>,
     pub master_id: String,
+    /// The leader's epoch from its `Welcome` (see [`crate::masters::MasterSearch::accept_epoch`]).
+    pub epoch: u64,
 }
 
 impl Session {
-    /// Connects to `addr` with `files` and says hello as `role`.
+    /// Connects to the one master at `addr` with `files` and says hello as `role` (a standby
+    /// answers [`ClientError::NotLeader`]; [`crate::masters::MasterSearch`] follows it).
     pub async fn connect(addr: &str, files: &TlsFiles, role: Role) -> Result<Session, ClientError> {
         let peer = resolve(addr).await?;
         let endpoint =
@@ -102,8 +117,8 @@ impl Session {
         let mut reader = FrameReader::new(recv);
         writer.send(&Hello { version: PROTOCOL_VERSION, role }).await?;
         match reader.recv::<HelloReply>().await? {
-            Some(HelloReply::Welcome { master_id, .. }) => {
-                Ok(Session { endpoint, conn, writer, reader, master_id })
+            Some(HelloReply::Welcome { master_id, epoch, .. }) => {
+                Ok(Session { endpoint, conn, writer, reader, master_id, epoch })
             }
             Some(HelloReply::Refused(e)) => Err(ClientError::Refused(e)),
             Some(HelloReply::NotLeader { leader }) => Err(ClientError::NotLeader { addr: peer, leader }),
@@ -167,9 +182,16 @@ pub struct OperatorClient {
 }
 
 impl OperatorClient {
+    /// Connects to the leader among `cfg`'s masters.
     pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
         let files = cfg.identity(Role::Operator)?;
-        Ok(Self { session: Session::connect(&cfg.master, &files, Role::Operator).await? })
+        let mut search = crate::masters::MasterSearch::new(&cfg.master)?;
+        Ok(Self { session: search.connect_patiently(&files, Role::Operator).await? })
+    }
+
+    /// The id of the master this client talks to (the leader).
+    pub fn master_id(&self) -> &str {
+        &self.session.master_id
     }
 
     async fn call(&mut self, call: OperatorCall) -> Result<OperatorReply, ClientError> {
@@ -239,6 +261,14 @@ impl OperatorClient {
             other => Err(other),
         })
         .await
+    }
+
+    /// Every master of the cluster, and which one leads.
+    pub async fn masters(&mut self) -> Result<Vec<MasterView>, ClientError> {
+        match self.call(OperatorCall::GetMasters).await? {
+            OperatorReply::Masters(m) => Ok(m),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     pub async fn kill(&mut self, task_id: &TaskId) -> Result<(), ClientError> {

@@ -1,7 +1,7 @@
 //! `client.toml`: how CLI commands and frameworks find and authenticate to a cluster.
 //!
 //! ```toml
-//! master = "127.0.0.1:5050"
+//! master = "127.0.0.1:5050"     # or several: ["10.0.0.1:5050", "10.0.0.2:5050"]
 //! ca = "ca.pem"                  # relative paths are relative to this file
 //! [operator]
 //! cert = "operator.pem"
@@ -31,6 +31,9 @@ pub enum ConfigError {
     NoIdentity { path: PathBuf, role: Role },
     #[error("no cluster given: pass --config FILE, set AGORA_CONFIG, or pass --master ADDR --tls-dir DIR")]
     NoCluster,
+    /// The master list (of a file, or of `--master`) is unusable.
+    #[error("{origin}: {err}")]
+    BadMaster { origin: String, err: crate::masters::MasterListError },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +47,9 @@ pub struct CertPair {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// `host:port` of the master.
+    /// `host:port` of the master, or of several masters separated by commas (the file may
+    /// give a string or a list of strings; a list of several is written as a list).
+    #[serde(with = "master_list")]
     pub master: String,
     pub ca: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +79,7 @@ impl ClientConfig {
             abs(&mut pair.key);
         }
         cfg.source = path.to_path_buf();
+        check_masters(&cfg.master, &format!("{}: master", path.display()))?;
         Ok(cfg)
     }
 
@@ -98,6 +104,9 @@ impl ClientConfig {
         master: Option<&str>,
         tls_dir: Option<&Path>,
     ) -> Result<Self, ConfigError> {
+        if let Some(m) = master {
+            check_masters(m, "--master")?;
+        }
         if let Some(path) = config {
             let mut cfg = Self::load(path)?;
             if let Some(m) = master {
@@ -136,6 +145,72 @@ impl ClientConfig {
     }
 }
 
+/// Checks a master list; the error names `origin`.
+fn check_masters(list: &str, origin: &str) -> Result<(), ConfigError> {
+    crate::masters::parse_masters(list)
+        .map(drop)
+        .map_err(|err| ConfigError::BadMaster { origin: origin.to_string(), err })
+}
+
+/// `master` as a string (`a:5050` or `a:5050,b:5050`) or a list of strings; kept in memory as
+/// the comma-separated string every client takes.
+mod master_list {
+    use serde::{Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    pub fn serialize<S: Serializer>(list: &str, s: S) -> Result<S::Ok, S::Error> {
+        let entries: Vec<String> = list.split(',').map(|e| e.trim().to_string()).collect();
+        if entries.len() == 1 {
+            Form::One(list.to_string()).serialize(s)
+        } else {
+            Form::Many(entries).serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(ListVisitor)
+    }
+
+    struct ListVisitor;
+
+    impl<'de> serde::de::Visitor<'de> for ListVisitor {
+        type Value = String;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a master's \"host:port\" or a list of them")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut all: Vec<String> = Vec::new();
+            while let Some(e) = seq.next_element::<String>()? {
+                if e.contains(',') {
+                    return Err(serde::de::Error::custom(format!(
+                        "a master in a list is one host:port, not `{e}`"
+                    )));
+                }
+                if all.len() > crate::masters::MAX_MASTERS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {} masters",
+                        crate::masters::MAX_MASTERS
+                    )));
+                }
+                all.push(e);
+            }
+            Ok(all.join(","))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +230,38 @@ mod tests {
         assert!(matches!(cfg.identity(Role::Framework), Err(ConfigError::NoIdentity { .. })));
         std::fs::write(&path, "master = 5\n").unwrap();
         let e = ClientConfig::load(&path).unwrap_err().to_string();
-        assert!(e.contains("client.toml"), "{e}");
+        assert!(e.contains("client.toml") && e.contains("host:port"), "{e}");
+    }
+
+    #[test]
+    fn a_master_list_parses_round_trips_and_bad_entries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.toml");
+        std::fs::write(&path, "master = [\"127.0.0.1:1\", \"h.example:5050\"]\nca = \"ca.pem\"\n").unwrap();
+        let cfg = ClientConfig::load(&path).unwrap();
+        assert_eq!(cfg.master, "127.0.0.1:1,h.example:5050");
+        let again = dir.path().join("again.toml");
+        cfg.save(&again).unwrap();
+        let text = std::fs::read_to_string(&again).unwrap();
+        assert!(text.contains("master = [") && text.contains("\"h.example:5050\""), "{text}");
+        assert_eq!(ClientConfig::load(&again).unwrap().master, cfg.master);
+        // A single string stays a string, and may itself be a comma list.
+        std::fs::write(&path, "master = \"a:1, b:2\"\nca = \"ca.pem\"\n").unwrap();
+        assert_eq!(ClientConfig::load(&path).unwrap().master, "a:1, b:2");
+        let one = ClientConfig::from_tls_dir("a:1", dir.path());
+        one.save(&again).unwrap();
+        assert!(std::fs::read_to_string(&again).unwrap().contains("master = \"a:1\""));
+        // Bad entries: the file, the entry and what is wrong.
+        std::fs::write(&path, "master = [\"a:1\", \"nohost\"]\nca = \"ca.pem\"\n").unwrap();
+        let e = ClientConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("client.toml") && e.contains("`nohost`: no port"), "{e}");
+        std::fs::write(&path, "master = []\nca = \"ca.pem\"\n").unwrap();
+        let e = ClientConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("no master address"), "{e}");
+        std::fs::write(&path, "master = [\"a:1,b:2\"]\nca = \"ca.pem\"\n").unwrap();
+        let e = ClientConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("client.toml") && e.contains("one host:port"), "{e}");
+        let e = ClientConfig::resolve(None, Some("a:1,b:x"), Some(dir.path())).unwrap_err().to_string();
+        assert!(e.starts_with("--master: ") && e.contains("`b:x`"), "{e}");
     }
 }

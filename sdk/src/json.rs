@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::proto::{AgentView, FrameworkView, TaskView};
+use crate::proto::{AgentView, FrameworkView, MasterView, TaskView};
 
 pub fn agent_json(a: &AgentView) -> Value {
     json!({
@@ -26,6 +26,16 @@ pub fn framework_json(f: &FrameworkView) -> Value {
         "status": f.status,
         "used": f.used.to_string(),
         "tasks": f.tasks,
+    })
+}
+
+/// A master as `agora masters -o json` prints it.
+pub fn master_json(m: &MasterView) -> Value {
+    json!({
+        "id": m.id,
+        "address": m.address,
+        "leader": m.leader,
+        "epoch": m.epoch,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod executor_proto;
 pub mod frame;
 pub mod json;
 pub mod locality;
+pub mod masters;
 pub mod proto;
 pub mod resources;
 pub mod scheduler;

@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::client::{ClientError, Session};
+use crate::masters::MasterSearch;
 use crate::proto::*;
 use crate::tls::TlsFiles;
 
@@ -109,7 +110,7 @@ pub trait Scheduler: Send {
     }
 
     /// Subscribed again with the same framework id after [`Scheduler::disconnected`] (to the
-    /// same master, or to a restarted one). An implicit reconciliation follows: the latest
+    /// same master, to a restarted one, or to a new leader). An implicit reconciliation follows: the latest
     /// state of every live task comes as status updates. Tasks launched just before the loss
     /// may be unknown to the master: reconcile them explicitly ([`Driver::reconcile`]).
     fn reregistered(
@@ -125,6 +126,8 @@ pub trait Scheduler: Send {
 /// How to reach the master and who this framework is.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
+    /// `host:port` of the master, or of several separated by commas: the driver connects to
+    /// the leader among them and follows it (see [`crate::masters`]).
     pub master: String,
     pub tls: TlsFiles,
     pub framework: FrameworkInfo,
@@ -416,7 +419,10 @@ impl Driver {
 /// lost (a transport error, the master closing it, or [`MISSED_HEARTBEATS`] heartbeat
 /// intervals without a word from the master), the driver calls [`Scheduler::disconnected`],
 /// reconnects with capped exponential backoff and jitter, and subscribes again with its
-/// framework id ([`Scheduler::reregistered`]). It gives up, returning the error, when the
+/// framework id ([`Scheduler::reregistered`]). Each attempt searches the master list for the
+/// leader ([`MasterSearch::connect`]: the last leader first, following a standby's redirect)
+/// and refuses a master whose epoch is lower than one seen before (a deposed leader). It
+/// gives up, returning the error, when the
 /// master refuses the id (unknown framework, another principal), when it could not subscribe
 /// again within the framework's failover timeout ([`ClientError::FailoverExpired`]), or at
 /// once with [`DriverConfig::reconnect`] off.
@@ -441,8 +447,19 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
     };
     let failover = config.framework.failover_timeout;
     let mut backoff = BACKOFF_MIN;
+    let mut search = MasterSearch::new(&config.master)?;
     loop {
-        let connect = Session::connect(&config.master, &config.tls, Role::Framework);
+        // The first connection waits out a leader election (standbys that know no leader
+        // yet); later ones have the failover loop's backoff.
+        let first = !carry.ever_subscribed;
+        let (search, tls) = (&mut search, &config.tls);
+        let connect = async move {
+            if first {
+                search.connect_patiently(tls, Role::Framework).await
+            } else {
+                search.connect(tls, Role::Framework).await
+            }
+        };
         let Some(connected) = offline(connect, &mut rx, &mut carry, &driver, scheduler).await else {
             return Ok(());
         };
@@ -966,5 +983,114 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(q.len(), 2);
         assert!(take_fitting(&Resources::parse("cpus:1").unwrap(), &mut q).is_empty());
+    }
+
+    /// A fake master for the driver: each connection gets `Welcome` with the epoch `epoch`
+    /// holds, then `Subscribed` for each `Subscribe` (counted in `subscribes`). With
+    /// `one_session`, the first subscribed connection is closed after a moment and later
+    /// connections are refused: the master died.
+    fn fake_master(
+        tls: &std::path::Path,
+        epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        subscribes: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        one_session: bool,
+    ) -> String {
+        use std::sync::atomic::Ordering;
+        let cfg = crate::transport::server_config(&TlsFiles::in_dir(tls, "master")).unwrap();
+        let endpoint = quinn::Endpoint::server(cfg, ([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = endpoint.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut served = false;
+            while let Some(incoming) = endpoint.accept().await {
+                if one_session && served {
+                    incoming.refuse();
+                    continue;
+                }
+                served = true;
+                let (epoch, subscribes) = (epoch.clone(), subscribes.clone());
+                let Ok(conn) = incoming.await else { continue };
+                let serve = async move {
+                    let Ok((send, recv)) = conn.accept_bi().await else { return };
+                    let mut w = crate::frame::FrameWriter::new(send);
+                    let mut r = crate::frame::FrameReader::new(recv);
+                    let Ok(Some(Hello { .. })) = r.recv::<Hello>().await else { return };
+                    let epoch = epoch.load(Ordering::SeqCst);
+                    let welcome = HelloReply::Welcome {
+                        version: PROTOCOL_VERSION,
+                        master_id: format!("m-{epoch}"),
+                        epoch,
+                    };
+                    if w.send(&welcome).await.is_err() {
+                        return;
+                    }
+                    while let Ok(Some(call)) = r.recv::<SchedulerCall>().await {
+                        if let SchedulerCall::Subscribe(_) = call {
+                            subscribes.fetch_add(1, Ordering::SeqCst);
+                            let ev = SchedulerEvent::Subscribed {
+                                framework_id: FrameworkId::new("fw-1"),
+                                heartbeat_interval: Duration::from_secs(1),
+                            };
+                            let _ = w.send(&ev).await;
+                            if one_session {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                conn.close(0u32.into(), b"master dies");
+                                return;
+                            }
+                        }
+                    }
+                };
+                tokio::spawn(serve);
+            }
+        });
+        addr
+    }
+
+    /// Counts subscriptions and re-subscriptions.
+    struct Counting(mpsc::UnboundedSender<&'static str>);
+
+    impl Scheduler for Counting {
+        async fn registered(&mut self, _: &Driver, _: &FrameworkId) {
+            let _ = self.0.send("registered");
+        }
+        async fn reregistered(&mut self, _: &Driver, _: &FrameworkId) {
+            let _ = self.0.send("reregistered");
+        }
+        async fn resource_offers(&mut self, _: &Driver, _: Vec<Offer>) {}
+        async fn status_update(&mut self, _: &Driver, _: &TaskStatus) {}
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<&'static str>) -> Option<&'static str> {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.ok().flatten()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_driver_refuses_a_deposed_leader_and_fails_over_to_the_new_one() {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::init(dir.path(), "tester", false).unwrap();
+        // The leader of epoch 5, which dies after the first subscription...
+        let (a_subs, b_subs) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let a = fake_master(dir.path(), Arc::new(AtomicU64::new(5)), a_subs.clone(), true);
+        // ...and a master still welcoming with the older epoch 3 (deposed, unaware).
+        let b_epoch = Arc::new(AtomicU64::new(3));
+        let b = fake_master(dir.path(), b_epoch.clone(), b_subs.clone(), false);
+        let mut cfg =
+            DriverConfig::new(format!("{a},{b}"), TlsFiles::in_dir(dir.path(), "framework"), "fenced");
+        cfg.framework.failover_timeout = Duration::from_secs(60);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let run = tokio::spawn(async move { run(cfg, &mut Counting(tx)).await });
+        assert_eq!(next(&mut rx).await, Some("registered"));
+        assert_eq!(a_subs.load(Ordering::SeqCst), 1);
+        // The driver keeps searching: B's Welcome (epoch 3) is refused every time, so it
+        // never gets a Subscribe. Give it several rounds.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(b_subs.load(Ordering::SeqCst), 0, "the driver subscribed with a deposed leader");
+        assert!(!run.is_finished(), "the driver gave up: {:?}", run.await);
+        // B wins a newer election: the driver subscribes with it.
+        b_epoch.store(6, Ordering::SeqCst);
+        assert_eq!(next(&mut rx).await, Some("reregistered"));
+        assert_eq!(b_subs.load(Ordering::SeqCst), 1);
+        run.abort();
     }
 }

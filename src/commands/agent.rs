@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct AgentCommand {
-    /// Master address (host:port).
-    #[arg(long)]
+    /// Master address (host:port), or several masters: `a:5050,b:5050,c:5050`.
+    #[arg(long, value_parser = super::master_list)]
     master: String,
     /// Resources to offer, e.g. "cpus:4;mem:8GiB;disk:20GiB;ports:[31000-32000]"
     /// (default: detected: all cores, memory less a reserve).

@@ -11,6 +11,7 @@ use clap::Args;
 
 use super::master::{core_config, AllocationArgs, FrameworkLivenessArgs, MasterCommandCore};
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::ha_dev::HaCluster;
 
 #[derive(Args)]
 pub struct DevCommand {
@@ -20,6 +21,10 @@ pub struct DevCommand {
     /// Number of agents.
     #[arg(long, default_value_t = 1)]
     agents: usize,
+    /// Number of masters: 1 (in this process), or 3 (an etcd from the PATH on loopback and
+    /// three `agora master --etcd` processes electing a leader; client.toml lists all three).
+    #[arg(long, default_value_t = 1)]
+    masters: usize,
     /// Resources of each agent (default: this machine's, divided between the agents).
     #[arg(long, value_parser = Resources::parse)]
     resources: Option<Resources>,
@@ -63,6 +68,9 @@ impl DevCommand {
                 self.listen
             );
         }
+        if self.masters != 1 && self.masters != 3 {
+            anyhow::bail!("--masters must be 1 or 3 (got {})", self.masters);
+        }
         let core = core_config(&MasterCommandCore {
             allocation: self.allocation.clone(),
             agent_heartbeat: Duration::from_secs(1),
@@ -74,7 +82,7 @@ impl DevCommand {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
         }
-        let cluster = Cluster::start(ClusterSpec {
+        let spec = ClusterSpec {
             dir: self.dir,
             listen: self.listen,
             agents: self.agents,
@@ -88,8 +96,27 @@ impl DevCommand {
                 interval: self.gc_interval,
                 ..agora_agent::gc::GcConfig::default()
             },
-        })
-        .await?;
+        };
+        if self.masters > 1 {
+            if self.http.is_some() {
+                anyhow::bail!(
+                    "--http is for one master; with --masters 3 each master is a process of its own"
+                );
+            }
+            let cluster = HaCluster::start(spec, self.masters, master_args()).await?;
+            let list: Vec<String> = cluster.masters.iter().map(ToString::to_string).collect();
+            println!(
+                "Agora dev cluster ready: masters {} (one leads, elected through etcd) with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora masters\n  agora run -- echo hello\nPress Ctrl-C to stop.",
+                list.join(", "),
+                self.agents,
+                cluster.client_path.display()
+            );
+            super::shutdown_signal().await;
+            eprintln!("stopping: killing tasks and shutting down agents, masters and etcd");
+            cluster.stop().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let cluster = Cluster::start(spec).await?;
         if let Some(addr) = self.http {
             let bound =
                 agora_master::http::spawn(addr, cluster.master.clone(), cluster.shutdown.clone()).await?;
@@ -106,4 +133,35 @@ impl DevCommand {
         cluster.stop().await;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// The flags of this `agora dev` that the masters take (allocation and framework liveness),
+/// as given, plus the agent liveness a dev cluster uses.
+fn master_args() -> Vec<String> {
+    let mut names = std::collections::HashSet::new();
+    for cmd in [
+        <AllocationArgs as clap::Args>::augment_args(clap::Command::new("a")),
+        <FrameworkLivenessArgs as clap::Args>::augment_args(clap::Command::new("f")),
+    ] {
+        names.extend(cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)));
+    }
+    let mut out: Vec<String> =
+        ["--agent-heartbeat", "1s", "--agent-timeout", "10s", "--agent-reregister-timeout", "10min"]
+            .map(String::from)
+            .into();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let Some(flag) = a.strip_prefix("--") else { continue };
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (flag, false),
+        };
+        if names.contains(name) {
+            out.push(a.clone());
+            if !inline {
+                out.extend(args.next());
+            }
+        }
+    }
+    out
 }

@@ -1,4 +1,4 @@
-//! `agora agents | frameworks | tasks [-o table|json]`.
+//! `agora agents | frameworks | tasks | masters [-o table|json]`.
 
 use std::process::ExitCode;
 
@@ -18,6 +18,7 @@ pub enum What {
     Agents,
     Frameworks { all: bool },
     Tasks,
+    Masters,
 }
 
 #[derive(Args)]
@@ -65,6 +66,10 @@ impl ListArgs {
             What::Tasks => {
                 let v = client.tasks().await?;
                 (v.iter().map(task_json).collect(), output::tasks_table(&v))
+            }
+            What::Masters => {
+                let v = client.masters().await?;
+                (v.iter().map(agora_sdk::json::master_json).collect(), output::masters_table(&v))
             }
         };
         client.close();

@@ -41,6 +41,8 @@ pub enum Command {
     Frameworks(list::FrameworksArgs),
     /// List tasks.
     Tasks(list::ListArgs),
+    /// List the cluster's masters: address, which one leads, epoch.
+    Masters(list::ListArgs),
     /// Print a task's stdout (or stderr).
     Logs(logs::LogsCommand),
     /// Kill a task.
@@ -69,6 +71,7 @@ impl Command {
             Command::Agents(c) => c.execute(list::What::Agents).await,
             Command::Frameworks(c) => c.execute().await,
             Command::Tasks(c) => c.execute(list::What::Tasks).await,
+            Command::Masters(c) => c.execute(list::What::Masters).await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
@@ -119,8 +122,9 @@ pub struct ClusterArgs {
     /// client.toml naming the master and certificates (also AGORA_CONFIG).
     #[arg(long, env = "AGORA_CONFIG")]
     pub config: Option<std::path::PathBuf>,
-    /// Master address, with --tls-dir instead of a config file.
-    #[arg(long)]
+    /// Master address (host:port), or several (`a:5050,b:5050,c:5050`); with --tls-dir
+    /// instead of a config file, or overriding the config's.
+    #[arg(long, value_parser = master_list)]
     pub master: Option<String>,
     /// Directory made by `agora tls init`.
     #[arg(long)]
@@ -135,6 +139,11 @@ impl ClusterArgs {
             self.tls_dir.as_deref(),
         )?)
     }
+}
+
+/// `--master`: one `host:port` or several separated by commas, checked.
+pub fn master_list(s: &str) -> Result<String, agora_sdk::masters::MasterListError> {
+    agora_sdk::masters::parse_masters(s).map(|_| s.to_string())
 }
 
 /// Waits for Ctrl-C or SIGTERM.

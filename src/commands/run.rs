@@ -240,7 +240,9 @@ impl RunCommand {
                 tokio::task::spawn_blocking(move || pack_dir(&local)).await.map_err(|e| e.to_string())??;
             packed.push((archive, guest.clone()));
         }
-        let session = agora_sdk::client::Session::connect(&cfg.master, tls, Role::Framework)
+        let mut search = agora_sdk::masters::MasterSearch::new(&cfg.master).map_err(|e| e.to_string())?;
+        let session = search
+            .connect_patiently(tls, Role::Framework)
             .await
             .map_err(|e| format!("cannot reach the master at {}: {e}", cfg.master))?;
         let conn = session.conn.clone();
