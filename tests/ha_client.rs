@@ -231,7 +231,6 @@ fn bad_master_lists_are_refused_naming_the_entry() {
 /// `agora dev --masters 3`: etcd and three masters electing a leader; `agora masters` lists
 /// the three with exactly one leader, and a task runs.
 #[test]
-#[ignore = "needs the etcd registry (branch wt-ha-server): `agora master --etcd`"]
 fn dev_with_three_masters_lists_them_with_one_leader() {
     let mut dev = common::dev::Dev::start_with(&["--masters", "3", "--resources", "cpus:1;mem:256MiB"]);
     let out = dev.agora(&["masters", "-o", "json"]);

@@ -493,7 +493,7 @@ pub(crate) async fn drive(
                             // A deposed leader (cut off from etcd, still running): nothing it
                             // says may be acted on.
                             tracing::warn!(master_id = %session.master_id, epoch, seen,
-                                "the master's epoch is older than one already followed: dropping it");
+                                "the master's epoch is older than one already followed (a deposed leader): dropping it");
                             session.conn.close(0u32.into(), b"stale leader epoch");
                             retry_at = Some(Instant::now() + backoff.next_delay());
                         }
