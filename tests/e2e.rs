@@ -743,7 +743,7 @@ async fn sdk_driver_fails_over_after_heartbeat_loss() {
 }
 
 /// The same against the `agora master` binary, as a framework meets it.
-/// (`--framework-heartbeat` defaults to 2 s: a silent master is given up after 6 s.)
+/// (`--framework-heartbeat` defaults to 1 s: a silent master is given up after 3 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_driver_notices_a_silent_agora_master_within_seconds() {
     let c = RealCluster::start(&[], &["--resources", "cpus:1;mem:256MiB"]);

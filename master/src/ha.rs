@@ -8,8 +8,8 @@
 //! leader's epoch. The others watch the key and try again as soon as it goes (the leader's
 //! lease expired or was revoked).
 //!
-//! A leader that cannot confirm its lease (a keep-alive unanswered for half the TTL, an error on
-//! the keep-alive stream, or etcd answering that the lease is gone) steps down at once: well
+//! A leader that cannot confirm its lease (a keep-alive unanswered for half the TTL, or etcd
+//! answering that the lease is gone) steps down at once: well
 //! before the lease can expire on etcd's side, so before any other master can be elected. Its
 //! registry writes are fenced on the leader key anyway ([`crate::registry::EtcdRegistry`]).
 
@@ -246,7 +246,9 @@ fn request_timeout(ttl: Duration) -> Duration {
 
 /// Keeps lease `id` alive; sets `alive` to false and returns once it cannot be vouched for:
 /// no keep-alive confirmed for half the TTL (counted from when the confirmed one was sent,
-/// which is before etcd renewed it), an error, or etcd saying the lease is gone.
+/// which is before etcd renewed it), or etcd saying the lease is gone. A keep-alive stream
+/// that breaks (the etcd member it went to died, in a cluster of several) is opened again,
+/// reaching another member, for as long as the lease is still vouched for.
 async fn keep_alive(
     mut client: etcd_client::LeaseClient,
     id: i64,
@@ -256,53 +258,88 @@ async fn keep_alive(
 ) {
     let tick = (ttl / 4).max(Duration::from_millis(50));
     let grace = ttl / 2;
-    let why = async {
-        let (mut keeper, mut stream) = match client.keep_alive(id).await {
-            Ok(x) => x,
-            Err(e) => return format!("cannot keep the lease alive: {e}"),
+    let mut confirmed = granted_at;
+    let mut next = Instant::now();
+    let why = loop {
+        if confirmed.elapsed() > grace {
+            break format!("no keep-alive confirmed for {:?}", confirmed.elapsed());
+        }
+        let broken = tokio::select! {
+            r = keep_alive_stream(&mut client, id, tick, grace, &mut confirmed, &mut next) => r,
+            _ = alive.closed() => break String::new(),
         };
-        let mut confirmed = granted_at;
-        let mut sent: VecDeque<Instant> = VecDeque::new();
-        let mut next = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => {
-                    if confirmed.elapsed() > grace {
-                        return format!("no keep-alive confirmed for {:?}", confirmed.elapsed());
-                    }
-                    let at = Instant::now();
-                    match tokio::time::timeout(tick, keeper.keep_alive()).await {
-                        Ok(Ok(())) => {
-                            sent.push_back(at);
-                            // Answers come in order; more than this outstanding means none come.
-                            if sent.len() > 64 {
-                                sent.pop_front();
-                            }
-                        }
-                        Ok(Err(e)) => return format!("keep-alive failed: {e}"),
-                        Err(_) => return "keep-alive stuck".to_string(),
-                    }
-                    next += tick;
-                }
-                m = stream.message() => match m {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        if let Some(at) = sent.pop_front() {
-                            confirmed = at;
-                        }
-                    }
-                    Ok(Some(_)) => return "etcd says the lease expired".to_string(),
-                    Ok(None) => return "keep-alive stream ended".to_string(),
-                    Err(e) => return format!("keep-alive stream failed: {e}"),
-                },
-                _ = alive.closed() => return String::new(),
+        match broken {
+            Broken::Lost(why) => break why,
+            Broken::Stream(why) if confirmed.elapsed() > grace => break why,
+            Broken::Stream(why) => {
+                debug!(lease = id, reason = %why, "the keep-alive stream broke; opening another");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                next = Instant::now();
             }
         }
-    }
-    .await;
+    };
     if !why.is_empty() {
         warn!(lease = id, reason = %why, "the etcd lease is lost");
     }
     alive.send_replace(false);
+}
+
+/// How one keep-alive stream ended.
+enum Broken {
+    /// The lease cannot be vouched for any more.
+    Lost(String),
+    /// The stream failed: another may do.
+    Stream(String),
+}
+
+/// One keep-alive stream: a keep-alive every `tick` from `next` on, `confirmed` moved to the
+/// sending time of every answered one; returns when the stream breaks or the lease is lost.
+async fn keep_alive_stream(
+    client: &mut etcd_client::LeaseClient,
+    id: i64,
+    tick: Duration,
+    grace: Duration,
+    confirmed: &mut Instant,
+    next: &mut Instant,
+) -> Broken {
+    let (mut keeper, mut stream) = match tokio::time::timeout(tick, client.keep_alive(id)).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Broken::Stream(format!("cannot keep the lease alive: {e}")),
+        Err(_) => return Broken::Stream("opening the keep-alive stream is stuck".into()),
+    };
+    let mut sent: VecDeque<Instant> = VecDeque::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until((*next).into()) => {
+                if confirmed.elapsed() > grace {
+                    return Broken::Lost(format!("no keep-alive confirmed for {:?}", confirmed.elapsed()));
+                }
+                let at = Instant::now();
+                match tokio::time::timeout(tick, keeper.keep_alive()).await {
+                    Ok(Ok(())) => {
+                        sent.push_back(at);
+                        // Answers come in order; more than this outstanding means none come.
+                        if sent.len() > 64 {
+                            sent.pop_front();
+                        }
+                    }
+                    Ok(Err(e)) => return Broken::Stream(format!("keep-alive failed: {e}")),
+                    Err(_) => return Broken::Stream("keep-alive stuck".to_string()),
+                }
+                *next += tick;
+            }
+            m = stream.message() => match m {
+                Ok(Some(r)) if r.ttl() > 0 => {
+                    if let Some(at) = sent.pop_front() {
+                        *confirmed = at;
+                    }
+                }
+                Ok(Some(_)) => return Broken::Lost("etcd says the lease expired".to_string()),
+                Ok(None) => return Broken::Stream("keep-alive stream ended".to_string()),
+                Err(e) => return Broken::Stream(format!("keep-alive stream failed: {e}")),
+            },
+        }
+    }
 }
 
 /// Lists the masters of a cluster (for `GetMasters`).

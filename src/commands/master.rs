@@ -98,8 +98,9 @@ fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
 pub struct FrameworkLivenessArgs {
     /// Heartbeat interval told to frameworks: the master and each framework send one this
     /// often, and either takes the other for gone after 3 silent intervals (a framework's
-    /// failover timeout then starts; the SDK driver reconnects).
-    #[arg(long, default_value = "2s", value_parser = parse_heartbeat)]
+    /// failover timeout then starts; the SDK driver reconnects, to a new leader after a
+    /// failover).
+    #[arg(long, default_value = "1s", value_parser = parse_heartbeat)]
     pub framework_heartbeat: Duration,
 }
 

@@ -1,5 +1,5 @@
-//! A real etcd (Debian's `etcd-server`, `/usr/bin/etcd`) for tests: one member on free loopback
-//! ports in a temporary directory, with a short Raft tick so that leases as short as a second
+//! A real etcd (Debian's `etcd-server`, `/usr/bin/etcd`) for tests: one member or a cluster on
+//! free loopback ports in temporary directories, with a short Raft tick so that leases as short as a second
 //! are honoured; stopped (and its directory removed) when dropped. Plus a TCP proxy on
 //! loopback that can be cut, to partition one master from etcd.
 
@@ -30,36 +30,128 @@ pub struct Etcd {
     /// Its client address.
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// Its command line, to start it again on the same ports and data ([`Etcd::restart`]).
+    args: Vec<String>,
+    restarts: u32,
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it serves clients (30 s).
+    /// Starts a one-member etcd and waits until it serves clients (30 s).
     pub fn start() -> Etcd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut proc = Proc::spawn(
-            "etcd",
-            dir.path(),
-            Command::new(etcd_binary())
-                .args(["--name", "agora-test"])
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("agora-test={peer_url}")])
-                // 10 ms ticks: etcd's shortest lease is 1.5 election timeouts (here 150 ms), so a
-                // 1 s lease stays 1 s.
-                .args(["--heartbeat-interval", "10", "--election-timeout", "100"]),
-        );
+        let mut members = Self::start_cluster(1);
+        members.pop().expect("one member")
+    }
+
+    /// Starts an etcd cluster of `n` members (each on its own ports and data directory) and
+    /// waits until every member serves clients (30 s).
+    pub fn start_cluster(n: usize) -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("member{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, peer))| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("http://127.0.0.1:{client}");
+                let peer_url = format!("http://127.0.0.1:{peer}");
+                let data = dir.path().join("data").to_string_lossy().into_owned();
+                let args: Vec<String> = [
+                    "--name",
+                    &format!("member{i}"),
+                    "--data-dir",
+                    &data,
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                    "--initial-cluster",
+                    &initial,
+                    // 10 ms ticks: etcd's shortest lease is 1.5 election timeouts (here 150 ms),
+                    // so a 1 s lease stays 1 s.
+                    "--heartbeat-interval",
+                    "10",
+                    "--election-timeout",
+                    "100",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                let proc =
+                    Proc::spawn(&format!("etcd{i}"), dir.path(), Command::new(etcd_binary()).args(&args));
+                Etcd {
+                    proc,
+                    url,
+                    addr: format!("127.0.0.1:{client}").parse().expect("addr"),
+                    dir,
+                    args,
+                    restarts: 0,
+                }
+            })
+            .collect();
+        for m in &mut members {
+            m.wait_ready();
+        }
+        members
+    }
+
+    /// The client URLs of `members`, comma-separated (as `--etcd` takes them).
+    pub fn urls(members: &[Etcd]) -> String {
+        members.iter().map(|m| m.url.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Whether this member is the etcd cluster's Raft leader (its maintenance status, through
+    /// etcd's JSON gateway).
+    pub fn is_raft_leader(&self) -> bool {
+        use std::io::{Read, Write};
+        let mut conn = TcpStream::connect(self.addr).expect("connect to etcd");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let body = "{}";
+        write!(
+            conn,
+            "POST /v3/maintenance/status HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send the status request");
+        let mut text = String::new();
+        conn.read_to_string(&mut text).expect("read the status");
+        let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd status {text}: {e}"));
+        let member = v["header"]["member_id"].as_str().expect("member_id");
+        v["leader"].as_str().expect("leader") == member
+    }
+
+    /// `kill -9` of this member.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts this member again on its ports and data directory (after [`Etcd::kill9`]) and
+    /// waits until it serves clients.
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        self.restarts += 1;
+        let name = format!("{}-again{}", self.proc.name, self.restarts);
+        self.proc = Proc::spawn(&name, self.dir.path(), Command::new(etcd_binary()).args(&self.args));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !proc.stderr_text().contains("ready to serve client requests") {
-            assert!(proc.running(), "etcd exited: {}", proc.stderr_text());
-            assert!(Instant::now() < deadline, "etcd did not start: {}", proc.stderr_text());
+        while !self.proc.stderr_text().contains("ready to serve client requests") {
+            assert!(self.proc.running(), "etcd exited: {}", self.proc.stderr_text());
+            assert!(Instant::now() < deadline, "etcd did not start: {}", self.proc.stderr_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Etcd { proc, url, addr: format!("127.0.0.1:{client}").parse().expect("addr"), dir }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod dev;
 pub mod etcd;
+pub mod ha;
 pub mod proxy;
 
 use std::path::PathBuf;

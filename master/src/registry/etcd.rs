@@ -160,12 +160,30 @@ impl EtcdRegistry {
         PathBuf::from(self.location())
     }
 
-    fn run<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> Result<T, String> {
+    /// Runs the request `call` makes on the registry's runtime, for at most the timeout. A
+    /// request that met an etcd member it cannot reach (dead, in a cluster of several) is
+    /// made again, reaching another member: every request here is a read or a fenced,
+    /// idempotent transaction, so a repeat is harmless.
+    fn run<T, F, Fut>(&self, mut call: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
+    {
         let Some(rt) = self.rt.as_ref() else { return Err("the registry is closed".into()) };
-        block_on(rt, self.timeout, fut)?.map_err(|e| e.to_string())
+        let give_up = tokio::time::Instant::now() + self.timeout.saturating_sub(RETRY_PAUSE);
+        block_on(rt, self.timeout, async move {
+            loop {
+                match call().await {
+                    Err(e) if member_unreachable(&e) && tokio::time::Instant::now() < give_up => {
+                        tracing::debug!(error = %e, "an etcd member is unreachable: asking again");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    other => return other,
+                }
+            }
+        })?
+        .map_err(|e| e.to_string())
     }
 
     fn decode<T: DeserializeOwned>(
@@ -184,9 +202,12 @@ impl EtcdRegistry {
 
     /// The create revision of the current leader key (0: no leader).
     fn leader_revision(&self) -> Result<i64, String> {
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let key = self.keys.leader();
-        let resp = self.run(async move { kv.get(key, None).await })?;
+        let resp = self.run(move || {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move { kv.get(key, None).await }
+        })?;
         Ok(resp.kvs().first().map_or(0, |kv| kv.create_revision()))
     }
 
@@ -205,6 +226,19 @@ impl EtcdRegistry {
             RegistryOp::PutArtifact(a) => put(self.keys.record("artifacts", a.digest.as_str()), a),
             RegistryOp::RemoveArtifact(d) => TxnOp::delete(self.keys.record("artifacts", d.as_str()), None),
         }
+    }
+}
+
+/// The pause before a request that met an unreachable etcd member is made again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether `e` says the etcd member the request went to could not be reached (rather than
+/// etcd refusing the request): the connection failed, or gRPC's `UNAVAILABLE` (code 14).
+fn member_unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() as i32 == 14,
+        _ => false,
     }
 }
 
@@ -232,33 +266,37 @@ impl Registry for EtcdRegistry {
     /// won before, by [`crate::ha`].
     fn open_epoch(&mut self) -> Result<RegistryState, RegistryError> {
         let open_err = |s: &Self, reason: String| RegistryError::Open { path: s.path(), reason };
-        let mut kv = self.client.kv_client();
+        let kv = self.client.kv_client();
         let leader = self.keys.leader();
         let prefix = self.keys.registry();
         let (leader_rev, records) = self
-            .run(async move {
-                // One revision for both reads: the registry as the leader key vouches for it.
-                let first = kv.get(leader, None).await?;
-                let rev = first.header().map_or(0, |h| h.revision());
-                let leader_rev = first.kvs().first().map_or(0, |kv| kv.create_revision());
-                // In pages, all at that revision: a large registry fits no single message.
-                let end = prefix_end(&prefix);
-                let mut records = Vec::new();
-                let mut from = prefix.into_bytes();
-                loop {
-                    let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(rev);
-                    let mut page = kv.get(from.clone(), Some(opts)).await?;
-                    let more = page.more();
-                    let kvs = page.take_kvs();
-                    let Some(last) = kvs.last() else { break };
-                    from = last.key().to_vec();
-                    from.push(0);
-                    records.extend(kvs);
-                    if !more {
-                        break;
+            .run(move || {
+                let (mut kv, leader, prefix) = (kv.clone(), leader.clone(), prefix.clone());
+                async move {
+                    // One revision for both reads: the registry as the leader key vouches for it.
+                    let first = kv.get(leader, None).await?;
+                    let rev = first.header().map_or(0, |h| h.revision());
+                    let leader_rev = first.kvs().first().map_or(0, |kv| kv.create_revision());
+                    // In pages, all at that revision: a large registry fits no single message.
+                    let end = prefix_end(&prefix);
+                    let mut records = Vec::new();
+                    let mut from = prefix.into_bytes();
+                    loop {
+                        let opts =
+                            GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(rev);
+                        let mut page = kv.get(from.clone(), Some(opts)).await?;
+                        let more = page.more();
+                        let kvs = page.take_kvs();
+                        let Some(last) = kvs.last() else { break };
+                        from = last.key().to_vec();
+                        from.push(0);
+                        records.extend(kvs);
+                        if !more {
+                            break;
+                        }
                     }
+                    Ok((leader_rev, records))
                 }
-                Ok((leader_rev, records))
             })
             .map_err(|e| open_err(self, e))?;
         if leader_rev != self.epoch {
@@ -296,9 +334,12 @@ impl Registry for EtcdRegistry {
             let txn = Txn::new()
                 .when([Compare::create_revision(self.keys.leader(), CompareOp::Equal, self.epoch)])
                 .and_then(chunk.iter().map(|op| self.txn_op(op)).collect::<Vec<_>>());
-            let mut kv = self.client.kv_client();
+            let kv = self.client.kv_client();
             let resp = self
-                .run(async move { kv.txn(txn).await })
+                .run(move || {
+                    let (mut kv, txn) = (kv.clone(), txn.clone());
+                    async move { kv.txn(txn).await }
+                })
                 .map_err(|reason| RegistryError::Write { path: self.path(), reason })?;
             if !resp.succeeded() {
                 let found = self.leader_revision().unwrap_or(0);
