@@ -105,6 +105,14 @@ pub trait Allocator: Send {
         candidates: &[Candidate<'_>],
         eligible: &Eligibility<'_>,
     ) -> Vec<Allocation>;
+
+    /// Takes new options (an operator's `agora policy set`, or the policy the registry
+    /// holds), in force from the next allocation. An allocator that cannot change its policy
+    /// while running refuses, saying why.
+    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), String> {
+        let _ = options;
+        Err(format!("the {} allocator cannot change its policy while running", self.name()))
+    }
 }
 
 /// Settings of the allocation policy (`--weights`, `--priorities`, `--quota`, `--quota-limit`,
@@ -151,6 +159,8 @@ pub enum OptionError {
     Duplicate { flag: &'static str, role: String },
     #[error("invalid --min-allocatable `{value}`: {why}")]
     MinAllocatable { value: String, why: String },
+    #[error("a policy names {count} roles; at most {MAX_POLICY_ROLES} are accepted")]
+    TooManyRoles { count: usize },
 }
 
 fn role_pairs<'a>(flag: &'static str, text: &'a str) -> Result<Vec<(&'a str, &'a str)>, OptionError> {
@@ -209,6 +219,50 @@ pub fn parse_role_resources(flag: &'static str, text: &str) -> Result<(String, R
         return Err(bad("a quota names plain scalar quantities (no ports, no reservations)".into()));
     }
     Ok((role.to_string(), r))
+}
+
+/// Most roles one policy may name (weights, priorities, quotas and limits each).
+pub const MAX_POLICY_ROLES: usize = 1000;
+
+/// The options `policy` gives, on top of `base` (whose `min_allocatable` is kept): the same
+/// reading, and the same errors, as the master's flags.
+pub fn policy_options(
+    policy: &agora_sdk::proto::AllocationPolicy,
+    base: &AllocatorOptions,
+) -> Result<AllocatorOptions, OptionError> {
+    let mut o = base.clone();
+    o.role_weights = parse_weights(&policy.weights)?;
+    o.role_priorities = parse_priorities(&policy.priorities)?;
+    let per_role =
+        |flag: &'static str, values: &[String]| -> Result<BTreeMap<String, Resources>, OptionError> {
+            let mut out = BTreeMap::new();
+            for v in values {
+                let (role, r) = parse_role_resources(flag, v)?;
+                if out.insert(role.clone(), r).is_some() {
+                    return Err(OptionError::Duplicate { flag, role });
+                }
+            }
+            Ok(out)
+        };
+    o.quota_guarantees = per_role("--quota", &policy.quotas)?;
+    o.quota_limits = per_role("--quota-limit", &policy.quota_limits)?;
+    let most =
+        [o.role_weights.len(), o.role_priorities.len(), o.quota_guarantees.len(), o.quota_limits.len()];
+    if let Some(&n) = most.iter().max().filter(|n| **n > MAX_POLICY_ROLES) {
+        return Err(OptionError::TooManyRoles { count: n });
+    }
+    Ok(o)
+}
+
+/// `options`' policy in the flags' spelling (what [`policy_options`] reads back).
+pub fn policy_of(options: &AllocatorOptions) -> agora_sdk::proto::AllocationPolicy {
+    let join = |it: Vec<String>| it.join(",");
+    agora_sdk::proto::AllocationPolicy {
+        weights: join(options.role_weights.iter().map(|(r, w)| format!("{r}={w}")).collect()),
+        priorities: join(options.role_priorities.iter().map(|(r, p)| format!("{r}={p}")).collect()),
+        quotas: options.quota_guarantees.iter().map(|(r, q)| format!("{r}={q}")).collect(),
+        quota_limits: options.quota_limits.iter().map(|(r, q)| format!("{r}={q}")).collect(),
+    }
 }
 
 /// Parses `--min-allocatable cpus:0.01|mem:32MiB` (alternatives separated by `|`, each a
@@ -595,6 +649,8 @@ impl HierarchicalAllocator {
     }
 
     /// Sets one role's weight (effective from the next allocation).
+    ///
+    /// (See also [`Allocator::set_options`], which replaces the whole policy.)
     pub fn set_weight(&mut self, role: &str, weight: f64) {
         self.options.role_weights.insert(role.to_string(), weight);
         self.stale = true;
@@ -950,6 +1006,12 @@ impl Allocator for HierarchicalAllocator {
             Policy::Drf => Self::DRF,
             Policy::Priority => Self::PRIORITY,
         }
+    }
+
+    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), String> {
+        self.options = options.clone();
+        self.stale = true;
+        Ok(())
     }
 
     fn add_framework(&mut self, framework: &FrameworkId, role: &str) {

@@ -76,6 +76,9 @@ enum Query {
     CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
+    Policy(oneshot::Sender<(AllocationPolicy, &'static str)>),
+    /// Answered once the registry has it.
+    SetPolicy(AllocationPolicy, oneshot::Sender<Result<(), WireError>>),
     Locate(Requester, TaskId, oneshot::Sender<Result<(OutputLocation, quinn::Connection), WireError>>),
 }
 
@@ -451,6 +454,8 @@ async fn run_core(
     shutdown: CancellationToken,
 ) {
     let mut conns: HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)> = HashMap::new();
+    // Replies that promise what this step's registry write records.
+    let mut after_write: Vec<oneshot::Sender<Result<(), WireError>>> = Vec::new();
     loop {
         let deadline = core.poll_timeout();
         let sleep = async {
@@ -464,17 +469,23 @@ async fn run_core(
             _ = sleep => core.handle_timeout(Instant::now()),
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
-                apply(&mut core, reg.as_mut(), &mut conns, cmd);
+                apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, cmd);
                 // Take whatever else is queued before flushing actions: batches under load.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(cmd) => apply(&mut core, reg.as_mut(), &mut conns, cmd),
+                        Ok(cmd) => apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, cmd),
                         Err(_) => break,
                     }
                 }
             }
         }
         if let Err(e) = persist(&mut core, reg.as_mut()) {
+            for tx in after_write.drain(..) {
+                let _ = tx.send(Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("the registry cannot be written: {e}"),
+                )));
+            }
             tracing::error!(error = %e, "the registry cannot be written: the master stops");
             let _ = fatal.send(Some(e.to_string()));
             shutdown.cancel();
@@ -483,6 +494,9 @@ async fn run_core(
         // Stepped down while writing: what this step decided is not ours to carry out.
         if shutdown.is_cancelled() {
             break;
+        }
+        for tx in after_write.drain(..) {
+            let _ = tx.send(Ok(()));
         }
         while let Some(action) = core.poll_action() {
             let (conn, out) = match action {
@@ -504,6 +518,7 @@ fn apply(
     core: &mut Master,
     reg: &mut dyn Registry,
     conns: &mut HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)>,
+    after_write: &mut Vec<oneshot::Sender<Result<(), WireError>>>,
     cmd: Command,
 ) {
     let now = Instant::now();
@@ -544,6 +559,15 @@ fn apply(
             Query::Kill(id, tx) => {
                 let _ = tx.send(core.kill_task(now, &id));
             }
+            Query::Policy(tx) => {
+                let _ = tx.send(core.policy());
+            }
+            Query::SetPolicy(policy, tx) => match core.set_policy(&policy) {
+                Ok(()) => after_write.push(tx),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
             Query::Locate(who, id, tx) => {
                 let r = core.locate_output(&who, &id).and_then(|loc| {
                     conns.get(&loc.agent_conn).map(|(q, _)| (loc, q.clone())).ok_or_else(|| {
@@ -920,6 +944,17 @@ async fn serve_operator(
             },
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetPolicy)) => match core.ask(Query::Policy).await {
+                Some((policy, source)) => OperatorReply::Policy { policy, source: source.to_string() },
+                None => break,
+            },
+            Ok(Some(OperatorCall::SetPolicy(policy))) => {
+                match core.ask(|tx| Query::SetPolicy(policy, tx)).await {
+                    Some(Ok(())) => OperatorReply::Ok,
+                    Some(Err(e)) => OperatorReply::Error(e),
+                    None => break,
+                }
             }
             Ok(Some(OperatorCall::KillTask { task_id })) => {
                 match core.ask(|tx| Query::Kill(task_id, tx)).await {

@@ -271,6 +271,22 @@ impl OperatorClient {
         }
     }
 
+    /// The allocation policy in force and where it comes from (`registry` or `flags`).
+    pub async fn policy(&mut self) -> Result<(AllocationPolicy, String), ClientError> {
+        match self.call(OperatorCall::GetPolicy).await? {
+            OperatorReply::Policy { policy, source } => Ok((policy, source)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Replaces the allocation policy; `Ok` once the master's registry holds it.
+    pub async fn set_policy(&mut self, policy: AllocationPolicy) -> Result<(), ClientError> {
+        match self.call(OperatorCall::SetPolicy(policy)).await? {
+            OperatorReply::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn kill(&mut self, task_id: &TaskId) -> Result<(), ClientError> {
         match self.call(OperatorCall::KillTask { task_id: task_id.clone() }).await? {
             OperatorReply::Ok => Ok(()),

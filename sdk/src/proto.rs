@@ -834,6 +834,27 @@ pub enum OperatorCall {
     GetCompletedFrameworks,
     /// Every master of the cluster and which one leads; answered with `Masters`.
     GetMasters,
+    /// The allocation policy in force; answered with `Policy`.
+    GetPolicy,
+    /// Replaces the allocation policy (weights, priorities, quotas): recorded in the registry
+    /// before the `Ok`, so it outlives restarts and failovers, and in force from the next
+    /// allocation. A policy the master cannot read is refused, naming the entry.
+    SetPolicy(AllocationPolicy),
+}
+
+/// The allocation policy, in the spelling of `agora master`'s flags (`--weights`,
+/// `--priorities`, `--quota`, `--quota-limit`). Set at run time with `agora policy set`, it
+/// is kept in the registry and wins over the flags from then on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationPolicy {
+    /// Role weights for weighted fair sharing, `analytics=2,web=1` (a role not named weighs 1).
+    pub weights: String,
+    /// Role priorities for strict priority, `prod=10,batch=1` (a role not named has 0).
+    pub priorities: String,
+    /// Guaranteed minimums, one role each: `analytics=cpus:4;mem:8GiB`.
+    pub quotas: Vec<String>,
+    /// Maxima, one role each: `batch=cpus:16`.
+    pub quota_limits: Vec<String>,
 }
 
 /// One master of the cluster, as `agora masters` shows it.
@@ -863,6 +884,13 @@ pub enum OperatorReply {
     TasksPart(Vec<TaskView>),
     /// The cluster's masters (see [`OperatorCall::GetMasters`]).
     Masters(Vec<MasterView>),
+    /// The allocation policy in force (see [`OperatorCall::GetPolicy`]).
+    Policy {
+        policy: AllocationPolicy,
+        /// Where it comes from: `registry` (set with `agora policy set`) or `flags` (the
+        /// leader's command line).
+        source: String,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ pub mod kill;
 pub mod list;
 pub mod logs;
 pub mod master;
+pub mod policy;
 pub mod run;
 pub mod tls;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Tasks(list::ListArgs),
     /// List the cluster's masters: address, which one leads, epoch.
     Masters(list::ListArgs),
+    /// Show or set the allocation policy: role weights, priorities, quotas.
+    Policy(policy::PolicyCommand),
     /// Print a task's stdout (or stderr).
     Logs(logs::LogsCommand),
     /// Kill a task.
@@ -72,6 +75,7 @@ impl Command {
             Command::Frameworks(c) => c.execute().await,
             Command::Tasks(c) => c.execute(list::What::Tasks).await,
             Command::Masters(c) => c.execute(list::What::Masters).await,
+            Command::Policy(c) => c.execute().await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),

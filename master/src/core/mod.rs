@@ -317,6 +317,9 @@ pub struct Master {
     pending_kills: HashSet<TaskKey>,
     /// When each subscribed framework connection was last heard from.
     framework_heard: FxHashMap<ConnId, Instant>,
+    /// Whether the allocation policy in force was set by an operator (and is in the registry)
+    /// rather than given by this master's flags.
+    policy_from_registry: bool,
 }
 
 impl std::fmt::Debug for Master {
@@ -379,7 +382,29 @@ impl Master {
             recovering: 0,
             pending_kills: HashSet::new(),
             framework_heard: FxHashMap::default(),
+            policy_from_registry: false,
         }
+    }
+
+    /// The allocation policy in force, and where it comes from: `registry` (an operator set
+    /// it) or `flags`.
+    pub fn policy(&self) -> (AllocationPolicy, &'static str) {
+        let source = if self.policy_from_registry { "registry" } else { "flags" };
+        (crate::allocator::policy_of(&self.config.allocation), source)
+    }
+
+    /// Replaces the allocation policy (an operator's `SetPolicy`): read as the flags are
+    /// (the error names the entry), handed to the allocator, and recorded for the registry.
+    pub fn set_policy(&mut self, policy: &AllocationPolicy) -> Result<(), WireError> {
+        let options = crate::allocator::policy_options(policy, &self.config.allocation)
+            .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?;
+        self.allocator.set_options(&options).map_err(|e| WireError::new(ErrorCode::Invalid, e))?;
+        info!(weights = %policy.weights, priorities = %policy.priorities, quotas = ?policy.quotas,
+            quota_limits = ?policy.quota_limits, "allocation policy set");
+        self.persist(RegistryOp::PutPolicy(crate::allocator::policy_of(&options)));
+        self.config.allocation = options;
+        self.policy_from_registry = true;
+        Ok(())
     }
 
     /// Loads what the registry of an earlier incarnation holds; call once, before any event.
@@ -388,6 +413,23 @@ impl Master {
     /// were unreachable stay so, and gone ones are refused if they come back.
     pub fn recover(&mut self, now: Instant, state: &RegistryState) {
         self.recovered = true;
+        if let Some(policy) = &state.policy {
+            let set = crate::allocator::policy_options(policy, &self.config.allocation)
+                .map_err(|e| e.to_string())
+                .and_then(|o| self.allocator.set_options(&o).map(|()| o));
+            match set {
+                Ok(options) => {
+                    info!(weights = %policy.weights, priorities = %policy.priorities, quotas = ?policy.quotas,
+                        quota_limits = ?policy.quota_limits,
+                        "allocation policy from the registry (set by an operator; it wins over the flags)");
+                    self.config.allocation = options;
+                    self.policy_from_registry = true;
+                }
+                Err(e) => {
+                    warn!(error = %e, "the registry's allocation policy cannot be used: keeping the flags'")
+                }
+            }
+        }
         for f in state.frameworks.values() {
             let deadline = now.checked_add(f.failover_timeout);
             info!(framework_id = %f.id, name = %f.name, "framework recovered from the registry: awaiting re-subscription");

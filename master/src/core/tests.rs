@@ -1688,3 +1688,34 @@ fn the_simulator_restarts_its_master_from_the_registry() {
     let agents = sim.m.agents();
     assert_eq!((agents[0].id.clone(), agents[0].status.as_str()), (agent, "recovering"));
 }
+
+#[test]
+fn an_operator_policy_is_checked_recorded_and_recovered() {
+    let mut h = Harness::new();
+    assert_eq!(h.m.policy().1, "flags");
+    let bad = AllocationPolicy { weights: "analytics=heavy".into(), ..Default::default() };
+    let err = h.m.set_policy(&bad).expect_err("a weight that is no number");
+    assert_eq!(err.code, ErrorCode::Invalid);
+    assert!(err.message.contains("invalid weight `heavy` for role analytics"), "{}", err.message);
+    let twice = AllocationPolicy { quotas: vec!["a=cpus:1".into(), "a=cpus:2".into()], ..Default::default() };
+    let err = h.m.set_policy(&twice).expect_err("one role twice");
+    assert!(err.message.contains("role a is given twice in --quota"), "{}", err.message);
+    assert_eq!(h.m.policy().1, "flags", "a refused policy changed nothing");
+
+    let good = AllocationPolicy {
+        weights: "analytics=2".into(),
+        quotas: vec!["analytics=cpus:1;mem:1GiB".into()],
+        ..Default::default()
+    };
+    h.m.set_policy(&good).expect("set");
+    let (policy, source) = h.m.policy();
+    assert_eq!((policy.weights.as_str(), source), ("analytics=2", "registry"));
+    assert_eq!(policy.quotas.len(), 1);
+    h.drain();
+    assert_eq!(h.reg.state.policy.as_ref(), Some(&policy), "not recorded for the registry");
+
+    // A master started from the registry (with no policy flags) takes it.
+    let mut again = Master::new(MasterConfig { master_id: "m2".into(), ..MasterConfig::default() }, h.now);
+    again.recover(h.now, &h.reg.state);
+    assert_eq!(again.policy(), (policy, "registry"));
+}

@@ -225,6 +225,7 @@ impl EtcdRegistry {
             RegistryOp::RemoveAgent(id) => TxnOp::delete(self.keys.record("agents", id.as_str()), None),
             RegistryOp::PutArtifact(a) => put(self.keys.record("artifacts", a.digest.as_str()), a),
             RegistryOp::RemoveArtifact(d) => TxnOp::delete(self.keys.record("artifacts", d.as_str()), None),
+            RegistryOp::PutPolicy(p) => put(self.keys.record("policy", "current"), p),
         }
     }
 }
@@ -324,6 +325,8 @@ impl Registry for EtcdRegistry {
             } else if rest.starts_with(b"artifacts/") {
                 let a: ArtifactRecord = self.decode("artifact", key, kv.value())?;
                 state.artifacts.insert(a.digest.clone(), a);
+            } else if rest == b"policy/current" {
+                state.policy = Some(self.decode("allocation policy", key, kv.value())?);
             }
         }
         Ok(state)

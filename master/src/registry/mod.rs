@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use agora_sdk::proto::AllocationPolicy;
 use agora_sdk::proto::{AgentId, ArtifactKind, Digest, FrameworkId};
 use agora_sdk::{Attributes, Resources};
 use serde::{Deserialize, Serialize};
@@ -121,6 +122,8 @@ pub enum RegistryOp {
     PutArtifact(ArtifactRecord),
     /// Drops an artifact from the index (its file is missing or damaged).
     RemoveArtifact(Digest),
+    /// Records the allocation policy an operator set (replacing the one before).
+    PutPolicy(AllocationPolicy),
 }
 
 /// Everything a registry holds, as read at startup.
@@ -135,6 +138,8 @@ pub struct RegistryState {
     pub frameworks: BTreeMap<FrameworkId, FrameworkRecord>,
     pub agents: BTreeMap<AgentId, AgentRecord>,
     pub artifacts: BTreeMap<Digest, ArtifactRecord>,
+    /// The allocation policy an operator set, if one did.
+    pub policy: Option<AllocationPolicy>,
 }
 
 impl RegistryState {
@@ -164,6 +169,7 @@ impl RegistryState {
             RegistryOp::RemoveArtifact(d) => {
                 self.artifacts.remove(d);
             }
+            RegistryOp::PutPolicy(p) => self.policy = Some(p.clone()),
         }
     }
 }

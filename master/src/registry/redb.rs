@@ -25,6 +25,8 @@ const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts"
 
 const FORMAT_KEY: &str = "format";
 const MASTER_KEY: &str = "master";
+/// The allocation policy an operator set (`agora policy set`), in `meta`.
+const POLICY_KEY: &str = "policy";
 
 /// The master record in `meta`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,6 +136,9 @@ impl RedbRegistry {
             state.cluster = m.cluster;
             state.epoch = m.epoch;
         }
+        if let Some(v) = meta.get(POLICY_KEY).map_err(|e| self.open_err(e))? {
+            state.policy = Some(self.decode("allocation policy", POLICY_KEY, v.value())?);
+        }
         let frameworks = txn.open_table(FRAMEWORKS).map_err(|e| self.open_err(e))?;
         for item in frameworks.iter().map_err(|e| self.open_err(e))? {
             let (k, v) = item.map_err(|e| self.open_err(e))?;
@@ -186,7 +191,7 @@ impl Registry for RedbRegistry {
         let txn = self.db.begin_write().map_err(|e| self.write_err(e))?;
         {
             // The fence: a file that another incarnation opened since refuses this one.
-            let meta = txn.open_table(META).map_err(|e| self.write_err(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.write_err(e))?;
             let recorded = match meta.get(MASTER_KEY).map_err(|e| self.write_err(e))? {
                 Some(v) => self.decode::<MasterRecord>("master", MASTER_KEY, v.value())?.epoch,
                 None => 0,
@@ -213,6 +218,7 @@ impl Registry for RedbRegistry {
                         artifacts.insert(a.digest.as_str(), json(a).as_slice()).map(drop)
                     }
                     RegistryOp::RemoveArtifact(d) => artifacts.remove(d.as_str()).map(drop),
+                    RegistryOp::PutPolicy(p) => meta.insert(POLICY_KEY, json(p).as_slice()).map(drop),
                 };
                 done.map_err(|e| self.write_err(e))?;
             }
@@ -281,6 +287,7 @@ mod tests {
             reg.apply(&[
                 RegistryOp::RemoveFramework(framework(2).id),
                 RegistryOp::PutAgent(agent(2, AgentStanding::Unreachable { since_ms: 5 })),
+                RegistryOp::PutPolicy(policy()),
             ])
             .expect("apply");
             state
@@ -296,6 +303,16 @@ mod tests {
             vec![agent(1, AgentStanding::Admitted), agent(2, AgentStanding::Unreachable { since_ms: 5 })]
         );
         assert_eq!(state.artifacts.len(), 1);
+        assert_eq!(state.policy, Some(policy()));
+    }
+
+    fn policy() -> crate::registry::AllocationPolicy {
+        crate::registry::AllocationPolicy {
+            weights: "analytics=2".into(),
+            priorities: "prod=10".into(),
+            quotas: vec!["analytics=cpus:1".into()],
+            quota_limits: vec!["batch=cpus:4".into()],
+        }
     }
 
     #[test]
