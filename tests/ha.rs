@@ -135,9 +135,9 @@ fn start_master(dir: &Path, name: &str, etcd_url: &str) -> HaMaster {
         Command::new(AGORA)
             .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
             .arg(dir.join("tls"))
-            // Every master the same artifact directory, as a shared filesystem would give.
+            // Every master its own work dir: standbys copy the leader's artifacts.
             .arg("--work-dir")
-            .arg(dir.join("shared"))
+            .arg(dir.join(name))
             .args(["--etcd", etcd_url, "--cluster-name", "hatest", "--etcd-lease-ttl", "1s"])
             .args(["--allocation-interval", "200ms"]),
     );
@@ -268,7 +268,7 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     fw.driver().launch(vec![offer.id], vec![sh_task("t1", "sleep 300", "cpus:0.5;mem:64MiB")]);
     fw.update_for("t1", TaskState::Running).await;
 
-    // An artifact uploaded to the leader (into the masters' shared directory).
+    // An artifact uploaded to the leader (into its own store; the standbys copy it).
     let script = b"#!/bin/sh\necho from the artifact store\n";
     let uploaded = {
         let s = Session::connect(&leader, &TlsFiles::in_dir(&tls, "operator"), Role::Operator)
@@ -278,6 +278,10 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
             .await
             .expect("upload")
     };
+    for i in (0..3).filter(|i| *i != li) {
+        let copy = dir.path().join(format!("master{i}/artifacts/sha256")).join(uploaded.digest.as_str());
+        common::dev::poll("the standbys to copy the artifact", 30, || copy.is_file().then_some(()));
+    }
 
     // kill -9 of the leader.
     let killed = Instant::now();
@@ -324,7 +328,7 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     };
     let t1 = tasks.iter().find(|t| t.id.as_str() == "t1").expect("t1 on the new leader");
     assert_eq!(t1.state, TaskState::Running, "{t1:?}");
-    // The new leader kept the artifact in its index (its file is in the shared directory).
+    // The new leader kept the artifact in its index (it had copied its file as a standby).
     let mut reg =
         EtcdRegistry::connect(std::slice::from_ref(&etcd.url), "hatest", epoch2, Duration::from_secs(5))
             .expect("registry");

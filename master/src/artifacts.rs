@@ -331,6 +331,31 @@ impl ArtifactStore {
         Ok(ArtifactRef { digest: actual, size: req.size })
     }
 
+    /// A fresh path in the store's temporary directory for an artifact fetched from another
+    /// master (see [`crate::replication`]); [`ArtifactStore::publish_fetched`] puts it in place.
+    pub fn fetch_path(&self, digest: &Digest) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{digest}.{}.{n}.fetched", std::process::id()))
+    }
+
+    /// Publishes the file at `fetched` (a [`ArtifactStore::fetch_path`] whose size and sha256
+    /// the fetch verified against `digest`) the way uploads are published, and removes it.
+    /// Returns whether this call added the artifact (another copy may have won).
+    pub async fn publish_fetched(&self, fetched: &Path, digest: &Digest) -> Result<bool, ArtifactError> {
+        let dest = self.path(digest).ok_or_else(|| ArtifactError::bad_digest(digest))?;
+        let size = tokio::fs::metadata(fetched).await.map_err(io_err("stat", fetched))?.len();
+        let published = publish(fetched, &dest).await;
+        let _ = tokio::fs::remove_file(fetched).await;
+        let new = published?;
+        if new {
+            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+            gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
+            counter!(metrics::ARTIFACT_BYTES).increment(size);
+        }
+        debug!(%digest, size, new, "fetched artifact stored");
+        Ok(new)
+    }
+
     /// Opens the artifact `digest` for reading, with its size; `None` when the store does not
     /// hold it.
     pub async fn open_read(&self, digest: &Digest) -> Result<Option<(tokio::fs::File, u64)>, ArtifactError> {

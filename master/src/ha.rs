@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::registry::etcd::connect_options;
 pub use crate::registry::etcd::EtcdKeys;
+use crate::registry::etcd::{connect_options, prefix_end, PAGE};
+use crate::registry::ArtifactRecord;
 
 /// Why the etcd side of high availability failed.
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +352,48 @@ impl Members {
                 }
             })
             .collect())
+    }
+}
+
+impl Members {
+    /// The artifact index as etcd holds it now (at most `max` records, in digest order): a
+    /// read that needs no leadership, for standbys keeping their stores in step
+    /// ([`crate::replication`]). Records that do not decode are skipped.
+    pub async fn artifacts(&self, max: usize) -> Result<Vec<ArtifactRecord>, HaError> {
+        let err = |e: etcd_client::Error| HaError::Etcd {
+            endpoints: self.endpoints.clone(),
+            what: "artifact index",
+            reason: e.to_string(),
+        };
+        let mut kv = self.client.kv_client();
+        let prefix = self.keys.artifacts();
+        let end = prefix_end(&prefix);
+        let mut from = prefix.into_bytes();
+        let mut out = Vec::new();
+        // In pages, all at the first page's revision: one consistent view of the index.
+        let mut revision = 0;
+        while out.len() < max {
+            let limit = PAGE.min(i64::try_from(max - out.len()).unwrap_or(PAGE));
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let mut page = kv.get(from.clone(), Some(opts)).await.map_err(err)?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let kvs = page.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(kvs.iter().filter_map(|kv| serde_json::from_slice::<ArtifactRecord>(kv.value()).ok()));
+            if !more {
+                break;
+            }
+        }
+        out.truncate(max);
+        Ok(out)
     }
 }
 

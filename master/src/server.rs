@@ -32,6 +32,7 @@ use crate::metrics;
 use crate::registry::{
     ArtifactRecord, EtcdRegistry, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE,
 };
+use crate::replication;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,10 +91,16 @@ enum Outgoing {
 /// variants costs nothing worth a heap allocation per message.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    Attach { conn: ConnId, quic: quinn::Connection, outbox: mpsc::UnboundedSender<Outgoing> },
+    Attach {
+        conn: ConnId,
+        quic: quinn::Connection,
+        outbox: mpsc::UnboundedSender<Outgoing>,
+    },
     Event(Event),
     Query(Query),
     ArtifactStored(ArtifactRecord),
+    /// Indexed artifacts that no master could send this one (see [`replication::recover`]).
+    ArtifactsLost(Vec<Digest>),
 }
 
 /// A running master. Dropping it does not stop it: cancel the token given to [`spawn`].
@@ -244,7 +251,8 @@ pub async fn spawn_ha(
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
     }
-    // Several masters may share it (a shared filesystem): no master wipes another's uploads.
+    // Every master has its own store, kept in step by `replication`; several may still share
+    // one directory (a shared filesystem): opened shared, no master wipes another's uploads.
     let store =
         Arc::new(ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
     let election = Election::connect(&ha_cfg).await?;
@@ -253,12 +261,44 @@ pub async fn spawn_ha(
         lease_ttl = ?election.ttl(), "master listening as a candidate");
     let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
     tokio::spawn(accept_loop(endpoint, serving.clone(), store.clone(), shutdown.clone()).in_current_span());
+    // A standby copies the leader's artifacts into its own store.
+    let (leader_tx, leader_rx) = watch::channel(None);
+    tokio::spawn(standby_leader(serving.clone(), leader_tx));
+    tokio::spawn(
+        replication::follow_leader(
+            leader_rx,
+            election.members(),
+            config.tls.clone(),
+            store.clone(),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let registry = registry.clone();
     tokio::spawn(
         campaign(election, ha_cfg, config, registry, store, addr, serving_tx, shutdown).in_current_span(),
     );
     let (_fatal_tx, fatal) = watch::channel(None);
     Ok(MasterHandle { addr, master_id, serving, fatal })
+}
+
+/// Keeps `leader` at the leader's address while this master stands by and knows it (`None`
+/// while it leads or knows no leader), until `serving` goes.
+async fn standby_leader(mut serving: watch::Receiver<Serving>, leader: watch::Sender<Option<String>>) {
+    loop {
+        let now = match &*serving.borrow_and_update() {
+            Serving::Standby { leader } => leader.clone(),
+            Serving::Leader(_) => None,
+        };
+        leader.send_if_modified(|l| {
+            let changed = *l != now;
+            *l = now;
+            changed
+        });
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The candidate's life: take a lease, try to lead, lead until the lease cannot be vouched
@@ -331,7 +371,7 @@ async fn campaign(
                 Ok(Attempt::Won { epoch }) => {
                     failures = 0;
                     info!(epoch, "elected leader");
-                    let members = Some(election.members());
+                    let members = Some((election.members(), election.me().id.clone()));
                     let endpoints = ha_cfg.endpoints.clone();
                     let cluster = ha_cfg.cluster.clone();
                     let timeout = election.ttl().max(Duration::from_secs(1));
@@ -383,15 +423,17 @@ async fn campaign(
 }
 
 /// Starts a core task on `reg`: opens the registry's epoch, recovers from it, reconciles the
-/// artifact index with the store.
+/// artifact index with the store. `members` (with `--etcd`): every master of the cluster and
+/// this one's member id; a store that lacks an indexed artifact then fetches it from them in
+/// the background ([`replication::recover`]).
 #[allow(clippy::too_many_arguments)]
 fn start_term(
     config: &ServerConfig,
     registry: &allocator::Registry,
     mut reg: Box<dyn Registry>,
-    store: &ArtifactStore,
+    store: &Arc<ArtifactStore>,
     addr: SocketAddr,
-    members: Option<ha::Members>,
+    members: Option<(ha::Members, String)>,
     stop: CancellationToken,
 ) -> Result<Term, ServerError> {
     let alloc = registry.create(&config.allocator, &config.core.allocation)?;
@@ -405,13 +447,19 @@ fn start_term(
     core.recover(now, &state);
     // The artifact index: the registry's records checked against the files (a file is
     // published before its record is written, so a crash in between leaves a file without a
-    // record, adopted here; a record whose file is missing or of another size is dropped).
+    // record, adopted here; a record whose file is of another size is dropped, and so is one
+    // whose file is missing, unless other masters may have it: then it is fetched first).
     let files: HashMap<Digest, u64> = store.list()?.into_iter().map(|a| (a.digest, a.size)).collect();
     let mut fixes = Vec::new();
+    let mut missing = Vec::new();
     for (digest, record) in &state.artifacts {
-        if files.get(digest) != Some(&record.size) {
-            warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
-            fixes.push(RegistryOp::RemoveArtifact(digest.clone()));
+        match files.get(digest) {
+            Some(size) if *size == record.size => {}
+            None if members.is_some() => missing.push(record.clone()),
+            _ => {
+                warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
+                fixes.push(RegistryOp::RemoveArtifact(digest.clone()));
+            }
         }
     }
     for (digest, size) in &files {
@@ -430,9 +478,29 @@ fn start_term(
         agents = state.agents.len(), "registry open");
     let (fatal_tx, fatal) = watch::channel(None);
     tokio::spawn(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span());
+    if let (Some((members, me)), false) = (&members, missing.is_empty()) {
+        let (found, lost) = (tx.clone(), tx.clone());
+        tokio::spawn(
+            replication::recover(
+                missing,
+                members.clone(),
+                me.clone(),
+                config.tls.clone(),
+                store.clone(),
+                move |record| {
+                    let _ = found.send(Command::ArtifactStored(record));
+                },
+                move |digests| {
+                    let _ = lost.send(Command::ArtifactsLost(digests));
+                },
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
+    }
     let me =
         MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
-    Ok(Term { core: CoreClient(tx), me, members, stop, fatal })
+    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal })
 }
 
 /// Writes the core's pending registry changes (in order, one transaction). On failure the
@@ -518,6 +586,12 @@ fn apply(
             }
             core.artifact_stored(record.digest);
         }
+        Command::ArtifactsLost(digests) => {
+            let ops: Vec<RegistryOp> = digests.into_iter().map(RegistryOp::RemoveArtifact).collect();
+            if let Err(e) = reg.apply(&ops) {
+                warn!(error = %e, "cannot drop lost artifacts from the registry's index");
+            }
+        }
         Command::Event(ev) => {
             let gone = match &ev {
                 Event::AgentDisconnected { conn } | Event::FrameworkDisconnected { conn } => Some(*conn),
@@ -571,6 +645,7 @@ async fn accept_loop(
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let serving = serving.clone();
         let store = store.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -588,8 +663,8 @@ async fn accept_loop(
                     serve_connection(conn_id, conn, term, store).await
                 }
                 // Stepping down this very moment: no Welcome from a term that ended.
-                Serving::Leader(_) => not_leader(conn, None).await,
-                Serving::Standby { leader } => not_leader(conn, leader).await,
+                Serving::Leader(_) => not_leader(conn, None, store, shutdown).await,
+                Serving::Standby { leader } => not_leader(conn, leader, store, shutdown).await,
             }
         });
     }
@@ -597,22 +672,52 @@ async fn accept_loop(
     endpoint.wait_idle().await;
 }
 
+/// The master id a standby gives in the `Welcome` it sends another master (epoch 0: it leads
+/// nothing).
+const STANDBY_MASTER_ID: &str = "standby";
+
 /// A standby's whole conversation: `Hello` → `NotLeader { leader }`, then the connection closes.
-async fn not_leader(conn: quinn::Connection, leader: Option<String>) {
+/// Another master (its certificate and its hello both say so) is welcomed instead, for
+/// artifact fetches only: a new leader recovers the artifacts it lacks from standbys.
+async fn not_leader(
+    conn: quinn::Connection,
+    leader: Option<String>,
+    store: Arc<ArtifactStore>,
+    shutdown: CancellationToken,
+) {
     let remote = conn.remote_address();
     let answer = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
-        reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        let hello = reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        let master = hello.is_some_and(|h| h.role == Role::Master && h.version == PROTOCOL_VERSION)
+            && peer_identity(&conn).is_ok_and(|id| id.role == Role::Master);
+        if master {
+            let welcome = HelloReply::Welcome {
+                version: PROTOCOL_VERSION,
+                master_id: STANDBY_MASTER_ID.into(),
+                epoch: 0,
+            };
+            writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            return Ok(Some((writer, reader)));
+        }
         writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await.map_err(|e| e.to_string())?;
         let mut s = writer.into_inner();
         let _ = s.finish();
         let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
-        Ok::<_, String>(())
+        Ok::<_, String>(None)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
-        Ok(Ok(())) => {
+        Ok(Ok(Some((writer, reader)))) => {
+            debug!(%remote, "standby: serving artifact fetches to another master");
+            // Nothing but fetches: no core behind this connection.
+            let (no_core, _) = mpsc::unbounded_channel();
+            tokio::spawn(accept_streams(conn.clone(), Role::Master, None, no_core, store).in_current_span());
+            serve_master_peer(conn, writer, reader, shutdown).await;
+            return;
+        }
+        Ok(Ok(None)) => {
             debug!(%remote, leader = leader.as_deref().unwrap_or("?"), "standby: told a peer where the leader is")
         }
         Ok(Err(e)) => debug!(%remote, error = %e, "standby: hello failed"),
@@ -665,9 +770,6 @@ async fn handshake(
             ErrorCode::Unauthorized,
             format!("certificate of `{}` is for role {}, not {}", identity.principal, identity.role, h.role),
         )),
-        Ok(Some(h)) if h.role == Role::Master => {
-            Err(WireError::new(ErrorCode::Unauthorized, "masters do not connect to masters"))
-        }
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(WireError::new(ErrorCode::Unexpected, "stream closed before hello")),
         Err(e) => Err(frame_error(&e)),
@@ -729,7 +831,7 @@ async fn serve_connection(id: ConnId, conn: quinn::Connection, term: Arc<Term>, 
                 .await
             }
             Role::Operator => serve_operator(conn, writer, reader, core, &term, shutdown).await,
-            Role::Master => {}
+            Role::Master => serve_master_peer(conn, writer, reader, shutdown).await,
         }
         debug!("disconnected");
     }
@@ -976,8 +1078,44 @@ async fn send_in_parts(writer: &mut FrameWriter<SendStream>, reply: OperatorRepl
     writer.flush().await
 }
 
+/// Another master's connection, open for artifact fetches only (its bulk streams, see
+/// [`crate::replication`]): nothing may come on its control stream. Ends when the peer closes
+/// it, or with `shutdown`.
+async fn serve_master_peer(
+    conn: quinn::Connection,
+    writer: FrameWriter<SendStream>,
+    mut reader: FrameReader<RecvStream>,
+    shutdown: CancellationToken,
+) {
+    let got = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        // Whatever arrives: no message on it is served (postcard cannot skip an unknown one,
+        // so it may also come out as malformed).
+        m = reader.recv::<serde::de::IgnoredAny>() => match m {
+            Ok(None) | Err(FrameError::Io(_)) => None,
+            Ok(Some(_)) | Err(_) => Some(()),
+        },
+    };
+    if got.is_some() {
+        let err = WireError::new(
+            ErrorCode::Unauthorized,
+            "master connections may only fetch artifacts; nothing is served on their control stream",
+        );
+        info!(remote = %conn.remote_address(), "a master sent a call on its control stream; closing its connection");
+        let mut writer = writer;
+        let _ = writer.send(&OperatorReply::Error(err.clone())).await;
+        let mut s = writer.into_inner();
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+        conn.close(app_code(err.code), err.message.as_bytes());
+        return;
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
 /// Serves the bulk streams a peer opens, each in its own task: task output (frameworks and
-/// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents).
+/// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents
+/// and other masters).
 async fn accept_streams(
     conn: quinn::Connection,
     role: Role,
@@ -1041,7 +1179,10 @@ async fn serve_stream(
         StreamRequest::Upload(_) => {
             reply_and_finish(w, &UploadReply::Error(not_allowed(role, "upload artifacts"))).await
         }
-        StreamRequest::Fetch { digest } if role == Role::Agent => serve_fetch(w, &digest, &store).await,
+        // Masters copy each other's artifacts (see crate::replication).
+        StreamRequest::Fetch { digest } if matches!(role, Role::Agent | Role::Master) => {
+            serve_fetch(w, &digest, &store).await
+        }
         StreamRequest::Fetch { .. } => {
             reply_and_finish(w, &FetchReply::Error(not_allowed(role, "fetch artifacts"))).await
         }
