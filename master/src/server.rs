@@ -30,7 +30,8 @@ use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, R
 use crate::ha::{self, Attempt, Election, HaConfig, HaError};
 use crate::metrics;
 use crate::registry::{
-    ArtifactRecord, EtcdRegistry, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE,
+    AgentRecord, AgentStanding, ArtifactRecord, EtcdRegistry, FrameworkRecord, RedbRegistry, Registry,
+    RegistryError, RegistryOp, REGISTRY_FILE,
 };
 use crate::replication;
 
@@ -232,7 +233,7 @@ pub fn spawn_with_registry(
     info!(%addr, %master_id, allocator = %config.allocator, "master listening");
     let fatal = term.fatal.clone();
     let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store, shutdown).in_current_span());
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, shutdown).in_current_span());
     Ok(MasterHandle { addr, master_id, serving, fatal })
 }
 
@@ -260,7 +261,11 @@ pub async fn spawn_ha(
     info!(%addr, advertise = %ha_cfg.advertise, member = %master_id, cluster = %ha_cfg.cluster,
         lease_ttl = ?election.ttl(), "master listening as a candidate");
     let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store.clone(), shutdown.clone()).in_current_span());
+    let standby = Arc::new(StandbyReads { members: election.members(), me: master_id.clone() });
+    tokio::spawn(
+        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), shutdown.clone())
+            .in_current_span(),
+    );
     // A standby copies the leader's artifacts into its own store.
     let (leader_tx, leader_rx) = watch::channel(None);
     tokio::spawn(standby_leader(serving.clone(), leader_tx));
@@ -630,10 +635,13 @@ fn apply(
     }
 }
 
+/// Accepts connections until `shutdown`; `standby` (with `--etcd`) is what this master reads
+/// for peers while it stands by.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
+    standby: Option<Arc<StandbyReads>>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -645,6 +653,7 @@ async fn accept_loop(
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let serving = serving.clone();
         let store = store.clone();
+        let standby = standby.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
@@ -663,8 +672,8 @@ async fn accept_loop(
                     serve_connection(conn_id, conn, term, store).await
                 }
                 // Stepping down this very moment: no Welcome from a term that ended.
-                Serving::Leader(_) => not_leader(conn, None, store, shutdown).await,
-                Serving::Standby { leader } => not_leader(conn, leader, store, shutdown).await,
+                Serving::Leader(_) => not_leader(conn, None, store, standby, shutdown).await,
+                Serving::Standby { leader } => not_leader(conn, leader, store, standby, shutdown).await,
             }
         });
     }
@@ -676,13 +685,35 @@ async fn accept_loop(
 /// nothing).
 const STANDBY_MASTER_ID: &str = "standby";
 
+/// Most records of one kind a standby lists on a stale session.
+const MAX_STALE_RECORDS: usize = 100_000;
+
+/// What a standby reads without leading (`--etcd`): the cluster's masters and its registry in
+/// etcd, for stale listings.
+struct StandbyReads {
+    members: ha::Members,
+    /// This master's member id.
+    me: String,
+}
+
+/// Whom a standby serves rather than sending away.
+enum Guest {
+    /// Another master: artifact fetches only.
+    Master,
+    /// An operator that accepts stale listings.
+    StaleOperator,
+}
+
 /// A standby's whole conversation: `Hello` → `NotLeader { leader }`, then the connection closes.
-/// Another master (its certificate and its hello both say so) is welcomed instead, for
-/// artifact fetches only: a new leader recovers the artifacts it lacks from standbys.
+/// Two exceptions, each checked against the peer's certificate: another master is welcomed
+/// for artifact fetches only (a new leader recovers the artifacts it lacks from standbys), and
+/// an operator whose hello allows stale answers gets `Stale` and the listings this master can
+/// read itself.
 async fn not_leader(
     conn: quinn::Connection,
     leader: Option<String>,
     store: Arc<ArtifactStore>,
+    standby: Option<Arc<StandbyReads>>,
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -691,16 +722,27 @@ async fn not_leader(
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
         let hello = reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
-        let master = hello.is_some_and(|h| h.role == Role::Master && h.version == PROTOCOL_VERSION)
-            && peer_identity(&conn).is_ok_and(|id| id.role == Role::Master);
-        if master {
-            let welcome = HelloReply::Welcome {
-                version: PROTOCOL_VERSION,
-                master_id: STANDBY_MASTER_ID.into(),
-                epoch: 0,
-            };
-            writer.send(&welcome).await.map_err(|e| e.to_string())?;
-            return Ok(Some((writer, reader)));
+        let certified = peer_identity(&conn).ok().map(|id| id.role);
+        let guest = match (hello, &standby) {
+            (Some(h), _) if h.version != PROTOCOL_VERSION || Some(h.role) != certified => None,
+            (Some(h), _) if h.role == Role::Master => Some(Guest::Master),
+            (Some(h), Some(reads)) if h.role == Role::Operator && h.allow_stale => {
+                let stale = HelloReply::Stale { master_id: reads.me.clone(), leader: leader.clone() };
+                writer.send(&stale).await.map_err(|e| e.to_string())?;
+                Some(Guest::StaleOperator)
+            }
+            _ => None,
+        };
+        if let Some(guest) = guest {
+            if matches!(guest, Guest::Master) {
+                let welcome = HelloReply::Welcome {
+                    version: PROTOCOL_VERSION,
+                    master_id: STANDBY_MASTER_ID.into(),
+                    epoch: 0,
+                };
+                writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            }
+            return Ok(Some((guest, writer, reader)));
         }
         writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await.map_err(|e| e.to_string())?;
         let mut s = writer.into_inner();
@@ -709,12 +751,19 @@ async fn not_leader(
         Ok::<_, String>(None)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
-        Ok(Ok(Some((writer, reader)))) => {
+        Ok(Ok(Some((Guest::Master, writer, reader)))) => {
             debug!(%remote, "standby: serving artifact fetches to another master");
             // Nothing but fetches: no core behind this connection.
             let (no_core, _) = mpsc::unbounded_channel();
             tokio::spawn(accept_streams(conn.clone(), Role::Master, None, no_core, store).in_current_span());
             serve_master_peer(conn, writer, reader, shutdown).await;
+            return;
+        }
+        Ok(Ok(Some((Guest::StaleOperator, writer, reader)))) => {
+            if let Some(reads) = standby {
+                debug!(%remote, "standby: serving stale listings to an operator");
+                serve_stale(conn, writer, reader, &reads, leader, shutdown).await;
+            }
             return;
         }
         Ok(Ok(None)) => {
@@ -724,6 +773,133 @@ async fn not_leader(
         Err(_) => debug!(%remote, "standby: no hello in time"),
     }
     conn.close(0u32.into(), b"not the leader");
+}
+
+/// Why a stale session serves no such call.
+fn stale_refusal(what: &str, leader: &Option<String>) -> WireError {
+    let leader = leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_default();
+    WireError::new(
+        ErrorCode::Unauthorized,
+        format!(
+            "this master is a standby: on an --allow-stale session it only lists agents, frameworks and masters, it does not {what}{leader}"
+        ),
+    )
+}
+
+/// A standby's stale session with an operator: `GetAgents`, `GetFrameworks` and `GetMasters`
+/// answered from etcd (the registry as the leader last wrote it, no live state: statuses are
+/// `registered` or `unreachable`, resources in use and task counts 0); every other call and
+/// every bulk stream refused.
+async fn serve_stale(
+    conn: quinn::Connection,
+    mut writer: FrameWriter<SendStream>,
+    mut reader: FrameReader<RecvStream>,
+    reads: &StandbyReads,
+    leader: Option<String>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(refuse_streams(conn.clone(), leader.clone()).in_current_span());
+    let etcd_error = |e: HaError| OperatorReply::Error(WireError::new(ErrorCode::Internal, e.to_string()));
+    loop {
+        let call = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = reader.recv::<OperatorCall>() => c,
+        };
+        let reply = match call {
+            Ok(Some(OperatorCall::GetAgents)) => match reads.members.agents(MAX_STALE_RECORDS).await {
+                Ok(agents) => OperatorReply::Agents(agents.iter().filter_map(stale_agent).collect()),
+                Err(e) => etcd_error(e),
+            },
+            Ok(Some(OperatorCall::GetFrameworks)) => {
+                match reads.members.frameworks(MAX_STALE_RECORDS).await {
+                    Ok(fws) => OperatorReply::Frameworks(fws.iter().map(stale_framework).collect()),
+                    Err(e) => etcd_error(e),
+                }
+            }
+            Ok(Some(OperatorCall::GetMasters)) => match reads.members.list().await {
+                Ok(list) => OperatorReply::Masters(list),
+                Err(e) => etcd_error(e),
+            },
+            Ok(Some(OperatorCall::GetTasks)) => OperatorReply::Error(stale_refusal(
+                "list tasks (they are not in the registry: agents report them to the leader)",
+                &leader,
+            )),
+            Ok(Some(OperatorCall::GetCompletedFrameworks)) => OperatorReply::Error(stale_refusal(
+                "list completed frameworks (only the leader remembers them)",
+                &leader,
+            )),
+            Ok(Some(OperatorCall::KillTask { .. })) => {
+                OperatorReply::Error(stale_refusal("kill tasks", &leader))
+            }
+            Ok(None) | Err(FrameError::Io(_)) => break,
+            Err(e) => {
+                let err = frame_error(&e);
+                let _ = writer.send(&OperatorReply::Error(err.clone())).await;
+                conn.close(app_code(err.code), err.message.as_bytes());
+                return;
+            }
+        };
+        if send_in_parts(&mut writer, reply).await.is_err() {
+            break;
+        }
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+/// An agent of the registry as a stale listing shows it (`None`: gone, not listed).
+fn stale_agent(a: &AgentRecord) -> Option<AgentView> {
+    let status = match a.standing {
+        AgentStanding::Admitted => "registered",
+        AgentStanding::Unreachable { .. } => "unreachable",
+        AgentStanding::Gone { .. } => return None,
+    };
+    Some(AgentView {
+        id: a.id.clone(),
+        hostname: a.hostname.clone(),
+        resources: a.resources.clone(),
+        used: Default::default(),
+        attributes: a.attributes.clone(),
+        status: status.into(),
+        tasks: 0,
+    })
+}
+
+/// A framework of the registry as a stale listing shows it.
+fn stale_framework(f: &FrameworkRecord) -> FrameworkView {
+    FrameworkView {
+        id: f.id.clone(),
+        name: f.name.clone(),
+        role: f.role.clone(),
+        principal: f.principal.clone(),
+        status: "registered".into(),
+        used: Default::default(),
+        tasks: 0,
+    }
+}
+
+/// Answers every bulk stream of a stale session with a refusal in the reply type its request
+/// expects.
+async fn refuse_streams(conn: quinn::Connection, leader: Option<String>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let leader = leader.clone();
+        tokio::spawn(async move {
+            let w = FrameWriter::new(send);
+            let mut r = FrameReader::new(recv);
+            let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await;
+            let _ = match req {
+                Ok(Ok(Some(StreamRequest::Output(_)))) => {
+                    reply_and_finish(w, &OutputReply::Error(stale_refusal("read task output", &leader))).await
+                }
+                Ok(Ok(Some(StreamRequest::Upload(_)))) => {
+                    reply_and_finish(w, &UploadReply::Error(stale_refusal("take uploads", &leader))).await
+                }
+                Ok(Ok(Some(StreamRequest::Fetch { .. }))) => {
+                    reply_and_finish(w, &FetchReply::Error(stale_refusal("serve artifacts", &leader))).await
+                }
+                _ => Ok(()),
+            };
+        });
+    }
 }
 
 fn app_code(code: ErrorCode) -> quinn::VarInt {

@@ -76,9 +76,9 @@ impl EtcdKeys {
         format!("{}registry/", self.prefix)
     }
 
-    /// The prefix of the artifact index's records.
-    pub fn artifacts(&self) -> String {
-        format!("{}registry/artifacts/", self.prefix)
+    /// The prefix of one registry table's records (`frameworks`, `agents`, `artifacts`).
+    pub fn table(&self, table: &str) -> String {
+        format!("{}registry/{table}/", self.prefix)
     }
 
     fn record(&self, table: &str, id: &str) -> String {
