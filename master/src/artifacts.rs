@@ -599,6 +599,27 @@ mod tests {
         assert_eq!(tmp_files(&store), 0);
     }
 
+    #[tokio::test]
+    async fn fetched_artifacts_are_published_like_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path(), 1024).unwrap();
+        let bytes = b"#!/bin/sh\necho fetched\n".to_vec();
+        let digest = Digest::of(&bytes);
+        let tmp = store.fetch_path(&digest);
+        assert_eq!(tmp.parent(), Some(store.tmp.as_path()));
+        assert_ne!(tmp, store.fetch_path(&digest), "every fetch gets its own path");
+        std::fs::write(&tmp, &bytes).unwrap();
+        assert!(store.publish_fetched(&tmp, &digest).await.unwrap());
+        assert_eq!(std::fs::read(store.path(&digest).unwrap()).unwrap(), bytes);
+        assert_eq!(store.len(), 1);
+        assert_eq!(tmp_files(&store), 0);
+        // A second copy (two masters sharing a store) changes nothing.
+        let again = store.fetch_path(&digest);
+        std::fs::write(&again, &bytes).unwrap();
+        assert!(!store.publish_fetched(&again, &digest).await.unwrap());
+        assert_eq!((store.len(), tmp_files(&store)), (1, 0));
+    }
+
     #[test]
     fn malformed_digests_name_no_file() {
         let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,12 @@ impl CopyError {
     }
 }
 
+/// How long one fetch may take: a minute, plus a second per MiB of the largest artifact the
+/// store takes (a peer that stalls a transfer cannot hold the copier forever).
+fn fetch_timeout(max_size: u64) -> Duration {
+    Duration::from_secs(60u64.saturating_add(max_size >> 20))
+}
+
 /// Fetches `digest` over `conn` (a master-role session with another master) into `store`.
 /// Returns whether this call added it.
 async fn fetch_one(
@@ -91,12 +97,36 @@ async fn fetch_one(
     digest: &Digest,
 ) -> Result<bool, CopyError> {
     let tmp = store.fetch_path(digest);
-    match agora_sdk::artifacts::fetch(conn, digest, &tmp, store.max_size()).await {
+    let limit = fetch_timeout(store.max_size());
+    let fetched =
+        tokio::time::timeout(limit, agora_sdk::artifacts::fetch(conn, digest, &tmp, store.max_size())).await;
+    let fetched = match fetched {
+        Ok(r) => r,
+        Err(_) => {
+            // The abandoned fetch leaves its partial file beside `tmp`.
+            remove_partial(&tmp).await;
+            Err(ClientError::Stream(format!("no complete transfer within {limit:?}")))
+        }
+    };
+    match fetched {
         Ok(_) => Ok(store.publish_fetched(&tmp, digest).await?),
         Err(err @ (ClientError::Refused(_) | ClientError::Artifact(_))) => {
             Err(CopyError::Refused { addr: addr.to_string(), digest: digest.clone(), err })
         }
         Err(err) => Err(CopyError::Fetch { addr: addr.to_string(), digest: digest.clone(), err }),
+    }
+}
+
+/// Removes the partial files of an abandoned fetch into `dest` (the SDK's fetch writes
+/// `.<dest name>.<random>.part` beside it).
+async fn remove_partial(dest: &std::path::Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else { return };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
     }
 }
 
