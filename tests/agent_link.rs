@@ -57,7 +57,7 @@ impl FakeMaster {
         let mut reader = FrameReader::new(recv);
         let mut writer = FrameWriter::new(send);
         let hello: Hello = reader.recv().await.expect("hello frame").expect("hello");
-        assert_eq!(hello, Hello { version: PROTOCOL_VERSION, role: Role::Agent });
+        assert_eq!(hello, Hello::new(Role::Agent));
         writer.send(&reply).await.expect("reply");
         let (tx, mut to_agent) = mpsc::unbounded_channel::<MasterToAgent>();
         let (from_agent, rx) = mpsc::unbounded_channel();

@@ -135,9 +135,9 @@ fn start_master(dir: &Path, name: &str, etcd_url: &str) -> HaMaster {
         Command::new(AGORA)
             .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
             .arg(dir.join("tls"))
-            // Every master the same artifact directory, as a shared filesystem would give.
+            // Every master its own work dir: standbys copy the leader's artifacts.
             .arg("--work-dir")
-            .arg(dir.join("shared"))
+            .arg(dir.join(name))
             .args(["--etcd", etcd_url, "--cluster-name", "hatest", "--etcd-lease-ttl", "1s"])
             .args(["--allocation-interval", "200ms"]),
     );
@@ -268,7 +268,7 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     fw.driver().launch(vec![offer.id], vec![sh_task("t1", "sleep 300", "cpus:0.5;mem:64MiB")]);
     fw.update_for("t1", TaskState::Running).await;
 
-    // An artifact uploaded to the leader (into the masters' shared directory).
+    // An artifact uploaded to the leader (into its own store; the standbys copy it).
     let script = b"#!/bin/sh\necho from the artifact store\n";
     let uploaded = {
         let s = Session::connect(&leader, &TlsFiles::in_dir(&tls, "operator"), Role::Operator)
@@ -278,6 +278,10 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
             .await
             .expect("upload")
     };
+    for i in (0..3).filter(|i| *i != li) {
+        let copy = dir.path().join(format!("master{i}/artifacts/sha256")).join(uploaded.digest.as_str());
+        common::dev::poll("the standbys to copy the artifact", 30, || copy.is_file().then_some(()));
+    }
 
     // kill -9 of the leader.
     let killed = Instant::now();
@@ -324,7 +328,7 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
     };
     let t1 = tasks.iter().find(|t| t.id.as_str() == "t1").expect("t1 on the new leader");
     assert_eq!(t1.state, TaskState::Running, "{t1:?}");
-    // The new leader kept the artifact in its index (its file is in the shared directory).
+    // The new leader kept the artifact in its index (it had copied its file as a standby).
     let mut reg =
         EtcdRegistry::connect(std::slice::from_ref(&etcd.url), "hatest", epoch2, Duration::from_secs(5))
             .expect("registry");
@@ -489,6 +493,114 @@ async fn an_agent_refuses_a_master_with_an_older_epoch() {
         panic!("GetAgents must answer Agents")
     };
     assert!(agents.is_empty(), "the restarted agent registered with a deposed master: {agents:?}");
+}
+
+/// `agora … --allow-stale`: a standby lists the registered framework (and the agents, the
+/// masters) from etcd, marked stale; without the flag the same command reaches the leader; a
+/// stale session serves nothing else (KillTask, GetTasks, bulk streams refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_stale_listings_only_when_asked() {
+    let etcd = Etcd::start();
+    let dir = RealCluster::prepare();
+    let tls = dir.path().join("tls");
+    let masters: Vec<HaMaster> =
+        (0..2).map(|i| start_master(dir.path(), &format!("master{i}"), &etcd.url)).collect();
+    let addrs: Vec<&str> = masters.iter().map(|m| m.addr.as_str()).collect();
+    let mut settled = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while settled.is_none() {
+        assert!(Instant::now() < deadline, "no leader named by the standby within 30 s");
+        settled = settled_leader(&addrs, &tls).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (li, _) = settled.expect("leader");
+    let (leader, standby) = (addrs[li].to_string(), addrs[1 - li].to_string());
+    let cfg = agora_sdk::scheduler::DriverConfig::new(
+        leader.clone(),
+        TlsFiles::in_dir(&tls, "framework"),
+        "stale-fw",
+    );
+    let fw = ProbeFramework::start(cfg).await;
+    let fw_id = fw.id.clone().expect("framework id");
+
+    let cli = |args: Vec<String>| {
+        let tls = tls.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(AGORA).args(&args).arg("--tls-dir").arg(&tls).output().expect("run agora")
+        })
+    };
+    let list = |what: &str, stale: bool| {
+        let mut args = vec![what.to_string(), "-o".into(), "json".into(), "--master".into(), standby.clone()];
+        if stale {
+            args.push("--allow-stale".into());
+        }
+        cli(args)
+    };
+    let parse = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(out.status.success(), "agora failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("a JSON array")
+    };
+
+    let out = list("frameworks", true).await.expect("agora");
+    let fws = parse(&out);
+    assert_eq!(fws.len(), 1, "{fws:?}");
+    assert_eq!((fws[0]["id"].as_str(), fws[0]["name"].as_str()), (Some(fw_id.as_str()), Some("stale-fw")));
+    assert_eq!(fws[0]["stale"], true);
+    assert_eq!(fws[0]["status"], "registered");
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(note.contains("stale read from standby") && note.contains(&standby), "{note}");
+    assert!(note.contains(&format!("the leader is {leader}")), "{note}");
+
+    // Without the flag: the standby sends the CLI to the leader, whose answer is live.
+    let out = list("frameworks", false).await.expect("agora");
+    let fws = parse(&out);
+    assert_eq!(fws.len(), 1, "{fws:?}");
+    assert_eq!(fws[0]["status"], "active");
+    assert!(fws[0].get("stale").is_none(), "{fws:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("stale"));
+
+    let masters_json = parse(&list("masters", true).await.expect("agora"));
+    assert_eq!(masters_json.len(), 2, "{masters_json:?}");
+    assert!(masters_json.iter().any(|m| m["leader"] == true && m["address"] == leader.as_str()));
+    assert!(parse(&list("agents", true).await.expect("agora")).is_empty());
+    // `tasks` has no --allow-stale.
+    let out = cli(vec!["tasks".into(), "--allow-stale".into(), "--master".into(), standby.clone()])
+        .await
+        .expect("agora");
+    assert!(!out.status.success());
+
+    // The stale session itself: listings only.
+    let mut s =
+        Session::connect_allowing_stale(&standby, &TlsFiles::in_dir(&tls, "operator"), Role::Operator)
+            .await
+            .expect("stale session");
+    let from = s.stale.clone().expect("a standby's session is stale");
+    assert_eq!(from.leader.as_deref(), Some(leader.as_str()));
+    for call in [OperatorCall::KillTask { task_id: TaskId::new("t1") }, OperatorCall::GetTasks] {
+        s.writer.send(&call).await.expect("send");
+        match s.reader.recv::<OperatorReply>().await.expect("reply") {
+            Some(OperatorReply::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Unauthorized);
+                assert!(e.message.contains("standby") && e.message.contains(&leader), "{}", e.message);
+            }
+            other => panic!("{call:?} through a stale session was not refused: {other:?}"),
+        }
+    }
+    s.writer.send(&OperatorCall::GetFrameworks).await.expect("send");
+    assert!(matches!(
+        s.reader.recv::<OperatorReply>().await.expect("reply"),
+        Some(OperatorReply::Frameworks(f)) if f.len() == 1
+    ));
+    let e = agora_sdk::artifacts::upload_bytes(&s.conn, ArtifactKind::Executable, "x.sh", b"#!/bin/sh\n")
+        .await
+        .expect_err("a stale session took an upload");
+    assert!(matches!(&e, ClientError::Refused(w) if w.message.contains("standby")), "{e}");
+    // The leader ignores the flag: an ordinary session.
+    let s = Session::connect_allowing_stale(&leader, &TlsFiles::in_dir(&tls, "operator"), Role::Operator)
+        .await
+        .expect("leader session");
+    assert!(s.stale.is_none());
+    drop(fw);
 }
 
 /// Bad high-availability flags are refused with a message naming what is wrong.

@@ -107,7 +107,7 @@ struct Connected {
 
 impl Connected {
     fn new(session: Session, lookups: mpsc::Sender<OutputLookup>) -> Self {
-        let Session { endpoint, conn, writer, reader, master_id, epoch } = session;
+        let Session { endpoint, conn, writer, reader, master_id, epoch, .. } = session;
         tracing::info!(%master_id, epoch, remote = %conn.remote_address(), "connected to the master");
         let (tx, rx) = mpsc::unbounded_channel();
         Self {

@@ -331,6 +331,31 @@ impl ArtifactStore {
         Ok(ArtifactRef { digest: actual, size: req.size })
     }
 
+    /// A fresh path in the store's temporary directory for an artifact fetched from another
+    /// master (see [`crate::replication`]); [`ArtifactStore::publish_fetched`] puts it in place.
+    pub fn fetch_path(&self, digest: &Digest) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{digest}.{}.{n}.fetched", std::process::id()))
+    }
+
+    /// Publishes the file at `fetched` (a [`ArtifactStore::fetch_path`] whose size and sha256
+    /// the fetch verified against `digest`) the way uploads are published, and removes it.
+    /// Returns whether this call added the artifact (another copy may have won).
+    pub async fn publish_fetched(&self, fetched: &Path, digest: &Digest) -> Result<bool, ArtifactError> {
+        let dest = self.path(digest).ok_or_else(|| ArtifactError::bad_digest(digest))?;
+        let size = tokio::fs::metadata(fetched).await.map_err(io_err("stat", fetched))?.len();
+        let published = publish(fetched, &dest).await;
+        let _ = tokio::fs::remove_file(fetched).await;
+        let new = published?;
+        if new {
+            let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+            gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
+            counter!(metrics::ARTIFACT_BYTES).increment(size);
+        }
+        debug!(%digest, size, new, "fetched artifact stored");
+        Ok(new)
+    }
+
     /// Opens the artifact `digest` for reading, with its size; `None` when the store does not
     /// hold it.
     pub async fn open_read(&self, digest: &Digest) -> Result<Option<(tokio::fs::File, u64)>, ArtifactError> {
@@ -572,6 +597,27 @@ mod tests {
         assert_eq!(store.len(), 1);
         assert_eq!(std::fs::read(store.path(&r.digest).unwrap()).unwrap(), bytes);
         assert_eq!(tmp_files(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn fetched_artifacts_are_published_like_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(dir.path(), 1024).unwrap();
+        let bytes = b"#!/bin/sh\necho fetched\n".to_vec();
+        let digest = Digest::of(&bytes);
+        let tmp = store.fetch_path(&digest);
+        assert_eq!(tmp.parent(), Some(store.tmp.as_path()));
+        assert_ne!(tmp, store.fetch_path(&digest), "every fetch gets its own path");
+        std::fs::write(&tmp, &bytes).unwrap();
+        assert!(store.publish_fetched(&tmp, &digest).await.unwrap());
+        assert_eq!(std::fs::read(store.path(&digest).unwrap()).unwrap(), bytes);
+        assert_eq!(store.len(), 1);
+        assert_eq!(tmp_files(&store), 0);
+        // A second copy (two masters sharing a store) changes nothing.
+        let again = store.fetch_path(&digest);
+        std::fs::write(&again, &bytes).unwrap();
+        assert!(!store.publish_fetched(&again, &digest).await.unwrap());
+        assert_eq!((store.len(), tmp_files(&store)), (1, 0));
     }
 
     #[test]

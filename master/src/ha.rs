@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 use agora_sdk::proto::MasterView;
 use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::registry::etcd::connect_options;
 pub use crate::registry::etcd::EtcdKeys;
+use crate::registry::etcd::{connect_options, prefix_end, PAGE};
+use crate::registry::{AgentRecord, ArtifactRecord, FrameworkRecord};
 
 /// Why the etcd side of high availability failed.
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +390,70 @@ impl Members {
                 }
             })
             .collect())
+    }
+}
+
+impl Members {
+    /// The artifact index as etcd holds it now (at most `max` records, in digest order): a
+    /// read that needs no leadership, for standbys keeping their stores in step
+    /// ([`crate::replication`]).
+    pub async fn artifacts(&self, max: usize) -> Result<Vec<ArtifactRecord>, HaError> {
+        self.records("artifacts", "artifact index", max).await
+    }
+
+    /// The registry's frameworks as etcd holds them now (at most `max`): for a standby's stale
+    /// listings (`--allow-stale`).
+    pub async fn frameworks(&self, max: usize) -> Result<Vec<FrameworkRecord>, HaError> {
+        self.records("frameworks", "frameworks", max).await
+    }
+
+    /// The registry's agents as etcd holds them now (at most `max`): for a standby's stale
+    /// listings (`--allow-stale`).
+    pub async fn agents(&self, max: usize) -> Result<Vec<AgentRecord>, HaError> {
+        self.records("agents", "agents", max).await
+    }
+
+    /// At most `max` records of registry table `table`, in key order, all read at one revision,
+    /// in pages. Records that do not decode are skipped (the leader reports them).
+    async fn records<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        what: &'static str,
+        max: usize,
+    ) -> Result<Vec<T>, HaError> {
+        let err = |e: etcd_client::Error| HaError::Etcd {
+            endpoints: self.endpoints.clone(),
+            what,
+            reason: e.to_string(),
+        };
+        let mut kv = self.client.kv_client();
+        let prefix = self.keys.table(table);
+        let end = prefix_end(&prefix);
+        let mut from = prefix.into_bytes();
+        let mut out = Vec::new();
+        let mut revision = 0;
+        while out.len() < max {
+            let limit = PAGE.min(i64::try_from(max - out.len()).unwrap_or(PAGE));
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let mut page = kv.get(from.clone(), Some(opts)).await.map_err(err)?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let kvs = page.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(kvs.iter().filter_map(|kv| serde_json::from_slice::<T>(kv.value()).ok()));
+            if !more {
+                break;
+            }
+        }
+        out.truncate(max);
+        Ok(out)
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! The master: a sans-IO [`core`] state machine with a pluggable [`allocator`], and the QUIC
 //! [`server`] that moves bytes between peers and the core, with the content-addressed
-//! [`artifacts`] store.
+//! [`artifacts`] store (copied between masters by [`replication`]).
 
 pub mod allocator;
 pub mod artifacts;
@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 mod quick;
 pub mod registry;
+pub mod replication;
 pub mod server;
 mod state;
 #[cfg(any(test, feature = "testing"))]

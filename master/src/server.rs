@@ -30,8 +30,10 @@ use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, R
 use crate::ha::{self, Attempt, Election, HaConfig, HaError};
 use crate::metrics;
 use crate::registry::{
-    ArtifactRecord, EtcdRegistry, RedbRegistry, Registry, RegistryError, RegistryOp, REGISTRY_FILE,
+    AgentRecord, AgentStanding, ArtifactRecord, EtcdRegistry, FrameworkRecord, RedbRegistry, Registry,
+    RegistryError, RegistryOp, REGISTRY_FILE,
 };
+use crate::replication;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,10 +95,16 @@ enum Outgoing {
 /// variants costs nothing worth a heap allocation per message.
 #[allow(clippy::large_enum_variant)]
 enum Command {
-    Attach { conn: ConnId, quic: quinn::Connection, outbox: mpsc::UnboundedSender<Outgoing> },
+    Attach {
+        conn: ConnId,
+        quic: quinn::Connection,
+        outbox: mpsc::UnboundedSender<Outgoing>,
+    },
     Event(Event),
     Query(Query),
     ArtifactStored(ArtifactRecord),
+    /// Indexed artifacts that no master could send this one (see [`replication::recover`]).
+    ArtifactsLost(Vec<Digest>),
 }
 
 /// A running master. Dropping it does not stop it: cancel the token given to [`spawn`].
@@ -228,7 +236,7 @@ pub fn spawn_with_registry(
     info!(%addr, %master_id, allocator = %config.allocator, "master listening");
     let fatal = term.fatal.clone();
     let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store, shutdown).in_current_span());
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, shutdown).in_current_span());
     Ok(MasterHandle { addr, master_id, serving, fatal })
 }
 
@@ -247,7 +255,8 @@ pub async fn spawn_ha(
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
     }
-    // Several masters may share it (a shared filesystem): no master wipes another's uploads.
+    // Every master has its own store, kept in step by `replication`; several may still share
+    // one directory (a shared filesystem): opened shared, no master wipes another's uploads.
     let store =
         Arc::new(ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
     let election = Election::connect(&ha_cfg).await?;
@@ -255,13 +264,49 @@ pub async fn spawn_ha(
     info!(%addr, advertise = %ha_cfg.advertise, member = %master_id, cluster = %ha_cfg.cluster,
         lease_ttl = ?election.ttl(), "master listening as a candidate");
     let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store.clone(), shutdown.clone()).in_current_span());
+    let standby = Arc::new(StandbyReads { members: election.members(), me: master_id.clone() });
+    tokio::spawn(
+        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), shutdown.clone())
+            .in_current_span(),
+    );
+    // A standby copies the leader's artifacts into its own store.
+    let (leader_tx, leader_rx) = watch::channel(None);
+    tokio::spawn(standby_leader(serving.clone(), leader_tx));
+    tokio::spawn(
+        replication::follow_leader(
+            leader_rx,
+            election.members(),
+            config.tls.clone(),
+            store.clone(),
+            shutdown.clone(),
+        )
+        .in_current_span(),
+    );
     let registry = registry.clone();
     tokio::spawn(
         campaign(election, ha_cfg, config, registry, store, addr, serving_tx, shutdown).in_current_span(),
     );
     let (_fatal_tx, fatal) = watch::channel(None);
     Ok(MasterHandle { addr, master_id, serving, fatal })
+}
+
+/// Keeps `leader` at the leader's address while this master stands by and knows it (`None`
+/// while it leads or knows no leader), until `serving` goes.
+async fn standby_leader(mut serving: watch::Receiver<Serving>, leader: watch::Sender<Option<String>>) {
+    loop {
+        let now = match &*serving.borrow_and_update() {
+            Serving::Standby { leader } => leader.clone(),
+            Serving::Leader(_) => None,
+        };
+        leader.send_if_modified(|l| {
+            let changed = *l != now;
+            *l = now;
+            changed
+        });
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The candidate's life: take a lease, try to lead, lead until the lease cannot be vouched
@@ -334,7 +379,7 @@ async fn campaign(
                 Ok(Attempt::Won { epoch }) => {
                     failures = 0;
                     info!(epoch, "elected leader");
-                    let members = Some(election.members());
+                    let members = Some((election.members(), election.me().id.clone()));
                     let endpoints = ha_cfg.endpoints.clone();
                     let cluster = ha_cfg.cluster.clone();
                     let timeout = election.ttl().max(Duration::from_secs(1));
@@ -386,15 +431,17 @@ async fn campaign(
 }
 
 /// Starts a core task on `reg`: opens the registry's epoch, recovers from it, reconciles the
-/// artifact index with the store.
+/// artifact index with the store. `members` (with `--etcd`): every master of the cluster and
+/// this one's member id; a store that lacks an indexed artifact then fetches it from them in
+/// the background ([`replication::recover`]).
 #[allow(clippy::too_many_arguments)]
 fn start_term(
     config: &ServerConfig,
     registry: &allocator::Registry,
     mut reg: Box<dyn Registry>,
-    store: &ArtifactStore,
+    store: &Arc<ArtifactStore>,
     addr: SocketAddr,
-    members: Option<ha::Members>,
+    members: Option<(ha::Members, String)>,
     stop: CancellationToken,
 ) -> Result<Term, ServerError> {
     let alloc = registry.create(&config.allocator, &config.core.allocation)?;
@@ -408,13 +455,19 @@ fn start_term(
     core.recover(now, &state);
     // The artifact index: the registry's records checked against the files (a file is
     // published before its record is written, so a crash in between leaves a file without a
-    // record, adopted here; a record whose file is missing or of another size is dropped).
+    // record, adopted here; a record whose file is of another size is dropped, and so is one
+    // whose file is missing, unless other masters may have it: then it is fetched first).
     let files: HashMap<Digest, u64> = store.list()?.into_iter().map(|a| (a.digest, a.size)).collect();
     let mut fixes = Vec::new();
+    let mut missing = Vec::new();
     for (digest, record) in &state.artifacts {
-        if files.get(digest) != Some(&record.size) {
-            warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
-            fixes.push(RegistryOp::RemoveArtifact(digest.clone()));
+        match files.get(digest) {
+            Some(size) if *size == record.size => {}
+            None if members.is_some() => missing.push(record.clone()),
+            _ => {
+                warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
+                fixes.push(RegistryOp::RemoveArtifact(digest.clone()));
+            }
         }
     }
     for (digest, size) in &files {
@@ -433,9 +486,29 @@ fn start_term(
         agents = state.agents.len(), "registry open");
     let (fatal_tx, fatal) = watch::channel(None);
     tokio::spawn(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span());
+    if let (Some((members, me)), false) = (&members, missing.is_empty()) {
+        let (found, lost) = (tx.clone(), tx.clone());
+        tokio::spawn(
+            replication::recover(
+                missing,
+                members.clone(),
+                me.clone(),
+                config.tls.clone(),
+                store.clone(),
+                move |record| {
+                    let _ = found.send(Command::ArtifactStored(record));
+                },
+                move |digests| {
+                    let _ = lost.send(Command::ArtifactsLost(digests));
+                },
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
+    }
     let me =
         MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
-    Ok(Term { core: CoreClient(tx), me, members, stop, fatal })
+    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal })
 }
 
 /// Writes the core's pending registry changes (in order, one transaction). On failure the
@@ -533,6 +606,12 @@ fn apply(
             }
             core.artifact_stored(record.digest);
         }
+        Command::ArtifactsLost(digests) => {
+            let ops: Vec<RegistryOp> = digests.into_iter().map(RegistryOp::RemoveArtifact).collect();
+            if let Err(e) = reg.apply(&ops) {
+                warn!(error = %e, "cannot drop lost artifacts from the registry's index");
+            }
+        }
         Command::Event(ev) => {
             let gone = match &ev {
                 Event::AgentDisconnected { conn } | Event::FrameworkDisconnected { conn } => Some(*conn),
@@ -580,10 +659,13 @@ fn apply(
     }
 }
 
+/// Accepts connections until `shutdown`; `standby` (with `--etcd`) is what this master reads
+/// for peers while it stands by.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
+    standby: Option<Arc<StandbyReads>>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -595,6 +677,8 @@ async fn accept_loop(
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let serving = serving.clone();
         let store = store.clone();
+        let standby = standby.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -612,8 +696,8 @@ async fn accept_loop(
                     serve_connection(conn_id, conn, term, store).await
                 }
                 // Stepping down this very moment: no Welcome from a term that ended.
-                Serving::Leader(_) => not_leader(conn, None).await,
-                Serving::Standby { leader } => not_leader(conn, leader).await,
+                Serving::Leader(_) => not_leader(conn, None, store, standby, shutdown).await,
+                Serving::Standby { leader } => not_leader(conn, leader, store, standby, shutdown).await,
             }
         });
     }
@@ -621,28 +705,232 @@ async fn accept_loop(
     endpoint.wait_idle().await;
 }
 
+/// The master id a standby gives in the `Welcome` it sends another master (epoch 0: it leads
+/// nothing).
+const STANDBY_MASTER_ID: &str = "standby";
+
+/// Most records of one kind a standby lists on a stale session.
+const MAX_STALE_RECORDS: usize = 100_000;
+
+/// What a standby reads without leading (`--etcd`): the cluster's masters and its registry in
+/// etcd, for stale listings.
+struct StandbyReads {
+    members: ha::Members,
+    /// This master's member id.
+    me: String,
+}
+
+/// Whom a standby serves rather than sending away.
+enum Guest {
+    /// Another master: artifact fetches only.
+    Master,
+    /// An operator that accepts stale listings.
+    StaleOperator,
+}
+
 /// A standby's whole conversation: `Hello` → `NotLeader { leader }`, then the connection closes.
-async fn not_leader(conn: quinn::Connection, leader: Option<String>) {
+/// Two exceptions, each checked against the peer's certificate: another master is welcomed
+/// for artifact fetches only (a new leader recovers the artifacts it lacks from standbys), and
+/// an operator whose hello allows stale answers gets `Stale` and the listings this master can
+/// read itself.
+async fn not_leader(
+    conn: quinn::Connection,
+    leader: Option<String>,
+    store: Arc<ArtifactStore>,
+    standby: Option<Arc<StandbyReads>>,
+    shutdown: CancellationToken,
+) {
     let remote = conn.remote_address();
     let answer = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
-        reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        let hello = reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        let certified = peer_identity(&conn).ok().map(|id| id.role);
+        let guest = match (hello, &standby) {
+            (Some(h), _) if h.version != PROTOCOL_VERSION || Some(h.role) != certified => None,
+            (Some(h), _) if h.role == Role::Master => Some(Guest::Master),
+            (Some(h), Some(reads)) if h.role == Role::Operator && h.allow_stale => {
+                let stale = HelloReply::Stale { master_id: reads.me.clone(), leader: leader.clone() };
+                writer.send(&stale).await.map_err(|e| e.to_string())?;
+                Some(Guest::StaleOperator)
+            }
+            _ => None,
+        };
+        if let Some(guest) = guest {
+            if matches!(guest, Guest::Master) {
+                let welcome = HelloReply::Welcome {
+                    version: PROTOCOL_VERSION,
+                    master_id: STANDBY_MASTER_ID.into(),
+                    epoch: 0,
+                };
+                writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            }
+            return Ok(Some((guest, writer, reader)));
+        }
         writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await.map_err(|e| e.to_string())?;
         let mut s = writer.into_inner();
         let _ = s.finish();
         let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
-        Ok::<_, String>(())
+        Ok::<_, String>(None)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
-        Ok(Ok(())) => {
+        Ok(Ok(Some((Guest::Master, writer, reader)))) => {
+            debug!(%remote, "standby: serving artifact fetches to another master");
+            // Nothing but fetches: no core behind this connection.
+            let (no_core, _) = mpsc::unbounded_channel();
+            tokio::spawn(accept_streams(conn.clone(), Role::Master, None, no_core, store).in_current_span());
+            serve_master_peer(conn, writer, reader, shutdown).await;
+            return;
+        }
+        Ok(Ok(Some((Guest::StaleOperator, writer, reader)))) => {
+            if let Some(reads) = standby {
+                debug!(%remote, "standby: serving stale listings to an operator");
+                serve_stale(conn, writer, reader, &reads, leader, shutdown).await;
+            }
+            return;
+        }
+        Ok(Ok(None)) => {
             debug!(%remote, leader = leader.as_deref().unwrap_or("?"), "standby: told a peer where the leader is")
         }
         Ok(Err(e)) => debug!(%remote, error = %e, "standby: hello failed"),
         Err(_) => debug!(%remote, "standby: no hello in time"),
     }
     conn.close(0u32.into(), b"not the leader");
+}
+
+/// Why a stale session serves no such call.
+fn stale_refusal(what: &str, leader: &Option<String>) -> WireError {
+    let leader = leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_default();
+    WireError::new(
+        ErrorCode::Unauthorized,
+        format!(
+            "this master is a standby: on an --allow-stale session it only lists agents, frameworks and masters, it does not {what}{leader}"
+        ),
+    )
+}
+
+/// A standby's stale session with an operator: `GetAgents`, `GetFrameworks` and `GetMasters`
+/// answered from etcd (the registry as the leader last wrote it, no live state: statuses are
+/// `registered` or `unreachable`, resources in use and task counts 0); every other call and
+/// every bulk stream refused.
+async fn serve_stale(
+    conn: quinn::Connection,
+    mut writer: FrameWriter<SendStream>,
+    mut reader: FrameReader<RecvStream>,
+    reads: &StandbyReads,
+    leader: Option<String>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(refuse_streams(conn.clone(), leader.clone()).in_current_span());
+    let etcd_error = |e: HaError| OperatorReply::Error(WireError::new(ErrorCode::Internal, e.to_string()));
+    loop {
+        let call = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = reader.recv::<OperatorCall>() => c,
+        };
+        let reply = match call {
+            Ok(Some(OperatorCall::GetAgents)) => match reads.members.agents(MAX_STALE_RECORDS).await {
+                Ok(agents) => OperatorReply::Agents(agents.iter().filter_map(stale_agent).collect()),
+                Err(e) => etcd_error(e),
+            },
+            Ok(Some(OperatorCall::GetFrameworks)) => {
+                match reads.members.frameworks(MAX_STALE_RECORDS).await {
+                    Ok(fws) => OperatorReply::Frameworks(fws.iter().map(stale_framework).collect()),
+                    Err(e) => etcd_error(e),
+                }
+            }
+            Ok(Some(OperatorCall::GetMasters)) => match reads.members.list().await {
+                Ok(list) => OperatorReply::Masters(list),
+                Err(e) => etcd_error(e),
+            },
+            Ok(Some(OperatorCall::GetTasks)) => OperatorReply::Error(stale_refusal(
+                "list tasks (they are not in the registry: agents report them to the leader)",
+                &leader,
+            )),
+            Ok(Some(OperatorCall::GetCompletedFrameworks)) => OperatorReply::Error(stale_refusal(
+                "list completed frameworks (only the leader remembers them)",
+                &leader,
+            )),
+            Ok(Some(OperatorCall::KillTask { .. })) => {
+                OperatorReply::Error(stale_refusal("kill tasks", &leader))
+            }
+            Ok(Some(OperatorCall::GetPolicy)) => OperatorReply::Error(stale_refusal(
+                "show the allocation policy (the leader's flags may be in force)",
+                &leader,
+            )),
+            Ok(Some(OperatorCall::SetPolicy(_))) => {
+                OperatorReply::Error(stale_refusal("set the allocation policy", &leader))
+            }
+            Ok(None) | Err(FrameError::Io(_)) => break,
+            Err(e) => {
+                let err = frame_error(&e);
+                let _ = writer.send(&OperatorReply::Error(err.clone())).await;
+                conn.close(app_code(err.code), err.message.as_bytes());
+                return;
+            }
+        };
+        if send_in_parts(&mut writer, reply).await.is_err() {
+            break;
+        }
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+/// An agent of the registry as a stale listing shows it (`None`: gone, not listed).
+fn stale_agent(a: &AgentRecord) -> Option<AgentView> {
+    let status = match a.standing {
+        AgentStanding::Admitted => "registered",
+        AgentStanding::Unreachable { .. } => "unreachable",
+        AgentStanding::Gone { .. } => return None,
+    };
+    Some(AgentView {
+        id: a.id.clone(),
+        hostname: a.hostname.clone(),
+        resources: a.resources.clone(),
+        used: Default::default(),
+        attributes: a.attributes.clone(),
+        status: status.into(),
+        tasks: 0,
+    })
+}
+
+/// A framework of the registry as a stale listing shows it.
+fn stale_framework(f: &FrameworkRecord) -> FrameworkView {
+    FrameworkView {
+        id: f.id.clone(),
+        name: f.name.clone(),
+        role: f.role.clone(),
+        principal: f.principal.clone(),
+        status: "registered".into(),
+        used: Default::default(),
+        tasks: 0,
+    }
+}
+
+/// Answers every bulk stream of a stale session with a refusal in the reply type its request
+/// expects.
+async fn refuse_streams(conn: quinn::Connection, leader: Option<String>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let leader = leader.clone();
+        tokio::spawn(async move {
+            let w = FrameWriter::new(send);
+            let mut r = FrameReader::new(recv);
+            let req = tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await;
+            let _ = match req {
+                Ok(Ok(Some(StreamRequest::Output(_)))) => {
+                    reply_and_finish(w, &OutputReply::Error(stale_refusal("read task output", &leader))).await
+                }
+                Ok(Ok(Some(StreamRequest::Upload(_)))) => {
+                    reply_and_finish(w, &UploadReply::Error(stale_refusal("take uploads", &leader))).await
+                }
+                Ok(Ok(Some(StreamRequest::Fetch { .. }))) => {
+                    reply_and_finish(w, &FetchReply::Error(stale_refusal("serve artifacts", &leader))).await
+                }
+                _ => Ok(()),
+            };
+        });
+    }
 }
 
 fn app_code(code: ErrorCode) -> quinn::VarInt {
@@ -689,9 +977,6 @@ async fn handshake(
             ErrorCode::Unauthorized,
             format!("certificate of `{}` is for role {}, not {}", identity.principal, identity.role, h.role),
         )),
-        Ok(Some(h)) if h.role == Role::Master => {
-            Err(WireError::new(ErrorCode::Unauthorized, "masters do not connect to masters"))
-        }
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(WireError::new(ErrorCode::Unexpected, "stream closed before hello")),
         Err(e) => Err(frame_error(&e)),
@@ -753,7 +1038,7 @@ async fn serve_connection(id: ConnId, conn: quinn::Connection, term: Arc<Term>, 
                 .await
             }
             Role::Operator => serve_operator(conn, writer, reader, core, &term, shutdown).await,
-            Role::Master => {}
+            Role::Master => serve_master_peer(conn, writer, reader, shutdown).await,
         }
         debug!("disconnected");
     }
@@ -1011,8 +1296,44 @@ async fn send_in_parts(writer: &mut FrameWriter<SendStream>, reply: OperatorRepl
     writer.flush().await
 }
 
+/// Another master's connection, open for artifact fetches only (its bulk streams, see
+/// [`crate::replication`]): nothing may come on its control stream. Ends when the peer closes
+/// it, or with `shutdown`.
+async fn serve_master_peer(
+    conn: quinn::Connection,
+    writer: FrameWriter<SendStream>,
+    mut reader: FrameReader<RecvStream>,
+    shutdown: CancellationToken,
+) {
+    let got = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        // Whatever arrives: no message on it is served (postcard cannot skip an unknown one,
+        // so it may also come out as malformed).
+        m = reader.recv::<serde::de::IgnoredAny>() => match m {
+            Ok(None) | Err(FrameError::Io(_)) => None,
+            Ok(Some(_)) | Err(_) => Some(()),
+        },
+    };
+    if got.is_some() {
+        let err = WireError::new(
+            ErrorCode::Unauthorized,
+            "master connections may only fetch artifacts; nothing is served on their control stream",
+        );
+        info!(remote = %conn.remote_address(), "a master sent a call on its control stream; closing its connection");
+        let mut writer = writer;
+        let _ = writer.send(&OperatorReply::Error(err.clone())).await;
+        let mut s = writer.into_inner();
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+        conn.close(app_code(err.code), err.message.as_bytes());
+        return;
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
 /// Serves the bulk streams a peer opens, each in its own task: task output (frameworks and
-/// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents).
+/// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents
+/// and other masters).
 async fn accept_streams(
     conn: quinn::Connection,
     role: Role,
@@ -1076,7 +1397,10 @@ async fn serve_stream(
         StreamRequest::Upload(_) => {
             reply_and_finish(w, &UploadReply::Error(not_allowed(role, "upload artifacts"))).await
         }
-        StreamRequest::Fetch { digest } if role == Role::Agent => serve_fetch(w, &digest, &store).await,
+        // Masters copy each other's artifacts (see crate::replication).
+        StreamRequest::Fetch { digest } if matches!(role, Role::Agent | Role::Master) => {
+            serve_fetch(w, &digest, &store).await
+        }
         StreamRequest::Fetch { .. } => {
             reply_and_finish(w, &FetchReply::Error(not_allowed(role, "fetch artifacts"))).await
         }

@@ -93,12 +93,39 @@ pub struct Session {
     pub master_id: String,
     /// The leader's epoch from its `Welcome` (see [`crate::masters::MasterSearch::accept_epoch`]).
     pub epoch: u64,
+    /// Set when a standby answered a hello that allowed stale answers
+    /// ([`Session::connect_allowing_stale`]): only listings are served, from its registry.
+    pub stale: Option<StaleSource>,
+}
+
+/// The standby that serves a stale session ([`HelloReply::Stale`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaleSource {
+    /// The address this client connected to.
+    pub address: String,
+    /// The leader's address, as the standby knows it.
+    pub leader: Option<String>,
 }
 
 impl Session {
     /// Connects to the one master at `addr` with `files` and says hello as `role` (a standby
     /// answers [`ClientError::NotLeader`]; [`crate::masters::MasterSearch`] follows it).
     pub async fn connect(addr: &str, files: &TlsFiles, role: Role) -> Result<Session, ClientError> {
+        Self::connect_with(addr, files, Hello::new(role)).await
+    }
+
+    /// Like [`Session::connect`], accepting a stale answer: a standby then serves the session
+    /// itself (listings only, see [`HelloReply::Stale`]; [`Session::stale`] says so), where it
+    /// would answer `NotLeader`. The leader serves it as any session.
+    pub async fn connect_allowing_stale(
+        addr: &str,
+        files: &TlsFiles,
+        role: Role,
+    ) -> Result<Session, ClientError> {
+        Self::connect_with(addr, files, Hello { allow_stale: true, ..Hello::new(role) }).await
+    }
+
+    async fn connect_with(addr: &str, files: &TlsFiles, hello: Hello) -> Result<Session, ClientError> {
         let peer = resolve(addr).await?;
         let endpoint =
             crate::transport::client_endpoint(files, peer).map_err(|e| match e.downcast::<TlsError>() {
@@ -115,10 +142,18 @@ impl Session {
         let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
-        writer.send(&Hello { version: PROTOCOL_VERSION, role }).await?;
+        let allow_stale = hello.allow_stale;
+        writer.send(&hello).await?;
         match reader.recv::<HelloReply>().await? {
             Some(HelloReply::Welcome { master_id, epoch, .. }) => {
-                Ok(Session { endpoint, conn, writer, reader, master_id, epoch })
+                Ok(Session { endpoint, conn, writer, reader, master_id, epoch, stale: None })
+            }
+            Some(HelloReply::Stale { master_id, leader }) if allow_stale => {
+                let stale = Some(StaleSource { address: addr.to_string(), leader });
+                Ok(Session { endpoint, conn, writer, reader, master_id, epoch: 0, stale })
+            }
+            Some(HelloReply::Stale { .. }) => {
+                Err(ClientError::Unexpected("a stale session that was not asked for".into()))
             }
             Some(HelloReply::Refused(e)) => Err(ClientError::Refused(e)),
             Some(HelloReply::NotLeader { leader }) => Err(ClientError::NotLeader { addr: peer, leader }),
@@ -189,9 +224,40 @@ impl OperatorClient {
         Ok(Self { session: search.connect_patiently(&files, Role::Operator).await? })
     }
 
-    /// The id of the master this client talks to (the leader).
+    /// Connects to the first of `cfg`'s masters (in list order) that answers, leader or
+    /// standby, accepting a stale answer from a standby (`--allow-stale`): see
+    /// [`OperatorClient::stale`]. No master answering: [`ClientError::NoLeader`] naming what
+    /// each said (a list of one: that master's own error).
+    pub async fn connect_allowing_stale(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let files = cfg.identity(Role::Operator)?;
+        let masters = crate::masters::parse_masters(&cfg.master)?;
+        let mut tried = Vec::new();
+        for addr in &masters {
+            match Session::connect_allowing_stale(addr, &files, Role::Operator).await {
+                Ok(session) => return Ok(Self { session }),
+                // Our own files or the master's refusal: the same everywhere.
+                Err(e @ (ClientError::Tls(_) | ClientError::Refused(_))) => return Err(e),
+                Err(e) => tried.push((addr.clone(), e)),
+            }
+        }
+        if tried.len() == 1 {
+            if let Some((_, e)) = tried.pop() {
+                return Err(e);
+            }
+        }
+        Err(ClientError::NoLeader { tried: tried.into_iter().map(|(a, e)| (a, e.to_string())).collect() })
+    }
+
+    /// The id of the master this client talks to (the leader, or the standby of a stale
+    /// session).
     pub fn master_id(&self) -> &str {
         &self.session.master_id
+    }
+
+    /// The standby answering, when this session is stale (only a client made by
+    /// [`OperatorClient::connect_allowing_stale`] can be).
+    pub fn stale(&self) -> Option<&StaleSource> {
+        self.session.stale.as_ref()
     }
 
     async fn call(&mut self, call: OperatorCall) -> Result<OperatorReply, ClientError> {

@@ -254,7 +254,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{AgentMessage, Hello, Role, PROTOCOL_VERSION};
+    use crate::proto::{AgentMessage, Hello, Role};
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
@@ -262,7 +262,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut w = FrameWriter::new(a);
         let mut r = FrameReader::new(b);
-        let hello = Hello { version: PROTOCOL_VERSION, role: Role::Agent };
+        let hello = Hello::new(Role::Agent);
         w.send(&hello).await.unwrap();
         assert_eq!(r.recv::<Hello>().await.unwrap(), Some(hello));
 

@@ -182,11 +182,48 @@ impl WireError {
 }
 
 /// First frame on every connection's control stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Hello {
     pub version: u32,
     /// Must match the role in the client certificate.
     pub role: Role,
+    /// An operator that accepts a stale answer (`agora agents|frameworks|masters
+    /// --allow-stale`): a standby then answers [`HelloReply::Stale`] instead of `NotLeader` and
+    /// serves the listings it can read itself. The leader ignores it.
+    ///
+    /// Added within protocol version 3 as an optional last field, so that nothing else
+    /// changes: a hello without it (an older peer) decodes as `false`, and a master that
+    /// predates it reads the hello's first two fields only (postcard leaves trailing bytes
+    /// alone) and answers as to any hello.
+    pub allow_stale: bool,
+}
+
+impl Hello {
+    /// A hello of this protocol version as `role`, not accepting stale answers.
+    pub fn new(role: Role) -> Self {
+        Hello { version: PROTOCOL_VERSION, role, allow_stale: false }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hello {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Hello;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a hello: version, role and optionally allow_stale")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Hello, A::Error> {
+                use serde::de::Error;
+                let version = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let role = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                // The optional last field: its absence (the frame ends) reads as `false`.
+                let allow_stale = seq.next_element().ok().flatten().unwrap_or(false);
+                Ok(Hello { version, role, allow_stale })
+            }
+        }
+        d.deserialize_struct("Hello", &["version", "role", "allow_stale"], Fields)
+    }
 }
 
 /// The master's answer to [`Hello`].
@@ -205,6 +242,14 @@ pub enum HelloReply {
     /// This master is a standby (several masters, see `agora master --etcd`): it serves
     /// nothing; connect to `leader` (`host:port`) if known, or try the next master.
     NotLeader {
+        leader: Option<String>,
+    },
+    /// Only to a hello with [`Hello::allow_stale`]: this master is a standby and will answer
+    /// `GetAgents`, `GetFrameworks` and `GetMasters` from what it reads itself (the registry
+    /// in etcd), which may lag the leader's view, and refuse every other call. `master_id` is
+    /// its member id; `leader` the leader's address, if known.
+    Stale {
+        master_id: String,
         leader: Option<String>,
     },
 }
@@ -966,6 +1011,28 @@ pub enum OutputReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Hello` as protocol version 3 first shipped it.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct HelloV3 {
+        version: u32,
+        role: Role,
+    }
+
+    #[test]
+    fn hellos_with_and_without_allow_stale_decode_both_ways() {
+        let old = postcard::to_allocvec(&HelloV3 { version: 3, role: Role::Agent }).unwrap();
+        assert_eq!(postcard::from_bytes::<Hello>(&old).unwrap(), Hello::new(Role::Agent));
+        let stale = Hello { allow_stale: true, ..Hello::new(Role::Operator) };
+        let new = postcard::to_allocvec(&stale).unwrap();
+        assert_eq!(postcard::from_bytes::<Hello>(&new).unwrap(), stale);
+        // A master that predates the field reads the rest as before.
+        assert_eq!(
+            postcard::from_bytes::<HelloV3>(&new).unwrap(),
+            HelloV3 { version: 3, role: Role::Operator }
+        );
+        assert!(postcard::from_bytes::<Hello>(&old[..1]).is_err(), "a hello without a role");
+    }
 
     #[test]
     fn terminal_states_do_not_move() {

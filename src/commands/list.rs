@@ -1,4 +1,7 @@
-//! `agora agents | frameworks | tasks | masters [-o table|json]`.
+//! `agora agents | frameworks | tasks | masters [-o table|json]`, and `--allow-stale` on
+//! `agents`, `frameworks` and `masters`: the first master of the list that answers serves the
+//! listing, a standby from the registry in etcd (marked stale: a note on stderr and, with
+//! `-o json`, `"stale": true` in every object).
 
 use std::process::ExitCode;
 
@@ -30,13 +33,32 @@ pub struct ListArgs {
     format: Format,
 }
 
-/// `agora frameworks`: [`ListArgs`] and `--all`.
+/// The listings a standby may answer: [`ListArgs`] and `--allow-stale`.
+#[derive(Args)]
+pub struct StaleListArgs {
+    #[command(flatten)]
+    list: ListArgs,
+    /// Accept an answer from a standby master (the first of --master that answers, leader or
+    /// not): it lists what the registry in etcd holds, which may lag the leader and has no
+    /// live state (statuses `registered`/`unreachable`, nothing in use, no task counts). Marked
+    /// on stderr and, with -o json, by `"stale": true` in every object.
+    #[arg(long)]
+    allow_stale: bool,
+}
+
+impl StaleListArgs {
+    pub async fn execute(self, what: What) -> anyhow::Result<ExitCode> {
+        self.list.execute(what, self.allow_stale).await
+    }
+}
+
+/// `agora frameworks`: [`StaleListArgs`] and `--all`.
 #[derive(Args)]
 pub struct FrameworksArgs {
     #[command(flatten)]
-    list: ListArgs,
+    list: StaleListArgs,
     /// Also list the frameworks that ended since the master started (status `completed`; the
-    /// last 100).
+    /// last 100). Only the leader remembers them.
     #[arg(long)]
     all: bool,
 }
@@ -48,9 +70,14 @@ impl FrameworksArgs {
 }
 
 impl ListArgs {
-    pub async fn execute(self, what: What) -> anyhow::Result<ExitCode> {
+    /// Lists `what` from the leader or, with `allow_stale`, from whichever master answers first.
+    pub async fn execute(self, what: What, allow_stale: bool) -> anyhow::Result<ExitCode> {
         let cfg = self.cluster.resolve()?;
-        let mut client = OperatorClient::connect(&cfg).await?;
+        let mut client = if allow_stale {
+            OperatorClient::connect_allowing_stale(&cfg).await?
+        } else {
+            OperatorClient::connect(&cfg).await?
+        };
         let (json, table) = match what {
             What::Agents => {
                 let v = client.agents().await?;
@@ -73,11 +100,34 @@ impl ListArgs {
             }
         };
         client.close();
+        let mut json = json;
+        if let Some(from) = client.stale() {
+            eprintln!("{}", stale_note(client.master_id(), from));
+            mark_stale(&mut json);
+        }
         match self.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::Value::Array(json))?),
             Format::Table => print!("{table}"),
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The stderr note of a stale listing.
+fn stale_note(standby: &str, from: &agora_sdk::client::StaleSource) -> String {
+    let leader = from.leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_default();
+    format!(
+        "note: stale read from standby {standby} at {}: the registry as the leader last wrote it, without live state{leader}",
+        from.address
+    )
+}
+
+/// Adds `"stale": true` to every object of a listing (additive: the array stays an array).
+fn mark_stale(items: &mut [serde_json::Value]) {
+    for item in items {
+        if let Some(o) = item.as_object_mut() {
+            o.insert("stale".into(), true.into());
+        }
     }
 }
 
@@ -115,5 +165,17 @@ mod tests {
         let v = super::task_json(&t);
         assert_eq!(v["executor_id"], "my-exec");
         assert_eq!(v["id"], "t1");
+    }
+
+    #[test]
+    fn stale_listings_are_marked() {
+        let mut items = vec![serde_json::json!({"id": "f1"}), serde_json::json!({"id": "f2"})];
+        super::mark_stale(&mut items);
+        assert!(items.iter().all(|i| i["stale"] == true));
+        let from = agora_sdk::client::StaleSource { address: "b:5050".into(), leader: Some("a:5050".into()) };
+        assert_eq!(
+            super::stale_note("m2", &from),
+            "note: stale read from standby m2 at b:5050: the registry as the leader last wrote it, without live state; the leader is a:5050"
+        );
     }
 }

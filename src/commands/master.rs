@@ -56,8 +56,8 @@ pub struct MasterCommand {
     /// `http://10.0.0.1:2379,http://10.0.0.2:2379`). The masters elect a leader through an
     /// etcd lease and keep the registry in etcd; the others stand by and answer every peer
     /// with the leader's address. Without it the master runs alone on `registry.redb`.
-    /// With it `--work-dir` holds only the artifact store: give every master the same shared
-    /// directory.
+    /// With it `--work-dir` holds only the artifact store, each master its own: standbys copy
+    /// the leader's artifacts (a directory shared by every master also works).
     #[arg(long, value_parser = parse_etcd)]
     etcd: Option<EtcdEndpoints>,
     /// The cluster's name (with `--etcd`): its etcd key prefix and the stable part of ids.

@@ -37,13 +37,13 @@ pub enum Command {
     /// Run a task (or --count N tasks) on the cluster and stream its output.
     Run(run::RunCommand),
     /// List agents.
-    Agents(list::ListArgs),
+    Agents(list::StaleListArgs),
     /// List frameworks.
     Frameworks(list::FrameworksArgs),
     /// List tasks.
     Tasks(list::ListArgs),
     /// List the cluster's masters: address, which one leads, epoch.
-    Masters(list::ListArgs),
+    Masters(list::StaleListArgs),
     /// Show or set the allocation policy: role weights, priorities, quotas.
     Policy(policy::PolicyCommand),
     /// Print a task's stdout (or stderr).
@@ -73,7 +73,7 @@ impl Command {
             Command::Run(c) => c.execute().await,
             Command::Agents(c) => c.execute(list::What::Agents).await,
             Command::Frameworks(c) => c.execute().await,
-            Command::Tasks(c) => c.execute(list::What::Tasks).await,
+            Command::Tasks(c) => c.execute(list::What::Tasks, false).await,
             Command::Masters(c) => c.execute(list::What::Masters).await,
             Command::Policy(c) => c.execute().await,
             Command::Logs(c) => c.execute().await,

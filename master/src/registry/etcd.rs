@@ -32,11 +32,11 @@ use super::{
 pub const MAX_TXN_OPS: usize = 100;
 
 /// Records read per request when loading the registry.
-const PAGE: i64 = 1000;
+pub(crate) const PAGE: i64 = 1000;
 
 /// The end of the range of keys that start with `prefix` (its last byte one more; prefixes
 /// here end with `/`, never with 0xff).
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     if let Some(last) = end.last_mut() {
         *last += 1;
@@ -74,6 +74,11 @@ impl EtcdKeys {
     /// The registry's prefix.
     pub fn registry(&self) -> String {
         format!("{}registry/", self.prefix)
+    }
+
+    /// The prefix of one registry table's records (`frameworks`, `agents`, `artifacts`).
+    pub fn table(&self, table: &str) -> String {
+        format!("{}registry/{table}/", self.prefix)
     }
 
     fn record(&self, table: &str, id: &str) -> String {
