@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use agora_sdk::tls::TlsFiles;
 use agora_sdk::Resources;
 use common::dev::{Proc, RealCluster, AGORA};
 use common::etcd::{Etcd, TcpProxy};
+use common::ha::{ask, operator_call, settled_leader, start_master, Answer, HaMaster};
 use common::{sh_task, wait_for, ProbeFramework, Seen};
 
 fn framework(n: u32) -> FrameworkRecord {
@@ -120,89 +120,6 @@ async fn etcd_registry_round_trips_and_fences_a_deposed_leader() {
     let err = reg.apply(&[RegistryOp::PutFramework(framework(5))]).expect_err("the old leader wrote");
     assert!(matches!(err, RegistryError::Fenced { .. }), "{err:?}");
     drop((reg, reg2, wrong));
-}
-
-/// One `agora master --etcd` process.
-struct HaMaster {
-    proc: Proc,
-    addr: String,
-}
-
-fn start_master(dir: &Path, name: &str, etcd_url: &str) -> HaMaster {
-    let mut proc = Proc::spawn(
-        name,
-        dir,
-        Command::new(AGORA)
-            .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
-            .arg(dir.join("tls"))
-            // Every master its own work dir: standbys copy the leader's artifacts.
-            .arg("--work-dir")
-            .arg(dir.join(name))
-            .args(["--etcd", etcd_url, "--cluster-name", "hatest", "--etcd-lease-ttl", "1s"])
-            .args(["--allocation-interval", "200ms"]),
-    );
-    let addr = proc.wait_stdout("its address", |l| {
-        Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
-    });
-    HaMaster { proc, addr }
-}
-
-/// What a master says to a new operator connection.
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    /// Welcome, with its epoch (the master id's suffix).
-    Leader(u64),
-    Standby(Option<String>),
-    Down,
-}
-
-async fn ask(addr: &str, tls: &Path) -> Answer {
-    match Session::connect(addr, &TlsFiles::in_dir(tls, "operator"), Role::Operator).await {
-        Ok(s) => {
-            let epoch = s.master_id.rsplit_once('-').and_then(|(_, e)| e.parse().ok()).expect("epoch in id");
-            s.conn.close(0u32.into(), b"bye");
-            Answer::Leader(epoch)
-        }
-        Err(ClientError::NotLeader { leader, .. }) => Answer::Standby(leader),
-        Err(_) => Answer::Down,
-    }
-}
-
-/// The leader among `addrs` once exactly one welcomes and every other names it.
-async fn settled_leader(addrs: &[&str], tls: &Path) -> Option<(usize, u64)> {
-    let mut leader = None;
-    let mut answers = Vec::new();
-    for (i, a) in addrs.iter().enumerate() {
-        let ans = ask(a, tls).await;
-        if let Answer::Leader(e) = ans {
-            if leader.is_some() {
-                panic!("two masters welcome at once: {addrs:?}");
-            }
-            leader = Some((i, e));
-        }
-        answers.push(ans);
-    }
-    let (i, e) = leader?;
-    let named =
-        answers.iter().enumerate().all(|(j, a)| j == i || *a == Answer::Standby(Some(addrs[i].to_string())));
-    named.then_some((i, e))
-}
-
-async fn operator_call(addr: &str, tls: &Path, call: OperatorCall) -> OperatorReply {
-    let mut s =
-        Session::connect(addr, &TlsFiles::in_dir(tls, "operator"), Role::Operator).await.expect("operator");
-    s.writer.send(&call).await.expect("send");
-    let mut parts = Vec::new();
-    loop {
-        match s.reader.recv::<OperatorReply>().await.expect("reply").expect("a reply") {
-            OperatorReply::AgentsPart(p) => parts.extend(p),
-            OperatorReply::Agents(mut a) => {
-                parts.append(&mut a);
-                return OperatorReply::Agents(parts);
-            }
-            other => return other,
-        }
-    }
 }
 
 /// Three masters, one etcd: exactly one leads, the standbys name it, `GetMasters` lists all

@@ -5,77 +5,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use agora_master::registry::{EtcdRegistry, Registry};
 use agora_sdk::client::{ClientError, Session};
 use agora_sdk::proto::*;
 use agora_sdk::tls::TlsFiles;
-use common::dev::{poll, Proc, RealCluster, AGORA};
+use common::dev::{poll, RealCluster};
 use common::etcd::Etcd;
-
-const CLUSTER: &str = "hart";
-
-/// One `agora master --etcd` process with its own work dir.
-struct HaMaster {
-    proc: Proc,
-    addr: String,
-    work: PathBuf,
-}
-
-fn start_master(dir: &Path, name: &str, etcd_url: &str) -> HaMaster {
-    start_master_in(dir, name, &dir.join(name), etcd_url)
-}
-
-/// Like [`start_master`], with `work` as its work dir.
-fn start_master_in(dir: &Path, name: &str, work: &Path, etcd_url: &str) -> HaMaster {
-    let work = work.to_path_buf();
-    let mut proc = Proc::spawn(
-        name,
-        dir,
-        Command::new(AGORA)
-            .args(["master", "--listen", "127.0.0.1:0", "--tls-dir"])
-            .arg(dir.join("tls"))
-            .arg("--work-dir")
-            .arg(&work)
-            .args(["--etcd", etcd_url, "--cluster-name", CLUSTER, "--etcd-lease-ttl", "1s"])
-            .args(["--allocation-interval", "200ms"]),
-    );
-    let addr = proc.wait_stdout("its address", |l| {
-        Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
-    });
-    HaMaster { proc, addr, work }
-}
-
-impl HaMaster {
-    /// Where this master's store keeps `digest` (see `ArtifactStore::path`).
-    fn artifact(&self, digest: &Digest) -> PathBuf {
-        self.work.join("artifacts/sha256").join(digest.as_str())
-    }
-}
-
-/// The epoch of the master at `addr` if it leads now.
-async fn leads(addr: &str, tls: &Path) -> Option<u64> {
-    let s = Session::connect(addr, &TlsFiles::in_dir(tls, "operator"), Role::Operator).await.ok()?;
-    s.conn.close(0u32.into(), b"bye");
-    s.master_id.rsplit_once('-').and_then(|(_, e)| e.parse().ok())
-}
-
-/// Waits until one of `addrs` leads: its index and epoch.
-async fn wait_leader(addrs: &[&str], tls: &Path, secs: u64) -> (usize, u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        for (i, a) in addrs.iter().enumerate() {
-            if let Some(e) = leads(a, tls).await {
-                return (i, e);
-            }
-        }
-        assert!(Instant::now() < deadline, "none of {addrs:?} leads after {secs} s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::ha::{leads, start_master, start_master_in, wait_leader, HaMaster, CLUSTER};
 
 async fn upload(addr: &str, tls: &Path, name: &str, bytes: &[u8]) -> ArtifactRef {
     let s =

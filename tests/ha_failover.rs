@@ -493,3 +493,40 @@ async fn the_whole_control_plane_restarted_recovers_every_framework() {
         assert!(ag.stop().success(), "agent: {}", ag.stderr_text());
     }
 }
+
+/// `agora policy set` (the CLI given the list of masters): a policy the master cannot read is
+/// refused naming the entry; a good one is recorded in etcd, and after `kill -9` of the
+/// leader the new leader has it in force (source `registry`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_policy_outlives_a_failover() {
+    let etcd = Etcd::start();
+    let mut g = Group::start(&etcd.url);
+    let (leader, _) = g.leader(30).await;
+    let config = ha::client_toml(g.dir.path(), &g.addrs());
+    let agora = |args: &[&str]| common::dev::agora_with(&config, args);
+    let policy_json = || {
+        let out = agora(&["policy", "-o", "json"]);
+        assert!(out.status.success(), "agora policy: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    assert_eq!(policy_json()["source"], "flags");
+
+    let out = agora(&["policy", "set", "--weights", "analytics=abc"]);
+    assert!(!out.status.success(), "a weight that is no number was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid weight `abc` for role analytics"), "{err}");
+
+    let out =
+        agora(&["policy", "set", "--weights", "analytics=2,web=1", "--quota", "analytics=cpus:1;mem:64MiB"]);
+    assert!(out.status.success(), "agora policy set: {}", String::from_utf8_lossy(&out.stderr));
+    let before = policy_json();
+    assert_eq!(before["source"], "registry");
+    assert_eq!(before["weights"], "analytics=2,web=1");
+    assert_eq!(before["quotas"][0], "analytics=cpus:1;mem:64MiB");
+
+    let li = g.masters.iter().position(|m| m.addr == leader).expect("the leader");
+    g.masters[li].proc.kill9();
+    let (new_leader, _) = g.leader_among_living(15).await;
+    assert_ne!(new_leader, leader);
+    assert_eq!(policy_json(), before, "the new leader has another policy");
+}

@@ -23,6 +23,23 @@ pub struct HaMaster {
     pub work: PathBuf,
 }
 
+/// [`start_master_on`] a fresh port, with the work dir `dir/NAME`.
+pub fn start_master(dir: &Path, name: &str, etcd_urls: &str) -> HaMaster {
+    start_master_on(dir, name, etcd_urls, "127.0.0.1:0", &dir.join(name))
+}
+
+/// [`start_master_on`] a fresh port, with the work dir `work`.
+pub fn start_master_in(dir: &Path, name: &str, work: &Path, etcd_urls: &str) -> HaMaster {
+    start_master_on(dir, name, etcd_urls, "127.0.0.1:0", work)
+}
+
+impl HaMaster {
+    /// Where this master's artifact store keeps `digest` (see `ArtifactStore::path`).
+    pub fn artifact(&self, digest: &Digest) -> PathBuf {
+        self.work.join("artifacts/sha256").join(digest.as_str())
+    }
+}
+
 /// Starts `agora master --etcd ETCD_URLS` named `name` in `dir` (certificates in `dir/tls`),
 /// listening on `listen` (`127.0.0.1:0` for a fresh port), with its work dir `work`, a 1 s
 /// lease and a 200 ms allocation interval.
@@ -85,6 +102,29 @@ pub async fn settled_leader(addrs: &[&str], tls: &Path) -> Option<(usize, u64)> 
     let named =
         answers.iter().enumerate().all(|(j, a)| j == i || *a == Answer::Standby(Some(addrs[i].to_string())));
     named.then_some((i, e))
+}
+
+/// The epoch of the master at `addr` if it leads now.
+pub async fn leads(addr: &str, tls: &Path) -> Option<u64> {
+    match ask(addr, tls).await {
+        Answer::Leader(e) => Some(e),
+        _ => None,
+    }
+}
+
+/// Waits until one of `addrs` leads (`secs` at most; the others need not know yet): its
+/// index and epoch.
+pub async fn wait_leader(addrs: &[&str], tls: &Path, secs: u64) -> (usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        for (i, a) in addrs.iter().enumerate() {
+            if let Some(e) = leads(a, tls).await {
+                return (i, e);
+            }
+        }
+        assert!(Instant::now() < deadline, "none of {addrs:?} leads after {secs} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits (`secs` at most) for [`settled_leader`] among `addrs`: its index and epoch.
