@@ -68,16 +68,16 @@ impl Group {
 
     fn start_agent(&mut self, resources: &str) {
         let i = self.agents.len();
-        self.spawn_agent(i, &format!("agent{i}"), resources);
+        self.spawn_agent(i, &format!("agent{i}"), &self.list(), resources);
     }
 
-    /// Starts agent `i` (its work dir `agent{i}`) as process `name`.
-    fn spawn_agent(&mut self, i: usize, name: &str, resources: &str) {
+    /// Starts agent `i` (its work dir `agent{i}`) as process `name`, given `masters`.
+    fn spawn_agent(&mut self, i: usize, name: &str, masters: &str, resources: &str) {
         let p = Proc::spawn(
             name,
             self.dir.path(),
             Command::new(AGORA)
-                .args(["agent", "--master", &self.list(), "--tls-dir"])
+                .args(["agent", "--master", masters, "--tls-dir"])
                 .arg(&self.tls)
                 .arg("--work-dir")
                 .arg(self.dir.path().join(format!("agent{i}")))
@@ -529,4 +529,60 @@ async fn an_operator_policy_outlives_a_failover() {
     let (new_leader, _) = g.leader_among_living(15).await;
     assert_ne!(new_leader, leader);
     assert_eq!(policy_json(), before, "the new leader has another policy");
+}
+
+/// Agents, the SDK and the CLI given etcd instead of a list (`etcd://HOST:PORT/CLUSTER`, as
+/// Mesos's `zk://`): they read the masters registered there and find the leader, and follow
+/// a failover; a malformed address or an etcd that does not answer is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_find_the_masters_through_etcd() {
+    let etcd = Etcd::start();
+    let mut g = Group::start(&etcd.url);
+    let (leader, _) = g.leader(30).await;
+    let via_etcd = format!("etcd://{}/{}", etcd.addr, ha::CLUSTER);
+    g.spawn_agent(0, "agent0", &via_etcd, "cpus:2;mem:1GiB");
+    g.active_agents(&leader, 1, 30).await;
+    let config = ha::client_toml(g.dir.path(), &[]);
+    let text = std::fs::read_to_string(&config).expect("client.toml");
+    std::fs::write(&config, text.replace("master = []", &format!("master = \"{via_etcd}\""))).expect("write");
+    let agora = |args: &[&str]| common::dev::agora_with(&config, args);
+    let out = agora(&["masters", "-o", "json"]);
+    assert!(out.status.success(), "agora masters: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().any(|m| m["leader"] == true && m["address"] == leader.as_str()), "{listed:?}");
+
+    let mut cfg = DriverConfig::new(via_etcd.clone(), TlsFiles::in_dir(&g.tls, "framework"), "via-etcd");
+    cfg.framework.failover_timeout = Duration::from_secs(120);
+    let mut fw = ProbeFramework::start(cfg).await;
+    let fw_id = fw.id.clone().expect("id");
+    fw.offer().await;
+
+    let li = g.masters.iter().position(|m| m.addr == leader).expect("the leader");
+    g.masters[li].proc.kill9();
+    let (new_leader, _) = g.leader_among_living(15).await;
+    g.active_agents(&new_leader, 1, 30).await;
+    let id = fw
+        .until(|s| match s {
+            Seen::Reregistered(id) => Some(id.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(id, fw_id);
+    let out = agora(&["agents", "-o", "json"]);
+    assert!(out.status.success(), "agora agents: {}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = common::dev::agora_with(&config, &["agents", "--master", &format!("etcd://{}", etcd.addr)]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("ends with /CLUSTER"), "{err}");
+    let dead = format!("etcd://127.0.0.1:{}/{}", common::etcd::free_port(), ha::CLUSTER);
+    let bad = common::dev::agora_with(&config, &["agents", "--master", &dead]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("etcd"), "{err}");
+    fw.run.abort();
+    for a in &mut g.agents {
+        assert!(a.stop().success(), "agent: {}", a.stderr_text());
+    }
 }

@@ -225,7 +225,7 @@ pub enum AgentError {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let layout = sandbox::Layout::new(&config.work_dir);
     config.gc.validate()?;
-    agora_sdk::masters::parse_masters(&config.master)
+    agora_sdk::masters::MasterSearch::new(&config.master)
         .map_err(|error| AgentError::Masters { list: config.master.clone(), error })?;
     let task_user = user::TaskUser::for_agent(&config.task_user)?;
     prepare_work_dir(&layout)?;

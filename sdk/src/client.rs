@@ -230,7 +230,7 @@ impl OperatorClient {
     /// each said (a list of one: that master's own error).
     pub async fn connect_allowing_stale(cfg: &ClientConfig) -> Result<Self, ClientError> {
         let files = cfg.identity(Role::Operator)?;
-        let masters = crate::masters::parse_masters(&cfg.master)?;
+        let masters = crate::masters::MasterSearch::new(&cfg.master)?.candidates().await?;
         let mut tried = Vec::new();
         for addr in &masters {
             match Session::connect_allowing_stale(addr, &files, Role::Operator).await {

@@ -147,8 +147,7 @@ impl ClientConfig {
 
 /// Checks a master list; the error names `origin`.
 fn check_masters(list: &str, origin: &str) -> Result<(), ConfigError> {
-    crate::masters::parse_masters(list)
-        .map(drop)
+    crate::masters::check_master_list(list)
         .map_err(|err| ConfigError::BadMaster { origin: origin.to_string(), err })
 }
 

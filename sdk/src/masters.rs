@@ -91,6 +91,60 @@ pub fn check_master(entry: &str) -> Result<(), MasterListError> {
     }
 }
 
+/// The masters of a cluster found through etcd, as Mesos clients find theirs through
+/// ZooKeeper: `etcd://HOST:PORT[,HOST:PORT…]/CLUSTER` names etcd's client endpoints and the
+/// cluster name the masters were given (`agora master --etcd … --cluster-name CLUSTER`). A
+/// search reads the masters registered there, and the leader, before it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdMasters {
+    /// etcd's client URLs (`http://HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// The cluster name (the key prefix `/agora/CLUSTER/`).
+    pub cluster: String,
+}
+
+/// The scheme of a master address found through etcd.
+pub const ETCD_SCHEME: &str = "etcd://";
+
+impl EtcdMasters {
+    /// Parses `etcd://h1:2379,h2:2379/CLUSTER`; `None` when `s` is not of that form.
+    pub fn parse(s: &str) -> Option<Result<Self, MasterListError>> {
+        let rest = s.trim().strip_prefix(ETCD_SCHEME)?;
+        let bad = |why| MasterListError::Bad { entry: s.chars().take(MAX_ADDRESS_LEN).collect(), why };
+        let Some((hosts, cluster)) = rest.split_once('/') else {
+            return Some(Err(bad("an etcd:// address ends with /CLUSTER, the masters' --cluster-name")));
+        };
+        let cluster_ok = !cluster.is_empty()
+            && cluster.len() <= 64
+            && cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !cluster_ok {
+            return Some(Err(bad(
+                "the cluster name after the / is 1 to 64 letters, digits, '-', '_', '.'",
+            )));
+        }
+        Some(parse_masters(hosts).map(|hosts| EtcdMasters {
+            endpoints: hosts.iter().map(|h| format!("http://{h}")).collect(),
+            cluster: cluster.to_string(),
+        }))
+    }
+}
+
+impl std::fmt::Display for EtcdMasters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts: Vec<&str> = self.endpoints.iter().map(|e| e.trim_start_matches("http://")).collect();
+        write!(f, "{ETCD_SCHEME}{}/{}", hosts.join(","), self.cluster)
+    }
+}
+
+/// Checks what `--master` or client.toml's `master` may hold: a list of `host:port`, or an
+/// [`EtcdMasters`] address.
+pub fn check_master_list(list: &str) -> Result<(), MasterListError> {
+    match EtcdMasters::parse(list) {
+        Some(r) => r.map(drop),
+        None => parse_masters(list).map(drop),
+    }
+}
+
 /// Parses `a:5050,b:5050,c:5050` (spaces around entries allowed; duplicates dropped).
 pub fn parse_masters(list: &str) -> Result<Vec<String>, MasterListError> {
     let entries: Vec<&str> = list.split(',').map(str::trim).collect();
@@ -117,17 +171,53 @@ pub struct MasterSearch {
     masters: Vec<String>,
     leader: Option<String>,
     epoch: u64,
+    /// Where the list comes from when it is read from etcd at each search.
+    etcd: Option<EtcdMasters>,
 }
 
 impl MasterSearch {
-    /// A search over `list` (`host:port`, or several separated by commas).
+    /// A search over `list` (`host:port`, or several separated by commas), or over the masters
+    /// registered in etcd (`etcd://h1:2379,h2:2379/CLUSTER`, see [`EtcdMasters`]).
     pub fn new(list: &str) -> Result<Self, MasterListError> {
-        Ok(MasterSearch { masters: parse_masters(list)?, leader: None, epoch: 0 })
+        if let Some(etcd) = EtcdMasters::parse(list) {
+            let etcd = etcd?;
+            if !cfg!(feature = "etcd") {
+                return Err(MasterListError::Bad {
+                    entry: list.chars().take(MAX_ADDRESS_LEN).collect(),
+                    why: "etcd:// addresses need agora-sdk's `etcd` feature (the agora binary has it)",
+                });
+            }
+            return Ok(MasterSearch { masters: Vec::new(), leader: None, epoch: 0, etcd: Some(etcd) });
+        }
+        Ok(MasterSearch { masters: parse_masters(list)?, leader: None, epoch: 0, etcd: None })
     }
 
-    /// The masters of the list, in order.
+    /// The masters of the list, in order (from etcd: as the last search read them).
     pub fn masters(&self) -> &[String] {
         &self.masters
+    }
+
+    /// The masters to try: the list, or those registered in etcd now (the leader first;
+    /// the list read before is kept when etcd cannot be read and one was read before).
+    pub async fn candidates(&mut self) -> Result<Vec<String>, ClientError> {
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &self.etcd {
+            match etcd_discovery::read(etcd).await {
+                Ok((masters, leader)) => {
+                    self.masters = masters;
+                    if leader.is_some() {
+                        self.leader = leader;
+                    }
+                }
+                Err(e) if self.masters.is_empty() => {
+                    return Err(ClientError::NoLeader { tried: vec![(etcd.to_string(), e)] });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the masters from etcd; trying the ones read before")
+                }
+            }
+        }
+        Ok(self.masters.clone())
     }
 
     /// The address of the last leader this search connected to (it may be outside the list:
@@ -168,6 +258,9 @@ impl MasterSearch {
     /// what each said. A refusal ([`ClientError::Refused`]: wrong role, another protocol) or
     /// unusable local TLS files end the search at once.
     pub async fn connect(&mut self, files: &TlsFiles, role: Role) -> Result<Session, ClientError> {
+        if self.etcd.is_some() {
+            self.candidates().await?;
+        }
         let mut queue = self.order();
         let mut started: HashSet<String> = HashSet::new();
         let mut failures: Vec<(String, ClientError)> = Vec::new();
@@ -268,6 +361,61 @@ impl MasterSearch {
     }
 }
 
+/// Reading the masters of a cluster from etcd (the keys `agora master --etcd` writes: one
+/// record per running master under `/agora/CLUSTER/masters/`, the leader's under
+/// `/agora/CLUSTER/leader`; each `{"id": …, "address": "host:port"}`).
+#[cfg(feature = "etcd")]
+mod etcd_discovery {
+    use std::time::Duration;
+
+    use super::{check_master, EtcdMasters, MAX_MASTERS};
+
+    /// How long reading etcd may take, connection included.
+    const TIMEOUT: Duration = Duration::from_secs(3);
+
+    #[derive(serde::Deserialize)]
+    struct Member {
+        address: String,
+    }
+
+    fn address(value: &[u8]) -> Option<String> {
+        let m: Member = serde_json::from_slice(value).ok()?;
+        check_master(&m.address).ok().map(|()| m.address)
+    }
+
+    /// The masters registered (at most [`MAX_MASTERS`], the leader first) and the leader's
+    /// address.
+    pub(super) async fn read(etcd: &EtcdMasters) -> Result<(Vec<String>, Option<String>), String> {
+        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+        let prefix = format!("/agora/{}/", etcd.cluster);
+        let read = async {
+            let mut client = etcd_client::Client::connect(&etcd.endpoints, Some(opts)).await?;
+            let leader = client.get(format!("{prefix}leader"), None).await?;
+            let opts = etcd_client::GetOptions::new().with_prefix().with_limit(MAX_MASTERS as i64);
+            let members = client.get(format!("{prefix}masters/"), Some(opts)).await?;
+            Ok::<_, etcd_client::Error>((leader, members))
+        };
+        let (leader, members) = tokio::time::timeout(TIMEOUT, read)
+            .await
+            .map_err(|_| format!("etcd did not answer within {TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot read the masters from etcd: {e}"))?;
+        let leader = leader.kvs().first().and_then(|kv| address(kv.value()));
+        let mut masters: Vec<String> = leader.iter().cloned().collect();
+        for kv in members.kvs() {
+            if let Some(a) = address(kv.value()) {
+                if !masters.contains(&a) {
+                    masters.push(a);
+                }
+            }
+        }
+        if masters.is_empty() {
+            return Err(format!("no master is registered in etcd under {prefix}"));
+        }
+        masters.truncate(MAX_MASTERS);
+        Ok((masters, leader))
+    }
+}
+
 /// Whether a failed search met standbys that know no leader (an election in progress).
 fn electing(e: &ClientError) -> bool {
     match e {
@@ -281,6 +429,22 @@ fn electing(e: &ClientError) -> bool {
 mod tests {
     use super::*;
     use crate::proto::{Hello, HelloReply, PROTOCOL_VERSION};
+
+    #[test]
+    fn etcd_addresses_parse_and_bad_ones_are_named() {
+        let e = EtcdMasters::parse("etcd://10.0.0.1:2379, e2:2379/prod").unwrap().unwrap();
+        assert_eq!(e.endpoints, ["http://10.0.0.1:2379", "http://e2:2379"]);
+        assert_eq!(e.cluster, "prod");
+        assert_eq!(e.to_string(), "etcd://10.0.0.1:2379,e2:2379/prod");
+        assert!(EtcdMasters::parse("a:5050,b:5050").is_none());
+        let bad = |s: &str| check_master_list(s).unwrap_err().to_string();
+        assert!(bad("etcd://e1:2379").contains("ends with /CLUSTER"), "{}", bad("etcd://e1:2379"));
+        assert!(bad("etcd://e1:2379/").contains("cluster name"));
+        assert!(bad("etcd://e1:2379/a/b").contains("cluster name"));
+        assert!(bad("etcd://e1/prod").contains("no port"), "{}", bad("etcd://e1/prod"));
+        assert!(check_master_list("etcd://e1:2379/prod").is_ok());
+        assert!(check_master_list("a:1,b:2").is_ok());
+    }
 
     #[test]
     fn lists_parse_and_bad_entries_are_named() {

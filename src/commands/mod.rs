@@ -147,7 +147,7 @@ impl ClusterArgs {
 
 /// `--master`: one `host:port` or several separated by commas, checked.
 pub fn master_list(s: &str) -> Result<String, agora_sdk::masters::MasterListError> {
-    agora_sdk::masters::parse_masters(s).map(|_| s.to_string())
+    agora_sdk::masters::check_master_list(s).map(|_| s.to_string())
 }
 
 /// Waits for Ctrl-C or SIGTERM.
