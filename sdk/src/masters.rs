@@ -118,9 +118,7 @@ impl EtcdMasters {
             && cluster.len() <= 64
             && cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
         if !cluster_ok {
-            return Some(Err(bad(
-                "the cluster name after the / is 1 to 64 letters, digits, '-', '_', '.'",
-            )));
+            return Some(Err(bad("the cluster name after the / is 1 to 64 letters, digits, '-', '_', '.'")));
         }
         Some(parse_masters(hosts).map(|hosts| EtcdMasters {
             endpoints: hosts.iter().map(|h| format!("http://{h}")).collect(),
