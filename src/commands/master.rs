@@ -28,9 +28,9 @@ pub struct MasterCommand {
     /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
     #[arg(long)]
     http: Option<SocketAddr>,
-    /// The master's directory: its registry (`registry.redb`: frameworks, agents and the
-    /// artifact index, so that a restarted master takes its cluster back) and the artifact
-    /// store. Default: a fresh temporary directory, removed at exit, so nothing survives a
+    /// The master's directory: its registry (`registry.redb`: frameworks, agents, the
+    /// artifact index and an operator's allocation policy, so that a restarted master takes
+    /// its cluster back) and the artifact store. Default: a fresh temporary directory, removed at exit, so nothing survives a
     /// restart.
     #[arg(long)]
     work_dir: Option<PathBuf>,
