@@ -10,6 +10,7 @@ pub mod demo_executor;
 pub mod dev;
 pub mod executor_command;
 pub mod executor_wasm;
+pub mod job;
 pub mod kill;
 pub mod list;
 pub mod logs;
@@ -44,6 +45,9 @@ pub enum Command {
     Tasks(list::ListArgs),
     /// List the cluster's masters: address, which one leads, epoch.
     Masters(list::StaleListArgs),
+    /// Run a job file (task groups with counts, constraints and restart policies), or show or
+    /// stop a running job.
+    Job(job::JobCommand),
     /// Show or set the allocation policy: role weights, priorities, quotas.
     Policy(policy::PolicyCommand),
     /// Print a task's stdout (or stderr).
@@ -76,6 +80,7 @@ impl Command {
             Command::Tasks(c) => c.execute(list::What::Tasks, false).await,
             Command::Masters(c) => c.execute(list::What::Masters).await,
             Command::Policy(c) => c.execute().await,
+            Command::Job(c) => c.execute().await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
