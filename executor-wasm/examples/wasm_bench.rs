@@ -12,9 +12,10 @@
 //!   WASI context, fuel set, `instantiate_async`;
 //! - a whole `run_task` of `noop` (module in memory, no output files), p50: the executor's own
 //!   cost per task;
-//! - fuel overhead: `fib(30)` (call-heavy) and `mix(20M)` (loop-heavy) on the runtime's engine
-//!   configuration with and without fuel metering (epochs on in both; and neither, for
-//!   reference), median of 7, and the ratio.
+//! - compute speed: `fib(30)` (call-heavy) and `mix(20M)` (loop-heavy) on engines that differ
+//!   only in fuel and epoch interruption (neither, epochs only, fuel only, fuel + epochs),
+//!   median of 7; and `_start` of both through the library's `run_task` against a bare engine
+//!   with fuel (the issue's 1.25× bound), median of 7.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -161,30 +162,108 @@ async fn bench() -> BenchResult<()> {
         us(percentile(&mut runs, 0.99))
     );
 
-    let mut fueled = config.engine_config()?;
-    fueled.allocation_strategy(InstanceAllocationStrategy::OnDemand);
-    let mut unfueled = fueled.clone();
-    unfueled.consume_fuel(false);
-    let mut no_epochs = unfueled.clone();
-    no_epochs.epoch_interruption(false);
+    // Compute speed: the same kernels on engines that differ only in fuel and epoch
+    // interruption (the runtime's configuration otherwise, on-demand allocation), wasmtime
+    // alone; then through the library's whole task path, against the bare engine with fuel.
+    let mut base = config.engine_config()?;
+    base.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+    let engine_with = |fuel: bool, epochs: bool| {
+        let mut c = base.clone();
+        c.consume_fuel(fuel).epoch_interruption(epochs);
+        c
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for kernel in [("fib", "fib", 30), ("compute", "mix", 20_000_000)] {
-        let (bare, _) = kernel_median(&no_epochs, false, kernel, 7).await?;
-        let (without, _) = kernel_median(&unfueled, false, kernel, 7).await?;
-        let (with, fuel) = kernel_median(&fueled, true, kernel, 7).await?;
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (neither, _) = kernel_median(&engine_with(false, false), false, kernel, 7).await?;
+        let (epochs, _) = kernel_median(&engine_with(false, true), false, kernel, 7).await?;
+        let (fuel_only, fuel) = kernel_median(&engine_with(true, false), true, kernel, 7).await?;
+        let (both, _) = kernel_median(&engine_with(true, true), true, kernel, 7).await?;
         println!(
-            "{}({}): no fuel, no epochs {:.1} ms; epochs only {:.1} ms; fuel + epochs {:.1} ms \
-             ({fuel} fuel); fuel overhead {:+.1}% (ratio {:.3})",
+            "{}({}): neither {:.1} ms; epochs only {:.1} ms; fuel only {:.1} ms; fuel + epochs {:.1} ms \
+             ({fuel} fuel); fuel + epochs / fuel only {:.3}",
             kernel.1,
             kernel.2,
+            ms(neither),
+            ms(epochs),
+            ms(fuel_only),
+            ms(both),
+            both.as_secs_f64() / fuel_only.as_secs_f64()
+        );
+    }
+    // `_start` running the kernel: the library's `run_task` (the executor's path: spec checks,
+    // WASI context, store, fuel slices, timeout timer) against a bare engine with fuel
+    // instantiating the same module and calling `_start`.
+    for (name, wat) in [("fib(30)", FIB_30), ("mix(20M)", MIX_20M)] {
+        let bytes: Arc<[u8]> = Arc::from(wat::parse_str(wat)?);
+        rt.load(&bytes)?;
+        let digest = Digest::of(&bytes);
+        let mut through = Vec::new();
+        for _ in 0..7 {
+            let mut spec = WasmTaskSpec::new(ModuleSource::Digest(digest.clone()), sandbox.path());
+            spec.cpu_millis = 1000;
+            spec.timeout = Some(Duration::from_secs(60));
+            let start = Instant::now();
+            let outcome = rt.run_task(spec).await;
+            through.push(start.elapsed());
+            assert!(outcome.success(), "{outcome:?}");
+        }
+        let bare = start_median(&engine_with(true, false), &bytes, 7).await?;
+        let lib = percentile(&mut through, 0.5);
+        println!(
+            "_start of {name}: run_task {:.1} ms; bare engine with fuel {:.1} ms; ratio {:.3}",
+            ms(lib),
             ms(bare),
-            ms(without),
-            ms(with),
-            (with.as_secs_f64() / without.as_secs_f64() - 1.0) * 100.0,
-            with.as_secs_f64() / without.as_secs_f64()
+            lib.as_secs_f64() / bare.as_secs_f64()
         );
     }
     Ok(())
+}
+
+const FIB_30: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $fib (param $n i32) (result i32)
+    (if (result i32) (i32.lt_u (local.get $n) (i32.const 2))
+      (then (local.get $n))
+      (else (i32.add (call $fib (i32.sub (local.get $n) (i32.const 1)))
+                     (call $fib (i32.sub (local.get $n) (i32.const 2)))))))
+  (func (export "_start") (drop (call $fib (i32.const 30)))))"#;
+
+const MIX_20M: &str = r#"(module
+  (memory (export "memory") 1)
+  (func $mix (param $n i32) (result i32)
+    (local $x i32)
+    (local.set $x (i32.const 0x9e3779b9))
+    (block $done
+      (loop $round
+        (br_if $done (i32.eqz (local.get $n)))
+        (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 13))))
+        (local.set $x (i32.xor (local.get $x) (i32.shr_u (local.get $x) (i32.const 17))))
+        (local.set $x (i32.xor (local.get $x) (i32.shl (local.get $x) (i32.const 5))))
+        (local.set $x (i32.mul (local.get $x) (i32.const 0x2545f491)))
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br $round)))
+    (local.get $x))
+  (func (export "_start") (drop (call $mix (i32.const 20000000)))))"#;
+
+/// Median wall time of instantiating `module` and calling its `_start` on a bare engine built
+/// from `config` with fuel (yielding at the runtime's 1-CPU slice), over `runs` runs.
+async fn start_median(config: &Config, module: &[u8], runs: usize) -> BenchResult<Duration> {
+    let engine = Engine::new(config)?;
+    let module = Module::new(&engine, module)?;
+    let linker: Linker<()> = Linker::new(&engine);
+    let pre = linker.instantiate_pre(&module)?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut store = Store::new(&engine, ());
+        store.fuel_async_yield_interval(Some(RuntimeConfig::new("/").fuel_slice_per_cpu))?;
+        store.set_fuel(u64::MAX)?;
+        let instance = pre.instantiate_async(&mut store).await?;
+        let f = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        f.call_async(&mut store, ()).await?;
+        samples.push(start.elapsed());
+    }
+    Ok(percentile(&mut samples, 0.5))
 }
 
 fn main() -> BenchResult<()> {

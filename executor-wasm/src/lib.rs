@@ -1,8 +1,8 @@
 //! Agora's Wasm executor library: runs WebAssembly tasks with fuel-metered CPU, hard memory
 //! limits, wall-time deadlines and deny-by-default WASI (the Wasm part of ARCHITECTURE.md).
 //!
-//! One [`WasmRuntime`] per executor process holds one wasmtime `Engine` (async, fuel, epoch
-//! interruption, pooling allocator), WASI linked once, an epoch ticker thread and the module
+//! One [`WasmRuntime`] per executor process holds one wasmtime `Engine` (async, fuel, pooling
+//! allocator; epoch interruption and its ticker thread only with a fuel rate), WASI linked once, and the module
 //! caches: an in-memory map of linked modules and a compiled-module cache on disk keyed by the
 //! module's sha256 and the engine's compatibility hash (`<cache>/<engine hash>/<sha256>.cwasm`),
 //! so a module is compiled once per agent and later launches only deserialize it.
@@ -24,6 +24,14 @@
 //! `fuel_per_cpu_second × m / 1000` fuel per second of wall time: every epoch tick compares the
 //! fuel it burnt with its allowance and a task running ahead sleeps until it is back on it. An
 //! optional total budget ([`WasmTaskSpec::fuel_budget`]) ends the task with `fuel exhausted`.
+//!
+//! # Wall time
+//!
+//! A task's `timeout` is a tokio timer around its run, looked at whenever the task yields: at
+//! every fuel slice while it computes (well under a millisecond), at once while it waits in a
+//! host call. So no epoch interruption is compiled in by default: it would add a check to every
+//! loop back-edge and function entry on top of the fuel one (see BENCHMARKS.md, "Wasm compute
+//! speed"). It is on only with a fuel rate, which needs the epoch tick.
 //!
 //! # Memory
 //!

@@ -55,8 +55,8 @@ pub struct RuntimeConfig {
     /// process has); physical memory is only what the guests touch. Turn off where virtual
     /// address space is limited (e.g. `ulimit -v`).
     pub pooling: bool,
-    /// Period of the epoch ticker: the granularity of wall-time deadlines and of the fuel-rate
-    /// check. Default 10 ms.
+    /// Period of the epoch ticker (which runs only with [`Self::fuel_per_cpu_second`]): the
+    /// granularity of the fuel-rate check. Default 10 ms.
     pub epoch_tick: Duration,
     /// Fuel a task with 1 CPU (1000 millicores) runs between two yields to the executor; a task
     /// with `m` millicores runs `fuel_slice_per_cpu × m / 1000`, at least 10,000 and at most
@@ -68,7 +68,8 @@ pub struct RuntimeConfig {
     pub fuel_slice_per_cpu: u64,
     /// Optional hard CPU cap: a task with `m` millicores may consume at most
     /// `fuel_per_cpu_second × m / 1000` fuel per second of wall time. It is checked every epoch
-    /// tick, so a task may run up to one tick ahead; a task running ahead of its allowance
+    /// tick (setting it turns the engine's epoch interruption and ticker on, which costs
+    /// compute-bound code time), so a task may run up to one tick ahead; a task running ahead of its allowance
     /// sleeps on tokio's timer until it is back on it. `None` (default) is work-conserving:
     /// idle CPU is used by whoever runs.
     pub fuel_per_cpu_second: Option<u64>,
@@ -90,6 +91,11 @@ impl RuntimeConfig {
             fuel_per_cpu_second: None,
             max_wasm_stack_bytes: 512 << 10,
         }
+    }
+
+    /// Whether the engine counts epochs: only to hold tasks to [`Self::fuel_per_cpu_second`].
+    pub fn uses_epochs(&self) -> bool {
+        self.fuel_per_cpu_second.is_some()
     }
 
     /// The fuel a task with `cpu_millis` millicores runs between two yields.
@@ -115,7 +121,10 @@ impl RuntimeConfig {
         let mut config = Config::new();
         config
             .consume_fuel(true)
-            .epoch_interruption(true)
+            // Epochs only for the fuel rate: every loop back-edge and function entry pays for
+            // the epoch check as well as the fuel one (a tight loop ran 1.5× slower with both).
+            // Wall-time limits are checked where tasks yield anyway, at every fuel slice.
+            .epoch_interruption(self.uses_epochs())
             .wasm_component_model(true)
             .max_wasm_stack(self.max_wasm_stack_bytes)
             // The async (fiber) stack must hold the wasm stack plus host frames.
@@ -232,7 +241,8 @@ impl Hasher for Sha256Hasher {
 }
 
 impl WasmRuntime {
-    /// Builds the engine, links WASI, creates the cache directory and starts the epoch ticker.
+    /// Builds the engine, links WASI, creates the cache directory and starts the epoch ticker
+    /// (with a fuel rate only).
     pub fn new(config: RuntimeConfig) -> Result<Self, WasmError> {
         let engine = Engine::new(&config.engine_config()?)
             .map_err(|e| WasmError::Engine { message: format!("{e:#}") })?;
@@ -250,7 +260,8 @@ impl WasmRuntime {
         let dir = config.cache_dir.join(&engine_hash);
         std::fs::create_dir_all(&dir).map_err(|source| WasmError::CacheIo { path: dir.clone(), source })?;
 
-        let ticker = start_ticker(&engine, config.epoch_tick)?;
+        let ticker =
+            if config.uses_epochs() { Some(start_ticker(&engine, config.epoch_tick)?) } else { None };
         let slots = Arc::new(Semaphore::new(config.max_concurrent_tasks as usize));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -263,7 +274,7 @@ impl WasmRuntime {
                 load_lock: Mutex::new(()),
                 counters: Counters::default(),
                 slots,
-                ticker: Some(ticker),
+                ticker,
             }),
         })
     }

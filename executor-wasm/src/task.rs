@@ -601,14 +601,22 @@ impl PreparedTask {
             fuel_per_second: config.fuel_per_cpu_second.map(|r| r as f64 * millis as f64 / 1000.0),
         };
         let slice = config.fuel_slice(self.spec.cpu_millis);
-        let backstop = self.spec.timeout.map(|t| t + config.epoch_tick * 10 + Duration::from_millis(100));
+        let epochs = config.uses_epochs();
+        // Without epochs the wall-time limit is this timer: a computing guest yields at every
+        // fuel slice (well under a millisecond) and a guest in a host call waits on tokio, so
+        // the timer is looked at within a slice of the limit either way. With epochs the
+        // epoch callback ends the task at the limit and the timer is only a backstop.
+        let backstop = match self.spec.timeout {
+            Some(t) if epochs => Some(t + config.epoch_tick * 10 + Duration::from_millis(100)),
+            other => other,
+        };
         let engine = self.runtime.engine.clone();
         match self.prepared.clone() {
             Prepared::Core(pre) => {
                 let host = P1Host { wasi: self.wasi.build_p1(), task };
                 let mut store = Store::new(&engine, host);
                 let run = async {
-                    configure(&mut store, slice)?;
+                    configure(&mut store, slice, epochs)?;
                     let instance = pre.instantiate_async(&mut store).await?;
                     started();
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -621,7 +629,7 @@ impl PreparedTask {
                 let host = P2Host { ctx: self.wasi.build(), table: ResourceTable::new(), task };
                 let mut store = Store::new(&engine, host);
                 let run = async {
-                    configure(&mut store, slice)?;
+                    configure(&mut store, slice, epochs)?;
                     let command = pre.instantiate_async(&mut store).await?;
                     started();
                     let result = command.wasi_cli_run().call_run(&mut store).await?;
@@ -634,20 +642,23 @@ impl PreparedTask {
     }
 }
 
-fn configure<T: HostState>(store: &mut Store<T>, slice: u64) -> wasmtime::Result<()> {
+fn configure<T: HostState>(store: &mut Store<T>, slice: u64, epochs: bool) -> wasmtime::Result<()> {
     store.limiter(|h| &mut h.task().limiter as &mut dyn ResourceLimiter);
     // The yield interval first: `set_fuel` splits the fuel into what is injected now and the
     // reserve according to it.
     store.fuel_async_yield_interval(Some(slice))?;
     let fuel = store.data_mut().task().fuel_initial;
     store.set_fuel(fuel)?;
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(on_epoch::<T>);
+    if epochs {
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(on_epoch::<T>);
+    }
     Ok(())
 }
 
-/// The epoch deadline cannot fire while the guest is blocked in a host call; this backstop ends
-/// the run a little after the wall-time limit whatever the guest is doing.
+/// The wall-time limit (without epochs), or a backstop a little after it (with them: the epoch
+/// deadline cannot fire while the guest is blocked in a host call): ends the run whatever the
+/// guest is doing.
 async fn with_backstop(
     backstop: Option<Duration>,
     run: impl std::future::Future<Output = wasmtime::Result<i32>>,
