@@ -158,11 +158,13 @@ impl ClusterArgs {
                 return Ok(agora_sdk::config::ClientConfig::load(dev)?);
             }
         }
-        Ok(agora_sdk::config::ClientConfig::resolve(
-            self.config.as_deref(),
-            self.master.as_deref(),
-            self.tls_dir.as_deref(),
-        )?)
+        use agora_sdk::config::{ClientConfig, ConfigError};
+        match ClientConfig::resolve(self.config.as_deref(), self.master.as_deref(), self.tls_dir.as_deref()) {
+            Err(ConfigError::NoCluster) => anyhow::bail!(
+                "no cluster given: pass --config FILE, set AGORA_CONFIG, pass --master ADDR --tls-dir DIR, or run where `agora dev` wrote {DEV_CLIENT_CONFIG}"
+            ),
+            other => Ok(other?),
+        }
     }
 }
 
