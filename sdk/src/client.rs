@@ -29,9 +29,10 @@ pub enum ClientError {
     /// Not a `#[source]`: the message says it already, and `{:#}` would say it twice.
     #[error("connection to the master failed: {0}")]
     Connection(quinn::ConnectionError),
-    /// The TLS handshake failed on a certificate another CA signed (ours or the master's).
-    #[error("cannot connect to the master at {addr}: certificate not signed by this cluster's CA (check `ca` and the certificates in client.toml or --tls-dir)")]
-    ForeignCa { addr: SocketAddr },
+    /// The TLS handshake failed on a certificate another CA signed (ours or the master's);
+    /// `detail` is what TLS said.
+    #[error("cannot connect to the master at {addr}: certificate not signed by this cluster's CA ({detail}); check the CA and certificates of client.toml or --tls-dir")]
+    ForeignCa { addr: SocketAddr, detail: String },
     #[error("stream to the master failed: {0}")]
     Stream(String),
     #[error(transparent)]
@@ -74,20 +75,25 @@ impl From<quinn::ConnectionError> for ClientError {
     }
 }
 
-/// Whether a handshake failed because one side's certificate is not signed by the other's CA
+/// When a handshake failed because one side's certificate is not signed by the other's CA
 /// (rustls's verdicts on our side; the TLS alerts `bad_certificate`, `unknown_ca` or
-/// `decrypt_error` from the master's).
-fn foreign_ca(e: &quinn::ConnectionError) -> bool {
-    let quinn::ConnectionError::TransportError(t) = e else {
-        if let quinn::ConnectionError::ConnectionClosed(c) = e {
-            let code = u64::from(c.error_code);
-            // CRYPTO_ERROR (0x100) + the alert.
-            return [0x100 + 42, 0x100 + 48, 0x100 + 51].contains(&code);
+/// `decrypt_error` from the master's), the TLS layer's words for it.
+fn foreign_ca(e: &quinn::ConnectionError) -> Option<String> {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            let text = t.reason.as_str();
+            ["BadSignature", "UnknownIssuer", "UnknownCA", "BadCertificate"]
+                .iter()
+                .any(|s| text.contains(s))
+                .then(|| text.to_string())
         }
-        return false;
-    };
-    let text = t.reason.as_str();
-    ["BadSignature", "UnknownIssuer", "UnknownCA", "BadCertificate"].iter().any(|s| text.contains(s))
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            // CRYPTO_ERROR (0x100) + the alert.
+            let alert = u64::from(c.error_code).checked_sub(0x100)?;
+            [42, 48, 51].contains(&alert).then(|| String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
 }
 
 impl From<quinn::WriteError> for ClientError {
@@ -163,8 +169,10 @@ impl Session {
             .map_err(|err| ClientError::Connect { addr: peer, err })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) if foreign_ca(&e) => return Err(ClientError::ForeignCa { addr: peer }),
-            Ok(Err(e)) => return Err(e.into()),
+            Ok(Err(e)) => match foreign_ca(&e) {
+                Some(detail) => return Err(ClientError::ForeignCa { addr: peer, detail }),
+                None => return Err(e.into()),
+            },
             Err(_) => return Err(ClientError::Unreachable { addr: peer, after: CONNECT_TIMEOUT }),
         };
         // With TLS 1.3 the master checks our certificate after our side of the handshake is
@@ -172,10 +180,10 @@ impl Session {
         let allow_stale = hello.allow_stale;
         let reply = match Self::hello(&conn, hello).await {
             Ok(r) => r,
-            Err(_) if conn.close_reason().is_some_and(|r| foreign_ca(&r)) => {
-                return Err(ClientError::ForeignCa { addr: peer })
-            }
-            Err(e) => return Err(e),
+            Err(e) => match conn.close_reason().and_then(|r| foreign_ca(&r)) {
+                Some(detail) => return Err(ClientError::ForeignCa { addr: peer, detail }),
+                None => return Err(e),
+            },
         };
         let (writer, reader, reply) = reply;
         match reply {
