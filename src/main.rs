@@ -34,8 +34,8 @@ pub(crate) struct Cli {
 
 /// A client command whose reader went away (`agora tasks -o json | head -c 10`) ends as other
 /// Unix tools do, killed by SIGPIPE without a word, rather than panicking in `println!` on
-/// EPIPE (Rust ignores SIGPIPE by default). Servers keep ignoring it: a closed pipe to an
-/// executor must not kill the agent.
+/// EPIPE (Rust ignores SIGPIPE by default). Servers, the demo and executors keep ignoring it:
+/// a closed socket to an executor must not kill the agent, nor the agent's an executor.
 fn die_quietly_on_sigpipe() {
     // SAFETY: restores the default disposition of one signal before any thread is started.
     unsafe {
@@ -45,7 +45,7 @@ fn die_quietly_on_sigpipe() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !cli.command.is_server() {
+    if cli.command.dies_on_closed_pipe() {
         die_quietly_on_sigpipe();
     }
     commands::init_logging(&cli.command, cli.log_format);

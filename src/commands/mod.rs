@@ -94,7 +94,27 @@ impl Command {
         }
     }
 
-    pub fn is_server(&self) -> bool {
+    /// Whether a closed stdout may simply end the process (SIGPIPE's default): the client
+    /// commands, whose only pipes are the user's. Not the servers, the demo or the executors:
+    /// they write to Unix sockets whose peer may go (an executor outlives its agent).
+    pub fn dies_on_closed_pipe(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_)
+                | Command::Agents(_)
+                | Command::Frameworks(_)
+                | Command::Tasks(_)
+                | Command::Masters(_)
+                | Command::Policy(_)
+                | Command::Describe(_)
+                | Command::Logs(_)
+                | Command::Kill(_)
+                | Command::Tls(_)
+                | Command::Completions(_)
+        )
+    }
+
+    fn is_server(&self) -> bool {
         matches!(
             self,
             Command::Dev(_)
