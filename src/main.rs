@@ -24,7 +24,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Agora: a resource-offer cluster manager.
 #[derive(Parser)]
 #[command(name = "agora", version, about, propagate_version = true)]
-struct Cli {
+pub(crate) struct Cli {
     /// Log format for diagnostics on stderr.
     #[arg(long, global = true, value_enum, default_value_t = commands::LogFormat::Text)]
     log_format: commands::LogFormat,
@@ -32,8 +32,22 @@ struct Cli {
     command: commands::Command,
 }
 
+/// A client command whose reader went away (`agora tasks -o json | head -c 10`) ends as other
+/// Unix tools do, killed by SIGPIPE without a word, rather than panicking in `println!` on
+/// EPIPE (Rust ignores SIGPIPE by default). Servers, the demo and executors keep ignoring it:
+/// a closed socket to an executor must not kill the agent, nor the agent's an executor.
+fn die_quietly_on_sigpipe() {
+    // SAFETY: restores the default disposition of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.dies_on_closed_pipe() {
+        die_quietly_on_sigpipe();
+    }
     commands::init_logging(&cli.command, cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.command.worker_threads() {

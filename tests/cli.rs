@@ -108,9 +108,11 @@ fn count_kill_and_listing() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
+    // Away from any `.agora-dev/client.toml` (the client commands use the current directory's).
+    let cwd = tempfile::tempdir().expect("tempdir");
     let run = |args: &[&str], cfg: Option<&Path>| {
         let mut c = Command::new(AGORA);
-        c.args(args).env_remove("AGORA_CONFIG");
+        c.args(args).env_remove("AGORA_CONFIG").current_dir(cwd.path());
         if let Some(p) = cfg {
             c.env("AGORA_CONFIG", p);
         }

@@ -78,6 +78,7 @@ enum Query {
     CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
+    TaskHistory(TaskKey, oneshot::Sender<Option<Vec<TaskTransition>>>),
     Policy(oneshot::Sender<(AllocationPolicy, &'static str)>),
     /// Answered once the registry has it.
     SetPolicy(AllocationPolicy, oneshot::Sender<Result<(), WireError>>),
@@ -638,6 +639,9 @@ fn apply(
             Query::Kill(id, tx) => {
                 let _ = tx.send(core.kill_task(now, &id));
             }
+            Query::TaskHistory(key, tx) => {
+                let _ = tx.send(core.task_history(&key));
+            }
             Query::Policy(tx) => {
                 let _ = tx.send(core.policy());
             }
@@ -861,6 +865,9 @@ async fn serve_stale(
             )),
             Ok(Some(OperatorCall::SetPolicy(_))) => {
                 OperatorReply::Error(stale_refusal("set the allocation policy", &leader))
+            }
+            Ok(Some(OperatorCall::GetTaskHistory { .. })) => {
+                OperatorReply::Error(stale_refusal("show a task's history", &leader))
             }
             Ok(None) | Err(FrameError::Io(_)) => break,
             Err(e) => {
@@ -1242,6 +1249,17 @@ async fn serve_operator(
                 match core.ask(|tx| Query::SetPolicy(policy, tx)).await {
                     Some(Ok(())) => OperatorReply::Ok,
                     Some(Err(e)) => OperatorReply::Error(e),
+                    None => break,
+                }
+            }
+            Ok(Some(OperatorCall::GetTaskHistory { framework_id, task_id })) => {
+                let key = TaskKey::new(framework_id, task_id);
+                match core.ask(|tx| Query::TaskHistory(key.clone(), tx)).await {
+                    Some(Some(h)) => OperatorReply::TaskHistory(h),
+                    Some(None) => OperatorReply::Error(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("no task {} of framework {}", key.task_id, key.framework_id),
+                    )),
                     None => break,
                 }
             }

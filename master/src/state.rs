@@ -278,9 +278,27 @@ pub(crate) struct Task {
     pub pending: Vec<TaskStatus>,
     /// A kill was asked for; sent again when the agent re-registers.
     pub kill_requested: bool,
+    /// Its last [`TASK_HISTORY`] state changes, oldest first (`agora describe task`).
+    pub history: std::collections::VecDeque<TaskTransition>,
 }
 
+/// How many state changes the master keeps per task: enough for a launch, a partition and an
+/// end, bounded because a task flapping between RUNNING and UNREACHABLE would grow without end.
+pub(crate) const TASK_HISTORY: usize = 16;
+
 impl Task {
+    /// Records a change of state at `unix_ms` (the master's clock), keeping the last
+    /// [`TASK_HISTORY`]. Repeats of the current state (retried updates) are not changes.
+    pub(crate) fn record(&mut self, state: TaskState, reason: &str, unix_ms: u64) {
+        if self.history.back().is_some_and(|t| t.state == state) {
+            return;
+        }
+        if self.history.len() >= TASK_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(TaskTransition { state, reason: reason.to_string(), timestamp_ms: unix_ms });
+    }
+
     pub(crate) fn key(&self) -> TaskKey {
         TaskKey::new(self.framework_id.clone(), self.info.task_id.clone())
     }
@@ -454,6 +472,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_history_keeps_the_last_changes() {
+        let mut task = Task {
+            info: TaskInfo {
+                task_id: TaskId::new("t"),
+                name: "t".into(),
+                resources: Resources::default(),
+                kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
+                kill_grace: None,
+            },
+            framework_id: FrameworkId::new("f"),
+            agent_id: AgentId::new("a"),
+            state: TaskState::Staging,
+            allocation: Resources::default(),
+            latest: None,
+            pending: Vec::new(),
+            kill_requested: false,
+            history: Default::default(),
+        };
+        task.record(TaskState::Staging, "launched", 1);
+        task.record(TaskState::Running, "task started", 2);
+        // A retried update is no change.
+        task.record(TaskState::Running, "task started", 3);
+        let states = |t: &Task| t.history.iter().map(|h| (h.state, h.timestamp_ms)).collect::<Vec<_>>();
+        assert_eq!(states(&task), vec![(TaskState::Staging, 1), (TaskState::Running, 2)]);
+        // A task flapping across partitions: the last TASK_HISTORY changes.
+        for i in 0..40 {
+            let state = if i % 2 == 0 { TaskState::Unreachable } else { TaskState::Running };
+            task.record(state, "flap", 10 + i);
+        }
+        assert_eq!(task.history.len(), TASK_HISTORY);
+        assert_eq!(task.history.back().map(|h| (h.state, h.timestamp_ms)), Some((TaskState::Running, 49)));
+    }
+
+    #[test]
     fn task_table_walks_in_framework_then_task_order() {
         let task = |fw: &str, id: &str| Task {
             info: TaskInfo {
@@ -470,6 +522,7 @@ mod tests {
             latest: None,
             pending: Vec::new(),
             kill_requested: false,
+            history: Default::default(),
         };
         let mut t = TaskTable::default();
         for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {

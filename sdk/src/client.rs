@@ -26,8 +26,13 @@ pub enum ClientError {
     Connect { addr: SocketAddr, err: quinn::ConnectError },
     #[error("no answer from the master at {addr} within {}s (is it running, and is the address right?)", .after.as_secs())]
     Unreachable { addr: SocketAddr, after: std::time::Duration },
+    /// Not a `#[source]`: the message says it already, and `{:#}` would say it twice.
     #[error("connection to the master failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
+    /// The TLS handshake failed on a certificate another CA signed (ours or the master's);
+    /// `detail` is what TLS said.
+    #[error("cannot connect to the master at {addr}: certificate not signed by this cluster's CA ({detail}); check the CA and certificates of client.toml or --tls-dir")]
+    ForeignCa { addr: SocketAddr, detail: String },
     #[error("stream to the master failed: {0}")]
     Stream(String),
     #[error(transparent)]
@@ -62,6 +67,33 @@ pub enum ClientError {
     /// master has removed the framework and killed its tasks by now.
     #[error("could not reach the master again within the failover timeout ({}s)", .after.as_secs_f64())]
     FailoverExpired { after: std::time::Duration },
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        ClientError::Connection(e)
+    }
+}
+
+/// When a handshake failed because one side's certificate is not signed by the other's CA
+/// (rustls's verdicts on our side; the TLS alerts `bad_certificate`, `unknown_ca` or
+/// `decrypt_error` from the master's), the TLS layer's words for it.
+fn foreign_ca(e: &quinn::ConnectionError) -> Option<String> {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            let text = t.reason.as_str();
+            ["BadSignature", "UnknownIssuer", "UnknownCA", "BadCertificate"]
+                .iter()
+                .any(|s| text.contains(s))
+                .then(|| text.to_string())
+        }
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            // CRYPTO_ERROR (0x100) + the alert.
+            let alert = u64::from(c.error_code).checked_sub(0x100)?;
+            [42, 48, 51].contains(&alert).then(|| String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
 }
 
 impl From<quinn::WriteError> for ClientError {
@@ -136,15 +168,25 @@ impl Session {
             .connect(peer, MASTER_SERVER_NAME)
             .map_err(|err| ClientError::Connect { addr: peer, err })?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(c) => c?,
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => match foreign_ca(&e) {
+                Some(detail) => return Err(ClientError::ForeignCa { addr: peer, detail }),
+                None => return Err(e.into()),
+            },
             Err(_) => return Err(ClientError::Unreachable { addr: peer, after: CONNECT_TIMEOUT }),
         };
-        let (send, recv) = conn.open_bi().await?;
-        let mut writer = FrameWriter::new(send);
-        let mut reader = FrameReader::new(recv);
+        // With TLS 1.3 the master checks our certificate after our side of the handshake is
+        // done: its verdict is the reason the connection closes during the hello.
         let allow_stale = hello.allow_stale;
-        writer.send(&hello).await?;
-        match reader.recv::<HelloReply>().await? {
+        let reply = match Self::hello(&conn, hello).await {
+            Ok(r) => r,
+            Err(e) => match conn.close_reason().and_then(|r| foreign_ca(&r)) {
+                Some(detail) => return Err(ClientError::ForeignCa { addr: peer, detail }),
+                None => return Err(e),
+            },
+        };
+        let (writer, reader, reply) = reply;
+        match reply {
             Some(HelloReply::Welcome { master_id, epoch, .. }) => {
                 Ok(Session { endpoint, conn, writer, reader, master_id, epoch, stale: None })
             }
@@ -159,6 +201,19 @@ impl Session {
             Some(HelloReply::NotLeader { leader }) => Err(ClientError::NotLeader { addr: peer, leader }),
             None => Err(ClientError::Closed),
         }
+    }
+
+    /// Opens the control stream and says hello; the master's answer.
+    async fn hello(
+        conn: &quinn::Connection,
+        hello: Hello,
+    ) -> Result<(FrameWriter<SendStream>, FrameReader<RecvStream>, Option<HelloReply>), ClientError> {
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        writer.send(&hello).await?;
+        let reply = reader.recv::<HelloReply>().await?;
+        Ok((writer, reader, reply))
     }
 
     /// Opens a task's output stream (stdout or stderr) through the master.
@@ -418,6 +473,20 @@ impl OperatorClient {
     pub async fn set_policy(&mut self, policy: AllocationPolicy) -> Result<(), ClientError> {
         match self.call(OperatorCall::SetPolicy(policy)).await? {
             OperatorReply::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A task's last state changes, oldest first (the master keeps a bounded history).
+    pub async fn task_history(
+        &mut self,
+        framework_id: &FrameworkId,
+        task_id: &TaskId,
+    ) -> Result<Vec<TaskTransition>, ClientError> {
+        let call =
+            OperatorCall::GetTaskHistory { framework_id: framework_id.clone(), task_id: task_id.clone() };
+        match self.call(call).await? {
+            OperatorReply::TaskHistory(h) => Ok(h),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -864,6 +864,16 @@ pub struct TaskView {
     pub executor_id: ExecutorId,
 }
 
+/// One change of a task's state, as the master saw it (`agora describe task`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTransition {
+    pub state: TaskState,
+    /// The reason of the update that brought it (empty for a launch).
+    pub reason: String,
+    /// When the master applied it: Unix time in milliseconds.
+    pub timestamp_ms: u64,
+}
+
 /// Operator → master, on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OperatorCall {
@@ -885,6 +895,12 @@ pub enum OperatorCall {
     /// before the `Ok`, so it outlives restarts and failovers, and in force from the next
     /// allocation. A policy the master cannot read is refused, naming the entry.
     SetPolicy(AllocationPolicy),
+    /// A task's last state changes (a bounded history, oldest first); answered with
+    /// `TaskHistory`, or `NotFound` when the master no longer knows the task.
+    GetTaskHistory {
+        framework_id: FrameworkId,
+        task_id: TaskId,
+    },
 }
 
 /// The allocation policy, in the spelling of `agora master`'s flags (`--weights`,
@@ -936,6 +952,8 @@ pub enum OperatorReply {
         /// leader's command line).
         source: String,
     },
+    /// A task's state changes (see [`OperatorCall::GetTaskHistory`]).
+    TaskHistory(Vec<TaskTransition>),
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -118,8 +118,13 @@ impl DevCommand {
         }
         let cluster = Cluster::start(spec).await?;
         if let Some(addr) = self.http {
-            let bound =
-                agora_master::http::spawn(addr, cluster.master.clone(), cluster.shutdown.clone()).await?;
+            let bound = agora_master::http::spawn_with_flags(
+                addr,
+                cluster.master.clone(),
+                super::flags(),
+                cluster.shutdown.clone(),
+            )
+            .await?;
             println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
         }
         println!(

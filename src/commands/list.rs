@@ -133,7 +133,7 @@ fn mark_stale(items: &mut [serde_json::Value]) {
 
 /// A task as JSON: the SDK's form, plus the executor that runs it (`agora-command`,
 /// `agora-wasm` or the framework's own executor id).
-fn task_json(t: &agora_sdk::proto::TaskView) -> serde_json::Value {
+pub fn task_json(t: &agora_sdk::proto::TaskView) -> serde_json::Value {
     let mut v = agora_sdk::json::task_json(t);
     if let Some(o) = v.as_object_mut() {
         o.entry("executor_id").or_insert_with(|| t.executor_id.as_str().into());

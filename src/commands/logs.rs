@@ -1,18 +1,19 @@
-//! `agora logs TASK [--stderr] [-f]`.
+//! `agora logs TASK [--stderr] [-f]`: a task id, a unique prefix of one, or a unique task name.
 
 use std::process::ExitCode;
 
 use agora_sdk::client::OperatorClient;
-use agora_sdk::proto::{OutputStream, TaskId};
+use agora_sdk::proto::OutputStream;
 use clap::Args;
 
+use super::resolve::resolve;
 use super::ClusterArgs;
 
 #[derive(Args)]
 pub struct LogsCommand {
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// Task id.
+    /// Task id, a unique prefix of one, or a unique task name.
     task: String,
     /// Print stderr instead of stdout.
     #[arg(long)]
@@ -25,9 +26,11 @@ pub struct LogsCommand {
 impl LogsCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
         let cfg = self.cluster.resolve()?;
-        let client = OperatorClient::connect(&cfg).await?;
+        let mut client = OperatorClient::connect(&cfg).await?;
+        let tasks = client.tasks().await?;
+        let id = resolve(&tasks, &self.task, true)?.id.clone();
         let which = if self.stderr { OutputStream::Stderr } else { OutputStream::Stdout };
-        let mut r = client.output(&TaskId(self.task.clone()), which, self.follow).await?;
+        let mut r = client.output(&id, which, self.follow).await?;
         tokio::io::copy(&mut r, &mut tokio::io::stdout()).await?;
         client.close();
         Ok(ExitCode::SUCCESS)

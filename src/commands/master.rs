@@ -278,7 +278,9 @@ impl MasterCommand {
         // format --log-format asks for (a plain line there breaks every JSON log reader).
         println!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);
         if let Some(addr) = self.http {
-            let bound = agora_master::http::spawn(addr, handle.clone(), shutdown.clone()).await?;
+            let bound =
+                agora_master::http::spawn_with_flags(addr, handle.clone(), super::flags(), shutdown.clone())
+                    .await?;
             println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
         }
         tokio::select! {

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 pub mod agent;
+pub mod completions;
 pub mod demo;
 pub mod demo_executor;
+pub mod describe;
 pub mod dev;
 pub mod executor_command;
 pub mod executor_wasm;
@@ -17,6 +19,7 @@ pub mod list;
 pub mod logs;
 pub mod master;
 pub mod policy;
+pub mod resolve;
 pub mod run;
 pub mod tls;
 
@@ -51,6 +54,8 @@ pub enum Command {
     Job(job::JobCommand),
     /// Show or set the allocation policy: role weights, priorities, quotas.
     Policy(policy::PolicyCommand),
+    /// Show everything known of one task, agent or framework (id, unique id prefix or name).
+    Describe(describe::DescribeCommand),
     /// Print a task's stdout (or stderr).
     Logs(logs::LogsCommand),
     /// List a task's sandbox, or print one of its files (--cat).
@@ -61,6 +66,8 @@ pub enum Command {
     Kill(kill::KillCommand),
     /// Make the cluster's certificates.
     Tls(tls::TlsCommand),
+    /// Print a shell completion script: `source <(agora completions bash)`.
+    Completions(completions::CompletionsCommand),
     /// Internal: the Wasm executor, started by the agent.
     #[command(hide = true)]
     ExecutorWasm(executor_wasm::ExecutorWasmCommand),
@@ -86,15 +93,40 @@ impl Command {
             Command::Masters(c) => c.execute(list::What::Masters).await,
             Command::Policy(c) => c.execute().await,
             Command::Job(c) => c.execute().await,
+            Command::Describe(c) => c.execute().await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
             Command::Files(c) => c.execute().await,
             Command::Cp(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
+            Command::Completions(c) => c.execute(),
             Command::ExecutorWasm(c) => c.execute().await,
             Command::NativeExecutor(c) => c.execute().await,
             Command::DemoExecutor(c) => c.execute().await,
         }
+    }
+
+    /// Whether a closed stdout may simply end the process (SIGPIPE's default): the client
+    /// commands, whose only pipes are the user's. Not the servers, the demo or the executors:
+    /// they write to Unix sockets whose peer may go (an executor outlives its agent).
+    pub fn dies_on_closed_pipe(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_)
+                | Command::Agents(_)
+                | Command::Frameworks(_)
+                | Command::Tasks(_)
+                | Command::Masters(_)
+                | Command::Policy(_)
+                | Command::Job(_)
+                | Command::Describe(_)
+                | Command::Logs(_)
+                | Command::Files(_)
+                | Command::Cp(_)
+                | Command::Kill(_)
+                | Command::Tls(_)
+                | Command::Completions(_)
+        )
     }
 
     fn is_server(&self) -> bool {
@@ -147,14 +179,50 @@ pub struct ClusterArgs {
     pub tls_dir: Option<std::path::PathBuf>,
 }
 
+/// What `agora dev` writes by default, relative to the directory it runs in; client commands
+/// run in that directory use it when nothing else names a cluster.
+pub const DEV_CLIENT_CONFIG: &str = ".agora-dev/client.toml";
+
 impl ClusterArgs {
     pub fn resolve(&self) -> anyhow::Result<agora_sdk::config::ClientConfig> {
-        Ok(agora_sdk::config::ClientConfig::resolve(
-            self.config.as_deref(),
-            self.master.as_deref(),
-            self.tls_dir.as_deref(),
-        )?)
+        // `--config` is also AGORA_CONFIG (clap reads the variable into it).
+        if self.config.is_none() && self.master.is_none() && self.tls_dir.is_none() {
+            let dev = std::path::Path::new(DEV_CLIENT_CONFIG);
+            if dev.is_file() {
+                eprintln!("agora: using {DEV_CLIENT_CONFIG} of this directory (no --config, AGORA_CONFIG or --master)");
+                return Ok(agora_sdk::config::ClientConfig::load(dev)?);
+            }
+        }
+        use agora_sdk::config::{ClientConfig, ConfigError};
+        match ClientConfig::resolve(self.config.as_deref(), self.master.as_deref(), self.tls_dir.as_deref()) {
+            Err(ConfigError::NoCluster) => anyhow::bail!(
+                "no cluster given: pass --config FILE, set AGORA_CONFIG, pass --master ADDR --tls-dir DIR, or run where `agora dev` wrote {DEV_CLIENT_CONFIG}"
+            ),
+            other => Ok(other?),
+        }
     }
+}
+
+/// The flags of this process's subcommand as `name → value`, the defaults included (a flag
+/// given several times: its values joined by commas), for the master's `/api/v1/state`.
+pub fn flags() -> serde_json::Map<String, serde_json::Value> {
+    use clap::CommandFactory;
+    let cli = crate::Cli::command();
+    let Ok(matches) = cli.clone().try_get_matches_from(std::env::args_os()) else {
+        return serde_json::Map::new();
+    };
+    let Some((name, sub)) = matches.subcommand() else { return serde_json::Map::new() };
+    let Some(cmd) = cli.find_subcommand(name) else { return serde_json::Map::new() };
+    // Arguments only: groups (of flattened structs) answer with their members' names.
+    let args: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+    sub.ids()
+        .filter(|id| args.contains(&id.as_str()))
+        .filter_map(|id| {
+            let values = sub.try_get_raw(id.as_str()).ok()??;
+            let text = values.map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>().join(",");
+            Some((id.to_string(), text.into()))
+        })
+        .collect()
 }
 
 /// `--master`: one `host:port` or several separated by commas, checked.

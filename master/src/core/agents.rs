@@ -253,6 +253,7 @@ impl Master {
                     },
                 );
             }
+            let unix_ms = self.unix_ms(now);
             match self.tasks.get_mut(&key) {
                 Some(task) if task.agent_id != *id => {
                     warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
@@ -265,6 +266,7 @@ impl Master {
                         // Terminal states arrive as the agent's own (retried) updates.
                     } else if old.can_transition_to(r.state) {
                         task.state = r.state;
+                        task.record(r.state, "agent re-registered", unix_ms);
                         // Back from a partition: RUNNING again, unless the framework killed
                         // it meanwhile (then the kill below goes out and KILLED follows).
                         if old == TaskState::Unreachable && !kill {
@@ -309,19 +311,20 @@ impl Master {
                     // A reported task holds its flat request (taken from the unreserved
                     // part first); reservations are re-attributed as tasks come and go.
                     let allocation = r.task.resources.flatten();
-                    self.tasks.insert(
-                        key.clone(),
-                        Task {
-                            info: r.task,
-                            framework_id: key.framework_id.clone(),
-                            agent_id: id.clone(),
-                            state: r.state,
-                            allocation,
-                            latest: None,
-                            pending: Vec::new(),
-                            kill_requested: completed || killed_while_away,
-                        },
-                    );
+                    let mut task = Task {
+                        info: r.task,
+                        framework_id: key.framework_id.clone(),
+                        agent_id: id.clone(),
+                        state: r.state,
+                        allocation,
+                        latest: None,
+                        pending: Vec::new(),
+                        kill_requested: completed || killed_while_away,
+                        history: Default::default(),
+                    };
+                    // What happened before this master knew it is the agent's to tell.
+                    task.record(r.state, "reported by its agent", unix_ms);
+                    self.tasks.insert(key.clone(), task);
                     if let Some(agent) = self.agents.get_mut(id) {
                         agent.tasks.insert(key.clone());
                     }

@@ -722,6 +722,13 @@ impl Master {
         out.into_iter().map(|(v, _, _)| v).collect()
     }
 
+    /// A task's last state changes, oldest first (live tasks first, then the latest
+    /// completed one with that key); `None` when the master does not know it.
+    pub fn task_history(&self, key: &TaskKey) -> Option<Vec<TaskTransition>> {
+        let task = self.tasks.get(key).or_else(|| self.completed.iter().rev().find(|t| t.key() == *key))?;
+        Some(task.history.iter().cloned().collect())
+    }
+
     /// Operator kill: the same path as a framework's KILL.
     pub fn kill_task(&mut self, now: Instant, task_id: &TaskId) -> Result<(), WireError> {
         let live: Vec<TaskKey> =

@@ -280,19 +280,19 @@ impl Master {
             }
             info!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, resources = %task.resources, "launching task");
             counter!(metrics::TASKS_LAUNCHED).increment(1);
-            self.tasks.insert(
-                key.clone(),
-                Task {
-                    info: task.clone(),
-                    framework_id: fw.clone(),
-                    agent_id: agent_id.clone(),
-                    state: TaskState::Staging,
-                    allocation: allocation.clone(),
-                    latest: None,
-                    pending: Vec::new(),
-                    kill_requested: false,
-                },
-            );
+            let mut record = Task {
+                info: task.clone(),
+                framework_id: fw.clone(),
+                agent_id: agent_id.clone(),
+                state: TaskState::Staging,
+                allocation: allocation.clone(),
+                latest: None,
+                pending: Vec::new(),
+                kill_requested: false,
+                history: Default::default(),
+            };
+            record.record(TaskState::Staging, "launched", self.unix_ms(now));
+            self.tasks.insert(key.clone(), record);
             if let Some(a) = self.agents.get_mut(&agent_id) {
                 a.tasks.insert(key);
                 a.used.add_assign(&allocation);

@@ -37,10 +37,12 @@ impl Master {
     /// Applies `status` to a task (the caller checked the transition) and, when the task just
     /// ended, returns its resources.
     pub(super) fn apply_status(&mut self, now: Instant, key: &TaskKey, status: &TaskStatus) {
+        let unix_ms = self.unix_ms(now);
         let Some(task) = self.tasks.get_mut(key) else { return };
         let was_terminal = task.state.is_terminal();
         task.state = status.state;
         task.latest = Some(status.clone());
+        task.record(status.state, &status.reason, unix_ms);
         if status.state.is_terminal() && !was_terminal {
             let agent_id = task.agent_id.clone();
             let resources = task.allocation.clone();

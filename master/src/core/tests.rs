@@ -567,6 +567,29 @@ fn re_registration_brings_tasks_back() {
     assert_eq!(ups[0].reason, "agent re-registered");
     assert_eq!((ups[1].task_id.as_str(), ups[1].state), ("t2", TaskState::Gone));
     assert_eq!(ups[1].reason, "task not reported by re-registered agent");
+    // Each task's state changes, as `agora describe task` shows them.
+    let history = |id: &str| -> Vec<(TaskState, String)> {
+        let key = TaskKey::new(s.fw.clone(), TaskId::new(id));
+        h.m.task_history(&key).expect("known").into_iter().map(|t| (t.state, t.reason)).collect()
+    };
+    let seen = |v: &[(TaskState, &str)]| v.iter().map(|(s, r)| (*s, r.to_string())).collect::<Vec<_>>();
+    assert_eq!(
+        history("t1"),
+        seen(&[
+            (TaskState::Staging, "launched"),
+            (TaskState::Running, "test"),
+            (TaskState::Unreachable, "agent unreachable"),
+            (TaskState::Running, "agent re-registered"),
+        ])
+    );
+    assert_eq!(
+        history("t2"),
+        seen(&[
+            (TaskState::Staging, "launched"),
+            (TaskState::Unreachable, "agent unreachable"),
+            (TaskState::Gone, "task not reported by re-registered agent"),
+        ])
+    );
     let a = &h.m.agents()[0];
     assert_eq!((a.status.as_str(), a.tasks), ("active", 1));
     assert_eq!(a.used, res("cpus:1;mem:1GiB"));

@@ -1,0 +1,277 @@
+//! `agora describe task|agent|framework ID [-o json]`: everything the master knows of one
+//! record. A task: its state, reason, message, exit, resources, usage, executor, agent,
+//! framework and its last state changes; an agent: its attributes, resources, use, status and
+//! tasks; a framework: its role, principal, status, use and tasks. `ID` may be a unique prefix
+//! of an id or a unique name (see [`super::resolve`]).
+
+use std::process::ExitCode;
+
+use agora_sdk::client::OperatorClient;
+use agora_sdk::proto::{AgentView, FrameworkView, TaskTransition, TaskView};
+use agora_sdk::units::format_size;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::list::Format;
+use super::resolve::resolve;
+use super::ClusterArgs;
+use crate::output;
+
+#[derive(Args)]
+pub struct DescribeCommand {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// A task: state, exit, resources, usage, executor, agent, framework, state changes.
+    Task(DescribeArgs),
+    /// An agent: attributes, resources and use, status, tasks.
+    Agent(DescribeArgs),
+    /// A framework: role, principal, status, use, tasks.
+    Framework(DescribeArgs),
+}
+
+#[derive(Args)]
+struct DescribeArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Id, unique prefix of an id, or unique name (hostname for an agent).
+    id: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+impl DescribeCommand {
+    pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        let (args, kind) = match &self.what {
+            What::Task(a) => (a, Kind::Task),
+            What::Agent(a) => (a, Kind::Agent),
+            What::Framework(a) => (a, Kind::Framework),
+        };
+        let cfg = args.cluster.resolve()?;
+        let mut client = OperatorClient::connect(&cfg).await?;
+        let described = describe(&mut client, kind, &args.id).await;
+        client.close();
+        let (json, text) = described?;
+        match args.format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+            Format::Table => print!("{text}"),
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Task,
+    Agent,
+    Framework,
+}
+
+/// The record `id` names, as JSON and as text.
+async fn describe(client: &mut OperatorClient, kind: Kind, id: &str) -> anyhow::Result<(Value, String)> {
+    let tasks = client.tasks().await?;
+    let agents = client.agents().await?;
+    let mut frameworks = client.frameworks().await?;
+    frameworks.extend(client.completed_frameworks().await?);
+    Ok(match kind {
+        Kind::Task => {
+            let task = resolve(&tasks, id, true)?;
+            let history = client.task_history(&task.framework_id, &task.id).await?;
+            let agent = agents.iter().find(|a| a.id == task.agent_id);
+            let framework = frameworks.iter().find(|f| f.id == task.framework_id);
+            (task_json(task, agent, framework, &history), task_text(task, agent, framework, &history))
+        }
+        Kind::Agent => {
+            let agent = resolve(&agents, id, true)?;
+            let mine: Vec<TaskView> = tasks.iter().filter(|t| t.agent_id == agent.id).cloned().collect();
+            let mut json = agora_sdk::json::agent_json(agent);
+            json["task_list"] = mine.iter().map(super::list::task_json).collect();
+            let fields = vec![
+                ("Agent", agent.id.to_string()),
+                ("Hostname", agent.hostname.clone()),
+                ("Status", agent.status.clone()),
+                ("Resources", agent.resources.to_string()),
+                ("Used", or_dash(agent.used.to_string())),
+                ("Attributes", or_dash(agent.attributes.to_string())),
+                ("Live tasks", agent.tasks.to_string()),
+            ];
+            (json, with_tasks(fields, &mine))
+        }
+        Kind::Framework => {
+            let fw = resolve(&frameworks, id, true)?;
+            let mine: Vec<TaskView> = tasks.iter().filter(|t| t.framework_id == fw.id).cloned().collect();
+            let mut json = agora_sdk::json::framework_json(fw);
+            json["task_list"] = mine.iter().map(super::list::task_json).collect();
+            let fields = vec![
+                ("Framework", fw.id.to_string()),
+                ("Name", fw.name.clone()),
+                ("Role", fw.role.clone()),
+                ("Principal", fw.principal.clone()),
+                ("Status", fw.status.clone()),
+                ("Used", or_dash(fw.used.to_string())),
+                ("Live tasks", fw.tasks.to_string()),
+            ];
+            (json, with_tasks(fields, &mine))
+        }
+    })
+}
+
+/// A task as JSON: the listing's form, its agent's and framework's, and its history.
+fn task_json(
+    t: &TaskView,
+    agent: Option<&AgentView>,
+    framework: Option<&FrameworkView>,
+    history: &[TaskTransition],
+) -> Value {
+    let mut v = super::list::task_json(t);
+    v["agent"] = agent.map(agora_sdk::json::agent_json).unwrap_or(Value::Null);
+    v["framework"] = framework.map(agora_sdk::json::framework_json).unwrap_or(Value::Null);
+    v["history"] = history
+        .iter()
+        .map(|h| {
+            json!({
+                "state": h.state.as_str(),
+                "reason": h.reason,
+                "timestamp_ms": h.timestamp_ms,
+                "time": utc(h.timestamp_ms),
+            })
+        })
+        .collect();
+    v
+}
+
+fn task_text(
+    t: &TaskView,
+    agent: Option<&AgentView>,
+    framework: Option<&FrameworkView>,
+    history: &[TaskTransition],
+) -> String {
+    let exit = match (t.exit_code, t.signal) {
+        (_, Some(s)) => format!("signal {s}"),
+        (Some(c), _) => format!("code {c}"),
+        _ => "-".into(),
+    };
+    let agent = match agent {
+        Some(a) => format!("{} ({}, {})", a.id, a.hostname, a.status),
+        None => t.agent_id.to_string(),
+    };
+    let framework = match framework {
+        Some(f) => format!("{} ({}, role {}, {})", f.id, f.name, f.role, f.status),
+        None => t.framework_id.to_string(),
+    };
+    let fields = vec![
+        ("Task", t.id.to_string()),
+        ("Name", t.name.clone()),
+        ("State", t.state.to_string()),
+        ("Reason", or_dash(t.reason.clone())),
+        ("Message", or_dash(t.message.clone())),
+        ("Exit", exit),
+        ("Resources", t.resources.to_string()),
+        ("Usage", usage(t)),
+        ("Executor", t.executor_id.to_string()),
+        ("Agent", agent),
+        ("Framework", framework),
+    ];
+    let mut out = fields_text(&fields);
+    out.push_str("\nState changes (the last 16):\n");
+    let rows =
+        history.iter().map(|h| vec![utc(h.timestamp_ms), h.state.to_string(), h.reason.clone()]).collect();
+    out.push_str(&indent(&output::table(&["TIME (UTC)", "STATE", "REASON"], rows)));
+    out
+}
+
+/// What a task used, in words (`-` when nothing is known).
+fn usage(t: &TaskView) -> String {
+    let Some(u) = &t.usage else { return "-".into() };
+    let mut parts = Vec::new();
+    if let Some(d) = u.cpu_time {
+        parts.push(format!("cpu {:.2}s", d.as_secs_f64()));
+    }
+    if let Some(d) = u.throttled {
+        parts.push(format!("throttled {:.2}s", d.as_secs_f64()));
+    }
+    if let Some(m) = u.peak_mem {
+        parts.push(format!("peak mem {}", format_size(m)));
+    }
+    if let Some(m) = u.mem_current {
+        parts.push(format!("mem {}", format_size(m)));
+    }
+    if let Some(f) = u.fuel {
+        parts.push(format!("fuel {f}"));
+    }
+    or_dash(parts.join(", "))
+}
+
+/// Fields, then the tasks' table (or a line saying there are none).
+fn with_tasks(fields: Vec<(&str, String)>, tasks: &[TaskView]) -> String {
+    let mut out = fields_text(&fields);
+    if tasks.is_empty() {
+        out.push_str("\nTasks: none\n");
+    } else {
+        out.push_str("\nTasks:\n");
+        out.push_str(&indent(&output::tasks_table(tasks)));
+    }
+    out
+}
+
+/// `Name:  value` lines, values aligned.
+fn fields_text(fields: &[(&str, String)]) -> String {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    fields.iter().map(|(k, v)| format!("{:width$}  {v}\n", format!("{k}:"))).collect()
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+/// Unix milliseconds as `2026-12-05T08:30:00.123Z` (proleptic Gregorian, UTC).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_times() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(super::utc(1_796_459_405_007), "2026-12-05T08:30:05.007Z");
+    }
+
+    #[test]
+    fn fields_align() {
+        let text = super::fields_text(&[("Task", "t1".into()), ("Resources", "cpus:1".into())]);
+        assert_eq!(text, "Task:       t1\nResources:  cpus:1\n");
+    }
+}
