@@ -89,3 +89,41 @@ async fn a_drained_agent_is_told_offers_nothing_and_its_task_is_killed_at_the_de
     assert_eq!((&json["status"], &json["drain"]), (&"active".into(), &serde_json::Value::Null), "{json}");
     c.stop();
 }
+
+/// A drain is in the registry before `agora agent drain` returns: a master killed with
+/// SIGKILL comes back still draining the agent, with the same deadline, and offers nothing
+/// from it to a framework that subscribes (which is told of the drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_outlives_a_kill_9_of_the_master() {
+    let dir = RealCluster::prepare();
+    let work = dir.path().join("master-work").to_str().expect("utf-8").to_string();
+    let master_args = ["--work-dir", work.as_str()];
+    let mut c = RealCluster::master_only(dir, &master_args);
+    c.start_agent(&["--resources", "cpus:1;mem:256MiB"]);
+    let agent = agent_json(&c)["id"].as_str().expect("agent id").to_string();
+    let out = c.agora(&["agent", "drain", &agent, "--deadline", "1h", "--no-kill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let drain = agent_json(&c)["drain"].clone();
+    assert_eq!(drain["kill"], false, "{drain}");
+
+    c.kill9_and_restart_master(&master_args);
+    common::dev::poll("the agent to re-register", 30, || {
+        let out = c.agora(&["agents", "-o", "json"]);
+        let agents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        (agents.len() == 1 && agents[0]["status"] == "drained").then_some(())
+    });
+    assert_eq!(agent_json(&c)["drain"], drain);
+    let mut fw = ProbeFramework::start(c.framework_config("after")).await;
+    let told = fw
+        .until(|s| match s {
+            Seen::AgentDraining { agent_id, deadline_unix_ms } => Some((agent_id.clone(), *deadline_unix_ms)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(told, (AgentId::new(agent.as_str()), drain["deadline_unix_ms"].as_u64()));
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(seen) = tokio::time::timeout_at(quiet, fw.next()).await {
+        assert!(!matches!(seen, Seen::Offers(_)), "offers from a drained agent: {seen:?}");
+    }
+    c.stop();
+}
