@@ -1,6 +1,6 @@
 //! Tables for the list commands (their JSON comes from `agora_sdk::json`).
 
-use agora_sdk::proto::{AgentView, FrameworkView, MasterView, TaskView};
+use agora_sdk::proto::{AgentView, DrainView, FrameworkView, MasterView, TaskView};
 use agora_sdk::units::format_size;
 
 /// Renders rows as an aligned table with a header.
@@ -33,8 +33,11 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 pub fn agents_table(agents: &[AgentView]) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     table(
-        &["ID", "HOSTNAME", "STATUS", "TASKS", "RESOURCES", "USED", "ATTRIBUTES"],
+        &["ID", "HOSTNAME", "STATUS", "DRAIN", "TASKS", "RESOURCES", "USED", "ATTRIBUTES"],
         agents
             .iter()
             .map(|a| {
@@ -42,6 +45,7 @@ pub fn agents_table(agents: &[AgentView]) -> String {
                     a.id.to_string(),
                     a.hostname.clone(),
                     a.status.clone(),
+                    drain_cell(a.drain.as_ref(), now_ms),
                     a.tasks.to_string(),
                     a.resources.to_string(),
                     a.used.to_string(),
@@ -135,5 +139,41 @@ fn compact(n: u64) -> String {
         1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
         1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
         _ => format!("{:.1}G", n as f64 / 1e9),
+    }
+}
+
+/// An agent's drain in a table: `-`, `no deadline`, or what happens at the deadline and when.
+fn drain_cell(drain: Option<&DrainView>, now_ms: u64) -> String {
+    let Some(d) = drain else { return "-".into() };
+    let Some(at) = d.deadline_unix_ms else { return "no deadline".into() };
+    let what = if d.kill { "kill" } else { "deadline" };
+    match at.checked_sub(now_ms).filter(|left| *left > 0) {
+        Some(left) => format!("{what} in {}", short_duration(left / 1000)),
+        None => format!("{what} passed"),
+    }
+}
+
+/// `1h2m3s`, `4m0s`, `7s`.
+fn short_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drains_read_in_a_table() {
+        let d = |deadline_unix_ms, kill| DrainView { deadline_unix_ms, kill };
+        assert_eq!(drain_cell(None, 0), "-");
+        assert_eq!(drain_cell(Some(&d(None, true)), 0), "no deadline");
+        assert_eq!(drain_cell(Some(&d(Some(1_000 + 3_723_000), true)), 1_000), "kill in 1h2m3s");
+        assert_eq!(drain_cell(Some(&d(Some(61_500), false)), 1_000), "deadline in 1m0s");
+        assert_eq!(drain_cell(Some(&d(Some(1_000), true)), 2_000), "kill passed");
     }
 }

@@ -41,6 +41,10 @@ fn agent(n: u32) -> AgentRecord {
         resources: Resources::parse("cpus:2;mem:1GiB").expect("resources"),
         attributes: Default::default(),
         standing: AgentStanding::Admitted,
+        // Some drained agents: etcd keeps their drains.
+        drain: n
+            .is_multiple_of(7)
+            .then_some(agora_sdk::proto::DrainView { deadline_unix_ms: None, kill: false }),
     }
 }
 

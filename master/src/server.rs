@@ -82,6 +82,9 @@ enum Query {
     Policy(oneshot::Sender<(AllocationPolicy, &'static str)>),
     /// Answered once the registry has it.
     SetPolicy(AllocationPolicy, oneshot::Sender<Result<(), WireError>>),
+    /// Drain (with a deadline and whether to kill) or undrain (`None`); answered once the
+    /// registry has it.
+    Drain(AgentId, Option<(Option<Duration>, bool)>, oneshot::Sender<Result<(), WireError>>),
     Locate(Requester, TaskId, oneshot::Sender<Result<(OutputLocation, quinn::Connection), WireError>>),
 }
 
@@ -651,6 +654,18 @@ fn apply(
                     let _ = tx.send(Err(e));
                 }
             },
+            Query::Drain(id, drain, tx) => {
+                let r = match drain {
+                    Some((deadline, kill)) => core.drain_agent(now, &id, deadline, kill),
+                    None => core.undrain_agent(now, &id),
+                };
+                match r {
+                    Ok(()) => after_write.push(tx),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
             Query::Locate(who, id, tx) => {
                 let r = core.locate_output(&who, &id).and_then(|loc| {
                     conns.get(&loc.agent_conn).map(|(q, _)| (loc, q.clone())).ok_or_else(|| {
@@ -869,6 +884,9 @@ async fn serve_stale(
             Ok(Some(OperatorCall::GetTaskHistory { .. })) => {
                 OperatorReply::Error(stale_refusal("show a task's history", &leader))
             }
+            Ok(Some(OperatorCall::DrainAgent { .. } | OperatorCall::UndrainAgent { .. })) => {
+                OperatorReply::Error(stale_refusal("drain or undrain agents", &leader))
+            }
             Ok(None) | Err(FrameError::Io(_)) => break,
             Err(e) => {
                 let err = frame_error(&e);
@@ -899,6 +917,7 @@ fn stale_agent(a: &AgentRecord) -> Option<AgentView> {
         attributes: a.attributes.clone(),
         status: status.into(),
         tasks: 0,
+        drain: a.drain.clone(),
     })
 }
 
@@ -1260,6 +1279,20 @@ async fn serve_operator(
                         ErrorCode::NotFound,
                         format!("no task {} of framework {}", key.task_id, key.framework_id),
                     )),
+                    None => break,
+                }
+            }
+            Ok(Some(OperatorCall::DrainAgent { agent_id, deadline, kill })) => {
+                match core.ask(|tx| Query::Drain(agent_id, Some((deadline, kill)), tx)).await {
+                    Some(Ok(())) => OperatorReply::Ok,
+                    Some(Err(e)) => OperatorReply::Error(e),
+                    None => break,
+                }
+            }
+            Ok(Some(OperatorCall::UndrainAgent { agent_id })) => {
+                match core.ask(|tx| Query::Drain(agent_id, None, tx)).await {
+                    Some(Ok(())) => OperatorReply::Ok,
+                    Some(Err(e)) => OperatorReply::Error(e),
                     None => break,
                 }
             }

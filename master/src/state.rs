@@ -9,6 +9,7 @@ use agora_sdk::{Attributes, Resources};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::core::ConnId;
+use crate::registry::AgentStanding;
 
 /// Which kind of peer a connection carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +65,20 @@ pub(crate) struct Agent {
     pub offers: Vec<u64>,
     /// Every task the master keeps on this agent (completed ones are dropped from here).
     pub tasks: BTreeSet<TaskKey>,
+    /// Its standing as last recorded in the registry (rewritten with the drain).
+    pub standing: AgentStanding,
+    /// An operator drains it: no offers, and its tasks are killed at the deadline.
+    pub drain: Option<Drain>,
+}
+
+/// An operator's drain of an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Drain {
+    /// When its remaining tasks are killed (if `view.kill`); `None`: never.
+    pub deadline: Option<Instant>,
+    /// The deadline in Unix ms and whether to kill, as operators, frameworks and the registry
+    /// see them.
+    pub view: DrainView,
 }
 
 impl Agent {
@@ -93,6 +108,8 @@ impl Agent {
             offered: Resources::default(),
             offers: Vec::new(),
             tasks: BTreeSet::new(),
+            standing: AgentStanding::Admitted,
+            drain: None,
         }
     }
 
@@ -280,6 +297,9 @@ pub(crate) struct Task {
     pub kill_requested: bool,
     /// Its last [`TASK_HISTORY`] state changes, oldest first (`agora describe task`).
     pub history: std::collections::VecDeque<TaskTransition>,
+    /// Why the master itself killed it (the drain of its agent): the reason its KILLED update
+    /// carries instead of the executor's.
+    pub kill_reason: Option<&'static str>,
 }
 
 /// How many state changes the master keeps per task: enough for a launch, a partition and an
@@ -523,6 +543,7 @@ mod tests {
             pending: Vec::new(),
             kill_requested: false,
             history: Default::default(),
+            kill_reason: None,
         };
         let mut t = TaskTable::default();
         for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {

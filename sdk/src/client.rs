@@ -491,6 +491,29 @@ impl OperatorClient {
         }
     }
 
+    /// Drains an agent (see [`OperatorCall::DrainAgent`]); `Ok` once the master's registry
+    /// holds the drain.
+    pub async fn drain_agent(
+        &mut self,
+        agent_id: &AgentId,
+        deadline: Option<std::time::Duration>,
+        kill: bool,
+    ) -> Result<(), ClientError> {
+        let call = OperatorCall::DrainAgent { agent_id: agent_id.clone(), deadline, kill };
+        match self.call(call).await? {
+            OperatorReply::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Ends an agent's drain (see [`OperatorCall::UndrainAgent`]).
+    pub async fn undrain_agent(&mut self, agent_id: &AgentId) -> Result<(), ClientError> {
+        match self.call(OperatorCall::UndrainAgent { agent_id: agent_id.clone() }).await? {
+            OperatorReply::Ok => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub async fn kill(&mut self, task_id: &TaskId) -> Result<(), ClientError> {
         match self.call(OperatorCall::KillTask { task_id: task_id.clone() }).await? {
             OperatorReply::Ok => Ok(()),

@@ -14,6 +14,10 @@ pub fn agent_json(a: &AgentView) -> Value {
         "attributes": a.attributes.to_string(),
         "status": a.status,
         "tasks": a.tasks,
+        "drain": a.drain.as_ref().map(|d| json!({
+            "deadline_unix_ms": d.deadline_unix_ms,
+            "kill": d.kill,
+        })),
     })
 }
 

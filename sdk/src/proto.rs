@@ -12,7 +12,7 @@ use crate::attributes::Attributes;
 use crate::resources::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN protocol name of Agora's QUIC connections.
 pub const ALPN: &[u8] = b"agora/1";
@@ -814,10 +814,39 @@ pub enum SchedulerEvent {
         executor_id: ExecutorId,
         message: String,
     },
+    /// An operator drains this agent (`agora agent drain`): it gets no new offers, and at
+    /// `deadline_unix_ms` (if any) the tasks still running on it are killed with reason
+    /// [`AGENT_DRAINED_REASON`] (unless the operator chose not to kill). Sent to every
+    /// subscribed framework when the drain starts or changes, and on subscription while it
+    /// lasts, so that a scheduler can move its work elsewhere in time.
+    AgentDraining {
+        agent_id: AgentId,
+        /// Unix time (ms) of the deadline; `None`: no deadline (nothing is killed).
+        deadline_unix_ms: Option<u64>,
+    },
+    /// The drain of this agent was called off (`agora agent undrain`): it is offered again.
+    AgentUndrained {
+        agent_id: AgentId,
+    },
 }
+
+/// Reason of the updates of tasks killed at the deadline of their agent's drain.
+pub const AGENT_DRAINED_REASON: &str = "agent drained";
+
+/// Longest drain deadline an operator may set (a bound on a peer's claims; 30 days).
+pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 // ---------------------------------------------------------------------------------------------
 // Operator (CLI) <-> master
+
+/// An agent's drain as the operator sees it (see [`OperatorCall::DrainAgent`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainView {
+    /// Unix time (ms) at which its remaining tasks are killed (`None`: no deadline).
+    pub deadline_unix_ms: Option<u64>,
+    /// Whether the tasks still running at the deadline are killed.
+    pub kill: bool,
+}
 
 /// An agent as the operator sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -827,9 +856,13 @@ pub struct AgentView {
     pub resources: Resources,
     pub used: Resources,
     pub attributes: Attributes,
-    /// `active`, `disconnected` or `unreachable`.
+    /// `active`, `draining` (active, drained by an operator, with tasks left), `drained`
+    /// (the same with no task left), `disconnected`, `unreachable` or `recovering` (not
+    /// re-registered since the master started); a standby's stale listing says `registered`.
     pub status: String,
     pub tasks: u64,
+    /// The agent's drain, if an operator drains it (whatever its status).
+    pub drain: Option<DrainView>,
 }
 
 /// A framework as the operator sees it.
@@ -900,6 +933,23 @@ pub enum OperatorCall {
     GetTaskHistory {
         framework_id: FrameworkId,
         task_id: TaskId,
+    },
+    /// Drains an agent (Nomad's `node drain`, Mesos's maintenance): its offers are rescinded
+    /// and it gets no new ones, every framework is told ([`SchedulerEvent::AgentDraining`]),
+    /// and at the deadline (at most [`MAX_DRAIN_DEADLINE`]) the tasks still running on it are
+    /// killed with reason [`AGENT_DRAINED_REASON`] when `kill` is set. No deadline: nothing is
+    /// killed. Draining a draining agent replaces its deadline and `kill`. Recorded in the
+    /// registry before the `Ok`, so the drain outlives restarts and failovers. An unknown
+    /// agent is `NotFound`.
+    DrainAgent {
+        agent_id: AgentId,
+        deadline: Option<Duration>,
+        kill: bool,
+    },
+    /// Ends an agent's drain: it is offered again and frameworks are told
+    /// ([`SchedulerEvent::AgentUndrained`]). `Ok` also when it was not draining.
+    UndrainAgent {
+        agent_id: AgentId,
     },
 }
 
@@ -1108,14 +1158,17 @@ mod tests {
     #[test]
     fn hellos_with_and_without_allow_stale_decode_both_ways() {
         let old = postcard::to_allocvec(&HelloV3 { version: 3, role: Role::Agent }).unwrap();
-        assert_eq!(postcard::from_bytes::<Hello>(&old).unwrap(), Hello::new(Role::Agent));
+        assert_eq!(
+            postcard::from_bytes::<Hello>(&old).unwrap(),
+            Hello { version: 3, ..Hello::new(Role::Agent) }
+        );
         let stale = Hello { allow_stale: true, ..Hello::new(Role::Operator) };
         let new = postcard::to_allocvec(&stale).unwrap();
         assert_eq!(postcard::from_bytes::<Hello>(&new).unwrap(), stale);
         // A master that predates the field reads the rest as before.
         assert_eq!(
             postcard::from_bytes::<HelloV3>(&new).unwrap(),
-            HelloV3 { version: 3, role: Role::Operator }
+            HelloV3 { version: PROTOCOL_VERSION, role: Role::Operator }
         );
         assert!(postcard::from_bytes::<Hello>(&old[..1]).is_err(), "a hello without a role");
     }

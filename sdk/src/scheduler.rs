@@ -100,6 +100,27 @@ pub trait Scheduler: Send {
         async {}
     }
 
+    /// An operator drains this agent (`agora agent drain`): it gets no new offers, and at
+    /// `deadline_unix_ms` (Unix time in ms; `None`: no deadline) the tasks still running on
+    /// it are killed with reason [`AGENT_DRAINED_REASON`] unless the operator chose not to
+    /// kill them. Move work elsewhere before then. Called when the drain starts or changes,
+    /// and after each subscription for every agent still draining.
+    fn agent_draining(
+        &mut self,
+        driver: &Driver,
+        agent_id: &AgentId,
+        deadline_unix_ms: Option<u64>,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (driver, agent_id, deadline_unix_ms);
+        async {}
+    }
+
+    /// The drain of this agent was called off (`agora agent undrain`): it is offered again.
+    fn agent_undrained(&mut self, driver: &Driver, agent_id: &AgentId) -> impl Future<Output = ()> + Send {
+        let _ = (driver, agent_id);
+        async {}
+    }
+
     /// The connection to the master was lost (a transport error, the master closed it, or it
     /// was silent for [`MISSED_HEARTBEATS`] heartbeat intervals). Every offer received so far
     /// is void. The driver reconnects and subscribes again with the same framework id
@@ -834,6 +855,10 @@ async fn serve<S: Scheduler>(
             SchedulerEvent::ExecutorExited { agent_id, executor_id, message } => {
                 scheduler.executor_exited(driver, &agent_id, &executor_id, &message).await
             }
+            SchedulerEvent::AgentDraining { agent_id, deadline_unix_ms } => {
+                scheduler.agent_draining(driver, &agent_id, deadline_unix_ms).await
+            }
+            SchedulerEvent::AgentUndrained { agent_id } => scheduler.agent_undrained(driver, &agent_id).await,
         }
     }
 }

@@ -1,21 +1,33 @@
-//! `agora agent`.
+//! `agora agent` (run an agent on this node), `agora agent drain AGENT [--deadline 5m]
+//! [--no-kill]` and `agora agent undrain AGENT` (operator calls: take an agent out of service
+//! and back).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use agora_agent::cgroups::{CpuLimit, IsolationConfig, IsolationMode, DEFAULT_MAX_PIDS_PER_TASK};
+use agora_sdk::client::OperatorClient;
+use agora_sdk::proto::{AgentId, MAX_DRAIN_DEADLINE};
 use agora_sdk::tls::TlsFiles;
 use agora_sdk::units::parse_duration;
 use agora_sdk::{Attributes, Resources};
-use clap::Args;
+use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use super::ClusterArgs;
+
+// The flags run an agent; a subcommand (drain, undrain) is an operator call instead, and then
+// the agent's required flags are not asked for.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct AgentCommand {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
     /// Master address (host:port), or several masters: `a:5050,b:5050,c:5050`.
-    #[arg(long, value_parser = super::master_list)]
-    master: String,
+    // `Option` only so that a subcommand may go without it: required otherwise.
+    #[arg(long, required = true, value_parser = super::master_list)]
+    master: Option<String>,
     /// Resources to offer, e.g. "cpus:4;mem:8GiB;disk:20GiB;ports:[31000-32000]"
     /// (default: detected: all cores, memory less a reserve).
     #[arg(long, value_parser = Resources::parse)]
@@ -27,8 +39,8 @@ pub struct AgentCommand {
     #[arg(long, default_value = "/var/lib/agora/agent")]
     work_dir: PathBuf,
     /// Directory with ca.pem and this agent's certificate.
-    #[arg(long)]
-    tls_dir: PathBuf,
+    #[arg(long, required = true)]
+    tls_dir: Option<PathBuf>,
     /// Certificate name in --tls-dir (NAME.pem, NAME-key.pem).
     #[arg(long, default_value = "agent")]
     cert_name: String,
@@ -84,6 +96,87 @@ pub struct AgentCommand {
     gc_interval: Duration,
 }
 
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Drain an agent: it gets no new offers, frameworks are told (with the deadline, so that
+    /// they can move their work), and the tasks still running on it at the deadline are
+    /// killed with reason `agent drained`. Kept by the master across restarts and failovers.
+    Drain(DrainArgs),
+    /// Call off an agent's drain: it is offered again.
+    Undrain(UndrainArgs),
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The agent's id (as `agora agents` lists it).
+    agent: String,
+    /// When the tasks still running on the agent are killed, e.g. `5m` (at most 30 days).
+    /// Without it nothing is killed: the agent only stops getting offers.
+    #[arg(long, value_parser = parse_drain_deadline)]
+    deadline: Option<Duration>,
+    /// Leave the tasks running at the deadline (frameworks are still told it).
+    #[arg(long)]
+    no_kill: bool,
+}
+
+#[derive(Args)]
+struct UndrainArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The agent's id (as `agora agents` lists it).
+    agent: String,
+}
+
+/// `--deadline`: a duration of at most [`MAX_DRAIN_DEADLINE`] (the master's bound).
+fn parse_drain_deadline(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d > MAX_DRAIN_DEADLINE {
+        return Err(format!("at most {} days", MAX_DRAIN_DEADLINE.as_secs() / 86_400));
+    }
+    Ok(d)
+}
+
+/// An agent id given on the command line.
+fn agent_id(s: &str) -> anyhow::Result<AgentId> {
+    let s = s.trim();
+    anyhow::ensure!(!s.is_empty(), "the agent id is empty (see `agora agents`)");
+    Ok(AgentId::new(s))
+}
+
+impl AgentAction {
+    async fn execute(self) -> anyhow::Result<ExitCode> {
+        match self {
+            AgentAction::Drain(a) => {
+                let id = agent_id(&a.agent)?;
+                let mut client = OperatorClient::connect(&a.cluster.resolve()?).await?;
+                client.drain_agent(&id, a.deadline, !a.no_kill).await?;
+                client.close();
+                match (a.deadline, a.no_kill) {
+                    (None, _) => println!("agent {id} draining: no new offers, no deadline"),
+                    (Some(d), false) => println!(
+                        "agent {id} draining: no new offers; tasks still running in {}s are killed",
+                        d.as_secs_f64()
+                    ),
+                    (Some(d), true) => println!(
+                        "agent {id} draining: no new offers; deadline in {}s, tasks left running",
+                        d.as_secs_f64()
+                    ),
+                }
+            }
+            AgentAction::Undrain(a) => {
+                let id = agent_id(&a.agent)?;
+                let mut client = OperatorClient::connect(&a.cluster.resolve()?).await?;
+                client.undrain_agent(&id).await?;
+                client.close();
+                println!("agent {id} no longer draining");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 /// `--gc-disk-headroom`: a fraction between 0 and 1.
 fn parse_headroom(s: &str) -> Result<f64, String> {
     let v: f64 =
@@ -94,11 +187,23 @@ fn parse_headroom(s: &str) -> Result<f64, String> {
 }
 
 impl AgentCommand {
+    /// Whether this runs an agent (rather than an operator call such as `agora agent drain`).
+    pub fn runs_agent(&self) -> bool {
+        self.action.is_none()
+    }
+
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        if let Some(action) = self.action {
+            return action.execute().await;
+        }
+        // clap requires both without a subcommand.
+        let (Some(master), Some(tls_dir)) = (self.master, self.tls_dir) else {
+            anyhow::bail!("agora agent needs --master and --tls-dir");
+        };
         let shutdown = CancellationToken::new();
         let config = agora_agent::AgentConfig {
-            master: self.master,
-            tls: TlsFiles::in_dir(&self.tls_dir, &self.cert_name),
+            master,
+            tls: TlsFiles::in_dir(&tls_dir, &self.cert_name),
             work_dir: self.work_dir,
             resources: self.resources,
             attributes: self.attributes,

@@ -132,12 +132,8 @@ impl Command {
     fn is_server(&self) -> bool {
         matches!(
             self,
-            Command::Dev(_)
-                | Command::Master(_)
-                | Command::Agent(_)
-                | Command::ExecutorWasm(_)
-                | Command::NativeExecutor(_)
-        )
+            Command::Dev(_) | Command::Master(_) | Command::ExecutorWasm(_) | Command::NativeExecutor(_)
+        ) || matches!(self, Command::Agent(c) if c.runs_agent())
     }
 
     /// Worker threads of the async runtime, when the command sets them.

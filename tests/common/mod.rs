@@ -305,6 +305,11 @@ pub enum Seen {
         executor_id: ExecutorId,
         message: String,
     },
+    AgentDraining {
+        agent_id: AgentId,
+        deadline_unix_ms: Option<u64>,
+    },
+    AgentUndrained(AgentId),
 }
 
 /// A scheduler that reports everything to the test, which drives it through the `Driver`.
@@ -346,6 +351,12 @@ impl Scheduler for Probe {
             message: message.into(),
         };
         let _ = self.tx.send((d.clone(), seen));
+    }
+    async fn agent_draining(&mut self, d: &Driver, agent: &AgentId, deadline_unix_ms: Option<u64>) {
+        let _ = self.tx.send((d.clone(), Seen::AgentDraining { agent_id: agent.clone(), deadline_unix_ms }));
+    }
+    async fn agent_undrained(&mut self, d: &Driver, agent: &AgentId) {
+        let _ = self.tx.send((d.clone(), Seen::AgentUndrained(agent.clone())));
     }
 }
 

@@ -175,6 +175,8 @@ impl Master {
         self.sync_executors(&id);
         self.recompute_used(&id);
         self.attach_agent(&id);
+        // Drained past its deadline while away (or before a restart): what it still runs goes.
+        self.kill_drained_tasks_if_due(now, &id);
         self.request_allocation(now);
     }
 
@@ -198,10 +200,11 @@ impl Master {
         }
     }
 
-    /// Puts an agent and its live tasks into the allocator.
+    /// Puts an agent and its live tasks into the allocator (not while it drains: it offers
+    /// nothing then).
     pub(super) fn attach_agent(&mut self, id: &AgentId) {
         let Some(agent) = self.agents.get(id) else { return };
-        if agent.attached {
+        if agent.attached || agent.drain.is_some() {
             return;
         }
         self.allocator.add_agent(id, &agent.total);
@@ -321,6 +324,7 @@ impl Master {
                         pending: Vec::new(),
                         kill_requested: completed || killed_while_away,
                         history: Default::default(),
+                        kill_reason: None,
                     };
                     // What happened before this master knew it is the agent's to tell.
                     task.record(r.state, "reported by its agent", unix_ms);
@@ -442,7 +446,9 @@ impl Master {
         self.recovering = self.recovering.saturating_sub(1);
         let since_ms = self.unix_ms(now);
         self.persist_agent(id, AgentStanding::Gone { since_ms });
-        self.agents.remove(id);
+        if let Some(d) = self.agents.remove(id).and_then(|a| a.drain).and_then(|d| d.deadline) {
+            self.drain_deadlines.remove(&(d, id.clone()));
+        }
         self.gone_agents.insert(id.clone(), since_ms);
         while self.gone_agents.len() > MAX_GONE_AGENTS {
             let Some(oldest) =

@@ -193,6 +193,7 @@ impl Master {
             },
         );
         self.resend_pending(&id, conn);
+        self.tell_drains(conn);
         self.request_allocation(now);
     }
 

@@ -37,6 +37,7 @@ use executors::{ExecutorRecord, Executors};
 // child module, reaches the core's private state.
 mod agents;
 mod allocation;
+mod drain;
 mod executors;
 mod frameworks;
 mod offers;
@@ -289,6 +290,8 @@ pub struct Master {
     /// Entries are (framework slot, its generation, agent slot).
     filter_expiries: BTreeMap<Instant, Vec<(usize, u32, usize)>>,
     offer_deadlines: BTreeSet<(Instant, OfferId)>,
+    /// Drain deadlines of agents (at each, the agent's remaining tasks are killed).
+    drain_deadlines: BTreeSet<(Instant, AgentId)>,
     next_allocation: Instant,
     batch_allocation: Option<Instant>,
     next_heartbeat: Instant,
@@ -368,6 +371,7 @@ impl Master {
             failover_deadlines: BTreeSet::new(),
             filter_expiries: BTreeMap::new(),
             offer_deadlines: BTreeSet::new(),
+            drain_deadlines: BTreeSet::new(),
             batch_allocation: None,
             next_agent: 0,
             next_framework: 0,
@@ -468,7 +472,11 @@ impl Master {
             agent.total = a.resources.clone();
             agent.attributes = a.attributes.clone();
             agent.status = status;
+            agent.standing = a.standing;
             self.agents.insert(a.id.clone(), agent);
+            if let Some(drain) = &a.drain {
+                self.recover_drain(now, &a.id, drain);
+            }
             if status == AgentStatus::Recovering {
                 self.recovering += 1;
                 let deadline = after(now, self.config.agent_reregister_timeout);
@@ -508,8 +516,10 @@ impl Master {
         self.persist(RegistryOp::PutFramework(record));
     }
 
+    /// Records an agent with its new standing (and its drain).
     fn persist_agent(&mut self, id: &AgentId, standing: AgentStanding) {
-        let Some(a) = self.agents.get(id) else { return };
+        let Some(a) = self.agents.get_mut(id) else { return };
+        a.standing = standing;
         let record = AgentRecord {
             id: a.id.clone(),
             hostname: a.hostname.clone(),
@@ -517,8 +527,15 @@ impl Master {
             resources: a.total.clone(),
             attributes: a.attributes.clone(),
             standing,
+            drain: a.drain.as_ref().map(|d| d.view.clone()),
         };
         self.persist(RegistryOp::PutAgent(record));
+    }
+
+    /// Records an agent again with its standing unchanged (its drain changed).
+    fn persist_agent_as_is(&mut self, id: &AgentId) {
+        let Some(standing) = self.agents.get(id).map(|a| a.standing) else { return };
+        self.persist_agent(id, standing);
     }
 
     /// Records that the artifact store holds `digest` (at startup and after each upload), so
@@ -581,6 +598,7 @@ impl Master {
             self.failover_deadlines.first().map(|(t, _)| *t),
             self.filter_expiries.first_key_value().map(|(t, _)| *t),
             self.offer_deadlines.first().map(|(t, _)| *t),
+            self.drain_deadlines.first().map(|(t, _)| *t),
         ];
         for c in candidates.into_iter().flatten() {
             t = t.min(c);
@@ -589,8 +607,9 @@ impl Master {
     }
 
     /// Runs everything due at `now`: agent timeouts, framework failover expiries, filter
-    /// expiries, allocation and framework heartbeats.
+    /// expiries, drain deadlines, allocation and framework heartbeats.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.drain_deadlines_due(now);
         while let Some((t, id)) = self.agent_deadlines.first().cloned() {
             if t > now {
                 break;
@@ -670,8 +689,9 @@ impl Master {
                 resources: a.total.clone(),
                 used: a.used.clone(),
                 attributes: a.attributes.clone(),
-                status: a.status.as_str().to_string(),
+                status: self.agent_status_str(a).to_string(),
                 tasks: self.live_tasks(a.tasks.iter()).count() as u64,
+                drain: a.drain.as_ref().map(|d| d.view.clone()),
             })
             .collect()
     }

@@ -290,6 +290,7 @@ impl Master {
                 pending: Vec::new(),
                 kill_requested: false,
                 history: Default::default(),
+                kill_reason: None,
             };
             record.record(TaskState::Staging, "launched", self.unix_ms(now));
             self.tasks.insert(key.clone(), record);

@@ -231,6 +231,11 @@ impl Master {
             return;
         }
         debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update");
+        // Killed by the master (its agent's drain): the update says so, not the executor's
+        // generic reason.
+        if let (TaskState::Killed, Some(reason)) = (status.state, task.kill_reason) {
+            status.reason = reason.to_string();
+        }
         self.apply_status(now, &key, &status);
         self.deliver(&key, status);
     }

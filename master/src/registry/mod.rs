@@ -5,8 +5,8 @@
 //! unique across restarts), the frameworks (so that they may re-subscribe with their ids), the
 //! agents with their standing (admitted, unreachable since when, gone since when) and the
 //! artifact index. Tasks are not in it: agents report theirs when they re-register.
-//! Quotas, weights and priorities come from the master's flags and do not change at run time,
-//! so they are not kept either.
+//! The allocation policy is kept once an operator sets it, and so is an operator's drain of an
+//! agent (in its record).
 //!
 //! The core stays sans-IO: it queues [`RegistryOp`]s ([`crate::core::Master::poll_registry_op`])
 //! and its driver hands them, in order, to a [`Registry`] before it carries out any action the
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use agora_sdk::proto::AllocationPolicy;
-use agora_sdk::proto::{AgentId, ArtifactKind, Digest, FrameworkId};
+use agora_sdk::proto::{AgentId, ArtifactKind, Digest, DrainView, FrameworkId};
 use agora_sdk::{Attributes, Resources};
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +97,10 @@ pub struct AgentRecord {
     pub resources: Resources,
     pub attributes: Attributes,
     pub standing: AgentStanding,
+    /// An operator's drain of the agent (deadline as Unix ms), so that a restarted master or
+    /// a new leader keeps draining it. Absent in records written before drains existed.
+    #[serde(default)]
+    pub drain: Option<DrainView>,
 }
 
 /// An artifact in the master's content-addressed store.
@@ -192,4 +196,26 @@ pub trait Registry: Send {
 /// A new random cluster name (`m` and six hex digits, as master ids always looked).
 pub(crate) fn new_cluster_name() -> String {
     format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_record_written_before_drains_still_loads() {
+        let record = AgentRecord {
+            id: AgentId::new("m-1-A1"),
+            hostname: "h".into(),
+            principal: "agent".into(),
+            resources: Resources::cpus(1000),
+            attributes: Attributes::default(),
+            standing: AgentStanding::Admitted,
+            drain: Some(DrainView { deadline_unix_ms: Some(7), kill: true }),
+        };
+        let mut old = serde_json::to_value(&record).expect("encode");
+        old.as_object_mut().expect("an object").remove("drain");
+        let loaded: AgentRecord = serde_json::from_value(old).expect("an old record loads");
+        assert_eq!(loaded, AgentRecord { drain: None, ..record });
+    }
 }

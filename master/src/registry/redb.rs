@@ -260,6 +260,9 @@ mod tests {
             resources: Resources::parse("cpus:2;mem:1GiB").expect("resources"),
             attributes: Default::default(),
             standing,
+            // One drained agent: the drain must survive the round trip.
+            drain: (n == 2)
+                .then_some(agora_sdk::proto::DrainView { deadline_unix_ms: Some(5_000), kill: true }),
         }
     }
 
