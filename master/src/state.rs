@@ -509,6 +509,7 @@ mod tests {
             pending: Vec::new(),
             kill_requested: false,
             history: Default::default(),
+            kill_reason: None,
         };
         task.record(TaskState::Staging, "launched", 1);
         task.record(TaskState::Running, "task started", 2);
