@@ -278,6 +278,9 @@ pub(crate) struct Task {
     pub pending: Vec<TaskStatus>,
     /// A kill was asked for; sent again when the agent re-registers.
     pub kill_requested: bool,
+    /// The reason its framework's teardown gave (`TeardownBecause`): a KILLED update then
+    /// carries it instead of the agent's `killed`.
+    pub kill_reason: Option<String>,
 }
 
 impl Task {
@@ -470,6 +473,7 @@ mod tests {
             latest: None,
             pending: Vec::new(),
             kill_requested: false,
+            kill_reason: None,
         };
         let mut t = TaskTable::default();
         for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {

@@ -320,6 +320,7 @@ impl Master {
                             latest: None,
                             pending: Vec::new(),
                             kill_requested: completed || killed_while_away,
+                            kill_reason: None,
                         },
                     );
                     if let Some(agent) = self.agents.get_mut(id) {

@@ -291,6 +291,7 @@ impl Master {
                     latest: None,
                     pending: Vec::new(),
                     kill_requested: false,
+                    kill_reason: None,
                 },
             );
             if let Some(a) = self.agents.get_mut(&agent_id) {

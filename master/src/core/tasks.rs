@@ -40,7 +40,12 @@ impl Master {
         let Some(task) = self.tasks.get_mut(key) else { return };
         let was_terminal = task.state.is_terminal();
         task.state = status.state;
-        task.latest = Some(status.clone());
+        let mut latest = status.clone();
+        if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
+            // Killed by its framework's teardown, which said why.
+            latest.reason = reason.clone();
+        }
+        task.latest = Some(latest);
         if status.state.is_terminal() && !was_terminal {
             let agent_id = task.agent_id.clone();
             let resources = task.allocation.clone();
