@@ -181,5 +181,46 @@ fn a_task_ended_by_its_memory_limit_says_so() {
     let why =
         err.lines().find(|l| l.contains("TASK_FAILED")).unwrap_or_else(|| panic!("no reason line: {err}"));
     assert!(why.starts_with("agora: task hog-") && why.contains("memory limit exceeded"), "{why}");
+    // With --count, the summary counts the reason, not `signal 9` or `exit 137`.
+    let out = c.agora(&[
+        "run",
+        "--count",
+        "2",
+        "--mem",
+        "32MiB",
+        "--",
+        "sh",
+        "-c",
+        "head -c 300000000 /dev/zero | tail > /dev/null",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("failures: memory limit exceeded ×2"), "{}", stderr(&out));
+    c.stop();
+}
+
+#[test]
+fn a_task_lost_after_it_ran_is_not_reported_as_never_run() {
+    if !common::root_or_skip("the agent's cleanup kills task users' processes") {
+        return;
+    }
+    let mut c = RealCluster::start(&[], &["--resources", "cpus:1;mem:512MiB"]);
+    let run = Command::new(AGORA)
+        .args(["run", "--name", "doomed", "--", "sleep", "60"])
+        .env("AGORA_CONFIG", &c.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn agora run");
+    poll("doomed RUNNING", 30, || {
+        c.tasks_json().into_iter().find(|t| t["name"] == "doomed" && t["state"] == "TASK_RUNNING")
+    });
+    // The agent dies and comes back without the task (its earlier run cleaned up): TASK_GONE.
+    c.kill_agent();
+    c.start_agent(&["--resources", "cpus:1;mem:512MiB", "--recover", "cleanup"]);
+    let out = run.wait_with_output().expect("wait for agora run");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("TASK_GONE"), "{err}");
     c.stop();
 }

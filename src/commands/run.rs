@@ -237,12 +237,22 @@ impl RunCommand {
                     // the tasks behind for the failover timeout.
                     match driver_handle.get() {
                         Some(driver) => {
+                            // Cut off from the master (failing over), the teardown cannot go out.
+                            let reachable = driver.connection().is_some();
                             driver.stop_because(REASON_INTERRUPTED);
                             tokio::select! {
                                 _ = tokio::time::timeout(TEARDOWN_WAIT, &mut run) => {}
                                 _ = interrupted() => {}
                             }
-                            eprintln!("agora: interrupted: the run's tasks are killed ({REASON_INTERRUPTED})");
+                            if reachable {
+                                eprintln!("agora: interrupted: the run's tasks are killed ({REASON_INTERRUPTED})");
+                            } else {
+                                eprintln!(
+                                    "agora: interrupted while the master is out of reach: it kills the run's \
+                                     tasks once the run's failover timeout ({}s) passes",
+                                    if self.detach { DETACHED_FAILOVER_TIMEOUT } else { FAILOVER_TIMEOUT }.as_secs()
+                                );
+                            }
                         }
                         None => eprintln!("agora: interrupted before any task was launched"),
                     }
@@ -391,6 +401,14 @@ fn upload_error(what: &str, e: agora_sdk::client::ClientError) -> String {
     }
 }
 
+/// Whether the task ended of its own doing (its exit, or a signal from within), not by the
+/// cluster (a kill, a lost agent) or a limit (memory, processes).
+fn ended_by_itself(st: &TaskStatus) -> bool {
+    st.state == TaskState::Finished
+        || st.reason.is_empty()
+        || matches!(st.reason.as_str(), "command exited" | "killed by signal" | "module exited")
+}
+
 /// `task ID STATE: reason: message`, one line.
 fn ended_line(st: &TaskStatus) -> String {
     format!(
@@ -516,11 +534,9 @@ impl RunScheduler {
     /// One line on stderr when the cluster or a limit (not the task itself) ended the task:
     /// its exit code or signal alone does not say (a memory limit's OOM kill is signal 9).
     fn say_why(st: &TaskStatus) {
-        let own_doing = matches!(st.reason.as_str(), "command exited" | "killed by signal" | "module exited");
-        if st.state == TaskState::Finished || own_doing || st.reason.is_empty() {
-            return;
+        if !ended_by_itself(st) {
+            eprintln!("agora: {}", ended_line(st));
         }
-        eprintln!("agora: {}", ended_line(st));
     }
 
     fn exit_code(&self) -> ExitCode {
@@ -567,7 +583,10 @@ impl RunScheduler {
         for st in self.finals.values() {
             *by_state.entry(st.state.as_str()).or_default() += 1;
             if st.state != TaskState::Finished {
+                // The cluster's or a limit's reason when there is one: a memory limit's
+                // OOM kill is no plain `signal 9`.
                 let k = match (st.exit_code, st.signal) {
+                    _ if !ended_by_itself(st) => st.reason.clone(),
                     (_, Some(s)) => format!("signal {s}"),
                     (Some(c), _) => format!("exit {c}"),
                     _ => st.reason.clone(),
