@@ -710,11 +710,16 @@ impl Scheduler for RunScheduler {
                 // Acknowledge now: a stop queued in this callback goes out before the
                 // automatic acknowledgement would.
                 driver.acknowledge(status);
-                // Keep the connection until the output streams have drained.
+                // Keep the connection until the output streams have drained; a task lost with
+                // its agent has no output left to read (the streams would only retry).
                 let streams = std::mem::take(&mut self.streams);
+                let lost = matches!(status.state, TaskState::Lost | TaskState::Gone | TaskState::Unknown);
                 let d = driver.clone();
                 tokio::spawn(async move {
                     for s in streams {
+                        if lost {
+                            s.abort();
+                        }
                         let _ = s.await;
                     }
                     d.stop(false);
