@@ -2,8 +2,8 @@
 //! client commands. Each subcommand lives in `src/commands/<name>.rs`.
 //!
 //! Exit codes: 0 success; 1 an error (printed as one line on stderr); 2 bad usage;
-//! `agora run` passes the task's exit code through (128+N for signal N) and exits 125 when
-//! the task never ran.
+//! `agora run` passes the task's exit code through (128+N for signal N), exits 125 when the
+//! task never ran, 134 for a Wasm trap or limit, 130/143 when interrupted (README).
 
 use std::process::ExitCode;
 

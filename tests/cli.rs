@@ -20,8 +20,8 @@ fn run_streams_output_and_passes_the_exit_code() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
     assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
 
-    // Byte for byte, both streams, and success.
-    let out = dev.agora(&["run", "--", "sh", "-c", "printf 'a\\0b'; printf 'e' >&2"]);
+    // Byte for byte, both streams, and success (-q: without the task id line).
+    let out = dev.agora(&["run", "-q", "--", "sh", "-c", "printf 'a\\0b'; printf 'e' >&2"]);
     assert_eq!(out.stdout, b"a\0b");
     assert_eq!(out.stderr, b"e");
     assert_eq!(out.status.code(), Some(0));
@@ -31,7 +31,7 @@ fn run_streams_output_and_passes_the_exit_code() {
     assert_eq!(out.status.code(), Some(137));
 
     // A task that never ran: non-zero and one line of reason.
-    let out = dev.agora(&["run", "--", "/nonexistent/program"]);
+    let out = dev.agora(&["run", "--quiet", "--", "/nonexistent/program"]);
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");

@@ -44,7 +44,7 @@ fn wasm_output_exit_codes_args_env_and_dirs() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     // Both streams, byte for byte.
-    let out = dev.agora(&["run", "--wasm", &fixture("hello")]);
+    let out = dev.agora(&["run", "--quiet", "--wasm", &fixture("hello")]);
     assert_eq!(out.stdout, b"hello from wasm\n");
     assert_eq!(out.stderr, b"a warning\n");
     assert_eq!(out.status.code(), Some(0));

@@ -70,7 +70,7 @@ mod tests {
             "cpus:1",
             "cpus:2;mem:3GiB;disk:1GiB",
             "cpus:40;mem:1TiB",
-            "mem:1",
+            "mem:1B",
             "cpus:1;gpus:1",
             "cpus:1;ports:[1-10]",
             "cpus(a):1;cpus:2",

@@ -297,9 +297,10 @@ pub(crate) struct Task {
     pub kill_requested: bool,
     /// Its last [`TASK_HISTORY`] state changes, oldest first (`agora describe task`).
     pub history: std::collections::VecDeque<TaskTransition>,
-    /// Why the master itself killed it (the drain of its agent): the reason its KILLED update
-    /// carries instead of the executor's.
-    pub kill_reason: Option<&'static str>,
+    /// Why the master itself had it killed — its agent's drain (`agent drained`) or its
+    /// framework's teardown that said why (`TeardownBecause`, e.g. `run interrupted`): the
+    /// reason its KILLED update carries instead of the executor's.
+    pub kill_reason: Option<String>,
 }
 
 /// How many state changes the master keeps per task: enough for a launch, a partition and an

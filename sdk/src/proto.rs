@@ -76,6 +76,8 @@ pub const COMMAND_EXECUTOR_ID: &str = "agora-command";
 pub const WASM_EXECUTOR_ID: &str = "agora-wasm";
 /// Largest framework message (scheduler → executor or executor → scheduler), bytes of `data`.
 pub const MAX_FRAMEWORK_MESSAGE: usize = 64 << 10;
+/// Longest reason a framework may give with [`SchedulerCall::TeardownBecause`].
+pub const MAX_TEARDOWN_REASON: usize = 200;
 /// Largest opaque `data` a task may carry to its executor, bytes.
 pub const MAX_TASK_DATA: usize = 256 << 10;
 /// Most files an executor may ask to have fetched into its sandbox.
@@ -774,6 +776,12 @@ pub enum SchedulerCall {
     /// (TASK_UNKNOWN). An empty list asks for all tasks, as `Reconcile` does.
     ReconcileTasks {
         tasks: Vec<ReconcileTask>,
+    },
+    /// `Teardown` naming why: the tasks it kills end KILLED with `reason` (at most
+    /// [`MAX_TEARDOWN_REASON`] bytes) instead of the agent's `killed`, e.g. `run interrupted`.
+    /// (A variant of its own, last, so that postcard's variant indexes of the others stay.)
+    TeardownBecause {
+        reason: String,
     },
 }
 

@@ -238,7 +238,16 @@ const MAX_BATCH: usize = 1024;
 
 enum Control {
     Call(SchedulerCall),
-    Stop { teardown: bool },
+    Stop(Ending),
+}
+
+/// How [`run`] ends on the framework's request.
+#[derive(Clone, Debug)]
+enum Ending {
+    /// The framework may fail over within its failover timeout.
+    Leave,
+    /// Teardown; with a reason, the killed tasks carry it.
+    Teardown(Option<String>),
 }
 
 /// The uuids of the latest status updates delivered, bounded (oldest forgotten first), each
@@ -416,7 +425,17 @@ impl Driver {
     /// the teardown cannot reach the master: it removes the framework after its failover
     /// timeout.
     pub fn stop(&self, teardown: bool) {
-        let _ = self.tx.send(Control::Stop { teardown });
+        let _ = self.tx.send(Control::Stop(if teardown { Ending::Teardown(None) } else { Ending::Leave }));
+    }
+
+    /// Ends `run` with a teardown whose killed tasks end with `reason` (e.g. `run interrupted`)
+    /// rather than `killed`; cut to [`MAX_TEARDOWN_REASON`] bytes. As [`Driver::stop`] otherwise.
+    pub fn stop_because(&self, reason: &str) {
+        let mut end = reason.len().min(MAX_TEARDOWN_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let _ = self.tx.send(Control::Stop(Ending::Teardown(Some(reason[..end].to_string()))));
     }
 
     /// The current connection to the master (for output streams), while subscribed.
@@ -562,8 +581,8 @@ async fn offline<F: Future, S: Scheduler>(
             out = &mut fut => return Some(out),
             ctl = rx.recv() => match ctl {
                 Some(Control::Call(call)) => hold(call, carry, driver, scheduler).await,
-                Some(Control::Stop { teardown }) => {
-                    if teardown {
+                Some(Control::Stop(ending)) => {
+                    if matches!(ending, Ending::Teardown(_)) {
                         warn!("stopped while disconnected: the teardown cannot reach the master, which \
                                removes the framework after its failover timeout");
                     }
@@ -659,7 +678,7 @@ enum Batch {
     /// Sent; launches too large to send come back as TASK_ERROR updates.
     Sent(Vec<TaskStatus>),
     /// The framework stopped the driver (with teardown or not).
-    Stop(bool),
+    Stop(Ending),
 }
 
 /// Sends `first` and whatever else is queued (up to [`MAX_BATCH`]) in one write.
@@ -679,7 +698,7 @@ async fn send_batch(
                 carry.note(&call);
                 send_call(session, call, fw, &mut refused).await?;
             }
-            Control::Stop { teardown } => return Ok(Batch::Stop(teardown)),
+            Control::Stop(ending) => return Ok(Batch::Stop(ending)),
         }
         n += 1;
         if n < MAX_BATCH {
@@ -763,12 +782,12 @@ async fn serve<S: Scheduler>(
                 continue;
             }
             ctl = rx.recv() => {
-                let Some(ctl) = ctl else { return finish(session, false).await };
+                let Some(ctl) = ctl else { return finish(session, Ending::Leave).await };
                 if heartbeat.is_none() {
                     // Not subscribed on this connection yet.
                     match ctl {
                         Control::Call(call) => hold(call, carry, driver, scheduler).await,
-                        Control::Stop { teardown } => return finish(session, teardown).await,
+                        Control::Stop(ending) => return finish(session, ending).await,
                     }
                     continue;
                 }
@@ -777,7 +796,7 @@ async fn serve<S: Scheduler>(
                 match tokio::time::timeout_at(quiet_until.into(), batch).await {
                     Err(_) => return Err(silent()),
                     Ok(Err(e)) => return Err(e),
-                    Ok(Ok(Batch::Stop(teardown))) => return finish(session, teardown).await,
+                    Ok(Ok(Batch::Stop(ending))) => return finish(session, ending).await,
                     Ok(Ok(Batch::Sent(refused))) => {
                         for status in refused {
                             scheduler.status_update(driver, &status).await;
@@ -897,11 +916,13 @@ async fn send_call(
     session.writer.feed(&SchedulerCall::Decline { offer_ids, refuse_seconds: None }).await.map_err(Into::into)
 }
 
-async fn finish(mut session: Session, teardown: bool) -> Result<(), ClientError> {
-    if teardown {
-        session.writer.send(&SchedulerCall::Teardown).await?;
-    } else {
-        session.writer.flush().await?;
+async fn finish(mut session: Session, ending: Ending) -> Result<(), ClientError> {
+    match ending {
+        Ending::Teardown(None) => session.writer.send(&SchedulerCall::Teardown).await?,
+        Ending::Teardown(Some(reason)) => {
+            session.writer.send(&SchedulerCall::TeardownBecause { reason }).await?
+        }
+        Ending::Leave => session.writer.flush().await?,
     }
     let mut send = session.writer.into_inner();
     let _ = send.finish();

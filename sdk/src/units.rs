@@ -1,16 +1,26 @@
-//! Human-friendly sizes (`64MiB`, `1GiB`, `512`) and durations (`500ms`, `30s`, `5m`).
+//! Human-friendly sizes (`64MiB`, `1GiB`, `512B`) and durations (`500ms`, `30s`, `5m`).
+//!
+//! One rule for both: a number needs its unit, except where it cannot be mistaken. `0` needs
+//! none, and neither does a size of at least 1 MiB (a count of bytes, `67108864`); a bare
+//! `64` (64 bytes, or 64 MiB?) or `2` (seconds, or minutes?) is refused with a hint.
 
 use std::time::Duration;
 
 /// A size or duration that could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UnitError {
-    #[error("invalid size `{0}`: expected a number of bytes with an optional unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB), e.g. `64MiB`")]
+    #[error("invalid size `{0}`: expected a number with a unit (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB), e.g. `64MiB`")]
     Size(String),
     #[error(
         "invalid duration `{0}`: expected a number with a unit (ms, s, m, h), e.g. `500ms`, `30s`, `5m`"
     )]
     Duration(String),
+    /// A bare number below 1 MiB: almost surely not meant as bytes.
+    #[error("invalid size `{0}`: a number without a unit is bytes and must then be 0 or at least 1MiB; did you mean `{0}MiB` (or `{0}B`)?")]
+    SizeWithoutUnit(String),
+    /// A bare number other than 0.
+    #[error("invalid duration `{0}`: a number needs a unit (ms, s, m, h); did you mean `{0}s`?")]
+    DurationWithoutUnit(String),
 }
 
 fn split_number(s: &str) -> (&str, &str) {
@@ -38,6 +48,13 @@ pub fn parse_size(input: &str) -> Result<u64, UnitError> {
         "tib" => 1 << 40,
         _ => return Err(err()),
     };
+    if unit.is_empty() {
+        return match num.parse::<u64>() {
+            Ok(n) if n == 0 || n >= 1 << 20 => Ok(n),
+            Ok(_) => Err(UnitError::SizeWithoutUnit(s.to_string())),
+            Err(_) => Err(err()),
+        };
+    }
     if let Ok(n) = num.parse::<u64>() {
         return n.checked_mul(mult).ok_or_else(err);
     }
@@ -65,7 +82,7 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-/// Parses a duration: `500ms`, `30s`, `5m`, `2h`, `1.5s`; a bare number is seconds.
+/// Parses a duration: `500ms`, `30s`, `5m`, `2h`, `1.5s`; a bare number only as `0`.
 pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     let s = input.trim();
     let err = || UnitError::Duration(input.to_string());
@@ -74,6 +91,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
         return Err(err());
     }
     let f: f64 = num.parse().map_err(|_| err())?;
+    if unit.is_empty() && f != 0.0 {
+        return Err(UnitError::DurationWithoutUnit(s.to_string()));
+    }
     let secs = match unit {
         "ns" => f / 1e9,
         "us" | "µs" => f / 1e6,
@@ -96,7 +116,11 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        assert_eq!(parse_size("67108864"), Ok(64 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("64"), Err(UnitError::SizeWithoutUnit("64".into())));
+        assert!(parse_size("64").unwrap_err().to_string().contains("`64MiB`"));
         assert_eq!(parse_size("2gb"), Ok(2_000_000_000));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("12XB").is_err());
@@ -111,7 +135,9 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("2"), Err(UnitError::DurationWithoutUnit("2".into())));
+        assert!(parse_duration("2").unwrap_err().to_string().contains("`2s`"));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }

@@ -730,7 +730,7 @@ restart = { attempts = 2, delay = "1s" }
         assert!(e.starts_with("job.toml:4:"), "{e}");
         let e =
             err("name = \"j\"\n[[group]]\nname = \"g\"\ncpus = 0.1\nmem = \"64\"\ncommand = [\"true\"]\n");
-        assert!(e.starts_with("job.toml:5:") && e.contains("say the unit"), "{e}");
+        assert!(e.starts_with("job.toml:5:") && e.contains("did you mean `64MiB`"), "{e}");
         let e = err("name = \"j\"\n[[group]]\nname = \"g\"\ncpus = 0.1\nmem = \"32MiB\"\ncommand = [\"true\"]\nconstraints = [\"rack ~ r1\"]\n");
         assert!(e.starts_with("job.toml:7:") && e.contains("unknown operator"), "{e}");
         let e = err("name = \"j\"\n[[group]]\nname = \"g\"\ncpus = 0.1\nmem = \"32MiB\"\n");

@@ -5,8 +5,9 @@
 //! the run's framework id, the output streams resume at the byte offset already written (so
 //! output is complete and not repeated), and tasks whose launch was lost go back in the queue.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use agora_sdk::proto::*;
@@ -27,8 +28,21 @@ pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const OUTPUT_RETRY: Duration = Duration::from_millis(500);
 const OUTPUT_RETRIES: u32 = 60;
 
-/// Exit code when the task never ran (ERROR, LOST, DROPPED, …), as `docker run` does.
+/// How long the master keeps a detached run's framework (and so its tasks) once the CLI left:
+/// a framework's tasks die with it, so a detached run asks for a long failover timeout. Its
+/// tasks are killed if they still run after this long.
+pub const DETACHED_FAILOVER_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The reason the tasks of an interrupted run (Ctrl-C, SIGTERM) end KILLED with.
+pub const REASON_INTERRUPTED: &str = "run interrupted";
+/// How long an interrupted run waits for its teardown to reach the master.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Exit code when the task never ran (ERROR, DROPPED, no agent fits it, …), as `docker run`
+/// does.
 pub const EXIT_NEVER_RAN: u8 = 125;
+/// Exit code of a local or usage error (an unreadable file) and of a task that ran and was
+/// then lost (its own exit code unknown): agora's own errors.
+pub const EXIT_ERROR: u8 = 1;
 /// Exit code of a Wasm task that ran and failed without an exit code of its own (a trap, or a
 /// fuel, time or memory limit): 128 + SIGABRT, as `wasmtime run` exits on a trap.
 pub const EXIT_WASM_FAILED: u8 = 134;
@@ -83,8 +97,17 @@ pub struct RunCommand {
     #[arg(long, value_parser = parse_size)]
     disk: Option<u64>,
     /// Number of tasks.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
+    /// Print the task id (one per line with --count) on stdout and exit 0 once every task is
+    /// RUNNING (or already ended); the tasks keep running. The run's framework stays
+    /// registered, disconnected, for 7 days (its failover timeout): tasks still running then
+    /// are killed. Stop them sooner with `agora kill`.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Do not print the task id on stderr.
+    #[arg(long, short = 'q')]
+    quiet: bool,
     /// Task name (default: the program's name).
     #[arg(long)]
     name: Option<String>,
@@ -118,23 +141,16 @@ pub struct RunCommand {
 
 impl RunCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
-        if self.count == 0 {
-            anyhow::bail!("--count must be at least 1");
-        }
         let cfg = self.cluster.resolve()?;
         let tls = cfg.identity(Role::Framework)?;
         let program = match &self.wasm {
             Some(path) => path.display().to_string(),
+            // With --shell the words make one script: its first word names the task.
+            None if self.shell => self.command.join(" "),
             None => self.command.first().cloned().unwrap_or_default(),
         };
-        let name = self.name.clone().unwrap_or_else(|| {
-            let base = program.rsplit('/').next().unwrap_or("task");
-            if base.is_empty() {
-                "task".into()
-            } else {
-                base.chars().take(40).collect()
-            }
-        });
+        let name = self.name.clone().unwrap_or_else(|| id_word(&program));
+        let id_base = id_word(&name);
         let argv = if self.shell { vec![self.command.join(" ")] } else { self.command.clone() };
         let resources =
             Resources { cpus: self.cpus, mem: self.mem, disk: self.disk.unwrap_or(0), ..Default::default() };
@@ -143,18 +159,18 @@ impl RunCommand {
             None => TaskKind::Command(CommandInfo { argv, shell: self.shell, env: self.env.clone() }),
             Some(path) => match self.wasm_task(&cfg, &tls, path, &name).await {
                 Ok(info) => TaskKind::Wasm(Box::new(info)),
-                Err(why) => {
-                    eprintln!("agora: {why}");
-                    return Ok(ExitCode::from(EXIT_NEVER_RAN));
+                Err(e) => {
+                    eprintln!("agora: {e}");
+                    return Ok(ExitCode::from(e.exit_code()));
                 }
             },
         };
         let tasks: VecDeque<TaskInfo> = (0..self.count)
             .map(|i| TaskInfo {
                 task_id: TaskId(if self.count == 1 {
-                    format!("{name}-{run_id}")
+                    format!("{id_base}-{run_id}")
                 } else {
-                    format!("{name}-{run_id}-{i}")
+                    format!("{id_base}-{run_id}-{i}")
                 }),
                 name: name.clone(),
                 resources: resources.clone(),
@@ -166,15 +182,21 @@ impl RunCommand {
             eprintln!("agora: {why}");
             return Ok(ExitCode::from(EXIT_NEVER_RAN));
         }
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        if !self.quiet && !self.detach {
+            eprintln!("agora: {}", describe_ids(&ids));
+        }
         let mut driver_cfg = DriverConfig::new(cfg.master.clone(), tls, format!("agora-run {name}"));
         driver_cfg.framework.role = self.role.clone();
         // How long the run may be cut off from the master before giving up (the master keeps
-        // its tasks as long, so a run that died leaves them behind for this long).
-        driver_cfg.framework.failover_timeout = FAILOVER_TIMEOUT;
+        // its tasks as long, so a run that died leaves them behind for this long). A detached
+        // run leaves on purpose: its tasks must outlive it, so the master keeps it far longer.
+        driver_cfg.framework.failover_timeout =
+            if self.detach { DETACHED_FAILOVER_TIMEOUT } else { FAILOVER_TIMEOUT };
         // State the demand with the subscription, so offers are sized to these tasks.
         driver_cfg.demand = Some(vec![Demand { resources: resources.clone(), count: self.count }]);
         let single = self.count == 1;
-        let progress = if single {
+        let progress = if single || self.detach {
             None
         } else {
             let pb = ProgressBar::new(u64::from(self.count));
@@ -186,6 +208,7 @@ impl RunCommand {
             );
             Some(pb)
         };
+        let driver_handle: Arc<OnceLock<Driver>> = Arc::new(OnceLock::new());
         let mut sched = RunScheduler {
             shape: resources.clone(),
             pending: tasks,
@@ -199,16 +222,50 @@ impl RunCommand {
             progress,
             started: Instant::now(),
             running_at: None,
+            ran: BTreeSet::new(),
+            detach: self.detach,
+            detached: false,
+            driver: driver_handle.clone(),
         };
-        // Ctrl-C kills the tasks (teardown) instead of leaving them behind.
-        let result = tokio::select! {
-            r = scheduler::run(driver_cfg, &mut sched) => r,
-            _ = super::shutdown_signal() => {
-                eprintln!("agora: interrupted; the run's tasks are killed when the master sees it leave");
-                return Ok(ExitCode::from(130));
+        let result = {
+            let run = scheduler::run(driver_cfg, &mut sched);
+            tokio::pin!(run);
+            tokio::select! {
+                r = &mut run => r,
+                code = interrupted() => {
+                    // Tear the framework down (its tasks killed with the reason) rather than leave
+                    // the tasks behind for the failover timeout.
+                    match driver_handle.get() {
+                        Some(driver) => {
+                            // Cut off from the master (failing over), the teardown cannot go out.
+                            let reachable = driver.connection().is_some();
+                            driver.stop_because(REASON_INTERRUPTED);
+                            tokio::select! {
+                                _ = tokio::time::timeout(TEARDOWN_WAIT, &mut run) => {}
+                                _ = interrupted() => {}
+                            }
+                            if reachable {
+                                eprintln!("agora: interrupted: the run's tasks are killed ({REASON_INTERRUPTED})");
+                            } else {
+                                eprintln!(
+                                    "agora: interrupted while the master is out of reach: it kills the run's \
+                                     tasks once the run's failover timeout ({}s) passes",
+                                    if self.detach { DETACHED_FAILOVER_TIMEOUT } else { FAILOVER_TIMEOUT }.as_secs()
+                                );
+                            }
+                        }
+                        None => eprintln!("agora: interrupted before any task was launched"),
+                    }
+                    return Ok(ExitCode::from(code));
+                }
             }
         };
         result?;
+        if self.detach {
+            for id in &ids {
+                println!("{id}");
+            }
+        }
         for s in sched.streams.drain(..) {
             let _ = s.await;
         }
@@ -228,40 +285,45 @@ impl RunCommand {
         tls: &agora_sdk::tls::TlsFiles,
         path: &std::path::Path,
         name: &str,
-    ) -> Result<WasmInfo, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    ) -> Result<WasmInfo, WasmTaskError> {
+        use WasmTaskError::{Local, Remote};
+        let meta =
+            std::fs::metadata(path).map_err(|e| Local(format!("cannot read {}: {e}", path.display())))?;
         if !meta.is_file() {
-            return Err(format!("{} is not a file", path.display()));
+            return Err(Local(format!("{} is not a file", path.display())));
         }
         let mut packed = Vec::new();
         for (local, guest) in &self.dirs {
             let local = local.clone();
-            let archive =
-                tokio::task::spawn_blocking(move || pack_dir(&local)).await.map_err(|e| e.to_string())??;
+            let archive = tokio::task::spawn_blocking(move || pack_dir(&local))
+                .await
+                .map_err(|e| Local(e.to_string()))?
+                .map_err(Local)?;
             packed.push((archive, guest.clone()));
         }
-        let mut search = agora_sdk::masters::MasterSearch::new(&cfg.master).map_err(|e| e.to_string())?;
+        let mut search =
+            agora_sdk::masters::MasterSearch::new(&cfg.master).map_err(|e| Local(e.to_string()))?;
         let session = search
             .connect_patiently(tls, Role::Framework)
             .await
-            .map_err(|e| format!("cannot reach the master at {}: {e}", cfg.master))?;
+            .map_err(|e| Local(format!("cannot reach the master at {}: {e}", cfg.master)))?;
         let conn = session.conn.clone();
         let file_name =
             path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.into());
         let module = if path.extension().is_some_and(|e| e == "wat") {
             // WebAssembly text, as `wasmtime run` takes it: assembled here, checked by the master.
-            let bytes = wat::parse_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bytes = wat::parse_file(path).map_err(|e| Local(format!("{}: {e}", path.display())))?;
             agora_sdk::artifacts::upload_bytes(&conn, ArtifactKind::WasmModule, &file_name, &bytes).await
         } else {
             agora_sdk::artifacts::upload(&conn, ArtifactKind::WasmModule, &file_name, path).await
         }
-        .map_err(|e| upload_error(&file_name, e))?;
+        .map_err(|e| Remote(upload_error(&file_name, e)))?;
         let mut dirs = Vec::new();
         for (archive, guest) in &packed {
             let label = format!("--dir {guest}");
             let r = agora_sdk::artifacts::upload(&conn, ArtifactKind::Archive, &label, archive.path())
                 .await
-                .map_err(|e| upload_error(&label, e))?;
+                .map_err(|e| Remote(upload_error(&label, e)))?;
             dirs.push(DirMount { archive: r, guest: guest.clone() });
         }
         conn.close(0u32.into(), b"uploaded");
@@ -272,11 +334,90 @@ impl RunCommand {
     }
 }
 
+/// Why a Wasm task could not be prepared.
+#[derive(Debug, thiserror::Error)]
+enum WasmTaskError {
+    /// Here: a file, a directory, the master unreachable: exits [`EXIT_ERROR`], as any error
+    /// of agora's own.
+    #[error("{0}")]
+    Local(String),
+    /// The master refused the module or an archive (or the upload broke): the task never ran.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl WasmTaskError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            WasmTaskError::Local(_) => EXIT_ERROR,
+            WasmTaskError::Remote(_) => EXIT_NEVER_RAN,
+        }
+    }
+}
+
+/// The word a task id is made of: the first word of `name` (a program, a script, a module's
+/// path) up to anything but letters, digits, `.`, `_`, `-` and `/` (a shell script's spaces
+/// and metacharacters do not belong in an id), its last path component, at most 40
+/// characters; `task` if nothing is left.
+fn id_word(name: &str) -> String {
+    let word_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/');
+    let word: String =
+        name.trim_start_matches(|c: char| !word_char(c)).chars().take_while(|c| word_char(*c)).collect();
+    let base = word.rsplit('/').next().unwrap_or("").trim_start_matches(['.', '-']);
+    if base.is_empty() {
+        "task".into()
+    } else {
+        base.chars().take(40).collect()
+    }
+}
+
+/// The run's task ids in one line: `task ID`, or `N tasks FIRST … LAST`.
+fn describe_ids(ids: &[TaskId]) -> String {
+    match ids {
+        [one] => format!("task {one}"),
+        [first, .., last] => format!("{} tasks {first} … {last}", ids.len()),
+        [] => "no task".into(),
+    }
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM and returns the exit code a shell gives a command
+/// ended by it: 130 or 143.
+async fn interrupted() -> u8 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => 128 + libc::SIGINT as u8,
+        _ = term.recv() => 128 + libc::SIGTERM as u8,
+    }
+}
+
 fn upload_error(what: &str, e: agora_sdk::client::ClientError) -> String {
     match e {
         agora_sdk::client::ClientError::Refused(w) => format!("the master refused {what}: {}", w.message),
         other => format!("cannot upload {what}: {other}"),
     }
+}
+
+/// Whether the task ended of its own doing (its exit, or a signal from within), not by the
+/// cluster (a kill, a lost agent) or a limit (memory, processes).
+fn ended_by_itself(st: &TaskStatus) -> bool {
+    st.state == TaskState::Finished
+        || st.reason.is_empty()
+        || matches!(st.reason.as_str(), "command exited" | "killed by signal" | "module exited")
+}
+
+/// `task ID STATE: reason: message`, one line.
+fn ended_line(st: &TaskStatus) -> String {
+    format!(
+        "task {} {}: {}{}",
+        st.task_id,
+        st.state,
+        st.reason,
+        if st.message.is_empty() { String::new() } else { format!(": {}", st.message) }
+    )
 }
 
 /// Packs a local directory into a temporary tar archive (regular files and directories; links
@@ -335,6 +476,14 @@ struct RunScheduler {
     progress: Option<ProgressBar>,
     started: Instant,
     running_at: Option<Instant>,
+    /// Tasks seen RUNNING: one lost later ran (its exit code is unknown, but it was no
+    /// launch failure).
+    ran: BTreeSet<TaskId>,
+    /// `--detach`: leave once every task runs (or ended).
+    detach: bool,
+    detached: bool,
+    /// The driver, once subscribed, for an interrupted run's teardown.
+    driver: Arc<OnceLock<Driver>>,
 }
 
 impl RunScheduler {
@@ -363,7 +512,41 @@ impl RunScheduler {
         true
     }
 
+    /// With `--detach`: once every task runs or ended, leave without a teardown (the tasks
+    /// keep running; the master keeps the framework for [`DETACHED_FAILOVER_TIMEOUT`]). When
+    /// they all ended, the usual end of the run applies.
+    fn maybe_detach(&mut self, driver: &Driver, status: &TaskStatus) {
+        if !self.detach || self.detached || !self.pending.is_empty() || !self.launched.is_empty() {
+            return;
+        }
+        if self.finals.len() == self.total || self.states.len() < self.total {
+            return;
+        }
+        let all_started =
+            self.states.iter().all(|(id, s)| *s == TaskState::Running || self.finals.contains_key(id));
+        if all_started {
+            self.detached = true;
+            driver.acknowledge(status);
+            driver.stop(false);
+        }
+    }
+
+    /// One line on stderr when the cluster or a limit (not the task itself) ended the task:
+    /// its exit code or signal alone does not say (a memory limit's OOM kill is signal 9).
+    fn say_why(st: &TaskStatus) {
+        if !ended_by_itself(st) {
+            eprintln!("agora: {}", ended_line(st));
+        }
+    }
+
     fn exit_code(&self) -> ExitCode {
+        if self.detach && self.detached {
+            let failed = self.finals.values().filter(|s| s.state != TaskState::Finished).count();
+            for st in self.finals.values().filter(|s| s.state != TaskState::Finished) {
+                eprintln!("agora: {}", ended_line(st));
+            }
+            return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) };
+        }
         if self.single {
             let Some(st) = self.finals.values().next() else {
                 eprintln!("agora: the task did not finish");
@@ -372,6 +555,7 @@ impl RunScheduler {
             return match st.state {
                 TaskState::Finished => ExitCode::SUCCESS,
                 TaskState::Failed | TaskState::Killed if st.exit_code.is_some() || st.signal.is_some() => {
+                    Self::say_why(st);
                     if let Some(sig) = st.signal {
                         ExitCode::from((128 + sig.clamp(0, 127)) as u8)
                     } else {
@@ -379,13 +563,7 @@ impl RunScheduler {
                     }
                 }
                 _ => {
-                    eprintln!(
-                        "agora: task {} {}: {}{}",
-                        st.task_id,
-                        st.state,
-                        st.reason,
-                        if st.message.is_empty() { String::new() } else { format!(": {}", st.message) }
-                    );
+                    eprintln!("agora: {}", ended_line(st));
                     let limit_or_trap = matches!(
                         st.reason.as_str(),
                         "trap" | "fuel exhausted" | "timeout" | "memory limit exceeded"
@@ -393,6 +571,8 @@ impl RunScheduler {
                     ExitCode::from(match st.state {
                         TaskState::Killed => 137,
                         TaskState::Failed if self.wasm && limit_or_trap => EXIT_WASM_FAILED,
+                        // Lost, gone, unknown after it ran: no launch failure, an error.
+                        _ if self.ran.contains(&st.task_id) => EXIT_ERROR,
                         _ => EXIT_NEVER_RAN,
                     })
                 }
@@ -403,7 +583,10 @@ impl RunScheduler {
         for st in self.finals.values() {
             *by_state.entry(st.state.as_str()).or_default() += 1;
             if st.state != TaskState::Finished {
+                // The cluster's or a limit's reason when there is one: a memory limit's
+                // OOM kill is no plain `signal 9`.
                 let k = match (st.exit_code, st.signal) {
+                    _ if !ended_by_itself(st) => st.reason.clone(),
                     (_, Some(s)) => format!("signal {s}"),
                     (Some(c), _) => format!("exit {c}"),
                     _ => st.reason.clone(),
@@ -496,7 +679,11 @@ impl Scheduler for RunScheduler {
             self.launched.remove(&status.task_id);
         }
         let prev = self.states.insert(status.task_id.clone(), status.state);
+        if status.state == TaskState::Running {
+            self.ran.insert(status.task_id.clone());
+        }
         if self.single
+            && !self.detach
             && status.state == TaskState::Running
             && prev != Some(TaskState::Running)
             && self.streams.is_empty()
@@ -507,7 +694,7 @@ impl Scheduler for RunScheduler {
         // UNKNOWN for a task that had started: the master lost it for good.
         let ended = status.state.is_terminal() || status.state == TaskState::Unknown;
         if ended && !self.finals.contains_key(&status.task_id) {
-            if self.single && self.streams.is_empty() && status.exit_code.is_some() {
+            if self.single && !self.detach && self.streams.is_empty() && status.exit_code.is_some() {
                 // Finished before we saw it running: read what it wrote.
                 self.start_streams(driver, &status.task_id.clone(), false);
             }
@@ -523,11 +710,16 @@ impl Scheduler for RunScheduler {
                 // Acknowledge now: a stop queued in this callback goes out before the
                 // automatic acknowledgement would.
                 driver.acknowledge(status);
-                // Keep the connection until the output streams have drained.
+                // Keep the connection until the output streams have drained; a task lost with
+                // its agent has no output left to read (the streams would only retry).
                 let streams = std::mem::take(&mut self.streams);
+                let lost = matches!(status.state, TaskState::Lost | TaskState::Gone | TaskState::Unknown);
                 let d = driver.clone();
                 tokio::spawn(async move {
                     for s in streams {
+                        if lost {
+                            s.abort();
+                        }
                         let _ = s.await;
                     }
                     d.stop(false);
@@ -537,6 +729,11 @@ impl Scheduler for RunScheduler {
         if status.state == TaskState::Unreachable {
             tracing::warn!(task_id = %status.task_id, "task unreachable: its agent stopped answering");
         }
+        self.maybe_detach(driver, status);
+    }
+
+    async fn registered(&mut self, driver: &Driver, _framework_id: &FrameworkId) {
+        let _ = self.driver.set(driver.clone());
     }
 
     async fn error(&mut self, driver: &Driver, error: &WireError) {
@@ -620,5 +817,23 @@ async fn copy_counting(
             return Copied::OurSide;
         }
         *written += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_made_of_the_names_first_word() {
+        assert_eq!(id_word("echo hi; exit 3"), "echo");
+        assert_eq!(id_word("/bin/true;ls *"), "true");
+        assert_eq!(id_word("  (cd /tmp && make)"), "cd");
+        assert_eq!(id_word("examples/wasm/hello.wat"), "hello.wat");
+        assert_eq!(id_word("'$(rm -rf /)'"), "rm");
+        assert_eq!(id_word("dir/"), "task");
+        assert_eq!(id_word("../.hidden"), "hidden");
+        assert_eq!(id_word(""), "task");
+        assert_eq!(id_word(&"x".repeat(100)).len(), 40);
     }
 }

@@ -127,7 +127,7 @@ impl Master {
             .unwrap_or_default();
         for key in live {
             if let Some(task) = self.tasks.get_mut(&key) {
-                task.kill_reason = Some(AGENT_DRAINED_REASON);
+                task.kill_reason = Some(AGENT_DRAINED_REASON.to_string());
             }
             self.kill_live_task(now, &key);
         }

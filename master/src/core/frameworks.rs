@@ -84,6 +84,7 @@ impl Master {
                 self.remove_framework(now, &fw);
                 self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down"));
             }
+            SchedulerCall::TeardownBecause { reason } => self.teardown_because(now, conn, &fw, reason),
             SchedulerCall::Heartbeat => {}
             SchedulerCall::Message { agent_id, executor_id, data } => {
                 self.scheduler_message(conn, &fw, agent_id, executor_id, data)
@@ -226,6 +227,27 @@ impl Master {
         }
         self.allocator.deactivate_framework(id);
         self.request_allocation(now);
+    }
+
+    /// A teardown naming why: the tasks it kills end with that reason.
+    fn teardown_because(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, reason: String) {
+        if reason.is_empty() || reason.len() > MAX_TEARDOWN_REASON {
+            let message =
+                format!("a teardown reason must have 1 to {MAX_TEARDOWN_REASON} bytes, not {}", reason.len());
+            warn!(framework_id = %fw, message, "invalid teardown");
+            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
+            return;
+        }
+        info!(framework_id = %fw, reason, "framework teardown");
+        for key in self.framework_task_keys(fw) {
+            if let Some(task) = self.tasks.get_mut(&key) {
+                if !task.state.is_terminal() {
+                    task.kill_reason = Some(reason.clone());
+                }
+            }
+        }
+        self.remove_framework(now, fw);
+        self.close(conn, ErrorCode::NotFound, format!("framework {fw} torn down: {reason}"));
     }
 
     /// Forgets a framework for good: its offers are taken back and its tasks killed.

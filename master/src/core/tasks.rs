@@ -231,10 +231,10 @@ impl Master {
             return;
         }
         debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update");
-        // Killed by the master (its agent's drain): the update says so, not the executor's
-        // generic reason.
-        if let (TaskState::Killed, Some(reason)) = (status.state, task.kill_reason) {
-            status.reason = reason.to_string();
+        // Killed by the master (its agent's drain, its framework's teardown with a reason):
+        // the update says so, not the executor's generic reason.
+        if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
+            status.reason = reason.clone();
         }
         self.apply_status(now, &key, &status);
         self.deliver(&key, status);

@@ -735,6 +735,23 @@ fn teardown_kills_tasks_and_closes() {
 }
 
 #[test]
+fn a_teardown_with_a_reason_gives_it_to_the_killed_tasks() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
+    // Bounded: an empty or oversized reason is refused and nothing is torn down.
+    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "x".repeat(MAX_TEARDOWN_REASON + 1) });
+    assert!(closed(&acts, s.fc).is_none());
+    assert_eq!(h.m.frameworks().len(), 1);
+    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "run interrupted".into() });
+    assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]);
+    assert!(closed(&acts, s.fc).is_some_and(|e| e.message.contains("run interrupted")));
+    // The agent reports its usual `killed`; the master keeps the teardown's reason.
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
+    let t = h.m.tasks().into_iter().find(|t| t.id == TaskId::new("t1")).expect("task listed");
+    assert_eq!((t.state, t.reason.as_str()), (TaskState::Killed, "run interrupted"));
+}
+
+#[test]
 fn failover_with_another_principal_is_refused() {
     let mut h = Harness::new();
     let (fc, fw) = h.subscribe("alice", SEC);
