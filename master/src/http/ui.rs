@@ -430,11 +430,11 @@ pub fn agent(a: &AgentView, tasks: &[&TaskView]) -> Markup {
             (bars(&a.resources, &a.used))
             h2 { "Attributes" }
             @if a.attributes.0.is_empty() { p.muted { "None." } } @else {
-                table { tbody { @for (k, v) in &a.attributes.0 { tr { th { (k) } td.mono { (v.to_string()) } } } } }
+                table.kv { tbody { @for (k, v) in &a.attributes.0 { tr { th { (k) } td.mono { (v.to_string()) } } } } }
             }
             h2 { "Reservations" }
             @if a.resources.reserved.is_empty() { p.muted { "None: every resource is unreserved." } } @else {
-                table {
+                table.kv {
                     thead { tr { th { "Role" } th { "Reserved" } } }
                     tbody { @for (role, r) in &a.resources.reserved { tr { td { (role) } td.mono { (r) } } } }
                 }
