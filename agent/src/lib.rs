@@ -42,6 +42,7 @@ pub mod command_executor;
 pub mod core;
 pub mod epoch;
 pub mod executors;
+pub mod files;
 pub mod gc;
 pub mod link;
 pub mod metrics;

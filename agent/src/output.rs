@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agora_sdk::frame::{FrameReader, FrameWriter};
-use agora_sdk::proto::{ErrorCode, OutputReply, OutputRequest, OutputStream, StreamRequest, WireError};
+use agora_sdk::proto::{
+    ErrorCode, FilesReply, FilesRequest, OutputReply, OutputRequest, OutputStream, StreamRequest, WireError,
+};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -103,10 +105,17 @@ pub async fn serve(
     let mut reader = FrameReader::new(recv);
     let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.recv::<StreamRequest>()).await {
         Ok(Ok(Some(StreamRequest::Output(r)))) => r,
+        Ok(Ok(Some(StreamRequest::Files(r)))) => {
+            drop(reader);
+            serve_files(send, r, lookups).await;
+            return;
+        }
         Ok(Ok(Some(other))) => {
             tracing::warn!(?other, "the master opened a stream this agent does not serve");
-            let reply =
-                OutputReply::Error(WireError::new(ErrorCode::Unexpected, "agents serve output streams only"));
+            let reply = OutputReply::Error(WireError::new(
+                ErrorCode::Unexpected,
+                "agents serve output and files streams only",
+            ));
             let _ = reply_and_finish(send, &reply).await;
             return;
         }
@@ -169,6 +178,39 @@ pub async fn serve(
         Err(e) => {
             tracing::debug!(task_id = %request.task_id, file, error = %e, "output stream ended early");
             let _ = send.reset(0u32.into());
+        }
+    }
+}
+
+/// A files request: the task's sandbox found through the core as for its output, then
+/// [`crate::files::serve`].
+async fn serve_files(send: quinn::SendStream, req: FilesRequest, lookups: mpsc::Sender<OutputLookup>) {
+    let request = OutputRequest {
+        task_id: req.task_id.clone(),
+        framework_id: req.framework_id.clone(),
+        stream: OutputStream::Stdout,
+        offset: 0,
+        follow: false,
+    };
+    let (tx, rx) = oneshot::channel();
+    let target = match lookups.send(OutputLookup { request, reply: tx }).await {
+        Ok(()) => rx.await.ok().flatten(),
+        Err(_) => None,
+    };
+    let missing = match &target {
+        None => Some(format!("task {} is unknown on this agent", req.task_id)),
+        Some(t) if t.collected && matches!(tokio::fs::try_exists(&t.path).await, Ok(false)) => {
+            Some(format!("the sandbox of task {} was removed by garbage collection", req.task_id))
+        }
+        Some(_) => None,
+    };
+    match (target, missing) {
+        (Some(t), None) => crate::files::serve(send, req, t.path).await,
+        (_, why) => {
+            let why = why.unwrap_or_default();
+            let mut w = FrameWriter::new(send);
+            let _ = w.send(&FilesReply::Error(WireError::new(ErrorCode::NotFound, why))).await;
+            let _ = w.into_inner().finish();
         }
     }
 }

@@ -981,6 +981,10 @@ async fn refuse_streams(conn: quinn::Connection, leader: Option<String>) {
                 Ok(Ok(Some(StreamRequest::Fetch { .. }))) => {
                     reply_and_finish(w, &FetchReply::Error(stale_refusal("serve artifacts", &leader))).await
                 }
+                Ok(Ok(Some(StreamRequest::Files(_)))) => {
+                    reply_and_finish(w, &FilesReply::Error(stale_refusal("read task sandboxes", &leader)))
+                        .await
+                }
                 _ => Ok(()),
             };
         });
@@ -1458,6 +1462,17 @@ async fn serve_stream(
         StreamRequest::Fetch { .. } => {
             reply_and_finish(w, &FetchReply::Error(not_allowed(role, "fetch artifacts"))).await
         }
+        StreamRequest::Files(req) => match who {
+            Some(who) => {
+                let task_id = req.task_id.clone();
+                let forward = |fw| StreamRequest::Files(FilesRequest { framework_id: Some(fw), ..req });
+                relay_to_agent(w, r, task_id, who, core, forward, FilesReply::Error, |r: &FilesReply| {
+                    matches!(r, FilesReply::Sending { .. })
+                })
+                .await
+            }
+            None => reply_and_finish(w, &FilesReply::Error(not_allowed(role, "read task sandboxes"))).await,
+        },
     }
 }
 
@@ -1545,37 +1560,58 @@ async fn serve_fetch(
     Ok(())
 }
 
-/// Relays one output stream: client → master → agent, bytes back the same way.
+/// Relays a task's output from its agent (see [`relay_to_agent`]).
 async fn relay_output(
-    mut w: FrameWriter<SendStream>,
+    w: FrameWriter<SendStream>,
     r: FrameReader<RecvStream>,
     req: OutputRequest,
     who: Requester,
     core: mpsc::UnboundedSender<Command>,
 ) -> Result<(), String> {
+    let task_id = req.task_id.clone();
+    let forward = |fw| StreamRequest::Output(OutputRequest { framework_id: Some(fw), ..req });
+    relay_to_agent(w, r, task_id, who, core, forward, OutputReply::Error, |r: &OutputReply| {
+        matches!(r, OutputReply::Streaming)
+    })
+    .await
+}
+
+/// Relays one bulk request about a task to its agent: finds the task (`who` must be allowed to
+/// see it), sends the request `forward` makes (the task's framework id filled in) on a new
+/// stream to the agent, and passes the agent's reply frame back, then — when `streams` says the
+/// reply announces bytes — the bytes after it. A relay the agent breaks resets the client's
+/// stream (never a clean finish a client could take for the end of the data).
+#[allow(clippy::too_many_arguments)]
+async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
+    mut w: FrameWriter<SendStream>,
+    r: FrameReader<RecvStream>,
+    task_id: TaskId,
+    who: Requester,
+    core: mpsc::UnboundedSender<Command>,
+    forward: impl FnOnce(FrameworkId) -> StreamRequest,
+    error: fn(WireError) -> Rep,
+    streams: fn(&Rep) -> bool,
+) -> Result<(), String> {
     // The client sends nothing after its request; its side stays open as long as the relay.
     let _client_recv = r;
     let (tx, rx) = oneshot::channel();
-    core.send(Command::Query(Query::Locate(who, req.task_id.clone(), tx))).map_err(|_| "master stopping")?;
+    core.send(Command::Query(Query::Locate(who, task_id, tx))).map_err(|_| "master stopping")?;
     let (loc, agent) = match rx.await.map_err(|_| "master stopping")? {
         Ok(x) => x,
         Err(e) => {
-            let _ = w.send(&OutputReply::Error(e)).await;
+            let _ = w.send(&error(e)).await;
             let _ = w.into_inner().finish();
             return Ok(());
         }
     };
     let (asend, arecv) = agent.open_bi().await.map_err(|e| e.to_string())?;
     let mut aw = FrameWriter::new(asend);
-    aw.send(&StreamRequest::Output(OutputRequest { framework_id: Some(loc.framework_id), ..req }))
-        .await
-        .map_err(|e| e.to_string())?;
+    aw.send(&forward(loc.framework_id)).await.map_err(|e| e.to_string())?;
     let mut ar = FrameReader::new(arecv);
-    let reply = ar.recv::<OutputReply>().await.map_err(|e| e.to_string())?;
-    let reply = reply.unwrap_or_else(|| {
-        OutputReply::Error(WireError::new(ErrorCode::Internal, "agent closed the stream"))
-    });
-    let streaming = matches!(reply, OutputReply::Streaming);
+    let reply = ar.recv::<Rep>().await.map_err(|e| e.to_string())?;
+    let reply =
+        reply.unwrap_or_else(|| error(WireError::new(ErrorCode::Internal, "agent closed the stream")));
+    let streaming = streams(&reply);
     w.send(&reply).await.map_err(|e| e.to_string())?;
     let mut client = w.into_inner();
     if streaming {

@@ -197,6 +197,57 @@ pub async fn open_output(
     Ok(std::io::Cursor::new(buffered.freeze()).chain_async(recv))
 }
 
+/// Sends a files request on a new stream and reads the reply frame; the stream's rest.
+async fn files_request(
+    conn: &quinn::Connection,
+    task_id: &TaskId,
+    path: &str,
+    read: bool,
+) -> Result<(FilesReply, FrameReader<RecvStream>), ClientError> {
+    let (send, recv) = conn.open_bi().await?;
+    let mut w = FrameWriter::new(send);
+    let req = FilesRequest { task_id: task_id.clone(), framework_id: None, path: path.to_string(), read };
+    w.send(&StreamRequest::Files(req)).await?;
+    let mut send = w.into_inner();
+    let _ = send.finish();
+    let mut r = FrameReader::new(recv);
+    match r.recv::<FilesReply>().await? {
+        Some(FilesReply::Error(e)) => Err(ClientError::Refused(e)),
+        Some(reply) => Ok((reply, r)),
+        None => Err(ClientError::Closed),
+    }
+}
+
+/// Lists directory `path` of a task's sandbox (`""`: the sandbox), on any connection to the
+/// master (a framework's for its own tasks, an operator's for any): the entries and whether
+/// the listing was cut at [`MAX_LISTING`].
+pub async fn list_sandbox(
+    conn: &quinn::Connection,
+    task_id: &TaskId,
+    path: &str,
+) -> Result<(Vec<FileEntry>, bool), ClientError> {
+    match files_request(conn, task_id, path, false).await? {
+        (FilesReply::Listing { entries, truncated }, _) => Ok((entries, truncated)),
+        (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Reads file `path` of a task's sandbox: its size and its bytes (exactly `size` of them, or
+/// an error if the stream ends early).
+pub async fn read_sandbox_file(
+    conn: &quinn::Connection,
+    task_id: &TaskId,
+    path: &str,
+) -> Result<(u64, impl AsyncRead + Unpin + Send + 'static), ClientError> {
+    match files_request(conn, task_id, path, true).await? {
+        (FilesReply::Sending { size }, r) => {
+            let (recv, buffered) = r.into_parts();
+            Ok((size, std::io::Cursor::new(buffered.freeze()).chain_async(recv)))
+        }
+        (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+}
+
 trait ChainAsync: AsyncRead + Sized {
     fn chain_async<B: AsyncRead>(self, next: B) -> tokio::io::Chain<Self, B>;
 }
@@ -335,6 +386,24 @@ impl OperatorClient {
             OperatorReply::Masters(m) => Ok(m),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// Lists directory `path` of a task's sandbox (see [`list_sandbox`]).
+    pub async fn list_files(
+        &self,
+        task_id: &TaskId,
+        path: &str,
+    ) -> Result<(Vec<FileEntry>, bool), ClientError> {
+        list_sandbox(&self.session.conn, task_id, path).await
+    }
+
+    /// Reads file `path` of a task's sandbox (see [`read_sandbox_file`]).
+    pub async fn read_file(
+        &self,
+        task_id: &TaskId,
+        path: &str,
+    ) -> Result<(u64, impl AsyncRead + Unpin + Send + 'static), ClientError> {
+        read_sandbox_file(&self.session.conn, task_id, path).await
     }
 
     /// The allocation policy in force and where it comes from (`registry` or `flags`).

@@ -958,6 +958,74 @@ pub enum StreamRequest {
     Upload(UploadRequest),
     /// Read an artifact (agents); answered with [`FetchReply`] then exactly `size` raw bytes.
     Fetch { digest: Digest },
+    /// List a directory of a task's sandbox or read a file of it (frameworks for their own
+    /// tasks, operators; relayed by the master to the agent); answered with [`FilesReply`].
+    Files(FilesRequest),
+}
+
+/// Longest sandbox path a [`FilesRequest`] may name.
+pub const MAX_SANDBOX_PATH: usize = 1024;
+/// Most entries one [`FilesReply::Listing`] carries (the rest is cut, `truncated` set).
+pub const MAX_LISTING: usize = 1000;
+
+/// A directory or file of a task's sandbox: `path` is relative to the sandbox (`""` is the
+/// sandbox itself), plain names only (no `..`, not absolute); symbolic links are followed only
+/// while they stay inside the sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesRequest {
+    pub task_id: TaskId,
+    /// Filled in by the master when it forwards the request to the agent.
+    pub framework_id: Option<FrameworkId>,
+    pub path: String,
+    /// Read the file (`Sending` then its bytes) rather than list the directory.
+    pub read: bool,
+}
+
+/// The answer to a [`FilesRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilesReply {
+    /// The directory's entries, by name (at most [`MAX_LISTING`]).
+    Listing {
+        entries: Vec<FileEntry>,
+        truncated: bool,
+    },
+    /// The file follows: exactly `size` raw bytes, then the stream finishes.
+    Sending {
+        size: u64,
+    },
+    Error(WireError),
+}
+
+/// One entry of a sandbox directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Last modification, Unix milliseconds.
+    pub modified_ms: u64,
+}
+
+/// What a sandbox entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    /// A symbolic link (not followed in listings).
+    Link,
+    Other,
+}
+
+impl FileKind {
+    /// `file`, `dir`, `link` or `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::File => "file",
+            FileKind::Dir => "dir",
+            FileKind::Link => "link",
+            FileKind::Other => "other",
+        }
+    }
 }
 
 /// Puts an artifact into the master's content-addressed store. The master answers at once with

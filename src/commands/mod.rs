@@ -10,6 +10,7 @@ pub mod demo_executor;
 pub mod dev;
 pub mod executor_command;
 pub mod executor_wasm;
+pub mod files;
 pub mod job;
 pub mod kill;
 pub mod list;
@@ -52,6 +53,10 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Print a task's stdout (or stderr).
     Logs(logs::LogsCommand),
+    /// List a task's sandbox, or print one of its files (--cat).
+    Files(files::FilesCommand),
+    /// Copy a file of a task's sandbox here: `agora cp TASK:PATH LOCAL`.
+    Cp(files::CpCommand),
     /// Kill a task.
     Kill(kill::KillCommand),
     /// Make the cluster's certificates.
@@ -83,6 +88,8 @@ impl Command {
             Command::Job(c) => c.execute().await,
             Command::Logs(c) => c.execute().await,
             Command::Kill(c) => c.execute().await,
+            Command::Files(c) => c.execute().await,
+            Command::Cp(c) => c.execute().await,
             Command::Tls(c) => c.execute(),
             Command::ExecutorWasm(c) => c.execute().await,
             Command::NativeExecutor(c) => c.execute().await,
