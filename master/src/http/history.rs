@@ -210,3 +210,64 @@ pub fn charts(history: &History) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use agora_sdk::proto::{AgentId, FrameworkId};
+    use agora_sdk::Attributes;
+
+    use super::*;
+
+    fn agent(resources: &str, used: &str) -> AgentView {
+        AgentView {
+            id: AgentId::new("A1"),
+            hostname: "h".into(),
+            resources: Resources::parse(resources).expect("resources"),
+            used: Resources::parse(used).expect("used"),
+            attributes: Attributes::default(),
+            status: "active".into(),
+            tasks: 0,
+        }
+    }
+
+    fn framework(role: &str, used: &str) -> FrameworkView {
+        FrameworkView {
+            id: FrameworkId::new(format!("F-{role}-{used}")),
+            name: "f".into(),
+            role: role.into(),
+            principal: "p".into(),
+            status: "active".into(),
+            used: Resources::parse(used).expect("used"),
+            tasks: 0,
+        }
+    }
+
+    #[test]
+    fn samples_dominant_share_per_role_and_utilisation() {
+        let agents = [agent("cpus:4;mem:8GiB", "cpus:2;mem:1GiB")];
+        let frameworks = [
+            framework("web", "cpus:1;mem:512MiB"),
+            framework("web", "cpus:0.5"),
+            framework("batch", "cpus:0.5;mem:4GiB"),
+        ];
+        let s = History::sample(&agents, &frameworks);
+        assert_eq!(s.roles["web"], 1.5 / 4.0);
+        assert_eq!(s.roles["batch"], 0.5);
+        assert_eq!(s.utilisation["cpus"], 0.5);
+        assert_eq!(s.utilisation["mem"], 1.0 / 8.0);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_last_samples_and_role_names_are_escaped() {
+        let h = History::default();
+        for i in 0..SAMPLES + 5 {
+            let mut s = History::sample(&[], &[]);
+            s.roles.insert("<b>r</b>".into(), i as f64 / (SAMPLES + 5) as f64);
+            h.push(s);
+        }
+        assert_eq!(h.samples().len(), SAMPLES);
+        let html = charts(&h).into_string();
+        assert!(html.contains("&lt;b&gt;r&lt;/b&gt;") && !html.contains("<b>r"));
+        assert_eq!(html.matches("<polyline").count(), 4); // one role, three kinds
+    }
+}

@@ -465,3 +465,96 @@ pub fn agent(a: &AgentView, tasks: &[&TaskView]) -> Markup {
 pub fn not_found(what: &str) -> Markup {
     page("Not found", "", html! { h1 { "Not found" } p { (what) } p { a href="/" { "Overview" } } })
 }
+
+#[cfg(test)]
+mod tests {
+    use agora_sdk::proto::{AgentId, ExecutorId, FrameworkId, TaskId, COMMAND_EXECUTOR_ID};
+
+    use super::*;
+
+    fn task(i: usize, state: TaskState, name: &str) -> TaskView {
+        TaskView {
+            id: TaskId::new(format!("t{i}")),
+            name: name.to_string(),
+            framework_id: FrameworkId::new(if i.is_multiple_of(2) { "F-even" } else { "F-odd" }),
+            agent_id: AgentId::new("A1"),
+            state,
+            resources: Resources::parse("cpus:0.1;mem:64MiB").expect("resources"),
+            exit_code: None,
+            signal: None,
+            reason: String::new(),
+            message: String::new(),
+            usage: None,
+            executor_id: ExecutorId::new(COMMAND_EXECUTOR_ID),
+        }
+    }
+
+    fn rows(html: &str) -> usize {
+        html.matches("<tr>").count() - 1 // the header's row
+    }
+
+    #[test]
+    fn ten_thousand_tasks_render_one_page_of_a_hundred_with_a_pager() {
+        let tasks: Vec<TaskView> =
+            (0..10_000).map(|i| task(i, TaskState::Running, &format!("job-{i}"))).collect();
+        let first = tasks_page(&tasks, &TaskFilter::default());
+        assert_eq!(rows(&first), PAGE);
+        assert!(
+            first.contains("page 1 of 100") && first.contains(">job-99<") && !first.contains(">job-100<")
+        );
+        let last = tasks_page(&tasks, &TaskFilter { page: Some(100), ..Default::default() });
+        assert_eq!(rows(&last), PAGE);
+        assert!(last.contains(">job-9999<") && last.contains("page 100 of 100"));
+        // Past the end: the last page, not an empty one.
+        let past = tasks_page(&tasks, &TaskFilter { page: Some(5000), ..Default::default() });
+        assert!(past.contains("page 100 of 100"));
+    }
+
+    fn tasks_page(t: &[TaskView], f: &TaskFilter) -> String {
+        tasks(t, f).into_string()
+    }
+
+    #[test]
+    fn filters_by_state_framework_agent_and_name() {
+        let all = [
+            task(0, TaskState::Running, "web-1"),
+            task(1, TaskState::Failed, "web-2"),
+            task(2, TaskState::Finished, "batch-1"),
+        ];
+        let pick = |f: TaskFilter| -> Vec<String> {
+            all.iter().filter(|t| f.matches(t)).map(|t| t.name.clone()).collect()
+        };
+        assert_eq!(pick(TaskFilter { state: "failed".into(), ..Default::default() }), ["web-2"]);
+        assert_eq!(pick(TaskFilter { state: "TASK_RUNNING".into(), ..Default::default() }), ["web-1"]);
+        assert_eq!(
+            pick(TaskFilter { framework: "F-even".into(), ..Default::default() }),
+            ["web-1", "batch-1"]
+        );
+        assert_eq!(
+            pick(TaskFilter { name: "web".into(), agent: "A1".into(), ..Default::default() }),
+            ["web-1", "web-2"]
+        );
+        assert!(pick(TaskFilter { agent: "A2".into(), ..Default::default() }).is_empty());
+    }
+
+    #[test]
+    fn hostile_names_reasons_and_logs_stay_text() {
+        let mut t = task(1, TaskState::Failed, "<script>alert(1)</script>");
+        t.reason = "<img src=x onerror=alert(2)>".into();
+        t.message = "\"quoted\" & <b>".into();
+        let log = Piece { offset: 0, next: 20, text: "</pre><script>x</script>".into() };
+        let page = super::task(&t, Ok(log), Err("<i>gone</i>".into())).into_string();
+        assert!(!page.contains("<script>alert") && page.contains("&lt;script&gt;alert(1)"));
+        assert!(!page.contains("<img") && !page.contains("</pre><script>") && !page.contains("<i>gone"));
+        assert!(page.contains("&quot;quoted&quot; &amp; &lt;b&gt;"));
+        let list = tasks_page(&[t], &TaskFilter { name: "\"><script>".into(), ..Default::default() });
+        assert!(!list.contains("\"><script>"), "a filter value broke out of its attribute");
+    }
+
+    #[test]
+    fn links_percent_encode_ids() {
+        let mut t = task(0, TaskState::Running, "x");
+        t.id = TaskId::new("a b&c/d");
+        assert_eq!(task_href(&t), "/tasks/a%20b%26c%2Fd?framework=F-even");
+    }
+}
