@@ -1,9 +1,10 @@
 //! Browser tests of the master's web UI: `agora dev --http` with running, finished, failed and
 //! killed tasks, looked at through headless Chromium (Debian's `chromium`, driven over the
 //! DevTools protocol) as a person would: the overview's agent and counts, the failed task's
-//! reason and log tail, and a task killed while its page is open turning `TASK_KILLED` in that
-//! same page, without a reload. Screenshots of each page go to a folder the test prints
-//! (`$AGORA_UI_SCREENSHOTS`, or `ui-screenshots` under Cargo's test tmp dir).
+//! reason and log tail, a running task's log growing on its open page, and a task killed
+//! while its page is open turning `TASK_KILLED` in that same page, without a reload.
+//! Screenshots of each page go to a folder the test prints (`$AGORA_UI_SCREENSHOTS`, or
+//! `ui-screenshots` under Cargo's test tmp dir).
 //!
 //! Skipped, with the reason printed, where `/usr/bin/chromium` does not exist (`.ci/run`
 //! installs it).
@@ -139,7 +140,8 @@ fn the_ui_shows_tasks_as_a_person_sees_them_and_follows_a_kill_without_reload() 
         Proc::spawn(name, dev.dir.path(), &mut cmd)
     };
     let _steady = run("steady", "echo steady; sleep 600");
-    let _victim = run("victim", "echo victim started; sleep 600");
+    let _victim =
+        run("victim", "echo victim started; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done");
     let failed = task_in(&dev, "broken", "TASK_FAILED");
     let victim = task_in(&dev, "victim", "TASK_RUNNING");
     task_in(&dev, "steady", "TASK_RUNNING");
@@ -194,8 +196,13 @@ fn the_ui_shows_tasks_as_a_person_sees_them_and_follows_a_kill_without_reload() 
     eval(&tab, "window.agoraSamePage = 'yes'; 'ok'");
     let state = "document.querySelector('#task [data-field=\"state\"]').textContent";
     assert_eq!(eval(&tab, state), "TASK_RUNNING");
-    poll("the victim's log on its page", 20, || {
-        eval(&tab, "document.getElementById('stdout').textContent").contains("victim started").then_some(())
+    // The log grows on the open page (followed, not reloaded).
+    let log = "document.getElementById('stdout').textContent";
+    let at_load = eval(&tab, log);
+    assert!(at_load.starts_with("victim started\n"), "the running task's log tail: {at_load:?}");
+    poll("the victim's log to grow on its open page", 20, || {
+        let now = eval(&tab, log);
+        (now.len() > at_load.len() + 20 && now.starts_with(&at_load)).then_some(())
     });
     shoot(&tab, &shots, "task-running");
     let out = dev.agora(&["kill", victim["id"].as_str().expect("id")]);
