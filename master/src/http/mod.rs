@@ -128,7 +128,7 @@ fn not_found(what: String) -> Response {
 async fn overview(State(s): State<AppState>) -> Response {
     let (agents, frameworks, tasks) =
         (s.master.agents().await, s.master.frameworks().await, s.master.tasks().await);
-    html(ui::overview(&agents, &frameworks, &tasks, history::charts(&s.history)))
+    html(ui::overview(s.master.is_leader(), &agents, &frameworks, &tasks, history::charts(&s.history)))
 }
 
 async fn agents(State(s): State<AppState>) -> Response {

@@ -184,8 +184,10 @@ fn agents_table(agents: &[AgentView]) -> Markup {
     }
 }
 
-/// `/`: agents, frameworks, task counts and the pictures.
+/// `/`: agents, frameworks, task counts and the pictures; `leader` is false on a standby
+/// master (which has no state to show).
 pub fn overview(
+    leader: bool,
     agents: &[AgentView],
     frameworks: &[FrameworkView],
     tasks: &[TaskView],
@@ -198,6 +200,9 @@ pub fn overview(
         "Overview",
         html! {
             h1 { "Overview" }
+            @if !leader {
+                p.error { "This master is a standby: the cluster's state is on the leading master (see `agora masters`)." }
+            }
             section #counts data-poll="/ui/api/overview" {
                 h2 { "Tasks" }
                 ul.counts {
