@@ -196,6 +196,60 @@ impl MasterHandle {
     }
 }
 
+/// A task's output as the agent streams it to an operator ([`MasterHandle::task_output`]).
+pub struct TaskOutput {
+    /// The framework the task belongs to.
+    pub framework_id: FrameworkId,
+    /// Bytes the agent sent along with its reply; they come before `recv`'s.
+    pub buffered: bytes::BytesMut,
+    /// The rest of the output; it finishes at its end (without `follow`: the end of the file
+    /// now).
+    pub recv: RecvStream,
+    /// Our side of the stream: dropping it early would end the request.
+    _send: SendStream,
+}
+
+impl MasterHandle {
+    /// Opens a task's `stdout` or `stderr` from `offset` on its agent, as an operator reads it
+    /// (`agora logs`; the first task with this id when several frameworks reuse it).
+    pub async fn task_output(
+        &self,
+        task_id: &TaskId,
+        stream: OutputStream,
+        offset: u64,
+        follow: bool,
+    ) -> Result<TaskOutput, WireError> {
+        let stopping = || WireError::new(ErrorCode::Internal, "master stopping");
+        let core =
+            self.core().ok_or_else(|| WireError::new(ErrorCode::Unexpected, "this master is a standby"))?;
+        let (loc, agent) = core
+            .ask(|tx| Query::Locate(Requester::Operator, task_id.clone(), tx))
+            .await
+            .ok_or_else(stopping)??;
+        let io =
+            |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, format!("agent stream: {e}"));
+        let (send, recv) = agent.open_bi().await.map_err(|e| io(&e))?;
+        let mut w = FrameWriter::new(send);
+        let req = OutputRequest {
+            task_id: task_id.clone(),
+            framework_id: Some(loc.framework_id.clone()),
+            stream,
+            offset,
+            follow,
+        };
+        w.send(&StreamRequest::Output(req)).await.map_err(|e| io(&e))?;
+        let mut r = FrameReader::new(recv);
+        match r.recv::<OutputReply>().await.map_err(|e| io(&e))? {
+            Some(OutputReply::Streaming) => {
+                let (recv, buffered) = r.into_parts();
+                Ok(TaskOutput { framework_id: loc.framework_id, buffered, recv, _send: w.into_inner() })
+            }
+            Some(OutputReply::Error(e)) => Err(e),
+            None => Err(WireError::new(ErrorCode::Internal, "agent closed the stream")),
+        }
+    }
+}
+
 async fn wait_fatal(mut rx: watch::Receiver<Option<String>>) -> String {
     loop {
         if let Some(why) = rx.borrow_and_update().clone() {

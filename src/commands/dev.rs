@@ -35,7 +35,8 @@ pub struct DevCommand {
     /// QUIC address of the master (loopback; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:5050")]
     listen: SocketAddr,
-    /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
+    /// Read-only HTTP endpoint: the web UI at /, /api/v1/state, /metrics (Prometheus), /health
+    /// (no authentication yet: keep it on loopback or behind a proxy).
     #[arg(long)]
     http: Option<SocketAddr>,
     /// How long the sandbox of a finished task is kept (less when the disk fills up).
@@ -125,7 +126,7 @@ impl DevCommand {
                 cluster.shutdown.clone(),
             )
             .await?;
-            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
+            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics; web UI: http://{bound}/");
         }
         println!(
             "Agora dev cluster ready: master {} with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora run -- echo hello\n  agora tasks\nPress Ctrl-C to stop.",

@@ -25,7 +25,8 @@ pub struct MasterCommand {
     /// Directory made by `agora tls init` (ca.pem, master.pem, master-key.pem).
     #[arg(long)]
     tls_dir: PathBuf,
-    /// Read-only HTTP endpoint: /api/v1/state, /metrics (Prometheus), /health.
+    /// Read-only HTTP endpoint: the web UI at /, /api/v1/state, /metrics (Prometheus), /health
+    /// (no authentication yet: keep it on loopback or behind a proxy).
     #[arg(long)]
     http: Option<SocketAddr>,
     /// The master's directory: its registry (`registry.redb`: frameworks, agents, the
@@ -281,7 +282,7 @@ impl MasterCommand {
             let bound =
                 agora_master::http::spawn_with_flags(addr, handle.clone(), super::flags(), shutdown.clone())
                     .await?;
-            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics");
+            println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics; web UI: http://{bound}/");
         }
         tokio::select! {
             () = super::shutdown_signal() => {}
