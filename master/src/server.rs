@@ -194,6 +194,17 @@ impl MasterHandle {
         let Some(core) = self.core() else { return Vec::new() };
         core.ask(Query::Tasks).await.unwrap_or_default()
     }
+
+    /// A task's last state changes, oldest first (`None`: unknown, or a standby).
+    pub async fn task_history(
+        &self,
+        framework_id: &FrameworkId,
+        task_id: &TaskId,
+    ) -> Option<Vec<TaskTransition>> {
+        let core = self.core()?;
+        let key = TaskKey::new(framework_id.clone(), task_id.clone());
+        core.ask(|tx| Query::TaskHistory(key, tx)).await.flatten()
+    }
 }
 
 /// A task's output as the agent streams it to an operator ([`MasterHandle::task_output`]).

@@ -137,7 +137,7 @@ fn task_json(
                 "state": h.state.as_str(),
                 "reason": h.reason,
                 "timestamp_ms": h.timestamp_ms,
-                "time": utc(h.timestamp_ms),
+                "time": agora_sdk::units::format_unix_ms(h.timestamp_ms),
             })
         })
         .collect();
@@ -178,8 +178,12 @@ fn task_text(
     ];
     let mut out = fields_text(&fields);
     out.push_str("\nState changes (the last 16):\n");
-    let rows =
-        history.iter().map(|h| vec![utc(h.timestamp_ms), h.state.to_string(), h.reason.clone()]).collect();
+    let rows = history
+        .iter()
+        .map(|h| {
+            vec![agora_sdk::units::format_unix_ms(h.timestamp_ms), h.state.to_string(), h.reason.clone()]
+        })
+        .collect();
     out.push_str(&indent(&output::table(&["TIME (UTC)", "STATE", "REASON"], rows)));
     out
 }
@@ -236,39 +240,8 @@ fn or_dash(s: String) -> String {
     }
 }
 
-/// Unix milliseconds as `2026-12-05T08:30:00.123Z` (proleptic Gregorian, UTC).
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn utc_times() {
-        assert_eq!(super::utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(super::utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(super::utc(1_796_459_405_007), "2026-12-05T08:30:05.007Z");
-    }
-
     #[test]
     fn fields_align() {
         let text = super::fields_text(&[("Task", "t1".into()), ("Resources", "cpus:1".into())]);

@@ -227,6 +227,7 @@ mod tests {
             attributes: Attributes::default(),
             status: "active".into(),
             tasks: 0,
+            drain: None,
         }
     }
 

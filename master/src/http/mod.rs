@@ -205,11 +205,17 @@ async fn task(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query
         Ok(t) => t,
         Err(r) => return *r,
     };
-    let (stdout, stderr) = tokio::join!(
+    let (stdout, stderr, history) = tokio::join!(
         logs::tail(&s.master, &t.id, &t.framework_id, OutputStream::Stdout),
         logs::tail(&s.master, &t.id, &t.framework_id, OutputStream::Stderr),
+        s.master.task_history(&t.framework_id, &t.id),
     );
-    html(ui::task(&t, stdout.map_err(|e| e.message), stderr.map_err(|e| e.message)))
+    html(ui::task(
+        &t,
+        &history.unwrap_or_default(),
+        stdout.map_err(|e| e.message),
+        stderr.map_err(|e| e.message),
+    ))
 }
 
 /// What the overview's script refreshes: task counts by state.

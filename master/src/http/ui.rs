@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agora_sdk::proto::{AgentView, FrameworkView, TaskState, TaskView, Usage};
+use agora_sdk::proto::{AgentView, FrameworkView, TaskState, TaskTransition, TaskView, Usage};
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
 
@@ -374,7 +374,12 @@ fn log_block(id: &str, label: &str, log: &Result<Piece, String>, live: bool) -> 
 }
 
 /// `/tasks/{id}`: what the master knows of one task, and the tail of its output.
-pub fn task(t: &TaskView, stdout: Result<Piece, String>, stderr: Result<Piece, String>) -> Markup {
+pub fn task(
+    t: &TaskView,
+    history: &[TaskTransition],
+    stdout: Result<Piece, String>,
+    stderr: Result<Piece, String>,
+) -> Markup {
     let live = !t.state.is_terminal();
     let api = format!("/ui/api/tasks/{}?framework={}", enc(t.id.as_str()), enc(t.framework_id.as_str()));
     page(
@@ -397,7 +402,20 @@ pub fn task(t: &TaskView, stdout: Result<Piece, String>, stderr: Result<Piece, S
                         @for (k, v) in usage_text(&t.usage) { span.usage { (k) ": " (v) } }
                     }
                 }
-                p.muted { "Status history is not kept by the master; the state, reason and exit above are the latest update." }
+                h2 { "Status updates" }
+                @if history.is_empty() {
+                    p.muted { "No state change recorded by this master." }
+                } @else {
+                    table.timeline {
+                        thead { tr { th { "Time" } th { "State" } th { "Reason" } } }
+                        tbody {
+                            @for h in history {
+                                tr { td.mono { (agora_sdk::units::format_unix_ms(h.timestamp_ms)) } td { (state_badge(h.state)) } td { (h.reason) } }
+                            }
+                        }
+                    }
+                    p.muted { "The last " (history.len()) " state changes the master applied (it keeps 16); the state above follows the task live." }
+                }
             }
             (log_block("stdout", "stdout", &stdout, live))
             (log_block("stderr", "stderr", &stderr, live))
@@ -431,6 +449,17 @@ pub fn agent(a: &AgentView, tasks: &[&TaskView]) -> Markup {
                 dt { "Resources" } dd.mono { (a.resources) }
                 dt { "Used" } dd.mono { (a.used) }
                 dt { "Tasks" } dd { (a.tasks) }
+                dt { "Drain" } dd {
+                    @match &a.drain {
+                        None => "not draining",
+                        Some(d) => {
+                            @match d.deadline_unix_ms {
+                                Some(ms) => { "draining; deadline " (agora_sdk::units::format_unix_ms(ms)) @if d.kill { ", tasks left then are killed" } @else { ", tasks are not killed" } },
+                                None => "draining, no deadline (tasks are not killed)",
+                            }
+                        }
+                    }
+                }
             }
             (bars(&a.resources, &a.used))
             h2 { "Attributes" }
@@ -548,7 +577,10 @@ mod tests {
         t.reason = "<img src=x onerror=alert(2)>".into();
         t.message = "\"quoted\" & <b>".into();
         let log = Piece { offset: 0, next: 20, text: "</pre><script>x</script>".into() };
-        let page = super::task(&t, Ok(log), Err("<i>gone</i>".into())).into_string();
+        let history =
+            [TaskTransition { state: TaskState::Failed, reason: "<b>bad</b>".into(), timestamp_ms: 0 }];
+        let page = super::task(&t, &history, Ok(log), Err("<i>gone</i>".into())).into_string();
+        assert!(!page.contains("<b>bad") && page.contains("&lt;b&gt;bad"), "a history reason broke out");
         assert!(!page.contains("<script>alert") && page.contains("&lt;script&gt;alert(1)"));
         assert!(!page.contains("<img") && !page.contains("</pre><script>") && !page.contains("<i>gone"));
         assert!(page.contains("&quot;quoted&quot; &amp; &lt;b&gt;"));
