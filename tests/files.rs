@@ -85,3 +85,24 @@ fn a_tasks_sandbox_is_listed_read_and_copied_and_nothing_outside_it() {
     let out = dev.agora(&["files", &id, "mnt/data/input.txt", "--cat"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "shipped", "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `agora run --wasm … --dir LOCAL::GUEST --sync-back`: what the module wrote in its preopen
+/// comes back into LOCAL when it ends.
+#[test]
+fn sync_back_copies_what_a_wasm_task_wrote_into_its_dir() {
+    let dev = Dev::start("cpus:2;mem:1GiB");
+    let local = dev.dir.path().join("data");
+    std::fs::create_dir(&local).expect("mkdir");
+    std::fs::write(local.join("in.txt"), "input from the host\n").expect("write");
+    let wat = concat!(env!("CARGO_MANIFEST_DIR"), "/executor-wasm/tests/fixtures/files.wat");
+    let dir_arg = format!("{}::/data", local.display());
+    let out = dev.agora(&["run", "--wasm", wat, "--dir", &dir_arg, "--sync-back"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "input from the host\n");
+    assert_eq!(std::fs::read_to_string(local.join("out.txt")).expect("synced back"), "written by wasm\n");
+    assert!(err.contains("--sync-back /data: 2 file(s)"), "{err}");
+    // Without a --dir there is nothing to sync: refused as usage.
+    let out = dev.agora(&["run", "--wasm", wat, "--sync-back"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

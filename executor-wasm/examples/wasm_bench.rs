@@ -173,7 +173,7 @@ async fn bench() -> BenchResult<()> {
         c
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    for kernel in [("fib", "fib", 30), ("compute", "mix", 20_000_000)] {
+    for kernel in [("fib", "fib", 30), ("compute", "mix", 20_000_000), ("tight", "count", 400_000_000)] {
         let (neither, _) = kernel_median(&engine_with(false, false), false, kernel, 7).await?;
         let (epochs, _) = kernel_median(&engine_with(false, true), false, kernel, 7).await?;
         let (fuel_only, fuel) = kernel_median(&engine_with(true, false), true, kernel, 7).await?;
@@ -193,8 +193,12 @@ async fn bench() -> BenchResult<()> {
     // `_start` running the kernel: the library's `run_task` (the executor's path: spec checks,
     // WASI context, store, fuel slices, timeout timer) against a bare engine with fuel
     // instantiating the same module and calling `_start`.
-    for (name, wat) in [("fib(30)", FIB_30), ("mix(20M)", MIX_20M)] {
-        let bytes: Arc<[u8]> = Arc::from(wat::parse_str(wat)?);
+    for (name, bytes) in [
+        ("fib(30)", wat::parse_str(FIB_30)?),
+        ("mix(20M)", wat::parse_str(MIX_20M)?),
+        ("count(400M)", fixture("tight")?),
+    ] {
+        let bytes: Arc<[u8]> = Arc::from(bytes);
         rt.load(&bytes)?;
         let digest = Digest::of(&bytes);
         let mut through = Vec::new();

@@ -127,6 +127,10 @@ pub struct RunCommand {
     /// Ship a local directory with a Wasm task and preopen it at GUEST (repeatable).
     #[arg(long = "dir", value_name = "LOCAL::GUEST", value_parser = parse_dir, requires = "wasm")]
     dirs: Vec<(std::path::PathBuf, String)>,
+    /// When the Wasm task ends, copy what is in each `--dir` back into its LOCAL directory
+    /// (files written or changed by the task; links and special files are skipped).
+    #[arg(long, requires = "dirs", conflicts_with_all = ["count", "detach"])]
+    sync_back: bool,
     /// Total fuel a Wasm task may burn (about one unit per instruction); it fails with
     /// `fuel exhausted` when spent.
     #[arg(long, value_parser = parse_fuel, requires = "wasm")]
@@ -226,6 +230,7 @@ impl RunCommand {
             detach: self.detach,
             detached: false,
             driver: driver_handle.clone(),
+            sync_back: if self.sync_back { self.dirs.clone() } else { Vec::new() },
         };
         let result = {
             let run = scheduler::run(driver_cfg, &mut sched);
@@ -484,6 +489,8 @@ struct RunScheduler {
     detached: bool,
     /// The driver, once subscribed, for an interrupted run's teardown.
     driver: Arc<OnceLock<Driver>>,
+    /// `--sync-back`: the `--dir`s to copy back from the task's sandbox when it ends.
+    sync_back: Vec<(std::path::PathBuf, String)>,
 }
 
 impl RunScheduler {
@@ -715,12 +722,26 @@ impl Scheduler for RunScheduler {
                 let streams = std::mem::take(&mut self.streams);
                 let lost = matches!(status.state, TaskState::Lost | TaskState::Gone | TaskState::Unknown);
                 let d = driver.clone();
+                // Copied back while the run's framework is still subscribed (it may read its
+                // own tasks' sandboxes, and the task's sandbox is still there).
+                let sync = if lost { Vec::new() } else { std::mem::take(&mut self.sync_back) };
+                let task = status.task_id.clone();
                 tokio::spawn(async move {
                     for s in streams {
                         if lost {
                             s.abort();
                         }
                         let _ = s.await;
+                    }
+                    for (local, guest) in &sync {
+                        let remote = format!("mnt/{}", guest.trim_start_matches('/'));
+                        match sync_back(&d, &task, &remote, local).await {
+                            Ok((files, bytes)) => eprintln!(
+                                "agora: --sync-back {guest}: {files} file(s), {bytes} bytes into {}",
+                                local.display()
+                            ),
+                            Err(e) => eprintln!("agora: --sync-back {guest}: {e}"),
+                        }
                     }
                     d.stop(false);
                 });
@@ -740,6 +761,77 @@ impl Scheduler for RunScheduler {
         eprintln!("agora: the master reported: {}", error.message);
         let _ = driver;
     }
+}
+
+/// Most files and bytes `--sync-back` copies (a task may write far more than anyone wants).
+const SYNC_MAX_FILES: u64 = 10_000;
+const SYNC_MAX_BYTES: u64 = 4 << 30;
+/// Deepest directory `--sync-back` descends into.
+const SYNC_MAX_DEPTH: usize = 32;
+
+/// Copies directory `remote` of `task`'s sandbox into `local`: directories made, files
+/// written (replacing what is there), links and special files skipped; bounded in files,
+/// bytes and depth. Each file goes to a temporary name first and is renamed once whole.
+/// Returns the files and bytes copied.
+async fn sync_back(
+    driver: &Driver,
+    task: &TaskId,
+    remote: &str,
+    local: &std::path::Path,
+) -> Result<(u64, u64), String> {
+    let conn = driver.connection().ok_or("the run is no longer connected to the master")?;
+    let conn = &conn;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut todo = vec![(remote.to_string(), local.to_path_buf(), 0usize)];
+    while let Some((dir, into, depth)) = todo.pop() {
+        tokio::fs::create_dir_all(&into)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", into.display()))?;
+        let (entries, truncated) =
+            agora_sdk::client::list_sandbox(conn, task, &dir).await.map_err(|e| e.to_string())?;
+        if truncated {
+            eprintln!(
+                "agora: --sync-back: {dir} has more entries than one listing holds; the rest is not copied"
+            );
+        }
+        for e in entries {
+            if e.name.is_empty() || e.name == "." || e.name == ".." || e.name.contains('/') {
+                continue;
+            }
+            let (path, dest) = (format!("{dir}/{}", e.name), into.join(&e.name));
+            match e.kind {
+                FileKind::Dir if depth < SYNC_MAX_DEPTH => todo.push((path, dest, depth + 1)),
+                FileKind::File => {
+                    if files >= SYNC_MAX_FILES || bytes.saturating_add(e.size) > SYNC_MAX_BYTES {
+                        return Err(format!(
+                            "stopped at {SYNC_MAX_FILES} files or {} GiB; {files} file(s) copied",
+                            SYNC_MAX_BYTES >> 30
+                        ));
+                    }
+                    let (size, mut body) = agora_sdk::client::read_sandbox_file(conn, task, &path)
+                        .await
+                        .map_err(|e| format!("{path}: {e}"))?;
+                    let tmp = into.join(format!(".{}.agora-sync", e.name));
+                    let mut out = tokio::fs::File::create(&tmp)
+                        .await
+                        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+                    let n = tokio::io::copy(&mut body, &mut out).await.map_err(|e| format!("{path}: {e}"))?;
+                    drop(out);
+                    if n != size {
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        return Err(format!("{path}: got {n} of {size} bytes"));
+                    }
+                    tokio::fs::rename(&tmp, &dest)
+                        .await
+                        .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                    files += 1;
+                    bytes += n;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((files, bytes))
 }
 
 /// Copies one of a task's output streams to ours. When the stream breaks (the connection to
