@@ -122,6 +122,7 @@ pub fn spawn_agents(
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: spec.gc.clone(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let token = shutdown.clone();
         agents.push(tokio::spawn(async move {

@@ -48,6 +48,8 @@ struct TaskEntry {
     handle: TaskHandle,
     /// The supervisor is done (the process ended or never started).
     ended: bool,
+    /// The agent killed the task for outgrowing its disk: the message its end carries.
+    disk_kill: Option<String>,
 }
 
 impl TaskEntry {
@@ -122,6 +124,11 @@ pub struct Core {
     gc: gc::Scheduled,
     /// Sandboxes handed to garbage collection (bounded like the finished list they serve).
     collected: gc::Collected,
+    /// Disk limits of tasks.
+    disk: crate::disk::DiskConfig,
+    /// Sandboxes of tasks that ended since the last disk check: their output is capped once
+    /// more (what they wrote after the last check while running).
+    ended_outputs: Vec<(TaskKey, PathBuf)>,
 }
 
 impl Core {
@@ -155,6 +162,8 @@ impl Core {
             pending_acks: HashMap::new(),
             gc: gc::Scheduled::default(),
             collected: gc::Collected::default(),
+            disk: crate::disk::DiskConfig::default(),
+            ended_outputs: Vec::new(),
         }
     }
 
@@ -224,7 +233,14 @@ impl Core {
             }
             self.tasks.insert(
                 key,
-                TaskEntry { task: t.task.clone(), run_dir: t.run_dir.clone(), state: t.state, handle, ended },
+                TaskEntry {
+                    task: t.task.clone(),
+                    run_dir: t.run_dir.clone(),
+                    state: t.state,
+                    handle,
+                    ended,
+                    disk_kill: None,
+                },
             );
         }
         for ((fw, id), queue) in &state.updates {
@@ -242,7 +258,12 @@ impl Core {
         self.executors = Some(executors);
     }
 
-    /// Who tasks and executors run as.
+    /// Disk limits of tasks and the cap on their output (see [`crate::disk`]).
+    pub fn set_disk_config(&mut self, disk: crate::disk::DiskConfig) {
+        self.disk = disk;
+    }
+
+    /// Who each framework's tasks and executors run as.
     pub fn set_task_groups(&mut self, groups: Option<std::sync::Arc<TaskGroups>>) {
         self.task_groups = groups;
     }
@@ -343,9 +364,15 @@ impl Core {
             }
         };
         let (user, (executor_dir, run_dir)) = dirs;
+        // The launch sees the limit it is held to: a task without `disk` gets the agent's
+        // default, so that its shipped directories stop unpacking there too.
+        let mut launched = task.clone();
+        if launched.resources.disk == 0 {
+            launched.resources.disk = self.disk.default_task_disk.unwrap_or(0);
+        }
         let spec = LaunchSpec {
             framework_id,
-            task: task.clone(),
+            task: launched,
             executor_dir,
             run_dir: run_dir.clone(),
             // A framework chooses its tasks' grace period, within bounds (an executor shutting
@@ -361,7 +388,8 @@ impl Core {
         #[cfg(test)]
         if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
             let handle = tasks::launch(spec, self.events.clone());
-            let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+            let entry =
+                TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
             self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
             self.tasks.insert(key, entry);
             self.live += 1;
@@ -378,7 +406,8 @@ impl Core {
             executors::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
-        let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+        let entry =
+            TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
         self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
         self.tasks.insert(key, entry);
         self.live += 1;
@@ -566,7 +595,15 @@ impl Core {
                 };
                 (self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None), record)
             }
-            TaskEvent::Terminated(t) => {
+            TaskEvent::Terminated(mut t) => {
+                if let Some(why) = entry.disk_kill.take() {
+                    // Killed by the agent, not on request: Mesos's container limitation.
+                    if t.state != TaskState::Finished {
+                        t.state = TaskState::Failed;
+                        t.reason = tasks::REASON_DISK_LIMIT.to_string();
+                        t.message = format!("{why}; the agent killed it ({})", t.message);
+                    }
+                }
                 entry.state = t.state;
                 if !entry.ended {
                     self.live = self.live.saturating_sub(1);
@@ -580,6 +617,11 @@ impl Core {
                     ended: true,
                 };
                 let run_dir = entry.run_dir.clone();
+                if matches!(entry.task.kind, TaskKind::Command(_) | TaskKind::Wasm(_))
+                    && self.ended_outputs.len() < FINISHED_KEPT
+                {
+                    self.ended_outputs.push((key.clone(), run_dir.clone()));
+                }
                 self.finished.insert(key.clone(), run_dir);
                 self.update_gauges();
                 let Termination { state, reason, message, exit_code, signal, usage } = t;
@@ -655,6 +697,54 @@ impl Core {
             target.collected = self.collected.contains(dir);
             target
         })
+    }
+
+    /// The running command and Wasm tasks whose sandboxes the disk check looks at (a
+    /// framework executor's tasks share its sandbox and are not checked).
+    /// Tasks that ended since the last call are in once more, without a limit, for their
+    /// output's sake.
+    pub fn disk_checks(&mut self) -> Vec<crate::disk::Check> {
+        let ended = std::mem::take(&mut self.ended_outputs)
+            .into_iter()
+            .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None });
+        self.tasks
+            .iter()
+            .filter(|(_, e)| !e.ended && e.disk_kill.is_none())
+            .filter(|(_, e)| matches!(e.task.kind, TaskKind::Command(_) | TaskKind::Wasm(_)))
+            .map(|(k, e)| crate::disk::Check {
+                key: k.clone(),
+                sandbox: e.run_dir.clone(),
+                limit: self.disk.limit_for(e.task.resources.disk),
+            })
+            .chain(ended)
+            .collect()
+    }
+
+    /// What the disk check found: tasks over their limit are killed, and end TASK_FAILED with
+    /// reason [`tasks::REASON_DISK_LIMIT`].
+    pub fn disk_checked(&mut self, outcomes: Vec<crate::disk::Outcome>) {
+        for o in outcomes {
+            let Some(why) = o.over else { continue };
+            let Some(e) = self.tasks.get_mut(&o.key) else { continue };
+            if e.ended || e.disk_kill.is_some() {
+                continue;
+            }
+            tracing::warn!(task_id = %o.key.task_id, framework_id = %o.key.framework_id,
+                usage = ?o.usage, "killing a task over its disk limit: {why}");
+            metrics::counter!(crate::metrics::TASK_DISK_LIMIT_KILLS).increment(1);
+            e.disk_kill = Some(why);
+            e.handle.kill();
+        }
+    }
+
+    /// How often the disk check runs.
+    pub fn disk_check_interval(&self) -> Duration {
+        self.disk.check_interval
+    }
+
+    /// Most bytes kept of each output stream of a task.
+    pub fn max_output_size(&self) -> u64 {
+        self.disk.max_output_size
     }
 
     /// The sandbox of a task this agent knows.
@@ -936,8 +1026,14 @@ mod tests {
             let key = TaskKey { framework_id: FrameworkId::new("fw"), task_id: task.task_id.clone() };
             let (_, done) = tokio::sync::watch::channel(false);
             let handle = TaskHandle::with_kill(Box::new(|| {}), done);
-            let entry =
-                TaskEntry { task, run_dir: PathBuf::new(), state: TaskState::Running, handle, ended: false };
+            let entry = TaskEntry {
+                task,
+                run_dir: PathBuf::new(),
+                state: TaskState::Running,
+                handle,
+                ended: false,
+                disk_kill: None,
+            };
             h.core.tasks.insert(key, entry);
         }
         h.core.connected(Instant::now());
@@ -1079,7 +1175,7 @@ mod tests {
         let (_, done) = tokio::sync::watch::channel(ended);
         let handle = TaskHandle::with_kill(Box::new(|| {}), done);
         let state = if ended { TaskState::Finished } else { TaskState::Running };
-        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended };
+        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended, disk_kill: None };
         core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
     }
 

@@ -132,6 +132,7 @@ impl TestCluster {
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: agora_agent::gc::GcConfig::default(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -163,6 +164,7 @@ impl TestCluster {
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: agora_agent::gc::GcConfig::default(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

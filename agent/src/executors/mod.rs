@@ -467,23 +467,35 @@ async fn prepare(
 ) -> Result<WasmLaunch, (&'static str, String)> {
     let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
+    // Shipped directories live in the sandbox and count against the task's disk (the core
+    // put the agent's default there for a task without one).
+    let limit = (spec.task.resources.disk > 0).then_some(spec.task.resources.disk);
+    let mut used = 0u64;
     for d in &info.dirs {
         let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
         let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
         let dest = host.clone();
         let user = spec.user;
         let run_dir = spec.run_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            unpack(&archive, &dest)?;
+        let budget = limit.map(|l| l.saturating_sub(used));
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let n = unpack(&archive, &dest, budget)?;
             // The guest writes there as the task user.
-            match user {
-                Some(u) => chown_tree(&run_dir, u),
-                None => Ok(()),
+            if let Some(u) = user {
+                chown_tree(&run_dir, u).map_err(fetch::UnpackError::Failed)?;
             }
+            Ok::<_, fetch::UnpackError>(n)
         })
         .await
         .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
-        .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
+        .map_err(|e| {
+            let reason = match e {
+                fetch::UnpackError::TooBig(_) => crate::tasks::REASON_DISK_LIMIT,
+                fetch::UnpackError::Failed(_) => REASON_FETCH_FAILED,
+            };
+            (reason, format!("directory {}: {e}", d.guest))
+        })?;
+        used = used.saturating_add(unpacked);
         preopens.push((host, d.guest.clone()));
     }
     Ok(wasm_launch(spec, info, module_path, preopens))

@@ -1,0 +1,139 @@
+//! Disk limits on a real cluster (`agora master` and `agora agent` as separate processes): a
+//! task writing far more than its `--disk` is killed with reason `disk limit exceeded` while
+//! the agent carries on; output past the agent's `--max-output-size` keeps its tail, which
+//! `agora logs` shows; a shipped `--dir` larger than the task's disk is refused before it is
+//! unpacked whole.
+
+mod common;
+
+use common::dev::RealCluster;
+
+const AGENT: &[&str] = &[
+    "--resources",
+    "cpus:2;mem:1GiB;disk:20GiB",
+    "--disk-check-interval",
+    "200ms",
+    "--max-output-size",
+    "512KiB",
+];
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn task<'a>(tasks: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    tasks.iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("no task {name}: {tasks:?}"))
+}
+
+#[test]
+fn a_task_over_its_disk_is_killed_and_the_agent_carries_on() {
+    let c = RealCluster::start(&[], AGENT);
+    // 200 MiB into a sandbox of 1 MiB, then waiting to be caught.
+    let out = c.agora(&[
+        "run",
+        "--disk",
+        "1MiB",
+        "--name",
+        "filler",
+        "--",
+        "sh",
+        "-c",
+        "head -c 209715200 /dev/zero > big; sleep 60",
+    ]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    let why =
+        err.lines().find(|l| l.contains("TASK_FAILED")).unwrap_or_else(|| panic!("no reason line: {err}"));
+    assert!(why.contains("disk limit exceeded"), "{why}");
+    let tasks = c.tasks_json();
+    let t = task(&tasks, "filler");
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("TASK_FAILED"), Some("disk limit exceeded")),
+        "{t}"
+    );
+    let msg = t["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("more than its disk limit of 1MiB"), "the message gives usage and limit: {msg}");
+
+    // The agent carries on: the next task runs.
+    let out = c.agora(&["run", "--disk", "1MiB", "--", "echo", "still here"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+    c.stop();
+}
+
+#[test]
+fn output_past_the_cap_keeps_its_tail_and_logs_show_it() {
+    let c = RealCluster::start(&[], AGENT);
+    // About 3 MiB of numbered lines, then a pause for a check while the task still runs.
+    let script = "i=0; while [ $i -lt 60000 ]; do echo \"line $i ......................................\"; \
+                  i=$((i+1)); done; echo done-marker; sleep 1";
+    let out = c.agora(&["run", "--name", "chatty", "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let tasks = c.tasks_json();
+    let id = task(&tasks, "chatty")["id"].as_str().expect("id").to_string();
+    let out = c.agora(&["logs", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = &out.stdout;
+    assert!(!text.contains(&0), "the dropped head is not sent as zeros");
+    assert!(text.len() <= 512 << 10, "at most the cap is kept: {} bytes", text.len());
+    assert!(text.len() >= 128 << 10, "a good part of the tail is kept: {} bytes", text.len());
+    let text = String::from_utf8_lossy(text);
+    assert!(text.ends_with("line 59999 ......................................\ndone-marker\n"), "the tail");
+    assert!(!text.contains("\nline 0 ") && !text.starts_with("line 0 "), "the head is gone");
+    // On the agent the file keeps its length, holding only the tail.
+    let file = walk(&c.work).into_iter().find(|p| {
+        p.file_name().is_some_and(|n| n == "stdout")
+            && std::fs::read(p).is_ok_and(|b| b.ends_with(b"done-marker\n"))
+    });
+    let file = file.expect("the task's stdout");
+    let meta = std::fs::metadata(&file).expect("stat");
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.len() > 2 << 20, "offsets are unchanged: {} bytes long", meta.len());
+    assert!(meta.blocks() * 512 <= 512 << 10, "{} bytes allocated", meta.blocks() * 512);
+    c.stop();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_shipped_directory_bigger_than_the_task_s_disk_is_refused() {
+    let c = RealCluster::start(&[], AGENT);
+    let local = c.dir.path().join("shipped");
+    std::fs::create_dir(&local).expect("mkdir");
+    std::fs::write(local.join("small.txt"), "small").expect("write");
+    std::fs::write(local.join("big.bin"), vec![7u8; 3 << 20]).expect("write");
+    let wat = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/wasm/hello.wat");
+    let dir_arg = format!("{}::/data", local.display());
+    let out = c.agora(&["run", "--name", "shipper", "--wasm", wat, "--disk", "1MiB", "--dir", &dir_arg]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("disk limit exceeded"), "{err}");
+    let tasks = c.tasks_json();
+    let t = task(&tasks, "shipper");
+    assert_eq!(t["reason"].as_str(), Some("disk limit exceeded"), "{t}");
+    assert!(t["message"].as_str().unwrap_or_default().contains("does not fit in the task's disk"), "{t}");
+    // Nothing of the big file was written.
+    assert!(
+        !walk(&c.work).iter().any(|p| p.file_name().is_some_and(|n| n == "big.bin")),
+        "the unpacker stopped before the entry past the limit"
+    );
+    // With room it runs.
+    let out = c.agora(&["run", "--name", "fits", "--wasm", wat, "--disk", "8MiB", "--dir", &dir_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    c.stop();
+}
