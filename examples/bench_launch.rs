@@ -354,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         recovery: agora_agent::RecoveryConfig::default(),
         gc: agora_agent::gc::GcConfig::default(),
+        disk: agora_agent::disk::DiskConfig::default(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

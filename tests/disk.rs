@@ -137,3 +137,70 @@ fn a_shipped_directory_bigger_than_the_task_s_disk_is_refused() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     c.stop();
 }
+
+/// Digests in the agent's artifact cache and compiled-module cache.
+fn cached(work: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let names = |d: std::path::PathBuf| -> Vec<String> {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().trim_end_matches(".cwasm").to_string())
+            .filter(|n| n.len() == 64)
+            .collect()
+    };
+    let compiled = std::fs::read_dir(work.join("wasm-cache"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|e| names(e.path()))
+        .collect();
+    (names(work.join("artifacts/sha256")), compiled)
+}
+
+#[test]
+fn the_agent_cache_evicts_unreferenced_artifacts_and_never_a_running_task_s() {
+    let mut args = AGENT.to_vec();
+    args.extend(["--cache-size", "1B", "--cache-grace", "1ms", "--gc-interval", "200ms"]);
+    let c = RealCluster::start(&[], &args);
+    let sleep = concat!(env!("CARGO_MANIFEST_DIR"), "/executor-wasm/tests/fixtures/sleep.wat");
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/wasm/hello.wat");
+    let mut sleeper = common::dev::Proc::spawn(
+        "sleeper",
+        c.dir.path(),
+        std::process::Command::new(common::dev::AGORA)
+            .env("AGORA_CONFIG", &c.config)
+            .args(["run", "--name", "sleeper", "--wasm", sleep]),
+    );
+    common::dev::poll("the sleeper to run", 30, || {
+        c.tasks_json().iter().any(|t| t["name"] == "sleeper" && t["state"] == "TASK_RUNNING").then_some(())
+    });
+    let (arts, _) = cached(&c.work);
+    assert_eq!(arts.len(), 1, "the sleeper's module: {arts:?}");
+    let kept = arts[0].clone();
+
+    // A finished task's module goes at the next tick: the cache is over its (tiny) size.
+    let out = c.agora(&["run", "--name", "hello1", "--wasm", hello, "--", "one"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    common::dev::poll("the finished task's module to be evicted", 30, || {
+        let (arts, compiled) = cached(&c.work);
+        (arts == [kept.clone()] && compiled.iter().all(|d| d == &kept)).then_some(())
+    });
+    // The running task's stays, tick after tick.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(cached(&c.work).0, [kept.clone()], "a referenced artifact is never evicted");
+    // An evicted module is fetched again when a task needs it.
+    let out = c.agora(&["run", "--name", "hello2", "--wasm", hello, "--", "two"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from wasm: two\n");
+
+    // Once the sleeper ends, its module is unreferenced and goes too.
+    let id = c.tasks_json().iter().find(|t| t["name"] == "sleeper").expect("sleeper")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert!(c.agora(&["kill", &id]).status.success());
+    sleeper.wait(30);
+    common::dev::poll("every module to be evicted", 30, || cached(&c.work).0.is_empty().then_some(()));
+    c.stop();
+}

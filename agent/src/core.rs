@@ -737,6 +737,22 @@ impl Core {
         }
     }
 
+    /// The work of bounding the agent's caches (`--cache-size`), keeping what live tasks use;
+    /// `None` without a bound or executors.
+    pub fn cache_eviction(
+        &self,
+    ) -> Option<impl FnOnce() -> std::io::Result<crate::cache::Evicted> + Send + 'static> {
+        let max = self.disk.cache_size?;
+        let executors = self.executors.as_ref()?;
+        let keep = self
+            .tasks
+            .values()
+            .filter(|e| !e.ended)
+            .flat_map(|e| crate::cache::digests_of(&e.task))
+            .collect();
+        Some(executors.cache_eviction(keep, max, self.disk.cache_grace))
+    }
+
     /// How often the disk check runs.
     pub fn disk_check_interval(&self) -> Duration {
         self.disk.check_interval

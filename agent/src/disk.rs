@@ -60,6 +60,12 @@ pub struct DiskConfig {
     pub default_task_disk: Option<u64>,
     /// Most bytes kept of each of a task's output streams; the head goes first.
     pub max_output_size: u64,
+    /// Most bytes of fetched artifacts and compiled modules kept (`--cache-size`; `None`: no
+    /// bound), see [`crate::cache`].
+    pub cache_size: Option<u64>,
+    /// A cached digest asked for this recently is never evicted (default
+    /// [`crate::cache::RECENT`]; shorter in tests).
+    pub cache_grace: Duration,
 }
 
 impl Default for DiskConfig {
@@ -68,6 +74,8 @@ impl Default for DiskConfig {
             check_interval: DEFAULT_CHECK_INTERVAL,
             default_task_disk: None,
             max_output_size: DEFAULT_MAX_OUTPUT_SIZE,
+            cache_size: Some(crate::cache::DEFAULT_CACHE_SIZE),
+            cache_grace: crate::cache::RECENT,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
 //! - [`checkpoint`]: the agent's state on disk (snapshot and journal) for recovery;
+//! - [`cache`]: the bound on the agent's artifact and compiled-module caches;
 //! - [`disk`]: disk limits of running tasks and the cap on their output;
 //! - [`gc`]: removal of finished sandboxes after `--gc-delay` (sooner on a full disk);
 //! - [`resources`]: resource detection;
@@ -37,6 +38,7 @@ use agora_sdk::{Attributes, Resources};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod cache;
 pub mod cgroups;
 pub mod checkpoint;
 pub mod command_executor;

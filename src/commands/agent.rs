@@ -106,6 +106,14 @@ pub struct AgentCommand {
     /// is dropped and the last half kept; offsets do not change.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     max_output_size: u64,
+    /// Most bytes of fetched artifacts (modules, executors, directory archives) and compiled
+    /// Wasm modules the agent keeps; past it the least recently used that no running task
+    /// needs are removed (fetched again when needed). 0: no bound.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    cache_size: u64,
+    /// A cached artifact asked for this recently is never evicted.
+    #[arg(long, default_value = "1m", value_parser = parse_duration, hide = true)]
+    cache_grace: Duration,
 }
 
 #[derive(Subcommand)]
@@ -246,6 +254,8 @@ impl AgentCommand {
                 check_interval: self.disk_check_interval,
                 default_task_disk: self.default_task_disk,
                 max_output_size: self.max_output_size,
+                cache_size: (self.cache_size > 0).then_some(self.cache_size),
+                cache_grace: self.cache_grace,
             },
         };
         let token = shutdown.clone();

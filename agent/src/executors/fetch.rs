@@ -13,12 +13,48 @@ pub struct Fetcher {
     pub(super) inflight: Mutex<HashMap<Digest, Arc<OnceCell<PathBuf>>>>,
     /// Artifacts known to be in the cache: later launches need no file system call.
     pub(super) present: Mutex<HashMap<Digest, PathBuf>>,
+    /// When each digest was last asked for, for the cache's LRU eviction (`crate::cache`).
+    pub(super) used: Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
 impl Fetcher {
     /// A cache in `dir`, fetching over whatever connection `conn` holds.
     pub fn new(dir: PathBuf, conn: watch::Receiver<Option<quinn::Connection>>) -> Self {
-        Self { dir, conn, inflight: Mutex::new(HashMap::new()), present: Mutex::new(HashMap::new()) }
+        Self {
+            dir,
+            conn,
+            inflight: Mutex::new(HashMap::new()),
+            present: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Digests being fetched now (never evicted).
+    pub fn fetching(&self) -> Vec<String> {
+        let map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().map(|d| d.as_str().to_string()).collect()
+    }
+
+    /// When each digest was last asked for since the agent started.
+    pub fn last_used(&self) -> HashMap<String, std::time::SystemTime> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Evicts `digest` with `remove` (which deletes its files) unless it was asked for since
+    /// `cutoff` or is being fetched; returns whether it did. A launch asking for it meanwhile
+    /// waits for the lock, then finds it gone and fetches it again.
+    pub fn evict(&self, digest: &str, cutoff: std::time::SystemTime, remove: &mut dyn FnMut()) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.get(digest).is_some_and(|t| *t >= cutoff) {
+            return false;
+        }
+        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().any(|d| d.as_str() == digest) {
+            return false;
+        }
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| d.as_str() != digest);
+        used.remove(digest);
+        remove();
+        true
     }
 
     /// The local path of `digest` if this agent already holds it (no I/O).
@@ -37,6 +73,8 @@ impl Fetcher {
     /// The local path of artifact `digest`, fetching it first if needed. Concurrent callers
     /// for one digest share one fetch; a failed fetch is retried by the next caller.
     pub async fn get(&self, digest: &Digest) -> Result<PathBuf, String> {
+        let now = std::time::SystemTime::now();
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.as_str().to_string(), now);
         if let Some(path) = self.cached(digest) {
             return Ok(path);
         }

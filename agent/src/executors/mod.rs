@@ -185,6 +185,8 @@ fn guest_dir(guest: &str) -> Result<PathBuf, String> {
 #[derive(Debug, Clone)]
 pub struct Executors {
     fetcher: Arc<Fetcher>,
+    /// `WORK/wasm-cache`: the Wasm executor's compiled modules.
+    compiled_dir: PathBuf,
     manager: ExecutorManager,
     agent_id: Arc<Mutex<Option<AgentId>>>,
     /// Numbers launches that prepare on a task of their own, so that a late result is never
@@ -212,7 +214,29 @@ impl Executors {
             agent_id.clone(),
             exec_events,
         );
-        Self { fetcher, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+        let compiled_dir = work_dir.join("wasm-cache");
+        Self { fetcher, compiled_dir, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The work of bringing the caches under `max` bytes (see [`crate::cache`]), to run on the
+    /// blocking pool: digests in `keep` (live tasks') and being fetched stay.
+    pub fn cache_eviction(
+        &self,
+        mut keep: std::collections::HashSet<String>,
+        max: u64,
+        grace: Duration,
+    ) -> impl FnOnce() -> std::io::Result<crate::cache::Evicted> + Send + 'static {
+        let fetcher = self.fetcher.clone();
+        let compiled = self.compiled_dir.clone();
+        move || {
+            keep.extend(fetcher.fetching());
+            let used = fetcher.last_used();
+            let now = std::time::SystemTime::now();
+            let cutoff = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+            crate::cache::evict(&fetcher.dir, &compiled, max, &keep, &used, now, grace, |d, remove| {
+                fetcher.evict(d, cutoff, remove)
+            })
+        }
     }
 
     /// The master gave this agent its id (executors started from now on are told).
