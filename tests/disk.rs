@@ -204,3 +204,67 @@ fn the_agent_cache_evicts_unreferenced_artifacts_and_never_a_running_task_s() {
     common::dev::poll("every module to be evicted", 30, || cached(&c.work).0.is_empty().then_some(()));
     c.stop();
 }
+
+fn stored(master_work: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(master_work.join("artifacts/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn the_master_store_evicts_unreferenced_artifacts_and_never_a_live_task_s() {
+    let dir = RealCluster::prepare();
+    let mwork = dir.path().join("mwork");
+    let mwork_arg = mwork.display().to_string();
+    let master_args = [
+        "--work-dir",
+        &mwork_arg,
+        "--artifact-store-size",
+        "1B",
+        // Long enough for an upload to be launched (shorter would race the launch).
+        "--artifact-grace",
+        "2s",
+        "--artifact-evict-interval",
+        "200ms",
+    ];
+    let mut c = RealCluster::master_only(dir, &master_args);
+    c.start_agent(AGENT);
+    let sleep = concat!(env!("CARGO_MANIFEST_DIR"), "/executor-wasm/tests/fixtures/sleep.wat");
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/wasm/hello.wat");
+    let mut sleeper = common::dev::Proc::spawn(
+        "sleeper",
+        c.dir.path(),
+        std::process::Command::new(common::dev::AGORA)
+            .env("AGORA_CONFIG", &c.config)
+            .args(["run", "--name", "sleeper", "--wasm", sleep]),
+    );
+    common::dev::poll("the sleeper to run", 30, || {
+        c.tasks_json().iter().any(|t| t["name"] == "sleeper" && t["state"] == "TASK_RUNNING").then_some(())
+    });
+    let kept = stored(&mwork);
+    assert_eq!(kept.len(), 1, "the sleeper's module: {kept:?}");
+
+    let out = c.agora(&["run", "--name", "hello1", "--wasm", hello, "--", "one"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    common::dev::poll("the finished task's module to be evicted", 30, || {
+        (stored(&mwork) == kept).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(stored(&mwork), kept, "a live task's artifact is never evicted");
+    // Evicted means forgotten by the master too: the next run uploads it again and runs.
+    let out = c.agora(&["run", "--name", "hello2", "--wasm", hello, "--", "two"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from wasm: two\n");
+
+    let id = c.tasks_json().iter().find(|t| t["name"] == "sleeper").expect("sleeper")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert!(c.agora(&["kill", &id]).status.success());
+    sleeper.wait(30);
+    common::dev::poll("every artifact to be evicted", 30, || stored(&mwork).is_empty().then_some(()));
+    c.stop();
+}

@@ -98,7 +98,7 @@ pub struct Evicted {
 
 /// Brings the caches below `max` bytes (blocking): least recently used digests first (by
 /// `used`, else the newest modification time of their files), skipping those in `keep` and
-/// those used within `grace` of `now`. Each digest goes through `evict_one(digest, remove)`,
+/// those used since `cutoff`. Each digest goes through `evict_one(digest, remove)`,
 /// which calls `remove` (deleting its files) and returns `true` unless it must stay after all
 /// (the fetcher's last word: a launch asked for it meanwhile).
 pub fn evict(
@@ -107,8 +107,7 @@ pub fn evict(
     max: u64,
     keep: &HashSet<String>,
     used: &HashMap<String, SystemTime>,
-    now: SystemTime,
-    grace: Duration,
+    cutoff: SystemTime,
     mut evict_one: impl FnMut(&str, &mut dyn FnMut()) -> bool,
 ) -> io::Result<Evicted> {
     let files = scan(artifacts, compiled)?;
@@ -124,11 +123,10 @@ pub fn evict(
         e.1 += f.bytes;
         e.2.push(f.path);
     }
-    let recent = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
     let mut candidates: Vec<(SystemTime, String, u64, Vec<PathBuf>)> = by_digest
         .into_iter()
         .map(|(d, (modified, bytes, paths))| (used.get(&d).copied().unwrap_or(modified), d, bytes, paths))
-        .filter(|(last, d, _, _)| !keep.contains(d) && *last < recent)
+        .filter(|(last, d, _, _)| !keep.contains(d) && *last < cutoff)
         .collect();
     candidates.sort();
     for (_, digest, bytes, paths) in candidates {
@@ -183,7 +181,7 @@ mod tests {
         let used: HashMap<String, SystemTime> = [(d('e'), SystemTime::now())].into();
         let mut forgotten = Vec::new();
         let now = SystemTime::now();
-        let out = evict(&arts, &compiled, 300 << 10, &keep, &used, now, RECENT, |x, remove| {
+        let out = evict(&arts, &compiled, 300 << 10, &keep, &used, now - RECENT, |x, remove| {
             forgotten.push(x.to_string());
             remove();
             true
@@ -203,11 +201,11 @@ mod tests {
             remove();
             true
         };
-        let out = evict(&arts, &compiled, 0, &keep, &used, now, RECENT, all).expect("evict");
+        let out = evict(&arts, &compiled, 0, &keep, &used, now - RECENT, all).expect("evict");
         assert_eq!(out.digests, vec![d('c')]);
         assert!(arts.join("sha256").join(d('a')).exists() && arts.join("sha256").join(d('e')).exists());
         // Under the bound nothing is touched.
-        let out = evict(&arts, &compiled, 1 << 30, &HashSet::new(), &HashMap::new(), now, RECENT, all)
+        let out = evict(&arts, &compiled, 1 << 30, &HashSet::new(), &HashMap::new(), now - RECENT, all)
             .expect("evict");
         assert!(out.digests.is_empty());
     }

@@ -233,7 +233,7 @@ impl Executors {
             let used = fetcher.last_used();
             let now = std::time::SystemTime::now();
             let cutoff = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
-            crate::cache::evict(&fetcher.dir, &compiled, max, &keep, &used, now, grace, |d, remove| {
+            crate::cache::evict(&fetcher.dir, &compiled, max, &keep, &used, cutoff, |d, remove| {
                 fetcher.evict(d, cutoff, remove)
             })
         }
