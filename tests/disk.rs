@@ -184,11 +184,11 @@ fn the_agent_cache_evicts_unreferenced_artifacts_and_never_a_running_task_s() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     common::dev::poll("the finished task's module to be evicted", 30, || {
         let (arts, compiled) = cached(&c.work);
-        (arts == [kept.clone()] && compiled.iter().all(|d| d == &kept)).then_some(())
+        (arts == [kept.as_str()] && compiled.iter().all(|d| d == &kept)).then_some(())
     });
     // The running task's stays, tick after tick.
     std::thread::sleep(std::time::Duration::from_secs(1));
-    assert_eq!(cached(&c.work).0, [kept.clone()], "a referenced artifact is never evicted");
+    assert_eq!(cached(&c.work).0, [kept.as_str()], "a referenced artifact is never evicted");
     // An evicted module is fetched again when a task needs it.
     let out = c.agora(&["run", "--name", "hello2", "--wasm", hello, "--", "two"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -725,4 +725,45 @@ mod tests {
         let r = UploadRequest { kind: ArtifactKind::Archive, digest: evil, size: 1, name: "x".into() };
         assert_eq!(store.check(&r).unwrap_err().code(), ErrorCode::Malformed);
     }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_unreferenced_and_not_recent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::open(dir.path(), 1 << 20).expect("open");
+        let mut refs = Vec::new();
+        for (i, age) in [(0u8, 5u64), (1, 4), (2, 3), (3, 0)] {
+            let bytes = vec![i; 1000];
+            let req = UploadRequest {
+                digest: Digest::of(&bytes),
+                size: 1000,
+                kind: ArtifactKind::Archive,
+                name: format!("a{i}"),
+            };
+            let a = store.store(&req, &bytes[..]).await.expect("store");
+            refs.push((a, age));
+        }
+        // Ages by hand: uses recorded in memory win over the files' times.
+        let now = std::time::SystemTime::now();
+        {
+            let mut used = store.used.lock().expect("lock");
+            for (a, age) in &refs {
+                used.insert(a.digest.clone(), now - std::time::Duration::from_secs(3600 * age));
+            }
+        }
+        let keep: std::collections::HashSet<Digest> = [refs[0].0.digest.clone()].into();
+        let grace = std::time::Duration::from_secs(600);
+        // Room for two: the oldest unreferenced (a1) goes, then a2; a0 is kept, a3 is recent.
+        let out = store.eviction_candidates(2000, &keep, grace, now).expect("candidates");
+        assert_eq!(
+            out.iter().map(|a| a.digest.clone()).collect::<Vec<_>>(),
+            vec![refs[1].0.digest.clone(), refs[2].0.digest.clone()]
+        );
+        let out = store.eviction_candidates(3000, &keep, grace, now).expect("candidates");
+        assert_eq!(out.len(), 1);
+        assert!(store.eviction_candidates(4000, &keep, grace, now).expect("candidates").is_empty());
+        // Removal: the file and its count go; a second removal finds nothing.
+        assert!(store.remove(&refs[1].0.digest).await.expect("remove"));
+        assert!(!store.contains(&refs[1].0.digest) && store.len() == 3);
+        assert!(!store.remove(&refs[1].0.digest).await.expect("remove"));
+    }
 }

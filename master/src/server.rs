@@ -354,6 +354,7 @@ pub async fn spawn_ha(
             election.members(),
             config.tls.clone(),
             store.clone(),
+            config.eviction.max_bytes.map(|_| config.eviction.grace),
             shutdown.clone(),
         )
         .in_current_span(),
