@@ -268,3 +268,57 @@ fn the_master_store_evicts_unreferenced_artifacts_and_never_a_live_task_s() {
     common::dev::poll("every artifact to be evicted", 30, || stored(&mwork).is_empty().then_some(()));
     c.stop();
 }
+
+/// Writes 200 MiB into `fill.bin` in its first preopen, then sleeps.
+const FILLER_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 100) "fill.bin")
+  (func (export "_start")
+    (local $fd i32)
+    (local $e i32)
+    (local $i i32)
+    (local.set $e (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 8)
+      (i32.const 9) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 0)))
+    (if (local.get $e) (then (call $proc_exit (local.get $e))))
+    (local.set $fd (i32.load (i32.const 0)))
+    (i32.store (i32.const 16) (i32.const 65536))
+    (i32.store (i32.const 20) (i32.const 65536))
+    (block $done
+      (loop $more
+        (br_if $done (i32.ge_u (local.get $i) (i32.const 3200)))
+        (drop (call $fd_write (local.get $fd) (i32.const 16) (i32.const 1) (i32.const 28)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $more)))
+    (i32.store (i32.const 48) (i32.const 1))
+    (i64.store (i32.const 56) (i64.const 1000000000))
+    (loop $forever
+      (drop (call $poll (i32.const 32) (i32.const 128) (i32.const 1) (i32.const 256)))
+      (br $forever))))
+"#;
+
+/// A Wasm task's preopens are in its sandbox: writing past its disk there gets it killed.
+#[test]
+fn a_wasm_task_filling_its_preopen_is_killed() {
+    let c = RealCluster::start(&[], AGENT);
+    let wat = c.dir.path().join("filler.wat");
+    std::fs::write(&wat, FILLER_WAT).expect("write the module");
+    let local = c.dir.path().join("data");
+    std::fs::create_dir(&local).expect("mkdir");
+    let dir_arg = format!("{}::/data", local.display());
+    let wat = wat.display().to_string();
+    let out = c.agora(&["run", "--name", "wfill", "--wasm", &wat, "--disk", "1MiB", "--dir", &dir_arg]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    let tasks = c.tasks_json();
+    let t = task(&tasks, "wfill");
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("TASK_FAILED"), Some("disk limit exceeded")),
+        "{t}"
+    );
+    c.stop();
+}
