@@ -383,4 +383,24 @@ mod tests {
         assert_eq!((cfg.limit_for(0), cfg.limit_for(7)), (Some(5), Some(7)));
         assert_eq!(DiskConfig::default().limit_for(0), None);
     }
+
+    /// By hand: what one walk of a sandbox at the entry cap costs
+    /// (`cargo test -p agora-agent --lib disk::tests::walk_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn walk_cost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for d in 0..200 {
+            let sub = dir.path().join(format!("d{d}"));
+            std::fs::create_dir(&sub).expect("mkdir");
+            for f in 0..1000 {
+                std::fs::File::create(sub.join(format!("f{f}"))).expect("create");
+            }
+        }
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let u = sandbox_usage(dir.path(), MAX_WALK_ENTRIES).expect("usage");
+            println!("{} entries (truncated: {}) walked in {:?}", u.entries, u.truncated, t.elapsed());
+        }
+    }
 }
