@@ -701,12 +701,22 @@ impl Core {
 
     /// The running command and Wasm tasks whose sandboxes the disk check looks at (a
     /// framework executor's tasks share its sandbox and are not checked).
-    /// Tasks that ended since the last call are in once more, without a limit, for their
-    /// output's sake.
+    /// Tasks that ended since the last call are in once more, and frameworks' executors'
+    /// sandboxes (their `stdout` and `stderr`), without a limit, for their output's sake.
     pub fn disk_checks(&mut self) -> Vec<crate::disk::Check> {
         let ended = std::mem::take(&mut self.ended_outputs)
             .into_iter()
             .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None });
+        // Keyed by the executor id, for the log lines only (no limit: nothing is killed).
+        let executors: Vec<_> = self
+            .executor_runs
+            .iter()
+            .map(|((fw, id), run)| crate::disk::Check {
+                key: TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id.as_str()) },
+                sandbox: run.clone(),
+                limit: None,
+            })
+            .collect();
         self.tasks
             .iter()
             .filter(|(_, e)| !e.ended && e.disk_kill.is_none())
@@ -717,6 +727,7 @@ impl Core {
                 limit: self.disk.limit_for(e.task.resources.disk),
             })
             .chain(ended)
+            .chain(executors)
             .collect()
     }
 
@@ -1265,5 +1276,73 @@ mod tests {
         let mut got = scheduled(&mut h.core);
         got.sort();
         assert_eq!(got, [wasm_run.clone(), wasm_run.join("tasks/w2")]);
+    }
+
+    /// The disk check looks at live command tasks with their limit (the agent's default for
+    /// those without), at ended ones once more for their output, and kills one over its limit:
+    /// its end becomes TASK_FAILED `disk limit exceeded` with the check's message.
+    #[test]
+    fn a_task_over_its_disk_is_killed_and_ends_disk_limit_exceeded() {
+        let mut h = harness();
+        h.core.set_disk_config(crate::disk::DiskConfig {
+            default_task_disk: Some(5 << 20),
+            ..crate::disk::DiskConfig::default()
+        });
+        let fw = FrameworkId::new("fw");
+        let dir = h._dir.path().to_path_buf();
+        let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let k = killed.clone();
+        let (_, done) = tokio::sync::watch::channel(false);
+        let handle = TaskHandle::with_kill(
+            Box::new(move || k.store(true, std::sync::atomic::Ordering::Relaxed)),
+            done,
+        );
+        let mut task = command_task("big", "true");
+        task.resources.disk = 1 << 20;
+        let entry = TaskEntry {
+            task,
+            run_dir: dir.join("big"),
+            state: TaskState::Running,
+            handle,
+            ended: false,
+            disk_kill: None,
+        };
+        h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") }, entry);
+        insert(&mut h.core, &fw, "nodisk", command_task("nodisk", "true").kind, &dir.join("nodisk"), false);
+        insert(&mut h.core, &fw, "done", command_task("done", "true").kind, &dir.join("done"), true);
+        let mut checks = h.core.disk_checks();
+        checks.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
+        let got: Vec<_> = checks.iter().map(|c| (c.key.task_id.as_str(), c.limit)).collect();
+        assert_eq!(got, [("big", Some(1 << 20)), ("nodisk", Some(5 << 20))]);
+
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") };
+        let why = "the task's sandbox uses 3MiB on disk, more than its disk limit of 1MiB".to_string();
+        h.core.disk_checked(vec![crate::disk::Outcome {
+            key: key.clone(),
+            usage: None,
+            over: Some(why.clone()),
+        }]);
+        assert!(killed.load(std::sync::atomic::Ordering::Relaxed), "the task was killed");
+        assert!(h.core.disk_checks().iter().all(|c| c.key != key), "not checked again while it dies");
+        let end = Termination {
+            state: TaskState::Killed,
+            reason: "killed".into(),
+            message: "killed on request".into(),
+            exit_code: None,
+            signal: Some(15),
+            usage: None,
+        };
+        h.core.connected(Instant::now());
+        statuses(&mut h.core);
+        h.core.task_event(key.clone(), TaskEvent::Terminated(end), Instant::now());
+        let st = statuses(&mut h.core);
+        let last = st.last().expect("the end");
+        assert_eq!((last.state, last.reason.as_str()), (TaskState::Failed, crate::tasks::REASON_DISK_LIMIT));
+        assert!(last.message.starts_with(&why), "{}", last.message);
+        // Ended: checked once more for its output, without a limit, then no more.
+        let again: Vec<_> = h.core.disk_checks().into_iter().filter(|c| c.key == key).collect();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].limit, None);
+        assert!(h.core.disk_checks().iter().all(|c| c.key != key));
     }
 }
