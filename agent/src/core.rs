@@ -701,20 +701,32 @@ impl Core {
 
     /// The running command and Wasm tasks whose sandboxes the disk check looks at (a
     /// framework executor's tasks share its sandbox and are not checked).
-    /// Tasks that ended since the last call are in once more, and frameworks' executors'
-    /// sandboxes (their `stdout` and `stderr`), without a limit, for their output's sake.
+    /// Tasks that ended since the last call are in once more, without a limit, for their
+    /// output's sake. A framework executor's sandbox, shared by its tasks, is held to the sum
+    /// of its own `disk` and its live tasks' (the agent's default when that is 0; Mesos's
+    /// container limit), and without live tasks its output is still capped.
     pub fn disk_checks(&mut self) -> Vec<crate::disk::Check> {
         let ended = std::mem::take(&mut self.ended_outputs)
             .into_iter()
-            .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None });
-        // Keyed by the executor id, for the log lines only (no limit: nothing is killed).
+            .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None, executor: None });
+        let mut shared: HashMap<(FrameworkId, ExecutorId), u64> = HashMap::new();
+        for (k, e) in &self.tasks {
+            if let (TaskKind::Executor(x), false, None) = (&e.task.kind, e.ended, &e.disk_kill) {
+                let sum = shared
+                    .entry((k.framework_id.clone(), x.executor.executor_id.clone()))
+                    .or_insert(x.executor.resources.disk);
+                *sum = sum.saturating_add(e.task.resources.disk);
+            }
+        }
+        // Keyed by the executor id, for the log lines only.
         let executors: Vec<_> = self
             .executor_runs
             .iter()
             .map(|((fw, id), run)| crate::disk::Check {
                 key: TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id.as_str()) },
                 sandbox: run.clone(),
-                limit: None,
+                limit: shared.get(&(fw.clone(), id.clone())).and_then(|d| self.disk.limit_for(*d)),
+                executor: Some(id.clone()),
             })
             .collect();
         self.tasks
@@ -725,6 +737,7 @@ impl Core {
                 key: k.clone(),
                 sandbox: e.run_dir.clone(),
                 limit: self.disk.limit_for(e.task.resources.disk),
+                executor: None,
             })
             .chain(ended)
             .chain(executors)
@@ -736,6 +749,10 @@ impl Core {
     pub fn disk_checked(&mut self, outcomes: Vec<crate::disk::Outcome>) {
         for o in outcomes {
             let Some(why) = o.over else { continue };
+            if let Some(id) = o.executor {
+                self.executor_over_disk(o.key.framework_id, id, why);
+                continue;
+            }
             let Some(e) = self.tasks.get_mut(&o.key) else { continue };
             if e.ended || e.disk_kill.is_some() {
                 continue;
@@ -745,6 +762,29 @@ impl Core {
             metrics::counter!(crate::metrics::TASK_DISK_LIMIT_KILLS).increment(1);
             e.disk_kill = Some(why);
             e.handle.kill();
+        }
+    }
+
+    /// A framework executor's sandbox is over the limit of it and its tasks: every live task
+    /// of it is killed (ending `disk limit exceeded`) and the executor shut down.
+    fn executor_over_disk(&mut self, fw: FrameworkId, id: ExecutorId, why: String) {
+        let mut killed = 0;
+        for (k, e) in &mut self.tasks {
+            let mine = matches!(&e.task.kind, TaskKind::Executor(x) if x.executor.executor_id == id);
+            if k.framework_id == fw && mine && !e.ended && e.disk_kill.is_none() {
+                e.disk_kill = Some(why.clone());
+                e.handle.kill();
+                killed += 1;
+            }
+        }
+        if killed == 0 {
+            return;
+        }
+        tracing::warn!(framework_id = %fw, executor_id = %id, tasks = killed,
+            "killing the tasks of an executor whose sandbox is over its disk limit, and the executor: {why}");
+        metrics::counter!(crate::metrics::TASK_DISK_LIMIT_KILLS).increment(killed);
+        if let Some(support) = &self.executors {
+            support.shutdown_executor(fw, id);
         }
     }
 
@@ -1321,6 +1361,7 @@ mod tests {
             key: key.clone(),
             usage: None,
             over: Some(why.clone()),
+            executor: None,
         }]);
         assert!(killed.load(std::sync::atomic::Ordering::Relaxed), "the task was killed");
         assert!(h.core.disk_checks().iter().all(|c| c.key != key), "not checked again while it dies");
@@ -1344,5 +1385,68 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].limit, None);
         assert!(h.core.disk_checks().iter().all(|c| c.key != key));
+    }
+
+    /// A framework executor's sandbox is held to its own disk plus its live tasks'; over it,
+    /// every task of it is killed.
+    #[test]
+    fn an_executor_sandbox_is_held_to_the_disk_of_it_and_its_tasks() {
+        let mut h = harness();
+        let fw = FrameworkId::new("fw");
+        let exec = ExecutorId::new("ex");
+        let run = h._dir.path().join("run");
+        let kind = |disk: u64| {
+            TaskKind::Executor(Box::new(agora_sdk::proto::ExecutorTask {
+                executor: agora_sdk::proto::ExecutorInfo {
+                    executor_id: exec.clone(),
+                    name: "ex".into(),
+                    command: agora_sdk::proto::CommandInfo {
+                        argv: vec!["./ex".into()],
+                        shell: false,
+                        env: vec![],
+                    },
+                    resources: Resources { disk, ..Resources::cpus(100) },
+                    fetch: vec![],
+                },
+                data: vec![],
+            }))
+        };
+        let kills = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (id, disk) in [("t1", 1u64 << 20), ("t2", 2 << 20)] {
+            let k = kills.clone();
+            let (_, done) = tokio::sync::watch::channel(false);
+            let handle = TaskHandle::with_kill(
+                Box::new(move || {
+                    k.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }),
+                done,
+            );
+            let mut task = TaskInfo { kind: kind(4 << 20), ..command_task(id, "true") };
+            task.resources.disk = disk;
+            let entry = TaskEntry {
+                task,
+                run_dir: run.clone(),
+                state: TaskState::Running,
+                handle,
+                ended: false,
+                disk_kill: None,
+            };
+            h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
+        }
+        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        let checks = h.core.disk_checks();
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!((checks[0].limit, checks[0].executor.as_ref()), (Some(7 << 20), Some(&exec)));
+        let o = crate::disk::Outcome {
+            key: checks[0].key.clone(),
+            usage: None,
+            over: Some("over".into()),
+            executor: checks[0].executor.clone(),
+        };
+        h.core.disk_checked(vec![o]);
+        assert_eq!(kills.load(std::sync::atomic::Ordering::Relaxed), 2, "both tasks are killed");
+        assert!(h.core.tasks.values().all(|e| e.disk_kill.as_deref() == Some("over")));
+        // Without live tasks only its output is capped.
+        assert_eq!(h.core.disk_checks()[0].limit, None);
     }
 }

@@ -20,7 +20,9 @@
 //!
 //! A task without a `disk` resource is limited by `--default-task-disk` when the agent has
 //! one, and not at all otherwise (Mesos's behaviour). Its output is capped either way.
-//! Tasks of frameworks' own executors share their executor's sandbox and are not checked.
+//! Tasks of frameworks' own executors share their executor's sandbox: it is held to the sum
+//! of the executor's `disk` and its live tasks' (Mesos's container limit), and over it every
+//! task of the executor is killed and the executor shut down.
 //!
 //! The check is periodic: a task can overshoot its limit by what it writes in one interval
 //! before it is killed. A filesystem quota would be exact; this works on any file system.
@@ -224,6 +226,9 @@ pub struct Check {
     pub sandbox: PathBuf,
     /// Its disk limit (`None`: only its output is capped).
     pub limit: Option<u64>,
+    /// The sandbox is that of this framework executor (of `key`'s framework), shared by its
+    /// tasks: over the limit, they all go with it.
+    pub executor: Option<agora_sdk::proto::ExecutorId>,
 }
 
 /// What [`check`] found for one task.
@@ -235,6 +240,8 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     /// `Some(message)` when the task is over its limit and must be killed.
     pub over: Option<String>,
+    /// As in [`Check::executor`].
+    pub executor: Option<agora_sdk::proto::ExecutorId>,
 }
 
 /// Caps the output of each task in `checks` and measures the sandboxes that have a limit
@@ -256,18 +263,20 @@ pub fn check(checks: Vec<Check>, max_output: u64) -> Vec<Outcome> {
                         "cannot drop the head of a task's output"),
                 }
             }
-            let Some(limit) = c.limit else { return Outcome { key: c.key, usage: None, over: None } };
+            let Some(limit) = c.limit else {
+                return Outcome { key: c.key, usage: None, over: None, executor: c.executor };
+            };
             match sandbox_usage(&c.sandbox, MAX_WALK_ENTRIES) {
                 Ok(u) => {
                     let over = verdict(&u, limit);
-                    Outcome { key: c.key, usage: Some(u), over }
+                    Outcome { key: c.key, usage: Some(u), over, executor: c.executor }
                 }
                 Err(e) => {
                     if e.kind() != io::ErrorKind::NotFound {
                         tracing::warn!(task_id = %c.key.task_id, sandbox = %c.sandbox.display(), error = %e,
                             "cannot measure a task's sandbox");
                     }
-                    Outcome { key: c.key, usage: None, over: None }
+                    Outcome { key: c.key, usage: None, over: None, executor: c.executor }
                 }
             }
         })
