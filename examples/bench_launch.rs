@@ -331,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
             allocator: "drf".into(),
             work_dir: dir.path().join("master"),
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+            eviction: agora_master::artifacts::EvictionConfig::default(),
         },
         shutdown.clone(),
     )?;
@@ -354,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         recovery: agora_agent::RecoveryConfig::default(),
         gc: agora_agent::gc::GcConfig::default(),
+        disk: agora_agent::disk::DiskConfig::default(),
     };
     let token = shutdown.clone();
     let agent_task = tokio::spawn(agora_agent::run(agent, token));

@@ -55,6 +55,7 @@ impl Cluster {
                 allocator: spec.allocator.clone(),
                 work_dir: dir.join("master"),
                 max_artifact_size: spec.max_artifact_size,
+                eviction: agora_master::artifacts::EvictionConfig::default(),
             },
             shutdown.clone(),
         )?;
@@ -122,6 +123,7 @@ pub fn spawn_agents(
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: spec.gc.clone(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let token = shutdown.clone();
         agents.push(tokio::spawn(async move {

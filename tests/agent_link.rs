@@ -195,6 +195,7 @@ fn config(dir: &Path, master: String) -> AgentConfig {
         task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
         recovery: agora_agent::RecoveryConfig::default(),
         gc: agora_agent::gc::GcConfig::default(),
+        disk: agora_agent::disk::DiskConfig::default(),
     }
 }
 

@@ -14,7 +14,7 @@ use agora_sdk::proto::*;
 use agora_sdk::tls::TlsFiles;
 use common::dev::{poll, RealCluster};
 use common::etcd::Etcd;
-use common::ha::{leads, start_master, start_master_in, wait_leader, HaMaster, CLUSTER};
+use common::ha::{leads, start_master, start_master_in, start_master_with, wait_leader, HaMaster, CLUSTER};
 
 async fn upload(addr: &str, tls: &Path, name: &str, bytes: &[u8]) -> ArtifactRef {
     let s =
@@ -172,4 +172,37 @@ async fn two_masters_sharing_one_work_dir_still_work() {
     let left = &mut masters[1 - li];
     assert!(!left.proc.stderr_text().contains("cannot copy artifacts"), "{}", left.proc.stderr_text());
     assert!(left.proc.stop().success());
+}
+
+/// A bounded store (`--artifact-store-size`): the leader evicts an artifact nothing refers to
+/// once its grace is over, from the etcd index and its disk, and the standby that copied it
+/// removes its copy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_the_leader_evicts_leaves_the_index_and_the_standbys() {
+    let etcd = Etcd::start();
+    let dir = RealCluster::prepare();
+    let tls = dir.path().join("tls");
+    let bound =
+        ["--artifact-store-size", "1B", "--artifact-grace", "2s", "--artifact-evict-interval", "200ms"];
+    let mut masters: Vec<HaMaster> = (0..2)
+        .map(|i| {
+            let name = format!("master{i}");
+            start_master_with(dir.path(), &name, &etcd.url, "127.0.0.1:0", &dir.path().join(&name), &bound)
+        })
+        .collect();
+    let addrs: Vec<String> = masters.iter().map(|m| m.addr.clone()).collect();
+    let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let (li, epoch) = wait_leader(&addr_refs, &tls, 30).await;
+    let script = b"#!/bin/sh\necho evicted later\n";
+    let uploaded = upload(&addrs[li], &tls, "evicted.sh", script).await;
+    let standby = &masters[1 - li];
+    wait_file("the standby to copy the upload", &standby.artifact(&uploaded.digest), script, 30);
+    poll("the leader to evict the unused artifact", 30, || {
+        (!masters[li].artifact(&uploaded.digest).exists()).then_some(())
+    });
+    assert_eq!(indexed_size(&etcd.url, epoch, &uploaded.digest), None, "the index dropped it");
+    poll("the standby to drop its copy", 30, || (!standby.artifact(&uploaded.digest).exists()).then_some(()));
+    for m in &mut masters {
+        assert!(m.proc.stop().success(), "{}", m.proc.stderr_text());
+    }
 }

@@ -48,6 +48,8 @@ struct TaskEntry {
     handle: TaskHandle,
     /// The supervisor is done (the process ended or never started).
     ended: bool,
+    /// The agent killed the task for outgrowing its disk: the message its end carries.
+    disk_kill: Option<String>,
 }
 
 impl TaskEntry {
@@ -122,6 +124,11 @@ pub struct Core {
     gc: gc::Scheduled,
     /// Sandboxes handed to garbage collection (bounded like the finished list they serve).
     collected: gc::Collected,
+    /// Disk limits of tasks.
+    disk: crate::disk::DiskConfig,
+    /// Sandboxes of tasks that ended since the last disk check: their output is capped once
+    /// more (what they wrote after the last check while running).
+    ended_outputs: Vec<(TaskKey, PathBuf)>,
 }
 
 impl Core {
@@ -155,6 +162,8 @@ impl Core {
             pending_acks: HashMap::new(),
             gc: gc::Scheduled::default(),
             collected: gc::Collected::default(),
+            disk: crate::disk::DiskConfig::default(),
+            ended_outputs: Vec::new(),
         }
     }
 
@@ -224,7 +233,14 @@ impl Core {
             }
             self.tasks.insert(
                 key,
-                TaskEntry { task: t.task.clone(), run_dir: t.run_dir.clone(), state: t.state, handle, ended },
+                TaskEntry {
+                    task: t.task.clone(),
+                    run_dir: t.run_dir.clone(),
+                    state: t.state,
+                    handle,
+                    ended,
+                    disk_kill: None,
+                },
             );
         }
         for ((fw, id), queue) in &state.updates {
@@ -242,7 +258,12 @@ impl Core {
         self.executors = Some(executors);
     }
 
-    /// Who tasks and executors run as.
+    /// Disk limits of tasks and the cap on their output (see [`crate::disk`]).
+    pub fn set_disk_config(&mut self, disk: crate::disk::DiskConfig) {
+        self.disk = disk;
+    }
+
+    /// Who each framework's tasks and executors run as.
     pub fn set_task_groups(&mut self, groups: Option<std::sync::Arc<TaskGroups>>) {
         self.task_groups = groups;
     }
@@ -343,9 +364,15 @@ impl Core {
             }
         };
         let (user, (executor_dir, run_dir)) = dirs;
+        // The launch sees the limit it is held to: a task without `disk` gets the agent's
+        // default, so that its shipped directories stop unpacking there too.
+        let mut launched = task.clone();
+        if launched.resources.disk == 0 {
+            launched.resources.disk = self.disk.default_task_disk.unwrap_or(0);
+        }
         let spec = LaunchSpec {
             framework_id,
-            task: task.clone(),
+            task: launched,
             executor_dir,
             run_dir: run_dir.clone(),
             // A framework chooses its tasks' grace period, within bounds (an executor shutting
@@ -361,7 +388,8 @@ impl Core {
         #[cfg(test)]
         if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
             let handle = tasks::launch(spec, self.events.clone());
-            let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+            let entry =
+                TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
             self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
             self.tasks.insert(key, entry);
             self.live += 1;
@@ -378,7 +406,8 @@ impl Core {
             executors::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
-        let entry = TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false };
+        let entry =
+            TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
         self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
         self.tasks.insert(key, entry);
         self.live += 1;
@@ -566,7 +595,15 @@ impl Core {
                 };
                 (self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None), record)
             }
-            TaskEvent::Terminated(t) => {
+            TaskEvent::Terminated(mut t) => {
+                if let Some(why) = entry.disk_kill.take() {
+                    // Killed by the agent, not on request: Mesos's container limitation.
+                    if t.state != TaskState::Finished {
+                        t.state = TaskState::Failed;
+                        t.reason = tasks::REASON_DISK_LIMIT.to_string();
+                        t.message = format!("{why}; the agent killed it ({})", t.message);
+                    }
+                }
                 entry.state = t.state;
                 if !entry.ended {
                     self.live = self.live.saturating_sub(1);
@@ -580,6 +617,11 @@ impl Core {
                     ended: true,
                 };
                 let run_dir = entry.run_dir.clone();
+                if matches!(entry.task.kind, TaskKind::Command(_) | TaskKind::Wasm(_))
+                    && self.ended_outputs.len() < FINISHED_KEPT
+                {
+                    self.ended_outputs.push((key.clone(), run_dir.clone()));
+                }
                 self.finished.insert(key.clone(), run_dir);
                 self.update_gauges();
                 let Termination { state, reason, message, exit_code, signal, usage } = t;
@@ -655,6 +697,121 @@ impl Core {
             target.collected = self.collected.contains(dir);
             target
         })
+    }
+
+    /// The running command and Wasm tasks whose sandboxes the disk check looks at (a
+    /// framework executor's tasks share its sandbox and are not checked).
+    /// Tasks that ended since the last call are in once more, without a limit, for their
+    /// output's sake. A framework executor's sandbox, shared by its tasks, is held to the sum
+    /// of its own `disk` and its live tasks' (the agent's default when that is 0; Mesos's
+    /// container limit), and without live tasks its output is still capped.
+    pub fn disk_checks(&mut self) -> Vec<crate::disk::Check> {
+        let ended = std::mem::take(&mut self.ended_outputs)
+            .into_iter()
+            .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None, executor: None });
+        let mut shared: HashMap<(FrameworkId, ExecutorId), u64> = HashMap::new();
+        for (k, e) in &self.tasks {
+            if let (TaskKind::Executor(x), false, None) = (&e.task.kind, e.ended, &e.disk_kill) {
+                let sum = shared
+                    .entry((k.framework_id.clone(), x.executor.executor_id.clone()))
+                    .or_insert(x.executor.resources.disk);
+                *sum = sum.saturating_add(e.task.resources.disk);
+            }
+        }
+        // Keyed by the executor id, for the log lines only.
+        let executors: Vec<_> = self
+            .executor_runs
+            .iter()
+            .map(|((fw, id), run)| crate::disk::Check {
+                key: TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id.as_str()) },
+                sandbox: run.clone(),
+                limit: shared.get(&(fw.clone(), id.clone())).and_then(|d| self.disk.limit_for(*d)),
+                executor: Some(id.clone()),
+            })
+            .collect();
+        self.tasks
+            .iter()
+            .filter(|(_, e)| !e.ended && e.disk_kill.is_none())
+            .filter(|(_, e)| matches!(e.task.kind, TaskKind::Command(_) | TaskKind::Wasm(_)))
+            .map(|(k, e)| crate::disk::Check {
+                key: k.clone(),
+                sandbox: e.run_dir.clone(),
+                limit: self.disk.limit_for(e.task.resources.disk),
+                executor: None,
+            })
+            .chain(ended)
+            .chain(executors)
+            .collect()
+    }
+
+    /// What the disk check found: tasks over their limit are killed, and end TASK_FAILED with
+    /// reason [`tasks::REASON_DISK_LIMIT`].
+    pub fn disk_checked(&mut self, outcomes: Vec<crate::disk::Outcome>) {
+        for o in outcomes {
+            let Some(why) = o.over else { continue };
+            if let Some(id) = o.executor {
+                self.executor_over_disk(o.key.framework_id, id, why);
+                continue;
+            }
+            let Some(e) = self.tasks.get_mut(&o.key) else { continue };
+            if e.ended || e.disk_kill.is_some() {
+                continue;
+            }
+            tracing::warn!(task_id = %o.key.task_id, framework_id = %o.key.framework_id,
+                usage = ?o.usage, "killing a task over its disk limit: {why}");
+            metrics::counter!(crate::metrics::TASK_DISK_LIMIT_KILLS).increment(1);
+            e.disk_kill = Some(why);
+            e.handle.kill();
+        }
+    }
+
+    /// A framework executor's sandbox is over the limit of it and its tasks: every live task
+    /// of it is killed (ending `disk limit exceeded`) and the executor shut down.
+    fn executor_over_disk(&mut self, fw: FrameworkId, id: ExecutorId, why: String) {
+        let mut killed = 0;
+        for (k, e) in &mut self.tasks {
+            let mine = matches!(&e.task.kind, TaskKind::Executor(x) if x.executor.executor_id == id);
+            if k.framework_id == fw && mine && !e.ended && e.disk_kill.is_none() {
+                e.disk_kill = Some(why.clone());
+                e.handle.kill();
+                killed += 1;
+            }
+        }
+        if killed == 0 {
+            return;
+        }
+        tracing::warn!(framework_id = %fw, executor_id = %id, tasks = killed,
+            "killing the tasks of an executor whose sandbox is over its disk limit, and the executor: {why}");
+        metrics::counter!(crate::metrics::TASK_DISK_LIMIT_KILLS).increment(killed);
+        if let Some(support) = &self.executors {
+            support.shutdown_executor(fw, id);
+        }
+    }
+
+    /// The work of bounding the agent's caches (`--cache-size`), keeping what live tasks use;
+    /// `None` without a bound or executors.
+    pub fn cache_eviction(
+        &self,
+    ) -> Option<impl FnOnce() -> std::io::Result<crate::cache::Evicted> + Send + 'static> {
+        let max = self.disk.cache_size?;
+        let executors = self.executors.as_ref()?;
+        let keep = self
+            .tasks
+            .values()
+            .filter(|e| !e.ended)
+            .flat_map(|e| crate::cache::digests_of(&e.task))
+            .collect();
+        Some(executors.cache_eviction(keep, max, self.disk.cache_grace))
+    }
+
+    /// How often the disk check runs.
+    pub fn disk_check_interval(&self) -> Duration {
+        self.disk.check_interval
+    }
+
+    /// Most bytes kept of each output stream of a task.
+    pub fn max_output_size(&self) -> u64 {
+        self.disk.max_output_size
     }
 
     /// The sandbox of a task this agent knows.
@@ -936,8 +1093,14 @@ mod tests {
             let key = TaskKey { framework_id: FrameworkId::new("fw"), task_id: task.task_id.clone() };
             let (_, done) = tokio::sync::watch::channel(false);
             let handle = TaskHandle::with_kill(Box::new(|| {}), done);
-            let entry =
-                TaskEntry { task, run_dir: PathBuf::new(), state: TaskState::Running, handle, ended: false };
+            let entry = TaskEntry {
+                task,
+                run_dir: PathBuf::new(),
+                state: TaskState::Running,
+                handle,
+                ended: false,
+                disk_kill: None,
+            };
             h.core.tasks.insert(key, entry);
         }
         h.core.connected(Instant::now());
@@ -1079,7 +1242,7 @@ mod tests {
         let (_, done) = tokio::sync::watch::channel(ended);
         let handle = TaskHandle::with_kill(Box::new(|| {}), done);
         let state = if ended { TaskState::Finished } else { TaskState::Running };
-        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended };
+        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended, disk_kill: None };
         core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
     }
 
@@ -1153,5 +1316,137 @@ mod tests {
         let mut got = scheduled(&mut h.core);
         got.sort();
         assert_eq!(got, [wasm_run.clone(), wasm_run.join("tasks/w2")]);
+    }
+
+    /// The disk check looks at live command tasks with their limit (the agent's default for
+    /// those without), at ended ones once more for their output, and kills one over its limit:
+    /// its end becomes TASK_FAILED `disk limit exceeded` with the check's message.
+    #[test]
+    fn a_task_over_its_disk_is_killed_and_ends_disk_limit_exceeded() {
+        let mut h = harness();
+        h.core.set_disk_config(crate::disk::DiskConfig {
+            default_task_disk: Some(5 << 20),
+            ..crate::disk::DiskConfig::default()
+        });
+        let fw = FrameworkId::new("fw");
+        let dir = h._dir.path().to_path_buf();
+        let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let k = killed.clone();
+        let (_, done) = tokio::sync::watch::channel(false);
+        let handle = TaskHandle::with_kill(
+            Box::new(move || k.store(true, std::sync::atomic::Ordering::Relaxed)),
+            done,
+        );
+        let mut task = command_task("big", "true");
+        task.resources.disk = 1 << 20;
+        let entry = TaskEntry {
+            task,
+            run_dir: dir.join("big"),
+            state: TaskState::Running,
+            handle,
+            ended: false,
+            disk_kill: None,
+        };
+        h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") }, entry);
+        insert(&mut h.core, &fw, "nodisk", command_task("nodisk", "true").kind, &dir.join("nodisk"), false);
+        insert(&mut h.core, &fw, "done", command_task("done", "true").kind, &dir.join("done"), true);
+        let mut checks = h.core.disk_checks();
+        checks.sort_by(|a, b| a.key.task_id.cmp(&b.key.task_id));
+        let got: Vec<_> = checks.iter().map(|c| (c.key.task_id.as_str(), c.limit)).collect();
+        assert_eq!(got, [("big", Some(1 << 20)), ("nodisk", Some(5 << 20))]);
+
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") };
+        let why = "the task's sandbox uses 3MiB on disk, more than its disk limit of 1MiB".to_string();
+        h.core.disk_checked(vec![crate::disk::Outcome {
+            key: key.clone(),
+            usage: None,
+            over: Some(why.clone()),
+            executor: None,
+        }]);
+        assert!(killed.load(std::sync::atomic::Ordering::Relaxed), "the task was killed");
+        assert!(h.core.disk_checks().iter().all(|c| c.key != key), "not checked again while it dies");
+        let end = Termination {
+            state: TaskState::Killed,
+            reason: "killed".into(),
+            message: "killed on request".into(),
+            exit_code: None,
+            signal: Some(15),
+            usage: None,
+        };
+        h.core.connected(Instant::now());
+        statuses(&mut h.core);
+        h.core.task_event(key.clone(), TaskEvent::Terminated(end), Instant::now());
+        let st = statuses(&mut h.core);
+        let last = st.last().expect("the end");
+        assert_eq!((last.state, last.reason.as_str()), (TaskState::Failed, crate::tasks::REASON_DISK_LIMIT));
+        assert!(last.message.starts_with(&why), "{}", last.message);
+        // Ended: checked once more for its output, without a limit, then no more.
+        let again: Vec<_> = h.core.disk_checks().into_iter().filter(|c| c.key == key).collect();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].limit, None);
+        assert!(h.core.disk_checks().iter().all(|c| c.key != key));
+    }
+
+    /// A framework executor's sandbox is held to its own disk plus its live tasks'; over it,
+    /// every task of it is killed.
+    #[test]
+    fn an_executor_sandbox_is_held_to_the_disk_of_it_and_its_tasks() {
+        let mut h = harness();
+        let fw = FrameworkId::new("fw");
+        let exec = ExecutorId::new("ex");
+        let run = h._dir.path().join("run");
+        let kind = |disk: u64| {
+            TaskKind::Executor(Box::new(agora_sdk::proto::ExecutorTask {
+                executor: agora_sdk::proto::ExecutorInfo {
+                    executor_id: exec.clone(),
+                    name: "ex".into(),
+                    command: agora_sdk::proto::CommandInfo {
+                        argv: vec!["./ex".into()],
+                        shell: false,
+                        env: vec![],
+                    },
+                    resources: Resources { disk, ..Resources::cpus(100) },
+                    fetch: vec![],
+                },
+                data: vec![],
+            }))
+        };
+        let kills = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (id, disk) in [("t1", 1u64 << 20), ("t2", 2 << 20)] {
+            let k = kills.clone();
+            let (_, done) = tokio::sync::watch::channel(false);
+            let handle = TaskHandle::with_kill(
+                Box::new(move || {
+                    k.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }),
+                done,
+            );
+            let mut task = TaskInfo { kind: kind(4 << 20), ..command_task(id, "true") };
+            task.resources.disk = disk;
+            let entry = TaskEntry {
+                task,
+                run_dir: run.clone(),
+                state: TaskState::Running,
+                handle,
+                ended: false,
+                disk_kill: None,
+            };
+            h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
+        }
+        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        let checks = h.core.disk_checks();
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!((checks[0].limit, checks[0].executor.as_ref()), (Some(7 << 20), Some(&exec)));
+        let o = crate::disk::Outcome {
+            key: checks[0].key.clone(),
+            usage: None,
+            over: Some("over".into()),
+            executor: checks[0].executor.clone(),
+        };
+        h.core.disk_checked(vec![o]);
+        assert_eq!(kills.load(std::sync::atomic::Ordering::Relaxed), 2, "both tasks are killed");
+        assert!(h.core.tasks.values().all(|e| e.disk_kill.as_deref() == Some("over")));
+        // Without live tasks only its output is capped.
+        assert_eq!(h.core.disk_checks()[0].limit, None);
     }
 }

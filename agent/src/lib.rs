@@ -20,6 +20,8 @@
 //! - [`output`]: task output streams;
 //! - [`sandbox`]: work-dir layout, id escaping, checkpoints;
 //! - [`checkpoint`]: the agent's state on disk (snapshot and journal) for recovery;
+//! - [`cache`]: the bound on the agent's artifact and compiled-module caches;
+//! - [`disk`]: disk limits of running tasks and the cap on their output;
 //! - [`gc`]: removal of finished sandboxes after `--gc-delay` (sooner on a full disk);
 //! - [`resources`]: resource detection;
 //! - [`cgroups`]: cgroup v1/v2 isolation of tasks (limits, accounting, cleanup);
@@ -36,10 +38,12 @@ use agora_sdk::{Attributes, Resources};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod cache;
 pub mod cgroups;
 pub mod checkpoint;
 pub mod command_executor;
 pub mod core;
+pub mod disk;
 pub mod epoch;
 pub mod executors;
 pub mod files;
@@ -96,6 +100,9 @@ pub struct AgentConfig {
     pub recovery: RecoveryConfig,
     /// Removal of finished sandboxes (`--gc-delay`, `--gc-disk-headroom`, `--gc-interval`).
     pub gc: gc::GcConfig,
+    /// Disk limits of tasks (`--disk-check-interval`, `--default-task-disk`,
+    /// `--max-output-size`).
+    pub disk: disk::DiskConfig,
 }
 
 /// `--recover`: what a starting agent does with what an earlier run left.
@@ -193,6 +200,9 @@ pub enum AgentError {
     /// A `--gc-*` setting is out of range.
     #[error(transparent)]
     Gc(#[from] gc::GcConfigError),
+    /// A disk setting is out of range.
+    #[error(transparent)]
+    Disk(#[from] disk::DiskConfigError),
     /// `--task-user` cannot be used.
     #[error(transparent)]
     TaskUser(#[from] user::UserError),
@@ -226,6 +236,7 @@ pub enum AgentError {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let layout = sandbox::Layout::new(&config.work_dir);
     config.gc.validate()?;
+    config.disk.validate()?;
     agora_sdk::masters::MasterSearch::new(&config.master)
         .map_err(|error| AgentError::Masters { list: config.master.clone(), error })?;
     let task_user = user::TaskUser::for_agent(&config.task_user)?;
@@ -315,6 +326,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     core.set_executors(executors.clone());
     core.set_task_groups(task_groups);
+    core.set_disk_config(config.disk.clone());
     core.set_checkpointer(checkpointer);
     let recovery = if recovered.is_empty() && state.tasks.is_empty() && state.updates.is_empty() {
         None

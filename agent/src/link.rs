@@ -403,6 +403,13 @@ pub(crate) async fn drive(
     gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One collection at a time; a tick during one is skipped.
     let mut gc_job: Option<JoinHandle<GcStep>> = None;
+    // Disk limits and output caps of running tasks: one check at a time, like collection.
+    let disk_interval = core.disk_check_interval().max(Duration::from_millis(10));
+    let mut disk_tick = tokio::time::interval_at(tokio::time::Instant::now() + disk_interval, disk_interval);
+    disk_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut disk_job: Option<JoinHandle<Vec<crate::disk::Outcome>>> = None;
+    // The caches' bound is kept on the collection tick.
+    let mut cache_job: Option<JoinHandle<std::io::Result<crate::cache::Evicted>>> = None;
     let result = loop {
         // Whatever this iteration changed is checkpointed before anything leaves the agent.
         if let Err(e) = core.flush_checkpoint() {
@@ -531,6 +538,38 @@ pub(crate) async fn drive(
             _ = gc_tick.tick() => {
                 if gc_job.is_none() {
                     gc_job = gc_step(cfg, layout, core, None);
+                }
+                if cache_job.is_none() {
+                    cache_job = core.cache_eviction().map(tokio::task::spawn_blocking);
+                }
+            }
+            r = opt_join(cache_job.as_mut()) => {
+                cache_job = None;
+                match r {
+                    Ok(Ok(e)) if !e.digests.is_empty() => {
+                        metrics::counter!(crate::metrics::CACHE_EVICTIONS).increment(e.digests.len() as u64);
+                        tracing::info!(digests = ?e.digests, freed = e.bytes, left = e.left,
+                            "evicted the least recently used artifacts past --cache-size");
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot bound the agent's caches"),
+                    Err(e) => tracing::warn!(error = %e, "the cache eviction failed"),
+                }
+            }
+            _ = disk_tick.tick() => {
+                if disk_job.is_none() {
+                    let checks = core.disk_checks();
+                    if !checks.is_empty() {
+                        let max = core.max_output_size();
+                        disk_job = Some(tokio::task::spawn_blocking(move || crate::disk::check(checks, max)));
+                    }
+                }
+            }
+            r = opt_join(disk_job.as_mut()) => {
+                disk_job = None;
+                match r {
+                    Ok(outcomes) => core.disk_checked(outcomes),
+                    Err(e) => tracing::warn!(error = %e, "the disk check failed"),
                 }
             }
             r = opt_join(gc_job.as_mut()) => {

@@ -23,6 +23,12 @@ pub const TASK_PIDS_LIMIT_HITS: &str = "agora_agent_task_pids_limit_hits_total";
 pub const TASK_ISOLATION_FAILURES: &str = "agora_agent_task_isolation_failures_total";
 /// Finished sandboxes removed by garbage collection.
 pub const SANDBOXES_REMOVED: &str = "agora_agent_sandboxes_removed_total";
+/// Tasks killed because their sandbox outgrew their disk limit.
+pub const TASK_DISK_LIMIT_KILLS: &str = "agora_agent_task_disk_limit_kills_total";
+/// Bytes of task output dropped (the head of files past `--max-output-size`).
+pub const OUTPUT_BYTES_DROPPED: &str = "agora_agent_output_bytes_dropped_total";
+/// Artifacts evicted from the agent's cache (`--cache-size`).
+pub const CACHE_EVICTIONS: &str = "agora_agent_cache_evictions_total";
 /// Finished sandboxes waiting for removal.
 pub const SANDBOXES_SCHEDULED: &str = "agora_agent_sandboxes_scheduled";
 

@@ -50,7 +50,10 @@ pub struct OutputLookup {
 
 /// Copies `target`'s file from `offset` to `out`. Without `follow` it stops at end of file;
 /// with it, it keeps polling until the task is done and the file is drained. A file that does
-/// not exist yet counts as empty. Returns the number of bytes written.
+/// not exist yet counts as empty. Offsets are those of the whole stream: a file whose head was
+/// dropped (`--max-output-size`) keeps its length, and the dropped part is skipped, so what is
+/// sent is always a contiguous run of real output, possibly after a gap. Returns the number of
+/// bytes written.
 pub async fn copy_output<W: AsyncWrite + Unpin>(
     out: &mut W,
     mut target: OutputTarget,
@@ -59,6 +62,7 @@ pub async fn copy_output<W: AsyncWrite + Unpin>(
 ) -> io::Result<u64> {
     let mut file: Option<tokio::fs::File> = None;
     let mut pos = offset;
+    let mut written = 0u64;
     let mut buf = vec![0u8; CHUNK];
     let mut writer_gone = false;
     loop {
@@ -76,17 +80,29 @@ pub async fn copy_output<W: AsyncWrite + Unpin>(
         }
         if let Some(f) = file.as_mut() {
             loop {
+                // The head of a file past --max-output-size is a hole (see `crate::disk`): it
+                // reads as nothing, not as zeros. A reader whose offset lies there, or that
+                // fell behind the cap while following, goes on from the first byte kept.
+                let start = crate::disk::next_data(f, pos);
+                f.seek(io::SeekFrom::Start(start)).await?;
+                pos = start;
                 let n = f.read(&mut buf).await?;
                 if n == 0 {
                     break;
                 }
-                out.write_all(&buf[..n]).await?;
-                pos += n as u64;
+                // The head may have been dropped while this was read: not a byte of the new
+                // hole is sent.
+                let kept = crate::disk::next_data(f, pos);
+                let skip = usize::try_from(kept - pos).unwrap_or(usize::MAX).min(n);
+                out.write_all(&buf[skip..n]).await?;
+                written += (n - skip) as u64;
+                pos = (pos + n as u64).max(kept);
+                f.seek(io::SeekFrom::Start(pos)).await?;
             }
             out.flush().await?;
         }
         if !follow || finished {
-            return Ok(pos - offset);
+            return Ok(written);
         }
         tokio::select! {
             changed = target.done.changed() => writer_gone = changed.is_err(),
@@ -267,5 +283,30 @@ mod tests {
             .expect("join")
             .expect("copy");
         assert_eq!(out, b"one\ntwo\n");
+    }
+
+    #[tokio::test]
+    async fn a_capped_file_reads_as_its_tail_at_unchanged_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stdout");
+        let mut f = std::fs::File::create(&path).expect("create");
+        for i in 0..32u32 {
+            f.write_all(format!("{i:065535}\n").as_bytes()).expect("write");
+        }
+        f.sync_all().expect("sync");
+        let dropped = crate::disk::cap_output(&path, 1 << 20).expect("cap");
+        assert!(dropped > 0);
+        // From the start: the dropped head is skipped, not sent as zeros.
+        let mut out = Vec::new();
+        let n = copy_output(&mut out, OutputTarget::finished(path.clone()), 0, false).await.expect("copy");
+        assert_eq!(n, out.len() as u64);
+        assert_eq!(out.len() as u64, (32u64 << 16) - dropped);
+        assert!(!out.contains(&0), "no zeros from the hole");
+        assert!(out.ends_with(format!("{:065535}\n", 31).as_bytes()), "the tail is kept");
+        // From an offset in the kept part: exactly the bytes from there.
+        let at = (31u64 << 16) + 65530;
+        let mut out = Vec::new();
+        copy_output(&mut out, OutputTarget::finished(path), at, false).await.expect("copy");
+        assert_eq!(out, b"00031\n");
     }
 }

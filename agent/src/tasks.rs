@@ -29,6 +29,9 @@ pub const REASON_MEMORY_LIMIT: &str = "memory limit exceeded";
 pub const REASON_PROCESS_LIMIT: &str = "process limit reached";
 /// Reason of a task that could not be given its cgroup (it never ran).
 pub const REASON_ISOLATION_FAILED: &str = "isolation failed";
+/// Reason of a task whose sandbox outgrew its `disk` (killed by the agent's periodic check,
+/// [`crate::disk`]), or whose shipped directories would not fit in it.
+pub const REASON_DISK_LIMIT: &str = "disk limit exceeded";
 
 pub use agora_sdk::proto::TaskKey;
 

@@ -26,6 +26,32 @@ use crate::metrics;
 /// Largest artifact a master accepts unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 64 << 20;
 
+/// Default of `--artifact-store-size`.
+pub const DEFAULT_STORE_SIZE: u64 = 10 << 30;
+
+/// The bound on the store (`agora master --artifact-store-size`): past it, the least recently
+/// used artifacts that no live task or executor refers to, and that were not stored or used
+/// within `grace`, are evicted (from the core, the registry's index, then the disk).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvictionConfig {
+    /// Most bytes kept (`None`: no bound).
+    pub max_bytes: Option<u64>,
+    /// An artifact stored or used this recently stays (an upload is followed by its launch).
+    pub grace: std::time::Duration,
+    /// How often the store is checked.
+    pub interval: std::time::Duration,
+}
+
+impl Default for EvictionConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: Some(DEFAULT_STORE_SIZE),
+            grace: std::time::Duration::from_secs(600),
+            interval: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 /// Read and write granularity of uploads.
 const CHUNK: usize = 64 * 1024;
 
@@ -113,6 +139,10 @@ pub struct ArtifactStore {
     max_size: u64,
     count: AtomicUsize,
     next_tmp: AtomicU64,
+    /// When each artifact was last stored, found present by an upload or read, since the
+    /// master started (older uses: the file's modification time), for LRU eviction. One entry
+    /// per stored artifact at most.
+    used: std::sync::Mutex<std::collections::HashMap<Digest, std::time::SystemTime>>,
 }
 
 impl ArtifactStore {
@@ -160,6 +190,7 @@ impl ArtifactStore {
             max_size,
             count: AtomicUsize::new(0),
             next_tmp: AtomicU64::new(0),
+            used: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         let n = store.list()?.len();
         store.count.store(n, Ordering::Relaxed);
@@ -252,7 +283,68 @@ impl ArtifactStore {
             return Ok(false);
         }
         validate_kind(req.kind, &path, display_name(req)).await?;
+        self.touch(&req.digest);
         Ok(true)
+    }
+
+    /// Records a use of `digest` (it is in the store) for LRU eviction.
+    fn touch(&self, digest: &Digest) {
+        let now = std::time::SystemTime::now();
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone(), now);
+    }
+
+    /// The artifacts to evict to bring the store to at most `max` bytes, least recently used
+    /// first: never one in `keep` (what live tasks and executors refer to) nor one stored or
+    /// used within `grace` of `now` (an upload is followed by its launch). Blocking.
+    pub fn eviction_candidates(
+        &self,
+        max: u64,
+        keep: &std::collections::HashSet<Digest>,
+        grace: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<Vec<ArtifactRef>, ArtifactError> {
+        let stored = self.list()?;
+        let mut total: u64 = stored.iter().map(|a| a.size).sum();
+        if total <= max {
+            return Ok(Vec::new());
+        }
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let recent = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+        let mut candidates: Vec<(std::time::SystemTime, ArtifactRef)> = stored
+            .into_iter()
+            .filter(|a| !keep.contains(&a.digest))
+            .filter_map(|a| {
+                let modified = self.path(&a.digest).and_then(|p| std::fs::metadata(p).ok()?.modified().ok());
+                let last = used.get(&a.digest).copied().or(modified)?;
+                (last < recent).then_some((last, a))
+            })
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.digest.cmp(&b.1.digest)));
+        let mut out = Vec::new();
+        for (_, a) in candidates {
+            if total <= max {
+                break;
+            }
+            total = total.saturating_sub(a.size);
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Removes the artifact `digest` (evicted; the core and the registry's index forgot it
+    /// first). A reader that opened it keeps reading it. Returns whether it was there.
+    pub async fn remove(&self, digest: &Digest) -> Result<bool, ArtifactError> {
+        let path = self.path(digest).ok_or_else(|| ArtifactError::bad_digest(digest))?;
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {
+                let n = self.count.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+                gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
     }
 
     /// Receives the bytes of `req` from `body` (exactly `req.size` of them, then end of stream),
@@ -321,6 +413,7 @@ impl ArtifactStore {
         validate_kind(req.kind, tmp, name.clone()).await?;
         let dest = self.objects.join(actual.as_str());
         let new = publish(tmp, &dest).await?;
+        self.touch(&actual);
         if new {
             let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
             gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
@@ -347,6 +440,7 @@ impl ArtifactStore {
         let published = publish(fetched, &dest).await;
         let _ = tokio::fs::remove_file(fetched).await;
         let new = published?;
+        self.touch(digest);
         if new {
             let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
             gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
@@ -366,6 +460,7 @@ impl ArtifactStore {
             Err(e) => return Err(io_err("open", &path)(e)),
         };
         let size = file.metadata().await.map_err(io_err("stat", &path))?.len();
+        self.touch(digest);
         Ok(Some((file, size)))
     }
 }
@@ -629,5 +724,46 @@ mod tests {
         assert!(!store.contains(&evil));
         let r = UploadRequest { kind: ArtifactKind::Archive, digest: evil, size: 1, name: "x".into() };
         assert_eq!(store.check(&r).unwrap_err().code(), ErrorCode::Malformed);
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_unreferenced_and_not_recent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::open(dir.path(), 1 << 20).expect("open");
+        let mut refs = Vec::new();
+        for (i, age) in [(0u8, 5u64), (1, 4), (2, 3), (3, 0)] {
+            let bytes = vec![i; 1000];
+            let req = UploadRequest {
+                digest: Digest::of(&bytes),
+                size: 1000,
+                kind: ArtifactKind::Archive,
+                name: format!("a{i}"),
+            };
+            let a = store.store(&req, &bytes[..]).await.expect("store");
+            refs.push((a, age));
+        }
+        // Ages by hand: uses recorded in memory win over the files' times.
+        let now = std::time::SystemTime::now();
+        {
+            let mut used = store.used.lock().expect("lock");
+            for (a, age) in &refs {
+                used.insert(a.digest.clone(), now - std::time::Duration::from_secs(3600 * age));
+            }
+        }
+        let keep: std::collections::HashSet<Digest> = [refs[0].0.digest.clone()].into();
+        let grace = std::time::Duration::from_secs(600);
+        // Room for two: the oldest unreferenced (a1) goes, then a2; a0 is kept, a3 is recent.
+        let out = store.eviction_candidates(2000, &keep, grace, now).expect("candidates");
+        assert_eq!(
+            out.iter().map(|a| a.digest.clone()).collect::<Vec<_>>(),
+            vec![refs[1].0.digest.clone(), refs[2].0.digest.clone()]
+        );
+        let out = store.eviction_candidates(3000, &keep, grace, now).expect("candidates");
+        assert_eq!(out.len(), 1);
+        assert!(store.eviction_candidates(4000, &keep, grace, now).expect("candidates").is_empty());
+        // Removal: the file and its count go; a second removal finds nothing.
+        assert!(store.remove(&refs[1].0.digest).await.expect("remove"));
+        assert!(!store.contains(&refs[1].0.digest) && store.len() == 3);
+        assert!(!store.remove(&refs[1].0.digest).await.expect("remove"));
     }
 }

@@ -49,6 +49,8 @@ pub const ARTIFACT_BYTES: &str = "agora_master_artifact_bytes_total";
 pub const ARTIFACT_FETCHES: &str = "agora_master_artifact_fetches_total";
 /// Artifacts in the store.
 pub const ARTIFACTS_STORED: &str = "agora_master_artifacts_stored";
+/// Artifacts evicted past `--artifact-store-size`.
+pub const ARTIFACTS_EVICTED: &str = "agora_master_artifacts_evicted_total";
 
 /// Registers descriptions of every metric with the installed recorder (call once at start).
 pub fn describe() {
@@ -74,4 +76,5 @@ pub fn describe() {
     describe_counter!(ARTIFACT_BYTES, Unit::Bytes, "Bytes of new artifacts stored");
     describe_counter!(ARTIFACT_FETCHES, Unit::Count, "Artifacts sent to agents");
     describe_gauge!(ARTIFACTS_STORED, Unit::Count, "Artifacts in the store");
+    describe_counter!(ARTIFACTS_EVICTED, Unit::Count, "Unused artifacts evicted past the store's size");
 }

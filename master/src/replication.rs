@@ -148,8 +148,9 @@ struct Follower {
     members: Members,
     tls: TlsFiles,
     store: Arc<ArtifactStore>,
-    /// Digests known to be in the store (files are never removed or changed once published):
-    /// spares a file system check per indexed digest per round.
+    /// Digests known to be in the store (files never change once published, and are removed
+    /// only by this follower's pruning, which forgets them here): spares a file system check
+    /// per indexed digest per round.
     have: HashSet<Digest>,
     /// Digests the leader refused, and when.
     refused: HashMap<Digest, Instant>,
@@ -157,6 +158,9 @@ struct Follower {
     session: Option<(String, Session)>,
     /// The kind of the last failure, logged once until a round succeeds.
     last_failure: Option<&'static str>,
+    /// With a bounded store (`--artifact-store-size`): stored artifacts the leader's index
+    /// no longer holds (it evicted them) and older than this are removed here too.
+    prune: Option<Duration>,
 }
 
 impl Follower {
@@ -166,6 +170,11 @@ impl Follower {
         let index = self.members.artifacts(MAX_INDEX_RECORDS).await?;
         if self.have.len() > MAX_INDEX_RECORDS {
             self.have.clear();
+        }
+        // Only a complete index says what the leader dropped.
+        if let (Some(grace), true) = (self.prune, index.len() < MAX_INDEX_RECORDS) {
+            let indexed: HashSet<Digest> = index.iter().map(|r| r.digest.clone()).collect();
+            self.prune(&indexed, grace).await;
         }
         let now = Instant::now();
         self.refused.retain(|_, at| now.duration_since(*at) < REFUSED_RETRY);
@@ -217,6 +226,37 @@ impl Follower {
         Ok(copied)
     }
 
+    /// Removes stored artifacts not in `indexed` whose file is older than `grace` (an
+    /// artifact is published before it is indexed: a young one may be on its way in).
+    async fn prune(&mut self, indexed: &HashSet<Digest>, grace: Duration) {
+        let store = self.store.clone();
+        let indexed = indexed.clone();
+        let stale = tokio::task::spawn_blocking(move || {
+            let Ok(stored) = store.list() else { return Vec::new() };
+            stored
+                .into_iter()
+                .filter(|a| !indexed.contains(&a.digest))
+                .filter(|a| {
+                    store
+                        .path(&a.digest)
+                        .and_then(|p| std::fs::metadata(p).ok()?.modified().ok()?.elapsed().ok())
+                        .is_some_and(|age| age > grace)
+                })
+                .map(|a| a.digest)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for digest in stale {
+            self.have.remove(&digest);
+            match self.store.remove(&digest).await {
+                Ok(true) => info!(%digest, "removed an artifact the leader evicted"),
+                Ok(false) => {}
+                Err(e) => warn!(%digest, error = %e, "cannot remove an artifact the leader evicted"),
+            }
+        }
+    }
+
     fn failed(&mut self, e: &CopyError) {
         if self.last_failure != Some(e.kind()) {
             warn!(error = %e, "cannot copy artifacts from the leader; trying again");
@@ -234,6 +274,7 @@ pub(crate) async fn follow_leader(
     members: Members,
     tls: TlsFiles,
     store: Arc<ArtifactStore>,
+    prune: Option<Duration>,
     shutdown: CancellationToken,
 ) {
     let mut f = Follower {
@@ -244,6 +285,7 @@ pub(crate) async fn follow_leader(
         refused: HashMap::new(),
         session: None,
         last_failure: None,
+        prune,
     };
     let mut delay = SYNC_INTERVAL;
     loop {

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     /// Largest artifact (Wasm module, directory archive) accepted, in bytes
     /// ([`crate::artifacts::DEFAULT_MAX_ARTIFACT_SIZE`] by default).
     pub max_artifact_size: u64,
+    /// The bound on the artifact store (`--artifact-store-size`).
+    pub eviction: crate::artifacts::EvictionConfig,
 }
 
 /// Queries answered by the core task.
@@ -109,6 +111,11 @@ enum Command {
     ArtifactStored(ArtifactRecord),
     /// Indexed artifacts that no master could send this one (see [`replication::recover`]).
     ArtifactsLost(Vec<Digest>),
+    /// What live tasks and executors refer to (kept by eviction).
+    ArtifactsInUse(oneshot::Sender<std::collections::HashSet<Digest>>),
+    /// Evict this artifact unless something refers to it now: `true` once the core and the
+    /// registry's index forgot it (the file may then go).
+    EvictArtifact(Digest, oneshot::Sender<bool>),
 }
 
 /// A running master. Dropping it does not stop it: cancel the token given to [`spawn`].
@@ -347,6 +354,7 @@ pub async fn spawn_ha(
             election.members(),
             config.tls.clone(),
             store.clone(),
+            config.eviction.max_bytes.map(|_| config.eviction.grace),
             shutdown.clone(),
         )
         .in_current_span(),
@@ -575,9 +583,72 @@ fn start_term(
             .in_current_span(),
         );
     }
+    if let Some(max) = config.eviction.max_bytes {
+        tokio::spawn(
+            evict_artifacts(store.clone(), tx.clone(), max, config.eviction.clone(), stop.clone())
+                .in_current_span(),
+        );
+    }
     let me =
         MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
     Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal })
+}
+
+/// The leader's bound on its artifact store: every `cfg.interval`, the least recently used
+/// artifacts past `max` bytes that nothing refers to are evicted, each first from the core
+/// (which may still refuse: a launch came in) and the registry's index (so standbys and the
+/// next leader agree), then from the disk. Ends with the term.
+async fn evict_artifacts(
+    store: Arc<ArtifactStore>,
+    core: mpsc::UnboundedSender<Command>,
+    max: u64,
+    cfg: crate::artifacts::EvictionConfig,
+    stop: CancellationToken,
+) {
+    let interval = cfg.interval.max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let (tx, rx) = oneshot::channel();
+        if core.send(Command::ArtifactsInUse(tx)).is_err() {
+            return;
+        }
+        let Ok(keep) = rx.await else { return };
+        let (s, grace) = (store.clone(), cfg.grace);
+        let found = tokio::task::spawn_blocking(move || {
+            s.eviction_candidates(max, &keep, grace, std::time::SystemTime::now())
+        })
+        .await;
+        let candidates = match found {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot look for artifacts to evict");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "the artifact eviction failed");
+                continue;
+            }
+        };
+        for a in candidates {
+            let (tx, rx) = oneshot::channel();
+            if core.send(Command::EvictArtifact(a.digest.clone(), tx)).is_err() {
+                return;
+            }
+            if !rx.await.unwrap_or(false) {
+                continue;
+            }
+            match store.remove(&a.digest).await {
+                Ok(_) => {
+                    counter!(crate::metrics::ARTIFACTS_EVICTED).increment(1);
+                    info!(digest = %a.digest, size = a.size, "evicted an unused artifact past --artifact-store-size");
+                }
+                Err(e) => warn!(digest = %a.digest, error = %e, "cannot remove an evicted artifact"),
+            }
+        }
+    }
 }
 
 /// Writes the core's pending registry changes (in order, one transaction). On failure the
@@ -674,6 +745,22 @@ fn apply(
                 warn!(digest = %record.digest, error = %e, "cannot index an artifact in the registry");
             }
             core.artifact_stored(record.digest);
+        }
+        Command::ArtifactsInUse(tx) => {
+            let _ = tx.send(core.artifacts_in_use().into_iter().collect());
+        }
+        Command::EvictArtifact(digest, tx) => {
+            let evicted = core.artifact_evicted(&digest);
+            let ok = evicted
+                && match reg.apply(&[RegistryOp::RemoveArtifact(digest.clone())]) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(%digest, error = %e, "cannot drop an evicted artifact from the registry's index; keeping it");
+                        core.artifact_stored(digest);
+                        false
+                    }
+                };
+            let _ = tx.send(ok);
         }
         Command::ArtifactsLost(digests) => {
             let ops: Vec<RegistryOp> = digests.into_iter().map(RegistryOp::RemoveArtifact).collect();

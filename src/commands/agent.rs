@@ -10,7 +10,7 @@ use agora_agent::cgroups::{CpuLimit, IsolationConfig, IsolationMode, DEFAULT_MAX
 use agora_sdk::client::OperatorClient;
 use agora_sdk::proto::{AgentId, MAX_DRAIN_DEADLINE};
 use agora_sdk::tls::TlsFiles;
-use agora_sdk::units::parse_duration;
+use agora_sdk::units::{parse_duration, parse_size};
 use agora_sdk::{Attributes, Resources};
 use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,26 @@ pub struct AgentCommand {
     /// How often finished sandboxes that are due are removed.
     #[arg(long, default_value = "1m", value_parser = parse_duration, hide = true)]
     gc_interval: Duration,
+    /// How often the sandbox of every running task is measured against its `disk` (a task
+    /// over it is killed with reason `disk limit exceeded`) and its output capped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    disk_check_interval: Duration,
+    /// The disk limit of a task that asks for no `disk`, e.g. `10GiB` (default: such tasks
+    /// are not limited; their output is still capped).
+    #[arg(long, value_parser = parse_size)]
+    default_task_disk: Option<u64>,
+    /// Most bytes kept of each of a task's output streams (stdout, stderr): past it the head
+    /// is dropped and the last half kept; offsets do not change.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    max_output_size: u64,
+    /// Most bytes of fetched artifacts (modules, executors, directory archives) and compiled
+    /// Wasm modules the agent keeps; past it the least recently used that no running task
+    /// needs are removed (fetched again when needed). 0: no bound.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    cache_size: u64,
+    /// A cached artifact asked for this recently is never evicted.
+    #[arg(long, default_value = "1m", value_parser = parse_duration, hide = true)]
+    cache_grace: Duration,
 }
 
 #[derive(Subcommand)]
@@ -229,6 +249,13 @@ impl AgentCommand {
                 delay: self.gc_delay,
                 disk_headroom: self.gc_disk_headroom,
                 interval: self.gc_interval,
+            },
+            disk: agora_agent::disk::DiskConfig {
+                check_interval: self.disk_check_interval,
+                default_task_disk: self.default_task_disk,
+                max_output_size: self.max_output_size,
+                cache_size: (self.cache_size > 0).then_some(self.cache_size),
+                cache_grace: self.cache_grace,
             },
         };
         let token = shutdown.clone();

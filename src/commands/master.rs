@@ -38,6 +38,17 @@ pub struct MasterCommand {
     /// Largest Wasm module or directory archive accepted, e.g. `64MiB`.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     max_artifact_size: u64,
+    /// Most bytes the artifact store keeps; past it the least recently used artifacts that no
+    /// live task or executor refers to (and not stored or used in the last --artifact-grace)
+    /// are evicted, from the index first (standbys follow). 0: no bound.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    artifact_store_size: u64,
+    /// An artifact stored or used this recently is never evicted.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, hide = true)]
+    artifact_grace: Duration,
+    /// How often the artifact store is checked against --artifact-store-size.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
+    artifact_evict_interval: Duration,
     #[command(flatten)]
     allocation: AllocationArgs,
     /// Heartbeat interval told to agents; an agent gives a silent master up after three.
@@ -254,6 +265,11 @@ impl MasterCommand {
             allocator: self.allocation.allocator,
             work_dir,
             max_artifact_size: self.max_artifact_size,
+            eviction: agora_master::artifacts::EvictionConfig {
+                max_bytes: (self.artifact_store_size > 0).then_some(self.artifact_store_size),
+                grace: self.artifact_grace,
+                interval: self.artifact_evict_interval,
+            },
         };
         let handle = match self.etcd {
             None => server::spawn(config, shutdown.clone())?,

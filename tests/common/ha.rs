@@ -44,6 +44,18 @@ impl HaMaster {
 /// listening on `listen` (`127.0.0.1:0` for a fresh port), with its work dir `work`, a 1 s
 /// lease and a 200 ms allocation interval.
 pub fn start_master_on(dir: &Path, name: &str, etcd_urls: &str, listen: &str, work: &Path) -> HaMaster {
+    start_master_with(dir, name, etcd_urls, listen, work, &[])
+}
+
+/// [`start_master_on`] with more flags.
+pub fn start_master_with(
+    dir: &Path,
+    name: &str,
+    etcd_urls: &str,
+    listen: &str,
+    work: &Path,
+    extra: &[&str],
+) -> HaMaster {
     let mut proc = Proc::spawn(
         name,
         dir,
@@ -53,7 +65,8 @@ pub fn start_master_on(dir: &Path, name: &str, etcd_urls: &str, listen: &str, wo
             .arg("--work-dir")
             .arg(work)
             .args(["--etcd", etcd_urls, "--cluster-name", CLUSTER, "--etcd-lease-ttl", "1s"])
-            .args(["--allocation-interval", "200ms"]),
+            .args(["--allocation-interval", "200ms"])
+            .args(extra),
     );
     let addr = proc.wait_stdout("its address", |l| {
         Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())

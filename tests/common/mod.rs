@@ -59,6 +59,7 @@ impl TestCluster {
                 allocator: "drf".into(),
                 work_dir: dir.path().join("master"),
                 max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+                eviction: agora_master::artifacts::EvictionConfig::default(),
             },
             shutdown.clone(),
         )
@@ -132,6 +133,7 @@ impl TestCluster {
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: agora_agent::gc::GcConfig::default(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let t = token.clone();
         let h = tokio::spawn(async move {
@@ -163,6 +165,7 @@ impl TestCluster {
             task_user: agora_agent::user::DEFAULT_TASK_USER.into(),
             recovery: agora_agent::RecoveryConfig::default(),
             gc: agora_agent::gc::GcConfig::default(),
+            disk: agora_agent::disk::DiskConfig::default(),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -13,12 +13,48 @@ pub struct Fetcher {
     pub(super) inflight: Mutex<HashMap<Digest, Arc<OnceCell<PathBuf>>>>,
     /// Artifacts known to be in the cache: later launches need no file system call.
     pub(super) present: Mutex<HashMap<Digest, PathBuf>>,
+    /// When each digest was last asked for, for the cache's LRU eviction (`crate::cache`).
+    pub(super) used: Mutex<HashMap<String, std::time::SystemTime>>,
 }
 
 impl Fetcher {
     /// A cache in `dir`, fetching over whatever connection `conn` holds.
     pub fn new(dir: PathBuf, conn: watch::Receiver<Option<quinn::Connection>>) -> Self {
-        Self { dir, conn, inflight: Mutex::new(HashMap::new()), present: Mutex::new(HashMap::new()) }
+        Self {
+            dir,
+            conn,
+            inflight: Mutex::new(HashMap::new()),
+            present: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Digests being fetched now (never evicted).
+    pub fn fetching(&self) -> Vec<String> {
+        let map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().map(|d| d.as_str().to_string()).collect()
+    }
+
+    /// When each digest was last asked for since the agent started.
+    pub fn last_used(&self) -> HashMap<String, std::time::SystemTime> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Evicts `digest` with `remove` (which deletes its files) unless it was asked for since
+    /// `cutoff` or is being fetched; returns whether it did. A launch asking for it meanwhile
+    /// waits for the lock, then finds it gone and fetches it again.
+    pub fn evict(&self, digest: &str, cutoff: std::time::SystemTime, remove: &mut dyn FnMut()) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.get(digest).is_some_and(|t| *t >= cutoff) {
+            return false;
+        }
+        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().any(|d| d.as_str() == digest) {
+            return false;
+        }
+        self.present.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| d.as_str() != digest);
+        used.remove(digest);
+        remove();
+        true
     }
 
     /// The local path of `digest` if this agent already holds it (no I/O).
@@ -37,6 +73,8 @@ impl Fetcher {
     /// The local path of artifact `digest`, fetching it first if needed. Concurrent callers
     /// for one digest share one fetch; a failed fetch is retried by the next caller.
     pub async fn get(&self, digest: &Digest) -> Result<PathBuf, String> {
+        let now = std::time::SystemTime::now();
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.as_str().to_string(), now);
         if let Some(path) = self.cached(digest) {
             return Ok(path);
         }
@@ -102,17 +140,41 @@ pub(super) fn chown_tree(dir: &Path, user: crate::user::TaskUser) -> Result<(), 
     Ok(())
 }
 
-/// Unpacks a tar archive into `dest` (blocking). Entries cannot escape `dest`: the tar crate
-/// refuses `..` and absolute paths, and the guest's view is confined to the preopen anyway.
-pub(super) fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
-    let file = std::fs::File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+/// Why a shipped directory could not be unpacked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(super) enum UnpackError {
+    /// It would not fit in what is left of the task's disk: nothing more was written.
+    #[error("{0}")]
+    TooBig(String),
+    /// The archive is unreadable or the sandbox unwritable.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What an archive entry of `size` bytes takes on disk, as the disk check counts it: whole
+/// 4 KiB blocks, at least one (so a flood of empty files counts too).
+fn entry_cost(size: u64) -> u64 {
+    const BLOCK: u64 = 4096;
+    size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK)
+}
+
+/// Unpacks a tar archive into `dest` (blocking), writing at most `budget` bytes (counted as
+/// [`entry_cost`]); returns what it wrote. The entry that would pass the budget is refused
+/// before any of it is written: the unpacker stops at the limit, not after it. Entries cannot
+/// escape `dest`: the tar crate refuses `..` and absolute paths, and the guest's view is
+/// confined to the preopen anyway.
+pub(super) fn unpack(archive: &Path, dest: &Path, budget: Option<u64>) -> Result<u64, UnpackError> {
+    let failed = UnpackError::Failed;
+    std::fs::create_dir_all(dest).map_err(|e| failed(format!("cannot create {}: {e}", dest.display())))?;
+    let file = std::fs::File::open(archive)
+        .map_err(|e| failed(format!("cannot open {}: {e}", archive.display())))?;
     let mut ar = tar::Archive::new(std::io::BufReader::new(file));
     ar.set_preserve_permissions(false);
     ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
-    for entry in ar.entries().map_err(|e| format!("unreadable archive: {e}"))? {
-        let mut entry = entry.map_err(|e| format!("unreadable archive entry: {e}"))?;
+    let mut used = 0u64;
+    for entry in ar.entries().map_err(|e| failed(format!("unreadable archive: {e}")))? {
+        let mut entry = entry.map_err(|e| failed(format!("unreadable archive entry: {e}")))?;
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind.is_dir()) {
             // Links and devices are not shipped: a symlink could point anywhere on the node.
@@ -120,9 +182,23 @@ pub(super) fn unpack(archive: &Path, dest: &Path) -> Result<(), String> {
             tracing::debug!(%name, ?kind, "skipping a non-file archive entry");
             continue;
         }
-        entry.unpack_in(dest).map_err(|e| format!("cannot unpack into {}: {e}", dest.display()))?;
+        // The header's size is what the tar crate writes (it reads exactly that many bytes).
+        let cost = entry_cost(entry.header().size().unwrap_or(u64::MAX));
+        if let Some(budget) = budget {
+            if used.saturating_add(cost) > budget {
+                let name = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+                return Err(UnpackError::TooBig(format!(
+                    "the shipped directory does not fit in the task's disk: `{name}` would take it past {} \
+                     ({} already unpacked); ask for more --disk",
+                    agora_sdk::units::format_size(budget),
+                    agora_sdk::units::format_size(used)
+                )));
+            }
+        }
+        used = used.saturating_add(cost);
+        entry.unpack_in(dest).map_err(|e| failed(format!("cannot unpack into {}: {e}", dest.display())))?;
     }
-    Ok(())
+    Ok(used)
 }
 
 /// Copies fetched artifact `f` from the agent's cache into `sandbox`, hashing the bytes on the
@@ -209,4 +285,43 @@ pub(super) fn relative_path(p: &str) -> Result<PathBuf, String> {
         return Err(format!("fetch path `{p}` must be relative, without `..`"));
     }
     Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+
+    fn archive(dir: &Path, files: &[(&str, usize)]) -> PathBuf {
+        let path = dir.join("a.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).expect("create"));
+        for (name, len) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(*len as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, std::io::repeat(b'x').take(*len as u64)).expect("append");
+        }
+        b.finish().expect("finish");
+        path
+    }
+
+    #[test]
+    fn unpacking_stops_before_the_entry_that_passes_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ar = archive(dir.path(), &[("small", 100), ("big", 3 << 20), ("after", 10)]);
+        let dest = dir.path().join("out");
+        let err = unpack(&ar, &dest, Some(1 << 20)).expect_err("too big");
+        assert!(matches!(&err, UnpackError::TooBig(m) if m.contains("`big`")), "{err}");
+        assert!(dest.join("small").exists());
+        assert!(
+            !dest.join("big").exists() && !dest.join("after").exists(),
+            "nothing past the limit is written"
+        );
+        // Within the budget, or without one, everything is unpacked and counted in blocks.
+        let dest = dir.path().join("all");
+        assert_eq!(unpack(&ar, &dest, Some(4 << 20)), Ok(4096 + (3 << 20) + 4096));
+        assert_eq!(std::fs::metadata(dest.join("big")).expect("big").len(), 3 << 20);
+        assert!(unpack(&ar, &dir.path().join("free"), None).is_ok());
+    }
 }

@@ -185,6 +185,8 @@ fn guest_dir(guest: &str) -> Result<PathBuf, String> {
 #[derive(Debug, Clone)]
 pub struct Executors {
     fetcher: Arc<Fetcher>,
+    /// `WORK/wasm-cache`: the Wasm executor's compiled modules.
+    compiled_dir: PathBuf,
     manager: ExecutorManager,
     agent_id: Arc<Mutex<Option<AgentId>>>,
     /// Numbers launches that prepare on a task of their own, so that a late result is never
@@ -212,7 +214,29 @@ impl Executors {
             agent_id.clone(),
             exec_events,
         );
-        Self { fetcher, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+        let compiled_dir = work_dir.join("wasm-cache");
+        Self { fetcher, compiled_dir, manager, agent_id, attempts: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The work of bringing the caches under `max` bytes (see [`crate::cache`]), to run on the
+    /// blocking pool: digests in `keep` (live tasks') and being fetched stay.
+    pub fn cache_eviction(
+        &self,
+        mut keep: std::collections::HashSet<String>,
+        max: u64,
+        grace: Duration,
+    ) -> impl FnOnce() -> std::io::Result<crate::cache::Evicted> + Send + 'static {
+        let fetcher = self.fetcher.clone();
+        let compiled = self.compiled_dir.clone();
+        move || {
+            keep.extend(fetcher.fetching());
+            let used = fetcher.last_used();
+            let now = std::time::SystemTime::now();
+            let cutoff = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+            crate::cache::evict(&fetcher.dir, &compiled, max, &keep, &used, cutoff, |d, remove| {
+                fetcher.evict(d, cutoff, remove)
+            })
+        }
     }
 
     /// The master gave this agent its id (executors started from now on are told).
@@ -467,23 +491,35 @@ async fn prepare(
 ) -> Result<WasmLaunch, (&'static str, String)> {
     let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
+    // Shipped directories live in the sandbox and count against the task's disk (the core
+    // put the agent's default there for a task without one).
+    let limit = (spec.task.resources.disk > 0).then_some(spec.task.resources.disk);
+    let mut used = 0u64;
     for d in &info.dirs {
         let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
         let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
         let dest = host.clone();
         let user = spec.user;
         let run_dir = spec.run_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            unpack(&archive, &dest)?;
+        let budget = limit.map(|l| l.saturating_sub(used));
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let n = unpack(&archive, &dest, budget)?;
             // The guest writes there as the task user.
-            match user {
-                Some(u) => chown_tree(&run_dir, u),
-                None => Ok(()),
+            if let Some(u) = user {
+                chown_tree(&run_dir, u).map_err(fetch::UnpackError::Failed)?;
             }
+            Ok::<_, fetch::UnpackError>(n)
         })
         .await
         .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
-        .map_err(|e| (REASON_FETCH_FAILED, format!("directory {}: {e}", d.guest)))?;
+        .map_err(|e| {
+            let reason = match e {
+                fetch::UnpackError::TooBig(_) => crate::tasks::REASON_DISK_LIMIT,
+                fetch::UnpackError::Failed(_) => REASON_FETCH_FAILED,
+            };
+            (reason, format!("directory {}: {e}", d.guest))
+        })?;
+        used = used.saturating_add(unpacked);
         preopens.push((host, d.guest.clone()));
     }
     Ok(wasm_launch(spec, info, module_path, preopens))

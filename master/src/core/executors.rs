@@ -51,6 +51,11 @@ impl Executors {
         self.by_agent.get(agent)?.get(&(fw.clone(), id.clone()))
     }
 
+    /// Every executor record, of every agent.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &ExecutorRecord> + '_ {
+        self.by_agent.values().flat_map(|m| m.values())
+    }
+
     pub(crate) fn insert(&mut self, agent: &AgentId, fw: &FrameworkId, record: ExecutorRecord) {
         let id = record.info.executor_id.clone();
         self.by_agent.entry(agent.clone()).or_default().insert((fw.clone(), id), record);

@@ -544,6 +544,39 @@ impl Master {
         self.known_artifacts.insert(digest);
     }
 
+    /// The digests live tasks (modules, directory archives, executor files) and launched
+    /// executors refer to: the artifact store must keep them.
+    pub fn artifacts_in_use(&self) -> FxHashSet<Digest> {
+        let mut out = FxHashSet::default();
+        let fetches =
+            |info: &ExecutorInfo| info.fetch.iter().map(|f| f.artifact.digest.clone()).collect::<Vec<_>>();
+        for t in self.tasks.values() {
+            match &t.info.kind {
+                TaskKind::Command(_) => {}
+                TaskKind::Wasm(w) => {
+                    out.insert(w.module.digest.clone());
+                    out.extend(w.dirs.iter().map(|d| d.archive.digest.clone()));
+                }
+                TaskKind::Executor(e) => out.extend(fetches(&e.executor)),
+            }
+        }
+        for r in self.executors.all() {
+            out.extend(fetches(&r.info));
+        }
+        out
+    }
+
+    /// The artifact store may evict `digest` (its least recently used unreferenced artifact):
+    /// `false` when a live task or executor refers to it after all (it stays), otherwise
+    /// launches naming it are refused from now on until it is uploaded again.
+    pub fn artifact_evicted(&mut self, digest: &Digest) -> bool {
+        if self.artifacts_in_use().contains(digest) {
+            return false;
+        }
+        self.known_artifacts.remove(digest);
+        true
+    }
+
     /// Ties `now` to a wall-clock time (Unix milliseconds) for the `timestamp_ms` of the
     /// updates the master produces. Without it, timestamps count from the master's creation.
     pub fn set_unix_time(&mut self, now: Instant, unix_ms: u64) {

@@ -1925,3 +1925,33 @@ fn an_agent_back_after_its_drain_deadline_has_its_tasks_killed() {
     let (_, acts) = h.status(ac, &s.fw, &s.agent, "t1", TaskState::Killed);
     assert_eq!(updates(&acts, s.fc)[0].reason, AGENT_DRAINED_REASON);
 }
+
+#[test]
+fn a_referenced_artifact_is_never_evicted_and_an_evicted_one_refuses_launches() {
+    let mut h = Harness::with_executor_binary();
+    let bin = Digest::of(b"#!/bin/sh\n");
+    let (s, offer) = h.offered("cpus:4;mem:4GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1GiB", &e)], None));
+    assert_eq!(run_tasks(&acts, s.ac).len(), 1);
+    let leftover = single_offer(&h.advance(5 * MS), s.fc);
+    assert!(h.m.artifacts_in_use().contains(&bin));
+    assert!(!h.m.artifact_evicted(&bin), "its executor and task refer to it");
+    // The task ends; its executor still runs and still refers to it.
+    h.finish(&s, "t1");
+    assert!(!h.m.artifact_evicted(&bin), "the executor refers to it");
+    h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "exit status 0".into(),
+        },
+    );
+    assert!(h.m.artifacts_in_use().is_empty());
+    assert!(h.m.artifact_evicted(&bin));
+    // Evicted: a launch naming it is refused until it is uploaded again.
+    let acts = h.call(s.fc, accept(&leftover, vec![exec_task("t2", "cpus:1;mem:1GiB", &e)], None));
+    assert!(run_tasks(&acts, s.ac).is_empty(), "{acts:#?}");
+    assert!(!updates(&acts, s.fc).is_empty(), "the framework is told: {acts:#?}");
+}
