@@ -1245,9 +1245,9 @@ fn a_different_executor_info_for_the_same_id_is_refused() {
     assert_eq!(run_tasks(&acts, s.ac).len(), 1);
     assert!(updates(&acts, f2).is_empty());
     assert_eq!(h.m.executors.len(), 2);
-    assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:64MiB"));
+    assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:66MiB"));
     let used: Vec<(FrameworkId, Resources)> = h.m.frameworks().into_iter().map(|f| (f.id, f.used)).collect();
-    assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:32MiB")), (fw2, res("cpus:1.2;mem:32MiB"))]);
+    assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:33MiB")), (fw2, res("cpus:1.2;mem:33MiB"))]);
 }
 
 #[test]
