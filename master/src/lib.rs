@@ -16,6 +16,6 @@ pub mod registry;
 pub mod replication;
 pub mod server;
 mod state;
-pub mod validate;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod validate;

@@ -21,8 +21,8 @@
 use std::time::Duration;
 
 use agora_sdk::proto::{
-    AgentMessage, CommandInfo, Demand, ErrorCode, FrameworkInfo, SchedulerCall, TaskInfo, TaskKind, TaskStatus,
-    WireError,
+    AgentMessage, CommandInfo, Demand, ErrorCode, FrameworkInfo, SchedulerCall, TaskInfo, TaskKind,
+    TaskStatus, WireError,
 };
 use agora_sdk::resources::valid_role;
 use agora_sdk::Resources;
@@ -70,7 +70,15 @@ fn invalid(message: impl Into<String>) -> WireError {
 fn escaped_len(id: &str) -> usize {
     id.bytes()
         .enumerate()
-        .map(|(i, b)| if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0) { 1 } else { 3 })
+        .map(
+            |(i, b)| {
+                if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0) {
+                    1
+                } else {
+                    3
+                }
+            },
+        )
         .sum()
 }
 
@@ -172,9 +180,10 @@ pub fn scheduler_call(call: &mut SchedulerCall) -> Result<(), WireError> {
             .and_then(|()| id("executor", executor_id.as_str()))
             .map_err(invalid),
         SchedulerCall::TeardownBecause { reason } => name("teardown reason", reason).map_err(invalid),
-        SchedulerCall::Revive | SchedulerCall::Suppress | SchedulerCall::Teardown | SchedulerCall::Heartbeat => {
-            Ok(())
-        }
+        SchedulerCall::Revive
+        | SchedulerCall::Suppress
+        | SchedulerCall::Teardown
+        | SchedulerCall::Heartbeat => Ok(()),
     }
 }
 
@@ -227,12 +236,17 @@ pub fn task(task: &mut TaskInfo, offered: &Resources, max_kill_grace: Duration) 
         // The executor id is checked by the core (`executor_id_problem`: a stricter charset).
         TaskKind::Executor(e) => {
             name("executor name", &e.executor.name).map_err(|e| format!("task {tid}: {e}"))?;
-            e.executor.resources.clone().normalize_wire().map_err(|e| format!("task {tid}: executor: {e}"))?;
+            e.executor
+                .resources
+                .clone()
+                .normalize_wire()
+                .map_err(|e| format!("task {tid}: executor: {e}"))?;
             command(&e.executor.command).map_err(|e| format!("task {tid}: executor: {e}"))
         }
         TaskKind::Wasm(w) => {
             too_many("arguments", w.args.len(), MAX_ARGS).map_err(|e| format!("task {tid}: {e}"))?;
-            too_many("environment variables", w.env.len(), MAX_ENV).map_err(|e| format!("task {tid}: {e}"))?;
+            too_many("environment variables", w.env.len(), MAX_ENV)
+                .map_err(|e| format!("task {tid}: {e}"))?;
             too_many("directories", w.dirs.len(), MAX_DIRS).map_err(|e| format!("task {tid}: {e}"))?;
             match w.timeout {
                 Some(t) if t.is_zero() => Err(format!("task {tid}: a Wasm timeout must be positive")),
@@ -303,9 +317,11 @@ pub fn agent_message(msg: &mut AgentMessage) -> Result<(), WireError> {
             Ok(())
         }
         AgentMessage::FrameworkMessage { framework_id, executor_id, .. }
-        | AgentMessage::ExecutorExited { framework_id, executor_id, .. } => id("framework", framework_id.as_str())
-            .and_then(|()| id("executor", executor_id.as_str()))
-            .map_err(invalid),
+        | AgentMessage::ExecutorExited { framework_id, executor_id, .. } => {
+            id("framework", framework_id.as_str())
+                .and_then(|()| id("executor", executor_id.as_str()))
+                .map_err(invalid)
+        }
         AgentMessage::Heartbeat => Ok(()),
     }
 }
@@ -410,7 +426,9 @@ mod tests {
             })),
             ..cmd_task("w", "cpus:1;mem:1GiB")
         };
-        assert!(task(&mut wasm(Some(Duration::MAX)), &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err().contains("over the limit"));
+        assert!(task(&mut wasm(Some(Duration::MAX)), &agent, DEFAULT_MAX_KILL_GRACE)
+            .unwrap_err()
+            .contains("over the limit"));
         assert!(task(&mut wasm(Some(Duration::ZERO)), &agent, DEFAULT_MAX_KILL_GRACE).is_err());
         assert!(task(&mut wasm(Some(Duration::from_secs(5))), &agent, DEFAULT_MAX_KILL_GRACE).is_ok());
         let mut info = FrameworkInfo {
@@ -434,9 +452,8 @@ mod tests {
 
     #[test]
     fn demands_are_bounded_and_rounded_up_to_the_minimum() {
-        let mut hostile = SchedulerCall::Request {
-            demands: vec![Demand { resources: res("mem:1B"), count: u32::MAX }],
-        };
+        let mut hostile =
+            SchedulerCall::Request { demands: vec![Demand { resources: res("mem:1B"), count: u32::MAX }] };
         let e = scheduler_call(&mut hostile).unwrap_err();
         assert_eq!(e.code, ErrorCode::Invalid);
         assert!(e.message.contains("at most 100000"), "{}", e.message);
@@ -474,7 +491,10 @@ mod tests {
         assert!(scheduler_call(&mut launch(MAX_TASKS_PER_ACCEPT + 1)).is_err());
         let mut rec = SchedulerCall::Reconcile { task_ids: vec![TaskId::new("t"); MAX_RECONCILE_TASKS + 1] };
         assert!(scheduler_call(&mut rec).is_err());
-        let mut dec = SchedulerCall::Decline { offer_ids: vec![OfferId::new("o"); MAX_OFFER_IDS + 1], refuse_seconds: None };
+        let mut dec = SchedulerCall::Decline {
+            offer_ids: vec![OfferId::new("o"); MAX_OFFER_IDS + 1],
+            refuse_seconds: None,
+        };
         assert!(scheduler_call(&mut dec).is_err());
         let mut kill = SchedulerCall::Kill { task_id: TaskId::new("../../etc") };
         assert!(scheduler_call(&mut kill).is_err());

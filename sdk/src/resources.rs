@@ -276,10 +276,16 @@ impl Resources {
         }
         for (role, part) in self.reserved.iter_mut() {
             if !valid_role(role) {
-                return Err(invalid(&format!("reservation for `{}`", role.escape_debug()), "not a valid role"));
+                return Err(invalid(
+                    &format!("reservation for `{}`", role.escape_debug()),
+                    "not a valid role",
+                ));
             }
             if !part.reserved.is_empty() {
-                return Err(invalid(&format!("reservation for {role}"), "a reserved part has no breakdown of its own"));
+                return Err(invalid(
+                    &format!("reservation for {role}"),
+                    "a reserved part has no breakdown of its own",
+                ));
             }
             part.normalize_flat(Some(role))?;
         }
@@ -301,14 +307,20 @@ impl Resources {
             None => name.to_string(),
         };
         if self.ports.len() > MAX_PORT_RANGES {
-            return Err(invalid(&item("ports"), format!("{} ranges (at most {MAX_PORT_RANGES})", self.ports.len())));
+            return Err(invalid(
+                &item("ports"),
+                format!("{} ranges (at most {MAX_PORT_RANGES})", self.ports.len()),
+            ));
         }
         if let Some(r) = self.ports.iter().find(|r| r.begin > r.end) {
             return Err(invalid(&item("ports"), format!("range {}-{} is backwards", r.begin, r.end)));
         }
         self.ports = normalize(std::mem::take(&mut self.ports));
         if self.scalars.len() > MAX_SCALARS {
-            return Err(invalid("scalars", format!("{} custom scalars (at most {MAX_SCALARS})", self.scalars.len())));
+            return Err(invalid(
+                "scalars",
+                format!("{} custom scalars (at most {MAX_SCALARS})", self.scalars.len()),
+            ));
         }
         if let Some(bad) = self.scalars.keys().find(|k| !valid_scalar_name(k)) {
             return Err(invalid(
@@ -768,17 +780,25 @@ mod tests {
     #[test]
     fn wire_sets_are_normalised_or_refused() {
         let mut r = Resources {
-            ports: vec![PortRange { begin: 40, end: 50 }, PortRange { begin: 10, end: 20 }, PortRange { begin: 21, end: 30 }],
+            ports: vec![
+                PortRange { begin: 40, end: 50 },
+                PortRange { begin: 10, end: 20 },
+                PortRange { begin: 21, end: 30 },
+            ],
             ..Default::default()
         };
         r.scalars.insert("gpus".into(), 0);
         r.normalize_wire().unwrap();
         assert_eq!(r.ports, vec![PortRange { begin: 10, end: 30 }, PortRange { begin: 40, end: 50 }]);
         assert!(r.scalars.is_empty(), "zero scalars are dropped");
-        let mut backwards = Resources { ports: vec![PortRange { begin: 31500, end: 0 }], ..Default::default() };
+        let mut backwards =
+            Resources { ports: vec![PortRange { begin: 31500, end: 0 }], ..Default::default() };
         let e = backwards.normalize_wire().unwrap_err().to_string();
         assert!(e.contains("31500-0 is backwards"), "{e}");
-        let mut many = Resources { ports: vec![PortRange { begin: 1, end: 1 }; MAX_PORT_RANGES + 1], ..Default::default() };
+        let mut many = Resources {
+            ports: vec![PortRange { begin: 1, end: 1 }; MAX_PORT_RANGES + 1],
+            ..Default::default()
+        };
         assert!(many.normalize_wire().is_err());
         for name in ["", "a/b", "cpus", "x\n", &"g".repeat(65)] {
             let mut bad = Resources::default();

@@ -320,7 +320,8 @@ impl Master {
     /// A framework's demand (its size was bounded by [`crate::validate::scheduler_call`];
     /// shapes are checked and rounded up to `--min-allocatable` here).
     pub(super) fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
-        if let Err(message) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable) {
+        if let Err(message) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable)
+        {
             warn!(framework_id = %fw, message, "invalid request");
             self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
             return;

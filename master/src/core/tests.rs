@@ -311,7 +311,11 @@ fn invalid_launches_get_task_error_and_nothing_runs() {
     assert!(ups[4].message.contains("twice"), "{}", ups[4].message);
     assert!(ups[5].message.contains("cpus:0.5;mem:1GiB left"), "{}", ups[5].message);
     // Zero-sized in one kind the agent offers: refused, naming the task.
-    assert!(ups[6].message.contains("task nomem") && ups[6].message.contains("mem > 0"), "{}", ups[6].message);
+    assert!(
+        ups[6].message.contains("task nomem") && ups[6].message.contains("mem > 0"),
+        "{}",
+        ups[6].message
+    );
     // An id already in use is refused too.
     let again = single_offer(&h.advance(5 * MS), fc);
     assert_eq!(again.resources, res("cpus:0.5;mem:1GiB"));
@@ -1222,8 +1226,14 @@ fn a_different_executor_info_for_the_same_id_is_refused() {
         )
     };
     // Within one call: the first one wins.
-    let acts = h
-        .call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1;mem:1MiB", &a), exec_task("t2", "cpus:1;mem:1MiB", &b)], None));
+    let acts = h.call(
+        s.fc,
+        accept(
+            &offer,
+            vec![exec_task("t1", "cpus:1;mem:1MiB", &a), exec_task("t2", "cpus:1;mem:1MiB", &b)],
+            None,
+        ),
+    );
     assert_eq!(run_tasks(&acts, s.ac).len(), 1);
     let ups = updates(&acts, s.fc);
     assert_eq!(ups.len(), 1);
