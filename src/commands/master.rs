@@ -315,3 +315,16 @@ fn parse_kill_grace(s: &str) -> Result<Duration, String> {
         Err(e) => Err(format!("invalid --max-kill-grace `{s}`: {e}")),
     }
 }
+
+#[cfg(test)]
+mod kill_grace_tests {
+    use super::*;
+
+    #[test]
+    fn max_kill_grace_is_at_most_the_agents_ceiling() {
+        assert_eq!(parse_kill_grace("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_kill_grace("2s"), Ok(Duration::from_secs(2)));
+        let e = parse_kill_grace("3000000000s").unwrap_err();
+        assert!(e.contains("at most 60s"), "{e}");
+    }
+}

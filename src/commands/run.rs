@@ -949,4 +949,16 @@ mod tests {
         assert_eq!(id_word(""), "task");
         assert_eq!(id_word(&"x".repeat(100)).len(), 40);
     }
+
+    #[test]
+    fn zero_sized_tasks_and_unbounded_timeouts_are_refused_with_a_hint() {
+        let e = parse_mem("0").unwrap_err();
+        assert!(e.contains("--mem 64MiB"), "{e}");
+        assert_eq!(parse_mem("64MiB"), Ok(64 << 20));
+        assert!(parse_cpus("0").unwrap_err().contains("e.g. 0.5"));
+        assert!(parse_cpus("0.000").is_err());
+        assert!(parse_timeout("0s").unwrap_err().contains("above zero"));
+        assert!(parse_timeout("3000000000s").unwrap_err().contains("one year"));
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+    }
 }
