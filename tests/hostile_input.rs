@@ -124,7 +124,9 @@ async fn operator_agents(c: &TestCluster) -> (usize, Duration) {
         OperatorReply::Agents(a) | OperatorReply::AgentsPart(a) => a.len(),
         other => panic!("unexpected reply {other:?}"),
     };
-    (n, started.elapsed())
+    let took = started.elapsed();
+    eprintln!("operator GetAgents answered in {took:?} (connection included)");
+    (n, took)
 }
 
 fn task(id: &str, resources: Resources) -> TaskInfo {
