@@ -60,8 +60,10 @@ pub mod user;
 
 pub use resources::{detect_resources, detect_resources_in};
 
-/// Longest time between SIGTERM and SIGKILL a task may ask for.
-pub const MAX_KILL_GRACE: Duration = Duration::from_secs(30);
+/// Longest time between SIGTERM and SIGKILL a task may ask for: the agent's absolute ceiling,
+/// whatever the master let through (the master cuts a task's `kill_grace` to its
+/// `--max-kill-grace`, by default this same 60 s, and refuses a flag above it).
+pub const MAX_KILL_GRACE: Duration = Duration::from_secs(60);
 /// Default time between SIGTERM and SIGKILL when a task is killed.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(3);
 

@@ -555,6 +555,55 @@ pub struct HierarchicalAllocator {
     round: u64,
     /// Per-agent working lists of `fill_agent`, kept between agents and cycles.
     scratch: Scratch,
+    /// What is left of this cycle's budget.
+    budget: CycleBudget,
+}
+
+/// Most grants (whole agents or demand slices) one allocation cycle makes: a backstop, so that
+/// no demand can keep the core in one cycle (the demand itself is bounded on receipt, see
+/// [`crate::validate`]); what is left is given in the next cycles.
+pub const MAX_GRANTS_PER_CYCLE: usize = 100_000;
+/// Longest an allocation cycle may run, measured on the wall clock (a backstop like
+/// [`MAX_GRANTS_PER_CYCLE`]: the core answers nobody while it allocates).
+pub const MAX_CYCLE_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The bounds of one cycle (see [`MAX_GRANTS_PER_CYCLE`], [`MAX_CYCLE_TIME`]).
+#[derive(Debug)]
+struct CycleBudget {
+    grants_left: usize,
+    deadline: Option<std::time::Instant>,
+    exhausted: bool,
+}
+
+impl Default for CycleBudget {
+    fn default() -> Self {
+        Self { grants_left: MAX_GRANTS_PER_CYCLE, deadline: None, exhausted: false }
+    }
+}
+
+impl CycleBudget {
+    fn start(&mut self) {
+        *self = Self { deadline: std::time::Instant::now().checked_add(MAX_CYCLE_TIME), ..Self::default() };
+    }
+
+    /// Takes one grant; false (for the rest of the cycle) once the budget is spent. The clock
+    /// is read every 64 grants.
+    fn spend(&mut self) -> bool {
+        if self.exhausted {
+            return false;
+        }
+        self.grants_left = self.grants_left.saturating_sub(1);
+        let late = self.grants_left.is_multiple_of(64)
+            && self.deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        if self.grants_left == 0 || late {
+            tracing::warn!(
+                grants = MAX_GRANTS_PER_CYCLE - self.grants_left,
+                "allocation cycle cut short (grant or time budget spent); the rest waits for the next cycle"
+            );
+            self.exhausted = true;
+        }
+        true
+    }
 }
 
 /// Working lists of one agent's filling (reused: no allocation per agent).
@@ -625,6 +674,7 @@ impl HierarchicalAllocator {
             next_seq: 0,
             round: 0,
             scratch: Scratch::default(),
+            budget: CycleBudget::default(),
         }
     }
 
@@ -919,7 +969,7 @@ impl HierarchicalAllocator {
         scratch.skip_fw.clear();
         scratch.skip_role.clear();
         scratch.given.clear();
-        while is_allocatable(remaining, &self.options.min_allocatable) {
+        while !self.budget.exhausted && is_allocatable(remaining, &self.options.min_allocatable) {
             let mut pick: Option<(usize, usize, Grant)> = None;
             'roles: for (_, name, ri) in &self.role_order {
                 let ri = *ri;
@@ -956,6 +1006,9 @@ impl HierarchicalAllocator {
                 scratch.skip_role.push(ri);
             }
             let Some((slot, ri, grant)) = pick else { break };
+            if !self.budget.spend() {
+                break;
+            }
             let sliced = matches!(grant, Grant::Slice(..));
             let given = match grant {
                 Grant::Whole(r) => {
@@ -1138,6 +1191,7 @@ impl Allocator for HierarchicalAllocator {
             self.rebuild();
         }
         self.round += 1;
+        self.budget.start();
         let mut out = Vec::new();
         if self.role_order.is_empty() {
             return out;
@@ -1379,6 +1433,27 @@ mod tests {
         a.suppress(&fw("h1"));
         let got = run(&mut a, &[(ag("a1"), res("cpus:1"))]);
         assert_eq!(got, vec![("z-low".into(), "a1".into())]);
+    }
+
+    #[test]
+    fn a_hostile_demand_cannot_hold_the_cycle() {
+        // `Request {mem: 1 byte, count: u32::MAX}` with no minimum allocatable: before the
+        // budget, one grant per byte of the agent (billions of iterations in one cycle).
+        let mut a = HierarchicalAllocator::new();
+        a.add_framework(&fw("A"), "*");
+        let agents = [(ag("a1"), res("cpus:4;mem:1TiB"))];
+        for (id, r) in &agents {
+            a.add_agent(id, r);
+        }
+        a.set_demand(&fw("A"), &[Demand { resources: res("mem:1B"), count: u32::MAX }]);
+        let candidates: Vec<Candidate<'_>> =
+            agents.iter().map(|(id, r)| Candidate { agent: id, available: r.clone() }).collect();
+        let out = a.allocate(Instant::now(), &candidates, &|_, _, _| true);
+        let given: u64 = out.iter().map(|x| x.resources.mem).sum();
+        assert!(given > 0 && given <= MAX_GRANTS_PER_CYCLE as u64, "{given}");
+        // The next cycle goes on where this one stopped.
+        let more = a.allocate(Instant::now(), &candidates, &|_, _, _| true);
+        assert!(!more.is_empty());
     }
 
     #[test]

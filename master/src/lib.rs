@@ -2,7 +2,8 @@
 //!
 //! The master: a sans-IO [`core`] state machine with a pluggable [`allocator`], and the QUIC
 //! [`server`] that moves bytes between peers and the core, with the content-addressed
-//! [`artifacts`] store (copied between masters by [`replication`]).
+//! [`artifacts`] store (copied between masters by [`replication`]). Everything a peer sends is
+//! checked by [`validate`] before the core acts on it.
 
 pub mod allocator;
 pub mod artifacts;
@@ -17,3 +18,4 @@ pub mod server;
 mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod validate;

@@ -43,8 +43,9 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    /// Ports in the range (0 for a backwards range off the wire, which never panics).
     pub fn len(&self) -> u64 {
-        u64::from(self.end) - u64::from(self.begin) + 1
+        (u64::from(self.end) + 1).saturating_sub(u64::from(self.begin))
     }
     pub fn is_empty(&self) -> bool {
         false
@@ -67,6 +68,24 @@ pub struct Resources {
     /// nested breakdown, never more than the totals). Empty for unreserved resources.
     #[serde(default)]
     pub reserved: BTreeMap<String, Resources>,
+}
+
+/// Most port ranges a resource set from the wire may carry (before merging).
+pub const MAX_PORT_RANGES: usize = 1024;
+/// Most custom scalars a resource set from the wire may carry.
+pub const MAX_SCALARS: usize = 64;
+/// Most roles a resource set from the wire may hold reservations for.
+pub const MAX_RESERVED_ROLES: usize = 64;
+/// Longest custom resource name.
+pub const MAX_RESOURCE_NAME: usize = 64;
+
+/// Whether `name` may name a custom scalar: letters, digits, `_`, `-` or `.` (at most
+/// [`MAX_RESOURCE_NAME`]), and not one of the built-in kinds.
+pub fn valid_scalar_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_RESOURCE_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        && !matches!(name, "cpus" | "mem" | "disk" | "ports")
 }
 
 /// The role name that means "unreserved" (`cpus(*):2` is the same as `cpus:2`).
@@ -239,6 +258,78 @@ impl Resources {
             r.add_assign(&part);
         }
         Ok(r)
+    }
+
+    /// Checks and normalises a set that came off the wire, where a peer can send what
+    /// [`Resources::parse`] would never produce: port ranges sorted and merged (a backwards
+    /// range such as `31500-0` is refused), at most [`MAX_PORT_RANGES`] ranges,
+    /// [`MAX_SCALARS`] scalars and [`MAX_RESERVED_ROLES`] roles, scalar and role names
+    /// checked, zero scalars and empty reserved parts dropped, and a reservation breakdown
+    /// that is flat and never more than the totals.
+    pub fn normalize_wire(&mut self) -> Result<(), ResourceError> {
+        self.normalize_flat(None)?;
+        if self.reserved.len() > MAX_RESERVED_ROLES {
+            return Err(invalid(
+                "reservations",
+                format!("{} roles (at most {MAX_RESERVED_ROLES})", self.reserved.len()),
+            ));
+        }
+        for (role, part) in self.reserved.iter_mut() {
+            if !valid_role(role) {
+                return Err(invalid(
+                    &format!("reservation for `{}`", role.escape_debug()),
+                    "not a valid role",
+                ));
+            }
+            if !part.reserved.is_empty() {
+                return Err(invalid(
+                    &format!("reservation for {role}"),
+                    "a reserved part has no breakdown of its own",
+                ));
+            }
+            part.normalize_flat(Some(role))?;
+        }
+        self.reserved.retain(|_, p| !p.is_empty());
+        let mut sum = Resources::default();
+        for p in self.reserved.values() {
+            sum = sum.totals_add(p);
+        }
+        if !self.totals_contain(&sum) {
+            return Err(invalid("reservations", format!("reserved parts ({sum}) exceed the totals")));
+        }
+        Ok(())
+    }
+
+    /// The flat half of [`Resources::normalize_wire`].
+    fn normalize_flat(&mut self, role: Option<&str>) -> Result<(), ResourceError> {
+        let item = |name: &str| match role {
+            Some(r) => format!("{name}({r})"),
+            None => name.to_string(),
+        };
+        if self.ports.len() > MAX_PORT_RANGES {
+            return Err(invalid(
+                &item("ports"),
+                format!("{} ranges (at most {MAX_PORT_RANGES})", self.ports.len()),
+            ));
+        }
+        if let Some(r) = self.ports.iter().find(|r| r.begin > r.end) {
+            return Err(invalid(&item("ports"), format!("range {}-{} is backwards", r.begin, r.end)));
+        }
+        self.ports = normalize(std::mem::take(&mut self.ports));
+        if self.scalars.len() > MAX_SCALARS {
+            return Err(invalid(
+                "scalars",
+                format!("{} custom scalars (at most {MAX_SCALARS})", self.scalars.len()),
+            ));
+        }
+        if let Some(bad) = self.scalars.keys().find(|k| !valid_scalar_name(k)) {
+            return Err(invalid(
+                &item(&bad.escape_debug().to_string()),
+                "a resource name is letters, digits, `_`, `-` or `.` (at most 64) and not a built-in kind",
+            ));
+        }
+        self.scalars.retain(|_, v| *v > 0);
+        Ok(())
     }
 
     /// `millicores` unreserved CPUs.
@@ -684,6 +775,49 @@ mod tests {
         assert_eq!(flat.cpus, 1000);
         assert_eq!(flat.reserved_for("analytics").cpus, 1000, "taken from unreserved first");
         assert_eq!(flat.add(&slice).cpus, 4000);
+    }
+
+    #[test]
+    fn wire_sets_are_normalised_or_refused() {
+        let mut r = Resources {
+            ports: vec![
+                PortRange { begin: 40, end: 50 },
+                PortRange { begin: 10, end: 20 },
+                PortRange { begin: 21, end: 30 },
+            ],
+            ..Default::default()
+        };
+        r.scalars.insert("gpus".into(), 0);
+        r.normalize_wire().unwrap();
+        assert_eq!(r.ports, vec![PortRange { begin: 10, end: 30 }, PortRange { begin: 40, end: 50 }]);
+        assert!(r.scalars.is_empty(), "zero scalars are dropped");
+        let mut backwards =
+            Resources { ports: vec![PortRange { begin: 31500, end: 0 }], ..Default::default() };
+        let e = backwards.normalize_wire().unwrap_err().to_string();
+        assert!(e.contains("31500-0 is backwards"), "{e}");
+        let mut many = Resources {
+            ports: vec![PortRange { begin: 1, end: 1 }; MAX_PORT_RANGES + 1],
+            ..Default::default()
+        };
+        assert!(many.normalize_wire().is_err());
+        for name in ["", "a/b", "cpus", "x\n", &"g".repeat(65)] {
+            let mut bad = Resources::default();
+            bad.scalars.insert(name.to_string(), 1000);
+            assert!(bad.normalize_wire().is_err(), "{name:?}");
+        }
+        let mut over = Resources::cpus(1000);
+        over.reserved.insert("a".into(), Resources::cpus(2000));
+        assert!(over.normalize_wire().unwrap_err().to_string().contains("exceed"));
+        let mut bad_role = Resources::cpus(1000);
+        bad_role.reserved.insert("a b".into(), Resources::cpus(500));
+        assert!(bad_role.normalize_wire().is_err());
+        let mut nested = Resources::parse("cpus(a):1").unwrap();
+        nested.reserved.insert("a".into(), Resources::parse("cpus(b):1").unwrap());
+        assert!(nested.normalize_wire().is_err());
+        let mut ok = Resources::parse("cpus(a):1;cpus:1;ports(web):[80-81]").unwrap();
+        let before = ok.clone();
+        ok.normalize_wire().unwrap();
+        assert_eq!(ok, before, "what parse produces is already normal");
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct MasterCommand {
     /// How often the artifact store is checked against --artifact-store-size.
     #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
     artifact_evict_interval: Duration,
+    /// Longest grace between SIGTERM and SIGKILL a framework may give its tasks; a longer
+    /// `kill_grace` is cut to this (at most 60s: agents keep that absolute ceiling too).
+    #[arg(long, default_value = "60s", value_parser = parse_kill_grace)]
+    max_kill_grace: Duration,
     #[command(flatten)]
     allocation: AllocationArgs,
     /// Heartbeat interval told to agents; an agent gives a silent master up after three.
@@ -234,13 +238,14 @@ pub struct MasterCommandCore {
 
 impl MasterCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
-        let core = core_config(&MasterCommandCore {
+        let mut core = core_config(&MasterCommandCore {
             allocation: self.allocation.clone(),
             agent_heartbeat: self.agent_heartbeat,
             agent_timeout: self.agent_timeout,
             agent_reregister_timeout: self.agent_reregister_timeout,
             framework: self.framework.clone(),
         })?;
+        core.max_kill_grace = self.max_kill_grace;
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
@@ -310,5 +315,32 @@ impl MasterCommand {
         shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `--max-kill-grace`: at most the agents' own ceiling, [`agora_agent::MAX_KILL_GRACE`] (a
+/// longer one would be cut by every agent anyway).
+fn parse_kill_grace(s: &str) -> Result<Duration, String> {
+    let cap = agora_agent::MAX_KILL_GRACE;
+    match parse_duration(s) {
+        Ok(d) if d > cap => Err(format!(
+            "invalid --max-kill-grace `{s}`: at most {}s (agents cut any grace to that)",
+            cap.as_secs()
+        )),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("invalid --max-kill-grace `{s}`: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod kill_grace_tests {
+    use super::*;
+
+    #[test]
+    fn max_kill_grace_is_at_most_the_agents_ceiling() {
+        assert_eq!(parse_kill_grace("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_kill_grace("2s"), Ok(Duration::from_secs(2)));
+        let e = parse_kill_grace("3000000000s").unwrap_err();
+        assert!(e.contains("at most 60s"), "{e}");
     }
 }

@@ -76,6 +76,27 @@ fn parse_cpus(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `--mem`: a size above zero (a task without memory would run without a memory limit; the
+/// master refuses it too).
+fn parse_mem(s: &str) -> Result<u64, String> {
+    match parse_size(s) {
+        Ok(0) => Err(format!("invalid --mem `{s}`: a task needs some memory, e.g. --mem 64MiB")),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("invalid --mem `{s}`: {e}")),
+    }
+}
+
+/// `--timeout`: above zero and at most the master's bound for Wasm timeouts.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let max = agora_master::validate::MAX_WASM_TIMEOUT;
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("invalid --timeout `{s}`: a duration above zero, e.g. 30s")),
+        Ok(d) if d > max => Err(format!("invalid --timeout `{s}`: at most {}s (one year)", max.as_secs())),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("invalid --timeout `{s}`: {e}")),
+    }
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -91,7 +112,7 @@ pub struct RunCommand {
     #[arg(long, default_value = "0.1", value_parser = parse_cpus)]
     cpus: u64,
     /// Memory per task (e.g. 64MiB).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = parse_mem)]
     mem: u64,
     /// Disk per task.
     #[arg(long, value_parser = parse_size)]
@@ -136,7 +157,7 @@ pub struct RunCommand {
     #[arg(long, value_parser = parse_fuel, requires = "wasm")]
     fuel: Option<u64>,
     /// Wall-time limit of a Wasm task (e.g. 30s); it fails with `timeout` when reached.
-    #[arg(long, value_parser = parse_duration, requires = "wasm")]
+    #[arg(long, value_parser = parse_timeout, requires = "wasm")]
     timeout: Option<Duration>,
     /// The command and its arguments (with --wasm: the module's arguments).
     #[arg(last = true, required_unless_present = "wasm")]
@@ -927,5 +948,17 @@ mod tests {
         assert_eq!(id_word("../.hidden"), "hidden");
         assert_eq!(id_word(""), "task");
         assert_eq!(id_word(&"x".repeat(100)).len(), 40);
+    }
+
+    #[test]
+    fn zero_sized_tasks_and_unbounded_timeouts_are_refused_with_a_hint() {
+        let e = parse_mem("0").unwrap_err();
+        assert!(e.contains("--mem 64MiB"), "{e}");
+        assert_eq!(parse_mem("64MiB"), Ok(64 << 20));
+        assert!(parse_cpus("0").unwrap_err().contains("e.g. 0.5"));
+        assert!(parse_cpus("0.000").is_err());
+        assert!(parse_timeout("0s").unwrap_err().contains("above zero"));
+        assert!(parse_timeout("3000000000s").unwrap_err().contains("one year"));
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
     }
 }

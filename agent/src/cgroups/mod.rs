@@ -83,6 +83,13 @@ pub use v2::V2Manager;
 
 /// CFS period used for quotas (100 ms, the kernel default).
 pub const CFS_PERIOD_US: u64 = 100_000;
+/// Smallest memory limit a task (or executor) group gets, whatever it asked for: the master
+/// refuses tasks without memory, and this floor (Mesos's `MIN_MEMORY`) keeps one that arrives
+/// anyway, e.g. from a master of an older version, from running without a limit.
+pub const MIN_TASK_MEM: u64 = 32 << 20;
+/// Smallest CPU share (and hard quota) a group gets, in millicores (Mesos's `MIN_CPUS`, 0.01):
+/// a task that asked for no CPU still runs under a quota.
+pub const MIN_TASK_CPUS: u64 = 10;
 /// Default `--max-pids-per-task`.
 pub const DEFAULT_MAX_PIDS_PER_TASK: u64 = 1024;
 /// Exit status of the gate shell when it was never released.
@@ -548,14 +555,15 @@ impl Isolator {
         self.active.as_ref().map(|a| &a.manager)
     }
 
-    /// The limits for `resources` (a task's, or the sum of an executor's tasks).
+    /// The limits for `resources` (a task's, or the sum of an executor's tasks), never below
+    /// [`MIN_TASK_CPUS`] and [`MIN_TASK_MEM`].
     pub fn limits_for(&self, resources: &Resources) -> Limits {
         let (cpu_limit, max_pids) =
             self.active.as_ref().map_or((CpuLimit::Hard, 0), |a| (a.cpu_limit, a.max_pids));
         Limits {
-            cpu_millis: resources.cpus,
+            cpu_millis: resources.cpus.max(MIN_TASK_CPUS),
             cpu_quota: cpu_limit == CpuLimit::Hard,
-            mem_bytes: (resources.mem > 0).then_some(resources.mem),
+            mem_bytes: Some(resources.mem.max(MIN_TASK_MEM)),
             pids: (max_pids > 0).then_some(max_pids),
         }
     }
@@ -948,8 +956,12 @@ mod tests {
         let l = iso.limits_for(&Resources { cpus: 500, mem: 64 << 20, ..Resources::default() });
         assert_eq!(l, Limits { cpu_millis: 500, cpu_quota: true, mem_bytes: Some(64 << 20), pids: Some(64) });
         assert_eq!((l.cpu_shares(), l.cfs_quota_us()), (512, Some(50_000)));
+        // Zero-sized (`--mem 0`, `cpus: 0`): the documented floor, never no limit at all.
         let none = iso.limits_for(&Resources::default());
-        assert_eq!((none.mem_bytes, none.cfs_quota_us(), none.cpu_shares()), (None, None, 2));
+        assert_eq!(
+            (none.mem_bytes, none.cfs_quota_us(), none.cpu_shares()),
+            (Some(MIN_TASK_MEM), Some(1000), 10)
+        );
         let tiny = Limits { cpu_millis: 1, ..l };
         assert_eq!(tiny.cfs_quota_us(), Some(1000));
         let soft = Isolator::with_manager(Arc::new(V2Manager::new("/x".into(), vec![])), CpuLimit::Soft, 0);

@@ -20,9 +20,20 @@ impl Master {
         now: Instant,
         conn: ConnId,
         principal: String,
-        msg: AgentMessage,
+        mut msg: AgentMessage,
     ) {
         if self.closing.contains(&conn) {
+            return;
+        }
+        if let Err(e) = crate::validate::agent_message(&mut msg) {
+            warn!(conn, principal, error = %e.message, "invalid agent message refused");
+            match msg {
+                // Books cannot be kept on a registration that is wrong.
+                AgentMessage::Register { .. } | AgentMessage::TaskReports(_) => {
+                    self.close_peer(now, conn, e.code, e.message)
+                }
+                _ => self.send_agent(conn, MasterToAgent::Error(e)),
+            }
             return;
         }
         match self.conns.get(&conn).cloned() {

@@ -9,9 +9,19 @@ impl Master {
         now: Instant,
         conn: ConnId,
         principal: String,
-        call: SchedulerCall,
+        mut call: SchedulerCall,
     ) {
         if self.closing.contains(&conn) {
+            return;
+        }
+        if let Err(e) = crate::validate::scheduler_call(&mut call) {
+            counter!(metrics::CALLS_INVALID).increment(1);
+            warn!(conn, principal, error = %e.message, "invalid scheduler call refused");
+            match self.conns.get(&conn) {
+                // A subscription that cannot be taken: there is nothing to keep open.
+                None => self.close(conn, e.code, e.message),
+                Some(_) => self.send_framework(conn, SchedulerEvent::Error(e)),
+            }
             return;
         }
         let fw = match self.conns.get(&conn).cloned() {
@@ -307,22 +317,14 @@ impl Master {
         self.request_allocation(now);
     }
 
+    /// A framework's demand (its size was bounded by [`crate::validate::scheduler_call`];
+    /// shapes are checked and rounded up to `--min-allocatable` here).
     pub(super) fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
-        let bad = demands
-            .iter()
-            .position(|d| !d.resources.reserved.is_empty() || (d.count > 0 && d.resources.is_empty()));
-        if let Some(i) = bad {
-            let message = format!(
-                "demand entry {i} ({}) must be a non-empty shape of plain quantities",
-                demands[i].resources
-            );
+        if let Err(message) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable)
+        {
             warn!(framework_id = %fw, message, "invalid request");
             self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
             return;
-        }
-        if demands.len() > MAX_DEMANDS {
-            warn!(framework_id = %fw, entries = demands.len(), "request with too many entries: keeping the first {MAX_DEMANDS}");
-            demands.truncate(MAX_DEMANDS);
         }
         debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");
         self.allocator.set_demand(fw, &demands);

@@ -85,14 +85,14 @@ pub struct MasterConfig {
     /// resources). The core itself uses `min_allocatable`: no offer smaller goes out, whatever
     /// the allocator decides.
     pub allocation: AllocatorOptions,
+    /// Longest grace between SIGTERM and SIGKILL a task may ask for; longer is cut to it
+    /// (`agora master --max-kill-grace`). Agents also keep their own absolute ceiling.
+    pub max_kill_grace: Duration,
 }
 
 /// Heartbeat intervals of silence after which `agora master` takes a framework for gone
 /// (the default of [`MasterConfig::framework_timeout`]).
 pub const FRAMEWORK_MISSED_HEARTBEATS: u32 = 3;
-
-/// Most entries a `Request` may carry (the rest is ignored).
-const MAX_DEMANDS: usize = 1024;
 
 impl Default for MasterConfig {
     fn default() -> Self {
@@ -111,6 +111,7 @@ impl Default for MasterConfig {
                 min_allocatable: vec![Resources::cpus(10)],
                 ..AllocatorOptions::default()
             },
+            max_kill_grace: crate::validate::DEFAULT_MAX_KILL_GRACE,
         }
     }
 }

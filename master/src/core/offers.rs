@@ -196,18 +196,18 @@ impl Master {
         let mut in_call: HashSet<TaskId> = HashSet::new();
         // The executor each framework executor id names in this call (the first valid one).
         let mut call_executors: HashMap<ExecutorId, ExecutorInfo> = HashMap::new();
-        for task in tasks {
+        let offered = self.agents.get(&agent_id).map(|a| a.total.clone()).unwrap_or_default();
+        for mut task in tasks {
+            let checked = crate::validate::task(&mut task, &offered, self.config.max_kill_grace);
             let key = TaskKey::new(fw.clone(), task.task_id.clone());
             let tid = &task.task_id;
             let duplicate = !in_call.insert(tid.clone());
-            let problem = if tid.as_str().is_empty() {
-                Some("a task has an empty task id".to_string())
+            let problem = if let Err(p) = checked {
+                Some(p)
             } else if duplicate {
                 Some(format!("task {tid} appears twice in this call"))
             } else if self.tasks.contains_key(&key) {
                 Some(format!("task {tid} already exists in framework {fw}"))
-            } else if task.resources.cpus == 0 && task.resources.mem == 0 {
-                Some(format!("task {tid} asks for no cpus and no mem"))
             } else if let Some(problem) = kind_problem(&task, &self.known_artifacts) {
                 Some(problem)
             } else if agent_conn.is_none() {

@@ -274,20 +274,21 @@ fn invalid_launches_get_task_error_and_nothing_runs() {
     let (fc, _) = h.subscribe("alice", SEC);
     let (ac, _) = h.add_agent("cpus:2;mem:2GiB");
     let offer = single_offer(&h.advance(5 * MS), fc);
-    let mut empty_argv = task("noargv", "cpus:0.1");
+    let mut empty_argv = task("noargv", "cpus:0.1;mem:1MiB");
     empty_argv.kind = TaskKind::Command(CommandInfo { argv: vec![], shell: false, env: vec![] });
     let acts = h.call(
         fc,
         accept(
             &offer,
             vec![
-                task("big", "cpus:4"),
+                task("big", "cpus:4;mem:1MiB"),
                 task("", "cpus:1"),
                 task("nothing", "disk:1GiB"),
                 empty_argv,
-                task("ok", "cpus:1.5"),
-                task("ok", "cpus:0.1"),
-                task("late", "cpus:1"),
+                task("ok", "cpus:1.5;mem:1GiB"),
+                task("ok", "cpus:0.1;mem:1MiB"),
+                task("late", "cpus:1;mem:1MiB"),
+                task("nomem", "cpus:0.1"),
             ],
             Some(f64::NAN),
         ),
@@ -296,23 +297,29 @@ fn invalid_launches_get_task_error_and_nothing_runs() {
     assert_eq!(launched.len(), 1);
     assert_eq!(launched[0].task_id.as_str(), "ok");
     let ups = updates(&acts, fc);
-    assert_eq!(ups.len(), 6, "{ups:#?}");
+    assert_eq!(ups.len(), 7, "{ups:#?}");
     for u in &ups {
         assert_eq!(u.state, TaskState::Error);
         assert_eq!(u.source, UpdateSource::Master);
         assert_eq!(u.reason, "invalid launch");
         assert!(u.uuid.is_none());
     }
-    assert_eq!(ups[0].message, "task big asks for cpus:4 but the offer has cpus:2;mem:2GiB left");
+    assert_eq!(ups[0].message, "task big asks for cpus:4;mem:1MiB but the offer has cpus:2;mem:2GiB left");
     assert!(ups[1].message.contains("empty task id"), "{}", ups[1].message);
     assert!(ups[2].message.contains("no cpus and no mem"), "{}", ups[2].message);
     assert!(ups[3].message.contains("empty command"), "{}", ups[3].message);
     assert!(ups[4].message.contains("twice"), "{}", ups[4].message);
-    assert!(ups[5].message.contains("cpus:0.5;mem:2GiB left"), "{}", ups[5].message);
+    assert!(ups[5].message.contains("cpus:0.5;mem:1GiB left"), "{}", ups[5].message);
+    // Zero-sized in one kind the agent offers: refused, naming the task.
+    assert!(
+        ups[6].message.contains("task nomem") && ups[6].message.contains("mem > 0"),
+        "{}",
+        ups[6].message
+    );
     // An id already in use is refused too.
     let again = single_offer(&h.advance(5 * MS), fc);
-    assert_eq!(again.resources, res("cpus:0.5;mem:2GiB"));
-    let acts = h.call(fc, accept(&again, vec![task("ok", "cpus:0.1")], None));
+    assert_eq!(again.resources, res("cpus:0.5;mem:1GiB"));
+    let acts = h.call(fc, accept(&again, vec![task("ok", "cpus:0.1;mem:1MiB")], None));
     assert!(run_tasks(&acts, ac).is_empty());
     assert!(updates(&acts, fc)[0].message.contains("already exists"));
     assert_eq!(h.m.tasks().len(), 1);
@@ -550,7 +557,7 @@ fn re_registration_brings_tasks_back() {
     let s = h.running_task("cpus:4;mem:4GiB", "cpus:1;mem:1GiB", SEC);
     // A second task, staged only.
     let o = single_offer(&h.advance(5 * MS), s.fc);
-    h.call(s.fc, accept(&o, vec![task("t2", "cpus:1")], None));
+    h.call(s.fc, accept(&o, vec![task("t2", "cpus:1;mem:1GiB")], None));
     h.advance(21 * SEC);
     assert_eq!(h.m.agents()[0].status, "unreachable");
     // The agent comes back and reports t1 only.
@@ -1157,7 +1164,7 @@ fn invalid_executor_infos_get_task_error() {
     let (s, offer) = h.offered("cpus:8;mem:8GiB");
     let good = executor_info("e1", "cpus:0.1;mem:32MiB");
     let with = |tid: &str, f: &dyn Fn(&mut ExecutorTask)| {
-        let mut t = exec_task(tid, "cpus:0.1", &good);
+        let mut t = exec_task(tid, "cpus:0.1;mem:1MiB", &good);
         if let TaskKind::Executor(e) = &mut t.kind {
             f(e);
         }
@@ -1203,7 +1210,7 @@ fn invalid_executor_infos_get_task_error() {
         ]
     );
     assert_eq!(h.m.executors.len(), 1);
-    assert_eq!(h.m.agents()[0].used, res("cpus:0.2;mem:32MiB"));
+    assert_eq!(h.m.agents()[0].used, res("cpus:0.2;mem:33MiB"));
 }
 
 #[test]
@@ -1219,8 +1226,14 @@ fn a_different_executor_info_for_the_same_id_is_refused() {
         )
     };
     // Within one call: the first one wins.
-    let acts = h
-        .call(s.fc, accept(&offer, vec![exec_task("t1", "cpus:1", &a), exec_task("t2", "cpus:1", &b)], None));
+    let acts = h.call(
+        s.fc,
+        accept(
+            &offer,
+            vec![exec_task("t1", "cpus:1;mem:1MiB", &a), exec_task("t2", "cpus:1;mem:1MiB", &b)],
+            None,
+        ),
+    );
     assert_eq!(run_tasks(&acts, s.ac).len(), 1);
     let ups = updates(&acts, s.fc);
     assert_eq!(ups.len(), 1);
@@ -1230,27 +1243,27 @@ fn a_different_executor_info_for_the_same_id_is_refused() {
     let offer = single_offer(&h.advance(5 * MS), s.fc);
     let mut renamed = a.clone();
     renamed.name = "other name".into();
-    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t3", "cpus:1", &renamed)], None));
+    let acts = h.call(s.fc, accept(&offer, vec![exec_task("t3", "cpus:1;mem:1MiB", &renamed)], None));
     assert!(run_tasks(&acts, s.ac).is_empty());
     assert_eq!(updates(&acts, s.fc)[0].message, mismatch("t3"));
     assert_eq!(h.m.executors.len(), 1);
-    assert_eq!(h.m.agents()[0].used, res("cpus:1.1;mem:32MiB"));
+    assert_eq!(h.m.agents()[0].used, res("cpus:1.1;mem:33MiB"));
     // Another framework's executor of the same id is its own: no mismatch, its own resources.
     let (f2, fw2) = h.subscribe("bob", SEC);
     let offer2 = single_offer(&h.advance(5 * MS), f2);
-    let acts = h.call(f2, accept(&offer2, vec![exec_task("t1", "cpus:1", &b)], None));
+    let acts = h.call(f2, accept(&offer2, vec![exec_task("t1", "cpus:1;mem:1MiB", &b)], None));
     assert_eq!(run_tasks(&acts, s.ac).len(), 1);
     assert!(updates(&acts, f2).is_empty());
     assert_eq!(h.m.executors.len(), 2);
-    assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:64MiB"));
+    assert_eq!(h.m.agents()[0].used, res("cpus:2.3;mem:66MiB"));
     let used: Vec<(FrameworkId, Resources)> = h.m.frameworks().into_iter().map(|f| (f.id, f.used)).collect();
-    assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:32MiB")), (fw2, res("cpus:1.2;mem:32MiB"))]);
+    assert_eq!(used, vec![(s.fw.clone(), res("cpus:1.1;mem:33MiB")), (fw2, res("cpus:1.2;mem:33MiB"))]);
 }
 
 #[test]
 fn framework_messages_are_relayed_both_ways() {
     let mut h = Harness::with_executor_binary();
-    let s = h.running_task("cpus:4;mem:4GiB", "cpus:1", SEC);
+    let s = h.running_task("cpus:4;mem:4GiB", "cpus:1;mem:1GiB", SEC);
     let e1 = ExecutorId::new("e1");
     // Scheduler → executor: to the agent, under the caller's framework id.
     let acts = h.call(
