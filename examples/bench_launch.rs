@@ -331,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
             allocator: "drf".into(),
             work_dir: dir.path().join("master"),
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+            limits: Default::default(),
         },
         shutdown.clone(),
     )?;

@@ -209,6 +209,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         allocator: NAME.into(),
         work_dir: std::env::temp_dir().join(format!("agora-binpack-master-{}", std::process::id())),
         max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+        limits: Default::default(),
     };
     let handle = server::spawn_with_registry(config, &registry, shutdown.clone())?;
     eprintln!(

@@ -55,6 +55,7 @@ impl Cluster {
                 allocator: spec.allocator.clone(),
                 work_dir: dir.join("master"),
                 max_artifact_size: spec.max_artifact_size,
+                limits: Default::default(),
             },
             shutdown.clone(),
         )?;

@@ -10,9 +10,11 @@
 //! Nothing here touches the master core: the server runs these calls in each stream's own task
 //! and tells the core which digests exist.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use ::metrics::{counter, gauge};
 use agora_sdk::proto::{ArtifactKind, ArtifactRef, Digest, ErrorCode, UploadRequest};
@@ -25,6 +27,10 @@ use crate::metrics;
 
 /// Largest artifact a master accepts unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 64 << 20;
+
+/// Validations of Wasm modules (each reads the whole module into memory) run at once unless
+/// configured otherwise ([`ArtifactStore::with_max_validations`]).
+pub const DEFAULT_MAX_VALIDATIONS: usize = 2;
 
 /// Read and write granularity of uploads.
 const CHUNK: usize = 64 * 1024;
@@ -113,6 +119,12 @@ pub struct ArtifactStore {
     max_size: u64,
     count: AtomicUsize,
     next_tmp: AtomicU64,
+    /// The index of validation results: the kinds each stored digest passed the checks of
+    /// (at upload, from the registry's record, or at a first presence check), so that
+    /// "already present?" is answered without reading the file again.
+    validated: Mutex<HashMap<Digest, HashSet<ArtifactKind>>>,
+    /// Bounds the validations running at once (each holds a whole module in memory).
+    validations: tokio::sync::Semaphore,
 }
 
 impl ArtifactStore {
@@ -160,11 +172,42 @@ impl ArtifactStore {
             max_size,
             count: AtomicUsize::new(0),
             next_tmp: AtomicU64::new(0),
+            validated: Mutex::new(HashMap::new()),
+            validations: tokio::sync::Semaphore::new(DEFAULT_MAX_VALIDATIONS),
         };
         let n = store.list()?.len();
         store.count.store(n, Ordering::Relaxed);
         gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
         Ok(store)
+    }
+
+    /// Runs at most `n` (at least 1) validations of new artifacts at once; the others wait.
+    pub fn with_max_validations(mut self, n: usize) -> Self {
+        self.validations = tokio::sync::Semaphore::new(n.max(1));
+        self
+    }
+
+    /// Records that the artifact `digest` passed the checks of `kind` (e.g. from the
+    /// registry's index, written only after they passed), so that presence checks trust it.
+    pub fn note_valid(&self, digest: &Digest, kind: ArtifactKind) {
+        let mut index = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        index.entry(digest.clone()).or_default().insert(kind);
+    }
+
+    /// Whether the index says `digest` passed the checks of `kind`.
+    fn known_valid(&self, digest: &Digest, kind: ArtifactKind) -> bool {
+        let index = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        index.get(digest).is_some_and(|k| k.contains(&kind))
+    }
+
+    /// Runs the checks of `kind` on the file at `path` (see [`validate_kind`]); a Wasm module
+    /// waits for one of the bounded validation slots.
+    async fn validate(&self, kind: ArtifactKind, path: &Path, name: String) -> Result<(), ArtifactError> {
+        let _slot = match kind {
+            ArtifactKind::WasmModule => Some(self.validations.acquire().await.ok()),
+            _ => None,
+        };
+        validate_kind(kind, path, name).await
     }
 
     /// The directory the store lives in.
@@ -246,12 +289,27 @@ impl ArtifactStore {
     /// Checks that the artifact already stored under `req.digest` passes the checks of
     /// `req.kind` (the store is keyed by content, so the same bytes may have come as another
     /// kind). `Ok(false)` when the store does not hold the digest.
+    ///
+    /// Answered from the index when the digest passed the checks of that kind before (the
+    /// common case: every upload is validated once); otherwise the file is validated once, in
+    /// a bounded validation slot, and the result remembered.
     pub async fn check_present(&self, req: &UploadRequest) -> Result<bool, ArtifactError> {
         let path = self.path(&req.digest).ok_or_else(|| ArtifactError::bad_digest(&req.digest))?;
         if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(false);
         }
-        validate_kind(req.kind, &path, display_name(req)).await?;
+        if self.known_valid(&req.digest, req.kind) {
+            return Ok(true);
+        }
+        let _slot = match req.kind {
+            ArtifactKind::WasmModule => Some(self.validations.acquire().await.ok()),
+            _ => None,
+        };
+        // Another presence check may have validated it while this one waited.
+        if !self.known_valid(&req.digest, req.kind) {
+            validate_kind(req.kind, &path, display_name(req)).await?;
+            self.note_valid(&req.digest, req.kind);
+        }
         Ok(true)
     }
 
@@ -318,7 +376,7 @@ impl ArtifactStore {
         }
         file.sync_all().await.map_err(io_err("sync", tmp))?;
         drop(file);
-        validate_kind(req.kind, tmp, name.clone()).await?;
+        self.validate(req.kind, tmp, name.clone()).await?;
         let dest = self.objects.join(actual.as_str());
         let new = publish(tmp, &dest).await?;
         if new {
@@ -326,6 +384,7 @@ impl ArtifactStore {
             gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
             counter!(metrics::ARTIFACT_BYTES).increment(req.size);
         }
+        self.note_valid(&actual, req.kind);
         counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "stored").increment(1);
         debug!(digest = %actual, size = req.size, name, new, "artifact stored");
         Ok(ArtifactRef { digest: actual, size: req.size })

@@ -63,6 +63,7 @@ impl Fixture {
                 allocator: "drf".into(),
                 work_dir: self.dir.path().join("master"),
                 max_artifact_size,
+                limits: Default::default(),
             },
             shutdown.clone(),
         )

@@ -50,6 +50,7 @@ impl Fixture {
                 allocator: "drf".into(),
                 work_dir: self.dir.path().join("master"),
                 max_artifact_size: 1 << 20,
+                limits: Default::default(),
             },
             shutdown.clone(),
         )

@@ -59,6 +59,7 @@ fn start_master() -> (tempfile::TempDir, String, CancellationToken) {
             allocator: "drf".into(),
             work_dir: dir.path().join("master"),
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+            limits: Default::default(),
         },
         shutdown.clone(),
     )

@@ -59,6 +59,7 @@ impl TestCluster {
                 allocator: "drf".into(),
                 work_dir: dir.path().join("master"),
                 max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
+                limits: Default::default(),
             },
             shutdown.clone(),
         )
