@@ -128,7 +128,7 @@ async fn a_framework_that_does_not_read_its_stream_is_disconnected_not_buffered(
             }
             calls += 1;
             // Alive as far as heartbeats go: only the unread stream gives it away.
-            if calls % 50 == 0 && writer.send(&SchedulerCall::Heartbeat).await.is_err() {
+            if calls.is_multiple_of(50) && writer.send(&SchedulerCall::Heartbeat).await.is_err() {
                 break;
             }
         }

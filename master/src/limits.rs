@@ -433,10 +433,10 @@ mod tests {
         assert_eq!(tx.send(4), Err(SendRefused::Dropped), "tripped for good");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn an_idle_reader_times_out_and_progress_restarts_the_clock() {
         let (mut tx, rx) = tokio::io::duplex(64);
-        let mut idle = Idle::new(rx, Duration::from_secs(5));
+        let mut idle = Idle::new(rx, Duration::from_millis(100));
         let mut buf = [0u8; 4];
         tx.write_all(b"ab").await.expect("write");
         assert_eq!(idle.read(&mut buf).await.expect("data"), 2);
@@ -445,15 +445,15 @@ mod tests {
         assert!(err.to_string().contains("no progress"), "{err}");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_trickling_reader_is_cut_at_its_deadline() {
         let (mut tx, rx) = tokio::io::duplex(64);
-        let mut idle = Idle::with_total(rx, Duration::from_secs(5), Duration::from_secs(12));
+        let mut idle = Idle::with_total(rx, Duration::from_millis(500), Duration::from_millis(300));
         let mut buf = [0u8; 4];
         let err = loop {
             tx.write_all(b"a").await.expect("write");
             match idle.read(&mut buf).await {
-                Ok(_) => tokio::time::sleep(Duration::from_secs(4)).await,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => break e,
             }
         };
