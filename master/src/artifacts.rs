@@ -689,4 +689,27 @@ mod tests {
         let r = UploadRequest { kind: ArtifactKind::Archive, digest: evil, size: 1, name: "x".into() };
         assert_eq!(store.check(&r).unwrap_err().code(), ErrorCode::Malformed);
     }
+
+    #[tokio::test]
+    async fn presence_is_answered_from_the_index_and_validated_once_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("artifacts");
+        let store = ArtifactStore::open(&root, 1 << 20).unwrap();
+        let wasm = module();
+        let r = req(ArtifactKind::WasmModule, "hello.wasm", &wasm);
+        store.store(&r, &wasm[..]).await.unwrap();
+        // The file is not read again: damage it in place and the index still answers.
+        let path = store.path(&r.digest).unwrap();
+        std::fs::write(&path, b"not wasm").unwrap();
+        assert!(store.check_present(&r).await.unwrap(), "answered from the index");
+        // A reopened store has an empty index: the file is validated (and found damaged).
+        let reopened = ArtifactStore::open(&root, 1 << 20).unwrap();
+        assert_eq!(reopened.check_present(&r).await.unwrap_err().code(), ErrorCode::Invalid);
+        // What the registry's index vouches for is trusted as the upload was.
+        reopened.note_valid(&r.digest, ArtifactKind::WasmModule);
+        assert!(reopened.check_present(&r).await.unwrap());
+        // Another kind is checked on its own.
+        let as_exe = UploadRequest { kind: ArtifactKind::Executable, ..r.clone() };
+        assert_eq!(reopened.check_present(&as_exe).await.unwrap_err().code(), ErrorCode::Invalid);
+    }
 }
