@@ -5,6 +5,12 @@
 //! One task owns the core (`run_core`); every connection has a reader task that turns frames
 //! into [`Event`]s and a writer task that drains that connection's outbox. Nothing is shared
 //! behind locks: connection tasks talk to the core through `Command`s.
+//!
+//! What a peer may hold of the master is bounded ([`crate::limits`]): a connection's messages
+//! in the core's queue (32 at a time for a framework, a core step's 1024 for an agent), its
+//! outbox (messages waiting for its writer, then encoded bytes waiting for the QUIC stream,
+//! both bounded; past them the peer is disconnected), its principal's connections and bulk
+//! streams, and each bulk stream's idle and total time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,10 +42,16 @@ use crate::registry::{
 };
 use crate::replication;
 
-/// Messages of one agent or framework connection that may wait in the core's queue at once:
-/// the connection's reader waits (and QUIC's flow control holds the peer) beyond that, so a
-/// flooding peer cannot queue unbounded work ahead of every other peer and operator call.
+/// Messages of one framework connection that may wait in the core's queue at once (and be
+/// handled in one step of the core): the connection's reader waits (and QUIC's flow control
+/// holds the peer) beyond that, so a flooding framework cannot queue unbounded work ahead of
+/// every other peer and operator call. Launches are not slowed: one `Accept` carries many tasks.
 const EVENTS_IN_CORE_PER_CONNECTION: usize = 32;
+
+/// The same for an agent: a trusted part of the cluster that sends one `StatusUpdate` per
+/// message (three per task at tens of thousands of tasks a second), so its share is a whole
+/// step of the core (the 1024 commands `run_core` takes before sending replies).
+const EVENTS_IN_CORE_PER_AGENT: usize = 1024;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1279,14 +1291,14 @@ async fn serve_connection(
         let limits = &admission.limits;
         match identity.role {
             Role::Agent => {
-                let max = limits.agent_outbox_bytes;
+                let max = (limits.agent_outbox_bytes, EVENTS_IN_CORE_PER_AGENT);
                 serve_peer::<AgentMessage, MasterToAgent>(
                     id, conn, identity, writer, reader, core, max, shutdown,
                 )
                 .await
             }
             Role::Framework => {
-                let max = limits.outbox_bytes;
+                let max = (limits.outbox_bytes, EVENTS_IN_CORE_PER_CONNECTION);
                 serve_peer::<SchedulerCall, SchedulerEvent>(
                     id, conn, identity, writer, reader, core, max, shutdown,
                 )
@@ -1367,7 +1379,8 @@ impl Peer for SchedulerCall {
 }
 
 /// Serves an agent's or a framework's control stream: frames in become core events; the core's
-/// messages go out through an outbox bounded at `max_outbox` bytes. A peer that does not read
+/// messages go out through an outbox bounded at `max_outbox` bytes; at most `in_core_share`
+/// of its messages wait in the core's queue. A peer that does not read
 /// its stream while its outbox grows past the bound is disconnected (logged, counted in
 /// [`metrics::SLOW_PEERS_DISCONNECTED`]) rather than buffered.
 #[allow(clippy::too_many_arguments)]
@@ -1378,7 +1391,7 @@ async fn serve_peer<In, Out>(
     writer: FrameWriter<SendStream>,
     mut reader: FrameReader<RecvStream>,
     core: mpsc::UnboundedSender<Command>,
-    max_outbox: usize,
+    (max_outbox, in_core_share): (usize, usize),
     shutdown: CancellationToken,
 ) where
     In: Peer<Out = Out>,
@@ -1461,7 +1474,7 @@ async fn serve_peer<In, Out>(
         }
         .in_current_span(),
     );
-    let in_core = Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_CORE_PER_CONNECTION));
+    let in_core = Arc::new(tokio::sync::Semaphore::new(in_core_share));
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
