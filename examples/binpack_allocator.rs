@@ -210,6 +210,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         work_dir: std::env::temp_dir().join(format!("agora-binpack-master-{}", std::process::id())),
         max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
         eviction: agora_master::artifacts::EvictionConfig::default(),
+        limits: Default::default(),
     };
     let handle = server::spawn_with_registry(config, &registry, shutdown.clone())?;
     eprintln!(

@@ -56,6 +56,7 @@ impl Cluster {
                 work_dir: dir.join("master"),
                 max_artifact_size: spec.max_artifact_size,
                 eviction: agora_master::artifacts::EvictionConfig::default(),
+                limits: Default::default(),
             },
             shutdown.clone(),
         )?;

@@ -10,9 +10,11 @@
 //! Nothing here touches the master core: the server runs these calls in each stream's own task
 //! and tells the core which digests exist.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use ::metrics::{counter, gauge};
 use agora_sdk::proto::{ArtifactKind, ArtifactRef, Digest, ErrorCode, UploadRequest};
@@ -51,6 +53,9 @@ impl Default for EvictionConfig {
         }
     }
 }
+/// Validations of Wasm modules (each reads the whole module into memory) run at once unless
+/// configured otherwise ([`ArtifactStore::with_max_validations`]).
+pub const DEFAULT_MAX_VALIDATIONS: usize = 2;
 
 /// Read and write granularity of uploads.
 const CHUNK: usize = 64 * 1024;
@@ -143,6 +148,12 @@ pub struct ArtifactStore {
     /// master started (older uses: the file's modification time), for LRU eviction. One entry
     /// per stored artifact at most.
     used: std::sync::Mutex<std::collections::HashMap<Digest, std::time::SystemTime>>,
+    /// The index of validation results: the kinds each stored digest passed the checks of
+    /// (at upload, from the registry's record, or at a first presence check), so that
+    /// "already present?" is answered without reading the file again.
+    validated: Mutex<HashMap<Digest, HashSet<ArtifactKind>>>,
+    /// Bounds the validations running at once (each holds a whole module in memory).
+    validations: tokio::sync::Semaphore,
 }
 
 impl ArtifactStore {
@@ -191,11 +202,42 @@ impl ArtifactStore {
             count: AtomicUsize::new(0),
             next_tmp: AtomicU64::new(0),
             used: std::sync::Mutex::new(std::collections::HashMap::new()),
+            validated: Mutex::new(HashMap::new()),
+            validations: tokio::sync::Semaphore::new(DEFAULT_MAX_VALIDATIONS),
         };
         let n = store.list()?.len();
         store.count.store(n, Ordering::Relaxed);
         gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
         Ok(store)
+    }
+
+    /// Runs at most `n` (at least 1) validations of new artifacts at once; the others wait.
+    pub fn with_max_validations(mut self, n: usize) -> Self {
+        self.validations = tokio::sync::Semaphore::new(n.max(1));
+        self
+    }
+
+    /// Records that the artifact `digest` passed the checks of `kind` (e.g. from the
+    /// registry's index, written only after they passed), so that presence checks trust it.
+    pub fn note_valid(&self, digest: &Digest, kind: ArtifactKind) {
+        let mut index = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        index.entry(digest.clone()).or_default().insert(kind);
+    }
+
+    /// Whether the index says `digest` passed the checks of `kind`.
+    fn known_valid(&self, digest: &Digest, kind: ArtifactKind) -> bool {
+        let index = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        index.get(digest).is_some_and(|k| k.contains(&kind))
+    }
+
+    /// Runs the checks of `kind` on the file at `path` (see [`validate_kind`]); a Wasm module
+    /// waits for one of the bounded validation slots.
+    async fn validate(&self, kind: ArtifactKind, path: &Path, name: String) -> Result<(), ArtifactError> {
+        let _slot = match kind {
+            ArtifactKind::WasmModule => Some(self.validations.acquire().await.ok()),
+            _ => None,
+        };
+        validate_kind(kind, path, name).await
     }
 
     /// The directory the store lives in.
@@ -277,13 +319,28 @@ impl ArtifactStore {
     /// Checks that the artifact already stored under `req.digest` passes the checks of
     /// `req.kind` (the store is keyed by content, so the same bytes may have come as another
     /// kind). `Ok(false)` when the store does not hold the digest.
+    ///
+    /// Answered from the index when the digest passed the checks of that kind before (the
+    /// common case: every upload is validated once); otherwise the file is validated once, in
+    /// a bounded validation slot, and the result remembered.
     pub async fn check_present(&self, req: &UploadRequest) -> Result<bool, ArtifactError> {
         let path = self.path(&req.digest).ok_or_else(|| ArtifactError::bad_digest(&req.digest))?;
         if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(false);
         }
-        validate_kind(req.kind, &path, display_name(req)).await?;
         self.touch(&req.digest);
+        if self.known_valid(&req.digest, req.kind) {
+            return Ok(true);
+        }
+        let _slot = match req.kind {
+            ArtifactKind::WasmModule => Some(self.validations.acquire().await.ok()),
+            _ => None,
+        };
+        // Another presence check may have validated it while this one waited.
+        if !self.known_valid(&req.digest, req.kind) {
+            validate_kind(req.kind, &path, display_name(req)).await?;
+            self.note_valid(&req.digest, req.kind);
+        }
         Ok(true)
     }
 
@@ -410,7 +467,7 @@ impl ArtifactStore {
         }
         file.sync_all().await.map_err(io_err("sync", tmp))?;
         drop(file);
-        validate_kind(req.kind, tmp, name.clone()).await?;
+        self.validate(req.kind, tmp, name.clone()).await?;
         let dest = self.objects.join(actual.as_str());
         let new = publish(tmp, &dest).await?;
         self.touch(&actual);
@@ -419,6 +476,7 @@ impl ArtifactStore {
             gauge!(metrics::ARTIFACTS_STORED).set(n as f64);
             counter!(metrics::ARTIFACT_BYTES).increment(req.size);
         }
+        self.note_valid(&actual, req.kind);
         counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "stored").increment(1);
         debug!(digest = %actual, size = req.size, name, new, "artifact stored");
         Ok(ArtifactRef { digest: actual, size: req.size })
@@ -765,5 +823,28 @@ mod tests {
         assert!(store.remove(&refs[1].0.digest).await.expect("remove"));
         assert!(!store.contains(&refs[1].0.digest) && store.len() == 3);
         assert!(!store.remove(&refs[1].0.digest).await.expect("remove"));
+    }
+
+    #[tokio::test]
+    async fn presence_is_answered_from_the_index_and_validated_once_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("artifacts");
+        let store = ArtifactStore::open(&root, 1 << 20).unwrap();
+        let wasm = module();
+        let r = req(ArtifactKind::WasmModule, "hello.wasm", &wasm);
+        store.store(&r, &wasm[..]).await.unwrap();
+        // The file is not read again: damage it in place and the index still answers.
+        let path = store.path(&r.digest).unwrap();
+        std::fs::write(&path, b"not wasm").unwrap();
+        assert!(store.check_present(&r).await.unwrap(), "answered from the index");
+        // A reopened store has an empty index: the file is validated (and found damaged).
+        let reopened = ArtifactStore::open(&root, 1 << 20).unwrap();
+        assert_eq!(reopened.check_present(&r).await.unwrap_err().code(), ErrorCode::Invalid);
+        // What the registry's index vouches for is trusted as the upload was.
+        reopened.note_valid(&r.digest, ArtifactKind::WasmModule);
+        assert!(reopened.check_present(&r).await.unwrap());
+        // Another kind is checked on its own.
+        let as_exe = UploadRequest { kind: ArtifactKind::Executable, ..r.clone() };
+        assert_eq!(reopened.check_present(&as_exe).await.unwrap_err().code(), ErrorCode::Invalid);
     }
 }

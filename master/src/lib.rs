@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod core;
 pub mod ha;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 mod quick;
 pub mod registry;

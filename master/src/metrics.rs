@@ -53,6 +53,12 @@ pub const ARTIFACT_FETCHES: &str = "agora_master_artifact_fetches_total";
 pub const ARTIFACTS_STORED: &str = "agora_master_artifacts_stored";
 /// Artifacts evicted past `--artifact-store-size`.
 pub const ARTIFACTS_EVICTED: &str = "agora_master_artifacts_evicted_total";
+/// Peers disconnected because they did not read their stream while their outbox grew past its
+/// bound (label `role`).
+pub const SLOW_PEERS_DISCONNECTED: &str = "agora_master_slow_peers_disconnected_total";
+/// Connections and bulk streams refused by a per-principal limit (label `what`: `connection`,
+/// `stream`).
+pub const PEERS_REFUSED: &str = "agora_master_peer_limit_refusals_total";
 
 /// Registers descriptions of every metric with the installed recorder (call once at start).
 pub fn describe() {
@@ -80,4 +86,10 @@ pub fn describe() {
     describe_counter!(ARTIFACT_FETCHES, Unit::Count, "Artifacts sent to agents");
     describe_gauge!(ARTIFACTS_STORED, Unit::Count, "Artifacts in the store");
     describe_counter!(ARTIFACTS_EVICTED, Unit::Count, "Unused artifacts evicted past the store's size");
+    describe_counter!(
+        SLOW_PEERS_DISCONNECTED,
+        Unit::Count,
+        "Peers disconnected for not reading their stream"
+    );
+    describe_counter!(PEERS_REFUSED, Unit::Count, "Connections and streams refused by a per-principal limit");
 }

@@ -5,6 +5,12 @@
 //! One task owns the core (`run_core`); every connection has a reader task that turns frames
 //! into [`Event`]s and a writer task that drains that connection's outbox. Nothing is shared
 //! behind locks: connection tasks talk to the core through `Command`s.
+//!
+//! What a peer may hold of the master is bounded ([`crate::limits`]): a connection's messages
+//! in the core's queue (32 at a time for a framework, a core step's 1024 for an agent), its
+//! outbox (messages waiting for its writer, then encoded bytes waiting for the QUIC stream,
+//! both bounded; past them the peer is disconnected), its principal's connections and bulk
+//! streams, and each bulk stream's idle and total time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,12 +34,24 @@ use crate::allocator;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
 use crate::ha::{self, Attempt, Election, HaConfig, HaError};
+use crate::limits::{self, Idle, PeerLimits, PrincipalCounts, Slot};
 use crate::metrics;
 use crate::registry::{
     AgentRecord, AgentStanding, ArtifactRecord, EtcdRegistry, FrameworkRecord, RedbRegistry, Registry,
     RegistryError, RegistryOp, REGISTRY_FILE,
 };
 use crate::replication;
+
+/// Messages of one framework connection that may wait in the core's queue at once (and be
+/// handled in one step of the core): the connection's reader waits (and QUIC's flow control
+/// holds the peer) beyond that, so a flooding framework cannot queue unbounded work ahead of
+/// every other peer and operator call. Launches are not slowed: one `Accept` carries many tasks.
+const EVENTS_IN_CORE_PER_CONNECTION: usize = 32;
+
+/// The same for an agent: a trusted part of the cluster that sends one `StatusUpdate` per
+/// message (three per task at tens of thousands of tasks a second), so its share is a whole
+/// step of the core (the 1024 commands `run_core` takes before sending replies).
+const EVENTS_IN_CORE_PER_AGENT: usize = 1024;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,6 +89,74 @@ pub struct ServerConfig {
     pub max_artifact_size: u64,
     /// The bound on the artifact store (`--artifact-store-size`).
     pub eviction: crate::artifacts::EvictionConfig,
+    /// Bounds on what each peer may hold of the master: outbox bytes, connections and bulk
+    /// streams per principal, bulk stream timeouts, validations at once.
+    pub limits: PeerLimits,
+}
+
+/// The per-principal counts of the whole server, with its limits.
+struct Admission {
+    limits: PeerLimits,
+    connections: Arc<PrincipalCounts>,
+    streams: Arc<PrincipalCounts>,
+}
+
+impl Admission {
+    fn new(limits: PeerLimits) -> Arc<Self> {
+        Arc::new(Admission { limits, connections: Arc::default(), streams: Arc::default() })
+    }
+
+    /// Whether the role's connections and streams are counted: frameworks and operators are;
+    /// agents and other masters are trusted parts of the cluster (and all agents may share one
+    /// principal).
+    fn counted(role: Role) -> bool {
+        matches!(role, Role::Framework | Role::Operator)
+    }
+
+    /// A slot for a new connection of `identity`, or the error that refuses it.
+    fn connection(&self, identity: &Identity) -> Result<Option<Slot>, WireError> {
+        if !Self::counted(identity.role) {
+            return Ok(None);
+        }
+        let max = self.limits.connections_per_principal;
+        match self.connections.try_take(&identity.principal, max) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(held) => {
+                counter!(metrics::PEERS_REFUSED, "what" => "connection").increment(1);
+                warn!(principal = %identity.principal, role = %identity.role, held, max,
+                    "connection refused: the principal's connection limit is reached");
+                Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "principal `{}` already has {held} connections open, the master's limit (--max-connections-per-principal {max})",
+                        identity.principal
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// A slot for a new bulk stream of `principal` (`None` for uncounted roles), or the error
+    /// that refuses it.
+    fn stream(&self, role: Role, principal: &str) -> Result<Option<Slot>, WireError> {
+        if !Self::counted(role) {
+            return Ok(None);
+        }
+        let max = self.limits.streams_per_principal;
+        match self.streams.try_take(principal, max) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(held) => {
+                counter!(metrics::PEERS_REFUSED, "what" => "stream").increment(1);
+                debug!(%principal, held, max, "bulk stream refused: the principal's stream limit is reached");
+                Err(WireError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "principal `{principal}` already has {held} bulk streams open, the master's limit (--max-streams-per-principal {max})"
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// Queries answered by the core task.
@@ -104,9 +190,11 @@ enum Command {
     Attach {
         conn: ConnId,
         quic: quinn::Connection,
-        outbox: mpsc::UnboundedSender<Outgoing>,
+        outbox: limits::CountedSender<Outgoing>,
     },
-    Event(Event),
+    /// A peer's event, with the permit it holds in its connection's share of the core's queue
+    /// (given back once the core has handled it).
+    Event(Event, Option<tokio::sync::OwnedSemaphorePermit>),
     Query(Query),
     ArtifactStored(ArtifactRecord),
     /// Indexed artifacts that no master could send this one (see [`replication::recover`]).
@@ -305,14 +393,18 @@ pub fn spawn_with_registry(
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
     let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
-    let store = Arc::new(ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
+    let store = Arc::new(
+        ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?
+            .with_max_validations(config.limits.validations),
+    );
     // One term for the life of the process: a registry that fails stops the whole master.
     let term = start_term(&config, registry, Box::new(reg), &store, addr, None, shutdown.clone())?;
     let master_id = term.me.id.clone();
     info!(%addr, %master_id, allocator = %config.allocator, "master listening");
     let fatal = term.fatal.clone();
     let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, shutdown).in_current_span());
+    let admission = Admission::new(config.limits.clone());
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, admission, shutdown).in_current_span());
     Ok(MasterHandle { addr, master_id, serving, fatal })
 }
 
@@ -333,16 +425,19 @@ pub async fn spawn_ha(
     }
     // Every master has its own store, kept in step by `replication`; several may still share
     // one directory (a shared filesystem): opened shared, no master wipes another's uploads.
-    let store =
-        Arc::new(ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
+    let store = Arc::new(
+        ArtifactStore::open_shared(&config.work_dir.join("artifacts"), config.max_artifact_size)?
+            .with_max_validations(config.limits.validations),
+    );
     let election = Election::connect(&ha_cfg).await?;
     let master_id = election.me().id.clone();
     info!(%addr, advertise = %ha_cfg.advertise, member = %master_id, cluster = %ha_cfg.cluster,
         lease_ttl = ?election.ttl(), "master listening as a candidate");
     let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
     let standby = Arc::new(StandbyReads { members: election.members(), me: master_id.clone() });
+    let admission = Admission::new(config.limits.clone());
     tokio::spawn(
-        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), shutdown.clone())
+        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), admission, shutdown.clone())
             .in_current_span(),
     );
     // A standby copies the leader's artifacts into its own store.
@@ -539,7 +634,12 @@ fn start_term(
     let mut missing = Vec::new();
     for (digest, record) in &state.artifacts {
         match files.get(digest) {
-            Some(size) if *size == record.size => {}
+            Some(size) if *size == record.size => {
+                // Indexed with a kind only once it passed that kind's checks.
+                if let Some(kind) = record.kind {
+                    store.note_valid(digest, kind);
+                }
+            }
             None if members.is_some() => missing.push(record.clone()),
             _ => {
                 warn!(%digest, size = record.size, "artifact in the registry has no file of its size: dropping it from the index");
@@ -666,9 +766,12 @@ async fn run_core(
     fatal: watch::Sender<Option<String>>,
     shutdown: CancellationToken,
 ) {
-    let mut conns: HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)> = HashMap::new();
+    let mut conns: HashMap<ConnId, (quinn::Connection, limits::CountedSender<Outgoing>)> = HashMap::new();
     // Replies that promise what this step's registry write records.
     let mut after_write: Vec<oneshot::Sender<Result<(), WireError>>> = Vec::new();
+    // The queue permits of this step's peer events, given back once its actions are out: a
+    // connection's share of one step is its permits, however fast its reader refills them.
+    let mut held: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
     loop {
         let deadline = core.poll_timeout();
         let sleep = async {
@@ -682,11 +785,13 @@ async fn run_core(
             _ = sleep => core.handle_timeout(Instant::now()),
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
-                apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, cmd);
+                apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held));
                 // Take whatever else is queued before flushing actions: batches under load.
                 for _ in 0..1024 {
                     match rx.try_recv() {
-                        Ok(cmd) => apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, cmd),
+                        Ok(cmd) => {
+                            apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held))
+                        }
                         Err(_) => break,
                     }
                 }
@@ -717,20 +822,53 @@ async fn run_core(
                 Action::ToFramework { conn, event } => (conn, Outgoing::Framework(event)),
                 Action::Close { conn, error } => (conn, Outgoing::Close(error)),
             };
-            if let Some((_, outbox)) = conns.get(&conn) {
-                let _ = outbox.send(out);
+            if let Some((quic, outbox)) = conns.get(&conn) {
+                let sent = match out {
+                    close @ Outgoing::Close(_) => {
+                        outbox.send_always(close);
+                        Ok(())
+                    }
+                    out => outbox.send(out),
+                };
+                if let Err(limits::SendRefused::Overflow { max }) = sent {
+                    // The writer is this far behind: the peer does not read its stream.
+                    slow_peer(quic, &format!("{max} messages"));
+                }
             }
         }
+        held.clear();
     }
     for (_, (quic, _)) in conns {
         quic.close(0u32.into(), b"master shutting down");
     }
 }
 
+/// Keeps a peer event's queue permit in `held` (until the step's actions are out).
+fn hold(cmd: Command, held: &mut Vec<tokio::sync::OwnedSemaphorePermit>) -> Command {
+    match cmd {
+        Command::Event(ev, Some(permit)) => {
+            held.push(permit);
+            Command::Event(ev, None)
+        }
+        other => other,
+    }
+}
+
+/// Disconnects a peer that does not read its stream (its outbox passed its bound, `what`),
+/// saying so in the log, a metric and the close reason.
+fn slow_peer(quic: &quinn::Connection, what: &str) {
+    let role = peer_identity(quic).map(|i| i.role.to_string()).unwrap_or_else(|_| "unknown".into());
+    counter!(metrics::SLOW_PEERS_DISCONNECTED, "role" => role).increment(1);
+    warn!(remote = %quic.remote_address(), outbox = what,
+        "the peer does not read its stream: its outbox is over its bound; disconnecting it");
+    let why = format!("disconnected: more than {what} queued that the peer did not read (--max-outbox)");
+    quic.close(app_code(ErrorCode::TooLarge), why.as_bytes());
+}
+
 fn apply(
     core: &mut Master,
     reg: &mut dyn Registry,
-    conns: &mut HashMap<ConnId, (quinn::Connection, mpsc::UnboundedSender<Outgoing>)>,
+    conns: &mut HashMap<ConnId, (quinn::Connection, limits::CountedSender<Outgoing>)>,
     after_write: &mut Vec<oneshot::Sender<Result<(), WireError>>>,
     cmd: Command,
 ) {
@@ -768,7 +906,7 @@ fn apply(
                 warn!(error = %e, "cannot drop lost artifacts from the registry's index");
             }
         }
-        Command::Event(ev) => {
+        Command::Event(ev, _permit) => {
             let gone = match &ev {
                 Event::AgentDisconnected { conn } | Event::FrameworkDisconnected { conn } => Some(*conn),
                 _ => None,
@@ -837,6 +975,7 @@ async fn accept_loop(
     serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
     standby: Option<Arc<StandbyReads>>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -850,6 +989,7 @@ async fn accept_loop(
         let store = store.clone();
         let standby = standby.clone();
         let shutdown = shutdown.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -864,11 +1004,13 @@ async fn accept_loop(
             let now = serving.borrow().clone();
             match now {
                 Serving::Leader(term) if !term.stop.is_cancelled() => {
-                    serve_connection(conn_id, conn, term, store).await
+                    serve_connection(conn_id, conn, term, store, admission).await
                 }
                 // Stepping down this very moment: no Welcome from a term that ended.
-                Serving::Leader(_) => not_leader(conn, None, store, standby, shutdown).await,
-                Serving::Standby { leader } => not_leader(conn, leader, store, standby, shutdown).await,
+                Serving::Leader(_) => not_leader(conn, None, store, standby, admission, shutdown).await,
+                Serving::Standby { leader } => {
+                    not_leader(conn, leader, store, standby, admission, shutdown).await
+                }
             }
         });
     }
@@ -909,6 +1051,7 @@ async fn not_leader(
     leader: Option<String>,
     store: Arc<ArtifactStore>,
     standby: Option<Arc<StandbyReads>>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -950,7 +1093,9 @@ async fn not_leader(
             debug!(%remote, "standby: serving artifact fetches to another master");
             // Nothing but fetches: no core behind this connection.
             let (no_core, _) = mpsc::unbounded_channel();
-            tokio::spawn(accept_streams(conn.clone(), Role::Master, None, no_core, store).in_current_span());
+            let streams =
+                accept_streams(conn.clone(), Role::Master, String::new(), None, no_core, store, admission);
+            tokio::spawn(streams.in_current_span());
             serve_master_peer(conn, writer, reader, shutdown).await;
             return;
         }
@@ -1131,11 +1276,16 @@ fn frame_error(e: &FrameError) -> WireError {
     }
 }
 
+/// A connection's hello and the master's answer: `Welcome` if the certificate's role matches,
+/// the version is ours and `admission` lets the principal open one more connection (the slot
+/// it holds while open comes back with it).
+#[allow(clippy::type_complexity)]
 async fn handshake(
     conn: &quinn::Connection,
     master_id: &str,
     epoch: u64,
-) -> Result<(Identity, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
+    admission: &Admission,
+) -> Result<(Identity, Option<Slot>, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
     let identity = peer_identity(conn).map_err(|e| e.to_string())?;
     let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
@@ -1159,12 +1309,12 @@ async fn handshake(
             ErrorCode::Unauthorized,
             format!("certificate of `{}` is for role {}, not {}", identity.principal, identity.role, h.role),
         )),
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(_)) => admission.connection(&identity),
         Ok(None) => Err(WireError::new(ErrorCode::Unexpected, "stream closed before hello")),
         Err(e) => Err(frame_error(&e)),
     };
     match verdict {
-        Ok(()) => {
+        Ok(slot) => {
             writer
                 .send(&HelloReply::Welcome {
                     version: PROTOCOL_VERSION,
@@ -1173,7 +1323,7 @@ async fn handshake(
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((identity, writer, reader))
+            Ok((identity, slot, writer, reader))
         }
         Err(err) => {
             let _ = writer.send(&HelloReply::Refused(err.clone())).await;
@@ -1186,18 +1336,25 @@ async fn handshake(
     }
 }
 
-async fn serve_connection(id: ConnId, conn: quinn::Connection, term: Arc<Term>, store: Arc<ArtifactStore>) {
+async fn serve_connection(
+    id: ConnId,
+    conn: quinn::Connection,
+    term: Arc<Term>,
+    store: Arc<ArtifactStore>,
+    admission: Arc<Admission>,
+) {
     let core = term.core.0.clone();
     let shutdown = term.stop.clone();
     let remote = conn.remote_address();
-    let (identity, writer, reader) = match handshake(&conn, &term.me.id, term.me.epoch).await {
-        Ok(x) => x,
-        Err(why) => {
-            info!(%remote, conn = id, reason = %why, "connection refused");
-            conn.close(app_code(ErrorCode::Unauthorized), why.as_bytes());
-            return;
-        }
-    };
+    let (identity, _slot, writer, reader) =
+        match handshake(&conn, &term.me.id, term.me.epoch, &admission).await {
+            Ok(x) => x,
+            Err(why) => {
+                info!(%remote, conn = id, reason = %why, "connection refused");
+                conn.close(app_code(ErrorCode::Unauthorized), why.as_bytes());
+                return;
+            }
+        };
     let span = tracing::info_span!("conn", conn = id, role = %identity.role, principal = %identity.principal);
     async move {
         debug!(%remote, "connected");
@@ -1207,15 +1364,30 @@ async fn serve_connection(id: ConnId, conn: quinn::Connection, term: Arc<Term>, 
             Role::Operator => Some(Requester::Operator),
             Role::Agent | Role::Master => None,
         };
-        tokio::spawn(accept_streams(conn.clone(), identity.role, who, core.clone(), store).in_current_span());
+        let principal = identity.principal.clone();
+        let streams = accept_streams(
+            conn.clone(),
+            identity.role,
+            principal,
+            who,
+            core.clone(),
+            store,
+            admission.clone(),
+        );
+        tokio::spawn(streams.in_current_span());
+        let limits = &admission.limits;
         match identity.role {
             Role::Agent => {
-                serve_peer::<AgentMessage, MasterToAgent>(id, conn, identity, writer, reader, core, shutdown)
-                    .await
+                let max = (limits.agent_outbox_bytes, EVENTS_IN_CORE_PER_AGENT);
+                serve_peer::<AgentMessage, MasterToAgent>(
+                    id, conn, identity, writer, reader, core, max, shutdown,
+                )
+                .await
             }
             Role::Framework => {
+                let max = (limits.outbox_bytes, EVENTS_IN_CORE_PER_CONNECTION);
                 serve_peer::<SchedulerCall, SchedulerEvent>(
-                    id, conn, identity, writer, reader, core, shutdown,
+                    id, conn, identity, writer, reader, core, max, shutdown,
                 )
                 .await
             }
@@ -1293,26 +1465,55 @@ impl Peer for SchedulerCall {
     }
 }
 
+/// Serves an agent's or a framework's control stream: frames in become core events; the core's
+/// messages go out through an outbox bounded at `max_outbox` bytes; at most `in_core_share`
+/// of its messages wait in the core's queue. A peer that does not read
+/// its stream while its outbox grows past the bound is disconnected (logged, counted in
+/// [`metrics::SLOW_PEERS_DISCONNECTED`]) rather than buffered.
+#[allow(clippy::too_many_arguments)]
 async fn serve_peer<In, Out>(
     id: ConnId,
     conn: quinn::Connection,
     identity: Identity,
-    mut writer: FrameWriter<SendStream>,
+    writer: FrameWriter<SendStream>,
     mut reader: FrameReader<RecvStream>,
     core: mpsc::UnboundedSender<Command>,
+    (max_outbox, in_core_share): (usize, usize),
     shutdown: CancellationToken,
 ) where
     In: Peer<Out = Out>,
     Out: Serialize + Send + Sync + 'static,
 {
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (out_tx, mut out_rx) =
+        limits::counted::<Outgoing>((max_outbox / limits::OUTBOX_BYTES_PER_MESSAGE).max(1024));
     if core.send(Command::Attach { conn: id, quic: conn.clone(), outbox: out_tx.clone() }).is_err() {
         return;
     }
-    // Writer: drains the outbox, batching frames into one flush.
+    // The pump: writes encoded frames to the QUIC stream as fast as the peer takes them. It
+    // hands the stream back when the outbox closes (to finish it after a last error frame).
+    let (sink, mut pump) = limits::outbox(max_outbox);
+    let mut pump_task = tokio::spawn(async move {
+        let mut send = writer.into_inner();
+        while let Some(chunk) = pump.rx.recv().await {
+            let n = chunk.len();
+            send.write_chunk(chunk).await.ok()?;
+            pump.taken(n);
+        }
+        Some(send)
+    });
+    // Writer: drains the outbox, encoding frames (once) into the byte-bounded sink, batching
+    // them into one flush.
     let wconn = conn.clone();
     let writer_task = tokio::spawn(
         async move {
+            let mut writer = FrameWriter::new(sink);
+            // Why the writer stopped: the peer does not read (its outbox is full), or a close.
+            let overflow = |writer: &FrameWriter<limits::OutboxSink>, e: &FrameError| {
+                let FrameError::Io(err) = e else { return };
+                if err.kind() == std::io::ErrorKind::OutOfMemory {
+                    slow_peer(&wconn, &format!("{} bytes", writer.get_ref().max()));
+                }
+            };
             while let Some(first) = out_rx.recv().await {
                 let mut next = Some(first);
                 let mut n = 0;
@@ -1320,15 +1521,24 @@ async fn serve_peer<In, Out>(
                     match o {
                         Outgoing::Close(err) => {
                             let _ = writer.send(&In::error(err.clone())).await;
-                            let mut s = writer.into_inner();
-                            let _ = s.finish();
-                            let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+                            drop(writer);
+                            // The error frame reaches a peer that reads; one that does not is
+                            // closed anyway.
+                            if let Ok(Ok(Some(mut s))) =
+                                tokio::time::timeout(Duration::from_secs(1), &mut pump_task).await
+                            {
+                                let _ = s.finish();
+                                let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+                            }
+                            pump_task.abort();
                             wconn.close(app_code(err.code), err.message.as_bytes());
                             return;
                         }
                         other => {
                             if let Some(m) = In::unwrap_out(other) {
-                                if feed_split::<In>(&mut writer, m).await.is_err() {
+                                if let Err(e) = feed_split::<In, _>(&mut writer, m).await {
+                                    overflow(&writer, &e);
+                                    pump_task.abort();
                                     return;
                                 }
                             }
@@ -1336,16 +1546,22 @@ async fn serve_peer<In, Out>(
                     }
                     n += 1;
                     if n < 256 {
-                        next = out_rx.try_recv().ok();
+                        next = out_rx.try_recv();
                     }
                 }
-                if writer.flush().await.is_err() {
+                if let Err(e) = writer.flush().await {
+                    overflow(&writer, &e);
+                    pump_task.abort();
                     return;
                 }
             }
+            drop(writer);
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut pump_task).await;
+            pump_task.abort();
         }
         .in_current_span(),
     );
+    let in_core = Arc::new(tokio::sync::Semaphore::new(in_core_share));
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -1353,7 +1569,12 @@ async fn serve_peer<In, Out>(
         };
         match msg {
             Ok(Some(m)) => {
-                if core.send(Command::Event(In::event(id, &identity.principal, m))).is_err() {
+                // Acquired in the select's branch below: waiting for it still listens to shutdown.
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = in_core.clone().acquire_owned() => p.ok(),
+                };
+                if core.send(Command::Event(In::event(id, &identity.principal, m), permit)).is_err() {
                     break;
                 }
             }
@@ -1366,12 +1587,12 @@ async fn serve_peer<In, Out>(
                 // Malformed or oversized: answer, close this connection only.
                 let err = frame_error(&e);
                 warn!(error = %err.message, "bad frame from peer; closing its connection");
-                let _ = out_tx.send(Outgoing::Close(err));
+                out_tx.send_always(Outgoing::Close(err));
                 break;
             }
         }
     }
-    let _ = core.send(Command::Event(In::disconnected(id)));
+    let _ = core.send(Command::Event(In::disconnected(id), None));
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
     conn.close(0u32.into(), b"bye");
@@ -1472,7 +1693,10 @@ async fn serve_operator(
 
 /// Queues `m`; a list too large for one frame goes in several messages that each fit (in
 /// order). A message that does not fit otherwise is an error, which drops the connection.
-async fn feed_split<P: Peer>(writer: &mut FrameWriter<SendStream>, m: P::Out) -> Result<(), FrameError> {
+async fn feed_split<P: Peer, W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    m: P::Out,
+) -> Result<(), FrameError> {
     let fits = match P::list(m) {
         Ok((items, wrap)) => writer.feed_list(items, LIST_BUDGET, wrap).await?.is_empty(),
         Err(m) => match writer.feed(&m).await {
@@ -1541,26 +1765,54 @@ async fn serve_master_peer(
 /// Serves the bulk streams a peer opens, each in its own task: task output (frameworks and
 /// operators, `who`), artifact uploads (frameworks and operators) and artifact fetches (agents
 /// and other masters).
+///
+/// A framework or operator principal holds at most `--max-streams-per-principal` of them at
+/// once (over all its connections); more are refused with an error in the reply type the
+/// request expects.
 async fn accept_streams(
     conn: quinn::Connection,
     role: Role,
+    principal: String,
     who: Option<Requester>,
     core: mpsc::UnboundedSender<Command>,
     store: Arc<ArtifactStore>,
+    admission: Arc<Admission>,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
+        let slot = match admission.stream(role, &principal) {
+            Ok(slot) => slot,
+            Err(err) => {
+                tokio::spawn(refuse_stream(send, recv, err).in_current_span());
+                continue;
+            }
+        };
         let core = core.clone();
         let who = who.clone();
         let store = store.clone();
+        let limits = admission.limits.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = serve_stream(send, recv, role, who, core, store).await {
+                let _slot = slot;
+                if let Err(e) = serve_stream(send, recv, role, who, core, store, &limits).await {
                     debug!(error = %e, "bulk stream ended with an error");
                 }
             }
             .in_current_span(),
         );
     }
+}
+
+/// Answers a bulk stream with `err` in the reply type its request expects.
+async fn refuse_stream(send: SendStream, recv: RecvStream, err: WireError) {
+    let w = FrameWriter::new(send);
+    let mut r = FrameReader::new(recv);
+    let _ = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await {
+        Ok(Ok(Some(StreamRequest::Output(_)))) => reply_and_finish(w, &OutputReply::Error(err)).await,
+        Ok(Ok(Some(StreamRequest::Upload(_)))) => reply_and_finish(w, &UploadReply::Error(err)).await,
+        Ok(Ok(Some(StreamRequest::Fetch { .. }))) => reply_and_finish(w, &FetchReply::Error(err)).await,
+        Ok(Ok(Some(StreamRequest::Files(_)))) => reply_and_finish(w, &FilesReply::Error(err)).await,
+        _ => Ok(()),
+    };
 }
 
 /// Sends one reply frame and finishes the stream.
@@ -1582,6 +1834,7 @@ async fn serve_stream(
     who: Option<Requester>,
     core: mpsc::UnboundedSender<Command>,
     store: Arc<ArtifactStore>,
+    limits: &PeerLimits,
 ) -> Result<(), String> {
     let w = FrameWriter::new(send);
     let mut r = FrameReader::new(recv);
@@ -1595,18 +1848,18 @@ async fn serve_stream(
     };
     match req {
         StreamRequest::Output(req) => match who {
-            Some(who) => relay_output(w, r, req, who, core).await,
+            Some(who) => relay_output(w, r, req, who, core, limits).await,
             None => reply_and_finish(w, &OutputReply::Error(not_allowed(role, "read task output"))).await,
         },
         StreamRequest::Upload(req) if matches!(role, Role::Framework | Role::Operator) => {
-            serve_upload(w, r, req, core, &store).await
+            serve_upload(w, r, req, core, &store, limits).await
         }
         StreamRequest::Upload(_) => {
             reply_and_finish(w, &UploadReply::Error(not_allowed(role, "upload artifacts"))).await
         }
         // Masters copy each other's artifacts (see crate::replication).
         StreamRequest::Fetch { digest } if matches!(role, Role::Agent | Role::Master) => {
-            serve_fetch(w, &digest, &store).await
+            serve_fetch(w, &digest, &store, limits).await
         }
         StreamRequest::Fetch { .. } => {
             reply_and_finish(w, &FetchReply::Error(not_allowed(role, "fetch artifacts"))).await
@@ -1615,10 +1868,11 @@ async fn serve_stream(
             Some(who) => {
                 let task_id = req.task_id.clone();
                 let forward = |fw| StreamRequest::Files(FilesRequest { framework_id: Some(fw), ..req });
-                relay_to_agent(w, r, task_id, who, core, forward, FilesReply::Error, |r: &FilesReply| {
-                    matches!(r, FilesReply::Sending { .. })
-                })
-                .await
+                // A sandbox read never follows: its whole life is bounded.
+                let total = Some(limits.stream_total_timeout);
+                let streams = |r: &FilesReply| matches!(r, FilesReply::Sending { .. });
+                relay_to_agent(w, r, task_id, who, core, forward, FilesReply::Error, streams, limits, total)
+                    .await
             }
             None => reply_and_finish(w, &FilesReply::Error(not_allowed(role, "read task sandboxes"))).await,
         },
@@ -1638,6 +1892,7 @@ async fn serve_upload(
     req: UploadRequest,
     core: mpsc::UnboundedSender<Command>,
     store: &ArtifactStore,
+    limits: &PeerLimits,
 ) -> Result<(), String> {
     let present = match store.check(&req) {
         Ok(()) => store.check_present(&req).await,
@@ -1659,6 +1914,9 @@ async fn serve_upload(
     }
     w.send(&UploadReply::Send).await.map_err(|e| e.to_string())?;
     let (recv, buffered) = r.into_parts();
+    // An uploader that sends nothing for the idle timeout, or is not done by the total one, is
+    // cut (the store then refuses the upload and removes what it received).
+    let recv = Idle::with_total(recv, limits.stream_idle_timeout, limits.stream_total_timeout);
     let body = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(buffered.freeze()), recv);
     let reply = match store.store(&req, body).await {
         Ok(artifact) => {
@@ -1681,6 +1939,7 @@ async fn serve_fetch(
     w: FrameWriter<SendStream>,
     digest: &Digest,
     store: &ArtifactStore,
+    limits: &PeerLimits,
 ) -> Result<(), String> {
     let (file, size) = match store.open_read(digest).await {
         Ok(Some(x)) => x,
@@ -1695,9 +1954,17 @@ async fn serve_fetch(
     };
     let mut w = w;
     w.send(&FetchReply::Sending { size }).await.map_err(|e| e.to_string())?;
-    let mut send = w.into_inner();
+    // A fetcher that takes nothing for the idle timeout, or is not done by the total one, is cut.
+    let mut send = Idle::with_total(w.into_inner(), limits.stream_idle_timeout, limits.stream_total_timeout);
     let mut file = tokio::io::AsyncReadExt::take(file, size);
-    let sent = tokio::io::copy(&mut file, &mut send).await.map_err(|e| e.to_string())?;
+    let sent = match tokio::io::copy(&mut file, &mut send).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = send.get_mut().reset(app_code(ErrorCode::Unexpected));
+            return Err(format!("artifact {digest}: {e}"));
+        }
+    };
+    let mut send = send.into_inner();
     if sent != size {
         // The agent checks size and digest anyway; a reset makes the failure plain.
         let _ = send.reset(0u32.into());
@@ -1716,20 +1983,22 @@ async fn relay_output(
     req: OutputRequest,
     who: Requester,
     core: mpsc::UnboundedSender<Command>,
+    limits: &PeerLimits,
 ) -> Result<(), String> {
     let task_id = req.task_id.clone();
+    // Following output lasts as long as the task: only reads to the end now are bounded.
+    let total = (!req.follow).then_some(limits.stream_total_timeout);
     let forward = |fw| StreamRequest::Output(OutputRequest { framework_id: Some(fw), ..req });
-    relay_to_agent(w, r, task_id, who, core, forward, OutputReply::Error, |r: &OutputReply| {
-        matches!(r, OutputReply::Streaming)
-    })
-    .await
+    let streams = |r: &OutputReply| matches!(r, OutputReply::Streaming);
+    relay_to_agent(w, r, task_id, who, core, forward, OutputReply::Error, streams, limits, total).await
 }
 
 /// Relays one bulk request about a task to its agent: finds the task (`who` must be allowed to
 /// see it), sends the request `forward` makes (the task's framework id filled in) on a new
 /// stream to the agent, and passes the agent's reply frame back, then — when `streams` says the
 /// reply announces bytes — the bytes after it. A relay the agent breaks resets the client's
-/// stream (never a clean finish a client could take for the end of the data).
+/// stream (never a clean finish a client could take for the end of the data). A client that
+/// takes no bytes for the idle timeout is cut, and so is a relay still going after `total`.
 #[allow(clippy::too_many_arguments)]
 async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
     mut w: FrameWriter<SendStream>,
@@ -1740,6 +2009,8 @@ async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
     forward: impl FnOnce(FrameworkId) -> StreamRequest,
     error: fn(WireError) -> Rep,
     streams: fn(&Rep) -> bool,
+    limits: &PeerLimits,
+    total: Option<Duration>,
 ) -> Result<(), String> {
     // The client sends nothing after its request; its side stays open as long as the relay.
     let _client_recv = r;
@@ -1762,19 +2033,28 @@ async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
         reply.unwrap_or_else(|| error(WireError::new(ErrorCode::Internal, "agent closed the stream")));
     let streaming = streams(&reply);
     w.send(&reply).await.map_err(|e| e.to_string())?;
-    let mut client = w.into_inner();
+    let idle = limits.stream_idle_timeout;
+    let mut client = match total {
+        Some(total) => Idle::with_total(w.into_inner(), idle, total),
+        None => Idle::new(w.into_inner(), idle),
+    };
     if streaming {
-        let (mut agent_recv, buffered) = ar.into_parts();
-        client.write_all(&buffered).await.map_err(|e| e.to_string())?;
+        let (agent_recv, buffered) = ar.into_parts();
+        // Without follow the agent's side is bounded too: an agent that stalls ends the relay.
+        let mut agent_recv = match total {
+            Some(total) => Idle::with_total(agent_recv, idle, total),
+            None => Idle::new(agent_recv, Duration::MAX),
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut client, &buffered).await.map_err(|e| e.to_string())?;
         // A client that goes away makes the write fail; then stop the agent's side too.
         if let Err(e) = tokio::io::copy(&mut agent_recv, &mut client).await {
-            let _ = agent_recv.stop(0u32.into());
+            let _ = agent_recv.get_mut().stop(0u32.into());
             // Reset, not finish: a client must not take a broken relay (the agent gone) for
             // the end of the output; it resumes from its offset instead.
-            let _ = client.reset(app_code(ErrorCode::Internal));
+            let _ = client.get_mut().reset(app_code(ErrorCode::Internal));
             return Err(e.to_string());
         }
     }
-    let _ = client.finish();
+    let _ = client.into_inner().finish();
     Ok(())
 }

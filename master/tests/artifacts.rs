@@ -64,6 +64,7 @@ impl Fixture {
                 work_dir: self.dir.path().join("master"),
                 max_artifact_size,
                 eviction: agora_master::artifacts::EvictionConfig::default(),
+                limits: Default::default(),
             },
             shutdown.clone(),
         )

@@ -51,6 +51,7 @@ impl Fixture {
                 work_dir: self.dir.path().join("master"),
                 max_artifact_size: 1 << 20,
                 eviction: agora_master::artifacts::EvictionConfig::default(),
+                limits: Default::default(),
             },
             shutdown.clone(),
         )

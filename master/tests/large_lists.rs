@@ -60,6 +60,7 @@ fn start_master() -> (tempfile::TempDir, String, CancellationToken) {
             work_dir: dir.path().join("master"),
             max_artifact_size: agora_master::artifacts::DEFAULT_MAX_ARTIFACT_SIZE,
             eviction: agora_master::artifacts::EvictionConfig::default(),
+            limits: Default::default(),
         },
         shutdown.clone(),
     )

@@ -187,6 +187,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         &mut self.io
     }
 
+    pub fn get_ref(&self) -> &W {
+        &self.io
+    }
+
     /// The stream; frames fed but not flushed are dropped.
     pub fn into_inner(self) -> W {
         self.io

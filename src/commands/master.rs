@@ -54,6 +54,8 @@ pub struct MasterCommand {
     #[arg(long, default_value = "60s", value_parser = parse_kill_grace)]
     max_kill_grace: Duration,
     #[command(flatten)]
+    peer_limits: PeerLimitArgs,
+    #[command(flatten)]
     allocation: AllocationArgs,
     /// Heartbeat interval told to agents; an agent gives a silent master up after three.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -275,6 +277,7 @@ impl MasterCommand {
                 grace: self.artifact_grace,
                 interval: self.artifact_evict_interval,
             },
+            limits: self.peer_limits.limits(),
         };
         let handle = match self.etcd {
             None => server::spawn(config, shutdown.clone())?,
@@ -342,5 +345,51 @@ mod kill_grace_tests {
         assert_eq!(parse_kill_grace("2s"), Ok(Duration::from_secs(2)));
         let e = parse_kill_grace("3000000000s").unwrap_err();
         assert!(e.contains("at most 60s"), "{e}");
+    }
+}
+
+/// Bounds on what one peer may hold of the master (see `agora_master::limits`).
+#[derive(Args)]
+pub struct PeerLimitArgs {
+    /// Bytes queued for a framework or operator connection that it has not read; a peer that
+    /// lets more pile up (it does not read its stream) is disconnected, not buffered.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    max_outbox: u64,
+    /// The same for agents (launch bursts go to agents in batches: keep it large).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    max_agent_outbox: u64,
+    /// Connections open at once per framework or operator principal (agents are not counted);
+    /// more are refused with an error naming the limit.
+    #[arg(long, default_value_t = agora_master::limits::DEFAULT_CONNECTIONS_PER_PRINCIPAL)]
+    max_connections_per_principal: usize,
+    /// Bulk streams (uploads, task output, sandbox files) open at once per framework or
+    /// operator principal, over all its connections; more are refused.
+    #[arg(long, default_value_t = agora_master::limits::DEFAULT_STREAMS_PER_PRINCIPAL)]
+    max_streams_per_principal: usize,
+    /// A bulk stream (upload, fetch, output, files) whose peer sends or takes no byte for this
+    /// long is cut.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    stream_idle_timeout: Duration,
+    /// An upload, an artifact fetch or a read of output or files that does not follow is cut
+    /// after this long.
+    #[arg(long, default_value = "10min", value_parser = parse_duration)]
+    stream_total_timeout: Duration,
+    /// Validations of new Wasm modules run at once (each holds its module in memory); more
+    /// uploads wait their turn.
+    #[arg(long, default_value_t = agora_master::artifacts::DEFAULT_MAX_VALIDATIONS)]
+    max_validations: usize,
+}
+
+impl PeerLimitArgs {
+    fn limits(&self) -> agora_master::limits::PeerLimits {
+        agora_master::limits::PeerLimits {
+            outbox_bytes: usize::try_from(self.max_outbox).unwrap_or(usize::MAX),
+            agent_outbox_bytes: usize::try_from(self.max_agent_outbox).unwrap_or(usize::MAX),
+            connections_per_principal: self.max_connections_per_principal,
+            streams_per_principal: self.max_streams_per_principal,
+            stream_idle_timeout: self.stream_idle_timeout,
+            stream_total_timeout: self.stream_total_timeout,
+            validations: self.max_validations,
+        }
     }
 }
