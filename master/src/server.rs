@@ -34,6 +34,7 @@ use crate::registry::{
     RegistryError, RegistryOp, REGISTRY_FILE,
 };
 use crate::replication;
+use crate::revocation::Revocations;
 
 /// How long a new connection may take to open its control stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -297,6 +298,7 @@ pub fn spawn_with_registry(
     // Checked before anything is opened: a bad allocator name leaves no file behind.
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
+    let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
     let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
     let store = Arc::new(ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
     // One term for the life of the process: a registry that fails stops the whole master.
@@ -305,7 +307,7 @@ pub fn spawn_with_registry(
     info!(%addr, %master_id, allocator = %config.allocator, "master listening");
     let fatal = term.fatal.clone();
     let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, shutdown).in_current_span());
+    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, revoked, shutdown).in_current_span());
     Ok(MasterHandle { addr, master_id, serving, fatal })
 }
 
@@ -320,6 +322,7 @@ pub async fn spawn_ha(
 ) -> Result<MasterHandle, ServerError> {
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
+    let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
     let mut ha_cfg = ha_cfg;
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
@@ -335,7 +338,7 @@ pub async fn spawn_ha(
     let (serving_tx, serving) = watch::channel(Serving::Standby { leader: None });
     let standby = Arc::new(StandbyReads { members: election.members(), me: master_id.clone() });
     tokio::spawn(
-        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), shutdown.clone())
+        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), revoked, shutdown.clone())
             .in_current_span(),
     );
     // A standby copies the leader's artifacts into its own store.
@@ -744,12 +747,14 @@ fn apply(
 }
 
 /// Accepts connections until `shutdown`; `standby` (with `--etcd`) is what this master reads
-/// for peers while it stands by.
+/// for peers while it stands by. Peers whose certificate is in `revoked` are refused, leader
+/// or standby alike.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
     standby: Option<Arc<StandbyReads>>,
+    revoked: Arc<Revocations>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -763,6 +768,7 @@ async fn accept_loop(
         let store = store.clone();
         let standby = standby.clone();
         let shutdown = shutdown.clone();
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -773,6 +779,10 @@ async fn accept_loop(
                     return;
                 }
             };
+            if let Some(why) = revoked.refusal(&conn) {
+                info!(%remote, reason = %why, "connection refused");
+                return refuse_hello(conn, WireError::new(ErrorCode::Unauthorized, why)).await;
+            }
             // What this master is when the peer says hello decides how it is served.
             let now = serving.borrow().clone();
             match now {
@@ -1042,6 +1052,24 @@ fn frame_error(e: &FrameError) -> WireError {
         }
         FrameError::Io(err) => WireError::new(ErrorCode::Internal, format!("stream error: {err}")),
     }
+}
+
+/// Answers a peer's `Hello` with `Refused(err)` (the reason its client shows) and closes the
+/// connection with it.
+async fn refuse_hello(conn: quinn::Connection, err: WireError) {
+    let answer = async {
+        let (send, recv) = conn.accept_bi().await.ok()?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        let _ = reader.recv::<Hello>().await;
+        let _ = writer.send(&HelloReply::Refused(err.clone())).await;
+        let mut s = writer.into_inner();
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+        Some(())
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await;
+    conn.close(app_code(err.code), err.message.as_bytes());
 }
 
 async fn handshake(
