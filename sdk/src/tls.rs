@@ -31,6 +31,9 @@ pub const MAX_DAYS: u32 = 36_500;
 /// The revocation list `agora tls revoke` appends to, beside `ca.pem`; the master reads the one
 /// in its own TLS directory.
 pub const REVOKED_FILE: &str = "revoked.txt";
+/// The operator's bearer token for the master's HTTP endpoint (`agora master
+/// --http-token-file`), written 0600 by `agora tls init` beside the certificates.
+pub const HTTP_TOKEN_FILE: &str = "http-token";
 /// Certificate names `agora tls issue` refuses: the files `agora tls init` writes (`ca.pem`,
 /// `ca-key.pem`, `master.pem`, …) and the principals they stand for.
 pub const RESERVED_NAMES: &[&str] = &["ca", "ca-key", "master", "agent", "framework", "operator"];
@@ -268,6 +271,7 @@ pub fn init_with(
     if force {
         remove(&ca_path)?;
         remove(&dir.join("ca-key.pem"))?;
+        remove(&dir.join(HTTP_TOKEN_FILE))?;
         for (_, _, stem) in INIT_PEERS {
             let files = TlsFiles::in_dir(dir, stem);
             remove(&files.cert)?;
@@ -292,7 +296,15 @@ pub fn init_with(
         let principal = principal.unwrap_or(framework_principal);
         files.extend(issue_with(&issuer, dir, role, principal, stem, lifetimes.leaf_days)?);
     }
+    let token_path = dir.join(HTTP_TOKEN_FILE);
+    write(&token_path, &format!("{}\n", new_token()), true)?;
+    files.push(token_path);
     Ok(InitReport { dir: dir.to_path_buf(), files })
+}
+
+/// 256 bits from the system's random source (two v4 UUIDs carry 244 random bits), as hex.
+fn new_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 fn issue_with(
@@ -503,7 +515,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), "fw", false).unwrap();
         issue(dir.path(), Role::Agent, "node1", "node1").unwrap();
-        for key in ["ca-key.pem", "master-key.pem", "operator-key.pem", "node1-key.pem"] {
+        for key in ["ca-key.pem", "master-key.pem", "operator-key.pem", "node1-key.pem", HTTP_TOKEN_FILE] {
             let mode = fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{key}");
         }
