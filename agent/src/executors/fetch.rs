@@ -210,3 +210,7 @@ pub(super) fn relative_path(p: &str) -> Result<PathBuf, String> {
     }
     Ok(path.to_path_buf())
 }
+
+#[cfg(test)]
+#[path = "fetch_fuzz.rs"]
+mod fuzz;
