@@ -61,7 +61,7 @@ async fn a_revoked_framework_certificate_is_refused_by_a_running_master() {
     }
     let rogue = TlsFiles::in_dir(&c.tls, "rogue");
     let honest = TlsFiles::in_dir(&c.tls, "honest");
-    Session::connect(&c.addr, &rogue, Role::Framework).await.expect("rogue before its revocation");
+    let open = Session::connect(&c.addr, &rogue, Role::Framework).await.expect("rogue before its revocation");
 
     // Revoked after the master started: the master sees the new list on the next connection.
     let out = agora(&["revoke", "rogue"], &c.tls);
@@ -75,6 +75,11 @@ async fn a_revoked_framework_certificate_is_refused_by_a_running_master() {
         Err(e) => panic!("refused for the wrong reason: {e}"),
         Ok(_) => panic!("a revoked certificate was welcomed"),
     }
+    // The connection rogue opened before is cut too (the master's watcher sees the new list).
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(20), open.conn.closed())
+        .await
+        .expect("rogue's open connection closed");
+    assert!(reason.to_string().contains("revoked"), "{reason}");
     Session::connect(&c.addr, &honest, Role::Framework).await.expect("another framework still connects");
     // Revoking twice says so and changes nothing.
     let out = agora(&["revoke", "rogue"], &c.tls);

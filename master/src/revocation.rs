@@ -1,16 +1,23 @@
 //! The certificates this master refuses: the `revoked.txt` of its TLS directory (beside
 //! `ca.pem`), which `agora tls revoke` writes. Read at start (a malformed list stops the
-//! master) and read again whenever the file changes: a copy of a new list takes effect on the
-//! next connection, without a restart. A list that turns malformed while the master runs is
-//! ignored (the previous one stays in force) with a warning.
+//! master) and read again whenever the file changes, without a restart: seen at the next
+//! connection, and by a watcher every [`WATCH_INTERVAL`], which also closes the connections
+//! already open with a newly revoked certificate. A list that turns malformed while the
+//! master runs is ignored (the previous one stays in force) with a warning.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use agora_sdk::proto::ErrorCode;
 use agora_sdk::tls::{self, TlsError, TlsFiles, REVOKED_FILE};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// How often the watcher looks at the file (one `stat`).
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What identifies one version of the file: modification time and length.
 type Stamp = Option<(SystemTime, u64)>;
@@ -20,6 +27,8 @@ type Stamp = Option<(SystemTime, u64)>;
 pub struct Revocations {
     path: PathBuf,
     state: Mutex<(Stamp, HashMap<String, String>)>,
+    /// Bumped at every reload that changed the list.
+    generation: watch::Sender<u64>,
 }
 
 fn stamp(path: &Path) -> Stamp {
@@ -41,7 +50,8 @@ impl Revocations {
         if !serials.is_empty() {
             info!(path = %path.display(), revoked = serials.len(), "revocation list loaded");
         }
-        Ok(Revocations { path: path.to_path_buf(), state: Mutex::new((before, serials)) })
+        let (generation, _) = watch::channel(0);
+        Ok(Revocations { path: path.to_path_buf(), state: Mutex::new((before, serials)), generation })
     }
 
     /// How many serials are revoked now.
@@ -66,6 +76,7 @@ impl Revocations {
             Ok(serials) => {
                 info!(path = %self.path.display(), revoked = serials.len(), "revocation list reloaded");
                 *state = (now, serials);
+                self.generation.send_modify(|g| *g += 1);
             }
             Err(e) => {
                 // Keep what was in force; try again when the file changes once more.
@@ -81,6 +92,40 @@ impl Revocations {
         let serial = tls::serial_of(der).ok()?;
         let state = self.state.lock().ok()?;
         state.1.get(&serial).map(|note| (serial, note.clone()))
+    }
+
+    /// Rereads the file every [`WATCH_INTERVAL`] until `shutdown`, so that [`Self::guard`]s
+    /// learn of new revocations even when nobody connects.
+    pub async fn watch(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.reload_if_changed(),
+            }
+        }
+    }
+
+    /// Closes `conn` once its certificate is revoked (checked at every change of the list);
+    /// returns when the connection closes.
+    pub async fn guard(self: std::sync::Arc<Self>, conn: quinn::Connection) {
+        let mut changes = self.generation.subscribe();
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if let Some(why) = self.refusal(&conn) {
+                        info!(remote = %conn.remote_address(), reason = %why, "connection closed");
+                        conn.close(quinn::VarInt::from_u32(ErrorCode::Unauthorized.close_code()), why.as_bytes());
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// If the client certificate of `conn` is revoked, the reason to refuse it.

@@ -299,6 +299,7 @@ pub fn spawn_with_registry(
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
     let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
+    tokio::spawn(revoked.clone().watch(shutdown.clone()));
     let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
     let store = Arc::new(ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?);
     // One term for the life of the process: a registry that fails stops the whole master.
@@ -323,6 +324,7 @@ pub async fn spawn_ha(
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
     let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
+    tokio::spawn(revoked.clone().watch(shutdown.clone()));
     let mut ha_cfg = ha_cfg;
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
@@ -783,6 +785,8 @@ async fn accept_loop(
                 info!(%remote, reason = %why, "connection refused");
                 return refuse_hello(conn, WireError::new(ErrorCode::Unauthorized, why)).await;
             }
+            // Cut when its certificate is revoked later.
+            tokio::spawn(revoked.clone().guard(conn.clone()));
             // What this master is when the peer says hello decides how it is served.
             let now = serving.borrow().clone();
             match now {
