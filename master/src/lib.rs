@@ -15,6 +15,7 @@ pub mod metrics;
 mod quick;
 pub mod registry;
 pub mod replication;
+pub mod revocation;
 pub mod server;
 mod state;
 #[cfg(any(test, feature = "testing"))]

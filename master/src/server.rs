@@ -41,6 +41,7 @@ use crate::registry::{
     RegistryError, RegistryOp, REGISTRY_FILE,
 };
 use crate::replication;
+use crate::revocation::Revocations;
 
 /// Messages of one framework connection that may wait in the core's queue at once (and be
 /// handled in one step of the core): the connection's reader waits (and QUIC's flow control
@@ -392,6 +393,8 @@ pub fn spawn_with_registry(
     // Checked before anything is opened: a bad allocator name leaves no file behind.
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
+    let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
+    tokio::spawn(revoked.clone().watch(shutdown.clone()));
     let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
     let store = Arc::new(
         ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?
@@ -404,7 +407,9 @@ pub fn spawn_with_registry(
     let fatal = term.fatal.clone();
     let (_serving_tx, serving) = watch::channel(Serving::Leader(Arc::new(term)));
     let admission = Admission::new(config.limits.clone());
-    tokio::spawn(accept_loop(endpoint, serving.clone(), store, None, admission, shutdown).in_current_span());
+    tokio::spawn(
+        accept_loop(endpoint, serving.clone(), store, None, admission, revoked, shutdown).in_current_span(),
+    );
     Ok(MasterHandle { addr, master_id, serving, fatal })
 }
 
@@ -419,6 +424,8 @@ pub async fn spawn_ha(
 ) -> Result<MasterHandle, ServerError> {
     registry.create(&config.allocator, &config.core.allocation)?;
     let (endpoint, addr) = bind(&config)?;
+    let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
+    tokio::spawn(revoked.clone().watch(shutdown.clone()));
     let mut ha_cfg = ha_cfg;
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
@@ -437,8 +444,16 @@ pub async fn spawn_ha(
     let standby = Arc::new(StandbyReads { members: election.members(), me: master_id.clone() });
     let admission = Admission::new(config.limits.clone());
     tokio::spawn(
-        accept_loop(endpoint, serving.clone(), store.clone(), Some(standby), admission, shutdown.clone())
-            .in_current_span(),
+        accept_loop(
+            endpoint,
+            serving.clone(),
+            store.clone(),
+            Some(standby),
+            admission,
+            revoked,
+            shutdown.clone(),
+        )
+        .in_current_span(),
     );
     // A standby copies the leader's artifacts into its own store.
     let (leader_tx, leader_rx) = watch::channel(None);
@@ -969,13 +984,15 @@ fn apply(
 }
 
 /// Accepts connections until `shutdown`; `standby` (with `--etcd`) is what this master reads
-/// for peers while it stands by.
+/// for peers while it stands by. Peers whose certificate is in `revoked` are refused, leader
+/// or standby alike.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     serving: watch::Receiver<Serving>,
     store: Arc<ArtifactStore>,
     standby: Option<Arc<StandbyReads>>,
     admission: Arc<Admission>,
+    revoked: Arc<Revocations>,
     shutdown: CancellationToken,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
@@ -990,6 +1007,7 @@ async fn accept_loop(
         let standby = standby.clone();
         let shutdown = shutdown.clone();
         let admission = admission.clone();
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -1000,6 +1018,12 @@ async fn accept_loop(
                     return;
                 }
             };
+            if let Some(why) = revoked.refusal(&conn) {
+                info!(%remote, reason = %why, "connection refused");
+                return refuse_hello(conn, WireError::new(ErrorCode::Unauthorized, why)).await;
+            }
+            // Cut when its certificate is revoked later.
+            tokio::spawn(revoked.clone().guard(conn.clone()));
             // What this master is when the peer says hello decides how it is served.
             let now = serving.borrow().clone();
             match now {
@@ -1274,6 +1298,24 @@ fn frame_error(e: &FrameError) -> WireError {
         }
         FrameError::Io(err) => WireError::new(ErrorCode::Internal, format!("stream error: {err}")),
     }
+}
+
+/// Answers a peer's `Hello` with `Refused(err)` (the reason its client shows) and closes the
+/// connection with it.
+async fn refuse_hello(conn: quinn::Connection, err: WireError) {
+    let answer = async {
+        let (send, recv) = conn.accept_bi().await.ok()?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        let _ = reader.recv::<Hello>().await;
+        let _ = writer.send(&HelloReply::Refused(err.clone())).await;
+        let mut s = writer.into_inner();
+        let _ = s.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
+        Some(())
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await;
+    conn.close(app_code(err.code), err.message.as_bytes());
 }
 
 /// A connection's hello and the master's answer: `Welcome` if the certificate's role matches,

@@ -84,10 +84,19 @@ pub fn client_endpoint(files: &TlsFiles, peer: SocketAddr) -> Result<quinn::Endp
 
 /// The verified identity of the peer of a connection (server side).
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, TlsError> {
+    identity_of(&peer_certificate(conn)?)
+}
+
+/// The verified certificate of the peer of a connection (server side), DER.
+pub fn peer_certificate(
+    conn: &quinn::Connection,
+) -> Result<rustls_pki_types::CertificateDer<'static>, TlsError> {
     let any = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
-    let certs = any
+    let mut certs = any
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .map_err(|_| TlsError::NoPeerCertificate)?;
-    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
-    identity_of(leaf)
+    if certs.is_empty() {
+        return Err(TlsError::NoPeerCertificate);
+    }
+    Ok(certs.swap_remove(0))
 }

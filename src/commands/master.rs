@@ -25,10 +25,14 @@ pub struct MasterCommand {
     /// Directory made by `agora tls init` (ca.pem, master.pem, master-key.pem).
     #[arg(long)]
     tls_dir: PathBuf,
-    /// Read-only HTTP endpoint: the web UI at /, /api/v1/state, /metrics (Prometheus), /health
-    /// (no authentication yet: keep it on loopback or behind a proxy).
+    /// Read-only HTTP endpoint: the web UI at /, /api/v1/state, /metrics (Prometheus), /health.
+    /// All but /health need the token of --http-token-file; without one it must be loopback.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// The operator's HTTP token (the `http-token` file `agora tls init` writes; mode 0600):
+    /// sent as `Authorization: Bearer TOKEN`, or typed once into the web UI's sign-in form.
+    #[arg(long, requires = "http")]
+    http_token_file: Option<PathBuf>,
     /// The master's directory: its registry (`registry.redb`: frameworks, agents, the
     /// artifact index and an operator's allocation policy, so that a restarted master takes
     /// its cluster back) and the artifact store. Default: a fresh temporary directory, removed at exit, so nothing survives a
@@ -248,6 +252,14 @@ impl MasterCommand {
             framework: self.framework.clone(),
         })?;
         core.max_kill_grace = self.max_kill_grace;
+        // Checked before anything starts: a master that would serve its cluster to the network.
+        let http_auth = match self.http {
+            Some(addr) => {
+                let token = self.http_token_file.as_deref().map(agora_master::http::auth::read_token_file);
+                Some(agora_master::http::auth::HttpAuth::for_addr(addr, token.transpose()?.as_deref())?)
+            }
+            None => None,
+        };
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
@@ -302,9 +314,10 @@ impl MasterCommand {
         // On stdout, as `agora dev` prints its own: stderr carries only the diagnostics, in the
         // format --log-format asks for (a plain line there breaks every JSON log reader).
         println!("agora master listening on {} (QUIC, mutual TLS)", handle.addr);
-        if let Some(addr) = self.http {
+        if let (Some(addr), Some(auth)) = (self.http, http_auth) {
+            let flags = super::flags();
             let bound =
-                agora_master::http::spawn_with_flags(addr, handle.clone(), super::flags(), shutdown.clone())
+                agora_master::http::spawn_with_auth(addr, handle.clone(), flags, auth, shutdown.clone())
                     .await?;
             println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics; web UI: http://{bound}/");
         }

@@ -325,3 +325,7 @@ mod tests {
         assert!(unpack(&ar, &dir.path().join("free"), None).is_ok());
     }
 }
+
+#[cfg(test)]
+#[path = "fetch_fuzz.rs"]
+mod fuzz;

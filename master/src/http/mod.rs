@@ -6,8 +6,11 @@
 //! current by a small embedded script polling `/ui/api/...`. It reads the core through the
 //! same [`MasterHandle`] queries as the CLI.
 //!
-//! There is no authentication yet: serve it on loopback or behind a proxy that has some.
+//! `/health` is open; everything else needs the operator's token unless the endpoint listens
+//! on loopback without one (see [`auth`]). Nothing secret is served: task views carry no
+//! command line, arguments or environment.
 
+pub mod auth;
 mod history;
 mod logs;
 mod ui;
@@ -19,7 +22,7 @@ use agora_sdk::proto::{FrameworkId, OutputStream, TaskId, TaskView};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use maud::Markup;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -57,7 +60,7 @@ struct AppState {
 }
 
 /// Binds `addr` and serves until `shutdown`; returns the bound address. `/api/v1/state` shows
-/// no flags: see [`spawn_with_flags`].
+/// no flags: see [`spawn_with_flags`]. No token: `addr` must be loopback (see [`spawn_with_auth`]).
 pub async fn spawn(
     addr: SocketAddr,
     master: MasterHandle,
@@ -72,6 +75,19 @@ pub async fn spawn_with_flags(
     addr: SocketAddr,
     master: MasterHandle,
     flags: serde_json::Map<String, serde_json::Value>,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, std::io::Error> {
+    let auth = auth::HttpAuth::for_addr(addr, None).map_err(std::io::Error::other)?;
+    spawn_with_auth(addr, master, flags, auth, shutdown).await
+}
+
+/// [`spawn_with_flags`] with an access rule: build it with [`auth::HttpAuth::for_addr`], which
+/// refuses a non-loopback address without a token.
+pub async fn spawn_with_auth(
+    addr: SocketAddr,
+    master: MasterHandle,
+    flags: serde_json::Map<String, serde_json::Value>,
+    auth: auth::HttpAuth,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, std::io::Error> {
     // Named here: the caller's error carries no address, and the QUIC one's does.
@@ -98,8 +114,17 @@ pub async fn spawn_with_flags(
         )
         .route("/ui/api/overview", get(overview_api))
         .route("/ui/api/tasks/{id}", get(task_api))
-        .with_state(AppState { master, metrics: prometheus(), history, flags: Arc::new(flags) });
-    info!(addr = %local, "HTTP endpoint listening (web UI at /, /api/v1/state, /metrics)");
+        .with_state(AppState { master, metrics: prometheus(), history, flags: Arc::new(flags) })
+        .route(
+            "/login",
+            post({
+                let auth = auth.clone();
+                move |headers, body| auth::login(auth.clone(), headers, body)
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(auth.clone(), auth::require));
+    let access = if auth.required() { "operator token required" } else { "open: loopback" };
+    info!(addr = %local, access, "HTTP endpoint listening (web UI at /, /api/v1/state, /metrics)");
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         if let Err(e) = serve.await {
