@@ -293,6 +293,9 @@ impl Core {
         for status in self.updates.resend_all(now) {
             self.outbox.push(AgentMessage::StatusUpdate(status));
         }
+        for status in self.updates.latest_behind() {
+            self.outbox.push(AgentMessage::LatestState(status));
+        }
     }
 
     /// The connection is gone: updates wait for the next one.
@@ -701,8 +704,11 @@ impl Core {
         if self.checkpoint.is_some() {
             self.journal(Record::Update(Box::new(status.clone())));
         }
-        if let Some(head) = self.updates.push(key, status, now) {
-            self.send(AgentMessage::StatusUpdate(head));
+        match self.updates.push(key, status.clone(), now) {
+            Some(head) => self.send(AgentMessage::StatusUpdate(head)),
+            // Behind an update not yet acknowledged (its framework may be away for long): the
+            // master shows the newest state meanwhile.
+            None => self.send(AgentMessage::LatestState(status)),
         }
     }
 

@@ -155,6 +155,15 @@ impl UpdateManager {
         out
     }
 
+    /// The newest update of each stream that holds more than its head (sent on their own as
+    /// [`agora_sdk::proto::AgentMessage::LatestState`] after a fresh connection's heads).
+    pub fn latest_behind(&self) -> Vec<TaskStatus> {
+        let mut keys: Vec<&TaskKey> =
+            self.streams.iter().filter(|(_, s)| s.pending.len() > 1).map(|(k, _)| k).collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.streams.get(k).and_then(|s| s.pending.back().cloned())).collect()
+    }
+
     /// The earliest retry time, if anything is pending.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.schedule.first().map(|(t, _)| *t)

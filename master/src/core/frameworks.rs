@@ -286,6 +286,7 @@ impl Master {
         for key in &keys {
             if let Some(task) = self.tasks.get_mut(key) {
                 task.pending.clear();
+                task.ahead = None;
                 if !task.state.is_terminal() {
                     agents.insert(task.agent_id.clone());
                 }
