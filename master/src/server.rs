@@ -77,6 +77,7 @@ enum Query {
     Frameworks(oneshot::Sender<Vec<FrameworkView>>),
     CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
+    PendingTasks(oneshot::Sender<Vec<PendingTaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
     TaskHistory(TaskKey, oneshot::Sender<Option<Vec<TaskTransition>>>),
     Policy(oneshot::Sender<(AllocationPolicy, &'static str)>),
@@ -193,6 +194,12 @@ impl MasterHandle {
     pub async fn tasks(&self) -> Vec<TaskView> {
         let Some(core) = self.core() else { return Vec::new() };
         core.ask(Query::Tasks).await.unwrap_or_default()
+    }
+
+    /// The tasks that wait for resources, with why (none while a standby).
+    pub async fn pending_tasks(&self) -> Vec<PendingTaskView> {
+        let Some(core) = self.core() else { return Vec::new() };
+        core.ask(Query::PendingTasks).await.unwrap_or_default()
     }
 
     /// A task's last state changes, oldest first (`None`: unknown, or a standby).
@@ -704,6 +711,9 @@ fn apply(
             Query::Tasks(tx) => {
                 let _ = tx.send(core.tasks());
             }
+            Query::PendingTasks(tx) => {
+                let _ = tx.send(core.pending_tasks());
+            }
             Query::Kill(id, tx) => {
                 let _ = tx.send(core.kill_task(now, &id));
             }
@@ -928,6 +938,10 @@ async fn serve_stale(
                 Ok(list) => OperatorReply::Masters(list),
                 Err(e) => etcd_error(e),
             },
+            Ok(Some(OperatorCall::GetPendingTasks)) => OperatorReply::Error(stale_refusal(
+                "list pending tasks (only the leader knows the frameworks' demands)",
+                &leader,
+            )),
             Ok(Some(OperatorCall::GetTasks)) => OperatorReply::Error(stale_refusal(
                 "list tasks (they are not in the registry: agents report them to the leader)",
                 &leader,
@@ -1324,6 +1338,9 @@ async fn serve_operator(
             },
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetPendingTasks)) => {
+                OperatorReply::PendingTasks(core.ask(Query::PendingTasks).await.unwrap_or_default())
             }
             Ok(Some(OperatorCall::GetPolicy)) => match core.ask(Query::Policy).await {
                 Some((policy, source)) => OperatorReply::Policy { policy, source: source.to_string() },

@@ -67,7 +67,10 @@ impl Master {
                     self.allocator.suppress(&fw);
                 }
             }
-            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands),
+            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands, Vec::new()),
+            SchedulerCall::RequestTasks { demands, task_ids } => {
+                self.request(now, conn, &fw, demands, task_ids)
+            }
             SchedulerCall::Kill { task_id } => self.framework_kill(now, conn, &fw, task_id),
             SchedulerCall::Acknowledge { agent_id, task_id, uuid } => {
                 self.acknowledge(&fw, agent_id, task_id, uuid)
@@ -280,6 +283,7 @@ impl Master {
             self.take_offer(o);
         }
         self.allocator.remove_framework(id);
+        self.demands.remove(id);
         self.removed_frameworks.insert(id.clone());
         let keys = self.framework_task_keys(id);
         let mut agents: BTreeSet<AgentId> = BTreeSet::new();
@@ -308,7 +312,14 @@ impl Master {
         self.request_allocation(now);
     }
 
-    pub(super) fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
+    pub(super) fn request(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        fw: &FrameworkId,
+        mut demands: Vec<Demand>,
+        task_ids: Vec<Vec<TaskId>>,
+    ) {
         let bad = demands
             .iter()
             .position(|d| !d.resources.reserved.is_empty() || (d.count > 0 && d.resources.is_empty()));
@@ -327,6 +338,7 @@ impl Master {
         }
         debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");
         self.allocator.set_demand(fw, &demands);
+        self.state_pending(fw, &demands, task_ids);
         self.request_allocation(now);
     }
 

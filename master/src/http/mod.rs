@@ -121,6 +121,7 @@ async fn state(State(s): State<AppState>) -> impl IntoResponse {
         "agents": agents.iter().map(agora_sdk::json::agent_json).collect::<Vec<_>>(),
         "frameworks": frameworks.iter().map(agora_sdk::json::framework_json).collect::<Vec<_>>(),
         "tasks": tasks.iter().map(agora_sdk::json::task_json).collect::<Vec<_>>(),
+        "pending_tasks": s.master.pending_tasks().await.iter().map(agora_sdk::json::pending_task_json).collect::<Vec<_>>(),
     }))
 }
 
@@ -173,7 +174,8 @@ async fn frameworks(State(s): State<AppState>) -> Response {
 }
 
 async fn tasks(State(s): State<AppState>, Query(filter): Query<ui::TaskFilter>) -> Response {
-    html(ui::tasks(&s.master.tasks().await, &filter))
+    let (tasks, pending) = tokio::join!(s.master.tasks(), s.master.pending_tasks());
+    html(ui::tasks(&tasks, &pending, &filter))
 }
 
 /// `?framework=` of a task's page and API (tasks of several frameworks may share an id).

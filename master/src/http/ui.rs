@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use agora_sdk::proto::{AgentView, FrameworkView, TaskState, TaskTransition, TaskView, Usage};
+use agora_sdk::proto::{
+    AgentView, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage,
+};
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
 
@@ -275,8 +277,50 @@ impl TaskFilter {
     }
 }
 
-/// `/tasks`: the tasks that pass `filter`, [`PAGE`] a page, in the master's order.
-pub fn tasks(tasks: &[TaskView], filter: &TaskFilter) -> Markup {
+/// The tasks that wait for resources and why (the first [`PAGE`] that pass the filter's
+/// framework and name).
+fn pending_section(pending: &[PendingTaskView], filter: &TaskFilter) -> Markup {
+    let state = filter.state.trim().to_ascii_uppercase();
+    let wanted = state.is_empty() || state == "PENDING" || state == agora_sdk::json::PENDING_STATE;
+    let matching: Vec<&PendingTaskView> = pending
+        .iter()
+        .filter(|p| {
+            wanted
+                && filter.agent.is_empty()
+                && (filter.framework.is_empty() || p.framework_id.as_str() == filter.framework)
+                && (filter.name.is_empty()
+                    || p.framework_name.contains(&filter.name)
+                    || p.task_id.as_ref().is_some_and(|t| t.as_str().contains(&filter.name)))
+        })
+        .collect();
+    if matching.is_empty() {
+        return html! {};
+    }
+    html! {
+        section #pending {
+            h2 { "Waiting for resources (" (matching.iter().map(|p| u64::from(p.count)).sum::<u64>()) ")" }
+            table {
+                thead { tr { th { "Id" } th { "State" } th { "Why" } th { "Resources" } th { "Framework" } } }
+                tbody {
+                    @for p in matching.iter().take(PAGE) {
+                        tr {
+                            td.mono { @match &p.task_id { Some(id) => (id), None => { (p.count) " tasks" } } }
+                            td { span.badge.pending { (agora_sdk::json::PENDING_STATE) } }
+                            td { (p.reason) }
+                            td.mono { (p.resources) }
+                            td { a href=(format!("/tasks?framework={}", enc(p.framework_id.as_str()))) { (p.framework_name) } }
+                        }
+                    }
+                }
+            }
+            @if matching.len() > PAGE { p.muted { "The first " (PAGE) " of " (matching.len()) "." } }
+        }
+    }
+}
+
+/// `/tasks`: the tasks that pass `filter`, [`PAGE`] a page, in the master's order, after those
+/// that wait for resources.
+pub fn tasks(tasks: &[TaskView], pending: &[PendingTaskView], filter: &TaskFilter) -> Markup {
     let matching: Vec<&TaskView> = tasks.iter().filter(|t| filter.matches(t)).collect();
     let pages = matching.len().div_ceil(PAGE).max(1);
     let page_no = filter.page.unwrap_or(1).clamp(1, pages);
@@ -297,6 +341,7 @@ pub fn tasks(tasks: &[TaskView], filter: &TaskFilter) -> Markup {
                 button type="submit" { "Filter" }
                 a href="/tasks" { "clear" }
             }
+            (pending_section(pending, filter))
             p.muted { (matching.len()) " of " (tasks.len()) " tasks; page " (page_no) " of " (pages) }
             table {
                 thead { tr { th { "Name" } th { "Id" } th { "State" } th { "Reason" } th.num { "Exit" } th { "Resources" } th { "Framework" } th { "Agent" } } }
