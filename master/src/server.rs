@@ -227,7 +227,54 @@ pub struct TaskOutput {
     _send: SendStream,
 }
 
+/// A task's sandbox as the agent answers an operator's [`FilesRequest`]
+/// ([`MasterHandle::task_files`]).
+pub struct TaskFiles {
+    /// The framework the task belongs to.
+    pub framework_id: FrameworkId,
+    /// A listing, or `Sending { size }` with the file's bytes in `buffered` then `recv`.
+    pub reply: FilesReply,
+    /// Bytes the agent sent along with its reply; they come before `recv`'s.
+    pub buffered: bytes::BytesMut,
+    pub recv: RecvStream,
+    /// Our side of the stream: dropping it early would end the request.
+    pub send: SendStream,
+}
+
 impl MasterHandle {
+    /// Lists directory `path` of a task's sandbox, or (`read`) opens file `path`, on its agent,
+    /// as an operator (`agora files`; the first task with this id when several frameworks
+    /// reuse it). The agent's refusal (no such file, a path outside the sandbox) is the error.
+    pub async fn task_files(&self, task_id: &TaskId, path: &str, read: bool) -> Result<TaskFiles, WireError> {
+        let stopping = || WireError::new(ErrorCode::Internal, "master stopping");
+        let core =
+            self.core().ok_or_else(|| WireError::new(ErrorCode::Unexpected, "this master is a standby"))?;
+        let (loc, agent) = core
+            .ask(|tx| Query::Locate(Requester::Operator, task_id.clone(), tx))
+            .await
+            .ok_or_else(stopping)??;
+        let io =
+            |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, format!("agent stream: {e}"));
+        let (send, recv) = agent.open_bi().await.map_err(|e| io(&e))?;
+        let mut w = FrameWriter::new(send);
+        let req = FilesRequest {
+            task_id: task_id.clone(),
+            framework_id: Some(loc.framework_id.clone()),
+            path: path.to_string(),
+            read,
+        };
+        w.send(&StreamRequest::Files(req)).await.map_err(|e| io(&e))?;
+        let mut r = FrameReader::new(recv);
+        match r.recv::<FilesReply>().await.map_err(|e| io(&e))? {
+            Some(FilesReply::Error(e)) => Err(e),
+            Some(reply) => {
+                let (recv, buffered) = r.into_parts();
+                Ok(TaskFiles { framework_id: loc.framework_id, reply, buffered, recv, send: w.into_inner() })
+            }
+            None => Err(WireError::new(ErrorCode::Internal, "agent closed the stream")),
+        }
+    }
+
     /// Opens a task's `stdout` or `stderr` from `offset` on its agent, as an operator reads it
     /// (`agora logs`; the first task with this id when several frameworks reuse it).
     pub async fn task_output(
