@@ -892,14 +892,17 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
         h.core.task_event(t.0, t.1, Instant::now());
         assert!(statuses(&mut h.core).is_empty(), "FINISHED must wait for RUNNING's ack");
-        // Re-registration reports the task with its latest state.
+        // Re-registration reports the task with its latest state, resends the head of its
+        // updates, and tells the master the newest one behind it.
         h.core.connected(Instant::now());
         let out = h.core.take_outbox();
         match out.as_slice() {
-            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s), AgentMessage::LatestState(l)] =>
+            {
                 assert_eq!(tasks.len(), 1);
                 assert_eq!(tasks[0].state, TaskState::Failed);
                 assert_eq!(s.uuid, running[0].uuid);
+                assert_eq!(l.state, TaskState::Failed);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -997,9 +1000,11 @@ mod tests {
         h2.core.connected(Instant::now());
         let out = h2.core.take_outbox();
         match out.as_slice() {
-            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s), AgentMessage::LatestState(l)] =>
+            {
                 assert_eq!((tasks.len(), tasks[0].state), (1, TaskState::Failed));
                 assert_eq!(s.uuid, running[0].uuid, "the same RUNNING again, first");
+                assert_eq!(l.state, TaskState::Failed, "the master hears of the newest state meanwhile");
             }
             other => panic!("unexpected {other:?}"),
         }
