@@ -739,6 +739,47 @@ fn the_newest_state_shows_while_an_earlier_update_awaits_its_acknowledgement() {
 }
 
 #[test]
+fn pending_tasks_say_why_they_wait() {
+    let mut h = Harness::new();
+    h.add_agent("cpus:1;mem:1GiB");
+    let (f1, _) = h.subscribe("alice", SEC);
+    // Alice holds the whole agent in an offer (no demand stated: whole agents).
+    let offer = single_offer(&h.advance(5 * MS), f1);
+    let (f2, fw2) = h.subscribe("bob", SEC);
+    let shape = Demand { resources: res("cpus:0.5"), count: 3 };
+    h.call(
+        f2,
+        SchedulerCall::RequestTasks {
+            demands: vec![shape.clone()],
+            task_ids: vec![vec![TaskId::new("a"), TaskId::new("b")]],
+        },
+    );
+    h.advance(5 * MS);
+    let listed = |h: &Harness| -> Vec<(Option<String>, u32, String)> {
+        h.m.pending_tasks()
+            .into_iter()
+            .map(|p| (p.task_id.map(|t| t.to_string()), p.count, p.reason))
+            .collect()
+    };
+    let held = "waiting: the free resources are held in offers to other frameworks".to_string();
+    assert_eq!(
+        listed(&h),
+        [(Some("a".into()), 1, held.clone()), (Some("b".into()), 1, held.clone()), (None, 1, held)]
+    );
+    assert!(h.m.pending_tasks().iter().all(|p| p.framework_id == fw2 && p.framework_name == "test"));
+    // Alice launches 0.8 cpus and refuses the rest: no agent has 0.5 cpus free any more.
+    h.call(f1, accept(&offer, vec![task("hog", "cpus:0.8")], Some(60.0)));
+    h.advance(5 * MS);
+    let short = "waiting: needs cpus:0.5, largest free cpus:0.2".to_string();
+    assert!(listed(&h).iter().all(|(_, _, r)| *r == short), "{:?}", listed(&h));
+    // A demand without names: one entry for all its tasks; none once it asks for nothing.
+    h.call(f2, SchedulerCall::Request { demands: vec![shape] });
+    assert_eq!(listed(&h), [(None, 3, short)]);
+    h.call(f2, SchedulerCall::Request { demands: vec![] });
+    assert!(listed(&h).is_empty());
+}
+
+#[test]
 fn failover_from_a_live_connection_closes_the_old_one() {
     let mut h = Harness::new();
     let (f1, fw) = h.subscribe("alice", SEC);
