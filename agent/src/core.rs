@@ -704,11 +704,13 @@ impl Core {
         if self.checkpoint.is_some() {
             self.journal(Record::Update(Box::new(status.clone())));
         }
+        let terminal = status.state.is_terminal();
         match self.updates.push(key, status.clone(), now) {
             Some(head) => self.send(AgentMessage::StatusUpdate(head)),
-            // Behind an update not yet acknowledged (its framework may be away for long): the
-            // master shows the newest state meanwhile.
-            None => self.send(AgentMessage::LatestState(status)),
+            // A task's end behind an update not yet acknowledged (its framework may be away
+            // for long): the master shows it, and frees its resources, meanwhile.
+            None if terminal => self.send(AgentMessage::LatestState(status)),
+            None => {}
         }
     }
 

@@ -631,7 +631,7 @@ pub enum AgentMessage {
         /// How it ended, e.g. `exit status 3`.
         message: String,
     },
-    /// A task's newest update while an earlier one still awaits its framework's
+    /// A task's terminal update while an earlier one still awaits its framework's
     /// acknowledgement (updates go out one at a time, in order): the master shows this state
     /// (and frees a terminal task's resources) at once, but forwards nothing; the update
     /// itself follows in order, e.g. a detached run's task killed: TASK_KILLED behind a
