@@ -92,44 +92,71 @@ pub fn masters_table(masters: &[MasterView]) -> String {
     )
 }
 
+const TASK_COLUMNS: [&str; 10] =
+    ["ID", "NAME", "STATE", "EXIT", "AGENT", "FRAMEWORK", "RESOURCES", "CPU", "PEAK MEM", "REASON"];
+
 pub fn tasks_table(tasks: &[TaskView]) -> String {
-    table(
-        &["ID", "NAME", "STATE", "EXIT", "AGENT", "FRAMEWORK", "RESOURCES", "CPU", "PEAK MEM", "REASON"],
-        tasks
-            .iter()
-            .map(|t| {
-                let exit = match (t.exit_code, t.signal) {
-                    (_, Some(s)) => format!("sig {s}"),
-                    (Some(c), _) => c.to_string(),
-                    _ => "-".into(),
-                };
-                let (cpu, mem) = match &t.usage {
-                    Some(u) => (
-                        // Wasm tasks are metered in fuel (about one unit per instruction).
-                        match (u.cpu_time, u.fuel) {
-                            (Some(d), _) => format!("{:.2}s", d.as_secs_f64()),
-                            (None, Some(f)) => format!("{} fuel", compact(f)),
-                            (None, None) => "-".into(),
-                        },
-                        u.peak_mem.map(format_size).unwrap_or_else(|| "-".into()),
-                    ),
-                    None => ("-".into(), "-".into()),
-                };
-                vec![
-                    t.id.to_string(),
-                    t.name.clone(),
-                    t.state.to_string(),
-                    exit,
-                    t.agent_id.to_string(),
-                    t.framework_id.to_string(),
-                    t.resources.to_string(),
-                    cpu,
-                    mem,
-                    t.reason.clone(),
-                ]
-            })
-            .collect(),
-    )
+    table(&TASK_COLUMNS, task_rows(tasks))
+}
+
+fn task_rows(tasks: &[TaskView]) -> Vec<Vec<String>> {
+    tasks
+        .iter()
+        .map(|t| {
+            let exit = match (t.exit_code, t.signal) {
+                (_, Some(s)) => format!("sig {s}"),
+                (Some(c), _) => c.to_string(),
+                _ => "-".into(),
+            };
+            let (cpu, mem) = match &t.usage {
+                Some(u) => (
+                    // Wasm tasks are metered in fuel (about one unit per instruction).
+                    match (u.cpu_time, u.fuel) {
+                        (Some(d), _) => format!("{:.2}s", d.as_secs_f64()),
+                        (None, Some(f)) => format!("{} fuel", compact(f)),
+                        (None, None) => "-".into(),
+                    },
+                    u.peak_mem.map(format_size).unwrap_or_else(|| "-".into()),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            vec![
+                t.id.to_string(),
+                t.name.clone(),
+                t.state.to_string(),
+                exit,
+                t.agent_id.to_string(),
+                t.framework_id.to_string(),
+                t.resources.to_string(),
+                cpu,
+                mem,
+                t.reason.clone(),
+            ]
+        })
+        .collect()
+}
+
+/// [`tasks_table`] followed by the tasks that wait for resources (state `TASK_PENDING`, the
+/// reason they wait; `N tasks` for tasks the framework did not name).
+pub fn tasks_table_with_pending(tasks: &[TaskView], pending: &[agora_sdk::proto::PendingTaskView]) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for p in pending {
+        rows.push(vec![
+            p.task_id.as_ref().map(ToString::to_string).unwrap_or_else(|| format!("({} tasks)", p.count)),
+            p.framework_name.clone(),
+            agora_sdk::json::PENDING_STATE.to_string(),
+            "-".into(),
+            "-".into(),
+            p.framework_id.to_string(),
+            p.resources.to_string(),
+            "-".into(),
+            "-".into(),
+            p.reason.clone(),
+        ]);
+    }
+    let mut all = task_rows(tasks);
+    all.extend(rows);
+    table(&TASK_COLUMNS, all)
 }
 
 /// 1234 → `1.2k`, 5_000_000 → `5.0M`.

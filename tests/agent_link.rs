@@ -108,6 +108,8 @@ impl AgentConn {
         loop {
             match self.recv().await {
                 AgentMessage::StatusUpdate(s) if s.uuid.is_some_and(|u| self.acked.contains(&u)) => {}
+                // The newest state behind an unacknowledged one: for the master's view only.
+                AgentMessage::LatestState(_) => {}
                 AgentMessage::StatusUpdate(s) => return s,
                 other => panic!("expected a status update, got {other:?}"),
             }

@@ -86,15 +86,19 @@ fn detach_prints_the_ids_and_leaves_the_tasks_running() {
         let out = dev.agora(&["kill", id]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    // The kill reaches the tasks. (The master shows TASK_KILLING until the detached run's
-    // framework would acknowledge it: the agent sends a task's updates in order, each once the
-    // one before was acknowledged.)
+    // The kill reaches the tasks, and the master shows TASK_KILLED although nobody
+    // acknowledges the TASK_KILLING before it (the detached run's framework is away for its
+    // failover timeout, and the agent sends a task's updates in order): the agent tells the
+    // master the newest state meanwhile.
     for id in &ids {
-        poll(&format!("{id} killed"), 20, || {
+        poll(&format!("{id} TASK_KILLED"), 20, || {
             let t = task_by_id(&dev, id)?;
-            matches!(t["state"].as_str(), Some("TASK_KILLING" | "TASK_KILLED")).then_some(())
+            (t["state"] == "TASK_KILLED").then_some(())
         });
     }
+    // Its resources are free again: the agent's 2 cpus fit a task of 2 cpus.
+    let out = dev.agora(&["run", "-q", "--cpus", "2", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     // A task that never ran is reported as attached (125, the reason), its id printed all the same.
     let out = dev.agora(&["run", "-d", "--", "/nonexistent/program"]);

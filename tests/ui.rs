@@ -68,6 +68,19 @@ fn task_in(dev: &Dev, name: &str, state: &str) -> serde_json::Value {
     })
 }
 
+/// `GET path` over HTTP/1.0: the response's head (status line and headers) and body.
+fn get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to --http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+    (head.to_string(), body.to_string())
+}
+
 fn task_url(http: &str, t: &serde_json::Value) -> String {
     format!(
         "http://{http}/tasks/{}?framework={}",
@@ -130,7 +143,7 @@ fn the_ui_shows_tasks_as_a_person_sees_them_and_follows_a_kill_without_reload() 
         "broken",
         "--shell",
         "--",
-        "echo 'failing <b>now</b>'; echo 'oops: the disk is on fire' >&2; exit 3",
+        "mkdir -p out && echo 'report <i>line</i>' > out/report.txt; echo 'failing <b>now</b>'; echo 'oops: the disk is on fire' >&2; exit 3",
     ]);
     assert!(!out.status.success(), "the failing task's run succeeded");
     // Running tasks, each under an `agora run` that stays until its task ends.
@@ -175,6 +188,38 @@ fn the_ui_shows_tasks_as_a_person_sees_them_and_follows_a_kill_without_reload() 
     assert_eq!(eval(&tab, "document.getElementById('stdout').textContent"), "failing <b>now</b>\n");
     assert_eq!(eval(&tab, "document.querySelectorAll('pre b').length"), "0", "log text became markup");
     shoot(&tab, &shots, "task-failed");
+
+    // Its sandbox, linked from its page: a directory opens its listing, a file shows as text
+    // (markup in it stays text), and downloads as an attachment.
+    let link = |text: &str| {
+        eval(
+            &tab,
+            &format!(
+                "Array.from(document.querySelectorAll('#sandbox a, table.files a')).find(a => a.textContent === '{text}')?.href ?? ''"
+            ),
+        )
+    };
+    let out_dir = link("out/");
+    assert!(
+        out_dir.contains("/files?") && out_dir.contains("path=out"),
+        "no link to the sandbox's out/: {out_dir:?}"
+    );
+    let stdout_file = link("stdout");
+    assert!(stdout_file.contains("/file?"), "no link to the sandbox's stdout: {stdout_file:?}");
+    open(&tab, &out_dir);
+    let text = page_text(&tab);
+    assert!(text.contains("report.txt") && text.contains("B"), "the out/ listing:\n{text}");
+    shoot(&tab, &shots, "task-sandbox");
+    let report = link("report.txt");
+    open(&tab, &report);
+    assert_eq!(page_text(&tab).trim(), "report <i>line</i>", "the file's content as text");
+    let download = report.replace(&format!("http://{http}"), "") + "&download=1";
+    let (head, body) = get(&http, &download);
+    assert!(
+        head.to_ascii_lowercase().contains("content-disposition: attachment; filename=\"report.txt\""),
+        "{head}"
+    );
+    assert_eq!(body, "report <i>line</i>\n");
 
     // The tasks list, filtered by state.
     open(&tab, &format!("http://{http}/tasks?state=TASK_FAILED"));

@@ -314,6 +314,9 @@ impl Core {
         for status in self.updates.resend_all(now) {
             self.outbox.push(AgentMessage::StatusUpdate(status));
         }
+        for status in self.updates.latest_behind() {
+            self.outbox.push(AgentMessage::LatestState(status));
+        }
     }
 
     /// The connection is gone: updates wait for the next one.
@@ -858,8 +861,13 @@ impl Core {
         if self.checkpoint.is_some() {
             self.journal(Record::Update(Box::new(status.clone())));
         }
-        if let Some(head) = self.updates.push(key, status, now) {
-            self.send(AgentMessage::StatusUpdate(head));
+        let terminal = status.state.is_terminal();
+        match self.updates.push(key, status.clone(), now) {
+            Some(head) => self.send(AgentMessage::StatusUpdate(head)),
+            // A task's end behind an update not yet acknowledged (its framework may be away
+            // for long): the master shows it, and frees its resources, meanwhile.
+            None if terminal => self.send(AgentMessage::LatestState(status)),
+            None => {}
         }
     }
 
@@ -1043,14 +1051,17 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(10), h.rx.recv()).await.expect("in time").expect("ev");
         h.core.task_event(t.0, t.1, Instant::now());
         assert!(statuses(&mut h.core).is_empty(), "FINISHED must wait for RUNNING's ack");
-        // Re-registration reports the task with its latest state.
+        // Re-registration reports the task with its latest state, resends the head of its
+        // updates, and tells the master the newest one behind it.
         h.core.connected(Instant::now());
         let out = h.core.take_outbox();
         match out.as_slice() {
-            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s), AgentMessage::LatestState(l)] =>
+            {
                 assert_eq!(tasks.len(), 1);
                 assert_eq!(tasks[0].state, TaskState::Failed);
                 assert_eq!(s.uuid, running[0].uuid);
+                assert_eq!(l.state, TaskState::Failed);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -1154,9 +1165,11 @@ mod tests {
         h2.core.connected(Instant::now());
         let out = h2.core.take_outbox();
         match out.as_slice() {
-            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s)] => {
+            [AgentMessage::Register { tasks, .. }, AgentMessage::StatusUpdate(s), AgentMessage::LatestState(l)] =>
+            {
                 assert_eq!((tasks.len(), tasks[0].state), (1, TaskState::Failed));
                 assert_eq!(s.uuid, running[0].uuid, "the same RUNNING again, first");
+                assert_eq!(l.state, TaskState::Failed, "the master hears of the newest state meanwhile");
             }
             other => panic!("unexpected {other:?}"),
         }

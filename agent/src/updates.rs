@@ -155,6 +155,19 @@ impl UpdateManager {
         out
     }
 
+    /// The terminal update of each stream that holds one behind its head (sent on its own as
+    /// [`agora_sdk::proto::AgentMessage::LatestState`] after a fresh connection's heads).
+    pub fn latest_behind(&self) -> Vec<TaskStatus> {
+        let mut keys: Vec<&TaskKey> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.pending.len() > 1 && s.pending.back().is_some_and(|u| u.state.is_terminal()))
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.streams.get(k).and_then(|s| s.pending.back().cloned())).collect()
+    }
+
     /// The earliest retry time, if anything is pending.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.schedule.first().map(|(t, _)| *t)

@@ -166,6 +166,7 @@ enum Query {
     Frameworks(oneshot::Sender<Vec<FrameworkView>>),
     CompletedFrameworks(oneshot::Sender<Vec<FrameworkView>>),
     Tasks(oneshot::Sender<Vec<TaskView>>),
+    PendingTasks(oneshot::Sender<Vec<PendingTaskView>>),
     Kill(TaskId, oneshot::Sender<Result<(), WireError>>),
     TaskHistory(TaskKey, oneshot::Sender<Option<Vec<TaskTransition>>>),
     Policy(oneshot::Sender<(AllocationPolicy, &'static str)>),
@@ -291,6 +292,12 @@ impl MasterHandle {
         core.ask(Query::Tasks).await.unwrap_or_default()
     }
 
+    /// The tasks that wait for resources, with why (none while a standby).
+    pub async fn pending_tasks(&self) -> Vec<PendingTaskView> {
+        let Some(core) = self.core() else { return Vec::new() };
+        core.ask(Query::PendingTasks).await.unwrap_or_default()
+    }
+
     /// A task's last state changes, oldest first (`None`: unknown, or a standby).
     pub async fn task_history(
         &self,
@@ -316,7 +323,54 @@ pub struct TaskOutput {
     _send: SendStream,
 }
 
+/// A task's sandbox as the agent answers an operator's [`FilesRequest`]
+/// ([`MasterHandle::task_files`]).
+pub struct TaskFiles {
+    /// The framework the task belongs to.
+    pub framework_id: FrameworkId,
+    /// A listing, or `Sending { size }` with the file's bytes in `buffered` then `recv`.
+    pub reply: FilesReply,
+    /// Bytes the agent sent along with its reply; they come before `recv`'s.
+    pub buffered: bytes::BytesMut,
+    pub recv: RecvStream,
+    /// Our side of the stream: dropping it early would end the request.
+    pub send: SendStream,
+}
+
 impl MasterHandle {
+    /// Lists directory `path` of a task's sandbox, or (`read`) opens file `path`, on its agent,
+    /// as an operator (`agora files`; the first task with this id when several frameworks
+    /// reuse it). The agent's refusal (no such file, a path outside the sandbox) is the error.
+    pub async fn task_files(&self, task_id: &TaskId, path: &str, read: bool) -> Result<TaskFiles, WireError> {
+        let stopping = || WireError::new(ErrorCode::Internal, "master stopping");
+        let core =
+            self.core().ok_or_else(|| WireError::new(ErrorCode::Unexpected, "this master is a standby"))?;
+        let (loc, agent) = core
+            .ask(|tx| Query::Locate(Requester::Operator, task_id.clone(), tx))
+            .await
+            .ok_or_else(stopping)??;
+        let io =
+            |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, format!("agent stream: {e}"));
+        let (send, recv) = agent.open_bi().await.map_err(|e| io(&e))?;
+        let mut w = FrameWriter::new(send);
+        let req = FilesRequest {
+            task_id: task_id.clone(),
+            framework_id: Some(loc.framework_id.clone()),
+            path: path.to_string(),
+            read,
+        };
+        w.send(&StreamRequest::Files(req)).await.map_err(|e| io(&e))?;
+        let mut r = FrameReader::new(recv);
+        match r.recv::<FilesReply>().await.map_err(|e| io(&e))? {
+            Some(FilesReply::Error(e)) => Err(e),
+            Some(reply) => {
+                let (recv, buffered) = r.into_parts();
+                Ok(TaskFiles { framework_id: loc.framework_id, reply, buffered, recv, send: w.into_inner() })
+            }
+            None => Err(WireError::new(ErrorCode::Internal, "agent closed the stream")),
+        }
+    }
+
     /// Opens a task's `stdout` or `stderr` from `offset` on its agent, as an operator reads it
     /// (`agora logs`; the first task with this id when several frameworks reuse it).
     pub async fn task_output(
@@ -944,6 +998,9 @@ fn apply(
             Query::Tasks(tx) => {
                 let _ = tx.send(core.tasks());
             }
+            Query::PendingTasks(tx) => {
+                let _ = tx.send(core.pending_tasks());
+            }
             Query::Kill(id, tx) => {
                 let _ = tx.send(core.kill_task(now, &id));
             }
@@ -1184,6 +1241,10 @@ async fn serve_stale(
                 Ok(list) => OperatorReply::Masters(list),
                 Err(e) => etcd_error(e),
             },
+            Ok(Some(OperatorCall::GetPendingTasks)) => OperatorReply::Error(stale_refusal(
+                "list pending tasks (only the leader knows the frameworks' demands)",
+                &leader,
+            )),
             Ok(Some(OperatorCall::GetTasks)) => OperatorReply::Error(stale_refusal(
                 "list tasks (they are not in the registry: agents report them to the leader)",
                 &leader,
@@ -1674,6 +1735,9 @@ async fn serve_operator(
             },
             Ok(Some(OperatorCall::GetTasks)) => {
                 OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
+            }
+            Ok(Some(OperatorCall::GetPendingTasks)) => {
+                OperatorReply::PendingTasks(core.ask(Query::PendingTasks).await.unwrap_or_default())
             }
             Ok(Some(OperatorCall::GetPolicy)) => match core.ask(Query::Policy).await {
                 Some((policy, source)) => OperatorReply::Policy { policy, source: source.to_string() },

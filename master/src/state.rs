@@ -301,6 +301,11 @@ pub(crate) struct Task {
     /// framework's teardown that said why (`TeardownBecause`, e.g. `run interrupted`): the
     /// reason its KILLED update carries instead of the executor's.
     pub kill_reason: Option<String>,
+    /// The uuid of an update applied ahead of its turn ([`AgentMessage::LatestState`]: its
+    /// agent still waits for the acknowledgement of an earlier one): the earlier updates that
+    /// arrive meanwhile are forwarded without changing the state, and the task is not
+    /// completed before this update itself arrived and was acknowledged.
+    pub ahead: Option<uuid::Uuid>,
 }
 
 /// How many state changes the master keeps per task: enough for a launch, a partition and an
@@ -511,6 +516,7 @@ mod tests {
             kill_requested: false,
             history: Default::default(),
             kill_reason: None,
+            ahead: None,
         };
         task.record(TaskState::Staging, "launched", 1);
         task.record(TaskState::Running, "task started", 2);
@@ -546,6 +552,7 @@ mod tests {
             kill_requested: false,
             history: Default::default(),
             kill_reason: None,
+            ahead: None,
         };
         let mut t = TaskTable::default();
         for (fw, id) in [("f2", "b"), ("f1", "z"), ("f2", "a"), ("f1", "a")] {

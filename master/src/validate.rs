@@ -124,6 +124,17 @@ fn too_many(what: &str, n: usize, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// How much one `Request` may ask for: entries and tasks in all (shapes are checked against
+/// the master's minimum by the core, which knows the flag).
+fn demand_size(demands: &[Demand]) -> Result<(), WireError> {
+    too_many("demand entries", demands.len(), MAX_DEMAND_ENTRIES).map_err(invalid)?;
+    let total: u64 = demands.iter().map(|d| u64::from(d.count)).sum();
+    if total > MAX_DEMAND_TASKS {
+        return Err(invalid(format!("a Request asks for {total} tasks (at most {MAX_DEMAND_TASKS} in all)")));
+    }
+    Ok(())
+}
+
 /// Checks and normalises a scheduler call before the core sees it (see the module doc).
 /// Per-task problems of an `Accept` are left to [`task`], which the core runs for each task so
 /// that each one ends with its own `TASK_ERROR`.
@@ -147,15 +158,13 @@ pub fn scheduler_call(call: &mut SchedulerCall) -> Result<(), WireError> {
             offer_ids.iter().try_for_each(|o| id("offer", o.as_str())).map_err(invalid)
         }
         // Shapes are checked against the master's minimum by the core (it knows the flag).
-        SchedulerCall::Request { demands } => {
-            too_many("demand entries", demands.len(), MAX_DEMAND_ENTRIES).map_err(invalid)?;
-            let total: u64 = demands.iter().map(|d| u64::from(d.count)).sum();
-            if total > MAX_DEMAND_TASKS {
-                return Err(invalid(format!(
-                    "a Request asks for {total} tasks (at most {MAX_DEMAND_TASKS} in all)"
-                )));
-            }
-            Ok(())
+        SchedulerCall::Request { demands } => demand_size(demands),
+        SchedulerCall::RequestTasks { demands, task_ids } => {
+            demand_size(demands)?;
+            too_many("task id lists", task_ids.len(), demands.len()).map_err(invalid)?;
+            let named: usize = task_ids.iter().map(Vec::len).sum();
+            too_many("named pending tasks", named, agora_sdk::proto::MAX_PENDING_IDS).map_err(invalid)?;
+            task_ids.iter().flatten().try_for_each(|t| id("task", t.as_str())).map_err(invalid)
         }
         SchedulerCall::Kill { task_id } => id("task", task_id.as_str()).map_err(invalid),
         SchedulerCall::Acknowledge { agent_id, task_id, .. } => {
@@ -299,7 +308,7 @@ pub fn demands(demands: &mut Vec<Demand>, min: &[Resources]) -> Result<(), Strin
 
 /// Checks and normalises an agent's message: ids and names, its resources (normalised;
 /// backwards port ranges refused), attribute count, the tasks it reports; a status update's
-/// reason and message are cut to the executor protocol's bounds.
+/// (or latest state's) reason and message are cut to the executor protocol's bounds.
 pub fn agent_message(msg: &mut AgentMessage) -> Result<(), WireError> {
     match msg {
         AgentMessage::Register { agent_id, hostname, resources, attributes, tasks } => {
@@ -312,7 +321,7 @@ pub fn agent_message(msg: &mut AgentMessage) -> Result<(), WireError> {
             reports(tasks)
         }
         AgentMessage::TaskReports(tasks) => reports(tasks),
-        AgentMessage::StatusUpdate(status) => {
+        AgentMessage::StatusUpdate(status) | AgentMessage::LatestState(status) => {
             status_update(status);
             Ok(())
         }

@@ -435,6 +435,14 @@ impl OperatorClient {
         .await
     }
 
+    /// The tasks of frameworks' stated demands that wait for resources, with why.
+    pub async fn pending_tasks(&mut self) -> Result<Vec<PendingTaskView>, ClientError> {
+        match self.call(OperatorCall::GetPendingTasks).await? {
+            OperatorReply::PendingTasks(p) => Ok(p),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Every master of the cluster, and which one leads.
     pub async fn masters(&mut self) -> Result<Vec<MasterView>, ClientError> {
         match self.call(OperatorCall::GetMasters).await? {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::proto::{AgentView, FrameworkView, MasterView, TaskView};
+use crate::proto::{AgentView, FrameworkView, MasterView, PendingTaskView, TaskView};
 
 pub fn agent_json(a: &AgentView) -> Value {
     json!({
@@ -42,6 +42,31 @@ pub fn master_json(m: &MasterView) -> Value {
         "epoch": m.epoch,
     })
 }
+
+/// A task that waits for resources ([`PendingTaskView`]), in the keys of [`task_json`]: state
+/// `TASK_PENDING`, no agent, the reason it waits, and `count` (more than 1 for tasks the
+/// framework did not name, then `id` is null).
+pub fn pending_task_json(p: &PendingTaskView) -> Value {
+    json!({
+        "id": p.task_id.as_ref().map(|t| t.as_str()),
+        "name": p.framework_name,
+        "framework_id": p.framework_id.as_str(),
+        "agent_id": null,
+        "state": PENDING_STATE,
+        "resources": p.resources.to_string(),
+        "exit_code": null,
+        "signal": null,
+        "reason": p.reason,
+        "message": "",
+        "usage": null,
+        "role": p.role,
+        "count": p.count,
+    })
+}
+
+/// The state name operators see for a task that waits for resources (it is no task state of
+/// the master's: the task is not launched yet).
+pub const PENDING_STATE: &str = "TASK_PENDING";
 
 pub fn task_json(t: &TaskView) -> Value {
     let usage = t.usage.as_ref().map(|u| {

@@ -631,6 +631,13 @@ pub enum AgentMessage {
         /// How it ended, e.g. `exit status 3`.
         message: String,
     },
+    /// A task's terminal update while an earlier one still awaits its framework's
+    /// acknowledgement (updates go out one at a time, in order): the master shows this state
+    /// (and frees a terminal task's resources) at once, but forwards nothing; the update
+    /// itself follows in order, e.g. a detached run's task killed: TASK_KILLED behind a
+    /// TASK_KILLING nobody acknowledges. (A variant of its own, last, so that postcard's
+    /// variant indexes of the others stay.)
+    LatestState(TaskStatus),
 }
 
 /// Master → agent.
@@ -783,7 +790,18 @@ pub enum SchedulerCall {
     TeardownBecause {
         reason: String,
     },
+    /// `Request` naming the tasks that wait: `task_ids[i]` are the tasks of `demands[i]` (at
+    /// most its count, at most [`MAX_PENDING_IDS`] in all; an entry may name none), shown to
+    /// operators as pending (`agora tasks`) with why they wait. (A variant of its own, last,
+    /// so that postcard's variant indexes of the others stay.)
+    RequestTasks {
+        demands: Vec<Demand>,
+        task_ids: Vec<Vec<TaskId>>,
+    },
 }
+
+/// Most task ids a [`SchedulerCall::RequestTasks`] may name (the master keeps no more).
+pub const MAX_PENDING_IDS: usize = 1_000;
 
 /// One task of an explicit reconciliation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -959,6 +977,9 @@ pub enum OperatorCall {
     UndrainAgent {
         agent_id: AgentId,
     },
+    /// The tasks of frameworks' stated demands that wait for resources, with why (at most
+    /// [`MAX_PENDING_IDS`] entries); answered with `PendingTasks`.
+    GetPendingTasks,
 }
 
 /// The allocation policy, in the spelling of `agora master`'s flags (`--weights`,
@@ -1012,6 +1033,27 @@ pub enum OperatorReply {
     },
     /// A task's state changes (see [`OperatorCall::GetTaskHistory`]).
     TaskHistory(Vec<TaskTransition>),
+    /// Tasks that wait for resources (see [`OperatorCall::GetPendingTasks`]).
+    PendingTasks(Vec<PendingTaskView>),
+}
+
+/// Tasks of a framework's stated demand that wait for resources, as operators see them
+/// (`agora tasks` lists them as `TASK_PENDING`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTaskView {
+    /// The task, when the framework named it ([`SchedulerCall::RequestTasks`]); `None`: `count`
+    /// unnamed tasks of this shape.
+    pub task_id: Option<TaskId>,
+    /// How many tasks this entry stands for (1 for a named task).
+    pub count: u32,
+    pub framework_id: FrameworkId,
+    pub framework_name: String,
+    pub role: String,
+    /// What each task needs.
+    pub resources: Resources,
+    /// Why it waits, computed against the agents' free resources now, e.g. `waiting: needs
+    /// cpus:0.5, largest free cpus:0.2`.
+    pub reason: String,
 }
 
 // ---------------------------------------------------------------------------------------------

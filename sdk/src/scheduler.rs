@@ -160,6 +160,8 @@ pub struct DriverConfig {
     /// A demand to state in the same flight as `Subscribe` (see [`Driver::request`]), so the
     /// first allocation already knows it. `None`: state none (whole-agent offers).
     pub demand: Option<Vec<Demand>>,
+    /// The tasks `demand` names (see [`Driver::request_tasks`]); empty: none.
+    pub demand_task_ids: Vec<Vec<TaskId>>,
 }
 
 impl DriverConfig {
@@ -177,6 +179,7 @@ impl DriverConfig {
             auto_acknowledge: true,
             reconnect: true,
             demand: None,
+            demand_task_ids: Vec::new(),
         }
     }
 }
@@ -294,6 +297,8 @@ impl RecentUpdates {
 struct Carry {
     /// The latest demand, stated again after each subscription.
     demand: Option<Vec<Demand>>,
+    /// The tasks the latest demand names ([`Driver::request_tasks`]).
+    demand_ids: Vec<Vec<TaskId>>,
     /// The latest of SUPPRESS / REVIVE was SUPPRESS: stated again after each subscription.
     suppressed: bool,
     /// Calls made while disconnected, for the next subscription.
@@ -311,7 +316,14 @@ impl Carry {
     /// Keeps what a call changes of the state stated again after a failover.
     fn note(&mut self, call: &SchedulerCall) {
         match call {
-            SchedulerCall::Request { demands } => self.demand = Some(demands.clone()),
+            SchedulerCall::Request { demands } => {
+                self.demand = Some(demands.clone());
+                self.demand_ids.clear();
+            }
+            SchedulerCall::RequestTasks { demands, task_ids } => {
+                self.demand = Some(demands.clone());
+                self.demand_ids = task_ids.clone();
+            }
             SchedulerCall::Suppress => self.suppressed = true,
             SchedulerCall::Revive => self.suppressed = false,
             SchedulerCall::Acknowledge { uuid, .. } => self.seen.mark_acked(*uuid),
@@ -382,6 +394,18 @@ impl Driver {
     /// can use. The driver states the latest demand again after a failover.
     pub fn request(&self, demands: Vec<Demand>) {
         self.call(SchedulerCall::Request { demands });
+    }
+
+    /// [`request`](Self::request) naming the tasks that wait: `task_ids[i]` are those of
+    /// `demands[i]`. Operators see them pending (`agora tasks`) with why they wait; the first
+    /// [`MAX_PENDING_IDS`] are kept.
+    pub fn request_tasks(&self, demands: Vec<Demand>, mut task_ids: Vec<Vec<TaskId>>) {
+        let mut left = MAX_PENDING_IDS;
+        for ids in &mut task_ids {
+            ids.truncate(left);
+            left -= ids.len();
+        }
+        self.call(SchedulerCall::RequestTasks { demands, task_ids });
     }
 
     pub fn kill(&self, task_id: TaskId) {
@@ -478,6 +502,7 @@ pub async fn run<S: Scheduler>(config: DriverConfig, scheduler: &mut S) -> Resul
     let mut driver = Driver { tx, framework_id: config.framework.id.clone(), conn: conn_rx };
     let mut carry = Carry {
         demand: config.demand.clone(),
+        demand_ids: config.demand_task_ids.clone(),
         suppressed: false,
         held: VecDeque::new(),
         seen: RecentUpdates::new(DEDUP_WINDOW),
@@ -747,7 +772,12 @@ async fn serve<S: Scheduler>(
     info.id = driver.framework_id.clone();
     session.writer.feed(&SchedulerCall::Subscribe(info)).await?;
     if let Some(demands) = carry.demand.clone() {
-        session.writer.feed(&SchedulerCall::Request { demands }).await?;
+        let call = if carry.demand_ids.is_empty() {
+            SchedulerCall::Request { demands }
+        } else {
+            SchedulerCall::RequestTasks { demands, task_ids: carry.demand_ids.clone() }
+        };
+        session.writer.feed(&call).await?;
     }
     if carry.suppressed {
         session.writer.feed(&SchedulerCall::Suppress).await?;
@@ -975,6 +1005,7 @@ mod tests {
     fn carry_keeps_demand_suppression_and_acknowledgements() {
         let mut carry = Carry {
             demand: None,
+            demand_ids: Vec::new(),
             suppressed: false,
             held: VecDeque::new(),
             seen: RecentUpdates::new(8),

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use agora_sdk::client::OperatorClient;
-use agora_sdk::proto::{AgentView, FrameworkView, TaskTransition, TaskView};
+use agora_sdk::proto::{AgentView, FrameworkView, PendingTaskView, TaskTransition, TaskView};
 use agora_sdk::units::format_size;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
@@ -79,7 +79,17 @@ async fn describe(client: &mut OperatorClient, kind: Kind, id: &str) -> anyhow::
     frameworks.extend(client.completed_frameworks().await?);
     Ok(match kind {
         Kind::Task => {
-            let task = resolve(&tasks, id, true)?;
+            let task = match resolve(&tasks, id, true) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Not launched yet: a task that waits for resources.
+                    let pending = client.pending_tasks().await.unwrap_or_default();
+                    return match pending_named(&pending, id) {
+                        Some(p) => Ok(pending_description(p)),
+                        None => Err(e.into()),
+                    };
+                }
+            };
             let history = client.task_history(&task.framework_id, &task.id).await?;
             let agent = agents.iter().find(|a| a.id == task.agent_id);
             let framework = frameworks.iter().find(|f| f.id == task.framework_id);
@@ -186,6 +196,40 @@ fn task_text(
         .collect();
     out.push_str(&indent(&output::table(&["TIME (UTC)", "STATE", "REASON"], rows)));
     out
+}
+
+/// The waiting task `id` names: its id, else a unique prefix of one.
+fn pending_named<'a>(pending: &'a [PendingTaskView], id: &str) -> Option<&'a PendingTaskView> {
+    let named = |exact: bool| -> Vec<&'a PendingTaskView> {
+        pending
+            .iter()
+            .filter(|p| {
+                p.task_id.as_ref().is_some_and(|t| {
+                    if exact {
+                        t.as_str() == id
+                    } else {
+                        t.as_str().starts_with(id)
+                    }
+                })
+            })
+            .collect()
+    };
+    match (named(true).as_slice(), named(false).as_slice()) {
+        ([p], _) | ([], [p]) => Some(p),
+        _ => None,
+    }
+}
+
+/// A task that waits for resources, as JSON and text: state `TASK_PENDING` and why it waits.
+fn pending_description(p: &PendingTaskView) -> (Value, String) {
+    let fields = vec![
+        ("Task", p.task_id.as_ref().map(ToString::to_string).unwrap_or_default()),
+        ("State", agora_sdk::json::PENDING_STATE.to_string()),
+        ("Waiting", p.reason.strip_prefix("waiting: ").unwrap_or(&p.reason).to_string()),
+        ("Resources", p.resources.to_string()),
+        ("Framework", format!("{} ({}, role {})", p.framework_id, p.framework_name, p.role)),
+    ];
+    (agora_sdk::json::pending_task_json(p), fields_text(&fields))
 }
 
 /// What a task used, in words (`-` when nothing is known).

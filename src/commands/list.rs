@@ -92,7 +92,12 @@ impl ListArgs {
             }
             What::Tasks => {
                 let v = client.tasks().await?;
-                (v.iter().map(task_json).collect(), output::tasks_table(&v))
+                // Tasks that wait for resources, after the others (a master that cannot list
+                // them leaves them out).
+                let pending = client.pending_tasks().await.unwrap_or_default();
+                let mut json: Vec<serde_json::Value> = v.iter().map(task_json).collect();
+                json.extend(pending.iter().map(agora_sdk::json::pending_task_json));
+                (json, output::tasks_table_with_pending(&v, &pending))
             }
             What::Masters => {
                 let v = client.masters().await?;

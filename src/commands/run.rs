@@ -220,6 +220,7 @@ impl RunCommand {
             if self.detach { DETACHED_FAILOVER_TIMEOUT } else { FAILOVER_TIMEOUT };
         // State the demand with the subscription, so offers are sized to these tasks.
         driver_cfg.demand = Some(vec![Demand { resources: resources.clone(), count: self.count }]);
+        driver_cfg.demand_task_ids = vec![ids.clone()];
         let single = self.count == 1;
         let progress = if single || self.detach {
             None
@@ -234,6 +235,11 @@ impl RunCommand {
             Some(pb)
         };
         let driver_handle: Arc<OnceLock<Driver>> = Arc::new(OnceLock::new());
+        // The tasks still waiting for resources, for the line that says why they wait.
+        let (waiting_tx, waiting_rx) = tokio::sync::watch::channel(ids.clone());
+        let notice = (!self.quiet).then(|| {
+            tokio::spawn(say_why_waiting(cfg.clone(), resources.clone(), waiting_rx, progress.clone()))
+        });
         let mut sched = RunScheduler {
             shape: resources.clone(),
             pending: tasks,
@@ -252,6 +258,7 @@ impl RunCommand {
             detached: false,
             driver: driver_handle.clone(),
             sync_back: if self.sync_back { self.dirs.clone() } else { Vec::new() },
+            waiting: waiting_tx,
         };
         let result = {
             let run = scheduler::run(driver_cfg, &mut sched);
@@ -286,6 +293,9 @@ impl RunCommand {
                 }
             }
         };
+        if let Some(n) = notice {
+            n.abort();
+        }
         result?;
         if self.detach {
             for id in &ids {
@@ -485,6 +495,63 @@ async fn unschedulable(
     Ok(Some(format!("no agent can ever fit a task of {need} ({})", largest.join("; "))))
 }
 
+/// How long tasks wait for resources before the run says why (once, and again when the
+/// reason changes).
+const WAITING_NOTICE: Duration = Duration::from_secs(2);
+
+/// Says on stderr why the run's tasks wait, once they waited [`WAITING_NOTICE`] with no
+/// launch: the master's reason (`waiting: needs cpus:0.5, largest free cpus:0.2`) when the
+/// operator view is at hand, else what they need. Again only when the reason changes.
+async fn say_why_waiting(
+    cfg: agora_sdk::config::ClientConfig,
+    shape: Resources,
+    mut waiting: tokio::sync::watch::Receiver<Vec<TaskId>>,
+    progress: Option<ProgressBar>,
+) {
+    let mut said = String::new();
+    loop {
+        let ids = waiting.borrow_and_update().clone();
+        if ids.is_empty() {
+            // Everything launched: wait for a task to queue again (a lost launch).
+            if waiting.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // Restart the wait whenever tasks launch.
+        match tokio::time::timeout(WAITING_NOTICE, waiting.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return,
+            Err(_) => {}
+        }
+        let line = match waiting_reason(&cfg, &ids).await {
+            Some(reason) => reason,
+            None => format!("waiting: needs {shape} per task; no offer fits yet"),
+        };
+        if line != said {
+            let text = format!(
+                "agora: {} {line}",
+                if ids.len() == 1 { format!("task {}", ids[0]) } else { format!("{} tasks", ids.len()) }
+            );
+            match &progress {
+                Some(pb) => pb.println(text),
+                None => eprintln!("{text}"),
+            }
+            said = line;
+        }
+    }
+}
+
+/// The master's reason one of `ids` waits, when the operator view is at hand.
+async fn waiting_reason(cfg: &agora_sdk::config::ClientConfig, ids: &[TaskId]) -> Option<String> {
+    cfg.operator.as_ref()?;
+    let mut client = agora_sdk::client::OperatorClient::connect(cfg).await.ok()?;
+    let pending = client.pending_tasks().await;
+    client.close();
+    let pending = pending.ok()?;
+    pending.into_iter().find(|p| p.task_id.as_ref().is_some_and(|t| ids.contains(t))).map(|p| p.reason)
+}
+
 struct RunScheduler {
     /// Every task's resources (the demand's shape).
     shape: Resources,
@@ -512,15 +579,22 @@ struct RunScheduler {
     driver: Arc<OnceLock<Driver>>,
     /// `--sync-back`: the `--dir`s to copy back from the task's sandbox when it ends.
     sync_back: Vec<(std::path::PathBuf, String)>,
+    /// The ids of `pending`, for [`say_why_waiting`].
+    waiting: tokio::sync::watch::Sender<Vec<TaskId>>,
 }
 
 impl RunScheduler {
     /// Tells the master how many tasks still wait for resources.
     fn state_demand(&self, driver: &Driver) {
         let count = u32::try_from(self.pending.len()).unwrap_or(u32::MAX);
-        let demands =
-            if count == 0 { Vec::new() } else { vec![Demand { resources: self.shape.clone(), count }] };
-        driver.request(demands);
+        let ids: Vec<TaskId> = self.pending.iter().map(|t| t.task_id.clone()).collect();
+        self.waiting.send_replace(ids.clone());
+        if count == 0 {
+            driver.request(Vec::new());
+        } else {
+            // Named, so that operators see them pending (`agora tasks`) with why they wait.
+            driver.request_tasks(vec![Demand { resources: self.shape.clone(), count }], vec![ids]);
+        }
     }
 
     fn start_streams(&mut self, driver: &Driver, task_id: &TaskId, follow: bool) {

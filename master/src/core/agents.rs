@@ -81,6 +81,7 @@ impl Master {
                     ),
                     AgentMessage::Heartbeat => self.send_agent(conn, MasterToAgent::HeartbeatAck),
                     AgentMessage::StatusUpdate(status) => self.on_status_update(now, &id, conn, status),
+                    AgentMessage::LatestState(status) => self.on_latest_state(now, &id, status),
                     AgentMessage::FrameworkMessage { framework_id, executor_id, data } => {
                         self.on_executor_message(&id, framework_id, executor_id, data)
                     }
@@ -336,6 +337,7 @@ impl Master {
                         kill_requested: completed || killed_while_away,
                         history: Default::default(),
                         kill_reason: None,
+                        ahead: None,
                     };
                     // What happened before this master knew it is the agent's to tell.
                     task.record(r.state, "reported by its agent", unix_ms);

@@ -77,7 +77,10 @@ impl Master {
                     self.allocator.suppress(&fw);
                 }
             }
-            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands),
+            SchedulerCall::Request { demands } => self.request(now, conn, &fw, demands, Vec::new()),
+            SchedulerCall::RequestTasks { demands, task_ids } => {
+                self.request(now, conn, &fw, demands, task_ids)
+            }
             SchedulerCall::Kill { task_id } => self.framework_kill(now, conn, &fw, task_id),
             SchedulerCall::Acknowledge { agent_id, task_id, uuid } => {
                 self.acknowledge(&fw, agent_id, task_id, uuid)
@@ -290,12 +293,14 @@ impl Master {
             self.take_offer(o);
         }
         self.allocator.remove_framework(id);
+        self.demands.remove(id);
         self.removed_frameworks.insert(id.clone());
         let keys = self.framework_task_keys(id);
         let mut agents: BTreeSet<AgentId> = BTreeSet::new();
         for key in &keys {
             if let Some(task) = self.tasks.get_mut(key) {
                 task.pending.clear();
+                task.ahead = None;
                 if !task.state.is_terminal() {
                     agents.insert(task.agent_id.clone());
                 }
@@ -318,8 +323,16 @@ impl Master {
     }
 
     /// A framework's demand (its size was bounded by [`crate::validate::scheduler_call`];
-    /// shapes are checked and rounded up to `--min-allocatable` here).
-    pub(super) fn request(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, mut demands: Vec<Demand>) {
+    /// shapes are checked and rounded up to `--min-allocatable` here), with the tasks it is
+    /// for when the framework names them.
+    pub(super) fn request(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        fw: &FrameworkId,
+        mut demands: Vec<Demand>,
+        task_ids: Vec<Vec<TaskId>>,
+    ) {
         if let Err(message) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable)
         {
             warn!(framework_id = %fw, message, "invalid request");
@@ -328,6 +341,7 @@ impl Master {
         }
         debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");
         self.allocator.set_demand(fw, &demands);
+        self.state_pending(fw, &demands, task_ids);
         self.request_allocation(now);
     }
 

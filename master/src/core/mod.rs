@@ -41,6 +41,7 @@ mod drain;
 mod executors;
 mod frameworks;
 mod offers;
+mod pending;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -324,6 +325,8 @@ pub struct Master {
     /// Whether the allocation policy in force was set by an operator (and is in the registry)
     /// rather than given by this master's flags.
     policy_from_registry: bool,
+    /// Frameworks' stated demands, for the pending listing (see [`pending`]).
+    demands: FxHashMap<FrameworkId, pending::StatedDemand>,
 }
 
 impl std::fmt::Debug for Master {
@@ -388,6 +391,7 @@ impl Master {
             pending_kills: HashSet::new(),
             framework_heard: FxHashMap::default(),
             policy_from_registry: false,
+            demands: FxHashMap::default(),
         }
     }
 

@@ -291,6 +291,7 @@ impl Master {
                 kill_requested: false,
                 history: Default::default(),
                 kill_reason: None,
+                ahead: None,
             };
             record.record(TaskState::Staging, "launched", self.unix_ms(now));
             self.tasks.insert(key.clone(), record);

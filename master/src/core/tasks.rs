@@ -100,7 +100,10 @@ impl Master {
 
     /// Moves a terminal task whose updates were all acknowledged to the completed list.
     pub(super) fn maybe_complete(&mut self, key: &TaskKey) {
-        let done = self.tasks.get(key).is_some_and(|t| t.state.is_terminal() && t.pending.is_empty());
+        let done = self
+            .tasks
+            .get(key)
+            .is_some_and(|t| t.state.is_terminal() && t.pending.is_empty() && t.ahead.is_none());
         if !done {
             return;
         }
@@ -224,6 +227,15 @@ impl Master {
             warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, known_on = %task.agent_id, "status update from the wrong agent dropped");
             return;
         }
+        if let Some(ahead) = task.ahead {
+            if status.uuid != Some(ahead) {
+                // An earlier update, in its turn: the framework gets it, the state stays the
+                // newer one already shown.
+                debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update behind the state shown");
+                self.deliver(&key, status);
+                return;
+            }
+        }
         if !task.state.can_transition_to(status.state) {
             warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, from = %task.state, to = %status.state, "invalid task state transition dropped");
             // Acknowledge it so the agent stops retrying an update nobody will take.
@@ -236,7 +248,39 @@ impl Master {
         if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
             status.reason = reason.clone();
         }
+        if let Some(task) = self.tasks.get_mut(&key) {
+            if task.ahead.is_some() && task.ahead == status.uuid {
+                task.ahead = None;
+            }
+        }
         self.apply_status(now, &key, &status);
         self.deliver(&key, status);
+    }
+
+    /// An agent's notice of a task's newest update while an earlier one awaits its framework's
+    /// acknowledgement ([`AgentMessage::LatestState`]): its state is shown (and a terminal
+    /// task's resources freed) now; the framework gets nothing until the update itself comes
+    /// in its turn. Without it a detached run's killed task would stay TASK_KILLING for as
+    /// long as nobody acknowledges the KILLING update (the framework's failover timeout).
+    pub(super) fn on_latest_state(&mut self, now: Instant, agent_id: &AgentId, mut status: TaskStatus) {
+        let key = TaskKey::new(status.framework_id.clone(), status.task_id.clone());
+        let Some(task) = self.tasks.get(&key) else { return };
+        if task.agent_id != *agent_id || status.uuid.is_none() || !task.state.can_transition_to(status.state)
+        {
+            return;
+        }
+        if task.pending.iter().any(|p| p.uuid == status.uuid) {
+            // The update itself was already here.
+            return;
+        }
+        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "newest state ahead of its update");
+        status.agent_id = Some(agent_id.clone());
+        if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
+            status.reason = reason.clone();
+        }
+        self.apply_status(now, &key, &status);
+        if let Some(task) = self.tasks.get_mut(&key) {
+            task.ahead = status.uuid;
+        }
     }
 }

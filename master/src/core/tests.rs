@@ -686,6 +686,107 @@ fn failover_within_the_timeout_keeps_tasks_and_resends_updates() {
 }
 
 #[test]
+fn the_newest_state_shows_while_an_earlier_update_awaits_its_acknowledgement() {
+    // A detached run's task killed: the agent's TASK_KILLED waits behind a TASK_KILLING that
+    // the away framework does not acknowledge; its notice makes the master show KILLED (and
+    // free the resources) at once, while the framework still gets both updates in order.
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 3600 * SEC);
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
+    h.drain();
+    let (u_killing, _) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killing);
+    assert_eq!(h.m.tasks()[0].state, TaskState::Killing);
+    let u_killed = h.uuid();
+    let killed = TaskStatus {
+        task_id: TaskId::new("t1"),
+        framework_id: s.fw.clone(),
+        agent_id: Some(s.agent.clone()),
+        state: TaskState::Killed,
+        uuid: Some(u_killed),
+        source: UpdateSource::Executor,
+        reason: "killed".into(),
+        message: String::new(),
+        exit_code: None,
+        signal: Some(9),
+        usage: None,
+        timestamp_ms: 0,
+    };
+    let acts = h.agent(s.ac, AgentMessage::LatestState(killed.clone()));
+    assert!(to_agent(&acts, s.ac).is_empty(), "nothing acknowledged: {acts:?}");
+    assert_eq!(h.m.tasks()[0].state, TaskState::Killed);
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+    // The KILLING retried meanwhile changes nothing shown.
+    h.agent(
+        s.ac,
+        AgentMessage::StatusUpdate(TaskStatus {
+            state: TaskState::Killing,
+            uuid: Some(u_killing),
+            ..killed.clone()
+        }),
+    );
+    assert_eq!(h.m.tasks()[0].state, TaskState::Killed);
+    // The framework comes back: it gets KILLING first; its acknowledgement lets KILLED come.
+    let fc2 = h.conn();
+    let acts = h.call(fc2, SchedulerCall::Subscribe(info(Some(&s.fw), 3600 * SEC)));
+    assert_eq!(updates(&acts, fc2).iter().map(|u| u.state).collect::<Vec<_>>(), [TaskState::Killing]);
+    let acts = h.call(
+        fc2,
+        SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new("t1"), uuid: u_killing },
+    );
+    assert_eq!(to_agent(&acts, s.ac).len(), 1);
+    assert_eq!(h.m.tasks().len(), 1, "not completed before its KILLED update came");
+    let acts = h.agent(s.ac, AgentMessage::StatusUpdate(killed));
+    assert_eq!(updates(&acts, fc2).iter().map(|u| u.state).collect::<Vec<_>>(), [TaskState::Killed]);
+    h.call(
+        fc2,
+        SchedulerCall::Acknowledge { agent_id: s.agent.clone(), task_id: TaskId::new("t1"), uuid: u_killed },
+    );
+    assert!(h.m.tasks().iter().all(|t| t.state == TaskState::Killed));
+    assert_eq!(h.m.agents()[0].used, Resources::default());
+}
+
+#[test]
+fn pending_tasks_say_why_they_wait() {
+    let mut h = Harness::new();
+    h.add_agent("cpus:1;mem:1GiB");
+    let (f1, _) = h.subscribe("alice", SEC);
+    // Alice holds the whole agent in an offer (no demand stated: whole agents).
+    let offer = single_offer(&h.advance(5 * MS), f1);
+    let (f2, fw2) = h.subscribe("bob", SEC);
+    let shape = Demand { resources: res("cpus:0.5"), count: 3 };
+    h.call(
+        f2,
+        SchedulerCall::RequestTasks {
+            demands: vec![shape.clone()],
+            task_ids: vec![vec![TaskId::new("a"), TaskId::new("b")]],
+        },
+    );
+    h.advance(5 * MS);
+    let listed = |h: &Harness| -> Vec<(Option<String>, u32, String)> {
+        h.m.pending_tasks()
+            .into_iter()
+            .map(|p| (p.task_id.map(|t| t.to_string()), p.count, p.reason))
+            .collect()
+    };
+    let held = "waiting: the free resources are held in offers to other frameworks".to_string();
+    assert_eq!(
+        listed(&h),
+        [(Some("a".into()), 1, held.clone()), (Some("b".into()), 1, held.clone()), (None, 1, held)]
+    );
+    assert!(h.m.pending_tasks().iter().all(|p| p.framework_id == fw2 && p.framework_name == "test"));
+    // Alice launches 0.8 cpus and refuses the rest: no agent has 0.5 cpus free any more.
+    h.call(f1, accept(&offer, vec![task("hog", "cpus:0.8")], Some(60.0)));
+    h.advance(5 * MS);
+    let short = "waiting: needs cpus:0.5, largest free cpus:0.2".to_string();
+    assert!(listed(&h).iter().all(|(_, _, r)| *r == short), "{:?}", listed(&h));
+    // A demand without names: one entry for all its tasks; none once it asks for nothing.
+    h.call(f2, SchedulerCall::Request { demands: vec![shape] });
+    assert_eq!(listed(&h), [(None, 3, short)]);
+    h.call(f2, SchedulerCall::Request { demands: vec![] });
+    assert!(listed(&h).is_empty());
+}
+
+#[test]
 fn failover_from_a_live_connection_closes_the_old_one() {
     let mut h = Harness::new();
     let (f1, fw) = h.subscribe("alice", SEC);

@@ -11,6 +11,7 @@
 //! command line, arguments or environment.
 
 pub mod auth;
+mod files;
 mod history;
 mod logs;
 mod ui;
@@ -107,6 +108,8 @@ pub async fn spawn_with_auth(
         .route("/frameworks", get(frameworks))
         .route("/tasks", get(tasks))
         .route("/tasks/{id}", get(task))
+        .route("/tasks/{id}/files", get(task_files))
+        .route("/tasks/{id}/file", get(task_file))
         .route("/ui/ui.css", get(|| async { static_file("text/css; charset=utf-8", include_str!("ui.css")) }))
         .route(
             "/ui/ui.js",
@@ -146,6 +149,7 @@ async fn state(State(s): State<AppState>) -> impl IntoResponse {
         "agents": agents.iter().map(agora_sdk::json::agent_json).collect::<Vec<_>>(),
         "frameworks": frameworks.iter().map(agora_sdk::json::framework_json).collect::<Vec<_>>(),
         "tasks": tasks.iter().map(agora_sdk::json::task_json).collect::<Vec<_>>(),
+        "pending_tasks": s.master.pending_tasks().await.iter().map(agora_sdk::json::pending_task_json).collect::<Vec<_>>(),
     }))
 }
 
@@ -198,7 +202,8 @@ async fn frameworks(State(s): State<AppState>) -> Response {
 }
 
 async fn tasks(State(s): State<AppState>, Query(filter): Query<ui::TaskFilter>) -> Response {
-    html(ui::tasks(&s.master.tasks().await, &filter))
+    let (tasks, pending) = tokio::join!(s.master.tasks(), s.master.pending_tasks());
+    html(ui::tasks(&tasks, &pending, &filter))
 }
 
 /// `?framework=` of a task's page and API (tasks of several frameworks may share an id).
@@ -230,17 +235,72 @@ async fn task(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query
         Ok(t) => t,
         Err(r) => return *r,
     };
-    let (stdout, stderr, history) = tokio::join!(
+    let (stdout, stderr, history, sandbox) = tokio::join!(
         logs::tail(&s.master, &t.id, &t.framework_id, OutputStream::Stdout),
         logs::tail(&s.master, &t.id, &t.framework_id, OutputStream::Stderr),
         s.master.task_history(&t.framework_id, &t.id),
+        files::list(&s.master, &t.id, &t.framework_id, ""),
     );
     html(ui::task(
         &t,
         &history.unwrap_or_default(),
         stdout.map_err(|e| e.message),
         stderr.map_err(|e| e.message),
+        sandbox.map_err(|e| e.message),
     ))
+}
+
+/// `?framework=&path=` of the sandbox pages, and `download=1` for a file as an attachment.
+#[derive(Debug, Default, serde::Deserialize)]
+struct FileQuery {
+    #[serde(default)]
+    framework: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    download: Option<String>,
+}
+
+/// `/tasks/{id}/files`: a directory of the task's sandbox.
+async fn task_files(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Response {
+    let t = match find_task(s.master.tasks().await, &id, &q.framework) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let listing = files::list(&s.master, &t.id, &t.framework_id, &q.path).await;
+    html(ui::files(&t, &q.path, listing.map_err(|e| e.message)))
+}
+
+/// `/tasks/{id}/file`: a file of the task's sandbox, shown (at most [`files::VIEW_MAX`]) or
+/// downloaded.
+async fn task_file(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Response {
+    let t = match find_task(s.master.tasks().await, &id, &q.framework) {
+        Ok(t) => t,
+        Err(r) => return *r,
+    };
+    let download = q.download.as_deref().is_some_and(|d| !d.is_empty() && d != "0");
+    match files::open(&s.master, &t.id, &t.framework_id, &q.path).await {
+        Ok(d) if !download && d.size > files::VIEW_MAX => {
+            html(ui::too_large(&t, &q.path, d.size, files::VIEW_MAX))
+        }
+        Ok(d) => files::respond(d, &q.path, download),
+        Err(e) => {
+            let status = match e.code {
+                agora_sdk::proto::ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                agora_sdk::proto::ErrorCode::Invalid => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            (status, Html(ui::not_found(&format!("{}: {}", q.path, e.message)).into_string())).into_response()
+        }
+    }
 }
 
 /// What the overview's script refreshes: task counts by state.

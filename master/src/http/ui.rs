@@ -4,10 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use agora_sdk::proto::{AgentView, FrameworkView, TaskState, TaskTransition, TaskView, Usage};
+use agora_sdk::proto::{
+    AgentView, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage,
+};
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
 
+use super::files::Listing;
 use super::logs::Piece;
 
 /// Tasks per page of `/tasks`.
@@ -275,8 +278,50 @@ impl TaskFilter {
     }
 }
 
-/// `/tasks`: the tasks that pass `filter`, [`PAGE`] a page, in the master's order.
-pub fn tasks(tasks: &[TaskView], filter: &TaskFilter) -> Markup {
+/// The tasks that wait for resources and why (the first [`PAGE`] that pass the filter's
+/// framework and name).
+fn pending_section(pending: &[PendingTaskView], filter: &TaskFilter) -> Markup {
+    let state = filter.state.trim().to_ascii_uppercase();
+    let wanted = state.is_empty() || state == "PENDING" || state == agora_sdk::json::PENDING_STATE;
+    let matching: Vec<&PendingTaskView> = pending
+        .iter()
+        .filter(|p| {
+            wanted
+                && filter.agent.is_empty()
+                && (filter.framework.is_empty() || p.framework_id.as_str() == filter.framework)
+                && (filter.name.is_empty()
+                    || p.framework_name.contains(&filter.name)
+                    || p.task_id.as_ref().is_some_and(|t| t.as_str().contains(&filter.name)))
+        })
+        .collect();
+    if matching.is_empty() {
+        return html! {};
+    }
+    html! {
+        section #pending {
+            h2 { "Waiting for resources (" (matching.iter().map(|p| u64::from(p.count)).sum::<u64>()) ")" }
+            table {
+                thead { tr { th { "Id" } th { "State" } th { "Why" } th { "Resources" } th { "Framework" } } }
+                tbody {
+                    @for p in matching.iter().take(PAGE) {
+                        tr {
+                            td.mono { @match &p.task_id { Some(id) => (id), None => { (p.count) " tasks" } } }
+                            td { span.badge.pending { (agora_sdk::json::PENDING_STATE) } }
+                            td { (p.reason) }
+                            td.mono { (p.resources) }
+                            td { a href=(format!("/tasks?framework={}", enc(p.framework_id.as_str()))) { (p.framework_name) } }
+                        }
+                    }
+                }
+            }
+            @if matching.len() > PAGE { p.muted { "The first " (PAGE) " of " (matching.len()) "." } }
+        }
+    }
+}
+
+/// `/tasks`: the tasks that pass `filter`, [`PAGE`] a page, in the master's order, after those
+/// that wait for resources.
+pub fn tasks(tasks: &[TaskView], pending: &[PendingTaskView], filter: &TaskFilter) -> Markup {
     let matching: Vec<&TaskView> = tasks.iter().filter(|t| filter.matches(t)).collect();
     let pages = matching.len().div_ceil(PAGE).max(1);
     let page_no = filter.page.unwrap_or(1).clamp(1, pages);
@@ -297,6 +342,7 @@ pub fn tasks(tasks: &[TaskView], filter: &TaskFilter) -> Markup {
                 button type="submit" { "Filter" }
                 a href="/tasks" { "clear" }
             }
+            (pending_section(pending, filter))
             p.muted { (matching.len()) " of " (tasks.len()) " tasks; page " (page_no) " of " (pages) }
             table {
                 thead { tr { th { "Name" } th { "Id" } th { "State" } th { "Reason" } th.num { "Exit" } th { "Resources" } th { "Framework" } th { "Agent" } } }
@@ -379,6 +425,7 @@ pub fn task(
     history: &[TaskTransition],
     stdout: Result<Piece, String>,
     stderr: Result<Piece, String>,
+    sandbox: Result<Listing, String>,
 ) -> Markup {
     let live = !t.state.is_terminal();
     let api = format!("/ui/api/tasks/{}?framework={}", enc(t.id.as_str()), enc(t.framework_id.as_str()));
@@ -419,6 +466,101 @@ pub fn task(
             }
             (log_block("stdout", "stdout", &stdout, live))
             (log_block("stderr", "stderr", &stderr, live))
+            section #sandbox {
+                h2 { "Sandbox files" }
+                (files_table(t, "", &sandbox))
+            }
+        },
+    )
+}
+
+/// Where a sandbox directory (`files`) or file (`file`, `download`) of `t` is.
+fn sandbox_href(t: &TaskView, route: &str, path: &str, download: bool) -> String {
+    format!(
+        "/tasks/{}/{route}?framework={}&path={}{}",
+        enc(t.id.as_str()),
+        enc(t.framework_id.as_str()),
+        enc(path),
+        if download { "&download=1" } else { "" }
+    )
+}
+
+/// A sandbox directory's entries: directories open their listing, files are shown (those
+/// over the view limit downloaded) and downloaded.
+fn files_table(t: &TaskView, dir: &str, listing: &Result<Listing, String>) -> Markup {
+    let child = |name: &str| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
+    html! {
+        @match listing {
+            Err(e) => { p.error { "Not available: " (e) } }
+            Ok(l) if l.entries.is_empty() => { p.muted { "Empty." } }
+            Ok(l) => {
+                table.files {
+                    thead { tr { th { "Name" } th.num { "Size" } th { "Modified (UTC)" } th {} } }
+                    tbody {
+                        @for e in &l.entries {
+                            @let path = child(&e.name);
+                            tr {
+                                @match e.kind {
+                                    agora_sdk::proto::FileKind::Dir => {
+                                        td.mono { a href=(sandbox_href(t, "files", &path, false)) { (e.name) "/" } }
+                                        td.num { "-" }
+                                    }
+                                    agora_sdk::proto::FileKind::File | agora_sdk::proto::FileKind::Link => {
+                                        td.mono { a href=(sandbox_href(t, "file", &path, false)) { (e.name) } }
+                                        td.num { (bytes(e.size)) }
+                                    }
+                                    agora_sdk::proto::FileKind::Other => {
+                                        td.mono { (e.name) }
+                                        td.num { (bytes(e.size)) }
+                                    }
+                                }
+                                td.mono { (agora_sdk::units::format_unix_ms(e.modified_ms)) }
+                                td {
+                                    @if matches!(e.kind, agora_sdk::proto::FileKind::File | agora_sdk::proto::FileKind::Link) {
+                                        a href=(sandbox_href(t, "file", &path, true)) { "download" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if l.truncated { p.muted { "The first " (l.entries.len()) " entries." } }
+            }
+        }
+    }
+}
+
+/// `/tasks/{id}/files?path=DIR`: one directory of a task's sandbox.
+pub fn files(t: &TaskView, dir: &str, listing: Result<Listing, String>) -> Markup {
+    let parent = dir.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+    page(
+        &format!("Sandbox of {}", t.name),
+        "Tasks",
+        html! {
+            h1 { "Sandbox of " a href=(task_href(t)) { (t.name) } }
+            p.mono {
+                a href=(sandbox_href(t, "files", "", false)) { "sandbox" }
+                @for (i, part) in dir.split('/').filter(|p| !p.is_empty()).enumerate() {
+                    " / "
+                    a href=(sandbox_href(t, "files", &dir.split('/').filter(|p| !p.is_empty()).take(i + 1).collect::<Vec<_>>().join("/"), false)) { (part) }
+                }
+            }
+            @if !dir.is_empty() { p { a href=(sandbox_href(t, "files", parent, false)) { "‹ up" } } }
+            (files_table(t, dir, &listing))
+        },
+    )
+}
+
+/// A file too large to show in the browser: a link to download it.
+pub fn too_large(t: &TaskView, path: &str, size: u64, max: u64) -> Markup {
+    page(
+        &format!("{path} of {}", t.name),
+        "Tasks",
+        html! {
+            h1 { (path) }
+            p { "This file has " (bytes(size)) ", more than the " (bytes(max)) " shown in the browser." }
+            p { a href=(sandbox_href(t, "file", path, true)) { "Download it" } " or use " code { "agora cp " (t.id) ":" (path) " ." } }
+            p { a href=(task_href(t)) { "‹ task " (t.name) } }
         },
     )
 }
@@ -545,7 +687,7 @@ mod tests {
     }
 
     fn tasks_page(t: &[TaskView], f: &TaskFilter) -> String {
-        tasks(t, f).into_string()
+        tasks(t, &[], f).into_string()
     }
 
     #[test]
@@ -579,7 +721,18 @@ mod tests {
         let log = Piece { offset: 0, next: 20, text: "</pre><script>x</script>".into() };
         let history =
             [TaskTransition { state: TaskState::Failed, reason: "<b>bad</b>".into(), timestamp_ms: 0 }];
-        let page = super::task(&t, &history, Ok(log), Err("<i>gone</i>".into())).into_string();
+        let sandbox = Listing {
+            entries: vec![agora_sdk::proto::FileEntry {
+                name: "<b>x\".txt".into(),
+                kind: agora_sdk::proto::FileKind::File,
+                size: 3,
+                modified_ms: 0,
+            }],
+            truncated: false,
+        };
+        let page = super::task(&t, &history, Ok(log), Err("<i>gone</i>".into()), Ok(sandbox)).into_string();
+        assert!(!page.contains("<b>x") && page.contains("&lt;b&gt;x&quot;.txt"), "a file name broke out");
+        assert!(page.contains("path=%3Cb%3Ex%22.txt"), "file links percent-encode the path");
         assert!(!page.contains("<b>bad") && page.contains("&lt;b&gt;bad"), "a history reason broke out");
         assert!(!page.contains("<script>alert") && page.contains("&lt;script&gt;alert(1)"));
         assert!(!page.contains("<img") && !page.contains("</pre><script>") && !page.contains("<i>gone"));
