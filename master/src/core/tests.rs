@@ -775,7 +775,7 @@ fn pending_tasks_say_why_they_wait() {
     );
     assert!(h.m.pending_tasks().iter().all(|p| p.framework_id == fw2 && p.framework_name == "test"));
     // Alice launches 0.8 cpus and refuses the rest: no agent has 0.5 cpus free any more.
-    h.call(f1, accept(&offer, vec![task("hog", "cpus:0.8")], Some(60.0)));
+    h.call(f1, accept(&offer, vec![task("hog", "cpus:0.8;mem:64MiB")], Some(60.0)));
     h.advance(5 * MS);
     let short = "waiting: needs cpus:0.5, largest free cpus:0.2".to_string();
     assert!(listed(&h).iter().all(|(_, _, r)| *r == short), "{:?}", listed(&h));
