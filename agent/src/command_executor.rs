@@ -190,6 +190,7 @@ impl Ctx {
                 resources: l.resources,
                 kind: TaskKind::Command(l.command),
                 kill_grace: Some(l.kill_grace),
+                user: None,
             },
             executor_dir,
             run_dir: l.sandbox,

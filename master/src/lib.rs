@@ -4,6 +4,7 @@
 //! [`server`] that moves bytes between peers and the core, with the content-addressed
 //! [`artifacts`] store (copied between masters by [`replication`]).
 
+pub mod acl;
 pub mod allocator;
 pub mod artifacts;
 pub mod core;

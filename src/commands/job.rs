@@ -568,6 +568,7 @@ async fn run(cluster: &ClusterArgs, file: &Path) -> anyhow::Result<ExitCode> {
                 resources: g.resources.clone(),
                 kind: kind.clone(),
                 kill_grace: None,
+                user: None,
             };
             sched.pending.push_back(Pending { group: gi, index: i, attempt: 0, info });
         }

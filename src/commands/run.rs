@@ -180,6 +180,7 @@ impl RunCommand {
                 resources: resources.clone(),
                 kind: kind.clone(),
                 kill_grace: None,
+                user: None,
             })
             .collect();
         if let Some(why) = unschedulable(&cfg, &resources).await? {

@@ -448,6 +448,7 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
         resources: Resources::parse(resources).expect("resources"),
         kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
         kill_grace: Some(Duration::from_millis(500)),
+        user: None,
     }
 }
 

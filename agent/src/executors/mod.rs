@@ -513,6 +513,7 @@ mod tests {
                 timeout: None,
             })),
             kill_grace: None,
+            user: None,
         };
         let run_dir = dir.join("run").join(id);
         LaunchSpec {
