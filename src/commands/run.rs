@@ -114,6 +114,10 @@ pub struct RunCommand {
     /// Role of this run's framework.
     #[arg(long, default_value = "*")]
     role: String,
+    /// OS user the task runs as on its agent (native commands; must exist there and not be
+    /// root; the master's ACLs may restrict it). Default: the agent's --task-user.
+    #[arg(long)]
+    user: Option<String>,
     /// Environment variable for the task (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -193,6 +197,7 @@ impl RunCommand {
         }
         let mut driver_cfg = DriverConfig::new(cfg.master.clone(), tls, format!("agora-run {name}"));
         driver_cfg.framework.role = self.role.clone();
+        driver_cfg.framework.user = self.user.clone();
         // How long the run may be cut off from the master before giving up (the master keeps
         // its tasks as long, so a run that died leaves them behind for this long). A detached
         // run leaves on purpose: its tasks must outlive it, so the master keeps it far longer.

@@ -368,6 +368,7 @@ pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSende
             sandbox: spec.run_dir.clone(),
             checkpoint: Layout::task_checkpoint(&spec.executor_dir),
             kill_grace: spec.kill_grace,
+            run_as: spec.user.map(|u| (u.uid, u.gid)),
         }),
         TaskKind::Executor(t) => {
             LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
