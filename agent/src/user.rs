@@ -85,7 +85,9 @@ impl TaskUser {
             // A bare number is a uid to --task-user; a task names a user that exists.
             Ok(_) if numeric => Err(format!("task user `{name}`: name a user of this node, not a uid")),
             Ok(u) => Ok(u),
-            Err(UserError::Root(_)) => Err(format!("task user `{name}` is root (uid 0): tasks never run as root")),
+            Err(UserError::Root(_)) => {
+                Err(format!("task user `{name}` is root (uid 0): tasks never run as root"))
+            }
             Err(UserError::Unknown(_)) => Err(format!("task user `{name}`: no such user on this node")),
             Err(UserError::Lookup { err, .. }) => Err(format!("task user `{name}`: {err}")),
         }

@@ -317,6 +317,13 @@ pub struct Probe {
     tx: mpsc::UnboundedSender<(Driver, Seen)>,
 }
 
+impl Probe {
+    /// A probe reporting to `tx` (for a framework a test runs itself).
+    pub fn new(tx: mpsc::UnboundedSender<(Driver, Seen)>) -> Probe {
+        Probe { tx }
+    }
+}
+
 impl Scheduler for Probe {
     async fn registered(&mut self, d: &Driver, id: &FrameworkId) {
         let _ = self.tx.send((d.clone(), Seen::Registered(id.clone())));
