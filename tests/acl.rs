@@ -335,3 +335,27 @@ fn agora_master_warns_once_without_acls_and_refuses_a_bad_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("acls.toml") && err.contains("line 3") && err.contains("oprator"), "{err}");
 }
+
+/// `agora dev` writes client.toml without the operator certificate (a framework principal's
+/// own view) and operator.toml with it.
+#[test]
+fn agora_dev_keeps_the_operator_certificate_out_of_client_toml() {
+    let dev = common::dev::Dev::start("cpus:1;mem:256MiB");
+    let client = std::fs::read_to_string(&dev.config).unwrap();
+    assert!(!client.contains("[operator]") && client.contains("[framework]"), "{client}");
+    let operator = std::fs::read_to_string(&dev.operator).unwrap();
+    assert!(operator.contains("[operator]"), "{operator}");
+    let out = dev.agora(&["run", "--cpus", "0.1", "--mem", "32MiB", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The framework certificate lists its own tasks but holds no operator right.
+    assert_eq!(dev.tasks_json().len(), 1);
+    let agents = common::dev::agora_with(&dev.operator, &["agents", "-o", "json"]);
+    let agents: Vec<serde_json::Value> = serde_json::from_slice(&agents.stdout).unwrap();
+    let agent = agents[0]["id"].as_str().unwrap().to_string();
+    let out = dev.agora(&["agent", "drain", &agent]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("principal `default` may not drain or undrain agents"), "{err}");
+    let out = common::dev::agora_with(&dev.operator, &["agent", "drain", &agent, "--no-kill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

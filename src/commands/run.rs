@@ -455,7 +455,9 @@ async fn unschedulable(
     cfg: &agora_sdk::config::ClientConfig,
     need: &Resources,
 ) -> Result<Option<String>, agora_sdk::client::ClientError> {
-    if cfg.operator.is_none() {
+    // Listing agents is open to a framework certificate too (a client.toml without
+    // `[operator]` opens an operator session restricted to its own principal).
+    if cfg.operator.is_none() && cfg.framework.is_none() {
         return Ok(None);
     }
     let mut client = agora_sdk::client::OperatorClient::connect(cfg).await?;
