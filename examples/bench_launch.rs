@@ -65,6 +65,7 @@ fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
         },
         kind,
         kill_grace: None,
+        user: None,
     }
 }
 

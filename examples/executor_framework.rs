@@ -316,6 +316,7 @@ async fn main() -> ExitCode {
             resources: task_resources.clone(),
             kind: TaskKind::Executor(Box::new(ExecutorTask { executor: info.clone(), data: Vec::new() })),
             kill_grace: None,
+            user: None,
         })
         .collect();
     let mut sched = EchoFramework {

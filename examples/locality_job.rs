@@ -173,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
                 })),
             },
             kill_grace: None,
+            user: None,
         };
         // The racks of the holders are learned from the offers (their `rack` attribute).
         let pending = PendingTask::from_info(task, Preference::default().attribute("blocks", b.as_str()));

@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             resources: Resources::parse("cpus:0.1;mem:32MiB").unwrap_or_default(),
             kind: TaskKind::Command(CommandInfo { argv: vec![script.clone()], shell: true, env: vec![] }),
             kill_grace: None,
+            user: None,
         })
         .collect();
     let mut sched = ShellTasks { total: queue.len(), queue, ended: BTreeMap::new(), started: Instant::now() };

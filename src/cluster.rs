@@ -74,8 +74,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let client = ClientConfig::from_tls_dir(&master.addr.to_string(), &tls_dir);
-        let client_path = dir.join("client.toml");
-        write_client(&client, &client_path)?;
+        let client_path = write_client_configs(&client, &dir)?;
         Ok(Cluster { master, client, client_path, shutdown, agents })
     }
 
@@ -134,6 +133,20 @@ pub fn spawn_agents(
         }));
     }
     agents
+}
+
+/// Name of the config `agora dev` writes with the operator certificate, next to client.toml.
+pub const OPERATOR_CONFIG: &str = "operator.toml";
+
+/// Writes a dev cluster's two configs in `dir`: `operator.toml` (operator and framework
+/// certificates: every operator call) first, then `client.toml` (the framework certificate
+/// only: runs tasks, and lists, kills and reads its own principal's). Returns client.toml.
+pub fn write_client_configs(full: &ClientConfig, dir: &Path) -> anyhow::Result<PathBuf> {
+    write_client(full, &dir.join(OPERATOR_CONFIG))?;
+    let client = ClientConfig { operator: None, ..full.clone() };
+    let path = dir.join("client.toml");
+    write_client(&client, &path)?;
+    Ok(path)
 }
 
 /// Writes client.toml atomically, so that a waiting script never reads half a file.

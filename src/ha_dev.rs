@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{spawn_agents, write_client, ClusterSpec};
+use crate::cluster::{spawn_agents, write_client_configs, ClusterSpec};
 
 /// The etcd cluster name the dev masters share.
 pub const CLUSTER_NAME: &str = "agora-dev";
@@ -141,7 +141,7 @@ impl HaCluster {
             cluster.stop().await;
             return Err(e);
         }
-        write_client(&client, &cluster.client_path)?;
+        write_client_configs(&client, &dir)?;
         Ok(cluster)
     }
 

@@ -208,6 +208,7 @@ fn shell_task(id: &str, script: &str) -> TaskInfo {
         resources: Resources::cpus(100),
         kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
         kill_grace: Some(Duration::from_secs(1)),
+        user: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn wasm_task(id: &str, module: &ArtifactRef) -> TaskInfo {
             timeout: None,
         })),
         kill_grace: None,
+        user: None,
     }
 }
 

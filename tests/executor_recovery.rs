@@ -134,6 +134,7 @@ impl FakeAgent {
             sandbox: self.sandbox(id),
             checkpoint: executor_dir.join("task.json"),
             kill_grace: Duration::from_secs(1),
+            run_as: None,
         }
     }
 

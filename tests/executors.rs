@@ -69,6 +69,7 @@ fn echo_task(id: &str, artifact: &ArtifactRef, data: &str) -> TaskInfo {
         resources: Resources::parse("cpus:0.1;mem:16MiB").expect("resources"),
         kind: TaskKind::Executor(Box::new(ExecutorTask { executor: echo_info(artifact), data: data.into() })),
         kill_grace: None,
+        user: None,
     }
 }
 

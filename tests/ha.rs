@@ -81,6 +81,7 @@ async fn etcd_registry_round_trips_and_fences_a_deposed_leader() {
             digest: Digest::parse(&"ab".repeat(32)).expect("digest"),
             kind: None,
             size: 7,
+            uploader: None,
         }),
     ];
     // More than one transaction's worth (etcd takes at most 128 operations in one), and more

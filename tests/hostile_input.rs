@@ -33,6 +33,7 @@ impl RawFramework {
             .expect("framework session");
         s.writer
             .send(&SchedulerCall::Subscribe(FrameworkInfo {
+                user: None,
                 id: None,
                 name: name.into(),
                 role: "*".into(),
@@ -131,6 +132,7 @@ async fn operator_agents(c: &TestCluster) -> (usize, Duration) {
 
 fn task(id: &str, resources: Resources) -> TaskInfo {
     TaskInfo {
+        user: None,
         task_id: TaskId::new(id),
         name: id.into(),
         resources,

@@ -108,6 +108,7 @@ async fn a_framework_that_does_not_read_its_stream_is_disconnected_not_buffered(
 
     let mut fw = connect(&c, Role::Framework).await;
     let info = FrameworkInfo {
+        user: None,
         id: None,
         name: "flood".into(),
         role: "*".into(),

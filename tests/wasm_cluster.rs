@@ -43,6 +43,7 @@ fn wasm_task(id: &str, module: &ArtifactRef, mem: &str, timeout: Option<Duration
             timeout,
         })),
         kill_grace: None,
+        user: None,
     }
 }
 

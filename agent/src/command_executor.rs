@@ -181,6 +181,12 @@ struct Ctx {
 
 impl Ctx {
     fn spec(&self, l: CommandLaunch) -> LaunchSpec {
+        // The agent resolved the task's own user (never root): with this process's rights to
+        // switch users, run it as that one.
+        let user = match (l.run_as, self.user) {
+            (Some((uid, gid)), Some(_)) if uid != 0 => Some(TaskUser { uid, gid }),
+            _ => self.user,
+        };
         let executor_dir = l.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default();
         LaunchSpec {
             framework_id: self.framework_id.clone(),
@@ -190,12 +196,13 @@ impl Ctx {
                 resources: l.resources,
                 kind: TaskKind::Command(l.command),
                 kill_grace: Some(l.kill_grace),
+                user: None,
             },
             executor_dir,
             run_dir: l.sandbox,
             kill_grace: l.kill_grace,
             isolator: self.isolator.clone(),
-            user: self.user,
+            user,
         }
     }
 }

@@ -268,6 +268,32 @@ impl Core {
         self.task_groups = groups;
     }
 
+    /// Who `task` runs as: its own user (`TaskInfo::user`, the master's effective user) with
+    /// its framework's group, else the task user with that group. A named user must exist
+    /// and must not be root. Only native commands take a user of their own: a framework's
+    /// Wasm executor and its own executors are one process per framework, run as the task
+    /// user, so their tasks may name no other.
+    fn task_user(&self, fw: &FrameworkId, task: &TaskInfo) -> Result<Option<TaskUser>, String> {
+        let base = self.user_for(fw)?;
+        let Some(name) = &task.user else { return Ok(base) };
+        let requested = TaskUser::lookup_requested(name)?;
+        let Some(base) = base else {
+            return Err(format!(
+                "task user `{name}`: this agent does not run as root and cannot switch users"
+            ));
+        };
+        if requested.uid == base.uid {
+            return Ok(Some(base));
+        }
+        if !matches!(task.kind, TaskKind::Command(_)) {
+            return Err(format!(
+                "task user `{name}`: only native command tasks run as a user of their own; this \
+                 agent runs Wasm and executor tasks as its --task-user"
+            ));
+        }
+        Ok(Some(TaskUser { uid: requested.uid, gid: base.gid }))
+    }
+
     fn user_for(&self, fw: &FrameworkId) -> Result<Option<TaskUser>, String> {
         match &self.task_groups {
             Some(g) => g
@@ -356,10 +382,14 @@ impl Core {
             self.send_error(key, "invalid task", msg, now);
             return;
         }
-        let dirs = match self
-            .user_for(&framework_id)
-            .and_then(|u| Ok((u, self.task_dirs(&framework_id, &task, u)?)))
-        {
+        let user = match self.task_user(&framework_id, &task) {
+            Ok(u) => u,
+            Err(e) => {
+                self.send_error(key, "invalid task user", e, now);
+                return;
+            }
+        };
+        let dirs = match self.task_dirs(&framework_id, &task, user).map(|d| (user, d)) {
             Ok(d) => d,
             Err(e) => {
                 self.send_error(key, "invalid task", e, now);

@@ -861,6 +861,7 @@ pub(crate) mod tests {
                 env: vec![("GREETING".into(), "hello".into())],
             }),
             kill_grace: None,
+            user: None,
         }
     }
 

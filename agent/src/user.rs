@@ -77,6 +77,22 @@ impl TaskUser {
         Ok(user)
     }
 
+    /// The user a task asks to run as (`TaskInfo::user`): it must exist on this node by name
+    /// and must not be root. The error is for the task's status message.
+    pub fn lookup_requested(name: &str) -> Result<Self, String> {
+        let numeric = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
+        match Self::lookup(name) {
+            // A bare number is a uid to --task-user; a task names a user that exists.
+            Ok(_) if numeric => Err(format!("task user `{name}`: name a user of this node, not a uid")),
+            Ok(u) => Ok(u),
+            Err(UserError::Root(_)) => {
+                Err(format!("task user `{name}` is root (uid 0): tasks never run as root"))
+            }
+            Err(UserError::Unknown(_)) => Err(format!("task user `{name}`: no such user on this node")),
+            Err(UserError::Lookup { err, .. }) => Err(format!("task user `{name}`: {err}")),
+        }
+    }
+
     /// What `--task-user NAME` means for this agent: the user when the agent is root (it must
     /// exist and must not be root); `None` when the agent is not root, after one warning.
     pub fn for_agent(name: &str) -> Result<Option<Self>, UserError> {

@@ -62,6 +62,7 @@ impl Runner {
             resources: Resources { cpus, mem, ..Resources::default() },
             kind: TaskKind::Command(cmd),
             kill_grace: Some(Duration::from_millis(200)),
+            user: None,
         };
         let executor_dir = self.layout.executor_dir(&fw, &task.task_id).expect("ids");
         let run_dir = Layout::run_dir(&executor_dir, uuid::Uuid::new_v4());

@@ -5,6 +5,7 @@
 //! [`artifacts`] store (copied between masters by [`replication`]). Everything a peer sends is
 //! checked by [`validate`] before the core acts on it.
 
+pub mod acl;
 pub mod allocator;
 pub mod artifacts;
 pub mod core;

@@ -19,6 +19,8 @@ pub const TASKS_LAUNCHED: &str = "agora_master_tasks_launched_total";
 pub const TASKS_INVALID: &str = "agora_master_tasks_invalid_total";
 /// Calls and messages refused on receipt by [`crate::validate`].
 pub const CALLS_INVALID: &str = "agora_master_calls_invalid_total";
+/// Calls, subscriptions, launches and uploads the ACLs (`--acls`) denied.
+pub const ACL_DENIALS: &str = "agora_master_acl_denials_total";
 /// Tasks that reached a terminal state (label `state`).
 pub const TASKS_TERMINAL: &str = "agora_master_tasks_terminal_total";
 /// Status updates received from agents.
@@ -70,6 +72,7 @@ pub fn describe() {
     describe_counter!(TASKS_LAUNCHED, Unit::Count, "Tasks sent to agents");
     describe_counter!(TASKS_INVALID, Unit::Count, "Tasks refused at launch");
     describe_counter!(CALLS_INVALID, Unit::Count, "Peer calls and messages refused on receipt as invalid");
+    describe_counter!(ACL_DENIALS, Unit::Count, "Actions the ACLs denied");
     describe_counter!(TASKS_TERMINAL, Unit::Count, "Tasks that reached a terminal state");
     describe_counter!(STATUS_UPDATES, Unit::Count, "Status updates received from agents");
     describe_counter!(ALLOCATION_RUNS, Unit::Count, "Allocation cycles run");

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::acl::{Acls, OperatorRight, UploadLimit};
 use crate::allocator;
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::core::{Action, ConnId, Event, Master, MasterConfig, OutputLocation, Requester};
@@ -176,6 +177,14 @@ enum Query {
     /// registry has it.
     Drain(AgentId, Option<(Option<Duration>, bool)>, oneshot::Sender<Result<(), WireError>>),
     Locate(Requester, TaskId, oneshot::Sender<Result<(OutputLocation, quinn::Connection), WireError>>),
+    /// Kill a task of this principal's frameworks only.
+    KillOwn(String, TaskId, oneshot::Sender<Result<(), WireError>>),
+    /// Whether a framework belongs to a principal.
+    Owns(String, FrameworkId, oneshot::Sender<bool>),
+    /// Reserve bytes of a principal's upload quota (principal, size, quota).
+    ReserveUpload(String, u64, u64, oneshot::Sender<Result<(), WireError>>),
+    /// Give a reservation back.
+    ReleaseUpload(String, u64),
 }
 
 /// What a connection's writer sends.
@@ -243,6 +252,8 @@ struct Term {
     stop: CancellationToken,
     /// Set when the core stopped by itself (its registry cannot be written).
     fatal: watch::Receiver<Option<String>>,
+    /// `--acls` (`None`: everything allowed).
+    acls: Option<Arc<Acls>>,
 }
 
 /// What the accept loop does with a new connection.
@@ -428,6 +439,18 @@ pub fn spawn(config: ServerConfig, shutdown: CancellationToken) -> Result<Master
     spawn_with_registry(config, &allocator::Registry::builtin(), shutdown)
 }
 
+/// Says once, at start, whether ACLs are in force: without `--acls` every principal may do
+/// everything, and an operator should know.
+fn log_acl_mode(config: &ServerConfig) {
+    match &config.core.acls {
+        None => warn!(
+            "no --acls given: every principal may subscribe as any role, run tasks as any user, \
+             upload artifacts, and (with an operator certificate) use every operator call"
+        ),
+        Some(acls) => info!(principals = acls.len(), "ACLs in force: anything they do not grant is denied"),
+    }
+}
+
 /// Binds the QUIC endpoint.
 fn bind(config: &ServerConfig) -> Result<(quinn::Endpoint, SocketAddr), ServerError> {
     let server_cfg = server_config(&config.tls)?;
@@ -449,6 +472,7 @@ pub fn spawn_with_registry(
     let (endpoint, addr) = bind(&config)?;
     let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
     tokio::spawn(revoked.clone().watch(shutdown.clone()));
+    log_acl_mode(&config);
     let reg = RedbRegistry::open(&config.work_dir.join(REGISTRY_FILE))?;
     let store = Arc::new(
         ArtifactStore::open(&config.work_dir.join("artifacts"), config.max_artifact_size)?
@@ -480,6 +504,7 @@ pub async fn spawn_ha(
     let (endpoint, addr) = bind(&config)?;
     let revoked = Arc::new(Revocations::for_tls(&config.tls)?);
     tokio::spawn(revoked.clone().watch(shutdown.clone()));
+    log_acl_mode(&config);
     let mut ha_cfg = ha_cfg;
     if ha_cfg.advertise.is_empty() {
         ha_cfg.advertise = addr.to_string();
@@ -702,6 +727,7 @@ fn start_term(
     let mut fixes = Vec::new();
     let mut missing = Vec::new();
     for (digest, record) in &state.artifacts {
+        core.artifact_uploaded(&mut record.clone());
         match files.get(digest) {
             Some(size) if *size == record.size => {
                 // Indexed with a kind only once it passed that kind's checks.
@@ -722,6 +748,7 @@ fn start_term(
                 digest: digest.clone(),
                 kind: None,
                 size: *size,
+                uploader: None,
             }));
         }
         core.artifact_stored(digest.clone());
@@ -760,7 +787,8 @@ fn start_term(
     }
     let me =
         MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
-    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal })
+    let acls = config.core.acls.clone();
+    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal, acls })
 }
 
 /// The leader's bound on its artifact store: every `cfg.interval`, the least recently used
@@ -946,7 +974,8 @@ fn apply(
         Command::Attach { conn, quic, outbox } => {
             conns.insert(conn, (quic, outbox));
         }
-        Command::ArtifactStored(record) => {
+        Command::ArtifactStored(mut record) => {
+            core.artifact_uploaded(&mut record);
             // Indexed now; a failure here leaves the file, adopted at the next start.
             if let Err(e) = reg.apply(&[RegistryOp::PutArtifact(record.clone())]) {
                 warn!(digest = %record.digest, error = %e, "cannot index an artifact in the registry");
@@ -970,6 +999,7 @@ fn apply(
             let _ = tx.send(ok);
         }
         Command::ArtifactsLost(digests) => {
+            core.artifacts_lost(&digests);
             let ops: Vec<RegistryOp> = digests.into_iter().map(RegistryOp::RemoveArtifact).collect();
             if let Err(e) = reg.apply(&ops) {
                 warn!(error = %e, "cannot drop lost artifacts from the registry's index");
@@ -1004,6 +1034,16 @@ fn apply(
             Query::Kill(id, tx) => {
                 let _ = tx.send(core.kill_task(now, &id));
             }
+            Query::KillOwn(principal, id, tx) => {
+                let _ = tx.send(core.kill_task_of(now, &id, Some(&principal)));
+            }
+            Query::Owns(principal, fw, tx) => {
+                let _ = tx.send(core.framework_principal_is(&fw, &principal));
+            }
+            Query::ReserveUpload(principal, size, quota, tx) => {
+                let _ = tx.send(core.reserve_upload(&principal, size, quota));
+            }
+            Query::ReleaseUpload(principal, size) => core.release_upload(&principal, size),
             Query::TaskHistory(key, tx) => {
                 let _ = tx.send(core.task_history(&key));
             }
@@ -1174,8 +1214,13 @@ async fn not_leader(
             debug!(%remote, "standby: serving artifact fetches to another master");
             // Nothing but fetches: no core behind this connection.
             let (no_core, _) = mpsc::unbounded_channel();
-            let streams =
-                accept_streams(conn.clone(), Role::Master, String::new(), None, no_core, store, admission);
+            let access = Access {
+                principal: "master".into(),
+                cert_role: Role::Master,
+                acls: None,
+                limits: admission.limits.clone(),
+            };
+            let streams = accept_streams(conn.clone(), Role::Master, None, no_core, store, access, admission);
             tokio::spawn(streams.in_current_span());
             serve_master_peer(conn, writer, reader, shutdown).await;
             return;
@@ -1379,16 +1424,84 @@ async fn refuse_hello(conn: quinn::Connection, err: WireError) {
     conn.close(app_code(err.code), err.message.as_bytes());
 }
 
-/// A connection's hello and the master's answer: `Welcome` if the certificate's role matches,
-/// the version is ours and `admission` lets the principal open one more connection (the slot
-/// it holds while open comes back with it).
+/// What a connection may do: its certificate's principal and role, the role it opened its
+/// session as (a framework certificate may open an operator session, restricted to its own
+/// frameworks), and the ACLs.
+#[derive(Clone)]
+struct Access {
+    principal: String,
+    /// The certificate's role.
+    cert_role: Role,
+    acls: Option<Arc<Acls>>,
+    /// The bounds on its bulk streams (timeouts).
+    limits: PeerLimits,
+}
+
+impl Access {
+    /// Does the session hold `right`? Without `--acls`, an operator certificate holds every
+    /// right and a framework certificate none (it sees and acts on its own frameworks only).
+    fn may(&self, right: OperatorRight) -> bool {
+        match &self.acls {
+            Some(acls) => acls.has(&self.principal, right),
+            None => self.cert_role == Role::Operator,
+        }
+    }
+
+    fn check(&self, right: OperatorRight) -> Result<(), WireError> {
+        if self.may(right) {
+            return Ok(());
+        }
+        counter!(metrics::ACL_DENIALS).increment(1);
+        let why =
+            if self.acls.is_none() { " (a framework certificate; use an operator certificate)" } else { "" };
+        Err(WireError::new(
+            ErrorCode::Unauthorized,
+            format!("principal `{}` may not {}{why}", self.principal, right.action()),
+        ))
+    }
+
+    /// How much the principal may upload (`None`: no limit), or why not at all.
+    fn upload(&self) -> Result<Option<u64>, WireError> {
+        match &self.acls {
+            None => Ok(None),
+            Some(acls) => match acls.upload_limit(&self.principal) {
+                Ok(UploadLimit::Unlimited) => Ok(None),
+                Ok(UploadLimit::Quota(q)) => Ok(Some(q)),
+                Err(e) => {
+                    counter!(metrics::ACL_DENIALS).increment(1);
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// Who reads task output and files on an operator session.
+    fn reader(&self) -> Requester {
+        if self.may(OperatorRight::ReadAny) {
+            Requester::Operator
+        } else {
+            Requester::Principal(self.principal.clone())
+        }
+    }
+}
+
+/// Whether a session `hello` may be opened with a certificate of role `cert`: the same role,
+/// or an operator session of a framework certificate (its principal's own frameworks only).
+fn session_allowed(hello: Role, cert: Role) -> bool {
+    hello == cert || (hello == Role::Operator && cert == Role::Framework)
+}
+
+/// A connection's hello and the master's answer: `Welcome` if the certificate allows the
+/// session's role, the version is ours and `admission` lets the principal open one more
+/// connection. Returns the certificate's identity, the role of the session the peer opened and
+/// the connection slot it holds while open.
 #[allow(clippy::type_complexity)]
 async fn handshake(
     conn: &quinn::Connection,
     master_id: &str,
     epoch: u64,
     admission: &Admission,
-) -> Result<(Identity, Option<Slot>, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
+) -> Result<(Identity, Role, Option<Slot>, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
     let identity = peer_identity(conn).map_err(|e| e.to_string())?;
     let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
@@ -1408,16 +1521,16 @@ async fn handshake(
                 h.version
             ),
         ))),
-        Ok(Some(h)) if h.role != identity.role => Err(WireError::new(
+        Ok(Some(h)) if !session_allowed(h.role, identity.role) => Err(WireError::new(
             ErrorCode::Unauthorized,
             format!("certificate of `{}` is for role {}, not {}", identity.principal, identity.role, h.role),
         )),
-        Ok(Some(_)) => admission.connection(&identity),
+        Ok(Some(h)) => admission.connection(&identity).map(|slot| (h.role, slot)),
         Ok(None) => Err(WireError::new(ErrorCode::Unexpected, "stream closed before hello")),
         Err(e) => Err(frame_error(&e)),
     };
     match verdict {
-        Ok(slot) => {
+        Ok((session, slot)) => {
             writer
                 .send(&HelloReply::Welcome {
                     version: PROTOCOL_VERSION,
@@ -1426,7 +1539,7 @@ async fn handshake(
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((identity, slot, writer, reader))
+            Ok((identity, session, slot, writer, reader))
         }
         Err(err) => {
             let _ = writer.send(&HelloReply::Refused(err.clone())).await;
@@ -1449,7 +1562,7 @@ async fn serve_connection(
     let core = term.core.0.clone();
     let shutdown = term.stop.clone();
     let remote = conn.remote_address();
-    let (identity, _slot, writer, reader) =
+    let (identity, session, _slot, writer, reader) =
         match handshake(&conn, &term.me.id, term.me.epoch, &admission).await {
             Ok(x) => x,
             Err(why) => {
@@ -1462,24 +1575,29 @@ async fn serve_connection(
     async move {
         debug!(%remote, "connected");
         // Bulk streams: task output and uploads from frameworks and operators, fetches from agents.
-        let who = match identity.role {
+        let access = Access {
+            principal: identity.principal.clone(),
+            cert_role: identity.role,
+            acls: term.acls.clone(),
+            limits: admission.limits.clone(),
+        };
+        let who = match session {
             Role::Framework => Some(Requester::Framework(id)),
-            Role::Operator => Some(Requester::Operator),
+            Role::Operator => Some(access.reader()),
             Role::Agent | Role::Master => None,
         };
-        let principal = identity.principal.clone();
         let streams = accept_streams(
             conn.clone(),
-            identity.role,
-            principal,
+            session,
             who,
             core.clone(),
             store,
+            access.clone(),
             admission.clone(),
         );
         tokio::spawn(streams.in_current_span());
         let limits = &admission.limits;
-        match identity.role {
+        match session {
             Role::Agent => {
                 let max = (limits.agent_outbox_bytes, EVENTS_IN_CORE_PER_AGENT);
                 serve_peer::<AgentMessage, MasterToAgent>(
@@ -1494,7 +1612,7 @@ async fn serve_connection(
                 )
                 .await
             }
-            Role::Operator => serve_operator(conn, writer, reader, core, &term, shutdown).await,
+            Role::Operator => serve_operator(conn, writer, reader, core, &term, &access, shutdown).await,
             Role::Master => serve_master_peer(conn, writer, reader, shutdown).await,
         }
         debug!("disconnected");
@@ -1707,9 +1825,18 @@ async fn serve_operator(
     mut reader: FrameReader<RecvStream>,
     core: mpsc::UnboundedSender<Command>,
     term: &Term,
+    access: &Access,
     shutdown: CancellationToken,
 ) {
     let core = CoreClient(core);
+    let list_all = access.may(OperatorRight::ListAll);
+    let mine = |fws: Vec<FrameworkView>| -> Vec<FrameworkView> {
+        if list_all {
+            fws
+        } else {
+            fws.into_iter().filter(|f| f.principal == access.principal).collect()
+        }
+    };
     loop {
         let call = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -1720,11 +1847,11 @@ async fn serve_operator(
                 OperatorReply::Agents(core.ask(Query::Agents).await.unwrap_or_default())
             }
             Ok(Some(OperatorCall::GetFrameworks)) => {
-                OperatorReply::Frameworks(core.ask(Query::Frameworks).await.unwrap_or_default())
+                OperatorReply::Frameworks(mine(core.ask(Query::Frameworks).await.unwrap_or_default()))
             }
-            Ok(Some(OperatorCall::GetCompletedFrameworks)) => {
-                OperatorReply::Frameworks(core.ask(Query::CompletedFrameworks).await.unwrap_or_default())
-            }
+            Ok(Some(OperatorCall::GetCompletedFrameworks)) => OperatorReply::Frameworks(mine(
+                core.ask(Query::CompletedFrameworks).await.unwrap_or_default(),
+            )),
             Ok(Some(OperatorCall::GetMasters)) => match &term.members {
                 // One master: itself, the leader.
                 None => OperatorReply::Masters(vec![term.me.clone()]),
@@ -1734,21 +1861,54 @@ async fn serve_operator(
                 },
             },
             Ok(Some(OperatorCall::GetTasks)) => {
-                OperatorReply::Tasks(core.ask(Query::Tasks).await.unwrap_or_default())
+                let tasks = core.ask(Query::Tasks).await.unwrap_or_default();
+                if list_all {
+                    OperatorReply::Tasks(tasks)
+                } else {
+                    // The principal's frameworks, live and completed.
+                    let mut own = mine(core.ask(Query::Frameworks).await.unwrap_or_default());
+                    own.extend(mine(core.ask(Query::CompletedFrameworks).await.unwrap_or_default()));
+                    let own: std::collections::HashSet<FrameworkId> = own.into_iter().map(|f| f.id).collect();
+                    OperatorReply::Tasks(
+                        tasks.into_iter().filter(|t| own.contains(&t.framework_id)).collect(),
+                    )
+                }
             }
             Ok(Some(OperatorCall::GetPendingTasks)) => {
-                OperatorReply::PendingTasks(core.ask(Query::PendingTasks).await.unwrap_or_default())
+                let pending = core.ask(Query::PendingTasks).await.unwrap_or_default();
+                if list_all {
+                    OperatorReply::PendingTasks(pending)
+                } else {
+                    // Only what the principal's own live frameworks wait for.
+                    let own = mine(core.ask(Query::Frameworks).await.unwrap_or_default());
+                    let own: std::collections::HashSet<FrameworkId> = own.into_iter().map(|f| f.id).collect();
+                    OperatorReply::PendingTasks(
+                        pending.into_iter().filter(|p| own.contains(&p.framework_id)).collect(),
+                    )
+                }
             }
             Ok(Some(OperatorCall::GetPolicy)) => match core.ask(Query::Policy).await {
                 Some((policy, source)) => OperatorReply::Policy { policy, source: source.to_string() },
                 None => break,
             },
+            Ok(Some(OperatorCall::SetPolicy(_))) if !access.may(OperatorRight::SetPolicy) => {
+                OperatorReply::Error(access.check(OperatorRight::SetPolicy).err().unwrap_or_else(denied))
+            }
             Ok(Some(OperatorCall::SetPolicy(policy))) => {
                 match core.ask(|tx| Query::SetPolicy(policy, tx)).await {
                     Some(Ok(())) => OperatorReply::Ok,
                     Some(Err(e)) => OperatorReply::Error(e),
                     None => break,
                 }
+            }
+            Ok(Some(OperatorCall::GetTaskHistory { framework_id, .. }))
+                if !list_all
+                    && !core
+                        .ask(|tx| Query::Owns(access.principal.clone(), framework_id.clone(), tx))
+                        .await
+                        .unwrap_or(false) =>
+            {
+                OperatorReply::Error(access.check(OperatorRight::ListAll).err().unwrap_or_else(denied))
             }
             Ok(Some(OperatorCall::GetTaskHistory { framework_id, task_id })) => {
                 let key = TaskKey::new(framework_id, task_id);
@@ -1761,6 +1921,11 @@ async fn serve_operator(
                     None => break,
                 }
             }
+            Ok(Some(OperatorCall::DrainAgent { .. } | OperatorCall::UndrainAgent { .. }))
+                if !access.may(OperatorRight::Drain) =>
+            {
+                OperatorReply::Error(access.check(OperatorRight::Drain).err().unwrap_or_else(denied))
+            }
             Ok(Some(OperatorCall::DrainAgent { agent_id, deadline, kill })) => {
                 match core.ask(|tx| Query::Drain(agent_id, Some((deadline, kill)), tx)).await {
                     Some(Ok(())) => OperatorReply::Ok,
@@ -1770,6 +1935,13 @@ async fn serve_operator(
             }
             Ok(Some(OperatorCall::UndrainAgent { agent_id })) => {
                 match core.ask(|tx| Query::Drain(agent_id, None, tx)).await {
+                    Some(Ok(())) => OperatorReply::Ok,
+                    Some(Err(e)) => OperatorReply::Error(e),
+                    None => break,
+                }
+            }
+            Ok(Some(OperatorCall::KillTask { task_id })) if !access.may(OperatorRight::KillAny) => {
+                match core.ask(|tx| Query::KillOwn(access.principal.clone(), task_id, tx)).await {
                     Some(Ok(())) => OperatorReply::Ok,
                     Some(Err(e)) => OperatorReply::Error(e),
                     None => break,
@@ -1795,6 +1967,11 @@ async fn serve_operator(
         }
     }
     conn.close(0u32.into(), b"bye");
+}
+
+/// The error of a check that unexpectedly passed (never sent: each caller checked first).
+fn denied() -> WireError {
+    WireError::new(ErrorCode::Unauthorized, "denied")
 }
 
 /// Queues `m`; a list too large for one frame goes in several messages that each fit (in
@@ -1878,14 +2055,14 @@ async fn serve_master_peer(
 async fn accept_streams(
     conn: quinn::Connection,
     role: Role,
-    principal: String,
     who: Option<Requester>,
     core: mpsc::UnboundedSender<Command>,
     store: Arc<ArtifactStore>,
+    access: Access,
     admission: Arc<Admission>,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let slot = match admission.stream(role, &principal) {
+        let slot = match admission.stream(role, &access.principal) {
             Ok(slot) => slot,
             Err(err) => {
                 tokio::spawn(refuse_stream(send, recv, err).in_current_span());
@@ -1895,11 +2072,11 @@ async fn accept_streams(
         let core = core.clone();
         let who = who.clone();
         let store = store.clone();
-        let limits = admission.limits.clone();
+        let access = access.clone();
         tokio::spawn(
             async move {
                 let _slot = slot;
-                if let Err(e) = serve_stream(send, recv, role, who, core, store, &limits).await {
+                if let Err(e) = serve_stream(send, recv, role, who, core, store, &access).await {
                     debug!(error = %e, "bulk stream ended with an error");
                 }
             }
@@ -1940,8 +2117,9 @@ async fn serve_stream(
     who: Option<Requester>,
     core: mpsc::UnboundedSender<Command>,
     store: Arc<ArtifactStore>,
-    limits: &PeerLimits,
+    access: &Access,
 ) -> Result<(), String> {
+    let limits = &access.limits;
     let w = FrameWriter::new(send);
     let mut r = FrameReader::new(recv);
     let req = match tokio::time::timeout(HANDSHAKE_TIMEOUT, r.recv::<StreamRequest>()).await {
@@ -1958,7 +2136,10 @@ async fn serve_stream(
             None => reply_and_finish(w, &OutputReply::Error(not_allowed(role, "read task output"))).await,
         },
         StreamRequest::Upload(req) if matches!(role, Role::Framework | Role::Operator) => {
-            serve_upload(w, r, req, core, &store, limits).await
+            match access.upload() {
+                Ok(quota) => serve_upload(w, r, req, core, &store, access, quota).await,
+                Err(e) => reply_and_finish(w, &UploadReply::Error(e)).await,
+            }
         }
         StreamRequest::Upload(_) => {
             reply_and_finish(w, &UploadReply::Error(not_allowed(role, "upload artifacts"))).await
@@ -1991,15 +2172,19 @@ fn artifact_error(e: &ArtifactError) -> WireError {
 
 /// One upload: `Present` or `Send`, then the bytes into the store, then `Stored` or an error.
 /// The core learns of the digest before the uploader hears of it, so a launch that follows
-/// the reply finds it.
+/// the reply finds it. With a `quota` (`--acls`), the declared size is reserved against the
+/// principal's before any byte is taken, and refused past it.
 async fn serve_upload(
     mut w: FrameWriter<SendStream>,
     r: FrameReader<RecvStream>,
     req: UploadRequest,
     core: mpsc::UnboundedSender<Command>,
     store: &ArtifactStore,
-    limits: &PeerLimits,
+    access: &Access,
+    quota: Option<u64>,
 ) -> Result<(), String> {
+    let (principal, limits) = (access.principal.as_str(), &access.limits);
+    let uploader = Some(principal.to_string());
     let present = match store.check(&req) {
         Ok(()) => store.check_present(&req).await,
         Err(e) => Err(e),
@@ -2007,7 +2192,8 @@ async fn serve_upload(
     match present {
         Ok(true) => {
             counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "present").increment(1);
-            let record = ArtifactRecord { digest: req.digest.clone(), kind: Some(req.kind), size: req.size };
+            let record =
+                ArtifactRecord { digest: req.digest.clone(), kind: Some(req.kind), size: req.size, uploader };
             let _ = core.send(Command::ArtifactStored(record));
             return reply_and_finish(w, &UploadReply::Present).await;
         }
@@ -2018,7 +2204,26 @@ async fn serve_upload(
             return reply_and_finish(w, &UploadReply::Error(artifact_error(&e))).await;
         }
     }
-    w.send(&UploadReply::Send).await.map_err(|e| e.to_string())?;
+    if let Some(quota) = quota {
+        let (tx, rx) = oneshot::channel();
+        let reserve = Query::ReserveUpload(principal.to_string(), req.size, quota, tx);
+        core.send(Command::Query(reserve)).map_err(|_| "master stopping")?;
+        if let Err(e) = rx.await.map_err(|_| "master stopping")? {
+            counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "rejected").increment(1);
+            info!(name = %req.name, error = %e.message, "artifact refused");
+            return reply_and_finish(w, &UploadReply::Error(e)).await;
+        }
+    }
+    // Given back however the upload ends (after `ArtifactStored`, which counts it instead).
+    let release = |core: &mpsc::UnboundedSender<Command>| {
+        if quota.is_some() {
+            let _ = core.send(Command::Query(Query::ReleaseUpload(principal.to_string(), req.size)));
+        }
+    };
+    if let Err(e) = w.send(&UploadReply::Send).await {
+        release(&core);
+        return Err(e.to_string());
+    }
     let (recv, buffered) = r.into_parts();
     // An uploader that sends nothing for the idle timeout, or is not done by the total one, is
     // cut (the store then refuses the upload and removes what it received).
@@ -2027,8 +2232,12 @@ async fn serve_upload(
     let reply = match store.store(&req, body).await {
         Ok(artifact) => {
             info!(digest = %artifact.digest, size = artifact.size, name = %req.name, "artifact stored");
-            let record =
-                ArtifactRecord { digest: artifact.digest, kind: Some(req.kind), size: artifact.size };
+            let record = ArtifactRecord {
+                digest: artifact.digest,
+                kind: Some(req.kind),
+                size: artifact.size,
+                uploader,
+            };
             let _ = core.send(Command::ArtifactStored(record));
             UploadReply::Stored
         }
@@ -2037,6 +2246,7 @@ async fn serve_upload(
             UploadReply::Error(artifact_error(&e))
         }
     };
+    release(&core);
     reply_and_finish(w, &reply).await
 }
 

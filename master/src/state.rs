@@ -152,6 +152,8 @@ pub(crate) struct Framework {
     pub principal: String,
     pub hostname: String,
     pub failover_timeout: Duration,
+    /// The OS user its tasks run as unless a task names one (`FrameworkInfo::user`).
+    pub user: Option<String>,
     pub link: FrameworkLink,
     pub suppressed: bool,
     /// Numbers of its outstanding offers (unordered: walks sort their ids first).
@@ -506,6 +508,7 @@ mod tests {
                 resources: Resources::default(),
                 kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
                 kill_grace: None,
+                user: None,
             },
             framework_id: FrameworkId::new("f"),
             agent_id: AgentId::new("a"),
@@ -542,6 +545,7 @@ mod tests {
                 resources: Resources::default(),
                 kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
                 kill_grace: None,
+                user: None,
             },
             framework_id: FrameworkId::new(fw),
             agent_id: AgentId::new("a"),

@@ -44,6 +44,7 @@ pub fn framework_info(id: Option<&FrameworkId>, name: &str, failover: Duration) 
         role: "*".into(),
         failover_timeout: failover,
         hostname: "h".into(),
+        user: None,
     }
 }
 
@@ -55,6 +56,7 @@ pub fn command_task(task_id: TaskId, resources: Resources) -> TaskInfo {
         resources,
         kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
         kill_grace: None,
+        user: None,
     }
 }
 

@@ -374,6 +374,7 @@ mod tests {
 
     fn cmd_task(id: &str, r: &str) -> TaskInfo {
         TaskInfo {
+            user: None,
             task_id: TaskId::new(id),
             name: id.into(),
             resources: res(r),
@@ -441,6 +442,7 @@ mod tests {
         assert!(task(&mut wasm(Some(Duration::ZERO)), &agent, DEFAULT_MAX_KILL_GRACE).is_err());
         assert!(task(&mut wasm(Some(Duration::from_secs(5))), &agent, DEFAULT_MAX_KILL_GRACE).is_ok());
         let mut info = FrameworkInfo {
+            user: None,
             id: None,
             name: "f".into(),
             role: "*".into(),

@@ -254,6 +254,7 @@ async fn launch_wasm(fx: &Fixture, addr: SocketAddr, module: &ArtifactRef) -> Re
         role: "*".into(),
         failover_timeout: Duration::from_secs(60),
         hostname: "h".into(),
+        user: None,
     };
     fw.writer.send(&SchedulerCall::Subscribe(info)).await.unwrap();
     let offer = loop {
@@ -276,6 +277,7 @@ async fn launch_wasm(fx: &Fixture, addr: SocketAddr, module: &ArtifactRef) -> Re
             timeout: None,
         })),
         kill_grace: None,
+        user: None,
     };
     fw.writer
         .send(&SchedulerCall::Accept {
@@ -370,6 +372,7 @@ fn the_core_refuses_wasm_launches_of_unknown_artifacts() {
         role: "*".into(),
         failover_timeout: Duration::from_secs(60),
         hostname: "h".into(),
+        user: None,
     };
     m.handle(now, Event::Framework { conn: fw, principal: "f".into(), call: SchedulerCall::Subscribe(info) });
 
@@ -402,6 +405,7 @@ fn the_core_refuses_wasm_launches_of_unknown_artifacts() {
             timeout: None,
         })),
         kill_grace: None,
+        user: None,
     };
     let launch = |m: &mut Master, now: &mut Instant, id: &str| -> Result<(), String> {
         let offer = next_offer(m, now);

@@ -150,6 +150,7 @@ async fn an_executor_is_launched_messaged_and_shut_down_over_quic() {
         role: "*".into(),
         failover_timeout: Duration::from_secs(60),
         hostname: "h".into(),
+        user: None,
     };
     fw.writer.send(&SchedulerCall::Subscribe(info)).await.unwrap();
     let framework_id = next_event(&mut fw, |e| {
@@ -181,6 +182,7 @@ async fn an_executor_is_launched_messaged_and_shut_down_over_quic() {
             data: b"work".to_vec(),
         })),
         kill_grace: None,
+        user: None,
     };
     fw.writer
         .send(&SchedulerCall::Accept {

@@ -36,6 +36,7 @@ fn report(i: usize) -> TaskReport {
                 timeout: None,
             })),
             kill_grace: None,
+            user: None,
         },
         state: TaskState::Running,
     }
@@ -198,6 +199,7 @@ async fn offers_larger_than_a_frame_arrive_in_several_events() {
             role: "*".into(),
             failover_timeout: Duration::from_secs(60),
             hostname: "h".into(),
+            user: None,
         }))
         .await
         .unwrap();

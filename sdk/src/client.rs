@@ -325,7 +325,7 @@ pub struct OperatorClient {
 impl OperatorClient {
     /// Connects to the leader among `cfg`'s masters.
     pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
-        let files = cfg.identity(Role::Operator)?;
+        let files = cfg.operator_identity()?;
         let mut search = crate::masters::MasterSearch::new(&cfg.master)?;
         Ok(Self { session: search.connect_patiently(&files, Role::Operator).await? })
     }
@@ -335,7 +335,7 @@ impl OperatorClient {
     /// [`OperatorClient::stale`]. No master answering: [`ClientError::NoLeader`] naming what
     /// each said (a list of one: that master's own error).
     pub async fn connect_allowing_stale(cfg: &ClientConfig) -> Result<Self, ClientError> {
-        let files = cfg.identity(Role::Operator)?;
+        let files = cfg.operator_identity()?;
         let masters = crate::masters::MasterSearch::new(&cfg.master)?.candidates().await?;
         let mut tried = Vec::new();
         for addr in &masters {

@@ -143,6 +143,13 @@ impl ClientConfig {
         .ok_or_else(|| ConfigError::NoIdentity { path: self.source.clone(), role })?;
         Ok(TlsFiles { ca: self.ca.clone(), cert: pair.cert.clone(), key: pair.key.clone() })
     }
+
+    /// The TLS files for operator calls: the `[operator]` certificate, else the
+    /// `[framework]` one. A framework certificate opens an operator session that sees and acts
+    /// on its own principal's frameworks only (and what the master's ACLs grant it).
+    pub fn operator_identity(&self) -> Result<TlsFiles, ConfigError> {
+        self.identity(Role::Operator).or_else(|e| self.identity(Role::Framework).map_err(|_| e))
+    }
 }
 
 /// Checks a master list; the error names `origin`.

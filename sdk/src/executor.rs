@@ -834,6 +834,7 @@ mod tests {
                 data: data.as_bytes().to_vec(),
             })),
             kill_grace: None,
+            user: None,
         }
     }
 

@@ -55,7 +55,7 @@ use crate::proto::{
 use crate::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const EXECUTOR_PROTOCOL_VERSION: u32 = 3;
+pub const EXECUTOR_PROTOCOL_VERSION: u32 = 4;
 
 /// Environment variable: how long an executor that lost its agent keeps its tasks and waits
 /// for the agent to come back, in whole seconds (see the module docs). The built-in executors
@@ -182,6 +182,9 @@ pub struct CommandLaunch {
     pub checkpoint: PathBuf,
     /// SIGTERM → SIGKILL delay when the task is killed.
     pub kill_grace: Duration,
+    /// The uid and gid the task runs as (its `TaskInfo::user`, with its framework's group),
+    /// resolved by the agent; `None`: the executor's configured user.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// What happened to a task in the executor.

@@ -386,6 +386,7 @@ mod tests {
             resources: crate::Resources::parse("cpus:1;mem:1GiB;ports:[1-2]").unwrap(),
             kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
             kill_grace: None,
+            user: None,
         };
         let valid = [
             postcard::to_stdvec(&SchedulerCall::Accept {

@@ -12,7 +12,7 @@ use crate::attributes::Attributes;
 use crate::resources::Resources;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN protocol name of Agora's QUIC connections.
 pub const ALPN: &[u8] = b"agora/1";
@@ -520,6 +520,11 @@ pub struct TaskInfo {
     pub kind: TaskKind,
     /// Time between SIGTERM and SIGKILL when the task is killed (default 3 s).
     pub kill_grace: Option<Duration>,
+    /// The OS user the task runs as on its agent (`None`: its framework's user, else the
+    /// agent's `--task-user`). The master checks it against the principal's ACL grants and
+    /// sends the agent the effective user; the agent refuses root and unknown users.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// Who produced a status update.
@@ -694,6 +699,10 @@ pub struct FrameworkInfo {
     /// How long the master keeps the framework's tasks after it disconnects.
     pub failover_timeout: Duration,
     pub hostname: String,
+    /// The OS user the framework's tasks run as unless a task names its own (`None`: the
+    /// agent's `--task-user`).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// A resource offer: free resources on one agent.

@@ -175,6 +175,7 @@ impl DriverConfig {
                 role: "*".into(),
                 failover_timeout: Duration::from_secs(60),
                 hostname: hostname(),
+                user: None,
             },
             auto_acknowledge: true,
             reconnect: true,
@@ -974,6 +975,7 @@ mod tests {
             resources: Resources::parse(res).unwrap(),
             kind: TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
             kill_grace: None,
+            user: None,
         }
     }
 

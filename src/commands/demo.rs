@@ -95,6 +95,7 @@ fn shell_task(id: &str, script: &str, cpus: u64, mem_mib: u64) -> TaskInfo {
         resources: Resources { cpus, mem: mem_mib << 20, ..Default::default() },
         kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
         kill_grace: Some(Duration::from_millis(500)),
+        user: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn wasm_task(id: &str, module: &ArtifactRef, args: &[&str], mem_mib: u64, fuel: 
             timeout: Some(Duration::from_secs(20)),
         })),
         kill_grace: None,
+        user: None,
     }
 }
 
@@ -193,6 +195,7 @@ impl CustomScheduler {
                     data: w.as_bytes().to_vec(),
                 })),
                 kill_grace: None,
+                user: None,
             })
             .collect();
         Ok(Self {

@@ -49,6 +49,11 @@ pub struct DevCommand {
     allocation: AllocationArgs,
     #[command(flatten)]
     framework: FrameworkLivenessArgs,
+    /// ACL file of the master, as `agora master --acls` (one master only). client.toml
+    /// carries the framework certificate (principal `default`), operator.toml the operator
+    /// certificate (principal `operator`); `agora tls issue` makes more.
+    #[arg(long, value_name = "FILE")]
+    acls: Option<std::path::PathBuf>,
 }
 
 impl DevCommand {
@@ -79,6 +84,13 @@ impl DevCommand {
             agent_reregister_timeout: Duration::from_secs(600),
             framework: self.framework.clone(),
         })?;
+        let mut core = core;
+        if let Some(path) = &self.acls {
+            if self.masters > 1 {
+                anyhow::bail!("--acls is for one master; give each `agora master --etcd` its own --acls");
+            }
+            core.acls = Some(std::sync::Arc::new(agora_master::acl::Acls::load(path)?));
+        }
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();
@@ -107,10 +119,11 @@ impl DevCommand {
             let cluster = HaCluster::start(spec, self.masters, master_args()).await?;
             let list: Vec<String> = cluster.masters.iter().map(ToString::to_string).collect();
             println!(
-                "Agora dev cluster ready: masters {} (one leads, elected through etcd) with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora masters\n  agora run -- echo hello\nPress Ctrl-C to stop.",
+                "Agora dev cluster ready: masters {} (one leads, elected through etcd) with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora masters\n  agora run -- echo hello\nOperator calls (drain, policy, every principal's tasks): AGORA_CONFIG={}\nPress Ctrl-C to stop.",
                 list.join(", "),
                 self.agents,
-                cluster.client_path.display()
+                cluster.client_path.display(),
+                cluster.client_path.with_file_name(crate::cluster::OPERATOR_CONFIG).display()
             );
             super::shutdown_signal().await;
             eprintln!("stopping: killing tasks and shutting down agents, masters and etcd");
@@ -129,10 +142,11 @@ impl DevCommand {
             println!("HTTP: http://{bound}/api/v1/state and http://{bound}/metrics; web UI: http://{bound}/");
         }
         println!(
-            "Agora dev cluster ready: master {} with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora run -- echo hello\n  agora tasks\nPress Ctrl-C to stop.",
+            "Agora dev cluster ready: master {} with {} agent(s).\nNext, in another shell:\n  export AGORA_CONFIG={}\n  agora run -- echo hello\n  agora tasks\nOperator calls (drain, policy, every principal's tasks): AGORA_CONFIG={}\nPress Ctrl-C to stop.",
             cluster.master.addr,
             self.agents,
-            cluster.client_path.display()
+            cluster.client_path.display(),
+            cluster.client_path.with_file_name(crate::cluster::OPERATOR_CONFIG).display()
         );
         super::shutdown_signal().await;
         eprintln!("stopping: killing tasks and shutting down agents and master");

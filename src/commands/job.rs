@@ -91,6 +91,8 @@ impl JobCommand {
 struct JobFile {
     name: Spanned<String>,
     role: Option<Spanned<String>>,
+    /// OS user of the job's tasks (the framework's `user`).
+    user: Option<Spanned<String>>,
     #[serde(default, rename = "group")]
     groups: Vec<Spanned<GroupFile>>,
 }
@@ -219,6 +221,7 @@ enum GroupKind {
 struct Job {
     name: String,
     role: String,
+    user: Option<String>,
     groups: Vec<Group>,
 }
 
@@ -252,6 +255,13 @@ fn parse_job(file: &str, text: &str, base: &Path) -> Result<Job, FileError> {
         }
         Some(r) => r.get_ref().clone(),
         None => "*".into(),
+    };
+    let user = match &raw.user {
+        Some(u) if u.get_ref().is_empty() || u.get_ref().len() > 64 => {
+            return Err(at(u.span(), format!("invalid user `{}`: 1 to 64 characters", u.get_ref())))
+        }
+        Some(u) => Some(u.get_ref().clone()),
+        None => None,
     };
     if raw.groups.is_empty() {
         return Err(FileError {
@@ -353,7 +363,7 @@ fn parse_job(file: &str, text: &str, base: &Path) -> Result<Job, FileError> {
         };
         groups.push(Group { name, count, resources, kind, constraints, attempts, delay });
     }
-    Ok(Job { name: raw.name.into_inner(), role, groups })
+    Ok(Job { name: raw.name.into_inner(), role, user, groups })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,6 +578,7 @@ async fn run(cluster: &ClusterArgs, file: &Path) -> anyhow::Result<ExitCode> {
                 resources: g.resources.clone(),
                 kind: kind.clone(),
                 kill_grace: None,
+                user: None,
             };
             sched.pending.push_back(Pending { group: gi, index: i, attempt: 0, info });
         }
@@ -581,6 +592,7 @@ async fn run(cluster: &ClusterArgs, file: &Path) -> anyhow::Result<ExitCode> {
     let mut driver_cfg =
         DriverConfig::new(cfg.master.clone(), tls, format!("{FRAMEWORK_PREFIX}{}", job.name));
     driver_cfg.framework.role = job.role.clone();
+    driver_cfg.framework.user = job.user.clone();
     driver_cfg.framework.failover_timeout = super::run::FAILOVER_TIMEOUT;
     let started = Instant::now();
     let result = tokio::select! {

@@ -93,6 +93,14 @@ pub struct MasterCommand {
     /// Default: the listen address; required when that is unspecified (0.0.0.0 or [::]).
     #[arg(long, requires = "etcd")]
     advertise: Option<String>,
+    /// ACL file (TOML): what each principal (its client certificate's name) may do — the
+    /// roles it may subscribe as (`roles`), the OS users its tasks may run as (`task_users`),
+    /// uploads (`upload`, `upload_quota = "1GiB"`), operator rights (`operator = true`, or
+    /// `list_all`, `kill_any`, `read_any`, `set_policy`, `drain`). Anything not granted is
+    /// denied. Without it everything is allowed (one warning at start). See
+    /// docs/operations.md, "Access control".
+    #[arg(long, value_name = "FILE")]
+    acls: Option<PathBuf>,
 }
 
 /// etcd's client URLs (one flag value, comma-separated).
@@ -260,6 +268,9 @@ impl MasterCommand {
             }
             None => None,
         };
+        if let Some(path) = &self.acls {
+            core.acls = Some(std::sync::Arc::new(agora_master::acl::Acls::load(path)?));
+        }
         if self.http.is_some() {
             // Before the master starts, so that no early metric is lost.
             agora_master::http::prometheus();

@@ -135,6 +135,10 @@ pub struct RunCommand {
     /// Role of this run's framework.
     #[arg(long, default_value = "*")]
     role: String,
+    /// OS user the task runs as on its agent (native commands; must exist there and not be
+    /// root; the master's ACLs may restrict it). Default: the agent's --task-user.
+    #[arg(long)]
+    user: Option<String>,
     /// Environment variable for the task (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -201,6 +205,7 @@ impl RunCommand {
                 resources: resources.clone(),
                 kind: kind.clone(),
                 kill_grace: None,
+                user: None,
             })
             .collect();
         if let Some(why) = unschedulable(&cfg, &resources).await? {
@@ -213,6 +218,7 @@ impl RunCommand {
         }
         let mut driver_cfg = DriverConfig::new(cfg.master.clone(), tls, format!("agora-run {name}"));
         driver_cfg.framework.role = self.role.clone();
+        driver_cfg.framework.user = self.user.clone();
         // How long the run may be cut off from the master before giving up (the master keeps
         // its tasks as long, so a run that died leaves them behind for this long). A detached
         // run leaves on purpose: its tasks must outlive it, so the master keeps it far longer.
@@ -480,7 +486,9 @@ async fn unschedulable(
     cfg: &agora_sdk::config::ClientConfig,
     need: &Resources,
 ) -> Result<Option<String>, agora_sdk::client::ClientError> {
-    if cfg.operator.is_none() {
+    // Listing agents is open to a framework certificate too (a client.toml without
+    // `[operator]` opens an operator session restricted to its own principal).
+    if cfg.operator.is_none() && cfg.framework.is_none() {
         return Ok(None);
     }
     let mut client = agora_sdk::client::OperatorClient::connect(cfg).await?;

@@ -9,7 +9,10 @@ pub const AGORA: &str = env!("CARGO_BIN_EXE_agora");
 
 pub struct Dev {
     child: Child,
+    /// client.toml: the framework certificate only (its own principal's tasks).
     pub config: PathBuf,
+    /// operator.toml: with the operator certificate (every operator call).
+    pub operator: PathBuf,
     pub dir: tempfile::TempDir,
 }
 
@@ -37,7 +40,8 @@ impl Dev {
             assert!(Instant::now() < deadline, "agora dev did not write client.toml");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Dev { child, config, dir }
+        let operator = dir.path().join("operator.toml");
+        Dev { child, config, operator, dir }
     }
 
     pub fn agora(&self, args: &[&str]) -> Output {

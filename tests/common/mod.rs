@@ -321,6 +321,13 @@ pub struct Probe {
     tx: mpsc::UnboundedSender<(Driver, Seen)>,
 }
 
+impl Probe {
+    /// A probe reporting to `tx` (for a framework a test runs itself).
+    pub fn new(tx: mpsc::UnboundedSender<(Driver, Seen)>) -> Probe {
+        Probe { tx }
+    }
+}
+
 impl Scheduler for Probe {
     async fn registered(&mut self, d: &Driver, id: &FrameworkId) {
         let _ = self.tx.send((d.clone(), Seen::Registered(id.clone())));
@@ -452,6 +459,7 @@ pub fn sh_task(id: &str, script: &str, resources: &str) -> TaskInfo {
         resources: Resources::parse(resources).expect("resources"),
         kind: TaskKind::Command(CommandInfo { argv: vec![script.into()], shell: true, env: vec![] }),
         kill_grace: Some(Duration::from_millis(500)),
+        user: None,
     }
 }
 

@@ -392,6 +392,7 @@ pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSende
             sandbox: spec.run_dir.clone(),
             checkpoint: Layout::task_checkpoint(&spec.executor_dir),
             kill_grace: spec.kill_grace,
+            run_as: spec.user.map(|u| (u.uid, u.gid)),
         }),
         TaskKind::Executor(t) => {
             LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
@@ -549,6 +550,7 @@ mod tests {
                 timeout: None,
             })),
             kill_grace: None,
+            user: None,
         };
         let run_dir = dir.join("run").join(id);
         LaunchSpec {

@@ -110,6 +110,19 @@ impl Master {
 
     pub(super) fn subscribe(&mut self, now: Instant, conn: ConnId, principal: String, info: FrameworkInfo) {
         let role = if info.role.is_empty() { "*".to_string() } else { info.role.clone() };
+        // A failover keeps the role it was registered with: that is the one to check.
+        let kept_role = info.id.as_ref().and_then(|id| self.frameworks.get(id)).map(|f| f.role.clone());
+        if let Some(acls) = &self.config.acls {
+            let allowed = acls
+                .check_role(&principal, kept_role.as_deref().unwrap_or(&role))
+                .and_then(|()| info.user.as_ref().map_or(Ok(()), |u| acls.check_task_user(&principal, u)));
+            if let Err(e) = allowed {
+                warn!(principal, role, error = %e.message, "subscription denied by the ACLs");
+                counter!(metrics::ACL_DENIALS).increment(1);
+                self.close(conn, e.code, e.message);
+                return;
+            }
+        }
         let id = match info.id {
             None => {
                 self.next_framework += 1;
@@ -124,6 +137,7 @@ impl Master {
                         principal,
                         hostname: info.hostname,
                         failover_timeout: info.failover_timeout,
+                        user: info.user.clone(),
                         link: FrameworkLink::Connected(conn),
                         suppressed: false,
                         offers: FxHashSet::default(),
@@ -190,6 +204,7 @@ impl Master {
                     fw.name = info.name;
                     fw.hostname = info.hostname;
                     fw.failover_timeout = info.failover_timeout;
+                    fw.user = info.user.clone();
                     // A new instance knows nothing of the old one's SUPPRESS.
                     fw.suppressed = false;
                 }

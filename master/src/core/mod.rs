@@ -89,6 +89,8 @@ pub struct MasterConfig {
     /// Longest grace between SIGTERM and SIGKILL a task may ask for; longer is cut to it
     /// (`agora master --max-kill-grace`). Agents also keep their own absolute ceiling.
     pub max_kill_grace: Duration,
+    /// `--acls`: what each principal may do (`None`: everything is allowed).
+    pub acls: Option<std::sync::Arc<crate::acl::Acls>>,
 }
 
 /// Heartbeat intervals of silence after which `agora master` takes a framework for gone
@@ -113,6 +115,7 @@ impl Default for MasterConfig {
                 ..AllocatorOptions::default()
             },
             max_kill_grace: crate::validate::DEFAULT_MAX_KILL_GRACE,
+            acls: None,
         }
     }
 }
@@ -164,6 +167,9 @@ pub enum Action {
 pub enum Requester {
     Operator,
     Framework(ConnId),
+    /// An operator session without the right to read any task's (`--acls`): only tasks of
+    /// this principal's frameworks.
+    Principal(String),
 }
 
 /// Where a task's output can be read.
@@ -305,6 +311,10 @@ pub struct Master {
     actions: VecDeque<Action>,
     /// Digests in the artifact store (told by the driver); a Wasm launch must name only these.
     known_artifacts: FxHashSet<Digest>,
+    /// Who uploaded each artifact first, and its size: the ACLs' upload quotas count these.
+    uploads: FxHashMap<Digest, (String, u64)>,
+    /// Bytes of uploads under way, by principal (reserved against its quota until stored).
+    uploads_pending: FxHashMap<String, u64>,
     /// Frameworks' own executors launched on agents, with the resources they hold.
     executors: Executors,
     /// Changes for the registry, in order; the driver writes them before it carries out the
@@ -383,6 +393,8 @@ impl Master {
             clock_anchor: (now, 0),
             actions: VecDeque::new(),
             known_artifacts: FxHashSet::default(),
+            uploads: FxHashMap::default(),
+            uploads_pending: FxHashMap::default(),
             executors: Executors::default(),
             registry_ops: VecDeque::new(),
             gone_agents: HashMap::new(),
@@ -451,6 +463,8 @@ impl Master {
                     principal: f.principal.clone(),
                     hostname: f.hostname.clone(),
                     failover_timeout: f.failover_timeout,
+                    // Told again when it re-subscribes.
+                    user: None,
                     link: FrameworkLink::Disconnected { deadline },
                     suppressed: false,
                     offers: FxHashSet::default(),
@@ -579,7 +593,59 @@ impl Master {
             return false;
         }
         self.known_artifacts.remove(digest);
+        // Its bytes leave its uploader's quota usage.
+        self.uploads.remove(digest);
         true
+    }
+
+    /// Counts an indexed artifact against its uploader's quota. The first uploader keeps it:
+    /// `record.uploader` is set to the one already known, if any (a later upload of the same
+    /// bytes is answered `Present` and costs nothing).
+    pub fn artifact_uploaded(&mut self, record: &mut crate::registry::ArtifactRecord) {
+        match self.uploads.get(&record.digest) {
+            Some((who, _)) => record.uploader = Some(who.clone()),
+            None => {
+                if let Some(who) = &record.uploader {
+                    self.uploads.insert(record.digest.clone(), (who.clone(), record.size));
+                }
+            }
+        }
+    }
+
+    /// Forgets artifacts no longer in the store (their bytes leave their uploader's usage).
+    pub fn artifacts_lost(&mut self, digests: &[Digest]) {
+        for d in digests {
+            self.uploads.remove(d);
+        }
+    }
+
+    /// Bytes of the artifacts `principal` uploaded (first), with its uploads under way.
+    pub fn upload_usage(&self, principal: &str) -> u64 {
+        let stored: u64 = self.uploads.values().filter(|(who, _)| who == principal).map(|(_, s)| *s).sum();
+        stored.saturating_add(self.uploads_pending.get(principal).copied().unwrap_or(0))
+    }
+
+    /// Reserves `size` bytes of `principal`'s upload `quota` for an upload about to be taken,
+    /// or refuses it (see [`crate::acl::over_quota`]). Give it back with
+    /// [`Master::release_upload`] once the upload is stored or failed.
+    pub fn reserve_upload(&mut self, principal: &str, size: u64, quota: u64) -> Result<(), WireError> {
+        let used = self.upload_usage(principal);
+        if used.saturating_add(size) > quota {
+            counter!(metrics::ACL_DENIALS).increment(1);
+            return Err(crate::acl::over_quota(principal, size, used, quota));
+        }
+        *self.uploads_pending.entry(principal.to_string()).or_default() += size;
+        Ok(())
+    }
+
+    /// Gives back a reservation of [`Master::reserve_upload`].
+    pub fn release_upload(&mut self, principal: &str, size: u64) {
+        if let Some(p) = self.uploads_pending.get_mut(principal) {
+            *p = p.saturating_sub(size);
+            if *p == 0 {
+                self.uploads_pending.remove(principal);
+            }
+        }
     }
 
     /// Ties `now` to a wall-clock time (Unix milliseconds) for the `timestamp_ms` of the
@@ -761,6 +827,14 @@ impl Master {
 
     /// The last frameworks removed (torn down or past their failover timeout) since this
     /// master started, oldest first, with status `completed` (kept in memory only).
+    /// Whether framework `fw` (live, or among the completed ones) belongs to `principal`.
+    pub fn framework_principal_is(&self, fw: &FrameworkId, principal: &str) -> bool {
+        match self.frameworks.get(fw) {
+            Some(f) => f.principal == principal,
+            None => self.completed_frameworks.iter().any(|f| f.id == *fw && f.principal == principal),
+        }
+    }
+
     pub fn completed_frameworks(&self) -> Vec<FrameworkView> {
         self.completed_frameworks.iter().cloned().collect()
     }
@@ -789,8 +863,34 @@ impl Master {
 
     /// Operator kill: the same path as a framework's KILL.
     pub fn kill_task(&mut self, now: Instant, task_id: &TaskId) -> Result<(), WireError> {
-        let live: Vec<TaskKey> =
-            self.tasks.values().filter(|t| t.info.task_id == *task_id).map(Task::key).collect();
+        self.kill_task_of(now, task_id, None)
+    }
+
+    /// [`Master::kill_task`] for an operator session restricted to `owner`'s frameworks
+    /// (`None`: any task). A task of another principal is refused, not killed.
+    pub fn kill_task_of(
+        &mut self,
+        now: Instant,
+        task_id: &TaskId,
+        owner: Option<&str>,
+    ) -> Result<(), WireError> {
+        if let Some(p) = owner {
+            let theirs = |t: &&Task| t.info.task_id == *task_id;
+            let all: Vec<&Task> = self.tasks.values().chain(self.completed.iter()).filter(theirs).collect();
+            if !all.is_empty() && all.iter().all(|t| !self.framework_principal_is(&t.framework_id, p)) {
+                return Err(WireError::new(
+                    ErrorCode::Unauthorized,
+                    format!("principal `{p}` may not kill other principals' tasks (task {task_id})"),
+                ));
+            }
+        }
+        let live: Vec<TaskKey> = self
+            .tasks
+            .values()
+            .filter(|t| t.info.task_id == *task_id)
+            .filter(|t| owner.is_none_or(|p| self.framework_principal_is(&t.framework_id, p)))
+            .map(Task::key)
+            .collect();
         let running: Vec<&TaskKey> =
             live.iter().filter(|k| self.tasks.get(k).is_some_and(|t| !t.state.is_terminal())).collect();
         match running.as_slice() {
@@ -830,6 +930,19 @@ impl Master {
             self.tasks.values().chain(self.completed.iter().rev()).filter(|t| t.info.task_id == *task_id);
         let task = match who {
             Requester::Operator => matching.next(),
+            Requester::Principal(p) => {
+                let all: Vec<&Task> = matching.collect();
+                match all.iter().find(|t| self.framework_principal_is(&t.framework_id, p)) {
+                    Some(t) => Some(*t),
+                    None if all.is_empty() => None,
+                    None => {
+                        return Err(WireError::new(
+                            ErrorCode::Unauthorized,
+                            format!("principal `{p}` may not read other principals' task output and files (task {task_id})"),
+                        ))
+                    }
+                }
+            }
             Requester::Framework(conn) => {
                 let Some(Peer::Framework(fw)) = self.conns.get(conn) else {
                     return Err(WireError::new(

@@ -199,6 +199,7 @@ impl Master {
         let offered = self.agents.get(&agent_id).map(|a| a.total.clone()).unwrap_or_default();
         for mut task in tasks {
             let checked = crate::validate::task(&mut task, &offered, self.config.max_kill_grace);
+            let user_problem = self.check_task_user(fw, &mut task).err();
             let key = TaskKey::new(fw.clone(), task.task_id.clone());
             let tid = &task.task_id;
             let duplicate = !in_call.insert(tid.clone());
@@ -214,6 +215,8 @@ impl Master {
                 Some(format!("agent {agent_id} is not connected"))
             } else if !task.resources.reserved.is_empty() {
                 Some(format!("task {tid} names reserved resources; ask for plain quantities"))
+            } else if let Some(e) = user_problem {
+                Some(format!("task {tid}: {}", e.message))
             } else {
                 None
             };
@@ -341,6 +344,27 @@ impl Master {
 }
 
 /// Writes `{master}-O{n}` (an offer id) into `out` without the formatting machinery.
+impl Master {
+    /// Fills in a task's effective OS user (its own, else its framework's) and checks it
+    /// against the framework principal's ACL grants. The agent gets the effective user.
+    fn check_task_user(&self, fw: &FrameworkId, task: &mut TaskInfo) -> Result<(), WireError> {
+        let Some(f) = self.frameworks.get(fw) else { return Ok(()) };
+        if task.user.is_none() {
+            task.user = f.user.clone();
+        }
+        if let (Some(acls), Some(user)) = (&self.config.acls, &task.user) {
+            if let Err(e) = acls.check_task_user(&f.principal, user) {
+                counter!(metrics::ACL_DENIALS).increment(1);
+                return Err(e);
+            }
+        }
+        if task.user.as_ref().is_some_and(|u| u.is_empty() || u.len() > 64) {
+            return Err(WireError::new(ErrorCode::Invalid, "a task user must be 1 to 64 characters"));
+        }
+        Ok(())
+    }
+}
+
 pub(super) fn offer_id_text(out: &mut String, master: &str, n: u64) {
     out.clear();
     out.push_str(master);

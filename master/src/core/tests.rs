@@ -2069,3 +2069,34 @@ fn a_referenced_artifact_is_never_evicted_and_an_evicted_one_refuses_launches() 
     assert!(run_tasks(&acts, s.ac).is_empty(), "{acts:#?}");
     assert!(!updates(&acts, s.fc).is_empty(), "the framework is told: {acts:#?}");
 }
+
+#[test]
+fn upload_quotas_count_first_uploaders_and_reservations() {
+    let mut m =
+        Master::new(MasterConfig { master_id: "m".into(), ..MasterConfig::default() }, Instant::now());
+    let record = |d: &str, who: Option<&str>, size| crate::registry::ArtifactRecord {
+        digest: Digest::parse(&d.repeat(32)).expect("digest"),
+        kind: None,
+        size,
+        uploader: who.map(String::from),
+    };
+    let mut a = record("ab", Some("alice"), 600);
+    m.artifact_uploaded(&mut a);
+    assert_eq!(m.upload_usage("alice"), 600);
+    // The same bytes sent again by bob stay alice's (and cost bob nothing).
+    let mut again = record("ab", Some("bob"), 600);
+    m.artifact_uploaded(&mut again);
+    assert_eq!(again.uploader.as_deref(), Some("alice"), "the index keeps the first uploader");
+    assert_eq!(m.upload_usage("bob"), 0);
+    // Reservations count until given back; past the quota is refused naming the principal.
+    assert!(m.reserve_upload("alice", 300, 1000).is_ok());
+    let e = m.reserve_upload("alice", 200, 1000).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unauthorized);
+    assert!(e.message.contains("principal `alice` may not upload"), "{}", e.message);
+    m.release_upload("alice", 300);
+    assert!(m.reserve_upload("alice", 400, 1000).is_ok());
+    // A lost artifact leaves its uploader's usage.
+    m.release_upload("alice", 400);
+    m.artifacts_lost(&[a.digest.clone()]);
+    assert_eq!(m.upload_usage("alice"), 0);
+}

@@ -109,6 +109,10 @@ pub struct ArtifactRecord {
     pub digest: Digest,
     pub kind: Option<ArtifactKind>,
     pub size: u64,
+    /// The principal that uploaded it first (`None`: adopted from the store, or indexed
+    /// before uploaders were recorded); its upload quota counts the size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploader: Option<String>,
 }
 
 /// One change to the registry. The core produces them; drivers apply them in order.

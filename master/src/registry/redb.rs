@@ -284,6 +284,7 @@ mod tests {
                     digest: agora_sdk::proto::Digest::parse(&"ab".repeat(32)).expect("digest"),
                     kind: None,
                     size: 7,
+                    uploader: Some("alice".into()),
                 }),
             ])
             .expect("apply");
