@@ -509,7 +509,7 @@ const WAITING_NOTICE: Duration = Duration::from_secs(2);
 
 /// Says on stderr why the run's tasks wait, once they waited [`WAITING_NOTICE`] with no
 /// launch: the master's reason (`waiting: needs cpus:0.5, largest free cpus:0.2`) when the
-/// operator view is at hand, else what they need. Again only when the reason changes.
+/// master can be asked, else what they need. Again only when the reason changes.
 async fn say_why_waiting(
     cfg: agora_sdk::config::ClientConfig,
     shape: Resources,
@@ -550,9 +550,9 @@ async fn say_why_waiting(
     }
 }
 
-/// The master's reason one of `ids` waits, when the operator view is at hand.
+/// The master's reason one of `ids` waits (an operator session, opened with the framework's
+/// certificate when the client has no operator's: it sees its own principal's tasks).
 async fn waiting_reason(cfg: &agora_sdk::config::ClientConfig, ids: &[TaskId]) -> Option<String> {
-    cfg.operator.as_ref()?;
     let mut client = agora_sdk::client::OperatorClient::connect(cfg).await.ok()?;
     let pending = client.pending_tasks().await;
     client.close();
