@@ -349,10 +349,11 @@ pub struct TaskFiles {
 }
 
 impl MasterHandle {
-    /// Lists directory `path` of a task's sandbox, or (`read`) opens file `path`, on its agent,
-    /// as an operator (`agora files`; the first task with this id when several frameworks
-    /// reuse it). The agent's refusal (no such file, a path outside the sandbox) is the error.
-    pub async fn task_files(&self, task_id: &TaskId, path: &str, read: bool) -> Result<TaskFiles, WireError> {
+    /// Finds `task_id`'s agent (as an operator) and opens a bulk stream to it.
+    async fn open_to_task_agent(
+        &self,
+        task_id: &TaskId,
+    ) -> Result<(OutputLocation, FrameWriter<SendStream>, RecvStream), WireError> {
         let stopping = || WireError::new(ErrorCode::Internal, "master stopping");
         let core =
             self.core().ok_or_else(|| WireError::new(ErrorCode::Unexpected, "this master is a standby"))?;
@@ -360,10 +361,20 @@ impl MasterHandle {
             .ask(|tx| Query::Locate(Requester::Operator, task_id.clone(), tx))
             .await
             .ok_or_else(stopping)??;
+        let (send, recv) = agent
+            .open_bi()
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("agent stream: {e}")))?;
+        Ok((loc, FrameWriter::new(send), recv))
+    }
+
+    /// Lists directory `path` of a task's sandbox, or (`read`) opens file `path`, on its agent,
+    /// as an operator (`agora files`; the first task with this id when several frameworks
+    /// reuse it). The agent's refusal (no such file, a path outside the sandbox) is the error.
+    pub async fn task_files(&self, task_id: &TaskId, path: &str, read: bool) -> Result<TaskFiles, WireError> {
         let io =
             |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, format!("agent stream: {e}"));
-        let (send, recv) = agent.open_bi().await.map_err(|e| io(&e))?;
-        let mut w = FrameWriter::new(send);
+        let (loc, mut w, recv) = self.open_to_task_agent(task_id).await?;
         let req = FilesRequest {
             task_id: task_id.clone(),
             framework_id: Some(loc.framework_id.clone()),
@@ -391,17 +402,9 @@ impl MasterHandle {
         offset: u64,
         follow: bool,
     ) -> Result<TaskOutput, WireError> {
-        let stopping = || WireError::new(ErrorCode::Internal, "master stopping");
-        let core =
-            self.core().ok_or_else(|| WireError::new(ErrorCode::Unexpected, "this master is a standby"))?;
-        let (loc, agent) = core
-            .ask(|tx| Query::Locate(Requester::Operator, task_id.clone(), tx))
-            .await
-            .ok_or_else(stopping)??;
         let io =
             |e: &dyn std::fmt::Display| WireError::new(ErrorCode::Internal, format!("agent stream: {e}"));
-        let (send, recv) = agent.open_bi().await.map_err(|e| io(&e))?;
-        let mut w = FrameWriter::new(send);
+        let (loc, mut w, recv) = self.open_to_task_agent(task_id).await?;
         let req = OutputRequest {
             task_id: task_id.clone(),
             framework_id: Some(loc.framework_id.clone()),
