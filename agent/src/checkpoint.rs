@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Format version of the snapshot and the journal; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+/// Version 2: executors are keyed by the user they run as too (an executor per framework,
+/// executor id and user), and a task record names the user of its executor.
+pub const VERSION: u32 = 2;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"AGORACKP";
 const JOURNAL_MAGIC: &[u8; 8] = b"AGORAJNL";
 const HEADER_LEN: usize = 8 + 4 + 8;
@@ -39,8 +41,10 @@ pub const COMPACT_AFTER: u64 = 16 << 20;
 
 /// A task's key in the checkpoint: its framework and its id.
 pub type TaskRef = (FrameworkId, TaskId);
-/// An executor's key in the checkpoint: its framework and its id there.
-pub type ExecRef = (FrameworkId, ExecutorId);
+/// An executor's key in the checkpoint: its framework, its id there and the uid it runs as
+/// (`None`: the command executor, which serves every user of its framework, or an agent that
+/// does not switch users). See [`crate::executors::ExecKey`].
+pub type ExecRef = (FrameworkId, ExecutorId, Option<u32>);
 
 /// What the agent told the master about itself (for the log when it changed across a restart).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +80,8 @@ pub struct ExecutorRecord {
     pub framework_id: FrameworkId,
     /// Its id there.
     pub executor_id: ExecutorId,
+    /// The uid it runs as (part of its key: see [`ExecRef`]).
+    pub uid: Option<u32>,
     /// Which program it is.
     pub kind: ExecutorKind,
     /// The agent's number for this process (unique across the agent's restarts).
@@ -97,7 +103,7 @@ pub struct ExecutorRecord {
 impl ExecutorRecord {
     /// Its key.
     pub fn key(&self) -> ExecRef {
-        (self.framework_id.clone(), self.executor_id.clone())
+        (self.framework_id.clone(), self.executor_id.clone(), self.uid)
     }
 }
 
@@ -118,6 +124,10 @@ pub struct TaskRecord {
     pub start_time: Option<u64>,
     /// Its executor is done with it.
     pub ended: bool,
+    /// The uid of the Wasm or framework executor that runs it (`None` for a native task, or
+    /// on an agent that does not switch users): with its framework and executor id, the key
+    /// of that executor.
+    pub executor_uid: Option<u32>,
 }
 
 /// One change to the [`State`].
@@ -665,6 +675,7 @@ mod tests {
         ExecutorRecord {
             framework_id: FrameworkId::new("fw"),
             executor_id: ExecutorId::new("agora-command"),
+            uid: None,
             kind: ExecutorKind::Command,
             serial,
             pid: Some(42),
@@ -697,6 +708,7 @@ mod tests {
             pid: None,
             start_time: None,
             ended: false,
+            executor_uid: None,
         };
         c.record(Record::Task(Box::new(t.clone())));
         let (r, f) = (status("a", TaskState::Running), status("a", TaskState::Finished));
@@ -737,6 +749,38 @@ mod tests {
         c3.compact().expect("compact");
         let last = load(&dir).expect("load").expect("some").state;
         assert!(last.tasks.is_empty() && last.updates.is_empty() && last.executors.is_empty(), "{last:?}");
+    }
+
+    /// Two users' processes of one framework executor are two records, acknowledged and
+    /// ended apart, and come back from disk with their users.
+    #[test]
+    fn executors_of_one_id_under_two_users_are_kept_apart() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("checkpoint");
+        let mut c = Checkpointer::open(&dir, 0, State::default()).expect("open");
+        let (mut a, mut b) = (executor(5), executor(6));
+        a.uid = Some(1001);
+        b.uid = Some(1002);
+        c.record(Record::Executor(a.clone()));
+        c.record(Record::Executor(b.clone()));
+        c.record(Record::ExecutorAcked { exec: b.key(), serial: 6, seq: 3 });
+        // The key carries the user: an ack naming another user's process changes nothing.
+        c.record(Record::ExecutorAcked {
+            exec: (a.framework_id.clone(), a.executor_id.clone(), None),
+            serial: 5,
+            seq: 9,
+        });
+        c.flush().expect("flush");
+        let loaded = load(&dir).expect("load").expect("some");
+        let state = loaded.state;
+        assert_eq!(state.executors.len(), 2);
+        assert_eq!(state.executors[&a.key()].acked_seq, 0);
+        assert_eq!(state.executors[&b.key()].acked_seq, 3);
+        let mut c = Checkpointer::open(&dir, loaded.generation, state).expect("reopen");
+        c.record(Record::ExecutorGone { exec: a.key(), serial: 5 });
+        c.flush().expect("flush");
+        let state = load(&dir).expect("load").expect("some").state;
+        assert_eq!(state.executors.keys().cloned().collect::<Vec<_>>(), vec![b.key()]);
     }
 
     /// A torn last frame (the agent died inside a write) is dropped; a bad magic, an unknown

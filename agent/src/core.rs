@@ -50,6 +50,8 @@ struct TaskEntry {
     ended: bool,
     /// The agent killed the task for outgrowing its disk: the message its end carries.
     disk_kill: Option<String>,
+    /// The uid of the Wasm or framework executor that runs it (see [`executors::ExecKey`]).
+    executor_uid: Option<u32>,
 }
 
 impl TaskEntry {
@@ -62,6 +64,7 @@ impl TaskEntry {
             pid: None,
             start_time: None,
             ended: self.ended,
+            executor_uid: self.executor_uid,
         }
     }
 }
@@ -114,12 +117,13 @@ pub struct Core {
     live: usize,
     /// Who each framework's tasks and executors run as (`None`: the agent's own user).
     task_groups: Option<std::sync::Arc<TaskGroups>>,
-    /// Sandbox of each framework executor's current run, and of each framework's Wasm tasks.
-    executor_runs: HashMap<(FrameworkId, ExecutorId), PathBuf>,
+    /// Sandbox of each framework executor's current run, and of each framework's Wasm tasks,
+    /// per user those executors run as.
+    executor_runs: HashMap<executors::ExecKey, PathBuf>,
     /// Where every change is checkpointed (`None`: nothing is, as in unit tests).
     checkpoint: Option<Checkpointer>,
     /// Executors' updates recorded in this batch: each gets `Acked` once the batch is written.
-    pending_acks: HashMap<(FrameworkId, ExecutorId), (u64, u64)>,
+    pending_acks: HashMap<executors::ExecKey, (u64, u64)>,
     /// Sandboxes no task or executor uses any more, waiting for removal (see [`crate::gc`]).
     gc: gc::Scheduled,
     /// Sandboxes handed to garbage collection (bounded like the finished list they serve).
@@ -186,9 +190,9 @@ impl Core {
             c.flush()?;
         }
         if !self.pending_acks.is_empty() {
-            for ((fw, id), (serial, seq)) in self.pending_acks.drain() {
+            for (exec, (serial, seq)) in self.pending_acks.drain() {
                 if let Some(support) = &self.executors {
-                    support.ack((fw, id), serial, seq);
+                    support.ack(exec, serial, seq);
                 }
             }
         }
@@ -220,14 +224,15 @@ impl Core {
                 self.finished.insert(key.clone(), t.run_dir.clone());
             }
             // A Wasm or framework executor's tasks share its run directory.
+            let exec = (fw.clone(), t.task.kind.executor_id(), t.executor_uid);
             match &t.task.kind {
                 TaskKind::Wasm(_) if !ended => {
                     if let Some(run) = t.run_dir.parent().and_then(Path::parent) {
-                        self.executor_runs.insert((fw.clone(), t.task.kind.executor_id()), run.to_path_buf());
+                        self.executor_runs.insert(exec, run.to_path_buf());
                     }
                 }
                 TaskKind::Executor(_) if !ended => {
-                    self.executor_runs.insert((fw.clone(), t.task.kind.executor_id()), t.run_dir.clone());
+                    self.executor_runs.insert(exec, t.run_dir.clone());
                 }
                 _ => {}
             }
@@ -240,6 +245,7 @@ impl Core {
                     handle,
                     ended,
                     disk_kill: None,
+                    executor_uid: t.executor_uid,
                 },
             );
         }
@@ -270,9 +276,10 @@ impl Core {
 
     /// Who `task` runs as: its own user (`TaskInfo::user`, the master's effective user) with
     /// its framework's group, else the task user with that group. A named user must exist
-    /// and must not be root. Only native commands take a user of their own: a framework's
-    /// Wasm executor and its own executors are one process per framework, run as the task
-    /// user, so their tasks may name no other.
+    /// and must not be root. A native command runs as that user under its framework's command
+    /// executor; a Wasm task or a task of the framework's own executor goes to a process of
+    /// that executor running as that user (one per framework, executor id and user on this
+    /// agent, see [`executors::ExecKey`]), started for it if there is none yet.
     fn task_user(&self, fw: &FrameworkId, task: &TaskInfo) -> Result<Option<TaskUser>, String> {
         let base = self.user_for(fw)?;
         let Some(name) = &task.user else { return Ok(base) };
@@ -282,15 +289,6 @@ impl Core {
                 "task user `{name}`: this agent does not run as root and cannot switch users"
             ));
         };
-        if requested.uid == base.uid {
-            return Ok(Some(base));
-        }
-        if !matches!(task.kind, TaskKind::Command(_)) {
-            return Err(format!(
-                "task user `{name}`: only native command tasks run as a user of their own; this \
-                 agent runs Wasm and executor tasks as its --task-user"
-            ));
-        }
         Ok(Some(TaskUser { uid: requested.uid, gid: base.gid }))
     }
 
@@ -397,6 +395,7 @@ impl Core {
             }
         };
         let (user, (executor_dir, run_dir)) = dirs;
+        let executor_uid = executors::executor_uid(&task, user);
         // The launch sees the limit it is held to: a task without `disk` gets the agent's
         // default, so that its shipped directories stop unpacking there too.
         let mut launched = task.clone();
@@ -421,8 +420,15 @@ impl Core {
         #[cfg(test)]
         if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
             let handle = tasks::launch(spec, self.events.clone());
-            let entry =
-                TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
+            let entry = TaskEntry {
+                task,
+                run_dir,
+                state: TaskState::Staging,
+                handle,
+                ended: false,
+                disk_kill: None,
+                executor_uid,
+            };
             self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
             self.tasks.insert(key, entry);
             self.live += 1;
@@ -439,8 +445,15 @@ impl Core {
             executors::launch_direct(&spec, support, &self.events)
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
-        let entry =
-            TaskEntry { task, run_dir, state: TaskState::Staging, handle, ended: false, disk_kill: None };
+        let entry = TaskEntry {
+            task,
+            run_dir,
+            state: TaskState::Staging,
+            handle,
+            ended: false,
+            disk_kill: None,
+            executor_uid,
+        };
         self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
         self.tasks.insert(key, entry);
         self.live += 1;
@@ -475,7 +488,7 @@ impl Core {
         }
         let (gone, kept) = std::mem::take(&mut self.executor_runs)
             .into_iter()
-            .partition::<HashMap<_, _>, _>(|((fw, _), _)| fw == framework_id);
+            .partition::<HashMap<_, _>, _>(|((fw, _, _), _)| fw == framework_id);
         self.executor_runs = kept;
         for run in gone.into_values() {
             self.release_run(run);
@@ -507,7 +520,8 @@ impl Core {
                 Ok((executor_dir, run))
             }
             TaskKind::Wasm(_) | TaskKind::Executor(_) => {
-                let key = (fw.clone(), executor_id);
+                // Per user too: each user's executor process has a run of its own.
+                let key = (fw.clone(), executor_id, executors::executor_uid(task, user));
                 let run = match self.executor_runs.get(&key) {
                     Some(run) => run.clone(),
                     None => {
@@ -555,14 +569,22 @@ impl Core {
     /// An executor's own event (a framework message, its end) goes to the master.
     pub fn executor_event(&mut self, event: executors::ExecutorEvent) {
         match event {
-            executors::ExecutorEvent::Message { exec: (framework_id, executor_id), data } => {
+            executors::ExecutorEvent::Message { exec: (framework_id, executor_id, _), data } => {
                 self.send(AgentMessage::FrameworkMessage { framework_id, executor_id, data });
             }
-            executors::ExecutorEvent::Exited { exec: (framework_id, executor_id), message } => {
+            executors::ExecutorEvent::Exited { exec, message } => {
                 // Its next task starts a new run in a new sandbox; this one is collected once
                 // no task record points into it.
-                if let Some(run) = self.executor_runs.remove(&(framework_id.clone(), executor_id.clone())) {
+                if let Some(run) = self.executor_runs.remove(&exec) {
                     self.release_run(run);
+                }
+                let (framework_id, executor_id, uid) = exec;
+                // The master knows one executor per framework and executor id on an agent:
+                // it hears of the exit when the last user's process of it ended.
+                if self.executor_runs.keys().any(|(fw, id, _)| fw == &framework_id && id == &executor_id) {
+                    tracing::info!(%framework_id, %executor_id, ?uid,
+                        "one user's process of an executor ended; another user's still runs: {message}");
+                    return;
                 }
                 self.send(AgentMessage::ExecutorExited { framework_id, executor_id, message });
             }
@@ -742,11 +764,11 @@ impl Core {
         let ended = std::mem::take(&mut self.ended_outputs)
             .into_iter()
             .map(|(key, sandbox)| crate::disk::Check { key, sandbox, limit: None, executor: None });
-        let mut shared: HashMap<(FrameworkId, ExecutorId), u64> = HashMap::new();
+        let mut shared: HashMap<executors::ExecKey, u64> = HashMap::new();
         for (k, e) in &self.tasks {
             if let (TaskKind::Executor(x), false, None) = (&e.task.kind, e.ended, &e.disk_kill) {
                 let sum = shared
-                    .entry((k.framework_id.clone(), x.executor.executor_id.clone()))
+                    .entry((k.framework_id.clone(), x.executor.executor_id.clone(), e.executor_uid))
                     .or_insert(x.executor.resources.disk);
                 *sum = sum.saturating_add(e.task.resources.disk);
             }
@@ -755,10 +777,10 @@ impl Core {
         let executors: Vec<_> = self
             .executor_runs
             .iter()
-            .map(|((fw, id), run)| crate::disk::Check {
+            .map(|(exec @ (fw, id, _), run)| crate::disk::Check {
                 key: TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id.as_str()) },
                 sandbox: run.clone(),
-                limit: shared.get(&(fw.clone(), id.clone())).and_then(|d| self.disk.limit_for(*d)),
+                limit: shared.get(exec).and_then(|d| self.disk.limit_for(*d)),
                 executor: Some(id.clone()),
             })
             .collect();
@@ -988,8 +1010,8 @@ impl Core {
 
     /// A framework executor that outlived the agent's last run, with no live task recorded,
     /// keeps its run directory: its next tasks share it, and it is collected when it ends.
-    pub fn adopt_executor_run(&mut self, framework_id: FrameworkId, executor_id: ExecutorId, run: PathBuf) {
-        self.executor_runs.entry((framework_id, executor_id)).or_insert(run);
+    pub fn adopt_executor_run(&mut self, exec: executors::ExecKey, run: PathBuf) {
+        self.executor_runs.entry(exec).or_insert(run);
     }
 
     fn update_gauges(&self) {
@@ -1141,6 +1163,7 @@ mod tests {
                 handle,
                 ended: false,
                 disk_kill: None,
+                executor_uid: None,
             };
             h.core.tasks.insert(key, entry);
         }
@@ -1285,7 +1308,15 @@ mod tests {
         let (_, done) = tokio::sync::watch::channel(ended);
         let handle = TaskHandle::with_kill(Box::new(|| {}), done);
         let state = if ended { TaskState::Finished } else { TaskState::Running };
-        let entry = TaskEntry { task, run_dir: run_dir.to_path_buf(), state, handle, ended, disk_kill: None };
+        let entry = TaskEntry {
+            task,
+            run_dir: run_dir.to_path_buf(),
+            state,
+            handle,
+            ended,
+            disk_kill: None,
+            executor_uid: None,
+        };
         core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
     }
 
@@ -1322,14 +1353,14 @@ mod tests {
             },
             data: vec![],
         }));
-        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        h.core.executor_runs.insert((fw.clone(), exec.clone(), None), run.clone());
         insert(&mut h.core, &fw, "a", custom.clone(), &run, false);
         insert(&mut h.core, &fw, "b", custom, &run, false);
         assert!(h.core.sandboxes_in_use().contains(&run));
         finish_and_forget(&mut h.core, &fw, "a");
         assert!(scheduled(&mut h.core).is_empty(), "the executor still runs");
         h.core.executor_event(executors::ExecutorEvent::Exited {
-            exec: (fw.clone(), exec),
+            exec: (fw.clone(), exec, None),
             message: "x".into(),
         });
         assert!(scheduled(&mut h.core).is_empty(), "task b's record still points into the run");
@@ -1345,7 +1376,7 @@ mod tests {
             fuel: None,
             timeout: None,
         }));
-        h.core.executor_runs.insert((fw.clone(), wasm.executor_id()), wasm_run.clone());
+        h.core.executor_runs.insert((fw.clone(), wasm.executor_id(), None), wasm_run.clone());
         insert(&mut h.core, &fw, "w1", wasm.clone(), &wasm_run.join("tasks/w1"), false);
         insert(&mut h.core, &fw, "w2", wasm, &wasm_run.join("tasks/w2"), false);
         let in_use = h.core.sandboxes_in_use();
@@ -1389,6 +1420,7 @@ mod tests {
             handle,
             ended: false,
             disk_kill: None,
+            executor_uid: None,
         };
         h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") }, entry);
         insert(&mut h.core, &fw, "nodisk", command_task("nodisk", "true").kind, &dir.join("nodisk"), false);
@@ -1473,10 +1505,11 @@ mod tests {
                 handle,
                 ended: false,
                 disk_kill: None,
+                executor_uid: None,
             };
             h.core.tasks.insert(TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) }, entry);
         }
-        h.core.executor_runs.insert((fw.clone(), exec.clone()), run.clone());
+        h.core.executor_runs.insert((fw.clone(), exec.clone(), None), run.clone());
         let checks = h.core.disk_checks();
         assert_eq!(checks.len(), 1, "{checks:?}");
         assert_eq!((checks[0].limit, checks[0].executor.as_ref()), (Some(7 << 20), Some(&exec)));

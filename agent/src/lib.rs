@@ -343,9 +343,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let custom_runs: Vec<_> = recovered
             .values()
             .filter_map(|r| match &r.kind {
-                checkpoint::ExecutorKind::Custom { sandbox, .. } => {
-                    Some((r.framework_id.clone(), r.executor_id.clone(), sandbox.clone()))
-                }
+                checkpoint::ExecutorKind::Custom { sandbox, .. } => Some((r.key(), sandbox.clone())),
                 _ => None,
             })
             .collect();
@@ -356,8 +354,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config.recovery.executor_reregister_timeout,
         );
         core.restore(&state, handles, std::time::Instant::now());
-        for (fw, id, run) in custom_runs {
-            core.adopt_executor_run(fw, id, run);
+        for (exec, run) in custom_runs {
+            core.adopt_executor_run(exec, run);
         }
         Some(done)
     };
@@ -419,6 +417,7 @@ fn recovered_tasks(state: &checkpoint::State) -> Vec<executors::RecoveredTask> {
             executors::RecoveredTask {
                 key: tasks::TaskKey { framework_id: fw.clone(), task_id: id.clone() },
                 executor_id: t.task.kind.executor_id(),
+                uid: t.executor_uid,
                 running: matches!(t.state, TaskState::Running | TaskState::Killing),
                 resources: t.task.resources.clone(),
                 process_group,

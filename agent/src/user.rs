@@ -170,6 +170,11 @@ impl TaskGroups {
         Ok(Self { user, first, count, file: file.to_path_buf(), map: std::sync::Mutex::new(map) })
     }
 
+    /// The task user's uid (tasks and executors that name no user of their own run as it).
+    pub fn task_uid(&self) -> u32 {
+        self.user.uid
+    }
+
     /// Who `framework`'s tasks and executors run as: the task user with the framework's group.
     pub fn for_framework(&self, framework: &str) -> io::Result<TaskUser> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());

@@ -5,8 +5,15 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Executor manager
 
-/// Identifies an executor on this agent: its framework and its id there.
-pub type ExecKey = (FrameworkId, ExecutorId);
+/// Identifies an executor process on this agent: its framework, its id there and the uid it
+/// runs as. A Wasm or framework executor runs as the user of the tasks it was started for
+/// (`TaskInfo::user`, else `--task-user`), as Mesos runs an executor as its user: two users of
+/// one framework get two processes of the same executor id, each with a sandbox (a run of
+/// its own under the executor's directory), socket, cgroup and Wasm cache of its own, and a
+/// task joins only the process of its own user. The command executor serves every user of
+/// its framework (it switches users per task) and has `None`, as has every executor of an
+/// agent that does not switch users.
+pub type ExecKey = (FrameworkId, ExecutorId, Option<u32>);
 
 /// A process: its pid and its start time (against pid reuse).
 pub(super) type ProcessId = (u32, Option<u64>);
@@ -56,6 +63,8 @@ pub struct RecoveredTask {
     pub key: TaskKey,
     /// Its executor.
     pub executor_id: ExecutorId,
+    /// The uid its executor runs as (see [`ExecKey`]; checkpointed with the task).
+    pub uid: Option<u32>,
     /// RUNNING was reported already.
     pub running: bool,
     /// Its resources (the executor's cgroup is sized from them).
@@ -139,6 +148,8 @@ pub(super) enum ManagerCmd {
     Launch {
         key: TaskKey,
         attempt: u64,
+        /// The uid of the executor it goes to (see [`executor_uid`]).
+        uid: Option<u32>,
         launch: Box<LaunchItem>,
         resources: Resources,
         slot: Option<NewSlot>,
@@ -170,13 +181,16 @@ pub(super) enum ManagerCmd {
         serial: u64,
         pid: u32,
     },
-    /// A scheduler's message for an executor.
+    /// A scheduler's message for an executor (each of its users' processes gets it).
     ToExecutor {
-        exec: ExecKey,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
         data: Vec<u8>,
     },
+    /// A framework shuts one of its executors down (every user's process of it).
     ShutdownExecutor {
-        exec: ExecKey,
+        framework_id: FrameworkId,
+        executor_id: ExecutorId,
     },
     /// The framework is gone: every executor of it ends.
     ShutdownFramework {
@@ -303,6 +317,7 @@ impl Executor {
         ExecutorRecord {
             framework_id: exec.0.clone(),
             executor_id: exec.1.clone(),
+            uid: exec.2,
             kind: match &self.kind {
                 ExecKind::Wasm => ExecutorKind::Wasm,
                 ExecKind::Command => ExecutorKind::Command,
@@ -336,9 +351,9 @@ pub(super) struct Manager {
     pub(super) agent_id: Arc<Mutex<Option<AgentId>>>,
     pub(super) exec_events: mpsc::UnboundedSender<ExecutorEvent>,
     pub(super) executors: HashMap<ExecKey, Executor>,
-    /// Modules placed where a framework's Wasm executor (the task user) can read them: the
+    /// Modules placed where a framework's Wasm executor (of each user) can read them: the
     /// agent's artifact cache is closed to it.
-    pub(super) modules: HashMap<FrameworkId, HashMap<String, PathBuf>>,
+    pub(super) modules: HashMap<(FrameworkId, Option<u32>), HashMap<String, PathBuf>>,
     pub(super) preparing: HashMap<TaskKey, PreparingTask>,
     pub(super) next_serial: u64,
     pub(super) tx: mpsc::UnboundedSender<ManagerCmd>,
@@ -476,7 +491,7 @@ impl Manager {
                     finish(&p.events, &key, &p.done, failed(reason, message));
                 }
             }
-            ManagerCmd::Launch { key, attempt, launch, resources, slot } => {
+            ManagerCmd::Launch { key, attempt, uid, launch, resources, slot } => {
                 let slot = match slot {
                     Some(slot) => slot,
                     None => match self.take_preparing(&key, attempt) {
@@ -487,9 +502,9 @@ impl Manager {
                 };
                 let TaskKey { framework_id, task_id } = key;
                 let mut launch = *launch;
-                let exec = (framework_id.clone(), launch.executor_id());
+                let exec = (framework_id.clone(), launch.executor_id(), uid);
                 if let LaunchItem::Wasm(l) = &mut launch {
-                    match self.framework_module(&framework_id, l) {
+                    match self.framework_module(&exec, l) {
                         Ok(path) => l.module_path = path,
                         Err(why) => {
                             let key = TaskKey { framework_id, task_id };
@@ -546,7 +561,7 @@ impl Manager {
                 let Some((exec, ex)) = self
                     .executors
                     .iter_mut()
-                    .find(|((fw, _), e)| fw == &framework_id && e.tasks.contains_key(&task_id))
+                    .find(|((fw, _, _), e)| fw == &framework_id && e.tasks.contains_key(&task_id))
                 else {
                     return;
                 };
@@ -595,37 +610,41 @@ impl Manager {
                     self.checkpoint(&exec);
                 }
             }
-            ManagerCmd::ToExecutor { exec, data } => {
-                match self.executors.get(&exec).and_then(|e| e.to_executor.as_ref()) {
-                    Some(tx)
-                        if matches!(
-                            self.executors.get(&exec).map(|e| &e.kind),
-                            Some(ExecKind::Custom { .. })
-                        ) =>
+            ManagerCmd::ToExecutor { framework_id, executor_id, data } => {
+                let mut sent = false;
+                for ((fw, id, _), ex) in &self.executors {
+                    if fw != &framework_id
+                        || id != &executor_id
+                        || !matches!(ex.kind, ExecKind::Custom { .. })
                     {
-                        let _ = tx.send(AgentToExecutor::FrameworkMessage(data));
+                        continue;
                     }
-                    _ => tracing::debug!(framework_id = %exec.0, executor_id = %exec.1,
-                    "dropping a framework message: the executor is not running here"),
+                    if let Some(tx) = &ex.to_executor {
+                        let _ = tx.send(AgentToExecutor::FrameworkMessage(data.clone()));
+                        sent = true;
+                    }
+                }
+                if !sent {
+                    tracing::debug!(framework_id = %framework_id, executor_id = %executor_id,
+                        "dropping a framework message: the executor is not running here");
                 }
             }
             ManagerCmd::ShutdownFramework { framework_id } => {
                 let execs: Vec<ExecKey> =
-                    self.executors.keys().filter(|(fw, _)| fw == &framework_id).cloned().collect();
+                    self.executors.keys().filter(|(fw, _, _)| fw == &framework_id).cloned().collect();
                 for exec in execs {
-                    self.handle(ManagerCmd::ShutdownExecutor { exec }, launches);
+                    self.shutdown_executor(&exec);
                 }
             }
-            ManagerCmd::ShutdownExecutor { exec } => {
-                if let Some(ex) = self.executors.get_mut(&exec) {
-                    tracing::info!(framework_id = %exec.0, executor_id = %exec.1, "shutting down an executor on its framework's request");
-                    match &ex.to_executor {
-                        Some(tx) => {
-                            let _ = tx.send(AgentToExecutor::Shutdown);
-                        }
-                        // Not connected yet: it is told as soon as it says hello.
-                        None => ex.shutdown_requested = true,
-                    }
+            ManagerCmd::ShutdownExecutor { framework_id, executor_id } => {
+                let execs: Vec<ExecKey> = self
+                    .executors
+                    .keys()
+                    .filter(|(fw, id, _)| fw == &framework_id && id == &executor_id)
+                    .cloned()
+                    .collect();
+                for exec in execs {
+                    self.shutdown_executor(&exec);
                 }
             }
             ManagerCmd::FromExecutor { exec, serial, data } => {
@@ -780,6 +799,20 @@ impl Manager {
         }
     }
 
+    /// Tells executor process `exec` to shut down (at once, or as soon as it says hello).
+    pub(super) fn shutdown_executor(&mut self, exec: &ExecKey) {
+        if let Some(ex) = self.executors.get_mut(exec) {
+            tracing::info!(framework_id = %exec.0, executor_id = %exec.1, uid = ?exec.2, "shutting down an executor on its framework's request");
+            match &ex.to_executor {
+                Some(tx) => {
+                    let _ = tx.send(AgentToExecutor::Shutdown);
+                }
+                // Not connected yet: it is told as soon as it says hello.
+                None => ex.shutdown_requested = true,
+            }
+        }
+    }
+
     /// The slot of a task that was fetching, if `attempt` is still the current one.
     pub(super) fn take_preparing(&mut self, key: &TaskKey, attempt: u64) -> Option<NewSlot> {
         match self.preparing.remove(key) {
@@ -825,7 +858,7 @@ impl Manager {
     }
 
     pub(super) fn shutdown_all(&mut self) {
-        for ((fw, _), ex) in self.executors.drain() {
+        for ((fw, _, _), ex) in self.executors.drain() {
             if let Some(tx) = &ex.to_executor {
                 let _ = tx.send(AgentToExecutor::Shutdown);
             }
@@ -859,33 +892,47 @@ impl Manager {
         }
     }
 
-    /// Who `fw`'s executors run as.
-    pub(super) fn user_for(&self, fw: &FrameworkId) -> Result<Option<crate::user::TaskUser>, String> {
+    /// Who executor `exec` runs as: the uid of its key (the task user when its tasks name
+    /// no user) with its framework's group as its only group; the command executor's key has
+    /// no uid and this is the task user, to whom its socket belongs.
+    pub(super) fn user_for(&self, exec: &ExecKey) -> Result<Option<crate::user::TaskUser>, String> {
+        let fw = &exec.0;
         match &self.config.task_groups {
             Some(g) => g
                 .for_framework(fw.as_str())
-                .map(Some)
+                .map(|u| Some(crate::user::TaskUser { uid: exec.2.unwrap_or(u.uid), gid: u.gid }))
                 .map_err(|e| format!("no group for framework {fw}: {e}")),
             None => Ok(None),
         }
     }
 
-    /// The framework's Wasm cache directory (compiled modules, and the modules it may read).
-    pub(super) fn framework_cache(&self, fw: &FrameworkId) -> Result<PathBuf, String> {
-        let name = crate::sandbox::path_component("framework", fw.as_str()).map_err(|e| e.to_string())?;
+    /// The Wasm cache directory of `exec`'s framework and user (compiled modules, and the
+    /// modules its executor may read): `framework-<fw>` for the task user, as before users of
+    /// their own, and `framework-<fw>+uid<uid>` for another user (`+` never occurs in an
+    /// escaped id, so no framework's name can take another's directory). Compiled modules are
+    /// code the executor loads: one user's executor never loads what another's wrote.
+    pub(super) fn framework_cache(&self, exec: &ExecKey) -> Result<PathBuf, String> {
+        let mut name =
+            crate::sandbox::path_component("framework", exec.0.as_str()).map_err(|e| e.to_string())?;
+        if let (Some(uid), Some(g)) = (exec.2, &self.config.task_groups) {
+            if uid != g.task_uid() {
+                name.push_str(&format!("+uid{uid}"));
+            }
+        }
         Ok(self.cache_dir.join(name))
     }
 
-    /// Where `fw`'s Wasm executor reads launch `l`'s module: a hard link (or, across file
-    /// systems, a copy) of the cached artifact in the framework's own directory, made once per
-    /// framework and module.
-    pub(super) fn framework_module(&mut self, fw: &FrameworkId, l: &WasmLaunch) -> Result<PathBuf, String> {
-        // The hot path of every Wasm launch: no allocation when the module is placed already.
-        if let Some(p) = self.modules.get(fw).and_then(|m| m.get(&l.digest)) {
+    /// Where `exec`'s Wasm executor reads launch `l`'s module: a hard link (or, across file
+    /// systems, a copy) of the cached artifact in its framework's and user's own directory,
+    /// made once per framework, user and module.
+    pub(super) fn framework_module(&mut self, exec: &ExecKey, l: &WasmLaunch) -> Result<PathBuf, String> {
+        let owner = (exec.0.clone(), exec.2);
+        // The hot path of every Wasm launch: no lookup beyond this when the module is placed.
+        if let Some(p) = self.modules.get(&owner).and_then(|m| m.get(&l.digest)) {
             return Ok(p.clone());
         }
-        let dir = self.framework_cache(fw)?.join("modules");
-        crate::sandbox::create_sandbox(&dir, self.user_for(fw)?)
+        let dir = self.framework_cache(exec)?.join("modules");
+        crate::sandbox::create_sandbox(&dir, self.user_for(exec)?)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let dest = dir.join(&l.digest);
         if !dest.exists() {
@@ -895,12 +942,12 @@ impl Manager {
                     .map_err(|e| format!("cannot copy the module to {}: {e}", dest.display()))?;
             }
         }
-        self.modules.entry(fw.clone()).or_default().insert(l.digest.clone(), dest.clone());
+        self.modules.entry(owner).or_default().insert(l.digest.clone(), dest.clone());
         Ok(dest)
     }
 
-    /// Listens on `socket` for an executor of `fw` (replacing a stale socket file there).
-    pub(super) fn bind(&self, socket: &Path, fw: &FrameworkId) -> Result<UnixListener, String> {
+    /// Listens on `socket` for executor `exec` (replacing a stale socket file there).
+    pub(super) fn bind(&self, socket: &Path, exec: &ExecKey) -> Result<UnixListener, String> {
         {
             use std::os::unix::fs::DirBuilderExt;
             let dir = socket.parent().unwrap_or(&self.dir);
@@ -916,7 +963,7 @@ impl Manager {
         // Only the executor's user may connect (and the peer's pid is checked on accept).
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-        if let Some(u) = self.user_for(fw)? {
+        if let Some(u) = self.user_for(exec)? {
             u.chown(socket).map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
         }
         Ok(listener)
@@ -932,7 +979,10 @@ impl Manager {
     ) {
         let mut by_exec: HashMap<ExecKey, Vec<(RecoveredTask, NewSlot)>> = HashMap::new();
         for (t, slot) in tasks {
-            by_exec.entry((t.key.framework_id.clone(), t.executor_id.clone())).or_default().push((t, slot));
+            by_exec
+                .entry((t.key.framework_id.clone(), t.executor_id.clone(), t.uid))
+                .or_default()
+                .push((t, slot));
         }
         let mut gone = Vec::new();
         for rec in records {
@@ -967,7 +1017,7 @@ impl Manager {
                 slots.insert(t.key.task_id, slot);
             }
             let alive = rec.pid.is_some_and(|p| crate::checkpoint::same_process(p, rec.start_time));
-            let listener = if alive { Some(self.bind(&rec.socket, &exec.0)) } else { None };
+            let listener = if alive { Some(self.bind(&rec.socket, &exec)) } else { None };
             let idle_since = slots.is_empty().then(Instant::now);
             let recovering = matches!(listener, Some(Ok(_)));
             self.executors.insert(
@@ -1011,7 +1061,7 @@ impl Manager {
                         cwd: None,
                         fetch: Vec::new(),
                         fetcher: self.fetcher.clone(),
-                        user: self.user_for(&exec.0).ok().flatten(),
+                        user: self.user_for(&exec).ok().flatten(),
                         log: rec.log.clone(),
                         listener,
                         socket: rec.socket.clone(),
@@ -1096,8 +1146,8 @@ impl Manager {
                 .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         }
         let socket = socket_path(&self.dir, serial);
-        let listener = self.bind(&socket, fw)?;
-        let user = self.user_for(fw)?;
+        let listener = self.bind(&socket, exec)?;
+        let user = self.user_for(exec)?;
         let agent_id = self.agent_id.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let recovery_secs =
             self.config.recovery_timeout.min(agora_sdk::executor_link::MAX_RECOVERY_TIMEOUT).as_secs().max(1);
@@ -1112,7 +1162,7 @@ impl Manager {
             ExecKind::Wasm => {
                 // Compiled modules are code the executor loads: the cache is per framework and
                 // owned by the task user, never shared between frameworks.
-                let cache = self.framework_cache(fw)?;
+                let cache = self.framework_cache(exec)?;
                 crate::sandbox::create_sandbox(&cache, user)
                     .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
                 let args: Vec<String> = vec![

@@ -2,9 +2,10 @@
 //!
 //! The [`ExecutorManager`] runs, per framework, the built-in command executor
 //! (`agora executor-command`, native tasks), the built-in Wasm executor (`agora executor-wasm`)
-//! and any executor of the framework's own (keyed by executor id), each started on first use,
-//! talking to the agent over a Unix-domain socket with the executor protocol
-//! ([`agora_sdk::executor_proto`]). Launches that arrive together go to an executor in one
+//! and any executor of the framework's own (keyed by executor id), each started on first use
+//! and talking to the agent over a Unix-domain socket with the executor protocol
+//! ([`agora_sdk::executor_proto`]); a Wasm or framework executor runs as its tasks' user, one
+//! process per user ([`ExecKey`]). Launches that arrive together go to an executor in one
 //! frame. Built-in executors without tasks for [`ExecutorsConfig::idle_timeout`] are told to shut
 //! down (the agent decides, so a launch never races an executor's exit); a framework's own stays
 //! until its framework shuts it down. An executor that dies fails its tasks with
@@ -246,7 +247,7 @@ impl Executors {
 
     /// Relays a scheduler's message to one of its executors (dropped when there is none).
     pub fn framework_message(&self, framework_id: FrameworkId, executor_id: ExecutorId, data: Vec<u8>) {
-        let _ = self.manager.tx.send(ManagerCmd::ToExecutor { exec: (framework_id, executor_id), data });
+        let _ = self.manager.tx.send(ManagerCmd::ToExecutor { framework_id, executor_id, data });
     }
 
     /// Shuts every executor of a framework down (the framework is gone).
@@ -256,7 +257,7 @@ impl Executors {
 
     /// Shuts one of a framework's executors down (its tasks are killed).
     pub fn shutdown_executor(&self, framework_id: FrameworkId, executor_id: ExecutorId) {
-        let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { exec: (framework_id, executor_id) });
+        let _ = self.manager.tx.send(ManagerCmd::ShutdownExecutor { framework_id, executor_id });
     }
 
     /// The agent stops without shutting its executors down: their connections close and
@@ -325,6 +326,16 @@ impl Executors {
     }
 }
 
+/// The uid of the executor process that runs `task` as `user` (see [`ExecKey`]): a Wasm or
+/// framework executor runs as its tasks' user; the command executor, which switches users per
+/// task, has none.
+pub fn executor_uid(task: &TaskInfo, user: Option<crate::user::TaskUser>) -> Option<u32> {
+    match task.kind {
+        TaskKind::Command(_) => None,
+        TaskKind::Wasm(_) | TaskKind::Executor(_) => user.map(|u| u.uid),
+    }
+}
+
 /// Starts Wasm task `spec`. A task whose module the agent holds (and that ships no
 /// directories) goes straight to the executor manager; otherwise a task of its own fetches and
 /// unpacks first. From then on the manager reports the task's events to `events` under its key
@@ -338,12 +349,13 @@ pub fn launch(spec: &LaunchSpec, support: &Executors, events: &EventSender) -> T
         return handle;
     };
     let resources = spec.task.resources.clone();
+    let uid = executor_uid(&spec.task, spec.user);
     let cached = if info.dirs.is_empty() { support.fetcher.cached(&info.module.digest) } else { None };
     if let Some(module_path) = cached {
         let launch = Box::new(LaunchItem::Wasm(wasm_launch(spec, info, module_path, Vec::new())));
         let slot = Some(NewSlot { events: events.clone(), done: done_tx });
         if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
-            tx.send(ManagerCmd::Launch { key, attempt: 0, launch, resources, slot })
+            tx.send(ManagerCmd::Launch { key, attempt: 0, uid, launch, resources, slot })
         {
             finish(&slot.events, &key, &slot.done, shutting_down());
         }
@@ -366,6 +378,7 @@ pub fn launch(spec: &LaunchSpec, support: &Executors, events: &EventSender) -> T
             Ok(launch) => ManagerCmd::Launch {
                 key,
                 attempt,
+                uid,
                 launch: Box::new(LaunchItem::Wasm(launch)),
                 resources,
                 slot: None,
@@ -405,7 +418,14 @@ pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSende
     let resources = spec.task.resources.clone();
     let slot = Some(NewSlot { events: events.clone(), done: done_tx });
     if let Err(mpsc::error::SendError(ManagerCmd::Launch { key, slot: Some(slot), .. })) =
-        tx.send(ManagerCmd::Launch { key, attempt: 0, launch: Box::new(launch), resources, slot })
+        tx.send(ManagerCmd::Launch {
+            key,
+            attempt: 0,
+            uid: executor_uid(&spec.task, spec.user),
+            launch: Box::new(launch),
+            resources,
+            slot,
+        })
     {
         finish(&slot.events, &key, &slot.done, shutting_down());
     }
