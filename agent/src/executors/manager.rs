@@ -281,22 +281,52 @@ pub(super) struct PreparingTask {
     pub(super) slot: NewSlot,
 }
 
+/// Work for an executor that has not said hello yet, sent in this order once it does.
+#[derive(Default)]
+pub(super) struct Pending {
+    /// Launches.
+    pub(super) launches: Vec<LaunchItem>,
+    /// Kills of those tasks (after the launches, so that it knows them).
+    pub(super) kills: Vec<TaskId>,
+    /// Its framework asked for a shutdown.
+    pub(super) shutdown: bool,
+}
+
+/// After reconnecting to a restarted agent: the tasks the executor still runs and its last
+/// update number. Once every update up to that number is handled, the tasks it neither runs
+/// nor reported ended are failed.
+pub(super) struct Reconcile {
+    pub(super) running: std::collections::HashSet<TaskId>,
+    pub(super) last_seq: u64,
+}
+
+/// Where an executor process is in its life. Work queues only while it is not connected;
+/// only a connected executor has a channel and something to reconcile; an executor without
+/// tasks is idle since a time (the built-in ones are shut down after the idle timeout). A
+/// starting executor is never idle: it was started for a task.
+pub(super) enum Lifecycle {
+    /// Spawned by this agent, waiting for its hello.
+    Starting(Pending),
+    /// Adopted after the agent's restart, waiting for it to connect again.
+    Recovering { pending: Pending, idle_since: Option<Instant> },
+    /// Connected: frames go straight to it.
+    Ready {
+        to_executor: mpsc::UnboundedSender<AgentToExecutor>,
+        /// Set after it reconnected to the restarted agent, until reconciled.
+        reconcile: Option<Reconcile>,
+        idle_since: Option<Instant>,
+    },
+}
+
 pub(super) struct Executor {
     pub(super) serial: u64,
     pub(super) kind: ExecKind,
     pub(super) pid: Option<u32>,
-    pub(super) to_executor: Option<mpsc::UnboundedSender<AgentToExecutor>>,
-    /// Launches waiting for the executor's hello.
-    pub(super) queued: Vec<LaunchItem>,
-    /// Kills of queued tasks (sent after the launches).
-    pub(super) queued_kills: Vec<TaskId>,
+    pub(super) state: Lifecycle,
     pub(super) tasks: HashMap<TaskId, TaskSlot>,
     pub(super) cgroup: Option<Arc<Mutex<Cgroup>>>,
     /// The task set changed since the cgroup was last sized.
     pub(super) resize: bool,
-    pub(super) idle_since: Option<Instant>,
-    /// Its framework asked for a shutdown before it connected.
-    pub(super) shutdown_requested: bool,
     /// Its socket and log (checkpointed).
     pub(super) socket: PathBuf,
     pub(super) log: PathBuf,
@@ -305,14 +335,73 @@ pub(super) struct Executor {
     /// The highest update number handled, and the highest the core acknowledged to it.
     pub(super) seen_seq: u64,
     pub(super) acked_seq: u64,
-    /// Adopted after the agent's restart and not reconnected yet.
-    pub(super) recovering: bool,
-    /// After reconnecting: the tasks it still runs and its last update number. Once every
-    /// update up to that number is handled, the tasks it neither runs nor reported are failed.
-    pub(super) reconcile: Option<(std::collections::HashSet<TaskId>, u64)>,
 }
 
 impl Executor {
+    /// Its channel, once connected.
+    pub(super) fn sender(&self) -> Option<&mpsc::UnboundedSender<AgentToExecutor>> {
+        match &self.state {
+            Lifecycle::Ready { to_executor, .. } => Some(to_executor),
+            Lifecycle::Starting(_) | Lifecycle::Recovering { .. } => None,
+        }
+    }
+
+    /// Since when it has had no task.
+    pub(super) fn idle_since(&self) -> Option<Instant> {
+        match &self.state {
+            Lifecycle::Starting(_) => None,
+            Lifecycle::Recovering { idle_since, .. } | Lifecycle::Ready { idle_since, .. } => *idle_since,
+        }
+    }
+
+    /// Adopted after the agent's restart and not reconnected yet.
+    pub(super) fn recovering(&self) -> bool {
+        matches!(self.state, Lifecycle::Recovering { .. })
+    }
+
+    /// Marks it idle from now if it has no task (and was not idle already).
+    pub(super) fn note_if_idle(&mut self) {
+        if !self.tasks.is_empty() {
+            return;
+        }
+        if let Lifecycle::Recovering { idle_since, .. } | Lifecycle::Ready { idle_since, .. } =
+            &mut self.state
+        {
+            idle_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Gives it task `launch`: sent now if it is connected (through `launches`, one frame per
+    /// executor and batch), else queued for its hello.
+    pub(super) fn take_launch(
+        &mut self,
+        exec: &ExecKey,
+        launch: LaunchItem,
+        launches: &mut HashMap<ExecKey, Vec<LaunchItem>>,
+    ) {
+        match &mut self.state {
+            Lifecycle::Starting(pending) | Lifecycle::Recovering { pending, .. } => {
+                pending.launches.push(launch);
+            }
+            Lifecycle::Ready { .. } => launches.entry(exec.clone()).or_default().push(launch),
+        }
+        if let Lifecycle::Recovering { idle_since, .. } | Lifecycle::Ready { idle_since, .. } =
+            &mut self.state
+        {
+            *idle_since = None;
+        }
+    }
+
+    /// Asks it to shut down: at once, or as soon as it says hello.
+    pub(super) fn request_shutdown(&mut self) {
+        match &mut self.state {
+            Lifecycle::Ready { to_executor, .. } => {
+                let _ = to_executor.send(AgentToExecutor::Shutdown);
+            }
+            Lifecycle::Starting(pending) | Lifecycle::Recovering { pending, .. } => pending.shutdown = true,
+        }
+    }
+
     pub(super) fn record(&self, exec: &ExecKey) -> ExecutorRecord {
         ExecutorRecord {
             framework_id: exec.0.clone(),
@@ -421,7 +510,7 @@ impl Manager {
                         self.handle(cmd, &mut launches);
                     }
                     for (exec, list) in launches {
-                        if let Some(tx) = self.executors.get(&exec).and_then(|e| e.to_executor.as_ref()) {
+                        if let Some(tx) = self.executors.get(&exec).and_then(Executor::sender) {
                             let _ = tx.send(launch_message(list));
                         }
                     }
@@ -447,7 +536,8 @@ impl Manager {
     /// Fails every task of `ex` that neither runs in it nor was reported ended by it after it
     /// reconnected to the restarted agent.
     pub(super) fn reconcile(exec: &ExecKey, ex: &mut Executor) {
-        let Some((running, _)) = ex.reconcile.take() else { return };
+        let Lifecycle::Ready { reconcile, .. } = &mut ex.state else { return };
+        let Some(Reconcile { running, .. }) = reconcile.take() else { return };
         let lost: Vec<TaskId> = ex.tasks.keys().filter(|t| !running.contains(*t)).cloned().collect();
         for task_id in lost {
             if let Some(slot) = ex.tasks.remove(&task_id) {
@@ -465,9 +555,7 @@ impl Manager {
                 );
             }
         }
-        if ex.tasks.is_empty() && ex.idle_since.is_none() {
-            ex.idle_since = Some(Instant::now());
-        }
+        ex.note_if_idle();
     }
 
     /// One adopted executor reconnected or is gone: when none is left waiting, recovery is done.
@@ -544,13 +632,8 @@ impl Manager {
                     task_id,
                     TaskSlot { resources, events, done, killing: false, running: false, leftovers },
                 );
-                ex.idle_since = None;
                 ex.resize = true;
-                if ex.to_executor.is_some() {
-                    launches.entry(exec).or_default().push(launch);
-                } else {
-                    ex.queued.push(launch);
-                }
+                ex.take_launch(&exec, launch, launches);
             }
             ManagerCmd::Kill { key } => {
                 if let Some(p) = self.preparing.remove(&key) {
@@ -571,8 +654,8 @@ impl Manager {
                 }
                 slot.killing = true;
                 slot.emit(&framework_id, &task_id, TaskEvent::Killing);
-                match &ex.to_executor {
-                    Some(tx) => {
+                match &mut ex.state {
+                    Lifecycle::Ready { to_executor: tx, .. } => {
                         // Launches collected in this round go out after this loop: send them
                         // first so the executor knows the task it is asked to kill.
                         if let Some(list) = launches.remove(exec) {
@@ -580,7 +663,9 @@ impl Manager {
                         }
                         let _ = tx.send(AgentToExecutor::Kill { task_id });
                     }
-                    None => ex.queued_kills.push(task_id),
+                    Lifecycle::Starting(pending) | Lifecycle::Recovering { pending, .. } => {
+                        pending.kills.push(task_id)
+                    }
                 }
             }
             ManagerCmd::ShutdownAll { reply } => {
@@ -597,7 +682,7 @@ impl Manager {
                 if let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) {
                     if seq > ex.acked_seq {
                         ex.acked_seq = seq;
-                        if let Some(tx) = &ex.to_executor {
+                        if let Some(tx) = ex.sender() {
                             let _ = tx.send(AgentToExecutor::Acked { seq });
                         }
                     }
@@ -619,7 +704,7 @@ impl Manager {
                     {
                         continue;
                     }
-                    if let Some(tx) = &ex.to_executor {
+                    if let Some(tx) = ex.sender() {
                         let _ = tx.send(AgentToExecutor::FrameworkMessage(data.clone()));
                         sent = true;
                     }
@@ -658,12 +743,21 @@ impl Manager {
                     return;
                 };
                 let framework_id = &exec.0;
-                tracing::info!(framework_id = %framework_id, executor_id = %exec.1, pid, queued = ex.queued.len(),
-                    resumed = ex.recovering, "executor ready");
+                let placeholder = Lifecycle::Starting(Pending::default());
+                let (pending, mut reconcile, idle_since, resumed) =
+                    match std::mem::replace(&mut ex.state, placeholder) {
+                        Lifecycle::Starting(pending) => (pending, None, None, false),
+                        Lifecycle::Recovering { pending, idle_since } => (pending, None, idle_since, true),
+                        Lifecycle::Ready { reconcile, idle_since, .. } => {
+                            (Pending::default(), reconcile, idle_since, false)
+                        }
+                    };
+                tracing::info!(framework_id = %framework_id, executor_id = %exec.1, pid, queued = pending.launches.len(),
+                    resumed, "executor ready");
                 let pid_changed = ex.pid != Some(pid);
                 ex.pid = Some(pid);
-                if ex.recovering {
-                    ex.recovering = false;
+                let mut reconcile_now = false;
+                if resumed {
                     let resume = resume.unwrap_or_default();
                     tracing::info!(framework_id = %framework_id, executor_id = %exec.1, tasks = resume.tasks.len(),
                         last_seq = resume.last_seq, acked = ex.acked_seq, "executor reconnected after the agent restarted");
@@ -674,25 +768,28 @@ impl Manager {
                         tracing::warn!(task_id = %task_id, "the reconnected executor runs a task this agent does not know: killing it");
                         let _ = to_executor.send(AgentToExecutor::Kill { task_id: task_id.clone() });
                     }
-                    ex.reconcile = Some((running, resume.last_seq));
-                    if resume.last_seq <= ex.seen_seq {
-                        Self::reconcile(&exec, ex);
-                    }
+                    reconcile_now = resume.last_seq <= ex.seen_seq;
+                    reconcile = Some(Reconcile { running, last_seq: resume.last_seq });
+                }
+                let tx = to_executor.clone();
+                ex.state = Lifecycle::Ready { to_executor, reconcile, idle_since };
+                if reconcile_now {
+                    Self::reconcile(&exec, ex);
+                }
+                if !pending.launches.is_empty() {
+                    let _ = tx.send(launch_message(pending.launches));
+                }
+                for task_id in pending.kills {
+                    let _ = tx.send(AgentToExecutor::Kill { task_id });
+                }
+                if pending.shutdown {
+                    let _ = tx.send(AgentToExecutor::Shutdown);
+                }
+                if resumed {
                     self.recovered_one();
                 } else if pid_changed {
                     self.checkpoint(&exec);
                 }
-                let Some(ex) = self.executors.get_mut(&exec) else { return };
-                if !ex.queued.is_empty() {
-                    let _ = to_executor.send(launch_message(std::mem::take(&mut ex.queued)));
-                }
-                for task_id in ex.queued_kills.drain(..) {
-                    let _ = to_executor.send(AgentToExecutor::Kill { task_id });
-                }
-                if ex.shutdown_requested {
-                    let _ = to_executor.send(AgentToExecutor::Shutdown);
-                }
-                ex.to_executor = Some(to_executor);
             }
             ManagerCmd::Updates { exec, serial, updates } => {
                 let Some(ex) = self.executors.get_mut(&exec).filter(|e| e.serial == serial) else {
@@ -766,17 +863,16 @@ impl Manager {
                         seq: ex.seen_seq,
                     });
                 }
-                if ex.reconcile.as_ref().is_some_and(|(_, last)| ex.seen_seq >= *last) {
+                let seen = ex.seen_seq;
+                if matches!(&ex.state, Lifecycle::Ready { reconcile: Some(r), .. } if seen >= r.last_seq) {
                     Self::reconcile(&exec, ex);
                 }
-                if ex.tasks.is_empty() && ex.idle_since.is_none() {
-                    ex.idle_since = Some(Instant::now());
-                }
+                ex.note_if_idle();
             }
             ManagerCmd::Gone { exec, serial, reason, why } => {
                 let _ = self.exec_events.send(ExecutorEvent::Gone { exec: exec.clone(), serial });
                 let Some(ex) = remove_if_serial(&mut self.executors, &exec, serial) else { return };
-                if ex.recovering {
+                if ex.recovering() {
                     self.recovered_one();
                 }
                 let framework_id = &exec.0;
@@ -803,13 +899,7 @@ impl Manager {
     pub(super) fn shutdown_executor(&mut self, exec: &ExecKey) {
         if let Some(ex) = self.executors.get_mut(exec) {
             tracing::info!(framework_id = %exec.0, executor_id = %exec.1, uid = ?exec.2, "shutting down an executor on its framework's request");
-            match &ex.to_executor {
-                Some(tx) => {
-                    let _ = tx.send(AgentToExecutor::Shutdown);
-                }
-                // Not connected yet: it is told as soon as it says hello.
-                None => ex.shutdown_requested = true,
-            }
+            ex.request_shutdown();
         }
     }
 
@@ -831,7 +921,7 @@ impl Manager {
         self.executors
             .values()
             .filter(|e| !matches!(e.kind, ExecKind::Custom { .. }))
-            .filter_map(|e| e.idle_since)
+            .filter_map(Executor::idle_since)
             .min()
             .map(|t| t + self.config.idle_timeout)
     }
@@ -843,13 +933,13 @@ impl Manager {
             .executors
             .iter()
             .filter(|(_, e)| !matches!(e.kind, ExecKind::Custom { .. }))
-            .filter(|(_, e)| e.tasks.is_empty() && e.idle_since.is_some_and(|t| t + timeout <= now))
+            .filter(|(_, e)| e.tasks.is_empty() && e.idle_since().is_some_and(|t| t + timeout <= now))
             .map(|(k, _)| k.clone())
             .collect();
         for exec in idle {
             if let Some(ex) = self.executors.remove(&exec) {
                 tracing::info!(framework_id = %exec.0, executor_id = %exec.1, "shutting down an idle executor");
-                if let Some(tx) = &ex.to_executor {
+                if let Some(tx) = ex.sender() {
                     let _ = tx.send(AgentToExecutor::Shutdown);
                 }
                 destroy_group(ex.cgroup);
@@ -859,7 +949,7 @@ impl Manager {
 
     pub(super) fn shutdown_all(&mut self) {
         for ((fw, _, _), ex) in self.executors.drain() {
-            if let Some(tx) = &ex.to_executor {
+            if let Some(tx) = ex.sender() {
                 let _ = tx.send(AgentToExecutor::Shutdown);
             }
             for (task_id, slot) in ex.tasks {
@@ -1019,28 +1109,27 @@ impl Manager {
             let alive = rec.pid.is_some_and(|p| crate::checkpoint::same_process(p, rec.start_time));
             let listener = if alive { Some(self.bind(&rec.socket, &exec)) } else { None };
             let idle_since = slots.is_empty().then(Instant::now);
-            let recovering = matches!(listener, Some(Ok(_)));
+            let state = if matches!(listener, Some(Ok(_))) {
+                Lifecycle::Recovering { pending: Pending::default(), idle_since }
+            } else {
+                // Not coming back: handled as gone below, before anything else.
+                Lifecycle::Starting(Pending::default())
+            };
             self.executors.insert(
                 exec.clone(),
                 Executor {
                     serial: rec.serial,
                     kind,
                     pid: rec.pid,
-                    to_executor: None,
-                    queued: Vec::new(),
-                    queued_kills: Vec::new(),
+                    state,
                     tasks: slots,
                     cgroup: cgroup.clone(),
                     resize: false,
-                    idle_since,
-                    shutdown_requested: false,
                     socket: rec.socket.clone(),
                     log: rec.log.clone(),
                     start_time: rec.start_time,
                     seen_seq: rec.acked_seq,
                     acked_seq: rec.acked_seq,
-                    recovering,
-                    reconcile: None,
                 },
             );
             match listener {
@@ -1262,21 +1351,15 @@ impl Manager {
                 serial,
                 kind,
                 pid: None,
-                to_executor: None,
-                queued: Vec::new(),
-                queued_kills: Vec::new(),
+                state: Lifecycle::Starting(Pending::default()),
                 tasks: HashMap::new(),
                 cgroup,
                 resize: false,
-                idle_since: None,
-                shutdown_requested: false,
                 socket,
                 log,
                 start_time: None,
                 seen_seq: 0,
                 acked_seq: 0,
-                recovering: false,
-                reconcile: None,
             },
         );
         self.checkpoint(exec);
