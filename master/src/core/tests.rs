@@ -493,6 +493,22 @@ fn suppress_stops_offers_but_keeps_outstanding_ones() {
 }
 
 #[test]
+fn a_suppress_ends_with_its_connection() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", 60 * SEC);
+    h.add_agent("cpus:4");
+    h.call(fc, SchedulerCall::Suppress);
+    assert_eq!(h.m.frameworks()[0].status, "suppressed");
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: fc });
+    h.drain();
+    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    let fc2 = h.conn();
+    h.call(fc2, SchedulerCall::Subscribe(info(Some(&fw), 60 * SEC)));
+    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(offers(&h.advance(5 * MS), fc2).len(), 1);
+}
+
+#[test]
 fn agent_disconnect_rescinds_its_offers() {
     let mut h = Harness::new();
     let (fc, _) = h.subscribe("alice", SEC);
