@@ -567,6 +567,29 @@ fn a_disconnected_agent_times_out_too() {
     assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Unreachable);
 }
 
+/// An update or report that would move an ended task backwards changes nothing: the update is
+/// acknowledged to its agent (so it stops retrying) and not forwarded; a re-registered agent
+/// that still runs the task is told to kill it.
+#[test]
+fn an_ended_task_does_not_move_backwards() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
+    let (uuid, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+    assert!(updates(&acts, s.fc).is_empty(), "{acts:?}");
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        [MasterToAgent::StatusAck { framework_id: s.fw.clone(), task_id: TaskId::new("t1"), uuid }]
+    );
+    assert_eq!(h.m.tasks()[0].state, TaskState::Finished);
+    let report =
+        TaskReport { framework_id: s.fw.clone(), task: task("t1", "cpus:1"), state: TaskState::Running };
+    let (ac2, _, acts) = h.register(Some(s.agent.clone()), "cpus:4", vec![report]);
+    assert!(to_agent(&acts, ac2)
+        .contains(&MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t1") }));
+    assert_eq!(h.m.tasks()[0].state, TaskState::Finished);
+}
+
 #[test]
 fn re_registration_brings_tasks_back() {
     let mut h = Harness::new();
