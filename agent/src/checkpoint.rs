@@ -217,7 +217,11 @@ impl State {
             }
             Record::TaskState { task, state, pid, start_time, ended } => {
                 if let Some(t) = self.tasks.get_mut(&task) {
-                    t.state = state;
+                    // The agent journals only the moves it made, so a refused one comes from a
+                    // journal of an earlier agent that did not check them: the state stays.
+                    if let Err(e) = t.state.transition(state) {
+                        tracing::warn!(task_id = %task.1, framework_id = %task.0, "checkpoint: {e} ignored");
+                    }
                     if pid.is_some() {
                         t.pid = pid;
                         t.start_time = start_time;
@@ -689,6 +693,31 @@ mod tests {
 
     fn key(id: &str) -> TaskRef {
         (FrameworkId::new("fw"), TaskId::new(id))
+    }
+
+    /// A journal written by an agent that did not check its moves (an ended task said to run
+    /// again) keeps the state; the record's pid and end are still taken.
+    #[test]
+    fn a_refused_move_in_a_journal_keeps_the_state() {
+        let mut s = State::default();
+        s.apply(Record::Task(Box::new(TaskRecord {
+            framework_id: FrameworkId::new("fw"),
+            task: task("a"),
+            run_dir: PathBuf::from("/run/a"),
+            state: TaskState::Killed,
+            pid: None,
+            start_time: None,
+            ended: false,
+        })));
+        s.apply(Record::TaskState {
+            task: key("a"),
+            state: TaskState::Running,
+            pid: Some(9),
+            start_time: Some(3),
+            ended: true,
+        });
+        let t = &s.tasks[&key("a")];
+        assert_eq!((t.state, t.pid, t.start_time, t.ended), (TaskState::Killed, Some(9), Some(3), true));
     }
 
     /// The records of a few events, flushed in batches, read back as the same state; a new

@@ -623,12 +623,31 @@ impl Core {
         let task_ref = (key.framework_id.clone(), key.task_id.clone());
         let (status, record) = match event {
             TaskEvent::Running { pid, message } => {
-                entry.state = TaskState::Running;
                 // A native task's process is its own: the pid, with its start time against
                 // reuse, lets a restarted agent clean it up if its executor is gone.
                 let native = matches!(entry.task.kind, TaskKind::Command(_));
                 let (pid_rec, start_time) =
                     if native { (Some(pid), checkpoint::process_start_time(pid)) } else { (None, None) };
+                if let Err(e) = entry.state.transition(TaskState::Running) {
+                    // Killed before its executor said it runs (KILLING came first): no RUNNING
+                    // update (the master would refuse it), but its process is still recorded.
+                    if e.from == TaskState::Killing {
+                        tracing::debug!(task_id = %key.task_id, framework_id = %key.framework_id, "{e}: not reported");
+                    } else {
+                        tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, "{e}: not reported");
+                    }
+                    if pid_rec.is_some() {
+                        let ended = entry.ended;
+                        self.journal(Record::TaskState {
+                            task: task_ref,
+                            state: e.from,
+                            pid: pid_rec,
+                            start_time,
+                            ended,
+                        });
+                    }
+                    return;
+                }
                 let msg = message.unwrap_or_else(|| format!("process {pid} started"));
                 let record = Record::TaskState {
                     task: task_ref,
@@ -640,7 +659,11 @@ impl Core {
                 (self.status(&key, TaskState::Running, "task started", msg, None), record)
             }
             TaskEvent::Killing => {
-                entry.state = TaskState::Killing;
+                if let Err(e) = entry.state.transition(TaskState::Killing) {
+                    // Only a task that already ended refuses KILLING: its end was reported.
+                    tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, "{e}: not reported");
+                    return;
+                }
                 let record = Record::TaskState {
                     task: task_ref,
                     state: TaskState::Killing,
@@ -659,7 +682,12 @@ impl Core {
                         t.message = format!("{why}; the agent killed it ({})", t.message);
                     }
                 }
-                entry.state = t.state;
+                if let Err(e) = entry.state.transition(t.state) {
+                    // Only a task that already ended refuses an end (its state turns terminal
+                    // only here, and its supervisor is then done): its end was reported.
+                    tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, "{e}: not reported");
+                    return;
+                }
                 if !entry.ended {
                     self.live = self.live.saturating_sub(1);
                 }
@@ -1324,7 +1352,7 @@ mod tests {
         let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new(id) };
         if let Some(e) = core.tasks.get_mut(&key) {
             e.ended = true;
-            e.state = TaskState::Finished;
+            e.state.transition(TaskState::Finished).expect("a running task may finish");
         }
         core.forget_if_done(&key);
         assert!(!core.tasks.contains_key(&key));
@@ -1460,6 +1488,49 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].limit, None);
         assert!(h.core.disk_checks().iter().all(|c| c.key != key));
+    }
+
+    /// Supervisor events that would move a task backwards (RUNNING after KILLING, anything
+    /// after its end) change nothing and send no update; the end still goes out once.
+    #[test]
+    fn events_that_move_a_task_backwards_are_not_reported() {
+        let mut h = harness();
+        let fw = FrameworkId::new("fw");
+        let dir = h._dir.path().to_path_buf();
+        insert(&mut h.core, &fw, "t", command_task("t", "true").kind, &dir.join("t"), false);
+        let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("t") };
+        h.core.connected(Instant::now());
+        h.core.take_outbox();
+        let state = |h: &Harness| h.core.tasks[&key].state;
+        h.core.task_event(key.clone(), TaskEvent::Killing, Instant::now());
+        let killing = statuses(&mut h.core);
+        assert_eq!(killing.iter().map(|s| s.state).collect::<Vec<_>>(), [TaskState::Killing]);
+        let pid = std::process::id();
+        h.core.task_event(key.clone(), TaskEvent::Running { pid, message: None }, Instant::now());
+        assert_eq!(state(&h), TaskState::Killing);
+        h.core.poll_updates(Instant::now() + Duration::from_secs(1));
+        assert!(statuses(&mut h.core).iter().all(|s| s.state == TaskState::Killing), "no RUNNING");
+        let end = |state| Termination {
+            state,
+            reason: "killed".into(),
+            message: String::new(),
+            exit_code: None,
+            signal: None,
+            usage: None,
+        };
+        h.core.task_event(key.clone(), TaskEvent::Terminated(end(TaskState::Killed)), Instant::now());
+        assert_eq!(state(&h), TaskState::Killed);
+        let live = h.core.live_tasks();
+        h.core.task_event(key.clone(), TaskEvent::Terminated(end(TaskState::Failed)), Instant::now());
+        h.core.task_event(key.clone(), TaskEvent::Killing, Instant::now());
+        assert_eq!(state(&h), TaskState::Killed);
+        assert_eq!(h.core.live_tasks(), live, "ended once");
+        // Behind KILLING: its end alone, once.
+        ack(&mut h, &killing[0]);
+        let ended = statuses(&mut h.core);
+        assert_eq!(ended.iter().map(|s| s.state).collect::<Vec<_>>(), [TaskState::Killed]);
+        ack(&mut h, &ended[0]);
+        assert!(!h.core.updates.has_pending(&key));
     }
 
     /// A framework executor's sandbox is held to its own disk plus its live tasks'; over it,

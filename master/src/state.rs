@@ -126,15 +126,27 @@ impl Agent {
     }
 }
 
-/// Whether a framework is reachable.
+/// Whether a framework is reachable, and whether it takes offers while it is: a SUPPRESS
+/// lasts until its REVIVE or its next subscription, so a disconnected framework has none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FrameworkLink {
+    /// Subscribed on this connection, taking offers.
     Connected(ConnId),
+    /// Subscribed on this connection, its offers suppressed (SUPPRESS).
+    Suppressed(ConnId),
     /// Gone since `since`; removed at `deadline` (`None`: a failover timeout too long to
     /// represent, i.e. never).
-    Disconnected {
-        deadline: Option<Instant>,
-    },
+    Disconnected { deadline: Option<Instant> },
+}
+
+impl FrameworkLink {
+    /// Its connection, if it is connected.
+    pub(crate) fn conn(self) -> Option<ConnId> {
+        match self {
+            FrameworkLink::Connected(conn) | FrameworkLink::Suppressed(conn) => Some(conn),
+            FrameworkLink::Disconnected { .. } => None,
+        }
+    }
 }
 
 /// "Do not offer me these resources on this agent until `expires`."
@@ -155,7 +167,6 @@ pub(crate) struct Framework {
     /// The OS user its tasks run as unless a task names one (`FrameworkInfo::user`).
     pub user: Option<String>,
     pub link: FrameworkLink,
-    pub suppressed: bool,
     /// Numbers of its outstanding offers (unordered: walks sort their ids first).
     pub offers: FxHashSet<u64>,
     /// Decline filters by agent slot. The only agents ever removed are those recovered from
@@ -166,9 +177,25 @@ pub(crate) struct Framework {
 
 impl Framework {
     pub(crate) fn conn(&self) -> Option<ConnId> {
-        match self.link {
-            FrameworkLink::Connected(conn) => Some(conn),
-            FrameworkLink::Disconnected { .. } => None,
+        self.link.conn()
+    }
+
+    /// Whether it asked for no offers (SUPPRESS) on its current connection.
+    pub(crate) fn suppressed(&self) -> bool {
+        matches!(self.link, FrameworkLink::Suppressed(_))
+    }
+
+    /// SUPPRESS: no offers until REVIVE (a disconnected framework has nothing to suppress).
+    pub(crate) fn suppress(&mut self) {
+        if let FrameworkLink::Connected(conn) = self.link {
+            self.link = FrameworkLink::Suppressed(conn);
+        }
+    }
+
+    /// REVIVE: offers again.
+    pub(crate) fn revive(&mut self) {
+        if let FrameworkLink::Suppressed(conn) = self.link {
+            self.link = FrameworkLink::Connected(conn);
         }
     }
 
@@ -186,7 +213,7 @@ impl Framework {
     pub(crate) fn status_str(&self) -> &'static str {
         match self.link {
             FrameworkLink::Disconnected { .. } => "disconnected",
-            FrameworkLink::Connected(_) if self.suppressed => "suppressed",
+            FrameworkLink::Suppressed(_) => "suppressed",
             FrameworkLink::Connected(_) => "active",
         }
     }

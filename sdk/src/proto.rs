@@ -327,6 +327,18 @@ impl TaskState {
         }
     }
 
+    /// Moves a task in `self` to `next` if [`can_transition_to`](Self::can_transition_to)
+    /// allows it; otherwise `self` stays as it was and the error names both states. The one
+    /// way master and agent change an existing task's state (a new task's first state is not
+    /// a transition).
+    pub fn transition(&mut self, next: TaskState) -> Result<(), InvalidTransition> {
+        if !self.can_transition_to(next) {
+            return Err(InvalidTransition { from: *self, to: next });
+        }
+        *self = next;
+        Ok(())
+    }
+
     /// Mesos's spelling, `TASK_RUNNING`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -345,6 +357,16 @@ impl TaskState {
             TaskState::Unknown => "TASK_UNKNOWN",
         }
     }
+}
+
+/// A task state change [`TaskState::transition`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid task state transition {from} -> {to}")]
+pub struct InvalidTransition {
+    /// The state the task is in (and stays in).
+    pub from: TaskState,
+    /// The state it was asked to move to.
+    pub to: TaskState,
 }
 
 impl fmt::Display for TaskState {
@@ -1242,5 +1264,59 @@ mod tests {
         for s in TaskState::ALL {
             assert!(s.can_transition_to(s));
         }
+    }
+
+    #[test]
+    fn terminal_states_refuse_every_other_state() {
+        for from in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for to in TaskState::ALL.into_iter().filter(|&s| s != from) {
+                let mut s = from;
+                assert_eq!(s.transition(to), Err(InvalidTransition { from, to }), "{from} -> {to}");
+                assert_eq!(s, from, "a refused move leaves the state as it was");
+            }
+        }
+    }
+
+    #[test]
+    fn todays_moves_are_accepted() {
+        use TaskState::*;
+        let live = [Staging, Starting, Running, Killing];
+        let ends = TaskState::ALL.into_iter().filter(|s| s.is_terminal());
+        let mut legal: Vec<(TaskState, TaskState)> = vec![
+            (Staging, Starting),
+            (Staging, Running),
+            (Staging, Killing),
+            (Starting, Running),
+            (Starting, Killing),
+            (Running, Killing),
+            (Staging, Unreachable),
+            (Running, Unreachable),
+            (Killing, Unreachable),
+            (Unreachable, Running),
+            (Unreachable, Staging),
+            (Unknown, Running),
+        ];
+        for end in ends {
+            legal.extend(live.iter().map(|&l| (l, end)));
+            legal.extend([(Unreachable, end), (Unknown, end), (end, end)]);
+        }
+        for (from, to) in legal {
+            let mut s = from;
+            assert_eq!(s.transition(to), Ok(()), "{from} -> {to}");
+            assert_eq!(s, to);
+        }
+        // Backwards is refused.
+        for (from, to) in [(Running, Staging), (Running, Starting), (Killing, Running), (Starting, Staging)] {
+            let mut s = from;
+            assert!(s.transition(to).is_err(), "{from} -> {to}");
+            assert_eq!(s, from);
+        }
+    }
+
+    #[test]
+    fn an_invalid_transition_names_both_states() {
+        let mut s = TaskState::Finished;
+        let e = s.transition(TaskState::Running).unwrap_err();
+        assert_eq!(e.to_string(), "invalid task state transition TASK_FINISHED -> TASK_RUNNING");
     }
 }

@@ -279,8 +279,18 @@ impl Master {
                     let kill = task.kill_requested;
                     if r.state.is_terminal() || old == r.state {
                         // Terminal states arrive as the agent's own (retried) updates.
-                    } else if old.can_transition_to(r.state) {
-                        task.state = r.state;
+                    } else if let Err(e) = task.state.transition(r.state) {
+                        warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
+                            known = %old, reported = %r.state, "agent runs a task the master considers over ({e}): killing it");
+                        self.send_agent(
+                            conn,
+                            MasterToAgent::KillTask {
+                                framework_id: key.framework_id.clone(),
+                                task_id: key.task_id.clone(),
+                            },
+                        );
+                        continue;
+                    } else {
                         task.record(r.state, "agent re-registered", unix_ms);
                         // Back from a partition: RUNNING again, unless the framework killed
                         // it meanwhile (then the kill below goes out and KILLED follows).
@@ -298,17 +308,6 @@ impl Master {
                             }
                             self.deliver(&key, status);
                         }
-                    } else {
-                        warn!(agent_id = %id, task_id = %key.task_id, framework_id = %key.framework_id,
-                            known = %old, reported = %r.state, "agent runs a task the master considers over: killing it");
-                        self.send_agent(
-                            conn,
-                            MasterToAgent::KillTask {
-                                framework_id: key.framework_id.clone(),
-                                task_id: key.task_id.clone(),
-                            },
-                        );
-                        continue;
                     }
                     if kill && !r.state.is_terminal() {
                         self.send_agent(

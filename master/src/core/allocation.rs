@@ -33,7 +33,7 @@ impl Master {
         let cursor = Cell::new(0usize);
         let eligible = |fw: &FrameworkId, agent: &AgentId, r: &Resources| {
             let Some(f) = frameworks.get(fw) else { return false };
-            if f.conn().is_none() || f.suppressed {
+            if f.conn().is_none() || f.suppressed() {
                 return false;
             }
             if f.filters.is_empty() {

@@ -65,7 +65,7 @@ impl Master {
                 if let Some(f) = self.frameworks.get_mut(&fw) {
                     info!(framework_id = %fw, "revive");
                     f.filters.clear();
-                    f.suppressed = false;
+                    f.revive();
                     self.allocator.revive(&fw);
                     self.request_allocation(now);
                 }
@@ -73,7 +73,7 @@ impl Master {
             SchedulerCall::Suppress => {
                 if let Some(f) = self.frameworks.get_mut(&fw) {
                     info!(framework_id = %fw, "suppress");
-                    f.suppressed = true;
+                    f.suppress();
                     self.allocator.suppress(&fw);
                 }
             }
@@ -139,7 +139,6 @@ impl Master {
                         failover_timeout: info.failover_timeout,
                         user: info.user.clone(),
                         link: FrameworkLink::Connected(conn),
-                        suppressed: false,
                         offers: FxHashSet::default(),
                         filters: FxHashMap::default(),
                     },
@@ -176,7 +175,9 @@ impl Master {
                 let old = fw.link;
                 let offers = self.offer_ids(&fw.offers);
                 match old {
-                    FrameworkLink::Connected(old_conn) if old_conn != conn => {
+                    FrameworkLink::Connected(old_conn) | FrameworkLink::Suppressed(old_conn)
+                        if old_conn != conn =>
+                    {
                         info!(framework_id = %id, old_conn, conn, "framework failed over");
                         self.close(
                             old_conn,
@@ -184,7 +185,7 @@ impl Master {
                             format!("framework {id} failed over to another connection"),
                         );
                     }
-                    FrameworkLink::Connected(_) => {}
+                    FrameworkLink::Connected(_) | FrameworkLink::Suppressed(_) => {}
                     FrameworkLink::Disconnected { deadline } => {
                         info!(framework_id = %id, conn, "framework re-subscribed");
                         if let Some(d) = deadline {
@@ -193,20 +194,19 @@ impl Master {
                         self.allocator.activate_framework(&id);
                     }
                 }
-                if matches!(old, FrameworkLink::Connected(c) if c != conn) {
+                if old.conn().is_some_and(|c| c != conn) {
                     // Offers made to the old instance are unknown to the new one.
                     for o in &offers {
                         self.rescind_offer(o, false);
                     }
                 }
                 if let Some(fw) = self.frameworks.get_mut(&id) {
+                    // A new instance knows nothing of the old one's SUPPRESS.
                     fw.link = FrameworkLink::Connected(conn);
                     fw.name = info.name;
                     fw.hostname = info.hostname;
                     fw.failover_timeout = info.failover_timeout;
                     fw.user = info.user.clone();
-                    // A new instance knows nothing of the old one's SUPPRESS.
-                    fw.suppressed = false;
                 }
                 self.persist_framework(&id);
                 self.allocator.revive(&id);
@@ -296,7 +296,7 @@ impl Master {
             self.completed_frameworks.pop_front();
         }
         match fw.link {
-            FrameworkLink::Connected(conn) => {
+            FrameworkLink::Connected(conn) | FrameworkLink::Suppressed(conn) => {
                 self.conns.remove(&conn);
             }
             FrameworkLink::Disconnected { deadline: Some(d) } => {

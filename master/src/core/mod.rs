@@ -466,7 +466,6 @@ impl Master {
                     // Told again when it re-subscribes.
                     user: None,
                     link: FrameworkLink::Disconnected { deadline },
-                    suppressed: false,
                     offers: FxHashSet::default(),
                     filters: FxHashMap::default(),
                 },

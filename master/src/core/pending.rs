@@ -85,7 +85,7 @@ impl Master {
         if f.conn().is_none() {
             return "waiting: its framework is disconnected".into();
         }
-        if f.suppressed {
+        if f.suppressed() {
             return "waiting: its framework suppressed its offers".into();
         }
         let up: Vec<&Agent> = self

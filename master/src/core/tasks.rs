@@ -34,13 +34,19 @@ impl Master {
         }
     }
 
-    /// Applies `status` to a task (the caller checked the transition) and, when the task just
-    /// ended, returns its resources.
-    pub(super) fn apply_status(&mut self, now: Instant, key: &TaskKey, status: &TaskStatus) {
+    /// Applies `status` to a task and, when the task just ended, returns its resources. An
+    /// invalid move changes nothing and is the caller's to report (an unknown task is no error:
+    /// nothing to apply it to).
+    pub(super) fn apply_status(
+        &mut self,
+        now: Instant,
+        key: &TaskKey,
+        status: &TaskStatus,
+    ) -> Result<(), InvalidTransition> {
         let unix_ms = self.unix_ms(now);
-        let Some(task) = self.tasks.get_mut(key) else { return };
+        let Some(task) = self.tasks.get_mut(key) else { return Ok(()) };
         let was_terminal = task.state.is_terminal();
-        task.state = status.state;
+        task.state.transition(status.state)?;
         task.latest = Some(status.clone());
         task.record(status.state, &status.reason, unix_ms);
         if status.state.is_terminal() && !was_terminal {
@@ -57,6 +63,7 @@ impl Master {
             }
             self.request_allocation(now);
         }
+        Ok(())
     }
 
     /// Sends an update about a known task to its framework, keeping it pending until it is
@@ -136,12 +143,13 @@ impl Master {
         message: String,
     ) {
         let Some(task) = self.tasks.get(key) else { return };
-        if !task.state.can_transition_to(state) {
-            return;
-        }
         let status =
             master_status(key, Some(task.agent_id.clone()), state, reason, message, self.unix_ms(now));
-        self.apply_status(now, key, &status);
+        if let Err(e) = self.apply_status(now, key, &status) {
+            // E.g. a task that ended meanwhile: the master has nothing to say about it.
+            debug!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "master update not sent: {e}");
+            return;
+        }
         self.deliver(key, status);
     }
 
@@ -236,24 +244,23 @@ impl Master {
                 return;
             }
         }
-        if !task.state.can_transition_to(status.state) {
-            warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, from = %task.state, to = %status.state, "invalid task state transition dropped");
-            // Acknowledge it so the agent stops retrying an update nobody will take.
-            self.actions.extend(ack(&status));
-            return;
-        }
-        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update");
         // Killed by the master (its agent's drain, its framework's teardown with a reason):
         // the update says so, not the executor's generic reason.
         if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
             status.reason = reason.clone();
         }
+        if let Err(e) = self.apply_status(now, &key, &status) {
+            warn!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, from = %e.from, to = %e.to, "{e}: update dropped");
+            // Acknowledge it so the agent stops retrying an update nobody will take.
+            self.actions.extend(ack(&status));
+            return;
+        }
+        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "status update");
         if let Some(task) = self.tasks.get_mut(&key) {
             if task.ahead.is_some() && task.ahead == status.uuid {
                 task.ahead = None;
             }
         }
-        self.apply_status(now, &key, &status);
         self.deliver(&key, status);
     }
 
@@ -265,20 +272,23 @@ impl Master {
     pub(super) fn on_latest_state(&mut self, now: Instant, agent_id: &AgentId, mut status: TaskStatus) {
         let key = TaskKey::new(status.framework_id.clone(), status.task_id.clone());
         let Some(task) = self.tasks.get(&key) else { return };
-        if task.agent_id != *agent_id || status.uuid.is_none() || !task.state.can_transition_to(status.state)
-        {
+        if task.agent_id != *agent_id || status.uuid.is_none() {
             return;
         }
         if task.pending.iter().any(|p| p.uuid == status.uuid) {
             // The update itself was already here.
             return;
         }
-        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "newest state ahead of its update");
         status.agent_id = Some(agent_id.clone());
         if let (TaskState::Killed, Some(reason)) = (status.state, &task.kill_reason) {
             status.reason = reason.clone();
         }
-        self.apply_status(now, &key, &status);
+        if let Err(e) = self.apply_status(now, &key, &status) {
+            // Its update, when it comes in its turn, is refused (and acknowledged) the same way.
+            debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, "newest state not shown: {e}");
+            return;
+        }
+        debug!(agent_id = %agent_id, task_id = %key.task_id, framework_id = %key.framework_id, state = %status.state, "newest state ahead of its update");
         if let Some(task) = self.tasks.get_mut(&key) {
             task.ahead = status.uuid;
         }

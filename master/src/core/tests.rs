@@ -493,6 +493,22 @@ fn suppress_stops_offers_but_keeps_outstanding_ones() {
 }
 
 #[test]
+fn a_suppress_ends_with_its_connection() {
+    let mut h = Harness::new();
+    let (fc, fw) = h.subscribe("alice", 60 * SEC);
+    h.add_agent("cpus:4");
+    h.call(fc, SchedulerCall::Suppress);
+    assert_eq!(h.m.frameworks()[0].status, "suppressed");
+    h.m.handle(h.now, Event::FrameworkDisconnected { conn: fc });
+    h.drain();
+    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    let fc2 = h.conn();
+    h.call(fc2, SchedulerCall::Subscribe(info(Some(&fw), 60 * SEC)));
+    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(offers(&h.advance(5 * MS), fc2).len(), 1);
+}
+
+#[test]
 fn agent_disconnect_rescinds_its_offers() {
     let mut h = Harness::new();
     let (fc, _) = h.subscribe("alice", SEC);
@@ -549,6 +565,29 @@ fn a_disconnected_agent_times_out_too() {
     assert_eq!(h.m.tasks()[0].state, TaskState::Running);
     let acts = h.advance(21 * SEC);
     assert_eq!(updates(&acts, s.fc)[0].state, TaskState::Unreachable);
+}
+
+/// An update or report that would move an ended task backwards changes nothing: the update is
+/// acknowledged to its agent (so it stops retrying) and not forwarded; a re-registered agent
+/// that still runs the task is told to kill it.
+#[test]
+fn an_ended_task_does_not_move_backwards() {
+    let mut h = Harness::new();
+    let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
+    h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
+    let (uuid, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
+    assert!(updates(&acts, s.fc).is_empty(), "{acts:?}");
+    assert_eq!(
+        to_agent(&acts, s.ac),
+        [MasterToAgent::StatusAck { framework_id: s.fw.clone(), task_id: TaskId::new("t1"), uuid }]
+    );
+    assert_eq!(h.m.tasks()[0].state, TaskState::Finished);
+    let report =
+        TaskReport { framework_id: s.fw.clone(), task: task("t1", "cpus:1"), state: TaskState::Running };
+    let (ac2, _, acts) = h.register(Some(s.agent.clone()), "cpus:4", vec![report]);
+    assert!(to_agent(&acts, ac2)
+        .contains(&MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t1") }));
+    assert_eq!(h.m.tasks()[0].state, TaskState::Finished);
 }
 
 #[test]
