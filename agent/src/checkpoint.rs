@@ -708,6 +708,7 @@ mod tests {
             pid: None,
             start_time: None,
             ended: false,
+            executor_uid: None,
         })));
         s.apply(Record::TaskState {
             task: key("a"),

@@ -24,7 +24,7 @@ use crate::output::OutputTarget;
 use crate::sandbox::Layout;
 use crate::tasks::{self, EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 use crate::updates::{AckOutcome, UpdateManager};
-use crate::user::{TaskGroups, TaskUser};
+use crate::user::{TaskGroups, TaskUser, TaskUserError};
 
 /// How many finished tasks' sandboxes stay reachable for `agora logs`.
 pub const FINISHED_KEPT: usize = 1000;
@@ -67,6 +67,23 @@ impl TaskEntry {
             executor_uid: self.executor_uid,
         }
     }
+}
+
+/// Why a task's directories cannot be made. The text is the message of its TASK_ERROR.
+#[derive(Debug, thiserror::Error)]
+enum TaskDirError {
+    /// An id cannot be a directory name.
+    #[error(transparent)]
+    Id(#[from] crate::sandbox::IdError),
+    /// A directory could not be created.
+    #[error("cannot create {}: {err}", path.display())]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
 }
 
 /// Recently finished tasks' sandboxes, oldest evicted first.
@@ -280,24 +297,22 @@ impl Core {
     /// executor; a Wasm task or a task of the framework's own executor goes to a process of
     /// that executor running as that user (one per framework, executor id and user on this
     /// agent, see [`executors::ExecKey`]), started for it if there is none yet.
-    fn task_user(&self, fw: &FrameworkId, task: &TaskInfo) -> Result<Option<TaskUser>, String> {
+    fn task_user(&self, fw: &FrameworkId, task: &TaskInfo) -> Result<Option<TaskUser>, TaskUserError> {
         let base = self.user_for(fw)?;
         let Some(name) = &task.user else { return Ok(base) };
         let requested = TaskUser::lookup_requested(name)?;
         let Some(base) = base else {
-            return Err(format!(
-                "task user `{name}`: this agent does not run as root and cannot switch users"
-            ));
+            return Err(TaskUserError::NotRoot { name: name.clone() });
         };
         Ok(Some(TaskUser { uid: requested.uid, gid: base.gid }))
     }
 
-    fn user_for(&self, fw: &FrameworkId) -> Result<Option<TaskUser>, String> {
+    fn user_for(&self, fw: &FrameworkId) -> Result<Option<TaskUser>, TaskUserError> {
         match &self.task_groups {
             Some(g) => g
                 .for_framework(fw.as_str())
                 .map(Some)
-                .map_err(|e| format!("no group for framework {fw}: {e}")),
+                .map_err(|err| TaskUserError::Group { framework: fw.to_string(), err }),
             None => Ok(None),
         }
     }
@@ -376,21 +391,21 @@ impl Core {
             self.send(AgentMessage::StatusUpdate(status));
             return;
         }
-        if let Err(msg) = tasks::validate(&task) {
-            self.send_error(key, "invalid task", msg, now);
+        if let Err(e) = tasks::validate(&task) {
+            self.send_error(key, "invalid task", e.to_string(), now);
             return;
         }
         let user = match self.task_user(&framework_id, &task) {
             Ok(u) => u,
             Err(e) => {
-                self.send_error(key, "invalid task user", e, now);
+                self.send_error(key, "invalid task user", e.to_string(), now);
                 return;
             }
         };
         let dirs = match self.task_dirs(&framework_id, &task, user).map(|d| (user, d)) {
             Ok(d) => d,
             Err(e) => {
-                self.send_error(key, "invalid task", e, now);
+                self.send_error(key, "invalid task", e.to_string(), now);
                 return;
             }
         };
@@ -511,8 +526,8 @@ impl Core {
         fw: &FrameworkId,
         task: &TaskInfo,
         user: Option<TaskUser>,
-    ) -> Result<(PathBuf, PathBuf), String> {
-        let executor_dir = self.layout.executor_dir(fw, &task.task_id).map_err(|e| e.to_string())?;
+    ) -> Result<(PathBuf, PathBuf), TaskDirError> {
+        let executor_dir = self.layout.executor_dir(fw, &task.task_id)?;
         let executor_id = task.kind.executor_id();
         match &task.kind {
             TaskKind::Command(_) => {
@@ -525,21 +540,20 @@ impl Core {
                 let run = match self.executor_runs.get(&key) {
                     Some(run) => run.clone(),
                     None => {
-                        let dir = self.layout.named_executor_dir(fw, &key.1).map_err(|e| e.to_string())?;
+                        let dir = self.layout.named_executor_dir(fw, &key.1)?;
                         let run = Layout::run_dir(&dir, Uuid::new_v4());
                         if matches!(task.kind, TaskKind::Wasm(_)) {
                             let tasks = run.join("tasks");
                             crate::sandbox::create_sandbox(&run, user)
                                 .and_then(|()| crate::sandbox::create_sandbox(&tasks, user))
-                                .map_err(|e| format!("cannot create {}: {e}", tasks.display()))?;
+                                .map_err(|err| TaskDirError::Create { path: tasks.clone(), err })?;
                         }
                         self.executor_runs.insert(key, run.clone());
                         run
                     }
                 };
                 if matches!(task.kind, TaskKind::Wasm(_)) {
-                    let name = crate::sandbox::path_component("task", task.task_id.as_str())
-                        .map_err(|e| e.to_string())?;
+                    let name = crate::sandbox::path_component("task", task.task_id.as_str())?;
                     Ok((executor_dir, run.join("tasks").join(name)))
                 } else {
                     Ok((executor_dir, run))
@@ -831,7 +845,7 @@ impl Core {
     /// reason [`tasks::REASON_DISK_LIMIT`].
     pub fn disk_checked(&mut self, outcomes: Vec<crate::disk::Outcome>) {
         for o in outcomes {
-            let Some(why) = o.over else { continue };
+            let Some(why) = o.over.map(|w| w.to_string()) else { continue };
             if let Some(id) = o.executor {
                 self.executor_over_disk(o.key.framework_id, id, why);
                 continue;
@@ -1459,11 +1473,13 @@ mod tests {
         assert_eq!(got, [("big", Some(1 << 20)), ("nodisk", Some(5 << 20))]);
 
         let key = TaskKey { framework_id: fw.clone(), task_id: TaskId::new("big") };
-        let why = "the task's sandbox uses 3MiB on disk, more than its disk limit of 1MiB".to_string();
+        let over = crate::disk::OverLimit::Bytes { used: 3 << 20, limit: 1 << 20 };
+        let why = over.to_string();
+        assert_eq!(why, "the task's sandbox uses 3MiB on disk, more than its disk limit of 1MiB");
         h.core.disk_checked(vec![crate::disk::Outcome {
             key: key.clone(),
             usage: None,
-            over: Some(why.clone()),
+            over: Some(over),
             executor: None,
         }]);
         assert!(killed.load(std::sync::atomic::Ordering::Relaxed), "the task was killed");
@@ -1584,15 +1600,17 @@ mod tests {
         let checks = h.core.disk_checks();
         assert_eq!(checks.len(), 1, "{checks:?}");
         assert_eq!((checks[0].limit, checks[0].executor.as_ref()), (Some(7 << 20), Some(&exec)));
+        let over = crate::disk::OverLimit::Entries { limit: 7 << 20 };
+        let why = over.to_string();
         let o = crate::disk::Outcome {
             key: checks[0].key.clone(),
             usage: None,
-            over: Some("over".into()),
+            over: Some(over),
             executor: checks[0].executor.clone(),
         };
         h.core.disk_checked(vec![o]);
         assert_eq!(kills.load(std::sync::atomic::Ordering::Relaxed), 2, "both tasks are killed");
-        assert!(h.core.tasks.values().all(|e| e.disk_kill.as_deref() == Some("over")));
+        assert!(h.core.tasks.values().all(|e| e.disk_kill.as_deref() == Some(why.as_str())));
         // Without live tasks only its output is capped.
         assert_eq!(h.core.disk_checks()[0].limit, None);
     }

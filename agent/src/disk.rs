@@ -238,8 +238,8 @@ pub struct Outcome {
     pub key: TaskKey,
     /// The sandbox's size, when it was measured.
     pub usage: Option<Usage>,
-    /// `Some(message)` when the task is over its limit and must be killed.
-    pub over: Option<String>,
+    /// `Some(why)` when the task is over its limit and must be killed.
+    pub over: Option<OverLimit>,
     /// As in [`Check::executor`].
     pub executor: Option<agora_sdk::proto::ExecutorId>,
 }
@@ -283,19 +283,35 @@ pub fn check(checks: Vec<Check>, max_output: u64) -> Vec<Outcome> {
         .collect()
 }
 
-/// The message of a task whose sandbox `u` breaks `limit`, if it does.
-pub fn verdict(u: &Usage, limit: u64) -> Option<String> {
+/// How a task's sandbox breaks its disk limit. The text is the message of the task's
+/// TASK_FAILED.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OverLimit {
+    /// The walk stopped at [`MAX_WALK_ENTRIES`]: too many entries to measure.
+    #[error(
+        "the task's sandbox holds more than {MAX_WALK_ENTRIES} files and directories (its disk limit is {})",
+        format_size(*limit)
+    )]
+    Entries {
+        /// The task's disk limit, in bytes.
+        limit: u64,
+    },
+    /// The sandbox takes more than the limit.
+    #[error("the task's sandbox uses {} on disk, more than its disk limit of {}", format_size(*used), format_size(*limit))]
+    Bytes {
+        /// What it takes, in bytes.
+        used: u64,
+        /// The task's disk limit, in bytes.
+        limit: u64,
+    },
+}
+
+/// How a task whose sandbox is `u` breaks `limit`, if it does.
+pub fn verdict(u: &Usage, limit: u64) -> Option<OverLimit> {
     if u.truncated {
-        Some(format!(
-            "the task's sandbox holds more than {MAX_WALK_ENTRIES} files and directories (its disk limit is {})",
-            format_size(limit)
-        ))
+        Some(OverLimit::Entries { limit })
     } else if u.bytes > limit {
-        Some(format!(
-            "the task's sandbox uses {} on disk, more than its disk limit of {}",
-            format_size(u.bytes),
-            format_size(limit)
-        ))
+        Some(OverLimit::Bytes { used: u.bytes, limit })
     } else {
         None
     }
@@ -348,7 +364,7 @@ mod tests {
         }
         let u = sandbox_usage(dir.path(), 10).expect("usage");
         assert!(u.truncated && u.entries == 10, "{u:?}");
-        let msg = verdict(&u, 1 << 30).expect("over");
+        let msg = verdict(&u, 1 << 30).expect("over").to_string();
         assert!(msg.contains("more than"), "{msg}");
     }
 

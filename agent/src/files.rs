@@ -16,21 +16,36 @@ use agora_sdk::proto::{
 };
 use tokio::io::AsyncReadExt;
 
+/// Why a sandbox path a peer sent is refused (the text is sent back to it).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Longer than [`MAX_SANDBOX_PATH`].
+    #[error("a sandbox path is at most {MAX_SANDBOX_PATH} bytes")]
+    TooLong,
+    /// Holds a NUL byte.
+    #[error("a sandbox path has no NUL byte")]
+    Nul,
+    /// Climbs with `..`.
+    #[error("`{0}`: `..` is not allowed")]
+    Parent(String),
+    /// Absolute.
+    #[error("`{0}`: the path is relative to the sandbox")]
+    Absolute(String),
+}
+
 /// Checks a sandbox path: relative, plain names (no `..`, no root), bounded.
-pub fn check_path(path: &str) -> Result<(), String> {
+pub fn check_path(path: &str) -> Result<(), PathError> {
     if path.len() > MAX_SANDBOX_PATH {
-        return Err(format!("a sandbox path is at most {MAX_SANDBOX_PATH} bytes"));
+        return Err(PathError::TooLong);
     }
     if path.contains('\0') {
-        return Err("a sandbox path has no NUL byte".into());
+        return Err(PathError::Nul);
     }
     for c in Path::new(path).components() {
         match c {
             Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err(format!("`{path}`: `..` is not allowed")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("`{path}`: the path is relative to the sandbox"))
-            }
+            Component::ParentDir => return Err(PathError::Parent(path.to_string())),
+            Component::RootDir | Component::Prefix(_) => return Err(PathError::Absolute(path.to_string())),
         }
     }
     Ok(())
@@ -148,7 +163,7 @@ fn io_error(req: &FilesRequest, e: &io::Error) -> WireError {
 pub async fn serve(send: quinn::SendStream, req: FilesRequest, sandbox: std::path::PathBuf) {
     let mut w = FrameWriter::new(send);
     if let Err(why) = check_path(&req.path) {
-        let _ = w.send(&FilesReply::Error(WireError::new(ErrorCode::Invalid, why))).await;
+        let _ = w.send(&FilesReply::Error(WireError::new(ErrorCode::Invalid, why.to_string()))).await;
         let _ = w.into_inner().finish();
         return;
     }
@@ -203,9 +218,9 @@ mod tests {
     #[test]
     fn paths_stay_relative_and_plain() {
         assert!(check_path("").is_ok() && check_path("out/a.wav").is_ok() && check_path("./x").is_ok());
-        assert!(check_path("../x").unwrap_err().contains(".."));
+        assert!(check_path("../x").unwrap_err().to_string().contains(".."));
         assert!(check_path("a/../../x").is_err());
-        assert!(check_path("/etc/passwd").unwrap_err().contains("relative"));
+        assert!(check_path("/etc/passwd").unwrap_err().to_string().contains("relative"));
         assert!(check_path(&"a".repeat(MAX_SANDBOX_PATH + 1)).is_err());
     }
 

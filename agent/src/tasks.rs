@@ -10,7 +10,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agora_sdk::proto::{unix_millis, CommandInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage};
+use agora_sdk::proto::{
+    unix_millis, CommandInfo, Digest, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState, Usage,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -428,7 +430,7 @@ fn prepare_and_spawn(spec: &LaunchSpec) -> Result<(ChildProcess, Option<Cgroup>)
         }
     }
     let spawn = Spawn::new(cmd, dir, &spec.framework_id, &spec.task.task_id)
-        .map_err(|m| fail(StartFailure::spawn(m)))?;
+        .map_err(|e| fail(StartFailure::spawn(e.to_string())))?;
     let stdin = File::open("/dev/null")
         .map_err(|e| fail(StartFailure::spawn(format!("cannot open /dev/null: {e}"))))?;
     let pid = {
@@ -465,6 +467,25 @@ enum SpawnStage {
     Exec = 3,
 }
 
+/// Why a command cannot be turned into a process to spawn.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    /// An argument, variable or path holds a NUL byte.
+    #[error("{0:?} contains a NUL byte")]
+    Nul(String),
+    /// The command has no argv.
+    #[error("empty command")]
+    Empty,
+    /// A bare program name is on no directory of the task's PATH.
+    #[error("cannot run `{program}`: not found in PATH ({path})")]
+    NotFound {
+        /// The program name.
+        program: String,
+        /// The PATH searched.
+        path: String,
+    },
+}
+
 /// A spawn that failed: the program never ran.
 #[derive(Debug)]
 struct SpawnError {
@@ -499,13 +520,13 @@ impl Spawn {
     /// The process to run for `cmd`: the sandbox as working directory and a clean environment
     /// (`PATH`, `HOME`, the command's own variables, then `AGORA_*`; a later value of a name
     /// replaces an earlier one).
-    fn new(cmd: &CommandInfo, sandbox: &Path, fw: &FrameworkId, task: &TaskId) -> Result<Self, String> {
+    fn new(cmd: &CommandInfo, sandbox: &Path, fw: &FrameworkId, task: &TaskId) -> Result<Self, CommandError> {
         use std::ffi::{CString, OsStr, OsString};
         use std::os::unix::ffi::{OsStrExt, OsStringExt};
         let c = |s: &OsStr| {
-            CString::new(s.as_bytes()).map_err(|_| format!("{:?} contains a NUL byte", s.to_string_lossy()))
+            CString::new(s.as_bytes()).map_err(|_| CommandError::Nul(s.to_string_lossy().into_owned()))
         };
-        let (first, rest) = cmd.argv.split_first().ok_or_else(|| "empty command".to_string())?;
+        let (first, rest) = cmd.argv.split_first().ok_or(CommandError::Empty)?;
         let (program, args): (CString, Vec<CString>) = if cmd.shell {
             (
                 c(OsStr::new("/bin/sh"))?,
@@ -761,7 +782,7 @@ pub fn cgroup_name_for(run_dir: &Path) -> Option<String> {
 /// Finds a bare program name on the task's PATH (its own `PATH` env, else the default): the
 /// child of [`Spawn::spawn`] calls `execve`, which searches nothing, and must not search itself
 /// (it may not allocate).
-fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path::PathBuf, String> {
+fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path::PathBuf, CommandError> {
     if program.contains('/') {
         return Ok(program.into());
     }
@@ -775,37 +796,101 @@ fn resolve_program(program: &str, env: &[(String, String)]) -> Result<std::path:
             }
         }
     }
-    Err(format!("cannot run `{program}`: not found in PATH ({path})"))
+    Err(CommandError::NotFound { program: program.to_string(), path: path.to_string() })
+}
+
+/// Why the agent refuses a task before launching it (the master checked it too; the agent does
+/// not rely on that). The text is the message of the task's TASK_ERROR.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTask {
+    /// A command task has no argv.
+    #[error("the command is empty")]
+    EmptyCommand,
+    /// A command task's program name is empty.
+    #[error("the program name is empty")]
+    EmptyProgram,
+    /// An argument holds a NUL byte.
+    #[error("argument {0:?} contains a NUL byte")]
+    NulArgument(String),
+    /// An environment variable's name is empty or holds `=` or NUL.
+    #[error("invalid environment variable name {0:?}")]
+    EnvName(String),
+    /// An environment variable's value holds a NUL byte.
+    #[error("environment variable {0} contains a NUL byte")]
+    NulEnvValue(String),
+    /// A Wasm task's module digest is malformed.
+    #[error("malformed module digest `{0}`")]
+    ModuleDigest(Digest),
+    /// A Wasm task has no argv[0].
+    #[error("a Wasm task needs argv[0]")]
+    NoArgv0,
+    /// A shipped directory's digest is malformed.
+    #[error("malformed directory digest `{0}`")]
+    DirectoryDigest(Digest),
+    /// A guest directory is relative or climbs with `..`.
+    #[error("guest directory `{0}` must be an absolute path without `..`")]
+    GuestDir(String),
+    /// A framework executor's id is empty or starts with `agora-`.
+    #[error("executor id `{0}` is empty or reserved")]
+    ReservedExecutorId(String),
+    /// A framework executor's id cannot be a directory name.
+    #[error(transparent)]
+    ExecutorId(#[from] crate::sandbox::IdError),
+    /// A framework executor has no command.
+    #[error("executor {0} has no command")]
+    NoExecutorCommand(String),
+    /// A framework executor's program name holds a NUL byte.
+    #[error("executor {0}: the program name contains a NUL byte")]
+    NulExecutorProgram(String),
+    /// A framework executor asks for more files than [`agora_sdk::proto::MAX_EXECUTOR_FETCHES`].
+    #[error("executor {id} asks for {n} files (at most {})", agora_sdk::proto::MAX_EXECUTOR_FETCHES)]
+    TooManyFetches {
+        /// The executor.
+        id: String,
+        /// How many files it asks for.
+        n: usize,
+    },
+    /// A file a framework executor fetches has a malformed digest.
+    #[error("executor {id}: malformed digest `{digest}`")]
+    FetchDigest {
+        /// The executor.
+        id: String,
+        /// The digest.
+        digest: Digest,
+    },
+    /// A file a framework executor fetches would land outside its sandbox.
+    #[error("fetch path `{0}` must be relative, without `..`")]
+    FetchPath(String),
 }
 
 /// Checks a command before launching it; the error is the message of a TASK_ERROR.
-pub fn validate(task: &TaskInfo) -> Result<(), String> {
+pub fn validate(task: &TaskInfo) -> Result<(), InvalidTask> {
     let cmd = match &task.kind {
         TaskKind::Command(cmd) => cmd,
         TaskKind::Wasm(info) => return crate::executors::validate(info),
         TaskKind::Executor(t) => return crate::executors::validate_executor(&t.executor),
     };
     let Some(first) = cmd.argv.first() else {
-        return Err("the command is empty".into());
+        return Err(InvalidTask::EmptyCommand);
     };
     if first.is_empty() {
-        return Err("the program name is empty".into());
+        return Err(InvalidTask::EmptyProgram);
     }
     validate_args_env(&cmd.argv, &cmd.env)
 }
 
 /// Arguments and environment a process (or a WASI guest) can be given: no NUL bytes, variable
 /// names non-empty and without `=`.
-pub(crate) fn validate_args_env(args: &[String], env: &[(String, String)]) -> Result<(), String> {
+pub(crate) fn validate_args_env(args: &[String], env: &[(String, String)]) -> Result<(), InvalidTask> {
     if let Some(a) = args.iter().find(|a| a.contains('\0')) {
-        return Err(format!("argument {a:?} contains a NUL byte"));
+        return Err(InvalidTask::NulArgument(a.clone()));
     }
     for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(format!("invalid environment variable name {k:?}"));
+            return Err(InvalidTask::EnvName(k.clone()));
         }
         if v.contains('\0') {
-            return Err(format!("environment variable {k} contains a NUL byte"));
+            return Err(InvalidTask::NulEnvValue(k.clone()));
         }
     }
     Ok(())
@@ -1079,6 +1164,22 @@ pub(crate) mod tests {
             env: vec![("A=B".into(), "x".into())],
         });
         assert!(validate(&t).is_err());
+        // The typed errors keep the texts TASK_ERROR messages always had.
+        assert_eq!(validate(&t).unwrap_err().to_string(), "invalid environment variable name \"A=B\"");
+        assert_eq!(
+            validate_args_env(&["a\0b".into()], &[]).unwrap_err().to_string(),
+            "argument \"a\\0b\" contains a NUL byte"
+        );
+        assert_eq!(
+            validate_args_env(&[], &[("K".into(), "v\0".into())]).unwrap_err().to_string(),
+            "environment variable K contains a NUL byte"
+        );
+        assert_eq!(
+            resolve_program("no-such-program-here", &[("PATH".into(), "/nonexistent".into())])
+                .unwrap_err()
+                .to_string(),
+            "cannot run `no-such-program-here`: not found in PATH (/nonexistent)"
+        );
     }
 
     fn is_zombie(pid: i32) -> bool {

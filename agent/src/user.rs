@@ -49,6 +49,54 @@ pub enum UserError {
     },
 }
 
+/// Why a task cannot run as the user it names, or as its framework's group. The text is the
+/// message of its TASK_ERROR.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskUserError {
+    /// A bare number names a uid, not a user.
+    #[error("task user `{name}`: name a user of this node, not a uid")]
+    Uid {
+        /// The name the task gave.
+        name: String,
+    },
+    /// The user is root.
+    #[error("task user `{name}` is root (uid 0): tasks never run as root")]
+    Root {
+        /// The name the task gave.
+        name: String,
+    },
+    /// No such user on this node.
+    #[error("task user `{name}`: no such user on this node")]
+    Unknown {
+        /// The name the task gave.
+        name: String,
+    },
+    /// The user database could not be read.
+    #[error("task user `{name}`: {err}")]
+    Lookup {
+        /// The name the task gave.
+        name: String,
+        /// The cause.
+        #[source]
+        err: io::Error,
+    },
+    /// The agent is not root: it cannot switch users.
+    #[error("task user `{name}`: this agent does not run as root and cannot switch users")]
+    NotRoot {
+        /// The name the task gave.
+        name: String,
+    },
+    /// The framework's group (`--task-groups`) could not be made.
+    #[error("no group for framework {framework}: {err}")]
+    Group {
+        /// The framework.
+        framework: String,
+        /// The cause.
+        #[source]
+        err: io::Error,
+    },
+}
+
 impl TaskUser {
     /// Looks `name` up in the user database (a number is taken as a uid).
     pub fn lookup(name: &str) -> Result<Self, UserError> {
@@ -79,17 +127,16 @@ impl TaskUser {
 
     /// The user a task asks to run as (`TaskInfo::user`): it must exist on this node by name
     /// and must not be root. The error is for the task's status message.
-    pub fn lookup_requested(name: &str) -> Result<Self, String> {
+    pub fn lookup_requested(name: &str) -> Result<Self, TaskUserError> {
         let numeric = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
-        match Self::lookup(name) {
+        let name = name.to_string();
+        match Self::lookup(&name) {
             // A bare number is a uid to --task-user; a task names a user that exists.
-            Ok(_) if numeric => Err(format!("task user `{name}`: name a user of this node, not a uid")),
+            Ok(_) if numeric => Err(TaskUserError::Uid { name }),
             Ok(u) => Ok(u),
-            Err(UserError::Root(_)) => {
-                Err(format!("task user `{name}` is root (uid 0): tasks never run as root"))
-            }
-            Err(UserError::Unknown(_)) => Err(format!("task user `{name}`: no such user on this node")),
-            Err(UserError::Lookup { err, .. }) => Err(format!("task user `{name}`: {err}")),
+            Err(UserError::Root(_)) => Err(TaskUserError::Root { name }),
+            Err(UserError::Unknown(_)) => Err(TaskUserError::Unknown { name }),
+            Err(UserError::Lookup { err, .. }) => Err(TaskUserError::Lookup { name, err }),
         }
     }
 

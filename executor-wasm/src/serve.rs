@@ -437,15 +437,33 @@ async fn run_launch(
         .await
 }
 
+/// Why a launch's module could not be loaded. The text is the message of its TASK_FAILED.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The module file the agent placed could not be read.
+    #[error("cannot read module {}: {err}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The file's bytes are not the module the launch names.
+    #[error("module {} has sha256 {actual}, the launch expects {expected}", path.display())]
+    Digest { path: PathBuf, actual: Digest, expected: Digest },
+    /// The runtime refused or could not compile the module.
+    #[error(transparent)]
+    Wasm(#[from] crate::WasmError),
+}
+
 /// Reads a module's bytes, checks them against the launch's digest and loads them.
-async fn load_module(runtime: &WasmRuntime, digest: &Digest, path: &Path) -> Result<Digest, String> {
+async fn load_module(runtime: &WasmRuntime, digest: &Digest, path: &Path) -> Result<Digest, LoadError> {
     let bytes =
-        tokio::fs::read(path).await.map_err(|e| format!("cannot read module {}: {e}", path.display()))?;
+        tokio::fs::read(path).await.map_err(|err| LoadError::Read { path: path.to_path_buf(), err })?;
     let actual = Digest::of(&bytes);
     if actual != *digest {
-        return Err(format!("module {} has sha256 {actual}, the launch expects {digest}", path.display()));
+        return Err(LoadError::Digest { path: path.to_path_buf(), actual, expected: digest.clone() });
     }
-    let info = runtime.load_async(Arc::from(bytes)).await.map_err(|e| e.to_string())?;
+    let info = runtime.load_async(Arc::from(bytes)).await?;
     tracing::debug!(module = %info.digest, kind = ?info.kind, "module loaded");
     Ok(info.digest)
 }

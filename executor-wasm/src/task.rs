@@ -384,7 +384,16 @@ fn resolve(sandbox: &Path, path: &Path) -> PathBuf {
 #[derive(Clone)]
 struct LazyOutput {
     path: Arc<PathBuf>,
-    file: Arc<std::sync::OnceLock<Result<OutputFile, String>>>,
+    file: Arc<std::sync::OnceLock<Result<OutputFile, OpenOutputError>>>,
+}
+
+/// A guest output file that could not be created; kept, and given to every later write.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("cannot open {}: {err}", path.display())]
+struct OpenOutputError {
+    path: Arc<PathBuf>,
+    #[source]
+    err: Arc<std::io::Error>,
 }
 
 impl LazyOutput {
@@ -392,7 +401,7 @@ impl LazyOutput {
         Self { path: Arc::new(path), file: Arc::new(std::sync::OnceLock::new()) }
     }
 
-    fn file(&self) -> Result<&OutputFile, String> {
+    fn file(&self) -> Result<&OutputFile, OpenOutputError> {
         self.file
             .get_or_init(|| {
                 let open = || {
@@ -401,7 +410,9 @@ impl LazyOutput {
                     }
                     OpenOptions::new().create(true).append(true).open(&*self.path)
                 };
-                open().map(OutputFile::new).map_err(|e| format!("cannot open {}: {e}", self.path.display()))
+                open()
+                    .map(OutputFile::new)
+                    .map_err(|err| OpenOutputError { path: self.path.clone(), err: Arc::new(err) })
             })
             .as_ref()
             .map_err(Clone::clone)

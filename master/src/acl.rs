@@ -37,7 +37,31 @@ pub enum AclError {
         /// The file.
         path: PathBuf,
         /// What is wrong, and where.
-        msg: String,
+        #[source]
+        msg: AclParseError,
+    },
+}
+
+/// What is wrong with an ACL file's text.
+#[derive(Debug, thiserror::Error)]
+pub enum AclParseError {
+    /// Not TOML of the documented form (toml's message names the line).
+    #[error("{}", .0.to_string().trim_end())]
+    Toml(#[from] toml::de::Error),
+    /// A principal's name is empty.
+    #[error("a principal's name is empty")]
+    EmptyPrincipal,
+    /// A principal lists an empty role.
+    #[error("principal `{principal}`: role `` is empty (the default role is `*`)")]
+    EmptyRole {
+        /// The principal.
+        principal: String,
+    },
+    /// A principal lists an empty task user.
+    #[error("principal `{principal}`: an empty task user")]
+    EmptyTaskUser {
+        /// The principal.
+        principal: String,
     },
 }
 
@@ -146,17 +170,17 @@ impl Acls {
     }
 
     /// Parses an ACL file's text; the error names the line.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    pub fn parse(text: &str) -> Result<Self, AclParseError> {
+        let file: File = toml::from_str(text)?;
         for (name, g) in &file.principals {
             if name.is_empty() {
-                return Err("a principal's name is empty".into());
+                return Err(AclParseError::EmptyPrincipal);
             }
-            if let Some(r) = g.roles.iter().find(|r| r.is_empty()) {
-                return Err(format!("principal `{name}`: role `{r}` is empty (the default role is `*`)"));
+            if g.roles.iter().any(|r| r.is_empty()) {
+                return Err(AclParseError::EmptyRole { principal: name.clone() });
             }
             if g.task_users.iter().any(|u| u.is_empty()) {
-                return Err(format!("principal `{name}`: an empty task user"));
+                return Err(AclParseError::EmptyTaskUser { principal: name.clone() });
             }
         }
         Ok(Acls { principals: file.principals })
@@ -300,16 +324,17 @@ upload = true
 
     #[test]
     fn bad_files_are_refused_naming_the_line() {
-        let unknown = Acls::parse("[principals.a]\nroles = [\"x\"]\nopreator = true\n").unwrap_err();
+        let unknown =
+            Acls::parse("[principals.a]\nroles = [\"x\"]\nopreator = true\n").unwrap_err().to_string();
         assert!(unknown.contains("line 3"), "{unknown}");
         assert!(unknown.contains("opreator"), "{unknown}");
-        let bad_size = Acls::parse("[principals.a]\nupload_quota = \"lots\"\n").unwrap_err();
+        let bad_size = Acls::parse("[principals.a]\nupload_quota = \"lots\"\n").unwrap_err().to_string();
         assert!(bad_size.contains("line 2") && bad_size.contains("lots"), "{bad_size}");
-        let bare = Acls::parse("[principals.a]\nupload_quota = \"64\"\n").unwrap_err();
+        let bare = Acls::parse("[principals.a]\nupload_quota = \"64\"\n").unwrap_err().to_string();
         assert!(bare.contains("64MiB"), "{bare}");
-        let top = Acls::parse("[principal.a]\n").unwrap_err();
+        let top = Acls::parse("[principal.a]\n").unwrap_err().to_string();
         assert!(top.contains("line 1"), "{top}");
-        let wrong_type = Acls::parse("[principals.a]\nroles = \"x\"\n").unwrap_err();
+        let wrong_type = Acls::parse("[principals.a]\nroles = \"x\"\n").unwrap_err().to_string();
         assert!(wrong_type.contains("line 2"), "{wrong_type}");
         assert!(Acls::parse("[principals.a]\nroles = [\"\"]\n").is_err());
     }

@@ -109,10 +109,31 @@ pub trait Allocator: Send {
     /// Takes new options (an operator's `agora policy set`, or the policy the registry
     /// holds), in force from the next allocation. An allocator that cannot change its policy
     /// while running refuses, saying why.
-    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), String> {
+    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), PolicyError> {
         let _ = options;
-        Err(format!("the {} allocator cannot change its policy while running", self.name()))
+        Err(PolicyError::Fixed { allocator: self.name().to_string() })
     }
+}
+
+/// Why a new allocation policy cannot be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// An entry of the policy cannot be read (see [`policy_options`]).
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    /// The allocator cannot change its policy while running (the default of
+    /// [`Allocator::set_options`]).
+    #[error("the {allocator} allocator cannot change its policy while running")]
+    Fixed {
+        /// The allocator's name.
+        allocator: String,
+    },
+    /// An allocator written outside this crate refuses the options, saying why.
+    #[error("{reason}")]
+    Refused {
+        /// Its reason, shown to the operator as is.
+        reason: String,
+    },
 }
 
 /// Settings of the allocation policy (`--weights`, `--priorities`, `--quota`, `--quota-limit`,
@@ -1061,7 +1082,7 @@ impl Allocator for HierarchicalAllocator {
         }
     }
 
-    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), String> {
+    fn set_options(&mut self, options: &AllocatorOptions) -> Result<(), PolicyError> {
         self.options = options.clone();
         self.stale = true;
         Ok(())

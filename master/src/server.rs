@@ -1180,17 +1180,17 @@ async fn not_leader(
 ) {
     let remote = conn.remote_address();
     let answer = async {
-        let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let (send, recv) = conn.accept_bi().await?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv);
-        let hello = reader.recv::<Hello>().await.map_err(|e| e.to_string())?;
+        let hello = reader.recv::<Hello>().await?;
         let certified = peer_identity(&conn).ok().map(|id| id.role);
         let guest = match (hello, &standby) {
             (Some(h), _) if h.version != PROTOCOL_VERSION || Some(h.role) != certified => None,
             (Some(h), _) if h.role == Role::Master => Some(Guest::Master),
             (Some(h), Some(reads)) if h.role == Role::Operator && h.allow_stale => {
                 let stale = HelloReply::Stale { master_id: reads.me.clone(), leader: leader.clone() };
-                writer.send(&stale).await.map_err(|e| e.to_string())?;
+                writer.send(&stale).await?;
                 Some(Guest::StaleOperator)
             }
             _ => None,
@@ -1202,15 +1202,15 @@ async fn not_leader(
                     master_id: STANDBY_MASTER_ID.into(),
                     epoch: 0,
                 };
-                writer.send(&welcome).await.map_err(|e| e.to_string())?;
+                writer.send(&welcome).await?;
             }
             return Ok(Some((guest, writer, reader)));
         }
-        writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await.map_err(|e| e.to_string())?;
+        writer.send(&HelloReply::NotLeader { leader: leader.clone() }).await?;
         let mut s = writer.into_inner();
         let _ = s.finish();
         let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
-        Ok::<_, String>(None)
+        Ok::<_, HandshakeError>(None)
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
         Ok(Ok(Some((Guest::Master, writer, reader)))) => {
@@ -1494,6 +1494,30 @@ fn session_allowed(hello: Role, cert: Role) -> bool {
     hello == cert || (hello == Role::Operator && cert == Role::Framework)
 }
 
+/// Why a connection's handshake failed. Its text is logged and is the connection's close
+/// reason; a peer that was refused also had the [`WireError`] in a `Refused` reply.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// The peer's certificate cannot be read.
+    #[error(transparent)]
+    Identity(#[from] TlsError),
+    /// The peer opened no control stream within the handshake timeout.
+    #[error("no control stream opened in time")]
+    NoStream,
+    /// The connection failed before the control stream was open.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer sent no hello within the handshake timeout.
+    #[error("no hello in time")]
+    NoHello,
+    /// The `Welcome` could not be sent.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The master refused the session.
+    #[error("{}", .0.message)]
+    Refused(WireError),
+}
+
 /// A connection's hello and the master's answer: `Welcome` if the certificate allows the
 /// session's role, the version is ours and `admission` lets the principal open one more
 /// connection. Returns the certificate's identity, the role of the session the peer opened and
@@ -1504,17 +1528,17 @@ async fn handshake(
     master_id: &str,
     epoch: u64,
     admission: &Admission,
-) -> Result<(Identity, Role, Option<Slot>, FrameWriter<SendStream>, FrameReader<RecvStream>), String> {
-    let identity = peer_identity(conn).map_err(|e| e.to_string())?;
+) -> Result<(Identity, Role, Option<Slot>, FrameWriter<SendStream>, FrameReader<RecvStream>), HandshakeError>
+{
+    let identity = peer_identity(conn)?;
     let (send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
-        .map_err(|_| "no control stream opened in time".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| HandshakeError::NoStream)??;
     let mut writer = FrameWriter::new(send);
     let mut reader = FrameReader::new(recv);
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<Hello>())
         .await
-        .map_err(|_| "no hello in time".to_string())?;
+        .map_err(|_| HandshakeError::NoHello)?;
     let refuse = |e: WireError| e;
     let verdict = match hello {
         Ok(Some(h)) if h.version != PROTOCOL_VERSION => Err(refuse(WireError::new(
@@ -1540,8 +1564,7 @@ async fn handshake(
                     master_id: master_id.to_string(),
                     epoch,
                 })
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             Ok((identity, session, slot, writer, reader))
         }
         Err(err) => {
@@ -1550,7 +1573,7 @@ async fn handshake(
             let _ = s.finish();
             let _ = tokio::time::timeout(Duration::from_millis(200), s.stopped()).await;
             conn.close(app_code(err.code), err.message.as_bytes());
-            Err(err.message)
+            Err(HandshakeError::Refused(err))
         }
     }
 }
@@ -1568,7 +1591,8 @@ async fn serve_connection(
     let (identity, session, _slot, writer, reader) =
         match handshake(&conn, &term.me.id, term.me.epoch, &admission).await {
             Ok(x) => x,
-            Err(why) => {
+            Err(e) => {
+                let why = e.to_string();
                 info!(%remote, conn = id, reason = %why, "connection refused");
                 conn.close(app_code(ErrorCode::Unauthorized), why.as_bytes());
                 return;
@@ -2101,9 +2125,43 @@ async fn refuse_stream(send: SendStream, recv: RecvStream, err: WireError) {
     };
 }
 
+/// Why a bulk stream ended before it was served to its end. Logged only: the peer has had
+/// its reply already, or sees its stream reset.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The peer sent no request within the handshake timeout, or closed the stream.
+    #[error("no stream request")]
+    NoRequest,
+    /// The core is gone.
+    #[error("master stopping")]
+    Stopping,
+    /// A stream to the task's agent could not be opened.
+    #[error(transparent)]
+    Agent(#[from] quinn::ConnectionError),
+    /// Copying bytes between the agent and the client failed.
+    #[error(transparent)]
+    Relay(#[from] std::io::Error),
+    /// Sending an artifact's bytes failed.
+    #[error("artifact {digest}: {err}")]
+    Send {
+        digest: Digest,
+        #[source]
+        err: std::io::Error,
+    },
+    /// An artifact's file held fewer bytes than its size.
+    #[error("artifact {digest} shrank to {sent} of {size} bytes while being sent")]
+    Shrank { digest: Digest, sent: u64, size: u64 },
+}
+
 /// Sends one reply frame and finishes the stream.
-async fn reply_and_finish<T: Serialize>(mut w: FrameWriter<SendStream>, reply: &T) -> Result<(), String> {
-    w.send(reply).await.map_err(|e| e.to_string())?;
+async fn reply_and_finish<T: Serialize>(
+    mut w: FrameWriter<SendStream>,
+    reply: &T,
+) -> Result<(), StreamError> {
+    w.send(reply).await?;
     let _ = w.into_inner().finish();
     Ok(())
 }
@@ -2121,7 +2179,7 @@ async fn serve_stream(
     core: mpsc::UnboundedSender<Command>,
     store: Arc<ArtifactStore>,
     access: &Access,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let limits = &access.limits;
     let w = FrameWriter::new(send);
     let mut r = FrameReader::new(recv);
@@ -2129,9 +2187,9 @@ async fn serve_stream(
         Ok(Ok(Some(req))) => req,
         Ok(Err(e)) => {
             reply_and_finish(w, &OutputReply::Error(frame_error(&e))).await?;
-            return Err(e.to_string());
+            return Err(e.into());
         }
-        _ => return Err("no stream request".into()),
+        _ => return Err(StreamError::NoRequest),
     };
     match req {
         StreamRequest::Output(req) => match who {
@@ -2185,7 +2243,7 @@ async fn serve_upload(
     store: &ArtifactStore,
     access: &Access,
     quota: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let (principal, limits) = (access.principal.as_str(), &access.limits);
     let uploader = Some(principal.to_string());
     let present = match store.check(&req) {
@@ -2210,8 +2268,8 @@ async fn serve_upload(
     if let Some(quota) = quota {
         let (tx, rx) = oneshot::channel();
         let reserve = Query::ReserveUpload(principal.to_string(), req.size, quota, tx);
-        core.send(Command::Query(reserve)).map_err(|_| "master stopping")?;
-        if let Err(e) = rx.await.map_err(|_| "master stopping")? {
+        core.send(Command::Query(reserve)).map_err(|_| StreamError::Stopping)?;
+        if let Err(e) = rx.await.map_err(|_| StreamError::Stopping)? {
             counter!(metrics::ARTIFACT_UPLOADS, "outcome" => "rejected").increment(1);
             info!(name = %req.name, error = %e.message, "artifact refused");
             return reply_and_finish(w, &UploadReply::Error(e)).await;
@@ -2225,7 +2283,7 @@ async fn serve_upload(
     };
     if let Err(e) = w.send(&UploadReply::Send).await {
         release(&core);
-        return Err(e.to_string());
+        return Err(e.into());
     }
     let (recv, buffered) = r.into_parts();
     // An uploader that sends nothing for the idle timeout, or is not done by the total one, is
@@ -2259,7 +2317,7 @@ async fn serve_fetch(
     digest: &Digest,
     store: &ArtifactStore,
     limits: &PeerLimits,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let (file, size) = match store.open_read(digest).await {
         Ok(Some(x)) => x,
         Ok(None) => {
@@ -2272,7 +2330,7 @@ async fn serve_fetch(
         Err(e) => return reply_and_finish(w, &FetchReply::Error(artifact_error(&e))).await,
     };
     let mut w = w;
-    w.send(&FetchReply::Sending { size }).await.map_err(|e| e.to_string())?;
+    w.send(&FetchReply::Sending { size }).await?;
     // A fetcher that takes nothing for the idle timeout, or is not done by the total one, is cut.
     let mut send = Idle::with_total(w.into_inner(), limits.stream_idle_timeout, limits.stream_total_timeout);
     let mut file = tokio::io::AsyncReadExt::take(file, size);
@@ -2280,14 +2338,14 @@ async fn serve_fetch(
         Ok(n) => n,
         Err(e) => {
             let _ = send.get_mut().reset(app_code(ErrorCode::Unexpected));
-            return Err(format!("artifact {digest}: {e}"));
+            return Err(StreamError::Send { digest: digest.clone(), err: e });
         }
     };
     let mut send = send.into_inner();
     if sent != size {
         // The agent checks size and digest anyway; a reset makes the failure plain.
         let _ = send.reset(0u32.into());
-        return Err(format!("artifact {digest} shrank to {sent} of {size} bytes while being sent"));
+        return Err(StreamError::Shrank { digest: digest.clone(), sent, size });
     }
     let _ = send.finish();
     counter!(metrics::ARTIFACT_FETCHES).increment(1);
@@ -2303,7 +2361,7 @@ async fn relay_output(
     who: Requester,
     core: mpsc::UnboundedSender<Command>,
     limits: &PeerLimits,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let task_id = req.task_id.clone();
     // Following output lasts as long as the task: only reads to the end now are bounded.
     let total = (!req.follow).then_some(limits.stream_total_timeout);
@@ -2330,12 +2388,12 @@ async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
     streams: fn(&Rep) -> bool,
     limits: &PeerLimits,
     total: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     // The client sends nothing after its request; its side stays open as long as the relay.
     let _client_recv = r;
     let (tx, rx) = oneshot::channel();
-    core.send(Command::Query(Query::Locate(who, task_id, tx))).map_err(|_| "master stopping")?;
-    let (loc, agent) = match rx.await.map_err(|_| "master stopping")? {
+    core.send(Command::Query(Query::Locate(who, task_id, tx))).map_err(|_| StreamError::Stopping)?;
+    let (loc, agent) = match rx.await.map_err(|_| StreamError::Stopping)? {
         Ok(x) => x,
         Err(e) => {
             let _ = w.send(&error(e)).await;
@@ -2343,15 +2401,15 @@ async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
             return Ok(());
         }
     };
-    let (asend, arecv) = agent.open_bi().await.map_err(|e| e.to_string())?;
+    let (asend, arecv) = agent.open_bi().await?;
     let mut aw = FrameWriter::new(asend);
-    aw.send(&forward(loc.framework_id)).await.map_err(|e| e.to_string())?;
+    aw.send(&forward(loc.framework_id)).await?;
     let mut ar = FrameReader::new(arecv);
-    let reply = ar.recv::<Rep>().await.map_err(|e| e.to_string())?;
+    let reply = ar.recv::<Rep>().await?;
     let reply =
         reply.unwrap_or_else(|| error(WireError::new(ErrorCode::Internal, "agent closed the stream")));
     let streaming = streams(&reply);
-    w.send(&reply).await.map_err(|e| e.to_string())?;
+    w.send(&reply).await?;
     let idle = limits.stream_idle_timeout;
     let mut client = match total {
         Some(total) => Idle::with_total(w.into_inner(), idle, total),
@@ -2364,14 +2422,14 @@ async fn relay_to_agent<Rep: Serialize + serde::de::DeserializeOwned>(
             Some(total) => Idle::with_total(agent_recv, idle, total),
             None => Idle::new(agent_recv, Duration::MAX),
         };
-        tokio::io::AsyncWriteExt::write_all(&mut client, &buffered).await.map_err(|e| e.to_string())?;
+        tokio::io::AsyncWriteExt::write_all(&mut client, &buffered).await?;
         // A client that goes away makes the write fail; then stop the agent's side too.
         if let Err(e) = tokio::io::copy(&mut agent_recv, &mut client).await {
             let _ = agent_recv.get_mut().stop(0u32.into());
             // Reset, not finish: a client must not take a broken relay (the agent gone) for
             // the end of the output; it resumes from its offset instead.
             let _ = client.get_mut().reset(app_code(ErrorCode::Internal));
-            return Err(e.to_string());
+            return Err(e.into());
         }
     }
     let _ = client.into_inner().finish();

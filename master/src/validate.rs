@@ -21,10 +21,10 @@
 use std::time::Duration;
 
 use agora_sdk::proto::{
-    AgentMessage, CommandInfo, Demand, ErrorCode, FrameworkInfo, SchedulerCall, TaskInfo, TaskKind,
+    AgentMessage, CommandInfo, Demand, ErrorCode, FrameworkInfo, SchedulerCall, TaskId, TaskInfo, TaskKind,
     TaskStatus, WireError,
 };
-use agora_sdk::resources::valid_role;
+use agora_sdk::resources::{valid_role, ResourceError};
 use agora_sdk::Resources;
 
 /// Longest id (framework, task, executor, agent, offer), in bytes once escaped as an agent's
@@ -62,8 +62,8 @@ pub const MAX_WASM_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// `agora_agent::MAX_KILL_GRACE`.
 pub const DEFAULT_MAX_KILL_GRACE: Duration = Duration::from_secs(60);
 
-fn invalid(message: impl Into<String>) -> WireError {
-    WireError::new(ErrorCode::Invalid, message)
+fn invalid(message: impl ToString) -> WireError {
+    WireError::new(ErrorCode::Invalid, message.to_string())
 }
 
 /// The length of `id` as an agent's path component (see `agora_agent::sandbox::path_component`).
@@ -82,32 +82,186 @@ fn escaped_len(id: &str) -> usize {
         .sum()
 }
 
+/// Why an id, a name, a role or a count a peer sent is refused. The text is what the peer
+/// reads in its `Invalid` error (or in a task's `TASK_ERROR`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// An id is empty.
+    #[error("a {kind} id is empty")]
+    EmptyId {
+        /// What the id names (`task`, `agent`, ...).
+        kind: &'static str,
+    },
+    /// An id is over [`MAX_ID_LEN`] escaped bytes.
+    #[error("{kind} id `{prefix}…` is too long (at most {MAX_ID_LEN} bytes)")]
+    IdTooLong {
+        /// What the id names.
+        kind: &'static str,
+        /// Its first characters.
+        prefix: String,
+    },
+    /// An id has a control character or a path separator, or is `.`/`..`.
+    #[error("{kind} id {prefix:?} has a control character or a path separator, or is `.`/`..`")]
+    IdNotAPathComponent {
+        /// What the id names.
+        kind: &'static str,
+        /// Its first characters.
+        prefix: String,
+    },
+    /// A name is over [`MAX_NAME_LEN`] bytes.
+    #[error("{kind} `{prefix}…` is too long (at most {MAX_NAME_LEN} bytes)")]
+    NameTooLong {
+        /// What the name is (`task name`, `hostname`, ...).
+        kind: &'static str,
+        /// Its first characters.
+        prefix: String,
+    },
+    /// A name has a control character.
+    #[error("{kind} {prefix:?} has a control character")]
+    NameControl {
+        /// What the name is.
+        kind: &'static str,
+        /// Its first characters.
+        prefix: String,
+    },
+    /// A list is longer than its limit.
+    #[error("{n} {what} (at most {max})")]
+    TooMany {
+        /// What the list holds.
+        what: &'static str,
+        /// How many it holds.
+        n: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A framework's role is not a valid role name.
+    #[error("role {prefix:?} is not valid: letters, digits, `_`, `-`, `.` or `/` (at most 64)")]
+    Role {
+        /// The role's first characters.
+        prefix: String,
+    },
+}
+
+/// Why one task of an `Accept` is refused: the message of its `TASK_ERROR`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// The task id is empty.
+    #[error("a task has an empty task id")]
+    EmptyId,
+    /// The task id is not a valid id.
+    #[error(transparent)]
+    Id(InputError),
+    /// A name or a count of the task is refused.
+    #[error("task {task}: {error}")]
+    Input {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        #[source]
+        error: InputError,
+    },
+    /// The task's resources are malformed.
+    #[error("task {task}: {error}")]
+    Resources {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        #[source]
+        error: ResourceError,
+    },
+    /// The task's executor's resources are malformed.
+    #[error("task {task}: executor: {error}")]
+    ExecutorResources {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        #[source]
+        error: ResourceError,
+    },
+    /// A count of the task's executor's command is over its limit.
+    #[error("task {task}: executor: {error}")]
+    ExecutorInput {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        #[source]
+        error: InputError,
+    },
+    /// The task asks for neither cpus nor mem.
+    #[error("task {task} asks for no cpus and no mem")]
+    Empty {
+        /// The task.
+        task: TaskId,
+    },
+    /// The task lacks cpus or mem where the agent offers them.
+    #[error("task {task} asks for {asked}: a task needs cpus > 0 and mem > 0 (it runs under both limits)")]
+    Unlimited {
+        /// The task.
+        task: TaskId,
+        /// What it asks for (`nothing` when empty).
+        asked: String,
+    },
+    /// A Wasm task's timeout is zero.
+    #[error("task {task}: a Wasm timeout must be positive")]
+    ZeroTimeout {
+        /// The task.
+        task: TaskId,
+    },
+    /// A Wasm task's timeout is over [`MAX_WASM_TIMEOUT`].
+    #[error("task {task}: a Wasm timeout of {secs}s is over the limit of {}s", MAX_WASM_TIMEOUT.as_secs())]
+    TimeoutTooLong {
+        /// The task.
+        task: TaskId,
+        /// The timeout asked for, in whole seconds.
+        secs: u64,
+    },
+}
+
+/// Why a `Request`'s demand is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DemandError {
+    /// An entry's resources are malformed.
+    #[error("demand entry {entry}: {error}")]
+    Resources {
+        /// The entry's index.
+        entry: usize,
+        /// What is wrong.
+        #[source]
+        error: ResourceError,
+    },
+    /// An entry is empty or names reserved resources.
+    #[error("demand entry {entry} ({shape}) must be a non-empty shape of plain quantities")]
+    NotPlain {
+        /// The entry's index.
+        entry: usize,
+        /// The shape asked for.
+        shape: Resources,
+    },
+}
+
 /// Checks an id a peer chose or echoes: non-empty, at most [`MAX_ID_LEN`] escaped bytes, no
 /// control characters, no path separator, not `.` or `..`.
-pub fn id(kind: &str, id: &str) -> Result<(), String> {
+pub fn id(kind: &'static str, id: &str) -> Result<(), InputError> {
     if id.is_empty() {
-        return Err(format!("a {kind} id is empty"));
+        return Err(InputError::EmptyId { kind });
     }
     if escaped_len(id) > MAX_ID_LEN {
-        return Err(format!("{kind} id `{}…` is too long (at most {MAX_ID_LEN} bytes)", prefix(id)));
+        return Err(InputError::IdTooLong { kind, prefix: prefix(id) });
     }
     if id.chars().any(|c| c.is_control() || c == '/' || c == '\\') || id == "." || id == ".." {
-        return Err(format!(
-            "{kind} id {:?} has a control character or a path separator, or is `.`/`..`",
-            prefix(id)
-        ));
+        return Err(InputError::IdNotAPathComponent { kind, prefix: prefix(id) });
     }
     Ok(())
 }
 
 /// Checks a free-text name: at most [`MAX_NAME_LEN`] bytes, no control characters (names are
 /// printed on operators' terminals).
-pub fn name(kind: &str, name: &str) -> Result<(), String> {
+pub fn name(kind: &'static str, name: &str) -> Result<(), InputError> {
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("{kind} `{}…` is too long (at most {MAX_NAME_LEN} bytes)", prefix(name)));
+        return Err(InputError::NameTooLong { kind, prefix: prefix(name) });
     }
     if name.chars().any(char::is_control) {
-        return Err(format!("{kind} {:?} has a control character", prefix(name)));
+        return Err(InputError::NameControl { kind, prefix: prefix(name) });
     }
     Ok(())
 }
@@ -117,9 +271,9 @@ fn prefix(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
-fn too_many(what: &str, n: usize, max: usize) -> Result<(), String> {
+fn too_many(what: &'static str, n: usize, max: usize) -> Result<(), InputError> {
     if n > max {
-        return Err(format!("{n} {what} (at most {max})"));
+        return Err(InputError::TooMany { what, n, max });
     }
     Ok(())
 }
@@ -198,17 +352,14 @@ pub fn scheduler_call(call: &mut SchedulerCall) -> Result<(), WireError> {
 
 /// Checks a subscription: names, role, and the failover timeout (cut to
 /// [`MAX_FAILOVER_TIMEOUT`]).
-pub fn framework_info(info: &mut FrameworkInfo) -> Result<(), String> {
+pub fn framework_info(info: &mut FrameworkInfo) -> Result<(), InputError> {
     if let Some(f) = &info.id {
         id("framework", f.as_str())?;
     }
     name("framework name", &info.name)?;
     name("hostname", &info.hostname)?;
     if !info.role.is_empty() && info.role != "*" && !valid_role(&info.role) {
-        return Err(format!(
-            "role {:?} is not valid: letters, digits, `_`, `-`, `.` or `/` (at most 64)",
-            prefix(&info.role)
-        ));
+        return Err(InputError::Role { prefix: prefix(&info.role) });
     }
     info.failover_timeout = info.failover_timeout.min(MAX_FAILOVER_TIMEOUT);
     Ok(())
@@ -219,58 +370,55 @@ pub fn framework_info(info: &mut FrameworkInfo) -> Result<(), String> {
 /// runs under both limits), its command or module, and its durations (`kill_grace` cut to
 /// `max_kill_grace`; a Wasm timeout of zero or over [`MAX_WASM_TIMEOUT`] refused). `offered`
 /// is the agent's total resources. The error is the message of the task's `TASK_ERROR`.
-pub fn task(task: &mut TaskInfo, offered: &Resources, max_kill_grace: Duration) -> Result<(), String> {
+pub fn task(task: &mut TaskInfo, offered: &Resources, max_kill_grace: Duration) -> Result<(), TaskError> {
     if task.task_id.as_str().is_empty() {
-        return Err("a task has an empty task id".into());
+        return Err(TaskError::EmptyId);
     }
-    id("task", task.task_id.as_str())?;
+    id("task", task.task_id.as_str()).map_err(TaskError::Id)?;
     let tid = task.task_id.clone();
-    name("task name", &task.name).map_err(|e| format!("task {tid}: {e}"))?;
-    task.resources.normalize_wire().map_err(|e| format!("task {tid}: {e}"))?;
+    let input = |error| TaskError::Input { task: tid.clone(), error };
+    name("task name", &task.name).map_err(input)?;
+    task.resources.normalize_wire().map_err(|error| TaskError::Resources { task: tid.clone(), error })?;
     let r = &task.resources;
     if r.cpus == 0 && r.mem == 0 {
-        return Err(format!("task {tid} asks for no cpus and no mem"));
+        return Err(TaskError::Empty { task: tid });
     }
     if (r.cpus == 0 && offered.cpus > 0) || (r.mem == 0 && offered.mem > 0) {
-        return Err(format!(
-            "task {tid} asks for {}: a task needs cpus > 0 and mem > 0 (it runs under both limits)",
-            if r.is_empty() { "nothing".to_string() } else { r.to_string() }
-        ));
+        let asked = if r.is_empty() { "nothing".to_string() } else { r.to_string() };
+        return Err(TaskError::Unlimited { task: tid, asked });
     }
     if let Some(g) = task.kill_grace {
         task.kill_grace = Some(g.min(max_kill_grace));
     }
     match &task.kind {
-        TaskKind::Command(c) => command(c).map_err(|e| format!("task {tid}: {e}")),
+        TaskKind::Command(c) => command(c).map_err(input),
         // The executor id is checked by the core (`executor_id_problem`: a stricter charset).
         TaskKind::Executor(e) => {
-            name("executor name", &e.executor.name).map_err(|e| format!("task {tid}: {e}"))?;
+            name("executor name", &e.executor.name).map_err(input)?;
             e.executor
                 .resources
                 .clone()
                 .normalize_wire()
-                .map_err(|e| format!("task {tid}: executor: {e}"))?;
-            command(&e.executor.command).map_err(|e| format!("task {tid}: executor: {e}"))
+                .map_err(|error| TaskError::ExecutorResources { task: tid.clone(), error })?;
+            command(&e.executor.command)
+                .map_err(|error| TaskError::ExecutorInput { task: tid.clone(), error })
         }
         TaskKind::Wasm(w) => {
-            too_many("arguments", w.args.len(), MAX_ARGS).map_err(|e| format!("task {tid}: {e}"))?;
-            too_many("environment variables", w.env.len(), MAX_ENV)
-                .map_err(|e| format!("task {tid}: {e}"))?;
-            too_many("directories", w.dirs.len(), MAX_DIRS).map_err(|e| format!("task {tid}: {e}"))?;
+            too_many("arguments", w.args.len(), MAX_ARGS).map_err(input)?;
+            too_many("environment variables", w.env.len(), MAX_ENV).map_err(input)?;
+            too_many("directories", w.dirs.len(), MAX_DIRS).map_err(input)?;
             match w.timeout {
-                Some(t) if t.is_zero() => Err(format!("task {tid}: a Wasm timeout must be positive")),
-                Some(t) if t > MAX_WASM_TIMEOUT => Err(format!(
-                    "task {tid}: a Wasm timeout of {}s is over the limit of {}s",
-                    t.as_secs(),
-                    MAX_WASM_TIMEOUT.as_secs()
-                )),
+                Some(t) if t.is_zero() => Err(TaskError::ZeroTimeout { task: tid }),
+                Some(t) if t > MAX_WASM_TIMEOUT => {
+                    Err(TaskError::TimeoutTooLong { task: tid, secs: t.as_secs() })
+                }
                 _ => Ok(()),
             }
         }
     }
 }
 
-fn command(c: &CommandInfo) -> Result<(), String> {
+fn command(c: &CommandInfo) -> Result<(), InputError> {
     too_many("arguments", c.argv.len(), MAX_ARGS)?;
     too_many("environment variables", c.env.len(), MAX_ENV)
 }
@@ -280,15 +428,12 @@ fn command(c: &CommandInfo) -> Result<(), String> {
 /// quantities is refused; one smaller than every alternative is **rounded up** to the first
 /// one (kind by kind), so that every slice given for it is worth offering. Zero counts are
 /// dropped. (Resources are fixed-point: no NaN, infinite or negative quantity can arrive.)
-pub fn demands(demands: &mut Vec<Demand>, min: &[Resources]) -> Result<(), String> {
+pub fn demands(demands: &mut Vec<Demand>, min: &[Resources]) -> Result<(), DemandError> {
     demands.retain(|d| d.count > 0);
     for (i, d) in demands.iter_mut().enumerate() {
-        d.resources.normalize_wire().map_err(|e| format!("demand entry {i}: {e}"))?;
+        d.resources.normalize_wire().map_err(|error| DemandError::Resources { entry: i, error })?;
         if !d.resources.reserved.is_empty() || d.resources.is_empty() {
-            return Err(format!(
-                "demand entry {i} ({}) must be a non-empty shape of plain quantities",
-                d.resources
-            ));
+            return Err(DemandError::NotPlain { entry: i, shape: d.resources.clone() });
         }
         if let Some(first) = min.first() {
             if !min.iter().any(|m| d.resources.contains(m)) {
@@ -383,6 +528,45 @@ mod tests {
         }
     }
 
+    /// The typed errors say exactly what the string errors before them said: frameworks and
+    /// operators match on these texts.
+    #[test]
+    fn error_texts_are_unchanged() {
+        let agent = res("cpus:4;mem:4GiB");
+        let text = |r: Result<(), TaskError>| r.unwrap_err().to_string();
+        assert_eq!(id("task", "").unwrap_err().to_string(), "a task id is empty");
+        assert_eq!(
+            id("agent", "a/b").unwrap_err().to_string(),
+            "agent id \"a/b\" has a control character or a path separator, or is `.`/`..`"
+        );
+        assert_eq!(
+            name("task name", "x\u{7}").unwrap_err().to_string(),
+            "task name \"x\\u{7}\" has a control character"
+        );
+        assert_eq!(too_many("offer ids", 5, 4).unwrap_err().to_string(), "5 offer ids (at most 4)");
+        assert_eq!(
+            text(task(&mut cmd_task("t1", "cpus:1"), &agent, DEFAULT_MAX_KILL_GRACE)),
+            format!(
+                "task t1 asks for {}: a task needs cpus > 0 and mem > 0 (it runs under both limits)",
+                res("cpus:1")
+            )
+        );
+        let mut long = cmd_task("t2", "cpus:1;mem:1GiB");
+        long.name = "n".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            text(task(&mut long, &agent, DEFAULT_MAX_KILL_GRACE)),
+            format!("task t2: task name `{}…` is too long (at most {MAX_NAME_LEN} bytes)", "n".repeat(40))
+        );
+        let mut empty = vec![Demand { resources: Resources::default(), count: 1 }];
+        assert_eq!(
+            demands(&mut empty, &[]).unwrap_err().to_string(),
+            format!(
+                "demand entry 0 ({}) must be a non-empty shape of plain quantities",
+                Resources::default()
+            )
+        );
+    }
+
     #[test]
     fn ids_are_bounded_and_cannot_be_paths() {
         assert!(id("task", "web-1.a_b").is_ok());
@@ -397,9 +581,10 @@ mod tests {
     #[test]
     fn zero_sized_tasks_are_refused_naming_the_task() {
         let agent = res("cpus:4;mem:4GiB");
-        let e = task(&mut cmd_task("t1", "cpus:1"), &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err();
+        let e = task(&mut cmd_task("t1", "cpus:1"), &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err().to_string();
         assert!(e.contains("task t1") && e.contains("mem > 0"), "{e}");
-        let e = task(&mut cmd_task("t2", "mem:1GiB"), &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err();
+        let e =
+            task(&mut cmd_task("t2", "mem:1GiB"), &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err().to_string();
         assert!(e.contains("task t2") && e.contains("cpus > 0"), "{e}");
         assert!(task(&mut cmd_task("t3", "cpus:1;mem:1GiB"), &agent, DEFAULT_MAX_KILL_GRACE).is_ok());
         // An agent without memory to offer cannot give a memory limit either.
@@ -411,7 +596,7 @@ mod tests {
         let agent = res("cpus:4;mem:4GiB;ports:[1-65535]");
         let mut t = cmd_task("p", "cpus:1;mem:1GiB");
         t.resources.ports = vec![PortRange { begin: 31500, end: 0 }];
-        let e = task(&mut t, &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err();
+        let e = task(&mut t, &agent, DEFAULT_MAX_KILL_GRACE).unwrap_err().to_string();
         assert!(e.contains("task p") && e.contains("31500-0 is backwards"), "{e}");
         t.resources.ports = vec![PortRange { begin: 20, end: 30 }, PortRange { begin: 10, end: 19 }];
         task(&mut t, &agent, DEFAULT_MAX_KILL_GRACE).unwrap();
@@ -438,6 +623,7 @@ mod tests {
         };
         assert!(task(&mut wasm(Some(Duration::MAX)), &agent, DEFAULT_MAX_KILL_GRACE)
             .unwrap_err()
+            .to_string()
             .contains("over the limit"));
         assert!(task(&mut wasm(Some(Duration::ZERO)), &agent, DEFAULT_MAX_KILL_GRACE).is_err());
         assert!(task(&mut wasm(Some(Duration::from_secs(5))), &agent, DEFAULT_MAX_KILL_GRACE).is_ok());
@@ -486,7 +672,7 @@ mod tests {
             resources: Resources { ports: vec![PortRange { begin: 31500, end: 0 }], ..Default::default() },
             count: 1,
         }];
-        assert!(demands(&mut backwards, &min).unwrap_err().contains("backwards"));
+        assert!(demands(&mut backwards, &min).unwrap_err().to_string().contains("backwards"));
         let mut empty = vec![Demand { resources: Resources::default(), count: 1 }];
         assert!(demands(&mut empty, &min).is_err());
     }

@@ -208,7 +208,7 @@ impl MasterSearch {
                     }
                 }
                 Err(e) if self.masters.is_empty() => {
-                    return Err(ClientError::NoLeader { tried: vec![(etcd.to_string(), e)] });
+                    return Err(ClientError::NoLeader { tried: vec![(etcd.to_string(), e.to_string())] });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the masters from etcd; trying the ones read before")
@@ -371,6 +371,23 @@ mod etcd_discovery {
     /// How long reading etcd may take, connection included.
     const TIMEOUT: Duration = Duration::from_secs(3);
 
+    /// Why the masters could not be read from etcd.
+    #[derive(Debug, thiserror::Error)]
+    pub(super) enum DiscoveryError {
+        /// etcd did not answer in time.
+        #[error("etcd did not answer within {0:?}")]
+        Timeout(Duration),
+        /// etcd could not be reached or refused the reads.
+        #[error("cannot read the masters from etcd: {0}")]
+        Etcd(#[source] etcd_client::Error),
+        /// No master has registered (with a valid address).
+        #[error("no master is registered in etcd under {prefix}")]
+        NoneRegistered {
+            /// The cluster's key prefix.
+            prefix: String,
+        },
+    }
+
     #[derive(serde::Deserialize)]
     struct Member {
         address: String,
@@ -383,7 +400,7 @@ mod etcd_discovery {
 
     /// The masters registered (at most [`MAX_MASTERS`], the leader first) and the leader's
     /// address.
-    pub(super) async fn read(etcd: &EtcdMasters) -> Result<(Vec<String>, Option<String>), String> {
+    pub(super) async fn read(etcd: &EtcdMasters) -> Result<(Vec<String>, Option<String>), DiscoveryError> {
         let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
         let prefix = format!("/agora/{}/", etcd.cluster);
         let read = async {
@@ -395,8 +412,8 @@ mod etcd_discovery {
         };
         let (leader, members) = tokio::time::timeout(TIMEOUT, read)
             .await
-            .map_err(|_| format!("etcd did not answer within {TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot read the masters from etcd: {e}"))?;
+            .map_err(|_| DiscoveryError::Timeout(TIMEOUT))?
+            .map_err(DiscoveryError::Etcd)?;
         let leader = leader.kvs().first().and_then(|kv| address(kv.value()));
         let mut masters: Vec<String> = leader.iter().cloned().collect();
         for kv in members.kvs() {
@@ -407,7 +424,7 @@ mod etcd_discovery {
             }
         }
         if masters.is_empty() {
-            return Err(format!("no master is registered in etcd under {prefix}"));
+            return Err(DiscoveryError::NoneRegistered { prefix });
         }
         masters.truncate(MAX_MASTERS);
         Ok((masters, leader))

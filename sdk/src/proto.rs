@@ -109,15 +109,20 @@ impl fmt::Display for Role {
     }
 }
 
+/// A role name that is none of the four.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role `{0}` (master, agent, framework, operator)")]
+pub struct UnknownRole(pub String);
+
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, UnknownRole> {
         match s {
             "master" => Ok(Role::Master),
             "agent" => Ok(Role::Agent),
             "framework" => Ok(Role::Framework),
             "operator" => Ok(Role::Operator),
-            other => Err(format!("unknown role `{other}` (master, agent, framework, operator)")),
+            other => Err(UnknownRole(other.to_string())),
         }
     }
 }
@@ -389,13 +394,18 @@ pub struct CommandInfo {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Digest(String);
 
+/// Text that is not a sha256 digest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a sha256 digest (64 hex digits)")]
+pub struct BadDigest(pub String);
+
 impl Digest {
     /// Parses 64 hex digits (either case; kept lowercase).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, BadDigest> {
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
             Ok(Self(s.to_ascii_lowercase()))
         } else {
-            Err(format!("`{s}` is not a sha256 digest (64 hex digits)"))
+            Err(BadDigest(s.to_string()))
         }
     }
 

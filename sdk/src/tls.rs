@@ -58,7 +58,12 @@ pub enum TlsError {
     #[error("invalid certificate lifetime of {days} days (1 to {MAX_DAYS})")]
     BadDays { days: u32 },
     #[error("revocation list {path}, line {line}: {why}")]
-    BadRevocationList { path: PathBuf, line: usize, why: String },
+    BadRevocationList {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        why: RevokedLineError,
+    },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("invalid TLS configuration: {0}")]
@@ -421,10 +426,24 @@ pub fn revoke(dir: &Path, name: &str) -> Result<Revoked, TlsError> {
 /// Most serials a revocation list may hold (a bound on what the master keeps in memory).
 pub const MAX_REVOKED: usize = 100_000;
 
+/// What is wrong with one line of a revocation list.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RevokedLineError {
+    /// The line does not start with a hexadecimal serial (of at most 64 digits).
+    #[error("`{serial}` is not a hexadecimal serial number")]
+    NotASerial {
+        /// The line's first word.
+        serial: String,
+    },
+    /// The list holds more than [`MAX_REVOKED`] serials.
+    #[error("more than {MAX_REVOKED} serials")]
+    TooMany,
+}
+
 /// Reads a revocation list: one certificate a line, its serial (hex) first, then anything
 /// (`revoke` writes the name and the time); blank lines and `#` comments skipped. Returns
 /// serial → the rest of its line, or the line number (from 1) and what is wrong.
-pub fn parse_revoked(text: &str) -> Result<HashMap<String, String>, (usize, String)> {
+pub fn parse_revoked(text: &str) -> Result<HashMap<String, String>, (usize, RevokedLineError)> {
     let mut serials = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -434,11 +453,11 @@ pub fn parse_revoked(text: &str) -> Result<HashMap<String, String>, (usize, Stri
         let (serial, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         let hexits = serial.replace(':', "");
         if hexits.is_empty() || hexits.len() > 64 || !hexits.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err((i + 1, format!("`{serial}` is not a hexadecimal serial number")));
+            return Err((i + 1, RevokedLineError::NotASerial { serial: serial.to_string() }));
         }
         let serial = normal_serial(&hexits);
         if serials.len() >= MAX_REVOKED {
-            return Err((i + 1, format!("more than {MAX_REVOKED} serials")));
+            return Err((i + 1, RevokedLineError::TooMany));
         }
         serials.insert(serial, rest.trim().to_string());
     }

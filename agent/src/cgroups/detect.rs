@@ -115,12 +115,23 @@ fn dir_in(mount: &Mount, path: &str) -> PathBuf {
     }
 }
 
+/// Why no cgroup hierarchy fits the agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoHierarchy {
+    /// Nothing of type `cgroup` or `cgroup2` is mounted.
+    #[error("no cgroup file system is mounted")]
+    NothingMounted,
+    /// v1 lacks memory or cpu, and there is no v2 mount.
+    #[error("the cgroup v1 memory and cpu controllers are not mounted and there is no cgroup v2 mount")]
+    NoControllers,
+}
+
 /// Decides between v1 and v2 and where the agent's groups go. v1 is used when its `memory`
 /// and `cpu` controllers are mounted (a hybrid host's empty cgroup2 mount is ignored); v2 when a
 /// `cgroup2` mount exists and no v1 hierarchy holds them. `explicit` is `--cgroup-root`, a
 /// cgroup path (as in `/proc/self/cgroup`) used in every hierarchy. The error says why nothing
 /// fits.
-pub fn plan(mounts: &[Mount], own: &ProcCgroups, explicit: Option<&Path>) -> Result<Plan, String> {
+pub fn plan(mounts: &[Mount], own: &ProcCgroups, explicit: Option<&Path>) -> Result<Plan, NoHierarchy> {
     let v1_mount = |c: &str| mounts.iter().find(|m| m.fstype == "cgroup" && m.options.iter().any(|o| o == c));
     if v1_mount("memory").is_some() && v1_mount("cpu").is_some() {
         let mut hierarchies: Vec<(Vec<String>, PathBuf)> = Vec::new();
@@ -146,9 +157,9 @@ pub fn plan(mounts: &[Mount], own: &ProcCgroups, explicit: Option<&Path>) -> Res
         return Ok(Plan::V2 { mount: m.point.clone(), base: dir_in(m, &path) });
     }
     if mounts.is_empty() {
-        Err("no cgroup file system is mounted".into())
+        Err(NoHierarchy::NothingMounted)
     } else {
-        Err("the cgroup v1 memory and cpu controllers are not mounted and there is no cgroup v2 mount".into())
+        Err(NoHierarchy::NoControllers)
     }
 }
 

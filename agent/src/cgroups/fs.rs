@@ -108,21 +108,26 @@ pub fn read_key(dir: &Path, file: &str, key: &str) -> Result<Option<u64>, Cgroup
 /// Looks `key` up in the text of the flat keyed file `dir/file` (as read by cgroups-rs: empty if
 /// absent); `None` if the key is absent.
 pub fn key_in(dir: &Path, file: &str, text: &str, key: &str) -> Result<Option<u64>, CgroupError> {
-    flat_key(text, key).map_err(|content| CgroupError::Parse {
+    flat_key(text, key).map_err(|BadLine(content)| CgroupError::Parse {
         path: dir.join(file),
         what: "`key value` lines",
         content,
     })
 }
 
+/// A line of flat keyed text whose value is not a number: the line.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a `key value` line")]
+pub struct BadLine(pub String);
+
 /// Looks `key` up in flat keyed text; the error is the offending line.
-pub fn flat_key(text: &str, key: &str) -> Result<Option<u64>, String> {
+pub fn flat_key(text: &str, key: &str) -> Result<Option<u64>, BadLine> {
     for line in text.lines() {
         let mut parts = line.split_whitespace();
         if parts.next() == Some(key) {
             return match parts.next().map(str::parse::<u64>) {
                 Some(Ok(v)) => Ok(Some(v)),
-                _ => Err(line.to_string()),
+                _ => Err(BadLine(line.to_string())),
             };
         }
     }
@@ -209,7 +214,7 @@ mod tests {
         let text = "nr_periods 10\nnr_throttled 2\nthrottled_time 12345\n";
         assert_eq!(flat_key(text, "throttled_time"), Ok(Some(12345)));
         assert_eq!(flat_key(text, "nope"), Ok(None));
-        assert_eq!(flat_key("max x\n", "max"), Err("max x".to_string()));
+        assert_eq!(flat_key("max x\n", "max"), Err(BadLine("max x".to_string())));
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("memory.events"), "max 3\noom_kill 1\n").expect("write");
         std::fs::write(dir.path().join("bad"), "max x\n").expect("write");

@@ -352,7 +352,37 @@ pub enum IsolationError {
     #[error("cgroup isolation is unavailable: {reason}")]
     Unavailable {
         /// Why.
-        reason: String,
+        #[source]
+        reason: SetupError,
+    },
+}
+
+/// Why cgroup isolation cannot be set up on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A file of `/proc` could not be read.
+    #[error("cannot read {path}: {err}")]
+    Read {
+        /// The file.
+        path: &'static str,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
+    /// No hierarchy fits.
+    #[error(transparent)]
+    NoHierarchy(#[from] detect::NoHierarchy),
+    /// Another agent of this host holds the cgroup root's lock.
+    #[error(transparent)]
+    Locked(std::io::Error),
+    /// The agent's root could not be created or is not writable.
+    #[error("{err}{}", if *.not_root { "; the agent is not running as root" } else { "" })]
+    Root {
+        /// The cause.
+        #[source]
+        err: CgroupError,
+        /// Whether the agent is not root (the likely reason).
+        not_root: bool,
     },
 }
 
@@ -763,8 +793,9 @@ pub fn admit(child: &mut Child, cgroup: &Cgroup) -> Result<(), AdmitError> {
     gate.write_all(b"\n").map_err(|err| AdmitError::Release { pid, err })
 }
 
-fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, String> {
-    let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"));
+fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, SetupError> {
+    let read =
+        |path: &'static str| std::fs::read_to_string(path).map_err(|err| SetupError::Read { path, err });
     let mounts = detect::parse_mountinfo(&read("/proc/self/mountinfo")?);
     let mut own = detect::parse_proc_cgroup(&read("/proc/self/cgroup")?);
     // Another agent of this process (`agora dev`) may already have moved it into the v2 leaf.
@@ -780,7 +811,7 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
         Some(_) => None,
         None => match liveness::RootLock::acquire(&liveness::lock_dir(), &leaf, ROOT_LOCK_WAIT) {
             Ok(lock) => Some(lock),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(SetupError::Locked(e)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot lock the agent's cgroup root; other agents of this host \
                     will not clean up after this one");
@@ -789,14 +820,15 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
         },
     };
     let root_of = |base: &Path| if explicit.is_some() { base.to_path_buf() } else { base.join(&leaf) };
-    let not_root = if is_root() { "" } else { "; the agent is not running as root" };
+    let not_root = !is_root();
+    let root_err = |err| SetupError::Root { err, not_root };
     let manager: Arc<dyn CgroupManager> = match plan {
         detect::Plan::V1(hierarchies) => {
             let mut hs = Vec::new();
             for (controllers, base) in hierarchies {
                 let root = root_of(&base);
-                fs::create_dir(&root).map_err(|e| format!("{e}{not_root}"))?;
-                check_writable(&root).map_err(|e| format!("{e}{not_root}"))?;
+                fs::create_dir(&root).map_err(root_err)?;
+                check_writable(&root).map_err(root_err)?;
                 hs.push(V1Hierarchy { controllers, root });
             }
             let used: Vec<&str> = hs.iter().flat_map(|h| h.controllers.iter().map(String::as_str)).collect();
@@ -811,8 +843,7 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, St
         }
         detect::Plan::V2 { mount, base } => {
             let root = root_of(&base);
-            let controllers =
-                setup_v2(&mount, &base, &root, explicit.is_none()).map_err(|e| format!("{e}{not_root}"))?;
+            let controllers = setup_v2(&mount, &base, &root, explicit.is_none()).map_err(root_err)?;
             Arc::new(V2Manager::new(root, controllers))
         }
     };

@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cgroups::{Cgroup, Isolator};
 use crate::checkpoint::{ExecutorKind, ExecutorRecord};
 use crate::sandbox::Layout;
-use crate::tasks::{EventSender, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
+use crate::tasks::{EventSender, InvalidTask, LaunchSpec, TaskEvent, TaskHandle, TaskKey, Termination};
 
 /// Memory the executor process itself may use on top of its tasks' (engine, compiler, I/O).
 pub const EXECUTOR_OVERHEAD_MEM: u64 = 128 << 20;
@@ -114,17 +114,17 @@ impl Default for ExecutorsConfig {
 }
 
 /// Checks a Wasm task before launching it; the error is the message of a TASK_ERROR.
-pub fn validate(info: &WasmInfo) -> Result<(), String> {
+pub fn validate(info: &WasmInfo) -> Result<(), InvalidTask> {
     if !info.module.digest.is_valid() {
-        return Err(format!("malformed module digest `{}`", info.module.digest));
+        return Err(InvalidTask::ModuleDigest(info.module.digest.clone()));
     }
     if info.args.is_empty() {
-        return Err("a Wasm task needs argv[0]".into());
+        return Err(InvalidTask::NoArgv0);
     }
     crate::tasks::validate_args_env(&info.args, &info.env)?;
     for d in &info.dirs {
         if !d.archive.digest.is_valid() {
-            return Err(format!("malformed directory digest `{}`", d.archive.digest));
+            return Err(InvalidTask::DirectoryDigest(d.archive.digest.clone()));
         }
         guest_dir(&d.guest)?;
     }
@@ -133,39 +133,35 @@ pub fn validate(info: &WasmInfo) -> Result<(), String> {
 
 /// Checks a framework executor's description before starting it (the master checked it too;
 /// the agent does not rely on that): the error is the message of a TASK_ERROR.
-pub fn validate_executor(info: &ExecutorInfo) -> Result<(), String> {
+pub fn validate_executor(info: &ExecutorInfo) -> Result<(), InvalidTask> {
     let id = info.executor_id.as_str();
     if id.is_empty() || id.starts_with("agora-") {
-        return Err(format!("executor id `{id}` is empty or reserved"));
+        return Err(InvalidTask::ReservedExecutorId(id.to_string()));
     }
-    crate::sandbox::path_component("executor", id).map_err(|e| e.to_string())?;
+    crate::sandbox::path_component("executor", id)?;
     let Some(first) = info.command.argv.first().filter(|a| !a.is_empty()) else {
-        return Err(format!("executor {id} has no command"));
+        return Err(InvalidTask::NoExecutorCommand(id.to_string()));
     };
     if first.contains('\0') {
-        return Err(format!("executor {id}: the program name contains a NUL byte"));
+        return Err(InvalidTask::NulExecutorProgram(id.to_string()));
     }
     crate::tasks::validate_args_env(&info.command.argv, &info.command.env)?;
     if info.fetch.len() > agora_sdk::proto::MAX_EXECUTOR_FETCHES {
-        return Err(format!(
-            "executor {id} asks for {} files (at most {})",
-            info.fetch.len(),
-            agora_sdk::proto::MAX_EXECUTOR_FETCHES
-        ));
+        return Err(InvalidTask::TooManyFetches { id: id.to_string(), n: info.fetch.len() });
     }
     for f in &info.fetch {
         if !f.artifact.digest.is_valid() {
-            return Err(format!("executor {id}: malformed digest `{}`", f.artifact.digest));
+            return Err(InvalidTask::FetchDigest { id: id.to_string(), digest: f.artifact.digest.clone() });
         }
-        relative_path(&f.path)?;
+        relative_path(&f.path).map_err(|_| InvalidTask::FetchPath(f.path.clone()))?;
     }
     Ok(())
 }
 
 /// The relative host path (inside the sandbox's `mnt/`) for guest directory `guest`.
-fn guest_dir(guest: &str) -> Result<PathBuf, String> {
+fn guest_dir(guest: &str) -> Result<PathBuf, InvalidTask> {
     let rel = guest.trim_start_matches('/');
-    let bad = || format!("guest directory `{guest}` must be an absolute path without `..`");
+    let bad = || InvalidTask::GuestDir(guest.to_string());
     if !guest.starts_with('/') || guest.contains('\0') {
         return Err(bad());
     }
@@ -510,15 +506,17 @@ async fn prepare(
     info: &WasmInfo,
     fetcher: &Fetcher,
 ) -> Result<WasmLaunch, (&'static str, String)> {
-    let module_path = fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
+    let module_path =
+        fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
     // Shipped directories live in the sandbox and count against the task's disk (the core
     // put the agent's default there for a task without one).
     let limit = (spec.task.resources.disk > 0).then_some(spec.task.resources.disk);
     let mut used = 0u64;
     for d in &info.dirs {
-        let archive = fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e))?;
-        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e))?);
+        let archive =
+            fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?;
+        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e.to_string()))?);
         let dest = host.clone();
         let user = spec.user;
         let run_dir = spec.run_dir.clone();
@@ -527,7 +525,7 @@ async fn prepare(
             let n = unpack(&archive, &dest, budget)?;
             // The guest writes there as the task user.
             if let Some(u) = user {
-                chown_tree(&run_dir, u).map_err(fetch::UnpackError::Failed)?;
+                chown_tree(&run_dir, u)?;
             }
             Ok::<_, fetch::UnpackError>(n)
         })
@@ -535,8 +533,8 @@ async fn prepare(
         .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
         .map_err(|e| {
             let reason = match e {
-                fetch::UnpackError::TooBig(_) => crate::tasks::REASON_DISK_LIMIT,
-                fetch::UnpackError::Failed(_) => REASON_FETCH_FAILED,
+                fetch::UnpackError::TooBig { .. } => crate::tasks::REASON_DISK_LIMIT,
+                _ => REASON_FETCH_FAILED,
             };
             (reason, format!("directory {}: {e}", d.guest))
         })?;

@@ -2,6 +2,85 @@
 
 use super::*;
 
+/// Why an executor could not be started or ended before its relay did. The text is the
+/// message of its tasks' status updates.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SpawnError {
+    /// The framework executor's sandbox could not be created.
+    #[error("cannot create the executor's sandbox {}: {err}", path.display())]
+    Sandbox {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// A file it asked for could not be fetched or placed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A log file could not be created.
+    #[error("cannot create {}: {err}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// A log file could not be given to the task user.
+    #[error("cannot hand {} to the task user: {err}", path.display())]
+    Chown {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The log file could not be shared between stdout and stderr.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The program could not be started.
+    #[error("cannot start {}: {err}", program.display())]
+    Start {
+        program: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    /// The process could not be put in its cgroup (it was killed).
+    #[error("cannot place the executor in its cgroup: {0}")]
+    Cgroup(#[source] crate::cgroups::CgroupError),
+    /// The process waiting for its cgroup could not be let go.
+    #[error("cannot release the executor: {0}")]
+    Release(#[source] std::io::Error),
+    /// The process ended before it connected.
+    #[error("the executor exited before connecting ({0})")]
+    ExitedEarly(String),
+    /// Another process connected to the executor's socket.
+    #[error("a process other than the executor ({0:?}) connected to its socket")]
+    Impostor(Option<i32>),
+    /// The socket failed.
+    #[error("cannot accept the executor's connection: {0}")]
+    Accept(#[source] std::io::Error),
+    /// An adopted executor did not come back within its recovery timeout.
+    #[error("the executor did not reconnect after the agent restarted (waited {0:?})")]
+    NoReconnect(Duration),
+    /// A new executor did not connect in time.
+    #[error("the executor did not connect within {0:?}")]
+    NoConnect(Duration),
+    /// The executor speaks another protocol version (it was told so).
+    #[error("executor protocol {0}, agent speaks {EXECUTOR_PROTOCOL_VERSION}")]
+    Version(u32),
+    /// The executor's first frame was not `Hello`.
+    #[error("the executor did not start with hello: {0:?}")]
+    NoHello(Box<ExecutorMessage>),
+    /// The executor closed its socket before `Hello`.
+    #[error("the executor closed its socket before hello")]
+    ClosedBeforeHello,
+    /// The executor's `Hello` could not be read.
+    #[error("executor hello: {0}")]
+    Hello(#[source] FrameError),
+    /// No `Hello` in time.
+    #[error("the executor did not say hello")]
+    HelloTimeout,
+    /// The `Welcome` could not be sent.
+    #[error("cannot welcome the executor: {0}")]
+    Welcome(#[source] FrameError),
+}
+
 /// An executor that outlived the agent's restart: its process, and how long it has to
 /// reconnect.
 pub(super) struct Adopted {
@@ -80,8 +159,8 @@ impl ExecutorSpawn {
     pub(super) async fn run(self) {
         let prepared = if self.adopted.is_some() { Ok(()) } else { self.prepare().await };
         let (reason, why) = match prepared {
-            Err(why) => (REASON_FETCH_FAILED, why),
-            Ok(()) => match self.serve().await {
+            Err(e) => (REASON_FETCH_FAILED, e.to_string()),
+            Ok(()) => match self.serve().await.map_err(|e| e.to_string()) {
                 Ok(why) | Err(why) => {
                     let tail = log_tail(&self.log);
                     let why =
@@ -101,10 +180,10 @@ impl ExecutorSpawn {
     }
 
     /// A framework executor's sandbox and the files it asked for.
-    pub(super) async fn prepare(&self) -> Result<(), String> {
+    pub(super) async fn prepare(&self) -> Result<(), SpawnError> {
         if let Some(dir) = &self.cwd {
             crate::sandbox::create_sandbox(dir, self.user)
-                .map_err(|e| format!("cannot create the executor's sandbox {}: {e}", dir.display()))?;
+                .map_err(|err| SpawnError::Sandbox { path: dir.clone(), err })?;
             for f in &self.fetch {
                 place_fetched(&self.fetcher, f, dir, self.user).await?;
             }
@@ -113,7 +192,7 @@ impl ExecutorSpawn {
     }
 
     /// Returns why the executor ended.
-    pub(super) async fn serve(&self) -> Result<String, String> {
+    pub(super) async fn serve(&self) -> Result<String, SpawnError> {
         let (mut child, pid) = match &self.adopted {
             Some(a) => (ExecProcess::Adopted { pid: a.pid, start_time: a.start_time }, a.pid),
             None => {
@@ -126,12 +205,12 @@ impl ExecutorSpawn {
     }
 
     /// Starts the executor process (in its cgroup, if it has one).
-    async fn spawn_child(&self) -> Result<tokio::process::Child, String> {
+    async fn spawn_child(&self) -> Result<tokio::process::Child, SpawnError> {
         let open = |path: &Path| {
             use std::os::unix::fs::OpenOptionsExt;
             let f =
                 std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path);
-            f.map_err(|e| format!("cannot create {}: {e}", path.display()))
+            f.map_err(|err| SpawnError::Log { path: path.to_path_buf(), err })
         };
         let log = open(&self.log)?;
         // A framework's executor writes `stdout` and `stderr` in its sandbox (`agora logs` of
@@ -141,14 +220,12 @@ impl ExecutorSpawn {
                 let path = dir.join("stdout");
                 let f = open(&path)?;
                 if let Some(u) = self.user {
-                    u.chown(&path)
-                        .map_err(|e| format!("cannot hand {} to the task user: {e}", path.display()))?;
-                    u.chown(&self.log)
-                        .map_err(|e| format!("cannot hand {} to the task user: {e}", self.log.display()))?;
+                    u.chown(&path).map_err(|err| SpawnError::Chown { path: path.clone(), err })?;
+                    u.chown(&self.log).map_err(|err| SpawnError::Chown { path: self.log.clone(), err })?;
                 }
                 f
             }
-            None => log.try_clone().map_err(|e| e.to_string())?,
+            None => log.try_clone()?,
         };
         let gated = self.cgroup.is_some();
         let mut cmd = if gated {
@@ -192,7 +269,8 @@ impl ExecutorSpawn {
                 crate::user::no_new_privs_in_child()
             });
         }
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
+        let mut child =
+            cmd.spawn().map_err(|err| SpawnError::Start { program: self.program.clone(), err })?;
         let pid = child.id().unwrap_or(0);
         let _ = self.manager.send(ManagerCmd::Spawned { exec: self.exec.clone(), serial: self.serial, pid });
         if let (Some(group), Some(mut gate)) = (&self.cgroup, child.stdin.take()) {
@@ -200,15 +278,15 @@ impl ExecutorSpawn {
             if let Err(e) = placed {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(format!("cannot place the executor in its cgroup: {e}"));
+                return Err(SpawnError::Cgroup(e));
             }
-            gate.write_all(b"\n").await.map_err(|e| format!("cannot release the executor: {e}"))?;
+            gate.write_all(b"\n").await.map_err(SpawnError::Release)?;
         }
         Ok(child)
     }
 
     /// Waits for the executor's connection and relays its frames until it ends.
-    async fn relay(&self, child: &mut ExecProcess, pid: u32) -> Result<String, String> {
+    async fn relay(&self, child: &mut ExecProcess, pid: u32) -> Result<String, SpawnError> {
         let wait = self.adopted.as_ref().map_or(EXECUTOR_START_TIMEOUT, |a| a.timeout);
         let deadline = Instant::now() + wait;
         let stream = loop {
@@ -216,7 +294,7 @@ impl ExecutorSpawn {
                 () = self.detached.cancelled() => return Ok("the agent stopped".into()),
                 r = tokio::time::timeout_at(deadline, self.listener.accept()) => r,
                 status = child.wait() => {
-                    return Err(format!("the executor exited before connecting ({status})"));
+                    return Err(SpawnError::ExitedEarly(status));
                 }
             };
             match accepted {
@@ -230,19 +308,17 @@ impl ExecutorSpawn {
                             continue;
                         }
                         child.kill();
-                        return Err(format!(
-                            "a process other than the executor ({peer:?}) connected to its socket"
-                        ));
+                        return Err(SpawnError::Impostor(peer));
                     }
                     break s;
                 }
-                Ok(Err(e)) => return Err(format!("cannot accept the executor's connection: {e}")),
+                Ok(Err(e)) => return Err(SpawnError::Accept(e)),
                 Err(_) => {
                     child.kill();
                     return Err(if self.adopted.is_some() {
-                        format!("the executor did not reconnect after the agent restarted (waited {wait:?})")
+                        SpawnError::NoReconnect(wait)
                     } else {
-                        format!("the executor did not connect within {wait:?}")
+                        SpawnError::NoConnect(wait)
                     });
                 }
             }
@@ -253,20 +329,19 @@ impl ExecutorSpawn {
         let (exec_pid, resume) = match hello {
             Ok(Ok(Some(ExecutorMessage::Hello { version, pid: exec_pid, resume, .. }))) => {
                 if version != EXECUTOR_PROTOCOL_VERSION {
-                    let msg =
-                        format!("executor protocol {version}, agent speaks {EXECUTOR_PROTOCOL_VERSION}");
-                    let _ = writer.send(&AgentToExecutor::refused(msg.clone())).await;
+                    let e = SpawnError::Version(version);
+                    let _ = writer.send(&AgentToExecutor::refused(e.to_string())).await;
                     if self.adopted.is_some() {
                         child.kill();
                     }
-                    return Err(msg);
+                    return Err(e);
                 }
                 (exec_pid, resume)
             }
-            Ok(Ok(Some(other))) => return Err(format!("the executor did not start with hello: {other:?}")),
-            Ok(Ok(None)) => return Err("the executor closed its socket before hello".into()),
-            Ok(Err(e)) => return Err(format!("executor hello: {e}")),
-            Err(_) => return Err("the executor did not say hello".into()),
+            Ok(Ok(Some(other))) => return Err(SpawnError::NoHello(Box::new(other))),
+            Ok(Ok(None)) => return Err(SpawnError::ClosedBeforeHello),
+            Ok(Err(e)) => return Err(SpawnError::Hello(e)),
+            Err(_) => return Err(SpawnError::HelloTimeout),
         };
         writer
             .send(&AgentToExecutor::Welcome {
@@ -280,7 +355,7 @@ impl ExecutorSpawn {
                 executor_id: self.exec.1.to_string(),
             })
             .await
-            .map_err(|e| format!("cannot welcome the executor: {e}"))?;
+            .map_err(SpawnError::Welcome)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<AgentToExecutor>();
         let _ = self.manager.send(ManagerCmd::Started {
             exec: self.exec.clone(),
@@ -293,12 +368,12 @@ impl ExecutorSpawn {
             let mut unsendable = Vec::new();
             while let Some(msg) = rx.recv().await {
                 let mut shutdown = matches!(msg, AgentToExecutor::Shutdown);
-                feed_split(&mut writer, msg, &mut unsendable).await.map_err(|e| e.to_string())?;
+                feed_split(&mut writer, msg, &mut unsendable).await?;
                 while let Ok(more) = rx.try_recv() {
                     shutdown |= matches!(more, AgentToExecutor::Shutdown);
-                    feed_split(&mut writer, more, &mut unsendable).await.map_err(|e| e.to_string())?;
+                    feed_split(&mut writer, more, &mut unsendable).await?;
                 }
-                writer.flush().await.map_err(|e| e.to_string())?;
+                writer.flush().await?;
                 if !unsendable.is_empty() {
                     let updates = unsendable.drain(..).map(launch_too_large).collect();
                     let _ = self.manager.send(ManagerCmd::Updates {
@@ -311,7 +386,7 @@ impl ExecutorSpawn {
                     return Ok(true);
                 }
             }
-            Ok::<_, String>(false)
+            Ok::<_, FrameError>(false)
         };
         let read_loop = async {
             let mut budget = MessageBudget::default();

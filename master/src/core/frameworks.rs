@@ -348,10 +348,12 @@ impl Master {
         mut demands: Vec<Demand>,
         task_ids: Vec<Vec<TaskId>>,
     ) {
-        if let Err(message) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable)
-        {
-            warn!(framework_id = %fw, message, "invalid request");
-            self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
+        if let Err(e) = crate::validate::demands(&mut demands, &self.config.allocation.min_allocatable) {
+            warn!(framework_id = %fw, message = %e, "invalid request");
+            self.send_framework(
+                conn,
+                SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, e.to_string())),
+            );
             return;
         }
         debug!(framework_id = %fw, tasks = demands.iter().map(|d| u64::from(d.count)).sum::<u64>(), "demand stated");

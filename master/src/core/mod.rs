@@ -419,7 +419,9 @@ impl Master {
     pub fn set_policy(&mut self, policy: &AllocationPolicy) -> Result<(), WireError> {
         let options = crate::allocator::policy_options(policy, &self.config.allocation)
             .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?;
-        self.allocator.set_options(&options).map_err(|e| WireError::new(ErrorCode::Invalid, e))?;
+        self.allocator
+            .set_options(&options)
+            .map_err(|e| WireError::new(ErrorCode::Invalid, e.to_string()))?;
         info!(weights = %policy.weights, priorities = %policy.priorities, quotas = ?policy.quotas,
             quota_limits = ?policy.quota_limits, "allocation policy set");
         self.persist(RegistryOp::PutPolicy(crate::allocator::policy_of(&options)));
@@ -436,7 +438,7 @@ impl Master {
         self.recovered = true;
         if let Some(policy) = &state.policy {
             let set = crate::allocator::policy_options(policy, &self.config.allocation)
-                .map_err(|e| e.to_string())
+                .map_err(crate::allocator::PolicyError::from)
                 .and_then(|o| self.allocator.set_options(&o).map(|()| o));
             match set {
                 Ok(options) => {

@@ -204,7 +204,7 @@ impl Master {
             let tid = &task.task_id;
             let duplicate = !in_call.insert(tid.clone());
             let problem = if let Err(p) = checked {
-                Some(p)
+                Some(p.to_string())
             } else if duplicate {
                 Some(format!("task {tid} appears twice in this call"))
             } else if self.tasks.contains_key(&key) {

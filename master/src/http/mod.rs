@@ -241,13 +241,7 @@ async fn task(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query
         s.master.task_history(&t.framework_id, &t.id),
         files::list(&s.master, &t.id, &t.framework_id, ""),
     );
-    html(ui::task(
-        &t,
-        &history.unwrap_or_default(),
-        stdout.map_err(|e| e.message),
-        stderr.map_err(|e| e.message),
-        sandbox.map_err(|e| e.message),
-    ))
+    html(ui::task(&t, &history.unwrap_or_default(), stdout, stderr, sandbox))
 }
 
 /// `?framework=&path=` of the sandbox pages, and `download=1` for a file as an attachment.
@@ -272,7 +266,7 @@ async fn task_files(
         Err(r) => return *r,
     };
     let listing = files::list(&s.master, &t.id, &t.framework_id, &q.path).await;
-    html(ui::files(&t, &q.path, listing.map_err(|e| e.message)))
+    html(ui::files(&t, &q.path, listing))
 }
 
 /// `/tasks/{id}/file`: a file of the task's sandbox, shown (at most [`files::VIEW_MAX`]) or

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use agora_sdk::proto::{
-    AgentView, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage,
+    AgentView, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage, WireError,
 };
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
@@ -404,7 +404,7 @@ pub fn usage_text(u: &Option<Usage>) -> Vec<(&'static str, String)> {
     out
 }
 
-fn log_block(id: &str, label: &str, log: &Result<Piece, String>, live: bool) -> Markup {
+fn log_block(id: &str, label: &str, log: &Result<Piece, WireError>, live: bool) -> Markup {
     html! {
         section.log {
             h2 { (label) }
@@ -413,7 +413,7 @@ fn log_block(id: &str, label: &str, log: &Result<Piece, String>, live: bool) -> 
                     @if p.offset > 0 { p.muted { "The last " (bytes(p.next - p.offset)) " of " (bytes(p.next)) "." } }
                     pre #(id) data-next=(p.next) data-follow=(if live { "1" } else { "0" }) { (p.text) }
                 }
-                Err(e) => { p.error { "Not available: " (e) } }
+                Err(e) => { p.error { "Not available: " (e.message) } }
             }
         }
     }
@@ -423,9 +423,9 @@ fn log_block(id: &str, label: &str, log: &Result<Piece, String>, live: bool) -> 
 pub fn task(
     t: &TaskView,
     history: &[TaskTransition],
-    stdout: Result<Piece, String>,
-    stderr: Result<Piece, String>,
-    sandbox: Result<Listing, String>,
+    stdout: Result<Piece, WireError>,
+    stderr: Result<Piece, WireError>,
+    sandbox: Result<Listing, WireError>,
 ) -> Markup {
     let live = !t.state.is_terminal();
     let api = format!("/ui/api/tasks/{}?framework={}", enc(t.id.as_str()), enc(t.framework_id.as_str()));
@@ -487,11 +487,11 @@ fn sandbox_href(t: &TaskView, route: &str, path: &str, download: bool) -> String
 
 /// A sandbox directory's entries: directories open their listing, files are shown (those
 /// over the view limit downloaded) and downloaded.
-fn files_table(t: &TaskView, dir: &str, listing: &Result<Listing, String>) -> Markup {
+fn files_table(t: &TaskView, dir: &str, listing: &Result<Listing, WireError>) -> Markup {
     let child = |name: &str| if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
     html! {
         @match listing {
-            Err(e) => { p.error { "Not available: " (e) } }
+            Err(e) => { p.error { "Not available: " (e.message) } }
             Ok(l) if l.entries.is_empty() => { p.muted { "Empty." } }
             Ok(l) => {
                 table.files {
@@ -531,7 +531,7 @@ fn files_table(t: &TaskView, dir: &str, listing: &Result<Listing, String>) -> Ma
 }
 
 /// `/tasks/{id}/files?path=DIR`: one directory of a task's sandbox.
-pub fn files(t: &TaskView, dir: &str, listing: Result<Listing, String>) -> Markup {
+pub fn files(t: &TaskView, dir: &str, listing: Result<Listing, WireError>) -> Markup {
     let parent = dir.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
     page(
         &format!("Sandbox of {}", t.name),
@@ -730,7 +730,14 @@ mod tests {
             }],
             truncated: false,
         };
-        let page = super::task(&t, &history, Ok(log), Err("<i>gone</i>".into()), Ok(sandbox)).into_string();
+        let page = super::task(
+            &t,
+            &history,
+            Ok(log),
+            Err(WireError::new(agora_sdk::proto::ErrorCode::NotFound, "<i>gone</i>")),
+            Ok(sandbox),
+        )
+        .into_string();
         assert!(!page.contains("<b>x") && page.contains("&lt;b&gt;x&quot;.txt"), "a file name broke out");
         assert!(page.contains("path=%3Cb%3Ex%22.txt"), "file links percent-encode the path");
         assert!(!page.contains("<b>bad") && page.contains("&lt;b&gt;bad"), "a history reason broke out");

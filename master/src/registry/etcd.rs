@@ -145,11 +145,10 @@ impl EtcdRegistry {
             .build()
             .map_err(|e| open_err(format!("cannot start its runtime: {e}")))?;
         let eps = endpoints.to_vec();
-        let client = block_on(&rt, timeout, async move {
-            Client::connect(eps, Some(connect_options(timeout))).await.map_err(|e| e.to_string())
-        })
-        .and_then(|r| r)
-        .map_err(open_err)?;
+        let client =
+            block_on(&rt, timeout, async move { Client::connect(eps, Some(connect_options(timeout))).await })
+                .and_then(|r| r.map_err(EtcdError::from))
+                .map_err(|e| open_err(e.to_string()))?;
         Ok(EtcdRegistry {
             rt: Some(rt),
             client,
@@ -169,13 +168,13 @@ impl EtcdRegistry {
     /// request that met an etcd member it cannot reach (dead, in a cluster of several) is
     /// made again, reaching another member: every request here is a read or a fenced,
     /// idempotent transaction, so a repeat is harmless.
-    fn run<T, F, Fut>(&self, mut call: F) -> Result<T, String>
+    fn run<T, F, Fut>(&self, mut call: F) -> Result<T, EtcdError>
     where
         T: Send + 'static,
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
     {
-        let Some(rt) = self.rt.as_ref() else { return Err("the registry is closed".into()) };
+        let Some(rt) = self.rt.as_ref() else { return Err(EtcdError::Closed) };
         let give_up = tokio::time::Instant::now() + self.timeout.saturating_sub(RETRY_PAUSE);
         block_on(rt, self.timeout, async move {
             loop {
@@ -188,7 +187,7 @@ impl EtcdRegistry {
                 }
             }
         })?
-        .map_err(|e| e.to_string())
+        .map_err(EtcdError::from)
     }
 
     fn decode<T: DeserializeOwned>(
@@ -206,7 +205,7 @@ impl EtcdRegistry {
     }
 
     /// The create revision of the current leader key (0: no leader).
-    fn leader_revision(&self) -> Result<i64, String> {
+    fn leader_revision(&self) -> Result<i64, EtcdError> {
         let kv = self.client.kv_client();
         let key = self.keys.leader();
         let resp = self.run(move || {
@@ -248,21 +247,38 @@ fn member_unreachable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Why a request to etcd has no answer. The registry's errors carry its text as their reason.
+#[derive(Debug, thiserror::Error)]
+enum EtcdError {
+    /// The registry was closed (its runtime is gone).
+    #[error("the registry is closed")]
+    Closed,
+    /// No answer within the registry's timeout.
+    #[error("no answer from etcd within {0:?}")]
+    Timeout(Duration),
+    /// The runtime dropped the request (it is shutting down).
+    #[error("the etcd request was dropped")]
+    Dropped,
+    /// etcd refused the request, or could not be reached.
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+}
+
 /// Runs `fut` on `rt` and waits for it on this thread (which may belong to another runtime:
 /// the future never needs it), for at most `timeout`.
 fn block_on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
     timeout: Duration,
     fut: impl Future<Output = T> + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, EtcdError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
         let _ = tx.send(tokio::time::timeout(timeout, fut).await);
     });
     match rx.recv() {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(_)) => Err(format!("no answer from etcd within {timeout:?}")),
-        Err(_) => Err("the etcd request was dropped".into()),
+        Ok(Err(_)) => Err(EtcdError::Timeout(timeout)),
+        Err(_) => Err(EtcdError::Dropped),
     }
 }
 
@@ -304,7 +320,7 @@ impl Registry for EtcdRegistry {
                     Ok((leader_rev, records))
                 }
             })
-            .map_err(|e| open_err(self, e))?;
+            .map_err(|e| open_err(self, e.to_string()))?;
         if leader_rev != self.epoch {
             return Err(RegistryError::Fenced {
                 path: self.path(),
@@ -348,7 +364,7 @@ impl Registry for EtcdRegistry {
                     let (mut kv, txn) = (kv.clone(), txn.clone());
                     async move { kv.txn(txn).await }
                 })
-                .map_err(|reason| RegistryError::Write { path: self.path(), reason })?;
+                .map_err(|e| RegistryError::Write { path: self.path(), reason: e.to_string() })?;
             if !resp.succeeded() {
                 let found = self.leader_revision().unwrap_or(0);
                 return Err(RegistryError::Fenced {
