@@ -73,11 +73,12 @@ use crate::executor_link::{
 };
 use crate::executor_proto::{
     AgentToExecutor, ExecutorUpdate, HandshakeError, ENV_AGENT_ID, ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID,
-    ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+    ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET, MAX_MESSAGE_LEN,
 };
 use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::proto::{
-    AgentId, ExecutorId, FrameworkId, TaskId, TaskInfo, TaskState, WireError, MAX_FRAMEWORK_MESSAGE,
+    AgentId, ExecutorId, FrameworkId, Reason, TaskId, TaskInfo, TaskState, WireError,
+    MAX_FRAMEWORK_MESSAGE,
 };
 pub use crate::scheduler::MessageTooLarge;
 
@@ -294,10 +295,12 @@ pub struct ExecutorDriver {
 }
 
 impl ExecutorDriver {
-    /// Reports that `task_id` is now in `state`, with a short machine-friendly `reason` (e.g.
-    /// `task started`, `task exited`) and a human `message`. Executors may report STARTING,
+    /// Reports that `task_id` is now in `state`, with a short machine-friendly `reason` (a
+    /// [`Reason`], e.g. [`Reason::TaskStarted`]; text of the executor's own, `&str` or `String`,
+    /// becomes [`Reason::Other`] unless it spells a known reason) and a human `message`. Executors may report STARTING,
     /// RUNNING, FINISHED, FAILED, KILLED and ERROR; a terminal state must be the task's last
-    /// update. A `reason` over [`MAX_REASON_LEN`] bytes or a `message` over [`MAX_MESSAGE_LEN`]
+    /// update. A reason's text over
+    /// [`MAX_REASON_LEN`](crate::executor_proto::MAX_REASON_LEN) bytes or a `message` over [`MAX_MESSAGE_LEN`]
     /// is cut (at a character boundary), as the agent would. The update is kept until the agent
     /// acknowledges it (and sent again if the agent restarts meanwhile); this waits only while
     /// very many updates wait for the agent's acknowledgement (see [`crate::executor_link`]).
@@ -305,7 +308,7 @@ impl ExecutorDriver {
         &self,
         task_id: TaskId,
         state: TaskState,
-        reason: impl Into<String>,
+        reason: impl Into<Reason>,
         message: impl Into<String>,
     ) -> Result<(), DriverError> {
         let update = status_update(task_id, state, reason.into(), message.into())?;
@@ -341,14 +344,13 @@ impl ExecutorDriver {
 fn status_update(
     task_id: TaskId,
     state: TaskState,
-    mut reason: String,
+    reason: Reason,
     mut message: String,
 ) -> Result<ExecutorUpdate, DriverError> {
     use TaskState::*;
     if !matches!(state, Starting | Running | Finished | Failed | Killed | Error) {
         return Err(DriverError::InvalidState(state));
     }
-    truncate(&mut reason, MAX_REASON_LEN);
     truncate(&mut message, MAX_MESSAGE_LEN);
     Ok(ExecutorUpdate {
         seq: 0,
@@ -977,8 +979,8 @@ mod tests {
         assert_eq!(link.unacked(), kept, "every update is kept until acknowledged");
         // Long texts are cut as the agent would, at a character boundary.
         let long = "é".repeat(MAX_MESSAGE_LEN);
-        let u = status_update(TaskId::new("t"), TaskState::Failed, long.clone(), long).unwrap();
-        assert_eq!(u.reason.len(), MAX_REASON_LEN);
+        let u = status_update(TaskId::new("t"), TaskState::Failed, long.clone().into(), long).unwrap();
+        assert_eq!(u.reason.as_str().len(), crate::executor_proto::MAX_REASON_LEN);
         assert_eq!(u.message.len(), MAX_MESSAGE_LEN);
         link.close();
         assert_eq!(driver.send_framework_message(vec![1]).await, Err(DriverError::Stopped));

@@ -165,7 +165,7 @@ impl Outbox {
 }
 
 fn cost(u: &ExecutorUpdate) -> usize {
-    UPDATE_OVERHEAD + u.task_id.as_str().len() + u.reason.len() + u.message.len()
+    UPDATE_OVERHEAD + u.task_id.as_str().len() + u.reason.as_str().len() + u.message.len()
 }
 
 /// How long after its writer failed a connection's reader may take to see the socket closed

@@ -50,7 +50,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
-    AgentId, CommandInfo, ErrorCode, FrameworkId, TaskId, TaskInfo, TaskState, Usage, WireError,
+    AgentId, CommandInfo, ErrorCode, FrameworkId, Reason, TaskId, TaskInfo, TaskState, Usage, WireError,
 };
 use crate::Resources;
 
@@ -74,7 +74,7 @@ pub const ENV_FRAMEWORK_ID: &str = "AGORA_FRAMEWORK_ID";
 pub const ENV_AGENT_ID: &str = "AGORA_AGENT_ID";
 /// Environment variable: the executor's sandbox (also its working directory).
 pub const ENV_SANDBOX: &str = "AGORA_SANDBOX";
-/// Longest `reason` of an executor's update the agent passes on, bytes (longer ones are cut).
+/// Longest reason text ([`Reason::Other`]) a peer may give, bytes (longer ones are cut when read).
 pub const MAX_REASON_LEN: usize = 256;
 /// Longest `message` of an executor's update the agent passes on, bytes (longer ones are cut).
 pub const MAX_MESSAGE_LEN: usize = 4096;
@@ -198,8 +198,9 @@ pub struct ExecutorUpdate {
     /// could not be started).
     pub state: TaskState,
     /// `module exited`, `fuel exhausted`, `timeout`, `memory limit exceeded`, `trap`,
-    /// `launch failed`, `killed`, `command exited`, … (a framework's executor says its own).
-    pub reason: String,
+    /// `launch failed`, `killed`, `command exited`, … (a framework's executor says its own:
+    /// [`Reason::Other`]). Its text on the wire, as when it was a `String`.
+    pub reason: Reason,
     pub message: String,
     /// The exit code (a Wasm guest's `proc_exit` code, 0 when `_start` returned).
     pub exit_code: Option<i32>,

@@ -16,6 +16,7 @@ pub mod json;
 pub mod locality;
 pub mod masters;
 pub mod proto;
+pub mod reason;
 pub mod resources;
 pub mod scheduler;
 pub mod tls;

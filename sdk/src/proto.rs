@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::attributes::Attributes;
+pub use crate::reason::{OtherReason, Reason};
 use crate::resources::Resources;
 
 /// Bumped on any incompatible change to the messages below.
@@ -607,8 +608,8 @@ pub struct TaskStatus {
     pub uuid: Option<Uuid>,
     pub source: UpdateSource,
     /// Short machine-friendly reason, e.g. `command exited`, `killed by signal`,
-    /// `invalid launch`, `agent unreachable`.
-    pub reason: String,
+    /// `invalid launch`, `agent unreachable` (its text on the wire and in JSON).
+    pub reason: Reason,
     /// Human detail.
     pub message: String,
     pub exit_code: Option<i32>,
@@ -829,7 +830,7 @@ pub enum SchedulerCall {
     /// [`MAX_TEARDOWN_REASON`] bytes) instead of the agent's `killed`, e.g. `run interrupted`.
     /// (A variant of its own, last, so that postcard's variant indexes of the others stay.)
     TeardownBecause {
-        reason: String,
+        reason: Reason,
     },
     /// `Request` naming the tasks that wait: `task_ids[i]` are the tasks of `demands[i]` (at
     /// most its count, at most [`MAX_PENDING_IDS`] in all; an entry may name none), shown to
@@ -883,7 +884,7 @@ pub enum SchedulerEvent {
     },
     /// An operator drains this agent (`agora agent drain`): it gets no new offers, and at
     /// `deadline_unix_ms` (if any) the tasks still running on it are killed with reason
-    /// [`AGENT_DRAINED_REASON`] (unless the operator chose not to kill). Sent to every
+    /// [`Reason::AgentDrained`] (unless the operator chose not to kill). Sent to every
     /// subscribed framework when the drain starts or changes, and on subscription while it
     /// lasts, so that a scheduler can move its work elsewhere in time.
     AgentDraining {
@@ -896,9 +897,6 @@ pub enum SchedulerEvent {
         agent_id: AgentId,
     },
 }
-
-/// Reason of the updates of tasks killed at the deadline of their agent's drain.
-pub const AGENT_DRAINED_REASON: &str = "agent drained";
 
 /// Longest drain deadline an operator may set (a bound on a peer's claims; 30 days).
 pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -926,11 +924,115 @@ pub struct AgentView {
     /// `active`, `draining` (active, drained by an operator, with tasks left), `drained`
     /// (the same with no task left), `disconnected`, `unreachable` or `recovering` (not
     /// re-registered since the master started); a standby's stale listing says `registered`.
-    pub status: String,
+    pub status: AgentViewStatus,
     pub tasks: u64,
     /// The agent's drain, if an operator drains it (whatever its status).
     pub drain: Option<DrainView>,
 }
+
+/// Serde for an enum of unit variants as its text ([`fmt::Display`] / `as_str`), in JSON as in
+/// postcard: the bytes are those of the `String` field it replaced, so peers of either kind
+/// read each other.
+macro_rules! text_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $variant,)*
+        }
+
+        impl $name {
+            /// Every value, for tests and docs.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            /// Its text, as operators see it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownStatus;
+            fn from_str(s: &str) -> Result<Self, UnknownStatus> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    _ => Err(UnknownStatus(s.chars().take(64).collect())),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(concat!("a ", stringify!($name), " (text)"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(Text)
+            }
+        }
+    };
+}
+
+/// A status text that is none of its kind's.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+text_enum!(
+    /// An agent's status as the operator sees it ([`AgentView::status`]).
+    AgentViewStatus {
+        /// Registered and connected.
+        Active => "active",
+        /// Active, drained by an operator, with tasks left.
+        Draining => "draining",
+        /// Active, drained by an operator, with no task left.
+        Drained => "drained",
+        /// Its connection is gone, within the agent timeout.
+        Disconnected => "disconnected",
+        /// Silent past the agent timeout.
+        Unreachable => "unreachable",
+        /// Not re-registered since the master started.
+        Recovering => "recovering",
+        /// In a standby's stale listing: admitted, status unknown.
+        Registered => "registered",
+    }
+);
+
+text_enum!(
+    /// A framework's status as the operator sees it ([`FrameworkView::status`]).
+    FrameworkViewStatus {
+        /// Subscribed and connected.
+        Active => "active",
+        /// Its connection is gone, within its failover timeout.
+        Disconnected => "disconnected",
+        /// Connected, asking for no offers.
+        Suppressed => "suppressed",
+        /// Ended (torn down or past its failover timeout).
+        Completed => "completed",
+        /// In a standby's stale listing: registered, status unknown.
+        Registered => "registered",
+    }
+);
 
 /// A framework as the operator sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -939,8 +1041,9 @@ pub struct FrameworkView {
     pub name: String,
     pub role: String,
     pub principal: String,
-    /// `active`, `disconnected` (within its failover timeout) or `suppressed`.
-    pub status: String,
+    /// `active`, `disconnected` (within its failover timeout), `suppressed` or `completed`; a
+    /// standby's stale listing says `registered`.
+    pub status: FrameworkViewStatus,
     pub used: Resources,
     pub tasks: u64,
 }
@@ -956,7 +1059,7 @@ pub struct TaskView {
     pub resources: Resources,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
     pub usage: Option<Usage>,
     /// The executor that runs it ([`COMMAND_EXECUTOR_ID`], [`WASM_EXECUTOR_ID`] or the
@@ -968,8 +1071,9 @@ pub struct TaskView {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTransition {
     pub state: TaskState,
-    /// The reason of the update that brought it (empty for a launch).
-    pub reason: String,
+    /// The reason of the update that brought it ([`Reason::None`], the empty text, for a
+    /// launch).
+    pub reason: Reason,
     /// When the master applied it: Unix time in milliseconds.
     pub timestamp_ms: u64,
 }
@@ -1004,7 +1108,7 @@ pub enum OperatorCall {
     /// Drains an agent (Nomad's `node drain`, Mesos's maintenance): its offers are rescinded
     /// and it gets no new ones, every framework is told ([`SchedulerEvent::AgentDraining`]),
     /// and at the deadline (at most [`MAX_DRAIN_DEADLINE`]) the tasks still running on it are
-    /// killed with reason [`AGENT_DRAINED_REASON`] when `kill` is set. No deadline: nothing is
+    /// killed with reason [`Reason::AgentDrained`] when `kill` is set. No deadline: nothing is
     /// killed. Draining a draining agent replaces its deadline and `kill`. Recorded in the
     /// registry before the `Ok`, so the drain outlives restarts and failovers. An unknown
     /// agent is `NotFound`.

@@ -102,7 +102,7 @@ pub trait Scheduler: Send {
 
     /// An operator drains this agent (`agora agent drain`): it gets no new offers, and at
     /// `deadline_unix_ms` (Unix time in ms; `None`: no deadline) the tasks still running on
-    /// it are killed with reason [`AGENT_DRAINED_REASON`] unless the operator chose not to
+    /// it are killed with reason [`Reason::AgentDrained`] unless the operator chose not to
     /// kill them. Move work elsewhere before then. Called when the drain starts or changes,
     /// and after each subscription for every agent still draining.
     fn agent_draining(
@@ -251,7 +251,7 @@ enum Ending {
     /// The framework may fail over within its failover timeout.
     Leave,
     /// Teardown; with a reason, the killed tasks carry it.
-    Teardown(Option<String>),
+    Teardown(Option<Reason>),
 }
 
 /// The uuids of the latest status updates delivered, bounded (oldest forgotten first), each
@@ -344,7 +344,7 @@ impl Carry {
 /// - keeps the latest demand ([`Driver::request`]) and suppress/revive state, and states them
 ///   again with the subscription;
 /// - answers a launch ([`Driver::launch`], [`Driver::accept`]) at once with TASK_DROPPED
-///   (reason `master disconnected`) for each of its tasks: its offers are void;
+///   (reason [`Reason::MasterDisconnected`]) for each of its tasks: its offers are void;
 /// - drops declines (void offers), framework messages (at most once) and acknowledgements
 ///   (the master sends every unacknowledged update again after the subscription, and the
 ///   driver acknowledges that copy).
@@ -455,12 +455,17 @@ impl Driver {
 
     /// Ends `run` with a teardown whose killed tasks end with `reason` (e.g. `run interrupted`)
     /// rather than `killed`; cut to [`MAX_TEARDOWN_REASON`] bytes. As [`Driver::stop`] otherwise.
-    pub fn stop_because(&self, reason: &str) {
-        let mut end = reason.len().min(MAX_TEARDOWN_REASON);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
+    pub fn stop_because(&self, reason: impl Into<Reason>) {
+        let mut reason = reason.into();
+        let text = reason.as_str();
+        if text.len() > MAX_TEARDOWN_REASON {
+            let mut end = MAX_TEARDOWN_REASON;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason = Reason::parse(&text[..end]);
         }
-        let _ = self.tx.send(Control::Stop(Ending::Teardown(Some(reason[..end].to_string()))));
+        let _ = self.tx.send(Control::Stop(Ending::Teardown(Some(reason))));
     }
 
     /// The current connection to the master (for output streams), while subscribed.
@@ -631,7 +636,7 @@ async fn hold<S: Scheduler>(call: SchedulerCall, carry: &mut Carry, driver: &Dri
                     &fw,
                     task.task_id,
                     TaskState::Dropped,
-                    "master disconnected",
+                    Reason::MasterDisconnected,
                     "the driver was not connected to the master: the launch was not sent and its \
                      offers are void"
                         .into(),
@@ -680,7 +685,7 @@ fn local_status(
     fw: &FrameworkId,
     task_id: TaskId,
     state: TaskState,
-    reason: &str,
+    reason: Reason,
     message: String,
 ) -> TaskStatus {
     TaskStatus {
@@ -690,7 +695,7 @@ fn local_status(
         state,
         uuid: None,
         source: UpdateSource::Master,
-        reason: reason.into(),
+        reason,
         message,
         exit_code: None,
         signal: None,
@@ -942,7 +947,7 @@ async fn send_call(
         tasks.len()
     );
     for task in tasks {
-        refused.push(local_status(fw, task.task_id, TaskState::Error, "launch too large", message.clone()));
+        refused.push(local_status(fw, task.task_id, TaskState::Error, Reason::LaunchTooLarge, message.clone()));
     }
     session.writer.feed(&SchedulerCall::Decline { offer_ids, refuse_seconds: None }).await.map_err(Into::into)
 }

@@ -2,7 +2,7 @@
 //! drain`, Mesos's maintenance). The agent gets no new offers (its outstanding ones are
 //! rescinded and it leaves the allocator), every framework is told with the deadline so that
 //! a scheduler can move its work, and at the deadline the tasks still running on it are
-//! killed with reason [`AGENT_DRAINED_REASON`] (unless the operator chose not to kill). The
+//! killed with reason [`Reason::AgentDrained`] (unless the operator chose not to kill). The
 //! drain is kept in the agent's registry record, so a restarted master or a new leader keeps
 //! draining it, with the same deadline.
 
@@ -127,7 +127,7 @@ impl Master {
             .unwrap_or_default();
         for key in live {
             if let Some(task) = self.tasks.get_mut(&key) {
-                task.kill_reason = Some(AGENT_DRAINED_REASON.to_string());
+                task.kill_reason = Some(Reason::AgentDrained);
             }
             self.kill_live_task(now, &key);
         }

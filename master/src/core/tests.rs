@@ -1965,7 +1965,7 @@ fn a_drained_agent_offers_nothing_and_its_tasks_are_killed_at_the_deadline() {
     );
     let (_, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
     let ups = updates(&acts, s.fc);
-    assert_eq!((ups[0].state, ups[0].reason.as_str()), (TaskState::Killed, AGENT_DRAINED_REASON));
+    assert_eq!((ups[0].state, ups[0].reason.as_str()), (TaskState::Killed, Reason::AgentDrained));
     assert_eq!(agent_status(&h, &s.agent).0, "drained");
     // Undrained: frameworks are told and it is offered again.
     assert_eq!(h.m.undrain_agent(h.now, &s.agent), Ok(()));
@@ -2061,7 +2061,7 @@ fn a_drain_outlives_a_restart_of_the_master() {
         vec![MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t1") }]
     );
     let (_, acts) = h.status(ac, &s.fw, &s.agent, "t1", TaskState::Killed);
-    assert_eq!(updates(&acts, fc)[0].reason, AGENT_DRAINED_REASON);
+    assert_eq!(updates(&acts, fc)[0].reason, Reason::AgentDrained);
 }
 
 #[test]
@@ -2076,7 +2076,7 @@ fn an_agent_back_after_its_drain_deadline_has_its_tasks_killed() {
     assert!(to_agent(&acts, ac)
         .contains(&MasterToAgent::KillTask { framework_id: s.fw.clone(), task_id: TaskId::new("t1") }));
     let (_, acts) = h.status(ac, &s.fw, &s.agent, "t1", TaskState::Killed);
-    assert_eq!(updates(&acts, s.fc)[0].reason, AGENT_DRAINED_REASON);
+    assert_eq!(updates(&acts, s.fc)[0].reason, Reason::AgentDrained);
 }
 
 #[test]
