@@ -1335,8 +1335,8 @@ async fn serve_stale(
 /// An agent of the registry as a stale listing shows it (`None`: gone, not listed).
 fn stale_agent(a: &AgentRecord) -> Option<AgentView> {
     let status = match a.standing {
-        AgentStanding::Admitted => "registered",
-        AgentStanding::Unreachable { .. } => "unreachable",
+        AgentStanding::Admitted => AgentViewStatus::Registered,
+        AgentStanding::Unreachable { .. } => AgentViewStatus::Unreachable,
         AgentStanding::Gone { .. } => return None,
     };
     Some(AgentView {
@@ -1345,7 +1345,7 @@ fn stale_agent(a: &AgentRecord) -> Option<AgentView> {
         resources: a.resources.clone(),
         used: Default::default(),
         attributes: a.attributes.clone(),
-        status: status.into(),
+        status,
         tasks: 0,
         drain: a.drain.clone(),
     })
@@ -1358,7 +1358,7 @@ fn stale_framework(f: &FrameworkRecord) -> FrameworkView {
         name: f.name.clone(),
         role: f.role.clone(),
         principal: f.principal.clone(),
-        status: "registered".into(),
+        status: FrameworkViewStatus::Registered,
         used: Default::default(),
         tasks: 0,
     }

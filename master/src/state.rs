@@ -34,12 +34,13 @@ pub(crate) enum AgentStatus {
 }
 
 impl AgentStatus {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The status operators see (before any drain).
+    pub(crate) fn view(self) -> AgentViewStatus {
         match self {
-            AgentStatus::Active { .. } => "active",
-            AgentStatus::Disconnected => "disconnected",
-            AgentStatus::Unreachable => "unreachable",
-            AgentStatus::Recovering => "recovering",
+            AgentStatus::Active { .. } => AgentViewStatus::Active,
+            AgentStatus::Disconnected => AgentViewStatus::Disconnected,
+            AgentStatus::Unreachable => AgentViewStatus::Unreachable,
+            AgentStatus::Recovering => AgentViewStatus::Recovering,
         }
     }
 }
@@ -210,11 +211,11 @@ impl Framework {
             .is_some_and(|fs| fs.iter().any(|f| f.expires > now && f.resources.contains(resources)))
     }
 
-    pub(crate) fn status_str(&self) -> &'static str {
+    pub(crate) fn status(&self) -> FrameworkViewStatus {
         match self.link {
-            FrameworkLink::Disconnected { .. } => "disconnected",
-            FrameworkLink::Suppressed(_) => "suppressed",
-            FrameworkLink::Connected(_) => "active",
+            FrameworkLink::Disconnected { .. } => FrameworkViewStatus::Disconnected,
+            FrameworkLink::Suppressed(_) => FrameworkViewStatus::Suppressed,
+            FrameworkLink::Connected(_) => FrameworkViewStatus::Active,
         }
     }
 }
@@ -329,7 +330,7 @@ pub(crate) struct Task {
     /// Why the master itself had it killed — its agent's drain (`agent drained`) or its
     /// framework's teardown that said why (`TeardownBecause`, e.g. `run interrupted`): the
     /// reason its KILLED update carries instead of the executor's.
-    pub kill_reason: Option<String>,
+    pub kill_reason: Option<Reason>,
     /// The uuid of an update applied ahead of its turn ([`AgentMessage::LatestState`]: its
     /// agent still waits for the acknowledgement of an earlier one): the earlier updates that
     /// arrive meanwhile are forwarded without changing the state, and the task is not
@@ -344,14 +345,14 @@ pub(crate) const TASK_HISTORY: usize = 16;
 impl Task {
     /// Records a change of state at `unix_ms` (the master's clock), keeping the last
     /// [`TASK_HISTORY`]. Repeats of the current state (retried updates) are not changes.
-    pub(crate) fn record(&mut self, state: TaskState, reason: &str, unix_ms: u64) {
+    pub(crate) fn record(&mut self, state: TaskState, reason: &Reason, unix_ms: u64) {
         if self.history.back().is_some_and(|t| t.state == state) {
             return;
         }
         if self.history.len() >= TASK_HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back(TaskTransition { state, reason: reason.to_string(), timestamp_ms: unix_ms });
+        self.history.push_back(TaskTransition { state, reason: reason.clone(), timestamp_ms: unix_ms });
     }
 
     pub(crate) fn key(&self) -> TaskKey {
@@ -548,16 +549,16 @@ mod tests {
             kill_reason: None,
             ahead: None,
         };
-        task.record(TaskState::Staging, "launched", 1);
-        task.record(TaskState::Running, "task started", 2);
+        task.record(TaskState::Staging, &Reason::Launched, 1);
+        task.record(TaskState::Running, &Reason::TaskStarted, 2);
         // A retried update is no change.
-        task.record(TaskState::Running, "task started", 3);
+        task.record(TaskState::Running, &Reason::TaskStarted, 3);
         let states = |t: &Task| t.history.iter().map(|h| (h.state, h.timestamp_ms)).collect::<Vec<_>>();
         assert_eq!(states(&task), vec![(TaskState::Staging, 1), (TaskState::Running, 2)]);
         // A task flapping across partitions: the last TASK_HISTORY changes.
         for i in 0..40 {
             let state = if i % 2 == 0 { TaskState::Unreachable } else { TaskState::Running };
-            task.record(state, "flap", 10 + i);
+            task.record(state, &"flap".into(), 10 + i);
         }
         assert_eq!(task.history.len(), TASK_HISTORY);
         assert_eq!(task.history.back().map(|h| (h.state, h.timestamp_ms)), Some((TaskState::Running, 49)));

@@ -375,7 +375,7 @@ impl Sim {
             state: TaskState::Finished,
             uuid: Some(uuid::Uuid::from_u128(u128::from(self.next_task))),
             source: UpdateSource::Agent,
-            reason: "command exited".into(),
+            reason: Reason::CommandExited,
             message: String::new(),
             exit_code: Some(0),
             signal: None,

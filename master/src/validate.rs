@@ -342,7 +342,7 @@ pub fn scheduler_call(call: &mut SchedulerCall) -> Result<(), WireError> {
         | SchedulerCall::ShutdownExecutor { agent_id, executor_id } => id("agent", agent_id.as_str())
             .and_then(|()| id("executor", executor_id.as_str()))
             .map_err(invalid),
-        SchedulerCall::TeardownBecause { reason } => name("teardown reason", reason).map_err(invalid),
+        SchedulerCall::TeardownBecause { reason } => name("teardown reason", reason.as_str()).map_err(invalid),
         SchedulerCall::Revive
         | SchedulerCall::Suppress
         | SchedulerCall::Teardown
@@ -490,10 +490,10 @@ fn reports(tasks: &mut [agora_sdk::proto::TaskReport]) -> Result<(), WireError> 
     Ok(())
 }
 
-/// Cuts an agent's free text to the bounds executors already keep to.
+/// Cuts an agent's free text to the bounds executors already keep to (its reason is cut to
+/// [`agora_sdk::executor_proto::MAX_REASON_LEN`] as it is read: see [`agora_sdk::Reason`]).
 fn status_update(status: &mut TaskStatus) {
-    use agora_sdk::executor_proto::{MAX_MESSAGE_LEN, MAX_REASON_LEN};
-    truncate(&mut status.reason, MAX_REASON_LEN);
+    use agora_sdk::executor_proto::MAX_MESSAGE_LEN;
     truncate(&mut status.message, MAX_MESSAGE_LEN);
 }
 
@@ -714,7 +714,7 @@ mod tests {
             state: TaskState::Failed,
             uuid: None,
             source: UpdateSource::Agent,
-            reason: "é".repeat(1000),
+            reason: "é".repeat(1000).into(),
             message: String::new(),
             exit_code: None,
             signal: None,
@@ -723,6 +723,6 @@ mod tests {
         });
         agent_message(&mut up).unwrap();
         let AgentMessage::StatusUpdate(s) = up else { unreachable!() };
-        assert!(s.reason.len() <= agora_sdk::executor_proto::MAX_REASON_LEN);
+        assert!(s.reason.as_str().len() <= agora_sdk::executor_proto::MAX_REASON_LEN);
     }
 }

@@ -105,6 +105,11 @@ reasons! {
     /// A Wasm task trapped.
     Trap => "trap",
     // From the master.
+    /// The master launched the task (its history's `TASK_STAGING`).
+    Launched => "launched",
+    /// The task's agent reported it on re-registering (its history, for a task the master did
+    /// not know).
+    ReportedByAgent => "reported by its agent",
     /// The master refused a launch (see its message).
     InvalidLaunch => "invalid launch",
     /// A launch too large for one frame (refused by the SDK or the master).

@@ -372,7 +372,7 @@ impl World {
             state: TaskState::Finished,
             uuid: Some(uuid::Uuid::from_u128(self.uuid)),
             source: UpdateSource::Agent,
-            reason: "command exited".into(),
+            reason: Reason::CommandExited,
             message: String::new(),
             exit_code: Some(0),
             signal: None,

@@ -144,7 +144,7 @@ impl Master {
                 return;
             }
             Some(agent) => {
-                info!(agent_id = %id, hostname, conn, status = agent.status.as_str(), "agent re-registered");
+                info!(agent_id = %id, hostname, conn, status = agent.status.view().as_str(), "agent re-registered");
                 if agent.status == AgentStatus::Recovering {
                     self.recovering = self.recovering.saturating_sub(1);
                 }
@@ -291,7 +291,7 @@ impl Master {
                         );
                         continue;
                     } else {
-                        task.record(r.state, "agent re-registered", unix_ms);
+                        task.record(r.state, &Reason::AgentReregistered, unix_ms);
                         // Back from a partition: RUNNING again, unless the framework killed
                         // it meanwhile (then the kill below goes out and KILLED follows).
                         if old == TaskState::Unreachable && !kill {
@@ -299,7 +299,7 @@ impl Master {
                                 &key,
                                 Some(id.clone()),
                                 r.state,
-                                "agent re-registered",
+                                Reason::AgentReregistered,
                                 format!("agent {id} re-registered and reports the task {}", r.state),
                                 self.unix_ms(now),
                             );
@@ -339,7 +339,7 @@ impl Master {
                         ahead: None,
                     };
                     // What happened before this master knew it is the agent's to tell.
-                    task.record(r.state, "reported by its agent", unix_ms);
+                    task.record(r.state, &Reason::ReportedByAgent, unix_ms);
                     self.tasks.insert(key.clone(), task);
                     if let Some(agent) = self.agents.get_mut(id) {
                         agent.tasks.insert(key.clone());
@@ -374,7 +374,7 @@ impl Master {
                 now,
                 &key,
                 TaskState::Gone,
-                "task not reported by re-registered agent",
+                Reason::TaskNotReported,
                 format!("agent {id} re-registered without task {}", key.task_id),
             );
         }
@@ -438,7 +438,7 @@ impl Master {
                 now,
                 &key,
                 TaskState::Unreachable,
-                "agent unreachable",
+                Reason::AgentUnreachable,
                 format!("agent {id} sent nothing for {:?}", self.config.agent_timeout),
             );
         }

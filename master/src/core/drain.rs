@@ -177,16 +177,16 @@ impl Master {
 
     /// The status an operator sees: `draining` / `drained` (no live task left) for an active
     /// agent under a drain, else its connection status.
-    pub(super) fn agent_status_str(&self, a: &Agent) -> &'static str {
+    pub(super) fn agent_status(&self, a: &Agent) -> AgentViewStatus {
         match (&a.drain, a.status) {
             (Some(_), AgentStatus::Active { .. }) => {
                 if self.live_tasks(a.tasks.iter()).next().is_some() {
-                    "draining"
+                    AgentViewStatus::Draining
                 } else {
-                    "drained"
+                    AgentViewStatus::Drained
                 }
             }
-            (_, status) => status.as_str(),
+            (_, status) => status.view(),
         }
     }
 }

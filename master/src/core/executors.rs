@@ -245,7 +245,7 @@ impl Master {
         match self.agents.get(agent_id) {
             None => Err(WireError::new(ErrorCode::NotFound, format!("no agent {agent_id}"))),
             Some(a) => a.conn().ok_or_else(|| {
-                WireError::new(ErrorCode::NotFound, format!("agent {agent_id} is {}", a.status.as_str()))
+                WireError::new(ErrorCode::NotFound, format!("agent {agent_id} is {}", a.status.view()))
             }),
         }
     }

@@ -258,15 +258,15 @@ impl Master {
     }
 
     /// A teardown naming why: the tasks it kills end with that reason.
-    fn teardown_because(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, reason: String) {
-        if reason.is_empty() || reason.len() > MAX_TEARDOWN_REASON {
-            let message =
-                format!("a teardown reason must have 1 to {MAX_TEARDOWN_REASON} bytes, not {}", reason.len());
+    fn teardown_because(&mut self, now: Instant, conn: ConnId, fw: &FrameworkId, reason: Reason) {
+        let len = reason.as_str().len();
+        if reason.is_empty() || len > MAX_TEARDOWN_REASON {
+            let message = format!("a teardown reason must have 1 to {MAX_TEARDOWN_REASON} bytes, not {len}");
             warn!(framework_id = %fw, message, "invalid teardown");
             self.send_framework(conn, SchedulerEvent::Error(WireError::new(ErrorCode::Invalid, message)));
             return;
         }
-        info!(framework_id = %fw, reason, "framework teardown");
+        info!(framework_id = %fw, %reason, "framework teardown");
         for key in self.framework_task_keys(fw) {
             if let Some(task) = self.tasks.get_mut(&key) {
                 if !task.state.is_terminal() {
@@ -288,7 +288,7 @@ impl Master {
             name: fw.name.clone(),
             role: fw.role.clone(),
             principal: fw.principal.clone(),
-            status: "completed".into(),
+            status: FrameworkViewStatus::Completed,
             used: Resources::default(),
             tasks: 0,
         });
@@ -455,33 +455,33 @@ impl Master {
             Some(a) => match self.agents.get(a).map(|a| a.status) {
                 Some(AgentStatus::Active { .. } | AgentStatus::Disconnected) => (
                     TaskState::Gone,
-                    "reconciliation: task not on its agent",
+                    Reason::ReconciliationTaskNotOnAgent,
                     format!("agent {a} is registered and does not run task {task}"),
                 ),
                 Some(AgentStatus::Unreachable) => (
                     TaskState::Unreachable,
-                    "reconciliation: agent unreachable",
+                    Reason::ReconciliationAgentUnreachable,
                     format!("agent {a} of task {task} is unreachable"),
                 ),
                 Some(AgentStatus::Recovering) => (
                     TaskState::Unreachable,
-                    RECOVERING_REASON,
+                    Reason::AgentRecovering,
                     format!("agent {a} of task {task} has not re-registered since the master restarted"),
                 ),
                 None if self.gone_agents.contains_key(a) => (
                     TaskState::Gone,
-                    "reconciliation: agent removed",
+                    Reason::ReconciliationAgentRemoved,
                     format!("agent {a} of task {task} was removed from the cluster"),
                 ),
                 None => (
                     TaskState::Unknown,
-                    "reconciliation: unknown agent",
+                    Reason::ReconciliationUnknownAgent,
                     format!("the master knows neither task {task} nor agent {a}"),
                 ),
             },
             None if self.recovering > 0 => (
                 TaskState::Unreachable,
-                RECOVERING_REASON,
+                Reason::AgentRecovering,
                 format!(
                     "task {task} is unknown; {} agent(s) have not re-registered since the master restarted",
                     self.recovering
@@ -489,7 +489,7 @@ impl Master {
             ),
             None => (
                 TaskState::Unknown,
-                "reconciliation: unknown task",
+                Reason::ReconciliationUnknownTask,
                 format!("framework {} has no task {task}", key.framework_id),
             ),
         };

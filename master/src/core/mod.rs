@@ -192,8 +192,6 @@ const COMPLETED_FRAMEWORKS: usize = 100;
 const REMOVED_FRAMEWORKS: usize = 10_000;
 /// Most kills of unknown tasks remembered while agents re-register after a restart.
 const MAX_PENDING_KILLS: usize = 100_000;
-/// Reason of the TASK_UNREACHABLE answers about tasks of agents not re-registered yet.
-const RECOVERING_REASON: &str = "agent has not re-registered since the master restarted";
 /// Shortest timer period, so a zero in the configuration cannot make the driver spin.
 const MIN_PERIOD: Duration = Duration::from_millis(1);
 
@@ -217,7 +215,7 @@ fn master_status(
     key: &TaskKey,
     agent_id: Option<AgentId>,
     state: TaskState,
-    reason: &str,
+    reason: Reason,
     message: String,
     timestamp_ms: u64,
 ) -> TaskStatus {
@@ -228,7 +226,7 @@ fn master_status(
         state,
         uuid: None,
         source: UpdateSource::Master,
-        reason: reason.to_string(),
+        reason,
         message,
         exit_code: None,
         signal: None,
@@ -794,7 +792,7 @@ impl Master {
                 resources: a.total.clone(),
                 used: a.used.clone(),
                 attributes: a.attributes.clone(),
-                status: self.agent_status_str(a).to_string(),
+                status: self.agent_status(a),
                 tasks: self.live_tasks(a.tasks.iter()).count() as u64,
                 drain: a.drain.as_ref().map(|d| d.view.clone()),
             })
@@ -818,7 +816,7 @@ impl Master {
                     name: f.name.clone(),
                     role: f.role.clone(),
                     principal: f.principal.clone(),
-                    status: f.status_str().to_string(),
+                    status: f.status(),
                     used,
                     tasks,
                 }

@@ -173,7 +173,7 @@ impl Master {
                     &key,
                     None,
                     TaskState::Dropped,
-                    "offer no longer valid",
+                    Reason::OfferNoLongerValid,
                     problem.clone(),
                     ts,
                 );
@@ -262,7 +262,7 @@ impl Master {
                     &key,
                     Some(agent_id.clone()),
                     TaskState::Error,
-                    "invalid launch",
+                    Reason::InvalidLaunch,
                     problem,
                     ts,
                 );
@@ -296,7 +296,7 @@ impl Master {
                 kill_reason: None,
                 ahead: None,
             };
-            record.record(TaskState::Staging, "launched", self.unix_ms(now));
+            record.record(TaskState::Staging, &Reason::Launched, self.unix_ms(now));
             self.tasks.insert(key.clone(), record);
             if let Some(a) = self.agents.get_mut(&agent_id) {
                 a.tasks.insert(key);

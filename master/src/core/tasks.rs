@@ -139,7 +139,7 @@ impl Master {
         now: Instant,
         key: &TaskKey,
         state: TaskState,
-        reason: &str,
+        reason: Reason,
         message: String,
     ) {
         let Some(task) = self.tasks.get(key) else { return };
@@ -147,7 +147,7 @@ impl Master {
             master_status(key, Some(task.agent_id.clone()), state, reason, message, self.unix_ms(now));
         if let Err(e) = self.apply_status(now, key, &status) {
             // E.g. a task that ended meanwhile: the master has nothing to say about it.
-            debug!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "master update not sent: {e}");
+            debug!(task_id = %key.task_id, framework_id = %key.framework_id, reason = %status.reason, "master update not sent: {e}");
             return;
         }
         self.deliver(key, status);
@@ -161,7 +161,7 @@ impl Master {
                 &task.key(),
                 Some(task.agent_id.clone()),
                 task.state,
-                "reconciliation",
+                Reason::Reconciliation,
                 String::new(),
                 self.unix_ms(now),
             ),
@@ -191,7 +191,7 @@ impl Master {
                     key,
                     Some(agent_id.clone()),
                     TaskState::Unreachable,
-                    "agent unreachable",
+                    Reason::AgentUnreachable,
                     format!("agent {agent_id} is unreachable; the task is killed if it comes back"),
                     self.unix_ms(now),
                 );

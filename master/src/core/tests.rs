@@ -482,13 +482,13 @@ fn suppress_stops_offers_but_keeps_outstanding_ones() {
     let os = offers(&acts, fc);
     assert_eq!(os.len(), 2);
     h.call(fc, SchedulerCall::Suppress);
-    assert_eq!(h.m.frameworks()[0].status, "suppressed");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Suppressed);
     h.call(fc, decline(&os[1], Some(0.0)));
     let acts = h.call(fc, accept(&os[0], vec![task("a", "cpus:1")], None));
     assert_eq!(run_tasks(&acts, ac).len(), 1);
     assert!(offers(&h.advance(3 * SEC), fc).is_empty());
     h.call(fc, SchedulerCall::Revive);
-    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Active);
     assert_eq!(offers(&h.advance(5 * MS), fc).len(), 2);
 }
 
@@ -498,13 +498,13 @@ fn a_suppress_ends_with_its_connection() {
     let (fc, fw) = h.subscribe("alice", 60 * SEC);
     h.add_agent("cpus:4");
     h.call(fc, SchedulerCall::Suppress);
-    assert_eq!(h.m.frameworks()[0].status, "suppressed");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Suppressed);
     h.m.handle(h.now, Event::FrameworkDisconnected { conn: fc });
     h.drain();
-    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Disconnected);
     let fc2 = h.conn();
     h.call(fc2, SchedulerCall::Subscribe(info(Some(&fw), 60 * SEC)));
-    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Active);
     assert_eq!(offers(&h.advance(5 * MS), fc2).len(), 1);
 }
 
@@ -520,7 +520,7 @@ fn agent_disconnect_rescinds_its_offers() {
         acts,
         vec![Action::ToFramework { conn: fc, event: SchedulerEvent::Rescind { offer_id: o.id.clone() } }]
     );
-    assert_eq!(h.m.agents()[0].status, "disconnected");
+    assert_eq!(h.m.agents()[0].status, AgentViewStatus::Disconnected);
     assert!(offers(&h.advance(2 * SEC), fc).is_empty());
     let acts = h.call(fc, accept(&o, vec![task("a", "cpus:1")], None));
     assert_eq!(updates(&acts, fc)[0].state, TaskState::Dropped);
@@ -547,7 +547,7 @@ fn silent_agents_become_unreachable() {
     assert_eq!(ups[0].reason, "agent unreachable");
     assert_eq!(ups[0].source, UpdateSource::Master);
     assert_eq!(ups[0].uuid, None);
-    assert_eq!(h.m.agents()[0].status, "unreachable");
+    assert_eq!(h.m.agents()[0].status, AgentViewStatus::Unreachable);
     assert_eq!(h.m.tasks()[0].state, TaskState::Unreachable);
     // Messages on the closed connection are ignored.
     assert!(h.agent(s.ac, AgentMessage::Heartbeat).is_empty());
@@ -598,7 +598,7 @@ fn re_registration_brings_tasks_back() {
     let o = single_offer(&h.advance(5 * MS), s.fc);
     h.call(s.fc, accept(&o, vec![task("t2", "cpus:1;mem:1GiB")], None));
     h.advance(21 * SEC);
-    assert_eq!(h.m.agents()[0].status, "unreachable");
+    assert_eq!(h.m.agents()[0].status, AgentViewStatus::Unreachable);
     // The agent comes back and reports t1 only.
     let report = TaskReport {
         framework_id: s.fw.clone(),
@@ -616,7 +616,7 @@ fn re_registration_brings_tasks_back() {
     // Each task's state changes, as `agora describe task` shows them.
     let history = |id: &str| -> Vec<(TaskState, String)> {
         let key = TaskKey::new(s.fw.clone(), TaskId::new(id));
-        h.m.task_history(&key).expect("known").into_iter().map(|t| (t.state, t.reason)).collect()
+        h.m.task_history(&key).expect("known").into_iter().map(|t| (t.state, t.reason.to_string())).collect()
     };
     let seen = |v: &[(TaskState, &str)]| v.iter().map(|(s, r)| (*s, r.to_string())).collect::<Vec<_>>();
     assert_eq!(
@@ -655,7 +655,7 @@ fn a_second_connection_replaces_the_first() {
     assert_eq!(h.m.agents()[0].resources, res("cpus:2"));
     // The late disconnect of the old connection changes nothing.
     h.m.handle(h.now, Event::AgentDisconnected { conn: ac1 });
-    assert_eq!(h.m.agents()[0].status, "active");
+    assert_eq!(h.m.agents()[0].status, AgentViewStatus::Active);
     let acts = h.agent(ac2, AgentMessage::Heartbeat);
     assert_eq!(to_agent(&acts, ac2), vec![MasterToAgent::HeartbeatAck]);
     // Someone else cannot take the id.
@@ -700,7 +700,7 @@ fn failover_within_the_timeout_keeps_tasks_and_resends_updates() {
     h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
     h.m.handle(h.now, Event::FrameworkDisconnected { conn: s.fc });
     h.drain();
-    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Disconnected);
     let (u_fin, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Finished);
     assert!(acts.iter().all(|a| !matches!(a, Action::ToFramework { .. })));
     h.advance(10 * SEC);
@@ -711,7 +711,7 @@ fn failover_within_the_timeout_keeps_tasks_and_resends_updates() {
     );
     let ups = updates(&acts, fc2);
     assert_eq!(ups.iter().map(|u| u.state).collect::<Vec<_>>(), [TaskState::Running, TaskState::Finished]);
-    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Active);
     assert_eq!(h.m.tasks().len(), 1);
     // Nothing is removed when the old deadline passes.
     h.agent(s.ac, AgentMessage::Heartbeat);
@@ -839,7 +839,7 @@ fn failover_from_a_live_connection_closes_the_old_one() {
     assert_eq!(updates(&acts, f2)[0].state, TaskState::Dropped);
     assert_eq!(single_offer(&h.advance(5 * MS), f2).resources, res("cpus:1"));
     h.m.handle(h.now, Event::FrameworkDisconnected { conn: f1 });
-    assert_eq!(h.m.frameworks()[0].status, "active");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Active);
 }
 
 #[test]
@@ -886,10 +886,10 @@ fn a_teardown_with_a_reason_gives_it_to_the_killed_tasks() {
     let mut h = Harness::new();
     let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
     // Bounded: an empty or oversized reason is refused and nothing is torn down.
-    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "x".repeat(MAX_TEARDOWN_REASON + 1) });
+    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "x".repeat(MAX_TEARDOWN_REASON + 1).into() });
     assert!(closed(&acts, s.fc).is_none());
     assert_eq!(h.m.frameworks().len(), 1);
-    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "run interrupted".into() });
+    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: Reason::RunInterrupted });
     assert_eq!(to_agent(&acts, s.ac), vec![MasterToAgent::ShutdownFramework { framework_id: s.fw.clone() }]);
     assert!(closed(&acts, s.fc).is_some_and(|e| e.message.contains("run interrupted")));
     // The agent reports its usual `killed`; the master keeps the teardown's reason.
@@ -923,7 +923,7 @@ fn the_first_message_must_register_or_subscribe() {
     let (fc, _) = h.subscribe("alice", SEC);
     let acts = h.agent(fc, AgentMessage::Heartbeat);
     assert!(closed(&acts, fc).is_some());
-    assert_eq!(h.m.frameworks()[0].status, "disconnected");
+    assert_eq!(h.m.frameworks()[0].status, FrameworkViewStatus::Disconnected);
 }
 
 #[test]
@@ -1625,7 +1625,7 @@ fn executor_resources_go_with_the_framework_and_the_agent() {
     h.call(s.fc, accept(&offer, vec![t1.clone()], None));
     h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Running);
     h.advance(21 * SEC);
-    assert_eq!(h.m.agents()[0].status, "unreachable");
+    assert_eq!(h.m.agents()[0].status, AgentViewStatus::Unreachable);
     assert_eq!(h.m.executors.len(), 0);
     assert_eq!(h.m.agents()[0].used, res("cpus:1;mem:1GiB"));
     let report = TaskReport { framework_id: s.fw.clone(), task: t1, state: TaskState::Running };
@@ -1685,12 +1685,12 @@ fn a_restarted_master_takes_its_frameworks_and_agents_back() {
     let s = h.running_task("cpus:4;mem:4GiB", "cpus:1;mem:1GiB", 3600 * SEC);
     h.restart();
     assert_eq!(
-        h.m.frameworks().iter().map(|f| (f.id.clone(), f.status.clone())).collect::<Vec<_>>(),
-        [(s.fw.clone(), "disconnected".to_string())]
+        h.m.frameworks().iter().map(|f| (f.id.clone(), f.status)).collect::<Vec<_>>(),
+        [(s.fw.clone(), FrameworkViewStatus::Disconnected)]
     );
     assert_eq!(
-        h.m.agents().iter().map(|a| (a.id.clone(), a.status.clone())).collect::<Vec<_>>(),
-        [(s.agent.clone(), "recovering".to_string())]
+        h.m.agents().iter().map(|a| (a.id.clone(), a.status)).collect::<Vec<_>>(),
+        [(s.agent.clone(), AgentViewStatus::Recovering)]
     );
     // The framework re-subscribes with its id (a stranger may not take it).
     let thief = h.conn();
@@ -1702,7 +1702,7 @@ fn a_restarted_master_takes_its_frameworks_and_agents_back() {
     // Until the agent re-registers, its tasks are unreachable (never lost).
     let ups = updates(&h.call(fc, reconcile_on(&[("t1", Some(&s.agent))])), fc);
     assert_eq!(states(&ups), [("t1", TaskState::Unreachable)]);
-    assert_eq!(ups[0].reason, RECOVERING_REASON);
+    assert_eq!(ups[0].reason, Reason::AgentRecovering);
     let ups = updates(&h.call(fc, SchedulerCall::Reconcile { task_ids: vec![TaskId::new("t1")] }), fc);
     assert_eq!(states(&ups), [("t1", TaskState::Unreachable)]);
     // A task naming an agent nobody knows.
@@ -1864,7 +1864,7 @@ fn ended_frameworks_are_kept_in_a_bounded_history() {
     assert_eq!(done.len(), COMPLETED_FRAMEWORKS);
     assert_eq!(done.first().map(|f| &f.id), Some(&ids[2]));
     assert_eq!(done.last().map(|f| &f.id), ids.last());
-    assert!(done.iter().all(|f| f.status == "completed" && f.id != alive));
+    assert!(done.iter().all(|f| f.status == FrameworkViewStatus::Completed && f.id != alive));
     assert_eq!(h.m.frameworks().len(), 1);
 }
 
@@ -1879,7 +1879,7 @@ fn the_simulator_restarts_its_master_from_the_registry() {
     let fws = sim.m.frameworks();
     assert_eq!((fws[0].id.clone(), fws[0].status.as_str()), (fw, "disconnected"));
     let agents = sim.m.agents();
-    assert_eq!((agents[0].id.clone(), agents[0].status.as_str()), (agent, "recovering"));
+    assert_eq!((agents[0].id.clone(), agents[0].status), (agent, AgentViewStatus::Recovering));
 }
 
 #[test]
@@ -1921,7 +1921,7 @@ fn drain_events(acts: &[Action], conn: ConnId) -> Vec<SchedulerEvent> {
         .collect()
 }
 
-fn agent_status(h: &Harness, id: &AgentId) -> (String, Option<DrainView>) {
+fn agent_status(h: &Harness, id: &AgentId) -> (AgentViewStatus, Option<DrainView>) {
     let a = h.m.agents().into_iter().find(|a| a.id == *id).expect("agent listed");
     (a.status, a.drain)
 }
@@ -1946,7 +1946,7 @@ fn a_drained_agent_offers_nothing_and_its_tasks_are_killed_at_the_deadline() {
         ]
     );
     let view = DrainView { deadline_unix_ms: Some(deadline_unix_ms), kill: true };
-    assert_eq!(agent_status(&h, &s.agent), ("draining".to_string(), Some(view.clone())));
+    assert_eq!(agent_status(&h, &s.agent), (AgentViewStatus::Draining, Some(view.clone())));
     assert_eq!(h.reg.state.agents[&s.agent].drain, Some(view));
     // A framework subscribing meanwhile is told too.
     let (bob, _) = h.subscribe("bob", SEC);
@@ -1965,14 +1965,14 @@ fn a_drained_agent_offers_nothing_and_its_tasks_are_killed_at_the_deadline() {
     );
     let (_, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
     let ups = updates(&acts, s.fc);
-    assert_eq!((ups[0].state, ups[0].reason.as_str()), (TaskState::Killed, Reason::AgentDrained));
-    assert_eq!(agent_status(&h, &s.agent).0, "drained");
+    assert_eq!((ups[0].state, &ups[0].reason), (TaskState::Killed, &Reason::AgentDrained));
+    assert_eq!(agent_status(&h, &s.agent).0, AgentViewStatus::Drained);
     // Undrained: frameworks are told and it is offered again.
     assert_eq!(h.m.undrain_agent(h.now, &s.agent), Ok(()));
     let acts = h.drain();
     assert_eq!(drain_events(&acts, s.fc), vec![SchedulerEvent::AgentUndrained { agent_id: s.agent.clone() }]);
     assert_eq!(drain_events(&acts, bob), vec![SchedulerEvent::AgentUndrained { agent_id: s.agent.clone() }]);
-    assert_eq!(agent_status(&h, &s.agent), ("active".to_string(), None));
+    assert_eq!(agent_status(&h, &s.agent), (AgentViewStatus::Active, None));
     assert_eq!(h.reg.state.agents[&s.agent].drain, None);
     let acts = h.advance(2 * SEC);
     let offered: Vec<Offer> = offers(&acts, s.fc).into_iter().chain(offers(&acts, bob)).collect();
@@ -1991,7 +1991,7 @@ fn a_framework_subscribing_during_a_drain_is_told() {
         drain_events(&acts, conn),
         vec![SchedulerEvent::AgentDraining { agent_id: agent.clone(), deadline_unix_ms: None }]
     );
-    assert_eq!(agent_status(&h, &agent).0, "drained");
+    assert_eq!(agent_status(&h, &agent).0, AgentViewStatus::Drained);
     assert!(offers(&h.advance(3 * SEC), conn).is_empty());
 }
 
@@ -2004,7 +2004,7 @@ fn a_drain_without_kill_leaves_the_tasks_running() {
     let acts = h.advance(10 * SEC);
     assert!(to_agent(&acts, s.ac).iter().all(|m| !matches!(m, MasterToAgent::KillTask { .. })));
     assert!(offers(&acts, s.fc).is_empty());
-    assert_eq!(agent_status(&h, &s.agent).0, "draining");
+    assert_eq!(agent_status(&h, &s.agent).0, AgentViewStatus::Draining);
     // A framework's own kill keeps its own reason.
     h.call(s.fc, SchedulerCall::Kill { task_id: TaskId::new("t1") });
     let (_, acts) = h.status(s.ac, &s.fw, &s.agent, "t1", TaskState::Killed);
@@ -2039,7 +2039,7 @@ fn a_drain_outlives_a_restart_of_the_master() {
     h.drain();
     h.restart();
     let view = DrainView { deadline_unix_ms: Some(deadline_unix_ms), kill: true };
-    assert_eq!(agent_status(&h, &s.agent), ("recovering".to_string(), Some(view)));
+    assert_eq!(agent_status(&h, &s.agent), (AgentViewStatus::Recovering, Some(view)));
     let fc = h.conn();
     let acts = h.call(fc, SchedulerCall::Subscribe(info(Some(&s.fw), 3600 * SEC)));
     assert_eq!(
@@ -2051,7 +2051,7 @@ fn a_drain_outlives_a_restart_of_the_master() {
     );
     // Back with its task: still no offers from it.
     let (ac, _, _) = h.register(Some(s.agent.clone()), "cpus:4", vec![report(&s.fw, "t1", "cpus:1")]);
-    assert_eq!(agent_status(&h, &s.agent).0, "draining");
+    assert_eq!(agent_status(&h, &s.agent).0, AgentViewStatus::Draining);
     let acts = h.advance(9 * SEC);
     assert!(offers(&acts, fc).is_empty());
     assert!(to_agent(&acts, ac).iter().all(|m| !matches!(m, MasterToAgent::KillTask { .. })));

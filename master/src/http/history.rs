@@ -50,7 +50,7 @@ impl History {
     pub fn sample(agents: &[AgentView], frameworks: &[FrameworkView]) -> Sample {
         let mut total = Resources::default();
         let mut used = Resources::default();
-        for a in agents.iter().filter(|a| a.status == "active") {
+        for a in agents.iter().filter(|a| a.status == agora_sdk::AgentViewStatus::Active) {
             total.add_assign(&a.resources.flatten());
             used.add_assign(&a.used.flatten());
         }
@@ -225,7 +225,7 @@ mod tests {
             resources: Resources::parse(resources).expect("resources"),
             used: Resources::parse(used).expect("used"),
             attributes: Attributes::default(),
-            status: "active".into(),
+            status: agora_sdk::AgentViewStatus::Active,
             tasks: 0,
             drain: None,
         }
@@ -237,7 +237,7 @@ mod tests {
             name: "f".into(),
             role: role.into(),
             principal: "p".into(),
-            status: "active".into(),
+            status: agora_sdk::FrameworkViewStatus::Active,
             used: Resources::parse(used).expect("used"),
             tasks: 0,
         }

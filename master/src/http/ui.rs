@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use agora_sdk::proto::{
-    AgentView, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage, WireError,
+    AgentView, AgentViewStatus, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage, WireError,
 };
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
@@ -127,7 +127,7 @@ pub fn enc(s: &str) -> String {
 /// The total of the active agents (the denominator of dominant shares).
 pub fn cluster_total(agents: &[AgentView]) -> Resources {
     let mut total = Resources::default();
-    for a in agents.iter().filter(|a| a.status == "active") {
+    for a in agents.iter().filter(|a| a.status == AgentViewStatus::Active) {
         total.add_assign(&a.resources.flatten());
     }
     total
@@ -175,7 +175,7 @@ fn agents_table(agents: &[AgentView]) -> Markup {
                 @for a in agents {
                     tr {
                         td { a href=(format!("/agents/{}", enc(a.id.as_str()))) { (a.hostname) } }
-                        td { span class=(format!("badge {}", if a.status == "active" { "ok" } else { "warn" })) { (a.status) } }
+                        td { span class=(format!("badge {}", if a.status == AgentViewStatus::Active { "ok" } else { "warn" })) { (a.status.as_str()) } }
                         td { (bars(&a.resources, &a.used)) }
                         td.num { a href=(format!("/tasks?agent={}", enc(a.id.as_str()))) { (a.tasks) } }
                         td.mono { (a.id) }
@@ -586,7 +586,7 @@ pub fn agent(a: &AgentView, tasks: &[&TaskView]) -> Markup {
         html! {
             h1 { "Agent " (a.hostname) }
             dl.facts {
-                dt { "Status" } dd { span class=(format!("badge {}", if a.status == "active" { "ok" } else { "warn" })) { (a.status) } }
+                dt { "Status" } dd { span class=(format!("badge {}", if a.status == AgentViewStatus::Active { "ok" } else { "warn" })) { (a.status.as_str()) } }
                 dt { "Id" } dd.mono { (a.id) }
                 dt { "Resources" } dd.mono { (a.resources) }
                 dt { "Used" } dd.mono { (a.used) }
@@ -658,7 +658,7 @@ mod tests {
             resources: Resources::parse("cpus:0.1;mem:64MiB").expect("resources"),
             exit_code: None,
             signal: None,
-            reason: String::new(),
+            reason: agora_sdk::Reason::None,
             message: String::new(),
             usage: None,
             executor_id: ExecutorId::new(COMMAND_EXECUTOR_ID),
