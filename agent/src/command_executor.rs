@@ -30,7 +30,7 @@ use agora_sdk::executor_link::{
 };
 use agora_sdk::executor_proto::{handshake, AgentToExecutor, CommandLaunch, ExecutorUpdate, HandshakeError};
 use agora_sdk::frame::FrameError;
-use agora_sdk::proto::{FrameworkId, TaskId, TaskInfo, TaskKind, TaskState};
+use agora_sdk::proto::{FrameworkId, Reason, TaskId, TaskInfo, TaskKind, TaskState};
 use tokio::sync::mpsc;
 
 use crate::cgroups::{IsolationSpec, Isolator};
@@ -219,7 +219,7 @@ fn to_update(
             seq: 0,
             task_id,
             state: TaskState::Running,
-            reason: "task started".into(),
+            reason: Reason::TaskStarted,
             message: format!("process {pid} started"),
             exit_code: None,
             signal: None,
@@ -249,7 +249,7 @@ fn failed(task_id: TaskId, message: &str) -> ExecutorUpdate {
         seq: 0,
         task_id,
         state: TaskState::Failed,
-        reason: "launch failed".into(),
+        reason: Reason::LaunchFailed,
         message: message.into(),
         exit_code: None,
         signal: None,

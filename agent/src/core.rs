@@ -13,7 +13,7 @@ use agora_sdk::proto::{
     unix_millis, AgentId, AgentMessage, ExecutorId, FrameworkId, OutputRequest, TaskId, TaskInfo, TaskKind,
     TaskReport, TaskState, TaskStatus, UpdateSource, Usage,
 };
-use agora_sdk::{Attributes, Resources};
+use agora_sdk::{Attributes, Reason, Resources};
 use uuid::Uuid;
 
 use crate::cgroups::Isolator;
@@ -386,26 +386,26 @@ impl Core {
             // Not through the update stream of the task already running under this id: its
             // acknowledgements would get mixed up. A one-off update without uuid (no ack).
             let msg = format!("task {} is already running on this agent", key.task_id);
-            let mut status = self.status(&key, TaskState::Error, "duplicate task id", msg, None);
+            let mut status = self.status(&key, TaskState::Error, Reason::DuplicateTaskId, msg, None);
             status.uuid = None;
             self.send(AgentMessage::StatusUpdate(status));
             return;
         }
         if let Err(e) = tasks::validate(&task) {
-            self.send_error(key, "invalid task", e.to_string(), now);
+            self.send_error(key, Reason::InvalidTask, e.to_string(), now);
             return;
         }
         let user = match self.task_user(&framework_id, &task) {
             Ok(u) => u,
             Err(e) => {
-                self.send_error(key, "invalid task user", e.to_string(), now);
+                self.send_error(key, Reason::InvalidTaskUser, e.to_string(), now);
                 return;
             }
         };
         let dirs = match self.task_dirs(&framework_id, &task, user).map(|d| (user, d)) {
             Ok(d) => d,
             Err(e) => {
-                self.send_error(key, "invalid task", e.to_string(), now);
+                self.send_error(key, Reason::InvalidTask, e.to_string(), now);
                 return;
             }
         };
@@ -450,7 +450,7 @@ impl Core {
             return;
         }
         let Some(support) = &self.executors else {
-            self.send_error(key, "invalid task", "this agent runs no executors".into(), now);
+            self.send_error(key, Reason::InvalidTask, "this agent runs no executors".into(), now);
             return;
         };
         // The agent spawns no task itself: every task goes to an executor.
@@ -490,7 +490,7 @@ impl Core {
                 tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id,
                     "kill of an unknown task");
                 let msg = format!("task {} is not known to this agent", key.task_id);
-                let status = self.status(&key, TaskState::Lost, "unknown task", msg, None);
+                let status = self.status(&key, TaskState::Lost, Reason::UnknownTask, msg, None);
                 self.push_update(key, status, now);
             }
         }
@@ -670,7 +670,7 @@ impl Core {
                     start_time,
                     ended: false,
                 };
-                (self.status(&key, TaskState::Running, "task started", msg, None), record)
+                (self.status(&key, TaskState::Running, Reason::TaskStarted, msg, None), record)
             }
             TaskEvent::Killing => {
                 if let Err(e) = entry.state.transition(TaskState::Killing) {
@@ -685,14 +685,14 @@ impl Core {
                     start_time: None,
                     ended: entry.ended,
                 };
-                (self.status(&key, TaskState::Killing, "killing", "kill requested".into(), None), record)
+                (self.status(&key, TaskState::Killing, Reason::Killing, "kill requested".into(), None), record)
             }
             TaskEvent::Terminated(mut t) => {
                 if let Some(why) = entry.disk_kill.take() {
                     // Killed by the agent, not on request: Mesos's container limitation.
                     if t.state != TaskState::Finished {
                         t.state = TaskState::Failed;
-                        t.reason = tasks::REASON_DISK_LIMIT.to_string();
+                        t.reason = Reason::DiskLimitExceeded;
                         t.message = format!("{why}; the agent killed it ({})", t.message);
                     }
                 }
@@ -722,7 +722,7 @@ impl Core {
                 self.finished.insert(key.clone(), run_dir);
                 self.update_gauges();
                 let Termination { state, reason, message, exit_code, signal, usage } = t;
-                let mut s = self.status(&key, state, &reason, message, usage);
+                let mut s = self.status(&key, state, reason, message, usage);
                 s.exit_code = exit_code;
                 s.signal = signal;
                 (s, record)
@@ -842,7 +842,7 @@ impl Core {
     }
 
     /// What the disk check found: tasks over their limit are killed, and end TASK_FAILED with
-    /// reason [`tasks::REASON_DISK_LIMIT`].
+    /// reason [`Reason::DiskLimitExceeded`].
     pub fn disk_checked(&mut self, outcomes: Vec<crate::disk::Outcome>) {
         for o in outcomes {
             let Some(why) = o.over.map(|w| w.to_string()) else { continue };
@@ -919,8 +919,8 @@ impl Core {
             .or_else(|| self.finished.dirs.get(key).map(PathBuf::as_path))
     }
 
-    fn send_error(&mut self, key: TaskKey, reason: &str, message: String, now: Instant) {
-        tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "{message}");
+    fn send_error(&mut self, key: TaskKey, reason: Reason, message: String, now: Instant) {
+        tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, %reason, "{message}");
         let status = self.status(&key, TaskState::Error, reason, message, None);
         self.push_update(key, status, now);
     }
@@ -929,7 +929,7 @@ impl Core {
         &self,
         key: &TaskKey,
         state: TaskState,
-        reason: &str,
+        reason: Reason,
         message: String,
         usage: Option<Usage>,
     ) -> TaskStatus {
@@ -940,7 +940,7 @@ impl Core {
             state,
             uuid: Some(Uuid::new_v4()),
             source: UpdateSource::Agent,
-            reason: reason.to_string(),
+            reason,
             message,
             exit_code: None,
             signal: None,
@@ -1497,7 +1497,7 @@ mod tests {
         h.core.task_event(key.clone(), TaskEvent::Terminated(end), Instant::now());
         let st = statuses(&mut h.core);
         let last = st.last().expect("the end");
-        assert_eq!((last.state, last.reason.as_str()), (TaskState::Failed, crate::tasks::REASON_DISK_LIMIT));
+        assert_eq!((last.state, &last.reason), (TaskState::Failed, &Reason::DiskLimitExceeded));
         assert!(last.message.starts_with(&why), "{}", last.message);
         // Ended: checked once more for its output, without a limit, then no more.
         let again: Vec<_> = h.core.disk_checks().into_iter().filter(|c| c.key == key).collect();

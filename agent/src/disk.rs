@@ -12,7 +12,7 @@
 //!   actually allocated, links not followed, one file system, hard links counted once, at most
 //!   [`MAX_WALK_ENTRIES`] entries) and compared with the task's `disk`. A sandbox over its
 //!   limit (or with more entries than a walk may visit) gets its task killed; the task ends
-//!   TASK_FAILED with reason [`crate::tasks::REASON_DISK_LIMIT`] and a message giving the
+//!   TASK_FAILED with reason [`Reason::DiskLimitExceeded`](agora_sdk::Reason::DiskLimitExceeded) and a message giving the
 //!   usage and the limit.
 //!
 //! A Wasm task's shipped directories are unpacked inside its sandbox (`mnt/`), so they count

@@ -25,17 +25,8 @@ use crate::sandbox::{write_checkpoint, write_first_checkpoint, Layout, TaskCheck
 pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// How often a running task's cgroup is sampled for the agent's metrics.
 pub const USAGE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-/// Reason of a task ended by its cgroup's memory limit.
-pub const REASON_MEMORY_LIMIT: &str = "memory limit exceeded";
-/// Reason of a failed task that hit its cgroup's process limit.
-pub const REASON_PROCESS_LIMIT: &str = "process limit reached";
-/// Reason of a task that could not be given its cgroup (it never ran).
-pub const REASON_ISOLATION_FAILED: &str = "isolation failed";
-/// Reason of a task whose sandbox outgrew its `disk` (killed by the agent's periodic check,
-/// [`crate::disk`]), or whose shipped directories would not fit in it.
-pub const REASON_DISK_LIMIT: &str = "disk limit exceeded";
-
 pub use agora_sdk::proto::TaskKey;
+use agora_sdk::Reason;
 
 /// Everything a supervisor needs to run one task.
 #[derive(Clone, Debug)]
@@ -84,9 +75,10 @@ pub enum TaskEvent {
 pub struct Termination {
     /// FINISHED, FAILED or KILLED.
     pub state: TaskState,
-    /// Machine-friendly reason: `command exited`, `killed by signal`, `killed`, `failed to start`,
-    /// `memory limit exceeded`, `process limit reached`, `isolation failed`.
-    pub reason: String,
+    /// Machine-friendly reason: [`Reason::CommandExited`], [`Reason::KilledBySignal`],
+    /// [`Reason::Killed`], [`Reason::FailedToStart`], [`Reason::MemoryLimitExceeded`],
+    /// [`Reason::ProcessLimitReached`], [`Reason::IsolationFailed`], … (an executor's own).
+    pub reason: Reason,
     /// Human detail.
     pub message: String,
     /// Exit code, if the process exited.
@@ -101,7 +93,7 @@ impl Termination {
     fn failed_to_start(failure: StartFailure) -> Self {
         Self {
             state: TaskState::Failed,
-            reason: failure.reason.into(),
+            reason: failure.reason,
             message: failure.message,
             exit_code: None,
             signal: None,
@@ -122,24 +114,24 @@ impl Termination {
         let oom = cgroup.is_some_and(|(s, _)| s.oom_kills.unwrap_or(0) > 0);
         let pids_hit = cgroup.is_some_and(|(s, _)| s.pids_limit_hits.unwrap_or(0) > 0);
         let (state, reason, message) = if killed {
-            (TaskState::Killed, "killed", format!("killed on request; the command {detail}"))
+            (TaskState::Killed, Reason::Killed, format!("killed on request; the command {detail}"))
         } else if oom && !success {
             let limit =
                 cgroup.and_then(|(_, l)| l.mem_bytes).map_or_else(String::new, |b| format!(" of {b} bytes"));
             let message = format!(
                 "the task reached its memory limit{limit} and the kernel's OOM killer ended it (command {detail})"
             );
-            (TaskState::Failed, REASON_MEMORY_LIMIT, message)
+            (TaskState::Failed, Reason::MemoryLimitExceeded, message)
         } else if pids_hit && !success {
             let limit = cgroup.and_then(|(_, l)| l.pids).map_or_else(String::new, |p| format!(" of {p}"));
             let message =
                 format!("the task reached its process limit{limit}: forks were refused (command {detail})");
-            (TaskState::Failed, REASON_PROCESS_LIMIT, message)
+            (TaskState::Failed, Reason::ProcessLimitReached, message)
         } else {
             match (exit.code, exit.signal) {
-                (Some(0), _) => (TaskState::Finished, "command exited", format!("command {detail}")),
-                (Some(_), _) => (TaskState::Failed, "command exited", format!("command {detail}")),
-                (None, _) => (TaskState::Failed, "killed by signal", format!("command {detail}")),
+                (Some(0), _) => (TaskState::Finished, Reason::CommandExited, format!("command {detail}")),
+                (Some(_), _) => (TaskState::Failed, Reason::CommandExited, format!("command {detail}")),
+                (None, _) => (TaskState::Failed, Reason::KilledBySignal, format!("command {detail}")),
             }
         };
         let mut usage = exit.usage;
@@ -152,7 +144,7 @@ impl Termination {
         }
         Self {
             state,
-            reason: reason.into(),
+            reason,
             message,
             exit_code: exit.code,
             signal: exit.signal,
@@ -164,18 +156,18 @@ impl Termination {
 /// Why a task never ran: the reason and message of its TASK_FAILED.
 #[derive(Debug)]
 struct StartFailure {
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
 impl StartFailure {
     fn spawn(message: String) -> Self {
-        Self { reason: "failed to start", message }
+        Self { reason: Reason::FailedToStart, message }
     }
 
     fn isolation(message: String) -> Self {
         metrics::counter!(TASK_ISOLATION_FAILURES).increment(1);
-        Self { reason: REASON_ISOLATION_FAILED, message }
+        Self { reason: Reason::IsolationFailed, message }
     }
 }
 
@@ -319,7 +311,7 @@ async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(T
         Ok((Ok(exit), stats)) => Termination::from_exit(exit, killed, stats.as_ref().map(|(s, l)| (s, l))),
         Ok((Err(e), _)) => Termination {
             state: if killed { TaskState::Killed } else { TaskState::Failed },
-            reason: if killed { "killed" } else { "unknown exit" }.into(),
+            reason: if killed { Reason::Killed } else { Reason::UnknownExit },
             message: format!("cannot reap process {pid}: {e}"),
             exit_code: None,
             signal: None,
@@ -327,7 +319,7 @@ async fn supervise(spec: &LaunchSpec, kill: &CancellationToken, emit: &impl Fn(T
         },
         Err(e) => Termination {
             state: TaskState::Failed,
-            reason: "unknown exit".into(),
+            reason: Reason::UnknownExit,
             message: format!("reaper failed: {e}"),
             exit_code: None,
             signal: None,
@@ -1130,13 +1122,13 @@ pub(crate) mod tests {
             ..CgroupStats::default()
         };
         let t = Termination::from_exit(exit(Some(137), None), false, Some((&oom, &limits)));
-        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_MEMORY_LIMIT));
+        assert_eq!((t.state, &t.reason), (TaskState::Failed, &Reason::MemoryLimitExceeded));
         assert!(t.message.contains("67108864 bytes"), "{}", t.message);
         let u = t.usage.expect("usage");
         assert_eq!((u.cpu_time, u.peak_mem), (Some(Duration::from_secs(2)), Some(64 << 20)));
         assert_eq!((u.throttled, u.mem_current), (Some(Duration::from_secs(1)), Some(4096)));
         let t = Termination::from_exit(exit(None, Some(libc::SIGKILL)), false, Some((&oom, &limits)));
-        assert_eq!(t.reason, REASON_MEMORY_LIMIT);
+        assert_eq!(t.reason, Reason::MemoryLimitExceeded);
         // A child was OOM-killed but the task coped: it finished.
         let t = Termination::from_exit(exit(Some(0), None), false, Some((&oom, &limits)));
         assert_eq!((t.state, t.reason.as_str()), (TaskState::Finished, "command exited"));
@@ -1145,7 +1137,7 @@ pub(crate) mod tests {
         assert_eq!(t.state, TaskState::Killed);
         let pids = CgroupStats { pids_limit_hits: Some(3), ..CgroupStats::default() };
         let t = Termination::from_exit(exit(Some(2), None), false, Some((&pids, &limits)));
-        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_PROCESS_LIMIT));
+        assert_eq!((t.state, &t.reason), (TaskState::Failed, &Reason::ProcessLimitReached));
         assert!(t.message.contains("limit of 32"), "{}", t.message);
         // Without a cgroup the signal says nothing about memory.
         let t = Termination::from_exit(exit(None, Some(libc::SIGKILL)), false, None);

@@ -201,7 +201,7 @@ mod tests {
             state,
             uuid: Some(Uuid::new_v4()),
             source: UpdateSource::Agent,
-            reason: String::new(),
+            reason: agora_sdk::Reason::None,
             message: String::new(),
             exit_code: None,
             signal: None,

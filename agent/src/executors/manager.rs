@@ -140,7 +140,7 @@ pub(super) enum ManagerCmd {
     PrepareFailed {
         key: TaskKey,
         attempt: u64,
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
     /// Run a task: with its `slot` when it comes straight from [`launch`] (`attempt` 0), or
@@ -219,7 +219,7 @@ pub(super) enum ManagerCmd {
         exec: ExecKey,
         serial: u64,
         /// The reason its unfinished tasks fail with.
-        reason: &'static str,
+        reason: Reason,
         why: String,
     },
 }
@@ -548,7 +548,7 @@ impl Manager {
                     &exec.0,
                     &task_id,
                     failed(
-                        REASON_EXECUTOR_TERMINATED,
+                        Reason::ExecutorTerminated,
                         "the executor no longer runs the task and reported no end for it after the agent restarted"
                             .into(),
                     ),
@@ -575,7 +575,7 @@ impl Manager {
             }
             ManagerCmd::PrepareFailed { key, attempt, reason, message } => {
                 if let Some(p) = self.take_preparing(&key, attempt) {
-                    tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, reason, "{message}");
+                    tracing::warn!(task_id = %key.task_id, framework_id = %key.framework_id, %reason, "{message}");
                     finish(&p.events, &key, &p.done, failed(reason, message));
                 }
             }
@@ -596,7 +596,7 @@ impl Manager {
                         Ok(path) => l.module_path = path,
                         Err(why) => {
                             let key = TaskKey { framework_id, task_id };
-                            finish(&slot.events, &key, &slot.done, failed(REASON_FETCH_FAILED, why));
+                            finish(&slot.events, &key, &slot.done, failed(Reason::FetchFailed, why));
                             return;
                         }
                     }
@@ -611,7 +611,7 @@ impl Manager {
                     };
                     if let Err(why) = kind.and_then(|kind| self.start_executor(&exec, kind)) {
                         let key = TaskKey { framework_id, task_id };
-                        finish(&slot.events, &key, &slot.done, failed(REASON_EXECUTOR_TERMINATED, why));
+                        finish(&slot.events, &key, &slot.done, failed(Reason::ExecutorTerminated, why));
                         return;
                     }
                 }
@@ -619,7 +619,7 @@ impl Manager {
                 if ex.tasks.contains_key(&task_id) {
                     let why = format!("task {task_id} is already running in this executor");
                     let key = TaskKey { framework_id, task_id };
-                    finish(&slot.events, &key, &slot.done, failed(REASON_EXECUTOR_TERMINATED, why));
+                    finish(&slot.events, &key, &slot.done, failed(Reason::ExecutorTerminated, why));
                     return;
                 }
                 let NewSlot { events, done } = slot;
@@ -807,8 +807,8 @@ impl Manager {
                     ex.seen_seq = ex.seen_seq.max(update.seq);
                     if custom {
                         // A framework's executor is not trusted: bound what it says, and keep
-                        // to the states an executor may report.
-                        truncate(&mut update.reason, MAX_REASON_LEN);
+                        // to the states an executor may report (its reason was cut to
+                        // MAX_REASON_LEN as it was read).
                         truncate(&mut update.message, MAX_MESSAGE_LEN);
                         update.usage = None;
                         if !matches!(
@@ -882,7 +882,7 @@ impl Manager {
                 let mut leftovers = Vec::new();
                 for (task_id, mut slot) in ex.tasks {
                     leftovers.push(std::mem::take(&mut slot.leftovers));
-                    slot.end(framework_id, &task_id, failed(reason, why.clone()));
+                    slot.end(framework_id, &task_id, failed(reason.clone(), why.clone()));
                 }
                 if matches!(ex.kind, ExecKind::Command) && !leftovers.is_empty() {
                     kill_leftovers(&self.isolator, leftovers);
@@ -956,7 +956,7 @@ impl Manager {
                 slot.end(
                     &fw,
                     &task_id,
-                    failed(REASON_EXECUTOR_TERMINATED, "the agent shut the executor down".into()),
+                    failed(Reason::ExecutorTerminated, "the agent shut the executor down".into()),
                 );
             }
             destroy_group(ex.cgroup);
@@ -1180,7 +1180,7 @@ impl Manager {
         for (exec, serial, why) in gone {
             tracing::warn!(framework_id = %exec.0, executor_id = %exec.1, "{why}");
             self.handle(
-                ManagerCmd::Gone { exec, serial, reason: REASON_EXECUTOR_TERMINATED, why },
+                ManagerCmd::Gone { exec, serial, reason: Reason::ExecutorTerminated, why },
                 &mut launches,
             );
         }
@@ -1201,7 +1201,7 @@ impl Manager {
                     &t.key.framework_id,
                     &t.key.task_id,
                     failed(
-                        REASON_EXECUTOR_TERMINATED,
+                        Reason::ExecutorTerminated,
                         "its executor is gone after the agent restarted".into(),
                     ),
                 );

@@ -43,14 +43,14 @@ use std::time::Duration;
 use agora_sdk::executor_proto::{
     AgentToExecutor, CommandLaunch, ExecutorMessage, ExecutorUpdate, Resume, WasmLaunch, ENV_AGENT_ID,
     ENV_EXECUTOR_ID, ENV_FRAMEWORK_ID, ENV_RECOVERY_TIMEOUT, ENV_SANDBOX, ENV_SOCKET,
-    EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN, MAX_REASON_LEN,
+    EXECUTOR_PROTOCOL_VERSION, MAX_MESSAGE_LEN,
 };
 use agora_sdk::frame::{FrameError, FrameReader, FrameWriter, LIST_BUDGET, MAX_FRAME};
 use agora_sdk::proto::{
     AgentId, Digest, ExecutorId, ExecutorInfo, FetchInfo, FrameworkId, TaskId, TaskInfo, TaskKind, TaskState,
     WasmInfo, COMMAND_EXECUTOR_ID, WASM_EXECUTOR_ID,
 };
-use agora_sdk::Resources;
+use agora_sdk::{Reason, Resources};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch, OnceCell};
@@ -75,11 +75,6 @@ const EXECUTOR_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const EXECUTOR_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent waits for a connection to the master before failing a fetch.
 const FETCH_CONNECT_WAIT: Duration = Duration::from_secs(15);
-/// Reason of tasks whose executor died under them.
-pub const REASON_EXECUTOR_TERMINATED: &str = "executor terminated";
-/// Reason of tasks whose module or directories could not be fetched or unpacked.
-pub const REASON_FETCH_FAILED: &str = "fetch failed";
-
 /// How the agent runs executors (the built-in ones and frameworks' own).
 #[derive(Clone, Debug)]
 pub struct ExecutorsConfig {
@@ -341,7 +336,7 @@ pub fn launch(spec: &LaunchSpec, support: &Executors, events: &EventSender) -> T
     let tx = support.manager.tx.clone();
     let (handle, done_tx) = handle_for(&key, &tx);
     let TaskKind::Wasm(info) = &spec.task.kind else {
-        finish(events, &key, &done_tx, failed("invalid task", "not a Wasm task".into()));
+        finish(events, &key, &done_tx, failed(Reason::InvalidTask, "not a Wasm task".into()));
         return handle;
     };
     let resources = spec.task.resources.clone();
@@ -407,7 +402,7 @@ pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSende
             LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
         }
         TaskKind::Wasm(_) => {
-            finish(events, &key, &done_tx, failed("invalid task", "a Wasm task needs a fetch first".into()));
+            finish(events, &key, &done_tx, failed(Reason::InvalidTask, "a Wasm task needs a fetch first".into()));
             return handle;
         }
     };
@@ -445,13 +440,13 @@ fn finish(events: &EventSender, key: &TaskKey, done: &watch::Sender<bool>, end: 
 }
 
 fn shutting_down() -> Termination {
-    failed(REASON_EXECUTOR_TERMINATED, "the agent is shutting down".into())
+    failed(Reason::ExecutorTerminated, "the agent is shutting down".into())
 }
 
-fn failed(reason: &str, message: String) -> Termination {
+fn failed(reason: Reason, message: String) -> Termination {
     Termination {
         state: TaskState::Failed,
-        reason: reason.into(),
+        reason,
         message,
         exit_code: None,
         signal: None,
@@ -462,7 +457,7 @@ fn failed(reason: &str, message: String) -> Termination {
 fn killed_before_start() -> Termination {
     Termination {
         state: TaskState::Killed,
-        reason: "killed".into(),
+        reason: Reason::Killed,
         message: "killed before the module started".into(),
         exit_code: None,
         signal: None,
@@ -505,9 +500,9 @@ async fn prepare(
     spec: &LaunchSpec,
     info: &WasmInfo,
     fetcher: &Fetcher,
-) -> Result<WasmLaunch, (&'static str, String)> {
+) -> Result<WasmLaunch, (Reason, String)> {
     let module_path =
-        fetcher.get(&info.module.digest).await.map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?;
+        fetcher.get(&info.module.digest).await.map_err(|e| (Reason::FetchFailed, e.to_string()))?;
     let mut preopens = Vec::with_capacity(info.dirs.len());
     // Shipped directories live in the sandbox and count against the task's disk (the core
     // put the agent's default there for a task without one).
@@ -515,8 +510,8 @@ async fn prepare(
     let mut used = 0u64;
     for d in &info.dirs {
         let archive =
-            fetcher.get(&d.archive.digest).await.map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?;
-        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| ("invalid task", e.to_string()))?);
+            fetcher.get(&d.archive.digest).await.map_err(|e| (Reason::FetchFailed, e.to_string()))?;
+        let host = spec.run_dir.join(guest_dir(&d.guest).map_err(|e| (Reason::InvalidTask, e.to_string()))?);
         let dest = host.clone();
         let user = spec.user;
         let run_dir = spec.run_dir.clone();
@@ -530,11 +525,11 @@ async fn prepare(
             Ok::<_, fetch::UnpackError>(n)
         })
         .await
-        .map_err(|e| (REASON_FETCH_FAILED, e.to_string()))?
+        .map_err(|e| (Reason::FetchFailed, e.to_string()))?
         .map_err(|e| {
             let reason = match e {
-                fetch::UnpackError::TooBig { .. } => crate::tasks::REASON_DISK_LIMIT,
-                _ => REASON_FETCH_FAILED,
+                fetch::UnpackError::TooBig { .. } => Reason::DiskLimitExceeded,
+                _ => Reason::FetchFailed,
             };
             (reason, format!("directory {}: {e}", d.guest))
         })?;
@@ -657,7 +652,7 @@ mod tests {
         let failing = launch(&spec(dir.path(), "failing", b"b"), &support, &events);
         let (key, t) = terminated(&mut rx).await;
         assert_eq!(key.task_id, TaskId::new("failing"));
-        assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, REASON_FETCH_FAILED), "{t:?}");
+        assert_eq!((t.state, &t.reason), (TaskState::Failed, &Reason::FetchFailed), "{t:?}");
         assert!(t.message.contains("shutting down"), "{}", t.message);
         assert!(*failing.done.borrow());
         tokio::time::sleep(Duration::from_millis(50)).await;

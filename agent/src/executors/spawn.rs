@@ -159,13 +159,13 @@ impl ExecutorSpawn {
     pub(super) async fn run(self) {
         let prepared = if self.adopted.is_some() { Ok(()) } else { self.prepare().await };
         let (reason, why) = match prepared {
-            Err(e) => (REASON_FETCH_FAILED, e.to_string()),
+            Err(e) => (Reason::FetchFailed, e.to_string()),
             Ok(()) => match self.serve().await.map_err(|e| e.to_string()) {
                 Ok(why) | Err(why) => {
                     let tail = log_tail(&self.log);
                     let why =
                         if tail.is_empty() { why } else { format!("{why}; executor log ends with: {tail}") };
-                    (REASON_EXECUTOR_TERMINATED, why)
+                    (Reason::ExecutorTerminated, why)
                 }
             },
         };
@@ -502,7 +502,7 @@ pub(super) fn launch_too_large(task_id: TaskId) -> ExecutorUpdate {
         seq: 0,
         task_id,
         state: TaskState::Failed,
-        reason: "launch failed".into(),
+        reason: Reason::LaunchFailed,
         message: format!("the task's launch does not fit in one executor frame ({MAX_FRAME} bytes)"),
         exit_code: None,
         signal: None,
