@@ -42,7 +42,7 @@ use agora_sdk::executor_link::{
 };
 use agora_sdk::executor_proto::{AgentToExecutor, ExecutorUpdate, WasmLaunch, DEFAULT_RECOVERY_TIMEOUT};
 use agora_sdk::frame::FrameError;
-use agora_sdk::proto::{TaskId, TaskState, Usage, WireError};
+use agora_sdk::proto::{Reason, TaskId, TaskState, Usage, WireError};
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::Instrument as _;
@@ -358,7 +358,7 @@ impl Tasks {
                 seq: 0,
                 task_id,
                 state: TaskState::Killed,
-                reason: "killed".into(),
+                reason: Reason::Killed,
                 message: self.killed_message.into(),
                 exit_code: None,
                 signal: None,
@@ -371,7 +371,7 @@ impl Tasks {
                     seq: 0,
                     task_id,
                     state: TaskState::Failed,
-                    reason: "executor error".into(),
+                    reason: Reason::ExecutorError,
                     message: truncate(format!("the executor failed running the task: {error}")),
                     exit_code: None,
                     signal: None,
@@ -426,7 +426,7 @@ async fn run_launch(
                 seq: 0,
                 task_id,
                 state: TaskState::Running,
-                reason: "task started".into(),
+                reason: Reason::TaskStarted,
                 message: format!("module {digest} instantiated"),
                 exit_code: None,
                 signal: None,
@@ -497,7 +497,7 @@ fn launch_failed(task_id: TaskId, message: String) -> ExecutorUpdate {
         seq: 0,
         task_id,
         state: TaskState::Failed,
-        reason: FailureReason::LaunchFailed.as_str().into(),
+        reason: FailureReason::LaunchFailed.reason(),
         message: truncate(message),
         exit_code: None,
         signal: None,
@@ -524,7 +524,7 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             seq: 0,
             task_id,
             state: if *code == 0 { TaskState::Finished } else { TaskState::Failed },
-            reason: "module exited".into(),
+            reason: Reason::ModuleExited,
             message: format!("exited with code {code} after {wall}"),
             exit_code: Some(*code),
             signal: None,
@@ -538,7 +538,7 @@ fn terminal(task_id: TaskId, outcome: &TaskOutcome) -> ExecutorUpdate {
             seq: 0,
             task_id,
             state: TaskState::Failed,
-            reason: reason.as_str().into(),
+            reason: reason.reason(),
             message: truncate(format!("{message} (after {wall})")),
             exit_code: None,
             signal: None,

@@ -12,6 +12,8 @@ use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use agora_sdk::Reason;
+
 use crate::digest::Digest;
 use crate::error::WasmError;
 use crate::runtime::{Inner, Prepared, WasmRuntime, MAX_TABLE_ELEMENTS};
@@ -113,16 +115,27 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    /// The reason as shown to users: `fuel exhausted`, `timeout`, `memory limit exceeded`,
-    /// `trap`, `launch failed`.
-    pub fn as_str(&self) -> &'static str {
+    /// The task status reason it is reported with.
+    pub fn reason(self) -> Reason {
         match self {
-            Self::FuelExhausted => "fuel exhausted",
-            Self::Timeout => "timeout",
-            Self::MemoryLimitExceeded => "memory limit exceeded",
-            Self::Trap => "trap",
-            Self::LaunchFailed => "launch failed",
+            Self::FuelExhausted => Reason::FuelExhausted,
+            Self::Timeout => Reason::Timeout,
+            Self::MemoryLimitExceeded => Reason::MemoryLimitExceeded,
+            Self::Trap => Reason::Trap,
+            Self::LaunchFailed => Reason::LaunchFailed,
         }
+    }
+
+    /// The reason as shown to users (its [`Reason`]'s text): `fuel exhausted`, `timeout`,
+    /// `memory limit exceeded`, `trap`, `launch failed`.
+    pub fn as_str(&self) -> &'static str {
+        self.reason().static_str().unwrap_or_default()
+    }
+}
+
+impl From<FailureReason> for Reason {
+    fn from(f: FailureReason) -> Reason {
+        f.reason()
     }
 }
 
@@ -695,5 +708,25 @@ fn finish<T: HostState>(store: &mut Store<T>, result: wasmtime::Result<i32>) -> 
         fuel_consumed: task.fuel_initial.saturating_sub(remaining),
         peak_memory_bytes: task.limiter.peak,
         wall_time: task.started.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_reasons_are_reported_as_their_reason_with_the_same_words() {
+        for (f, text) in [
+            (FailureReason::FuelExhausted, "fuel exhausted"),
+            (FailureReason::Timeout, "timeout"),
+            (FailureReason::MemoryLimitExceeded, "memory limit exceeded"),
+            (FailureReason::Trap, "trap"),
+            (FailureReason::LaunchFailed, "launch failed"),
+        ] {
+            assert_eq!(f.as_str(), text);
+            assert_eq!(Reason::from(f).as_str(), text);
+            assert_eq!(Reason::from(text), f.reason(), "the text reads back as the same reason");
+        }
     }
 }

@@ -43,6 +43,16 @@ macro_rules! reasons {
                 }
             }
 
+            /// The text of a known reason (`None` for [`Reason::Other`]), for callers that
+            /// need it for good.
+            pub fn static_str(&self) -> Option<&'static str> {
+                match self {
+                    Reason::None => Some(""),
+                    $(Reason::$variant => Some($text),)*
+                    Reason::Other(_) => None,
+                }
+            }
+
             /// The known reason spelled `text`, if any (the empty text is [`Reason::None`]).
             fn known(text: &str) -> Option<Reason> {
                 match text {
