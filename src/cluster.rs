@@ -63,7 +63,12 @@ impl Cluster {
         let agents = spawn_agents(&spec, &dir, &tls_dir, &master.addr.to_string(), &shutdown);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = master.agents().await.iter().filter(|a| a.status == "active").count();
+            let up = master
+                .agents()
+                .await
+                .iter()
+                .filter(|a| a.status == agora_sdk::AgentViewStatus::Active)
+                .count();
             if up >= spec.agents {
                 break;
             }

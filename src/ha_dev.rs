@@ -204,7 +204,12 @@ async fn wait_agents(client: &ClientConfig, n: usize, deadline: Instant) -> anyh
                 let agents = c.agents().await;
                 c.close();
                 match agents {
-                    Ok(a) if a.iter().filter(|a| a.status == "active").count() >= n => return Ok(()),
+                    Ok(a)
+                        if a.iter().filter(|a| a.status == agora_sdk::AgentViewStatus::Active).count()
+                            >= n =>
+                    {
+                        return Ok(())
+                    }
                     Ok(a) => last = format!("{} of {n} agents registered", a.len()),
                     Err(e) => last = e.to_string(),
                 }

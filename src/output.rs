@@ -44,7 +44,7 @@ pub fn agents_table(agents: &[AgentView]) -> String {
                 vec![
                     a.id.to_string(),
                     a.hostname.clone(),
-                    a.status.clone(),
+                    a.status.to_string(),
                     drain_cell(a.drain.as_ref(), now_ms),
                     a.tasks.to_string(),
                     a.resources.to_string(),
@@ -66,7 +66,7 @@ pub fn frameworks_table(fws: &[FrameworkView]) -> String {
                     f.name.clone(),
                     f.role.clone(),
                     f.principal.clone(),
-                    f.status.clone(),
+                    f.status.to_string(),
                     f.tasks.to_string(),
                     f.used.to_string(),
                 ]
@@ -130,7 +130,7 @@ fn task_rows(tasks: &[TaskView]) -> Vec<Vec<String>> {
                 t.resources.to_string(),
                 cpu,
                 mem,
-                t.reason.clone(),
+                t.reason.to_string(),
             ]
         })
         .collect()

@@ -151,7 +151,12 @@ async fn agent_loss_rescinds_offers_and_makes_tasks_unreachable() {
     let st = fw.update_for("far", TaskState::Unreachable).await;
     assert_eq!(st.source, UpdateSource::Master);
     let agents = cluster.master.agents().await;
-    assert!(agents.iter().any(|a| a.hostname == "agent-lost" && a.status == "unreachable"), "{agents:?}");
+    assert!(
+        agents
+            .iter()
+            .any(|a| a.hostname == "agent-lost" && a.status == agora_sdk::AgentViewStatus::Unreachable),
+        "{agents:?}"
+    );
     cluster.stop().await;
 }
 
@@ -178,7 +183,12 @@ async fn framework_failover_within_and_past_timeout() {
     fw.driver().stop(false);
     let _ = fw.run.await;
     wait_for("the master to see the framework disconnected", || async {
-        cluster.master.frameworks().await.iter().any(|f| f.id == id && f.status == "disconnected")
+        cluster
+            .master
+            .frameworks()
+            .await
+            .iter()
+            .any(|f| f.id == id && f.status == agora_sdk::FrameworkViewStatus::Disconnected)
     })
     .await;
     assert_eq!(cluster.task_state("long").await, Some(TaskState::Running));
@@ -440,7 +450,7 @@ async fn a_restarted_agent_keeps_its_id() {
     token.cancel();
     let _ = handle.await;
     wait_for("the agent to be seen gone", || async {
-        cluster.master.agents().await.iter().all(|a| a.status != "active")
+        cluster.master.agents().await.iter().all(|a| a.status != agora_sdk::AgentViewStatus::Active)
     })
     .await;
     // The task's executor outlives its agent and keeps the task running.

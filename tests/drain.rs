@@ -63,11 +63,7 @@ async fn a_drained_agent_is_told_offers_nothing_and_its_task_is_killed_at_the_de
         }
     };
     assert!(deadline.is_some(), "the framework was not told of the drain");
-    assert_eq!(
-        (killed.state, killed.reason.as_str()),
-        (TaskState::Killed, Reason::AgentDrained),
-        "{killed:?}"
-    );
+    assert_eq!((killed.state, &killed.reason), (TaskState::Killed, &Reason::AgentDrained), "{killed:?}");
     // Still nothing offered for a few allocation cycles; the agent reads as drained.
     let quiet = tokio::time::Instant::now() + Duration::from_secs(3);
     while let Ok(seen) = tokio::time::timeout_at(quiet, fw.next()).await {

@@ -234,7 +234,7 @@ async fn three_masters_one_leader_and_failover_on_kill_9() {
         let (new_leader, tls) = (&new_leader, &tls);
         async move {
             matches!(operator_call(new_leader, tls, OperatorCall::GetAgents).await,
-                OperatorReply::Agents(a) if a.len() == 1 && a[0].status == "active")
+                OperatorReply::Agents(a) if a.len() == 1 && a[0].status == agora_sdk::AgentViewStatus::Active)
         }
     })
     .await;

@@ -103,7 +103,7 @@ impl Group {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let agents = ha::agents(addr, &self.tls).await;
-            if agents.len() == n && agents.iter().all(|a| a.status == "active") {
+            if agents.len() == n && agents.iter().all(|a| a.status == agora_sdk::AgentViewStatus::Active) {
                 return;
             }
             assert!(

@@ -685,7 +685,10 @@ impl Core {
                     start_time: None,
                     ended: entry.ended,
                 };
-                (self.status(&key, TaskState::Killing, Reason::Killing, "kill requested".into(), None), record)
+                (
+                    self.status(&key, TaskState::Killing, Reason::Killing, "kill requested".into(), None),
+                    record,
+                )
             }
             TaskEvent::Terminated(mut t) => {
                 if let Some(why) = entry.disk_kill.take() {

@@ -142,14 +142,7 @@ impl Termination {
             usage.throttled = s.throttled;
             usage.mem_current = s.mem_current;
         }
-        Self {
-            state,
-            reason,
-            message,
-            exit_code: exit.code,
-            signal: exit.signal,
-            usage: Some(usage),
-        }
+        Self { state, reason, message, exit_code: exit.code, signal: exit.signal, usage: Some(usage) }
     }
 }
 

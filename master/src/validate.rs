@@ -342,7 +342,9 @@ pub fn scheduler_call(call: &mut SchedulerCall) -> Result<(), WireError> {
         | SchedulerCall::ShutdownExecutor { agent_id, executor_id } => id("agent", agent_id.as_str())
             .and_then(|()| id("executor", executor_id.as_str()))
             .map_err(invalid),
-        SchedulerCall::TeardownBecause { reason } => name("teardown reason", reason.as_str()).map_err(invalid),
+        SchedulerCall::TeardownBecause { reason } => {
+            name("teardown reason", reason.as_str()).map_err(invalid)
+        }
         SchedulerCall::Revive
         | SchedulerCall::Suppress
         | SchedulerCall::Teardown

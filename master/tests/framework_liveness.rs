@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use agora_master::core::MasterConfig;
 use agora_master::testing::Sim;
-use agora_sdk::proto::{FrameworkId, SchedulerCall};
+use agora_sdk::proto::{FrameworkId, FrameworkViewStatus, SchedulerCall};
 
 const HB: Duration = Duration::from_secs(2);
 
-fn status(sim: &Sim, id: &FrameworkId) -> Option<String> {
+fn status(sim: &Sim, id: &FrameworkId) -> Option<FrameworkViewStatus> {
     sim.m.frameworks().into_iter().find(|f| f.id == *id).map(|f| f.status)
 }
 
@@ -34,28 +34,28 @@ fn a_framework_that_stops_heartbeating_is_disconnected_and_its_failover_timer_ru
         sim.advance(Duration::from_secs(1));
         sim.call(talker, SchedulerCall::Heartbeat);
     }
-    assert_eq!(status(&sim, &mute_id).as_deref(), Some("active"));
+    assert_eq!(status(&sim, &mute_id), Some(FrameworkViewStatus::Active));
     // A call of any kind counts as a sign of life: the mute one speaks once at 5 s.
     sim.call(mute, SchedulerCall::Revive);
     for _ in 0..5 {
         sim.advance(Duration::from_secs(1));
         sim.call(talker, SchedulerCall::Heartbeat);
     }
-    assert_eq!(status(&sim, &mute_id).as_deref(), Some("active"), "heard from 5 s ago");
+    assert_eq!(status(&sim, &mute_id), Some(FrameworkViewStatus::Active), "heard from 5 s ago");
     // Then silence: gone within the limit plus one heartbeat interval (checked at heartbeats).
     for _ in 0..4 {
         sim.advance(Duration::from_secs(1));
         sim.call(talker, SchedulerCall::Heartbeat);
     }
-    assert_eq!(status(&sim, &mute_id).as_deref(), Some("disconnected"), "silent for 9 s");
-    assert_eq!(status(&sim, &talker_id).as_deref(), Some("active"), "its heartbeats keep it");
+    assert_eq!(status(&sim, &mute_id), Some(FrameworkViewStatus::Disconnected), "silent for 9 s");
+    assert_eq!(status(&sim, &talker_id), Some(FrameworkViewStatus::Active), "its heartbeats keep it");
     // Its failover timeout (60 s in the simulator) runs from there: then it is removed.
     for _ in 0..62 {
         sim.advance(Duration::from_secs(1));
         sim.call(talker, SchedulerCall::Heartbeat);
     }
     assert_eq!(status(&sim, &mute_id), None, "removed after its failover timeout");
-    assert_eq!(status(&sim, &talker_id).as_deref(), Some("active"));
+    assert_eq!(status(&sim, &talker_id), Some(FrameworkViewStatus::Active));
     // Later calls on the closed connection change nothing.
     sim.call(mute, SchedulerCall::Heartbeat);
     assert_eq!(status(&sim, &mute_id), None);
@@ -66,5 +66,5 @@ fn without_a_framework_timeout_only_the_transport_decides() {
     let mut sim = sim(None);
     let (_, id) = sim.subscribe("*");
     sim.advance(Duration::from_secs(120));
-    assert_eq!(status(&sim, &id).as_deref(), Some("active"));
+    assert_eq!(status(&sim, &id), Some(FrameworkViewStatus::Active));
 }

@@ -77,8 +77,7 @@ use crate::executor_proto::{
 };
 use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::proto::{
-    AgentId, ExecutorId, FrameworkId, Reason, TaskId, TaskInfo, TaskState, WireError,
-    MAX_FRAMEWORK_MESSAGE,
+    AgentId, ExecutorId, FrameworkId, Reason, TaskId, TaskInfo, TaskState, WireError, MAX_FRAMEWORK_MESSAGE,
 };
 pub use crate::scheduler::MessageTooLarge;
 

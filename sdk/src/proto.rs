@@ -1343,6 +1343,146 @@ pub enum OutputReply {
 mod tests {
     use super::*;
 
+    /// `TaskStatus` as it was with a `String` reason.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct TaskStatusV5 {
+        task_id: TaskId,
+        framework_id: FrameworkId,
+        agent_id: Option<AgentId>,
+        state: TaskState,
+        uuid: Option<Uuid>,
+        source: UpdateSource,
+        reason: String,
+        message: String,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        usage: Option<Usage>,
+        timestamp_ms: u64,
+    }
+
+    /// `AgentView` as it was with a `String` status.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct AgentViewV5 {
+        id: AgentId,
+        hostname: String,
+        resources: Resources,
+        used: Resources,
+        attributes: Attributes,
+        status: String,
+        tasks: u64,
+        drain: Option<DrainView>,
+    }
+
+    /// `FrameworkView` as it was with a `String` status.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct FrameworkViewV5 {
+        id: FrameworkId,
+        name: String,
+        role: String,
+        principal: String,
+        status: String,
+        used: Resources,
+        tasks: u64,
+    }
+
+    fn status_v5(reason: &str) -> TaskStatusV5 {
+        TaskStatusV5 {
+            task_id: TaskId::new("t"),
+            framework_id: FrameworkId::new("f"),
+            agent_id: Some(AgentId::new("a")),
+            state: TaskState::Failed,
+            uuid: Some(Uuid::from_u128(7)),
+            source: UpdateSource::Agent,
+            reason: reason.into(),
+            message: "m".into(),
+            exit_code: Some(3),
+            signal: None,
+            usage: None,
+            timestamp_ms: 42,
+        }
+    }
+
+    #[test]
+    fn task_status_reads_and_writes_as_with_a_string_reason() {
+        let texts = Reason::KNOWN.iter().map(|r| r.as_str().to_string()).chain(["my executor's own".into()]);
+        for text in texts {
+            let old = status_v5(&text);
+            let old_bytes = postcard::to_allocvec(&old).unwrap();
+            let new: TaskStatus = postcard::from_bytes(&old_bytes).unwrap();
+            assert_eq!(new.reason.as_str(), text);
+            assert_eq!(postcard::to_allocvec(&new).unwrap(), old_bytes, "{text}");
+            // JSON (`agora tasks -o json`, the HTTP API): the same document, reason a string.
+            let json = serde_json::to_value(&new).unwrap();
+            assert_eq!(json, serde_json::to_value(&old).unwrap());
+            assert_eq!(json["reason"], serde_json::Value::String(text.clone()));
+            let transition =
+                TaskTransition { state: TaskState::Failed, reason: new.reason.clone(), timestamp_ms: 1 };
+            assert_eq!(serde_json::to_value(&transition).unwrap()["reason"], serde_json::Value::String(text));
+        }
+        assert_eq!(serde_json::to_value(status_v5("")).unwrap()["reason"], "");
+        let none: TaskStatus = postcard::from_bytes(&postcard::to_allocvec(&status_v5("")).unwrap()).unwrap();
+        assert_eq!(none.reason, Reason::None);
+    }
+
+    #[test]
+    fn view_statuses_read_and_write_as_their_former_text() {
+        for &status in AgentViewStatus::ALL {
+            let old = AgentViewV5 {
+                id: AgentId::new("a"),
+                hostname: "h".into(),
+                resources: Resources::cpus(1000),
+                used: Resources::default(),
+                attributes: Attributes::default(),
+                status: status.as_str().into(),
+                tasks: 2,
+                drain: None,
+            };
+            let old_bytes = postcard::to_allocvec(&old).unwrap();
+            let new: AgentView = postcard::from_bytes(&old_bytes).unwrap();
+            assert_eq!(new.status, status);
+            assert_eq!(postcard::to_allocvec(&new).unwrap(), old_bytes);
+            let json = serde_json::to_value(&new).unwrap();
+            assert_eq!(json, serde_json::to_value(&old).unwrap());
+            assert_eq!(json["status"], status.as_str());
+        }
+        for &status in FrameworkViewStatus::ALL {
+            let old = FrameworkViewV5 {
+                id: FrameworkId::new("f"),
+                name: "n".into(),
+                role: "r".into(),
+                principal: "p".into(),
+                status: status.as_str().into(),
+                used: Resources::default(),
+                tasks: 0,
+            };
+            let old_bytes = postcard::to_allocvec(&old).unwrap();
+            let new: FrameworkView = postcard::from_bytes(&old_bytes).unwrap();
+            assert_eq!(new.status, status);
+            assert_eq!(postcard::to_allocvec(&new).unwrap(), old_bytes);
+            assert_eq!(serde_json::to_value(&new).unwrap(), serde_json::to_value(&old).unwrap());
+        }
+        let words = |all: &[&str]| all.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            AgentViewStatus::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            words(&[
+                "active",
+                "draining",
+                "drained",
+                "disconnected",
+                "unreachable",
+                "recovering",
+                "registered"
+            ])
+        );
+        assert_eq!(
+            FrameworkViewStatus::ALL.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            words(&["active", "disconnected", "suppressed", "completed", "registered"])
+        );
+        // A status this build does not know is an error, not a silent default.
+        assert!(serde_json::from_str::<AgentViewStatus>("\"sleeping\"").is_err());
+        assert!("ACTIVE".parse::<FrameworkViewStatus>().is_err());
+    }
+
     /// `Hello` as protocol version 3 first shipped it.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct HelloV3 {

@@ -275,7 +275,11 @@ mod tests {
     }
 
     fn others() -> Vec<Reason> {
-        vec![Reason::from("run interrupted by the operator"), Reason::from("done"), Reason::from("é".repeat(10))]
+        vec![
+            Reason::from("run interrupted by the operator"),
+            Reason::from("done"),
+            Reason::from("é".repeat(10)),
+        ]
     }
 
     #[test]

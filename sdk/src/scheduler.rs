@@ -947,7 +947,13 @@ async fn send_call(
         tasks.len()
     );
     for task in tasks {
-        refused.push(local_status(fw, task.task_id, TaskState::Error, Reason::LaunchTooLarge, message.clone()));
+        refused.push(local_status(
+            fw,
+            task.task_id,
+            TaskState::Error,
+            Reason::LaunchTooLarge,
+            message.clone(),
+        ));
     }
     session.writer.feed(&SchedulerCall::Decline { offer_ids, refuse_seconds: None }).await.map_err(Into::into)
 }

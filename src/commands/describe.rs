@@ -103,7 +103,7 @@ async fn describe(client: &mut OperatorClient, kind: Kind, id: &str) -> anyhow::
             let fields = vec![
                 ("Agent", agent.id.to_string()),
                 ("Hostname", agent.hostname.clone()),
-                ("Status", agent.status.clone()),
+                ("Status", agent.status.to_string()),
                 ("Resources", agent.resources.to_string()),
                 ("Used", or_dash(agent.used.to_string())),
                 ("Attributes", or_dash(agent.attributes.to_string())),
@@ -121,7 +121,7 @@ async fn describe(client: &mut OperatorClient, kind: Kind, id: &str) -> anyhow::
                 ("Name", fw.name.clone()),
                 ("Role", fw.role.clone()),
                 ("Principal", fw.principal.clone()),
-                ("Status", fw.status.clone()),
+                ("Status", fw.status.to_string()),
                 ("Used", or_dash(fw.used.to_string())),
                 ("Live tasks", fw.tasks.to_string()),
             ];
@@ -177,7 +177,7 @@ fn task_text(
         ("Task", t.id.to_string()),
         ("Name", t.name.clone()),
         ("State", t.state.to_string()),
-        ("Reason", or_dash(t.reason.clone())),
+        ("Reason", or_dash(t.reason.to_string())),
         ("Message", or_dash(t.message.clone())),
         ("Exit", exit),
         ("Resources", t.resources.to_string()),
@@ -191,7 +191,7 @@ fn task_text(
     let rows = history
         .iter()
         .map(|h| {
-            vec![agora_sdk::units::format_unix_ms(h.timestamp_ms), h.state.to_string(), h.reason.clone()]
+            vec![agora_sdk::units::format_unix_ms(h.timestamp_ms), h.state.to_string(), h.reason.to_string()]
         })
         .collect();
     out.push_str(&indent(&output::table(&["TIME (UTC)", "STATE", "REASON"], rows)));

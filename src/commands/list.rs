@@ -162,7 +162,7 @@ mod tests {
             resources: Resources::cpus(1000),
             exit_code: None,
             signal: None,
-            reason: String::new(),
+            reason: Reason::None,
             message: String::new(),
             usage: None,
             executor_id: ExecutorId::new("my-exec"),

@@ -133,7 +133,7 @@ mod tests {
             resources: Resources::cpus(100),
             exit_code: None,
             signal: None,
-            reason: String::new(),
+            reason: Reason::None,
             message: String::new(),
             usage: None,
             executor_id: ExecutorId::new(COMMAND_EXECUTOR_ID),

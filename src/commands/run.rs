@@ -32,8 +32,6 @@ const OUTPUT_RETRIES: u32 = 60;
 /// a framework's tasks die with it, so a detached run asks for a long failover timeout. Its
 /// tasks are killed if they still run after this long.
 pub const DETACHED_FAILOVER_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// The reason the tasks of an interrupted run (Ctrl-C, SIGTERM) end KILLED with.
-pub const REASON_INTERRUPTED: &str = "run interrupted";
 /// How long an interrupted run waits for its teardown to reach the master.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -278,13 +276,13 @@ impl RunCommand {
                         Some(driver) => {
                             // Cut off from the master (failing over), the teardown cannot go out.
                             let reachable = driver.connection().is_some();
-                            driver.stop_because(REASON_INTERRUPTED);
+                            driver.stop_because(Reason::RunInterrupted);
                             tokio::select! {
                                 _ = tokio::time::timeout(TEARDOWN_WAIT, &mut run) => {}
                                 _ = interrupted() => {}
                             }
                             if reachable {
-                                eprintln!("agora: interrupted: the run's tasks are killed ({REASON_INTERRUPTED})");
+                                eprintln!("agora: interrupted: the run's tasks are killed ({})", Reason::RunInterrupted);
                             } else {
                                 eprintln!(
                                     "agora: interrupted while the master is out of reach: it kills the run's \
@@ -447,8 +445,10 @@ fn upload_error(what: &str, e: agora_sdk::client::ClientError) -> String {
 /// cluster (a kill, a lost agent) or a limit (memory, processes).
 fn ended_by_itself(st: &TaskStatus) -> bool {
     st.state == TaskState::Finished
-        || st.reason.is_empty()
-        || matches!(st.reason.as_str(), "command exited" | "killed by signal" | "module exited")
+        || matches!(
+            st.reason,
+            Reason::None | Reason::CommandExited | Reason::KilledBySignal | Reason::ModuleExited
+        )
 }
 
 /// `task ID STATE: reason: message`, one line.
@@ -494,7 +494,7 @@ async fn unschedulable(
     let mut client = agora_sdk::client::OperatorClient::connect(cfg).await?;
     let agents = client.agents().await?;
     client.close();
-    let active: Vec<_> = agents.iter().filter(|a| a.status == "active").collect();
+    let active: Vec<_> = agents.iter().filter(|a| a.status == AgentViewStatus::Active).collect();
     if active.is_empty() || active.iter().any(|a| a.resources.contains(need)) {
         return Ok(None);
     }
@@ -675,8 +675,8 @@ impl RunScheduler {
                 _ => {
                     eprintln!("agora: {}", ended_line(st));
                     let limit_or_trap = matches!(
-                        st.reason.as_str(),
-                        "trap" | "fuel exhausted" | "timeout" | "memory limit exceeded"
+                        st.reason,
+                        Reason::Trap | Reason::FuelExhausted | Reason::Timeout | Reason::MemoryLimitExceeded
                     );
                     ExitCode::from(match st.state {
                         TaskState::Killed => 137,
@@ -696,10 +696,10 @@ impl RunScheduler {
                 // The cluster's or a limit's reason when there is one: a memory limit's
                 // OOM kill is no plain `signal 9`.
                 let k = match (st.exit_code, st.signal) {
-                    _ if !ended_by_itself(st) => st.reason.clone(),
+                    _ if !ended_by_itself(st) => st.reason.to_string(),
                     (_, Some(s)) => format!("signal {s}"),
                     (Some(c), _) => format!("exit {c}"),
-                    _ => st.reason.clone(),
+                    _ => st.reason.to_string(),
                 };
                 *codes.entry(k).or_default() += 1;
             }
@@ -777,7 +777,7 @@ impl Scheduler for RunScheduler {
         }
         let lost_launch = match status.state {
             TaskState::Dropped => {
-                matches!(status.reason.as_str(), "master disconnected" | "offer no longer valid")
+                matches!(status.reason, Reason::MasterDisconnected | Reason::OfferNoLongerValid)
             }
             TaskState::Unknown => true,
             _ => false,

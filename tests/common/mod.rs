@@ -185,7 +185,13 @@ impl TestCluster {
 
     pub async fn wait_agents(&self, n: usize) {
         wait_for("agents to register", || async {
-            self.master.agents().await.iter().filter(|a| a.status == "active").count() >= n
+            self.master
+                .agents()
+                .await
+                .iter()
+                .filter(|a| a.status == agora_sdk::AgentViewStatus::Active)
+                .count()
+                >= n
         })
         .await;
     }

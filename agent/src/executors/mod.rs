@@ -402,7 +402,12 @@ pub fn launch_direct(spec: &LaunchSpec, support: &Executors, events: &EventSende
             LaunchItem::Task(Box::new(spec.task.clone()), Box::new(t.executor.clone()), spec.run_dir.clone())
         }
         TaskKind::Wasm(_) => {
-            finish(events, &key, &done_tx, failed(Reason::InvalidTask, "a Wasm task needs a fetch first".into()));
+            finish(
+                events,
+                &key,
+                &done_tx,
+                failed(Reason::InvalidTask, "a Wasm task needs a fetch first".into()),
+            );
             return handle;
         }
     };
@@ -444,14 +449,7 @@ fn shutting_down() -> Termination {
 }
 
 fn failed(reason: Reason, message: String) -> Termination {
-    Termination {
-        state: TaskState::Failed,
-        reason,
-        message,
-        exit_code: None,
-        signal: None,
-        usage: None,
-    }
+    Termination { state: TaskState::Failed, reason, message, exit_code: None, signal: None, usage: None }
 }
 
 fn killed_before_start() -> Termination {

@@ -886,7 +886,8 @@ fn a_teardown_with_a_reason_gives_it_to_the_killed_tasks() {
     let mut h = Harness::new();
     let s = h.running_task("cpus:4", "cpus:1", 60 * SEC);
     // Bounded: an empty or oversized reason is refused and nothing is torn down.
-    let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: "x".repeat(MAX_TEARDOWN_REASON + 1).into() });
+    let acts =
+        h.call(s.fc, SchedulerCall::TeardownBecause { reason: "x".repeat(MAX_TEARDOWN_REASON + 1).into() });
     assert!(closed(&acts, s.fc).is_none());
     assert_eq!(h.m.frameworks().len(), 1);
     let acts = h.call(s.fc, SchedulerCall::TeardownBecause { reason: Reason::RunInterrupted });

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use agora_sdk::proto::{
-    AgentView, AgentViewStatus, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage, WireError,
+    AgentView, AgentViewStatus, FrameworkView, PendingTaskView, TaskState, TaskTransition, TaskView, Usage,
+    WireError,
 };
 use agora_sdk::resources::{format_milli, Resources};
 use maud::{html, Markup, DOCTYPE};
