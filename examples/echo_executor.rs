@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use agora_sdk::executor::{run, Executor, ExecutorDriver, ExecutorRegistration};
-use agora_sdk::proto::{TaskId, TaskInfo, TaskKind, TaskState};
+use agora_sdk::proto::{Reason, TaskId, TaskInfo, TaskKind, TaskState};
 
 /// Exit status of the `crash` task.
 const CRASH_STATUS: i32 = 3;
@@ -40,7 +40,7 @@ impl Echo {
         driver: &ExecutorDriver,
         task_id: TaskId,
         state: TaskState,
-        reason: &str,
+        reason: Reason,
         message: String,
     ) {
         if let Err(e) = driver.send_status_update(task_id.clone(), state, reason, message).await {
@@ -66,7 +66,7 @@ impl Executor for Echo {
         let n = self.count;
         let id = task.task_id;
         let running = format!("pid={} count={n}", std::process::id());
-        Self::update(driver, id.clone(), TaskState::Running, "task started", running).await;
+        Self::update(driver, id.clone(), TaskState::Running, Reason::TaskStarted, running).await;
         let data = match &task.kind {
             TaskKind::Executor(t) => String::from_utf8_lossy(&t.data).into_owned(),
             _ => String::new(),
@@ -77,20 +77,25 @@ impl Executor for Echo {
             }
             "stubborn" => {
                 self.stubborn = true;
-                Self::update(driver, id, TaskState::Finished, "task finished", format!("count={n}")).await
+                Self::update(driver, id, TaskState::Finished, "task finished".into(), format!("count={n}"))
+                    .await
             }
             "crash" => {
                 eprintln!("echo_executor: task {id} asked for a crash; exiting with status {CRASH_STATUS}");
                 std::process::exit(CRASH_STATUS);
             }
-            _ => Self::update(driver, id, TaskState::Finished, "task finished", format!("count={n}")).await,
+            _ => {
+                Self::update(driver, id, TaskState::Finished, "task finished".into(), format!("count={n}"))
+                    .await
+            }
         }
     }
 
     async fn kill_task(&mut self, driver: &ExecutorDriver, task_id: &TaskId) {
         // Only sleeping tasks are still running; a kill of an ended task is ignored.
         if let Some(n) = self.sleeping.remove(task_id) {
-            Self::update(driver, task_id.clone(), TaskState::Killed, "killed", format!("count={n}")).await;
+            Self::update(driver, task_id.clone(), TaskState::Killed, Reason::Killed, format!("count={n}"))
+                .await;
         }
     }
 
@@ -109,7 +114,8 @@ impl Executor for Echo {
         }
         eprintln!("echo_executor: shutting down after {} task(s)", self.count);
         for (id, n) in std::mem::take(&mut self.sleeping) {
-            Self::update(driver, id, TaskState::Killed, "executor shut down", format!("count={n}")).await;
+            Self::update(driver, id, TaskState::Killed, "executor shut down".into(), format!("count={n}"))
+                .await;
         }
     }
 }

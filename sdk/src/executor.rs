@@ -10,15 +10,17 @@
 //!
 //! ```no_run
 //! use agora_sdk::executor::{run, Executor, ExecutorDriver};
-//! use agora_sdk::{TaskId, TaskInfo, TaskState};
+//! use agora_sdk::{Reason, TaskId, TaskInfo, TaskState};
 //!
 //! /// Finishes every task at once.
 //! struct Instant;
 //!
 //! impl Executor for Instant {
 //!     async fn launch_task(&mut self, driver: &ExecutorDriver, task: TaskInfo) {
-//!         let _ = driver.send_status_update(task.task_id.clone(), TaskState::Running, "started", "").await;
-//!         let _ = driver.send_status_update(task.task_id, TaskState::Finished, "done", "").await;
+//!         let id = task.task_id;
+//!         let _ = driver.send_status_update(id.clone(), TaskState::Running, Reason::TaskStarted, "").await;
+//!         // Words of its own: `Reason::Other("done")`.
+//!         let _ = driver.send_status_update(id, TaskState::Finished, "done", "").await;
 //!     }
 //!     async fn kill_task(&mut self, driver: &ExecutorDriver, task_id: &TaskId) {
 //!         // Nothing runs for long here: tasks are finished before a kill can come.

@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use agora_sdk::executor::{run, Executor, ExecutorDriver, ExecutorRegistration};
-use agora_sdk::proto::{TaskId, TaskInfo, TaskKind, TaskState};
+use agora_sdk::proto::{Reason, TaskId, TaskInfo, TaskKind, TaskState};
 use clap::Args;
 
 #[derive(Args)]
@@ -35,7 +35,7 @@ impl Executor for Counter {
         };
         let id = task.task_id;
         let _ = driver
-            .send_status_update(id.clone(), TaskState::Running, "task started", format!("pid={pid}"))
+            .send_status_update(id.clone(), TaskState::Running, Reason::TaskStarted, format!("pid={pid}"))
             .await;
         let message = format!("{word} is task #{} of executor pid {pid}", self.count);
         let _ = driver.send_status_update(id, TaskState::Finished, "task finished", message).await;
