@@ -593,8 +593,9 @@ impl Core {
                     self.release_run(run);
                 }
                 let (framework_id, executor_id, uid) = exec;
-                // The master knows one executor per framework and executor id on an agent:
-                // it hears of the exit when the last user's process of it ended.
+                // The master holds resources for each user's process of an executor and frees
+                // them all when it hears of the exit: it hears once the last process ended
+                // (until then an ended user's share stays held, and its next task reuses it).
                 if self.executor_runs.keys().any(|(fw, id, _)| fw == &framework_id && id == &executor_id) {
                     tracing::info!(%framework_id, %executor_id, ?uid,
                         "one user's process of an executor ended; another user's still runs: {message}");
