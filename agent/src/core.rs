@@ -430,34 +430,18 @@ impl Core {
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
-        // The unit tests below run command tasks' supervisors in this process, without an
-        // `agora` binary to start as the command executor.
-        #[cfg(test)]
-        if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
-            let handle = tasks::launch(spec, self.events.clone());
-            let entry = TaskEntry {
-                task,
-                run_dir,
-                state: TaskState::Staging,
-                handle,
-                ended: false,
-                disk_kill: None,
-                executor_uid,
-            };
-            self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
-            self.tasks.insert(key, entry);
-            self.live += 1;
-            return;
-        }
-        let Some(support) = &self.executors else {
-            self.send_error(key, "invalid task", "this agent runs no executors".into(), now);
-            return;
-        };
         // The agent spawns no task itself: every task goes to an executor.
-        let handle = if executors::is_wasm(&task) {
-            executors::launch(&spec, support, &self.events)
-        } else {
-            executors::launch_direct(&spec, support, &self.events)
+        let handle = match &self.executors {
+            Some(support) if executors::is_wasm(&task) => executors::launch(&spec, support, &self.events),
+            Some(support) => executors::launch_direct(&spec, support, &self.events),
+            // The unit tests below run command tasks' supervisors in this process, without an
+            // `agora` binary to start as the command executor.
+            #[cfg(test)]
+            None if matches!(task.kind, TaskKind::Command(_)) => tasks::launch(spec, self.events.clone()),
+            None => {
+                self.send_error(key, "invalid task", "this agent runs no executors".into(), now);
+                return;
+            }
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         let entry = TaskEntry {
