@@ -10,73 +10,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agora_sdk::proto::*;
-use agora_sdk::Resources;
 use common::dev::{poll, RealCluster};
 use common::*;
-
-/// A Wasm command that sleeps `secs` seconds (WASI `poll_oneoff` on a relative clock), then
-/// returns (exit 0).
-fn sleeper_wat(secs: u64) -> String {
-    format!(
-        r#"(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "_start")
-    ;; subscription at 0: userdata 0, tag 0 (clock), clock id 1 (monotonic) at 16,
-    ;; timeout (ns) at 24, precision at 32, flags 0 (relative) at 40; the event at 64.
-    (i32.store8 (i32.const 8) (i32.const 0))
-    (i32.store (i32.const 16) (i32.const 1))
-    (i64.store (i32.const 24) (i64.const {ns}))
-    (i64.store (i32.const 32) (i64.const 1000000))
-    (i32.store16 (i32.const 40) (i32.const 0))
-    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
-        ns = secs * 1_000_000_000
-    )
-}
 
 async fn upload_wasm(c: &RealCluster, name: &str, wat: &str) -> ArtifactRef {
     let bytes = wat::parse_str(wat).expect("wat");
     let cfg = agora_sdk::config::ClientConfig::load(&c.config).expect("client.toml");
     let tls = cfg.identity(Role::Framework).expect("framework identity");
-    let session = agora_sdk::client::Session::connect(&c.addr, &tls, Role::Framework).await.expect("connect");
-    let r = agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, &bytes)
-        .await
-        .expect("upload");
-    session.conn.close(0u32.into(), b"done");
-    r
-}
-
-fn wasm_task(id: &str, module: &ArtifactRef) -> TaskInfo {
-    TaskInfo {
-        task_id: TaskId(id.into()),
-        name: id.into(),
-        resources: Resources::parse("cpus:0.1;mem:16MiB").expect("resources"),
-        kind: TaskKind::Wasm(Box::new(WasmInfo {
-            module: module.clone(),
-            args: vec![id.into()],
-            env: vec![],
-            dirs: vec![],
-            fuel: None,
-            timeout: None,
-        })),
-        kill_grace: None,
-        user: None,
-    }
-}
-
-fn pid_of(status: &TaskStatus) -> u32 {
-    status
-        .message
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {:?}", status.message))
-}
-
-/// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        .unwrap_or(false)
+    upload_artifact(&c.addr, &tls, ArtifactKind::WasmModule, name, &bytes).await
 }
 
 /// The executor processes of the agent with work dir `work` (by the socket on their command

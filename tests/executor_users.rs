@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agora_sdk::proto::*;
@@ -27,67 +26,8 @@ fn uid_of_user(name: &str) -> u32 {
     agora_agent::user::TaskUser::lookup(name).expect("a user of this node").uid
 }
 
-/// A Wasm command that sleeps `secs` seconds (WASI `poll_oneoff` on a relative clock), then
-/// returns (exit 0).
-fn sleeper_wat(secs: u64) -> String {
-    format!(
-        r#"(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "_start")
-    (i32.store8 (i32.const 8) (i32.const 0))
-    (i32.store (i32.const 16) (i32.const 1))
-    (i64.store (i32.const 24) (i64.const {ns}))
-    (i64.store (i32.const 32) (i64.const 1000000))
-    (i32.store16 (i32.const 40) (i32.const 0))
-    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
-        ns = secs * 1_000_000_000
-    )
-}
-
-async fn upload(
-    addr: &str,
-    tls: &agora_sdk::tls::TlsFiles,
-    kind: ArtifactKind,
-    name: &str,
-    bytes: &[u8],
-) -> ArtifactRef {
-    let session = agora_sdk::client::Session::connect(addr, tls, Role::Framework).await.expect("connect");
-    let r = agora_sdk::artifacts::upload_bytes(&session.conn, kind, name, bytes).await.expect("upload");
-    session.conn.close(0u32.into(), b"done");
-    r
-}
-
-fn wasm_task(id: &str, module: &ArtifactRef, user: Option<&str>) -> TaskInfo {
-    TaskInfo {
-        task_id: TaskId(id.into()),
-        name: id.into(),
-        resources: Resources::parse("cpus:0.1;mem:16MiB").expect("resources"),
-        kind: TaskKind::Wasm(Box::new(WasmInfo {
-            module: module.clone(),
-            args: vec![id.into()],
-            env: vec![],
-            dirs: vec![],
-            fuel: None,
-            timeout: None,
-        })),
-        kill_grace: None,
-        user: user.map(str::to_string),
-    }
-}
-
-/// The `echo_executor` example beside the test binaries (built by `tests/executors.rs`'s
-/// helper the same way: a lone `cargo test --test executor_users` does not build examples).
-fn echo_executor() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_agora"));
-    let path = bin.parent().expect("target dir").join("examples").join("echo_executor");
-    let mut cargo = std::process::Command::new(env!("CARGO"));
-    cargo.args(["build", "--example", "echo_executor"]).current_dir(env!("CARGO_MANIFEST_DIR"));
-    if !cfg!(debug_assertions) {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().expect("cargo build --example").success(), "cannot build echo_executor");
-    path
+fn wasm_task_as(id: &str, module: &ArtifactRef, user: Option<&str>) -> TaskInfo {
+    TaskInfo { user: user.map(str::to_string), ..wasm_task(id, module) }
 }
 
 fn echo_task(id: &str, artifact: &ArtifactRef, user: Option<&str>) -> TaskInfo {
@@ -106,22 +46,6 @@ fn echo_task(id: &str, artifact: &ArtifactRef, user: Option<&str>) -> TaskInfo {
         kill_grace: None,
         user: user.map(str::to_string),
     }
-}
-
-/// The executor's pid in a Wasm task's RUNNING message (`process <pid> started`-like: the
-/// first number) or in the echo executor's (`pid=<n>`).
-fn pid_of(status: &TaskStatus) -> u32 {
-    status
-        .message
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("pid=").unwrap_or(w).parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {:?}", status.message))
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        .unwrap_or(false)
 }
 
 /// Real uid, real gid, supplementary groups (the framework's group is the primary one) and
@@ -168,17 +92,18 @@ async fn wasm_tasks_of_two_users_run_in_two_executors_as_those_users() {
     let c = TestCluster::start(1, "cpus:4;mem:4GiB").await;
     let addr = c.master.addr.to_string();
     let module = wat::parse_str(sleeper_wat(600)).expect("wat");
-    let module = upload(&addr, &c.tls("framework"), ArtifactKind::WasmModule, "sleeper", &module).await;
+    let module =
+        upload_artifact(&addr, &c.tls("framework"), ArtifactKind::WasmModule, "sleeper", &module).await;
     let mut fw = ProbeFramework::start(c.framework("users")).await;
     let seen = launch_all(
         &mut fw,
         vec![
-            wasm_task("a1", &module, Some(USER_A)),
-            wasm_task("a2", &module, Some(USER_A)),
-            wasm_task("b1", &module, Some(USER_B)),
-            wasm_task("n1", &module, None),
-            wasm_task("root", &module, Some("root")),
-            wasm_task("ghost", &module, Some("no-such-user-agora")),
+            wasm_task_as("a1", &module, Some(USER_A)),
+            wasm_task_as("a2", &module, Some(USER_A)),
+            wasm_task_as("b1", &module, Some(USER_B)),
+            wasm_task_as("n1", &module, None),
+            wasm_task_as("root", &module, Some("root")),
+            wasm_task_as("ghost", &module, Some("no-such-user-agora")),
         ],
     )
     .await;
@@ -254,9 +179,9 @@ async fn a_framework_executor_runs_as_its_tasks_user() {
     }
     let c = TestCluster::start(1, "cpus:4;mem:4GiB").await;
     let addr = c.master.addr.to_string();
-    let bytes = std::fs::read(echo_executor()).expect("echo_executor");
+    let bytes = std::fs::read(example("echo_executor")).expect("echo_executor");
     let artifact =
-        upload(&addr, &c.tls("framework"), ArtifactKind::Executable, "echo_executor", &bytes).await;
+        upload_artifact(&addr, &c.tls("framework"), ArtifactKind::Executable, "echo_executor", &bytes).await;
     let mut fw = ProbeFramework::start(c.framework("echo-users")).await;
     let seen = launch_all(
         &mut fw,
@@ -320,11 +245,11 @@ async fn executors_of_two_users_are_taken_back_after_an_agent_restart() {
     let cfg = agora_sdk::config::ClientConfig::load(&c.config).expect("client.toml");
     let tls = cfg.identity(Role::Framework).expect("framework identity");
     let module = wat::parse_str(sleeper_wat(10)).expect("wat");
-    let module = upload(&c.addr, &tls, ArtifactKind::WasmModule, "sleeper", &module).await;
+    let module = upload_artifact(&c.addr, &tls, ArtifactKind::WasmModule, "sleeper", &module).await;
     let mut fw = ProbeFramework::start(c.framework_config("recovery-users")).await;
     let seen = launch_all(
         &mut fw,
-        vec![wasm_task("a", &module, Some(USER_A)), wasm_task("b", &module, Some(USER_B))],
+        vec![wasm_task_as("a", &module, Some(USER_A)), wasm_task_as("b", &module, Some(USER_B))],
     )
     .await;
     let (a, b) = (pid_of(&seen["a"]), pid_of(&seen["b"]));

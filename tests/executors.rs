@@ -10,27 +10,6 @@ use agora_sdk::proto::*;
 use agora_sdk::Resources;
 use common::*;
 
-/// An example program beside the test binaries, built (or found up to date) with the same
-/// profile: a lone `cargo test --test executors` does not build examples, and a stale one would
-/// test old code.
-fn example(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let bin = Path::new(env!("CARGO_BIN_EXE_agora"));
-    let path = bin.parent().expect("target dir").join("examples").join(name);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !built.iter().any(|b| b == name) {
-        let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo.args(["build", "--example", name]).current_dir(env!("CARGO_MANIFEST_DIR"));
-        if !cfg!(debug_assertions) {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("cargo build --example");
-        assert!(status.success(), "cannot build the {name} example");
-        built.push(name.to_string());
-    }
-    path
-}
-
 fn echo_executor() -> PathBuf {
     example("echo_executor")
 }

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use agora_sdk::proto::*;
-use agora_sdk::Resources;
 use common::*;
 
 async fn upload(c: &TestCluster, name: &str, wat_path: &Path) -> ArtifactRef {
@@ -29,35 +28,11 @@ fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("executor-wasm/tests/fixtures").join(format!("{name}.wat"))
 }
 
-fn wasm_task(id: &str, module: &ArtifactRef, mem: &str, timeout: Option<Duration>) -> TaskInfo {
-    TaskInfo {
-        task_id: TaskId(id.into()),
-        name: id.into(),
-        resources: Resources::parse(&format!("cpus:0.1;mem:{mem}")).expect("resources"),
-        kind: TaskKind::Wasm(Box::new(WasmInfo {
-            module: module.clone(),
-            args: vec![id.into()],
-            env: vec![],
-            dirs: vec![],
-            fuel: None,
-            timeout,
-        })),
-        kill_grace: None,
-        user: None,
-    }
-}
-
-fn pid_of(status: &TaskStatus) -> i32 {
-    status
-        .message
-        .split_whitespace()
-        .find_map(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {:?}", status.message))
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+/// A Wasm task of `module` with a wall-clock timeout.
+fn timed(task: TaskInfo, timeout: Duration) -> TaskInfo {
+    let TaskKind::Wasm(mut w) = task.kind else { unreachable!("a Wasm task") };
+    w.timeout = Some(timeout);
+    TaskInfo { kind: TaskKind::Wasm(w), ..task }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,12 +52,12 @@ async fn one_executor_holds_many_tasks_and_exits_when_idle() {
     let mut fw = ProbeFramework::start(c.framework("wasm")).await;
     let offer = fw.offer().await;
     let tasks = vec![
-        wasm_task("hello-1", &hello, "16MiB", None),
-        wasm_task("spin", &spin, "16MiB", Some(Duration::from_millis(400))),
-        wasm_task("bomb", &bomb, "16MiB", None),
-        wasm_task("trap", &trap, "16MiB", None),
-        wasm_task("hello-2", &hello, "16MiB", None),
-        wasm_task("forever", &spin, "16MiB", None),
+        wasm_task("hello-1", &hello),
+        timed(wasm_task("spin", &spin), Duration::from_millis(400)),
+        wasm_task("bomb", &bomb),
+        wasm_task("trap", &trap),
+        wasm_task("hello-2", &hello),
+        wasm_task("forever", &spin),
     ];
     fw.held.clear();
     fw.driver().launch(vec![offer.id], tasks);
@@ -123,7 +98,7 @@ async fn one_executor_holds_many_tasks_and_exits_when_idle() {
     wait_for("the idle executor to exit", || async move { !alive(pid) }).await;
     let offer = fw.offer().await;
     fw.held.clear();
-    fw.driver().launch(vec![offer.id], vec![wasm_task("hello-3", &hello, "16MiB", None)]);
+    fw.driver().launch(vec![offer.id], vec![wasm_task("hello-3", &hello)]);
     let running = fw.update_for("hello-3", TaskState::Running).await;
     assert_ne!(pid_of(&running), pid, "a new executor");
     fw.update_for("hello-3", TaskState::Finished).await;
@@ -148,10 +123,7 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     let mut fw = ProbeFramework::start(c.framework("wasm")).await;
     let offer = fw.offer().await;
     fw.held.clear();
-    fw.driver().launch(
-        vec![offer.id],
-        vec![wasm_task("spin-a", &spin, "16MiB", None), wasm_task("spin-b", &spin, "16MiB", None)],
-    );
+    fw.driver().launch(vec![offer.id], vec![wasm_task("spin-a", &spin), wasm_task("spin-b", &spin)]);
     let running = fw.update_for("spin-a", TaskState::Running).await;
     let pid = pid_of(&running);
     // As root (only: elsewhere a skip line), the Wasm executor runs as the task user, never as
@@ -173,7 +145,7 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
         .await
     }
     // SAFETY: kill(2) of the executor process this test's agent started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     // Both end, in whichever order the agent reports them.
     let mut ends = std::collections::BTreeMap::new();
     while ends.len() < 2 {
@@ -190,18 +162,18 @@ async fn an_executor_dying_fails_its_tasks_and_the_agent_carries_on() {
     }
     let offer = fw.offer().await;
     fw.held.clear();
-    fw.driver().launch(vec![offer.id], vec![wasm_task("after", &hello, "16MiB", None)]);
+    fw.driver().launch(vec![offer.id], vec![wasm_task("after", &hello)]);
     fw.update_for("after", TaskState::Finished).await;
     c.stop().await;
 }
 
-fn cgroups_of(pid: i32) -> String {
+fn cgroups_of(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
 /// The memory limit file of the executor's own cgroup (v1 `memory.limit_in_bytes` or v2
 /// `memory.max`), if it is in one the agent made.
-fn memory_limit_file(pid: i32) -> Option<std::path::PathBuf> {
+fn memory_limit_file(pid: u32) -> Option<std::path::PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');

@@ -430,34 +430,18 @@ impl Core {
         };
         tracing::info!(task_id = %key.task_id, framework_id = %key.framework_id, name = %task.name,
             "launching task");
-        // The unit tests below run command tasks' supervisors in this process, without an
-        // `agora` binary to start as the command executor.
-        #[cfg(test)]
-        if self.executors.is_none() && matches!(task.kind, TaskKind::Command(_)) {
-            let handle = tasks::launch(spec, self.events.clone());
-            let entry = TaskEntry {
-                task,
-                run_dir,
-                state: TaskState::Staging,
-                handle,
-                ended: false,
-                disk_kill: None,
-                executor_uid,
-            };
-            self.journal(Record::Task(Box::new(entry.record(&key.framework_id))));
-            self.tasks.insert(key, entry);
-            self.live += 1;
-            return;
-        }
-        let Some(support) = &self.executors else {
-            self.send_error(key, Reason::InvalidTask, "this agent runs no executors".into(), now);
-            return;
-        };
         // The agent spawns no task itself: every task goes to an executor.
-        let handle = if executors::is_wasm(&task) {
-            executors::launch(&spec, support, &self.events)
-        } else {
-            executors::launch_direct(&spec, support, &self.events)
+        let handle = match &self.executors {
+            Some(support) if executors::is_wasm(&task) => executors::launch(&spec, support, &self.events),
+            Some(support) => executors::launch_direct(&spec, support, &self.events),
+            // The unit tests below run command tasks' supervisors in this process, without an
+            // `agora` binary to start as the command executor.
+            #[cfg(test)]
+            None if matches!(task.kind, TaskKind::Command(_)) => tasks::launch(spec, self.events.clone()),
+            None => {
+                self.send_error(key, Reason::InvalidTask, "this agent runs no executors".into(), now);
+                return;
+            }
         };
         metrics::counter!("agora_agent_tasks_launched_total").increment(1);
         let entry = TaskEntry {
@@ -593,8 +577,9 @@ impl Core {
                     self.release_run(run);
                 }
                 let (framework_id, executor_id, uid) = exec;
-                // The master knows one executor per framework and executor id on an agent:
-                // it hears of the exit when the last user's process of it ended.
+                // The master holds resources for each user's process of an executor and frees
+                // them all when it hears of the exit: it hears once the last process ended
+                // (until then an ended user's share stays held, and its next task reuses it).
                 if self.executor_runs.keys().any(|(fw, id, _)| fw == &framework_id && id == &executor_id) {
                     tracing::info!(%framework_id, %executor_id, ?uid,
                         "one user's process of an executor ended; another user's still runs: {message}");

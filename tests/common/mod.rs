@@ -483,3 +483,95 @@ pub fn executors_config() -> agora_agent::executors::ExecutorsConfig {
         ..Default::default()
     }
 }
+
+/// A Wasm command that sleeps `secs` seconds (WASI `poll_oneoff` on a relative clock), then
+/// returns (exit 0).
+pub fn sleeper_wat(secs: u64) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    ;; subscription at 0: userdata 0, tag 0 (clock), clock id 1 (monotonic) at 16,
+    ;; timeout (ns) at 24, precision at 32, flags 0 (relative) at 40; the event at 64.
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const {ns}))
+    (i64.store (i32.const 32) (i64.const 1000000))
+    (i32.store16 (i32.const 40) (i32.const 0))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"#,
+        ns = secs * 1_000_000_000
+    )
+}
+
+/// Uploads `bytes` to the master at `addr` as a framework with `tls`.
+pub async fn upload_artifact(
+    addr: &str,
+    tls: &TlsFiles,
+    kind: ArtifactKind,
+    name: &str,
+    bytes: &[u8],
+) -> ArtifactRef {
+    let session = agora_sdk::client::Session::connect(addr, tls, Role::Framework).await.expect("connect");
+    let r = agora_sdk::artifacts::upload_bytes(&session.conn, kind, name, bytes).await.expect("upload");
+    session.conn.close(0u32.into(), b"done");
+    r
+}
+
+/// A Wasm task of `module` with `cpus:0.1;mem:16MiB`, its id as its one argument, run as the
+/// agent's task user (set `user` with struct update syntax for another).
+pub fn wasm_task(id: &str, module: &ArtifactRef) -> TaskInfo {
+    TaskInfo {
+        task_id: TaskId(id.into()),
+        name: id.into(),
+        resources: Resources::parse("cpus:0.1;mem:16MiB").expect("resources"),
+        kind: TaskKind::Wasm(Box::new(WasmInfo {
+            module: module.clone(),
+            args: vec![id.into()],
+            env: vec![],
+            dirs: vec![],
+            fuel: None,
+            timeout: None,
+        })),
+        kill_grace: None,
+        user: None,
+    }
+}
+
+/// The executor's pid in a task's RUNNING message: the first number in it (a Wasm task's) or
+/// the echo executor's `pid=<n>`.
+pub fn pid_of(status: &TaskStatus) -> u32 {
+    status
+        .message
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid=").unwrap_or(w).parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {:?}", status.message))
+}
+
+/// Process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// An example program beside the test binaries, built (or found up to date) with the same
+/// profile: a lone `cargo test --test NAME` does not build examples, and a stale one would
+/// test old code.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_agora"));
+    let path = bin.parent().expect("target dir").join("examples").join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--example", name]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if !cfg!(debug_assertions) {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cargo build --example");
+        assert!(status.success(), "cannot build the {name} example");
+        built.push(name.to_string());
+    }
+    path
+}

@@ -18,6 +18,36 @@ pub type ExecKey = (FrameworkId, ExecutorId, Option<u32>);
 /// A process: its pid and its start time (against pid reuse).
 pub(super) type ProcessId = (u32, Option<u64>);
 
+/// Why the agent could not start an executor, or place what its task needs; the task it was
+/// for fails with this as its message.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    /// The framework's task group could not be found or made.
+    #[error("no group for framework {framework}: {source}")]
+    NoGroup { framework: FrameworkId, source: std::io::Error },
+    /// The framework id cannot name a directory.
+    #[error(transparent)]
+    Id(#[from] crate::sandbox::IdError),
+    /// A file system call failed: `what` names it, with its path.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    /// The agent's own binary (which runs the built-in executors) cannot be found.
+    #[error("cannot find the agora binary: {0}")]
+    NoBinary(std::io::Error),
+    /// The isolation spec for the command executor could not be written.
+    #[error("cannot describe the isolation for the command executor: {0}")]
+    Isolation(#[from] serde_json::Error),
+    /// The executor's cgroup could not be made.
+    #[error("cannot create the executor's cgroup: {0}")]
+    Cgroup(#[from] crate::cgroups::CgroupError),
+}
+
+impl StartError {
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+        move |source| StartError::Io { what, path: path.to_path_buf(), source }
+    }
+}
+
 /// What an executor reports that is not about one task; the agent core passes it to the master.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutorEvent {
@@ -596,7 +626,12 @@ impl Manager {
                         Ok(path) => l.module_path = path,
                         Err(why) => {
                             let key = TaskKey { framework_id, task_id };
-                            finish(&slot.events, &key, &slot.done, failed(Reason::FetchFailed, why));
+                            finish(
+                                &slot.events,
+                                &key,
+                                &slot.done,
+                                failed(Reason::FetchFailed, why.to_string()),
+                            );
                             return;
                         }
                     }
@@ -611,7 +646,12 @@ impl Manager {
                     };
                     if let Err(why) = kind.and_then(|kind| self.start_executor(&exec, kind)) {
                         let key = TaskKey { framework_id, task_id };
-                        finish(&slot.events, &key, &slot.done, failed(Reason::ExecutorTerminated, why));
+                        finish(
+                            &slot.events,
+                            &key,
+                            &slot.done,
+                            failed(Reason::ExecutorTerminated, why.to_string()),
+                        );
                         return;
                     }
                 }
@@ -985,13 +1025,13 @@ impl Manager {
     /// Who executor `exec` runs as: the uid of its key (the task user when its tasks name
     /// no user) with its framework's group as its only group; the command executor's key has
     /// no uid and this is the task user, to whom its socket belongs.
-    pub(super) fn user_for(&self, exec: &ExecKey) -> Result<Option<crate::user::TaskUser>, String> {
+    pub(super) fn user_for(&self, exec: &ExecKey) -> Result<Option<crate::user::TaskUser>, StartError> {
         let fw = &exec.0;
         match &self.config.task_groups {
             Some(g) => g
                 .for_framework(fw.as_str())
                 .map(|u| Some(crate::user::TaskUser { uid: exec.2.unwrap_or(u.uid), gid: u.gid }))
-                .map_err(|e| format!("no group for framework {fw}: {e}")),
+                .map_err(|source| StartError::NoGroup { framework: fw.clone(), source }),
             None => Ok(None),
         }
     }
@@ -1001,9 +1041,8 @@ impl Manager {
     /// their own, and `framework-<fw>+uid<uid>` for another user (`+` never occurs in an
     /// escaped id, so no framework's name can take another's directory). Compiled modules are
     /// code the executor loads: one user's executor never loads what another's wrote.
-    pub(super) fn framework_cache(&self, exec: &ExecKey) -> Result<PathBuf, String> {
-        let mut name =
-            crate::sandbox::path_component("framework", exec.0.as_str()).map_err(|e| e.to_string())?;
+    pub(super) fn framework_cache(&self, exec: &ExecKey) -> Result<PathBuf, StartError> {
+        let mut name = crate::sandbox::path_component("framework", exec.0.as_str())?;
         if let (Some(uid), Some(g)) = (exec.2, &self.config.task_groups) {
             if uid != g.task_uid() {
                 name.push_str(&format!("+uid{uid}"));
@@ -1015,21 +1054,19 @@ impl Manager {
     /// Where `exec`'s Wasm executor reads launch `l`'s module: a hard link (or, across file
     /// systems, a copy) of the cached artifact in its framework's and user's own directory,
     /// made once per framework, user and module.
-    pub(super) fn framework_module(&mut self, exec: &ExecKey, l: &WasmLaunch) -> Result<PathBuf, String> {
+    pub(super) fn framework_module(&mut self, exec: &ExecKey, l: &WasmLaunch) -> Result<PathBuf, StartError> {
         let owner = (exec.0.clone(), exec.2);
         // The hot path of every Wasm launch: no lookup beyond this when the module is placed.
         if let Some(p) = self.modules.get(&owner).and_then(|m| m.get(&l.digest)) {
             return Ok(p.clone());
         }
         let dir = self.framework_cache(exec)?.join("modules");
-        crate::sandbox::create_sandbox(&dir, self.user_for(exec)?)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        crate::sandbox::create_sandbox(&dir, self.user_for(exec)?).map_err(StartError::io("create", &dir))?;
         let dest = dir.join(&l.digest);
         if !dest.exists() {
             if let Err(e) = std::fs::hard_link(&l.module_path, &dest) {
                 tracing::debug!(error = %e, "cannot link a module for the executor; copying it");
-                std::fs::copy(&l.module_path, &dest)
-                    .map_err(|e| format!("cannot copy the module to {}: {e}", dest.display()))?;
+                std::fs::copy(&l.module_path, &dest).map_err(StartError::io("copy the module to", &dest))?;
             }
         }
         self.modules.entry(owner).or_default().insert(l.digest.clone(), dest.clone());
@@ -1037,7 +1074,7 @@ impl Manager {
     }
 
     /// Listens on `socket` for executor `exec` (replacing a stale socket file there).
-    pub(super) fn bind(&self, socket: &Path, exec: &ExecKey) -> Result<UnixListener, String> {
+    pub(super) fn bind(&self, socket: &Path, exec: &ExecKey) -> Result<UnixListener, StartError> {
         {
             use std::os::unix::fs::DirBuilderExt;
             let dir = socket.parent().unwrap_or(&self.dir);
@@ -1045,16 +1082,15 @@ impl Manager {
                 .recursive(true)
                 .mode(crate::sandbox::PASS_THROUGH)
                 .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(StartError::io("create", dir))?;
         }
         let _ = std::fs::remove_file(socket);
-        let listener =
-            UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        let listener = UnixListener::bind(socket).map_err(StartError::io("listen on", socket))?;
         // Only the executor's user may connect (and the peer's pid is checked on accept).
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
         if let Some(u) = self.user_for(exec)? {
-            u.chown(socket).map_err(|e| format!("cannot hand {} to the task user: {e}", socket.display()))?;
+            u.chown(socket).map_err(StartError::io("give the task user the socket", socket))?;
         }
         Ok(listener)
     }
@@ -1167,7 +1203,7 @@ impl Manager {
                     if let Some(pid) = rec.pid {
                         crate::checkpoint::kill_session(pid);
                     }
-                    gone.push((exec, rec.serial, why));
+                    gone.push((exec, rec.serial, why.to_string()));
                 }
                 None => gone.push((
                     exec,
@@ -1218,13 +1254,13 @@ impl Manager {
         }
     }
 
-    pub(super) fn start_executor(&mut self, exec: &ExecKey, kind: ExecKind) -> Result<(), String> {
+    pub(super) fn start_executor(&mut self, exec: &ExecKey, kind: ExecKind) -> Result<(), StartError> {
         self.next_serial += 1;
         let serial = self.next_serial;
         let fw = &exec.0;
         let program = match &self.config.executor_program {
             Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(|e| format!("cannot find the agora binary: {e}"))?,
+            None => std::env::current_exe().map_err(StartError::NoBinary)?,
         };
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -1232,7 +1268,7 @@ impl Manager {
                 .recursive(true)
                 .mode(crate::sandbox::PASS_THROUGH)
                 .create(&self.dir)
-                .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+                .map_err(StartError::io("create", &self.dir))?;
         }
         let socket = socket_path(&self.dir, serial);
         let listener = self.bind(&socket, exec)?;
@@ -1252,8 +1288,7 @@ impl Manager {
                 // Compiled modules are code the executor loads: the cache is per framework and
                 // owned by the task user, never shared between frameworks.
                 let cache = self.framework_cache(exec)?;
-                crate::sandbox::create_sandbox(&cache, user)
-                    .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+                crate::sandbox::create_sandbox(&cache, user).map_err(StartError::io("create", &cache))?;
                 let args: Vec<String> = vec![
                     "executor-wasm".into(),
                     "--socket".into(),
@@ -1283,7 +1318,7 @@ impl Manager {
                 ];
                 if let Some(spec) = self.isolator.spec() {
                     args.push("--isolation".into());
-                    args.push(serde_json::to_string(&spec).map_err(|e| e.to_string())?);
+                    args.push(serde_json::to_string(&spec)?);
                 }
                 if let Some(u) = user {
                     args.push("--task-uid".into());
@@ -1314,10 +1349,7 @@ impl Manager {
         let cgroup = if cgroup {
             let name = format!("executor-{serial}");
             let limits = self.isolator.limits_for(&executor_resources(&kind, std::iter::empty()));
-            self.isolator
-                .create(&name, limits)
-                .map_err(|e| format!("cannot create the executor's cgroup: {e}"))?
-                .map(|g| Arc::new(Mutex::new(g)))
+            self.isolator.create(&name, limits)?.map(|g| Arc::new(Mutex::new(g)))
         } else {
             None
         };

@@ -201,7 +201,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
-            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
+            .chain(self.executors.on_agent(id).map(|((fw, _, _), e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.recover(&fw, id, &r);
@@ -223,7 +223,7 @@ impl Master {
         let held: Vec<(FrameworkId, Resources)> = self
             .live_tasks(agent.tasks.iter())
             .map(|t| (t.framework_id.clone(), t.allocation.clone()))
-            .chain(self.executors.on_agent(id).map(|(fw, e)| (fw.clone(), e.allocation.clone())))
+            .chain(self.executors.on_agent(id).map(|((fw, _, _), e)| (fw.clone(), e.allocation.clone())))
             .collect();
         for (fw, r) in held {
             self.allocator.allocated(&fw, id, &r);

@@ -40,15 +40,50 @@ pub(crate) struct ExecutorRecord {
     pub allocation: Resources,
 }
 
-/// The executors the master launched, by agent, then by framework and executor id.
+/// Which executor process a record stands for on an agent: the framework, the executor id
+/// and the OS user its tasks run as (`None`: the agent's `--task-user`). The agent starts one
+/// process per framework, executor id and user, so a second user's tasks under the same
+/// executor id start a second process: it takes the executor's resources from the offer
+/// again.
+pub(crate) type ExecutorKey = (FrameworkId, ExecutorId, Option<String>);
+
+/// The executors the master launched, by agent, then by framework, executor id and user.
+///
+/// The agent reports an executor's end once the last user's process of it ended, so the
+/// master frees every user's record of that executor then. Until then a user's record whose
+/// process ended early keeps its resources held (more is held than used, never less); that
+/// user's next task of the executor starts a new process under the same record.
 #[derive(Debug, Default)]
 pub(crate) struct Executors {
-    by_agent: FxHashMap<AgentId, BTreeMap<(FrameworkId, ExecutorId), ExecutorRecord>>,
+    by_agent: FxHashMap<AgentId, BTreeMap<ExecutorKey, ExecutorRecord>>,
 }
 
 impl Executors {
-    pub(crate) fn get(&self, agent: &AgentId, fw: &FrameworkId, id: &ExecutorId) -> Option<&ExecutorRecord> {
-        self.by_agent.get(agent)?.get(&(fw.clone(), id.clone()))
+    /// The record of one user's process of an executor.
+    pub(crate) fn get(
+        &self,
+        agent: &AgentId,
+        fw: &FrameworkId,
+        id: &ExecutorId,
+        user: Option<&str>,
+    ) -> Option<&ExecutorRecord> {
+        self.by_agent.get(agent)?.get(&(fw.clone(), id.clone(), user.map(str::to_owned)))
+    }
+
+    /// The records of an executor on `agent`, whatever their user.
+    pub(crate) fn users_of<'a>(
+        &'a self,
+        agent: &AgentId,
+        fw: &'a FrameworkId,
+        id: &'a ExecutorId,
+    ) -> impl Iterator<Item = &'a ExecutorRecord> + 'a {
+        let first = (fw.clone(), id.clone(), None);
+        self.by_agent
+            .get(agent)
+            .into_iter()
+            .flat_map(move |m| m.range(first.clone()..))
+            .take_while(move |((f, i, _), _)| f == fw && i == id)
+            .map(|(_, r)| r)
     }
 
     /// Every executor record, of every agent.
@@ -56,38 +91,60 @@ impl Executors {
         self.by_agent.values().flat_map(|m| m.values())
     }
 
-    pub(crate) fn insert(&mut self, agent: &AgentId, fw: &FrameworkId, record: ExecutorRecord) {
-        let id = record.info.executor_id.clone();
-        self.by_agent.entry(agent.clone()).or_default().insert((fw.clone(), id), record);
-    }
-
-    pub(crate) fn remove(
+    pub(crate) fn insert(
         &mut self,
         agent: &AgentId,
         fw: &FrameworkId,
-        id: &ExecutorId,
-    ) -> Option<ExecutorRecord> {
+        user: Option<String>,
+        record: ExecutorRecord,
+    ) {
+        let id = record.info.executor_id.clone();
+        self.by_agent.entry(agent.clone()).or_default().insert((fw.clone(), id, user), record);
+    }
+
+    /// Forgets one record.
+    pub(crate) fn remove(&mut self, agent: &AgentId, key: &ExecutorKey) -> Option<ExecutorRecord> {
         let on_agent = self.by_agent.get_mut(agent)?;
-        let record = on_agent.remove(&(fw.clone(), id.clone()));
+        let record = on_agent.remove(key);
         if on_agent.is_empty() {
             self.by_agent.remove(agent);
         }
         record
     }
 
-    /// Every executor on `agent`, with its framework.
+    /// Forgets every user's record of an executor on `agent`.
+    pub(crate) fn remove_all_users(
+        &mut self,
+        agent: &AgentId,
+        fw: &FrameworkId,
+        id: &ExecutorId,
+    ) -> Vec<ExecutorRecord> {
+        let Some(on_agent) = self.by_agent.get_mut(agent) else { return Vec::new() };
+        let keys: Vec<ExecutorKey> = on_agent
+            .range((fw.clone(), id.clone(), None)..)
+            .take_while(|((f, i, _), _)| f == fw && i == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let out = keys.iter().filter_map(|k| on_agent.remove(k)).collect();
+        if on_agent.is_empty() {
+            self.by_agent.remove(agent);
+        }
+        out
+    }
+
+    /// Every executor record on `agent`, with its key.
     pub(crate) fn on_agent<'a>(
         &'a self,
         agent: &AgentId,
-    ) -> impl Iterator<Item = (&'a FrameworkId, &'a ExecutorRecord)> + 'a {
-        self.by_agent.get(agent).into_iter().flat_map(|m| m.iter().map(|((fw, _), r)| (fw, r)))
+    ) -> impl Iterator<Item = (&'a ExecutorKey, &'a ExecutorRecord)> + 'a {
+        self.by_agent.get(agent).into_iter().flat_map(|m| m.iter())
     }
 
     /// Forgets every executor on `agent`; returns them with their framework.
     pub(crate) fn remove_agent(&mut self, agent: &AgentId) -> Vec<(FrameworkId, ExecutorRecord)> {
         self.by_agent
             .remove(agent)
-            .map(|m| m.into_iter().map(|((fw, _), r)| (fw, r)).collect())
+            .map(|m| m.into_iter().map(|((fw, _, _), r)| (fw, r)).collect())
             .unwrap_or_default()
     }
 
@@ -95,8 +152,8 @@ impl Executors {
     pub(crate) fn remove_framework(&mut self, fw: &FrameworkId) -> Vec<(AgentId, ExecutorRecord)> {
         let mut out = Vec::new();
         for (agent, m) in &mut self.by_agent {
-            let ids: Vec<(FrameworkId, ExecutorId)> = m.keys().filter(|(f, _)| f == fw).cloned().collect();
-            for key in ids {
+            let keys: Vec<ExecutorKey> = m.keys().filter(|(f, _, _)| f == fw).cloned().collect();
+            for key in keys {
                 if let Some(r) = m.remove(&key) {
                     out.push((agent.clone(), r));
                 }
@@ -111,7 +168,7 @@ impl Executors {
     pub(crate) fn framework_used(&self, fw: &FrameworkId) -> Resources {
         let mut used = Resources::default();
         for m in self.by_agent.values() {
-            for ((f, _), r) in m {
+            for ((f, _, _), r) in m {
                 if f == fw {
                     used.add_assign(&r.allocation);
                 }
@@ -137,44 +194,48 @@ impl Master {
     /// resources.
     pub(super) fn sync_executors(&mut self, agent_id: &AgentId) {
         let Some(agent) = self.agents.get(agent_id) else { return };
-        let mut backed: BTreeMap<(FrameworkId, ExecutorId), ExecutorInfo> = BTreeMap::new();
+        let mut backed: BTreeMap<ExecutorKey, ExecutorInfo> = BTreeMap::new();
         for t in self.live_tasks(agent.tasks.iter()) {
             if let TaskKind::Executor(e) = &t.info.kind {
                 backed
-                    .entry((t.framework_id.clone(), e.executor.executor_id.clone()))
+                    .entry((t.framework_id.clone(), e.executor.executor_id.clone(), t.info.user.clone()))
                     .or_insert_with(|| e.executor.clone());
             }
         }
-        let stale: Vec<(FrameworkId, ExecutorId)> = self
+        let stale: Vec<ExecutorKey> = self
             .executors
             .on_agent(agent_id)
-            .map(|(fw, e)| (fw.clone(), e.info.executor_id.clone()))
+            .map(|(k, _)| k.clone())
             .filter(|k| !backed.contains_key(k))
             .collect();
-        for (fw, id) in stale {
-            debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "executor without live tasks on re-registration: forgotten");
-            self.executors.remove(agent_id, &fw, &id);
+        for key in stale {
+            let (fw, id, user) = &key;
+            debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, ?user, "executor without live tasks on re-registration: forgotten");
+            self.executors.remove(agent_id, &key);
         }
-        for ((fw, id), info) in backed {
-            if self.executors.get(agent_id, &fw, &id).is_none() {
-                debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, "adopting reported executor");
+        for ((fw, id, user), info) in backed {
+            if self.executors.get(agent_id, &fw, &id, user.as_deref()).is_none() {
+                debug!(agent_id = %agent_id, framework_id = %fw, executor_id = %id, ?user, "adopting reported executor");
                 let allocation = info.resources.flatten();
-                self.executors.insert(agent_id, &fw, ExecutorRecord { info, allocation });
+                self.executors.insert(agent_id, &fw, user, ExecutorRecord { info, allocation });
             }
         }
     }
 
-    /// Forgets an executor and frees what it held; `None` if it was not known.
+    /// Forgets every user's record of an executor and frees what they held; how many there
+    /// were.
     pub(super) fn release_executor(
         &mut self,
         now: Instant,
         agent_id: &AgentId,
         fw: &FrameworkId,
         id: &ExecutorId,
-    ) -> Option<ExecutorRecord> {
-        let record = self.executors.remove(agent_id, fw, id)?;
-        self.free_executor_resources(now, agent_id, fw, &record);
-        Some(record)
+    ) -> usize {
+        let records = self.executors.remove_all_users(agent_id, fw, id);
+        for record in &records {
+            self.free_executor_resources(now, agent_id, fw, record);
+        }
+        records.len()
     }
 
     pub(super) fn free_executor_resources(
@@ -203,8 +264,8 @@ impl Master {
         executor_id: ExecutorId,
         message: String,
     ) {
-        let known = self.release_executor(now, agent_id, &framework_id, &executor_id).is_some();
-        info!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, known, message, "executor exited");
+        let known = self.release_executor(now, agent_id, &framework_id, &executor_id);
+        info!(agent_id = %agent_id, framework_id = %framework_id, executor_id = %executor_id, records = known, message, "executor exited");
         if executor_id.as_str().starts_with(RESERVED_PREFIX) {
             return;
         }
@@ -645,24 +706,53 @@ mod tests {
             info: ExecutorInfo { executor_id: ExecutorId::new(id), ..exec(id).executor },
             allocation: Resources::cpus(cpus),
         };
-        t.insert(&a1, &f1, rec("e1", 100));
-        t.insert(&a2, &f1, rec("e1", 200));
-        t.insert(&a1, &f2, rec("e1", 400));
+        t.insert(&a1, &f1, None, rec("e1", 100));
+        t.insert(&a2, &f1, None, rec("e1", 200));
+        t.insert(&a1, &f2, None, rec("e1", 400));
         assert_eq!(t.len(), 3);
         assert_eq!(t.framework_used(&f1), Resources::cpus(300));
         assert_eq!(t.on_agent(&a1).count(), 2);
-        assert!(t.get(&a1, &f2, &ExecutorId::new("e1")).is_some());
-        assert!(t.get(&a2, &f2, &ExecutorId::new("e1")).is_none());
+        assert!(t.get(&a1, &f2, &ExecutorId::new("e1"), None).is_some());
+        assert!(t.get(&a2, &f2, &ExecutorId::new("e1"), None).is_none());
         let gone = t.remove_framework(&f1);
         assert_eq!(gone.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(), vec![a1.clone(), a2.clone()]);
         assert_eq!(t.len(), 1);
-        assert_eq!(
-            t.remove(&a1, &f2, &ExecutorId::new("e1")).map(|r| r.allocation),
-            Some(Resources::cpus(400))
-        );
+        let key = (f2.clone(), ExecutorId::new("e1"), None);
+        assert_eq!(t.remove(&a1, &key).map(|r| r.allocation), Some(Resources::cpus(400)));
         assert_eq!(t.len(), 0);
-        t.insert(&a2, &f2, rec("e2", 1));
+        t.insert(&a2, &f2, None, rec("e2", 1));
         assert_eq!(t.remove_agent(&a2).len(), 1);
         assert!(t.remove_agent(&a2).is_empty());
+    }
+
+    /// One record per user's process; the users of one executor are found together, next to
+    /// another executor id whose name sorts right after it.
+    #[test]
+    fn the_table_tracks_each_users_process() {
+        let mut t = Executors::default();
+        let a = AgentId::new("a1");
+        let f = FrameworkId::new("f1");
+        let rec = |id: &str, cpus: u64| ExecutorRecord {
+            info: ExecutorInfo { executor_id: ExecutorId::new(id), ..exec(id).executor },
+            allocation: Resources::cpus(cpus),
+        };
+        let (e1, e10) = (ExecutorId::new("e1"), ExecutorId::new("e10"));
+        t.insert(&a, &f, Some("bob".into()), rec("e1", 1));
+        t.insert(&a, &f, None, rec("e1", 2));
+        t.insert(&a, &f, Some("alice".into()), rec("e1", 4));
+        t.insert(&a, &f, Some("alice".into()), rec("e10", 8));
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.framework_used(&f), Resources::cpus(15));
+        assert_eq!(t.get(&a, &f, &e1, Some("bob")).map(|r| r.allocation.cpus), Some(1));
+        assert_eq!(t.get(&a, &f, &e1, None).map(|r| r.allocation.cpus), Some(2));
+        assert!(t.get(&a, &f, &e10, Some("bob")).is_none());
+        assert_eq!(t.users_of(&a, &f, &e1).map(|r| r.allocation.cpus).sum::<u64>(), 7);
+        assert_eq!(t.users_of(&a, &f, &e10).count(), 1);
+        let gone = t.remove_all_users(&a, &f, &e1);
+        assert_eq!(gone.iter().map(|r| r.allocation.cpus).sum::<u64>(), 7);
+        assert_eq!(t.len(), 1);
+        assert!(t.remove_all_users(&a, &f, &e1).is_empty());
+        assert_eq!(t.remove_all_users(&a, &f, &e10).len(), 1);
+        assert_eq!(t.len(), 0);
     }
 }

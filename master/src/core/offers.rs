@@ -226,10 +226,15 @@ impl Master {
                 TaskKind::Executor(e) => Some(&e.executor),
                 _ => None,
             };
-            let running = executor.and_then(|e| self.executors.get(&agent_id, fw, &e.executor_id));
+            // One process per user: a user without one takes the executor's resources again.
+            let running = executor
+                .and_then(|e| self.executors.get(&agent_id, fw, &e.executor_id, task.user.as_deref()));
             let problem = problem.or_else(|| {
                 let e = executor?;
-                let earlier = running.map(|r| &r.info).or_else(|| call_executors.get(&e.executor_id));
+                let earlier = running
+                    .or_else(|| self.executors.users_of(&agent_id, fw, &e.executor_id).next())
+                    .map(|r| &r.info)
+                    .or_else(|| call_executors.get(&e.executor_id));
                 match earlier {
                     Some(earlier) => executors::mismatch_problem(tid, &agent_id, e, earlier),
                     None => {
@@ -274,12 +279,12 @@ impl Master {
             remaining = remaining.saturating_sub(&allocation);
             if let (Some(e), Some(x)) = (new_executor, executor_allocation) {
                 remaining = remaining.saturating_sub(&x);
-                info!(framework_id = %fw, executor_id = %e.executor_id, agent_id = %agent_id, resources = %e.resources, "launching executor");
+                info!(framework_id = %fw, executor_id = %e.executor_id, agent_id = %agent_id, user = ?task.user, resources = %e.resources, "launching executor");
                 if let Some(a) = self.agents.get_mut(&agent_id) {
                     a.used.add_assign(&x);
                 }
                 let record = ExecutorRecord { info: e.clone(), allocation: x };
-                self.executors.insert(&agent_id, fw, record);
+                self.executors.insert(&agent_id, fw, task.user.clone(), record);
             }
             info!(framework_id = %fw, task_id = %tid, agent_id = %agent_id, resources = %task.resources, "launching task");
             counter!(metrics::TASKS_LAUNCHED).increment(1);

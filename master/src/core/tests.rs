@@ -1260,6 +1260,66 @@ fn executor_resources_are_taken_once_per_agent_and_freed_when_it_exits() {
     assert_eq!(h.m.executors.len(), 1);
 }
 
+/// The agent runs one process of an executor per user its tasks run as: a second user's
+/// first task takes the executor's resources from the offer again, the same user's next task
+/// does not, every user's process must run the same ExecutorInfo, and the agent's report that
+/// the executor ended frees every user's share.
+#[test]
+fn executor_resources_are_taken_once_per_user_of_the_executor() {
+    let mut h = Harness::with_executor_binary();
+    let (s, offer) = h.offered("cpus:8;mem:8GiB");
+    let e = executor_info("e1", "cpus:0.5;mem:512MiB");
+    let as_user = |id: &str, user: Option<&str>, e: &ExecutorInfo| TaskInfo {
+        user: user.map(str::to_owned),
+        ..exec_task(id, "cpus:1;mem:1GiB", e)
+    };
+    let acts = h.call(
+        s.fc,
+        accept(
+            &offer,
+            vec![
+                as_user("t1", Some("alice"), &e),
+                as_user("t2", Some("bob"), &e),
+                as_user("t3", Some("alice"), &e),
+                as_user("t4", None, &e),
+            ],
+            None,
+        ),
+    );
+    assert!(updates(&acts, s.fc).is_empty(), "{acts:#?}");
+    assert_eq!(run_tasks(&acts, s.ac).len(), 4);
+    // Four tasks and three processes (alice, bob, the agent's default user).
+    assert_eq!(h.m.executors.len(), 3);
+    assert_eq!(h.m.agents()[0].used, res("cpus:5.5;mem:5.5GiB"));
+    assert_eq!(h.m.frameworks()[0].used, res("cpus:5.5;mem:5.5GiB"));
+    let leftover = single_offer(&h.advance(5 * MS), s.fc);
+    assert_eq!(leftover.resources, res("cpus:2.5;mem:2.5GiB"));
+
+    // Another ExecutorInfo under the same id is refused whichever user asks.
+    let mut other = e.clone();
+    other.resources = res("cpus:0.25;mem:256MiB");
+    let acts = h.call(s.fc, accept(&leftover, vec![as_user("t5", Some("carol"), &other)], None));
+    assert!(run_tasks(&acts, s.ac).is_empty());
+    let ups = updates(&acts, s.fc);
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].state, TaskState::Error);
+    assert!(ups[0].message.contains("already running with a different ExecutorInfo"), "{}", ups[0].message);
+    assert_eq!(h.m.executors.len(), 3);
+
+    // The executor ends (its last process): every user's share comes back.
+    let acts = h.agent(
+        s.ac,
+        AgentMessage::ExecutorExited {
+            framework_id: s.fw.clone(),
+            executor_id: ExecutorId::new("e1"),
+            message: "exit status 1".into(),
+        },
+    );
+    assert_eq!(events(&acts, s.fc).len(), 1);
+    assert_eq!(h.m.executors.len(), 0);
+    assert_eq!(h.m.agents()[0].used, res("cpus:4;mem:4GiB"));
+}
+
 #[test]
 fn a_task_whose_new_executor_does_not_fit_gets_task_error() {
     let mut h = Harness::with_executor_binary();
