@@ -70,6 +70,7 @@ use std::time::Duration;
 use agora_sdk::Resources;
 
 pub mod detect;
+pub mod dynmods;
 pub mod fs;
 pub mod hierarchy;
 pub mod liveness;
@@ -197,6 +198,10 @@ pub struct IsolationConfig {
     pub cpu_limit: CpuLimit,
     /// `--max-pids-per-task` (0: no limit).
     pub max_pids_per_task: u64,
+    /// `--cgroup-favordynmods`: on cgroup v1, make sure a cgroup root mounted with
+    /// `favordynmods` exists (mounting [`dynmods::DEFAULT_DIR`] if needed), which makes moving
+    /// tasks into their groups cheaper ([`dynmods`]). Nothing is done on v2.
+    pub favordynmods: bool,
 }
 
 impl Default for IsolationConfig {
@@ -206,6 +211,7 @@ impl Default for IsolationConfig {
             cgroup_root: None,
             cpu_limit: CpuLimit::Hard,
             max_pids_per_task: DEFAULT_MAX_PIDS_PER_TASK,
+            favordynmods: true,
         }
     }
 }
@@ -839,9 +845,17 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, Se
                     tracing::warn!("the cgroup v1 {c} controller is not mounted: {what}");
                 }
             }
+            if config.favordynmods {
+                favor_dynmods(Path::new(dynmods::DEFAULT_DIR));
+            }
             Arc::new(V1Manager::new(hs))
         }
         detect::Plan::V2 { mount, base } => {
+            if config.favordynmods {
+                tracing::debug!(
+                    "--cgroup-favordynmods: nothing is done on cgroup v2 (see the dynmods module)"
+                );
+            }
             let root = root_of(&base);
             let controllers = setup_v2(&mount, &base, &root, explicit.is_none()).map_err(root_err)?;
             Arc::new(V2Manager::new(root, controllers))
@@ -857,6 +871,22 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, Se
         pool: None,
         _lock: lock,
     })
+}
+
+/// `--cgroup-favordynmods on` with cgroup v1: puts `favordynmods` in effect, or says in one
+/// warning why not (the agent works the same without it, with slower task launches).
+fn favor_dynmods(dir: &Path) {
+    match dynmods::ensure(dir) {
+        Ok(dynmods::Favor::Existing(point)) => {
+            tracing::info!(mount = %point.display(), "cgroup favordynmods already in effect")
+        }
+        Ok(dynmods::Favor::Mounted(point)) => {
+            tracing::info!(mount = %point.display(), "mounted a cgroup v1 hierarchy with favordynmods \
+                (faster task launches)")
+        }
+        Err(e) => tracing::warn!(error = %e, "cgroup favordynmods not in effect: tasks are moved into \
+            their cgroups the slower way (--cgroup-favordynmods off silences this)"),
+    }
 }
 
 /// v2 delegation: the controllers must be enabled in `base`'s and the root's
