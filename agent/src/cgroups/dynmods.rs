@@ -12,7 +12,7 @@
 //! root with the option is enough for moves into every hierarchy.
 //!
 //! The hierarchies the agent's groups live in cannot get the option themselves: on this kernel
-//! (checked on 6.18) `mount -o remount,cpu,favordynmods` of a populated v1 hierarchy is refused
+//! (checked on 6.18) `mount -o remount,cpu,favordynmods` of an existing v1 hierarchy is refused
 //! ("option or name mismatch", `EINVAL`), and mounting the same controllers again at another
 //! point yields the existing super-block with the new option silently ignored ("new mount
 //! options do not match the existing superblock, will be ignored"). So the agent mounts a
@@ -22,15 +22,16 @@
 //! (an earlier agent's, or the administrator's), nothing is mounted.
 //!
 //! # Who unmounts
-//! Nobody, like the `/sys/fs/cgroup` mounts: the mount holds no group and no task, costs nothing
-//! while it stays, is shared by every agent of the host, and removing it would not turn the
-//! kernel's switch off again anyway (one-way from 6.18). An administrator who wants it gone
+//! Nobody, like the `/sys/fs/cgroup` mounts: the mount holds no group and no task, is shared by
+//! every agent of the host (one that exits cannot tell whether another still relies on it), and
+//! removing it would not turn the kernel's switch off again anyway (one-way from 6.18). An administrator who wants it gone
 //! unmounts it while no agent runs, and starts agents with `--cgroup-favordynmods off`.
 //!
 //! # cgroup v2
 //! Nothing is done: the option would have to go on the host's `cgroup2` mount (`mount -o
 //! remount,favordynmods /sys/fs/cgroup`), which belongs to the init system and affects the
-//! whole host. An administrator can do that (or boot with `CONFIG_CGROUP_FAVOR_DYNMODS`).
+//! whole host. An administrator can do that (or use a kernel built with
+//! `CONFIG_CGROUP_FAVOR_DYNMODS`).
 
 use std::fs::File;
 use std::io;

@@ -12,7 +12,9 @@
 //! `<root>/task-<run id>`; an executor may get `<root>/executor-…` sized to the sum of its tasks
 //! and resized with [`Cgroup::resize`]. Nothing is created outside that subtree and no process
 //! other than the agent's own children (and, on v2, the agent itself into a leaf below its own
-//! group) is ever moved.
+//! group) is ever moved. On v1 the agent also makes sure some cgroup root is mounted with
+//! `favordynmods` (by default; [`dynmods`]), which makes those moves cheaper host-wide; that
+//! hierarchy holds none of the agent's groups.
 //!
 //! # Placing a process before it runs user code
 //! `pre_exec` would force std from `posix_spawn` to fork+exec, and `CLONE_INTO_CGROUP` is not
