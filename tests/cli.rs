@@ -149,6 +149,17 @@ fn bad_input_gets_a_clear_error() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus:x"));
+    // --cgroup-favordynmods takes on or off, and says so.
+    let out = run(
+        &["agent", "--master", "127.0.0.1:1", "--tls-dir", "/nonexistent", "--cgroup-favordynmods", "yes"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'yes' for '--cgroup-favordynmods") && err.contains("on, off"),
+        "{err}"
+    );
 }
 
 fn agora_sdk_tls_init(dir: &Path) {

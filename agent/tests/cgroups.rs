@@ -191,6 +191,7 @@ fn cgroup_runner(max_pids: u64, cpu_limit: CpuLimit) -> Option<Runner> {
         cgroup_root: None,
         cpu_limit,
         max_pids_per_task: max_pids,
+        favordynmods: true,
     };
     let iso = isolator(&config, dir.path())?;
     Some(Runner::new(dir, iso))
@@ -506,4 +507,140 @@ async fn executor_group_is_resized_and_destroyed_with_its_processes() {
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
     assert!(paths.iter().all(|p| !p.exists()));
     assert_roots_removed_after_shutdown(&r);
+}
+
+/// The cgroup mounts this process sees now.
+fn cgroup_mounts() -> Vec<agora_agent::cgroups::detect::Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    agora_agent::cgroups::detect::parse_mountinfo(&text)
+}
+
+/// With `--cgroup-favordynmods on` (the default) a cgroup root with the option is in effect
+/// after setup, and a task's groups are where they always were, in the controllers' own
+/// hierarchies (the option's hierarchy holds no group), with their limits in force.
+#[tokio::test]
+async fn favordynmods_is_in_effect_after_setup_and_task_groups_stay_in_their_hierarchies() {
+    use agora_agent::cgroups::dynmods;
+    let _serial = SERIAL.lock().await;
+    let Some(mut r) = cgroup_runner(64, CpuLimit::Hard) else { return };
+    let mounts = cgroup_mounts();
+    let point =
+        dynmods::existing(&mounts).expect("a cgroup mount with favordynmods after setup").to_path_buf();
+    let run = r.launch("placed", 100, 32 * MIB, "cat /proc/self/cgroup");
+    let t = r.ended("placed", Duration::from_secs(10)).await;
+    assert_eq!((t.state, t.exit_code), (TaskState::Finished, Some(0)), "{t:?}");
+    let out = std::fs::read_to_string(run.join("stdout")).expect("stdout");
+    let group = format!("task-{}", run.file_name().and_then(|n| n.to_str()).expect("run id"));
+    for controller in ["memory", "cpu", "pids"] {
+        assert!(
+            out.lines().any(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == controller))
+                && l.ends_with(&group)),
+            "{controller}: not in {group}: {out}"
+        );
+    }
+    // Nothing of the agent's below the favordynmods mount.
+    let below = std::fs::read_dir(&point).expect("read the favordynmods mount");
+    let agora: Vec<_> = below
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agora-"))
+        .collect();
+    assert!(agora.is_empty(), "agent groups below {}: {agora:?}", point.display());
+    // The pids limit is enforced as before.
+    r.launch("bomb", 100, 32 * MIB, "for i in $(seq 100); do sleep 5 & done; wait");
+    let t = r.ended("bomb", Duration::from_secs(30)).await;
+    assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, "process limit reached"), "{t:?}");
+    assert_no_task_groups(&r);
+    assert_roots_removed_after_shutdown(&r);
+}
+
+/// Runs `favordynmods_in_a_private_mount_namespace` in a private mount namespace (`unshare -m`),
+/// where it can unmount the host's favordynmods mounts (only its own view) and watch the agent
+/// mount one, or not.
+#[tokio::test]
+async fn favordynmods_mount_on_and_off_and_recovery_in_a_private_mount_namespace() {
+    let _serial = SERIAL.lock().await;
+    if !root_or_skip("mounts a cgroup hierarchy") {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args(["--exact", "favordynmods_in_a_private_mount_namespace", "--ignored", "--nocapture"])
+        // The inner test checks that it runs in another mount namespace than this one.
+        .env("AGORA_TEST_PRIVATE_MOUNT_NS", std::fs::read_link("/proc/self/ns/mnt").expect("mount namespace"))
+        .output()
+        .expect("run unshare (util-linux)");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "inner test failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+/// The body of the test above; refuses to run in the host's mount namespace.
+#[tokio::test]
+#[ignore = "run in a private mount namespace by favordynmods_mount_on_and_off_and_recovery_in_a_private_mount_namespace"]
+async fn favordynmods_in_a_private_mount_namespace() {
+    use agora_agent::cgroups::dynmods::{self, Favor};
+    let outer = std::env::var_os("AGORA_TEST_PRIVATE_MOUNT_NS").map(PathBuf::from);
+    let own = std::fs::read_link("/proc/self/ns/mnt").expect("mount namespace");
+    assert!(
+        outer.is_some_and(|outer| outer != own),
+        "only in a private mount namespace made by the test above: it unmounts cgroup hierarchies"
+    );
+    // This namespace's view only: the host keeps its mounts (and the kernel its roots).
+    for m in cgroup_mounts().iter().rev().filter(|m| m.options.iter().any(|o| o == "favordynmods")) {
+        let st = std::process::Command::new("umount").arg(&m.point).status().expect("umount");
+        assert!(st.success(), "umount {}", m.point.display());
+    }
+    assert_eq!(dynmods::existing(&cgroup_mounts()), None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = IsolationConfig {
+        mode: IsolationMode::Cgroups,
+        favordynmods: false,
+        max_pids_per_task: 64,
+        ..IsolationConfig::default()
+    };
+    // Off: the old paths, nothing mounted.
+    let off = isolator(&config, dir.path()).expect("root");
+    let off_roots = off.manager().expect("active").roots();
+    assert_eq!(dynmods::existing(&cgroup_mounts()), None, "mounted with --cgroup-favordynmods off");
+    off.shutdown();
+    drop(off);
+    // On: the agent mounts its hierarchy, with the option, at the documented place.
+    config.favordynmods = true;
+    let on = isolator(&config, dir.path()).expect("root");
+    let default_dir = Path::new(dynmods::DEFAULT_DIR);
+    let mounts = cgroup_mounts();
+    let ours: Vec<_> = mounts.iter().filter(|m| m.point == default_dir).collect();
+    assert_eq!(ours.len(), 1, "{mounts:?}");
+    assert!(ours[0].fstype == "cgroup" && ours[0].options.iter().any(|o| o == "favordynmods"), "{ours:?}");
+    assert!(ours[0].options.iter().any(|o| o == &format!("name={}", dynmods::HIERARCHY_NAME)), "{ours:?}");
+    assert_eq!(dynmods::ensure(default_dir).expect("ensure"), Favor::Existing(default_dir.to_path_buf()));
+    // The task groups are where they were with the option off.
+    let m = on.manager().expect("active").clone();
+    assert_eq!(m.roots(), off_roots);
+    // A task's group with its memory limit in force.
+    let mut r = Runner::new(tempfile::tempdir().expect("tempdir"), on.clone());
+    r.launch("hog", 500, 64 * MIB, "head -c 1000000000 /dev/zero | tail -c 536870912 > /dev/null");
+    let t = r.ended("hog", Duration::from_secs(30)).await;
+    assert_eq!((t.state, t.reason.as_str()), (TaskState::Failed, "memory limit exceeded"), "{t:?}");
+    // Recovery: a group holding a process survives the agent, and the restarted agent (which
+    // finds the mount and makes no second one) adopts it at the same paths.
+    let limits = on.limits_for(&Resources { cpus: 100, mem: 32 * MIB, ..Resources::default() });
+    let group = on.create("task-survivor", limits).expect("create").expect("active");
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+    group.add_process(child.id()).expect("place");
+    let paths = group.paths();
+    drop((r, on, group));
+    let again = isolator(&config, dir.path()).expect("root");
+    assert_eq!(cgroup_mounts().iter().filter(|m| m.point == default_dir).count(), 1, "mounted twice");
+    let adopted = again.adopt("task-survivor", limits).expect("the survivor's group");
+    assert_eq!(adopted.paths(), paths);
+    assert!(again.manager().expect("active").procs("task-survivor").expect("procs").contains(&child.id()));
+    adopted.destroy().expect("destroy");
+    let _ = child.wait();
+    again.shutdown();
 }

@@ -12,7 +12,9 @@
 //! `<root>/task-<run id>`; an executor may get `<root>/executor-…` sized to the sum of its tasks
 //! and resized with [`Cgroup::resize`]. Nothing is created outside that subtree and no process
 //! other than the agent's own children (and, on v2, the agent itself into a leaf below its own
-//! group) is ever moved.
+//! group) is ever moved. On v1 the agent also makes sure some cgroup root is mounted with
+//! `favordynmods` (by default; [`dynmods`]), which makes those moves cheaper host-wide; that
+//! hierarchy holds none of the agent's groups.
 //!
 //! # Placing a process before it runs user code
 //! `pre_exec` would force std from `posix_spawn` to fork+exec, and `CLONE_INTO_CGROUP` is not
@@ -70,6 +72,7 @@ use std::time::Duration;
 use agora_sdk::Resources;
 
 pub mod detect;
+pub mod dynmods;
 pub mod fs;
 pub mod hierarchy;
 pub mod liveness;
@@ -197,6 +200,10 @@ pub struct IsolationConfig {
     pub cpu_limit: CpuLimit,
     /// `--max-pids-per-task` (0: no limit).
     pub max_pids_per_task: u64,
+    /// `--cgroup-favordynmods`: on cgroup v1, make sure a cgroup root mounted with
+    /// `favordynmods` exists (mounting [`dynmods::DEFAULT_DIR`] if needed), which makes moving
+    /// tasks into their groups cheaper ([`dynmods`]). Nothing is done on v2.
+    pub favordynmods: bool,
 }
 
 impl Default for IsolationConfig {
@@ -206,6 +213,7 @@ impl Default for IsolationConfig {
             cgroup_root: None,
             cpu_limit: CpuLimit::Hard,
             max_pids_per_task: DEFAULT_MAX_PIDS_PER_TASK,
+            favordynmods: true,
         }
     }
 }
@@ -839,9 +847,17 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, Se
                     tracing::warn!("the cgroup v1 {c} controller is not mounted: {what}");
                 }
             }
+            if config.favordynmods {
+                favor_dynmods(Path::new(dynmods::DEFAULT_DIR));
+            }
             Arc::new(V1Manager::new(hs))
         }
         detect::Plan::V2 { mount, base } => {
+            if config.favordynmods {
+                tracing::debug!(
+                    "--cgroup-favordynmods: nothing is done on cgroup v2 (see the dynmods module)"
+                );
+            }
             let root = root_of(&base);
             let controllers = setup_v2(&mount, &base, &root, explicit.is_none()).map_err(root_err)?;
             Arc::new(V2Manager::new(root, controllers))
@@ -857,6 +873,22 @@ fn setup_cgroups(config: &IsolationConfig, work_dir: &Path) -> Result<Active, Se
         pool: None,
         _lock: lock,
     })
+}
+
+/// `--cgroup-favordynmods on` with cgroup v1: puts `favordynmods` in effect, or says in one
+/// warning why not (the agent works the same without it, with slower task launches).
+fn favor_dynmods(dir: &Path) {
+    match dynmods::ensure(dir) {
+        Ok(dynmods::Favor::Existing(point)) => {
+            tracing::info!(mount = %point.display(), "cgroup favordynmods already in effect")
+        }
+        Ok(dynmods::Favor::Mounted(point)) => {
+            tracing::info!(mount = %point.display(), "mounted a cgroup v1 hierarchy with favordynmods \
+                (faster task launches)")
+        }
+        Err(e) => tracing::warn!(error = %e, "cgroup favordynmods not in effect: tasks are moved into \
+            their cgroups the slower way (--cgroup-favordynmods off silences this)"),
+    }
 }
 
 /// v2 delegation: the controllers must be enabled in `base`'s and the root's
