@@ -1,4 +1,4 @@
-//! A hostile framework against a real master over QUIC (issue 12, part 2): every input from
+//! A hostile framework against a real master over QUIC (the security work's wire validation): every input from
 //! the wire is validated on receipt. Each case is refused with a clear error (a `WireError` on
 //! the framework's stream, or `TASK_ERROR` naming the task), bounded, or clamped, and the
 //! master keeps answering everybody else.
