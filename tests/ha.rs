@@ -353,19 +353,11 @@ async fn an_agent_refuses_a_master_with_an_older_epoch() {
     let tls = dir.path().join("tls");
     let mwork = dir.path().join("master-work");
     let master = |name: &str, listen: &str| {
-        let mut p = Proc::spawn(
-            name,
-            dir.path(),
-            Command::new(AGORA)
-                .args(["master", "--listen", listen, "--tls-dir"])
-                .arg(&tls)
-                .arg("--work-dir")
-                .arg(&mwork),
-        );
-        let addr = p.wait_stdout("its address", |l| {
-            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
-        });
-        (p, addr)
+        Proc::spawn_master(name, dir.path(), || {
+            let mut c = Command::new(AGORA);
+            c.args(["master", "--listen", listen, "--tls-dir"]).arg(&tls).arg("--work-dir").arg(&mwork);
+            c
+        })
     };
     // Epoch 1 (its registry copied aside), epoch 2, then epoch 3 with the agent.
     let (mut m1, addr) = master("master1", "127.0.0.1:0");

@@ -144,6 +144,38 @@ impl Proc {
         }
     }
 
+    /// Spawns an `agora master` made by `cmd` and waits for the address it listens on. A fixed
+    /// address taken for a moment by another test's socket (a port is free for anyone between a
+    /// master's exit and its restart there) is tried again, for up to 10 s.
+    pub fn spawn_master(
+        name: &str,
+        dir: &std::path::Path,
+        mut cmd: impl FnMut() -> Command,
+    ) -> (Proc, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut p = Proc::spawn(name, dir, &mut cmd());
+            let addr = loop {
+                if let Some(a) = p.stdout_text().lines().find_map(|l| {
+                    Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+                }) {
+                    break Some(a);
+                }
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            match addr {
+                Some(addr) => return (p, addr),
+                None if p.stderr_text().contains("Address already in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                None => panic!("{name} exited before its address; stderr: {}", p.stderr_text()),
+            }
+        }
+    }
+
     /// Waits for the process to exit on its own (`secs` seconds).
     pub fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -293,13 +325,10 @@ impl RealCluster {
     /// A master listening on `listen` (no agent yet).
     pub fn master_on(dir: tempfile::TempDir, listen: &str, master_args: &[&str]) -> RealCluster {
         let tls = dir.path().join("tls");
-        let mut master = Proc::spawn(
-            "master",
-            dir.path(),
-            Command::new(AGORA).args(["master", "--listen", listen, "--tls-dir"]).arg(&tls).args(master_args),
-        );
-        let addr = master.wait_stdout("its address", |l| {
-            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+        let (mut master, addr) = Proc::spawn_master("master", dir.path(), || {
+            let mut c = Command::new(AGORA);
+            c.args(["master", "--listen", listen, "--tls-dir"]).arg(&tls).args(master_args);
+            c
         });
         let http = if master_args.contains(&"--http") {
             Some(master.wait_stdout("its HTTP address", |l| {
@@ -339,17 +368,12 @@ impl RealCluster {
     pub fn kill9_and_restart_master(&mut self, master_args: &[&str]) {
         let st = self.master.kill9();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGKILL), "{st}");
-        self.master = Proc::spawn(
-            "master-restarted",
-            self.dir.path(),
-            Command::new(AGORA)
-                .args(["master", "--listen", &self.addr, "--tls-dir"])
-                .arg(&self.tls)
-                .args(master_args),
-        );
-        let addr = self.master.wait_stdout("its address", |l| {
-            Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+        let (master, addr) = Proc::spawn_master("master-restarted", self.dir.path(), || {
+            let mut c = Command::new(AGORA);
+            c.args(["master", "--listen", &self.addr, "--tls-dir"]).arg(&self.tls).args(master_args);
+            c
         });
+        self.master = master;
         assert_eq!(addr, self.addr);
     }
 

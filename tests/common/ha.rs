@@ -56,20 +56,16 @@ pub fn start_master_with(
     work: &Path,
     extra: &[&str],
 ) -> HaMaster {
-    let mut proc = Proc::spawn(
-        name,
-        dir,
-        Command::new(AGORA)
-            .args(["master", "--listen", listen, "--tls-dir"])
+    let (proc, addr) = Proc::spawn_master(name, dir, || {
+        let mut c = Command::new(AGORA);
+        c.args(["master", "--listen", listen, "--tls-dir"])
             .arg(dir.join("tls"))
             .arg("--work-dir")
             .arg(work)
             .args(["--etcd", etcd_urls, "--cluster-name", CLUSTER, "--etcd-lease-ttl", "1s"])
             .args(["--allocation-interval", "200ms"])
-            .args(extra),
-    );
-    let addr = proc.wait_stdout("its address", |l| {
-        Some(l.strip_prefix("agora master listening on ")?.split_whitespace().next()?.to_string())
+            .args(extra);
+        c
     });
     HaMaster { proc, addr, work: work.to_path_buf() }
 }
