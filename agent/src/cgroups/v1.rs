@@ -49,8 +49,8 @@ impl V1Manager {
     fn apply_memory(mem: &MemController, limit: Option<u64>) -> Result<(), CgroupError> {
         let dir = mem.path();
         let value = limit.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
-        let set_limit = || set(dir, "memory.limit_in_bytes", value, || mem.set_limit(value));
-        let set_memsw = || set(dir, "memory.memsw.limit_in_bytes", value, || mem.set_memswap_limit(value));
+        let set_limit = || set(dir, "memory.limit_in_bytes", value);
+        let set_memsw = || set(dir, "memory.memsw.limit_in_bytes", value);
         if dir.join("memory.memsw.limit_in_bytes").exists() {
             // memsw (memory+swap) must never be below the memory limit: when the limit grows,
             // raise memsw first; when it shrinks, lower the memory limit first.
@@ -72,7 +72,7 @@ impl V1Manager {
             // Without swap accounting (swapaccount=0) the best v1 offers is not swapping this
             // group's pages at all; the kernel may refuse it (e.g. under use_hierarchy), which
             // is not worth failing a task for.
-            if let Err(e) = set(dir, "memory.swappiness", 0, || mem.set_swappiness(0)) {
+            if let Err(e) = set(dir, "memory.swappiness", 0) {
                 tracing::debug!(error = %e, "cannot set memory.swappiness");
             }
         }
@@ -102,10 +102,10 @@ impl CgroupManager for V1Manager {
         if let Some(cpu) = cg.controller_of::<CpuController>() {
             let dir = cpu.path();
             let shares = limits.cpu_shares();
-            set(dir, "cpu.shares", shares, || cpu.set_shares(shares))?;
-            set(dir, "cpu.cfs_period_us", CFS_PERIOD_US, || cpu.set_cfs_period(CFS_PERIOD_US))?;
+            set(dir, "cpu.shares", shares)?;
+            set(dir, "cpu.cfs_period_us", CFS_PERIOD_US)?;
             let quota = limits.cfs_quota_us().map_or(-1, |q| i64::try_from(q).unwrap_or(i64::MAX));
-            set(dir, "cpu.cfs_quota_us", quota, || cpu.set_cfs_quota(quota))?;
+            set(dir, "cpu.cfs_quota_us", quota)?;
         }
         if let Some(mem) = cg.controller_of::<MemController>() {
             Self::apply_memory(mem, limits.mem_bytes)?;

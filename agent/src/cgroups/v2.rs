@@ -72,20 +72,20 @@ impl CgroupManager for V2Manager {
             let dir = cpu.path();
             let weight = shares_to_weight(limits.cpu_shares());
             // cgroups-rs writes `cpu.weight` as given on v2 (the conversion is the caller's).
-            set(dir, "cpu.weight", weight, || cpu.set_shares(weight))?;
+            set(dir, "cpu.weight", weight)?;
             let quota = limits.cfs_quota_us().map_or(-1, |q| i64::try_from(q).unwrap_or(i64::MAX));
             let line =
                 format!("{} {CFS_PERIOD_US}", if quota > 0 { quota.to_string() } else { "max".into() });
-            set(dir, "cpu.max", line, || cpu.set_cfs_quota_and_period(Some(quota), Some(CFS_PERIOD_US)))?;
+            set(dir, "cpu.max", line)?;
         }
         if let Some(mem) = cg.controller_of::<MemController>() {
             let dir = mem.path();
             let max = limits.mem_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
             let shown = if max < 0 { "max".to_string() } else { max.to_string() };
-            set(dir, "memory.max", shown, || mem.set_limit(max))?;
+            set(dir, "memory.max", shown)?;
             // Absent without swap accounting (CONFIG_MEMCG_SWAP off): nothing to disallow then.
             if dir.join("memory.swap.max").exists() {
-                set(dir, "memory.swap.max", 0, || mem.set_memswap_limit(0))?;
+                set(dir, "memory.swap.max", 0)?;
             }
             // A task is one unit: on OOM the kernel kills all of it, not one random process.
             // Direct: cgroups-rs 0.5 has no setter for it, and its generic `attrs` ignore errors.
