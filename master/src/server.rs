@@ -2,7 +2,7 @@
 //! moves frames between peers and the sans-IO [`Master`] core, relays task output streams and
 //! serves artifact uploads and fetches from the [`ArtifactStore`].
 //!
-//! One task owns the core (`run_core`), on a thread of its own; every connection has a reader task that turns frames
+//! One task owns the core (`run_core`); every connection has a reader task that turns frames
 //! into [`Event`]s and a writer task that drains that connection's outbox. Nothing is shared
 //! behind locks: connection tasks talk to the core through `Command`s.
 //!
@@ -73,9 +73,6 @@ pub enum ServerError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Ha(#[from] HaError),
-    /// The core's own thread (or its runtime) could not be started.
-    #[error("cannot start the core's thread: {0}")]
-    CoreThread(std::io::Error),
 }
 
 /// Settings of a master server.
@@ -255,8 +252,6 @@ struct Term {
     stop: CancellationToken,
     /// Set when the core stopped by itself (its registry cannot be written).
     fatal: watch::Receiver<Option<String>>,
-    /// Set once the core's thread has ended and released the registry.
-    done: watch::Receiver<bool>,
     /// `--acls` (`None`: everything allowed).
     acls: Option<Arc<Acls>>,
 }
@@ -276,19 +271,6 @@ impl MasterHandle {
     /// always with `--etcd`, where such a master steps down and campaigns again).
     pub async fn failed(&self) -> String {
         wait_fatal(self.fatal.clone()).await
-    }
-
-    /// Waits until the core of the term this master leads (if it leads) has stopped and
-    /// released its registry: after cancelling the master's shutdown token, before another
-    /// master opens the same work dir in this process.
-    pub async fn stopped(&self) {
-        let done = match &*self.serving.borrow() {
-            Serving::Leader(t) => Some(t.done.clone()),
-            Serving::Standby { .. } => None,
-        };
-        if let Some(mut done) = done {
-            let _ = done.wait_for(|d| *d).await;
-        }
     }
 
     fn core(&self) -> Option<CoreClient> {
@@ -779,8 +761,7 @@ fn start_term(
     info!(registry = %reg.location(), epoch = state.epoch, frameworks = state.frameworks.len(),
         agents = state.agents.len(), "registry open");
     let (fatal_tx, fatal) = watch::channel(None);
-    let (done_tx, done) = watch::channel(false);
-    spawn_core_thread(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span(), done_tx)?;
+    tokio::spawn(run_core(core, reg, rx, fatal_tx, stop.clone()).in_current_span());
     if let (Some((members, me)), false) = (&members, missing.is_empty()) {
         let (found, lost) = (tx.clone(), tx.clone());
         tokio::spawn(
@@ -810,7 +791,7 @@ fn start_term(
     let me =
         MasterView { id: state.master_id(), address: addr.to_string(), leader: true, epoch: state.epoch };
     let acls = config.core.acls.clone();
-    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal, done, acls })
+    Ok(Term { core: CoreClient(tx), me, members: members.map(|(m, _)| m), stop, fatal, acls })
 }
 
 /// The leader's bound on its artifact store: every `cfg.interval`, the least recently used
@@ -960,30 +941,6 @@ async fn run_core(
     for (_, (quic, _)) in conns {
         quic.close(0u32.into(), b"master shutting down");
     }
-}
-
-/// Runs the core on a thread of its own, on a single-threaded runtime with timers only: an
-/// allocation cycle (milliseconds at scale, never awaiting) or a registry write (etcd's round
-/// trip blocks the thread) never holds up a worker of the runtime that runs the connections'
-/// readers and writers. The thread ends with the core's loop (shutdown, or every sender of
-/// its queue gone), then sets `done`.
-fn spawn_core_thread(
-    core: impl std::future::Future<Output = ()> + Send + 'static,
-    done: watch::Sender<bool>,
-) -> Result<(), ServerError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .map_err(ServerError::CoreThread)?;
-    std::thread::Builder::new()
-        .name("agora-core".into())
-        .spawn(move || {
-            rt.block_on(core);
-            drop(rt);
-            let _ = done.send(true);
-        })
-        .map_err(ServerError::CoreThread)?;
-    Ok(())
 }
 
 /// Keeps a peer event's queue permit in `held` (until the step's actions are out).
