@@ -367,7 +367,9 @@ impl RunCommand {
             dirs.push(DirMount { archive: r, guest: guest.clone() });
         }
         conn.close(0u32.into(), b"uploaded");
-        session.endpoint.wait_idle().await;
+        // The close goes out at once; its draining period (three probe timeouts, ~85 ms on
+        // loopback) runs beside the task's own connection instead of before it.
+        tokio::spawn(async move { session.endpoint.wait_idle().await });
         let mut args = vec![file_name];
         args.extend(self.command.iter().cloned());
         Ok(WasmInfo { module, args, env: self.env.clone(), dirs, fuel: self.fuel, timeout: self.timeout })
