@@ -182,15 +182,13 @@ async fn framework_failover_within_and_past_timeout() {
     // Disconnect without teardown, come back within the timeout with the same id.
     fw.driver().stop(false);
     let _ = fw.run.await;
-    wait_for("the master to see the framework disconnected", || async {
-        cluster
-            .master
-            .frameworks()
-            .await
-            .iter()
-            .any(|f| f.id == id && f.status == agora_sdk::FrameworkViewStatus::Disconnected)
-    })
-    .await;
+    cluster
+        .wait_framework_status(
+            "the master to see the framework disconnected",
+            &id,
+            agora_sdk::FrameworkViewStatus::Disconnected,
+        )
+        .await;
     assert_eq!(cluster.task_state("long").await, Some(TaskState::Running));
     assert!(alive(pid), "the task's process runs on while its framework is away");
     cfg.framework.id = Some(id.clone());

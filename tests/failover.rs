@@ -37,15 +37,13 @@ async fn a_cut_fails_over_to_the_same_id_and_delivers_each_update_once() {
     fw.until(|s| matches!(s, Seen::Disconnected).then_some(())).await;
     let noticed = cut_at.elapsed();
     assert!(noticed < Duration::from_secs(6), "3 heartbeats of 1 s, noticed after {noticed:?}");
-    wait_for("the master to take the silent framework for disconnected", || async {
-        cluster
-            .master
-            .frameworks()
-            .await
-            .iter()
-            .any(|f| f.id == id && f.status == agora_sdk::FrameworkViewStatus::Disconnected)
-    })
-    .await;
+    cluster
+        .wait_framework_status(
+            "the master to take the silent framework for disconnected",
+            &id,
+            agora_sdk::FrameworkViewStatus::Disconnected,
+        )
+        .await;
     proxy.heal();
     let again = fw
         .until(|s| match s {

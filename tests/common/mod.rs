@@ -206,6 +206,19 @@ impl TestCluster {
         self.master.tasks().await.into_iter().find(|t| t.id.as_str() == id).map(|t| t.state)
     }
 
+    /// Waits (20 s) until the master lists framework `id` with `status`; `what` names the wait.
+    pub async fn wait_framework_status(
+        &self,
+        what: &str,
+        id: &FrameworkId,
+        status: agora_sdk::FrameworkViewStatus,
+    ) {
+        wait_for(what, || async {
+            self.master.frameworks().await.iter().any(|f| f.id == *id && f.status == status)
+        })
+        .await;
+    }
+
     pub async fn stop(self) {
         for (t, h) in self.agents {
             t.cancel();
