@@ -22,10 +22,13 @@
 //! task and its executors' lifecycles), `spawn.rs` (starting one executor process and relaying
 //! its frames).
 
+mod executor;
 mod fetch;
 mod manager;
 mod spawn;
+mod start;
 
+use executor::*;
 pub use fetch::Fetcher;
 use fetch::*;
 use manager::*;
