@@ -43,6 +43,10 @@ struct Fw {
 }
 
 /// Bin packing: fullest agents first, frameworks first come, first served.
+///
+/// It keeps whole allocation cycles (it does not override [`Allocator::sliced`]): "the
+/// fullest agent" and "one agent per framework per cycle" are about all of a cycle's agents,
+/// which a slice of them would not see. The price: the master answers nobody while it packs.
 #[derive(Debug, Default)]
 pub struct BinPack {
     totals: HashMap<AgentId, Resources>,

@@ -36,10 +36,13 @@ use rustc_hash::FxHashMap;
 
 use crate::quick;
 
+mod budget;
 mod options;
 mod registry;
 mod slab;
 
+use budget::CycleBudget;
+pub use budget::{MAX_CYCLE_TIME, MAX_GRANTS_PER_CYCLE};
 pub use options::*;
 pub use registry::*;
 use slab::Slab;
@@ -107,12 +110,42 @@ pub trait Allocator: Send {
     /// Decides who gets the candidates' resources. Each returned allocation is recorded as
     /// held by its framework. An agent may appear several times (slices for several
     /// frameworks); one framework at most once per agent.
+    ///
+    /// Without [`begin_cycle`](Allocator::begin_cycle), one call is one whole cycle. Between
+    /// `begin_cycle` and [`end_cycle`](Allocator::end_cycle) (allocators that say they are
+    /// [`sliced`](Allocator::sliced)), each call gets the next slice of the same cycle.
     fn allocate(
         &mut self,
         now: Instant,
         candidates: &[Candidate<'_>],
         eligible: &Eligibility<'_>,
     ) -> Vec<Allocation>;
+
+    /// Whether the core may hand this allocator a cycle in slices: `begin_cycle`, then one
+    /// [`allocate`](Allocator::allocate) call per slice of at most
+    /// [`MasterConfig::allocation_slice`](crate::core::MasterConfig::allocation_slice) agents
+    /// (the agents in the cycle's order, each in one slice only), with other events handled
+    /// between the calls, then `end_cycle`. Decisions of a slice go out as offers before the
+    /// next slice is asked for, so what the allocator keeps between calls (held resources,
+    /// shares) is up to date with them.
+    ///
+    /// An allocator whose decisions compare all of a cycle's agents with one another (bin
+    /// packing's fullest agent first, "one agent per framework per cycle") keeps the default,
+    /// `false`: it is given the whole cycle in one call, and the core answers nobody for that
+    /// long.
+    fn sliced(&self) -> bool {
+        false
+    }
+
+    /// A sliced cycle starts at `now` (only for [`sliced`](Allocator::sliced) allocators):
+    /// state that must span the whole cycle rather than one call (rounds, budgets) starts
+    /// here.
+    fn begin_cycle(&mut self, now: Instant) {
+        let _ = now;
+    }
+
+    /// The sliced cycle begun by [`begin_cycle`](Allocator::begin_cycle) is over.
+    fn end_cycle(&mut self) {}
 
     /// Takes new options (an operator's `agora policy set`, or the policy the registry
     /// holds), in force from the next allocation. An allocator that cannot change its policy
@@ -244,53 +277,9 @@ pub struct HierarchicalAllocator {
     scratch: Scratch,
     /// What is left of this cycle's budget.
     budget: CycleBudget,
-}
-
-/// Most grants (whole agents or demand slices) one allocation cycle makes: a backstop, so that
-/// no demand can keep the core in one cycle (the demand itself is bounded on receipt, see
-/// [`crate::validate`]); what is left is given in the next cycles.
-pub const MAX_GRANTS_PER_CYCLE: usize = 100_000;
-/// Longest an allocation cycle may run, measured on the wall clock (a backstop like
-/// [`MAX_GRANTS_PER_CYCLE`]: the core answers nobody while it allocates).
-pub const MAX_CYCLE_TIME: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The bounds of one cycle (see [`MAX_GRANTS_PER_CYCLE`], [`MAX_CYCLE_TIME`]).
-#[derive(Debug)]
-struct CycleBudget {
-    grants_left: usize,
-    deadline: Option<std::time::Instant>,
-    exhausted: bool,
-}
-
-impl Default for CycleBudget {
-    fn default() -> Self {
-        Self { grants_left: MAX_GRANTS_PER_CYCLE, deadline: None, exhausted: false }
-    }
-}
-
-impl CycleBudget {
-    fn start(&mut self) {
-        *self = Self { deadline: std::time::Instant::now().checked_add(MAX_CYCLE_TIME), ..Self::default() };
-    }
-
-    /// Takes one grant; false (for the rest of the cycle) once the budget is spent. The clock
-    /// is read every 64 grants.
-    fn spend(&mut self) -> bool {
-        if self.exhausted {
-            return false;
-        }
-        self.grants_left = self.grants_left.saturating_sub(1);
-        let late = self.grants_left.is_multiple_of(64)
-            && self.deadline.is_some_and(|d| std::time::Instant::now() >= d);
-        if self.grants_left == 0 || late {
-            tracing::warn!(
-                grants = MAX_GRANTS_PER_CYCLE - self.grants_left,
-                "allocation cycle cut short (grant or time budget spent); the rest waits for the next cycle"
-            );
-            self.exhausted = true;
-        }
-        true
-    }
+    /// Between `begin_cycle` and `end_cycle`: `allocate` calls are slices of one cycle (one
+    /// round, one grant budget) rather than a cycle each.
+    in_cycle: bool,
 }
 
 /// Working lists of one agent's filling (reused: no allocation per agent).
@@ -362,6 +351,7 @@ impl HierarchicalAllocator {
             round: 0,
             scratch: Scratch::default(),
             budget: CycleBudget::default(),
+            in_cycle: false,
         }
     }
 
@@ -754,6 +744,26 @@ impl Allocator for HierarchicalAllocator {
         Ok(())
     }
 
+    // Sliced: shares, orders and demands live here between calls and are re-keyed at every
+    // grant, so slice after slice decides as one call over all of them would, except for
+    // quotas: the headroom kept for unmet guarantees is reckoned on the slice's free
+    // resources (not the cycle's), which can only keep more for them, never less.
+    fn sliced(&self) -> bool {
+        true
+    }
+
+    fn begin_cycle(&mut self, _now: Instant) {
+        // One round for the whole cycle: frameworks served in different slices tie as they
+        // would have in one call.
+        self.in_cycle = true;
+        self.round += 1;
+        self.budget.start();
+    }
+
+    fn end_cycle(&mut self) {
+        self.in_cycle = false;
+    }
+
     fn add_framework(&mut self, framework: &FrameworkId, role: &str) {
         if self.framework_slots.contains_key(framework) {
             return;
@@ -877,8 +887,12 @@ impl Allocator for HierarchicalAllocator {
         if self.stale {
             self.rebuild();
         }
-        self.round += 1;
-        self.budget.start();
+        if self.in_cycle {
+            self.budget.start_slice();
+        } else {
+            self.round += 1;
+            self.budget.start();
+        }
         let mut out = Vec::new();
         if self.role_order.is_empty() {
             return out;

@@ -854,9 +854,38 @@ async fn evict_artifacts(
 /// Writes the core's pending registry changes (in order, one transaction). On failure the
 /// master stops: the actions of this step (replies promising what was not recorded) are
 /// dropped with it.
+///
+/// A write waits for the disk or, with etcd, a network round trip on this thread: it runs
+/// under [`off_the_worker`], so the runtime's other tasks (the QUIC I/O) do not wait behind it.
+/// A step without changes writes nothing and costs nothing here.
 fn persist(core: &mut Master, reg: &mut dyn Registry) -> Result<(), RegistryError> {
     let ops: Vec<RegistryOp> = std::iter::from_fn(|| core.poll_registry_op()).collect();
-    reg.apply(&ops)
+    if ops.is_empty() {
+        return reg.apply(&ops);
+    }
+    off_the_worker(|| reg.apply(&ops))
+}
+
+/// Runs a heavy step of the core (an allocation slice, a registry write) under
+/// `tokio::task::block_in_place` on a multi-threaded runtime: the worker's other tasks (the
+/// QUIC connections' readers and writers) move to another thread meanwhile instead of
+/// waiting for it. On a current-thread runtime (where `block_in_place` panics) it simply runs.
+/// Only around heavy steps: the hand-over costs a thread wake-up, which messages must not pay.
+fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// `core.handle_timeout(now)`, with an allocation slice due run off the worker (see
+/// [`off_the_worker`]); timers alone (heartbeats, deadlines) run as they are.
+fn handle_timeout(core: &mut Master, now: Instant) {
+    if core.allocation_due(now) {
+        off_the_worker(|| core.handle_timeout(now));
+    } else {
+        core.handle_timeout(now);
+    }
 }
 
 async fn run_core(
@@ -873,74 +902,127 @@ async fn run_core(
     // connection's share of one step is its permits, however fast its reader refills them.
     let mut held: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
     loop {
-        let deadline = core.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
+        if core.allocation_in_progress() {
+            // The next slice of an allocation cycle is due at once (no trip through the timer
+            // wheel, whose millisecond ticks would add up over a cycle's slices). First the
+            // runtime runs what queued behind the last slice (readers push their events), then
+            // those events are handled and answered, then the slice runs: no event waits more
+            // than one slice.
+            tokio::task::yield_now().await;
+            if shutdown.is_cancelled() {
+                break;
             }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = sleep => core.handle_timeout(Instant::now()),
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else { break };
-                apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held));
-                // Take whatever else is queued before flushing actions: batches under load.
-                for _ in 0..1024 {
-                    match rx.try_recv() {
-                        Ok(cmd) => {
-                            apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held))
-                        }
-                        Err(_) => break,
+            let mut taken = 0usize;
+            let mut closed = false;
+            while taken < 1024 {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        taken += 1;
+                        apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held));
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
                     }
                 }
             }
-        }
-        if let Err(e) = persist(&mut core, reg.as_mut()) {
-            for tx in after_write.drain(..) {
-                let _ = tx.send(Err(WireError::new(
-                    ErrorCode::Internal,
-                    format!("the registry cannot be written: {e}"),
-                )));
+            if taken > 0 && !finish_step(&mut core, reg.as_mut(), &conns, &mut after_write, &fatal, &shutdown)
+            {
+                break;
             }
-            tracing::error!(error = %e, "the registry cannot be written: the master stops");
-            let _ = fatal.send(Some(e.to_string()));
-            shutdown.cancel();
-            break;
-        }
-        // Stepped down while writing: what this step decided is not ours to carry out.
-        if shutdown.is_cancelled() {
-            break;
-        }
-        for tx in after_write.drain(..) {
-            let _ = tx.send(Ok(()));
-        }
-        while let Some(action) = core.poll_action() {
-            let (conn, out) = match action {
-                Action::ToAgent { conn, msg } => (conn, Outgoing::Agent(msg)),
-                Action::ToFramework { conn, event } => (conn, Outgoing::Framework(event)),
-                Action::Close { conn, error } => (conn, Outgoing::Close(error)),
+            held.clear();
+            if closed {
+                break;
+            }
+            handle_timeout(&mut core, Instant::now());
+        } else {
+            let deadline = core.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
             };
-            if let Some((quic, outbox)) = conns.get(&conn) {
-                let sent = match out {
-                    close @ Outgoing::Close(_) => {
-                        outbox.send_always(close);
-                        Ok(())
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sleep => handle_timeout(&mut core, Instant::now()),
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held));
+                    // Take whatever else is queued before flushing actions: batches under load.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(cmd) => {
+                                apply(&mut core, reg.as_mut(), &mut conns, &mut after_write, hold(cmd, &mut held))
+                            }
+                            Err(_) => break,
+                        }
                     }
-                    out => outbox.send(out),
-                };
-                if let Err(limits::SendRefused::Overflow { max }) = sent {
-                    // The writer is this far behind: the peer does not read its stream.
-                    slow_peer(quic, &format!("{max} messages"));
                 }
             }
+        }
+        if !finish_step(&mut core, reg.as_mut(), &conns, &mut after_write, &fatal, &shutdown) {
+            break;
         }
         held.clear();
     }
     for (_, (quic, _)) in conns {
         quic.close(0u32.into(), b"master shutting down");
     }
+}
+
+/// Ends a step of the core: writes its registry changes, then answers the calls that waited
+/// for them and carries out its actions. False: the master stops (the registry cannot be
+/// written, or it stepped down meanwhile); what the step decided is then not carried out.
+fn finish_step(
+    core: &mut Master,
+    reg: &mut dyn Registry,
+    conns: &HashMap<ConnId, (quinn::Connection, limits::CountedSender<Outgoing>)>,
+    after_write: &mut Vec<oneshot::Sender<Result<(), WireError>>>,
+    fatal: &watch::Sender<Option<String>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    if let Err(e) = persist(core, reg) {
+        for tx in after_write.drain(..) {
+            let _ = tx.send(Err(WireError::new(
+                ErrorCode::Internal,
+                format!("the registry cannot be written: {e}"),
+            )));
+        }
+        tracing::error!(error = %e, "the registry cannot be written: the master stops");
+        let _ = fatal.send(Some(e.to_string()));
+        shutdown.cancel();
+        return false;
+    }
+    // Stepped down while writing: what this step decided is not ours to carry out.
+    if shutdown.is_cancelled() {
+        return false;
+    }
+    for tx in after_write.drain(..) {
+        let _ = tx.send(Ok(()));
+    }
+    while let Some(action) = core.poll_action() {
+        let (conn, out) = match action {
+            Action::ToAgent { conn, msg } => (conn, Outgoing::Agent(msg)),
+            Action::ToFramework { conn, event } => (conn, Outgoing::Framework(event)),
+            Action::Close { conn, error } => (conn, Outgoing::Close(error)),
+        };
+        if let Some((quic, outbox)) = conns.get(&conn) {
+            let sent = match out {
+                close @ Outgoing::Close(_) => {
+                    outbox.send_always(close);
+                    Ok(())
+                }
+                out => outbox.send(out),
+            };
+            if let Err(limits::SendRefused::Overflow { max }) = sent {
+                // The writer is this far behind: the peer does not read its stream.
+                slow_peer(quic, &format!("{max} messages"));
+            }
+        }
+    }
+    true
 }
 
 /// Keeps a peer event's queue permit in `held` (until the step's actions are out).

@@ -277,9 +277,14 @@ impl Sim {
         self.now = end;
     }
 
-    /// Runs timers until the next allocation (at most `max`): one allocation cycle.
+    /// Runs timers until the next allocation (at most `max`): one allocation cycle, all its
+    /// slices.
     pub fn cycle(&mut self) {
         self.advance(self.m.config().allocation_batch.max(Duration::from_millis(1)) * 2);
+        while self.m.allocation_in_progress() {
+            self.m.handle_timeout(self.now);
+            self.collect();
+        }
     }
 
     /// Takes the offers sent to `conn` so far.

@@ -1,23 +1,81 @@
 //! Allocation driving: what the allocator is asked each cycle and how its decisions become
 //! offers sent to frameworks.
+//!
+//! A cycle fixes its agents and their order when it starts (the connected agents, in id
+//! order) and runs in slices of at most [`MasterConfig::allocation_slice`] of them, one slice
+//! per `handle_timeout`, each slice's offers sent with it. Between slices the driver hands
+//! the core whatever arrived (status updates, accepts, declines), so none waits behind more
+//! than one slice. Each agent of the cycle is considered once, in its slice:
+//!
+//! - an agent that registers during a cycle is not in it: its registration asks for an
+//!   allocation, which runs as the next cycle, once this one is over;
+//! - an agent that disconnects, is removed or is detached before its slice is skipped (its
+//!   slot is checked by generation, so a slot reused by another agent is skipped too); one
+//!   that came back (same id, reconnected) before its slice is considered as it is then;
+//! - what an agent has free is read when its slice runs, so resources freed by events between
+//!   slices are offered in this cycle if the agent's slice is still to come.
 
 use super::offers::offer_id_text;
 use super::*;
 
+/// An allocation cycle under way.
+#[derive(Debug)]
+pub(super) struct Cycle {
+    /// `(slot, generation)` of every agent connected when the cycle started, in id order.
+    agents: Vec<(usize, u32)>,
+    /// How many of `agents` the slices so far considered.
+    done: usize,
+    /// The instant of the last slice: the next one is due from then (at once).
+    due: Instant,
+}
+
+impl Cycle {
+    pub(super) fn due(&self) -> Instant {
+        self.due
+    }
+}
+
 impl Master {
-    pub(super) fn allocate(&mut self, now: Instant) {
+    /// Starts a cycle: fixes its agents and their order (see the module's comment).
+    pub(super) fn start_cycle(&mut self, now: Instant) {
         counter!(metrics::ALLOCATION_RUNS).increment(1);
         self.agents.refresh_order();
-        let mut active = 0usize;
-        let mut candidates = Vec::with_capacity(self.agents.len());
+        let agents: Vec<(usize, u32)> = self
+            .agents
+            .slots_in_order()
+            .filter(|(_, a)| a.conn().is_some())
+            .map(|(slot, _)| (slot, self.agents.generation(slot)))
+            .collect();
+        gauge!(metrics::AGENTS_ACTIVE).set(agents.len() as f64);
+        gauge!(metrics::AGENTS_INACTIVE).set(self.agents.len().saturating_sub(agents.len()) as f64);
+        gauge!(metrics::FRAMEWORKS_ACTIVE)
+            .set(self.frameworks.values().filter(|f| f.conn().is_some()).count() as f64);
+        gauge!(metrics::TASKS_KNOWN).set(self.tasks.len() as f64);
+        if self.allocator.sliced() {
+            self.allocator.begin_cycle(now);
+        }
+        self.cycle = Some(Cycle { agents, done: 0, due: now });
+    }
+
+    /// Runs the next slice of the cycle under way (the whole cycle for an allocator that does
+    /// not take slices), and ends the cycle after its last slice.
+    pub(super) fn allocate_slice(&mut self, now: Instant) {
+        let Some(mut cycle) = self.cycle.take() else { return };
+        let sliced = self.allocator.sliced();
+        let size = if sliced { self.config.allocation_slice.max(1) } else { usize::MAX };
+        let start = cycle.done.min(cycle.agents.len());
+        let end = start.saturating_add(size).min(cycle.agents.len());
+        cycle.done = end;
+        cycle.due = now;
+        let mut candidates = Vec::with_capacity(end - start);
         // Agent slot of each candidate, in the same order.
-        let mut candidate_slots: Vec<usize> = Vec::with_capacity(self.agents.len());
-        for (slot, a) in self.agents.slots_in_order() {
-            if a.conn().is_none() {
+        let mut candidate_slots: Vec<usize> = Vec::with_capacity(end - start);
+        for &(slot, generation) in &cycle.agents[start..end] {
+            if self.agents.generation(slot) != generation {
                 continue;
             }
-            active += 1;
-            if !a.attached {
+            let Some(a) = self.agents.at(slot) else { continue };
+            if a.conn().is_none() || !a.attached {
                 continue;
             }
             let available = a.available();
@@ -55,11 +113,11 @@ impl Master {
         };
         let decisions = self.allocator.allocate(now, &candidates, &eligible);
         drop(candidates);
-        gauge!(metrics::AGENTS_ACTIVE).set(active as f64);
-        gauge!(metrics::AGENTS_INACTIVE).set(self.agents.len().saturating_sub(active) as f64);
-        gauge!(metrics::FRAMEWORKS_ACTIVE)
-            .set(self.frameworks.values().filter(|f| f.conn().is_some()).count() as f64);
-        gauge!(metrics::TASKS_KNOWN).set(self.tasks.len() as f64);
+        if end < cycle.agents.len() {
+            self.cycle = Some(cycle);
+        } else if sliced {
+            self.allocator.end_cycle();
+        }
 
         // One `Offers` event per framework, sent in framework id order. Frameworks are looked
         // up once per decision, and each batch is sized before it is filled.

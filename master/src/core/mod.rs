@@ -64,6 +64,13 @@ pub struct MasterConfig {
     /// After an event that frees or asks for resources (task ended, framework subscribed,
     /// revive, decline, agent added), an allocation runs within this delay, batching events.
     pub allocation_batch: Duration,
+    /// Most agents one step of an allocation cycle considers (at least 1). A cycle over more
+    /// agents runs in slices, one per `handle_timeout`, and `poll_timeout` makes the next
+    /// slice due at once, so the driver handles the events queued meanwhile (status updates,
+    /// accepts) between slices: none waits longer than one slice. Only for allocators that
+    /// take slices ([`Allocator::sliced`](crate::allocator::Allocator::sliced), the built-ins
+    /// do). `usize::MAX`: whole cycles.
+    pub allocation_slice: usize,
     /// Told to agents; they send `Heartbeat` this often.
     pub agent_heartbeat_interval: Duration,
     /// An agent silent (no message at all) this long is marked unreachable.
@@ -96,6 +103,11 @@ pub struct MasterConfig {
     pub acls: Option<std::sync::Arc<crate::acl::Acls>>,
 }
 
+/// The default of [`MasterConfig::allocation_slice`]: at 50,000 agents × 200 frameworks one
+/// slice of this many agents takes about 1.5 ms on a 2-core VM (BENCHMARKS.md, "allocation
+/// cycles sliced"), so that an event never waits more than a few milliseconds behind a cycle.
+pub const DEFAULT_ALLOCATION_SLICE: usize = 2_000;
+
 /// Heartbeat intervals of silence after which `agora master` takes a framework for gone
 /// (the default of [`MasterConfig::framework_timeout`]).
 pub const FRAMEWORK_MISSED_HEARTBEATS: u32 = 3;
@@ -106,6 +118,7 @@ impl Default for MasterConfig {
             master_id: "master".into(),
             allocation_interval: Duration::from_secs(1),
             allocation_batch: Duration::from_millis(2),
+            allocation_slice: DEFAULT_ALLOCATION_SLICE,
             agent_heartbeat_interval: Duration::from_secs(1),
             agent_timeout: Duration::from_secs(15),
             agent_reregister_timeout: Duration::from_secs(600),
@@ -303,6 +316,9 @@ pub struct Master {
     drain_deadlines: BTreeSet<(Instant, AgentId)>,
     next_allocation: Instant,
     batch_allocation: Option<Instant>,
+    /// The allocation cycle under way, when it runs in slices (see
+    /// [`MasterConfig::allocation_slice`]).
+    cycle: Option<allocation::Cycle>,
     next_heartbeat: Instant,
     next_agent: u64,
     next_framework: u64,
@@ -388,6 +404,7 @@ impl Master {
             offer_deadlines: BTreeSet::new(),
             drain_deadlines: BTreeSet::new(),
             batch_allocation: None,
+            cycle: None,
             next_agent: 0,
             next_framework: 0,
             next_offer: 0,
@@ -476,10 +493,12 @@ impl Master {
         }
     }
 
-    /// The earliest time `handle_timeout` must be called.
+    /// The earliest time `handle_timeout` must be called: at once (the instant of the last
+    /// slice) while an allocation cycle is under way.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = self.next_allocation.min(self.next_heartbeat);
         let candidates = [
+            self.cycle.as_ref().map(allocation::Cycle::due),
             self.batch_allocation,
             self.agent_deadlines.first().map(|(t, _)| *t),
             self.failover_deadlines.first().map(|(t, _)| *t),
@@ -493,8 +512,19 @@ impl Master {
         Some(t)
     }
 
+    /// Whether an allocation cycle is under way (more slices to run: `handle_timeout` is due).
+    pub fn allocation_in_progress(&self) -> bool {
+        self.cycle.is_some()
+    }
+
+    /// Whether `handle_timeout(now)` would run an allocation slice (the heavy part of timers).
+    pub fn allocation_due(&self, now: Instant) -> bool {
+        self.cycle.is_some() || self.batch_allocation.is_some_and(|t| t <= now) || self.next_allocation <= now
+    }
+
     /// Runs everything due at `now`: agent timeouts, framework failover expiries, filter
-    /// expiries, drain deadlines, allocation and framework heartbeats.
+    /// expiries, drain deadlines, allocation (one slice of a cycle at most) and framework
+    /// heartbeats.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.drain_deadlines_due(now);
         while let Some((t, id)) = self.agent_deadlines.first().cloned() {
@@ -545,10 +575,17 @@ impl Master {
                 self.request_allocation(now);
             }
         }
-        if self.batch_allocation.is_some_and(|t| t <= now) || self.next_allocation <= now {
+        // A cycle under way runs its next slice; a new one starts only when it is over (an
+        // allocation asked for meanwhile waits for that, and takes the agents' state then).
+        if self.cycle.is_none()
+            && (self.batch_allocation.is_some_and(|t| t <= now) || self.next_allocation <= now)
+        {
             self.batch_allocation = None;
-            self.allocate(now);
+            self.start_cycle(now);
             self.next_allocation = after(now, self.config.allocation_interval);
+        }
+        if self.cycle.is_some() {
+            self.allocate_slice(now);
         }
         if self.next_heartbeat <= now {
             self.close_silent_frameworks(now);

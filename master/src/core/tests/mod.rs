@@ -208,3 +208,4 @@ mod drain;
 mod executors;
 mod general;
 mod recovery;
+mod slices;
