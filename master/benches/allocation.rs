@@ -1,8 +1,10 @@
 //! One full allocation cycle of the sans-IO master core, no sockets:
 //!
 //! - `cycle/10000x1000` and `cycle/50000x200`: every agent free, every framework active (no
-//!   demand: whole agents, Mesos's behaviour). Timed: the `handle_timeout` that runs the
-//!   allocation and produces the offers. Between iterations (untimed) every offer is declined
+//!   demand: whole agents, Mesos's behaviour). Timed: the `handle_timeout` steps that run the
+//!   whole cycle (all its slices of `MasterConfig::allocation_slice` agents) and produce the
+//!   offers. `cycle_unsliced/50000x200`: the same with whole cycles in one step (the baseline
+//!   of slicing; `examples/slice_latency.rs` times the slices themselves). Between iterations (untimed) every offer is declined
 //!   without a filter, so the next cycle sees the whole cluster free again.
 //! - `decline_heavy/10000x1000`: every framework declines every offer with a 5 s filter
 //!   (Mesos's default) and a cycle runs each simulated second, so each agent carries the
@@ -15,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use agora_master::core::{Action, Event, Master, MasterConfig};
+use agora_master::core::{Action, Event, Master, MasterConfig, DEFAULT_ALLOCATION_SLICE};
 use agora_master::testing::{framework_info, register, res};
 use agora_sdk::proto::*;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -28,13 +30,14 @@ struct Bench {
 }
 
 impl Bench {
-    fn new(agents: usize, frameworks: usize) -> Bench {
+    fn new(agents: usize, frameworks: usize, slice: usize) -> Bench {
         let now = Instant::now();
         let config = MasterConfig {
             master_id: "b".into(),
             agent_timeout: Duration::from_secs(10_000_000),
             framework_heartbeat_interval: Duration::from_secs(10_000_000),
             framework_timeout: None,
+            allocation_slice: slice,
             ..MasterConfig::default()
         };
         let mut m = Master::new(config, now);
@@ -64,10 +67,13 @@ impl Bench {
         }
     }
 
-    /// One allocation cycle, a simulated second after the previous one.
+    /// One allocation cycle, a simulated second after the previous one: all its slices.
     fn cycle(&mut self) {
         self.now += Duration::from_secs(1);
         self.m.handle_timeout(self.now);
+        while self.m.allocation_in_progress() {
+            self.m.handle_timeout(self.now);
+        }
     }
 
     /// Every outstanding offer is declined (one call per offer).
@@ -79,9 +85,10 @@ impl Bench {
     }
 }
 
-fn full_cycle(c: &mut Criterion, agents: usize, frameworks: usize) {
-    let mut b = Bench::new(agents, frameworks);
-    c.bench_function(&format!("cycle/{agents}x{frameworks}"), |bencher| {
+fn full_cycle(c: &mut Criterion, agents: usize, frameworks: usize, slice: usize) {
+    let mut b = Bench::new(agents, frameworks, slice);
+    let name = if slice == usize::MAX { "cycle_unsliced" } else { "cycle" };
+    c.bench_function(&format!("{name}/{agents}x{frameworks}"), |bencher| {
         bencher.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -99,7 +106,7 @@ fn full_cycle(c: &mut Criterion, agents: usize, frameworks: usize) {
 }
 
 fn decline_heavy(c: &mut Criterion, agents: usize, frameworks: usize) {
-    let mut b = Bench::new(agents, frameworks);
+    let mut b = Bench::new(agents, frameworks, DEFAULT_ALLOCATION_SLICE);
     // Reach the steady state: every agent carries the filters of its last holders.
     for _ in 0..10 {
         b.cycle();
@@ -123,8 +130,9 @@ fn decline_heavy(c: &mut Criterion, agents: usize, frameworks: usize) {
 }
 
 fn benches(c: &mut Criterion) {
-    full_cycle(c, 10_000, 1_000);
-    full_cycle(c, 50_000, 200);
+    full_cycle(c, 10_000, 1_000, DEFAULT_ALLOCATION_SLICE);
+    full_cycle(c, 50_000, 200, DEFAULT_ALLOCATION_SLICE);
+    full_cycle(c, 50_000, 200, usize::MAX);
     decline_heavy(c, 10_000, 1_000);
 }
 

@@ -1,17 +1,18 @@
 //! Allocation driving: what the allocator is asked each cycle and how its decisions become
 //! offers sent to frameworks.
 //!
-//! A cycle fixes its agents and their order when it starts (the connected agents, in id
-//! order) and runs in slices of at most [`MasterConfig::allocation_slice`] of them, one slice
+//! A cycle fixes its agents and their order when it starts (every agent the master knows, in
+//! id order) and runs in slices of at most [`MasterConfig::allocation_slice`] of them, one slice
 //! per `handle_timeout`, each slice's offers sent with it. Between slices the driver hands
 //! the core whatever arrived (status updates, accepts, declines), so none waits behind more
 //! than one slice. Each agent of the cycle is considered once, in its slice:
 //!
 //! - an agent that registers during a cycle is not in it: its registration asks for an
 //!   allocation, which runs as the next cycle, once this one is over;
-//! - an agent that disconnects, is removed or is detached before its slice is skipped (its
-//!   slot is checked by generation, so a slot reused by another agent is skipped too); one
-//!   that came back (same id, reconnected) before its slice is considered as it is then;
+//! - an agent that is removed before its slice is skipped (its slot is checked by generation,
+//!   so a slot reused by another agent is skipped too); whether an agent is connected and
+//!   attached is read when its slice runs: one that disconnected is skipped, one that came
+//!   back (same id, reconnected) is considered as it is then;
 //! - what an agent has free is read when its slice runs, so resources freed by events between
 //!   slices are offered in this cycle if the agent's slice is still to come.
 
@@ -21,10 +22,12 @@ use super::*;
 /// An allocation cycle under way.
 #[derive(Debug)]
 pub(super) struct Cycle {
-    /// `(slot, generation)` of every agent connected when the cycle started, in id order.
+    /// `(slot, generation)` of every agent known when the cycle started, in id order.
     agents: Vec<(usize, u32)>,
     /// How many of `agents` the slices so far considered.
     done: usize,
+    /// How many of those were connected (for the gauges, set when the cycle ends).
+    active: usize,
     /// The instant of the last slice: the next one is due from then (at once).
     due: Instant,
 }
@@ -39,22 +42,15 @@ impl Master {
     /// Starts a cycle: fixes its agents and their order (see the module's comment).
     pub(super) fn start_cycle(&mut self, now: Instant) {
         counter!(metrics::ALLOCATION_RUNS).increment(1);
-        self.agents.refresh_order();
-        let agents: Vec<(usize, u32)> = self
-            .agents
-            .slots_in_order()
-            .filter(|(_, a)| a.conn().is_some())
-            .map(|(slot, _)| (slot, self.agents.generation(slot)))
-            .collect();
-        gauge!(metrics::AGENTS_ACTIVE).set(agents.len() as f64);
-        gauge!(metrics::AGENTS_INACTIVE).set(self.agents.len().saturating_sub(agents.len()) as f64);
+        // Slots only: the records themselves are read slice by slice.
+        let agents = self.agents.order_with_generations();
         gauge!(metrics::FRAMEWORKS_ACTIVE)
             .set(self.frameworks.values().filter(|f| f.conn().is_some()).count() as f64);
         gauge!(metrics::TASKS_KNOWN).set(self.tasks.len() as f64);
         if self.allocator.sliced() {
             self.allocator.begin_cycle(now);
         }
-        self.cycle = Some(Cycle { agents, done: 0, due: now });
+        self.cycle = Some(Cycle { agents, done: 0, active: 0, due: now });
     }
 
     /// Runs the next slice of the cycle under way (the whole cycle for an allocator that does
@@ -75,7 +71,11 @@ impl Master {
                 continue;
             }
             let Some(a) = self.agents.at(slot) else { continue };
-            if a.conn().is_none() || !a.attached {
+            if a.conn().is_none() {
+                continue;
+            }
+            cycle.active += 1;
+            if !a.attached {
                 continue;
             }
             let available = a.available();
@@ -115,8 +115,12 @@ impl Master {
         drop(candidates);
         if end < cycle.agents.len() {
             self.cycle = Some(cycle);
-        } else if sliced {
-            self.allocator.end_cycle();
+        } else {
+            gauge!(metrics::AGENTS_ACTIVE).set(cycle.active as f64);
+            gauge!(metrics::AGENTS_INACTIVE).set(self.agents.len().saturating_sub(cycle.active) as f64);
+            if sliced {
+                self.allocator.end_cycle();
+            }
         }
 
         // One `Offers` event per framework, sent in framework id order. Frameworks are looked
