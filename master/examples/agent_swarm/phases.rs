@@ -134,7 +134,24 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let t = Instant::now();
     let cpu = CpuWindow::start(master.pid());
     swarm::start(&cfg, stats.clone(), stop.clone())?;
-    let all = wait(opts.timeout, || stats.registered.load(Relaxed) >= n).await;
+    let own = CpuWindow::start(std::process::id());
+    let mut next_note = Instant::now() + Duration::from_secs(10);
+    let all = wait(opts.timeout, || {
+        if Instant::now() > next_note {
+            next_note += Duration::from_secs(10);
+            eprintln!(
+                "  {:.0} s: {} registered, {} handshakes failed, {} connections lost ({} to silence), generator CPU {:.0} %",
+                t.elapsed().as_secs_f64(),
+                stats.registered.load(Relaxed),
+                stats.connect_failures.load(Relaxed),
+                stats.lost.load(Relaxed),
+                stats.silences.load(Relaxed),
+                own.percent()
+            );
+        }
+        stats.registered.load(Relaxed) >= n
+    })
+    .await;
     let mut report = Report { registered: stats.registered.load(Relaxed), ..Report::default() };
     println!(
         "registration: {} of {n} agents in {:.2} s ({} handshakes at once at most) | master CPU {:.0} % of a core",
@@ -152,6 +169,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     // (a) Idle: heartbeats only.
     let heartbeats = stats.heartbeats.load(Relaxed);
     let cpu = CpuWindow::start(master.pid());
+    let own = CpuWindow::start(std::process::id());
     let mut peak = 0;
     let end = Instant::now() + opts.idle;
     while Instant::now() < end {
@@ -160,14 +178,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     let idle_rss = rss(master.pid());
     println!(
-        "idle ({:.0} s, heartbeat {:?}): master RSS {:.1} MiB (peak {:.1}, {:.1} KiB per agent over the empty master) | master CPU {:.1} % of a core | {:.0} heartbeats/s",
+        "idle ({:.0} s, heartbeat {:?}): master RSS {:.1} MiB (peak {:.1}, {:.1} KiB per agent over the empty master) | master CPU {:.1} % of a core | {:.0} heartbeats/s | generator RSS {:.1} MiB, CPU {:.1} % of a core",
         opts.idle.as_secs_f64(),
         opts.heartbeat,
         mib(idle_rss),
         mib(peak),
         (idle_rss.saturating_sub(base_rss)) as f64 / 1024.0 / n.max(1) as f64,
         cpu.percent(),
-        (stats.heartbeats.load(Relaxed) - heartbeats) as f64 / opts.idle.as_secs_f64()
+        (stats.heartbeats.load(Relaxed) - heartbeats) as f64 / opts.idle.as_secs_f64(),
+        mib(rss(std::process::id())),
+        own.percent()
     );
 
     // (b) Launch overhead under that load, with the other frameworks declining.
@@ -251,9 +271,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     report.dropped = (stats.lost.load(Relaxed) - lost_before).saturating_sub(expected);
     report.errors = stats.errors.load(Relaxed);
     println!(
-        "connections: {} registered now, {} dropped other than by the restart, {} master errors, {} update retries",
+        "connections: {} registered now, {} dropped other than by the restart ({} connections given up for the master's silence in all), {} master errors, {} update retries",
         stats.registered.load(Relaxed),
         report.dropped,
+        stats.silences.load(Relaxed),
         report.errors,
         stats.retries.load(Relaxed)
     );

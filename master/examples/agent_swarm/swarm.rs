@@ -43,6 +43,9 @@ pub struct Stats {
     pub connect_failures: AtomicU64,
     /// Registered connections that ended (master gone, idle, error).
     pub lost: AtomicU64,
+    /// Of those, given up because the master fell silent for three heartbeat intervals (the
+    /// agent's rule) rather than closed by it.
+    pub silences: AtomicU64,
     /// `Error` messages from the master.
     pub errors: AtomicU64,
     pub heartbeats: AtomicU64,
@@ -187,6 +190,9 @@ impl Emulated {
                 },
                 _ = tick.tick() => {
                     if last_heard.elapsed() > interval * MISSED_HEARTBEATS {
+                        if registered {
+                            stats.silences.fetch_add(1, Relaxed);
+                        }
                         return registered;
                     }
                     if registered {
