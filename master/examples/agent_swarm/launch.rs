@@ -26,6 +26,11 @@ pub struct Launched {
     /// Tasks that ended other than TASK_FINISHED.
     pub failed: usize,
     pub elapsed: Duration,
+    /// Offers received, subscriptions (a reconnection subscribes again) and errors the master
+    /// sent: where a run that launched nothing went wrong.
+    pub offers: usize,
+    pub subscriptions: usize,
+    pub errors: usize,
 }
 
 /// Launches `total` tasks, `in_flight` at most at a time.
@@ -88,8 +93,22 @@ impl Launcher {
 }
 
 impl Scheduler for Launcher {
+    async fn registered(&mut self, _driver: &Driver, _framework_id: &FrameworkId) {
+        self.out.subscriptions += 1;
+    }
+
+    async fn reregistered(&mut self, _driver: &Driver, _framework_id: &FrameworkId) {
+        self.out.subscriptions += 1;
+    }
+
+    async fn error(&mut self, _driver: &Driver, error: &WireError) {
+        self.out.errors += 1;
+        eprintln!("  launcher: master error {}", error.message);
+    }
+
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
         self.started.get_or_insert_with(Instant::now);
+        self.out.offers += offers.len();
         for o in offers {
             if self.held.len() < MAX_HELD && self.next < self.total {
                 self.held.push(o);

@@ -9,7 +9,7 @@
 //! ```text
 //! cargo run --release -p agora-master --example agent_swarm -- [--agents 5000] [--frameworks 10]
 //!     [--launches 2000] [--in-flight 32] [--restart] [--heartbeat-ms 1000] [--idle-secs 10]
-//!     [--connecting 256] [--in-process]
+//!     [--connecting 256] [--timeout-secs 300] [--in-process]
 //! ```
 //! Figures go to BENCHMARKS.md by hand, with the machine.
 
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let mut opts = phases::Options::default();
     let usage =
         "usage: agent_swarm [--agents N] [--frameworks F] [--launches L] [--in-flight K] [--restart] \
-                 [--heartbeat-ms MS] [--idle-secs S] [--connecting C] [--in-process]";
+                 [--heartbeat-ms MS] [--idle-secs S] [--connecting C] [--timeout-secs S] [--in-process]";
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
                     "--heartbeat-ms" => opts.heartbeat = Duration::from_millis(v.max(100)),
                     "--idle-secs" => opts.idle = Duration::from_secs(v),
                     "--connecting" => opts.connecting = v as usize,
+                    "--timeout-secs" => opts.timeout = Duration::from_secs(v),
                     _ => anyhow::bail!("{usage}"),
                 }
             }

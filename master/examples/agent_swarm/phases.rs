@@ -214,11 +214,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         (out.to_running.len(), out.to_finished.len() - out.failed, out.failed);
     if !matches!(ran, Ok(Ok(()))) || report.running != opts.launches || report.failed > 0 {
         println!(
-            "launch: INVALID RUN ({ran:?}): {} of {} RUNNING, {} ended, {} not FINISHED",
+            "launch: INVALID RUN ({ran:?}): {} of {} RUNNING, {} ended, {} not FINISHED | launcher got {} offers, subscribed {} times, {} errors",
             report.running,
             opts.launches,
             out.to_finished.len(),
-            report.failed
+            report.failed,
+            out.offers,
+            out.subscriptions,
+            out.errors
         );
     }
     println!(
