@@ -151,7 +151,12 @@ pub struct Idle;
 
 impl Scheduler for Idle {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
-        driver.decline(offers.into_iter().map(|o| o.id).collect(), Some(IDLE_REFUSE_SECONDS));
+        // One `Offers` event may carry more offers than one DECLINE may name (the master
+        // refuses a call with more than `MAX_OFFER_IDS`, and the offers would stay held).
+        let ids: Vec<OfferId> = offers.into_iter().map(|o| o.id).collect();
+        for chunk in ids.chunks(agora_master::validate::MAX_OFFER_IDS) {
+            driver.decline(chunk.to_vec(), Some(IDLE_REFUSE_SECONDS));
+        }
     }
 
     async fn status_update(&mut self, _driver: &Driver, _st: &TaskStatus) {}
