@@ -77,7 +77,7 @@ fn two_runs_share_one_agent_as_in_the_drf_paper() {
         .args(["dev", "--listen", "127.0.0.1:0", "--agents", "1", "--resources", "cpus:9;mem:18GiB"])
         // Both runs subscribe (with their demand) within the batching window, so the first
         // allocation sees both: this is the "started together" of the paper's example.
-        .args(["--allocation-interval", "5s", "--allocation-batch", "1500ms"])
+        .args(["--allocation-interval", "5s", "--allocation-batch", "1500ms", "--allocation-slice", "1"])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -124,4 +124,15 @@ fn two_runs_share_one_agent_as_in_the_drf_paper() {
     runs.wait_all(Duration::from_secs(5));
     dev.signal_all(libc::SIGTERM);
     dev.wait_all(Duration::from_secs(20));
+}
+
+#[test]
+fn an_allocation_slice_of_no_agents_is_refused_with_the_flag_named() {
+    let out = Command::new(AGORA)
+        .args(["master", "--listen", "127.0.0.1:0", "--allocation-slice", "0"])
+        .output()
+        .expect("run agora master");
+    assert!(!out.status.success(), "a slice of 0 agents was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--allocation-slice") && stderr.contains("1 or more"), "{stderr}");
 }

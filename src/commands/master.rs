@@ -142,6 +142,14 @@ fn parse_heartbeat(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--allocation-slice`: a count of agents, at least 1.
+fn parse_slice(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of agents (1 or more)")),
+    }
+}
+
 /// The allocation flags shared by `master` and `dev`.
 #[derive(Args, Clone, Debug)]
 pub struct AllocationArgs {
@@ -154,6 +162,10 @@ pub struct AllocationArgs {
     /// Events that free or ask for resources are batched this long before an allocation runs.
     #[arg(long, default_value = "2ms", value_parser = parse_duration)]
     pub allocation_batch: Duration,
+    /// Agents one step of an allocation cycle considers: a cycle over more agents runs in
+    /// slices, with the events queued meanwhile (status updates, accepts) handled between them.
+    #[arg(long, default_value_t = agora_master::core::DEFAULT_ALLOCATION_SLICE, value_parser = parse_slice)]
+    pub allocation_slice: usize,
     /// Role weights for DRF, e.g. `analytics=2,web=1` (missing roles weigh 1).
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<BTreeMap<String, f64>>,
@@ -224,6 +236,7 @@ pub fn core_config(m: &MasterCommandCore) -> anyhow::Result<MasterConfig> {
         master_id: format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
         allocation_interval: a.allocation_interval,
         allocation_batch: a.allocation_batch,
+        allocation_slice: a.allocation_slice,
         agent_heartbeat_interval: m.agent_heartbeat,
         agent_timeout: m.agent_timeout,
         agent_reregister_timeout: m.agent_reregister_timeout,
