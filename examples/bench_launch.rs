@@ -5,8 +5,14 @@
 //! ```text
 //! cargo build --release   # the agent starts target/release/agora as its Wasm executor
 //! cargo run --release --example bench_launch -- [--latency-tasks 300] [--throughput-tasks 1000]
-//!     [--isolation auto|none] [--kind native|wasm|both]
+//!     [--isolation auto|none] [--kind native|wasm|both|compute] [--compute-runs 7]
 //! ```
+//! `--kind compute` measures Wasm compute speed instead of launches: a loop-heavy kernel
+//! (`count(400M)`, an i64 add and compare per iteration) and a call-heavy one (naive recursive
+//! `fib(32)`), each run as a task one at a time at `--cpus` 1 and 2 (RUNNING → FINISHED: the
+//! executor reports RUNNING just before `_start`), beside a bare wasmtime embedding with fuel
+//! metering on (wasmtime's default `Config` + `consume_fuel`, `_start` called synchronously) in
+//! the same run: the ratio is what Agora costs a CPU-bound task.
 //! `BENCH_TRACE=1` prints when each ACCEPT went out and when the 1st, 1,000th, … RUNNING and
 //! FINISHED arrived; `BENCH_PAUSE_MS=N` idles N ms before the throughput phase (what a cluster
 //! that was quiet for a while sees).
@@ -39,12 +45,36 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
-fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
-    let kind = match wasm {
+/// What a benchmark task runs.
+#[derive(Clone)]
+struct TaskShape {
+    /// The Wasm module, or `true` as a native command.
+    wasm: Option<ArtifactRef>,
+    name: &'static str,
+    /// Millicpus asked for.
+    cpus: u64,
+}
+
+impl TaskShape {
+    fn native() -> TaskShape {
+        // Native tasks ask for 0.1 CPU: with a hard CFS quota, 0.01 CPU is 1 ms per 100 ms
+        // period, less than `true` needs to exec behind the start gate (~1.3 ms), so a third
+        // of such tasks would wait up to 100 ms for the next period: the quota enforced, not
+        // launch cost (`cargo run --release -p agora-agent --example cgroup_phases`).
+        TaskShape { wasm: None, name: "true", cpus: 100 }
+    }
+
+    fn wasm(module: ArtifactRef, name: &'static str, cpus: u64) -> TaskShape {
+        TaskShape { wasm: Some(module), name, cpus }
+    }
+}
+
+fn make_task(i: usize, prefix: &str, shape: &TaskShape) -> TaskInfo {
+    let kind = match &shape.wasm {
         None => TaskKind::Command(CommandInfo { argv: vec!["true".into()], shell: false, env: vec![] }),
         Some(module) => TaskKind::Wasm(Box::new(WasmInfo {
             module: module.clone(),
-            args: vec!["noop".into()],
+            args: vec![shape.name.into()],
             env: vec![],
             dirs: vec![],
             fuel: None,
@@ -53,16 +83,8 @@ fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
     };
     TaskInfo {
         task_id: TaskId(format!("{prefix}-{i}")),
-        name: if wasm.is_some() { "noop.wasm".into() } else { "true".into() },
-        // Native tasks ask for 0.1 CPU: with a hard CFS quota, 0.01 CPU is 1 ms per 100 ms
-        // period, less than `true` needs to exec behind the start gate (~1.3 ms), so a third
-        // of such tasks would wait up to 100 ms for the next period: the quota enforced, not
-        // launch cost (`cargo run --release -p agora-agent --example cgroup_phases`).
-        resources: Resources {
-            cpus: if wasm.is_some() { 10 } else { 100 },
-            mem: 1 << 20,
-            ..Default::default()
-        },
+        name: shape.name.into(),
+        resources: Resources { cpus: shape.cpus, mem: 1 << 20, ..Default::default() },
         kind,
         kill_grace: None,
         user: None,
@@ -72,7 +94,7 @@ fn make_task(i: usize, prefix: &str, wasm: Option<&ArtifactRef>) -> TaskInfo {
 /// Latency mode: one task at a time; throughput mode: everything the offers fit.
 struct Bench {
     prefix: &'static str,
-    wasm: Option<ArtifactRef>,
+    shape: TaskShape,
     total: usize,
     next: usize,
     one_at_a_time: bool,
@@ -80,8 +102,11 @@ struct Bench {
     held: Vec<Offer>,
     sent: HashMap<TaskId, Instant>,
     to_running: Vec<Duration>,
-    running: std::collections::HashSet<TaskId>,
+    /// When each task's first RUNNING arrived.
+    running: HashMap<TaskId, Instant>,
     to_finished: Vec<Duration>,
+    /// RUNNING → terminal update, per task: for compute kernels, their run time.
+    run_times: Vec<Duration>,
     done: usize,
     /// Tasks that ended other than TASK_FINISHED (the run's figures are then void).
     failed: usize,
@@ -111,7 +136,7 @@ impl Bench {
         if let Some(warm) = &self.warming {
             if self.in_flight == 0 {
                 let Some(offer) = self.held.pop() else { return };
-                let mut t = make_task(0, self.prefix, self.wasm.as_ref());
+                let mut t = make_task(0, self.prefix, &self.shape);
                 t.task_id = warm.clone();
                 self.sent.insert(t.task_id.clone(), Instant::now());
                 self.in_flight = 1;
@@ -124,7 +149,7 @@ impl Bench {
             let mut left = offer.resources.clone();
             let mut batch = Vec::new();
             while self.next < self.total && (!self.one_at_a_time || batch.is_empty()) {
-                let t = make_task(self.next, self.prefix, self.wasm.as_ref());
+                let t = make_task(self.next, self.prefix, &self.shape);
                 match left.checked_sub(&t.resources) {
                     Some(rest) => left = rest,
                     None => break,
@@ -180,7 +205,8 @@ impl Scheduler for Bench {
         }
         match st.state {
             // Updates are delivered at least once: count a task's first RUNNING only.
-            TaskState::Running if self.running.insert(st.task_id.clone()) => {
+            TaskState::Running if !self.running.contains_key(&st.task_id) => {
+                self.running.insert(st.task_id.clone(), Instant::now());
                 self.to_running.push(sent.elapsed());
                 self.trace("RUNNING", self.to_running.len());
             }
@@ -188,6 +214,9 @@ impl Scheduler for Bench {
                 // Duplicates of a terminal update find no entry any more.
                 self.sent.remove(&st.task_id);
                 self.to_finished.push(sent.elapsed());
+                if let Some(r) = self.running.get(&st.task_id) {
+                    self.run_times.push(r.elapsed());
+                }
                 self.trace("FINISHED", self.to_finished.len());
                 self.in_flight -= 1;
                 self.done += 1;
@@ -256,10 +285,10 @@ fn report(name: &str, b: &mut Bench, cpu: Option<((u64, u64), (u64, u64))>) {
     );
 }
 
-fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, wasm: Option<ArtifactRef>) -> Bench {
+fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, shape: TaskShape) -> Bench {
     Bench {
         prefix,
-        wasm,
+        shape,
         total,
         next: 0,
         one_at_a_time,
@@ -269,6 +298,7 @@ fn bench(prefix: &'static str, total: usize, one_at_a_time: bool, wasm: Option<A
         to_running: Vec::new(),
         running: Default::default(),
         to_finished: Vec::new(),
+        run_times: Vec::new(),
         done: 0,
         failed: 0,
         started: None,
@@ -283,9 +313,10 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lat_n, mut thr_n) = (300usize, 1000usize);
     let mut isolation = agora_agent::cgroups::IsolationMode::Auto;
-    let (mut native, mut wasm) = (true, true);
+    let (mut native, mut wasm, mut compute) = (true, true, false);
+    let mut compute_runs = 7usize;
     let usage = "usage: bench_launch [--latency-tasks N] [--throughput-tasks N] [--isolation auto|none] \
-                 [--kind native|wasm|both]";
+                 [--kind native|wasm|both|compute] [--compute-runs N]";
     while let Some(a) = args.next() {
         let v = args.next();
         match (a.as_str(), v.as_deref()) {
@@ -293,15 +324,19 @@ async fn main() -> anyhow::Result<()> {
             ("--throughput-tasks", Some(v)) => thr_n = v.parse()?,
             ("--isolation", Some("none")) => isolation = agora_agent::cgroups::IsolationMode::None,
             ("--isolation", Some("auto")) => isolation = agora_agent::cgroups::IsolationMode::Auto,
-            ("--kind", Some("native")) => (native, wasm) = (true, false),
-            ("--kind", Some("wasm")) => (native, wasm) = (false, true),
-            ("--kind", Some("both")) => (native, wasm) = (true, true),
+            ("--kind", Some("native")) => (native, wasm, compute) = (true, false, false),
+            ("--kind", Some("wasm")) => (native, wasm, compute) = (false, true, false),
+            ("--kind", Some("both")) => (native, wasm, compute) = (true, true, false),
+            ("--kind", Some("compute")) => (native, wasm, compute) = (false, false, true),
+            ("--compute-runs", Some(v)) if v.parse::<usize>().is_ok_and(|n| n > 0) => {
+                compute_runs = v.parse()?
+            }
             _ => anyhow::bail!("{usage}"),
         }
     }
 
     // Baseline: spawn and reap `true` directly (std uses posix_spawn).
-    let base_n = thr_n.min(2000);
+    let base_n = if compute { 0 } else { thr_n.min(2000) };
     let mut base = Vec::with_capacity(base_n);
     let t0 = Instant::now();
     for _ in 0..base_n {
@@ -311,14 +346,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let base_total = t0.elapsed();
     base.sort();
-    println!(
-        "{:<28} n={:<5} spawn+wait p50 {} p99 {} | {:.0} spawns/s (sequential)",
-        "baseline posix_spawn(true)",
-        base_n,
-        ms(pct(&base, 0.5)),
-        ms(pct(&base, 0.99)),
-        base_n as f64 / base_total.as_secs_f64()
-    );
+    if !compute {
+        println!(
+            "{:<28} n={:<5} spawn+wait p50 {} p99 {} | {:.0} spawns/s (sequential)",
+            "baseline posix_spawn(true)",
+            base_n,
+            ms(pct(&base, 0.5)),
+            ms(pct(&base, 0.99)),
+            base_n as f64 / base_total.as_secs_f64()
+        );
+    }
 
     let dir = tempfile::tempdir()?;
     let tls = dir.path().join("tls");
@@ -367,22 +404,19 @@ async fn main() -> anyhow::Result<()> {
 
     let fw = TlsFiles::in_dir(&tls, "framework");
     let addr = master.addr.to_string();
-    let mut kinds: Vec<(&str, Option<ArtifactRef>)> = Vec::new();
+    let mut kinds: Vec<(&str, TaskShape)> = Vec::new();
     if native {
-        kinds.push(("native true", None));
+        kinds.push(("native true", TaskShape::native()));
     }
     if wasm {
-        let session = agora_sdk::client::Session::connect(&addr, &fw, Role::Framework).await?;
         let noop = wat::parse_str(include_str!("wasm/noop.wat"))?;
-        let module =
-            agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, "noop.wasm", &noop)
-                .await?;
-        session.conn.close(0u32.into(), b"uploaded");
-        kinds.push(("wasm noop", Some(module)));
+        let module = upload(&addr, &fw, "noop.wasm", &noop).await?;
+        kinds.push(("wasm noop", TaskShape::wasm(module, "noop.wasm", 10)));
     }
     let mut invalid = 0;
-    for (label, module) in kinds {
-        let mut lat = bench(if module.is_some() { "lat-wasm" } else { "lat" }, lat_n, true, module.clone());
+    for (label, shape) in kinds {
+        let wasm = shape.wasm.is_some();
+        let mut lat = bench(if wasm { "lat-wasm" } else { "lat" }, lat_n, true, shape.clone());
         run(DriverConfig::new(addr.clone(), fw.clone(), "bench-latency"), &mut lat).await?;
         report(&format!("{label}, one at a time"), &mut lat, None);
         invalid += lat.failed;
@@ -390,12 +424,15 @@ async fn main() -> anyhow::Result<()> {
         if let Some(ms) = std::env::var("BENCH_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        let mut thr = bench(if module.is_some() { "thr-wasm" } else { "thr" }, thr_n, false, module.clone());
+        let mut thr = bench(if wasm { "thr-wasm" } else { "thr" }, thr_n, false, shape);
         let before = cpu_jiffies();
         run(DriverConfig::new(addr.clone(), fw.clone(), "bench-throughput"), &mut thr).await?;
         let after = cpu_jiffies();
         report(&format!("{label}, all at once"), &mut thr, Some((before, after)));
         invalid += thr.failed;
+    }
+    if compute {
+        invalid += compute_speed(&addr, &fw, compute_runs).await?;
     }
 
     shutdown.cancel();
@@ -404,6 +441,78 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("{invalid} tasks did not finish: these figures are void");
     }
     Ok(())
+}
+
+/// Uploads a Wasm module to the master's artifact store.
+async fn upload(addr: &str, fw: &TlsFiles, name: &str, bytes: &[u8]) -> anyhow::Result<ArtifactRef> {
+    let session = agora_sdk::client::Session::connect(addr, fw, Role::Framework).await?;
+    let module =
+        agora_sdk::artifacts::upload_bytes(&session.conn, ArtifactKind::WasmModule, name, bytes).await?;
+    session.conn.close(0u32.into(), b"uploaded");
+    Ok(module)
+}
+
+/// The compute kernels: (label, module bytes).
+fn kernels() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    let fib = include_str!("../executor-wasm/tests/fixtures/fib.wat");
+    let fib32 = fib.replace("(call $fib (i32.const 25))", "(call $fib (i32.const 32))");
+    anyhow::ensure!(fib32 != fib, "fib.wat no longer computes fib(25) in _start");
+    Ok(vec![
+        ("count(400M)", wat::parse_str(include_str!("../executor-wasm/tests/fixtures/tight.wat"))?),
+        ("fib(32)", wat::parse_str(&fib32)?),
+    ])
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// `_start` of `bytes` on a bare wasmtime engine with fuel metering: median of `runs` calls, each
+/// in a new store (instantiation not timed).
+fn bare_with_fuel(bytes: &[u8], runs: usize) -> anyhow::Result<Duration> {
+    let mut config = wasmtime::Config::new();
+    config.consume_fuel(true);
+    let engine = wasmtime::Engine::new(&config)?;
+    let module = wasmtime::Module::new(&engine, bytes)?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let mut store = wasmtime::Store::new(&engine, ());
+        store.set_fuel(u64::MAX)?;
+        let instance = wasmtime::Instance::new(&mut store, &module, &[])?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        let t = Instant::now();
+        start.call(&mut store, ())?;
+        times.push(t.elapsed());
+    }
+    Ok(median(&mut times))
+}
+
+/// Each kernel through the cluster at 1 and 2 CPUs against the bare embedding, one task at a
+/// time; returns how many tasks failed.
+async fn compute_speed(addr: &str, fw: &TlsFiles, runs: usize) -> anyhow::Result<usize> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut failed = 0;
+    for (label, bytes) in kernels()? {
+        let module =
+            upload(addr, fw, &format!("{}.wasm", label.split('(').next().unwrap_or(label)), &bytes).await?;
+        let bare = bare_with_fuel(&bytes, runs)?;
+        for cpus in [1000, 2000] {
+            let mut b = bench("compute", runs, true, TaskShape::wasm(module.clone(), label, cpus));
+            run(DriverConfig::new(addr.to_string(), fw.clone(), "bench-compute"), &mut b).await?;
+            failed += b.failed;
+            let through = median(&mut b.run_times);
+            println!(
+                "{label:<12} --cpus {}: through Agora (RUNNING→FINISHED) p50 {:.1} ms | bare wasmtime with fuel \
+                 p50 {:.1} ms | ratio {:.2} (n={runs})",
+                cpus / 1000,
+                ms(through),
+                ms(bare),
+                through.as_secs_f64() / bare.as_secs_f64().max(1e-9)
+            );
+        }
+    }
+    Ok(failed)
 }
 
 /// The `agora` binary beside this example (`target/<profile>/agora`): the agent starts it as

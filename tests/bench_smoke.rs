@@ -27,3 +27,21 @@ fn bench_launch_runs_native_and_wasm_at_small_sizes() {
         assert!(stdout.contains(line), "no `{line}` line in:\n{stdout}\n{stderr}");
     }
 }
+
+#[test]
+fn bench_launch_compute_runs_both_kernels_beside_the_bare_engine() {
+    let out = std::process::Command::new(example("bench_launch"))
+        .args(["--kind", "compute", "--compute-runs", "1", "--isolation", "none"])
+        .output()
+        .expect("run bench_launch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench_launch --kind compute failed ({}):\n{stdout}\n{stderr}", out.status);
+    for kernel in ["count(400M)", "fib(32)"] {
+        for cpus in ["--cpus 1:", "--cpus 2:"] {
+            let line = stdout.lines().find(|l| l.starts_with(kernel) && l.contains(cpus));
+            let line = line.unwrap_or_else(|| panic!("no {kernel} {cpus} line in:\n{stdout}\n{stderr}"));
+            assert!(line.contains("bare wasmtime with fuel p50") && line.contains("ratio"), "{line}");
+        }
+    }
+}

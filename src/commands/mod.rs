@@ -21,6 +21,7 @@ pub mod master;
 pub mod policy;
 pub mod resolve;
 pub mod run;
+pub mod run_steps;
 pub mod tls;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

@@ -168,6 +168,7 @@ pub struct RunCommand {
 
 impl RunCommand {
     pub async fn execute(self) -> anyhow::Result<ExitCode> {
+        let mut steps = super::run_steps::Steps::from_env();
         let cfg = self.cluster.resolve()?;
         let tls = cfg.identity(Role::Framework)?;
         let program = match &self.wasm {
@@ -192,6 +193,9 @@ impl RunCommand {
                 }
             },
         };
+        if self.wasm.is_some() {
+            steps.mark("uploaded");
+        }
         let tasks: VecDeque<TaskInfo> = (0..self.count)
             .map(|i| TaskInfo {
                 task_id: TaskId(if self.count == 1 {
@@ -210,6 +214,7 @@ impl RunCommand {
             eprintln!("agora: {why}");
             return Ok(ExitCode::from(EXIT_NEVER_RAN));
         }
+        steps.mark("capacity checked");
         let ids: Vec<TaskId> = tasks.iter().map(|t| t.task_id.clone()).collect();
         if !self.quiet && !self.detach {
             eprintln!("agora: {}", describe_ids(&ids));
@@ -263,6 +268,7 @@ impl RunCommand {
             driver: driver_handle.clone(),
             sync_back: if self.sync_back { self.dirs.clone() } else { Vec::new() },
             waiting: waiting_tx,
+            steps,
         };
         let result = {
             let run = scheduler::run(driver_cfg, &mut sched);
@@ -306,11 +312,15 @@ impl RunCommand {
                 println!("{id}");
             }
         }
+        sched.steps.mark("torn down");
         for s in sched.streams.drain(..) {
             let _ = s.await;
         }
         if let Some(pb) = &sched.progress {
             pb.finish_and_clear();
+        }
+        if let Some(line) = sched.steps.line() {
+            eprintln!("{line}");
         }
         Ok(sched.exit_code())
     }
@@ -591,6 +601,8 @@ struct RunScheduler {
     sync_back: Vec<(std::path::PathBuf, String)>,
     /// The ids of `pending`, for [`say_why_waiting`].
     waiting: tokio::sync::watch::Sender<Vec<TaskId>>,
+    /// Step times (`AGORA_RUN_STEPS`).
+    steps: super::run_steps::Steps,
 }
 
 impl RunScheduler {
@@ -729,6 +741,7 @@ impl RunScheduler {
 
 impl Scheduler for RunScheduler {
     async fn resource_offers(&mut self, driver: &Driver, offers: Vec<Offer>) {
+        self.steps.mark("first offer");
         let before = self.pending.len();
         for offer in offers {
             let batch = scheduler::take_fitting(&offer.resources, &mut self.pending);
@@ -740,6 +753,7 @@ impl Scheduler for RunScheduler {
                 driver.decline(vec![offer.id], Some(if self.pending.is_empty() { 60.0 } else { 1.0 }));
             } else {
                 driver.launch(vec![offer.id], batch);
+                self.steps.mark("launched");
             }
         }
         if self.pending.len() != before {
@@ -793,6 +807,7 @@ impl Scheduler for RunScheduler {
         let prev = self.states.insert(status.task_id.clone(), status.state);
         if status.state == TaskState::Running {
             self.ran.insert(status.task_id.clone());
+            self.steps.mark("running");
         }
         if self.single
             && !self.detach
@@ -811,6 +826,9 @@ impl Scheduler for RunScheduler {
                 self.start_streams(driver, &status.task_id.clone(), false);
             }
             self.finals.insert(status.task_id.clone(), status.clone());
+            if self.finals.len() == self.total {
+                self.steps.mark("ended");
+            }
             if let Some(pb) = &self.progress {
                 pb.inc(1);
                 let failed = self.finals.values().filter(|s| s.state != TaskState::Finished).count();
@@ -859,6 +877,7 @@ impl Scheduler for RunScheduler {
     }
 
     async fn registered(&mut self, driver: &Driver, _framework_id: &FrameworkId) {
+        self.steps.mark("subscribed");
         let _ = self.driver.set(driver.clone());
     }
 
