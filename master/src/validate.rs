@@ -36,8 +36,9 @@ pub const MAX_NAME_LEN: usize = 1024;
 pub const MAX_TASKS_PER_ACCEPT: usize = 10_000;
 /// Most operations in one `Accept`.
 pub const MAX_OPERATIONS: usize = 1024;
-/// Most offer ids in one `Accept` or `Decline`.
-pub const MAX_OFFER_IDS: usize = 1024;
+/// Most offer ids in one `Accept` or `Decline` (the SDK's constant: its driver splits longer
+/// declines by it).
+pub const MAX_OFFER_IDS: usize = agora_sdk::proto::MAX_OFFER_IDS;
 /// Most tasks one explicit reconciliation may name (each is answered with an update).
 pub const MAX_RECONCILE_TASKS: usize = 100_000;
 /// Most arguments of a command or Wasm task.

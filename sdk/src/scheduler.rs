@@ -377,9 +377,16 @@ impl Driver {
     }
 
     /// Declines offers; they are not re-offered to this framework for `refuse_seconds`
-    /// (default 5 s).
+    /// (default 5 s). More than [`MAX_OFFER_IDS`] offers (one `Offers` event may hold more)
+    /// go out as several calls, each within the master's bound.
     pub fn decline(&self, offer_ids: Vec<OfferId>, refuse_seconds: Option<f64>) {
-        self.call(SchedulerCall::Decline { offer_ids, refuse_seconds });
+        if offer_ids.len() <= MAX_OFFER_IDS {
+            self.call(SchedulerCall::Decline { offer_ids, refuse_seconds });
+            return;
+        }
+        for chunk in offer_ids.chunks(MAX_OFFER_IDS) {
+            self.call(SchedulerCall::Decline { offer_ids: chunk.to_vec(), refuse_seconds });
+        }
     }
 
     pub fn revive(&self) {
@@ -985,6 +992,22 @@ async fn finish(mut session: Session, ending: Ending) -> Result<(), ClientError>
 mod tests {
     use super::*;
     use crate::Resources;
+
+    #[test]
+    fn a_decline_of_more_offers_than_one_call_may_name_is_split() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_conn_tx, conn) = watch::channel(None);
+        let driver = Driver { tx, framework_id: None, conn };
+        let ids: Vec<OfferId> = (0..MAX_OFFER_IDS * 2 + 5).map(|i| OfferId::new(format!("o{i}"))).collect();
+        driver.decline(ids.clone(), Some(3.0));
+        let mut sent = Vec::new();
+        while let Ok(Control::Call(SchedulerCall::Decline { offer_ids, refuse_seconds })) = rx.try_recv() {
+            assert!(offer_ids.len() <= MAX_OFFER_IDS, "{} ids in one call", offer_ids.len());
+            assert_eq!(refuse_seconds, Some(3.0));
+            sent.extend(offer_ids);
+        }
+        assert_eq!(sent, ids, "every offer declined once, in order");
+    }
 
     fn task(id: &str, res: &str) -> TaskInfo {
         TaskInfo {

@@ -10,6 +10,10 @@ use crate::resources::Resources;
 
 use super::*;
 
+/// Most offer ids one `Accept` or `Decline` may name (the master refuses more; the SDK's
+/// [`crate::scheduler::Driver::decline`] splits a longer list into calls of this size).
+pub const MAX_OFFER_IDS: usize = 1024;
+
 /// What a framework tells the master about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameworkInfo {
