@@ -86,9 +86,18 @@ fn refusal(e: ClientError) -> WireError {
     }
 }
 
+/// An offer already held (the master may re-offer what a task freed before the framework has
+/// read that task's last update), else the next one.
+async fn held_or_next_offer(fw: &mut ProbeFramework) -> Offer {
+    match fw.held.first().cloned() {
+        Some(offer) => offer,
+        None => fw.offer().await,
+    }
+}
+
 /// Launches one task on the first offer; its terminal update.
 async fn launch(fw: &mut ProbeFramework, task: TaskInfo) -> TaskStatus {
-    let offer = fw.offer().await;
+    let offer = held_or_next_offer(fw).await;
     fw.held.clear();
     let id = task.task_id.clone();
     fw.driver().launch(vec![offer.id], vec![task]);
@@ -101,7 +110,7 @@ async fn launch(fw: &mut ProbeFramework, task: TaskInfo) -> TaskStatus {
 
 /// Launches a long task on the first offer and waits until it runs.
 async fn start_sleeper(fw: &mut ProbeFramework, id: &str) {
-    let offer = fw.offer().await;
+    let offer = held_or_next_offer(fw).await;
     fw.held.clear();
     fw.driver().launch(vec![offer.id], vec![sh_task(id, "echo hi; sleep 600", "cpus:0.1;mem:32MiB")]);
     fw.update_for(id, TaskState::Running).await;

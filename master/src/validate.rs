@@ -692,7 +692,7 @@ mod tests {
         let mut rec = SchedulerCall::Reconcile { task_ids: vec![TaskId::new("t"); MAX_RECONCILE_TASKS + 1] };
         assert!(scheduler_call(&mut rec).is_err());
         let mut dec = SchedulerCall::Decline {
-            offer_ids: vec![OfferId::new("o"); MAX_OFFER_IDS + 1],
+            offer_ids: vec![OfferId::new("o"); super::MAX_OFFER_IDS + 1],
             refuse_seconds: None,
         };
         assert!(scheduler_call(&mut dec).is_err());
