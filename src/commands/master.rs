@@ -142,11 +142,16 @@ fn parse_heartbeat(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// An `--allocation-slice` that is not a count of agents.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a number of agents (1 or more)")]
+pub struct SliceError(String);
+
 /// `--allocation-slice`: a count of agents, at least 1.
-fn parse_slice(s: &str) -> Result<usize, String> {
+fn parse_slice(s: &str) -> Result<usize, SliceError> {
     match s.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("`{s}` is not a number of agents (1 or more)")),
+        _ => Err(SliceError(s.to_string())),
     }
 }
 

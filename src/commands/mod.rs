@@ -21,6 +21,7 @@ pub mod master;
 pub mod policy;
 pub mod resolve;
 pub mod run;
+mod run_output;
 pub mod run_steps;
 pub mod tls;
 
